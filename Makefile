@@ -1,0 +1,51 @@
+# conceptsvc — every step a fresh machine needs lives here (CI runs `make test` via .ci/run).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint demo bench bench-index soak proto audit clean system-deps
+
+# Debian packages the tests need (redis-server for the real Redis tier). Installed only if missing.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server not found: installing Debian's redis-server package"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
+	  { echo "ERROR: could not install redis-server; the Redis tests need it" >&2; exit 1; }; }
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -e '.[dev,report]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m conceptsvc.dev.gen_proto
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check conceptsvc tests scripts
+	$(VENV)/bin/mypy conceptsvc
+
+demo: install
+	$(PY) -m conceptsvc.demo
+
+bench: install
+	$(PY) -m conceptsvc.dev.bench all
+
+bench-index: install
+	$(PY) -m conceptsvc.dev.bench index
+
+soak: install
+	$(PY) -m conceptsvc.dev.soak
+
+audit: install
+	$(PY) -m conceptsvc.dev.audit
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

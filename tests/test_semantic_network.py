@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from conceptsvc.errors import SemanticNetworkError
+from conceptsvc.semantic_network import UNKNOWN_TUI, load_semantic_network
+
+
+def test_semantic_network_has_127_types_and_15_groups() -> None:
+    sn = load_semantic_network()
+    assert len(sn.types) == 127
+    assert len(sn.groups) == 15
+    assert sum(len(g.tuis) for g in sn.groups.values()) == 127
+
+
+@pytest.mark.parametrize("name", ["T047", "t047", "dsyn", "Disease or Syndrome"])
+def test_semantic_network_resolve_type_forms(name: str) -> None:
+    assert load_semantic_network().resolve(name) == {"T047"}
+
+
+def test_semantic_network_resolve_group() -> None:
+    sn = load_semantic_network()
+    anat = sn.resolve("ANAT")
+    assert "T023" in anat and "T047" not in anat
+    assert sn.resolve("Anatomy") == anat
+
+
+def test_semantic_network_descendants() -> None:
+    sn = load_semantic_network()
+    below = sn.resolve("T046", include_descendants=True)  # Pathologic Function
+    assert {"T046", "T047", "T191"} <= below
+    assert sn.resolve("T046") == {"T046"}
+
+
+def test_semantic_network_unknown_name_suggests() -> None:
+    with pytest.raises(SemanticNetworkError) as err:
+        load_semantic_network().resolve("Disese or Syndrom")
+    assert "Disease or Syndrome" in err.value.suggestions
+    assert "E300" in str(err.value)
+
+
+def test_semantic_network_unknown_sentinel() -> None:
+    assert load_semantic_network().resolve("unknown") == {UNKNOWN_TUI}

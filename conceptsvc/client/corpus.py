@@ -1,0 +1,443 @@
+"""Caption corpora in the formats dataset builders actually have, read with line numbers.
+
+A batch run must never discover half-way through a million captions that line 412,877 is broken,
+so a corpus is read twice: :meth:`Corpus.scan` reads everything once, hashing the bytes (the
+resume journal is keyed on that hash) and collecting every malformed record with its line
+numbers; :meth:`Corpus.captions` then streams the good records for annotation. Neither pass holds
+the captions in memory (stdin is the exception: it can only be read once, so it is buffered).
+
+Formats (detected from the file name, overridable with ``fmt``):
+
+``csv``    ROCOv2 / ImageCLEF ``ID,Caption`` with CSV quoting and a header row
+           (``.csv``). Quoting is checked strictly: ``"abc"def`` or an unterminated quote is an
+           error, not a silently merged record.
+``roco``   ROCO text, ``ROCO_00020<TAB> caption`` (``.tsv``, or a ``.txt`` whose first line has
+           a TAB). The single space ROCO puts after the TAB is part of the format, not of the
+           caption, and is removed, so offsets count from the caption's first character.
+``jsonl``  one ``{"id": ..., "text": ...}`` object per line (``.jsonl``, ``.ndjson``).
+``text``   one caption per line, the id is the line number (``.txt`` without TABs).
+
+Any of these may be gzip-compressed (``.gz``). ``-`` reads standard input; its format is sniffed
+from the first line unless given. Blank lines are skipped in every format (in ``text`` they do not
+shift ids: an id is always the physical line number).
+
+Malformed records — bad CSV quoting, a wrong number of fields, invalid UTF-8, a missing id or
+caption, invalid JSON, an unpaired surrogate escape, a duplicate id (every occurrence after the
+first) — become :class:`BadRecord` values carrying their line range and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO
+
+from conceptsvc.errors import ClientError
+
+__all__ = [
+    "BadInputError",
+    "BadRecord",
+    "Caption",
+    "Corpus",
+    "CorpusScan",
+    "InputFormat",
+    "detect_format",
+]
+
+STDIN = "-"
+
+# Shown in error messages; the full list is in the errors file / the exception's ``bad``.
+_MAX_SHOWN = 20
+
+
+class InputFormat(StrEnum):
+    CSV = "csv"
+    ROCO = "roco"
+    JSONL = "jsonl"
+    TEXT = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Caption:
+    """One caption to annotate. ``seq`` is its ordinal among all records of the input (good and
+    bad), which is stable across reruns of the same input and orders the final output."""
+
+    seq: int
+    id: str
+    text: str
+    line: int  # first physical line of the record (1-based)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record that cannot be annotated as it stands."""
+
+    seq: int
+    line: int
+    end_line: int
+    problem: str
+    id: str | None = None
+
+    def location(self, source: str) -> str:
+        lines = f"{self.line}" if self.end_line == self.line else f"{self.line}-{self.end_line}"
+        return f"{source}:{lines}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "line": self.line,
+            "end_line": self.end_line,
+            "stage": "input",
+            "reason": self.problem,
+        }
+
+
+class BadInputError(ClientError):
+    """The input has malformed records and the run was asked to stop before sending anything."""
+
+    code = "E610"
+
+    def __init__(self, source: str, bad: list[BadRecord]) -> None:
+        self.source = source
+        self.bad = bad
+        shown = "\n".join(f"  {b.location(source)}: {b.problem}" for b in bad[:_MAX_SHOWN])
+        more = f"\n  ... and {len(bad) - _MAX_SHOWN} more" if len(bad) > _MAX_SHOWN else ""
+        super().__init__(
+            f"{source}: {len(bad)} malformed record(s); nothing was sent.\n{shown}{more}\n"
+            "Fix them, or rerun with `--on-bad-input skip` to annotate the rest and record the "
+            "skipped ones in the errors file."
+        )
+
+
+@dataclass(frozen=True)
+class CorpusScan:
+    """What the validation pass found."""
+
+    sha256: str
+    n_records: int  # good + bad
+    n_good: int
+    bad: list[BadRecord] = field(default_factory=list)
+    size_bytes: int = 0
+
+
+_EXTENSIONS = {
+    ".csv": InputFormat.CSV,
+    ".tsv": InputFormat.ROCO,
+    ".jsonl": InputFormat.JSONL,
+    ".ndjson": InputFormat.JSONL,
+}
+_ROCO_LINE = re.compile(r"^[^\s\t]+\t")
+
+
+def _sniff(first_line: str) -> InputFormat:
+    stripped = first_line.lstrip("\ufeff").strip()
+    if stripped.startswith("{"):
+        return InputFormat.JSONL
+    if _ROCO_LINE.match(first_line.lstrip("\ufeff")):
+        return InputFormat.ROCO
+    head = stripped.split(",", 1)[0].strip().strip('"').casefold()
+    if "," in stripped and head == "id":
+        return InputFormat.CSV
+    return InputFormat.TEXT
+
+
+def detect_format(name: str, first_line: str | None = None) -> InputFormat:
+    """The input format implied by a file name; ``.txt`` and unknown names are sniffed."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    ext = suffixes[-1] if suffixes else ""
+    if ext in _EXTENSIONS:
+        return _EXTENSIONS[ext]
+    return _sniff(first_line or "")
+
+
+class _Lines:
+    """Raw lines of a byte stream, decoded, numbered, hashed; remembers invalid UTF-8."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.line_no = 0
+        self.bad_utf8: dict[int, str] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self._stream:
+            self.sha.update(raw)
+            self.size += len(raw)
+            self.line_no += 1
+            if self.line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.bad_utf8[self.line_no] = (
+                    f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start} of "
+                    f"the line); re-encode the file as UTF-8"
+                )
+                yield raw.decode("utf-8", errors="replace")
+
+    def utf8_problem(self, first: int, last: int) -> str | None:
+        for n in range(first, last + 1):
+            if n in self.bad_utf8:
+                return self.bad_utf8[n] if first == last else f"line {n}: {self.bad_utf8[n]}"
+        return None
+
+
+def _strip_eol(line: str) -> str:
+    return line.rstrip("\r\n")
+
+
+def _surrogate_problem(value: str, what: str) -> str | None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"{what} contains an unpaired surrogate (\\u{ord(value[exc.start]):04x}) at "
+            f"position {exc.start}; it is not valid Unicode text"
+        )
+    return None
+
+
+class Corpus:
+    """A caption corpus on disk (or stdin); see the module docstring for the formats."""
+
+    def __init__(self, source: str | Path, fmt: InputFormat | str | None = None) -> None:
+        self.source = str(source)
+        self._buffer: bytes | None = None
+        if self.source == STDIN:
+            import sys
+
+            self._buffer = sys.stdin.buffer.read()
+        elif not Path(self.source).is_file():
+            raise ClientError(f"input {self.source} does not exist or is not a file.")
+        if fmt is None:
+            fmt = detect_format(self.source if self.source != STDIN else "", self._first_line())
+        try:
+            self.format = InputFormat(fmt)
+        except ValueError:
+            raise ClientError(
+                f"unknown input format {fmt!r}; use one of "
+                f"{', '.join(f.value for f in InputFormat)}."
+            ) from None
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, fmt: InputFormat | str | None = None, *, name: str = STDIN
+    ) -> Corpus:
+        """A corpus over bytes already in memory (used for stdin and by tests)."""
+        self = cls.__new__(cls)
+        self.source = name
+        self._buffer = data
+        if fmt is None:
+            fmt = detect_format("", self._first_line())
+        self.format = InputFormat(fmt)
+        return self
+
+    def _open(self) -> BinaryIO:
+        if self._buffer is not None:
+            raw: BinaryIO = io.BytesIO(self._buffer)
+            if self._buffer[:2] == b"\x1f\x8b":
+                return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+            return raw
+        with open(self.source, "rb") as probe:
+            compressed = probe.read(2) == b"\x1f\x8b"
+        if compressed:
+            return gzip.open(self.source, "rb")  # type: ignore[return-value]
+        return open(self.source, "rb")
+
+    def _first_line(self) -> str:
+        try:
+            with self._open() as fh:
+                for raw in fh:
+                    if raw.strip():
+                        return raw.decode("utf-8", errors="replace")
+        except (OSError, EOFError) as exc:
+            raise ClientError(f"cannot read {self.source}: {exc}") from exc
+        return ""
+
+    # -- the two passes ----------------------------------------------------------------------
+    def scan(self) -> CorpusScan:
+        """Read everything once: hash, count, and collect every malformed record."""
+        bad: list[BadRecord] = []
+        n = good = 0
+        with self._open() as fh:
+            lines = _Lines(fh)
+            for rec in self._records(lines):
+                n += 1
+                if isinstance(rec, BadRecord):
+                    bad.append(rec)
+                else:
+                    good += 1
+        return CorpusScan(
+            sha256=lines.sha.hexdigest(), n_records=n, n_good=good, bad=bad, size_bytes=lines.size
+        )
+
+    def captions(self) -> Iterator[Caption]:
+        """The good records, in input order."""
+        with self._open() as fh:
+            for rec in self._records(_Lines(fh)):
+                if isinstance(rec, Caption):
+                    yield rec
+
+    def records(self) -> Iterator[Caption | BadRecord]:
+        """Every record, good and bad, in input order."""
+        with self._open() as fh:
+            yield from self._records(_Lines(fh))
+
+    def _records(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        try:
+            parse = {
+                InputFormat.CSV: self._csv,
+                InputFormat.ROCO: self._roco,
+                InputFormat.JSONL: self._jsonl,
+                InputFormat.TEXT: self._text,
+            }[self.format]
+            seen: dict[str, int] = {}
+            for seq, rec in enumerate(parse(lines)):
+                rec = _with_seq(rec, seq)
+                if isinstance(rec, Caption):
+                    first = seen.setdefault(rec.id, rec.line)
+                    if first != rec.line:
+                        rec = BadRecord(
+                            seq, rec.line, rec.line,
+                            f"duplicate id {rec.id!r} (first seen at line {first})", rec.id,
+                        )
+                yield rec
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise ClientError(
+                f"{self.source}: read failed after line {lines.line_no} ({exc}); the file is "
+                "truncated or not what its name says."
+            ) from exc
+
+    # -- per-format parsers; they yield records with seq=-1, numbered by _records -------------
+    def _csv(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        reader = csv.reader(lines, strict=True)
+        header_done = False
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                end = max(reader.line_num, start)
+                span = "" if end == start else f" (the quoted field runs from line {start})"
+                yield BadRecord(
+                    -1, start, end,
+                    f"bad CSV quoting: {exc}{span}; a caption with quotes, commas or line "
+                    "breaks must be enclosed in double quotes with inner quotes doubled",
+                )
+                continue
+            end = reader.line_num
+            # csv counts the blank lines it skips; the record starts on its first nonblank line.
+            if not row:
+                continue
+            problem = lines.utf8_problem(start, end)
+            if not header_done:
+                header_done = True
+                if row[0].strip().lstrip("\ufeff").casefold() == "id" and problem is None:
+                    continue
+            if problem is not None:
+                yield BadRecord(-1, start, end, problem, row[0].strip() or None)
+                continue
+            if len(row) != 2:
+                hint = (
+                    "; captions containing commas must be quoted"
+                    if len(row) > 2
+                    else "; expected ID,Caption"
+                )
+                yield BadRecord(
+                    -1, start, end, f"{len(row)} field(s), expected 2{hint}",
+                    row[0].strip() or None,
+                )
+                continue
+            rid, text = row[0].strip(), row[1]
+            if not rid:
+                yield BadRecord(-1, start, end, "missing id (the first field is empty)")
+                continue
+            yield Caption(-1, rid, text, start)
+
+    def _roco(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        for line in lines:
+            n = lines.line_no
+            line = _strip_eol(line)
+            if not line.strip():
+                continue
+            problem = lines.utf8_problem(n, n)
+            rid, tab, text = line.partition("\t")
+            rid = rid.strip()
+            if problem is not None:
+                yield BadRecord(-1, n, n, problem, rid or None)
+            elif not tab:
+                yield BadRecord(-1, n, n, "no TAB between id and caption (ROCO: ID<TAB> caption)")
+            elif not rid:
+                yield BadRecord(-1, n, n, "missing id (the line starts with a TAB)")
+            else:
+                yield Caption(-1, rid, text[1:] if text.startswith(" ") else text, n)
+
+    def _jsonl(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        for line in lines:
+            n = lines.line_no
+            if not line.strip():
+                continue
+            problem = lines.utf8_problem(n, n)
+            if problem is not None:
+                yield BadRecord(-1, n, n, problem)
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                yield BadRecord(-1, n, n, f"invalid JSON: {exc}")
+                continue
+            if not isinstance(obj, dict):
+                yield BadRecord(-1, n, n, f'expected a JSON object {{"id": ..., "text": ...}}, '
+                                          f"got {type(obj).__name__}")
+                continue
+            rid = obj.get("id")
+            if isinstance(rid, int) and not isinstance(rid, bool):
+                rid = str(rid)
+            if not isinstance(rid, str) or not rid.strip():
+                yield BadRecord(-1, n, n, 'missing id (needs a non-empty string or integer "id")')
+                continue
+            rid = rid.strip()
+            text = obj.get("text")
+            if not isinstance(text, str):
+                yield BadRecord(-1, n, n, 'missing caption (needs a string "text")', rid)
+                continue
+            problem = _surrogate_problem(rid, "id")
+            if problem is not None:
+                yield BadRecord(-1, n, n, problem)
+                continue
+            problem = _surrogate_problem(text, "text")
+            if problem is not None:
+                yield BadRecord(-1, n, n, problem, rid)
+                continue
+            yield Caption(-1, rid, text, n)
+
+    def _text(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        for line in lines:
+            n = lines.line_no
+            line = _strip_eol(line)
+            if not line.strip():
+                continue
+            problem = lines.utf8_problem(n, n)
+            if problem is not None:
+                yield BadRecord(-1, n, n, problem, str(n))
+            else:
+                yield Caption(-1, str(n), line, n)
+
+
+def _with_seq(rec: Caption | BadRecord, seq: int) -> Caption | BadRecord:
+    if isinstance(rec, Caption):
+        return Caption(seq, rec.id, rec.text, rec.line)
+    return BadRecord(seq, rec.line, rec.end_line, rec.problem, rec.id)

@@ -1,0 +1,244 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.client.corpus import (
+    BadInputError,
+    BadRecord,
+    Caption,
+    Corpus,
+    InputFormat,
+    detect_format,
+)
+from conceptsvc.errors import ClientError
+
+CSV_TEXT = (
+    "ID,Caption\r\n"
+    'IMG_1,"Chest X-ray showing cardiomegaly, and mild congestion."\r\n'
+    'IMG_2,"He said ""no"" to CT"\r\n'
+    "IMG_3,Plain caption without quotes\r\n"
+)
+
+
+def write(tmp_path: Path, name: str, data: str | bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return p
+
+
+def goods(corpus: Corpus) -> list[tuple[int, str, str, int]]:
+    return [(c.seq, c.id, c.text, c.line) for c in corpus.captions()]
+
+
+def test_corpus_detect_format_by_extension_and_sniffing() -> None:
+    assert detect_format("a/b/captions.csv") is InputFormat.CSV
+    assert detect_format("captions.CSV.gz") is InputFormat.CSV
+    assert detect_format("x.jsonl") is InputFormat.JSONL
+    assert detect_format("x.ndjson") is InputFormat.JSONL
+    assert detect_format("x.tsv") is InputFormat.ROCO
+    assert detect_format("x.txt", "ROCO_00020\t Axial CT\n") is InputFormat.ROCO
+    assert detect_format("x.txt", "Axial CT of the pelvis\n") is InputFormat.TEXT
+    assert detect_format("", '{"id": "a", "text": "b"}') is InputFormat.JSONL
+    assert detect_format("", "ID,Caption\n") is InputFormat.CSV
+    assert detect_format("", "\ufeffid,caption\n") is InputFormat.CSV
+
+
+def test_corpus_csv_reads_quoting_crlf_and_header(tmp_path: Path) -> None:
+    corpus = Corpus(write(tmp_path, "c.csv", CSV_TEXT))
+    assert corpus.format is InputFormat.CSV
+    assert goods(corpus) == [
+        (0, "IMG_1", "Chest X-ray showing cardiomegaly, and mild congestion.", 2),
+        (1, "IMG_2", 'He said "no" to CT', 3),
+        (2, "IMG_3", "Plain caption without quotes", 4),
+    ]
+    scan = corpus.scan()
+    assert (scan.n_records, scan.n_good, scan.bad) == (3, 3, [])
+    assert scan.sha256 == hashlib.sha256(CSV_TEXT.encode()).hexdigest()
+
+
+def test_corpus_csv_with_bom_and_multiline_quoted_caption(tmp_path: Path) -> None:
+    data = '\ufeffID,Caption\nA,"first line\nsecond line"\nB,next\n'
+    corpus = Corpus(write(tmp_path, "c.csv", data))
+    assert goods(corpus) == [(0, "A", "first line\nsecond line", 2), (1, "B", "next", 4)]
+
+
+def test_corpus_csv_bad_quoting_is_reported_with_lines(tmp_path: Path) -> None:
+    data = (
+        "ID,Caption\n"
+        'A,"fine"\n'
+        'B,"stray "quote" inside"\n'  # line 3: quote in the middle of a quoted field
+        "C,unquoted, comma\n"  # line 4: three fields
+        'D,"unterminated\n'  # line 5, swallows line 6 then fails
+        'E,"next"\n'
+        "F,last\n"
+        ",no id\n"  # line 8
+        "G\n"  # line 9: one field
+    )
+    corpus = Corpus(write(tmp_path, "c.csv", data))
+    scan = corpus.scan()
+    bad = {b.line: b for b in scan.bad}
+    assert sorted(bad) == [3, 4, 5, 8, 9]
+    assert "bad CSV quoting" in bad[3].problem
+    assert "3 field(s), expected 2" in bad[4].problem and bad[4].id == "C"
+    assert (bad[5].line, bad[5].end_line) == (5, 6) and "from line 5" in bad[5].problem
+    assert "missing id" in bad[8].problem
+    assert "1 field(s)" in bad[9].problem
+    assert [c.id for c in corpus.captions()] == ["A", "F"]
+    assert scan.n_good == 2 and scan.n_records == 7
+    # seq numbers count bad records too, so they are the same whatever is skipped
+    assert [c.seq for c in corpus.captions()] == [0, 4]
+
+
+def test_corpus_invalid_utf8_reported_with_line_and_byte(tmp_path: Path) -> None:
+    data = b"ID,Caption\nA,ok\nB,caf\xe9 au lait\nC,fine\n"
+    scan = Corpus(write(tmp_path, "c.csv", data)).scan()
+    assert len(scan.bad) == 1
+    b = scan.bad[0]
+    assert (b.line, b.id) == (3, "B")
+    assert "invalid UTF-8" in b.problem and "0xe9" in b.problem and "offset 5" in b.problem
+
+
+def test_corpus_duplicate_ids_keep_the_first(tmp_path: Path) -> None:
+    data = "ID,Caption\nA,one\nB,two\nA,three\n"
+    corpus = Corpus(write(tmp_path, "c.csv", data))
+    scan = corpus.scan()
+    assert [(b.line, b.id) for b in scan.bad] == [(4, "A")]
+    assert "duplicate id 'A' (first seen at line 2)" in scan.bad[0].problem
+    assert [(c.id, c.text) for c in corpus.captions()] == [("A", "one"), ("B", "two")]
+
+
+def test_corpus_roco_strips_the_format_space_only(tmp_path: Path) -> None:
+    data = (
+        "ROCO_00020\t Axial computed tomography of the pelvis.\n"
+        "ROCO_00027\t  Two spaces: one belongs to the caption.\n"
+        "ROCO_00030\tNo space at all.\n"
+        "\n"
+        "no tab here\n"
+        "\t missing id\n"
+    )
+    corpus = Corpus(write(tmp_path, "captions.txt", data))
+    assert corpus.format is InputFormat.ROCO
+    assert goods(corpus) == [
+        (0, "ROCO_00020", "Axial computed tomography of the pelvis.", 1),
+        (1, "ROCO_00027", " Two spaces: one belongs to the caption.", 2),
+        (2, "ROCO_00030", "No space at all.", 3),
+    ]
+    bad = Corpus(write(tmp_path, "captions.tsv", data)).scan().bad
+    assert [(b.line, b.problem.split(" (")[0]) for b in bad] == [
+        (5, "no TAB between id and caption"),
+        (6, "missing id"),
+    ]
+
+
+def test_corpus_jsonl_validates_objects(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"id": "a", "text": "CT of the chest"}),
+        json.dumps({"id": 7, "text": "integer ids are fine"}),
+        "",
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"text": "no id"}),
+        json.dumps({"id": "", "text": "empty id"}),
+        json.dumps({"id": True, "text": "bool id"}),
+        json.dumps({"id": "b"}),
+        '{"id": "c", "text": "lone \\ud800 surrogate"}',
+        json.dumps({"id": "a", "text": "dup"}),
+    ]
+    corpus = Corpus(write(tmp_path, "c.jsonl", "\n".join(lines) + "\n"))
+    assert goods(corpus) == [(0, "a", "CT of the chest", 1), (1, "7", "integer ids are fine", 2)]
+    bad = {b.line: b.problem for b in corpus.scan().bad}
+    assert sorted(bad) == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert bad[4].startswith("invalid JSON")
+    assert "expected a JSON object" in bad[5]
+    assert all("missing id" in bad[n] for n in (6, 7, 8))
+    assert "missing caption" in bad[9]
+    assert "unpaired surrogate" in bad[10]
+    assert "duplicate id 'a'" in bad[11]
+
+
+def test_corpus_plain_text_ids_are_line_numbers(tmp_path: Path) -> None:
+    data = b"first caption\r\n\nthird caption\nbad \xff byte\n"
+    corpus = Corpus(write(tmp_path, "c.txt", data))
+    assert corpus.format is InputFormat.TEXT
+    assert goods(corpus) == [(0, "1", "first caption", 1), (1, "3", "third caption", 3)]
+    assert [(b.line, b.id) for b in corpus.scan().bad] == [(4, "4")]
+
+
+def test_corpus_format_override_and_unknown_format(tmp_path: Path) -> None:
+    p = write(tmp_path, "c.csv", "a\tb\n")
+    assert [c.text for c in Corpus(p, "roco").captions()] == ["b"]
+    with pytest.raises(ClientError, match="unknown input format 'xml'"):
+        Corpus(p, "xml")
+    with pytest.raises(ClientError, match="does not exist"):
+        Corpus(tmp_path / "missing.csv")
+
+
+def test_corpus_gzip_input(tmp_path: Path) -> None:
+    p = write(tmp_path, "c.csv.gz", gzip.compress(CSV_TEXT.encode()))
+    corpus = Corpus(p)
+    assert corpus.format is InputFormat.CSV
+    assert [c.id for c in corpus.captions()] == ["IMG_1", "IMG_2", "IMG_3"]
+    truncated = write(tmp_path, "t.csv.gz", gzip.compress(CSV_TEXT.encode() * 50)[:-30])
+    with pytest.raises(ClientError, match="truncated"):
+        Corpus(truncated).scan()
+
+
+def test_corpus_from_bytes_sniffs_like_stdin() -> None:
+    corpus = Corpus.from_bytes(b'{"id": "x", "text": "MRI of the brain"}\n')
+    assert corpus.format is InputFormat.JSONL
+    assert [c.id for c in corpus.captions()] == ["x"]
+
+
+def test_corpus_stdin_is_read_once_and_rescannable() -> None:
+    # Corpus("-") reads sys.stdin.buffer; run it in a child so stdin is real.
+    code = (
+        "from conceptsvc.client.corpus import Corpus\n"
+        "c = Corpus('-')\n"
+        "print(c.format.value, c.scan().n_good, [x.id for x in c.captions()])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=CSV_TEXT.encode(), capture_output=True, check=True
+    )
+    assert out.stdout.decode().strip() == "csv 3 ['IMG_1', 'IMG_2', 'IMG_3']"
+
+
+def test_corpus_bad_input_error_lists_locations() -> None:
+    bad = [BadRecord(i, i + 2, i + 2, f"problem {i}") for i in range(25)]
+    err = BadInputError("in.csv", bad)
+    text = str(err)
+    assert err.code == "E610" and "25 malformed record(s); nothing was sent" in text
+    assert "in.csv:2: problem 0" in text and "... and 5 more" in text
+    assert "--on-bad-input skip" in text
+
+
+def test_corpus_records_yields_good_and_bad_in_order() -> None:
+    corpus = Corpus.from_bytes(b"ID,Caption\nA,x\nA,y\nB,z\n", "csv")
+    kinds = [type(r).__name__ for r in corpus.records()]
+    assert kinds == ["Caption", "BadRecord", "Caption"]
+    recs = list(corpus.records())
+    assert isinstance(recs[0], Caption) and isinstance(recs[1], BadRecord)
+    assert recs[1].to_json() == {
+        "id": "A", "line": 3, "end_line": 3, "stage": "input",
+        "reason": "duplicate id 'A' (first seen at line 2)",
+    }
+
+
+def test_corpus_does_not_buffer_files(tmp_path: Path) -> None:
+    # A file corpus streams: two independent passes give the same records.
+    p = write(tmp_path, "c.csv", CSV_TEXT)
+    corpus = Corpus(p)
+    assert corpus._buffer is None
+    assert goods(corpus) == goods(corpus)
+
+
+def test_corpus_csv_unterminated_quote_at_end_of_file() -> None:
+    bad = Corpus.from_bytes(b'ID,Caption\nA,ok\nB,"never closed\nC,more\n', "csv").scan().bad
+    assert [(b.line, b.end_line) for b in bad] == [(3, 4)]
+    assert "unexpected end of data" in bad[0].problem

@@ -238,6 +238,15 @@ def test_corpus_does_not_buffer_files(tmp_path: Path) -> None:
     assert goods(corpus) == goods(corpus)
 
 
+def test_corpus_ids_that_would_break_tsv_outputs_are_bad() -> None:
+    data = b'ID,Caption\n"a\tb",tab in id\n"c\nd",newline in id\nok,fine\n'
+    corpus = Corpus.from_bytes(data, "csv")
+    assert [(b.line, "TAB, line break" in b.problem) for b in corpus.scan().bad] == [
+        (2, True), (3, True)
+    ]
+    assert [c.id for c in corpus.captions()] == ["ok"]
+
+
 def test_corpus_csv_unterminated_quote_at_end_of_file() -> None:
     bad = Corpus.from_bytes(b'ID,Caption\nA,ok\nB,"never closed\nC,more\n', "csv").scan().bad
     assert [(b.line, b.end_line) for b in bad] == [(3, 4)]

@@ -22,8 +22,9 @@ from the first line unless given. Blank lines are skipped in every format (in ``
 shift ids: an id is always the physical line number).
 
 Malformed records — bad CSV quoting, a wrong number of fields, invalid UTF-8, a missing id or
-caption, invalid JSON, an unpaired surrogate escape, a duplicate id (every occurrence after the
-first) — become :class:`BadRecord` values carrying their line range and what is wrong.
+caption, invalid JSON, an unpaired surrogate escape, an id containing a TAB or line break, a
+duplicate id (every occurrence after the first) — become :class:`BadRecord` values carrying
+their line range and what is wrong.
 """
 
 from __future__ import annotations
@@ -197,6 +198,13 @@ def _strip_eol(line: str) -> str:
     return line.rstrip("\r\n")
 
 
+def _id_problem(rid: str) -> str | None:
+    """Ids end up as fields of TAB- and line-separated output files, so they may not split one."""
+    if any(ch in rid for ch in "\t\r\n\x00"):
+        return f"id {rid!r} contains a TAB, line break or NUL, which the output formats cannot hold"
+    return None
+
+
 def _surrogate_problem(value: str, what: str) -> str | None:
     try:
         value.encode("utf-8")
@@ -305,6 +313,8 @@ class Corpus:
             seen: dict[str, int] = {}
             for seq, rec in enumerate(parse(lines)):
                 rec = _with_seq(rec, seq)
+                if isinstance(rec, Caption) and (problem := _id_problem(rec.id)) is not None:
+                    rec = BadRecord(seq, rec.line, rec.line, problem)
                 if isinstance(rec, Caption):
                     first = seen.setdefault(rec.id, rec.line)
                     if first != rec.line:

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.client.outputs import (
+    OutputFormat,
+    OutputSet,
+    OutputSpec,
+    annotation_from_json,
+    annotation_to_json,
+    atomic_write_text,
+    render,
+    resolve_outputs,
+)
+from conceptsvc.errors import ClientError
+from conceptsvc.model import Annotation, Mention
+
+CHEST = Annotation(
+    id="ROCOv2_2023_valid_000001",
+    mentions=(
+        Mention("C1306645", "Plain x-ray", "X-ray", 6, 11, 1.0, ("T060",), "CURATED"),
+        Mention("C0817096", "Chest", "Chest", 0, 5, 0.8000000119, ("T029",), "DCM", False),
+        Mention("C0018800", "Cardiomegaly", "cardiomegaly", 20, 32, 1.0, ("T047",), "HPO", True),
+    ),
+    concepts=("C0817096", "C1306645", "C0018800"),
+)
+EMPTY = Annotation(id="IMG,2", mentions=(), concepts=())
+UNICODE = Annotation(
+    id="x3",
+    mentions=(Mention("C0036921", "Sjögren's syndrome", "Sjögren", 0, 7, 1.0, ("T047",), "DOID"),),
+    concepts=("C0036921",),
+)
+
+
+def test_outputs_render_every_format() -> None:
+    assert render(OutputFormat.CSV, CHEST) == (
+        "ROCOv2_2023_valid_000001,C0817096;C1306645;C0018800\n"
+    )
+    assert render(OutputFormat.SUBMISSION, CHEST) == (
+        "ROCOv2_2023_valid_000001\tC0817096;C1306645;C0018800\n"
+    )
+    assert render(OutputFormat.ROCO, CHEST) == (
+        "ROCOv2_2023_valid_000001\t\tC0817096\tC1306645\tC0018800\n"
+    )
+    # no concepts: still exactly one line; CSV quotes an id with a comma
+    assert render(OutputFormat.CSV, EMPTY) == '"IMG,2",\n'
+    assert render(OutputFormat.SUBMISSION, EMPTY) == "IMG,2\t\n"
+    assert render(OutputFormat.ROCO, EMPTY) == "IMG,2\t\n"
+    line = render(OutputFormat.JSONL, CHEST)
+    assert line.endswith("}\n") and line.count("\n") == 1
+    obj = json.loads(line)
+    assert list(obj) == ["id", "concepts", "mentions"]
+    assert obj["mentions"][1] == {
+        "cui": "C0817096", "preferred_name": "Chest", "text": "Chest", "start": 0, "end": 5,
+        "score": 0.8, "semantic_types": ["T029"], "source": "DCM", "negated": False,
+    }
+    assert obj["mentions"][2]["negated"] is True
+    assert "Sjögren" in render(OutputFormat.JSONL, UNICODE)
+
+
+def test_outputs_json_round_trip() -> None:
+    for a in (CHEST, EMPTY, UNICODE):
+        back = annotation_from_json(json.loads(render(OutputFormat.JSONL, a)))
+        assert annotation_to_json(back) == annotation_to_json(a)
+        assert back.concepts == a.concepts and len(back.mentions) == len(a.mentions)
+
+
+def test_outputs_resolve_single_and_inferred(tmp_path: Path) -> None:
+    assert resolve_outputs(tmp_path / "r.jsonl") == [
+        OutputSpec(OutputFormat.JSONL, tmp_path / "r.jsonl")
+    ]
+    assert resolve_outputs(tmp_path / "r.csv") == [OutputSpec(OutputFormat.CSV, tmp_path / "r.csv")]
+    assert resolve_outputs(tmp_path / "r.out") == [
+        OutputSpec(OutputFormat.JSONL, tmp_path / "r.out")
+    ]
+    assert resolve_outputs(tmp_path / "r.txt", ["roco"]) == [
+        OutputSpec(OutputFormat.ROCO, tmp_path / "r.txt")
+    ]
+
+
+def test_outputs_resolve_several_formats(tmp_path: Path) -> None:
+    specs = resolve_outputs(tmp_path / "run.jsonl", ["jsonl,csv", "submission", "roco"])
+    assert specs == [
+        OutputSpec(OutputFormat.JSONL, tmp_path / "run.jsonl"),
+        OutputSpec(OutputFormat.CSV, tmp_path / "run.csv"),
+        OutputSpec(OutputFormat.SUBMISSION, tmp_path / "run.submission.tsv"),
+        OutputSpec(OutputFormat.ROCO, tmp_path / "run.roco.tsv"),
+    ]
+    specs = resolve_outputs(tmp_path / "run.csv", ["csv", f"jsonl={tmp_path / 'x' / 'full.json'}"])
+    assert specs[1] == OutputSpec(OutputFormat.JSONL, tmp_path / "x" / "full.json")
+
+
+def test_outputs_resolve_rejects_bad_requests(tmp_path: Path) -> None:
+    with pytest.raises(ClientError, match="unknown output format 'xml'"):
+        resolve_outputs(tmp_path / "r.jsonl", ["xml"])
+    with pytest.raises(ClientError, match="two outputs would be written"):
+        resolve_outputs(tmp_path / "r.csv", ["csv", f"jsonl={tmp_path / 'r.csv'}"])
+    with pytest.raises(ClientError, match="path after '=' is empty"):
+        resolve_outputs(tmp_path / "r.csv", ["csv="])
+
+
+def test_outputs_set_commits_atomically(tmp_path: Path) -> None:
+    specs = resolve_outputs(tmp_path / "out" / "run.jsonl", ["jsonl", "csv", "submission", "roco"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.csv").write_text("previous\n")
+    work = tmp_path / "work"
+    with OutputSet(specs, work) as out:
+        for a in (CHEST, EMPTY, UNICODE):
+            out.write(a)
+        # nothing is in place before commit; the old file is untouched
+        assert not (tmp_path / "out" / "run.jsonl").exists()
+        assert (tmp_path / "out" / "run.csv").read_text() == "previous\n"
+        paths = out.commit()
+    assert paths == [s.path for s in specs]
+    assert list(work.iterdir()) == []
+    with (tmp_path / "out" / "run.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows == [
+        ["ID", "CUIs"], [CHEST.id, ";".join(CHEST.concepts)], ["IMG,2", ""], ["x3", "C0036921"]
+    ]
+    jl = (tmp_path / "out" / "run.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["id"] for x in jl] == [CHEST.id, "IMG,2", "x3"]
+    assert (tmp_path / "out" / "run.roco.tsv").read_text().count("\n") == 3
+    assert (tmp_path / "out" / "run.submission.tsv").read_text().splitlines()[2] == "x3\tC0036921"
+
+
+def test_outputs_set_aborted_leaves_nothing(tmp_path: Path) -> None:
+    specs = resolve_outputs(tmp_path / "run.jsonl", ["jsonl", "csv"])
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError), OutputSet(specs, work) as out:
+        out.write(CHEST)
+        raise RuntimeError("killed")
+    assert list(work.iterdir()) == []
+    assert not (tmp_path / "run.jsonl").exists() and not (tmp_path / "run.csv").exists()
+
+
+def test_outputs_atomic_write_text_replaces(tmp_path: Path) -> None:
+    p = tmp_path / "m.json"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.json"]

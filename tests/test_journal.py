@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.client.journal import JOURNAL, Journal
+from conceptsvc.errors import ClientError
+
+
+def result(i: int) -> dict[str, object]:
+    return {"id": f"id{i}", "concepts": [f"C{i:07d}"], "mentions": []}
+
+
+def test_journal_appends_and_reads_back_in_seq_order(tmp_path: Path) -> None:
+    with Journal(tmp_path / "w") as j:
+        j.append([(5, result(5)), (1, result(1))])
+        j.append([(3, result(3)), (1, {"id": "dup", "concepts": [], "mentions": []})])
+        assert j.done == {1, 3, 5}
+        assert [(s, r["id"]) for s, r in j.results()] == [(1, "id1"), (3, "id3"), (5, "id5")]
+    # reopened: the same set is done
+    with Journal(tmp_path / "w") as j:
+        assert j.done == {1, 3, 5}
+        assert (j.torn_bytes, j.bad_lines) == (0, 0)
+
+
+def test_journal_cuts_a_torn_last_line(tmp_path: Path) -> None:
+    with Journal(tmp_path / "w") as j:
+        j.append([(0, result(0)), (1, result(1))])
+    path = tmp_path / "w" / JOURNAL
+    good = path.read_bytes()
+    path.write_bytes(good + b'{"seq": 2, "r": {"id": "id2", "conc')
+    with Journal(tmp_path / "w") as j:
+        assert j.done == {0, 1} and j.torn_bytes > 0
+        assert path.read_bytes() == good
+        j.append([(2, result(2))])
+        assert [s for s, _ in j.results()] == [0, 1, 2]
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 3 and all(json.loads(x)["r"] for x in lines)
+
+
+def test_journal_skips_a_corrupt_middle_line(tmp_path: Path) -> None:
+    path = tmp_path / "w" / JOURNAL
+    path.parent.mkdir()
+    path.write_bytes(
+        json.dumps({"seq": 0, "r": result(0)}).encode() + b"\n"
+        + b"\x00\x00garbage\n"
+        + json.dumps({"seq": 2, "r": result(2)}).encode() + b"\n"
+        + json.dumps({"seq": -1, "r": result(9)}).encode() + b"\n"
+    )
+    with Journal(tmp_path / "w") as j:
+        assert j.done == {0, 2} and j.bad_lines == 2
+        assert [s for s, _ in j.results()] == [0, 2]
+
+
+def test_journal_state_round_trip(tmp_path: Path) -> None:
+    with Journal(tmp_path / "w") as j:
+        assert j.load_state() is None
+        j.save_state({"key": "abc", "runs": [1]})
+        assert j.load_state() == {"key": "abc", "runs": [1]}
+    (tmp_path / "w" / "run.json").write_text("{broken")
+    with Journal(tmp_path / "w") as j, pytest.raises(ClientError, match="unreadable"):
+        j.load_state()
+
+
+def test_journal_one_process_at_a_time(tmp_path: Path) -> None:
+    with Journal(tmp_path / "w"):
+        code = (
+            "import sys\n"
+            "from conceptsvc.client.journal import Journal\n"
+            "from conceptsvc.errors import ClientError\n"
+            "try:\n"
+            f"    Journal(__import__('pathlib').Path({str(tmp_path / 'w')!r}))\n"
+            "except ClientError as e:\n"
+            "    print(e); sys.exit(3)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 3 and "another conceptsvc annotate run" in out.stdout
+    # released on close
+    Journal(tmp_path / "w").close()
+
+
+def test_journal_survives_sigkill_of_a_writer(tmp_path: Path) -> None:
+    """A child appends as fast as it can and is SIGKILLed; the journal it leaves is usable and
+    its lock is released."""
+    work = tmp_path / "w"
+    code = (
+        "import pathlib\n"
+        "from conceptsvc.client.journal import Journal\n"
+        f"j = Journal(pathlib.Path({str(work)!r}), sync_interval=0.0)\n"
+        "i = 0\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    j.append([(i + k, {'id': str(i + k), 'concepts': ['C0000001'] * 50, 'mentions': []})"
+        " for k in range(100)])\n"
+        "    i += 100\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 20
+    while (not (work / JOURNAL).exists() or (work / JOURNAL).stat().st_size < 200_000) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    with Journal(work) as j:
+        seqs = [s for s, _ in j.results()]
+        assert seqs == list(range(len(seqs))) and len(seqs) > 0
+        n = len(seqs)
+        j.append([(n, {"id": str(n), "concepts": [], "mentions": []})])
+        assert max(j.done) == n

@@ -1,0 +1,314 @@
+"""Result caches: a bounded in-process LRU in front of an optional shared Redis tier.
+
+Why two tiers: the LRU answers repeated captions within one worker in microseconds; Redis shares
+results between workers, replicas and restarts. Captions repeat a lot in practice (templated
+findings), so both pay.
+
+Correctness rules:
+
+- Keys are derived from the index ``content_hash``, the canonical options text
+  (``ExtractOptions.cache_key()``) and the caption, so a new dictionary or different options can
+  never be served a stale result (:func:`result_key`).
+- Values are opaque ``bytes`` produced by the caller (the servicer stores serialised protobuf
+  messages). Nothing here deserialises objects; there is no pickle anywhere.
+- The cache never fails a request. A Redis that is down, slow (socket timeout) or flushed is a
+  miss: one warning per outage is logged, every error is counted through the observer, and the
+  tier is retried with exponential backoff until it answers again.
+- Batch operations (:meth:`get_many` / :meth:`put_many`) are one ``MGET`` / one pipeline, so a
+  stream batch of N captions costs two Redis round trips, not 2N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from conceptsvc.config import Settings
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CacheObserver",
+    "LruCache",
+    "NullObserver",
+    "RedisCache",
+    "ResultCache",
+    "TieredCache",
+    "build_cache",
+    "result_key",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump when the bytes stored under a key change meaning, so old entries are never read.
+CACHE_FORMAT = "v1"
+
+
+def result_key(content_hash: str, options_key: str, text: str) -> str:
+    """The cache key of one (index, options, caption) triple.
+
+    A short prefix of the content hash stays readable (operators can see which index a key
+    belongs to); the full hash, the options and the text go into the digest.
+    """
+    h = hashlib.sha256()
+    for part in (content_hash, options_key, text):
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return f"{CACHE_FORMAT}:{content_hash[:16]}:{h.hexdigest()[:40]}"
+
+
+class CacheObserver(Protocol):
+    """Receives cache events (the service's metrics implement this)."""
+
+    def cache_lookups(self, tier: str, hits: int, misses: int) -> None: ...
+    def redis_error(self) -> None: ...
+
+
+class NullObserver:
+    """Observer for callers that do not export metrics (library use, the CLI)."""
+
+    def cache_lookups(self, tier: str, hits: int, misses: int) -> None:
+        pass
+
+    def redis_error(self) -> None:
+        pass
+
+
+class ResultCache(Protocol):
+    """What the servicer needs from a cache: batched, bytes in and bytes out, never raising."""
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None: ...
+
+
+class LruCache:
+    """Thread-safe LRU bounded by entry count and by total value bytes."""
+
+    tier = "memory"
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("LruCache needs max_entries >= 1 and max_bytes >= 1")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        with self._lock:
+            for k in keys:
+                v = self._data.get(k)
+                if v is not None:
+                    self._data.move_to_end(k)
+                out.append(v)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        with self._lock:
+            for k, v in items:
+                if len(v) > self.max_bytes:
+                    continue  # a single huge value would evict everything; not worth it
+                old = self._data.pop(k, None)
+                if old is not None:
+                    self._bytes -= len(old)
+                self._data[k] = v
+                self._bytes += len(v)
+            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= len(evicted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+
+class RedisCache:
+    """The shared tier. Every failure becomes a miss; see the module docstring for the rules."""
+
+    tier = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "conceptsvc:",
+        ttl_seconds: int = 7 * 86400,
+        timeout_seconds: float = 0.25,
+        backoff_seconds: float = 0.5,
+        backoff_max_seconds: float = 30.0,
+        observer: CacheObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+        self._observer = observer or NullObserver()
+        self._clock = clock
+        self._backoff_initial = backoff_seconds
+        self._backoff_max = backoff_max_seconds
+        # One transparent retry on a connection error re-dials a pooled connection that died
+        # with a Redis restart; timeouts are not retried (a slow Redis must not slow requests).
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._next_attempt = 0.0
+        self._backoff = backoff_seconds
+        self.outages = 0  # how many distinct outages were seen (for tests and logs)
+
+    @property
+    def available(self) -> bool:
+        """False while waiting out the backoff after an error (no Redis call is made)."""
+        with self._lock:
+            return self._down_since is None or self._clock() >= self._next_attempt
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        self._observer.redis_error()
+        now = self._clock()
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = now
+                self._backoff = self._backoff_initial
+                self.outages += 1
+                log.warning(
+                    "Redis cache tier unavailable (%s failed: %s: %s); requests are served "
+                    "without it and it is retried with backoff (first retry in %.1fs)",
+                    op,
+                    type(exc).__name__,
+                    exc,
+                    self._backoff,
+                )
+            else:
+                self._backoff = min(self._backoff * 2, self._backoff_max)
+            self._next_attempt = now + self._backoff
+
+    def _succeeded(self) -> None:
+        if self._down_since is None:  # fast path without the lock
+            return
+        with self._lock:
+            if self._down_since is not None:
+                log.warning(
+                    "Redis cache tier is back after %.1fs", self._clock() - self._down_since
+                )
+                self._down_since = None
+                self._backoff = self._backoff_initial
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys or not self.available:
+            return [None] * len(keys)
+        try:
+            values = self._client.mget([self.prefix + k for k in keys])
+        except (redis.RedisError, OSError) as exc:
+            self._failed("MGET", exc)
+            return [None] * len(keys)
+        self._succeeded()
+        return [v if isinstance(v, bytes) else None for v in values]
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if not items or not self.available:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for k, v in items:
+                pipe.set(self.prefix + k, v, ex=self.ttl_seconds)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._failed("pipelined SET", exc)
+            return
+        self._succeeded()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class TieredCache:
+    """The LRU first, then Redis; Redis hits are copied into the LRU. Either tier may be off."""
+
+    def __init__(
+        self,
+        memory: LruCache | None,
+        redis_tier: RedisCache | None,
+        observer: CacheObserver | None = None,
+    ) -> None:
+        self.memory = memory
+        self.redis = redis_tier
+        self._observer = observer or NullObserver()
+
+    @property
+    def enabled(self) -> bool:
+        return self.memory is not None or self.redis is not None
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        results: list[bytes | None] = [None] * len(keys)
+        if self.memory is not None and keys:
+            results = self.memory.get_many(keys)
+            hits = sum(r is not None for r in results)
+            self._observer.cache_lookups("memory", hits, len(keys) - hits)
+        if self.redis is not None:
+            missing = [i for i, r in enumerate(results) if r is None]
+            if missing:
+                found = self.redis.get_many([keys[i] for i in missing])
+                fill: list[tuple[str, bytes]] = []
+                for i, v in zip(missing, found, strict=True):
+                    if v is not None:
+                        results[i] = v
+                        fill.append((keys[i], v))
+                self._observer.cache_lookups("redis", len(fill), len(missing) - len(fill))
+                if fill and self.memory is not None:
+                    self.memory.put_many(fill)
+        return results
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if self.memory is not None:
+            self.memory.put_many(items)
+        if self.redis is not None:
+            self.redis.put_many(items)
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+
+
+def build_cache(settings: Settings, observer: CacheObserver | None = None) -> TieredCache:
+    """The cache the settings describe (either tier can be switched off)."""
+    memory = (
+        LruCache(settings.cache_size, settings.cache_max_bytes)
+        if settings.cache_size > 0 and settings.cache_max_bytes > 0
+        else None
+    )
+    remote = (
+        RedisCache(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            ttl_seconds=settings.redis_ttl_seconds,
+            timeout_seconds=settings.redis_timeout_seconds,
+            backoff_seconds=settings.redis_backoff_seconds,
+            backoff_max_seconds=settings.redis_backoff_max_seconds,
+            observer=observer,
+        )
+        if settings.redis_url
+        else None
+    )
+    return TieredCache(memory, remote, observer)

@@ -1,0 +1,337 @@
+"""Service settings: one validated object, built once at start-up and passed down explicitly.
+
+Where values come from, strongest first: keyword overrides (the CLI flags), ``CONCEPTSVC_*``
+environment variables (nested with ``__``: ``CONCEPTSVC_DEFAULTS__MODE=approximate``), an
+optional TOML or YAML file (``--config FILE`` / ``CONCEPTSVC_CONFIG_FILE``), then the defaults
+below. Unknown keys are errors (``extra="forbid"``) so that a typo in a file is not silently
+ignored; every problem is reported at once, as a :class:`~conceptsvc.errors.ConfigError` naming
+the setting, the environment variable and the flag that set it.
+
+List settings (``defaults.semantic_types`` and friends) accept a comma-separated string from
+the environment or the command line, or a list in a file.
+
+Nothing else in conceptsvc reads ``os.environ`` for these settings; code receives a
+:class:`Settings` from its caller.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from conceptsvc.errors import ConfigError, SemanticNetworkError
+
+if TYPE_CHECKING:
+    from conceptsvc.extractor import ExtractOptions
+
+__all__ = ["ENV_PREFIX", "DefaultOptions", "Settings", "load_settings"]
+
+ENV_PREFIX = "CONCEPTSVC_"
+_PATH_FIELDS = ("index", "tls_cert", "tls_key", "tls_client_ca")
+_MIN_TOKEN_CHARS = 16
+
+
+def _default_workers() -> int:
+    """Cores this process may run on (respects CPU affinity / cgroup cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _split_names(value: Any) -> Any:
+    """``"T047, dsyn"`` → ``("T047", "dsyn")``; lists pass through; blanks are dropped."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
+
+
+NameTuple = Annotated[tuple[str, ...], NoDecode]
+
+
+class DefaultOptions(BaseModel):
+    """Extraction options applied to every request field the client leaves unset.
+
+    Mirrors :class:`conceptsvc.extractor.ExtractOptions`; see there for the meaning of each.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    semantic_types: NameTuple = Field((), description="semantic types to accept (empty = all)")
+    semantic_groups: NameTuple = Field((), description="semantic groups to accept (empty = all)")
+    sources: NameTuple = Field((), description="source vocabularies (SABs) to accept (empty = all)")
+    exclude_cuis: NameTuple = Field((), description="CUIs never reported")
+    mode: Literal["exact", "approximate"] = Field("exact", description="matching mode")
+    similarity: Literal["jaccard", "cosine", "dice", "overlap"] = Field(
+        "jaccard", description="similarity measure for approximate matching"
+    )
+    threshold: float = Field(0.7, gt=0, le=1, description="approximate matching threshold")
+    overlap: Literal["longest", "best_score", "all"] = Field(
+        "longest", description="which of overlapping mentions to keep"
+    )
+    profile: str = Field("none", min_length=1, description="concept profile")
+    include_negated: bool = Field(True, description="report negated mentions (flagged)")
+    include_mentions: bool = Field(True, description="return mentions, not only concept sets")
+
+    _split = field_validator(
+        "semantic_types", "semantic_groups", "sources", "exclude_cuis", mode="before"
+    )(_split_names)
+
+    @field_validator("semantic_types", "semantic_groups")
+    @classmethod
+    def _known_semantic_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        from conceptsvc.semantic_network import load_semantic_network
+
+        try:
+            load_semantic_network().resolve_all(names)
+        except SemanticNetworkError as exc:
+            raise ValueError(exc.message) from None
+        return names
+
+    def to_extract_options(self) -> ExtractOptions:
+        from conceptsvc.extractor import ExtractOptions
+
+        return ExtractOptions(**self.model_dump())
+
+
+class Settings(BaseSettings):
+    """Everything ``conceptsvc serve`` can be told. Field descriptions are the ``--help`` text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    config_file: Path | None = Field(None, description="TOML or YAML settings file")
+    index: Path | None = Field(
+        None, description="index directory to serve (default: the embedded demo dictionary)"
+    )
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="address to listen on ('0.0.0.0' or '[::]' = all)"
+    )
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    workers: int = Field(
+        default_factory=_default_workers,
+        ge=1,
+        le=64,
+        description="server processes sharing the port (default: number of cores)",
+    )
+    threads: int = Field(16, ge=1, le=1024, description="RPC threads per worker process")
+    max_concurrent_rpcs: int = Field(
+        256, ge=1, description="RPCs in progress per worker before RESOURCE_EXHAUSTED"
+    )
+    max_text_chars: int = Field(100_000, ge=1, description="longest caption accepted (code points)")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="largest gRPC message, either way"
+    )
+    max_search_limit: int = Field(100, ge=1, description="most candidates SearchConcepts returns")
+    stream_batch_size: int = Field(
+        64, ge=1, le=10_000, description="stream items looked up in the cache together"
+    )
+    grace_seconds: float = Field(
+        10.0, ge=0, description="on SIGTERM, how long in-flight RPCs may take to finish"
+    )
+    drain_delay_seconds: float = Field(
+        0.0, ge=0, description="on SIGTERM, report NOT_SERVING this long before refusing RPCs"
+    )
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset = off)"
+    )
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="metrics HTTP address")
+    cache_size: int = Field(
+        50_000, ge=0, description="in-process cache entries per worker (0 = off)"
+    )
+    cache_max_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="in-process cache size bound per worker, bytes"
+    )
+    redis_url: str | None = Field(None, description="Redis cache tier URL (unset = off)")
+    redis_prefix: str = Field("conceptsvc:", description="Redis key prefix")
+    redis_ttl_seconds: int = Field(7 * 86400, ge=1, description="Redis entry lifetime")
+    redis_timeout_seconds: float = Field(
+        0.25, gt=0, description="Redis socket timeout; slower counts as an outage"
+    )
+    redis_backoff_seconds: float = Field(
+        0.5, gt=0, description="first wait before reconnecting to Redis after an error"
+    )
+    redis_backoff_max_seconds: float = Field(
+        30.0, gt=0, description="longest wait between Redis reconnect attempts"
+    )
+    tls_cert: Path | None = Field(None, description="server certificate chain (PEM) for TLS")
+    tls_key: Path | None = Field(None, description="server private key (PEM) for TLS")
+    tls_client_ca: Path | None = Field(
+        None, description="CA (PEM) that client certificates must chain to: mutual TLS"
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="bearer token every RPC must carry (unset = no authentication)"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for AdminService.ReloadIndex (unset = admin RPC off)"
+    )
+    log_payloads: bool = Field(
+        False, description="log caption text at DEBUG level (off: captions never reach logs)"
+    )
+    defaults: DefaultOptions = Field(
+        default_factory=DefaultOptions, description="default extraction options"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env or secrets-dir sources: configuration has exactly three places to come from.
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+    @field_validator("auth_token", "admin_token")
+    @classmethod
+    def _strong_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < _MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"tokens must be at least {_MIN_TOKEN_CHARS} characters; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return token
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+    @model_validator(mode="after")
+    def _paths_and_pairs(self) -> Settings:
+        if self.index is not None and not (self.index / "manifest.json").is_file():
+            raise ValueError(
+                f"index: {self.index} is not an index directory (no manifest.json); build one "
+                "with `conceptsvc index build` or leave it unset to serve the demo dictionary"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} does not exist or is not a file")
+        if self.redis_backoff_max_seconds < self.redis_backoff_seconds:
+            raise ValueError("redis_backoff_max_seconds must be >= redis_backoff_seconds")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by ``config_file`` as given by the stronger sources (flag or env)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything happens in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config_file")
+        if path is None:
+            return {}
+        return read_config_file(Path(path))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML (``.toml``) or YAML (``.yaml``/``.yml``) settings file into a mapping.
+
+    Relative paths inside the file are taken relative to the file's directory, so a config file
+    and the index it names can move together.
+    """
+    suffix = path.suffix.lower()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        if suffix == ".toml":
+            data: Any = tomllib.loads(raw.decode("utf-8"))
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(raw.decode("utf-8"))
+        else:
+            raise ConfigError(
+                f"config file {path}: unknown format {suffix!r}; use .toml, .yaml or .yml"
+            )
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table/mapping of settings")
+    if "config_file" in data:
+        raise ConfigError(f"config file {path}: `config_file` cannot be set from a config file")
+    for key in _PATH_FIELDS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = str(path.parent / value)
+    return data
+
+
+def _describe(loc: tuple[int | str, ...]) -> str:
+    """Where a setting can be set: its dotted name, env variable and CLI flag."""
+    parts = [str(p) for p in loc]
+    name = ".".join(parts)
+    env = ENV_PREFIX + "__".join(parts).upper()
+    flag = "--" + "-".join(parts).replace("_", "-").replace("defaults-", "default-")
+    return f"{name} (env {env}, flag {flag})"
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build and validate the settings, or raise one :class:`ConfigError` listing every problem.
+
+    ``overrides`` are the strongest source (the CLI passes the flags it was given); ``None``
+    values are dropped so that an absent flag does not mask the environment or the file.
+    Nested default options may be given as ``defaults={...}``.
+    """
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is not None:
+        kwargs["config_file"] = Path(config_file)
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err["loc"]
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting; `conceptsvc serve --help` lists the valid ones"
+            where = _describe(loc) if loc else "settings"
+            lines.append(f"  {where}: {msg}")
+        raise ConfigError(
+            f"invalid settings ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n"
+            + "\n".join(lines)
+        ) from None

@@ -1,0 +1,165 @@
+"""Cache tiers against a real Redis: batching, bounds, and outages that never fail a lookup."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+from conceptsvc.cache import LruCache, RedisCache, TieredCache, build_cache, result_key
+from conceptsvc.config import load_settings
+
+if TYPE_CHECKING:
+    from conftest import RedisServer
+
+
+class RecordingObserver:
+    """Counts cache events the way the metrics do."""
+
+    def __init__(self) -> None:
+        self.lookups: Counter[tuple[str, str]] = Counter()
+        self.redis_errors = 0
+
+    def cache_lookups(self, tier: str, hits: int, misses: int) -> None:
+        self.lookups[tier, "hit"] += hits
+        self.lookups[tier, "miss"] += misses
+
+    def redis_error(self) -> None:
+        self.redis_errors += 1
+
+
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def test_cache_result_key_depends_on_index_options_and_text() -> None:
+    base = result_key("a" * 64, "mode=exact", "chest x-ray")
+    assert base == result_key("a" * 64, "mode=exact", "chest x-ray")
+    assert base.startswith("v1:" + "a" * 16 + ":")
+    others = {
+        result_key("b" * 64, "mode=exact", "chest x-ray"),
+        result_key("a" * 63 + "b", "mode=exact", "chest x-ray"),  # same short prefix
+        result_key("a" * 64, "mode=approximate", "chest x-ray"),
+        result_key("a" * 64, "mode=exact", "chest x-ray "),
+        result_key("a" * 64, "mode=exact\0chest", " x-ray"),  # separators are not ambiguous
+    }
+    assert base not in others and len(others) == 5
+    # Lone surrogates (possible in Python strings) still give a key rather than crashing.
+    assert result_key("a" * 64, "", "bad \ud800 text")
+
+
+def test_cache_lru_bounds_entries_and_bytes() -> None:
+    lru = LruCache(max_entries=3, max_bytes=50)
+    lru.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
+    assert lru.get_many(["a"]) == [b"1"]  # a is now the most recent
+    lru.put_many([("d", b"4")])  # over the entry bound: b (least recent) goes
+    assert lru.get_many(["b", "c", "d", "a"]) == [None, b"3", b"4", b"1"]
+    lru.put_many([("big", b"x" * 49)])  # entries: c goes; bytes: d too (1 + 1 + 49 > 50)
+    assert lru.get_many(["c", "d", "a", "big"]) == [None, None, b"1", b"x" * 49]
+    assert len(lru) == 2 and lru.size_bytes == 50
+    lru.put_many([("huge", b"x" * 51)])  # larger than the whole cache: not stored
+    assert lru.get_many(["huge"]) == [None] and lru.size_bytes == 50
+    lru.put_many([("big", b"y")])  # replacing a value updates the byte count
+    assert lru.size_bytes == 2
+    with pytest.raises(ValueError):
+        LruCache(0, 10)
+
+
+def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer) -> None:
+    r = _redis(shared_redis.url)
+    r.config_resetstat()
+    cache = RedisCache(shared_redis.url, prefix="t-roundtrip:", ttl_seconds=120)
+    items = [(f"k{i}", f"value {i}".encode()) for i in range(50)]
+    cache.put_many(items)
+    got = cache.get_many([k for k, _ in items] + ["absent"])
+    assert got == [v for _, v in items] + [None]
+    stats = r.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert 0 < r.ttl("t-roundtrip:k0") <= 120
+    assert r.get("t-roundtrip:k7") == b"value 7"
+    cache.close()
+
+
+def test_cache_redis_down_is_a_miss_with_one_warning_then_recovers(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    obs = RecordingObserver()
+    clock = [0.0]
+    cache = RedisCache(
+        redis_server.url, backoff_seconds=1.0, backoff_max_seconds=4.0, observer=obs,
+        clock=lambda: clock[0],
+    )
+    cache.put_many([("k", b"v")])
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.cache"):
+        assert cache.get_many(["k", "j"]) == [None, None]
+        assert obs.redis_errors == 1 and not cache.available
+        for _ in range(20):  # inside the backoff window: no Redis call, no new error
+            assert cache.get_many(["k"]) == [None]
+            cache.put_many([("k", b"v")])
+        assert obs.redis_errors == 1
+        clock[0] = 1.5  # window over: one attempt, still down, backoff doubles
+        assert cache.get_many(["k"]) == [None]
+        assert obs.redis_errors == 2
+        clock[0] = 3.0  # 1.5 + 2 = 3.5 not reached yet
+        assert not cache.available
+        redis_server.start()  # same port, empty data (like a flush)
+        clock[0] = 4.0
+        assert cache.get_many(["k"]) == [None]  # back, but the data is gone
+        cache.put_many([("k", b"again")])
+        assert cache.get_many(["k"]) == [b"again"]
+    outage_warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(outage_warnings) == 1
+    assert any("is back" in r.getMessage() for r in caplog.records)
+    assert cache.outages == 1
+    cache.close()
+
+
+def test_cache_redis_slow_times_out_as_a_miss(redis_server: RedisServer) -> None:
+    obs = RecordingObserver()
+    cache = RedisCache(redis_server.url, timeout_seconds=0.1, observer=obs)
+    cache.put_many([("k", b"v")])
+    assert cache.get_many(["k"]) == [b"v"]
+    # Redis stops answering any client for a second: as slow as a Redis gets.
+    _redis(redis_server.url).execute_command("CLIENT", "PAUSE", "1000", "ALL")
+    t0 = time.monotonic()
+    assert cache.get_many(["k"]) == [None]
+    assert time.monotonic() - t0 < 0.6
+    assert obs.redis_errors == 1
+    cache.close()
+
+
+def test_cache_tiered_fills_memory_from_redis_and_counts_per_tier(
+    shared_redis: RedisServer,
+) -> None:
+    obs = RecordingObserver()
+    remote = RedisCache(shared_redis.url, prefix="t-tiered:", observer=obs)
+    remote.put_many([("a", b"A")])
+    cache = TieredCache(LruCache(10, 1000), remote, obs)
+    assert cache.get_many(["a", "b"]) == [b"A", None]
+    assert obs.lookups == {
+        ("memory", "hit"): 0, ("memory", "miss"): 2, ("redis", "hit"): 1, ("redis", "miss"): 1,
+    }
+    _redis(shared_redis.url).delete("t-tiered:a")
+    assert cache.get_many(["a"]) == [b"A"]  # now from memory
+    assert obs.lookups["memory", "hit"] == 1
+    cache.put_many([("b", b"B")])
+    assert _redis(shared_redis.url).get("t-tiered:b") == b"B"
+    cache.close()
+
+
+def test_cache_build_from_settings_switches_tiers(shared_redis: RedisServer) -> None:
+    none = build_cache(load_settings(cache_size=0))
+    assert not none.enabled and none.get_many(["x"]) == [None]
+    none.put_many([("x", b"1")])
+    mem = build_cache(load_settings())
+    assert mem.memory is not None and mem.redis is None
+    both = build_cache(load_settings(redis_url=shared_redis.url, redis_prefix="t-build:"))
+    assert both.redis is not None and both.redis.prefix == "t-build:"
+    both.put_many([("x", b"1")])
+    assert _redis(shared_redis.url).get("t-build:x") == b"1"
+    both.close()

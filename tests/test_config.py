@@ -1,0 +1,164 @@
+"""Settings: sources and their precedence, validation, and errors a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.config import DefaultOptions, Settings, load_settings, read_config_file
+from conceptsvc.errors import ConfigError
+from conceptsvc.index import build_index
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CONCEPTSVC_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def index_dir(tmp_path: Path) -> Path:
+    return build_index(
+        tmp_path / "idx",
+        [("C0000001", "pneumothorax", ["T047"])],
+        [("C0000001", "pneumothorax", "MSH", "PT", 0)],
+    )
+
+
+def test_config_defaults_are_valid_and_secure() -> None:
+    s = load_settings()
+    assert s.host == "127.0.0.1"  # not exposed to the network unless asked
+    assert s.workers >= 1
+    assert s.auth_token is None and s.admin_token is None
+    assert s.log_payloads is False
+    assert s.index is None  # the embedded demo dictionary
+    assert s.redis_url is None
+    assert s.defaults == DefaultOptions()
+
+
+def test_config_precedence_override_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "svc.toml"
+    f.write_text('port = 6000\nthreads = 3\n[defaults]\nmode = "approximate"\nthreshold = 0.8\n')
+    monkeypatch.setenv("CONCEPTSVC_PORT", "7000")
+    monkeypatch.setenv("CONCEPTSVC_DEFAULTS__THRESHOLD", "0.9")
+    s = load_settings(f)
+    assert (s.port, s.threads) == (7000, 3)
+    assert s.defaults.mode == "approximate" and s.defaults.threshold == 0.9
+    s = load_settings(f, port=8000, defaults={"overlap": "all"})
+    assert s.port == 8000
+    # Nested values merge across sources rather than replacing the whole table.
+    assert (s.defaults.mode, s.defaults.threshold, s.defaults.overlap) == (
+        "approximate", 0.9, "all"
+    )
+
+
+def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "svc.yaml"
+    f.write_text("workers: 3\nredis_url: redis://127.0.0.1:1/0\n")
+    monkeypatch.setenv("CONCEPTSVC_CONFIG_FILE", str(f))
+    s = load_settings()
+    assert s.workers == 3 and s.redis_url == "redis://127.0.0.1:1/0"
+
+
+def test_config_yaml_and_relative_paths(tmp_path: Path, index_dir: Path) -> None:
+    f = tmp_path / "svc.yml"
+    f.write_text("index: idx\ndefaults:\n  semantic_groups: [DISO, ANAT]\n")
+    s = load_settings(f)
+    assert s.index == index_dir
+    assert s.defaults.semantic_groups == ("DISO", "ANAT")
+
+
+def test_config_comma_separated_lists_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCEPTSVC_DEFAULTS__SEMANTIC_TYPES", "T047, dsyn,,Neoplastic Process")
+    monkeypatch.setenv("CONCEPTSVC_DEFAULTS__SOURCES", "MSH,SNOMEDCT_US")
+    s = load_settings()
+    assert s.defaults.semantic_types == ("T047", "dsyn", "Neoplastic Process")
+    assert s.defaults.sources == ("MSH", "SNOMEDCT_US")
+
+
+def test_config_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "svc.toml"
+    f.write_text("prot = 1\n[defaults]\nmod = 'exact'\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(f)
+    text = str(err.value)
+    assert "2 problems" in text
+    assert "prot (env CONCEPTSVC_PROT" in text and "unknown setting" in text
+    assert "defaults.mod" in text
+
+
+def test_config_reports_every_problem_with_its_env_and_flag() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(workers=0, port=70000, auth_token="short", defaults={"threshold": 1.5})
+    text = str(err.value)
+    assert err.value.code == "E100"
+    assert "4 problems" in text
+    assert "workers (env CONCEPTSVC_WORKERS, flag --workers)" in text
+    assert "port (env CONCEPTSVC_PORT, flag --port)" in text
+    assert "at least 16 characters" in text
+    assert (
+        "defaults.threshold (env CONCEPTSVC_DEFAULTS__THRESHOLD, flag --default-threshold)"
+        in text
+    )
+
+
+def test_config_unknown_semantic_type_suggests_names() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(defaults={"semantic_types": "dsny"})
+    assert "Did you mean" in str(err.value) and "dsyn" in str(err.value)
+
+
+def test_config_bad_values(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    for kwargs, expected in [
+        ({"index": tmp_path / "nowhere"}, "not an index directory"),
+        ({"tls_cert": cert}, "must be given together"),
+        ({"tls_client_ca": cert}, "needs tls_cert"),
+        ({"tls_cert": cert, "tls_key": tmp_path / "missing.pem"}, "does not exist"),
+        ({"redis_url": "http://x"}, "redis://"),
+        ({"defaults": {"mode": "fuzzy"}}, "defaults.mode"),
+        ({"redis_backoff_seconds": 5, "redis_backoff_max_seconds": 1}, "backoff_max"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            load_settings(**kwargs)
+
+
+def test_config_file_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.toml")
+    ini = tmp_path / "svc.ini"
+    ini.write_text("[x]")
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_settings(ini)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be"):
+        read_config_file(lst)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("config_file: other.yaml\n")
+    with pytest.raises(ConfigError, match="cannot be set from a config file"):
+        load_settings(loop)
+
+
+def test_config_none_overrides_do_not_mask_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCEPTSVC_THREADS", "5")
+    assert load_settings(threads=None).threads == 5
+
+
+def test_config_is_frozen_and_secrets_hidden() -> None:
+    s = load_settings(auth_token="a" * 32)
+    assert "a" * 32 not in repr(s)
+    with pytest.raises(Exception, match="frozen"):
+        s.port = 1  # type: ignore[misc]
+    assert isinstance(s, Settings)

@@ -12,12 +12,16 @@ system-deps:
 	  echo "redis-server not found: installing Debian's redis-server package"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
 	  { echo "ERROR: could not install redis-server; the Redis tests need it" >&2; exit 1; }; }
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "java not found: installing Debian's openjdk-17-jre-headless (PySpark tests)"; \
+	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || \
+	  { echo "ERROR: could not install openjdk-17-jre-headless; the Spark tests need Java 17" >&2; exit 1; }; }
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[dev,report]'
+	$(PY) -m pip install -q -e '.[dev,report,spark]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

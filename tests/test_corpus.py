@@ -213,7 +213,7 @@ def test_corpus_bad_input_error_lists_locations() -> None:
     bad = [BadRecord(i, i + 2, i + 2, f"problem {i}") for i in range(25)]
     err = BadInputError("in.csv", bad)
     text = str(err)
-    assert err.code == "E610" and "25 malformed record(s); nothing was sent" in text
+    assert err.code == "E620" and "25 malformed record(s); nothing was sent" in text
     assert "in.csv:2: problem 0" in text and "... and 5 more" in text
     assert "--on-bad-input skip" in text
 

@@ -104,7 +104,7 @@ class BadRecord:
 class BadInputError(ClientError):
     """The input has malformed records and the run was asked to stop before sending anything."""
 
-    code = "E610"
+    code = "E620"
 
     def __init__(self, source: str, bad: list[BadRecord]) -> None:
         self.source = source

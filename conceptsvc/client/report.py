@@ -111,6 +111,10 @@ class ReportBuilder:
                 self._names[m.cui] = m.preferred_name
                 self._types[m.cui] = tuple(m.semantic_types)
 
+    def missing_names(self) -> list[str]:
+        """Concepts seen only in concept sets, never in a mention: they need ``describe``."""
+        return sorted(c for c in self._df if c not in self._types)
+
     def add_all(self, annotations: Iterable[Annotation]) -> ReportBuilder:
         for a in annotations:
             self.add(a)
@@ -124,8 +128,7 @@ class ReportBuilder:
         network: SemanticNetwork | None = None,
     ) -> CorpusReport:
         sn = network if network is not None else load_semantic_network()
-        missing = [c for c in self._df if c not in self._types]
-        for cui in missing:
+        for cui in self.missing_names():
             found = describe(cui) if describe is not None else None
             if found is not None:
                 self._names[cui], self._types[cui] = found[0], tuple(found[1])

@@ -41,6 +41,7 @@ __all__ = [
     "normalize_term",
     "normalize_token",
     "tokenize",
+    "tokenize_spans",
 ]
 
 NORMALIZER_VERSION = "1"
@@ -281,6 +282,25 @@ def tokenize(text: str) -> list[Token]:
         if norm:
             append(Token(norm, m.start(), m.end()))
     return out
+
+
+def tokenize_spans(text: str) -> tuple[list[str], list[int], list[int]]:
+    """:func:`tokenize` as three parallel lists (norms, starts, ends).
+
+    The extractor's hot path uses this form: it allocates no per-token objects, which is a
+    measurable share of the time per caption (see BENCHMARKS.md, "Extraction speed").
+    """
+    norms: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for m in _TOKEN_RE.finditer(text):
+        norm = normalize_token(m.group())
+        if norm:
+            norms.append(norm)
+            s, e = m.span()
+            starts.append(s)
+            ends.append(e)
+    return norms, starts, ends
 
 
 def normalize_term(term: str) -> str:

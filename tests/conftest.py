@@ -94,3 +94,26 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+def build_engine_index(out: Path) -> Path:
+    """Build a real index from ``fixtures/engine_dictionary.tsv`` (the extraction tests' data)."""
+    from conceptsvc.index import IndexBuilder
+
+    builder = IndexBuilder(source_release="engine-test-fixture")
+    rows = [
+        line.split("\t")
+        for line in (FIXTURES / "engine_dictionary.tsv").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    ]
+    for cui, name, tuis, *_ in rows:
+        builder.set_concept(cui, preferred_name=name, semantic_types=tuis.split(","))
+    for cui, _name, _tuis, string, sab, tty, flags in rows:
+        builder.add_term(cui, string, sab=sab, tty=tty, flags=int(flags))
+    return builder.write(out)
+
+
+@pytest.fixture(scope="session")
+def engine_index_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of the engine fixture index, built once per session."""
+    return build_engine_index(tmp_path_factory.mktemp("engine") / "index")

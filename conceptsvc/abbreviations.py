@@ -1,0 +1,206 @@
+"""Abbreviations: definitions inside a caption, and choosing among a short form's concepts.
+
+Two problems, one module, because both decide what a short form means.
+
+**Definitions in the caption** (Schwartz & Hearst, PSB 2003): "computed tomography (CT)" defines
+CT for the rest of the caption, so a later "CT" maps to the long form's concept whatever else
+the dictionary lists for "CT". :func:`find_definitions` implements the published algorithm on
+the original text (short form in parentheses after its long form, or the reverse when the
+parenthesis holds the longer text), returning code-point offsets.
+
+**Ambiguous keys**: a dictionary key that belongs to several concepts ("CT": computed tomography
+and Chlamydia trachomatis; "MS"). QuickUMLS returns whichever comes first; we never do.
+:class:`AmbiguityResolver` ranks the candidates by, in order:
+
+1. a definition in the caption (Schwartz–Hearst) naming one of them;
+2. context — how many of the caption's other content words occur in the candidate's other
+   dictionary strings ("MS" next to "mitral valve" is mitral stenosis);
+3. semantic-type preference — the active profile's ordered list of TUIs (for radiology
+   captions a diagnostic procedure beats a bacterium);
+4. prior frequency — the active profile's per-concept priors, if it has any.
+
+When the top candidates still tie on all four, every tied candidate is kept (and the caller can
+see the ambiguity as several concepts on one span) — a silent first-CUI choice is exactly the
+bug this exists to avoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from conceptsvc.index import ConceptIndex
+from conceptsvc.normalize import STOPWORDS, tokenize_spans
+
+__all__ = ["AmbiguityResolver", "Definition", "find_definitions"]
+
+_MAX_SHORT_LEN = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """``text[short_start:short_end]`` abbreviates ``text[long_start:long_end]``."""
+
+    short: str
+    short_start: int
+    short_end: int
+    long_start: int
+    long_end: int
+
+
+def _valid_short(sf: str) -> bool:
+    if not (2 <= len(sf) <= _MAX_SHORT_LEN) or len(sf.split()) > 2:
+        return False
+    if not sf[0].isalnum() or not any(c.isalpha() for c in sf):
+        return False
+    return True
+
+
+def _best_long_form(sf: str, lf: str) -> int | None:
+    """Schwartz–Hearst: start offset in ``lf`` of the shortest long form matching ``sf``.
+
+    Every character of the short form must occur in order in the long form, matched from the
+    end, and its first character must start a word of the long form.
+    """
+    s = len(sf) - 1
+    t = len(lf) - 1
+    while s >= 0:
+        c = sf[s].lower()
+        if not c.isalnum():
+            s -= 1
+            continue
+        while (t >= 0 and lf[t].lower() != c) or (s == 0 and t > 0 and lf[t - 1].isalnum()):
+            t -= 1
+        if t < 0:
+            return None
+        t -= 1
+        s -= 1
+    return lf.rfind(" ", 0, t + 1) + 1
+
+
+_CLAUSE_BREAKS = ".;:!?()[]"
+
+
+def find_definitions(text: str) -> list[Definition]:
+    """Every (short form, long form) pair defined with parentheses in ``text``."""
+    out: list[Definition] = []
+    pos = 0
+    while True:
+        open_ = text.find("(", pos)
+        if open_ < 0:
+            return out
+        close = text.find(")", open_ + 1)
+        if close < 0:
+            return out
+        pos = open_ + 1
+        inner_start, inner = open_ + 1, text[open_ + 1 : close]
+        if "(" in inner:
+            continue
+        for sep in (";", ","):
+            cut = inner.find(sep)
+            if cut >= 0:
+                inner = inner[:cut]
+        lead = len(inner) - len(inner.lstrip())
+        inner_s = inner.strip()
+        inner_start += lead
+        # the clause before the parenthesis: back to the previous clause break
+        left = max(text.rfind(c, 0, open_) for c in _CLAUSE_BREAKS) + 1
+        before = text[left:open_].rstrip()
+        if _valid_short(inner_s):
+            n_words = min(len(inner_s) + 5, 2 * len(inner_s))
+            words = before.split()
+            if not words:
+                continue
+            cand = " ".join(words[-n_words:])
+            cand_start = left + before.rfind(cand) if cand in before else left
+            rel = _best_long_form(inner_s, cand)
+            if rel is None:
+                continue
+            lf = cand[rel:]
+            if len(lf) <= len(inner_s) or len(lf.split()) > n_words or inner_s in lf.split():
+                continue
+            out.append(
+                Definition(
+                    inner_s,
+                    inner_start,
+                    inner_start + len(inner_s),
+                    cand_start + rel,
+                    left + len(before),
+                )
+            )
+        elif len(inner_s.split()) > 2:
+            # reverse pattern: "SF (long form)"
+            words = before.split()
+            if not words:
+                continue
+            sf = words[-1]
+            if not _valid_short(sf) or sf.islower():
+                continue
+            rel = _best_long_form(sf, inner_s)
+            if rel is None or len(inner_s) - rel <= len(sf):
+                continue
+            sf_start = left + before.rfind(sf)
+            out.append(
+                Definition(
+                    sf, sf_start, sf_start + len(sf), inner_start + rel, inner_start + len(inner_s)
+                )
+            )
+
+
+class AmbiguityResolver:
+    """Ranks the concepts of an ambiguous key (see the module docstring for the order)."""
+
+    def __init__(
+        self,
+        index: ConceptIndex,
+        *,
+        type_preference: Sequence[str] = (),
+        priors: Mapping[str, float] | None = None,
+    ) -> None:
+        self._index = index
+        self._type_rank = {t: i for i, t in enumerate(type_preference)}
+        self._priors = dict(priors or {})
+        self._vocab: dict[str, frozenset[str]] = {}
+
+    def _concept_vocab(self, cui: str) -> frozenset[str]:
+        """Content words of all of a concept's dictionary strings (memoised per concept)."""
+        v = self._vocab.get(cui)
+        if v is None:
+            words: set[str] = set()
+            for p in self._index.concept_postings(cui):
+                words.update(tokenize_spans(p.string)[0])
+            v = self._vocab[cui] = frozenset(words - STOPWORDS)
+        return v
+
+    def type_rank(self, types: Sequence[str]) -> int:
+        worst = len(self._type_rank)
+        return min((self._type_rank.get(t, worst) for t in types), default=worst)
+
+    def choose(
+        self,
+        cuis: Sequence[str],
+        types: Mapping[str, Sequence[str]],
+        *,
+        context: frozenset[str],
+        own_tokens: frozenset[str],
+        defined: frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """The best-ranked candidates among ``cuis`` (several only on a complete tie).
+
+        ``context`` is the caption's normalised words, ``own_tokens`` the ambiguous span's own
+        words (not evidence for anything), ``defined`` the concepts a caption definition names.
+        """
+        if len(cuis) < 2:
+            return list(cuis)
+        ctx = context - own_tokens
+        ranked: list[tuple[tuple[int, int, int, float], str]] = []
+        for c in cuis:
+            rank = (
+                0 if c in defined else 1,
+                -len(ctx & self._concept_vocab(c)) if ctx else 0,
+                self.type_rank(types.get(c, ())),
+                -self._priors.get(c, 0.0),
+            )
+            ranked.append((rank, c))
+        best = min(r for r, _ in ranked)
+        return [c for r, c in ranked if r == best]

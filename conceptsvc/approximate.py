@@ -1,0 +1,242 @@
+"""Approximate matching with QuickUMLS's semantics: character-trigram similarity ≥ threshold.
+
+QuickUMLS (via simstring) compares every caption n-gram of up to ``window`` tokens with every
+dictionary string by the similarity of their character-trigram sets (jaccard, cosine, dice or
+overlap) and keeps those at or above a threshold. This module does the same over the index's
+normalised keys, with two differences that are deliberate:
+
+* it runs only on windows that no exact match touches — exact matches are cheaper and always
+  right about their own span, so searching around them again only adds false positives;
+* the strings compared are normalised keys on both sides (the same normaliser that built the
+  index), so case, hyphenation, plurals and British spellings never cost similarity.
+
+The candidate search is simstring's: for a query with trigram set X and threshold α, a key
+with trigram set Y can only reach α if |Y| lies in a measure-specific size range and
+|X ∩ Y| ≥ τ(|X|, |Y|). Any key with at least τ_min shared trigrams must appear in one of the
+(|X| − τ_min + 1) *rarest* trigram lists of X (pigeonhole), so only those lists are scanned and
+each candidate is then verified exactly. The inverted lists are built once per loaded index
+(lazily, on the first approximate request — never per request) and window results are memoised,
+because short windows ("showing", "mass") recur in almost every caption.
+
+Trigrams are taken without begin/end padding, as QuickUMLS configures simstring; a string shorter
+than three characters is its own single gram.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+
+from conceptsvc.errors import ExtractionError
+from conceptsvc.index import Posting
+from conceptsvc.matcher import (
+    MIN_MATCH_CHARS,
+    ExactMatcher,
+    Match,
+    check_surface,
+    crosses_break,
+)
+from conceptsvc.normalize import STOPWORDS
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "SIMILARITIES",
+    "ApproximateMatcher",
+    "TrigramIndex",
+    "similarity",
+    "size_bounds",
+    "trigrams",
+]
+
+DEFAULT_WINDOW = 5
+"""Longest window in tokens, as QuickUMLS's default ``window``."""
+
+SIMILARITIES = ("jaccard", "cosine", "dice", "overlap")
+
+
+@lru_cache(maxsize=1 << 17)
+def trigrams(s: str) -> frozenset[str]:
+    """Character trigrams of ``s`` (no padding); short strings are a single gram."""
+    if len(s) < 3:
+        return frozenset((s,)) if s else frozenset()
+    return frozenset(s[i : i + 3] for i in range(len(s) - 2))
+
+
+def similarity(measure: str, overlap: int, x: int, y: int) -> float:
+    """Similarity of two sets of sizes ``x`` and ``y`` that share ``overlap`` elements."""
+    if x == 0 or y == 0:
+        return 0.0
+    if measure == "jaccard":
+        return overlap / (x + y - overlap)
+    if measure == "cosine":
+        return overlap / math.sqrt(x * y)
+    if measure == "dice":
+        return 2 * overlap / (x + y)
+    if measure == "overlap":
+        return overlap / min(x, y)
+    raise ExtractionError(f"unknown similarity {measure!r}; use one of {', '.join(SIMILARITIES)}")
+
+
+def size_bounds(measure: str, x: int, alpha: float) -> tuple[int, int]:
+    """Smallest and largest key trigram-set size that can reach ``alpha`` against size ``x``."""
+    if measure == "jaccard":
+        return math.ceil(alpha * x - 1e-9), math.floor(x / alpha + 1e-9)
+    if measure == "cosine":
+        return math.ceil(alpha * alpha * x - 1e-9), math.floor(x / (alpha * alpha) + 1e-9)
+    if measure == "dice":
+        return math.ceil(alpha * x / (2 - alpha) - 1e-9), math.floor((2 - alpha) * x / alpha + 1e-9)
+    if measure == "overlap":
+        return 1, 1 << 30
+    raise ExtractionError(f"unknown similarity {measure!r}; use one of {', '.join(SIMILARITIES)}")
+
+
+def _min_overlap(measure: str, alpha: float) -> Callable[[int, int], int]:
+    """τ(x, y): shared grams needed for sizes x and y to reach ``alpha``."""
+    if measure == "jaccard":
+        return lambda x, y: math.ceil(alpha * (x + y) / (1 + alpha) - 1e-9)
+    if measure == "cosine":
+        return lambda x, y: math.ceil(alpha * math.sqrt(x * y) - 1e-9)
+    if measure == "dice":
+        return lambda x, y: math.ceil(alpha * (x + y) / 2 - 1e-9)
+    return lambda x, y: math.ceil(alpha * min(x, y) - 1e-9)
+
+
+class TrigramIndex:
+    """Inverted trigram lists over a fixed list of strings (the index's keys)."""
+
+    def __init__(self, strings: Iterable[str]) -> None:
+        self._strings: list[str] = list(strings)
+        self._sizes: list[int] = []
+        lists: dict[str, list[int]] = {}
+        for i, s in enumerate(self._strings):
+            grams = _grams_of(s)
+            self._sizes.append(len(grams))
+            for g in grams:
+                lst = lists.get(g)
+                if lst is None:
+                    lists[g] = [i]
+                else:
+                    lst.append(i)
+        self._lists: dict[str, tuple[int, ...]] = {g: tuple(v) for g, v in lists.items()}
+
+    def __len__(self) -> int:
+        return len(self._strings)
+
+    def string(self, i: int) -> str:
+        return self._strings[i]
+
+    def search(self, query: str, measure: str, alpha: float) -> list[tuple[int, float]]:
+        """Every string whose similarity with ``query`` is ≥ ``alpha``, best first."""
+        x_grams = _grams_of(query)
+        x = len(x_grams)
+        if x == 0:
+            return []
+        lo, hi = size_bounds(measure, x, alpha)
+        tau = _min_overlap(measure, alpha)
+        tau_min = min(tau(x, max(lo, 1)), tau(x, x)) if measure != "overlap" else 1
+        tau_min = max(tau_min, 1)
+        lists = self._lists
+        empty: tuple[int, ...] = ()
+        ranked = sorted((lists.get(g, empty) for g in x_grams), key=len)
+        n_sig = x - tau_min + 1
+        if n_sig <= 0:
+            return []
+        seen: set[int] = set()
+        for lst in ranked[:n_sig]:
+            seen.update(lst)
+        sizes = self._sizes
+        out: list[tuple[int, float]] = []
+        for i in seen:
+            y = sizes[i]
+            if y < lo or y > hi:
+                continue
+            shared = len(x_grams & _grams_of(self._strings[i]))
+            if shared < tau(x, y):
+                continue
+            sim = similarity(measure, shared, x, y)
+            if sim >= alpha - 1e-12:
+                out.append((i, sim))
+        out.sort(key=lambda t: (-t[1], -sizes[t[0]], t[0]))
+        return out
+
+
+def _grams_of(key: str) -> frozenset[str]:
+    return trigrams(key)
+
+
+class ApproximateMatcher:
+    """Window generation and memoised trigram search over one loaded index.
+
+    Windows follow QuickUMLS: up to ``window`` tokens, never starting or ending with a
+    stopword, at least :data:`~conceptsvc.matcher.MIN_MATCH_CHARS` characters, never across
+    phrase-ending punctuation — and, here, never touching a token an exact match already covers.
+    Each window keeps its best-scoring key(s); overlaps between windows are resolved later, by
+    the request's overlap strategy.
+    """
+
+    def __init__(
+        self, exact: ExactMatcher, *, window: int = DEFAULT_WINDOW, memo_size: int = 1 << 16
+    ) -> None:
+        self._exact = exact
+        # key ids are positions in the sorted key list, which is the mapping's order
+        self._tri = TrigramIndex(exact.index.key_ids)
+        self._window = window
+        self._memo: dict[tuple[str, str, float], tuple[tuple[str, float], ...]] = {}
+        self._memo_size = memo_size
+
+    def search(self, query: str, measure: str, alpha: float) -> list[tuple[str, float]]:
+        """Every key at similarity ≥ ``alpha`` with ``query``, best first (not memoised)."""
+        return [(self._tri.string(i), sim) for i, sim in self._tri.search(query, measure, alpha)]
+
+    def best(self, query: str, measure: str, alpha: float) -> tuple[tuple[str, float], ...]:
+        """The key(s) most similar to ``query`` at ≥ ``alpha`` (ties all kept), memoised."""
+        mk = (query, measure, alpha)
+        hit = self._memo.get(mk)
+        if hit is not None:
+            return hit
+        found = self._tri.search(query, measure, alpha)
+        res: tuple[tuple[str, float], ...] = ()
+        if found:
+            top = found[0][1]
+            res = tuple((self._tri.string(i), sim) for i, sim in found if sim >= top - 1e-12)
+        if len(self._memo) >= self._memo_size:
+            self._memo.clear()  # a crude bound; the working set refills in a few captions
+        self._memo[mk] = res
+        return res
+
+    def match(
+        self,
+        text: str,
+        norms: list[str],
+        starts: list[int],
+        ends: list[int],
+        covered: list[bool],
+        measure: str,
+        alpha: float,
+    ) -> list[Match]:
+        out: list[Match] = []
+        n = len(norms)
+        window = self._window
+        exact = self._exact
+        for i in range(n):
+            if covered[i] or norms[i] in STOPWORDS:
+                continue
+            key = norms[i]
+            for j in range(i + 1, min(n, i + window) + 1):
+                if j > i + 1:
+                    if covered[j - 1] or crosses_break(text, ends[j - 2], starts[j - 1]):
+                        break
+                    key = key + " " + norms[j - 1]
+                if norms[j - 1] in STOPWORDS or len(key) - (j - i - 1) < MIN_MATCH_CHARS:
+                    continue
+                for k, sim in self.best(key, measure, alpha):
+                    entry = exact.entry(k)
+                    if entry is None:
+                        continue
+                    posts: tuple[Posting, ...] = entry.free
+                    if entry.checked:
+                        posts += check_surface(entry.checked, text[starts[i] : ends[j - 1]])
+                    if posts:
+                        out.append(Match(i, j, k, posts, sim))
+        return out

@@ -1,0 +1,241 @@
+"""ImageCLEFmedical concept-detection scoring, and readers for the files it compares.
+
+The scores are the ones ImageCLEFmedical Caption reports for ROCOv2:
+
+* **primary F1** — for every image with a non-empty gold set, F1 = 2|P∩G| / (|P| + |G|) (an
+  empty prediction scores 0); the score is the mean over those images. Images missing from the
+  predictions count as empty predictions; predictions for images without gold are ignored.
+* **secondary F1** — the same against the *manual* gold, with both sides first restricted to the
+  six modality and eight X-ray body-region concepts; images whose restricted gold is empty are
+  skipped.
+
+Also micro precision/recall/F1 over all (image, concept) pairs and per-concept false negative /
+false positive counts — the raw material for error analysis.
+
+Readers accept ImageCLEF CSV (``ID,CUIs`` with ``;``-joined CUIs and an optional header), the
+tab-separated submission variant (``ID<TAB>CUI;CUI``, no header), and JSONL as written by
+``conceptsvc annotate`` (one object per line with ``id`` and ``concepts``; ``mentions[].cui`` is
+used when ``concepts`` is absent).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conceptsvc.errors import DictionaryError, MalformedRowError
+
+__all__ = [
+    "MODALITY_CUIS",
+    "REGION_CUIS",
+    "SECONDARY_CUIS",
+    "EvaluationResult",
+    "f1",
+    "read_captions",
+    "read_concepts",
+    "score",
+    "write_concepts_csv",
+]
+
+MODALITY_CUIS = frozenset(
+    {"C0040405", "C1306645", "C0024485", "C0041618", "C0002978", "C0032743"}
+)
+REGION_CUIS = frozenset(
+    {
+        "C0817096",
+        "C0037303",
+        "C0023216",
+        "C0000726",
+        "C0030797",
+        "C1140618",
+        "C0037949",
+        "C0006141",
+    }
+)
+SECONDARY_CUIS = MODALITY_CUIS | REGION_CUIS
+
+
+def f1(pred: set[str] | frozenset[str], gold: set[str] | frozenset[str]) -> float:
+    """ImageCLEF per-image F1; an empty prediction against non-empty gold scores 0."""
+    if not pred and not gold:
+        return 1.0
+    return 2 * len(pred & gold) / (len(pred) + len(gold))
+
+
+@dataclass
+class EvaluationResult:
+    primary_f1: float
+    secondary_f1: float | None  # None without manual gold
+    n_images: int  # images scored for the primary F1
+    n_secondary: int
+    micro_precision: float
+    micro_recall: float
+    micro_f1: float
+    false_negatives: Counter[str] = field(default_factory=Counter)
+    false_positives: Counter[str] = field(default_factory=Counter)
+    true_positives: Counter[str] = field(default_factory=Counter)
+    missing_predictions: int = 0  # gold images with no prediction row at all
+
+    def as_dict(self, top: int = 10) -> dict[str, object]:
+        return {
+            "primary_f1": round(self.primary_f1, 6),
+            "secondary_f1": None if self.secondary_f1 is None else round(self.secondary_f1, 6),
+            "n_images": self.n_images,
+            "n_secondary": self.n_secondary,
+            "micro_precision": round(self.micro_precision, 6),
+            "micro_recall": round(self.micro_recall, 6),
+            "micro_f1": round(self.micro_f1, 6),
+            "missing_predictions": self.missing_predictions,
+            "top_false_negatives": self.false_negatives.most_common(top),
+            "top_false_positives": self.false_positives.most_common(top),
+        }
+
+
+def score(
+    pred: Mapping[str, Iterable[str]],
+    gold: Mapping[str, Iterable[str]],
+    manual: Mapping[str, Iterable[str]] | None = None,
+) -> EvaluationResult:
+    """Score predictions against gold (and manual gold for the secondary F1)."""
+    total = 0.0
+    n = 0
+    tp = fp = fn = 0
+    fns: Counter[str] = Counter()
+    fps: Counter[str] = Counter()
+    tps: Counter[str] = Counter()
+    missing = 0
+    for image, g_iter in gold.items():
+        g = set(g_iter)
+        if not g:
+            continue
+        p_iter = pred.get(image)
+        if p_iter is None:
+            missing += 1
+        p = set(p_iter or ())
+        total += f1(p, g)
+        n += 1
+        inter = p & g
+        tp += len(inter)
+        fp += len(p - g)
+        fn += len(g - p)
+        tps.update(inter)
+        fps.update(p - g)
+        fns.update(g - p)
+    secondary: float | None = None
+    n_sec = 0
+    if manual is not None:
+        s_total = 0.0
+        for image, m_iter in manual.items():
+            g = set(m_iter) & SECONDARY_CUIS
+            if not g:
+                continue
+            p = set(pred.get(image, ())) & SECONDARY_CUIS
+            s_total += f1(p, g)
+            n_sec += 1
+        secondary = s_total / n_sec if n_sec else 0.0
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    micro = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return EvaluationResult(
+        primary_f1=total / n if n else 0.0,
+        secondary_f1=secondary,
+        n_images=n,
+        n_secondary=n_sec,
+        micro_precision=precision,
+        micro_recall=recall,
+        micro_f1=micro,
+        false_negatives=fns,
+        false_positives=fps,
+        true_positives=tps,
+        missing_predictions=missing,
+    )
+
+
+def _split_cuis(value: str) -> list[str]:
+    return [c.strip() for c in value.replace(",", ";").split(";") if c.strip()]
+
+
+def read_concepts(path: str | Path) -> dict[str, list[str]]:
+    """Read a concepts file (ImageCLEF CSV, tab-separated, or JSONL) into id → CUIs."""
+    p = Path(path)
+    try:
+        data = p.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise DictionaryError(f"cannot read concepts file {p}: {exc}") from exc
+    first = next((ln for ln in data.splitlines() if ln.strip()), "")
+    out: dict[str, list[str]] = {}
+    if first.lstrip().startswith("{"):
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise MalformedRowError(p, lineno, f"not JSON ({exc})") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+                raise MalformedRowError(p, lineno, "a JSON object with a string 'id' is expected")
+            concepts = obj.get("concepts")
+            if concepts is None:
+                concepts = [m.get("cui") for m in obj.get("mentions", []) if isinstance(m, dict)]
+            if isinstance(concepts, str):
+                concepts = _split_cuis(concepts)
+            if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+                raise MalformedRowError(p, lineno, "'concepts' must be a list of CUI strings")
+            out[obj["id"]] = list(dict.fromkeys(concepts))
+        return out
+    if "\t" in first and "," not in first.split("\t")[0]:
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if lineno == 1 and parts[0].strip().upper() == "ID":
+                continue
+            # submission form ID<TAB>CUI;CUI, or ROCO's ID<TAB><TAB>CUI<TAB>CUI...
+            out[parts[0].strip()] = [c for f in parts[1:] for c in _split_cuis(f)]
+        return out
+    reader = csv.reader(io.StringIO(data))
+    for lineno, row in enumerate(reader, 1):
+        if not row or not any(f.strip() for f in row):
+            continue
+        if lineno == 1 and row[0].strip().upper() == "ID":
+            continue
+        if len(row) > 2:
+            raise MalformedRowError(p, lineno, f"expected 'ID,CUIs', got {len(row)} fields")
+        out[row[0].strip()] = _split_cuis(row[1] if len(row) > 1 else "")
+    return out
+
+
+def read_captions(path: str | Path) -> list[tuple[str, str]]:
+    """Read an ``ID,Caption`` CSV (CSV quoting, optional header) into (id, caption) pairs."""
+    p = Path(path)
+    try:
+        data = p.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise DictionaryError(f"cannot read captions file {p}: {exc}") from exc
+    out: list[tuple[str, str]] = []
+    for lineno, row in enumerate(csv.reader(io.StringIO(data)), 1):
+        if not row:
+            continue
+        if lineno == 1 and [f.strip().lower() for f in row[:2]] == ["id", "caption"]:
+            continue
+        if len(row) != 2:
+            raise MalformedRowError(p, lineno, f"expected 'ID,Caption', got {len(row)} fields")
+        out.append((row[0], row[1]))
+    return out
+
+
+def write_concepts_csv(path: str | Path, rows: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Write predictions in ImageCLEF CSV form (``ID,CUIs`` header, CUIs joined by ``;``)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".part")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["ID", "CUIs"])
+        for image, cuis in rows:
+            w.writerow([image, ";".join(cuis)])
+    tmp.replace(p)

@@ -1,0 +1,461 @@
+"""The extraction engine: caption in, concepts with exact offsets out — no I/O on the way.
+
+One :class:`Extractor` per loaded index, shared by the service, the CLIs and the spaCy
+component. The pipeline for one caption, each stage in its own module:
+
+1. **normalise + tokenise** (:func:`conceptsvc.normalize.tokenize_spans`): normalised tokens and
+   their code-point spans in the original text;
+2. **match** (:mod:`conceptsvc.matcher`): every window that spells a dictionary key; in
+   ``approximate`` mode also trigram-similar windows that no exact match touches
+   (:mod:`conceptsvc.approximate`);
+3. **filter**: semantic types / groups, sources, excluded CUIs (semantics below);
+4. **abbreviations** (:mod:`conceptsvc.abbreviations`): short forms defined in the caption take
+   their long form's concept; a key with several concepts is resolved by definition, context,
+   type preference and prior — ties are kept, never silently cut to the first CUI. Filtering
+   comes first so that a filter can decide an ambiguity ("CT" with a Bacterium filter);
+5. **overlap resolution**: ``longest`` (greedy by token length, then score), ``best_score``
+   (greedy by score, then length) or ``all``;
+6. **negation** (:mod:`conceptsvc.negation`): a per-mention ``negated`` flag; negated mentions
+   are dropped when ``include_negated`` is false;
+7. **profile** (:mod:`conceptsvc.profile`): the dataset's conventions for the concept set, from
+   a data file; it may drop concepts and infer concepts that have no mention.
+
+Filter semantics, for multi-typed concepts (QuickUMLS issue #14): ``semantic_types`` and
+``semantic_groups`` together name one set of accepted TUIs (their union; a group stands for all
+its types; a type stands for itself only, not its descendants). A concept passes if **any** of
+its semantic types is accepted — "Pleural effusion disorder" typed Disease or Syndrome *and*
+Finding passes a Finding filter. ``sources`` applies to the matched string: a concept passes if
+one of the dictionary strings matched at that span comes from an accepted source.
+``exclude_cuis`` always wins.
+
+Scores: an exact match scores 1.0; an approximate one its trigram similarity.
+``Annotation.concepts`` holds the deduplicated CUIs in order of first mention, followed by the
+concepts a profile inferred without a mention (e.g. ROCOv2's imaging modality).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+from conceptsvc.abbreviations import AmbiguityResolver, find_definitions
+from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
+from conceptsvc.errors import ExtractionError, SemanticNetworkError
+from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
+from conceptsvc.matcher import ExactMatcher, Match
+from conceptsvc.model import Annotation, Mention
+from conceptsvc.negation import NegationDetector
+from conceptsvc.normalize import STOPWORDS, normalize_term, tokenize_spans
+from conceptsvc.profile import Profile, available_profiles, load_profile
+from conceptsvc.semantic_network import load_semantic_network
+
+__all__ = ["MODES", "OVERLAPS", "Candidate", "ExtractOptions", "Extractor"]
+
+MODES = ("exact", "approximate")
+OVERLAPS = ("longest", "best_score", "all")
+_PLAN_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Per-request options (see the module docstring for the filter semantics)."""
+
+    semantic_types: tuple[str, ...] = ()  # filter names (TUI, abbrev, name); empty = all
+    semantic_groups: tuple[str, ...] = ()  # group codes/names; empty = all
+    sources: tuple[str, ...] = ()  # SABs accepted; empty = all
+    exclude_cuis: tuple[str, ...] = ()
+    mode: str = "exact"  # "exact" | "approximate"
+    similarity: str = "jaccard"  # "jaccard" | "cosine" | "dice" | "overlap"
+    threshold: float = 0.7  # (0, 1]
+    overlap: str = "longest"  # "longest" | "best_score" | "all"
+    profile: str = "none"  # "none" | "rocov2" | other shipped profile names
+    include_negated: bool = True
+    include_mentions: bool = True
+
+    def cache_key(self) -> str:
+        """Canonical text of the options: equal for options that extract the same thing.
+
+        List-valued options are sorted and deduplicated (their order never matters); the
+        threshold is printed with repr so that 0.7 and 0.70 agree.
+        """
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = ",".join(sorted(set(v)))
+            elif isinstance(v, float):
+                v = repr(float(v))
+            parts.append(f"{f.name}={v}")
+        return "|".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One concept proposed for a search query."""
+
+    cui: str
+    preferred_name: str
+    matched_string: str
+    score: float
+    semantic_types: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+class _Cand(NamedTuple):
+    """A concept on a token span, after filtering (internal)."""
+
+    start_tok: int
+    end_tok: int
+    cui: str
+    posting: Posting
+    score: float
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Options compiled once: resolved filter sets, profile, resolver."""
+
+    options: ExtractOptions
+    tuis: frozenset[str] | None
+    sabs: frozenset[str] | None
+    excluded: frozenset[str]
+    profile: Profile
+    resolver: AmbiguityResolver
+    accept: dict[str, bool]  # memo: cui → passes the type filter / exclusion
+
+
+class Extractor:
+    """Extracts concepts from captions with one loaded :class:`ConceptIndex`.
+
+    Construction is cheap; per-index structures (approximate matching's trigram lists) are
+    built lazily on first use and then shared by every request. Thread-safe: the memo tables
+    only ever gain entries, and a lost race recomputes the same value.
+    """
+
+    def __init__(
+        self, index: ConceptIndex, *, default_options: ExtractOptions | None = None
+    ) -> None:
+        self.index = index
+        self._exact = ExactMatcher(index)
+        self._approx: ApproximateMatcher | None = None
+        self._lock = threading.Lock()
+        self._negation = NegationDetector()
+        self._sn = load_semantic_network()
+        self._plans: dict[ExtractOptions, _Plan] = {}
+        self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._resolvers: dict[str, AmbiguityResolver] = {}
+        self.default_options = default_options or ExtractOptions()
+        self.check_options(self.default_options)
+
+    # -- options -----------------------------------------------------------------------------
+    def profiles(self) -> list[str]:
+        return available_profiles()
+
+    def check_options(self, options: ExtractOptions) -> None:
+        """Raise ExtractionError / SemanticNetworkError if ``options`` cannot be served."""
+        self._plan(options)
+
+    def _plan(self, options: ExtractOptions) -> _Plan:
+        plan = self._plans.get(options)
+        if plan is not None:
+            return plan
+        o = options
+        if o.mode not in MODES:
+            raise ExtractionError(f"mode {o.mode!r} is not one of {', '.join(MODES)}")
+        if o.similarity not in SIMILARITIES:
+            raise ExtractionError(
+                f"similarity {o.similarity!r} is not one of {', '.join(SIMILARITIES)}"
+            )
+        if not isinstance(o.threshold, int | float) or not (
+            math.isfinite(o.threshold) and 0 < o.threshold <= 1
+        ):
+            raise ExtractionError(f"threshold {o.threshold!r} must be in (0, 1], e.g. 0.7")
+        if o.overlap not in OVERLAPS:
+            raise ExtractionError(f"overlap {o.overlap!r} is not one of {', '.join(OVERLAPS)}")
+        profile = load_profile(o.profile)
+        tuis: set[str] = set()
+        for name in o.semantic_types:
+            tuis |= self._sn.resolve(name)
+        for name in o.semantic_groups:
+            key = name.strip()
+            group = key.upper() if key.upper() in self._sn.groups else None
+            if group is None:
+                folded = key.casefold()
+                group = next(
+                    (g.code for g in self._sn.groups.values() if g.name.casefold() == folded),
+                    None,
+                )
+            if group is None:
+                raise SemanticNetworkError(name, [g.code for g in self._sn.groups.values()][:15])
+            tuis |= set(self._sn.groups[group].tuis)
+        known_sabs = set(self.index.sabs)
+        unknown = [s for s in o.sources if s not in known_sabs]
+        if unknown:
+            raise ExtractionError(
+                f"unknown source(s) {', '.join(unknown)}; this index has: "
+                f"{', '.join(sorted(known_sabs))}"
+            )
+        bad = [c for c in o.exclude_cuis if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise ExtractionError("exclude_cuis must be non-empty CUI strings")
+        resolver = self._resolvers.get(profile.name)
+        if resolver is None:
+            resolver = self._resolvers[profile.name] = AmbiguityResolver(
+                self.index, type_preference=profile.type_preference, priors=profile.priors
+            )
+        plan = _Plan(
+            options=o,
+            tuis=frozenset(tuis) if (o.semantic_types or o.semantic_groups) else None,
+            sabs=frozenset(o.sources) if o.sources else None,
+            excluded=frozenset(o.exclude_cuis),
+            profile=profile,
+            resolver=resolver,
+            accept={},
+        )
+        if len(self._plans) >= _PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[options] = plan
+        return plan
+
+    # -- concepts ------------------------------------------------------------------------------
+    def concept_info(self, cui: str) -> tuple[str, tuple[str, ...]]:
+        """(preferred name, semantic types) of a concept in the index, memoised."""
+        info = self._info.get(cui)
+        if info is None:
+            c = self.index.concept(cui)
+            info = (c.preferred_name, c.semantic_types) if c is not None else (cui, ())
+            self._info[cui] = info
+        return info
+
+    def _accepts(self, plan: _Plan, cui: str) -> bool:
+        ok = plan.accept.get(cui)
+        if ok is None:
+            if cui in plan.excluded:
+                ok = False
+            elif plan.tuis is None:
+                ok = True
+            else:
+                ok = not plan.tuis.isdisjoint(self.concept_info(cui)[1])
+            plan.accept[cui] = ok
+        return ok
+
+    def _approximate(self) -> ApproximateMatcher:
+        if self._approx is None:
+            with self._lock:
+                if self._approx is None:
+                    self._approx = ApproximateMatcher(self._exact)
+        return self._approx
+
+    # -- extraction ----------------------------------------------------------------------------
+    def extract(
+        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
+    ) -> Annotation:
+        """Concepts of one caption. Offsets are code-point offsets into ``text``."""
+        plan = self._plan(options or self.default_options)
+        o = plan.options
+        norms, starts, ends = tokenize_spans(text)
+        matches = self._exact.match(text, norms, starts, ends)
+        if o.mode == "approximate":
+            covered = [False] * len(norms)
+            for m in matches:
+                for t in range(m.start_tok, m.end_tok):
+                    covered[t] = True
+            matches += self._approximate().match(
+                text, norms, starts, ends, covered, o.similarity, o.threshold
+            )
+        cands = self._filter(plan, matches)
+        if "(" in text:
+            cands = self._apply_definitions(plan, text, norms, starts, ends, cands)
+        cands = self._disambiguate(plan, norms, cands)
+        if o.overlap != "all" and len(cands) > 1:
+            cands = _resolve_overlaps(cands, o.overlap)
+        negated: list[bool] | None = None
+        if cands:
+            negated = self._negation.negated_tokens(text, norms, starts, ends)
+        records: list[tuple[_Cand, bool]] = []
+        for c in cands:
+            neg = negated is not None and any(negated[c.start_tok : c.end_tok])
+            if neg and not o.include_negated:
+                continue
+            records.append((c, neg))
+        records.sort(key=lambda r: (r[0].start_tok, r[0].end_tok, r[0].cui))
+        mentioned = list(dict.fromkeys(c.cui for c, _ in records))
+        inferred: tuple[str, ...] = ()
+        if not plan.profile.is_identity:
+            res = plan.profile.apply(mentioned, text, norms, starts, ends)
+            records = [r for r in records if r[0].cui in res.kept]
+            mentioned = [c for c in mentioned if c in res.kept]
+            inferred = res.inferred
+        mentions: tuple[Mention, ...] = ()
+        if o.include_mentions:
+            out = []
+            for c, neg in records:
+                s, e = starts[c.start_tok], ends[c.end_tok - 1]
+                name, types = self.concept_info(c.cui)
+                out.append(
+                    Mention(c.cui, name, text[s:e], s, e, c.score, types, c.posting.sab, neg)
+                )
+            mentions = tuple(out)
+        return Annotation(id=id, mentions=mentions, concepts=(*mentioned, *inferred))
+
+    def extract_batch(
+        self, items: Sequence[tuple[str, str]], options: ExtractOptions | None = None
+    ) -> list[Annotation]:
+        """``items`` are (id, text) pairs; results in the same order."""
+        return [self.extract(text, options, id=id_) for id_, text in items]
+
+    def _filter(self, plan: _Plan, matches: list[Match]) -> list[_Cand]:
+        """One candidate per (span, concept) that passes the request's filters."""
+        out: list[_Cand] = []
+        sabs = plan.sabs
+        for m in matches:
+            best: dict[str, Posting] = {}
+            for p in m.postings:
+                if sabs is not None and p.sab not in sabs:
+                    continue
+                if not self._accepts(plan, p.cui):
+                    continue
+                prev = best.get(p.cui)
+                if prev is None or (p.flags & FLAG_PREFERRED and not prev.flags & FLAG_PREFERRED):
+                    best[p.cui] = p
+            for cui, p in best.items():
+                out.append(_Cand(m.start_tok, m.end_tok, cui, p, m.score))
+        return out
+
+    def _apply_definitions(
+        self,
+        plan: _Plan,
+        text: str,
+        norms: list[str],
+        starts: list[int],
+        ends: list[int],
+        cands: list[_Cand],
+    ) -> list[_Cand]:
+        """Short forms defined in the caption take the long form's concept(s)."""
+        defs = find_definitions(text)
+        if not defs:
+            return cands
+        tok_at_start = {s: i for i, s in enumerate(starts)}
+        tok_at_end = {e: i for i, e in enumerate(ends)}
+        for d in defs:
+            # the long form's concept: the longest candidate ending at the long form's end
+            lf_end_tok = tok_at_end.get(d.long_end)
+            if lf_end_tok is None:
+                continue
+            inside = [
+                c
+                for c in cands
+                if c.end_tok == lf_end_tok + 1 and starts[c.start_tok] >= d.long_start
+            ]
+            if not inside:
+                continue
+            first = min(c.start_tok for c in inside)
+            lf_cands = [c for c in inside if c.start_tok == first]
+            spans: list[tuple[int, int]] = []
+            pattern = re.compile(r"(?<!\w)" + re.escape(d.short) + r"(?!\w)")
+            for m in pattern.finditer(text):
+                i = tok_at_start.get(m.start())
+                j = tok_at_end.get(m.end())
+                if i is not None and j is not None and j >= i:
+                    spans.append((i, j + 1))
+            if not spans:
+                continue
+            span_set = set(spans)
+            cands = [c for c in cands if (c.start_tok, c.end_tok) not in span_set]
+            for i, j in spans:
+                for c in lf_cands:
+                    cands.append(_Cand(i, j, c.cui, c.posting, c.score))
+        return cands
+
+    def _disambiguate(self, plan: _Plan, norms: list[str], cands: list[_Cand]) -> list[_Cand]:
+        """Resolve spans that carry several concepts (see conceptsvc.abbreviations)."""
+        if len(cands) < 2:
+            return cands
+        by_span: dict[tuple[int, int], list[_Cand]] = {}
+        for c in cands:
+            by_span.setdefault((c.start_tok, c.end_tok), []).append(c)
+        if len(by_span) == len(cands):
+            return cands
+        context = frozenset(norms) - STOPWORDS
+        out: list[_Cand] = []
+        for (i, j), group in by_span.items():
+            if len(group) == 1:
+                out.extend(group)
+                continue
+            cuis = [c.cui for c in group]
+            keep = set(
+                plan.resolver.choose(
+                    cuis,
+                    {c: self.concept_info(c)[1] for c in cuis},
+                    context=context,
+                    own_tokens=frozenset(norms[i:j]),
+                )
+            )
+            out.extend(c for c in group if c.cui in keep)
+        return out
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(
+        self, query: str, *, limit: int = 10, options: ExtractOptions | None = None
+    ) -> list[Candidate]:
+        """Concepts whose dictionary strings match ``query``: exact first, then approximate.
+
+        Approximate candidates use the options' similarity and threshold; each concept appears
+        once, with its best-scoring string. Filters apply as in :meth:`extract`.
+        """
+        plan = self._plan(options or self.default_options)
+        if limit <= 0:
+            raise ExtractionError(f"limit must be positive, got {limit}")
+        key = normalize_term(query)
+        if not key:
+            return []
+        found: dict[str, tuple[float, Posting, set[str]]] = {}
+
+        def add(postings: Sequence[Posting], score: float) -> None:
+            for p in postings:
+                if plan.sabs is not None and p.sab not in plan.sabs:
+                    continue
+                if not self._accepts(plan, p.cui):
+                    continue
+                prev = found.get(p.cui)
+                if prev is None or score > prev[0]:
+                    found[p.cui] = (score, p, prev[2] if prev else set())
+                found[p.cui][2].add(p.sab)
+
+        add(self.index.postings(key), 1.0)
+        if len(found) < limit:
+            approx = self._approximate()
+            for k, sim in approx.search(key, plan.options.similarity, plan.options.threshold):
+                if k != key:
+                    add(self.index.postings(k), sim)
+        ranked = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[:limit]
+        out = []
+        for cui, (score, p, sabs) in ranked:
+            name, types = self.concept_info(cui)
+            out.append(Candidate(cui, name, p.string, round(score, 6), types, tuple(sorted(sabs))))
+        return out
+
+
+def _resolve_overlaps(cands: list[_Cand], how: str) -> list[_Cand]:
+    """Keep non-overlapping spans greedily; all concepts on a kept span survive."""
+    spans: dict[tuple[int, int], float] = {}
+    for c in cands:
+        k = (c.start_tok, c.end_tok)
+        if c.score > spans.get(k, -1.0):
+            spans[k] = c.score
+    if how == "longest":
+        order = sorted(spans, key=lambda k: (-(k[1] - k[0]), -spans[k], k[0]))
+    else:
+        order = sorted(spans, key=lambda k: (-spans[k], -(k[1] - k[0]), k[0]))
+    taken: set[int] = set()
+    kept: set[tuple[int, int]] = set()
+    for i, j in order:
+        if any(t in taken for t in range(i, j)):
+            continue
+        kept.add((i, j))
+        taken.update(range(i, j))
+    return [c for c in cands if (c.start_tok, c.end_tok) in kept]

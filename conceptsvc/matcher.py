@@ -1,0 +1,188 @@
+"""Exact candidate matching: every dictionary key that occurs as a run of caption tokens.
+
+The matcher answers one question per caption — which token windows ``[i, j)`` spell a
+normalised dictionary key — and nothing else: filters, ambiguity, overlaps, negation and
+profiles are later stages (``extractor.py``). It reports *all* matching windows, nested and
+overlapping ones included, because which one wins depends on per-request options (a type filter
+can remove "lung cancer" and leave "lung").
+
+Speed is the point of its shape. A caption is normalised once into parallel lists (no per-token
+objects); for each token one dict probe of ``index.first_token_max`` says whether any key starts
+there and how long the longest one is; only then are n-gram keys built incrementally and probed in
+``index.key_ids``. What a key's postings mean (case rules, stopword rules, minimum length) is
+worked out once per key and memoised, so a key seen in a previous caption costs one dict hit.
+
+Acceptance rules, applied per posting:
+
+* a window made only of stopwords ("in", "no", "all") is rejected, unless the posting is
+  case-sensitive and the caption writes it in the same case (an acronym spelt like a word);
+* the minimum match length is three characters of normalised key; shorter keys are kept only
+  where the dictionary marks them as abbreviations (or writes them in capitals) *and* the caption
+  writes them in capitals — so "CT", "MR", "US" match, "us", "Ct" and single letters (panel labels
+  "(A)") do not;
+* no window spans phrase-ending punctuation (``, ; : . ( )`` ...), see :func:`crosses_break`;
+* a ``FLAG_CASE_SENSITIVE`` posting matches only when the caption's surface has the same letter
+  case as the dictionary string ("US" the modality, not "us" the pronoun).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, ConceptIndex, Posting
+from conceptsvc.normalize import STOPWORDS
+
+__all__ = [
+    "MIN_MATCH_CHARS",
+    "ExactMatcher",
+    "KeyEntry",
+    "Match",
+    "check_surface",
+    "crosses_break",
+    "same_case",
+]
+
+MIN_MATCH_CHARS = 3
+"""Keys shorter than this (in normalised characters, spaces excluded) need abbreviation
+evidence on both sides; see the module docstring."""
+
+# Punctuation that ends a phrase: no match (exact or approximate) spans it. Hyphens, slashes and
+# apostrophes do not break ("T2-weighted", "PET/CT"); commas do, so that a list ("liver, spleen")
+# is never read as one term. Dictionary strings with commas ("Fracture, femur") are inverted
+# forms that captions do not use.
+_BREAK_CHARS = frozenset(",;:.!?()[]{}")
+
+
+def crosses_break(text: str, left_end: int, right_start: int) -> bool:
+    """True when the gap between two tokens holds phrase-ending punctuation."""
+    if right_start - left_end == 1 and text[left_end] == " ":
+        return False
+    return any(c in _BREAK_CHARS for c in text[left_end:right_start])
+
+
+# How a posting is checked against the caption surface (see KeyEntry.checked).
+_CHECK_CASE = 1  # surface must have the dictionary string's case
+_CHECK_UPPER = 2  # surface must be written in capitals (short abbreviations)
+
+
+class Match(NamedTuple):
+    """One window of tokens ``[start_tok, end_tok)`` that spells dictionary ``key``."""
+
+    start_tok: int
+    end_tok: int
+    key: str
+    postings: tuple[Posting, ...]
+    score: float = 1.0
+
+
+class KeyEntry(NamedTuple):
+    """Everything the matcher needs about one key, resolved once.
+
+    ``free`` postings match whatever the caption's case; ``checked`` ones carry a check code.
+    A key with neither is rejected outright (stopword-only, single letter, ...).
+    """
+
+    free: tuple[Posting, ...]
+    checked: tuple[tuple[Posting, int], ...]
+
+
+def same_case(surface: str, string: str) -> bool:
+    """True when ``surface`` (caption text) is written in the same case as ``string``.
+
+    Letters are compared position by position when both have the same alphanumerics (after
+    dropping the plural "s" of an acronym, "CTs"); otherwise (a British spelling) only the
+    all-capitals property has to agree.
+    """
+    a = [c for c in surface if c.isalnum()]
+    b = [c for c in string if c.isalnum()]
+    if len(a) == len(b) + 1 and a[-1] == "s":
+        a.pop()  # an acronym's plural: "CTs" is written like "CT"
+    if len(a) == len(b):
+        return a == b
+    return surface.isupper() == string.isupper()
+
+
+def _key_entry(key: str, postings: tuple[Posting, ...]) -> KeyEntry:
+    tokens = key.split(" ")
+    stop_only = all(t in STOPWORDS for t in tokens)
+    n_chars = len(key) - (len(tokens) - 1)
+    free: list[Posting] = []
+    checked: list[tuple[Posting, int]] = []
+    for p in postings:
+        case_sensitive = bool(p.flags & FLAG_CASE_SENSITIVE)
+        if stop_only or n_chars < MIN_MATCH_CHARS:
+            if n_chars < 2:
+                continue  # single letters are panel labels, never concepts
+            if case_sensitive:
+                checked.append((p, _CHECK_CASE))
+            elif not stop_only and (p.flags & FLAG_ABBREVIATION or p.string.isupper()):
+                checked.append((p, _CHECK_UPPER))
+        elif case_sensitive:
+            checked.append((p, _CHECK_CASE))
+        else:
+            free.append(p)
+    return KeyEntry(tuple(free), tuple(checked))
+
+
+class ExactMatcher:
+    """All dictionary keys in a caption's token sequence; one instance per loaded index."""
+
+    def __init__(self, index: ConceptIndex) -> None:
+        self.index = index
+        self._key_ids: Mapping[str, int] = index.key_ids
+        self._first_max: Mapping[str, int] = index.first_token_max
+        self._entries: dict[int, KeyEntry] = {}
+
+    def entry(self, key: str) -> KeyEntry | None:
+        """The memoised entry of a normalised key, or None when the key is not in the index."""
+        kid = self._key_ids.get(key)
+        if kid is None:
+            return None
+        return self._entry(kid, key)
+
+    def _entry(self, kid: int, key: str) -> KeyEntry:
+        e = self._entries.get(kid)
+        if e is None:
+            e = self._entries[kid] = _key_entry(key, self.index.postings_of(kid))
+        return e
+
+    def match(self, text: str, norms: list[str], starts: list[int], ends: list[int]) -> list[Match]:
+        """Every accepted window, in order of start token then length."""
+        out: list[Match] = []
+        first_max = self._first_max
+        key_ids = self._key_ids
+        entries = self._entries
+        n = len(norms)
+        for i in range(n):
+            m = first_max.get(norms[i])
+            if m is None:
+                continue
+            lim = i + m if i + m < n else n
+            key = norms[i]
+            j = i + 1
+            while True:
+                kid = key_ids.get(key)
+                if kid is not None:
+                    e = entries.get(kid)
+                    if e is None:
+                        e = self._entry(kid, key)
+                    if e.checked:
+                        posts = e.free + check_surface(e.checked, text[starts[i] : ends[j - 1]])
+                    else:
+                        posts = e.free
+                    if posts:
+                        out.append(Match(i, j, key, posts))
+                if j >= lim or crosses_break(text, ends[j - 1], starts[j]):
+                    break
+                key = key + " " + norms[j]
+                j += 1
+        return out
+
+
+def check_surface(checked: tuple[tuple[Posting, int], ...], surface: str) -> tuple[Posting, ...]:
+    """The postings among ``checked`` that the caption surface satisfies."""
+    upper = surface.isupper()
+    return tuple(
+        p for p, how in checked if (upper if how == _CHECK_UPPER else same_case(surface, p.string))
+    )

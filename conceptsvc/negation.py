@@ -1,0 +1,238 @@
+"""NegEx-style negation for captions: which tokens lie in the scope of a negation trigger.
+
+Chapman et al.'s NegEx marks a concept as negated when it falls within a few words after a
+pre-negation trigger ("no", "without", "negative for") or before a post-negation trigger ("was
+ruled out"), unless the trigger is a pseudo-trigger ("no change", "not only") and unless a
+terminator ("but", "however") ends the scope first. Radiology captions are shorter and more
+telegraphic than clinical notes, so the lists here differ from NegEx's in two ways:
+
+* caption verbs that introduce a finding ("showing", "demonstrating", "reveals", "with") end a
+  scope — "CT without contrast showing a mass" negates contrast, not the mass;
+* the scope is short (five tokens after the trigger, by default) and never crosses sentence
+  punctuation (``. ; : ! ?``); commas do not end it, so "no fracture, dislocation or effusion"
+  negates all three.
+
+Everything works on the normalised tokens the matcher already has; a caption without any
+trigger word costs one set intersection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from conceptsvc.normalize import normalize_term
+
+__all__ = ["DEFAULT_SCOPE", "NegationDetector", "NegationRules"]
+
+DEFAULT_SCOPE = 5
+
+_PRE = (
+    "no",
+    "not",
+    "without",
+    "absence of",
+    "absent",
+    "negative for",
+    "free of",
+    "no evidence of",
+    "no evidence for",
+    "no sign of",
+    "no signs of",
+    "no findings of",
+    "never",
+    "neither",
+    "nor",
+    "denies",
+    "denied",
+    "ruled out",
+    "rules out",
+    "lack of",
+    "lacks",
+    "lacking",
+    "cannot see",
+)
+_POST = (
+    "ruled out",
+    "was ruled out",
+    "were ruled out",
+    "excluded",
+    "was excluded",
+    "not seen",
+    "not visible",
+    "not visualized",
+    "not detected",
+    "not identified",
+    "not present",
+    "is absent",
+    "are absent",
+    "was absent",
+    "were absent",
+    "absent",
+    "resolved",
+    "disappeared",
+    "was negative",
+    "were negative",
+    "free",
+)
+_PSEUDO = (
+    "no change",
+    "no significant change",
+    "no interval change",
+    "not only",
+    "no increase",
+    "no further",
+    "not necessarily",
+    "gram negative",
+    "without change",
+    "not certain",
+    "not rule out",
+    "rule out",
+    "to rule out",
+    "no longer than",
+    "not just",
+    "whether or not",
+)
+_TERMINATORS = (
+    "but",
+    "however",
+    "although",
+    "though",
+    "except",
+    "apart from",
+    "aside from",
+    "which",
+    "whereas",
+    "while",
+    "yet",
+    "secondary to",
+    "due to",
+    "because of",
+    "showing",
+    "show",
+    "shows",
+    "shown",
+    "demonstrating",
+    "demonstrates",
+    "demonstrated",
+    "revealing",
+    "reveals",
+    "revealed",
+    "suggesting",
+    "suggests",
+    "consistent with",
+    "with",
+    "indicating",
+    "indicates",
+    "and then",
+    "presence of",
+    "there is",
+    "there was",
+    "there are",
+)
+_SENTENCE_BREAKS = frozenset(".;:!?")
+
+
+def _phrases(raw: Iterable[str]) -> tuple[tuple[str, ...], ...]:
+    out = {tuple(normalize_term(p).split(" ")) for p in raw}
+    out.discard(("",))
+    return tuple(sorted(out, key=lambda t: (-len(t), t)))
+
+
+@dataclass(frozen=True)
+class NegationRules:
+    """Trigger lists (raw phrases; normalised on use) and the scope in tokens."""
+
+    pre: tuple[str, ...] = _PRE
+    post: tuple[str, ...] = _POST
+    pseudo: tuple[str, ...] = _PSEUDO
+    terminators: tuple[str, ...] = _TERMINATORS
+    scope: int = DEFAULT_SCOPE
+
+
+_PSEUDO_KIND, _PRE_KIND, _POST_KIND, _TERM_KIND = 0, 1, 2, 3
+
+
+@dataclass
+class NegationDetector:
+    """Compiled :class:`NegationRules`; thread-safe and stateless after construction."""
+
+    rules: NegationRules = field(default_factory=NegationRules)
+
+    def __post_init__(self) -> None:
+        # first token → [(phrase tokens, kind)], longest phrase first; pseudo before others of
+        # the same length so that "no change" wins over "no".
+        table: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+        kinds = (
+            (_PSEUDO_KIND, self.rules.pseudo),
+            (_PRE_KIND, self.rules.pre),
+            (_POST_KIND, self.rules.post),
+            (_TERM_KIND, self.rules.terminators),
+        )
+        for kind, raw in kinds:
+            for ph in _phrases(raw):
+                table.setdefault(ph[0], []).append((ph, kind))
+        for lst in table.values():
+            lst.sort(key=lambda e: (-len(e[0]), e[1]))
+        self._table = table
+        self._first = frozenset(table)
+
+    def negated_tokens(
+        self, text: str, norms: list[str], starts: list[int], ends: list[int]
+    ) -> list[bool] | None:
+        """Per token, whether it lies in a negation scope; ``None`` when nothing is negated."""
+        if self._first.isdisjoint(norms):
+            return None
+        n = len(norms)
+        # Phrase hits: (start, end, kind); a token belongs to at most one phrase.
+        hits: list[tuple[int, int, int]] = []
+        i = 0
+        table = self._table
+        while i < n:
+            cands = table.get(norms[i])
+            if cands:
+                for ph, kind in cands:
+                    L = len(ph)
+                    if tuple(norms[i : i + L]) == ph and not _breaks_inside(
+                        text, starts, ends, i, i + L
+                    ):
+                        hits.append((i, i + L, kind))
+                        i += L
+                        break
+                else:
+                    i += 1
+            else:
+                i += 1
+        if not any(k in (_PRE_KIND, _POST_KIND) for _, _, k in hits):
+            return None
+        stop = [False] * n  # token starts a new sentence / is a terminator or another trigger
+        for s, e, _kind in hits:
+            for t in range(s, e):
+                stop[t] = True
+        brk = [False] * (n + 1)  # brk[t]: sentence punctuation between token t-1 and t
+        for t in range(1, n):
+            gap = text[ends[t - 1] : starts[t]]
+            if gap != " " and any(c in _SENTENCE_BREAKS for c in gap):
+                brk[t] = True
+        out = [False] * n
+        scope = self.rules.scope
+        for s, e, kind in hits:
+            if kind == _PRE_KIND:
+                t = e
+                while t < n and t < e + scope and not brk[t] and not stop[t]:
+                    out[t] = True
+                    t += 1
+            elif kind == _POST_KIND:
+                t = s - 1
+                while t >= 0 and t >= s - scope and not brk[t + 1] and not stop[t]:
+                    out[t] = True
+                    t -= 1
+        return out if any(out) else None
+
+
+def _breaks_inside(text: str, starts: list[int], ends: list[int], i: int, j: int) -> bool:
+    for t in range(i + 1, j):
+        gap = text[ends[t - 1] : starts[t]]
+        if gap != " " and any(c in _SENTENCE_BREAKS or c in ",()" for c in gap):
+            return True
+    return False

@@ -1,0 +1,372 @@
+"""Concept profiles: a dataset's conventions for a caption's concept set, as data files.
+
+A profile post-processes what the matcher found in one caption. It never matches text itself
+beyond spotting its own evidence phrases; everything it knows is in a YAML file under
+``conceptsvc/profiles/`` (package data), validated here with ``extra="forbid"`` so that a typo
+in a key is an error, not a silently ignored rule. No profile behaviour is written in Python:
+this module only interprets the four constructs a file can use.
+
+``disambiguation``
+    ``type_preference`` (TUIs, best first) and ``priors`` (CUI → weight) for
+    :class:`~conceptsvc.abbreviations.AmbiguityResolver`.
+``slots``
+    Processed in file order. A slot is a set of member concepts of which at most ``max`` are
+    kept, chosen by evidence: a direct mention of the member (``mention_weight``), evidence
+    phrases (``terms``, normalised like the index; a term written in capitals must be written in
+    capitals in the caption) and evidence concepts (``cuis``), each with a weight. Ties go to
+    the lower ``priority``. With no evidence at all, the first ``defaults`` entry whose ``when``
+    holds is inferred — a concept without a mention. A slot with ``when`` applies only if one
+    of those concepts was kept by an earlier slot (or mentioned); otherwise its members are
+    dropped (``without_when: drop``) or only their direct mentions survive (``keep_mentioned``).
+``vocabulary``
+    If given, every concept outside it is dropped (after the slots).
+``drop``
+    Concepts always dropped.
+
+ROCOv2's conventions (one modality per image, X-ray region and projection only with Plain x-ray,
+the 1,948-concept vocabulary) are ``rocov2.yaml``; ``none.yaml`` keeps everything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from conceptsvc.errors import ExtractionError
+from conceptsvc.normalize import normalize_term
+from conceptsvc.semantic_network import load_semantic_network
+
+__all__ = [
+    "PROFILES_DIR",
+    "Profile",
+    "ProfileModel",
+    "ProfileResult",
+    "available_profiles",
+    "load_profile",
+    "load_profile_file",
+]
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+_CUI_RE = re.compile(r"^C\d{7}$")
+
+
+def _check_cuis(values: Iterable[str]) -> None:
+    bad = [v for v in values if not _CUI_RE.match(v)]
+    if bad:
+        raise ValueError(f"not CUIs (C + 7 digits): {', '.join(bad[:5])}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EvidenceModel(_Strict):
+    terms: list[str] = Field(default_factory=list)
+    cuis: list[str] = Field(default_factory=list)
+    weight: float = Field(default=1.0, gt=0)
+
+    @field_validator("cuis")
+    @classmethod
+    def _cuis(cls, v: list[str]) -> list[str]:
+        _check_cuis(v)
+        return v
+
+
+class MemberModel(_Strict):
+    cui: str
+    priority: int = 100
+    evidence: list[EvidenceModel] = Field(default_factory=list)
+
+    @field_validator("cui")
+    @classmethod
+    def _cui(cls, v: str) -> str:
+        _check_cuis([v])
+        return v
+
+
+class DefaultModel(_Strict):
+    cui: str
+    when: list[str] = Field(default_factory=list)
+
+    @field_validator("cui")
+    @classmethod
+    def _cui(cls, v: str) -> str:
+        _check_cuis([v])
+        return v
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: list[str]) -> list[str]:
+        _check_cuis(v)
+        return v
+
+
+class SlotModel(_Strict):
+    name: str
+    description: str = ""
+    members: list[MemberModel] = Field(min_length=1)
+    max: int = Field(default=1, ge=1)
+    mention_weight: float = Field(default=2.0, ge=0)
+    when: list[str] = Field(default_factory=list)
+    without_when: Literal["drop", "keep_mentioned"] = "drop"
+    defaults: list[DefaultModel] = Field(default_factory=list)
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: list[str]) -> list[str]:
+        _check_cuis(v)
+        return v
+
+
+class DisambiguationModel(_Strict):
+    type_preference: list[str] = Field(default_factory=list)
+    priors: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("type_preference")
+    @classmethod
+    def _tuis(cls, v: list[str]) -> list[str]:
+        sn = load_semantic_network()
+        for t in v:
+            sn.type(t)  # raises SemanticNetworkError with suggestions
+        return v
+
+    @field_validator("priors")
+    @classmethod
+    def _priors(cls, v: dict[str, float]) -> dict[str, float]:
+        _check_cuis(v)
+        return v
+
+
+class ProfileModel(_Strict):
+    """The schema of a profile file (see the module docstring)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    description: str
+    attribution: str = ""
+    disambiguation: DisambiguationModel = Field(default_factory=DisambiguationModel)
+    slots: list[SlotModel] = Field(default_factory=list)
+    vocabulary: list[str] | None = None
+    drop: list[str] = Field(default_factory=list)
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocab(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            _check_cuis(v)
+        return v
+
+    @field_validator("drop")
+    @classmethod
+    def _drop(cls, v: list[str]) -> list[str]:
+        _check_cuis(v)
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    """What a profile kept: the CUIs whose mentions survive, and inferred CUIs (no mention)."""
+
+    kept: frozenset[str]
+    inferred: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    name: str
+    members: tuple[str, ...]
+    priority: Mapping[str, int]
+    max: int
+    mention_weight: float
+    when: frozenset[str]
+    keep_mentioned: bool
+    defaults: tuple[tuple[str, frozenset[str]], ...]
+    cui_evidence: tuple[tuple[str, str, float], ...]  # (evidence cui, member, weight)
+
+
+class Profile:
+    """A validated, compiled profile; immutable and safe to share between threads."""
+
+    def __init__(self, model: ProfileModel) -> None:
+        self.model = model
+        self.name = model.name
+        self.type_preference: tuple[str, ...] = tuple(model.disambiguation.type_preference)
+        self.priors: Mapping[str, float] = dict(model.disambiguation.priors)
+        self.vocabulary: frozenset[str] | None = (
+            frozenset(model.vocabulary) if model.vocabulary is not None else None
+        )
+        self.drop: frozenset[str] = frozenset(model.drop)
+        slots: list[_Slot] = []
+        # evidence phrase → [(slot index, member, weight, needs capitals)]
+        phrases: dict[tuple[str, ...], list[tuple[int, str, float, bool]]] = {}
+        names: set[str] = set()
+        for si, s in enumerate(model.slots):
+            if s.name in names:
+                raise ExtractionError(f"profile {model.name}: slot {s.name!r} is defined twice")
+            names.add(s.name)
+            members = tuple(m.cui for m in s.members)
+            if len(set(members)) != len(members):
+                raise ExtractionError(f"profile {model.name}: slot {s.name!r} repeats a member")
+            cui_ev: list[tuple[str, str, float]] = []
+            for m in s.members:
+                for ev in m.evidence:
+                    for term in ev.terms:
+                        key = normalize_term(term)
+                        if not key:
+                            raise ExtractionError(
+                                f"profile {model.name}: evidence term {term!r} of {m.cui} "
+                                "normalises to nothing"
+                            )
+                        phrases.setdefault(tuple(key.split(" ")), []).append(
+                            (si, m.cui, ev.weight, term.isupper())
+                        )
+                    cui_ev.extend((c, m.cui, ev.weight) for c in ev.cuis)
+            slots.append(
+                _Slot(
+                    name=s.name,
+                    members=members,
+                    priority={m.cui: m.priority for m in s.members},
+                    max=s.max,
+                    mention_weight=s.mention_weight,
+                    when=frozenset(s.when),
+                    keep_mentioned=s.without_when == "keep_mentioned",
+                    defaults=tuple((d.cui, frozenset(d.when)) for d in s.defaults),
+                    cui_evidence=tuple(cui_ev),
+                )
+            )
+        self._slots = tuple(slots)
+        self._phrases = phrases
+        first_max: dict[str, int] = {}
+        for ph in phrases:
+            first_max[ph[0]] = max(first_max.get(ph[0], 0), len(ph))
+        self._phrase_first_max = first_max
+
+    @property
+    def is_identity(self) -> bool:
+        """True when applying the profile can change nothing (the ``none`` profile)."""
+        return not self._slots and self.vocabulary is None and not self.drop
+
+    def _evidence_hits(
+        self, text: str, norms: Sequence[str], starts: Sequence[int], ends: Sequence[int]
+    ) -> list[tuple[int, str, float]]:
+        hits: list[tuple[int, str, float]] = []
+        seen: set[tuple[str, ...]] = set()
+        first_max = self._phrase_first_max
+        n = len(norms)
+        for i in range(n):
+            m = first_max.get(norms[i])
+            if m is None:
+                continue
+            for j in range(i + 1, min(n, i + m) + 1):
+                ph = tuple(norms[i:j])
+                targets = self._phrases.get(ph)
+                if targets is None or ph in seen:
+                    continue
+                upper = text[starts[i] : ends[j - 1]].isupper()
+                found = False
+                for si, cui, w, needs_upper in targets:
+                    if needs_upper and not upper:
+                        continue
+                    hits.append((si, cui, w))
+                    found = True
+                if found:
+                    seen.add(ph)
+        return hits
+
+    def apply(
+        self,
+        mentioned: Sequence[str],
+        text: str,
+        norms: Sequence[str],
+        starts: Sequence[int],
+        ends: Sequence[int],
+    ) -> ProfileResult:
+        """Apply the profile to one caption's mentioned CUIs (in order of first mention)."""
+        present = set(mentioned)
+        inferred: list[str] = []
+        hits = self._evidence_hits(text, norms, starts, ends) if self._phrases else []
+        for si, slot in enumerate(self._slots):
+            members = slot.members
+            if slot.when and present.isdisjoint(slot.when):
+                if slot.keep_mentioned:
+                    continue
+                for c in members:
+                    present.discard(c)
+                    if c in inferred:
+                        inferred.remove(c)
+                continue
+            score: dict[str, float] = {}
+            for c in members:
+                if c in present:
+                    score[c] = score.get(c, 0.0) + slot.mention_weight
+            for hs, c, w in hits:
+                if hs == si:
+                    score[c] = score.get(c, 0.0) + w
+            for ev, c, w in slot.cui_evidence:
+                if ev in present:
+                    score[c] = score.get(c, 0.0) + w
+            chosen = sorted(
+                (c for c, s in score.items() if s > 0),
+                key=lambda c: (-score[c], slot.priority[c]),
+            )[: slot.max]
+            if not chosen:
+                for cui, when in slot.defaults:
+                    if not when or not present.isdisjoint(when):
+                        chosen = [cui]
+                        break
+            for c in members:
+                if c not in chosen:
+                    present.discard(c)
+                    if c in inferred:
+                        inferred.remove(c)
+            for c in chosen:
+                if c not in present:
+                    present.add(c)
+                    inferred.append(c)
+        if self.vocabulary is not None:
+            present &= self.vocabulary
+        if self.drop:
+            present -= self.drop
+        inferred_kept = tuple(c for c in inferred if c in present)
+        return ProfileResult(frozenset(present), inferred_kept)
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    """Read and validate one profile file."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ExtractionError(f"profile {p}: cannot read it ({exc})") from exc
+    try:
+        model = ProfileModel.model_validate(raw)
+    except ValidationError as exc:
+        raise ExtractionError(
+            f"profile {p} is invalid: {exc.error_count()} problem(s):\n{exc}"
+        ) from exc
+    if model.name != p.stem:
+        raise ExtractionError(
+            f"profile {p}: its name {model.name!r} must equal the file name {p.stem!r}"
+        )
+    return Profile(model)
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped with the package."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+@cache
+def load_profile(name: str) -> Profile:
+    """A shipped profile by name (parsed once per process)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name not in available_profiles():
+        raise ExtractionError(
+            f"unknown profile {name!r}; shipped profiles: {', '.join(available_profiles())}"
+        )
+    return load_profile_file(PROFILES_DIR / f"{name}.yaml")

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.cli import main
+from conceptsvc.errors import MalformedRowError
+from conceptsvc.evaluation import (
+    f1,
+    read_captions,
+    read_concepts,
+    score,
+    write_concepts_csv,
+)
+
+CT, XR, MRI = "C0040405", "C1306645", "C0024485"
+CHEST, SKULL = "C0817096", "C0037303"
+AP = "C1999039"
+
+
+def test_evaluation_f1_per_image() -> None:
+    assert f1({"a", "b"}, {"a", "b"}) == 1.0
+    assert f1(set(), {"a"}) == 0.0
+    assert f1({"a", "x"}, {"a", "b", "c"}) == pytest.approx(2 * 1 / 5)
+
+
+def test_evaluation_hand_computed_example() -> None:
+    gold = {
+        "i1": [XR, CHEST, AP, "C0018787"],  # 4 gold
+        "i2": [CT, "C0027651"],
+        "i3": [MRI],
+        "i4": [],  # empty gold: not scored
+    }
+    manual = {"i1": [XR, CHEST, AP], "i2": [CT], "i3": [MRI], "i4": []}
+    pred = {
+        "i1": [XR, CHEST, "C0024109"],  # 2 of 4 right, 1 wrong: 2*2/(3+4) = 4/7
+        "i2": [MRI, "C0027651"],  # 1 of 2: 2*1/4 = 1/2
+        # i3 missing: scores 0
+        "i4": ["C0000726"],  # ignored (no gold)
+        "extra": [CT],  # ignored (not in gold)
+    }
+    r = score(pred, gold, manual)
+    assert r.n_images == 3
+    assert r.primary_f1 == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
+    # secondary: restricted to modality+region; AP is a projection, so i1 gold is {XR, CHEST}
+    # i1: pred {XR, CHEST} -> 1; i2: pred {MRI} vs {CT} -> 0; i3: {} vs {MRI} -> 0
+    assert r.n_secondary == 3
+    assert r.secondary_f1 == pytest.approx(1 / 3)
+    # micro over scored images: tp = 2 + 1 = 3, fp = 1 + 1 = 2, fn = 2 + 1 + 1 = 4
+    assert r.micro_precision == pytest.approx(3 / 5)
+    assert r.micro_recall == pytest.approx(3 / 7)
+    assert r.false_negatives[AP] == 1
+    assert r.false_negatives[MRI] == 1
+    assert r.false_positives[MRI] == 1
+    assert r.missing_predictions == 1
+
+
+def test_evaluation_secondary_skips_images_without_restricted_gold() -> None:
+    gold = {"i1": [AP, "C0018787"], "i2": [SKULL, XR]}
+    manual = {"i1": [AP], "i2": [SKULL, XR]}
+    r = score({"i1": [AP], "i2": [XR]}, gold, manual)
+    assert r.n_secondary == 1
+    assert r.secondary_f1 == pytest.approx(2 * 1 / 3)
+    assert score({"i1": [AP]}, gold).secondary_f1 is None
+
+
+def test_evaluation_readers_agree(tmp_path: Path) -> None:
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text('ID,CUIs\r\ni1,C0040405;C0817096\r\n"i2",\r\n', encoding="utf-8")
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("i1\tC0040405;C0817096\ni2\t\n", encoding="utf-8")
+    roco = tmp_path / "p.roco"
+    roco.write_text("i1\t\tC0040405\tC0817096\ni2\t\n", encoding="utf-8")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(
+        json.dumps({"id": "i1", "concepts": [CT, CHEST], "mentions": []})
+        + "\n"
+        + json.dumps({"id": "i2", "mentions": []})
+        + "\n",
+        encoding="utf-8",
+    )
+    expected = {"i1": [CT, CHEST], "i2": []}
+    for p in (csv_file, tsv, roco, jsonl):
+        assert read_concepts(p) == expected, p.name
+
+
+def test_evaluation_reader_reports_malformed_rows(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,CUIs\ni1,C1,C2\n", encoding="utf-8")
+    with pytest.raises(MalformedRowError) as exc:
+        read_concepts(bad)
+    assert exc.value.line == 2
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"id": "i1", "concepts": []}\n{oops\n', encoding="utf-8")
+    with pytest.raises(MalformedRowError) as exc2:
+        read_concepts(bad_json)
+    assert exc2.value.line == 2
+
+
+def test_evaluation_captions_and_prediction_round_trip(tmp_path: Path) -> None:
+    caps = tmp_path / "c.csv"
+    caps.write_text('ID,Caption\ni1,"CT, axial"\ni2,MRI\n', encoding="utf-8")
+    assert read_captions(caps) == [("i1", "CT, axial"), ("i2", "MRI")]
+    out = tmp_path / "pred.csv"
+    write_concepts_csv(out, [("i1", [CT, CHEST]), ("i2", [])])
+    assert read_concepts(out) == {"i1": [CT, CHEST], "i2": []}
+
+
+def test_evaluation_cli_pred_and_local(
+    tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caps = tmp_path / "c.csv"
+    caps.write_text(
+        'ID,Caption\ni1,"Chest X-ray, AP view."\ni2,"Axial CT: pleural effusion."\n',
+        encoding="utf-8",
+    )
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{XR};{CHEST};{AP}\ni2,{CT};C0032227\n", encoding="utf-8")
+    pred = tmp_path / "pred.csv"
+    rc = main([
+        "evaluate", "--local", "--index", str(engine_index_path), "--captions", str(caps),
+        "--gold", str(gold), "--manual", str(gold), "--write-predictions", str(pred), "--json",
+    ])
+    assert rc == 0
+    local = json.loads(capsys.readouterr().out)
+    assert local["primary_f1"] == 1.0
+    assert read_concepts(pred)["i2"] == [CT, "C0032227"]
+    rc = main(["evaluate", "--pred", str(pred), "--gold", str(gold), "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["primary_f1"] == 1.0
+    assert main(["evaluate", "--local", "--gold", str(gold)]) == 2

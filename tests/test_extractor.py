@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conceptsvc.errors import ExtractionError, SemanticNetworkError
+from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.index import ConceptIndex
+
+
+@pytest.fixture(scope="module")
+def ex(engine_index_path: Path) -> Extractor:
+    return Extractor(ConceptIndex.load(engine_index_path))
+
+
+def spans(a: object) -> list[tuple[str, str]]:
+    return [(m.text, m.cui) for m in a.mentions]  # type: ignore[attr-defined]
+
+
+def test_extractor_offsets_point_into_original_text(ex: Extractor) -> None:
+    text = "Axial ＣＴ: ﬁnal Haematomas and PLEURAL EFFUSIONS (arrows)."
+    a = ex.extract(text, id="x1")
+    assert a.id == "x1"
+    for m in a.mentions:
+        assert text[m.start : m.end] == m.text
+    assert ("Haematomas", "C0018944") in spans(a)
+    assert ("PLEURAL EFFUSIONS", "C0032227") in spans(a)
+
+
+def test_extractor_longest_match_by_default(ex: Extractor) -> None:
+    a = ex.extract("Known lung cancer.")
+    assert spans(a) == [("lung cancer", "C0242379")]
+    assert a.concepts == ("C0242379",)
+
+
+def test_extractor_overlap_strategies(ex: Extractor) -> None:
+    text = "Known lung cancer."
+    every = ex.extract(text, ExtractOptions(overlap="all"))
+    assert set(spans(every)) == {("lung cancer", "C0242379"), ("lung", "C0024109")}
+    best = ex.extract(text, ExtractOptions(overlap="best_score"))
+    # equal scores: best_score falls back to the longer span
+    assert spans(best) == [("lung cancer", "C0242379")]
+
+
+def test_extractor_type_filter_lets_shorter_match_win(ex: Extractor) -> None:
+    a = ex.extract("Known lung cancer.", ExtractOptions(semantic_types=("T023",)))
+    assert spans(a) == [("lung", "C0024109")]
+
+
+def test_extractor_multityped_concept_passes_if_any_type_accepted(ex: Extractor) -> None:
+    text = "Large pleural effusion."
+    assert ex.extract(text, ExtractOptions(semantic_types=("Finding",))).concepts == ("C0032227",)
+    assert ex.extract(text, ExtractOptions(semantic_types=("dsyn",))).concepts == ("C0032227",)
+    assert ex.extract(text, ExtractOptions(semantic_types=("T023",))).concepts == ()
+
+
+def test_extractor_group_source_and_exclusion_filters(ex: Extractor) -> None:
+    text = "Chest X-ray: pleural effusion and lung cancer."
+    anat = ex.extract(text, ExtractOptions(semantic_groups=("ANAT",)))
+    assert set(anat.concepts) == {"C0817096", "C0024109"}  # "lung" once "lung cancer" is out
+    hpo = ex.extract(text, ExtractOptions(sources=("HPO",)))
+    assert hpo.concepts == ("C0032227",)
+    assert all(m.source == "HPO" for m in hpo.mentions)
+    excl = ex.extract(text, ExtractOptions(exclude_cuis=("C0032227",)))
+    assert "C0032227" not in excl.concepts
+
+
+def test_extractor_ambiguous_abbreviation_prefers_procedure_type(ex: Extractor) -> None:
+    # "CT" is both computed tomography (T060) and Chlamydia trachomatis (T007)
+    assert ex.extract("CT of the chest.").concepts == ("C0040405", "C0817096")
+    bacteria = ex.extract("CT of the chest.", ExtractOptions(semantic_types=("Bacterium",)))
+    assert bacteria.concepts == ("C0008149",)
+
+
+def test_extractor_ambiguous_abbreviation_uses_context(ex: Extractor) -> None:
+    # MS: mitral stenosis vs multiple sclerosis, both T047; "mitral" in the caption decides
+    a = ex.extract("Severe MS with a calcified mitral annulus.")
+    assert a.concepts == ("C0026269",)
+
+
+def test_extractor_unresolvable_ambiguity_keeps_all(ex: Extractor) -> None:
+    a = ex.extract("MS.")
+    assert set(a.concepts) == {"C0026269", "C0026769"}
+
+
+def test_extractor_caption_definition_wins(ex: Extractor) -> None:
+    text = "Multiple sclerosis (MS). MS plaques near the mitral annulus."
+    a = ex.extract(text)
+    ms = [m for m in a.mentions if m.text == "MS"]
+    assert len(ms) == 2
+    assert {m.cui for m in ms} == {"C0026769"}
+
+
+def test_extractor_negation_flag_and_drop(ex: Extractor) -> None:
+    text = "No pleural effusion; lung cancer."
+    a = ex.extract(text)
+    flags = {m.cui: m.negated for m in a.mentions}
+    assert flags == {"C0032227": True, "C0242379": False}
+    kept = ex.extract(text, ExtractOptions(include_negated=False))
+    assert kept.concepts == ("C0242379",)
+
+
+def test_extractor_without_mentions_keeps_concepts(ex: Extractor) -> None:
+    a = ex.extract("Lung cancer.", ExtractOptions(include_mentions=False))
+    assert a.mentions == ()
+    assert a.concepts == ("C0242379",)
+
+
+def test_extractor_approximate_mode_finds_misspellings(ex: Extractor) -> None:
+    text = "Right pleural efusion and lung cancer."
+    assert "C0032227" not in ex.extract(text).concepts
+    a = ex.extract(text, ExtractOptions(mode="approximate", threshold=0.6))
+    m = next(m for m in a.mentions if m.cui == "C0032227")
+    assert m.text == "pleural efusion"
+    assert 0.6 <= m.score < 1.0
+    exact = next(m for m in a.mentions if m.cui == "C0242379")
+    assert exact.score == 1.0
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (ExtractOptions(mode="fuzzy"), ExtractionError),
+        (ExtractOptions(similarity="levenshtein"), ExtractionError),
+        (ExtractOptions(threshold=0.0), ExtractionError),
+        (ExtractOptions(threshold=1.5), ExtractionError),
+        (ExtractOptions(threshold=float("nan")), ExtractionError),
+        (ExtractOptions(overlap="first"), ExtractionError),
+        (ExtractOptions(profile="nope"), ExtractionError),
+        (ExtractOptions(sources=("SNOMEDCT_US",)), ExtractionError),
+        (ExtractOptions(semantic_types=("T999",)), SemanticNetworkError),
+        (ExtractOptions(semantic_groups=("Disorderz",)), SemanticNetworkError),
+    ],
+)
+def test_extractor_check_options_rejects(
+    ex: Extractor, options: ExtractOptions, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        ex.check_options(options)
+    with pytest.raises(error):
+        ex.extract("lung", options)
+
+
+def test_extractor_cache_key_is_order_insensitive() -> None:
+    a = ExtractOptions(semantic_types=("T047", "T033"), sources=("HPO", "ROCO"))
+    b = ExtractOptions(semantic_types=("T033", "T047", "T033"), sources=("ROCO", "HPO"))
+    assert a.cache_key() == b.cache_key()
+    assert a.cache_key() != ExtractOptions(threshold=0.8).cache_key()
+    assert ExtractOptions(threshold=0.7).cache_key() == ExtractOptions(threshold=0.70).cache_key()
+
+
+def test_extractor_search_exact_then_approximate(ex: Extractor) -> None:
+    res = ex.search("Pleural effusions")
+    assert res[0].cui == "C0032227"
+    assert res[0].score == 1.0
+    assert res[0].sources == ("HPO",)
+    fuzzy = ex.search("pleural efusion", options=ExtractOptions(threshold=0.5))
+    assert fuzzy and fuzzy[0].cui == "C0032227" and fuzzy[0].score < 1.0
+    with pytest.raises(ExtractionError):
+        ex.search("lung", limit=0)
+
+
+def test_extractor_profiles_listed(ex: Extractor) -> None:
+    assert {"none", "rocov2"} <= set(ex.profiles())
+
+
+def test_extractor_rocov2_profile_infers_modality(ex: Extractor) -> None:
+    rocov2 = ExtractOptions(profile="rocov2")
+    a = ex.extract("Axial T2-weighted image shows a lung cancer.", rocov2)
+    assert "C0024485" in a.concepts  # MRI, from indirect evidence
+    assert not any(m.cui == "C0024485" for m in a.mentions)  # inferred, no mention
+    b = ex.extract("CT of the chest shows pleural effusion.", rocov2)
+    assert b.concepts[0] == "C0040405"
+    assert "C0817096" in b.concepts  # a region mention survives without Plain x-ray
+    assert "C1999039" not in b.concepts
+
+
+TEXT = st.lists(
+    st.sampled_from(
+        ["lung", "cancer", "CT", "MS", "(MS)", "multiple", "sclerosis", "no", "pleural",
+         "efusion", "effusion", "ＣＴ", "ﬁbrosis", "Haematoma", ",", ".", "X-ray", "é", "US",
+         "\u0301", "ﬃ", "  ", "\t", "left ventricle", "dilatation"]
+    ),
+    max_size=30,
+).map(" ".join)
+
+
+@settings(max_examples=100, deadline=None)
+@given(TEXT, st.sampled_from(["exact", "approximate"]), st.sampled_from(["longest", "all"]))
+def test_extractor_offsets_property(ex: Extractor, text: str, mode: str, overlap: str) -> None:
+    a = ex.extract(text, ExtractOptions(mode=mode, overlap=overlap, threshold=0.6))
+    for m in a.mentions:
+        assert text[m.start : m.end] == m.text
+        assert m.start < m.end
+    assert len(set(a.concepts)) == len(a.concepts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(TEXT, max_size=8), st.integers(min_value=1, max_value=5))
+def test_extractor_batch_size_does_not_change_results(
+    ex: Extractor, texts: list[str], size: int
+) -> None:
+    items = [(f"id{i}", t) for i, t in enumerate(texts)]
+    one = [ex.extract(t, id=i) for i, t in items]
+    batched = []
+    for k in range(0, len(items), size):
+        batched.extend(ex.extract_batch(items[k : k + size]))
+    assert batched == one

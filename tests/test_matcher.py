@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conceptsvc.index import ConceptIndex
+from conceptsvc.matcher import MIN_MATCH_CHARS, ExactMatcher, same_case
+from conceptsvc.normalize import STOPWORDS, tokenize_spans
+
+
+@pytest.fixture(scope="module")
+def matcher(engine_index_path: Path) -> ExactMatcher:
+    return ExactMatcher(ConceptIndex.load(engine_index_path))
+
+
+def windows(m: ExactMatcher, text: str) -> list[tuple[str, set[str]]]:
+    norms, starts, ends = tokenize_spans(text)
+    out = []
+    for match in m.match(text, norms, starts, ends):
+        surface = text[starts[match.start_tok] : ends[match.end_tok - 1]]
+        out.append((surface, {p.cui for p in match.postings}))
+    return out
+
+
+def test_matcher_reports_nested_windows(matcher: ExactMatcher) -> None:
+    found = windows(matcher, "Axial image shows lung cancer.")
+    assert ("lung cancer", {"C0242379"}) in found
+    assert ("lung", {"C0024109"}) in found
+
+
+def test_matcher_normalises_both_sides(matcher: ExactMatcher) -> None:
+    assert ("Haematomas", {"C0018944"}) in windows(matcher, "Haematomas (arrows)")
+    assert ("tumours", {"C0027651"}) in windows(matcher, "two tumours")
+    assert ("X-ray", {"C1306645"}) in windows(matcher, "Chest X-ray.")
+
+
+def test_matcher_two_letter_abbreviations_need_capitals(matcher: ExactMatcher) -> None:
+    assert ("CT", {"C0040405", "C0008149"}) in windows(matcher, "CT of the chest")
+    assert not [w for w in windows(matcher, "ct of the chest") if w[0] == "ct"]
+    assert not [w for w in windows(matcher, "Ct of the chest") if w[0] == "Ct"]
+
+
+def test_matcher_case_sensitive_postings(matcher: ExactMatcher) -> None:
+    assert ("US", {"C0041618"}) in windows(matcher, "US of the abdomen")
+    assert not [w for w in windows(matcher, "let us see") if w[0] == "us"]
+
+
+def test_matcher_rejects_stopword_only_windows(matcher: ExactMatcher) -> None:
+    # "no" is a dictionary string of C1266909 but a stopword: never a match on its own
+    assert not [w for w in windows(matcher, "no effusion") if w[0] == "no"]
+    # "in" is a stopword, but "IN" is a case-sensitive string of Indium
+    assert not [w for w in windows(matcher, "in the lung") if w[0] == "in"]
+    assert ("IN", {"C0021261"}) in windows(matcher, "IN labelled leukocytes")
+
+
+def test_matcher_rejects_single_letters(matcher: ExactMatcher) -> None:
+    assert all(len(w[0]) > 1 for w in windows(matcher, "(A) (B) X T"))
+
+
+def test_matcher_does_not_cross_phrase_punctuation(matcher: ExactMatcher) -> None:
+    assert ("lung cancer", {"C0242379"}) not in windows(matcher, "the lung. Cancer")
+    assert ("lung cancer", {"C0242379"}) not in windows(matcher, "lung (cancer)")
+    assert ("lung cancer", {"C0242379"}) not in windows(matcher, "lung, cancer")
+    # hyphens and slashes are word-internal
+    assert ("lung-cancer", {"C0242379"}) in windows(matcher, "lung-cancer")
+
+
+def test_matcher_same_case() -> None:
+    assert same_case("US", "US")
+    assert not same_case("us", "US")
+    assert same_case("CTs", "CT") is True  # plural: only capitals compared
+    assert not same_case("Us", "US")
+
+
+VOCAB = [
+    "lung", "cancer", "pleural", "effusion", "chest", "x", "ray", "left", "ventricle",
+    "computed", "tomography", "malignant", "neoplasm", "of", "the", "no", "in", "mitral",
+    "stenosis", "heart", "shock", "dilatation", "abdominal", "arteries", "with", "scan",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(VOCAB), max_size=25))
+def test_matcher_agrees_with_brute_force(matcher: ExactMatcher, words: list[str]) -> None:
+    index = matcher.index
+    m = matcher
+    text = " ".join(words)
+    norms, starts, ends = tokenize_spans(text)
+    got = {(x.start_tok, x.end_tok, x.key) for x in m.match(text, norms, starts, ends)}
+    expected = set()
+    for i in range(len(norms)):
+        for j in range(i + 1, len(norms) + 1):
+            key = " ".join(norms[i:j])
+            if key not in index.key_ids:
+                continue
+            toks = key.split(" ")
+            if all(t in STOPWORDS for t in toks) or len(key.replace(" ", "")) < MIN_MATCH_CHARS:
+                continue  # lower-case text: no case-sensitive or short posting can match
+            expected.add((i, j, key))
+    assert got == expected
+

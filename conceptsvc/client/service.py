@@ -1,0 +1,354 @@
+"""``ConceptClient``: the typed Python client of the conceptsvc gRPC service.
+
+Returns domain types (:mod:`conceptsvc.model`, :mod:`conceptsvc.client.types`), never protobuf.
+What it adds over a raw stub:
+
+- deadlines on every unary call (``timeout``, default 30 s), and an optional overall deadline
+  for streams;
+- retries of UNAVAILABLE with exponential backoff and jitter (the server restarting, draining
+  or a replica going away); other statuses are raised at once as
+  :class:`~conceptsvc.client.types.ServiceCallError`;
+- :meth:`ConceptClient.annotate_stream` keeps the items that were sent but not yet answered;
+  when the stream fails with UNAVAILABLE it reopens the stream and resends exactly those, so a
+  drained worker or a reload never loses or duplicates an item. It also bounds how many items
+  are in flight (``window``) so memory stays flat on corpora of any size;
+- TLS / mutual TLS and a bearer token.
+
+Each client opens its own connection (``grpc.use_local_subchannel_pool``): with the server's
+worker processes sharing one port, connections — not calls — are what spread over the cores,
+so several clients (or streams on several clients) use several workers.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.client import convert
+from conceptsvc.client.types import (
+    ConceptRecord,
+    ReloadResult,
+    SemanticCatalog,
+    ServiceCallError,
+    ServiceInfo,
+    StreamResult,
+)
+from conceptsvc.errors import ClientError
+from conceptsvc.model import Annotation
+
+if TYPE_CHECKING:
+    from conceptsvc.extractor import Candidate, ExtractOptions
+
+__all__ = ["ConceptClient"]
+
+T = TypeVar("T")
+_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def _read(value: Path | str | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {value}: {exc.strerror or exc}") from None
+
+
+class _Attempt:
+    """One try of a stream; a failed try's request generator must stop pulling items."""
+
+    def __init__(self) -> None:
+        self.alive = True
+
+
+class ConceptClient:
+    """A connection to one conceptsvc target (``host:port``, or ``dns:///name:port``)."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        admin_token: str | None = None,
+        tls: bool = False,
+        ca_cert: Path | str | bytes | None = None,
+        client_cert: Path | str | bytes | None = None,
+        client_key: Path | str | bytes | None = None,
+        server_name: str | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 4,
+        backoff: float = 0.1,
+        backoff_max: float = 5.0,
+        max_message_bytes: int = _DEFAULT_MAX_MESSAGE,
+        round_robin: bool = False,
+        own_connection: bool = True,
+    ) -> None:
+        if (client_cert is None) != (client_key is None):
+            raise ClientError("client_cert and client_key must be given together (mutual TLS)")
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self._token = token
+        self._admin_token = admin_token
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        if round_robin:
+            options.append(("grpc.lb_policy_name", "round_robin"))
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls or ca_cert is not None or client_cert is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca_cert),
+                private_key=_read(client_key),
+                certificate_chain=_read(client_cert),
+            )
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.ConceptServiceStub(self._channel)
+        self._admin = pb_grpc.AdminServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ConceptClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self, token: str | None) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    def _sleep_backoff(self, attempt: int, deadline: float | None) -> bool:
+        """Wait before retry ``attempt``; False if the deadline leaves no time for it."""
+        delay = min(self.backoff_max, self.backoff * (2**attempt)) * random.uniform(0.5, 1.0)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return False
+        time.sleep(delay)
+        return True
+
+    def _unary(
+        self,
+        name: str,
+        method: Callable[..., T],
+        request: Any,
+        *,
+        timeout: float | None,
+        token: str | None = None,
+    ) -> T:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        md = self._metadata(token if token is not None else self._token)
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return method(request, timeout=remaining, metadata=md)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if (
+                    code is grpc.StatusCode.UNAVAILABLE
+                    and attempt < self.retries
+                    and self._sleep_backoff(attempt, deadline)
+                ):
+                    attempt += 1
+                    continue
+                raise ServiceCallError(name, code.name, exc.details() or "") from None
+
+    # -- annotation ------------------------------------------------------------------------------
+    def annotate(
+        self,
+        text: str,
+        *,
+        id: str = "",
+        options: ExtractOptions | None = None,
+        timeout: float | None = None,
+    ) -> Annotation:
+        """Annotate one caption (``options`` None = the server's defaults)."""
+        req = pb.AnnotateRequest(id=id, text=text)
+        if options is not None:
+            req.options.CopyFrom(convert.options_to_pb(options))
+        resp = self._unary("Annotate", self._stub.Annotate, req, timeout=timeout)
+        return convert.annotation_from_pb(resp)
+
+    def annotate_stream(
+        self,
+        items: Iterable[tuple[str, str]],
+        *,
+        options: ExtractOptions | None = None,
+        timeout: float | None = None,
+        window: int = 512,
+    ) -> Iterator[StreamResult]:
+        """Annotate ``(id, text)`` pairs on one stream; results come in input order.
+
+        A bad item yields a :class:`StreamResult` with ``error`` set and the stream goes on.
+        ``timeout`` bounds the whole stream (None = no deadline). On UNAVAILABLE the
+        unanswered items are resent on a new stream (up to ``retries`` times in a row).
+        Closing the returned iterator early cancels the stream.
+        """
+        if window < 1:
+            raise ClientError("window must be at least 1")
+        opts_pb = convert.options_to_pb(options) if options is not None else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        md = self._metadata(self._token)
+        source = iter(items)
+        source_lock = threading.Lock()  # one request generator pulls from ``source`` at a time
+        cond = threading.Condition()  # guards ``pending``
+        pending: deque[tuple[str, str]] = deque()
+
+        def request(id_: str, text: str) -> pb.AnnotateRequest:
+            req = pb.AnnotateRequest(id=id_, text=text)
+            if opts_pb is not None:
+                req.options.CopyFrom(opts_pb)
+            return req
+
+        def requests(attempt: _Attempt) -> Iterator[pb.AnnotateRequest]:
+            with source_lock:
+                replay = list(pending)  # after any pull of a failed attempt has landed
+            for id_, text in replay:
+                if not attempt.alive:
+                    return
+                yield request(id_, text)
+            while True:
+                with source_lock:
+                    with cond:
+                        while attempt.alive and len(pending) >= window:
+                            cond.wait(0.1)
+                    if not attempt.alive:
+                        return
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        return
+                    with cond:
+                        pending.append(item)
+                yield request(*item)
+
+        failures = 0
+        while True:
+            attempt = _Attempt()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self._stub.AnnotateStream(requests(attempt), timeout=remaining, metadata=md)
+            try:
+                for resp in call:
+                    with cond:
+                        if not pending or pending[0][0] != resp.id:
+                            raise ClientError(
+                                f"AnnotateStream answered id {resp.id!r} out of order "
+                                f"(expected {pending[0][0] if pending else None!r})"
+                            )
+                        pending.popleft()
+                        cond.notify_all()
+                    failures = 0
+                    yield convert.stream_result_from_pb(resp)
+            except grpc.RpcError as exc:
+                attempt.alive = False
+                with cond:
+                    cond.notify_all()
+                code = exc.code()
+                if (
+                    code is grpc.StatusCode.UNAVAILABLE
+                    and failures < self.retries
+                    and self._sleep_backoff(failures, deadline)
+                ):
+                    failures += 1
+                    continue
+                raise ServiceCallError("AnnotateStream", code.name, exc.details() or "") from None
+            except BaseException:  # the consumer closed us, or a protocol error
+                attempt.alive = False
+                call.cancel()
+                raise
+            if pending:
+                raise ClientError(
+                    f"AnnotateStream ended with {len(pending)} items unanswered; "
+                    "this is a server bug"
+                )
+            return
+
+    # -- lookups --------------------------------------------------------------------------------
+    def get_concept(
+        self, cui: str, *, synonyms: bool = False, timeout: float | None = None
+    ) -> ConceptRecord:
+        req = pb.GetConceptRequest(cui=cui, include_synonyms=synonyms)
+        return convert.concept_from_pb(
+            self._unary("GetConcept", self._stub.GetConcept, req, timeout=timeout)
+        )
+
+    def search(
+        self,
+        query: str,
+        *,
+        limit: int = 10,
+        options: ExtractOptions | None = None,
+        timeout: float | None = None,
+    ) -> list[Candidate]:
+        req = pb.SearchConceptsRequest(query=query, limit=limit)
+        if options is not None:
+            req.options.CopyFrom(convert.options_to_pb(options))
+        resp = self._unary("SearchConcepts", self._stub.SearchConcepts, req, timeout=timeout)
+        return [convert.candidate_from_pb(c) for c in resp.candidates]
+
+    def list_semantic_types(self, *, timeout: float | None = None) -> SemanticCatalog:
+        resp = self._unary(
+            "ListSemanticTypes", self._stub.ListSemanticTypes, pb.ListSemanticTypesRequest(),
+            timeout=timeout,
+        )
+        return convert.catalog_from_pb(resp)
+
+    def get_info(self, *, timeout: float | None = None) -> ServiceInfo:
+        resp = self._unary("GetInfo", self._stub.GetInfo, pb.GetInfoRequest(), timeout=timeout)
+        return convert.info_from_pb(resp)
+
+    # -- operations ------------------------------------------------------------------------------
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """``SERVING``, ``NOT_SERVING`` or ``SERVICE_UNKNOWN``; raises if unreachable."""
+        try:
+            resp = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise ServiceCallError("Health.Check", exc.code().name, exc.details() or "") from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:
+        """Poll the health service until SERVING; raises ClientError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last = "unreachable"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            except ServiceCallError as exc:
+                last = exc.status
+            if last == "SERVING":
+                return
+            time.sleep(0.05)
+        raise ClientError(f"{self.target} did not become SERVING within {timeout}s (last: {last})")
+
+    def reload_index(self, *, timeout: float | None = 600.0) -> ReloadResult:
+        """Ask the server to reload its configured index (needs the admin token)."""
+        resp = self._unary(
+            "ReloadIndex", self._admin.ReloadIndex, pb.ReloadIndexRequest(), timeout=timeout,
+            token=self._admin_token,
+        )
+        return convert.reload_from_pb(resp)

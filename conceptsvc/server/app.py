@@ -1,0 +1,511 @@
+"""Building and running the server: one process, or several sharing one port.
+
+- :func:`create_server` builds a complete server (servicers, health, reflection, auth, TLS,
+  limits) bound to ``settings.host:settings.port`` and returns it with the bound port, so tests
+  run the real thing in-process on port 0.
+- :func:`run_worker` runs one server process: it starts NOT_SERVING, loads the index, turns
+  SERVING, reloads on SIGHUP and drains on SIGTERM/SIGINT.
+- :func:`serve` runs ``settings.workers`` of those under a :class:`Supervisor`. Python threads
+  cannot run the engine on two cores at once (the GIL), so scaling with cores means processes.
+  As in grpc's ``examples/python/multiprocessing``, each worker binds the same port with
+  ``SO_REUSEPORT`` and the kernel spreads incoming *connections* over them (so a single client
+  connection is served by a single worker; clients that want both cores open several).
+  Workers are spawned (not forked) because gRPC must not be forked once initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.cache import build_cache
+from conceptsvc.errors import ConceptsvcError, ConfigError
+from conceptsvc.metrics import (
+    ServiceMetrics,
+    mark_process_dead,
+    multiprocess_registry,
+    start_metrics_http_server,
+)
+from conceptsvc.server.auth import AuthInterceptor
+from conceptsvc.server.servicer import (
+    ADMIN_SERVICE_NAME,
+    SERVICE_NAME,
+    AdminServicer,
+    ConceptServicer,
+    ReloadOutcome,
+    ServiceState,
+)
+
+if TYPE_CHECKING:
+    from conceptsvc.config import Settings
+    from conceptsvc.extractor import Extractor
+
+__all__ = ["ConceptServer", "Supervisor", "create_server", "run_worker", "serve"]
+
+log = logging.getLogger(__name__)
+
+ReadyCallback = Callable[[int], None]
+
+
+def resolve_index_path(settings: Settings) -> Path:
+    """The configured index, or the embedded demo dictionary (built on first use)."""
+    if settings.index is not None:
+        return settings.index
+    from conceptsvc.embedded import demo_index_path
+
+    return demo_index_path()
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    try:
+        key = settings.tls_key.read_bytes()
+        cert = settings.tls_cert.read_bytes()
+        ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class ConceptServer:
+    """A built server: the gRPC server plus the state its RPCs share.
+
+    Lifecycle: :meth:`start` (NOT_SERVING until an index is loaded) → :meth:`reload` (SERVING)
+    → :meth:`drain` (NOT_SERVING, new RPCs refused, in-flight ones finish within the grace).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        extractor: Extractor | None = None,
+        reuse_port: bool = False,
+        metrics: ServiceMetrics | None = None,
+        on_admin_reload: Callable[[ReloadOutcome], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self.cache = build_cache(settings, self.metrics)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        if extractor is not None:
+            fixed = extractor.index.path
+            index_path: Callable[[], Path] = lambda: fixed  # noqa: E731
+        else:
+            index_path = lambda: resolve_index_path(settings)  # noqa: E731
+        self.state = ServiceState(settings, self.metrics, self.health, index_path)
+        self._on_admin_reload = on_admin_reload
+        self._stopped = threading.Event()
+
+        interceptor = AuthInterceptor(
+            token=settings.auth_token.get_secret_value() if settings.auth_token else None,
+            admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+            admin_prefix=f"/{ADMIN_SERVICE_NAME}/",
+            on_reject=lambda method, code: self.metrics.observe_rpc(
+                method.rsplit("/", 1)[-1], code.name, 0.0
+            ),
+        )
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
+            interceptors=[interceptor],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        pb_grpc.add_ConceptServiceServicer_to_server(
+            ConceptServicer(self.state, self.cache if self.cache.enabled else None),
+            self.grpc_server,
+        )
+        pb_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.state, self._admin_reload), self.grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                self.grpc_server,
+            )
+        address = f"{settings.host}:{settings.port}"
+        try:
+            if settings.tls:
+                self.port = self.grpc_server.add_secure_port(
+                    address, _server_credentials(settings)
+                )
+            else:
+                self.port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"cannot listen on {address} ({exc}); is the port in use or the host wrong?"
+            ) from None
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {address}; is the port in use?")
+        if extractor is not None:
+            self.state.install(extractor)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, *, load: bool = True) -> None:
+        """Start accepting RPCs; with ``load``, load the index now (blocking) if none is."""
+        self.grpc_server.start()
+        if load and self.state.current is None:
+            self.reload()
+
+    def reload(self) -> ReloadOutcome:
+        """Load the configured index and swap it in (raises and keeps the old one on error)."""
+        return self.state.reload()
+
+    def _admin_reload(self) -> ReloadOutcome:
+        outcome = self.state.reload()
+        if outcome.changed and self._on_admin_reload is not None:
+            self._on_admin_reload(outcome)
+        return outcome
+
+    def drain(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("draining: NOT_SERVING now, in-flight RPCs have %.1fs to finish", grace)
+        self.state.start_draining()
+        if self.settings.drain_delay_seconds:
+            time.sleep(self.settings.drain_delay_seconds)
+        self.stop(grace)
+
+    def stop(self, grace: float | None = 0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.state.draining = True
+        self.grpc_server.stop(grace).wait()
+        self.cache.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
+def create_server(
+    settings: Settings,
+    *,
+    extractor: Extractor | None = None,
+    reuse_port: bool = False,
+    metrics: ServiceMetrics | None = None,
+    on_admin_reload: Callable[[ReloadOutcome], None] | None = None,
+) -> tuple[ConceptServer, int]:
+    """Build the server and bind its port (``settings.port`` 0 picks a free one).
+
+    With ``extractor`` the server serves it (and reloads re-read that extractor's index path);
+    otherwise :meth:`ConceptServer.start` loads the configured index. Not started yet.
+    """
+    server = ConceptServer(
+        settings,
+        extractor=extractor,
+        reuse_port=reuse_port,
+        metrics=metrics,
+        on_admin_reload=on_admin_reload,
+    )
+    return server, server.port
+
+
+# -- one process ------------------------------------------------------------------------
+def run_worker(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    on_ready: ReadyCallback | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    serve_metrics: bool = True,
+) -> int:
+    """Run one server process until SIGTERM/SIGINT; returns the exit status.
+
+    ``report`` sends lifecycle events to a supervisor (``ready``, ``failed``, ``reloaded``).
+    """
+    metrics = ServiceMetrics()
+    if serve_metrics and settings.metrics_port is not None:
+        _, _, mport = start_metrics_http_server(
+            settings.metrics_port, settings.metrics_host, metrics.registry
+        )
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, mport)
+
+    def admin_reloaded(outcome: ReloadOutcome) -> None:
+        if report is not None:
+            report({"event": "reloaded", "content_hash": outcome.content_hash})
+
+    server, port = create_server(
+        settings, reuse_port=reuse_port, metrics=metrics, on_admin_reload=admin_reloaded
+    )
+    control: queue.SimpleQueue[str] = queue.SimpleQueue()
+    previous = _install_signals(control)
+    parent = os.getppid()
+    try:
+        server.start(load=False)
+        try:
+            outcome = server.reload()
+        except ConceptsvcError as exc:
+            log.error("cannot load the index: %s", exc)
+            if report is not None:
+                report({"event": "failed", "error": str(exc)})
+            server.stop(0)
+            return 2
+        log.info(
+            "serving %s on %s:%d (index %s)",
+            SERVICE_NAME, settings.host, port, outcome.content_hash[:12],
+        )
+        if report is not None:
+            report({"event": "ready", "port": port})
+        if on_ready is not None:
+            on_ready(port)
+        while True:
+            try:
+                command = control.get(timeout=1.0)
+            except queue.Empty:
+                if report is not None and os.getppid() != parent:
+                    log.error("supervisor is gone; draining")
+                    command = "drain"
+                else:
+                    continue
+            if command == "reload":
+                try:
+                    server.reload()
+                except ConceptsvcError as exc:
+                    log.error("reload failed, still serving the previous index: %s", exc)
+            elif command == "drain":
+                server.drain()
+                return 0
+    finally:
+        _restore_signals(previous)
+        server.stop(0)
+
+
+def _install_signals(control: queue.SimpleQueue[str]) -> dict[int, Any]:
+    """SIGHUP → reload, SIGTERM/SIGINT → drain; handlers only enqueue (they run in the main
+    thread between bytecodes, so the work happens in the control loop)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        control.put("reload" if signum == signal.SIGHUP else "drain")
+
+    previous = {}
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+# -- several processes ------------------------------------------------------------------
+def _settings_payload(settings: Settings) -> str:
+    """Settings as JSON for a worker (secrets included: the worker needs them)."""
+    data = settings.model_dump(mode="json")
+    for name in ("auth_token", "admin_token"):
+        secret = getattr(settings, name)
+        data[name] = secret.get_secret_value() if secret is not None else None
+    data["config_file"] = None  # already merged in
+    return json.dumps(data)
+
+
+def _worker_main(payload: str, port: int, conn: Any, index: int, log_level: int) -> None:
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
+    )
+    from conceptsvc.config import Settings
+
+    settings = Settings(**{**json.loads(payload), "port": port})
+
+    def report(event: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            conn.send_bytes(json.dumps(event).encode("utf-8"))
+
+    code = run_worker(settings, reuse_port=True, report=report, serve_metrics=False)
+    raise SystemExit(code)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) so the port is ours; workers bind it too via SO_REUSEPORT."""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((bare, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+class Supervisor:
+    """Starts ``settings.workers`` worker processes on one port and looks after them.
+
+    Forwards SIGHUP (reload) and SIGTERM/SIGINT (drain) to every worker; after one worker
+    reloads through the admin RPC, tells the others to reload too; restarts a worker that dies
+    (at most ``max_restarts`` per minute); serves the aggregated metrics.
+    """
+
+    def __init__(
+        self, settings: Settings, *, on_ready: ReadyCallback | None = None, max_restarts: int = 5
+    ) -> None:
+        self.settings = settings
+        self.on_ready = on_ready
+        self.max_restarts = max_restarts
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: dict[int, Any] = {}
+        self._conns: dict[int, Any] = {}
+        self._restarts: list[float] = []
+        self._log_level = logging.getLogger().getEffectiveLevel()
+
+    def _spawn(self, i: int, payload: str, port: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(payload, port, child_conn, i, self._log_level),
+            name=f"conceptsvc-worker-{i}",
+        )
+        proc.start()
+        child_conn.close()
+        self._procs[i] = proc
+        self._conns[i] = parent_conn
+
+    def _signal_all(self, sig: int, *, except_worker: int | None = None) -> None:
+        for i, proc in self._procs.items():
+            if i != except_worker and proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def _read_events(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
+        by_conn = {c: i for i, c in self._conns.items()}
+        events = []
+        for conn in multiprocessing.connection.wait(list(by_conn), timeout=timeout):
+            i = by_conn[conn]  # type: ignore[index]
+            try:
+                events.append((i, json.loads(conn.recv_bytes())))  # type: ignore[union-attr]
+            except (EOFError, OSError):
+                self._conns.pop(i, None)
+        return events
+
+    def run(self) -> int:
+        s = self.settings
+        if s.index is None:
+            # Build the demo index once here, not concurrently in every worker.
+            s = s.model_copy(update={"index": resolve_index_path(s)})
+        reserved = _reserve_port(s.host, s.port)
+        port = int(reserved.getsockname()[1])
+        metrics_dir: tempfile.TemporaryDirectory[str] | None = None
+        if s.metrics_port is not None:
+            metrics_dir = tempfile.TemporaryDirectory(prefix="conceptsvc-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
+            _, _, mport = start_metrics_http_server(
+                s.metrics_port, s.metrics_host, multiprocess_registry()
+            )
+            log.info("metrics of all workers on http://%s:%d/metrics", s.metrics_host, mport)
+        payload = _settings_payload(s)
+        control: queue.SimpleQueue[str] = queue.SimpleQueue()
+        previous = _install_signals(control)
+        try:
+            for i in range(s.workers):
+                self._spawn(i, payload, port)
+            if not self._wait_ready(s.workers):
+                self._shutdown(grace=0)
+                return 2
+            log.info("%d workers serving on %s:%d", s.workers, s.host, port)
+            if self.on_ready is not None:
+                self.on_ready(port)
+            return self._loop(control, payload, port)
+        finally:
+            _restore_signals(previous)
+            reserved.close()
+            if metrics_dir is not None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                metrics_dir.cleanup()
+
+    def _wait_ready(self, n: int) -> bool:
+        ready: set[int] = set()
+        deadline = time.monotonic() + 600
+        while len(ready) < n and time.monotonic() < deadline:
+            for i, event in self._read_events(0.5):
+                if event.get("event") == "ready":
+                    ready.add(i)
+                elif event.get("event") == "failed":
+                    log.error("worker %d could not start: %s", i, event.get("error"))
+                    return False
+            for i, proc in self._procs.items():
+                if i not in ready and proc.exitcode is not None:
+                    log.error("worker %d exited with %s while starting", i, proc.exitcode)
+                    return False
+        return len(ready) == n
+
+    def _loop(self, control: queue.SimpleQueue[str], payload: str, port: int) -> int:
+        while True:
+            with contextlib.suppress(queue.Empty):
+                command = control.get_nowait()
+                if command == "reload":
+                    log.info("SIGHUP: telling every worker to reload the index")
+                    self._signal_all(signal.SIGHUP)
+                else:
+                    self._shutdown(grace=self.settings.grace_seconds)
+                    return 0
+            for i, event in self._read_events(0.2):
+                if event.get("event") == "reloaded":
+                    log.info("worker %d reloaded through the admin RPC; reloading the others", i)
+                    self._signal_all(signal.SIGHUP, except_worker=i)
+            for i, proc in list(self._procs.items()):
+                if proc.exitcode is None:
+                    continue
+                mark_process_dead(proc.pid)
+                now = time.monotonic()
+                self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+                if len(self._restarts) > self.max_restarts:
+                    log.error("workers keep dying (%d restarts in a minute); stopping",
+                              len(self._restarts))
+                    self._shutdown(grace=self.settings.grace_seconds)
+                    return 1
+                log.error("worker %d exited with %s; restarting it", i, proc.exitcode)
+                self._spawn(i, payload, port)
+
+    def _shutdown(self, grace: float) -> None:
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace + self.settings.drain_delay_seconds + 10
+        for proc in self._procs.values():
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                log.error("worker pid %s did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join(timeout=5)
+            if proc.pid is not None:
+                mark_process_dead(proc.pid)
+
+
+def serve(settings: Settings, *, on_ready: ReadyCallback | None = None) -> int:
+    """Run the service as configured (``conceptsvc serve``); returns the exit status."""
+    if settings.workers <= 1:
+        return run_worker(settings, on_ready=on_ready)
+    return Supervisor(settings, on_ready=on_ready).run()

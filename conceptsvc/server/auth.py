@@ -1,0 +1,127 @@
+"""Bearer-token authentication, checked before any handler runs.
+
+Clients send ``authorization: Bearer <token>`` metadata. Tokens are compared with
+:func:`hmac.compare_digest` against every configured token (no early exit), so the time taken
+does not reveal which token, or how much of one, matched. The health service is exempt: load
+balancers and orchestrators probe it without credentials, and it reveals nothing but
+SERVING/NOT_SERVING. The admin service accepts only the admin token, and is refused outright
+when no admin token is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from conceptsvc.server.status import (
+    RpcFailure,
+    permission_denied,
+    status_for,
+    unauthenticated,
+)
+
+__all__ = ["AuthInterceptor", "bearer_token"]
+
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
+    """The token of the first ``authorization: Bearer …`` entry, or None."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
+        scheme, _, token = raw.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+        return None
+    return None
+
+
+def _matches(presented: bytes, expected: bytes | None) -> bool:
+    if expected is None:
+        # Still do a comparison so that "no such token" costs the same as "wrong token".
+        hmac.compare_digest(presented, presented)
+        return False
+    return hmac.compare_digest(presented, expected)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Rejects calls without the right token with UNAUTHENTICATED / PERMISSION_DENIED."""
+
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        admin_token: str | None,
+        admin_prefix: str,
+        on_reject: Callable[[str, grpc.StatusCode], None],
+    ) -> None:
+        self._token = token.encode("utf-8") if token else None
+        self._admin = admin_token.encode("utf-8") if admin_token else None
+        self._admin_prefix = admin_prefix
+        self._on_reject = on_reject
+
+    def _check(self, method: str, metadata: Any) -> RpcFailure | None:
+        if method.startswith(_HEALTH_PREFIX):
+            return None
+        presented = bearer_token(metadata)
+        if method.startswith(self._admin_prefix):
+            if self._admin is None:
+                return permission_denied(
+                    "admin RPCs are disabled on this server; configure an admin token "
+                    "(CONCEPTSVC_ADMIN_TOKEN) to enable them"
+                )
+            if presented is None:
+                return unauthenticated("admin RPCs need `authorization: Bearer <admin token>`")
+            if not _matches(presented, self._admin):
+                return permission_denied("this token is not the admin token")
+            return None
+        if self._token is None:
+            return None
+        if presented is None:
+            return unauthenticated(
+                "this server requires a token: send `authorization: Bearer <token>` metadata"
+            )
+        ok_user = _matches(presented, self._token)
+        ok_admin = _matches(presented, self._admin)
+        if not (ok_user or ok_admin):
+            return unauthenticated("invalid token")
+        return None
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        failure = self._check(method, handler_call_details.invocation_metadata)
+        handler = continuation(handler_call_details)
+        if failure is None or handler is None:
+            return handler
+        return self._reject(handler, method, failure)
+
+    def _reject(
+        self, handler: grpc.RpcMethodHandler, method: str, failure: RpcFailure
+    ) -> grpc.RpcMethodHandler:
+        code, message, _ = status_for(failure)
+        on_reject = self._on_reject
+
+        def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+            on_reject(method, code)
+            context.abort(code, message)
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)

@@ -1,0 +1,571 @@
+"""The gRPC servicers: requests in, engine and cache in the middle, responses out.
+
+Data is loaded once (into a :class:`LoadedIndex`) and swapped atomically on reload: every RPC
+takes one reference to the current :class:`LoadedIndex` when it starts and uses only that, so a
+reload never changes the index under a request that is already running (a whole stream stays on
+the index it started with). Failures become statuses only through
+:func:`conceptsvc.server.status.status_for`.
+
+Streams: a reader thread moves incoming items into a bounded queue; the handler takes whatever
+has arrived (up to ``stream_batch_size``), looks the batch up in the cache with one batched call,
+extracts the misses, writes them back with one batched call, and answers in request order. A bad
+item gets an error ``status`` in its own response; the stream goes on. Between batches the
+handler stops when the client's deadline has passed or the call was cancelled, and ends with
+UNAVAILABLE once the server is draining (the client resends the unanswered items elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2
+
+from conceptsvc import __version__
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.cache import ResultCache, result_key
+from conceptsvc.client import convert
+from conceptsvc.errors import InputTooLargeError
+from conceptsvc.semantic_network import load_semantic_network
+from conceptsvc.server.status import (
+    deadline_exceeded,
+    draining,
+    invalid_argument,
+    not_found,
+    not_ready,
+    status_for,
+    too_large,
+)
+
+if TYPE_CHECKING:
+    from conceptsvc.config import Settings
+    from conceptsvc.extractor import ExtractOptions, Extractor
+    from conceptsvc.metrics import ServiceMetrics
+
+__all__ = [
+    "ADMIN_SERVICE_NAME",
+    "SERVICE_NAME",
+    "AdminServicer",
+    "ConceptServicer",
+    "LoadedIndex",
+    "ReloadOutcome",
+    "ServiceState",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConceptService"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
+_OPTIONS_MEMO_SIZE = 1024
+_END = object()
+
+
+@dataclass
+class LoadedIndex:
+    """One loaded index with everything derived from it; replaced whole, never mutated."""
+
+    extractor: Extractor
+    content_hash: str
+    defaults: ExtractOptions
+    index_info: pb.IndexInfo
+    profiles: tuple[str, ...]
+    concepts: int
+    keys: int
+    _options: dict[bytes, ExtractOptions | Exception] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, extractor: Extractor, defaults: ExtractOptions) -> LoadedIndex:
+        index = extractor.index
+        extractor.check_options(defaults)
+        manifest = index.manifest
+        return cls(
+            extractor=extractor,
+            content_hash=index.content_hash,
+            defaults=defaults,
+            index_info=convert.index_info_to_pb(manifest),
+            profiles=tuple(extractor.profiles()),
+            concepts=len(index),
+            keys=int(manifest.get("counts", {}).get("keys", len(index.key_ids))),
+        )
+
+    def options(self, msg: pb.AnnotateOptions | None) -> ExtractOptions:
+        """Request options merged over the defaults and checked; memoised by wire bytes."""
+        if msg is None:
+            return self.defaults
+        raw = msg.SerializeToString(deterministic=True)
+        if not raw:
+            return self.defaults
+        hit = self._options.get(raw)
+        if hit is None:
+            try:
+                hit = convert.options_from_pb(msg, self.defaults)
+                self.extractor.check_options(hit)
+            except Exception as exc:  # remembered, so a bad option costs one check
+                hit = exc
+            if len(self._options) >= _OPTIONS_MEMO_SIZE:
+                self._options.clear()
+            self._options[raw] = hit
+        if isinstance(hit, Exception):
+            raise hit
+        return hit
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    previous_content_hash: str
+    content_hash: str
+    changed: bool
+    concepts: int
+    load_seconds: float
+
+
+class ServiceState:
+    """The current index, readiness and draining, shared by all servicers of one server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        health_servicer: health.HealthServicer,
+        index_path: Callable[[], Path],
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health_servicer
+        self._index_path = index_path
+        self._current: LoadedIndex | None = None
+        self._reload_lock = threading.Lock()
+        self.draining = False
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    @property
+    def current(self) -> LoadedIndex | None:
+        return self._current
+
+    def require(self) -> LoadedIndex:
+        """The index to serve this request with, or the status that says why there is none."""
+        if self.draining:
+            raise draining()
+        current = self._current
+        if current is None:
+            raise not_ready()
+        return current
+
+    def _set_health(self, status: Any) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def install(self, extractor: Extractor) -> ReloadOutcome:
+        """Serve ``extractor`` from now on (the swap is one reference assignment)."""
+        defaults = self.settings.defaults.to_extract_options()
+        loaded = LoadedIndex.build(extractor, defaults)
+        previous = self._current
+        self._current = loaded
+        self.metrics.index_loaded(loaded.concepts, loaded.keys)
+        if not self.draining:
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return ReloadOutcome(
+            previous.content_hash if previous else "",
+            loaded.content_hash,
+            previous is None or previous.content_hash != loaded.content_hash,
+            loaded.concepts,
+            0.0,
+        )
+
+    def reload(self) -> ReloadOutcome:
+        """Load the configured index and swap it in; the old one keeps serving on failure.
+
+        Reloads are serialised. When the manifest on disk names the index already being
+        served, nothing is loaded (``changed`` is False).
+        """
+        import json
+
+        from conceptsvc.extractor import Extractor
+        from conceptsvc.index import ConceptIndex
+
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            path = self._index_path()
+            current = self._current
+            try:
+                if current is not None:
+                    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+                    if manifest.get("content_hash") == current.content_hash:
+                        log.info("reload: %s still holds the loaded index; nothing to do", path)
+                        return ReloadOutcome(
+                            current.content_hash, current.content_hash, False,
+                            current.concepts, time.perf_counter() - t0,
+                        )
+                index = ConceptIndex.load(path, verify=True)
+                defaults = self.settings.defaults.to_extract_options()
+                outcome = self.install(Extractor(index, default_options=defaults))
+            except Exception:
+                self.metrics.index_load_failed()
+                raise
+            seconds = time.perf_counter() - t0
+            log.info(
+                "loaded index %s (%s, %d concepts) in %.2fs",
+                path, outcome.content_hash[:12], outcome.concepts, seconds,
+            )
+            return ReloadOutcome(
+                outcome.previous_content_hash, outcome.content_hash, outcome.changed,
+                outcome.concepts, seconds,
+            )
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.health.enter_graceful_shutdown()
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if not context.is_active() or (remaining is not None and remaining <= 0):
+        raise deadline_exceeded()
+
+
+class _Observed:
+    """Metrics and status mapping around one RPC (the only place errors become statuses)."""
+
+    def __init__(self, state: ServiceState, method: str) -> None:
+        self.state = state
+        self.method = method
+
+    def unary(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+        metrics = self.state.metrics
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        metrics.inflight.inc()
+        try:
+            return fn()
+        except Exception as exc:
+            code, message = self._failure(exc)
+            context.abort(code, message)
+        finally:
+            metrics.inflight.dec()
+            metrics.observe_rpc(self.method, code.name, time.perf_counter() - t0)
+
+    def stream(self, context: grpc.ServicerContext, gen: Iterator[Any]) -> Iterator[Any]:
+        metrics = self.state.metrics
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        metrics.inflight.inc()
+        try:
+            yield from gen
+        except GeneratorExit:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = self._failure(exc)
+            context.abort(code, message)
+        finally:
+            gen_close = getattr(gen, "close", None)
+            if gen_close is not None:
+                gen_close()
+            metrics.inflight.dec()
+            metrics.observe_rpc(self.method, code.name, time.perf_counter() - t0)
+
+    def _failure(self, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        code, message, _ = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed", self.method, exc_info=exc)
+        return code, message
+
+
+class ConceptServicer(pb_grpc.ConceptServiceServicer):  # type: ignore[misc]
+    """``conceptsvc.v1.ConceptService``."""
+
+    def __init__(self, state: ServiceState, cache: ResultCache | None) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.metrics = state.metrics
+        self.cache = cache
+        self._sn = load_semantic_network()
+        self._catalog = convert.catalog_to_pb(self._sn)
+        self._observed = {
+            name: _Observed(state, name)
+            for name in pb.DESCRIPTOR.services_by_name["ConceptService"].methods_by_name
+        }
+
+    # -- annotation ------------------------------------------------------------------------------
+    def _annotate(
+        self, loaded: LoadedIndex, requests: Sequence[pb.AnnotateRequest], *, stream: bool
+    ) -> list[pb.AnnotateResponse | Exception]:
+        """Answer a batch: cache lookups and writes batched, results in request order."""
+        out: list[pb.AnnotateResponse | Exception | None] = [None] * len(requests)
+        todo: list[tuple[int, pb.AnnotateRequest, ExtractOptions, str]] = []
+        limit = self.settings.max_text_chars
+        for i, req in enumerate(requests):
+            try:
+                if stream and not req.id:
+                    raise invalid_argument(
+                        "every AnnotateStream item needs a non-empty id (responses are matched "
+                        "to requests by id)"
+                    )
+                if len(req.text) > limit:
+                    raise InputTooLargeError(
+                        f"text of {len(req.text)} characters is over the limit of {limit} "
+                        "(max_text_chars); split the text or raise the server's limit"
+                    )
+                opts = _request_options(loaded, req)
+            except Exception as exc:
+                out[i] = exc
+                continue
+            if self.settings.log_payloads:
+                log.debug("annotate id=%r text=%r", req.id, req.text)
+            todo.append((i, req, opts, result_key(loaded.content_hash, opts.cache_key(), req.text)))
+        blobs: list[bytes | None] = [None] * len(todo)
+        if todo and self.cache is not None:
+            blobs = self.cache.get_many([t[3] for t in todo])
+        puts: list[tuple[str, bytes]] = []
+        n_cached = 0
+        for (i, req, opts, key), blob in zip(todo, blobs, strict=True):
+            if blob is not None:
+                try:
+                    resp = pb.AnnotateResponse.FromString(blob)
+                except DecodeError:
+                    log.warning("ignoring an undecodable cache entry %s", key)
+                else:
+                    resp.id = req.id
+                    resp.cached = True
+                    out[i] = resp
+                    n_cached += 1
+                    continue
+            try:
+                annotation = loaded.extractor.extract(req.text, opts, id="")
+            except Exception as exc:
+                out[i] = exc
+                continue
+            resp = convert.annotation_to_pb(annotation)
+            if self.cache is not None:
+                puts.append((key, resp.SerializeToString()))
+            resp.id = req.id
+            out[i] = resp
+        if puts and self.cache is not None:
+            self.cache.put_many(puts)
+        self.metrics.captions_annotated(len(todo) - n_cached, n_cached)
+        return [r if r is not None else RuntimeError("unanswered item") for r in out]
+
+    def _item_response(self, req_id: str, result: pb.AnnotateResponse | Exception) -> Any:
+        if not isinstance(result, Exception):
+            return result
+        code, message, error_code = status_for(result)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("AnnotateStream item %r failed", req_id, exc_info=result)
+        self.metrics.item_error(code.name)
+        return pb.AnnotateResponse(
+            id=req_id,
+            status=pb.ItemStatus(code=code.value[0], message=message, error_code=error_code),
+        )
+
+    def Annotate(self, request: pb.AnnotateRequest, context: grpc.ServicerContext) -> Any:
+        def run() -> pb.AnnotateResponse:
+            loaded = self.state.require()
+            _check_deadline(context)
+            result = self._annotate(loaded, [request], stream=False)[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        return self._observed["Annotate"].unary(context, run)
+
+    def AnnotateStream(
+        self, request_iterator: Iterator[pb.AnnotateRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.AnnotateResponse]:
+        return self._observed["AnnotateStream"].stream(
+            context, self._annotate_stream(request_iterator, context)
+        )
+
+    def _annotate_stream(
+        self, request_iterator: Iterator[pb.AnnotateRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.AnnotateResponse]:
+        loaded = self.state.require()  # the whole stream stays on this index
+        batch_size = self.settings.stream_batch_size
+        q: queue.Queue[Any] = queue.Queue(maxsize=2 * batch_size)
+        stop = threading.Event()
+        context.add_callback(stop.set)
+        reader = threading.Thread(
+            target=_pump, args=(request_iterator, q, stop), name="stream-reader", daemon=True
+        )
+        reader.start()
+        try:
+            ended = False
+            while not ended:
+                first = _next_item(q, stop, context, self.state)
+                if first is _END:
+                    return
+                if isinstance(first, BaseException):
+                    raise first
+                batch: list[pb.AnnotateRequest] = [first]
+                while len(batch) < batch_size:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        ended = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    batch.append(item)
+                _check_deadline(context)
+                results = self._annotate(loaded, batch, stream=True)
+                for req, result in zip(batch, results, strict=True):
+                    yield self._item_response(req.id, result)
+                if self.state.draining and not ended:
+                    raise draining()
+        finally:
+            stop.set()
+
+    # -- lookups -----------------------------------------------------------------------------------
+    def GetConcept(self, request: pb.GetConceptRequest, context: grpc.ServicerContext) -> Any:
+        def run() -> pb.Concept:
+            loaded = self.state.require()
+            cui = request.cui.strip()
+            if not cui:
+                raise invalid_argument("cui is required, e.g. C0032326")
+            index = loaded.extractor.index
+            info = index.concept(cui)
+            if info is None:
+                raise not_found(
+                    f"concept {cui} is not in the loaded index ({loaded.content_hash[:12]}); "
+                    "SearchConcepts finds concepts by name"
+                )
+            synonyms = index.concept_postings(cui) if request.include_synonyms else None
+            return convert.concept_to_pb(info, self._sn, synonyms)
+
+        return self._observed["GetConcept"].unary(context, run)
+
+    def SearchConcepts(
+        self, request: pb.SearchConceptsRequest, context: grpc.ServicerContext
+    ) -> Any:
+        def run() -> pb.SearchConceptsResponse:
+            loaded = self.state.require()
+            query = request.query
+            if not query.strip():
+                raise invalid_argument("query is required")
+            if len(query) > self.settings.max_text_chars:
+                raise too_large(
+                    f"query of {len(query)} characters is over max_text_chars "
+                    f"({self.settings.max_text_chars})"
+                )
+            limit = request.limit or 10
+            if limit > self.settings.max_search_limit:
+                raise invalid_argument(
+                    f"limit {limit} is over this server's max_search_limit "
+                    f"({self.settings.max_search_limit})"
+                )
+            opts = loaded.options(request.options if request.HasField("options") else None)
+            _check_deadline(context)
+            cands = loaded.extractor.search(query, limit=limit, options=opts)
+            return convert.candidates_to_pb(cands, self._sn)
+
+        return self._observed["SearchConcepts"].unary(context, run)
+
+    def ListSemanticTypes(
+        self, request: pb.ListSemanticTypesRequest, context: grpc.ServicerContext
+    ) -> Any:
+        def run() -> pb.ListSemanticTypesResponse:
+            if self.state.draining:
+                raise draining()
+            return self._catalog
+
+        return self._observed["ListSemanticTypes"].unary(context, run)
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> Any:
+        def run() -> pb.GetInfoResponse:
+            loaded = self.state.require()
+            s = self.settings
+            return pb.GetInfoResponse(
+                service_version=__version__,
+                api_version="v1",
+                index=loaded.index_info,
+                default_options=convert.options_to_pb(loaded.defaults),
+                limits=pb.Limits(
+                    max_text_chars=s.max_text_chars,
+                    max_message_bytes=s.max_message_bytes,
+                    max_search_limit=s.max_search_limit,
+                    max_concurrent_rpcs=s.max_concurrent_rpcs,
+                ),
+                profiles=loaded.profiles,
+            )
+
+        return self._observed["GetInfo"].unary(context, run)
+
+
+def _request_options(loaded: LoadedIndex, req: pb.AnnotateRequest) -> ExtractOptions:
+    return loaded.options(req.options if req.HasField("options") else None)
+
+
+def _pump(request_iterator: Iterator[Any], q: queue.Queue[Any], stop: threading.Event) -> None:
+    """Reader thread: move incoming stream items into ``q`` until the stream or the RPC ends."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in request_iterator:
+            if not put(item):
+                return
+    except Exception as exc:  # the RPC failed or was cancelled while reading
+        if not stop.is_set():
+            put(exc)
+        return
+    put(_END)
+
+
+def _next_item(
+    q: queue.Queue[Any], stop: threading.Event, context: grpc.ServicerContext, state: ServiceState
+) -> Any:
+    """Block for the next item, waking up to notice a cancelled call, a passed deadline or a
+    drain (an idle stream must not hold up shutdown: nothing of it is unanswered)."""
+    while True:
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            if stop.is_set() or not context.is_active():
+                return _END
+            _check_deadline(context)
+            if state.draining:
+                raise draining() from None
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
+    """``conceptsvc.v1.AdminService`` (the interceptor has already checked the admin token)."""
+
+    def __init__(self, state: ServiceState, reload: Callable[[], ReloadOutcome]) -> None:
+        self.state = state
+        self._reload = reload
+        self._observed = _Observed(state, "ReloadIndex")
+
+    def ReloadIndex(
+        self, request: pb.ReloadIndexRequest, context: grpc.ServicerContext
+    ) -> Any:
+        def run() -> pb.ReloadIndexResponse:
+            if self.state.draining:
+                raise draining()
+            o = self._reload()
+            return pb.ReloadIndexResponse(
+                previous_content_hash=o.previous_content_hash,
+                content_hash=o.content_hash,
+                changed=o.changed,
+                concepts=o.concepts,
+                load_seconds=o.load_seconds,
+            )
+
+        return self._observed.unary(context, run)
+

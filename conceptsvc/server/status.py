@@ -1,0 +1,119 @@
+"""The one mapping from what went wrong to a gRPC status code.
+
+Every RPC of the servicer, every stream item and the auth interceptor go through
+:func:`status_for`; nothing else in the server picks a status code. The table:
+
+====================================================  ===================
+cause                                                 status
+====================================================  ===================
+bad input: empty id, unknown semantic type / group /  INVALID_ARGUMENT
+source, bad option values (``ExtractionError``,
+``SemanticNetworkError``)
+text or a request over the configured limits          RESOURCE_EXHAUSTED
+(``InputTooLargeError``)
+index not loaded yet; a reload that failed            FAILED_PRECONDITION
+(``IndexError_``)
+server draining (shutting down)                       UNAVAILABLE
+unknown CUI                                           NOT_FOUND
+missing / wrong token                                 UNAUTHENTICATED
+admin RPC without the admin token                     PERMISSION_DENIED
+client deadline passed while waiting                  DEADLINE_EXCEEDED
+anything else (a bug)                                 INTERNAL, logged
+====================================================  ===================
+
+Messages say what was wrong and what to do, and never contain caption text.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from conceptsvc.errors import (
+    ConceptsvcError,
+    ExtractionError,
+    IndexError_,
+    InputTooLargeError,
+    SemanticNetworkError,
+)
+
+__all__ = [
+    "RpcFailure",
+    "Status",
+    "deadline_exceeded",
+    "draining",
+    "invalid_argument",
+    "not_found",
+    "not_ready",
+    "permission_denied",
+    "status_for",
+    "too_large",
+    "unauthenticated",
+]
+
+Status = tuple[grpc.StatusCode, str, str]  # code, message, conceptsvc E-code ("" if none)
+
+
+class RpcFailure(Exception):
+    """A condition of the service itself (not of the engine) that ends a call or an item."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid_argument(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def too_large(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def not_found(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.NOT_FOUND, message)
+
+
+def not_ready() -> RpcFailure:
+    return RpcFailure(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the index is not loaded yet; wait until the health check reports SERVING",
+    )
+
+
+def draining() -> RpcFailure:
+    return RpcFailure(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down; retry, another replica or the restarted server will answer",
+    )
+
+
+def deadline_exceeded() -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline has passed")
+
+
+def unauthenticated(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def permission_denied(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def status_for(exc: BaseException) -> Status:
+    """The status a failure is reported with. ``INTERNAL`` means a bug: the caller logs it."""
+    if isinstance(exc, RpcFailure):
+        return exc.code, exc.message, ""
+    if isinstance(exc, InputTooLargeError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, exc.code
+    if isinstance(exc, ExtractionError | SemanticNetworkError):
+        return grpc.StatusCode.INVALID_ARGUMENT, exc.message, exc.code
+    if isinstance(exc, IndexError_):
+        return grpc.StatusCode.FAILED_PRECONDITION, exc.message, exc.code
+    if isinstance(exc, ConceptsvcError):
+        return grpc.StatusCode.INTERNAL, exc.message, exc.code
+    return (
+        grpc.StatusCode.INTERNAL,
+        "internal error in conceptsvc; the server log has the details",
+        "",
+    )

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, NamedTuple
+from typing import IO, Literal, NamedTuple, cast
 
 from conceptsvc.errors import DictionaryError, MalformedRowError
 
@@ -229,9 +229,10 @@ class MetaDir:
 
 def _open_binary(path: Path) -> tuple[IO[bytes], IO[bytes]]:
     """Open a (possibly gzipped) file; returns (decompressed stream, raw file for tell())."""
-    raw = path.open("rb")
+    raw: IO[bytes] = path.open("rb")
     if path.name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        return cast(IO[bytes], stream), raw
     return raw, raw
 
 

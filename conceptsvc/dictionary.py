@@ -1,0 +1,648 @@
+"""Dictionaries in, one compiled index out: inputs, build-time filters, preferred names.
+
+A dictionary here is concepts (CUI → semantic types) plus their strings (CUI, string, source,
+term type). Three kinds of input can be merged into one index, each string remembering the
+source (SAB) it came from:
+
+- a UMLS ``META`` directory (:class:`UmlsSource`: MRCONSO, MRSTY, and MRSAB/MRRANK when present);
+- a scispacy knowledge base (:class:`JsonlSource`: JSON Lines, or one JSON array, of
+  ``{"concept_id", "canonical_name", "aliases", "types"}``);
+- a site table (:class:`TableSource`: TSV or CSV rows ``cui, term, tui[, sab]``, optionally
+  with a header naming those columns, and ``tty``).
+
+Filters (:class:`DictionaryFilters`) are applied while reading, so a full UMLS never has to sit
+in memory unfiltered. Semantic filters are decided per concept after all inputs' types are
+known (types of one CUI from several inputs are merged), so inputs are read in two passes.
+JSONL and table inputs have no language or SUPPRESS column; they pass those filters.
+
+Preferred names are chosen among the strings that survive the filters, so an excluded source
+never leaks a name: by MRRANK rank when the META directory has MRRANK.RRF, then TS=P, STT=PF,
+ISPREF=Y (the flags NLM derives from that ranking); UMLS strings win over a scispacy canonical
+name, which wins over a site table's first term for the concept.
+
+A concept with no string left after filtering is absent. A concept without semantic types
+(no MRSTY row — QuickUMLS crashes on those with a KeyError) is kept, typed
+:data:`~conceptsvc.semantic_network.UNKNOWN_TUI`, and counted in the build report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conceptsvc.errors import DictionaryError, MalformedRowError, SemanticNetworkError
+from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, IndexBuilder
+from conceptsvc.semantic_network import UNKNOWN_TUI, SemanticNetwork, load_semantic_network
+from conceptsvc.umls.rrf import (
+    MetaDir,
+    OnError,
+    ReadStats,
+    iter_mrconso,
+    iter_mrrank,
+    iter_mrsab,
+    iter_mrsty,
+)
+
+__all__ = [
+    "ABBREVIATION_TTYS",
+    "BuildReport",
+    "DictionaryFilters",
+    "DictionarySource",
+    "JsonlSource",
+    "Progress",
+    "TableSource",
+    "UmlsSource",
+    "build_dictionary_index",
+    "term_flags",
+]
+
+log = logging.getLogger(__name__)
+
+# UMLS term types that are abbreviations or acronyms (UMLS abbreviations.html, TTY table).
+ABBREVIATION_TTYS = frozenset({"AA", "AB", "ACR", "AM", "CA2", "CA3", "OA", "OAM"})
+SUPPRESS_VALUES = frozenset({"N", "O", "E", "Y"})
+_ABBREV_MAX = 6  # an all-caps single word this short reads as an abbreviation
+_CASE_SENSITIVE_MAX = 5  # …and this short, as an acronym that must keep its case ("US")
+
+# Progress callback: (stage, items so far, fraction done in [0, 1] or None if unknown).
+Progress = Callable[[str, int, "float | None"], None]
+
+
+def term_flags(string: str, tty: str) -> int:
+    """FLAG_* bits a dictionary string carries, from its term type and its shape.
+
+    An all-caps single word of at most five characters is case-sensitive: "US" (ultrasound)
+    must not match the pronoun "us", nor "AIDS" the verb "aids". Abbreviation TTYs in lower
+    or mixed case ("abd") are abbreviations but match in any case.
+    """
+    flags = FLAG_ABBREVIATION if tty in ABBREVIATION_TTYS else 0
+    s = string.strip()
+    if 2 <= len(s) <= _ABBREV_MAX and s.isalnum() and s.isupper() and sum(
+        c.isalpha() for c in s
+    ) >= 2:
+        flags |= FLAG_ABBREVIATION
+        if len(s) <= _CASE_SENSITIVE_MAX:
+            flags |= FLAG_CASE_SENSITIVE
+    return flags
+
+
+@dataclass(frozen=True)
+class DictionaryFilters:
+    """What to keep from the inputs. Empty include lists mean "everything".
+
+    ``drop_suppress`` lists MRCONSO SUPPRESS values to drop (O obsolete, E suppressed by the
+    editors, Y suppressible by the source; N is "not suppressed"). ``semantic_types`` and
+    ``exclude_semantic_types`` take TUIs, abbreviations, type names or group codes/names;
+    ``unknown`` names concepts without semantic types. ``min_length`` counts characters of
+    the string; the default 2 drops one-letter strings ("A", "T"), which are noise in captions.
+    """
+
+    languages: tuple[str, ...] = ("ENG",)
+    sabs: tuple[str, ...] = ()
+    exclude_sabs: tuple[str, ...] = ()
+    drop_suppress: tuple[str, ...] = ("O", "E", "Y")
+    exclude_ttys: tuple[str, ...] = ()
+    semantic_types: tuple[str, ...] = ()
+    exclude_semantic_types: tuple[str, ...] = ()
+    include_descendants: bool = False
+    min_length: int = 2
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.drop_suppress if s not in SUPPRESS_VALUES]
+        if bad:
+            raise DictionaryError(
+                f"unknown SUPPRESS value(s) {', '.join(bad)}; use some of N, O, E, Y "
+                "(or none to keep all atoms)."
+            )
+        if self.min_length < 0:
+            raise DictionaryError(f"min_length must be >= 0, not {self.min_length}")
+        overlap = set(self.sabs) & set(self.exclude_sabs)
+        if overlap:
+            raise DictionaryError(
+                f"source(s) {', '.join(sorted(overlap))} are both included and excluded."
+            )
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class UmlsSource:
+    """A UMLS META directory (or a release root containing ``META/``)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class JsonlSource:
+    """A scispacy KB file; its strings get ``sab`` (scispacy keeps no per-alias source)."""
+
+    path: Path
+    sab: str = "SCISPACY"
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """A TSV/CSV of site terms; ``sab`` is used for rows without a sab column value."""
+
+    path: Path
+    sab: str = "LOCAL"
+
+
+DictionarySource = UmlsSource | JsonlSource | TableSource
+
+
+@dataclass
+class BuildReport:
+    """What a build read, kept and dropped; printed by the CLI and stored in the manifest."""
+
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    rows_read: dict[str, int] = field(default_factory=dict)
+    atoms_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    malformed_skipped: dict[str, int] = field(default_factory=dict)
+    malformed_examples: list[str] = field(default_factory=list)
+    concepts: int = 0
+    concepts_without_semantic_type: int = 0
+    concepts_filtered_by_semantic_type: int = 0
+    keys: int = 0
+    postings: int = 0
+    seconds: float = 0.0
+    source_release: str = "unknown"
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """Human-readable report, one fact per line."""
+        out = [f"source release: {self.source_release}"]
+        for name, n in self.rows_read.items():
+            out.append(f"read {n:,} rows from {name}")
+        out.append(f"kept {self.atoms_kept:,} strings")
+        for reason, n in sorted(self.dropped.items()):
+            out.append(f"dropped {n:,} strings: {reason}")
+        for name, n in self.malformed_skipped.items():
+            out.append(f"skipped {n:,} malformed rows in {name}")
+        out.extend(f"  e.g. {ex}" for ex in self.malformed_examples[:5])
+        out.append(
+            f"index: {self.concepts:,} concepts, {self.keys:,} keys, {self.postings:,} postings"
+        )
+        if self.concepts_filtered_by_semantic_type:
+            out.append(
+                f"{self.concepts_filtered_by_semantic_type:,} concepts left out by the "
+                "semantic type filter"
+            )
+        out.append(
+            f"{self.concepts_without_semantic_type:,} concepts have no semantic type "
+            f"(kept, typed {UNKNOWN_TUI})"
+        )
+        out.append(f"built in {self.seconds:.1f} s")
+        return out
+
+
+@dataclass
+class _SemanticFilter:
+    include: frozenset[str] | None
+    exclude: frozenset[str]
+
+    def passes(self, tuis: Iterable[str]) -> bool:
+        ts = set(tuis)
+        if self.include is not None and not ts & self.include:
+            return False
+        return not ts & self.exclude
+
+
+def _resolve_semantic(filters: DictionaryFilters, sn: SemanticNetwork) -> _SemanticFilter:
+    include = (
+        sn.resolve_all(filters.semantic_types, include_descendants=filters.include_descendants)
+        if filters.semantic_types
+        else None
+    )
+    exclude = sn.resolve_all(
+        filters.exclude_semantic_types, include_descendants=filters.include_descendants
+    )
+    return _SemanticFilter(include, exclude)
+
+
+class _Build:
+    """State of one build: concept types, preferred-name candidates, the index builder."""
+
+    def __init__(
+        self,
+        filters: DictionaryFilters,
+        on_error: OnError,
+        progress: Progress | None,
+        report: BuildReport,
+    ) -> None:
+        self.filters = filters
+        self.on_error = on_error
+        self.progress = progress
+        self.report = report
+        self.stats = ReadStats()
+        self.sn = load_semantic_network()
+        self.semantic = _resolve_semantic(filters, self.sn)
+        self.types: dict[str, tuple[str, ...]] = {}
+        self._tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # CUI → (score, preferred-name candidate); highest score wins, first seen on ties.
+        self.pref: dict[str, tuple[int, str]] = {}
+        self.builder = IndexBuilder()
+        self.blocked: set[str] = set()
+
+    # -- types (pass 1) -------------------------------------------------------------------
+    def add_types(self, cui: str, tuis: Iterable[str]) -> None:
+        old = self.types.get(cui, ())
+        merged = tuple(sorted({*old, *tuis}))
+        if merged != old:
+            self.types[cui] = self._tuples.setdefault(merged, merged)
+
+    def finish_types(self) -> None:
+        """Decide the semantic filter per concept once every input's types are known."""
+        sem = self.semantic
+        if sem.include is None and not sem.exclude:
+            return
+        verdict: dict[tuple[str, ...], bool] = {}
+        for cui, tuis in self.types.items():
+            ok = verdict.get(tuis)
+            if ok is None:
+                ok = verdict[tuis] = sem.passes(tuis)
+            if not ok:
+                self.blocked.add(cui)
+        self.report.concepts_filtered_by_semantic_type = len(self.blocked)
+
+    @property
+    def unknown_passes(self) -> bool:
+        return self.semantic.passes((UNKNOWN_TUI,))
+
+    # -- strings (pass 2) -----------------------------------------------------------------
+    def common_filters(self, cui: str, string: str, sab: str, tty: str) -> str | None:
+        """Reason to drop a string by the filters every input shares, or None to keep it."""
+        f = self.filters
+        if f.sabs and sab not in f.sabs:
+            return "source not included"
+        if sab in f.exclude_sabs:
+            return "source excluded"
+        if tty in f.exclude_ttys:
+            return "term type excluded"
+        if cui in self.blocked or (cui not in self.types and not self.unknown_passes):
+            return "semantic type filter"
+        if len(string.strip()) < f.min_length:
+            return "shorter than min_length"
+        return None
+
+    def keep(self, cui: str, string: str, sab: str, tty: str, score: int) -> None:
+        if not self.builder.add_term(cui, string, sab=sab, tty=tty, flags=term_flags(string, tty)):
+            self.report.drop("normalises to nothing")
+            return
+        self.report.atoms_kept += 1
+        cur = self.pref.get(cui)
+        if cur is None or score > cur[0]:
+            self.pref[cui] = (score, string)
+
+
+# Preferred-name scores: the input kind dominates, then MRRANK, then TS/STT/ISPREF.
+_SCORE_UMLS = 2 << 40
+_SCORE_JSONL = 1 << 40
+_SCORE_TABLE = 0
+
+
+def _umls_source_info(meta: MetaDir, b: _Build) -> tuple[dict[str, Any], str | None]:
+    info: dict[str, Any] = {"kind": "umls", "path": str(meta.path), "files": meta.signature()}
+    release: str | None = None
+    for cand in (meta.path / "release.dat", meta.path.parent / "release.dat"):
+        if cand.is_file():
+            for line in cand.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("umls.release.name="):
+                    release = line.split("=", 1)[1].strip()
+            break
+    if meta.has("MRSAB.RRF"):
+        versions: dict[str, str] = {}
+        for row in iter_mrsab(meta, on_error=b.on_error, stats=b.stats):
+            if row.curver in ("Y", ""):
+                versions[row.rsab] = row.vsab
+            if release is None and row.rsab == "MTH":
+                m = re.fullmatch(r"MTH(\d{4}[A-Z]{2})", row.vsab)
+                if m:
+                    release = m.group(1)
+        info["source_versions"] = versions
+    return info, release
+
+
+def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
+    meta = MetaDir(src.path)
+    if phase == 1:
+        for sty in iter_mrsty(meta, on_error=b.on_error, stats=b.stats, progress=b.progress):
+            b.add_types(sty.cui, (sty.tui,))
+        return None
+    info, release = _umls_source_info(meta, b)
+    b.report.inputs.append(info)
+    ranks: dict[tuple[str, str, str], int] = {}
+    if meta.has("MRRANK.RRF"):
+        for r in iter_mrrank(meta, on_error=b.on_error, stats=b.stats):
+            try:
+                ranks[(r.sab, r.tty, r.suppress)] = int(r.rank)
+            except ValueError:
+                raise DictionaryError(
+                    f"{meta.path}/MRRANK.RRF: rank {r.rank!r} of {r.sab}/{r.tty} is not a number"
+                ) from None
+        info["preferred_names"] = "MRRANK"
+    else:
+        info["preferred_names"] = "TS/STT/ISPREF"
+    f = b.filters
+    langs = frozenset(f.languages)
+    drop_sup = frozenset(f.drop_suppress)
+    report = b.report
+    for row in iter_mrconso(meta, on_error=b.on_error, stats=b.stats, progress=b.progress):
+        cui, lat, ts, stt, ispref, sab, tty, string, suppress = row
+        if langs and lat not in langs:
+            report.drop("language")
+            continue
+        if suppress in drop_sup:
+            report.drop("suppressed")
+            continue
+        reason = b.common_filters(cui, string, sab, tty)
+        if reason is not None:
+            report.drop(reason)
+            continue
+        rank = ranks.get((sab, tty, suppress), 0)
+        score = (
+            _SCORE_UMLS
+            | rank << 3
+            | (ts == "P") << 2
+            | (stt == "PF") << 1
+            | (ispref == "Y")
+        )
+        b.keep(cui, string, sab, tty, score)
+    return release
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, record) from JSON Lines, or from a file holding one JSON array.
+
+    A line that is not JSON is yielded as a :class:`MalformedRowError` (not raised), so the
+    caller can skip it and go on reading.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            records = json.loads(path.read_bytes())
+        except ValueError as exc:
+            yield getattr(exc, "lineno", 1), MalformedRowError(path, getattr(exc, "lineno", 1),
+                                                               f"invalid JSON: {exc}")
+            return
+        if not isinstance(records, list):
+            yield 1, MalformedRowError(path, 1, "expected a JSON array of concept objects")
+            return
+        yield from enumerate(records, 1)
+        return
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw)
+            except ValueError as exc:
+                yield lineno, MalformedRowError(path, lineno, f"invalid JSON: {exc}")
+
+
+def _jsonl_concepts(
+    src: JsonlSource, b: _Build
+) -> Iterator[tuple[str, str, list[str], list[str]]]:
+    """(cui, canonical name, aliases, types); malformed records fail or are skipped."""
+    table = src.path.name
+    count = 0
+    for lineno, rec in _jsonl_records(src.path):
+        try:
+            if isinstance(rec, MalformedRowError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise MalformedRowError(src.path, lineno, "record is not a JSON object")
+            cui = rec.get("concept_id")
+            name = rec.get("canonical_name")
+            aliases = rec.get("aliases", [])
+            types = rec.get("types", [])
+            if not isinstance(cui, str) or not cui:
+                raise MalformedRowError(src.path, lineno, "missing or empty 'concept_id'")
+            if not isinstance(name, str):
+                raise MalformedRowError(src.path, lineno, "missing 'canonical_name' string")
+            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+                raise MalformedRowError(src.path, lineno, "'aliases' must be a list of strings")
+            if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+                raise MalformedRowError(src.path, lineno, "'types' must be a list of strings")
+        except MalformedRowError as err:
+            if b.on_error == "fail":
+                raise
+            b.stats.skip(table, err)
+            continue
+        count += 1
+        yield cui, name, aliases, types
+    b.stats.rows[table] = count
+
+
+def _read_jsonl(src: JsonlSource, b: _Build, phase: int) -> None:
+    if phase == 1:
+        for cui, _name, _aliases, types in _jsonl_concepts(src, b):
+            if types:
+                b.add_types(cui, types)
+        return
+    b.report.inputs.append({"kind": "jsonl", "path": str(src.path), "sab": src.sab})
+    for cui, name, aliases, _types in _jsonl_concepts(src, b):
+        seen: set[str] = set()
+        for string, tty, bonus in ((name, "PT", 1), *((a, "SY", 0) for a in aliases)):
+            if string in seen:
+                continue
+            seen.add(string)
+            reason = b.common_filters(cui, string, src.sab, tty)
+            if reason is not None:
+                b.report.drop(reason)
+                continue
+            b.keep(cui, string, src.sab, tty, _SCORE_JSONL | bonus)
+
+
+_HEADER_NAMES = {
+    "cui": "cui", "concept_id": "cui", "id": "cui",
+    "term": "term", "string": "term", "str": "term", "name": "term", "alias": "term",
+    "tui": "tui", "tuis": "tui", "type": "tui", "types": "tui", "semantic_type": "tui",
+    "semantic_types": "tui",
+    "sab": "sab", "source": "sab",
+    "tty": "tty",
+}
+_TUI_SPLIT = re.compile(r"[;,|]\s*")
+
+
+def _column(row: list[str], positions: dict[str, int], name: str) -> str:
+    i = positions.get(name)
+    return row[i].strip() if i is not None and i < len(row) else ""
+
+
+def _table_rows(
+    src: TableSource, b: _Build
+) -> Iterator[tuple[str, str, tuple[str, ...], str, str]]:
+    """(cui, term, tuis, sab, tty) from a TSV/CSV file."""
+    delimiter = "," if src.path.suffix.lower() == ".csv" else "\t"
+    table = src.path.name
+    positions = {"cui": 0, "term": 1, "tui": 2, "sab": 3}
+    count = 0
+    with src.path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        for row in reader:
+            lineno = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()) or row[0].startswith("#"):
+                continue
+            if count == 0 and not b.stats.skipped.get(table) and row[0].strip().lower() in (
+                "cui", "concept_id", "id"
+            ):
+                names = [_HEADER_NAMES.get(c.strip().lower()) for c in row]
+                unknown = [c for c, n in zip(row, names, strict=True) if n is None]
+                if unknown or "term" not in names:
+                    raise MalformedRowError(
+                        src.path, lineno,
+                        f"header has unknown column(s) {unknown} or no term column; "
+                        "use cui, term, tui, sab, tty",
+                    )
+                positions = {n: i for i, n in enumerate(names) if n is not None}
+                continue
+            try:
+                if len(row) < 2 or len(row) > max(len(positions), 4):
+                    raise MalformedRowError(
+                        src.path, lineno,
+                        f"{len(row)} fields; expected cui, term, tui[, sab]",
+                    )
+                cui = _column(row, positions, "cui")
+                term = row[positions["term"]] if positions["term"] < len(row) else ""
+                if not cui:
+                    raise MalformedRowError(src.path, lineno, "empty cui")
+                if not term.strip():
+                    raise MalformedRowError(src.path, lineno, "empty term")
+                tuis: list[str] = []
+                for t in _TUI_SPLIT.split(_column(row, positions, "tui")):
+                    if not t:
+                        continue
+                    resolved = b.sn.resolve(t) if t.upper() not in b.sn.types else {t.upper()}
+                    if len(resolved) != 1:
+                        raise MalformedRowError(
+                            src.path, lineno, f"{t!r} is a semantic group, not a type"
+                        )
+                    tuis.extend(resolved)
+            except MalformedRowError as err:
+                if b.on_error == "fail":
+                    raise
+                b.stats.skip(table, err)
+                continue
+            except SemanticNetworkError as exc:  # an unknown type named in the row
+                bad_type = MalformedRowError(src.path, lineno, exc.message)
+                if b.on_error == "fail":
+                    raise bad_type from None
+                b.stats.skip(table, bad_type)
+                continue
+            count += 1
+            sab = _column(row, positions, "sab") or src.sab
+            yield cui, term, tuple(tuis), sab, _column(row, positions, "tty") or "SY"
+    b.stats.rows[table] = count
+
+
+def _read_table(src: TableSource, b: _Build, phase: int) -> None:
+    if phase == 1:
+        for cui, _term, tuis, _sab, _tty in _table_rows(src, b):
+            if tuis:
+                b.add_types(cui, tuis)
+        return
+    b.report.inputs.append({"kind": "table", "path": str(src.path), "sab": src.sab})
+    for cui, term, _tuis, sab, tty in _table_rows(src, b):
+        reason = b.common_filters(cui, term, sab, tty)
+        if reason is not None:
+            b.report.drop(reason)
+            continue
+        b.keep(cui, term, sab, tty, _SCORE_TABLE)
+
+
+def build_dictionary_index(
+    sources: Iterable[DictionarySource],
+    out: str | Path,
+    *,
+    filters: DictionaryFilters | None = None,
+    source_release: str | None = None,
+    on_error: OnError = "fail",
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Read, filter and merge ``sources`` and write the compiled index to ``out``.
+
+    Raises :class:`~conceptsvc.errors.SemanticNetworkError` for an unknown semantic filter
+    (before reading anything), :class:`~conceptsvc.errors.MalformedRowError` for a bad row
+    when ``on_error="fail"``, and :class:`~conceptsvc.errors.DictionaryError` for unusable
+    inputs.
+    """
+    t0 = time.monotonic()
+    srcs = list(sources)
+    if not srcs:
+        raise DictionaryError("no dictionary input given; use --umls, --jsonl or --tsv.")
+    for s in srcs:
+        if not s.path.exists():
+            raise DictionaryError(f"{s.path}: no such file or directory")
+    f = filters if filters is not None else DictionaryFilters()
+    report = BuildReport()
+    b = _Build(f, on_error, progress, report)
+    readers: dict[type, Callable[[Any, _Build, int], str | None]] = {
+        UmlsSource: _read_umls,
+        JsonlSource: _read_jsonl,
+        TableSource: _read_table,
+    }
+    # Pass 1: semantic types of every concept, from every input.
+    for s in srcs:
+        readers[type(s)](s, b, 1)
+    b.finish_types()
+    # Pass 2: strings. Row counts are those of pass 2 (pass 1 reads other tables or the same).
+    b.stats = ReadStats(skipped={}, rows={})
+    releases: list[str] = []
+    for s in srcs:
+        rel = readers[type(s)](s, b, 2)
+        if rel:
+            releases.append(f"UMLS {rel}")
+    report.rows_read = dict(b.stats.rows)
+    report.malformed_skipped = dict(b.stats.skipped)
+    report.malformed_examples = list(b.stats.examples)
+    if source_release:
+        report.source_release = source_release
+    elif releases:
+        report.source_release = " + ".join(releases)
+    else:
+        report.source_release = " + ".join(
+            f"{i['kind']}:{Path(i['path']).name}" for i in report.inputs
+        )
+    without = 0
+    builder = b.builder
+    for cui, (_score, name) in b.pref.items():
+        tuis = b.types.get(cui)
+        if not tuis:
+            without += 1
+            tuis = (UNKNOWN_TUI,)
+        builder.set_concept(cui, preferred_name=name, semantic_types=tuis)
+    report.concepts = len(b.pref)
+    report.concepts_without_semantic_type = without
+    if without:
+        log.info("%d concepts have no MRSTY row; typed %s", without, UNKNOWN_TUI)
+    if progress is not None:
+        progress("writing index", report.concepts, None)
+    builder.source_release = report.source_release
+    builder.filters = f.to_manifest()
+    builder.inputs = report.inputs
+    # Key and posting counts are the index's own (manifest "counts"), known after writing.
+    builder.report = {
+        k: v for k, v in report.to_dict().items() if k not in ("keys", "postings", "seconds")
+    }
+    path = builder.write(out)
+    counts = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["counts"]
+    report.keys, report.postings = int(counts["keys"]), int(counts["postings"])
+    report.seconds = round(time.monotonic() - t0, 3)
+    log.info("built %s: %s", path, "; ".join(report.lines()))
+    return report

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-index soak proto audit clean system-deps
+.PHONY: install test lint demo bench bench-index bench-peers peers soak proto audit clean system-deps
 
 # Debian packages the tests need (redis-server for the real Redis tier). Installed only if missing.
 system-deps:
@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[dev,report,spark]'
+	@# The quickumls extra (QuickUMLS backend and its tests) compiles leveldb and simstring
+	@# with gcc: about 100 s more on a fresh 2-core machine.
+	$(PY) -m pip install -q -e '.[dev,report,spark,quickumls]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
@@ -39,11 +41,30 @@ lint: install
 demo: install
 	$(PY) -m conceptsvc.demo
 
-bench: install
+bench: install peers
 	$(PY) -m conceptsvc.dev.bench all
 
-bench-index: install
+bench-index: install peers
 	$(PY) -m conceptsvc.dev.bench index
+
+# Peer tools for the benchmarks (QuickUMLS, MedCAT, mmlite) in their own venv, so that their
+# pins never meet ours; conceptsvc goes in with --no-deps for conceptsvc/dev/peers/.
+PEERS_VENV  ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_REQS  := conceptsvc/dev/peers/requirements.txt
+
+$(PEERS_STAMP): $(PEERS_REQS)
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip wheel setuptools
+	$(PEERS_VENV)/bin/python -m pip install -q -r $(PEERS_REQS)
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+bench-peers: install peers
+	$(PY) -m conceptsvc.dev.bench peers
 
 soak: install
 	$(PY) -m conceptsvc.dev.soak
@@ -52,4 +73,4 @@ audit: install
 	$(PY) -m conceptsvc.dev.audit
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -144,10 +144,271 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(handler=_cmd_evaluate)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from conceptsvc.config import settings_from_args
+    from conceptsvc.server import serve
+
+    settings = settings_from_args(args)
+
+    def ready(port: int) -> None:
+        print(
+            f"conceptsvc serving on {settings.host}:{port} with {settings.workers} worker(s)",
+            flush=True,
+        )
+
+    return serve(settings, on_ready=ready)
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conceptsvc.config import add_settings_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description=(
+            "Run the conceptsvc gRPC service. Every option can also be set by a CONCEPTSVC_* "
+            "environment variable or in a TOML/YAML file (--config); flags win over the "
+            "environment, which wins over the file. With no --index the embedded demo "
+            "dictionary is served. SIGHUP reloads the index; SIGTERM/SIGINT drain gracefully."
+        ),
+    )
+    add_settings_arguments(p)
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from conceptsvc.client import ConceptClient
+
+    with ConceptClient(
+        args.target,
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        server_name=args.server_name,
+    ) as client:
+        status = client.health(args.service, timeout=args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "health",
+        help="check a running service (exit 0 only when SERVING)",
+        description=(
+            "Ask a service's standard gRPC health service for its status and print it. Exit "
+            "status: 0 SERVING, 1 NOT_SERVING or unknown service, 2 unreachable."
+        ),
+    )
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the service")
+    p.add_argument(
+        "--service", default="", help="service name to check (default: the whole server)"
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--ca-cert", help="CA certificate (PEM) to verify the server with")
+    p.add_argument("--client-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--client-key", help="client private key (PEM) for mutual TLS")
+    p.add_argument("--server-name", help="expected server name in its certificate")
+    p.set_defaults(handler=_cmd_health)
+
+
+# -- batch annotation and ad-hoc lookups (conceptsvc.client) -----------------------------------
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from conceptsvc.client import arguments
+    from conceptsvc.client.batch import BatchSettings, annotate_corpus
+    from conceptsvc.client.corpus import Corpus
+    from conceptsvc.client.outputs import resolve_outputs
+    from conceptsvc.client.progress import ProgressMode
+    from conceptsvc.client.report import render_table
+
+    specs = resolve_outputs(args.out, args.format or ())
+    settings = BatchSettings(
+        targets=tuple(args.target or (arguments.DEFAULT_TARGET,)),
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        deadline=args.deadline,
+        retries=args.retries,
+        on_bad_input=args.on_bad_input,
+        restart=args.restart,
+        report=args.report,
+        progress=ProgressMode.QUIET if args.quiet else ProgressMode(args.progress),
+        progress_interval=args.progress_interval,
+        security=arguments.security(args),
+    )
+    overrides = arguments.extract_overrides(args)
+    corpus = Corpus(args.input, args.input_format)
+    result = annotate_corpus(corpus, specs, settings, overrides=overrides)
+    if result.report is not None:
+        print(render_table(result.report), end="")
+    if not args.quiet:
+        c = result.counts
+        state = "already complete" if result.already_complete else (
+            "complete" if result.complete else "INCOMPLETE")
+        print(f"annotate: {c.annotated}/{c.captions} captions in the output ({state}); "
+              f"{c.failed} failed, {c.skipped_bad_input} bad input records skipped, "
+              f"{c.resumed} resumed from an earlier run", file=sys.stderr)
+        for path in result.outputs:
+            print(f"  output   {path}", file=sys.stderr)
+        print(f"  manifest {result.manifest}", file=sys.stderr)
+        if result.errors is not None:
+            print(f"  errors   {result.errors}", file=sys.stderr)
+        if result.report_files is not None:
+            print(f"  report   {result.report_files.markdown}", file=sys.stderr)
+    if not result.complete:
+        print("conceptsvc: the run is incomplete; rerun the same command to retry the failed "
+              "captions (listed in the errors file)", file=sys.stderr)
+    return result.exit_code
+
+
+def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conceptsvc.client import arguments
+
+    p = sub.add_parser(
+        "annotate",
+        help="annotate a caption corpus through the service (parallel, resumable)",
+        description=(
+            "Annotate every caption of INPUT through the service and write the results. "
+            "Killed at any point and run again with the same arguments, it continues where it "
+            "stopped; outputs are written in input order and moved into place when complete. "
+            "Exit status: 0 complete, 3 incomplete (see the errors file), 2 error."
+        ),
+    )
+    p.add_argument("input", help="captions: .csv (ID,Caption), .tsv/.txt ROCO (ID<TAB> caption), "
+                                 ".jsonl ({id,text}), .txt (one per line), or - for stdin")
+    p.add_argument("--out", required=True, help="output file (the first --format goes here)")
+    p.add_argument("--input-format", choices=["csv", "roco", "jsonl", "text"],
+                   help="input format (default: from the file name)")
+    p.add_argument("--format", action="append", metavar="FORMAT[=PATH]",
+                   help="jsonl (default; with mentions), csv (ImageCLEF ID,CUIs), submission "
+                        "(ID<TAB>CUI;CUI), roco (ID<TAB><TAB>CUI<TAB>...); repeatable")
+    p.add_argument("--concurrency", type=int, default=4, help="concurrent streams (default 4)")
+    p.add_argument("--batch-size", type=int, default=64, help="captions per stream (default 64)")
+    p.add_argument("--deadline", type=float, default=60.0,
+                   help="seconds one batch's stream may take (default 60)")
+    p.add_argument("--retries", type=int, default=8,
+                   help="retries of a caption on UNAVAILABLE/DEADLINE_EXCEEDED (default 8)")
+    p.add_argument("--on-bad-input", choices=["fail", "skip"], default="fail",
+                   help="malformed input records: stop before sending anything (default) or "
+                        "skip them and list them in the errors file")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the results of an interrupted earlier run and start over")
+    p.add_argument("--report", action="store_true",
+                   help="print a corpus report and write it as markdown with PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress display and no summary")
+    p.add_argument("--progress", choices=["auto", "bar", "log"], default="auto",
+                   help="progress display (default: a bar on a terminal, log lines otherwise)")
+    p.add_argument("--progress-interval", type=float, default=10.0,
+                   help="seconds between progress log lines (default 10)")
+    arguments.add_connection(p, several=True)
+    arguments.add_extract_options(p)
+    p.set_defaults(handler=_cmd_annotate)
+
+
+def _cmd_lookup(args: argparse.Namespace) -> int:
+    import json
+
+    from conceptsvc.client import arguments
+    from conceptsvc.client.lookup import annotation_json, format_annotation
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    overrides = arguments.extract_overrides(args)
+    backend = arguments.lookup_backend(args)
+    try:
+        a = backend.annotate(text, overrides)
+        if args.json:
+            print(json.dumps(annotation_json(text, a), ensure_ascii=False, indent=2))
+            return 0
+        named = {m.cui for m in a.mentions}
+        inferred = {c: backend.concept(c, synonyms=False).preferred_name
+                    for c in a.concepts if c not in named}
+        print(format_annotation(text, a, inferred), end="")
+    finally:
+        backend.close()
+    return 0
+
+
+def _add_lookup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conceptsvc.client import arguments
+
+    p = sub.add_parser("lookup", help="annotate a phrase or caption and show the mentions")
+    p.add_argument("text", help="the text (- reads standard input)")
+    arguments.add_lookup_common(p)
+    arguments.add_extract_options(p)
+    p.set_defaults(handler=_cmd_lookup)
+
+
+def _cmd_concept(args: argparse.Namespace) -> int:
+    import json
+
+    from conceptsvc.client import arguments
+    from conceptsvc.client.lookup import concept_json, format_concept
+
+    backend = arguments.lookup_backend(args)
+    try:
+        record = backend.concept(args.cui, synonyms=not args.no_synonyms)
+    finally:
+        backend.close()
+    if args.json:
+        print(json.dumps(concept_json(record), ensure_ascii=False, indent=2))
+    else:
+        print(format_concept(record), end="")
+    return 0
+
+
+def _add_concept(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conceptsvc.client import arguments
+
+    p = sub.add_parser("concept", help="show a concept: name, synonyms, semantic types, sources")
+    p.add_argument("cui", help="the concept id, e.g. C0032227")
+    p.add_argument("--no-synonyms", action="store_true", help="leave out the synonyms")
+    arguments.add_lookup_common(p)
+    p.set_defaults(handler=_cmd_concept)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from conceptsvc.client import arguments
+    from conceptsvc.client.lookup import candidates_json, format_candidates
+
+    if args.limit < 1:
+        raise ConceptsvcError("--limit must be >= 1")
+    overrides = arguments.extract_overrides(args)
+    backend = arguments.lookup_backend(args)
+    try:
+        cands = backend.search(args.text, overrides, args.limit)
+    finally:
+        backend.close()
+    if args.json:
+        print(json.dumps(candidates_json(cands), ensure_ascii=False, indent=2))
+    else:
+        print(format_candidates(args.text, cands), end="")
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conceptsvc.client import arguments
+
+    p = sub.add_parser("search", help="rank candidate concepts for a term")
+    p.add_argument("text", help="the term")
+    p.add_argument("--limit", type=int, default=10, help="candidates to show (default 10)")
+    arguments.add_lookup_common(p)
+    arguments.add_extract_options(p)
+    p.set_defaults(handler=_cmd_search)
+
+
 # Subcommand registrars; each module-level command adds itself here.
 _REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_semtypes,
     _add_evaluate,
+    _add_serve,
+    _add_health,
+    _add_annotate,
+    _add_lookup,
+    _add_concept,
+    _add_search,
 ]
 
 

@@ -16,6 +16,7 @@ Nothing else in conceptsvc reads ``os.environ`` for these settings; code receive
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from pathlib import Path
@@ -44,7 +45,14 @@ from conceptsvc.errors import ConfigError, SemanticNetworkError
 if TYPE_CHECKING:
     from conceptsvc.extractor import ExtractOptions
 
-__all__ = ["ENV_PREFIX", "DefaultOptions", "Settings", "load_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "DefaultOptions",
+    "Settings",
+    "add_settings_arguments",
+    "load_settings",
+    "settings_from_args",
+]
 
 ENV_PREFIX = "CONCEPTSVC_"
 _PATH_FIELDS = ("index", "tls_cert", "tls_key", "tls_client_ca")
@@ -335,3 +343,86 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
             f"invalid settings ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n"
             + "\n".join(lines)
         ) from None
+
+
+# -- command-line flags ---------------------------------------------------------------------------
+# ``conceptsvc serve`` gets one flag per setting, generated from the model so that ``--help``
+# always lists every option with its environment variable.
+
+_METAVARS = {
+    "index": "DIR",
+    "tls_cert": "PEM",
+    "tls_key": "PEM",
+    "tls_client_ca": "PEM",
+    "redis_url": "URL",
+    "auth_token": "TOKEN",
+    "admin_token": "TOKEN",
+    "semantic_types": "A,B,...",
+    "semantic_groups": "A,B,...",
+    "sources": "A,B,...",
+    "exclude_cuis": "A,B,...",
+}
+
+
+def _flag_specs() -> list[tuple[str, str, str, FieldInfo]]:
+    """(group, field name, flag, field) for every setting except ``config_file``."""
+    specs = []
+    for name, info in Settings.model_fields.items():
+        if name in ("config_file", "defaults"):
+            continue
+        specs.append(("settings", name, "--" + name.replace("_", "-"), info))
+    for name, info in DefaultOptions.model_fields.items():
+        specs.append(("defaults", name, "--default-" + name.replace("_", "-"), info))
+    return specs
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting; absent flags leave other sources alone."""
+    parser.add_argument(
+        "--config", metavar="FILE", default=None,
+        help=f"TOML or YAML settings file (env {ENV_PREFIX}CONFIG_FILE)",
+    )
+    groups = {
+        "settings": parser.add_argument_group("service settings"),
+        "defaults": parser.add_argument_group(
+            "default extraction options (for request fields a client leaves unset)"
+        ),
+    }
+    for group, name, flag, info in _flag_specs():
+        env = ENV_PREFIX + (name if group == "settings" else f"DEFAULTS__{name}").upper()
+        default = info.get_default(call_default_factory=False)
+        if info.default_factory is not None:
+            shown = "computed"
+        elif isinstance(default, tuple):
+            shown = ",".join(default) or "none"
+        else:
+            shown = "unset" if default is None else str(default)
+        helptext = f"{info.description} (env {env}; default: {shown})"
+        dest = f"_{group}__{name}"
+        annotation = info.annotation
+        if annotation is bool:
+            groups[group].add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                help=helptext,
+            )
+        else:
+            metavar = _METAVARS.get(name, name.upper())
+            if name in ("auth_token", "admin_token"):
+                helptext += "; prefer the environment: flags show up in `ps`"
+            groups[group].add_argument(
+                flag, dest=dest, metavar=metavar, default=None, help=helptext
+            )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from parsed ``serve`` flags, the environment and the config file."""
+    overrides: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    for group, name, _flag, _info in _flag_specs():
+        value = getattr(args, f"_{group}__{name}", None)
+        if value is None:
+            continue
+        (overrides if group == "settings" else defaults)[name] = value
+    if defaults:
+        overrides["defaults"] = defaults
+    return load_settings(getattr(args, "config", None), **overrides)

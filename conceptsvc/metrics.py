@@ -15,7 +15,7 @@ What is exported (all names prefixed ``conceptsvc_``):
 - ``cache_lookups_total{tier,result}``: hits and misses of the ``memory`` and ``redis`` tiers;
 - ``redis_errors_total``: Redis commands that failed or timed out (each is a cache miss);
 - ``index_concepts`` / ``index_keys``: size of the loaded index; ``index_reloads_total{result}``;
-- ``inflight_requests``: RPCs being handled now.
+- ``inflight_requests``: RPCs being handled now; ``worker_up``: one per live worker process.
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ class ServiceMetrics:
         self.reloads = Counter(
             "conceptsvc_index_reloads", "Index (re)loads by result", ["result"], registry=r
         )
+        self.worker_up = Gauge(
+            "conceptsvc_worker_up", "1 per live server process (labelled by pid with workers)",
+            multiprocess_mode="liveall", registry=r,
+        )
+        self.worker_up.set(1)
         self.inflight = Gauge(
             "conceptsvc_inflight_requests", "RPCs being handled",
             multiprocess_mode="livesum", registry=r,

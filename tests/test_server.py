@@ -1,0 +1,801 @@
+"""The real gRPC server, in-process on a free port (and as subprocesses for multi-process serving).
+
+Covers every RPC, every status the service reports, per-item stream errors, deadlines, size
+limits, health on start and drain, reflection, reload under load, Redis failing mid-stream,
+TLS / mutual TLS, token auth, metrics and logging hygiene.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from service_helpers import (
+    CAPTIONS,
+    build_index_a,
+    build_index_b,
+    make_pki,
+    running_server,
+    settings_for,
+)
+
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.client import ConceptClient, ServiceCallError
+from conceptsvc.extractor import ExtractOptions
+from conceptsvc.index import ConceptIndex
+from conceptsvc.metrics import start_metrics_http_server
+from conceptsvc.server import create_server
+
+if TYPE_CHECKING:
+    from conftest import RedisServer
+
+TOKEN = "user-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def index_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_index_a(tmp_path_factory.mktemp("svc") / "index-a")
+
+
+@pytest.fixture(scope="module")
+def served(index_a: Path) -> Iterator[tuple[Any, int]]:
+    """One shared server with default settings for read-only tests."""
+    with running_server(settings_for(index_a)) as (server, port):
+        yield server, port
+
+
+@pytest.fixture
+def client(served: tuple[Any, int]) -> Iterator[ConceptClient]:
+    with ConceptClient(f"127.0.0.1:{served[1]}", timeout=10) as c:
+        yield c
+
+
+def _status(fn: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(ServiceCallError) as err:
+        fn(*args, **kwargs)
+    return err.value.status
+
+
+def _channel(port: int) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+# -- every RPC ---------------------------------------------------------------------------------
+def test_server_annotate_offsets_slice_the_original_text(client: ConceptClient) -> None:
+    text = "Chest CT shows a right pneumothorax."
+    a = client.annotate(text, id="x1")
+    assert a.id == "x1"
+    assert a.concepts == ("C0817096", "C0040405", "C0032326")
+    for m in a.mentions:
+        assert text[m.start : m.end] == m.text
+    assert [m.text for m in a.mentions] == ["Chest", "CT", "pneumothorax"]
+    ct = a.mentions[1]
+    assert (ct.cui, ct.preferred_name, ct.source, ct.semantic_types, ct.score) == (
+        "C0040405", "X-Ray Computed Tomography", "MSH", ("T060",), 1.0
+    )
+
+
+def test_server_annotate_echoes_id_and_reports_negation(served: tuple[Any, int]) -> None:
+    stub = pb_grpc.ConceptServiceStub(_channel(served[1]))
+    resp = stub.Annotate(pb.AnnotateRequest(id="img-7", text="No pneumonia."), timeout=5)
+    assert resp.id == "img-7" and resp.status.code == 0
+    assert [(m.cui, m.negated) for m in resp.mentions] == [("C0032285", True)]
+    opts = pb.AnnotateOptions(include_negated=False)
+    resp = stub.Annotate(pb.AnnotateRequest(text="No pneumonia.", options=opts), timeout=5)
+    assert list(resp.concepts) == []
+
+
+def test_server_annotate_options_filter_and_mentions(client: ConceptClient) -> None:
+    text = "Chest CT shows a right pneumothorax."
+    only_disorders = ExtractOptions(semantic_groups=("DISO",))
+    assert client.annotate(text, options=only_disorders).concepts == ("C0032326",)
+    by_type = ExtractOptions(semantic_types=("Diagnostic Procedure",))
+    assert client.annotate(text, options=by_type).concepts == ("C0040405",)
+    snomed = ExtractOptions(sources=("SNOMEDCT_US",))
+    assert client.annotate("collapsed lung", options=snomed).concepts == ("C0032326",)
+    bare = client.annotate(text, options=ExtractOptions(include_mentions=False))
+    assert bare.mentions == () and len(bare.concepts) == 3
+    excluded = ExtractOptions(exclude_cuis=("C0040405",))
+    assert "C0040405" not in client.annotate(text, options=excluded).concepts
+    approx = ExtractOptions(mode="approximate", threshold=0.6)
+    assert "C0032326" in client.annotate("pneumothorx seen", options=approx).concepts
+
+
+def test_server_stream_answers_in_order_with_ids(client: ConceptClient) -> None:
+    results = list(client.annotate_stream(CAPTIONS))
+    assert [r.id for r in results] == [i for i, _ in CAPTIONS]
+    assert all(r.ok for r in results)
+    by_id = {r.id: r.annotation for r in results}
+    assert by_id["r5"] is not None and by_id["r5"].concepts == ()
+    assert by_id["r3"] is not None and set(by_id["r3"].concepts) == {
+        "C0040405", "C0817096", "C0032326"
+    }
+    # Same results as unary calls, item by item.
+    for i, text in CAPTIONS:
+        assert client.annotate(text).concepts == by_id[i].concepts  # type: ignore[union-attr]
+
+
+def test_server_get_concept_with_synonyms(client: ConceptClient) -> None:
+    c = client.get_concept("C0032326", synonyms=True)
+    assert c.preferred_name == "Pneumothorax"
+    assert [(t.tui, t.group, t.group_name) for t in c.semantic_types] == [
+        ("T047", "DISO", "Disorders")
+    ]
+    assert c.sources == ("MSH", "SNOMEDCT_US")
+    assert {(s.string, s.source) for s in c.synonyms} == {
+        ("pneumothorax", "MSH"), ("collapsed lung", "SNOMEDCT_US")
+    }
+    assert client.get_concept("C0032326").synonyms == ()
+    assert client.get_concept("C0040405", synonyms=True).synonyms[1].abbreviation
+
+
+def test_server_search_ranks_exact_before_approximate(client: ConceptClient) -> None:
+    exact = client.search("pneumothorax")
+    assert exact[0].cui == "C0032326" and exact[0].score == 1.0
+    fuzzy = client.search("pneumothorx", options=ExtractOptions(threshold=0.5))
+    assert fuzzy and fuzzy[0].cui == "C0032326" and fuzzy[0].score < 1.0
+    assert len(client.search("lung", limit=1)) == 1
+
+
+def test_server_list_semantic_types_and_info(client: ConceptClient, index_a: Path) -> None:
+    cat = client.list_semantic_types()
+    assert len(cat.types) == 127 and len(cat.groups) == 15
+    assert {g.code for g in cat.groups} >= {"DISO", "ANAT", "PROC"}
+    info = client.get_info()
+    idx = ConceptIndex.load(index_a)
+    assert info.index.content_hash == idx.content_hash
+    assert info.index.source_release == "test-A" and info.index.concepts == 7
+    assert info.index.manifest["content_hash"] == idx.content_hash
+    assert info.default_options == ExtractOptions()
+    assert info.limits.max_text_chars == 100_000
+    assert "none" in info.profiles and info.api_version == "v1"
+
+
+def test_server_defaults_come_from_settings(index_a: Path) -> None:
+    s = settings_for(index_a, defaults={"semantic_groups": "DISO", "include_negated": False})
+    with running_server(s) as (_, port), ConceptClient(f"127.0.0.1:{port}") as c:
+        assert c.get_info().default_options.semantic_groups == ("DISO",)
+        assert c.annotate("Chest CT shows a right pneumothorax.").concepts == ("C0032326",)
+        assert c.annotate("No pneumothorax.").concepts == ()
+        # An explicit empty list lifts the server's default restriction.
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+        opts = pb.AnnotateOptions(semantic_groups=pb.NameList(values=[]))
+        resp = stub.Annotate(pb.AnnotateRequest(text="Chest CT", options=opts), timeout=5)
+        assert list(resp.concepts) == ["C0817096", "C0040405"]
+
+
+# -- error statuses ----------------------------------------------------------------------------
+def test_server_invalid_argument_for_bad_options(client: ConceptClient) -> None:
+    for opts, fragment in [
+        (ExtractOptions(semantic_types=("T999",)), "unknown semantic type"),
+        (ExtractOptions(semantic_groups=("NOPE",)), "unknown semantic type or group"),
+        (ExtractOptions(sources=("ICD99",)), "unknown source"),
+        (ExtractOptions(threshold=1.5), "threshold"),
+        (ExtractOptions(profile="no-such-profile"), "profile"),
+    ]:
+        with pytest.raises(ServiceCallError) as err:
+            client.annotate("chest", options=opts)
+        assert err.value.status == "INVALID_ARGUMENT"
+        assert fragment in err.value.details
+
+
+def test_server_invalid_argument_for_unknown_enum_and_empty_fields(
+    served: tuple[Any, int], client: ConceptClient
+) -> None:
+    stub = pb_grpc.ConceptServiceStub(_channel(served[1]))
+    req = pb.AnnotateRequest(text="chest")
+    req.options.mode = 7  # a value from a future API version
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Annotate(req, timeout=5)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "mode enum value 7" in (err.value.details() or "")
+    assert _status(client.get_concept, "") == "INVALID_ARGUMENT"
+    assert _status(client.search, "  ") == "INVALID_ARGUMENT"
+    assert _status(client.search, "lung", limit=1000) == "INVALID_ARGUMENT"
+
+
+def test_server_not_found_for_unknown_cui(client: ConceptClient) -> None:
+    with pytest.raises(ServiceCallError) as err:
+        client.get_concept("C9999999")
+    assert err.value.status == "NOT_FOUND" and "C9999999" in err.value.details
+
+
+def test_server_per_item_errors_do_not_end_the_stream(client: ConceptClient, index_a: Path) -> None:
+    items = [
+        ("ok1", "Chest CT"),
+        ("", "missing id"),
+        ("big", "x" * 100_001),
+        ("ok2", "pneumothorax"),
+    ]
+    results = list(client.annotate_stream(items))
+    assert [r.id for r in results] == ["ok1", "", "big", "ok2"]
+    assert results[0].ok and results[3].ok
+    assert results[1].error is not None and results[1].error.status == "INVALID_ARGUMENT"
+    assert "non-empty id" in results[1].error.message
+    assert results[2].error is not None and results[2].error.status == "RESOURCE_EXHAUSTED"
+    assert results[2].error.error_code == "E501"
+    assert results[3].annotation is not None and results[3].annotation.concepts == ("C0032326",)
+    # Bad options on one item of a raw stream: that item fails, its neighbours do not.
+    with running_server(settings_for(index_a)) as (_, port):
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+        bad = pb.AnnotateOptions(semantic_types=pb.NameList(values=["dsny"]))
+        reqs = [
+            pb.AnnotateRequest(id="a", text="lung"),
+            pb.AnnotateRequest(id="b", text="lung", options=bad),
+            pb.AnnotateRequest(id="c", text="heart"),
+        ]
+        out = list(stub.AnnotateStream(iter(reqs), timeout=10))
+        assert [(r.id, r.status.code) for r in out] == [
+            ("a", 0), ("b", grpc.StatusCode.INVALID_ARGUMENT.value[0]), ("c", 0)
+        ]
+        assert "Did you mean" in out[1].status.message and out[1].status.error_code == "E300"
+
+
+def test_server_size_limits(index_a: Path) -> None:
+    s = settings_for(index_a, max_text_chars=1000, max_message_bytes=64 * 1024)
+    with running_server(s) as (_, port), ConceptClient(f"127.0.0.1:{port}") as c:
+        assert c.annotate("lung " * 190).concepts == ("C0024109",)
+        with pytest.raises(ServiceCallError) as err:
+            c.annotate("lung " * 300)
+        assert err.value.status == "RESOURCE_EXHAUSTED" and "max_text_chars" in err.value.details
+        # Over the message limit: refused by gRPC before any handler runs.
+        with pytest.raises(ServiceCallError) as err:
+            c.annotate("y" * 100_000)
+        assert err.value.status == "RESOURCE_EXHAUSTED"
+        assert _status(c.search, "q" * 2000) == "RESOURCE_EXHAUSTED"
+        assert c.get_info().limits.max_message_bytes == 64 * 1024
+
+
+def test_server_too_many_concurrent_rpcs_is_resource_exhausted(index_a: Path) -> None:
+    s = settings_for(index_a, max_concurrent_rpcs=1, threads=4)
+    with running_server(s) as (_, port):
+        gate = threading.Event()
+
+        def slow_items() -> Iterator[pb.AnnotateRequest]:
+            yield pb.AnnotateRequest(id="1", text="lung")
+            gate.wait(10)
+
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+        held = stub.AnnotateStream(slow_items(), timeout=10)
+        assert next(held).id == "1"  # the one allowed RPC is now in progress
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=5)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        gate.set()
+        assert list(held) == []
+
+
+def test_server_deadline_stops_stream_work(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (server, port):
+        sent = []
+
+        def slow() -> Iterator[pb.AnnotateRequest]:
+            for i in range(40):
+                sent.append(i)
+                yield pb.AnnotateRequest(id=str(i), text="lung")
+                time.sleep(0.05)
+
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in stub.AnnotateStream(slow(), timeout=0.5):
+                got.append(r.id)
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0 < len(got) < 40
+        # The handler stops promptly: nothing in flight, no more captions annotated.
+        deadline = time.monotonic() + 3
+        while server.metrics.value("conceptsvc_inflight_requests") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.metrics.value("conceptsvc_inflight_requests") == 0
+        done = server.metrics.value("conceptsvc_captions_annotated_total", {"source": "engine"})
+        time.sleep(0.3)
+        assert server.metrics.value(
+            "conceptsvc_captions_annotated_total", {"source": "engine"}
+        ) == done
+        assert done < 40
+        # An already-expired unary deadline fails without being served.
+        c = ConceptClient(f"127.0.0.1:{port}", timeout=1e-6, retries=0)
+        assert _status(c.annotate, "lung") == "DEADLINE_EXCEEDED"
+        c.close()
+
+
+# -- health, draining and reload ---------------------------------------------------------------
+def _health(port: int, service: str = "") -> str:
+    stub = health_pb2_grpc.HealthStub(_channel(port))
+    resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+def test_server_health_not_serving_until_loaded(index_a: Path) -> None:
+    with running_server(settings_for(index_a), load=False) as (server, port):
+        assert _health(port) == "NOT_SERVING"
+        assert _health(port, "conceptsvc.v1.ConceptService") == "NOT_SERVING"
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            assert _status(c.annotate, "lung") == "FAILED_PRECONDITION"
+            assert _status(c.get_info) == "FAILED_PRECONDITION"
+            outcome = server.reload()
+            assert outcome.changed and outcome.previous_content_hash == ""
+            assert _health(port) == "SERVING"
+            assert c.annotate("lung").concepts == ("C0024109",)
+
+
+def test_server_drain_refuses_new_rpcs_and_finishes_in_flight(index_a: Path) -> None:
+    s = settings_for(index_a, drain_delay_seconds=0.6, grace_seconds=5)
+    server, port = create_server(s)
+    server.start()
+    stub = pb_grpc.ConceptServiceStub(_channel(port))
+    release = threading.Event()
+
+    def items() -> Iterator[pb.AnnotateRequest]:
+        yield pb.AnnotateRequest(id="before", text="lung")
+        release.wait(10)
+        yield pb.AnnotateRequest(id="after", text="heart")
+
+    in_flight = stub.AnnotateStream(items(), timeout=10)
+    assert next(in_flight).id == "before"
+    drainer = threading.Thread(target=server.drain)
+    drainer.start()
+    time.sleep(0.2)  # inside the drain delay: health says NOT_SERVING, RPCs are refused
+    assert _health(port) == "NOT_SERVING"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (err.value.details() or "")
+    release.set()
+    # The in-flight stream ends with UNAVAILABLE and nothing unanswered: its client resends
+    # the rest elsewhere (the item that was sent during the drain is answered first).
+    rest = []
+    with pytest.raises(grpc.RpcError) as err:
+        for r in in_flight:
+            rest.append(r.id)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert rest in ([], ["after"])
+    drainer.join(10)
+    assert not drainer.is_alive()
+    with pytest.raises(grpc.RpcError):
+        stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=1)
+
+
+def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:
+    s = settings_for(index_a, grace_seconds=5)
+    with running_server(s) as (server, port):
+        results: list[Any] = []
+        text = "lung " * 19_000  # slow enough to still be running when the drain starts
+
+        def call() -> None:
+            with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+                results.append(c.annotate(text).concepts)
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.monotonic() + 5
+        while not server.metrics.value("conceptsvc_inflight_requests"):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        server.drain()
+        t.join(10)
+        assert results == [("C0024109",)]
+
+
+def test_server_reload_under_load_without_failed_requests(
+    tmp_path: Path, index_a: Path
+) -> None:
+    path = build_index_a(tmp_path / "live-index")
+    s = settings_for(path, admin_token=ADMIN, threads=16)
+    errors: list[BaseException] = []
+    counts = {"unary": 0, "stream": 0}
+    stop = threading.Event()
+    with running_server(s) as (server, port):
+        target = f"127.0.0.1:{port}"
+
+        def unary_load() -> None:
+            with ConceptClient(target, retries=0) as c:
+                while not stop.is_set():
+                    try:
+                        c.annotate("Chest CT: pneumothorax and edema")
+                        counts["unary"] += 1
+                    except BaseException as exc:
+                        errors.append(exc)
+
+        def stream_load() -> None:
+            with ConceptClient(target, retries=0) as c:
+                while not stop.is_set():
+                    try:
+                        items = ((str(i), f"lung {i} heart") for i in range(50))
+                        for r in c.annotate_stream(items):
+                            if not r.ok:
+                                errors.append(AssertionError(r.error))
+                            counts["stream"] += 1
+                    except BaseException as exc:
+                        errors.append(exc)
+
+        # A stream opened before the reload stays on the old index to its end.
+        gate = threading.Event()
+        old_results: list[Any] = []
+
+        def pinned_items() -> Iterator[tuple[str, str]]:
+            yield "p1", "edema"
+            gate.wait(20)
+            yield "p2", "edema"
+
+        def pinned() -> None:
+            with ConceptClient(target, retries=0) as c:
+                old_results.extend(c.annotate_stream(pinned_items()))
+
+        workers = [threading.Thread(target=f) for f in (unary_load, unary_load, stream_load)]
+        pin = threading.Thread(target=pinned)
+        for w in [*workers, pin]:
+            w.start()
+        time.sleep(0.4)
+        with ConceptClient(target, admin_token=ADMIN) as admin:
+            assert admin.annotate("edema").concepts == ()
+            build_index_b(path)  # replaces the directory atomically, like a deployment
+            result = admin.reload_index()
+            assert result.changed and result.concepts == 8
+            assert admin.annotate("edema").concepts == ("C0013604",)
+            again = admin.reload_index()
+            assert not again.changed and again.content_hash == result.content_hash
+            time.sleep(0.3)
+            build_index_a(path)
+            server.reload()  # what SIGHUP does
+            assert admin.annotate("edema").concepts == ()
+        gate.set()
+        time.sleep(0.4)
+        stop.set()
+        for w in [*workers, pin]:
+            w.join(30)
+    assert errors == []
+    assert counts["unary"] > 20 and counts["stream"] > 50
+    assert [r.annotation.concepts for r in old_results] == [(), ()]
+
+
+def test_server_failed_reload_keeps_serving_the_old_index(tmp_path: Path) -> None:
+    path = build_index_a(tmp_path / "idx")
+    with running_server(settings_for(path, admin_token=ADMIN)) as (_, port):
+        (path / "keys.txt").write_text("tampered")
+        manifest = (path / "manifest.json").read_text()
+        (path / "manifest.json").write_text(manifest.replace('"test-A"', '"test-X"').replace(
+            '"content_hash": "', '"content_hash": "0'))
+        with ConceptClient(f"127.0.0.1:{port}", admin_token=ADMIN) as c:
+            with pytest.raises(ServiceCallError) as err:
+                c.reload_index()
+            assert err.value.status == "FAILED_PRECONDITION"
+            assert c.annotate("lung").concepts == ("C0024109",)
+            assert c.health() == "SERVING"
+
+
+# -- reflection --------------------------------------------------------------------------------
+def _reflected_services(port: int) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(_channel(port))
+    req = reflection_pb2.ServerReflectionRequest(list_services="")
+    resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=5)))
+    return sorted(s.name for s in resp.list_services_response.service)
+
+
+def test_server_reflection_lists_the_service_and_can_be_off(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (_, port):
+        names = _reflected_services(port)
+        assert "conceptsvc.v1.ConceptService" in names
+        assert "conceptsvc.v1.AdminService" in names and "grpc.health.v1.Health" in names
+    with running_server(settings_for(index_a, reflection=False)) as (_, port):
+        with pytest.raises(grpc.RpcError) as err:
+            _reflected_services(port)
+        assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+# -- Redis failing mid-stream ------------------------------------------------------------------
+def test_server_redis_killed_and_restarted_during_a_stream(
+    index_a: Path, redis_server: RedisServer
+) -> None:
+    texts = [f"case {i}: chest CT with pneumothorax" if i % 3 else f"lung {i}" for i in range(600)]
+    s = settings_for(
+        index_a, redis_url=redis_server.url, cache_size=0, redis_backoff_seconds=0.05,
+        redis_backoff_max_seconds=0.2, stream_batch_size=16,
+    )
+    with running_server(s) as (_, port):  # reference results, Redis up all the time
+        with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+            expected = [r.annotation for r in c.annotate_stream(enumerate_items(texts))]
+    redis.Redis.from_url(redis_server.url).flushall()
+    with running_server(s) as (server, port), ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+
+        def items() -> Iterator[tuple[str, str]]:
+            for i, text in enumerate_items(texts):
+                if i == "100":
+                    redis_server.stop()
+                elif i == "300":
+                    redis_server.start()
+                    time.sleep(0.3)  # let the backoff window pass
+                yield i, text
+
+        results = list(c.annotate_stream(items()))
+        assert all(r.ok for r in results)
+        assert [r.annotation for r in results] == expected
+        assert server.metrics.value("conceptsvc_redis_errors_total") >= 1
+        written_after = server.metrics.value(
+            "conceptsvc_cache_lookups_total", {"tier": "redis", "result": "miss"}
+        )
+        assert written_after > 0
+        # After the restart, results reached Redis again.
+        r = redis.Redis.from_url(redis_server.url)
+        assert len(r.keys("conceptsvc:*")) > 100
+        # And a second pass is served from Redis.
+        again = list(c.annotate_stream(enumerate_items(texts[400:])))
+        assert all(x.cached for x in again)
+
+
+def enumerate_items(texts: list[str]) -> Iterator[tuple[str, str]]:
+    return ((str(i), t) for i, t in enumerate(texts))
+
+
+def test_server_memory_cache_answers_repeats(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (server, port):
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+        first = stub.Annotate(pb.AnnotateRequest(id="1", text="Chest CT"), timeout=5)
+        second = stub.Annotate(pb.AnnotateRequest(id="2", text="Chest CT"), timeout=5)
+        assert not first.cached and second.cached and second.id == "2"
+        assert list(first.mentions) == list(second.mentions)
+        other = pb.AnnotateOptions(include_mentions=False)  # other options: another key
+        third = stub.Annotate(pb.AnnotateRequest(text="Chest CT", options=other), timeout=5)
+        assert not third.cached and not third.mentions
+        m = server.metrics
+        assert m.value("conceptsvc_cache_lookups_total", {"tier": "memory", "result": "hit"}) == 1
+        assert m.value("conceptsvc_captions_annotated_total", {"source": "cache"}) == 1
+
+
+# -- TLS and tokens ----------------------------------------------------------------------------
+def test_server_tls_and_mutual_tls(tmp_path: Path, index_a: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    s = settings_for(index_a, tls_cert=pki.server_cert, tls_key=pki.server_key)
+    with running_server(s) as (_, port):
+        with ConceptClient(f"localhost:{port}", ca_cert=pki.ca) as c:
+            assert c.annotate("lung").concepts == ("C0024109",)
+        with ConceptClient(f"127.0.0.1:{port}", ca_cert=pki.ca, retries=0, timeout=3) as c:
+            assert c.health() == "SERVING"  # the IP is in the certificate too
+        with ConceptClient(f"localhost:{port}", retries=0, timeout=3) as c:  # plaintext
+            assert _status(c.annotate, "lung") == "UNAVAILABLE"
+        with ConceptClient(f"localhost:{port}", ca_cert=pki.other_ca, retries=0, timeout=3) as c:
+            assert _status(c.annotate, "lung") == "UNAVAILABLE"  # untrusted server
+    s = settings_for(
+        index_a, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    with running_server(s) as (_, port):
+        with ConceptClient(
+            f"localhost:{port}", ca_cert=pki.ca, client_cert=pki.client_cert,
+            client_key=pki.client_key,
+        ) as c:
+            assert c.annotate("lung").concepts == ("C0024109",)
+        with ConceptClient(f"localhost:{port}", ca_cert=pki.ca, retries=0, timeout=3) as c:
+            assert _status(c.annotate, "lung") == "UNAVAILABLE"  # no client certificate
+
+
+def test_server_token_auth_accepts_and_rejects(index_a: Path) -> None:
+    s = settings_for(index_a, auth_token=TOKEN, admin_token=ADMIN)
+    with running_server(s) as (server, port):
+        t = f"127.0.0.1:{port}"
+        with ConceptClient(t, token=TOKEN) as c:
+            assert c.annotate("lung").concepts == ("C0024109",)
+            assert len(list(c.annotate_stream([("1", "lung")]))) == 1
+            assert _status(c.reload_index) == "PERMISSION_DENIED"  # user token, admin RPC
+        with ConceptClient(t, token=ADMIN) as c:  # the admin token works everywhere
+            assert c.get_concept("C0024109").preferred_name == "Lung"
+        with ConceptClient(t, token=TOKEN, admin_token=ADMIN) as c:
+            assert c.reload_index().changed is False
+        with ConceptClient(t) as c:
+            assert _status(c.annotate, "lung") == "UNAUTHENTICATED"
+            with pytest.raises(ServiceCallError) as err:
+                list(c.annotate_stream([("1", "lung")]))
+            assert err.value.status == "UNAUTHENTICATED"
+            assert _status(c.reload_index) == "UNAUTHENTICATED"
+            assert c.health() == "SERVING"  # probes need no token
+        with ConceptClient(t, token="x" * len(TOKEN)) as c:
+            assert _status(c.get_info) == "UNAUTHENTICATED"
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetInfo(pb.GetInfoRequest(), metadata=[("authorization", TOKEN)], timeout=5)
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED  # scheme missing
+        assert server.metrics.value(
+            "conceptsvc_requests_total", {"method": "Annotate", "code": "UNAUTHENTICATED"}
+        ) == 1
+
+
+def test_server_admin_rpc_disabled_without_admin_token(index_a: Path) -> None:
+    with running_server(settings_for(index_a, auth_token=TOKEN)) as (_, port):
+        with ConceptClient(f"127.0.0.1:{port}", token=TOKEN, admin_token=TOKEN) as c:
+            with pytest.raises(ServiceCallError) as err:
+                c.reload_index()
+            assert err.value.status == "PERMISSION_DENIED" and "disabled" in err.value.details
+
+
+# -- observability -----------------------------------------------------------------------------
+def test_server_metrics_count_rpcs_and_serve_over_http(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            c.annotate("lung")
+            list(c.annotate_stream([("1", "heart"), ("", "bad")]))
+            _status(c.get_concept, "C9999999")
+        m = server.metrics
+        assert m.value("conceptsvc_requests_total", {"method": "Annotate", "code": "OK"}) == 1
+        assert m.value("conceptsvc_requests_total", {"method": "AnnotateStream", "code": "OK"}) == 1
+        assert m.value(
+            "conceptsvc_requests_total", {"method": "GetConcept", "code": "NOT_FOUND"}
+        ) == 1
+        assert m.value(
+            "conceptsvc_request_duration_seconds_count", {"method": "Annotate", "code": "OK"}
+        ) == 1
+        assert m.value("conceptsvc_stream_item_errors_total", {"code": "INVALID_ARGUMENT"}) == 1
+        assert m.value("conceptsvc_captions_annotated_total", {"source": "engine"}) == 2
+        assert m.value("conceptsvc_index_concepts") == 7
+        http, _, mport = start_metrics_http_server(0, "127.0.0.1", m.registry)
+        try:
+            text = _scrape(mport)
+        finally:
+            http.shutdown()
+            http.server_close()
+        assert 'conceptsvc_requests_total{code="OK",method="Annotate"} 1.0' in text
+        assert "conceptsvc_cache_lookups_total" in text and "conceptsvc_index_keys" in text
+
+
+def test_server_caption_text_never_logged_unless_enabled(
+    index_a: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "Patient John Doe chest pneumothorax"
+    for enabled in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG), running_server(
+            settings_for(index_a, log_payloads=enabled)
+        ) as (_, port), ConceptClient(f"127.0.0.1:{port}") as c:
+            c.annotate(secret)
+            list(c.annotate_stream([("1", secret), ("2", secret + " x" * 100_000)]))
+            _status(c.annotate, secret, options=ExtractOptions(semantic_types=("bogus",)))
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert (secret in logged) is enabled
+
+
+# -- processes ---------------------------------------------------------------------------------
+def _serve_subprocess(*args: str, env: dict[str, str] | None = None) -> tuple[Any, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"serving on [\d.]+:(\d+)", line)
+    if not match:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"server did not start: {line!r}\n{err}")
+    return proc, int(match.group(1))
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def _metrics_worker_pids(port: int) -> set[str]:
+    text = _scrape(port)
+    return set(re.findall(r'conceptsvc_worker_up\{pid="(\d+)"\} 1\.0', text))
+
+
+@pytest.mark.slow
+def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Path) -> None:
+    from conftest import free_port
+
+    mport = free_port()
+    path = build_index_a(tmp_path / "idx")
+    proc, port = _serve_subprocess(
+        "--workers", "2", "--index", str(path), "--metrics-port", str(mport),
+        "--admin-token", ADMIN,
+    )
+    try:
+        pids = _metrics_worker_pids(mport)
+        assert len(pids) == 2 and str(proc.pid) not in pids
+        # Several connections, all answered; the kernel spreads them over both workers.
+        clients = [ConceptClient(f"127.0.0.1:{port}") for _ in range(8)]
+        for c in clients:
+            assert c.annotate("lung").concepts == ("C0024109",)
+        # An admin reload on one worker propagates to the other.
+        build_index_b(path)
+        with ConceptClient(f"127.0.0.1:{port}", admin_token=ADMIN) as admin:
+            assert admin.reload_index().changed
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(c.annotate("edema").concepts == ("C0013604",) for c in clients):
+                break
+            time.sleep(0.2)
+        assert all(c.annotate("edema").concepts == ("C0013604",) for c in clients)
+        # SIGHUP reloads every worker.
+        build_index_a(path)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(c.annotate("edema").concepts == () for c in clients):
+                break
+            time.sleep(0.2)
+        assert all(c.annotate("edema").concepts == () for c in clients)
+        # A killed worker is replaced.
+        victim = int(sorted(pids)[0])
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _metrics_worker_pids(mport)
+            if len(now) == 2 and str(victim) not in now:
+                break
+            time.sleep(0.2)
+        assert len(_metrics_worker_pids(mport)) == 2
+        for c in clients:
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.slow
+def test_server_sigterm_drains_a_single_process_server(index_a: Path) -> None:
+    proc, port = _serve_subprocess("--workers", "1", "--index", str(index_a))
+    try:
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            assert c.annotate("lung").concepts == ("C0024109",)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_server_cli_health_exit_codes(index_a: Path) -> None:
+    from conceptsvc.cli import main
+
+    with running_server(settings_for(index_a), load=False) as (server, port):
+        assert main(["health", "--target", f"127.0.0.1:{port}"]) == 1
+        server.reload()
+        assert main(["health", "--target", f"127.0.0.1:{port}"]) == 0
+        assert main(["health", "--target", f"127.0.0.1:{port}", "--service", "nope"]) == 1
+    from conftest import free_port
+
+    assert main(["health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "0.5"]) == 2
+
+
+def test_server_cli_serve_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from conceptsvc.cli import main
+    from conceptsvc.config import DefaultOptions, Settings
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for name in Settings.model_fields:
+        if name in ("defaults", "config_file"):
+            continue
+        assert "--" + name.replace("_", "-") in text, name
+        assert "CONCEPTSVC_" + name.upper() in text.replace("\n", "").replace(" ", "")
+    for name in DefaultOptions.model_fields:
+        assert "--default-" + name.replace("_", "-") in text, name
+    assert "--config" in text
+
+
+def test_server_cli_serve_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from conceptsvc.cli import main
+
+    assert main(["serve", "--workers", "0", "--default-mode", "fuzzy"]) == 2
+    err = capsys.readouterr().err
+    assert "workers" in err and "defaults.mode" in err and "E100" in err

@@ -97,8 +97,8 @@ def test_bench_peers_quickumls_baseline_and_build_timing(tmp_path: Path) -> None
 def test_bench_peers_errors_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="make peers"):
         bench_peers.peers_python(tmp_path / "no-venv" / "bin" / "python")
-    with pytest.raises(ConfigError, match="no MRCONSO.RRF"):
+    with pytest.raises(ConfigError, match=r"no MRCONSO\.RRF"):
         bench_peers.quickumls_build_timing(tmp_path, python=sys.executable)
-    with pytest.raises(ConfigError, match="valid_captions.csv not found"):
+    with pytest.raises(ConfigError, match=r"valid_captions\.csv not found"):
         bench_peers.run_peers(tmp_path, META, tmp_path / "out", python=sys.executable)
     assert bench_peers.main(["--peers", "quickumls", "--rocov2", str(tmp_path)]) == 2

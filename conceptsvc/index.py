@@ -1,47 +1,58 @@
 """The compiled concept index: built once offline, loaded fast, never written at request time.
 
-An index is a directory::
+An index is a directory (format 2)::
 
-    manifest.json        format/normaliser versions, source release, filters, counts, hashes
-    keys.txt             normalised term keys, UTF-8, one per line, sorted
-    key_offsets.npy      uint32[n_keys+1]: key i owns postings [off[i], off[i+1])
-    post_cui.npy         uint32 per posting: concept number
-    post_str.npy         uint32 per posting: string number (the original dictionary string)
-    post_sab.npy         uint16 per posting: source number (``sabs.txt``)
-    post_tty.npy         uint16 per posting: term-type number (``ttys.txt``)
-    post_flags.npy       uint8 per posting: FLAG_* bits
-    strings.bin          original strings, UTF-8, "\\n"-separated (newlines in strings become spaces)
-    string_offsets.npy   uint64[n_strings+1] byte offsets into strings.bin
-    cuis.txt             concept ids, one per line, concept number order
-    pref_str.npy         uint32 per concept: string number of the preferred name
-    sty_offsets.npy      uint32[n_cuis+1]; sty_codes.npy uint16: semantic types (``tuis.txt``)
-    cui_post_offsets.npy uint32[n_cuis+1]; cui_post.npy uint32: postings of each concept
-    first_tokens.txt     first token of every key; first_token_max.npy uint16: longest key (tokens)
+    manifest.json            format/normaliser versions, source release, filters, counts, hashes
+    keys.bin                 normalised term keys, sorted, UTF-8, each followed by "\\n"
+    keys_offsets.npy         uint64[n_keys+1]: key i is keys.bin[off[i] : off[i+1]-1]
+    keys_table.npy           uint64[2^k]: open-addressing hash table over the keys (see below)
+    post_offsets.npy         uint64[n_keys+1]: key i owns postings [off[i], off[i+1])
+    post_cui.npy             uint32 per posting: concept number (concepts are sorted by CUI)
+    post_str.npy             uint32 per posting: string number (the original dictionary string)
+    post_sab.npy             uint16 per posting: source number (``sabs.txt``)
+    post_tty.npy             uint16 per posting: term-type number (``ttys.txt``)
+    post_flags.npy           uint8 per posting: FLAG_* bits
+    strings.bin              original strings, UTF-8, "\\n"-terminated (newlines inside → spaces)
+    strings_offsets.npy      uint64[n_strings+1]
+    cuis.bin, cuis_offsets.npy, cuis_table.npy            concept ids, sorted, with hash table
+    concept_pref.npy         uint32 per concept: string number of the preferred name
+    concept_sty_offsets.npy  uint32[n_cuis+1]; concept_sty.npy uint16: semantic types (tuis.txt)
+    concept_post_offsets.npy uint64[n_cuis+1]; concept_post.npy uint32: postings of each concept
+    first_tokens.bin, first_tokens_offsets.npy, first_tokens_table.npy   first token of keys
+    first_token_max.npy      uint16 per first token: length in tokens of its longest key
     sabs.txt ttys.txt tuis.txt
 
-Why this shape: plain arrays memory-map in milliseconds and cost no RSS until touched, which is
-what lets a full UMLS (≈ 10 M keys) load in seconds; only the two dictionaries the matcher
-consults on every token (key → number, first token → longest key) are built in Python at load
-time. No pickle: ``np.load(allow_pickle=False)`` and text files only.
+Why this shape: a full UMLS has ~10 M keys, and building a Python ``dict`` of them costs ~10 s
+and ~1.5 GB at every start. Instead every lookup structure is a file that is memory-mapped:
+loading costs milliseconds and RSS grows only with the pages actually touched. Key → number is
+an open-addressing table of ``uint64`` entries ``(crc32(key) << 32) | (number + 1)`` (0 =
+empty slot, load factor ≤ 0.5, linear probing), so a lookup is one CRC, usually one probe and
+one byte comparison — about a microsecond from Python. Small indexes (the demo dictionary)
+additionally get plain dicts at load time, which are faster per lookup and cost little there.
+No pickle anywhere: ``np.load(allow_pickle=False)`` and text/byte files only.
 
-Integrity: every file's SHA-256 is in the manifest, and ``content_hash`` is the hash of those.
+Integrity: every file's SHA-256 is in the manifest and ``content_hash`` is the hash of those.
 Loading refuses an unknown format version, a normaliser version other than this code's, a
-missing file or a hash mismatch. Cache keys elsewhere include ``content_hash``, so a new
-dictionary can never be served stale results.
+missing or truncated file, or a hash mismatch. Cache keys elsewhere include ``content_hash``,
+so a new dictionary can never be served stale results.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import zlib
+from array import array
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
@@ -57,31 +68,39 @@ __all__ = [
     "ConceptInfo",
     "IndexBuilder",
     "Posting",
+    "build_index",
 ]
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 
 FLAG_PREFERRED = 1  # this string is the concept's preferred name
 FLAG_ABBREVIATION = 2  # an abbreviation/acronym (TTY AB/ACR/…, or a short all-caps string)
 FLAG_CASE_SENSITIVE = 4  # match only when the caption's surface has the same letter case
 
+# Tables with at most this many entries also get a Python dict at load time (faster lookups;
+# ~1 µs and ~150 bytes per entry to build, so only worth it when small).
+DICT_THRESHOLD = 300_000
+
+_STRTABS = ("keys", "strings", "cuis", "first_tokens")  # <name>.bin + <name>_offsets.npy
+_HASHED = ("keys", "cuis", "first_tokens")  # + <name>_table.npy
 _ARRAYS = (
-    "key_offsets",
+    "post_offsets",
     "post_cui",
     "post_str",
     "post_sab",
     "post_tty",
     "post_flags",
-    "string_offsets",
-    "pref_str",
-    "sty_offsets",
-    "sty_codes",
-    "cui_post_offsets",
-    "cui_post",
+    "concept_pref",
+    "concept_sty_offsets",
+    "concept_sty",
+    "concept_post_offsets",
+    "concept_post",
     "first_token_max",
 )
-_TEXTS = ("keys.txt", "cuis.txt", "first_tokens.txt", "sabs.txt", "ttys.txt", "tuis.txt")
-_BLOBS = ("strings.bin",)
+_TEXTS = ("sabs.txt", "ttys.txt", "tuis.txt")
+_EMPTY = 0
 
 
 class Posting(NamedTuple):
@@ -102,17 +121,20 @@ class ConceptInfo:
     sources: tuple[str, ...]
 
 
-def _read_lines(path: Path) -> list[str]:
-    data = path.read_bytes().decode("utf-8")
-    return data.split("\n") if data else []
+# -- files ----------------------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _hash_files(paths: Sequence[Path]) -> dict[str, str]:
+    """SHA-256 of every file; two threads (hashlib releases the GIL on large buffers)."""
+    big_first = sorted(paths, key=lambda p: -p.stat().st_size)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        digests = list(pool.map(_sha256, big_first))
+    return {p.name: h for p, h in zip(big_first, digests, strict=True)}
 
 
 def _content_hash(file_hashes: Mapping[str, str]) -> str:
@@ -122,35 +144,322 @@ def _content_hash(file_hashes: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
+def _read_lines(path: Path) -> list[str]:
+    data = path.read_bytes().decode("utf-8")
+    return data.split("\n") if data else []
+
+
+def _table_size(n: int) -> int:
+    size = 8
+    while size < 2 * n:
+        size <<= 1
+    return size
+
+
+def _build_hash_table(crcs: np.ndarray[Any, np.dtype[np.uint32]]) -> np.ndarray[Any, Any]:
+    """Open-addressing table (linear probing) over entries 0..n-1 with the given CRCs.
+
+    Vectorised in rounds: every unplaced entry tries its next slot; among those that find it
+    empty, the first claims it. An entry only ever moves past occupied slots, so a lookup that
+    probes from the home slot until an empty one always meets it.
+    """
+    n = len(crcs)
+    size = _table_size(n)
+    mask = np.uint64(size - 1)
+    table = np.zeros(size, dtype=np.uint64)
+    pending = np.arange(n, dtype=np.int64)
+    pos = crcs.astype(np.uint64) & mask
+    entries = (crcs.astype(np.uint64) << np.uint64(32)) | (np.arange(n, dtype=np.uint64) + 1)
+    while pending.size:
+        free = table[pos] == _EMPTY
+        cand, cpos = pending[free], pos[free]
+        slots, first = np.unique(cpos, return_index=True)
+        winners = cand[first]
+        table[slots] = entries[winners]
+        placed = np.zeros(n, dtype=bool)
+        placed[winners] = True
+        keep = ~placed[pending]
+        pending = pending[keep]
+        pos = (pos[keep] + np.uint64(1)) & mask
+    return table
+
+
+def _write_strtab(
+    d: Path, name: str, strings: Iterable[str], n: int, *, hashed: bool
+) -> None:
+    """Write ``<name>.bin`` + ``<name>_offsets.npy`` (+ ``<name>_table.npy`` if hashed)."""
+    lens = array("Q")
+    crcs = array("I")
+    crc32 = zlib.crc32
+    with (d / f"{name}.bin").open("wb", buffering=1 << 22) as fh:
+        write = fh.write
+        for s in strings:
+            e = s.encode("utf-8")
+            write(e)
+            write(b"\n")
+            lens.append(len(e) + 1)
+            if hashed:
+                crcs.append(crc32(e))
+    if len(lens) != n:
+        raise IndexError_(f"internal: {name} has {len(lens)} entries, expected {n}")
+    off = np.zeros(n + 1, dtype=np.uint64)
+    if n:
+        np.cumsum(np.frombuffer(lens, dtype=np.uint64), out=off[1:])
+    np.save(d / f"{name}_offsets.npy", off, allow_pickle=False)
+    if hashed:
+        table = _build_hash_table(np.frombuffer(crcs, dtype=np.uint32) if n else np.zeros(
+            0, dtype=np.uint32))
+        np.save(d / f"{name}_table.npy", table, allow_pickle=False)
+
+
+# -- loaded string tables -------------------------------------------------------------------
+
+
+class _StringTable:
+    """Strings stored as one UTF-8 blob plus offsets, with an optional on-disk hash table."""
+
+    __slots__ = ("_blob", "_dict", "_mask", "_n", "_off", "_table")
+
+    def __init__(self, blob: memoryview, offsets: memoryview, table: memoryview | None) -> None:
+        self._blob = blob
+        self._off = offsets
+        self._n = len(offsets) - 1
+        self._table = table
+        self._mask = len(table) - 1 if table is not None else 0
+        self._dict: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def string(self, i: int) -> str:
+        off = self._off
+        return str(self._blob[off[i] : off[i + 1] - 1], "utf-8")
+
+    def materialize(self) -> None:
+        """Build a dict for lookups (small tables only: it costs time and memory)."""
+        self._dict = {s: i for i, s in enumerate(self)}
+
+    def find(self, s: str) -> int:
+        """Number of ``s``, or -1."""
+        d = self._dict
+        if d is not None:
+            return d.get(s, -1)
+        tab = self._table
+        if tab is None:
+            raise IndexError_("internal: lookup in a table without a hash index")
+        e = s.encode("utf-8")
+        h = zlib.crc32(e)
+        mask = self._mask
+        slot = h & mask
+        off, blob = self._off, self._blob
+        while True:
+            entry = tab[slot]
+            if entry == _EMPTY:
+                return -1
+            if entry >> 32 == h:
+                i = (entry & 0xFFFFFFFF) - 1
+                if blob[off[i] : off[i + 1] - 1] == e:
+                    return i
+            slot = (slot + 1) & mask
+
+    def __iter__(self) -> Iterator[str]:
+        blob = bytes(self._blob)
+        if not blob:
+            return iter(())
+        return iter(blob[:-1].decode("utf-8").split("\n"))
+
+
+class _IdMap(Mapping[str, int]):
+    """Read-only Mapping view: string → its number (or ``values[number]``)."""
+
+    __slots__ = ("_tab", "_values")
+
+    def __init__(self, tab: _StringTable, values: memoryview | None = None) -> None:
+        self._tab = tab
+        self._values = values
+
+    def get(self, key: str, default: Any = None) -> Any:
+        i = self._tab.find(key)
+        if i < 0:
+            return default
+        return i if self._values is None else self._values[i]
+
+    def __getitem__(self, key: str) -> int:
+        i = self._tab.find(key)
+        if i < 0:
+            raise KeyError(key)
+        return i if self._values is None else int(self._values[i])
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._tab.find(key) >= 0
+
+    def __len__(self) -> int:
+        return len(self._tab)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tab)
+
+    def items(self) -> ItemsView[str, int]:
+        """In table order, without a hash lookup per item (whole-index scans use this)."""
+        return _Items(self)
+
+    def _pairs(self) -> Iterator[tuple[str, int]]:
+        if self._values is None:
+            return zip(self._tab, range(len(self._tab)), strict=True)
+        return zip(self._tab, self._values.tolist(), strict=True)
+
+
+class _Items(ItemsView[str, int]):
+    _mapping: _IdMap
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return self._mapping._pairs()
+
+
+class _FastIdMap(_IdMap):
+    """The same view over a materialised dict (small indexes): plain dict speed."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, tab: _StringTable, values: memoryview | None = None) -> None:
+        super().__init__(tab, values)
+        if values is None:
+            self._d = {s: i for i, s in enumerate(tab)}
+        else:
+            self._d = {s: int(values[i]) for i, s in enumerate(tab)}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._d.get(key, default)
+
+    def __getitem__(self, key: str) -> int:
+        return self._d[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+
+class _StringList(Sequence[str]):
+    """Read-only Sequence view of a string table (``ConceptIndex.cuis``)."""
+
+    __slots__ = ("_tab",)
+
+    def __init__(self, tab: _StringTable) -> None:
+        self._tab = tab
+
+    def __len__(self) -> int:
+        return len(self._tab)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        n = len(self._tab)
+        if isinstance(i, slice):
+            return [self._tab.string(j) for j in range(*i.indices(n))]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("concept number out of range")
+        return self._tab.string(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tab)
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and self._tab.find(value) >= 0
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        i = self._tab.find(value) if isinstance(value, str) else -1
+        if i < 0 or i < start or (stop is not None and i >= stop):
+            raise ValueError(f"{value!r} is not in the index")
+        return i
+
+
+def _mv(a: np.ndarray[Any, Any]) -> memoryview:
+    # memoryview indexing returns Python ints ~6x faster than numpy scalar indexing.
+    return memoryview(a)  # type: ignore[arg-type]
+
+
 class ConceptIndex:
     """A loaded index. Immutable; safe to share between threads."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, path: Path, manifest: dict[str, Any], *, materialize: bool | None = None
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.content_hash: str = manifest["content_hash"]
-        a = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+        a = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in (
+            *_ARRAYS, *(f"{t}_offsets" for t in _STRTABS), *(f"{t}_table" for t in _HASHED)
+        )}
         self._a = a
-        keys = _read_lines(path / "keys.txt")
-        self._key_ids: dict[str, int] = dict(zip(keys, range(len(keys)), strict=True))
-        self.cuis: list[str] = _read_lines(path / "cuis.txt")
-        self._cui_ids: dict[str, int] = dict(zip(self.cuis, range(len(self.cuis)), strict=True))
-        firsts = _read_lines(path / "first_tokens.txt")
-        self._first_max: dict[str, int] = dict(
-            zip(firsts, np.asarray(a["first_token_max"]).tolist(), strict=True)
-        )
+        tabs: dict[str, _StringTable] = {}
+        for t in _STRTABS:
+            bin_path = path / f"{t}.bin"
+            blob = (
+                memoryview(np.memmap(bin_path, dtype=np.uint8, mode="r"))  # type: ignore[arg-type]
+                if bin_path.stat().st_size
+                else memoryview(b"")
+            )
+            table = _mv(a[f"{t}_table"]) if t in _HASHED else None
+            tabs[t] = _StringTable(blob, _mv(a[f"{t}_offsets"]), table)
+        self._check_shapes(tabs)
+        self._keys, self._strings, self._cuis = tabs["keys"], tabs["strings"], tabs["cuis"]
+        self._firsts = tabs["first_tokens"]
+        self._m = {name: _mv(a[name]) for name in _ARRAYS}
+        small = materialize if materialize is not None else len(self._keys) <= DICT_THRESHOLD
+        if small:
+            self._cuis.materialize()
+            self._key_ids: _IdMap = _FastIdMap(self._keys)
+            self._first_max: _IdMap = _FastIdMap(self._firsts, self._m["first_token_max"])
+        else:
+            self._key_ids = _IdMap(self._keys)
+            self._first_max = _IdMap(self._firsts, self._m["first_token_max"])
+        self.cuis: Sequence[str] = _StringList(self._cuis)
         self.sabs = _read_lines(path / "sabs.txt")
         self.ttys = _read_lines(path / "ttys.txt")
         self.tuis = _read_lines(path / "tuis.txt")
-        self._strings = np.memmap(path / "strings.bin", dtype=np.uint8, mode="r") if (
-            path / "strings.bin"
-        ).stat().st_size else np.zeros(0, dtype=np.uint8)
-        self.max_key_tokens = max(self._first_max.values(), default=0)
+        ftm = a["first_token_max"]
+        self.max_key_tokens = int(ftm.max()) if len(ftm) else 0
+
+    def _check_shapes(self, tabs: Mapping[str, _StringTable]) -> None:
+        """Cheap structural checks, so a truncated index fails at load even unverified."""
+        a = self._a
+        n_keys, n_cuis = len(tabs["keys"]), len(tabs["cuis"])
+        n_post = len(a["post_cui"])
+        problems = []
+        for t, tab in tabs.items():
+            end = int(a[f"{t}_offsets"][-1])
+            if end != len(tab._blob):
+                problems.append(f"{t}.bin has {len(tab._blob)} bytes, offsets say {end}")
+        if len(a["post_offsets"]) != n_keys + 1 or int(a["post_offsets"][-1]) != n_post:
+            problems.append("post_offsets does not match keys/postings")
+        for name in ("post_str", "post_sab", "post_tty", "post_flags", "concept_post"):
+            if len(a[name]) != n_post:
+                problems.append(f"{name} has {len(a[name])} entries, expected {n_post}")
+        for name, n in (("concept_pref", n_cuis), ("concept_sty_offsets", n_cuis + 1),
+                        ("concept_post_offsets", n_cuis + 1),
+                        ("first_token_max", len(tabs["first_tokens"]))):
+            if len(a[name]) != n:
+                problems.append(f"{name} has {len(a[name])} entries, expected {n}")
+        if problems:
+            raise IndexError_(
+                f"{self.path}: index is truncated or inconsistent ({'; '.join(problems)}); "
+                "rebuild it."
+            )
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> ConceptIndex:
-        """Open an index directory; ``verify`` checks every file against the manifest hashes."""
+    def load(
+        cls, path: str | os.PathLike[str], *, verify: bool = True, materialize: bool | None = None
+    ) -> ConceptIndex:
+        """Open an index directory.
+
+        ``verify`` checks every file against the manifest hashes (≈1 s per GB on this
+        hardware, two threads). ``materialize`` forces (True) or forbids (False) building
+        Python dicts for the lookups; by default only small indexes get them.
+        """
         p = Path(path)
         mpath = p / "manifest.json"
         if not mpath.is_file():
@@ -162,6 +471,8 @@ class ConceptIndex:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise IndexError_(f"{mpath}: unreadable manifest ({exc}); rebuild the index.") from exc
+        if not isinstance(manifest, dict):
+            raise IndexError_(f"{mpath}: manifest is not a JSON object; rebuild the index.")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise IndexError_(
@@ -174,31 +485,38 @@ class ConceptIndex:
                 f"this conceptsvc normalises with {NORMALIZER_VERSION!r}; its keys would not "
                 "match captions. Rebuild the index."
             )
-        files: dict[str, str] = manifest.get("files", {})
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise IndexError_(f"{mpath}: manifest lists no files; rebuild the index.")
         for name in files:
             if not (p / name).is_file():
                 raise IndexError_(f"{p}: index file {name} is missing; the index is truncated.")
         if _content_hash(files) != manifest.get("content_hash"):
             raise IndexError_(f"{p}: manifest content_hash does not match its file list.")
         if verify:
+            actual = _hash_files([p / name for name in files])
             for name, expected in files.items():
-                if _sha256(p / name) != expected:
+                if actual[name] != expected:
                     raise IndexError_(
                         f"{p}/{name}: content hash mismatch — the index is corrupt or was "
                         "modified after it was built. Rebuild it."
                     )
         try:
-            return cls(p, manifest)
-        except (OSError, ValueError, KeyError) as exc:
+            return cls(p, manifest, materialize=materialize)
+        except IndexError_:
+            raise
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
             raise IndexError_(f"{p}: cannot load index ({exc}); rebuild it.") from exc
 
     # -- lookups used by the matcher (hot path) ----------------------------------------------
     def key_id(self, key: str) -> int | None:
-        return self._key_ids.get(key)
+        result: int | None = self._key_ids.get(key)
+        return result
 
     def max_tokens_from(self, first_token: str) -> int:
         """Length in tokens of the longest key starting with ``first_token`` (0 if none)."""
-        return self._first_max.get(first_token, 0)
+        result: int = self._first_max.get(first_token, 0)
+        return result
 
     @property
     def first_token_max(self) -> Mapping[str, int]:
@@ -214,68 +532,90 @@ class ConceptIndex:
         return () if kid is None else self.postings_of(kid)
 
     def postings_of(self, key_id: int) -> tuple[Posting, ...]:
-        a = self._a
-        lo, hi = int(a["key_offsets"][key_id]), int(a["key_offsets"][key_id + 1])
-        return tuple(self._posting(i) for i in range(lo, hi))
+        off = self._m["post_offsets"]
+        return tuple(self._posting(i) for i in range(off[key_id], off[key_id + 1]))
 
     def _posting(self, i: int) -> Posting:
-        a = self._a
+        m = self._m
         return Posting(
-            self.cuis[int(a["post_cui"][i])],
-            self.string(int(a["post_str"][i])),
-            self.sabs[int(a["post_sab"][i])],
-            self.ttys[int(a["post_tty"][i])],
-            int(a["post_flags"][i]),
+            self._cuis.string(m["post_cui"][i]),
+            self._strings.string(m["post_str"][i]),
+            self.sabs[m["post_sab"][i]],
+            self.ttys[m["post_tty"][i]],
+            m["post_flags"][i],
         )
 
+    def key(self, key_id: int) -> str:
+        return self._keys.string(key_id)
+
     def keys(self) -> Iterator[str]:
-        return iter(self._key_ids)
+        """Every normalised key, in sorted order."""
+        return iter(self._keys)
+
+    @property
+    def n_keys(self) -> int:
+        return len(self._keys)
+
+    def ambiguous_keys(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """Every key whose postings name more than one concept, with those CUIs (sorted)."""
+        pc = np.asarray(self._a["post_cui"])
+        off = np.asarray(self._a["post_offsets"]).astype(np.int64)
+        if not len(pc):
+            return
+        new = np.ones(len(pc), dtype=np.int64)
+        new[1:] = pc[1:] != pc[:-1]
+        new[off[:-1]] = 1  # the first posting of every key starts a new concept
+        distinct = np.add.reduceat(new, off[:-1])
+        for kid in np.flatnonzero(distinct > 1).tolist():
+            cids = dict.fromkeys(pc[off[kid] : off[kid + 1]].tolist())
+            yield self._keys.string(kid), tuple(self._cuis.string(c) for c in cids)
 
     # -- concepts ----------------------------------------------------------------------------
     def string(self, sid: int) -> str:
-        off = self._a["string_offsets"]
-        return bytes(self._strings[int(off[sid]) : int(off[sid + 1]) - 1]).decode("utf-8")
+        return self._strings.string(sid)
 
     def __contains__(self, cui: object) -> bool:
-        return cui in self._cui_ids
+        return isinstance(cui, str) and self._cuis.find(cui) >= 0
 
     def __len__(self) -> int:
-        return len(self.cuis)
+        return len(self._cuis)
 
     def concept(self, cui: str) -> ConceptInfo | None:
-        cid = self._cui_ids.get(cui)
-        if cid is None:
+        cid = self._cuis.find(cui)
+        if cid < 0:
             return None
-        a = self._a
+        m = self._m
+        lo, hi = m["concept_post_offsets"][cid], m["concept_post_offsets"][cid + 1]
+        post, sab = m["concept_post"], m["post_sab"]
+        sabs = {self.sabs[sab[post[i]]] for i in range(lo, hi)}
         return ConceptInfo(
             cui=cui,
-            preferred_name=self.string(int(a["pref_str"][cid])),
+            preferred_name=self._strings.string(m["concept_pref"][cid]),
             semantic_types=self.semantic_types_of(cid),
-            sources=tuple(sorted({p.sab for p in self.concept_postings(cui)})),
+            sources=tuple(sorted(sabs)),
         )
 
     def semantic_types_of(self, cid: int) -> tuple[str, ...]:
-        a = self._a
-        lo, hi = int(a["sty_offsets"][cid]), int(a["sty_offsets"][cid + 1])
-        return tuple(self.tuis[int(c)] for c in a["sty_codes"][lo:hi])
+        m = self._m
+        lo, hi = m["concept_sty_offsets"][cid], m["concept_sty_offsets"][cid + 1]
+        codes = m["concept_sty"]
+        return tuple(self.tuis[codes[i]] for i in range(lo, hi))
 
     def concept_postings(self, cui: str) -> tuple[Posting, ...]:
-        """Every string of a concept (its synonyms), in build order."""
-        cid = self._cui_ids.get(cui)
-        if cid is None:
+        """Every string of a concept (its synonyms), in key order."""
+        cid = self._cuis.find(cui)
+        if cid < 0:
             return ()
-        a = self._a
-        lo, hi = int(a["cui_post_offsets"][cid]), int(a["cui_post_offsets"][cid + 1])
-        return tuple(self._posting(int(i)) for i in a["cui_post"][lo:hi])
+        m = self._m
+        lo, hi = m["concept_post_offsets"][cid], m["concept_post_offsets"][cid + 1]
+        post = m["concept_post"]
+        return tuple(self._posting(post[i]) for i in range(lo, hi))
 
 
-@dataclass
-class _TermRow:
-    cui: int
-    string: int
-    sab: int
-    tty: int
-    flags: int
+# -- building -------------------------------------------------------------------------------
+
+_NO_KEY = -1  # the string normalises to nothing
+_KEY_UNKNOWN = -2  # interned as a preferred name only; key not computed yet
 
 
 @dataclass
@@ -283,7 +623,10 @@ class IndexBuilder:
     """Accumulates concepts and terms, then writes an index directory.
 
     The caller (``conceptsvc.dictionary``) has already filtered and chosen preferred names;
-    this class only normalises, deduplicates and lays out the arrays.
+    this class only normalises, deduplicates and lays out the arrays. It is built for a full
+    UMLS: one Python dict entry per distinct string and per distinct key, everything per
+    posting in compact ``array`` columns, and the layout done with numpy sorts at the end.
+    Each distinct string is normalised once, however many sources carry it.
     """
 
     source_release: str = "unknown"
@@ -293,77 +636,122 @@ class IndexBuilder:
 
     def __post_init__(self) -> None:
         self._cui_ids: dict[str, int] = {}
-        self._cuis: list[str] = []
-        self._pref: dict[int, int] = {}
-        self._stys: dict[int, tuple[str, ...]] = {}
+        self._pref = array("q")  # per concept: preferred string number, -1 unset
+        self._sty = array("I")  # per concept: index into self._sty_sets
+        self._sty_sets: list[tuple[str, ...]] = [()]
+        self._sty_ids: dict[tuple[str, ...], int] = {(): 0}
         self._strings: dict[str, int] = {}
-        self._string_list: list[str] = []
+        self._str_key = array("q")  # per string: key number, _NO_KEY or _KEY_UNKNOWN
+        self._keys: dict[str, int] = {}
+        self._first_max: dict[str, int] = {}
         self._sab_ids: dict[str, int] = {}
         self._tty_ids: dict[str, int] = {}
-        self._by_key: dict[str, dict[tuple[int, int, int, int], int]] = {}
+        self._p_cid = array("I")
+        self._p_sid = array("I")
+        self._p_sab = array("H")
+        self._p_tty = array("H")
+        self._p_flags = array("B")
 
-    def _intern(self, table: dict[str, int], value: str) -> int:
+    @staticmethod
+    def _intern(table: dict[str, int], value: str, what: str) -> int:
         i = table.get(value)
         if i is None:
+            if "\n" in value or not value:
+                raise IndexError_(f"invalid {what} {value!r}: empty or contains a newline")
             i = table[value] = len(table)
         return i
 
     def _cui(self, cui: str) -> int:
         i = self._cui_ids.get(cui)
         if i is None:
-            i = self._cui_ids[cui] = len(self._cuis)
-            self._cuis.append(cui)
+            if not cui or "\n" in cui:
+                raise IndexError_(f"invalid concept id {cui!r}: empty or contains a newline")
+            i = self._cui_ids[cui] = len(self._cui_ids)
+            self._pref.append(-1)
+            self._sty.append(0)
         return i
 
     def _string(self, s: str) -> int:
-        s = s.replace("\n", " ").replace("\r", " ")
         i = self._strings.get(s)
         if i is None:
-            i = self._strings[s] = len(self._string_list)
-            self._string_list.append(s)
+            if "\n" in s or "\r" in s:
+                s = s.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+                return self._string(s)
+            i = self._strings[s] = len(self._str_key)
+            self._str_key.append(_KEY_UNKNOWN)
         return i
+
+    def _key_of(self, sid: int, s: str) -> int:
+        kid = self._str_key[sid]
+        if kid != _KEY_UNKNOWN:
+            return kid
+        key = normalize_term(s)
+        if not key:
+            kid = _NO_KEY
+        else:
+            kid = self._keys.get(key, -1)
+            if kid < 0:
+                kid = self._keys[key] = len(self._keys)
+                first, _, _ = key.partition(" ")
+                ntok = key.count(" ") + 1
+                if ntok > self._first_max.get(first, 0):
+                    self._first_max[first] = ntok
+        self._str_key[sid] = kid
+        return kid
 
     def set_concept(
         self, cui: str, *, preferred_name: str, semantic_types: Sequence[str]
     ) -> None:
         cid = self._cui(cui)
         self._pref[cid] = self._string(preferred_name)
-        self._stys[cid] = tuple(dict.fromkeys(semantic_types))
+        stys = tuple(dict.fromkeys(semantic_types))
+        for t in stys:
+            if not t or "\n" in t:
+                raise IndexError_(f"invalid semantic type {t!r} for {cui}")
+        sid = self._sty_ids.get(stys)
+        if sid is None:
+            sid = self._sty_ids[stys] = len(self._sty_sets)
+            self._sty_sets.append(stys)
+        self._sty[cid] = sid
 
     def add_term(self, cui: str, string: str, *, sab: str, tty: str, flags: int = 0) -> bool:
         """Add one dictionary string; returns False if it normalises to nothing."""
-        key = normalize_term(string)
-        if not key:
-            return False
-        cid = self._cui(cui)
         sid = self._string(string)
-        row = (cid, sid, self._intern(self._sab_ids, sab), self._intern(self._tty_ids, tty))
-        postings = self._by_key.setdefault(key, {})
-        postings[row] = postings.get(row, 0) | flags
+        kid = self._key_of(sid, string)
+        if kid < 0:
+            return False
+        self._p_cid.append(self._cui(cui))
+        self._p_sid.append(sid)
+        self._p_sab.append(self._intern(self._sab_ids, sab, "source"))
+        self._p_tty.append(self._intern(self._tty_ids, tty, "term type"))
+        self._p_flags.append(flags & 0xFF)
         return True
 
     @property
     def n_concepts(self) -> int:
-        return len(self._cuis)
+        return len(self._cui_ids)
+
+    @property
+    def n_keys(self) -> int:
+        return len(self._keys)
 
     def write(self, out: str | os.PathLike[str]) -> Path:
         """Write the index to ``out`` atomically (a temp dir renamed into place)."""
         out_path = Path(out)
-        for cid, cui in enumerate(self._cuis):
-            if cid not in self._pref:
+        for cui, cid in self._cui_ids.items():
+            if self._pref[cid] < 0:
                 raise IndexError_(f"concept {cui} has terms but no preferred name was set")
+        if out_path.exists() and not (out_path / "manifest.json").is_file():
+            raise IndexError_(
+                f"{out_path} exists and is not an index; choose an empty --out path."
+            )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".index-", dir=out_path.parent))
         try:
             self._write_files(tmp)
             if out_path.exists():
-                if not (out_path / "manifest.json").is_file():
-                    raise IndexError_(
-                        f"{out_path} exists and is not an index; choose an empty --out path."
-                    )
-                old = out_path.with_name(out_path.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
+                old = Path(tempfile.mkdtemp(prefix=".index-old-", dir=out_path.parent))
+                old.rmdir()
                 out_path.rename(old)
                 tmp.rename(out_path)
                 shutil.rmtree(old)
@@ -375,70 +763,103 @@ class IndexBuilder:
         return out_path
 
     def _write_files(self, d: Path) -> None:
-        keys = sorted(self._by_key)
-        key_off = np.zeros(len(keys) + 1, dtype=np.uint32)
-        rows: list[tuple[int, int, int, int, int]] = []
-        first_max: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            postings = self._by_key[k]
-            for (cid, sid, sab, tty), fl in sorted(postings.items()):
-                flags = fl | (FLAG_PREFERRED if self._pref.get(cid) == sid else 0)
-                rows.append((cid, sid, sab, tty, flags))
-            key_off[i + 1] = len(rows)
-            toks = k.split(" ")
-            if len(toks) > first_max.get(toks[0], 0):
-                first_max[toks[0]] = len(toks)
-        arr = np.array(rows, dtype=np.int64).reshape(-1, 5)
-        tuis = sorted({t for ts in self._stys.values() for t in ts})
-        tui_ids = {t: i for i, t in enumerate(tuis)}
-        sty_off = np.zeros(len(self._cuis) + 1, dtype=np.uint32)
-        sty_codes: list[int] = []
-        for cid in range(len(self._cuis)):
-            sty_codes.extend(tui_ids[t] for t in self._stys.get(cid, ()))
-            sty_off[cid + 1] = len(sty_codes)
-        order = np.argsort(arr[:, 0], kind="stable") if len(arr) else np.zeros(0, dtype=np.int64)
-        counts = np.bincount(arr[:, 0], minlength=len(self._cuis)) if len(arr) else np.zeros(
-            len(self._cuis), dtype=np.int64
+        n_keys, n_cuis, n_str = len(self._keys), len(self._cui_ids), len(self._str_key)
+        # Keys and concepts are renumbered in sorted order (binary-stable, reproducible).
+        sorted_keys = sorted(self._keys)
+        key_rank = np.empty(n_keys, dtype=np.int64)
+        key_rank[np.fromiter((self._keys[k] for k in sorted_keys), np.int64, n_keys)] = (
+            np.arange(n_keys)
         )
-        cui_post_off = np.zeros(len(self._cuis) + 1, dtype=np.uint32)
-        np.cumsum(counts, out=cui_post_off[1:])
-        encoded = [s.encode("utf-8") + b"\n" for s in self._string_list]
-        str_off = np.zeros(len(encoded) + 1, dtype=np.uint64)
-        np.cumsum([len(e) for e in encoded], out=str_off[1:])
-        (d / "strings.bin").write_bytes(b"".join(encoded))
-        firsts = sorted(first_max)
+        sorted_cuis = sorted(self._cui_ids)
+        cid_rank = np.empty(n_cuis, dtype=np.int64)
+        cid_rank[np.fromiter((self._cui_ids[c] for c in sorted_cuis), np.int64, n_cuis)] = (
+            np.arange(n_cuis)
+        )
+        str_key = np.frombuffer(self._str_key, dtype=np.int64) if n_str else np.zeros(
+            0, np.int64)
+
+        def col(a: array[int], dtype: Any) -> np.ndarray[Any, Any]:
+            return np.frombuffer(a, dtype=dtype) if len(a) else np.zeros(0, dtype=dtype)
+
+        p_sid = col(self._p_sid, np.uint32).astype(np.int64)
+        p_key = key_rank[str_key[p_sid]] if len(p_sid) else np.zeros(0, np.int64)
+        p_cid = cid_rank[col(self._p_cid, np.uint32)] if len(p_sid) else np.zeros(0, np.int64)
+        p_sab = col(self._p_sab, np.uint16)
+        p_tty = col(self._p_tty, np.uint16)
+        p_flags = col(self._p_flags, np.uint8)
+        order = np.lexsort((p_tty, p_sab, p_sid, p_cid, p_key))
+        p_key, p_cid, p_sid = p_key[order], p_cid[order], p_sid[order]
+        p_sab, p_tty, p_flags = p_sab[order], p_tty[order], p_flags[order]
+        del order
+        # Duplicate rows (same key, concept, string, source, term type) merge; flags OR.
+        if len(p_key):
+            first = np.ones(len(p_key), dtype=bool)
+            first[1:] = (
+                (p_key[1:] != p_key[:-1]) | (p_cid[1:] != p_cid[:-1]) | (p_sid[1:] != p_sid[:-1])
+                | (p_sab[1:] != p_sab[:-1]) | (p_tty[1:] != p_tty[:-1])
+            )
+            starts = np.flatnonzero(first)
+            p_flags = np.bitwise_or.reduceat(p_flags, starts).astype(np.uint8)
+            p_key, p_cid, p_sid = p_key[starts], p_cid[starts], p_sid[starts]
+            p_sab, p_tty = p_sab[starts], p_tty[starts]
+        pref_old = col(self._pref, np.int64)
+        pref = np.empty(n_cuis, dtype=np.uint32)
+        pref[cid_rank] = pref_old
+        if len(p_key):
+            p_flags |= np.where(pref[p_cid] == p_sid, FLAG_PREFERRED, 0).astype(np.uint8)
+        n_post = len(p_key)
+        post_off = np.zeros(n_keys + 1, dtype=np.uint64)
+        np.cumsum(np.bincount(p_key, minlength=n_keys), out=post_off[1:])
+        # Semantic types per concept (new order).
+        tuis = sorted({t for ts in self._sty_sets for t in ts})
+        tui_ids = {t: i for i, t in enumerate(tuis)}
+        sty_of_old = col(self._sty, np.uint32)
+        sty_sets = [self._sty_sets[s] for s in sty_of_old[np.argsort(cid_rank)].tolist()]
+        sty_off = np.zeros(n_cuis + 1, dtype=np.uint32)
+        np.cumsum([len(s) for s in sty_sets], out=sty_off[1:])
+        sty_codes = np.fromiter(
+            (tui_ids[t] for s in sty_sets for t in s), dtype=np.uint16, count=int(sty_off[-1])
+        )
+        # Postings of each concept.
+        cpost = np.argsort(p_cid, kind="stable").astype(np.uint32)
+        cpost_off = np.zeros(n_cuis + 1, dtype=np.uint64)
+        np.cumsum(np.bincount(p_cid, minlength=n_cuis), out=cpost_off[1:])
+        firsts = sorted(self._first_max)
         arrays: dict[str, np.ndarray[Any, Any]] = {
-            "key_offsets": key_off,
-            "post_cui": arr[:, 0].astype(np.uint32),
-            "post_str": arr[:, 1].astype(np.uint32),
-            "post_sab": arr[:, 2].astype(np.uint16),
-            "post_tty": arr[:, 3].astype(np.uint16),
-            "post_flags": arr[:, 4].astype(np.uint8),
-            "string_offsets": str_off,
-            "pref_str": np.array(
-                [self._pref[c] for c in range(len(self._cuis))], dtype=np.uint32
+            "post_offsets": post_off,
+            "post_cui": p_cid.astype(np.uint32),
+            "post_str": p_sid.astype(np.uint32),
+            "post_sab": p_sab.astype(np.uint16),
+            "post_tty": p_tty.astype(np.uint16),
+            "post_flags": p_flags.astype(np.uint8),
+            "concept_pref": pref,
+            "concept_sty_offsets": sty_off,
+            "concept_sty": sty_codes,
+            "concept_post_offsets": cpost_off,
+            "concept_post": cpost,
+            "first_token_max": np.array(
+                [self._first_max[f] for f in firsts], dtype=np.uint16
             ),
-            "sty_offsets": sty_off,
-            "sty_codes": np.array(sty_codes, dtype=np.uint16),
-            "cui_post_offsets": cui_post_off,
-            "cui_post": order.astype(np.uint32),
-            "first_token_max": np.array([first_max[f] for f in firsts], dtype=np.uint16),
         }
-        for name, a in arrays.items():
-            np.save(d / f"{name}.npy", a, allow_pickle=False)
-        texts = {
-            "keys.txt": keys,
-            "cuis.txt": self._cuis,
-            "first_tokens.txt": firsts,
-            "sabs.txt": list(self._sab_ids),
-            "ttys.txt": list(self._tty_ids),
-            "tuis.txt": tuis,
-        }
+        for name, arr in arrays.items():
+            np.save(d / f"{name}.npy", arr, allow_pickle=False)
+        _write_strtab(d, "keys", sorted_keys, n_keys, hashed=True)
+        del sorted_keys
+        _write_strtab(d, "strings", self._strings, n_str, hashed=False)
+        _write_strtab(d, "cuis", sorted_cuis, n_cuis, hashed=True)
+        _write_strtab(d, "first_tokens", firsts, len(firsts), hashed=True)
+        texts = {"sabs.txt": list(self._sab_ids), "ttys.txt": list(self._tty_ids),
+                 "tuis.txt": tuis}
         for name, lines in texts.items():
             (d / name).write_bytes("\n".join(lines).encode("utf-8"))
-        files = {p.name: _sha256(p) for p in sorted(d.iterdir())}
-        per_sab = np.bincount(arrays["post_sab"], minlength=len(self._sab_ids)) if len(arr) else []
-        per_tui = np.bincount(arrays["sty_codes"], minlength=len(tuis)) if sty_codes else []
+        files = _hash_files(sorted(d.iterdir()))
+        sab_names = list(self._sab_ids)
+        per_sab = np.bincount(arrays["post_sab"], minlength=len(sab_names))
+        pairs = np.unique((p_cid.astype(np.uint64) << np.uint64(16)) | p_sab.astype(np.uint64))
+        concepts_per_sab = np.bincount(
+            (pairs & np.uint64(0xFFFF)).astype(np.int64), minlength=len(sab_names)
+        )
+        per_tui = np.bincount(sty_codes, minlength=len(tuis))
         manifest = {
             "format_version": FORMAT_VERSION,
             "normalizer_version": NORMALIZER_VERSION,
@@ -447,11 +868,15 @@ class IndexBuilder:
             "inputs": self.inputs,
             "filters": self.filters,
             "counts": {
-                "concepts": len(self._cuis),
-                "keys": len(keys),
-                "strings": len(self._string_list),
-                "postings": len(rows),
-                "per_sab": {s: int(n) for s, n in zip(self._sab_ids, per_sab, strict=True)},
+                "concepts": n_cuis,
+                "keys": n_keys,
+                "strings": n_str,
+                "postings": n_post,
+                "max_key_tokens": max(self._first_max.values(), default=0),
+                "per_sab": {s: int(n) for s, n in zip(sab_names, per_sab, strict=True)},
+                "concepts_per_sab": {
+                    s: int(n) for s, n in zip(sab_names, concepts_per_sab, strict=True)
+                },
                 "per_semantic_type": {t: int(n) for t, n in zip(tuis, per_tui, strict=True)},
             },
             "report": self.report,

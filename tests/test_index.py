@@ -1,0 +1,281 @@
+"""The compiled index: round trips (property-based), lookups, integrity and truncation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conceptsvc.errors import IndexError_
+from conceptsvc.index import (
+    FLAG_ABBREVIATION,
+    FLAG_PREFERRED,
+    FORMAT_VERSION,
+    ConceptIndex,
+    IndexBuilder,
+    Posting,
+    build_index,
+)
+from conceptsvc.normalize import normalize_term
+
+CONCEPTS = [
+    ("C0041618", "Ultrasonography", ("T060",)),
+    ("C0024485", "Magnetic Resonance Imaging", ("T060",)),
+    ("C0000726", "Abdomen", ("T029", "T023")),
+]
+TERMS = [
+    ("C0041618", "Ultrasonography", "MSH", "MH", 0),
+    ("C0041618", "US", "NCI", "AB", FLAG_ABBREVIATION),
+    ("C0041618", "Echography", "SNOMEDCT_US", "SY", 0),
+    ("C0024485", "Magnetic Resonance Imaging", "MSH", "MH", 0),
+    ("C0024485", "MR imaging", "SNOMEDCT_US", "SY", 0),
+    ("C0024485", "MRI", "NCI", "AB", FLAG_ABBREVIATION),
+    ("C0000726", "Abdomen", "MSH", "MH", 0),
+    ("C0000726", "Abdomens", "NCI", "SY", 0),  # same key as "Abdomen"
+    ("C0000726", "us", "XYZ", "SY", 0),  # contrived: the key "us" is ambiguous
+    ("C0000726", "Abdomen", "MSH", "MH", 0),  # exact duplicate: merged
+    ("C0000726", "---", "MSH", "SY", 0),  # normalises to nothing: dropped
+]
+
+
+@pytest.fixture(params=[True, False], ids=["dict", "hashed"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> ConceptIndex:
+    build_index(tmp_path / "ix", CONCEPTS, TERMS, source_release="test")
+    return ConceptIndex.load(tmp_path / "ix", materialize=request.param)
+
+
+def test_index_lookups(index: ConceptIndex) -> None:
+    assert len(index) == 3 and list(index.cuis) == ["C0000726", "C0024485", "C0041618"]
+    assert "C0041618" in index and "C9999999" not in index and 5 not in index
+    kid = index.key_id("ultrasonography")
+    assert kid is not None and index.key_ids["ultrasonography"] == kid
+    assert index.key(kid) == "ultrasonography"
+    assert index.key_id("nope") is None and "nope" not in index.key_ids
+    assert index.key_ids.get("nope") is None
+    with pytest.raises(KeyError):
+        index.key_ids["nope"]
+    assert index.postings("ultrasonography") == (
+        Posting("C0041618", "Ultrasonography", "MSH", "MH", FLAG_PREFERRED),
+    )
+    abdomen = index.postings("abdomen")
+    assert [(p.string, p.sab) for p in abdomen] == [("Abdomen", "MSH"), ("Abdomens", "NCI")]
+    assert abdomen[0].flags == FLAG_PREFERRED and abdomen[1].flags == 0
+    assert {p.cui for p in index.postings("us")} == {"C0000726", "C0041618"}
+    assert index.postings("") == ()
+    assert index.max_tokens_from("magnetic") == 3 and index.max_tokens_from("zzz") == 0
+    assert index.first_token_max.get("mr") == 2 and index.max_key_tokens == 3
+    assert sorted(index.keys()) == list(index.keys())
+    assert set(index.key_ids) == set(index.keys()) and len(index.key_ids) == index.n_keys
+    assert dict(index.key_ids.items()) == {k: index.key_ids[k] for k in index.keys()}
+    assert dict(index.first_token_max.items())["magnetic"] == 3
+
+
+def test_index_concepts(index: ConceptIndex) -> None:
+    info = index.concept("C0000726")
+    assert info is not None
+    assert info.preferred_name == "Abdomen" and info.semantic_types == ("T029", "T023")
+    assert info.sources == ("MSH", "NCI", "XYZ")
+    assert index.concept("C1") is None and index.concept_postings("C1") == ()
+    assert {p.string for p in index.concept_postings("C0024485")} == {
+        "Magnetic Resonance Imaging", "MR imaging", "MRI"
+    }
+    assert sorted(index.sabs) == ["MSH", "NCI", "SNOMEDCT_US", "XYZ"]
+    assert set(index.tuis) == {"T023", "T029", "T060"}
+
+
+def test_index_ambiguous_keys(index: ConceptIndex) -> None:
+    assert list(index.ambiguous_keys()) == [("us", ("C0000726", "C0041618"))]
+
+
+def test_index_manifest(index: ConceptIndex) -> None:
+    m = index.manifest
+    assert m["format_version"] == FORMAT_VERSION and m["source_release"] == "test"
+    c = m["counts"]
+    assert c["concepts"] == 3 and c["postings"] == 9 and c["keys"] == index.n_keys
+    assert c["per_sab"]["NCI"] == 3 and c["concepts_per_sab"]["NCI"] == 3
+    assert c["per_semantic_type"] == {"T023": 1, "T029": 1, "T060": 2}
+    assert len(m["content_hash"]) == 64 and index.content_hash == m["content_hash"]
+
+
+def test_index_content_hash_is_reproducible(tmp_path: Path) -> None:
+    a = ConceptIndex.load(build_index(tmp_path / "a", CONCEPTS, TERMS))
+    b = ConceptIndex.load(build_index(tmp_path / "b", CONCEPTS, TERMS))
+    assert a.content_hash == b.content_hash  # same input, same bytes (created_at is not hashed)
+    c = ConceptIndex.load(build_index(tmp_path / "c", CONCEPTS, TERMS[:-3]))
+    assert c.content_hash != a.content_hash
+
+
+def test_index_empty(tmp_path: Path) -> None:
+    ix = ConceptIndex.load(build_index(tmp_path / "e", [], []))
+    assert len(ix) == 0 and list(ix.keys()) == [] and ix.postings("x") == ()
+    assert list(ix.ambiguous_keys()) == [] and ix.max_key_tokens == 0
+    assert ConceptIndex.load(tmp_path / "e", materialize=False).key_id("x") is None
+
+
+def test_index_overwrite_keeps_path(tmp_path: Path) -> None:
+    build_index(tmp_path / "ix", CONCEPTS, TERMS)
+    build_index(tmp_path / "ix", CONCEPTS[:1], TERMS[:1])
+    assert len(ConceptIndex.load(tmp_path / "ix")) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+
+
+def test_index_refuses_to_overwrite_non_index(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("x")
+    with pytest.raises(IndexError_, match="not an index"):
+        build_index(tmp_path / "data", CONCEPTS, TERMS)
+    assert (tmp_path / "data" / "precious.txt").exists()
+
+
+def test_index_builder_rejects_bad_ids(tmp_path: Path) -> None:
+    b = IndexBuilder()
+    with pytest.raises(IndexError_, match="concept id"):
+        b.add_term("", "Lung", sab="X", tty="SY")
+    with pytest.raises(IndexError_, match="source"):
+        b.add_term("C1", "Lung", sab="A\nB", tty="SY")
+    b.add_term("C2", "Heart", sab="X", tty="SY")
+    with pytest.raises(IndexError_, match="no preferred name"):
+        b.write(tmp_path / "ix")
+
+
+def test_index_newlines_in_strings_become_spaces(tmp_path: Path) -> None:
+    ix = ConceptIndex.load(
+        build_index(tmp_path / "ix", [("C1", "Left\nlung", ["T023"])],
+                    [("C1", "Left\nlung", "X", "SY", 0)])
+    )
+    assert ix.concept("C1").preferred_name == "Left lung"  # type: ignore[union-attr]
+    assert ix.postings("left lung")[0].flags == FLAG_PREFERRED
+
+
+# -- integrity -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Path:
+    return build_index(tmp_path / "ix", CONCEPTS, TERMS)
+
+
+def test_index_corrupted_file_detected(built: Path) -> None:
+    data = bytearray((built / "strings.bin").read_bytes())
+    data[3] ^= 0x20
+    (built / "strings.bin").write_bytes(bytes(data))
+    with pytest.raises(IndexError_, match=r"strings\.bin: content hash mismatch"):
+        ConceptIndex.load(built)
+
+
+def test_index_truncated_file_detected_even_without_verify(built: Path) -> None:
+    blob = built / "keys.bin"
+    blob.write_bytes(blob.read_bytes()[:-5])
+    with pytest.raises(IndexError_, match="content hash mismatch"):
+        ConceptIndex.load(built)
+    with pytest.raises(IndexError_, match="truncated or inconsistent"):
+        ConceptIndex.load(built, verify=False)
+
+
+def test_index_truncated_array_detected_without_verify(built: Path) -> None:
+    arr = built / "post_cui.npy"
+    arr.write_bytes(arr.read_bytes()[:-4])
+    with pytest.raises(IndexError_, match=r"cannot load index|truncated"):
+        ConceptIndex.load(built, verify=False)
+
+
+def test_index_missing_file_detected(built: Path) -> None:
+    (built / "post_flags.npy").unlink()
+    with pytest.raises(IndexError_, match=r"post_flags\.npy is missing"):
+        ConceptIndex.load(built)
+
+
+def test_index_manifest_problems(built: Path, tmp_path: Path) -> None:
+    manifest = json.loads((built / "manifest.json").read_text())
+    for change, message in (
+        ({"format_version": 1}, "format version 1 is not supported"),
+        ({"normalizer_version": "0"}, "normaliser version"),
+        ({"content_hash": "0" * 64}, "content_hash does not match"),
+        ({"files": {}}, "lists no files"),
+    ):
+        (built / "manifest.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(IndexError_, match=message):
+            ConceptIndex.load(built)
+    (built / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexError_, match="unreadable manifest"):
+        ConceptIndex.load(built)
+    with pytest.raises(IndexError_, match=r"no manifest\.json"):
+        ConceptIndex.load(tmp_path / "nowhere")
+    shutil.rmtree(built)
+
+
+# -- property tests --------------------------------------------------------------------------
+
+_words = st.text(
+    alphabet=st.characters(codec="utf-8", categories=("L", "N", "Zs", "P")), min_size=1,
+    max_size=20,
+)
+_cui = st.from_regex(r"C[0-9]{7}", fullmatch=True)
+_terms = st.lists(
+    st.tuples(_cui, _words, st.sampled_from(["MSH", "NCI", "SNOMEDCT_US", "LOCAL"]),
+              st.sampled_from(["PT", "SY", "AB"]), st.integers(0, 7)),
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(terms=_terms, materialize=st.booleans())
+def test_index_roundtrip_is_identity(
+    tmp_path_factory: pytest.TempPathFactory, terms: list[tuple[str, str, str, str, int]],
+    materialize: bool,
+) -> None:
+    """What goes in (after normalisation and dedup) is exactly what the loaded index gives."""
+    cuis = sorted({t[0] for t in terms})
+    pref = {c: next(t[1] for t in terms if t[0] == c) for c in cuis}
+    concepts = [(c, pref[c], ["T047"] if int(c[1:]) % 2 else ["T023", "T029"]) for c in cuis]
+    out = build_index(tmp_path_factory.mktemp("rt") / "ix", concepts, terms)
+    ix = ConceptIndex.load(out, materialize=materialize)
+
+    expected: dict[str, dict[tuple[str, str, str, str], int]] = {}
+    for cui, s, sab, tty, flags in terms:
+        key = normalize_term(s)
+        if not key:
+            continue
+        s_clean = s.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+        row = (cui, s_clean, sab, tty)
+        expected.setdefault(key, {})
+        expected[key][row] = expected[key].get(row, 0) | flags | (
+            FLAG_PREFERRED if pref[cui].replace("\n", " ") == s_clean else 0
+        )
+    got = {
+        k: {(p.cui, p.string, p.sab, p.tty): p.flags for p in ix.postings(k)} for k in ix.keys()
+    }
+    assert got == expected
+    assert set(ix.keys()) == set(expected)
+    for c, name, stys in concepts:
+        info = ix.concept(c)
+        if info is None:  # a concept only reaches the index with a term
+            continue
+        assert info.preferred_name == name.replace("\r\n", " ").replace("\n", " ").replace(
+            "\r", " ")
+        assert info.semantic_types == tuple(stys)
+    for k in expected:
+        assert ix.key_id(k) is not None
+        toks = k.split(" ")
+        assert ix.max_tokens_from(toks[0]) >= len(toks)
+
+
+def test_index_hash_table_with_many_collisions(tmp_path: Path) -> None:
+    """Thousands of keys in the hashed mode: every key found, near-misses not."""
+    terms = [(f"C{i:07d}", f"term{i} x{i % 7}", "X", "SY", 0) for i in range(5000)]
+    concepts = [(c, s, ["T047"]) for c, s, *_ in terms]
+    ix = ConceptIndex.load(build_index(tmp_path / "ix", concepts, terms), materialize=False)
+    table = np.load(tmp_path / "ix" / "keys_table.npy")
+    assert len(table) >= 2 * 5000 and np.count_nonzero(table) == 5000
+    for i in range(0, 5000, 7):
+        kid = ix.key_id(f"term{i} x{i % 7}")
+        assert kid is not None and ix.postings_of(kid)[0].cui == f"C{i:07d}"
+        assert ix.key_id(f"term{i} x{(i + 1) % 7}") is None
+        assert f"C{i:07d}" in ix

@@ -8,6 +8,7 @@ their code and exit status 2; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -399,9 +400,155 @@ def _add_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(handler=_cmd_search)
 
 
+def _csv_list(values: Sequence[str] | None) -> tuple[str, ...]:
+    """Repeatable options that also accept comma-separated values: ``--sab MSH,NCI --sab RAD``."""
+    out: list[str] = []
+    for v in values or ():
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return tuple(dict.fromkeys(out))
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from conceptsvc.dictionary import (
+        BuildProgress,
+        DictionaryFilters,
+        DictionarySource,
+        JsonlSource,
+        TableSource,
+        UmlsSource,
+        build_dictionary_index,
+    )
+
+    sources: list[DictionarySource] = [
+        *(UmlsSource(Path(p)) for p in args.umls or ()),
+        *(JsonlSource(Path(p), sab=args.jsonl_sab) for p in args.jsonl or ()),
+        *(TableSource(Path(p), sab=args.tsv_sab) for p in args.tsv or ()),
+    ]
+    if not sources:
+        raise ConceptsvcError("give at least one input: --umls DIR, --jsonl FILE or --tsv FILE")
+    langs = _csv_list(args.lang) or ("ENG",)
+    suppress = _csv_list(args.suppress) or ("O", "E", "Y")
+    filters = DictionaryFilters(
+        languages=() if [x.lower() for x in langs] == ["any"] else langs,
+        sabs=_csv_list(args.sab),
+        exclude_sabs=_csv_list(args.exclude_sab),
+        drop_suppress=() if [x.lower() for x in suppress] == ["none"] else suppress,
+        exclude_ttys=_csv_list(args.exclude_tty),
+        semantic_types=_csv_list(args.semantic_type),
+        exclude_semantic_types=_csv_list(args.exclude_semantic_type),
+        include_descendants=args.descendants,
+        min_length=args.min_length,
+    )
+    progress = None if args.quiet else BuildProgress(sys.stderr)
+    try:
+        report = build_dictionary_index(
+            sources,
+            args.out,
+            filters=filters,
+            source_release=args.source_release,
+            on_error=args.on_error,
+            progress=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    print(args.out)
+    return 0
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    from conceptsvc.index import ConceptIndex
+    from conceptsvc.semantic_network import UNKNOWN_TUI, load_semantic_network
+
+    ix = ConceptIndex.load(args.path, verify=not args.no_verify)
+    m = ix.manifest
+    c = m["counts"]
+    print(f"index            {ix.path}")
+    print(f"format version   {m['format_version']} (normaliser {m['normalizer_version']})")
+    print(f"source release   {m['source_release']}")
+    print(f"created          {m['created_at']}")
+    print(f"content hash     {ix.content_hash}")
+    for inp in m.get("inputs", []):
+        print(f"input            {inp.get('kind')}: {inp.get('path')}")
+    print(f"filters          {json.dumps(m.get('filters', {}), sort_keys=True)}")
+    print(f"concepts         {c['concepts']:,}")
+    print(f"keys             {c['keys']:,} (longest {c.get('max_key_tokens', '?')} tokens)")
+    print(f"strings          {c['strings']:,}")
+    print(f"postings         {c['postings']:,}")
+    report = m.get("report", {})
+    if report.get("concepts_without_semantic_type"):
+        print(f"without type     {report['concepts_without_semantic_type']:,} ({UNKNOWN_TUI})")
+    per_concepts = c.get("concepts_per_sab", {})
+    print("per source (strings, concepts):")
+    for sab, n in sorted(c["per_sab"].items(), key=lambda kv: -kv[1]):
+        print(f"  {sab:<20} {n:>12,} {per_concepts.get(sab, 0):>12,}")
+    sn = load_semantic_network()
+    print("per semantic type (concepts):")
+    for tui, n in sorted(c["per_semantic_type"].items(), key=lambda kv: -kv[1]):
+        t = sn.types.get(tui)
+        name = f"{t.abbrev:<5} {t.name}" if t is not None else "unknown"
+        print(f"  {tui}  {n:>10,}  {name}")
+    if args.ambiguous:
+        print("ambiguous keys (key -> concepts):")
+        for key, cuis in ix.ambiguous_keys():
+            print(f"  {key}\t{' '.join(cuis)}")
+    return 0
+
+
+def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("index", help="build or inspect a compiled concept index")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
+    b = isub.add_parser(
+        "build",
+        help="compile UMLS RRF / scispacy JSONL / TSV dictionaries into an index",
+        description="Inputs are merged; every string keeps its source (SAB). List options "
+        "are repeatable and accept commas. Semantic types may be TUIs, abbreviations, names "
+        "or groups (see `conceptsvc semtypes`).",
+    )
+    b.add_argument("--umls", action="append", metavar="DIR",
+                   help="UMLS META directory (plain, .gz or split .RRF.aa.gz files)")
+    b.add_argument("--jsonl", action="append", metavar="FILE", help="scispacy KB (JSON Lines)")
+    b.add_argument("--tsv", action="append", metavar="FILE",
+                   help="site terms: TSV or .csv rows cui,term,tui[,sab]")
+    b.add_argument("--jsonl-sab", default="SCISPACY", help="SAB for --jsonl strings")
+    b.add_argument("--tsv-sab", default="LOCAL", help="SAB for --tsv rows without one")
+    b.add_argument("--out", required=True, metavar="DIR", help="index directory to write")
+    b.add_argument("--lang", action="append", metavar="LAT",
+                   help="languages to keep (default ENG; 'any' keeps all)")
+    b.add_argument("--sab", action="append", metavar="SAB", help="keep only these sources")
+    b.add_argument("--exclude-sab", action="append", metavar="SAB", help="drop these sources")
+    b.add_argument("--suppress", action="append", metavar="FLAG",
+                   help="SUPPRESS values to drop (default O,E,Y; 'none' keeps all)")
+    b.add_argument("--exclude-tty", action="append", metavar="TTY", help="drop these term types")
+    b.add_argument("--semantic-type", action="append", metavar="TYPE",
+                   help="keep only concepts of these types/groups")
+    b.add_argument("--exclude-semantic-type", action="append", metavar="TYPE",
+                   help="drop concepts of these types/groups")
+    b.add_argument("--descendants", action="store_true",
+                   help="a semantic type also selects the types below it in the hierarchy")
+    b.add_argument("--min-length", type=int, default=2, metavar="N",
+                   help="drop strings shorter than N characters (default 2)")
+    b.add_argument("--source-release", help="release label for the manifest (default: detected)")
+    b.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="malformed rows: stop with file:line (default) or skip and count")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    b.set_defaults(handler=_cmd_index_build)
+    i = isub.add_parser("info", help="print an index's manifest and counts")
+    i.add_argument("path", metavar="DIR")
+    i.add_argument("--ambiguous", action="store_true",
+                   help="also list every key that maps to more than one concept")
+    i.add_argument("--no-verify", action="store_true", help="skip the file hash check")
+    i.set_defaults(handler=_cmd_index_info)
+
+
 # Subcommand registrars; each module-level command adds itself here.
 _REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_semtypes,
+    _add_index,
     _add_evaluate,
     _add_serve,
     _add_health,

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from conceptsvc.errors import DictionaryError, MalformedRowError, SemanticNetworkError
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, IndexBuilder
@@ -52,6 +52,7 @@ from conceptsvc.umls.rrf import (
 
 __all__ = [
     "ABBREVIATION_TTYS",
+    "BuildProgress",
     "BuildReport",
     "DictionaryFilters",
     "DictionarySource",
@@ -73,6 +74,62 @@ _CASE_SENSITIVE_MAX = 5  # …and this short, as an acronym that must keep its c
 
 # Progress callback: (stage, items so far, fraction done in [0, 1] or None if unknown).
 Progress = Callable[[str, int, "float | None"], None]
+
+
+class BuildProgress:
+    """Renders :data:`Progress` callbacks: a ``\\r`` line on a terminal, a log line every
+    ``interval`` seconds otherwise (a CI log should not fill with carriage returns)."""
+
+    def __init__(self, stream: TextIO, *, interval: float | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
+        self._stage = ""
+        self._t0 = self._last = self._prev = time.monotonic()
+        self._open_line = False
+
+    def __call__(self, stage: str, count: int, frac: float | None) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._end_line()
+            # A stage began when the previous one reported its end.
+            self._stage, self._t0, self._last = stage, self._prev, 0.0
+        self._prev = now
+        done = frac is not None and frac >= 1.0
+        if not done and now - self._last < self.interval:
+            return
+        self._last = now
+        elapsed = now - self._t0
+        text = f"{stage}: {count:,} rows"
+        if elapsed >= 0.5:
+            text += f", {count / elapsed:,.0f} rows/s"
+        if frac is not None:
+            text += f", {100 * frac:.0f}%"
+            if 0 < frac < 1:
+                text += f", ETA {_duration(elapsed * (1 - frac) / frac)}"
+        if frac is None and stage == "writing index":
+            text = f"writing index ({count:,} concepts)"
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K")
+            self._open_line = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _end_line(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+
+    def close(self) -> None:
+        self._end_line()
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
 
 
 def term_flags(string: str, tty: str) -> int:

@@ -1,0 +1,76 @@
+"""`conceptsvc index build|info`: thin wrappers, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.cli import main
+from conceptsvc.index import ConceptIndex
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_cli_index_build_with_filters_and_info(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ix"
+    tsv = tmp_path / "site.tsv"
+    tsv.write_text("C7777777\tHounsfield scale\tT081\n", encoding="utf-8")
+    rc = main([
+        "index", "build", "--umls", str(FIXTURES / "rrf_split"), "--tsv", str(tsv),
+        "--tsv-sab", "SITE", "--exclude-sab", "SNOMEDCT_US", "--exclude-tty", "AB,ACR",
+        "--semantic-type", "DISO", "--semantic-type", "qnco,T060", "--suppress", "O",
+        "--min-length", "3", "--source-release", "fixture", "--out", str(out),
+    ])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out.strip() == str(out)
+    assert "MRCONSO.RRF: 31 rows" in captured.err and "kept " in captured.err
+    ix = ConceptIndex.load(out)
+    assert ix.manifest["source_release"] == "fixture"
+    f = ix.manifest["filters"]
+    assert f["exclude_ttys"] == ["AB", "ACR"] and f["semantic_types"] == ["DISO", "qnco", "T060"]
+    assert f["drop_suppress"] == ["O"] and f["min_length"] == 3
+    strings = {p.string for c in ix.cuis for p in ix.concept_postings(c)}
+    assert "Tomography, X-Ray Computed" in strings and "Hounsfield scale" in strings
+    assert not strings & {"US", "CT", "Echography", "Chest"}
+    assert "C0000726" not in ix  # anatomy: not in DISO/qnco/T060
+
+    assert main(["index", "info", str(out), "--ambiguous"]) == 0
+    info = capsys.readouterr().out
+    assert "source release   fixture" in info and "SITE" in info
+    assert "T060" in info and "Diagnostic Procedure" in info
+    assert "ambiguous keys" in info
+
+
+def test_cli_index_build_lang_any_and_suppress_none(tmp_path: Path) -> None:
+    out = tmp_path / "ix"
+    assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_gz"), "--lang", "any",
+                 "--suppress", "none", "--out", str(out)]) == 0
+    strings = {p.string for c in ConceptIndex.load(out).cuis
+               for p in ConceptIndex.load(out).concept_postings(c)}
+    assert {"Ultraschall", "Radiographie", "Roentgenography obsolete"} <= strings
+
+
+def test_cli_index_malformed_fails_then_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["index", "build", "-q", "--umls", str(FIXTURES / "rrf_malformed"),
+            "--out", str(tmp_path / "ix")]
+    assert main(args) == 2
+    assert "MRCONSO.RRF:3:" in capsys.readouterr().err
+    assert main([*args, "--on-error", "skip"]) == 0
+    assert "skipped 3 malformed rows in MRCONSO.RRF" in capsys.readouterr().err
+
+
+def test_cli_index_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["index", "build", "--out", str(tmp_path / "ix")]) == 2
+    assert "at least one input" in capsys.readouterr().err
+    assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_small"),
+                 "--exclude-semantic-type", "Anatomie", "--out", str(tmp_path / "ix")]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+    assert main(["index", "info", str(tmp_path / "missing")]) == 2
+    assert "E400" in capsys.readouterr().err

@@ -1,0 +1,260 @@
+"""ConceptClient against real servers, and the pb <-> domain conversions it relies on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from service_helpers import CAPTIONS, build_index_a, running_server, settings_for
+
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc.client import ConceptClient, ServiceCallError, convert
+from conceptsvc.errors import ClientError, ExtractionError
+from conceptsvc.extractor import Candidate, ExtractOptions
+from conceptsvc.index import ConceptIndex
+from conceptsvc.model import Annotation, Mention
+from conceptsvc.semantic_network import load_semantic_network
+from conceptsvc.server import create_server
+
+
+@pytest.fixture(scope="module")
+def index_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_index_a(tmp_path_factory.mktemp("client") / "index-a")
+
+
+# -- conversions -------------------------------------------------------------------------------
+def test_client_options_round_trip_sets_every_field() -> None:
+    opts = ExtractOptions(
+        semantic_types=("T047", "dsyn"), semantic_groups=("ANAT",), sources=("MSH",),
+        exclude_cuis=("C1",), mode="approximate", similarity="dice", threshold=0.85,
+        overlap="all", profile="rocov2", include_negated=False, include_mentions=False,
+    )
+    msg = convert.options_to_pb(opts)
+    for name in ("semantic_types", "threshold", "profile", "include_negated", "include_mentions"):
+        assert msg.HasField(name)
+    other_defaults = ExtractOptions(mode="exact", semantic_groups=("DISO",), threshold=0.5)
+    assert convert.options_from_pb(msg, other_defaults) == opts
+    # Even the "falsy" values survive: an empty list and False are sent, not left unset.
+    empty = convert.options_to_pb(ExtractOptions(include_negated=False))
+    back = convert.options_from_pb(empty, other_defaults)
+    assert back.semantic_groups == () and back.include_negated is False
+
+
+def test_client_options_partial_message_merges_over_defaults() -> None:
+    defaults = ExtractOptions(semantic_groups=("DISO",), threshold=0.9, profile="rocov2")
+    assert convert.options_from_pb(pb.AnnotateOptions(), defaults) is defaults
+    msg = pb.AnnotateOptions(mode=pb.MATCH_MODE_APPROXIMATE, include_mentions=False)
+    got = convert.options_from_pb(msg, defaults)
+    assert got == ExtractOptions(
+        semantic_groups=("DISO",), threshold=0.9, profile="rocov2", mode="approximate",
+        include_mentions=False,
+    )
+
+
+def test_client_options_unknown_values_are_errors() -> None:
+    msg = pb.AnnotateOptions()
+    msg.similarity = 42
+    with pytest.raises(ExtractionError, match="similarity enum value 42"):
+        convert.options_from_pb(msg, ExtractOptions())
+    with pytest.raises(ExtractionError, match="mode 'fuzzy'"):
+        convert.options_to_pb(ExtractOptions(mode="fuzzy"))
+
+
+def test_client_annotation_round_trip() -> None:
+    text = "ﬁndings: Ｃhest ＣＴ 🙂 pneumothorax"
+    start = text.index("pneumothorax")
+    assert start == 20  # code points: the emoji and full-width letters count one each
+    m = Mention(
+        "C0032326", "Pneumothorax", "pneumothorax", start, start + 12, 0.875, ("T047",), "MSH",
+        True,
+    )
+    a = Annotation("id-1", (m,), ("C0032326", "C0040405"))
+    msg = convert.annotation_to_pb(a)
+    wire = pb.AnnotateResponse.FromString(msg.SerializeToString())
+    assert convert.annotation_from_pb(wire) == a
+    ok = convert.stream_result_from_pb(wire)
+    assert ok.ok and ok.annotation == a
+    bad = pb.AnnotateResponse(id="x", status=pb.ItemStatus(code=3, message="m", error_code="E300"))
+    res = convert.stream_result_from_pb(bad)
+    assert not res.ok and res.annotation is None
+    assert res.error is not None and (res.error.status, res.error.error_code) == (
+        "INVALID_ARGUMENT", "E300"
+    )
+
+
+def test_client_concept_candidate_and_catalog_round_trip(index_a: Path) -> None:
+    sn = load_semantic_network()
+    idx = ConceptIndex.load(index_a)
+    info = idx.concept("C0040405")
+    assert info is not None
+    rec = convert.concept_from_pb(convert.concept_to_pb(info, sn, idx.concept_postings("C0040405")))
+    assert rec.cui == "C0040405" and rec.semantic_types[0] == sn.types["T060"]
+    assert [(s.string, s.tty, s.abbreviation) for s in rec.synonyms] == [
+        ("computed tomography", "PT", False), ("CT", "AB", True)
+    ]
+    cand = Candidate("C0040405", "X-Ray Computed Tomography", "CT", 1.0, ("T060", "T000"), ("MSH",))
+    assert convert.candidate_from_pb(convert.candidate_to_pb(cand, sn)) == cand
+    unknown = convert.semantic_type(sn, "T000")
+    assert unknown.group == "UNKNOWN" and unknown.name == "Unknown"
+    cat = convert.catalog_from_pb(convert.catalog_to_pb(sn))
+    assert set(cat.types) == set(sn.types.values())
+    assert {g.code: g.tuis for g in cat.groups} == {c: g.tuis for c, g in sn.groups.items()}
+
+
+# -- behaviour against real servers ------------------------------------------------------------
+def test_client_retries_unavailable_until_the_server_is_up(index_a: Path) -> None:
+    from conftest import free_port
+
+    port = free_port()
+    s = settings_for(index_a, port=port)
+    servers: list[Any] = []
+
+    def start_later() -> None:
+        time.sleep(0.6)
+        server, _ = create_server(s)
+        server.start()
+        servers.append(server)
+
+    t = threading.Thread(target=start_later)
+    t.start()
+    try:
+        with ConceptClient(f"127.0.0.1:{port}", retries=8, backoff=0.1, timeout=10) as c:
+            t0 = time.monotonic()
+            assert c.annotate("lung").concepts == ("C0024109",)
+            assert time.monotonic() - t0 >= 0.5
+    finally:
+        t.join()
+        for server in servers:
+            server.stop(0)
+
+
+def test_client_gives_up_after_retries_or_deadline() -> None:
+    from conftest import free_port
+
+    target = f"127.0.0.1:{free_port()}"
+    with ConceptClient(target, retries=2, backoff=0.05) as c:
+        with pytest.raises(ServiceCallError) as err:
+            c.get_info()
+        assert err.value.status == "UNAVAILABLE" and "reachable" in str(err.value)
+    with ConceptClient(target, retries=1000, backoff=0.05, timeout=0.6) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ServiceCallError):
+            c.get_info()
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_client_does_not_retry_other_statuses(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}", retries=5, backoff=1.0) as c:
+            t0 = time.monotonic()
+            with pytest.raises(ServiceCallError) as err:
+                c.get_concept("C9999999")
+            assert err.value.status == "NOT_FOUND" and time.monotonic() - t0 < 0.5
+        assert server.metrics.value(
+            "conceptsvc_requests_total", {"method": "GetConcept", "code": "NOT_FOUND"}
+        ) == 1
+
+
+def test_client_stream_resumes_on_another_server_without_loss_or_duplicates(
+    index_a: Path,
+) -> None:
+    """Two servers share one port (SO_REUSEPORT, like the workers); the one serving the
+    stream is drained mid-stream and the client resends exactly the unanswered items."""
+    first, port = create_server(settings_for(index_a, grace_seconds=5), reuse_port=True)
+    second, _ = create_server(settings_for(index_a, port=port), reuse_port=True)
+    first.start()
+    second.start()
+    servers = [first, second]
+    n = 600
+    texts = [(f"id{i}", f"{CAPTIONS[i % len(CAPTIONS)][1]} #{i}") for i in range(n)]
+    drained: list[Any] = []
+
+    def items() -> Iterator[tuple[str, str]]:
+        for i, item in enumerate(texts):
+            if i == 200:
+                busy = [s for s in servers if s.metrics.value("conceptsvc_inflight_requests")]
+                assert len(busy) == 1
+                drained.append(busy[0])
+                threading.Thread(target=busy[0].drain).start()
+            if i % 50 == 0:
+                time.sleep(0.05)
+            yield item
+
+    try:
+        with ConceptClient(f"127.0.0.1:{port}", retries=6, backoff=0.05) as c:
+            results = list(c.annotate_stream(items(), window=64))
+        assert [r.id for r in results] == [i for i, _ in texts]
+        assert all(r.ok for r in results)
+        survivor = next(s for s in servers if s is not drained[0])
+        served = [
+            s.metrics.value("conceptsvc_captions_annotated_total", {"source": "engine"})
+            + s.metrics.value("conceptsvc_captions_annotated_total", {"source": "cache"})
+            for s in (drained[0], survivor)
+        ]
+        # Each server answered part of the stream; together at least every item (an item the
+        # drained server answered but whose response was lost is answered again: at least once
+        # on the servers, exactly once in the client's results).
+        assert served[0] >= 100 and served[1] >= 100
+        assert sum(served) >= n
+    finally:
+        first.stop(0)
+        second.stop(0)
+
+
+def test_client_stream_window_bounds_items_in_flight(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (_, port):
+        pulled = 0
+        ahead: list[int] = []
+
+        def items() -> Iterator[tuple[str, str]]:
+            nonlocal pulled
+            for i in range(300):
+                pulled += 1
+                yield str(i), "chest CT"
+
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            for k, r in enumerate(c.annotate_stream(items(), window=10)):
+                ahead.append(pulled - k)
+                assert r.ok
+        assert max(ahead) <= 11 and len(ahead) == 300
+
+
+def test_client_closing_a_stream_early_cancels_it(index_a: Path) -> None:
+    with running_server(settings_for(index_a)) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+
+            def endless() -> Iterator[tuple[str, str]]:
+                i = 0
+                while True:
+                    i += 1
+                    yield str(i), "lung"
+
+            stream = c.annotate_stream(endless(), window=8)
+            assert next(stream).id == "1"
+            stream.close()  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 5
+            while server.metrics.value("conceptsvc_inflight_requests"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
+
+def test_client_wait_until_serving(index_a: Path) -> None:
+    with running_server(settings_for(index_a), load=False) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            with pytest.raises(ClientError, match="NOT_SERVING"):
+                c.wait_until_serving(timeout=0.3)
+            threading.Timer(0.2, server.reload).start()
+            c.wait_until_serving(timeout=5)
+            assert c.health("conceptsvc.v1.ConceptService") == "SERVING"
+            assert c.health("no.such.Service") == "SERVICE_UNKNOWN"
+
+
+def test_client_rejects_incomplete_tls_options(tmp_path: Path) -> None:
+    with pytest.raises(ClientError, match="together"):
+        ConceptClient("localhost:1", client_cert=tmp_path / "c.pem")
+    with pytest.raises(ClientError, match="cannot read"):
+        ConceptClient("localhost:1", ca_cert=tmp_path / "missing.pem")

@@ -20,15 +20,15 @@ fi
 
 cache="$(mktemp -d)"
 trap 'rm -rf "$cache"' EXIT
-CONCEPTSVC_CACHE_DIR="$cache" python - "$out" <<'PY'
+python - "$out" "$cache" <<'PY'
 import shutil
 import sys
 
 from conceptsvc.embedded import demo_index_path
 from conceptsvc.index import ConceptIndex
 
-out = sys.argv[1]
-shutil.copytree(demo_index_path(), out)
+out, cache = sys.argv[1], sys.argv[2]
+shutil.copytree(demo_index_path(cache), out)
 index = ConceptIndex.load(out, verify=True)
 print(f"conceptsvc-build-demo-index: {out}: {len(index)} concepts, content hash {index.content_hash}")
 PY

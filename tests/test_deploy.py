@@ -1,0 +1,715 @@
+"""The deployment artefacts in ``deploy/`` hold together, without a Docker engine or a cluster.
+
+No Docker daemon runs here, so the image is checked three ways: hadolint lints the Dockerfile;
+every path it copies must exist and pass its ``.dockerignore``; and the image's build and run
+steps are replayed outside Docker — the build-stage files are copied as the Dockerfile copies
+them, the project is installed from that copy (not editable) into a fresh virtualenv, the
+same dependency and demo-index scripts run, and a server started with the image's
+environment and command must pass the image's HEALTHCHECK command.
+
+Kubernetes manifests are validated against the bundled Kubernetes JSON schemas (strict: an
+unknown field is an error) and then for consistency between themselves and with the server:
+probes, ports, grace periods, selectors, and every ``CONCEPTSVC_*`` variable naming a real
+setting with a valid value. The compose file gets the same setting and command checks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import free_port
+
+from conceptsvc.cli import build_parser
+from conceptsvc.config import ENV_PREFIX, Settings, load_settings
+from conceptsvc.index import ConceptIndex, build_index
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILE = DEPLOY / "Dockerfile"
+COMPOSE = DEPLOY / "docker-compose.yml"
+# Oldest Kubernetes the manifests support (gRPC probes are GA from 1.27) and the newest
+# whose schemas kubernetes-validate bundles.
+K8S_MIN_VERSION = "1.27.0"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    stage: int  # 0-based index of the FROM stage the instruction belongs to
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Logical Dockerfile instructions: continuation lines joined, comments dropped."""
+    instructions: list[Instruction] = []
+    stage = -1
+    buf = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not buf and not stripped):
+            continue
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        line = (buf + stripped).strip()
+        buf = ""
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        instructions.append(Instruction(keyword, args.strip(), stage))
+    return instructions
+
+
+def dockerfile_env(instructions: list[Instruction], stage: int) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ENV" and ins.stage == stage:
+            for item in shlex.split(ins.args):
+                key, sep, value = item.partition("=")
+                assert sep, f"ENV {ins.args!r}: use KEY=VALUE"
+                env[key] = value
+    return env
+
+
+def exec_form(ins: Instruction) -> list[str]:
+    args = ins.args
+    if ins.keyword == "HEALTHCHECK":
+        args = args[args.index("CMD ") + len("CMD ") :].strip()
+    value = json.loads(args)
+    assert isinstance(value, list), f"{ins.keyword} must use the JSON exec form"
+    return [str(v) for v in value]
+
+
+def final_stage(instructions: list[Instruction]) -> int:
+    return max(ins.stage for ins in instructions)
+
+
+def env_name_is_setting(name: str) -> bool:
+    """Whether ``CONCEPTSVC_X`` / ``CONCEPTSVC_X__Y`` names a field of :class:`Settings`."""
+    if not name.startswith(ENV_PREFIX):
+        return False
+    model: Any = Settings
+    parts = name[len(ENV_PREFIX) :].lower().split("__")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        if i < len(parts) - 1:
+            model = field.annotation
+            if not hasattr(model, "model_fields"):
+                return False
+    return True
+
+
+def validate_settings_env(
+    env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch, index_dir: Path
+) -> Settings:
+    """Load settings exactly as the server does, from ``env`` alone (other CONCEPTSVC_* unset).
+
+    ``CONCEPTSVC_INDEX`` points inside the container; it is swapped for a real index here
+    (the path itself is checked by the image and init-container tests).
+    """
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    unknown = sorted(n for n in env if n.startswith(ENV_PREFIX) and not env_name_is_setting(n))
+    assert not unknown, f"not settings in conceptsvc/config.py: {unknown}"
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.setenv(name, str(value))
+    if "CONCEPTSVC_INDEX" in env:
+        monkeypatch.setenv("CONCEPTSVC_INDEX", str(index_dir))
+    return load_settings()
+
+
+def parses_as_cli(argv: list[str]) -> None:
+    """The arguments are a valid ``conceptsvc`` command line (argparse exits on error)."""
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's way of rejecting arguments
+        pytest.fail(f"`conceptsvc {shlex.join(argv)}` is not a valid command line ({exc})")
+
+
+def load_manifests() -> list[tuple[Path, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc is not None:
+                docs.append((path, doc))
+    return docs
+
+
+def manifest(kind: str, name: str) -> dict[str, Any]:
+    for _, doc in load_manifests():
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind} {name} in {K8S}")
+
+
+def server_deployment() -> dict[str, Any]:
+    return manifest("Deployment", "conceptsvc")
+
+
+def server_container() -> dict[str, Any]:
+    (container,) = server_deployment()["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def configmap_env() -> dict[str, str]:
+    return {k: str(v) for k, v in manifest("ConfigMap", "conceptsvc")["data"].items()}
+
+
+def server_env() -> dict[str, str]:
+    """The server container's environment: its ConfigMap, then its own ``env`` entries."""
+    container = server_container()
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert source["configMapRef"]["name"] == "conceptsvc"
+        env.update(configmap_env())
+    for item in container.get("env", []):
+        env[item["name"]] = str(item["value"])
+    return env
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def compose_seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", value)
+    assert match, f"unsupported compose duration {value!r}"
+    number, unit = float(match.group(1)), match.group(2)
+    return number * {"ms": 0.001, "s": 1, "m": 60}[unit]
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_index(
+        tmp_path_factory.mktemp("deploy-index") / "idx",
+        [("C0032326", "Pneumothorax", ["T047"])],
+        [("C0032326", "pneumothorax", "MSH", "PT", 0)],
+    )
+
+
+# -- Dockerfile --------------------------------------------------------------------------------
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; `make install` installs the dev extra that has it")
+    return found
+
+
+def test_deploy_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [_tool("hadolint"), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_dockerfile_is_multi_stage_slim_and_non_root() -> None:
+    ins = parse_dockerfile(DOCKERFILE)
+    last = final_stage(ins)
+    assert last >= 1, "build and runtime must be separate stages"
+    args = {
+        i.args.partition("=")[0]: i.args.partition("=")[2] for i in ins if i.keyword == "ARG"
+    }
+    (runtime_from,) = [i for i in ins if i.keyword == "FROM" and i.stage == last]
+    base = runtime_from.args.split()[0]
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    assert "slim" in base, f"runtime base image {base!r} is not a slim image"
+    users = [i.args for i in ins if i.keyword == "USER" and i.stage == last]
+    assert users, "the runtime stage must switch to a non-root USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), "the runtime stage runs as root"
+    # Numeric, so that Kubernetes' runAsNonRoot can verify it; and the same uid there.
+    assert user.isdigit()
+    pod_uid = server_deployment()["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    assert int(user) == pod_uid
+    copies_from_build = [i for i in ins if i.keyword == "COPY" and i.stage == last]
+    assert copies_from_build and all("--from=" in i.args for i in copies_from_build), (
+        "the runtime stage should only take finished artefacts from the build stage"
+    )
+
+
+def _copy_sources(ins: Instruction) -> tuple[list[str], str]:
+    parts = [p for p in shlex.split(ins.args) if not p.startswith("--")]
+    return parts[:-1], parts[-1]
+
+
+def _dockerignore_keeps(patterns: list[str], path: str) -> bool:
+    """Docker's rule: the last pattern that matches decides; ``!`` re-includes."""
+    keep = True
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        pat = pat.rstrip("/")
+        if fnmatch.fnmatch(path, pat) or path.startswith(pat + "/"):
+            keep = negate
+    return keep
+
+
+def test_deploy_dockerfile_copies_only_existing_allowed_paths() -> None:
+    ignore = DEPLOY / "Dockerfile.dockerignore"
+    patterns = [
+        line.strip()
+        for line in ignore.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copies = [
+        i for i in parse_dockerfile(DOCKERFILE) if i.keyword == "COPY" and "--from=" not in i.args
+    ]
+    assert copies
+    for ins in copies:
+        sources, _ = _copy_sources(ins)
+        existing = [s for s in sources if any(REPO.glob(s))]
+        # A glob may match nothing (the optional lock file); a plain path must exist.
+        missing = [s for s in sources if not any(ch in s for ch in "*?[") and s not in existing]
+        assert not missing, f"COPY {ins.args}: {missing} not in the repository"
+        assert existing, f"COPY {ins.args}: copies nothing"
+        for src in existing:
+            assert _dockerignore_keeps(patterns, src), f"{src} is excluded by {ignore.name}"
+    # Every script the build runs is one of the copied, executable deploy scripts.
+    for script in ("install-deps.sh", "build-demo-index.sh"):
+        path = DEPLOY / script
+        assert os.access(path, os.X_OK), f"{path} must be executable"
+        subprocess.run(["sh", "-n", str(path)], check=True)
+
+
+def test_deploy_dockerfile_env_names_real_settings(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ins = parse_dockerfile(DOCKERFILE)
+    env = dockerfile_env(ins, final_stage(ins))
+    assert any(k.startswith(ENV_PREFIX) for k in env)
+    settings = validate_settings_env(env, monkeypatch, tiny_index)
+    assert settings.host == "0.0.0.0"  # reachable from outside the container
+    exposed = {int(p) for i in ins if i.keyword == "EXPOSE" for p in i.args.split()}
+    assert {settings.port, settings.metrics_port} <= exposed
+
+
+def test_deploy_dockerfile_entrypoint_and_healthcheck_are_conceptsvc_commands() -> None:
+    ins = parse_dockerfile(DOCKERFILE)
+    last = final_stage(ins)
+    (entrypoint,) = [exec_form(i) for i in ins if i.keyword == "ENTRYPOINT" and i.stage == last]
+    (cmd,) = [exec_form(i) for i in ins if i.keyword == "CMD" and i.stage == last]
+    assert entrypoint == ["conceptsvc"]
+    parses_as_cli(cmd)
+    assert cmd[0] == "serve"
+    (health,) = [exec_form(i) for i in ins if i.keyword == "HEALTHCHECK"]
+    assert health[:2] == ["/bin/sh", "-c"]
+    words = shlex.split(health[2].replace("${CONCEPTSVC_PORT}", "50051"))
+    words = words[: words.index("||")] if "||" in words else words
+    assert words[:2] == ["conceptsvc", "health"]
+    parses_as_cli(words[1:])
+
+
+def test_deploy_install_deps_script_is_satisfied_by_the_tested_environment() -> None:
+    """The image's dependency step, as a dry run against this environment (no network)."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PIP_DRY_RUN": "1",
+        "PIP_NO_INDEX": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    lock = "requirements.lock"
+    result = subprocess.run(
+        ["sh", str(DEPLOY / "install-deps.sh"), lock],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Would install" not in result.stdout, (
+        "the image would install a different dependency set than the one tested here:\n"
+        + result.stdout[-3000:]
+    )
+
+
+# -- the image's build and run steps, replayed without Docker -------------------------------------
+@dataclass
+class ImageReplay:
+    root: Path
+    venv: Path
+    index: Path
+    env: dict[str, str]  # the runtime stage's environment, as a process here would see it
+
+
+def _site_packages(venv: Path) -> Path:
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    return site
+
+
+@pytest.fixture(scope="module")
+def image_replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageReplay]:
+    root = tmp_path_factory.mktemp("image")
+    ins = parse_dockerfile(DOCKERFILE)
+    context = root / "src"
+    context.mkdir()
+    for copy in (i for i in ins if i.keyword == "COPY" and i.stage == 0):
+        sources, dest = _copy_sources(copy)
+        for source in sources:
+            for path in REPO.glob(source):
+                if dest.startswith("/"):
+                    continue  # the helper scripts, which run from deploy/ below
+                target = context / path.relative_to(REPO)
+                if path.is_dir():
+                    shutil.copytree(
+                        path, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                    )
+                else:
+                    shutil.copy2(path, target)
+    # The project is installed from that copy, not editable: package data that the wheel
+    # would leave out is missing here too.
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    wheels = root / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "-w", str(wheels), str(context)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("conceptsvc-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        timeout=300,
+    )
+    # Dependencies: the tested environment's (the dry run above shows they are the image's),
+    # reached through a .pth file, added only after the install so pip never sees them.
+    deps = _site_packages(Path(sys.prefix))
+    (_site_packages(venv) / "_tested_dependencies.pth").write_text(f"{deps}\n")
+    runtime_env = dockerfile_env(ins, final_stage(ins))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({k: v for k, v in runtime_env.items() if k != "PATH"})
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    index = root / "index"
+    subprocess.run(
+        ["sh", str(DEPLOY / "build-demo-index.sh"), str(index)],
+        cwd=root,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    env["CONCEPTSVC_INDEX"] = str(index)
+    yield ImageReplay(root, venv, index, env)
+
+
+def test_deploy_image_installs_the_project_with_its_data(image_replay: ImageReplay) -> None:
+    site = _site_packages(image_replay.venv)
+    assert (site / "conceptsvc" / "__init__.py").is_file()
+    assert not list(site.glob("__editable__*")), "the image must not use an editable install"
+    probe = subprocess.run(
+        ["python", "-c", "import conceptsvc, sys; sys.stdout.write(conceptsvc.__file__)"],
+        cwd=image_replay.root,
+        env=image_replay.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(probe.stdout).is_relative_to(site)
+    index = ConceptIndex.load(image_replay.index, verify=True)
+    assert len(index) > 0
+
+
+@pytest.mark.slow
+def test_deploy_image_command_serves_and_passes_its_healthcheck(image_replay: ImageReplay) -> None:
+    ins = parse_dockerfile(DOCKERFILE)
+    last = final_stage(ins)
+    (entrypoint,) = [exec_form(i) for i in ins if i.keyword == "ENTRYPOINT" and i.stage == last]
+    (cmd,) = [exec_form(i) for i in ins if i.keyword == "CMD" and i.stage == last]
+    (health,) = [exec_form(i) for i in ins if i.keyword == "HEALTHCHECK"]
+    env = dict(image_replay.env)
+    env.update(
+        CONCEPTSVC_HOST="127.0.0.1",  # the image listens on all addresses; a test need not
+        CONCEPTSVC_PORT=str(free_port()),
+        CONCEPTSVC_METRICS_HOST="127.0.0.1",
+        CONCEPTSVC_METRICS_PORT=str(free_port()),
+        CONCEPTSVC_WORKERS="1",
+    )
+
+    def healthcheck() -> int:
+        return subprocess.run(
+            health, cwd=image_replay.root, env=env, capture_output=True, timeout=30
+        ).returncode
+
+    assert healthcheck() == 1, "the health check must fail while nothing is serving"
+    log = image_replay.root / "serve.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            entrypoint + cmd, cwd=image_replay.root, env=env, stdout=sink, stderr=sink
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while healthcheck() != 0:
+            assert server.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+# -- Kubernetes --------------------------------------------------------------------------------
+def _k8s_versions() -> list[str]:
+    from kubernetes_validate.utils import latest_version
+
+    return [K8S_MIN_VERSION, latest_version()]
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"),
+    ids=lambda p: p.name,
+)
+def test_deploy_k8s_manifest_validates_against_kubernetes_schemas(path: Path) -> None:
+    from kubernetes_validate.utils import validate
+
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    assert docs
+    for doc in docs:
+        for version in _k8s_versions():
+            validate(doc, version, strict=True)  # raises with the offending field
+
+
+def test_deploy_k8s_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    listed = kustomization["resources"]
+    on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk
+    assert len(set(listed)) == len(listed)
+
+
+def test_deploy_k8s_required_kinds_are_present() -> None:
+    kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in load_manifests()}
+    for required in [
+        ("Deployment", "conceptsvc"),
+        ("Service", "conceptsvc"),
+        ("Service", "conceptsvc-headless"),
+        ("ConfigMap", "conceptsvc"),
+        ("Deployment", "conceptsvc-redis"),
+        ("Service", "conceptsvc-redis"),
+        ("HorizontalPodAutoscaler", "conceptsvc"),
+        ("PodDisruptionBudget", "conceptsvc"),
+    ]:
+        assert required in kinds
+    assert manifest("Service", "conceptsvc-headless")["spec"]["clusterIP"] == "None"
+    assert manifest("Service", "conceptsvc")["spec"].get("clusterIP") != "None"
+
+
+def test_deploy_k8s_probes_ask_grpc_health_on_the_served_port(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = server_container()
+    settings = validate_settings_env(server_env(), monkeypatch, tiny_index)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == settings.port
+    assert ports["metrics"] == settings.metrics_port
+    assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = container[probe]
+        assert set(spec) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
+        assert spec["grpc"]["port"] == settings.port, probe
+
+
+def test_deploy_k8s_termination_grace_covers_drain_and_grace(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = validate_settings_env(server_env(), monkeypatch, tiny_index)
+    pod = server_deployment()["spec"]["template"]["spec"]
+    needed = settings.drain_delay_seconds + settings.grace_seconds
+    hooks = server_container().get("lifecycle", {}).get("preStop", {})
+    needed += hooks.get("sleep", {}).get("seconds", 0)
+    # Long enough that Kubernetes never SIGKILLs a draining server; not so long that a
+    # stuck pod holds a rollout for minutes.
+    assert needed < pod["terminationGracePeriodSeconds"] <= needed + 10
+
+
+def test_deploy_k8s_every_container_has_requests_and_limits(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _, doc in load_manifests():
+        if doc["kind"] != "Deployment":
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
+            assert "memory" in resources["limits"], container["name"]
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    # One worker process per requested core.
+    settings = validate_settings_env(server_env(), monkeypatch, tiny_index)
+    assert settings.workers == int(server_container()["resources"]["requests"]["cpu"])
+
+
+def test_deploy_k8s_services_hpa_and_pdb_select_the_server_pods(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = server_deployment()
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for name in ("conceptsvc", "conceptsvc-headless"):
+        service = manifest("Service", name)
+        assert service["spec"]["selector"].items() <= labels.items(), name
+        (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+        assert grpc_port["targetPort"] == "grpc"
+    pdb = manifest("PodDisruptionBudget", "conceptsvc")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    hpa = manifest("HorizontalPodAutoscaler", "conceptsvc")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "conceptsvc")
+    # A disruption must leave replicas serving.
+    assert hpa["spec"]["minReplicas"] > pdb["spec"].get("maxUnavailable", 0)
+    # The Redis URL names the in-cluster Redis Service and its port.
+    settings = validate_settings_env(server_env(), monkeypatch, tiny_index)
+    redis = manifest("Service", "conceptsvc-redis")
+    assert settings.redis_url is not None
+    assert f"//{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/" in (
+        settings.redis_url
+    )
+
+
+def test_deploy_k8s_containers_run_conceptsvc_commands() -> None:
+    container = server_container()
+    parses_as_cli(container["args"])
+    assert container["args"][0] == "serve"
+    (init,) = server_deployment()["spec"]["template"]["spec"]["initContainers"]
+    index_mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["index"]
+    assert server_env()["CONCEPTSVC_INDEX"] == index_mount
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["index"] == index_mount
+
+
+def test_deploy_k8s_init_container_fetches_and_verifies_the_index(tmp_path: Path) -> None:
+    """Run the init container's script with its mounts mapped to local directories."""
+    (init,) = server_deployment()["spec"]["template"]["spec"]["initContainers"]
+    script = init["command"][-1]
+    ins = parse_dockerfile(DOCKERFILE)
+    baked = dockerfile_env(ins, final_stage(ins))["CONCEPTSVC_INDEX"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    dictionaries, dest = tmp_path / "dictionaries", tmp_path / "dest"
+    build_index(
+        dictionaries / "umls-test",
+        [("C0032326", "Pneumothorax", ["T047"])],
+        [("C0032326", "pneumothorax", "MSH", "PT", 0)],
+    )
+    for name in ("umls-test", "missing"):
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir()
+        local = (
+            script.replace(mounts["dictionaries"], str(dictionaries))
+            .replace(mounts["index"], str(dest))
+            .replace(baked, str(tmp_path / "baked"))
+            .replace("exec python", f"exec {sys.executable}")
+        )
+        result = subprocess.run(
+            [*init["command"][:-1], local],
+            env={**os.environ, "INDEX_VERSION": name},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if name == "missing":
+            assert result.returncode != 0 and "no conceptsvc index" in result.stderr
+        else:
+            assert result.returncode == 0, result.stderr
+            assert ConceptIndex.load(dest).content_hash in result.stdout
+    # A tampered copy is refused before the server would start.
+    files = json.loads((dictionaries / "umls-test" / "manifest.json").read_text())["files"]
+    victim = dictionaries / "umls-test" / sorted(files)[0]
+    victim.write_bytes(victim.read_bytes() + b"tampered")
+    shutil.rmtree(dest)
+    dest.mkdir()
+    local = (
+        script.replace(mounts["dictionaries"], str(dictionaries))
+        .replace(mounts["index"], str(dest))
+        .replace("exec python", f"exec {sys.executable}")
+    )
+    result = subprocess.run(
+        [*init["command"][:-1], local],
+        env={**os.environ, "INDEX_VERSION": "umls-test"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "hash mismatch" in result.stderr
+
+
+# -- docker compose ----------------------------------------------------------------------------
+def test_deploy_compose_runs_replicas_with_redis_from_this_dockerfile() -> None:
+    services = compose()["services"]
+    server, redis = services["conceptsvc"], services["redis"]
+    assert server["deploy"]["replicas"] >= 2
+    build = server["build"]
+    context = (COMPOSE.parent / build["context"]).resolve()
+    assert context == REPO
+    assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+    assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    # Enough host ports for the replicas: one per replica from the published range.
+    (ports,) = server["ports"]
+    published, _, target = ports.rpartition(":")
+    low, _, high = published.partition("-")
+    assert int(high) - int(low) + 1 >= server["deploy"]["replicas"]
+    assert int(target) == int(server["environment"]["CONCEPTSVC_PORT"])
+
+
+def test_deploy_compose_settings_exist_and_validate(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose()["services"]
+    server = services["conceptsvc"]
+    settings = validate_settings_env(server["environment"], monkeypatch, tiny_index)
+    assert settings.host == "0.0.0.0"
+    assert settings.redis_url is not None
+    redis_host = settings.redis_url.split("//", 1)[1].split(":", 1)[0]
+    assert redis_host in services, "CONCEPTSVC_REDIS_URL must name the compose Redis service"
+    # Docker's stop timeout must outlast the server's drain delay plus grace period.
+    needed = settings.drain_delay_seconds + settings.grace_seconds
+    assert needed < compose_seconds(server["stop_grace_period"]) <= needed + 10
+
+
+def test_deploy_compose_commands_are_conceptsvc_commands() -> None:
+    services = compose()["services"]
+    parses_as_cli(services["conceptsvc"]["command"])
+    annotate = services["annotate"]["command"]
+    parses_as_cli(annotate)
+    assert annotate[0] == "annotate"
+    target = annotate[annotate.index("--target") + 1]
+    port = services["conceptsvc"]["environment"]["CONCEPTSVC_PORT"]
+    assert target == f"dns:///conceptsvc:{port}", "batch runs must reach every replica"

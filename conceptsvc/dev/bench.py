@@ -1,0 +1,54 @@
+"""``python -m conceptsvc.dev.bench NAME [options]``: one entry point for the benchmarks.
+
+Each benchmark is a module ``conceptsvc/dev/bench_<name>.py`` with ``main(argv) -> int``; this
+dispatcher only picks one from a fixed table (``all`` runs each with its defaults, in order, and
+fails if any failed). Benchmarks are part of ``make bench``, never of ``make test``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["BENCHMARKS", "main"]
+
+# name → module; a fixed table, so nothing is imported by a name typed on the command line.
+BENCHMARKS = {
+    "extract": "conceptsvc.dev.bench_extract",
+    "peers": "conceptsvc.dev.bench_peers",
+    "service": "conceptsvc.dev.bench_service",
+}
+
+
+def _run(name: str, argv: Sequence[str]) -> int:
+    module = importlib.import_module(BENCHMARKS[name])
+    return int(module.main(list(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or (args[0] not in BENCHMARKS and args[0] != "all"):
+        print(f"usage: python -m conceptsvc.dev.bench {{{','.join([*BENCHMARKS, 'all'])}}} "
+              "[options]\n(`... NAME --help` shows a benchmark's options)", file=sys.stderr)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    name, rest = args[0], args[1:]
+    if name != "all":
+        return _run(name, rest)
+    failed = []
+    for each in BENCHMARKS:
+        print(f"== benchmark {each} ==", flush=True)
+        try:
+            code = _run(each, rest)
+        except Exception as exc:  # one failing benchmark must not hide the others' results
+            print(f"benchmark {each} failed: {exc}", file=sys.stderr)
+            code = 1
+        if code:
+            failed.append(each)
+    if failed:
+        print(f"failed benchmarks: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

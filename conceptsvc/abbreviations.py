@@ -49,9 +49,15 @@ class Definition:
 
 
 def _valid_short(sf: str) -> bool:
+    """Schwartz–Hearst's short-form test, plus: at least one capital letter.
+
+    The extra condition is ours: captions are full of parenthesised words that are not
+    abbreviations ("(arrow)", "(red arrows)"), and a short form without a capital is almost
+    never one in radiology text; it also keeps the per-caption cost near zero.
+    """
     if not (2 <= len(sf) <= _MAX_SHORT_LEN) or len(sf.split()) > 2:
         return False
-    if not sf[0].isalnum() or not any(c.isalpha() for c in sf):
+    if not sf[0].isalnum() or not any(c.isupper() for c in sf):
         return False
     return True
 

@@ -237,6 +237,8 @@ class ApproximateMatcher:
                     posts: tuple[Posting, ...] = entry.free
                     if entry.checked:
                         posts += check_surface(entry.checked, text[starts[i] : ends[j - 1]])
-                    if posts:
-                        out.append(Match(i, j, k, posts, sim))
+                        if posts:
+                            out.append(Match(i, j, k, posts, sim))
+                    elif posts:
+                        out.append(Match(i, j, k, posts, sim, True))
         return out

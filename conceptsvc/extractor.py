@@ -126,6 +126,7 @@ class _Plan:
     profile: Profile
     resolver: AmbiguityResolver
     accept: dict[str, bool]  # memo: cui → passes the type filter / exclusion
+    filtered: dict[str, tuple[tuple[str, Posting], ...]]  # memo: key → accepted (cui, posting)
 
 
 class Extractor:
@@ -149,6 +150,9 @@ class Extractor:
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._resolvers: dict[str, AmbiguityResolver] = {}
         self.default_options = default_options or ExtractOptions()
+        # (options object, its plan) of the previous request: batches reuse one options
+        # object, and an identity check is cheaper than hashing an 11-field dataclass.
+        self._last: tuple[ExtractOptions | None, _Plan | None] = (None, None)
         self.check_options(self.default_options)
 
     # -- options -----------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class Extractor:
             profile=profile,
             resolver=resolver,
             accept={},
+            filtered={},
         )
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
@@ -255,7 +260,11 @@ class Extractor:
         self, text: str, options: ExtractOptions | None = None, *, id: str = ""
     ) -> Annotation:
         """Concepts of one caption. Offsets are code-point offsets into ``text``."""
-        plan = self._plan(options or self.default_options)
+        last = self._last
+        if options is None:
+            options = self.default_options
+        plan = last[1] if last[0] is options and last[1] is not None else self._plan(options)
+        self._last = (options, plan)
         o = plan.options
         norms, starts, ends = tokenize_spans(text)
         matches = self._exact.match(text, norms, starts, ends)
@@ -311,20 +320,33 @@ class Extractor:
     def _filter(self, plan: _Plan, matches: list[Match]) -> list[_Cand]:
         """One candidate per (span, concept) that passes the request's filters."""
         out: list[_Cand] = []
-        sabs = plan.sabs
+        memo = plan.filtered
         for m in matches:
-            best: dict[str, Posting] = {}
-            for p in m.postings:
-                if sabs is not None and p.sab not in sabs:
-                    continue
-                if not self._accepts(plan, p.cui):
-                    continue
-                prev = best.get(p.cui)
-                if prev is None or (p.flags & FLAG_PREFERRED and not prev.flags & FLAG_PREFERRED):
-                    best[p.cui] = p
-            for cui, p in best.items():
+            pairs = memo.get(m.key) if m.stable else None
+            if pairs is None:
+                pairs = self._filter_postings(plan, m.postings)
+                if m.stable:
+                    memo[m.key] = pairs
+            for cui, p in pairs:
                 out.append(_Cand(m.start_tok, m.end_tok, cui, p, m.score))
         return out
+
+    def _filter_postings(
+        self, plan: _Plan, postings: Sequence[Posting]
+    ) -> tuple[tuple[str, Posting], ...]:
+        """The accepted concepts of a key's postings, each with its best posting (the
+        preferred name if it matched, else the first accepted string)."""
+        best: dict[str, Posting] = {}
+        sabs = plan.sabs
+        for p in postings:
+            if sabs is not None and p.sab not in sabs:
+                continue
+            if not self._accepts(plan, p.cui):
+                continue
+            prev = best.get(p.cui)
+            if prev is None or (p.flags & FLAG_PREFERRED and not prev.flags & FLAG_PREFERRED):
+                best[p.cui] = p
+        return tuple(best.items())
 
     def _apply_definitions(
         self,
@@ -442,6 +464,9 @@ class Extractor:
 
 def _resolve_overlaps(cands: list[_Cand], how: str) -> list[_Cand]:
     """Keep non-overlapping spans greedily; all concepts on a kept span survive."""
+    ordered = sorted({(c.start_tok, c.end_tok) for c in cands})
+    if all(ordered[k][1] <= ordered[k + 1][0] for k in range(len(ordered) - 1)):
+        return cands  # the common case: nothing overlaps
     spans: dict[tuple[int, int], float] = {}
     for c in cands:
         k = (c.start_tok, c.end_tok)

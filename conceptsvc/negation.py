@@ -175,13 +175,19 @@ class NegationDetector:
         for lst in table.values():
             lst.sort(key=lambda e: (-len(e[0]), e[1]))
         self._table = table
-        self._first = frozenset(table)
+        # Only a pre- or post-negation trigger can negate anything; terminators and
+        # pseudo-triggers ("with", "showing") are frequent and must not defeat the fast path.
+        self._trigger_words = frozenset(
+            ph[0]
+            for ph, kind in (e for lst in table.values() for e in lst)
+            if kind in (_PRE_KIND, _POST_KIND)
+        )
 
     def negated_tokens(
         self, text: str, norms: list[str], starts: list[int], ends: list[int]
     ) -> list[bool] | None:
         """Per token, whether it lies in a negation scope; ``None`` when nothing is negated."""
-        if self._first.isdisjoint(norms):
+        if self._trigger_words.isdisjoint(norms):
             return None
         n = len(norms)
         # Phrase hits: (start, end, kind); a token belongs to at most one phrase.

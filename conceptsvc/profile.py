@@ -181,6 +181,7 @@ class ProfileResult:
 class _Slot:
     name: str
     members: tuple[str, ...]
+    member_set: frozenset[str]
     priority: Mapping[str, int]
     max: int
     mention_weight: float
@@ -231,6 +232,7 @@ class Profile:
                 _Slot(
                     name=s.name,
                     members=members,
+                    member_set=frozenset(members),
                     priority={m.cui: m.priority for m in s.members},
                     max=s.max,
                     mention_weight=s.mention_weight,
@@ -241,11 +243,15 @@ class Profile:
                 )
             )
         self._slots = tuple(slots)
-        self._phrases = phrases
-        first_max: dict[str, int] = {}
+        # Phrase-prefix table: every token-prefix of an evidence phrase → its targets, or ()
+        # when the prefix is not a phrase itself; one dict probe per token, as in the matcher.
+        table: dict[str, tuple[tuple[int, str, float, bool], ...]] = {}
+        for ph, targets in phrases.items():
+            table[" ".join(ph)] = tuple(targets)
         for ph in phrases:
-            first_max[ph[0]] = max(first_max.get(ph[0], 0), len(ph))
-        self._phrase_first_max = first_max
+            for k in range(1, len(ph)):
+                table.setdefault(" ".join(ph[:k]), ())
+        self._phrases = table
 
     @property
     def is_identity(self) -> bool:
@@ -255,28 +261,34 @@ class Profile:
     def _evidence_hits(
         self, text: str, norms: Sequence[str], starts: Sequence[int], ends: Sequence[int]
     ) -> list[tuple[int, str, float]]:
+        """(slot, member, weight) for each distinct evidence phrase in the caption."""
         hits: list[tuple[int, str, float]] = []
-        seen: set[tuple[str, ...]] = set()
-        first_max = self._phrase_first_max
+        seen: set[str] = set()
+        get = self._phrases.get
         n = len(norms)
         for i in range(n):
-            m = first_max.get(norms[i])
-            if m is None:
-                continue
-            for j in range(i + 1, min(n, i + m) + 1):
-                ph = tuple(norms[i:j])
-                targets = self._phrases.get(ph)
-                if targets is None or ph in seen:
-                    continue
-                upper = text[starts[i] : ends[j - 1]].isupper()
-                found = False
-                for si, cui, w, needs_upper in targets:
-                    if needs_upper and not upper:
-                        continue
-                    hits.append((si, cui, w))
-                    found = True
-                if found:
-                    seen.add(ph)
+            key = norms[i]
+            targets = get(key)
+            j = i + 1
+            while targets is not None:
+                if targets and key not in seen:
+                    upper: bool | None = None
+                    found = False
+                    for si, cui, w, needs_upper in targets:
+                        if needs_upper:
+                            if upper is None:
+                                upper = text[starts[i] : ends[j - 1]].isupper()
+                            if not upper:
+                                continue
+                        hits.append((si, cui, w))
+                        found = True
+                    if found:
+                        seen.add(key)
+                if j >= n:
+                    break
+                key = key + " " + norms[j]
+                targets = get(key)
+                j += 1
         return hits
 
     def apply(
@@ -290,29 +302,28 @@ class Profile:
         """Apply the profile to one caption's mentioned CUIs (in order of first mention)."""
         present = set(mentioned)
         inferred: list[str] = []
-        hits = self._evidence_hits(text, norms, starts, ends) if self._phrases else []
+        by_slot: dict[int, list[tuple[str, float]]] = {}
+        if self._phrases:
+            for si, cui, w in self._evidence_hits(text, norms, starts, ends):
+                by_slot.setdefault(si, []).append((cui, w))
         for si, slot in enumerate(self._slots):
-            members = slot.members
+            members = slot.member_set
             if slot.when and present.isdisjoint(slot.when):
-                if slot.keep_mentioned:
-                    continue
-                for c in members:
-                    present.discard(c)
-                    if c in inferred:
-                        inferred.remove(c)
+                if not slot.keep_mentioned:
+                    present -= members
+                    if inferred:
+                        inferred = [c for c in inferred if c not in members]
                 continue
             score: dict[str, float] = {}
-            for c in members:
-                if c in present:
-                    score[c] = score.get(c, 0.0) + slot.mention_weight
-            for hs, c, w in hits:
-                if hs == si:
-                    score[c] = score.get(c, 0.0) + w
+            for c in present & members:
+                score[c] = slot.mention_weight
+            for c, w in by_slot.get(si, ()):
+                score[c] = score.get(c, 0.0) + w
             for ev, c, w in slot.cui_evidence:
                 if ev in present:
                     score[c] = score.get(c, 0.0) + w
             chosen = sorted(
-                (c for c, s in score.items() if s > 0),
+                (c for c, v in score.items() if v > 0),
                 key=lambda c: (-score[c], slot.priority[c]),
             )[: slot.max]
             if not chosen:
@@ -320,15 +331,13 @@ class Profile:
                     if not when or not present.isdisjoint(when):
                         chosen = [cui]
                         break
-            for c in members:
-                if c not in chosen:
-                    present.discard(c)
-                    if c in inferred:
-                        inferred.remove(c)
+            present -= members
+            if inferred:
+                inferred = [c for c in inferred if c not in members]
             for c in chosen:
-                if c not in present:
-                    present.add(c)
+                if c not in mentioned:
                     inferred.append(c)
+                present.add(c)
         if self.vocabulary is not None:
             present &= self.vocabulary
         if self.drop:

@@ -174,8 +174,9 @@ def test_extractor_rocov2_profile_infers_modality(ex: Extractor) -> None:
     assert not any(m.cui == "C0024485" for m in a.mentions)  # inferred, no mention
     b = ex.extract("CT of the chest shows pleural effusion.", rocov2)
     assert b.concepts[0] == "C0040405"
-    assert "C0817096" in b.concepts  # a region mention survives without Plain x-ray
-    assert "C1999039" not in b.concepts
+    assert "C0817096" not in b.concepts  # X-ray body regions only with Plain x-ray
+    c = ex.extract("Chest X-ray (AP) shows pleural effusion.", rocov2)
+    assert set(c.concepts) == {"C1306645", "C0817096", "C1999039", "C0032227"}
 
 
 TEXT = st.lists(

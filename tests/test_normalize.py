@@ -3,7 +3,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conceptsvc.normalize import STOPWORDS, normalize_term, normalize_token, tokenize
+from conceptsvc.normalize import (
+    STOPWORDS,
+    normalize_term,
+    normalize_token,
+    tokenize,
+    tokenize_spans,
+)
 
 
 def norms(text: str) -> list[str]:
@@ -30,8 +36,9 @@ def test_normalize_plurals() -> None:
     assert norms("pelvis pancreas thorax virus abscess") == [
         "pelvis", "pancreas", "thorax", "virus", "abscess",
     ]
-    # short tokens are abbreviations, never singularised
-    assert norms("US CTs") == ["us", "cts"]
+    # short tokens are abbreviations, never singularised; an acronym's plural is the acronym
+    assert norms("US CTs MRIs") == ["us", "ct", "mri"]
+    assert norms("X-rays kidneys airways") == ["x", "ray", "kidney", "airway"]
 
 
 def test_normalize_british_american() -> None:
@@ -70,3 +77,17 @@ def test_tokenize_offsets_property(text: str) -> None:
         assert last <= tok.start < tok.end <= len(text)
         assert normalize_token(text[tok.start : tok.end]) == tok.norm
         last = tok.end
+
+
+@given(st.text(max_size=200))
+def test_tokenize_spans_equals_tokenize(text: str) -> None:
+    toks = tokenize(text)
+    assert tokenize_spans(text) == (
+        [t.norm for t in toks], [t.start for t in toks], [t.end for t in toks]
+    )
+
+
+@given(st.text(alphabet="abcXYZ09'’ -./(),é", max_size=120))
+def test_tokenize_spans_ascii_fast_path_matches_unicode_path(text: str) -> None:
+    toks = tokenize(text)
+    assert tokenize_spans(text)[1] == [t.start for t in toks]

@@ -15,6 +15,7 @@ __all__ = ["BENCHMARKS", "main"]
 
 # name → module; a fixed table, so nothing is imported by a name typed on the command line.
 BENCHMARKS = {
+    "index": "conceptsvc.dev.bench_index",
     "extract": "conceptsvc.dev.bench_extract",
     "peers": "conceptsvc.dev.bench_peers",
     "service": "conceptsvc.dev.bench_service",

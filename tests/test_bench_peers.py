@@ -81,6 +81,7 @@ def test_bench_peers_run_peers_scores_quickumls(rocov2: Path, tmp_path: Path) ->
     assert json.loads((out / "summary.json").read_text())["peers"]["quickumls"]["captions"] == 3
     table = bench_peers.format_table(summary)
     assert "| quickumls 1.4.2 | 0.900 | 1.000 |" in table
+    assert "| quickumls 1.4.2 (top1) | 1.000 | 1.000 |" in table
 
 
 def test_bench_peers_quickumls_baseline_and_build_timing(tmp_path: Path) -> None:

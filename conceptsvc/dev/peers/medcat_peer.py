@@ -92,7 +92,8 @@ class MedCATPeer:
         self._cat = CAT(self._cdb, vocab=Vocab(), config=self._cdb.config)
 
     def annotate(self, text: str) -> dict[str, list[str]]:
-        ents = self._cat.get_entities(text)["entities"]
+        # get_entities returns {} (no "entities" key) for a text MedCAT parses to nothing.
+        ents = self._cat.get_entities(text).get("entities", {})
         return {"all": list(dict.fromkeys(e["cui"] for e in ents.values()))}
 
     def settings(self) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""Command-line arguments shared by the client commands (annotate, lookup, concept, search).
+
+The commands themselves live in :mod:`conceptsvc.cli`; this module keeps the argument groups
+they have in common — extraction options, the service connection — in one place, so that
+``annotate`` and ``lookup`` spell an option the same way, and turns parsed arguments into the
+library's types. It imports nothing heavy at module level: ``conceptsvc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from conceptsvc.errors import ClientError
+
+if TYPE_CHECKING:
+    from conceptsvc.client.batch import ChannelSecurity
+    from conceptsvc.client.lookup import Lookup
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "add_connection",
+    "add_extract_options",
+    "add_lookup_common",
+    "extract_overrides",
+    "lookup_backend",
+    "security",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TOKEN_ENV = "CONCEPTSVC_TOKEN"
+
+
+def _names(values: list[str] | None) -> tuple[str, ...] | None:
+    """Repeatable, comma-separated name lists; a semantic type *name* that contains commas
+    ("Body Part, Organ, or Organ Component") is kept whole."""
+    if values is None:
+        return None
+    from conceptsvc.errors import SemanticNetworkError
+    from conceptsvc.semantic_network import load_semantic_network
+
+    sn = load_semantic_network()
+    out: list[str] = []
+    for value in values:
+        try:
+            if "," not in value:
+                raise SemanticNetworkError(value)
+            sn.resolve(value)
+            out.append(value.strip())
+        except SemanticNetworkError:
+            out.extend(v.strip() for v in value.split(",") if v.strip())
+    return tuple(out)
+
+
+def add_extract_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "extraction options",
+        "options left unset take the service's defaults (the engine's with --local)",
+    )
+    g.add_argument("--semantic-types", action="append", metavar="NAMES",
+                   help="accept only these semantic types (TUI, abbreviation or name); "
+                        "comma-separated, repeatable")
+    g.add_argument("--semantic-groups", action="append", metavar="NAMES",
+                   help="accept only these semantic groups (code or name, e.g. DISO)")
+    g.add_argument("--sources", action="append", metavar="SABS",
+                   help="accept only strings from these source vocabularies")
+    g.add_argument("--exclude-cuis", action="append", metavar="CUIS",
+                   help="never report these concepts")
+    g.add_argument("--mode", choices=["exact", "approximate"], help="matching mode")
+    g.add_argument("--approximate", dest="mode", action="store_const", const="approximate",
+                   help="shorthand for --mode approximate")
+    g.add_argument("--similarity", choices=["jaccard", "cosine", "dice", "overlap"],
+                   help="similarity measure for approximate matching")
+    g.add_argument("--threshold", type=float, help="approximate matching threshold, in (0, 1]")
+    g.add_argument("--overlap", choices=["longest", "best_score", "all"],
+                   help="which of overlapping mentions to keep")
+    g.add_argument("--profile", help="concept profile (none, rocov2, ...)")
+    g.add_argument("--include-negated", action=argparse.BooleanOptionalAction, default=None,
+                   help="report negated mentions (flagged) or drop them")
+
+
+def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The extraction options given on the command line, as ExtractOptions field values."""
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise ClientError(f"--threshold must be in (0, 1], got {args.threshold}.")
+    found: dict[str, Any] = {
+        "semantic_types": _names(args.semantic_types),
+        "semantic_groups": _names(args.semantic_groups),
+        "sources": _names(args.sources),
+        "exclude_cuis": _names(args.exclude_cuis),
+        "mode": args.mode,
+        "similarity": args.similarity,
+        "threshold": args.threshold,
+        "overlap": args.overlap,
+        "profile": args.profile,
+        "include_negated": args.include_negated,
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def add_connection(p: argparse.ArgumentParser, *, several: bool) -> None:
+    g = p.add_argument_group("service connection")
+    g.add_argument(
+        "--target", action="append" if several else "store", metavar="ADDRESS",
+        help=f"service address host:port (default {DEFAULT_TARGET}), or dns:///name:port to "
+             "balance round-robin over all its addresses"
+             + ("; repeat for several replicas" if several else ""),
+    )
+    g.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (system root CAs)")
+    g.add_argument("--ca-cert", metavar="PEM", help="CA certificate to verify the server with")
+    g.add_argument("--client-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    g.add_argument("--client-key", metavar="PEM", help="client private key (mutual TLS)")
+    g.add_argument("--server-name", help="expected server name in its certificate")
+
+
+def security(args: argparse.Namespace) -> ChannelSecurity:
+    from conceptsvc.client.batch import ChannelSecurity
+
+    return ChannelSecurity(
+        tls=args.tls,
+        ca_cert=Path(args.ca_cert) if args.ca_cert else None,
+        client_cert=Path(args.client_cert) if args.client_cert else None,
+        client_key=Path(args.client_key) if args.client_key else None,
+        server_name=args.server_name,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+    )
+
+
+def add_lookup_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="run the engine in this process instead of calling a service")
+    p.add_argument("--index", help="with --local: index directory (default: the demo dictionary)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_connection(p, several=False)
+
+
+def lookup_backend(args: argparse.Namespace) -> Lookup:
+    from conceptsvc.client.lookup import LocalLookup, RemoteLookup
+
+    if args.local:
+        if args.target:
+            raise ClientError("--local and --target exclude each other.")
+        return LocalLookup(args.index)
+    if args.index:
+        raise ClientError("--index only applies with --local (a service uses its own index).")
+    return RemoteLookup(args.target or DEFAULT_TARGET, security=security(args))

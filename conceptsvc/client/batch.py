@@ -1,0 +1,859 @@
+"""Annotate a whole caption corpus through the service: parallel, resumable, observable.
+
+:func:`annotate_corpus` is the plain function behind ``conceptsvc annotate``. One run:
+
+1. **validates the input** (:meth:`Corpus.scan`): malformed records stop the run before any
+   request is sent, or — with ``on_bad_input="skip"`` — are skipped and listed in the errors
+   file;
+2. **asks every target for its GetInfo**: all replicas must serve the same index; the server's
+   default options, overridden by the caller's, become the run's *effective options*, sent in
+   full with every request (so a later change of server defaults cannot silently mix results);
+3. **opens the resume journal** (:mod:`conceptsvc.client.journal`) in ``OUT.<key>.part/``,
+   ``key`` being a hash of the input bytes, its format and the effective options. Captions the
+   journal already holds are not sent again; a journal written against another index is refused;
+4. **streams** the remaining captions: ``concurrency`` workers each take a batch of
+   ``batch_size`` captions and send it as one ``AnnotateStream`` call with a deadline of
+   ``deadline`` seconds. Workers rotate over the targets (one channel per ``--target``; a
+   ``dns:///`` target is one channel whose addresses grpc balances ``round_robin``). Results are
+   journaled as they arrive;
+5. **retries** what did not come back: when a stream fails (UNAVAILABLE, DEADLINE_EXCEEDED, …;
+   authentication failures end the run instead) its unanswered items are retried after an
+   exponential backoff with jitter, on the next target (a target that just failed is rested
+   for the backoff period). Unless the failure concerns the connection or the server as a whole
+   (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED), the item the server was working on
+   — responses come back in request order, so it is the first unanswered one — is retried on
+   its own, so one pathological caption (one that always exceeds the deadline, say) cannot
+   hold its batch-mates hostage. Items the service rejects individually (INVALID_ARGUMENT,
+   oversize…) are not retried. After ``retries`` failed attempts an item is given up and
+   written to the errors file; the run then reports itself incomplete;
+6. **finalises**: the outputs are rendered from the journal *in input order* into part files
+   and moved into place, so an interrupted-and-resumed run writes the same bytes as an
+   uninterrupted one; then the errors file, the optional report and the run manifest
+   (``OUT.manifest.json``). A complete run removes its work directory; an incomplete one keeps
+   it, so that rerunning the same command retries only what failed.
+
+Rerunning a command whose outputs are complete and unchanged is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import grpc
+import grpc.aio
+
+from conceptsvc import __version__
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.client.convert import (
+    concept_from_pb,
+    info_from_pb,
+    options_to_pb,
+    stream_result_from_pb,
+)
+from conceptsvc.client.corpus import BadInputError, BadRecord, Caption, Corpus, CorpusScan
+from conceptsvc.client.journal import Journal
+from conceptsvc.client.outputs import (
+    OutputSet,
+    OutputSpec,
+    annotation_from_json,
+    annotation_to_json,
+    atomic_write_text,
+    dumps,
+)
+from conceptsvc.client.progress import Progress, ProgressMode
+from conceptsvc.client.report import CorpusReport, ReportBuilder, ReportFiles, write_report
+from conceptsvc.client.types import ServiceInfo
+from conceptsvc.errors import ClientError
+
+__all__ = [
+    "EXIT_INCOMPLETE",
+    "BatchSettings",
+    "ChannelSecurity",
+    "RunCounts",
+    "RunResult",
+    "annotate_corpus",
+    "effective_options",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_INCOMPLETE = 3
+
+# Unary calls (GetInfo, the options probe) are retried on these. RESOURCE_EXHAUSTED is the
+# server's concurrency limit (oversized items are caught before sending); CANCELLED can only
+# come from the server side (a stopping replica): this client never cancels a call it needs.
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+# Stream failures that say nothing about the items (the connection or the server as a whole):
+# the unanswered items are retried together. Any other stream failure (DEADLINE_EXCEEDED,
+# INTERNAL, UNKNOWN…) may have been caused by the item the server was working on, so that item
+# is retried on its own.
+_NO_BLAME = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+_RETRYABLE_ITEM = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
+_FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# Deadline of the run's small control calls (GetInfo, the options probe, GetConcept); the
+# --deadline setting is for the annotation streams.
+_CONTROL_TIMEOUT = 10.0
+# Results are flushed to the journal at least this often while a stream is being read.
+_JOURNAL_CHUNK = 32
+
+
+class RunIncompatibleError(ClientError):
+    """The work directory holds results that cannot be mixed with this run's."""
+
+    code = "E621"
+
+
+class ServiceUnreachableError(ClientError):
+    code = "E622"
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to reach the targets: TLS (with a client certificate for mutual TLS) and a token.
+
+    Field names follow :class:`~conceptsvc.client.ConceptClient`'s keyword arguments.
+    """
+
+    tls: bool = False  # TLS with the system roots when no ca_cert is given
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None
+    token: str | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.uses_tls:
+            return None
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ClientError(
+                "--client-cert and --client-key must be given together (mutual TLS)."
+            )
+        try:
+            ca = self.ca_cert.read_bytes() if self.ca_cert else None
+            cert = self.client_cert.read_bytes() if self.client_cert else None
+            key = self.client_key.read_bytes() if self.client_key else None
+        except OSError as exc:
+            raise ClientError(f"cannot read a TLS file: {exc}") from exc
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~conceptsvc.client.ConceptClient`."""
+        return {
+            "token": self.token, "tls": self.tls, "ca_cert": self.ca_cert,
+            "client_cert": self.client_cert, "client_key": self.client_key,
+            "server_name": self.server_name,
+        }
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How to run (none of this changes the results)."""
+
+    targets: tuple[str, ...] = ("127.0.0.1:50051",)
+    concurrency: int = 4
+    batch_size: int = 64
+    deadline: float = 60.0
+    retries: int = 8
+    backoff_base: float = 0.25
+    backoff_max: float = 10.0
+    on_bad_input: Literal["fail", "skip"] = "fail"
+    restart: bool = False
+    report: bool = False
+    progress: ProgressMode = ProgressMode.AUTO
+    progress_interval: float = 10.0
+    security: ChannelSecurity = field(default_factory=ChannelSecurity)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.targets:
+            problems.append("at least one --target is needed")
+        if self.concurrency < 1:
+            problems.append("--concurrency must be >= 1")
+        if self.batch_size < 1:
+            problems.append("--batch-size must be >= 1")
+        if self.deadline <= 0:
+            problems.append("--deadline must be > 0 seconds")
+        if self.retries < 0:
+            problems.append("--retries must be >= 0")
+        if self.on_bad_input not in ("fail", "skip"):
+            problems.append("--on-bad-input must be 'fail' or 'skip'")
+        if problems:
+            raise ClientError("; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    records: int  # records in the input, good and bad
+    captions: int  # good records
+    annotated: int  # in the output
+    failed: int  # given up after retries or rejected by the service
+    skipped_bad_input: int
+    resumed: int  # found done in the journal when this invocation started
+    with_concepts: int = 0
+    concepts: int = 0  # caption-concept pairs
+    mentions: int = 0
+    retried_batches: int = 0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outputs: list[Path]
+    manifest: Path
+    errors: Path | None
+    counts: RunCounts
+    complete: bool
+    report: CorpusReport | None = None
+    report_files: ReportFiles | None = None
+    already_complete: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.complete else EXIT_INCOMPLETE
+
+
+def effective_options(defaults: Any, overrides: Mapping[str, Any]) -> Any:
+    """The server's defaults with the caller's overrides (an ExtractOptions)."""
+    unknown = set(overrides) - set(asdict(defaults))
+    if unknown:
+        raise ClientError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return replace(defaults, **overrides)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_key(scan: CorpusScan, corpus: Corpus, options_key: str) -> str:
+    ident = {"input_sha256": scan.sha256, "input_format": corpus.format.value,
+             "options": options_key, "journal_version": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _sidecar(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)
+
+
+# -- channels ---------------------------------------------------------------------------------
+class _Targets:
+    """Channels to every target, picked round-robin; a target that just failed is rested.
+
+    Each target gets ``connections`` channels, each its own TCP connection (a local subchannel
+    pool), because a server running several worker processes on one port (SO_REUSEPORT)
+    balances *connections*, not streams: one shared connection would pin every stream of the
+    run to one server process.
+    """
+
+    def __init__(
+        self, targets: Sequence[str], security: ChannelSecurity, connections: int = 1
+    ) -> None:
+        creds = security.credentials()
+        options: list[tuple[str, Any]] = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.enable_retries", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+            *security.channel_options(),
+        ]
+        self.names = list(targets)
+        self.channels = [
+            [
+                grpc.aio.secure_channel(t, creds, options=options)
+                if creds is not None
+                else grpc.aio.insecure_channel(t, options=options)
+                for _ in range(max(1, connections))
+            ]
+            for t in targets
+        ]
+        self._stubs = [
+            [pb_grpc.ConceptServiceStub(ch) for ch in chs]  # type: ignore[no-untyped-call]
+            for chs in self.channels
+        ]
+        self.metadata = security.metadata()
+        self._next = 0
+        self._next_conn = [0] * len(targets)
+        self._rest_until = [0.0] * len(targets)
+
+    def stub(self, i: int) -> Any:
+        """A stub for target ``i``, rotating over its connections."""
+        k = self._next_conn[i]
+        self._next_conn[i] = (k + 1) % len(self._stubs[i])
+        return self._stubs[i][k]
+
+    def pick(self) -> int:
+        now = time.monotonic()
+        n = len(self.names)
+        for k in range(n):
+            i = (self._next + k) % n
+            if self._rest_until[i] <= now:
+                self._next = i + 1
+                return i
+        i = min(range(n), key=lambda j: self._rest_until[j])
+        self._next = i + 1
+        return i
+
+    def rest(self, i: int, seconds: float) -> None:
+        self._rest_until[i] = max(self._rest_until[i], time.monotonic() + seconds)
+
+    async def close(self) -> None:
+        for chs in self.channels:
+            for ch in chs:
+                await ch.close()
+
+
+# -- the run ----------------------------------------------------------------------------------
+@dataclass
+class _Failure:
+    caption: Caption
+    status: str
+    reason: str
+    attempts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.caption.id, "line": self.caption.line, "stage": "annotate",
+                "status": self.status, "reason": self.reason, "attempts": self.attempts}
+
+
+class _Runner:
+    def __init__(
+        self,
+        corpus: Corpus,
+        scan: CorpusScan,
+        settings: BatchSettings,
+        journal_for: Callable[[ServiceInfo, Any], Journal],
+        overrides: Mapping[str, Any],
+        progress_stream: TextIO | None,
+    ) -> None:
+        self.corpus = corpus
+        self.scan = scan
+        self.s = settings
+        self.journal_for = journal_for
+        self.overrides = overrides
+        self.progress_stream = progress_stream
+        self.failures: list[_Failure] = []
+        self.retried_batches = 0
+        self.names: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.journal: Journal | None = None
+        self.info: ServiceInfo | None = None
+        self.resumed = 0
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.s.backoff_max, self.s.backoff_base * (2 ** max(attempt - 1, 0)))
+        jitter: float = random.uniform(0.5, 1.0)  # spreads retries of parallel workers
+        return float(base * jitter)
+
+    async def _get_info(self, targets: _Targets) -> ServiceInfo:
+        """GetInfo from every target (waiting for them to come up); all must agree."""
+        infos: dict[str, ServiceInfo] = {}
+        last: dict[str, str] = {}
+        for attempt in range(self.s.retries + 1):
+            for i, name in enumerate(targets.names):
+                if name in infos:
+                    continue
+                try:
+                    msg = await targets.stub(i).GetInfo(
+                        pb.GetInfoRequest(), timeout=_CONTROL_TIMEOUT,
+                        metadata=targets.metadata,
+                    )
+                    infos[name] = info_from_pb(msg)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _FATAL:
+                        raise ClientError(f"{name}: {exc.code().name}: {exc.details()}") from None
+                    last[name] = f"{exc.code().name}: {exc.details()}"
+            if infos and (len(infos) == len(targets.names) or attempt >= 1):
+                break
+            if attempt < self.s.retries:
+                await asyncio.sleep(self._backoff(attempt + 1))
+        if not infos:
+            detail = "; ".join(f"{t}: {m}" for t, m in last.items())
+            raise ServiceUnreachableError(
+                f"no target answered GetInfo ({detail}). Is the service running (check "
+                "`conceptsvc health --target ...`)?"
+            )
+        for name, why in last.items():
+            if name not in infos:
+                log.warning("target %s is not answering yet (%s); using the others", name, why)
+        hashes = {n: i.index.content_hash for n, i in infos.items()}
+        if len(set(hashes.values())) > 1:
+            raise RunIncompatibleError(
+                "the targets serve different indexes ("
+                + ", ".join(f"{n}: {h[:12]}" for n, h in hashes.items())
+                + "); results would depend on which replica answered. Point all --target "
+                "values at replicas of the same dictionary."
+            )
+        return next(iter(infos.values()))
+
+    async def _probe(self, targets: _Targets, options: pb.AnnotateOptions) -> None:
+        """One tiny request with the run's options, so bad options fail before the corpus."""
+        for attempt in range(self.s.retries + 1):
+            i = targets.pick()
+            try:
+                await targets.stub(i).Annotate(
+                    pb.AnnotateRequest(id="conceptsvc-probe", text="probe", options=options),
+                    timeout=_CONTROL_TIMEOUT, metadata=targets.metadata,
+                )
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _RETRYABLE and attempt < self.s.retries:
+                    targets.rest(i, self._backoff(attempt + 1))
+                    await asyncio.sleep(self._backoff(attempt + 1))
+                    continue
+                raise ClientError(
+                    f"the service rejected the run's options: {exc.code().name}: "
+                    f"{exc.details()}"
+                ) from None
+
+    # -- main ----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        targets = _Targets(self.s.targets, self.s.security, self.s.concurrency)
+        try:
+            self.info = await self._get_info(targets)
+            options = effective_options(self.info.default_options, self.overrides)
+            options_pb = options_to_pb(options)
+            await self._probe(targets, options_pb)
+            self.journal = journal = self.journal_for(self.info, options)
+            good_done = len(journal.done)
+            self.resumed = good_done
+            progress = Progress(
+                self.scan.n_good, done=good_done, stream=self.progress_stream,
+                mode=self.s.progress, interval=self.s.progress_interval,
+            )
+            limits = self.info.limits
+            queue: asyncio.Queue[list[Caption] | None] = asyncio.Queue(self.s.concurrency * 2)
+
+            async def produce() -> None:
+                batch: list[Caption] = []
+                for cap in self.corpus.captions():
+                    if cap.seq in journal.done:
+                        continue
+                    if limits.max_text_chars and len(cap.text) > limits.max_text_chars:
+                        self.failures.append(_Failure(
+                            cap, "RESOURCE_EXHAUSTED",
+                            f"caption is {len(cap.text)} code points, over the service's limit "
+                            f"of {limits.max_text_chars}; not sent", 0,
+                        ))
+                        progress.update(0, errors=1)
+                        continue
+                    size = pb.AnnotateRequest(id=cap.id, text=cap.text, options=options_pb)
+                    if limits.max_message_bytes and size.ByteSize() > limits.max_message_bytes:
+                        self.failures.append(_Failure(
+                            cap, "RESOURCE_EXHAUSTED",
+                            f"the request would be {size.ByteSize()} bytes, over the service's "
+                            f"message limit of {limits.max_message_bytes}; not sent", 0,
+                        ))
+                        progress.update(0, errors=1)
+                        continue
+                    batch.append(cap)
+                    if len(batch) >= self.s.batch_size:
+                        await queue.put(batch)
+                        batch = []
+                if batch:
+                    await queue.put(batch)
+                for _ in range(self.s.concurrency):
+                    await queue.put(None)
+
+            async def work() -> None:
+                while (batch := await queue.get()) is not None:
+                    await self._annotate_batch(targets, options_pb, batch, progress)
+
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(produce())
+                    for _ in range(self.s.concurrency):
+                        tg.create_task(work())
+            except* ClientError as eg:
+                raise eg.exceptions[0] from None
+            finally:
+                journal.sync()
+                progress.close()
+        finally:
+            await targets.close()
+
+    async def _annotate_batch(
+        self,
+        targets: _Targets,
+        options: pb.AnnotateOptions,
+        batch: list[Caption],
+        progress: Progress,
+    ) -> None:
+        assert self.journal is not None
+        journal = self.journal
+        attempts: dict[int, int] = {c.seq: 0 for c in batch}
+        last_error: dict[int, tuple[str, str]] = {}
+        todo: deque[list[Caption]] = deque([batch])
+        while todo:
+            part = todo.popleft()
+            pending: dict[str, Caption] = {c.id: c for c in part}
+            i = targets.pick()
+            ok: list[tuple[int, dict[str, Any]]] = []
+            n_ok = 0
+            try:
+                call = targets.stub(i).AnnotateStream(
+                    iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
+                    timeout=self.s.deadline, metadata=targets.metadata,
+                )
+                async for resp in call:
+                    cap = pending.pop(resp.id, None)
+                    if cap is None:
+                        log.warning("%s answered an id it was not asked", targets.names[i])
+                        continue
+                    res = stream_result_from_pb(resp)
+                    if res.annotation is not None:
+                        ok.append((cap.seq, annotation_to_json(res.annotation)))
+                        if len(ok) >= _JOURNAL_CHUNK:
+                            journal.append(ok)
+                            n_ok += len(ok)
+                            progress.update(len(ok))
+                            ok = []
+                    elif res.error is not None and res.error.status in _RETRYABLE_ITEM:
+                        pending[cap.id] = cap
+                        last_error[cap.seq] = (res.error.status, res.error.message)
+                    else:
+                        err = res.error
+                        self.failures.append(_Failure(
+                            cap, err.status if err else "UNKNOWN",
+                            err.message if err else "no result", attempts[cap.seq] + 1,
+                        ))
+                        progress.update(0, errors=1)
+                stream_error: grpc.aio.AioRpcError | None = None
+            except grpc.aio.AioRpcError as exc:
+                stream_error = exc
+            if ok:
+                journal.append(ok)
+                progress.update(len(ok))
+            if not pending:
+                continue
+            # Something was not answered: charge one attempt to every unanswered item.
+            left = [c for c in part if c.id in pending]
+            isolate_head = False
+            if stream_error is not None:
+                code = stream_error.code()
+                if code in _FATAL:
+                    raise ClientError(
+                        f"{targets.names[i]}: {code.name}: {stream_error.details()}. Pass the "
+                        "service's token with --token."
+                    )
+                status, reason = code.name, stream_error.details() or code.name
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    targets.rest(i, self._backoff(1))
+                isolate_head = code not in _NO_BLAME
+            else:
+                status, reason = "UNKNOWN", "the stream ended without answering every item"
+            for c in left:
+                attempts[c.seq] += 1
+                if c.seq not in last_error or stream_error is not None:
+                    last_error[c.seq] = (status, reason)
+            give_up = [c for c in left if attempts[c.seq] > self.s.retries]
+            for c in give_up:
+                st, why = last_error[c.seq]
+                self.failures.append(_Failure(c, st, why, attempts[c.seq]))
+            if give_up:
+                progress.update(0, errors=len(give_up))
+            again = [c for c in left if c not in give_up]
+            if not again:
+                continue
+            self.retried_batches += 1
+            log.info(
+                "%s: %s on %d caption(s); retrying after backoff",
+                targets.names[i], status, len(again),
+            )
+            await asyncio.sleep(self._backoff(max(attempts[c.seq] for c in again)))
+            if isolate_head and len(again) > 1 and again[0] is left[0]:
+                todo.append(again[:1])  # the one the server was working on, alone
+                todo.append(again[1:])
+            else:
+                todo.append(again)
+
+    async def describe(self, cuis: Sequence[str]) -> None:
+        """Names for report concepts that no mention named (GetConcept, best effort)."""
+        if not cuis:
+            return
+        targets = _Targets(self.s.targets, self.s.security)
+        try:
+            for cui in cuis:
+                i = targets.pick()
+                try:
+                    msg = await targets.stub(i).GetConcept(
+                        pb.GetConceptRequest(cui=cui), timeout=_CONTROL_TIMEOUT,
+                        metadata=targets.metadata,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    log.info("GetConcept %s: %s", cui, exc.code().name)
+                    continue
+                rec = concept_from_pb(msg)
+                self.names[cui] = (rec.preferred_name, tuple(t.tui for t in rec.semantic_types))
+        finally:
+            await targets.close()
+
+
+# -- finishing ---------------------------------------------------------------------------------
+def _already_complete(manifest_path: Path, key: str, specs: Sequence[OutputSpec]) -> bool:
+    try:
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (m.get("complete") and m.get("run_key") == key):
+        return False
+    recorded = {(o["format"], o["path"], o["sha256"]) for o in m.get("outputs", [])}
+    for spec in specs:
+        if not spec.path.is_file():
+            return False
+        if (spec.format.value, str(spec.path), _file_sha256(spec.path)) not in recorded:
+            return False
+    return True
+
+
+def _write_errors(
+    path: Path, bad: Sequence[BadRecord], failures: Sequence[_Failure]
+) -> Path | None:
+    rows = [(b.line, b.to_json()) for b in bad]
+    rows += [(f.caption.line, f.to_json()) for f in failures]
+    if not rows:
+        path.unlink(missing_ok=True)
+        return None
+    rows.sort(key=lambda r: r[0])
+    atomic_write_text(path, "".join(dumps(r) + "\n" for _, r in rows))
+    return path
+
+
+def annotate_corpus(
+    corpus: Corpus,
+    specs: Sequence[OutputSpec],
+    settings: BatchSettings,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    progress_stream: TextIO | None = None,
+) -> RunResult:
+    """Annotate ``corpus`` through the service into ``specs``; see the module docstring.
+
+    ``overrides`` are the extraction options the caller chose (names of
+    :class:`~conceptsvc.extractor.ExtractOptions` fields); the rest come from the service.
+    Raises :class:`~conceptsvc.client.corpus.BadInputError` for malformed input (unless
+    skipping), :class:`~conceptsvc.errors.ClientError` when the run cannot start; returns a
+    :class:`RunResult` whose ``exit_code`` tells complete from incomplete.
+    """
+    if not specs:
+        raise ClientError("no output requested.")
+    overrides = dict(overrides or {})
+    started = _now()
+    out0 = specs[0].path
+    manifest_path = _sidecar(out0, ".manifest.json")
+    errors_path = _sidecar(out0, ".errors.jsonl")
+    scan = corpus.scan()
+    if scan.bad and settings.on_bad_input == "fail":
+        _write_errors(errors_path, scan.bad, [])
+        raise BadInputError(corpus.source, scan.bad)
+
+    state: dict[str, Any] = {}
+    work_holder: dict[str, Path] = {}
+
+    def journal_for(info: ServiceInfo, options: Any) -> Journal:
+        key = _run_key(scan, corpus, options.cache_key())
+        work = _sidecar(out0, f".{key[:16]}.part")
+        work_holder["work"] = work
+        state["key"] = key
+        state["options"] = asdict(options)
+        if not work.exists() and _already_complete(manifest_path, key, specs):
+            raise _AlreadyComplete()
+        for other in out0.parent.glob(f"{out0.name}.*.part"):
+            if other != work and other.is_dir():
+                log.warning(
+                    "%s is the work directory of an earlier run of %s with a different input or "
+                    "options; it is not used (remove it when you no longer need it)", other, out0,
+                )
+        journal = Journal(work)
+        if settings.restart:
+            journal.close()
+            shutil.rmtree(work)
+            journal = Journal(work)
+        prior = journal.load_state()
+        if prior is not None and prior.get("index_content_hash") != info.index.content_hash:
+            n = len(journal.done)
+            journal.close()
+            old_hash = str(prior.get("index_content_hash"))[:12]
+            raise RunIncompatibleError(
+                f"{work} holds {n} result(s) made with index {old_hash}, "
+                f"but the service now serves {info.index.content_hash[:12]}; mixing them would "
+                "give an inconsistent corpus. Rerun with --restart to start over, or point "
+                "--target at a service with the earlier index."
+            )
+        runs = list(prior.get("runs", [])) if prior else []
+        runs.append({"started_at": started, "resumed": len(journal.done), "pid": os.getpid()})
+        new_state = {
+            "run_key": key,
+            "input": {"path": corpus.source, "format": corpus.format.value,
+                      "sha256": scan.sha256},
+            "options": asdict(options),
+            "index_content_hash": info.index.content_hash,
+            "first_started_at": prior.get("first_started_at", started) if prior else started,
+            "runs": runs,
+        }
+        journal.save_state(new_state)
+        state.update(new_state)
+        return journal
+
+    runner = _Runner(corpus, scan, settings, journal_for, overrides, progress_stream)
+    try:
+        asyncio.run(runner.run())
+    except _AlreadyComplete:
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+        c = m["counts"]
+        log.info("%s is already complete for this input and these options", out0)
+        return RunResult(
+            outputs=[s.path for s in specs], manifest=manifest_path,
+            errors=errors_path if errors_path.exists() else None,
+            counts=RunCounts(**c), complete=True, already_complete=True,
+        )
+    except BaseException:
+        if runner.journal is not None:
+            runner.journal.close()
+        raise
+    journal = runner.journal
+    assert journal is not None and runner.info is not None
+    try:
+        return _finish(
+            corpus, scan, specs, settings, runner, journal, state, manifest_path, errors_path,
+            work_holder["work"],
+        )
+    finally:
+        journal.close()
+
+
+class _AlreadyComplete(Exception):
+    pass
+
+
+def _finish(
+    corpus: Corpus,
+    scan: CorpusScan,
+    specs: Sequence[OutputSpec],
+    settings: BatchSettings,
+    runner: _Runner,
+    journal: Journal,
+    state: Mapping[str, Any],
+    manifest_path: Path,
+    errors_path: Path,
+    work: Path,
+) -> RunResult:
+    info = runner.info
+    assert info is not None
+    builder = ReportBuilder()
+    with_concepts = concepts = mentions = 0
+    with OutputSet(specs, work) as out:
+        for _, obj in journal.results():
+            a = annotation_from_json(obj)
+            out.write(a)
+            builder.add(a)
+            with_concepts += bool(a.concepts)
+            concepts += len(set(a.concepts))
+            mentions += len(a.mentions)
+        annotated = out.count
+        paths = out.commit()
+    skipped = list(scan.bad)
+    errors = _write_errors(errors_path, skipped, runner.failures)
+    complete = not runner.failures and annotated == scan.n_good
+    report = report_files = None
+    if settings.report:
+        missing = builder.missing_names()
+        asyncio.run(runner.describe(missing))
+        report = builder.build(describe=runner.names.get)
+        report_files = write_report(report, specs[0].path, title=f"Corpus report: {corpus.source}")
+    counts = RunCounts(
+        records=scan.n_records, captions=scan.n_good, annotated=annotated,
+        failed=len(runner.failures), skipped_bad_input=len(skipped), resumed=runner.resumed,
+        with_concepts=with_concepts, concepts=concepts, mentions=mentions,
+        retried_batches=runner.retried_batches,
+    )
+    finished = _now()
+    manifest = {
+        "conceptsvc_version": __version__,
+        "complete": complete,
+        "run_key": state["key"],
+        "input": {
+            "path": corpus.source if corpus.source == "-" else str(Path(corpus.source).resolve()),
+            "format": corpus.format.value, "sha256": scan.sha256, "bytes": scan.size_bytes,
+        },
+        "options": state["options"],
+        "service": {
+            "targets": list(settings.targets),
+            "service_version": info.service_version,
+            "api_version": info.api_version,
+            "index_content_hash": info.index.content_hash,
+            "index_source_release": info.index.source_release,
+            "index_concepts": info.index.concepts,
+        },
+        "settings": {
+            "concurrency": settings.concurrency, "batch_size": settings.batch_size,
+            "deadline_seconds": settings.deadline, "retries": settings.retries,
+            "on_bad_input": settings.on_bad_input,
+        },
+        "outputs": [
+            {"format": s.format.value, "path": str(s.path), "sha256": _file_sha256(p)}
+            for s, p in zip(specs, paths, strict=True)
+        ],
+        "errors_file": str(errors) if errors else None,
+        "report": str(report_files.markdown) if report_files else None,
+        "counts": asdict(counts),
+        "started_at": state["first_started_at"],
+        "finished_at": finished,
+        "runs": state["runs"],
+    }
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    if complete:
+        journal.close()
+        doomed = work.with_name(work.name + f".done-{os.getpid()}")
+        os.replace(work, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return RunResult(
+        outputs=paths, manifest=manifest_path, errors=errors, counts=counts,
+        complete=complete, report=report, report_files=report_files,
+    )

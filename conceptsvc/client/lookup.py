@@ -1,0 +1,263 @@
+"""Ad-hoc lookups — "what does this phrase map to?" — against the service or in-process.
+
+Three questions, one interface (:class:`Lookup`) with two implementations that give the same
+answers: :class:`RemoteLookup` asks a running service over gRPC; :class:`LocalLookup` runs the
+engine in this process on an index directory (by default the embedded demo dictionary), for
+when there is no server at hand. Both apply the caller's option overrides on top of the
+defaults of whoever does the work (the service's configured defaults, or the engine's).
+
+The ``format_*`` functions turn the answers into the readable tables ``conceptsvc lookup``,
+``concept`` and ``search`` print; the ``*_json`` functions into what ``--json`` prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from conceptsvc.client.batch import ChannelSecurity, effective_options
+from conceptsvc.client.convert import semantic_type
+from conceptsvc.client.outputs import annotation_to_json
+from conceptsvc.client.types import ConceptRecord, ServiceCallError, ServiceInfo, Synonym
+from conceptsvc.errors import ClientError
+from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED
+from conceptsvc.model import Annotation
+from conceptsvc.semantic_network import load_semantic_network
+
+if TYPE_CHECKING:
+    from conceptsvc.extractor import Candidate, Extractor
+
+__all__ = [
+    "LocalLookup",
+    "Lookup",
+    "RemoteLookup",
+    "candidates_json",
+    "concept_json",
+    "format_annotation",
+    "format_candidates",
+    "format_concept",
+]
+
+
+class Lookup(Protocol):
+    def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation: ...
+    def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord: ...
+    def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]: ...
+    def close(self) -> None: ...
+
+
+class ConceptNotFoundError(ClientError):
+    code = "E623"
+
+    def __init__(self, cui: str) -> None:
+        super().__init__(
+            f"{cui} is not in the dictionary; `conceptsvc search TEXT` finds concepts by name."
+        )
+
+
+# -- in-process -------------------------------------------------------------------------------
+class LocalLookup:
+    """The engine in this process; ``index`` is an index directory (default: the demo one)."""
+
+    def __init__(self, index: str | Path | None = None) -> None:
+        from conceptsvc.extractor import Extractor
+        from conceptsvc.index import ConceptIndex
+
+        if index is None:
+            from conceptsvc.embedded import demo_index
+
+            ix = demo_index()
+        else:
+            ix = ConceptIndex.load(index)
+        self.extractor: Extractor = Extractor(ix)
+
+    def _options(self, overrides: Mapping[str, Any]) -> Any:
+        from conceptsvc.extractor import ExtractOptions
+
+        options = effective_options(ExtractOptions(), overrides)
+        self.extractor.check_options(options)
+        return options
+
+    def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation:
+        return self.extractor.extract(text, self._options(overrides), id="lookup")
+
+    def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord:
+        ix = self.extractor.index
+        info = ix.concept(cui.strip().upper())
+        if info is None:
+            raise ConceptNotFoundError(cui)
+        sn = load_semantic_network()
+        return ConceptRecord(
+            cui=info.cui,
+            preferred_name=info.preferred_name,
+            semantic_types=tuple(semantic_type(sn, t) for t in info.semantic_types),
+            sources=info.sources,
+            synonyms=tuple(
+                Synonym(p.string, p.sab, p.tty, bool(p.flags & FLAG_PREFERRED),
+                        bool(p.flags & FLAG_ABBREVIATION))
+                for p in ix.concept_postings(info.cui)
+            ) if synonyms else (),
+        )
+
+    def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]:
+        return self.extractor.search(query, limit=limit, options=self._options(overrides))
+
+    def close(self) -> None:
+        pass
+
+
+# -- over gRPC --------------------------------------------------------------------------------
+class RemoteLookup:
+    """A running service; option overrides go on top of the service's defaults (GetInfo)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        security: ChannelSecurity | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        from conceptsvc.client.service import ConceptClient
+
+        security = security or ChannelSecurity()
+        self.target = target
+        self.client = ConceptClient(target, timeout=timeout, **security.client_kwargs())
+        self._info: ServiceInfo | None = None
+
+    def info(self) -> ServiceInfo:
+        if self._info is None:
+            self._info = self.client.get_info()
+        return self._info
+
+    def _options(self, overrides: Mapping[str, Any]) -> Any:
+        return effective_options(self.info().default_options, overrides)
+
+    def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation:
+        return self.client.annotate(text, id="lookup", options=self._options(overrides))
+
+    def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord:
+        try:
+            return self.client.get_concept(cui.strip().upper(), synonyms=synonyms)
+        except ServiceCallError as exc:
+            if exc.status == "NOT_FOUND":
+                raise ConceptNotFoundError(cui) from None
+            raise
+
+    def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]:
+        return self.client.search(query, limit=limit, options=self._options(overrides))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- rendering ----------------------------------------------------------------------------------
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+
+
+def _types(tuis: Sequence[str]) -> str:
+    sn = load_semantic_network()
+    return ", ".join(f"{t} {semantic_type(sn, t).name}" for t in tuis)
+
+
+def format_annotation(
+    text: str, a: Annotation, names: Mapping[str, str] | None = None
+) -> str:
+    """The mentions as a table, then the caption's concept set; ``names`` names the concepts a
+    profile inferred without a mention."""
+    if not a.mentions and not a.concepts:
+        return "no concepts found\n"
+    rows = [
+        [
+            m.text + (" (negated)" if m.negated else ""),
+            f"{m.start}-{m.end}",
+            m.cui,
+            m.preferred_name,
+            _types(m.semantic_types),
+            f"{m.score:.2f}",
+        ]
+        for m in sorted(a.mentions, key=lambda m: (m.start, m.end, m.cui))
+    ]
+    lines = _table(
+        ["matched text", "span", "CUI", "preferred name", "semantic types", "score"], rows, {5}
+    ) if rows else ["no mentions"]
+    named = {m.cui: m.preferred_name for m in a.mentions}
+    inferred = [c for c in a.concepts if c not in named]
+    lines += ["", "concepts: " + ", ".join(a.concepts)]
+    if inferred:
+        lines.append(
+            "inferred without a mention (profile): "
+            + ", ".join(f"{c} {names[c]}" if names and c in names else c for c in inferred)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_concept(c: ConceptRecord) -> str:
+    lines = [f"{c.cui}  {c.preferred_name}", "", "semantic types:"]
+    lines += [
+        f"  {t.tui}  {t.name}  (group {t.group} {t.group_name})" for t in c.semantic_types
+    ] or ["  (none)"]
+    lines += ["", "sources: " + (", ".join(c.sources) or "(none)")]
+    if c.synonyms:
+        lines += ["", f"synonyms ({len(c.synonyms)}):"]
+        rows = [
+            [s.string, s.source, s.tty,
+             ", ".join(x for x, on in (("preferred", s.preferred),
+                                      ("abbreviation", s.abbreviation)) if on)]
+            for s in c.synonyms
+        ]
+        lines += ["  " + x for x in _table(["string", "source", "TTY", "flags"], rows, set())]
+    return "\n".join(lines) + "\n"
+
+
+def format_candidates(query: str, cands: Sequence[Candidate]) -> str:
+    if not cands:
+        return f"no candidates for {query!r}\n"
+    rows = [
+        [str(i), f"{c.score:.3f}", c.cui, c.preferred_name, c.matched_string,
+         ", ".join(c.semantic_types), ", ".join(c.sources)]
+        for i, c in enumerate(cands, 1)
+    ]
+    return "\n".join(_table(
+        ["#", "score", "CUI", "preferred name", "matched string", "types", "sources"], rows,
+        {0, 1},
+    )) + "\n"
+
+
+def annotation_json(text: str, a: Annotation) -> dict[str, Any]:
+    return {"text": text, **annotation_to_json(a)}
+
+
+def concept_json(c: ConceptRecord) -> dict[str, Any]:
+    return {
+        "cui": c.cui,
+        "preferred_name": c.preferred_name,
+        "semantic_types": [
+            {"tui": t.tui, "name": t.name, "abbreviation": t.abbrev, "group": t.group,
+             "group_name": t.group_name}
+            for t in c.semantic_types
+        ],
+        "sources": list(c.sources),
+        "synonyms": [
+            {"string": s.string, "source": s.source, "tty": s.tty, "preferred": s.preferred,
+             "abbreviation": s.abbreviation}
+            for s in c.synonyms
+        ],
+    }
+
+
+def candidates_json(cands: Sequence[Candidate]) -> list[dict[str, Any]]:
+    return [
+        {"cui": c.cui, "preferred_name": c.preferred_name, "matched_string": c.matched_string,
+         "score": c.score, "semantic_types": list(c.semantic_types), "sources": list(c.sources)}
+        for c in cands
+    ]

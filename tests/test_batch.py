@@ -1,0 +1,598 @@
+"""Batch annotation end to end against real servers (in-process on port 0, or subprocesses).
+
+The client runs either in-process (:func:`annotate_corpus`) or as the real CLI in a subprocess
+— the latter whenever the test kills it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from conceptsvc.client.batch import (
+    EXIT_INCOMPLETE,
+    BatchSettings,
+    RunIncompatibleError,
+    ServiceUnreachableError,
+    annotate_corpus,
+)
+from conceptsvc.client.corpus import BadInputError, Corpus
+from conceptsvc.client.outputs import OutputFormat, annotation_to_json, resolve_outputs
+from conceptsvc.config import load_settings
+from conceptsvc.embedded import demo_index
+from conceptsvc.errors import ClientError
+from conceptsvc.evaluation import read_concepts
+from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.index import ConceptIndex, IndexBuilder
+from conceptsvc.server.app import ConceptServer, create_server
+
+DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"
+ROCOV2 = {"profile": "rocov2"}
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_extractor(tmp_path_factory: pytest.TempPathFactory) -> Extractor:
+    return Extractor(demo_index(tmp_path_factory.mktemp("demo-cache")))
+
+
+def start_server(extractor: Extractor, port: int = 0, **settings: object) -> ConceptServer:
+    server, _ = create_server(
+        load_settings(port=port, workers=1, host="127.0.0.1", **settings), extractor=extractor
+    )
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_extractor: Extractor) -> Iterator[str]:
+    server = start_server(demo_extractor)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(0)
+
+
+def demo_rows() -> list[tuple[str, str]]:
+    with DEMO_CAPTIONS.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    return [(r[0], r[1]) for r in rows[1:]]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ID", "Caption"])
+    w.writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def big_corpus(path: Path, n: int) -> Path:
+    """``n`` captions cycled from the demo sample, with fresh ids."""
+    rows = demo_rows()
+    return write_csv(path, [(f"cap{i:06d}", rows[i % len(rows)][1]) for i in range(n)])
+
+
+def settings(*targets: str, **kw: object) -> BatchSettings:
+    kw.setdefault("progress", "quiet")
+    kw.setdefault("backoff_base", 0.05)
+    kw.setdefault("backoff_max", 0.5)
+    return BatchSettings(targets=targets, **kw)  # type: ignore[arg-type]
+
+
+def expected_lines(
+    extractor: Extractor, rows: list[tuple[str, str]], **options: object
+) -> list[str]:
+    """What the engine in this process says, rendered as canonical JSON lines."""
+    opts = ExtractOptions(**options)  # type: ignore[arg-type]
+    return [
+        json.dumps(annotation_to_json(extractor.extract(text, opts, id=rid)),
+                   ensure_ascii=False, separators=(",", ":"))
+        for rid, text in rows
+    ]
+
+
+def cli(
+    *args: str, stdin: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "conceptsvc.cli", *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ids_of_jsonl(path: Path) -> list[str]:
+    return [json.loads(x)["id"] for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+# -- formats -----------------------------------------------------------------------------------
+def test_batch_all_output_formats_match_the_engine(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor
+) -> None:
+    rows = demo_rows()[:120]
+    src = write_csv(tmp_path / "in.csv", rows)
+    specs = resolve_outputs(tmp_path / "out" / "run.jsonl", ["jsonl", "csv", "submission", "roco"])
+    result = annotate_corpus(
+        Corpus(src), specs, settings(demo_server, batch_size=7, concurrency=3), overrides=ROCOV2
+    )
+    assert result.complete and result.exit_code == 0
+    assert (result.counts.captions, result.counts.annotated, result.counts.failed) == (120, 120, 0)
+    jsonl = (tmp_path / "out" / "run.jsonl").read_text(encoding="utf-8").splitlines()
+    # in input order, and exactly what the engine gives in-process
+    assert jsonl == expected_lines(demo_extractor, rows, profile="rocov2")
+    concepts = {json.loads(x)["id"]: json.loads(x)["concepts"] for x in jsonl}
+    # every other format carries the same concept sets, readable by the evaluation readers
+    for name in ("run.csv", "run.submission.tsv", "run.roco.tsv", "run.jsonl"):
+        assert read_concepts(tmp_path / "out" / name) == concepts, name
+    csv_text = (tmp_path / "out" / "run.csv").read_text()
+    assert csv_text.startswith("ID,CUIs\n") and csv_text.count("\n") == 121
+    # the work directory is gone; the manifest says what was done
+    assert not list((tmp_path / "out").glob("*.part"))
+    manifest = json.loads((tmp_path / "out" / "run.jsonl.manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["options"]["profile"] == "rocov2"
+    assert manifest["input"]["format"] == "csv" and len(manifest["input"]["sha256"]) == 64
+    assert manifest["service"]["index_content_hash"] == demo_extractor.index.content_hash
+    assert manifest["service"]["service_version"]
+    assert manifest["counts"]["annotated"] == 120
+    assert [o["format"] for o in manifest["outputs"]] == ["jsonl", "csv", "submission", "roco"]
+    assert manifest["started_at"] <= manifest["finished_at"]
+
+
+@pytest.mark.parametrize("fmt", ["roco", "jsonl", "text"])
+def test_batch_every_input_format(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor, fmt: str
+) -> None:
+    rows = demo_rows()[:25]
+    if fmt == "roco":
+        src = tmp_path / "in.txt"
+        src.write_text("".join(f"{i}\t {t}\n" for i, t in rows), encoding="utf-8")
+        expect_rows = rows
+    elif fmt == "jsonl":
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
+        expect_rows = rows
+    else:
+        src = tmp_path / "in.txt"
+        src.write_text("".join(t + "\n" for _, t in rows), encoding="utf-8")
+        expect_rows = [(str(n), t) for n, (_, t) in enumerate(rows, 1)]
+    corpus = Corpus(src)
+    assert corpus.format.value == fmt
+    out = tmp_path / "run.jsonl"
+    result = annotate_corpus(corpus, resolve_outputs(out), settings(demo_server))
+    assert result.complete
+    assert out.read_text(encoding="utf-8").splitlines() == expected_lines(
+        demo_extractor, expect_rows
+    )
+
+
+def test_batch_cli_reads_stdin_and_writes_several_formats(
+    tmp_path: Path, demo_server: str
+) -> None:
+    rows = demo_rows()[:30]
+    data = write_csv(tmp_path / "in.csv", rows).read_bytes()
+    out = tmp_path / "run.csv"
+    proc = cli("annotate", "-", "--input-format", "csv", "--out", str(out), "--format", "csv",
+               "--format", "roco", "--target", demo_server, "--profile", "rocov2", stdin=data)
+    assert proc.returncode == 0, proc.stderr
+    assert "30/30 captions in the output (complete)" in proc.stderr
+    got = read_concepts(out)
+    assert list(got) == [r[0] for r in rows]
+    assert read_concepts(tmp_path / "run.roco.tsv") == got
+    manifest = json.loads((tmp_path / "run.csv.manifest.json").read_text())
+    assert manifest["input"]["path"] == "-"
+
+
+# -- malformed input ---------------------------------------------------------------------------
+BAD_CSV = (
+    "ID,Caption\n"
+    "a,Chest X-ray\n"
+    'b,"broken "quote" here"\n'
+    "c,CT of the abdomen, with contrast\n"
+    "a,duplicate id\n"
+    ",no id\n"
+    "d,MRI of the brain\n"
+)
+
+
+def test_batch_bad_input_stops_before_sending(tmp_path: Path, demo_server: str) -> None:
+    src = tmp_path / "in.csv"
+    src.write_bytes(BAD_CSV.encode() + b"e,caf\xe9\n")
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(BadInputError) as info:
+        annotate_corpus(Corpus(src), resolve_outputs(out), settings(demo_server))
+    assert sorted(b.line for b in info.value.bad) == [3, 4, 5, 6, 8]
+    text = str(info.value)
+    assert "nothing was sent" in text and f"{src}:3:" in text and "invalid UTF-8" in text
+    # nothing was started: no output, no work directory; the full list is in the errors file
+    assert not out.exists() and not list(tmp_path.glob("*.part"))
+    errors = [json.loads(x) for x in (tmp_path / "run.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [3, 4, 5, 6, 8]
+    assert all(e["stage"] == "input" for e in errors)
+    # the CLI exits 2 with the same report
+    proc = cli("annotate", str(src), "--out", str(out), "--target", demo_server)
+    assert proc.returncode == 2 and "E620" in proc.stderr and "--on-bad-input skip" in proc.stderr
+
+
+def test_batch_bad_input_skip_records_them(tmp_path: Path, demo_server: str) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(BAD_CSV)
+    out = tmp_path / "run.csv"
+    result = annotate_corpus(
+        Corpus(src), resolve_outputs(out), settings(demo_server, on_bad_input="skip")
+    )
+    assert result.complete and result.exit_code == 0
+    assert list(read_concepts(out)) == ["a", "d"]
+    assert result.counts.skipped_bad_input == 4
+    assert result.errors is not None
+    errors = [json.loads(x) for x in result.errors.read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [(3, None), (4, "c"), (5, "a"), (6, None)]
+    assert "duplicate id 'a'" in errors[2]["reason"]
+
+
+def test_batch_rejected_options_fail_before_the_corpus(tmp_path: Path, demo_server: str) -> None:
+    src = write_csv(tmp_path / "in.csv", demo_rows()[:5])
+    with pytest.raises(ClientError, match="rejected the run's options: INVALID_ARGUMENT"):
+        annotate_corpus(
+            Corpus(src), resolve_outputs(tmp_path / "o.jsonl"), settings(demo_server),
+            overrides={"semantic_types": ("T999",)},
+        )
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# -- resume ------------------------------------------------------------------------------------
+def journal_lines(out: Path) -> int:
+    total = 0
+    for work in out.parent.glob(f"{out.name}.*.part"):
+        j = work / "journal.jsonl"
+        if j.exists():
+            total += j.read_bytes().count(b"\n")
+    return total
+
+
+@pytest.mark.slow
+def test_batch_resume_after_sigkill_is_byte_identical(
+    tmp_path: Path, demo_server: str
+) -> None:
+    """Kill the CLI with SIGKILL at several points (before and during streaming), then let it
+    finish: every id exactly once, outputs byte-identical to an uninterrupted run."""
+    n = 2000
+    src = big_corpus(tmp_path / "in.csv", n)
+    args = ["--target", demo_server, "--batch-size", "8", "--concurrency", "2",
+            "--profile", "rocov2", "--format", "jsonl", "--format", "csv", "--quiet"]
+    ref = tmp_path / "ref" / "run.jsonl"
+    reference = annotate_corpus(
+        Corpus(src), resolve_outputs(ref, ["jsonl", "csv"]),
+        settings(demo_server, batch_size=64), overrides=ROCOV2,
+    )
+    assert reference.complete
+
+    out = tmp_path / "killed" / "run.jsonl"
+    out.parent.mkdir()
+    kills = []
+    thresholds = [0, 100, 500, 1000, 1500]  # journal lines to wait for before the kill
+    for k, threshold in enumerate(thresholds):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "conceptsvc.cli", "annotate", str(src), "--out", str(out),
+             *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        if k == 0:
+            time.sleep(0.3)  # still importing / scanning: before anything was sent
+        else:
+            while journal_lines(out) < threshold and child.poll() is None:
+                assert time.monotonic() < deadline, "the run made no progress"
+                time.sleep(0.005)
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+            kills.append(journal_lines(out))
+        child.wait()
+    assert len(kills) == 5, kills
+    assert kills == sorted(kills) and kills[-1] < n  # really interrupted mid-run
+    assert not out.exists()  # nothing is moved into place before the run completes
+    proc = cli("annotate", str(src), "--out", str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    ids = ids_of_jsonl(out)
+    assert len(ids) == n and len(set(ids)) == n
+    assert out.read_bytes() == ref.read_bytes()
+    assert (tmp_path / "killed" / "run.csv").read_bytes() == (
+        tmp_path / "ref" / "run.csv"
+    ).read_bytes()
+    manifest = json.loads((tmp_path / "killed" / "run.jsonl.manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["resumed"] == kills[-1]
+    assert len(manifest["runs"]) >= 5  # the first kill may come before the journal existed
+    assert not list(out.parent.glob("*.part"))
+
+
+def test_batch_rerun_of_a_complete_run_is_a_no_op(tmp_path: Path, demo_server: str) -> None:
+    src = write_csv(tmp_path / "in.csv", demo_rows()[:10])
+    specs = resolve_outputs(tmp_path / "run.jsonl")
+    first = annotate_corpus(Corpus(src), specs, settings(demo_server))
+    before = (tmp_path / "run.jsonl").stat().st_mtime_ns
+    again = annotate_corpus(Corpus(src), specs, settings(demo_server))
+    assert again.already_complete and again.complete
+    assert (tmp_path / "run.jsonl").stat().st_mtime_ns == before
+    assert again.counts.annotated == first.counts.annotated == 10
+    # a changed output is not "complete": the run is done again
+    (tmp_path / "run.jsonl").write_text("tampered\n")
+    third = annotate_corpus(Corpus(src), specs, settings(demo_server))
+    assert not third.already_complete and len(ids_of_jsonl(tmp_path / "run.jsonl")) == 10
+
+
+# -- faults: replicas, retries, deadlines ---------------------------------------------------------
+@pytest.mark.slow
+def test_batch_replica_killed_mid_run_with_two_targets(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """Two real server processes; one is SIGKILLed mid-run; the run completes on the other."""
+    env = {**os.environ, "CONCEPTSVC_INDEX": str(demo_extractor.index.path)}
+    ports = [free_port(), free_port()]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", str(p), "--workers", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    try:
+        from conceptsvc.client import ConceptClient
+
+        for p in ports:
+            with ConceptClient(f"127.0.0.1:{p}") as c:
+                c.wait_until_serving(60)
+        n = 2000
+        src = big_corpus(tmp_path / "in.csv", n)
+        out = tmp_path / "run.jsonl"
+        result: dict[str, object] = {}
+
+        def run() -> None:
+            result["r"] = annotate_corpus(
+                Corpus(src), resolve_outputs(out),
+                settings(*(f"127.0.0.1:{p}" for p in ports), batch_size=16, concurrency=4),
+                overrides=ROCOV2,
+            )
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.monotonic() + 60
+        while journal_lines(out) < 300:
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.005)
+        servers[1].kill()
+        servers[1].wait()
+        at_kill = journal_lines(out)
+        t.join(120)
+        r = result["r"]
+        assert r.complete, r  # type: ignore[attr-defined]
+        assert at_kill < n
+        ids = ids_of_jsonl(out)
+        assert len(ids) == n and len(set(ids)) == n
+        assert ids == [f"cap{i:06d}" for i in range(n)]
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+
+
+def test_batch_retries_until_a_late_service_comes_up(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    port = free_port()
+    src = write_csv(tmp_path / "in.csv", demo_rows()[:40])
+    servers: list[ConceptServer] = []
+    timer = threading.Timer(1.0, lambda: servers.append(start_server(demo_extractor, port)))
+    timer.start()
+    try:
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(tmp_path / "run.jsonl"),
+            settings(f"127.0.0.1:{port}", retries=10, backoff_base=0.1, backoff_max=0.4),
+        )
+        assert result.complete and result.counts.annotated == 40
+    finally:
+        timer.join()
+        for s in servers:
+            s.stop(0)
+
+
+def test_batch_service_restarted_mid_stream_is_retried(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """The only target stops (in-flight streams fail UNAVAILABLE) and comes back on the same
+    port: unanswered items are retried, none is lost or duplicated."""
+    port = free_port()
+    first = start_server(demo_extractor, port)
+    n = 2000
+    src = big_corpus(tmp_path / "in.csv", n)
+    out = tmp_path / "run.jsonl"
+    servers = [first]
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["r"] = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{port}", batch_size=32, retries=20, backoff_base=0.1),
+        )
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while journal_lines(out) < 300:
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.005)
+        first.stop(0)
+        time.sleep(0.5)
+        servers.append(start_server(demo_extractor, port))
+        t.join(120)
+        r = result["r"]
+        assert r.complete and r.counts.retried_batches >= 1  # type: ignore[attr-defined]
+        ids = ids_of_jsonl(out)
+        assert ids == [f"cap{i:06d}" for i in range(n)]
+    finally:
+        for s in servers:
+            s.stop(0)
+
+
+def test_batch_items_that_keep_failing_make_the_run_incomplete(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor
+) -> None:
+    rows = demo_rows()[:20]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "run.jsonl"
+    # A deadline nobody can meet: every stream fails DEADLINE_EXCEEDED, items are retried and
+    # then given up.
+    result = annotate_corpus(
+        Corpus(src), resolve_outputs(out), settings(demo_server, deadline=1e-4, retries=2)
+    )
+    assert not result.complete and result.exit_code == EXIT_INCOMPLETE
+    assert result.counts.failed + result.counts.annotated == 20 and result.counts.failed > 0
+    errors = [json.loads(x) for x in (tmp_path / "run.jsonl.errors.jsonl").read_text().splitlines()]
+    # (grpc reports a deadline that expires before the call got going as INTERNAL "Internal
+    # error from Core")
+    statuses = {e["status"] for e in errors}
+    assert "DEADLINE_EXCEEDED" in statuses and statuses <= {"DEADLINE_EXCEEDED", "INTERNAL"}
+    assert all(e["attempts"] == 3 and e["stage"] == "annotate" for e in errors)
+    manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert list(tmp_path.glob("run.jsonl.*.part"))  # kept for the rerun
+    # rerunning with a sane deadline retries only what failed and completes the run
+    again = annotate_corpus(Corpus(src), resolve_outputs(out), settings(demo_server))
+    assert again.complete and again.counts.resumed == result.counts.annotated
+    assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
+    assert not (tmp_path / "run.jsonl.errors.jsonl").exists()
+
+
+def test_batch_oversized_caption_goes_to_the_errors_file(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    server = start_server(demo_extractor, max_text_chars=200)
+    try:
+        rows = [("ok", "Chest X-ray"), ("huge", "pneumonia " * 100), ("ok2", "CT of the head")]
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.csv"
+        proc = cli("annotate", str(src), "--out", str(out), "--target",
+                   f"127.0.0.1:{server.port}", "--retries", "1")
+        assert proc.returncode == EXIT_INCOMPLETE, proc.stderr
+        assert "INCOMPLETE" in proc.stderr
+        assert list(read_concepts(out)) == ["ok", "ok2"]
+        errors_file = tmp_path / "run.csv.errors.jsonl"
+        (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
+        assert err["id"] == "huge" and err["status"] == "RESOURCE_EXHAUSTED"
+        assert "over the service's limit of 200" in err["reason"]
+    finally:
+        server.stop(0)
+
+
+def test_batch_refuses_to_mix_indexes(tmp_path: Path, demo_server: str) -> None:
+    other_dir = tmp_path / "other-index"
+    b = IndexBuilder(source_release="other")
+    b.set_concept("C0000001", preferred_name="Chest", semantic_types=["T029"])
+    b.add_term("C0000001", "chest", sab="TEST", tty="PT")
+    other = Extractor(ConceptIndex.load(b.write(other_dir)))
+    other_server = start_server(other)
+    try:
+        other_target = f"127.0.0.1:{other_server.port}"
+        src = write_csv(tmp_path / "in.csv", demo_rows()[:10])
+        out = tmp_path / "run.jsonl"
+        with pytest.raises(RunIncompatibleError, match="different indexes"):
+            annotate_corpus(Corpus(src), resolve_outputs(out), settings(demo_server, other_target))
+        # an interrupted run against the demo index cannot be finished on another index
+        annotate_corpus(
+            Corpus(src), resolve_outputs(out), settings(demo_server, deadline=1e-4, retries=0)
+        )
+        with pytest.raises(RunIncompatibleError, match="--restart"):
+            annotate_corpus(Corpus(src), resolve_outputs(out), settings(other_target))
+        r = annotate_corpus(Corpus(src), resolve_outputs(out), settings(other_target, restart=True))
+        assert r.complete and r.counts.resumed == 0
+    finally:
+        other_server.stop(0)
+
+
+def test_batch_unreachable_service_is_a_clear_error(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", demo_rows()[:3])
+    with pytest.raises(ServiceUnreachableError, match="no target answered GetInfo"):
+        annotate_corpus(
+            Corpus(src), resolve_outputs(tmp_path / "o.jsonl"),
+            settings(f"127.0.0.1:{free_port()}", retries=1),
+        )
+
+
+def test_batch_token_is_sent_and_required(tmp_path: Path, demo_extractor: Extractor) -> None:
+    token = "s3cret-token-for-the-batch-test"
+    server = start_server(demo_extractor, auth_token=token)
+    try:
+        src = write_csv(tmp_path / "in.csv", demo_rows()[:5])
+        target = f"127.0.0.1:{server.port}"
+        proc = cli("annotate", str(src), "--out", str(tmp_path / "a.jsonl"), "--target", target)
+        assert proc.returncode == 2 and "UNAUTHENTICATED" in proc.stderr
+        proc = cli("annotate", str(src), "--out", str(tmp_path / "a.jsonl"), "--target", target,
+                   "--token", token)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.stop(0)
+
+
+def test_batch_report_numbers_on_a_known_corpus(tmp_path: Path) -> None:
+    b = IndexBuilder(source_release="report-test")
+    b.set_concept("C0000001", preferred_name="Pneumonia", semantic_types=["T047"])
+    b.set_concept("C0000002", preferred_name="Lung", semantic_types=["T023"])
+    b.set_concept("C0000003", preferred_name="Computed tomography", semantic_types=["T060"])
+    b.add_term("C0000001", "pneumonia", sab="TEST", tty="PT")
+    b.add_term("C0000002", "lung", sab="TEST", tty="PT")
+    b.add_term("C0000003", "computed tomography", sab="TEST", tty="PT")
+    server = start_server(Extractor(ConceptIndex.load(b.write(tmp_path / "index"))))
+    try:
+        rows = [
+            ("a", "Computed tomography of the lung shows pneumonia."),
+            ("b", "Lung."),
+            ("c", "Nothing to see here."),
+            ("d", "Pneumonia, and more pneumonia."),
+        ]
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.jsonl"
+        proc = cli("annotate", str(src), "--out", str(out), "--target",
+                   f"127.0.0.1:{server.port}", "--report")
+        assert proc.returncode == 0, proc.stderr
+        table = proc.stdout
+        assert "captions                 4" in table
+        assert "with concepts            3 (75.0%)" in table
+        assert "without concepts         1 (25.0%)" in table
+        assert "mean 1.25, median 1" in table
+        assert "mentions                 6" in table
+        assert "distinct concepts        3" in table
+        md = (tmp_path / "run.jsonl.report.md").read_text()
+        assert "| 1 | C0000001 | Pneumonia | 2 | 50.0% | T047 |" in md
+        assert "| 2 | C0000002 | Lung | 2 | 50.0% | T023 |" in md
+        assert "| 3 | C0000003 | Computed tomography | 1 | 25.0% | T060 |" in md
+        assert "| DISO | Disorders | 2 | 40.0% |" in md
+        assert "| ANAT | Anatomy | 2 | 40.0% |" in md
+        assert "| PROC | Procedures | 1 | 20.0% |" in md
+        for png in ("concepts-per-caption", "top-concepts"):
+            assert (tmp_path / f"run.jsonl.report-{png}.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        server.stop(0)
+
+
+def test_batch_settings_are_validated() -> None:
+    with pytest.raises(ClientError, match="--concurrency must be >= 1"):
+        BatchSettings(concurrency=0)
+    with pytest.raises(ClientError, match="--deadline must be > 0"):
+        BatchSettings(deadline=0)
+    with pytest.raises(ClientError, match="at least one --target"):
+        BatchSettings(targets=())
+    assert OutputFormat("jsonl") is OutputFormat.JSONL

@@ -1,0 +1,208 @@
+"""`conceptsvc lookup / concept / search` against a real service and in-process (--local)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conceptsvc.cli import main
+from conceptsvc.config import load_settings
+from conceptsvc.embedded import demo_index
+from conceptsvc.extractor import Extractor
+from conceptsvc.server.app import create_server
+
+CAPTION = "Chest X-ray showing pleural effusion. No pneumothorax."
+
+
+@pytest.fixture(scope="module")
+def demo_index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return demo_index(tmp_path_factory.mktemp("demo-cache")).path
+
+
+@pytest.fixture(scope="module")
+def target(demo_index_dir: Path) -> Iterator[str]:
+    from conceptsvc.index import ConceptIndex
+
+    server, port = create_server(
+        load_settings(port=0, workers=1, host="127.0.0.1"),
+        extractor=Extractor(ConceptIndex.load(demo_index_dir)),
+    )
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def both(target: str, index: Path) -> list[list[str]]:
+    """The connection arguments of the two backends."""
+    return [["--target", target], ["--local", "--index", str(index)]]
+
+
+def test_lookup_cli_table_against_the_service(
+    capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    code, out, _ = run(capsys, "lookup", CAPTION, "--target", target)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "matched", "text", "span", "CUI", "preferred", "name", "semantic", "types", "score"
+    ]
+    effusion = next(line for line in lines if line.startswith("pleural effusion"))
+    assert effusion.split()[2:8] == [
+        "20-36", "C0032227", "Pleural", "effusion", "disorder", "T047"
+    ]
+    assert effusion.rstrip().endswith("1.00")
+    assert any(line.startswith("pneumothorax (negated)") for line in lines)
+    assert "concepts: C0817096, C1306645, C0032227, C0032326" in out
+
+
+def test_lookup_cli_service_and_local_agree(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path
+) -> None:
+    results = []
+    for conn in both(target, demo_index_dir):
+        code, out, _ = run(capsys, "lookup", CAPTION, "--json", "--profile", "rocov2", *conn)
+        assert code == 0
+        results.append(json.loads(out))
+    assert results[0] == results[1]
+    obj = results[0]
+    assert obj["text"] == CAPTION
+    for m in obj["mentions"]:
+        assert CAPTION[m["start"]:m["end"]] == m["text"]
+    # the rocov2 profile infers the X-ray projection without a mention
+    assert "C1996865" in obj["concepts"]
+    code, out, _ = run(capsys, "lookup", CAPTION, "--profile", "rocov2", "--target", target)
+    assert "inferred without a mention (profile): C1996865 Postero-Anterior" in out
+
+
+def test_lookup_cli_options(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path
+) -> None:
+    for conn in both(target, demo_index_dir):
+        def cuis(*opts: str, text: str = CAPTION) -> list[str]:
+            code, out, err = run(capsys, "lookup", text, "--json", *opts, *conn)  # noqa: B023
+            assert code == 0, err
+            return [m["cui"] for m in json.loads(out)["mentions"]]
+
+        assert cuis() == ["C0817096", "C1306645", "C0032227", "C0032326"]
+        assert cuis("--semantic-groups", "DISO") == ["C0032227", "C0032326"]
+        assert cuis("--semantic-types", "Body Location or Region") == ["C0817096"]
+        assert cuis("--semantic-types", "T047,T060") == ["C1306645", "C0032227", "C0032326"]
+        assert cuis("--no-include-negated") == ["C0817096", "C1306645", "C0032227"]
+        assert cuis("--exclude-cuis", "C0817096", "--exclude-cuis", "C1306645") == [
+            "C0032227", "C0032326"
+        ]
+        typo = "small pleural efusion"
+        assert cuis(text=typo) == []
+        code, out, _ = run(capsys, "lookup", typo, "--json", "--approximate",
+                           "--threshold", "0.6", *conn)
+        (m,) = json.loads(out)["mentions"]
+        assert m["cui"] == "C0032227" and m["text"] == "pleural efusion" and 0.6 <= m["score"] < 1
+
+
+def test_lookup_cli_reads_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("CT of the abdomen"))
+    code, out, _ = run(capsys, "lookup", "-", "--json", "--target", target)
+    assert code == 0 and json.loads(out)["text"] == "CT of the abdomen"
+    assert json.loads(out)["mentions"]
+
+
+def test_lookup_cli_concept(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path
+) -> None:
+    outs = []
+    for conn in both(target, demo_index_dir):
+        code, out, _ = run(capsys, "concept", "c0032227", *conn)
+        assert code == 0
+        outs.append(out)
+        code, js, _ = run(capsys, "concept", "C0032227", "--json", *conn)
+        obj = json.loads(js)
+        assert obj["preferred_name"] == "Pleural effusion disorder"
+        assert obj["semantic_types"] == [{
+            "tui": "T047", "name": "Disease or Syndrome", "abbreviation": "dsyn",
+            "group": "DISO", "group_name": "Disorders",
+        }]
+        assert "Pleural effusion" in {s["string"] for s in obj["synonyms"]}
+        assert sum(s["preferred"] for s in obj["synonyms"]) == 1
+        code, js, _ = run(capsys, "concept", "C0032227", "--json", "--no-synonyms", *conn)
+        assert json.loads(js)["synonyms"] == []
+    assert outs[0] == outs[1]
+    text = outs[0]
+    assert text.startswith("C0032227  Pleural effusion disorder\n")
+    assert "T047  Disease or Syndrome  (group DISO Disorders)" in text
+    assert "synonyms (" in text and "preferred" in text
+
+
+def test_lookup_cli_unknown_concept(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path
+) -> None:
+    for conn in both(target, demo_index_dir):
+        code, _, err = run(capsys, "concept", "C9999999", *conn)
+        assert code == 2
+        assert "E623" in err and "C9999999 is not in the dictionary" in err
+
+
+def test_lookup_cli_search(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path
+) -> None:
+    results = []
+    for conn in both(target, demo_index_dir):
+        code, out, _ = run(capsys, "search", "pleural efusion", "--approximate", "--json",
+                           "--limit", "3", *conn)
+        assert code == 0
+        results.append(json.loads(out))
+        code, table, _ = run(capsys, "search", "pleural effusion", *conn)
+        first = table.splitlines()[2].split()
+        assert first[:3] == ["1", "1.000", "C0032227"]
+    assert results[0] == results[1]
+    cands = results[0]
+    assert 1 <= len(cands) <= 3 and cands[0]["cui"] == "C0032227"
+    assert [c["score"] for c in cands] == sorted((c["score"] for c in cands), reverse=True)
+    code, out, _ = run(capsys, "search", "zzzqqq", "--target", target)
+    assert code == 0 and out == "no candidates for 'zzzqqq'\n"
+
+
+def test_lookup_cli_errors(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path
+) -> None:
+    code, _, err = run(capsys, "lookup", "x", "--local", "--target", target)
+    assert code == 2 and "exclude each other" in err
+    code, _, err = run(capsys, "lookup", "x", "--index", str(demo_index_dir), "--target", target)
+    assert code == 2 and "--index only applies with --local" in err
+    code, _, err = run(capsys, "lookup", "x", "--threshold", "1.5", "--target", target)
+    assert code == 2 and "--threshold must be in (0, 1]" in err
+    code, _, err = run(capsys, "search", "x", "--limit", "0", "--target", target)
+    assert code == 2 and "--limit must be >= 1" in err
+    # an unknown semantic type: the service says INVALID_ARGUMENT, the engine says E300
+    code, _, err = run(capsys, "lookup", "x", "--semantic-types", "T999", "--target", target)
+    assert code == 2 and "INVALID_ARGUMENT" in err and "T999" in err
+    code, _, err = run(capsys, "lookup", "x", "--semantic-types", "T999", "--local",
+                       "--index", str(demo_index_dir))
+    assert code == 2 and "E300" in err and "T999" in err
+    # nobody listening
+    from conftest import free_port
+
+    code, _, err = run(capsys, "concept", "C0032227", "--target", f"127.0.0.1:{free_port()}")
+    assert code == 2 and "UNAVAILABLE" in err
+
+
+def test_lookup_cli_local_defaults_to_the_demo_dictionary(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CONCEPTSVC_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, _ = run(capsys, "concept", "C0032227", "--local", "--json", "--no-synonyms")
+    assert code == 0 and json.loads(out)["preferred_name"] == "Pleural effusion disorder"
+    assert list((tmp_path / "cache").iterdir())  # the demo index was built there

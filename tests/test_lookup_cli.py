@@ -107,6 +107,7 @@ def test_lookup_cli_options(
         assert cuis(text=typo) == []
         code, out, _ = run(capsys, "lookup", typo, "--json", "--approximate",
                            "--threshold", "0.6", *conn)
+        assert code == 0
         (m,) = json.loads(out)["mentions"]
         assert m["cui"] == "C0032227" and m["text"] == "pleural efusion" and 0.6 <= m["score"] < 1
 

@@ -127,12 +127,50 @@ def ngrams(norms: Sequence[str], n_max: int = 4) -> Iterable[str]:
             yield " ".join(g)
 
 
+def engine_report(ids: Sequence[str], caps: dict[str, str], gold: dict[str, set[str]],
+                  names: dict[str, str], args: argparse.Namespace) -> None:
+    """Mention texts behind the engine's false and true positives, per concept."""
+    from conceptsvc.embedded import demo_index
+    from conceptsvc.extractor import ExtractOptions, Extractor
+
+    ex = Extractor(demo_index())
+    opts = ExtractOptions(profile="rocov2")
+    fp_text: dict[str, Counter[str]] = defaultdict(Counter)
+    tp_text: dict[str, Counter[str]] = defaultdict(Counter)
+    fp: Counter[str] = Counter()
+    fn: Counter[str] = Counter()
+    tp: Counter[str] = Counter()
+    for i in ids:
+        ann = ex.extract(caps[i], opts, id=i)
+        g = gold.get(i, set())
+        pred = set(ann.concepts)
+        texts: dict[str, set[str]] = defaultdict(set)
+        for m in ann.mentions:
+            texts[m.cui].add(normalize_term(m.text))
+        for c in pred:
+            bucket = tp_text if c in g else fp_text
+            bucket[c].update(texts.get(c) or {"<inferred>"})
+            (tp if c in g else fp)[c] += 1
+        for c in g - pred:
+            fn[c] += 1
+    print("\n## engine false positives by concept (mention texts: FP count | TP count)")
+    for c, n in fp.most_common(args.top):
+        parts = [f"{t} {k}|{tp_text[c][t]}" for t, k in fp_text[c].most_common(6)]
+        print(f"{c} {names.get(c, '?')!r}: FP {n} TP {tp[c]} FN {fn[c]}  " + "; ".join(parts))
+    print("\n## engine false negatives by concept")
+    for c, n in fn.most_common(args.top):
+        print(f"{c} {names.get(c, '?')!r}: FN {n} TP {tp[c]} FP {fp[c]}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared-data", type=Path, required=True)
     ap.add_argument("--split", default="valid")
     ap.add_argument("--top", type=int, default=40, help="concepts to list in each section")
     ap.add_argument("--cui", action="append", default=[], help="show details for this CUI")
+    ap.add_argument("--engine", action="store_true",
+                    help="also run conceptsvc's Extractor (rocov2 profile) on the demo index and "
+                    "report which matched texts give false positives / true positives per concept")
     args = ap.parse_args(argv)
     r2 = args.shared_data / "rocov2"
     caps = read_ids(r2 / f"{args.split}_captions.csv", "Caption")
@@ -207,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{c} {names.get(c, '?')} {key_stats[k][c]}/{n}" for c in sorted(key_stats[k])
             )
         )
+    if args.engine:
+        engine_report(ids, caps, gold, names, args)
     for c in args.cui:
         print(f"\n## {c} {names.get(c)}")
         for i in ids:

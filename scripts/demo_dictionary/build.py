@@ -211,6 +211,7 @@ class NameRule:
     pattern: re.Pattern[str] | None
     template: str
     examples: tuple[tuple[str, str | None], ...]
+    final: bool = True  # False: strings this rule still applies to are not emitted
 
     def apply(self, name: str) -> str | None:
         """The rewritten name, or None when the rule does not apply to ``name``."""
@@ -246,7 +247,16 @@ def load_rules(path: Path = RULES) -> list[NameRule]:
             raise BuildError(f"{path}: rule {raw['id']}: unknown kind {kind!r}")
         pattern = re.compile(raw["pattern"], re.I) if kind == "regex" else None
         examples = tuple((str(a), None if b is None else str(b)) for a, b in raw["examples"])
-        rules.append(NameRule(raw["id"], kind, pattern, raw.get("template", ""), examples))
+        rules.append(
+            NameRule(
+                raw["id"],
+                kind,
+                pattern,
+                raw.get("template", ""),
+                examples,
+                bool(raw.get("final", True)),
+            )
+        )
     return rules
 
 
@@ -263,7 +273,10 @@ def derive_variants(name: str, rules: Sequence[NameRule]) -> dict[str, str]:
                     seen[out] = rule.id
                     nxt.append(out)
         frontier = nxt
-    return seen
+    # A string a non-final rule still rewrites ("left renal vein (body structure)") is only a
+    # step on the way, never a name anyone writes.
+    steps = [r for r in rules if not r.final]
+    return {v: r for v, r in seen.items() if not any(s.apply(v) for s in steps)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,8 +307,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def snapshot(shared: Path) -> None:
-    """Copy what the dictionary needs from ``shared`` into ``sources/`` and the demo sample."""
+def snapshot(
+    shared: Path,
+    sources: Path = SOURCES,
+    out_dir: Path = OUT_DIR,
+    *,
+    expected_cuis: int | None = 1948,
+) -> None:
+    """Copy what the dictionary needs from ``shared`` into ``sources`` and the demo sample.
+
+    ``expected_cuis`` guards against a changed vocabulary file (None: no check, for tests).
+    """
     rocov2 = shared / "rocov2"
     ov = shared / "open_vocab"
     mapping = [
@@ -303,10 +325,10 @@ def snapshot(shared: Path) -> None:
         for r in _read_csv(rocov2 / "cui_mapping.csv")
     ]
     vocab = {c for c, _ in mapping} | set(MISSING_CUIS)
-    if len(vocab) != 1948:
+    if expected_cuis is not None and len(vocab) != expected_cuis:
         raise BuildError(f"expected 1,948 CUIs (1,935 + 13), got {len(vocab)}")
-    SOURCES.mkdir(parents=True, exist_ok=True)
-    _write_tsv(SOURCES / "rocov2_cui_mapping.tsv", ("cui", "name"), sorted(mapping))
+    sources.mkdir(parents=True, exist_ok=True)
+    _write_tsv(sources / "rocov2_cui_mapping.tsv", ("cui", "name"), sorted(mapping))
 
     terms: list[tuple[str, str, str, str, str, str]] = []  # sab, code, cuis, kind, string, n_xrefs
 
@@ -352,7 +374,7 @@ def snapshot(shared: Path) -> None:
             add("DICOM", code, [r["cui"]], "name" if i == 0 else "exact", s)
     terms = sorted(set(terms))
     _write_tsv(
-        SOURCES / "open_vocab_terms.tsv",
+        sources / "open_vocab_terms.tsv",
         ("sab", "code", "cuis", "kind", "string", "n_xrefs"),
         terms,
     )
@@ -378,7 +400,7 @@ def snapshot(shared: Path) -> None:
                 count[c] += 1
                 cand[c] = cand[c] & bags[p[0]] if c in cand else set(bags[p[0]])
     _write_tsv(
-        SOURCES / "roco_v1_semtype_evidence.tsv",
+        sources / "roco_v1_semtype_evidence.tsv",
         ("cui", "n_captions", "candidate_tuis"),
         sorted((c, count[c], ",".join(sorted(cand[c]))) for c in cand),
     )
@@ -390,7 +412,7 @@ def snapshot(shared: Path) -> None:
         for r in _read_csv(rocov2 / f"{split}_concepts.csv"):
             freq.update(c for c in r["CUIs"].split(";") if c)
     _write_tsv(
-        SOURCES / "rocov2_concept_frequency.tsv",
+        sources / "rocov2_concept_frequency.tsv",
         ("cui", "occurrences"),
         sorted((c, freq[c]) for c in vocab),
     )
@@ -409,12 +431,12 @@ def snapshot(shared: Path) -> None:
         rocov2 / "valid_concepts_manual.csv",
     ]
     _write_tsv(
-        SOURCES / "inputs.sha256.tsv",
+        sources / "inputs.sha256.tsv",
         ("file", "sha256"),
         [(str(p.relative_to(shared)), _sha256(p)) for p in inputs],
     )
     _check_hpo_version(ov / "hp_2025-01-16.obo.gz")
-    demo_sample(rocov2)
+    demo_sample(rocov2, out_dir)
 
 
 def _check_hpo_version(obo: Path) -> None:
@@ -430,12 +452,12 @@ def _check_hpo_version(obo: Path) -> None:
                 return
 
 
-def demo_sample(rocov2: Path) -> None:
+def demo_sample(rocov2: Path, out_dir: Path = OUT_DIR) -> None:
     """≤500 validation captions, a seeded sample (sorted by ID), with their gold concepts."""
     caps = _read_csv(rocov2 / "valid_captions.csv")
     ids = sorted(r["ID"] for r in caps)
-    chosen = set(random.Random(DEMO_SAMPLE_SEED).sample(ids, DEMO_SAMPLE_SIZE))
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    chosen = set(random.Random(DEMO_SAMPLE_SEED).sample(ids, min(DEMO_SAMPLE_SIZE, len(ids))))
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, src, col in (
         ("captions.csv", "valid_captions.csv", "Caption"),
         ("concepts.csv", "valid_concepts.csv", "CUIs"),
@@ -446,7 +468,7 @@ def demo_sample(rocov2: Path) -> None:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(("ID", col))
         w.writerows(rows)
-        (OUT_DIR / name).write_text(buf.getvalue(), encoding="utf-8")
+        (out_dir / name).write_text(buf.getvalue(), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,10 +483,11 @@ class Atom:
     string: str
     suppress: str = "N"
     note: str = ""
+    origins: frozenset[str] = frozenset()  # keys of the names a rule-derived atom came from
+    key: str = field(init=False)  # the index key (normalised string)
 
-    @property
-    def key(self) -> str:
-        return normalize_term(self.string)
+    def __post_init__(self) -> None:
+        self.key = normalize_term(self.string)
 
 
 @dataclass
@@ -566,6 +589,11 @@ def build_dictionary(
                 f"{semtypes_path.name}: {r['cui']}: basis must be curated, roco_v1 "
                 "or curated+roco_v1"
             )
+        if r["preferred_name"] != c.name:
+            raise BuildError(
+                f"{semtypes_path.name}: {r['cui']}: preferred_name "
+                f"{r['preferred_name']!r} is not the concept's name {c.name!r}"
+            )
         c.tuis, c.basis = tuis, r["basis"]
     untyped = sorted(c for c, k in concepts.items() if not k.tuis)
     if untyped:
@@ -601,17 +629,22 @@ def build_dictionary(
     # Rule-derived variants of every non-suppressed base name.
     for c in concepts.values():
         keys = {a.key for a in c.atoms if a.suppress == "N"}
-        derived: dict[str, str] = {}
+        derived: dict[str, tuple[str, set[str]]] = {}
+        by_variant_key: dict[str, str] = {}
         for a in list(c.atoms):
             if a.suppress != "N" or a.tty in ABBREVIATION_TTYS:
                 continue
             for variant, rule_id in derive_variants(a.string, rules).items():
                 k = normalize_term(variant)
-                if k and k not in keys and variant not in derived:
-                    derived[variant] = rule_id
-                    keys.add(k)
-        for variant, rule_id in sorted(derived.items()):
-            c.atoms.append(Atom(c.cui, "CSVRULE", "SY", rule_id, variant))
+                if k in by_variant_key:  # same variant from another name: remember both
+                    derived[by_variant_key[k]][1].add(a.key)
+                elif k and k not in keys:
+                    derived[variant] = (rule_id, {a.key})
+                    by_variant_key[k] = variant
+        for variant, (rule_id, origins) in sorted(derived.items()):
+            c.atoms.append(
+                Atom(c.cui, "CSVRULE", "SY", rule_id, variant, origins=frozenset(origins))
+            )
 
     # Curated suppressions (explicit per concept).
     for cui, b in blocks.items():
@@ -643,15 +676,26 @@ def build_dictionary(
             if not key or key in decisions:
                 raise BuildError(f"{CURATED.name}: ambiguity key {raw!r} is empty or listed twice")
             decisions[key] = {**d, "key": raw}
+    atoms_by_key: dict[str, list[Atom]] = defaultdict(list)
+    for c in concepts.values():
+        for a in c.atoms:
+            atoms_by_key[a.key].append(a)
     for key, d in decisions.items():
         if d["decision"] == "assign":
             winners = set(d["cuis"])
-            for c in concepts.values():
-                if c.cui in winners:
-                    continue
-                for a in c.atoms:
-                    if a.key == key and a.suppress == "N" and a.sab not in ("ROCOV2", "ROCOV2INF"):
-                        a.suppress = "E"
+            for a in atoms_by_key.get(key, ()):
+                if (
+                    a.cui not in winners
+                    and a.suppress == "N"
+                    and a.sab not in ("ROCOV2", "ROCOV2INF")
+                ):
+                    a.suppress = "E"
+    # A rule-derived variant goes when every name it was derived from was suppressed.
+    for c in concepts.values():
+        live = {a.key for a in c.atoms if a.suppress == "N" and a.sab != "CSVRULE"}
+        for a in c.atoms:
+            if a.sab == "CSVRULE" and a.suppress == "N" and not (a.origins & live):
+                a.suppress = "E"
     by_key: dict[str, set[str]] = defaultdict(set)
     for c in concepts.values():
         for a in c.atoms:

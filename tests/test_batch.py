@@ -57,12 +57,29 @@ def start_server(extractor: Extractor, port: int = 0, **settings: object) -> Con
 
 
 @pytest.fixture(scope="module")
-def demo_server(demo_extractor: Extractor) -> Iterator[str]:
+def demo_service(demo_extractor: Extractor) -> Iterator[ConceptServer]:
     server = start_server(demo_extractor)
     try:
-        yield f"127.0.0.1:{server.port}"
+        yield server
     finally:
         server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_service: ConceptServer) -> str:
+    return f"127.0.0.1:{demo_service.port}"
+
+
+def annotate_calls(server: ConceptServer) -> float:
+    """Annotation RPCs a server has handled (from its Prometheus metrics)."""
+    total = 0.0
+    for metric in server.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "conceptsvc_requests_total" and sample.labels.get("method") in (
+                "Annotate", "AnnotateStream"
+            ):
+                total += sample.value
+    return total
 
 
 def demo_rows() -> list[tuple[str, str]]:
@@ -208,12 +225,16 @@ BAD_CSV = (
 )
 
 
-def test_batch_bad_input_stops_before_sending(tmp_path: Path, demo_server: str) -> None:
+def test_batch_bad_input_stops_before_sending(
+    tmp_path: Path, demo_server: str, demo_service: ConceptServer
+) -> None:
     src = tmp_path / "in.csv"
     src.write_bytes(BAD_CSV.encode() + b"e,caf\xe9\n")
     out = tmp_path / "run.jsonl"
+    calls = annotate_calls(demo_service)
     with pytest.raises(BadInputError) as info:
         annotate_corpus(Corpus(src), resolve_outputs(out), settings(demo_server))
+    assert annotate_calls(demo_service) == calls  # not one caption was sent
     assert sorted(b.line for b in info.value.bad) == [3, 4, 5, 6, 8]
     text = str(info.value)
     assert "nothing was sent" in text and f"{src}:3:" in text and "invalid UTF-8" in text
@@ -387,6 +408,27 @@ def test_batch_replica_killed_mid_run_with_two_targets(
         for s in servers:
             s.kill()
             s.wait()
+
+
+def test_batch_one_target_with_several_addresses_is_balanced_round_robin(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """A target that resolves to several addresses (as dns:/// does for a headless service)
+    spreads the streams over all of them."""
+    servers = [start_server(demo_extractor), start_server(demo_extractor)]
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+        src = write_csv(tmp_path / "in.csv", demo_rows()[:200])
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(tmp_path / "run.jsonl"),
+            settings(target, batch_size=10, concurrency=2),
+        )
+        assert result.complete and result.counts.annotated == 200
+        calls = [annotate_calls(s) for s in servers]
+        assert all(c >= 3 for c in calls), calls  # 20 batches (+ the probe), both replicas
+    finally:
+        for s in servers:
+            s.stop(0)
 
 
 def test_batch_retries_until_a_late_service_comes_up(

@@ -63,3 +63,26 @@ def test_proto_options_presence_distinguishes_unset_from_empty() -> None:
     # Round trip through bytes keeps the presence bits.
     again = pb.AnnotateOptions.FromString(empty.SerializeToString())
     assert again.HasField("semantic_types")
+
+
+def test_proto_no_request_carries_a_server_path() -> None:
+    """No RPC may read a client-chosen server path: no request field can even name one."""
+    from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+
+    seen: set[str] = set()
+
+    def fields(desc: object) -> list[str]:
+        out = []
+        for f in desc.fields:  # type: ignore[attr-defined]
+            out.append(f.name)
+            if f.message_type is not None and f.message_type.full_name not in seen:
+                seen.add(f.message_type.full_name)
+                out += fields(f.message_type)
+        return out
+
+    for service in pb.DESCRIPTOR.services_by_name.values():
+        for method in service.methods:
+            names = fields(method.input_type)
+            words = {"path", "file", "filename", "dir", "directory", "url", "uri"}
+            suspicious = [n for n in names if words & set(n.split("_"))]
+            assert not suspicious, f"{method.full_name} takes {suspicious}"

@@ -377,7 +377,7 @@ def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:
     s = settings_for(index_a, grace_seconds=5)
     with running_server(s) as (server, port):
         results: list[Any] = []
-        text = "lung " * 19_000  # slow enough to still be running when the drain starts
+        text = "lung " * 6_000  # slow enough to still be running when the drain starts
 
         def call() -> None:
             with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
@@ -752,11 +752,17 @@ def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Pat
 
 
 @pytest.mark.slow
-def test_server_sigterm_drains_a_single_process_server(index_a: Path) -> None:
-    proc, port = _serve_subprocess("--workers", "1", "--index", str(index_a))
+def test_server_serves_the_demo_dictionary_and_drains_on_sigterm(tmp_path: Path) -> None:
+    # No --index: the embedded demo dictionary, built into a private cache directory.
+    proc, port = _serve_subprocess(
+        "--workers", "1", env={"CONCEPTSVC_CACHE_DIR": str(tmp_path / "cache")}
+    )
     try:
         with ConceptClient(f"127.0.0.1:{port}") as c:
-            assert c.annotate("lung").concepts == ("C0024109",)
+            info = c.get_info()
+            assert info.index.concepts > 1000
+            assert "C0032326" in c.annotate("Chest CT shows a pneumothorax.").concepts
+            assert c.get_concept("C0032326").semantic_types[0].group == "DISO"
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

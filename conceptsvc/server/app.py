@@ -292,6 +292,8 @@ def run_worker(
                     server.reload()
                 except ConceptsvcError as exc:
                     log.error("reload failed, still serving the previous index: %s", exc)
+                except Exception:  # a bug must not take a serving process down
+                    log.exception("reload failed, still serving the previous index")
             elif command == "drain":
                 server.drain()
                 return 0

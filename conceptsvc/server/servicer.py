@@ -16,6 +16,7 @@ UNAVAILABLE once the server is draining (the client resends the unanswered items
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -187,8 +188,6 @@ class ServiceState:
         Reloads are serialised. When the manifest on disk names the index already being
         served, nothing is loaded (``changed`` is False).
         """
-        import json
-
         from conceptsvc.extractor import Extractor
         from conceptsvc.index import ConceptIndex
 
@@ -197,14 +196,12 @@ class ServiceState:
             path = self._index_path()
             current = self._current
             try:
-                if current is not None:
-                    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-                    if manifest.get("content_hash") == current.content_hash:
-                        log.info("reload: %s still holds the loaded index; nothing to do", path)
-                        return ReloadOutcome(
-                            current.content_hash, current.content_hash, False,
-                            current.concepts, time.perf_counter() - t0,
-                        )
+                if current is not None and _manifest_hash(path) == current.content_hash:
+                    log.info("reload: %s still holds the loaded index; nothing to do", path)
+                    return ReloadOutcome(
+                        current.content_hash, current.content_hash, False,
+                        current.concepts, time.perf_counter() - t0,
+                    )
                 index = ConceptIndex.load(path, verify=True)
                 defaults = self.settings.defaults.to_extract_options()
                 outcome = self.install(Extractor(index, default_options=defaults))
@@ -224,6 +221,17 @@ class ServiceState:
     def start_draining(self) -> None:
         self.draining = True
         self.health.enter_graceful_shutdown()
+
+
+def _manifest_hash(path: Path) -> str | None:
+    """The content hash an index directory's manifest claims (None if unreadable: the full
+    load then reports the problem properly)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = manifest.get("content_hash") if isinstance(manifest, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _check_deadline(context: grpc.ServicerContext) -> None:
@@ -403,6 +411,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):  # type: ignore[misc]
                 if first is _END:
                     return
                 if isinstance(first, BaseException):
+                    if not context.is_active():
+                        return  # the client went away (cancel, deadline): nobody to answer
                     raise first
                 batch: list[pb.AnnotateRequest] = [first]
                 while len(batch) < batch_size:
@@ -414,6 +424,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):  # type: ignore[misc]
                         ended = True
                         break
                     if isinstance(item, BaseException):
+                        if not context.is_active():
+                            return
                         raise item
                     batch.append(item)
                 _check_deadline(context)

@@ -79,6 +79,8 @@ def test_bench_peers_run_peers_scores_quickumls(rocov2: Path, tmp_path: Path) ->
     assert rows[0] == ["ID", "CUIs"]
     assert set(rows[1][1].split(";")) == {"C0040405", "C0008149", "C0000726"}
     assert json.loads((out / "summary.json").read_text())["peers"]["quickumls"]["captions"] == 3
+    assert summary["meta_sha256"] == bench_peers.snapshot_meta(META, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["MRCONSO.RRF", "MRSTY.RRF"]
     table = bench_peers.format_table(summary)
     assert "| quickumls 1.4.2 | 0.900 | 1.000 |" in table
     assert "| quickumls 1.4.2 (top1) | 1.000 | 1.000 |" in table

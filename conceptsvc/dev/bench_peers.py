@@ -20,10 +20,12 @@ Entry points:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ __all__ = [
     "quickumls_build_timing",
     "run_peer",
     "run_peers",
+    "snapshot_meta",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,23 @@ def quickumls_build_timing(
     return result
 
 
+def snapshot_meta(meta: Path, dest: Path) -> str:
+    """Copy the RRF files of ``meta`` into ``dest``; return a SHA-256 over names and contents.
+
+    Every peer of a run reads the snapshot, so a dictionary rewritten while the run goes on
+    (the demo dictionary is generated) cannot give the peers different dictionaries; the hash
+    in the summary says which dictionary the numbers belong to.
+    """
+    _check_meta(meta)
+    dest.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    for src in sorted(p for p in meta.iterdir() if p.is_file() and ".RRF" in p.name):
+        data = src.read_bytes()
+        digest.update(src.name.encode() + b"\0" + hashlib.sha256(data).digest())
+        (dest / src.name).write_bytes(data)
+    return digest.hexdigest()
+
+
 def _score_file(pred_csv: Path, gold: dict[str, list[str]], manual: dict[str, list[str]]
                 ) -> dict[str, Any]:
     res = score(read_concepts(pred_csv), gold, manual)
@@ -207,6 +227,8 @@ def run_peers(
         manual = {k: v for k, v in manual.items() if k in ids}
         captions = subset
     out.mkdir(parents=True, exist_ok=True)
+    snapshot_dir = Path(tempfile.mkdtemp(prefix="peers-meta-"))
+    meta_sha256 = snapshot_meta(meta, snapshot_dir)
     summary: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "loadavg_1min_start": os.getloadavg()[0],
@@ -214,13 +236,14 @@ def run_peers(
             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         ),
         "meta": str(meta),
+        "meta_sha256": meta_sha256,
         "captions": str(rocov2 / "valid_captions.csv"),
         "limit": limit,
         "peers": {},
     }
     try:
         for name in peers:
-            run = run_peer(name, meta, captions, out, python=python)
+            run = run_peer(name, snapshot_dir, captions, out, python=python)
             variants = {
                 variant: _score_file(Path(path), gold, manual)
                 for variant, path in run["predictions"].items()
@@ -246,6 +269,7 @@ def run_peers(
             log.info("%s: %s", name, {k: summary["peers"][name][k] for k in
                                       ("primary_f1", "secondary_f1", "captions_per_s")})
     finally:
+        shutil.rmtree(snapshot_dir, ignore_errors=True)  # the temporary copy made above
         if limit is not None:
             captions.unlink(missing_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

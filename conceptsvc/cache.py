@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -219,7 +219,8 @@ class RedisCache:
         if not keys or not self.available:
             return [None] * len(keys)
         try:
-            values = self._client.mget([self.prefix + k for k in keys])
+            # The sync client returns a list; redis-py's stubs also allow its async variant.
+            values = cast(list[Any], self._client.mget([self.prefix + k for k in keys]))
         except (redis.RedisError, OSError) as exc:
             self._failed("MGET", exc)
             return [None] * len(keys)

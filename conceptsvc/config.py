@@ -87,21 +87,29 @@ class DefaultOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    semantic_types: NameTuple = Field((), description="semantic types to accept (empty = all)")
-    semantic_groups: NameTuple = Field((), description="semantic groups to accept (empty = all)")
-    sources: NameTuple = Field((), description="source vocabularies (SABs) to accept (empty = all)")
-    exclude_cuis: NameTuple = Field((), description="CUIs never reported")
-    mode: Literal["exact", "approximate"] = Field("exact", description="matching mode")
+    semantic_types: NameTuple = Field(
+        default=(), description="semantic types to accept (empty = all)"
+    )
+    semantic_groups: NameTuple = Field(
+        default=(), description="semantic groups to accept (empty = all)"
+    )
+    sources: NameTuple = Field(
+        default=(), description="source vocabularies (SABs) to accept (empty = all)"
+    )
+    exclude_cuis: NameTuple = Field(default=(), description="CUIs never reported")
+    mode: Literal["exact", "approximate"] = Field(default="exact", description="matching mode")
     similarity: Literal["jaccard", "cosine", "dice", "overlap"] = Field(
-        "jaccard", description="similarity measure for approximate matching"
+        default="jaccard", description="similarity measure for approximate matching"
     )
-    threshold: float = Field(0.7, gt=0, le=1, description="approximate matching threshold")
+    threshold: float = Field(default=0.7, gt=0, le=1, description="approximate matching threshold")
     overlap: Literal["longest", "best_score", "all"] = Field(
-        "longest", description="which of overlapping mentions to keep"
+        default="longest", description="which of overlapping mentions to keep"
     )
-    profile: str = Field("none", min_length=1, description="concept profile")
-    include_negated: bool = Field(True, description="report negated mentions (flagged)")
-    include_mentions: bool = Field(True, description="return mentions, not only concept sets")
+    profile: str = Field(default="none", min_length=1, description="concept profile")
+    include_negated: bool = Field(default=True, description="report negated mentions (flagged)")
+    include_mentions: bool = Field(
+        default=True, description="return mentions, not only concept sets"
+    )
 
     _split = field_validator(
         "semantic_types", "semantic_groups", "sources", "exclude_cuis", mode="before"
@@ -135,77 +143,93 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    config_file: Path | None = Field(None, description="TOML or YAML settings file")
+    config_file: Path | None = Field(default=None, description="TOML or YAML settings file")
     index: Path | None = Field(
-        None, description="index directory to serve (default: the embedded demo dictionary)"
+        default=None, description="index directory to serve (default: the embedded demo dictionary)"
     )
     host: str = Field(
-        "127.0.0.1", min_length=1, description="address to listen on ('0.0.0.0' or '[::]' = all)"
+        default="127.0.0.1",
+        min_length=1,
+        description="address to listen on ('0.0.0.0' or '[::]' = all)",
     )
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
     workers: int = Field(
         default_factory=_default_workers,
         ge=1,
         le=64,
         description="server processes sharing the port (default: number of cores)",
     )
-    threads: int = Field(16, ge=1, le=1024, description="RPC threads per worker process")
+    threads: int = Field(default=16, ge=1, le=1024, description="RPC threads per worker process")
     max_concurrent_rpcs: int = Field(
-        256, ge=1, description="RPCs in progress per worker before RESOURCE_EXHAUSTED"
+        default=256, ge=1, description="RPCs in progress per worker before RESOURCE_EXHAUSTED"
     )
-    max_text_chars: int = Field(100_000, ge=1, description="longest caption accepted (code points)")
+    max_text_chars: int = Field(
+        default=100_000, ge=1, description="longest caption accepted (code points)"
+    )
     max_message_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="largest gRPC message, either way"
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description="largest gRPC message, either way",
     )
-    max_search_limit: int = Field(100, ge=1, description="most candidates SearchConcepts returns")
+    max_search_limit: int = Field(
+        default=100, ge=1, description="most candidates SearchConcepts returns"
+    )
     stream_batch_size: int = Field(
-        64, ge=1, le=10_000, description="stream items looked up in the cache together"
+        default=64, ge=1, le=10_000, description="stream items looked up in the cache together"
     )
     grace_seconds: float = Field(
-        10.0, ge=0, description="on SIGTERM, how long in-flight RPCs may take to finish"
+        default=10.0, ge=0, description="on SIGTERM, how long in-flight RPCs may take to finish"
     )
     drain_delay_seconds: float = Field(
-        0.0, ge=0, description="on SIGTERM, report NOT_SERVING this long before refusing RPCs"
+        default=0.0,
+        ge=0,
+        description="on SIGTERM, report NOT_SERVING this long before refusing RPCs",
     )
-    reflection: bool = Field(True, description="serve gRPC server reflection")
+    reflection: bool = Field(default=True, description="serve gRPC server reflection")
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset = off)"
+        default=None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset = off)"
     )
-    metrics_host: str = Field("127.0.0.1", min_length=1, description="metrics HTTP address")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, description="metrics HTTP address")
     cache_size: int = Field(
-        50_000, ge=0, description="in-process cache entries per worker (0 = off)"
+        default=50_000, ge=0, description="in-process cache entries per worker (0 = off)"
     )
     cache_max_bytes: int = Field(
-        128 * 1024 * 1024, ge=0, description="in-process cache size bound per worker, bytes"
+        default=128 * 1024 * 1024, ge=0, description="in-process cache size bound per worker, bytes"
     )
-    redis_url: str | None = Field(None, description="Redis cache tier URL (unset = off)")
-    redis_prefix: str = Field("conceptsvc:", description="Redis key prefix")
-    redis_ttl_seconds: int = Field(7 * 86400, ge=1, description="Redis entry lifetime")
+    redis_url: str | None = Field(default=None, description="Redis cache tier URL (unset = off)")
+    redis_prefix: str = Field(default="conceptsvc:", description="Redis key prefix")
+    redis_ttl_seconds: int = Field(default=7 * 86400, ge=1, description="Redis entry lifetime")
     redis_timeout_seconds: float = Field(
-        0.25, gt=0, description="Redis socket timeout; slower counts as an outage"
+        default=0.25, gt=0, description="Redis socket timeout; slower counts as an outage"
     )
     redis_backoff_seconds: float = Field(
-        0.5, gt=0, description="first wait before reconnecting to Redis after an error"
+        default=0.5, gt=0, description="first wait before reconnecting to Redis after an error"
     )
     redis_backoff_max_seconds: float = Field(
-        30.0, gt=0, description="longest wait between Redis reconnect attempts"
+        default=30.0, gt=0, description="longest wait between Redis reconnect attempts"
     )
-    tls_cert: Path | None = Field(None, description="server certificate chain (PEM) for TLS")
-    tls_key: Path | None = Field(None, description="server private key (PEM) for TLS")
+    tls_cert: Path | None = Field(
+        default=None, description="server certificate chain (PEM) for TLS"
+    )
+    tls_key: Path | None = Field(default=None, description="server private key (PEM) for TLS")
     tls_client_ca: Path | None = Field(
-        None, description="CA (PEM) that client certificates must chain to: mutual TLS"
+        default=None, description="CA (PEM) that client certificates must chain to: mutual TLS"
     )
     auth_token: SecretStr | None = Field(
-        None, description="bearer token every RPC must carry (unset = no authentication)"
+        default=None, description="bearer token every RPC must carry (unset = no authentication)"
     )
     admin_token: SecretStr | None = Field(
-        None, description="bearer token for AdminService.ReloadIndex (unset = admin RPC off)"
+        default=None,
+        description="bearer token for AdminService.ReloadIndex (unset = admin RPC off)",
     )
     log_payloads: bool = Field(
-        False, description="log caption text at DEBUG level (off: captions never reach logs)"
+        default=False,
+        description="log caption text at DEBUG level (off: captions never reach logs)",
     )
     defaults: DefaultOptions = Field(
-        default_factory=DefaultOptions, description="default extraction options"
+        default=DefaultOptions(),
+        description="default extraction options",  # frozen: safe to share
     )
 
     @classmethod
@@ -379,7 +403,9 @@ def _flag_specs() -> list[tuple[str, str, str, FieldInfo]]:
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per setting; absent flags leave other sources alone."""
     parser.add_argument(
-        "--config", metavar="FILE", default=None,
+        "--config",
+        metavar="FILE",
+        default=None,
         help=f"TOML or YAML settings file (env {ENV_PREFIX}CONFIG_FILE)",
     )
     groups = {
@@ -402,7 +428,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         annotation = info.annotation
         if annotation is bool:
             groups[group].add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=helptext,
             )
         else:

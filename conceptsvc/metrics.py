@@ -139,14 +139,14 @@ def multiprocess_registry() -> CollectorRegistry:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         raise RuntimeError("multiprocess metrics need PROMETHEUS_MULTIPROC_DIR to be set")
     registry = CollectorRegistry()
-    _multiprocess.MultiProcessCollector(registry)
+    _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
 
 
 def mark_process_dead(pid: int) -> None:
     """Drop a finished worker's live gauges from the aggregate."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        _multiprocess.mark_process_dead(pid)
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def start_metrics_http_server(

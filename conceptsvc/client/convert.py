@@ -79,7 +79,7 @@ _STATUS_NAMES = {
 }
 
 
-def _enum_value(table: Mapping[str, int], name: str, what: str) -> int:
+def _enum_value(table: Mapping[str, int], name: str, what: str) -> Any:
     try:
         return table[name]
     except KeyError:

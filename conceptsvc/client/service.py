@@ -121,8 +121,8 @@ class ConceptClient:
             self._channel = grpc.secure_channel(target, creds, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.ConceptServiceStub(self._channel)
-        self._admin = pb_grpc.AdminServiceStub(self._channel)
+        self._stub = pb_grpc.ConceptServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._admin = pb_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- plumbing ------------------------------------------------------------------------------

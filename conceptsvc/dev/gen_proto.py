@@ -31,7 +31,7 @@ _IMPORT_RE = re.compile(r"^from conceptsvc\.(v\d+) import ", re.MULTILINE)
 
 
 def _protoc(args: list[str]) -> None:
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     code = protoc.main(["grpc_tools.protoc", *args])
     if code != 0:

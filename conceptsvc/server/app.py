@@ -137,11 +137,11 @@ class ConceptServer:
             ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_ConceptServiceServicer_to_server(
+        pb_grpc.add_ConceptServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ConceptServicer(self.state, self.cache if self.cache.enabled else None),
             self.grpc_server,
         )
-        pb_grpc.add_AdminServiceServicer_to_server(
+        pb_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AdminServicer(self.state, self._admin_reload), self.grpc_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
@@ -311,7 +311,7 @@ def _install_signals(control: queue.SimpleQueue[str]) -> dict[int, Any]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         control.put("reload" if signum == signal.SIGHUP else "drain")
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, handler)
     return previous
@@ -407,7 +407,7 @@ class Supervisor:
         by_conn = {c: i for i, c in self._conns.items()}
         events = []
         for conn in multiprocessing.connection.wait(list(by_conn), timeout=timeout):
-            i = by_conn[conn]  # type: ignore[index]
+            i = by_conn[conn]
             try:
                 events.append((i, json.loads(conn.recv_bytes())))  # type: ignore[union-attr]
             except (EOFError, OSError):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from grpc_health.v1 import health, health_pb2
 
 from conceptsvc import __version__
@@ -288,7 +288,7 @@ class _Observed:
         return code, message
 
 
-class ConceptServicer(pb_grpc.ConceptServiceServicer):  # type: ignore[misc]
+class ConceptServicer(pb_grpc.ConceptServiceServicer):
     """``conceptsvc.v1.ConceptService``."""
 
     def __init__(self, state: ServiceState, cache: ResultCache | None) -> None:
@@ -556,7 +556,7 @@ def _next_item(
                 raise draining() from None
 
 
-class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
+class AdminServicer(pb_grpc.AdminServiceServicer):
     """``conceptsvc.v1.AdminService`` (the interceptor has already checked the admin token)."""
 
     def __init__(self, state: ServiceState, reload: Callable[[], ReloadOutcome]) -> None:

@@ -226,6 +226,26 @@ def test_backend_quickumls_serves_index_without_sidecar(index_dir: Path, tmp_pat
     assert b.manifest["has_sidecar"] is False
 
 
+def test_backend_quickumls_closed_backend_refuses_work(index_dir: Path) -> None:
+    with QuickUMLSBackend(index_dir) as b:
+        assert b.extract("abdomen").concepts == ("C0000726",)
+    with pytest.raises(ExtractionError, match="closed"):
+        b.extract("abdomen")
+
+
+def test_backend_quickumls_threads_share_one_backend(backend: QuickUMLSBackend) -> None:
+    # Calls with different options from several threads must not see each other's settings.
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = "Bilateral pleural effusions and CT"
+    jobs = [ExtractOptions(), APPROX, ExtractOptions(semantic_types=("T060",))] * 20
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda o: backend.extract(text, o).concepts, jobs))
+    expected = [backend.extract(text, o).concepts for o in jobs[:3]]
+    assert expected[0] != expected[1]
+    assert got == expected * 20
+
+
 def test_backend_quickumls_rejects_non_index(tmp_path: Path) -> None:
     with pytest.raises(IndexError_, match="not a QuickUMLS index"):
         QuickUMLSBackend(tmp_path)

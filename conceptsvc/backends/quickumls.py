@@ -412,6 +412,7 @@ class QuickUMLSBackend:
             spacy_component=True,  # do not spacy.load a trained model; we tokenise
         )
         self._lock = threading.Lock()
+        self._closed = False
         self._plans: dict[str, _Plan] = {}
         self.check_options(default_options)
 
@@ -605,8 +606,9 @@ class QuickUMLSBackend:
     ) -> Annotation:
         """Annotate one text; offsets are code-point offsets into ``text``."""
         plan = self._plan(options if options is not None else self.default_options)
-        doc = self._nlp(text)
         with self._lock:
+            self._check_open()
+            doc = self._nlp(text)  # spaCy's tokenizer caches are not meant for threads either
             self._configure(plan)
             groups = self._qu._match(doc, best_match=False, ignore_syntax=self.ignore_syntax)
             kept = []
@@ -653,6 +655,7 @@ class QuickUMLSBackend:
             return []
         found: dict[str, Candidate] = {}
         with self._lock:
+            self._check_open()
             self._configure(plan)
             key = self._normalise_window(window)
             for term in self._qu.ss_db.get(key):
@@ -681,9 +684,14 @@ class QuickUMLSBackend:
         ranked = sorted(found.values(), key=lambda c: (-c.score, c.cui))
         return ranked[:limit]
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ExtractionError(f"the QuickUMLS backend on {self.index_dir} is closed")
+
     def close(self) -> None:
         """Release QuickUMLS's database handles (they also close when garbage-collected)."""
         with self._lock:
+            self._closed = True
             self._qu.ss_db = None
             self._qu.cuisem_db = None
 

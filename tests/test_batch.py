@@ -6,6 +6,7 @@ The client runs either in-process (:func:`annotate_corpus`) or as the real CLI i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
+from conceptsvc.cli import main
 from conceptsvc.client.batch import (
     EXIT_INCOMPLETE,
     BatchSettings,
@@ -122,14 +124,19 @@ def expected_lines(
     ]
 
 
-def cli(
-    *args: str, stdin: bytes | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conceptsvc.cli", *args],
-        input=stdin.decode() if stdin is not None else None,
-        capture_output=True, text=True, timeout=timeout,
-    )
+def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``conceptsvc ARGS`` in this process (the real CLI entry point), capturing its
+    output; the SIGKILL tests run it as a subprocess instead."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        sys.stdin = saved
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def ids_of_jsonl(path: Path) -> list[str]:
@@ -517,6 +524,32 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
     assert again.complete and again.counts.resumed == result.counts.annotated
     assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
     assert not (tmp_path / "run.jsonl.errors.jsonl").exists()
+
+
+def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """A caption that takes the server longer than the deadline (half a megabyte of findings)
+    sits first in its batch: it is retried alone and given up; its batch-mates complete."""
+    server = start_server(demo_extractor, max_text_chars=2_000_000)
+    try:
+        slow = "chest x-ray shows pleural effusion and pneumonia. " * 12_000
+        rows = [("slow", slow)] + [(f"ok{i}", t) for i, (_, t) in enumerate(demo_rows()[:9])]
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.csv"
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{server.port}", batch_size=10, concurrency=1, deadline=2.0,
+                     retries=1),
+        )
+        assert not result.complete and result.counts.failed == 1
+        assert list(read_concepts(out)) == [f"ok{i}" for i in range(9)]
+        errors_file = tmp_path / "run.csv.errors.jsonl"
+        (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
+        assert err["id"] == "slow" and err["status"] == "DEADLINE_EXCEEDED"
+        assert err["attempts"] == 2
+    finally:
+        server.stop(0)
 
 
 def test_batch_oversized_caption_goes_to_the_errors_file(

@@ -247,6 +247,13 @@ def test_corpus_ids_that_would_break_tsv_outputs_are_bad() -> None:
     assert [c.id for c in corpus.captions()] == ["ok"]
 
 
+def test_corpus_csv_reads_megabyte_captions() -> None:
+    big = "pleural effusion " * 120_000  # ~2 MB, over the csv module's default field limit
+    corpus = Corpus.from_bytes(f'ID,Caption\nbig,"{big}"\nsmall,x\n'.encode(), "csv")
+    assert corpus.scan().bad == []
+    assert [len(c.text) for c in corpus.captions()] == [len(big), 1]
+
+
 def test_corpus_csv_unterminated_quote_at_end_of_file() -> None:
     bad = Corpus.from_bytes(b'ID,Caption\nA,ok\nB,"never closed\nC,more\n', "csv").scan().bad
     assert [(b.line, b.end_line) for b in bad] == [(3, 4)]

@@ -21,9 +21,9 @@
    exponential backoff with jitter, on the next target (a target that just failed is rested
    for the backoff period). Unless the failure concerns the connection or the server as a whole
    (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED), the item the server was working on
-   — responses come back in request order, so it is the first unanswered one — is retried on
-   its own, so one pathological caption (one that always exceeds the deadline, say) cannot
-   hold its batch-mates hostage. Items the service rejects individually (INVALID_ARGUMENT,
+   — responses come back in request order, so it is the first unanswered one — is charged the
+   attempt and retried on its own, so one pathological caption (one that always exceeds the
+   deadline, say) cannot hold its batch-mates hostage. Items the service rejects individually (INVALID_ARGUMENT,
    oversize…) are not retried. After ``retries`` failed attempts an item is given up and
    written to the errors file; the run then reports itself incomplete;
 6. **finalises**: the outputs are rendered from the journal *in input order* into part files
@@ -588,7 +588,10 @@ class _Runner:
                 isolate_head = code not in _NO_BLAME
             else:
                 status, reason = "UNKNOWN", "the stream ended without answering every item"
-            for c in left:
+            # When the failure is blamed on the first unanswered item, only that item is
+            # charged an attempt: the others waited behind it and are not at fault.
+            charged = left[:1] if isolate_head else left
+            for c in charged:
                 attempts[c.seq] += 1
                 if c.seq not in last_error or stream_error is not None:
                     last_error[c.seq] = (status, reason)
@@ -606,7 +609,7 @@ class _Runner:
                 "%s: %s on %d caption(s); retrying after backoff",
                 targets.names[i], status, len(again),
             )
-            await asyncio.sleep(self._backoff(max(attempts[c.seq] for c in again)))
+            await asyncio.sleep(self._backoff(max(1, *(attempts[c.seq] for c in again))))
             if isolate_head and len(again) > 1 and again[0] is left[0]:
                 todo.append(again[:1])  # the one the server was working on, alone
                 todo.append(again[1:])

@@ -55,6 +55,9 @@ __all__ = [
 
 STDIN = "-"
 
+# Longest CSV field accepted (characters). Far above any caption the service would take; a field
+# this long is almost always an unterminated quote that swallowed the rest of the file.
+_CSV_FIELD_LIMIT = 256 * 1024 * 1024
 # Shown in error messages; the full list is in the errors file / the exception's ``bad``.
 _MAX_SHOWN = 20
 
@@ -331,6 +334,10 @@ class Corpus:
 
     # -- per-format parsers; they yield records with seq=-1, numbered by _records -------------
     def _csv(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        # The csv module refuses fields over 128 KiB by default, a limit a 1 MB caption meets.
+        # The limit is process-wide (there is no per-reader setting); it is only ever raised.
+        if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+            csv.field_size_limit(_CSV_FIELD_LIMIT)
         reader = csv.reader(lines, strict=True)
         header_done = False
         while True:

@@ -23,9 +23,9 @@
    (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED), the item the server was working on
    — responses come back in request order, so it is the first unanswered one — is charged the
    attempt and retried on its own, so one pathological caption (one that always exceeds the
-   deadline, say) cannot hold its batch-mates hostage. Items the service rejects individually (INVALID_ARGUMENT,
-   oversize…) are not retried. After ``retries`` failed attempts an item is given up and
-   written to the errors file; the run then reports itself incomplete;
+   deadline, say) cannot hold its batch-mates hostage. Items the service rejects one by one
+   (INVALID_ARGUMENT, oversize…) are not retried. After ``retries`` failed attempts an item is
+   given up and written to the errors file; the run then reports itself incomplete;
 6. **finalises**: the outputs are rendered from the journal *in input order* into part files
    and moved into place, so an interrupted-and-resumed run writes the same bytes as an
    uninterrupted one; then the errors file, the optional report and the run manifest

@@ -258,3 +258,29 @@ def test_client_rejects_incomplete_tls_options(tmp_path: Path) -> None:
         ConceptClient("localhost:1", client_cert=tmp_path / "c.pem")
     with pytest.raises(ClientError, match="cannot read"):
         ConceptClient("localhost:1", ca_cert=tmp_path / "missing.pem")
+
+
+def test_client_unsendable_text_is_refused_per_item(index_a: Path) -> None:
+    """A lone surrogate has no UTF-8 form: protobuf cannot send it. The unary call raises a
+    ClientError naming the item; a stream answers that item locally, in order, and goes on."""
+    with running_server(settings_for(index_a)) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            with pytest.raises(ClientError, match=r"item 's'.*lone surrogate.*position 6"):
+                c.annotate("Chest \ud800 CT", id="s")
+            items = [("a", "Chest"), ("b", "x\udfffy"), ("c", "CT"), ("d\ud800", "lung")]
+            results = list(c.annotate_stream(items))
+            assert [r.id for r in results] == ["a", "b", "c", "d\ud800"]
+            assert [r.ok for r in results] == [True, False, True, False]
+            assert results[1].error is not None and results[1].error.status == "INVALID_ARGUMENT"
+            assert "its id has" in results[3].error.message  # type: ignore[union-attr]
+            assert results[2].annotation is not None
+            assert results[2].annotation.concepts == ("C0040405",)
+            # Unsendable items do not take a window slot: no deadlock with window=1.
+            only_bad = list(c.annotate_stream([("x", "\ud800"), ("y", "lung")], window=1))
+            assert [(r.id, r.ok) for r in only_bad] == [("x", False), ("y", True)]
+            assert [r.ok for r in c.annotate_stream([("z", "\ud800")])] == [False]
+        # Nothing unsendable reached the server.
+        m = server.metrics
+        assert m.value("conceptsvc_captions_annotated_total", {"source": "engine"}) + m.value(
+            "conceptsvc_captions_annotated_total", {"source": "cache"}
+        ) == 3

@@ -438,22 +438,11 @@ def test_reliability_inputs_lone_surrogate_cannot_be_encoded_by_protobuf() -> No
         pb.AnnotateRequest(id="s", text="Chest \ud800 CT")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConceptClient.annotate lets protobuf's UnicodeEncodeError escape instead of raising "
-    "a ClientError that names the id and the bad position",
-)
 def test_reliability_inputs_lone_surrogate_unary_is_a_client_error(client: ConceptClient) -> None:
     with pytest.raises(ClientError, match="surrogate"):
         client.annotate("Chest \ud800 CT", id="s")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConceptClient.annotate_stream: a lone surrogate in one item kills the whole stream "
-    "with UNKNOWN 'Exception iterating requests!' and the other items are lost; it should "
-    "refuse that item (ClientError naming it, or a per-item error) and go on",
-)
 def test_reliability_inputs_lone_surrogate_in_a_stream_does_not_lose_other_items(
     client: ConceptClient,
 ) -> None:

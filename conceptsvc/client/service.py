@@ -37,6 +37,7 @@ from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client import convert
 from conceptsvc.client.types import (
     ConceptRecord,
+    ItemError,
     ReloadResult,
     SemanticCatalog,
     ServiceCallError,
@@ -62,6 +63,29 @@ def _read(value: Path | str | bytes | None) -> bytes | None:
         return Path(value).read_bytes()
     except OSError as exc:
         raise ClientError(f"cannot read {value}: {exc.strerror or exc}") from None
+
+
+def _unsendable(id_: str, text: str, exc: UnicodeEncodeError) -> str:
+    """Why an item cannot go on the wire (protobuf strings must be valid UTF-8)."""
+    where = "id" if exc.object is id_ else "text"
+    return (
+        f"item {id_!r}: its {where} has a lone surrogate ({exc.object[exc.start]!r}) at "
+        f"position {exc.start}, which UTF-8 cannot encode; the input was probably decoded with "
+        "errors='surrogateescape' or from broken UTF-16 — fix its encoding"
+    )
+
+
+def _build_request(
+    id_: str, text: str, options: pb.AnnotateOptions | None
+) -> pb.AnnotateRequest | str:
+    """The request for one item, or why it cannot be sent."""
+    try:
+        req = pb.AnnotateRequest(id=id_, text=text)
+    except UnicodeEncodeError as exc:
+        return _unsendable(id_, text, exc)
+    if options is not None:
+        req.options.CopyFrom(options)
+    return req
 
 
 class _Attempt:
@@ -184,9 +208,11 @@ class ConceptClient:
         timeout: float | None = None,
     ) -> Annotation:
         """Annotate one caption (``options`` None = the server's defaults)."""
-        req = pb.AnnotateRequest(id=id, text=text)
-        if options is not None:
-            req.options.CopyFrom(convert.options_to_pb(options))
+        req = _build_request(
+            id, text, convert.options_to_pb(options) if options is not None else None
+        )
+        if isinstance(req, str):
+            raise ClientError(req)
         resp = self._unary("Annotate", self._stub.Annotate, req, timeout=timeout)
         return convert.annotation_from_pb(resp)
 
@@ -200,7 +226,9 @@ class ConceptClient:
     ) -> Iterator[StreamResult]:
         """Annotate ``(id, text)`` pairs on one stream; results come in input order.
 
-        A bad item yields a :class:`StreamResult` with ``error`` set and the stream goes on.
+        A bad item yields a :class:`StreamResult` with ``error`` set and the stream goes on;
+        that includes items that cannot even be sent (text that is not valid Unicode), which
+        are answered here with INVALID_ARGUMENT without reaching the server.
         ``timeout`` bounds the whole stream (None = no deadline). On UNAVAILABLE the
         unanswered items are resent on a new stream (up to ``retries`` times in a row).
         Closing the returned iterator early cancels the stream.
@@ -213,35 +241,46 @@ class ConceptClient:
         source = iter(items)
         source_lock = threading.Lock()  # one request generator pulls from ``source`` at a time
         cond = threading.Condition()  # guards ``pending``
-        pending: deque[tuple[str, str]] = deque()
-
-        def request(id_: str, text: str) -> pb.AnnotateRequest:
-            req = pb.AnnotateRequest(id=id_, text=text)
-            if opts_pb is not None:
-                req.options.CopyFrom(opts_pb)
-            return req
+        # Items pulled and not yet yielded, in input order: a request that was sent (and awaits
+        # its response), or the reason an item could not be sent (answered locally, in order).
+        pending: deque[tuple[str, pb.AnnotateRequest | str]] = deque()
+        in_flight = [0]  # sent and unanswered; what ``window`` bounds
 
         def requests(attempt: _Attempt) -> Iterator[pb.AnnotateRequest]:
             with source_lock:
-                replay = list(pending)  # after any pull of a failed attempt has landed
-            for id_, text in replay:
+                replay = [r for _, r in pending if not isinstance(r, str)]
+            for sent in replay:
                 if not attempt.alive:
                     return
-                yield request(id_, text)
+                yield sent
             while True:
                 with source_lock:
                     with cond:
-                        while attempt.alive and len(pending) >= window:
+                        while attempt.alive and in_flight[0] >= window:
                             cond.wait(0.1)
                     if not attempt.alive:
                         return
                     try:
-                        item = next(source)
+                        id_, text = next(source)
                     except StopIteration:
                         return
+                    req = _build_request(id_, text, opts_pb)
                     with cond:
-                        pending.append(item)
-                yield request(*item)
+                        pending.append((id_, req))
+                        if not isinstance(req, str):
+                            in_flight[0] += 1
+                if not isinstance(req, str):
+                    yield req
+
+        def local_failures() -> Iterator[StreamResult]:
+            """Unsendable items at the head of ``pending``, answered in their place."""
+            while True:
+                with cond:
+                    if not pending or not isinstance(pending[0][1], str):
+                        return
+                    id_, reason = pending.popleft()
+                    cond.notify_all()
+                yield StreamResult(id_, None, ItemError("INVALID_ARGUMENT", str(reason)))
 
         failures = 0
         while True:
@@ -250,6 +289,7 @@ class ConceptClient:
             call = self._stub.AnnotateStream(requests(attempt), timeout=remaining, metadata=md)
             try:
                 for resp in call:
+                    yield from local_failures()
                     with cond:
                         if not pending or pending[0][0] != resp.id:
                             raise ClientError(
@@ -257,6 +297,7 @@ class ConceptClient:
                                 f"(expected {pending[0][0] if pending else None!r})"
                             )
                         pending.popleft()
+                        in_flight[0] -= 1
                         cond.notify_all()
                     failures = 0
                     yield convert.stream_result_from_pb(resp)
@@ -277,6 +318,7 @@ class ConceptClient:
                 attempt.alive = False
                 call.cancel()
                 raise
+            yield from local_failures()
             if pending:
                 raise ClientError(
                     f"AnnotateStream ended with {len(pending)} items unanswered; "

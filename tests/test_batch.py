@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -170,6 +171,9 @@ def test_batch_all_output_formats_match_the_engine(
     assert manifest["complete"] is True and manifest["options"]["profile"] == "rocov2"
     assert manifest["input"]["format"] == "csv" and len(manifest["input"]["sha256"]) == 64
     assert manifest["service"]["index_content_hash"] == demo_extractor.index.content_hash
+    assert manifest["service"]["index_manifest_sha256"] == hashlib.sha256(
+        json.dumps(demo_extractor.index.manifest, sort_keys=True).encode()
+    ).hexdigest()
     assert manifest["service"]["service_version"]
     assert manifest["counts"]["annotated"] == 120
     assert [o["format"] for o in manifest["outputs"]] == ["jsonl", "csv", "submission", "roco"]

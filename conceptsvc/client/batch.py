@@ -831,6 +831,9 @@ def _finish(
             "service_version": info.service_version,
             "api_version": info.api_version,
             "index_content_hash": info.index.content_hash,
+            "index_manifest_sha256": hashlib.sha256(
+                json.dumps(info.index.manifest, sort_keys=True).encode()
+            ).hexdigest(),
             "index_source_release": info.index.source_release,
             "index_concepts": info.index.concepts,
         },

@@ -159,7 +159,12 @@ class Settings(BaseSettings):
         le=64,
         description="server processes sharing the port (default: number of cores)",
     )
-    threads: int = Field(default=16, ge=1, le=1024, description="RPC threads per worker process")
+    threads: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="RPC threads per worker; an open stream holds one for its whole life",
+    )
     max_concurrent_rpcs: int = Field(
         default=256, ge=1, description="RPCs in progress per worker before RESOURCE_EXHAUSTED"
     )

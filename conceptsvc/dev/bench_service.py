@@ -370,7 +370,8 @@ def to_markdown(s: dict[str, Any], command: str) -> str:
         target = "meets" if s["speedup_cold_vs_quickumls"] >= 5 else "misses"
         lines += ["", f"Cold-cache service vs QuickUMLS in-process: "
                   f"**{s['speedup_cold_vs_quickumls']}×** ({target} the ≥ 5× target)."]
-    lines += ["", "| unary Annotate, caches off | p50 ms | p99 ms | requests/s |",
+    lines += ["", "| unary Annotate, caches off (clients: threads of the benchmark process, one "
+              "connection each) | p50 ms | p99 ms | requests/s |",
               "| --- | ---: | ---: | ---: |"]
     for key, label in (("unary_1_client", "1 client"), ("unary_16_clients", "16 clients")):
         r = s.get(key)

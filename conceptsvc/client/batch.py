@@ -220,6 +220,10 @@ class BatchSettings:
             raise ClientError("; ".join(problems) + ".")
 
 
+# RunCounts fields that describe this invocation rather than the result (manifest "timing").
+_HISTORY_COUNTS = ("resumed", "retried_batches")
+
+
 @dataclass(frozen=True)
 class RunCounts:
     records: int  # records in the input, good and bad
@@ -749,12 +753,12 @@ def annotate_corpus(
         asyncio.run(runner.run())
     except _AlreadyComplete:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
-        c = m["counts"]
         log.info("%s is already complete for this input and these options", out0)
         return RunResult(
             outputs=[s.path for s in specs], manifest=manifest_path,
             errors=errors_path if errors_path.exists() else None,
-            counts=RunCounts(**c), complete=True, already_complete=True,
+            counts=RunCounts(**{**m["counts"], "resumed": m["counts"]["annotated"]}),
+            complete=True, already_complete=True,
         )
     except BaseException:
         if runner.journal is not None:
@@ -848,10 +852,18 @@ def _finish(
         ],
         "errors_file": str(errors) if errors else None,
         "report": str(report_files.markdown) if report_files else None,
-        "counts": asdict(counts),
-        "started_at": state["first_started_at"],
-        "finished_at": finished,
-        "runs": state["runs"],
+        "counts": {k: v for k, v in asdict(counts).items() if k not in _HISTORY_COUNTS},
+        # Everything that differs between an interrupted-and-resumed run and an uninterrupted
+        # one is in here; the rest of the manifest is the same for both.
+        "timing": {
+            "started_at": state["first_started_at"],
+            "finished_at": finished,
+            "invocations": [
+                *state["runs"][:-1],
+                {**state["runs"][-1], "finished_at": finished,
+                 "retried_batches": runner.retried_batches},
+            ],
+        },
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     if complete:

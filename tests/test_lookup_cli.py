@@ -99,6 +99,9 @@ def test_lookup_cli_options(
         assert cuis("--semantic-groups", "DISO") == ["C0032227", "C0032326"]
         assert cuis("--semantic-types", "Body Location or Region") == ["C0817096"]
         assert cuis("--semantic-types", "T047,T060") == ["C1306645", "C0032227", "C0032326"]
+        # a type name with commas in it is one name, not three
+        assert cuis("--semantic-types", "Body Part, Organ, or Organ Component",
+                    text="MRI of the brain") == ["C0006104"]
         assert cuis("--no-include-negated") == ["C0817096", "C1306645", "C0032227"]
         assert cuis("--exclude-cuis", "C0817096", "--exclude-cuis", "C1306645") == [
             "C0032227", "C0032326"

@@ -92,6 +92,11 @@ def test_outputs_resolve_several_formats(tmp_path: Path) -> None:
     ]
     specs = resolve_outputs(tmp_path / "run.csv", ["csv", f"jsonl={tmp_path / 'x' / 'full.json'}"])
     assert specs[1] == OutputSpec(OutputFormat.JSONL, tmp_path / "x" / "full.json")
+    # --out is never left unused: with only FORMAT=PATH items it gets its suffix's format
+    assert resolve_outputs(tmp_path / "run.jsonl", [f"csv={tmp_path / 'c.csv'}"]) == [
+        OutputSpec(OutputFormat.JSONL, tmp_path / "run.jsonl"),
+        OutputSpec(OutputFormat.CSV, tmp_path / "c.csv"),
+    ]
 
 
 def test_outputs_resolve_rejects_bad_requests(tmp_path: Path) -> None:

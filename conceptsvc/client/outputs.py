@@ -100,8 +100,8 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
     Each format item is ``FORMAT`` or ``FORMAT=PATH`` (comma-separated lists are accepted).
     The first format without an explicit path is written to ``out`` itself; further ones to
     ``out``'s stem plus the format's suffix (``.csv``, ``.submission.tsv``, ``.roco.tsv``,
-    ``.jsonl``). Without ``--format`` the format follows ``out``'s suffix (``.csv`` → csv,
-    otherwise jsonl).
+    ``.jsonl``). Without ``--format`` — or with only ``FORMAT=PATH`` items — ``out`` gets the
+    format its suffix names (``.csv`` → csv, otherwise jsonl).
     """
     out_path = Path(out)
     items = [item for f in formats for item in f.split(",") if item.strip()]
@@ -121,6 +121,10 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
         else:
             path = _stem(out_path).with_name(_stem(out_path).name + _SUFFIX[fmt])
         specs.append(OutputSpec(fmt, path))
+    if not primary_taken:
+        # Only FORMAT=PATH items: ``out`` still gets its own file (never silently unused).
+        specs.insert(0, OutputSpec(_BY_SUFFIX.get(out_path.suffix.lower(), OutputFormat.JSONL),
+                                   out_path))
     seen: dict[Path, OutputSpec] = {}
     for spec in specs:
         key = spec.path.resolve()

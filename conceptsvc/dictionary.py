@@ -196,6 +196,9 @@ class UmlsSource:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
 
 @dataclass(frozen=True)
 class JsonlSource:
@@ -204,6 +207,9 @@ class JsonlSource:
     path: Path
     sab: str = "SCISPACY"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
 
 @dataclass(frozen=True)
 class TableSource:
@@ -211,6 +217,9 @@ class TableSource:
 
     path: Path
     sab: str = "LOCAL"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
 
 
 DictionarySource = UmlsSource | JsonlSource | TableSource
@@ -417,28 +426,68 @@ def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
     f = b.filters
     langs = frozenset(f.languages)
     drop_sup = frozenset(f.drop_suppress)
-    report = b.report
+    include_sabs = frozenset(f.sabs)
+    exclude_sabs = frozenset(f.exclude_sabs)
+    exclude_ttys = frozenset(f.exclude_ttys)
+    min_length = f.min_length
+    blocked, types, unknown_ok = b.blocked, b.types, b.unknown_passes
+    add = b.builder.add_term
+    pref = b.pref
+    pref_get = pref.get
+    rank_get = ranks.get
+    abbrev_ttys = ABBREVIATION_TTYS
+    # One loop for up to 16 M rows: filters inline, counters in locals (see common_filters
+    # for the same rules as the other inputs apply them).
+    n_lang = n_sup = n_inc = n_exc = n_tty = n_sem = n_len = n_empty = n_kept = 0
     for row in iter_mrconso(meta, on_error=b.on_error, stats=b.stats, progress=b.progress):
         cui, lat, ts, stt, ispref, sab, tty, string, suppress = row
         if langs and lat not in langs:
-            report.drop("language")
+            n_lang += 1
             continue
         if suppress in drop_sup:
-            report.drop("suppressed")
+            n_sup += 1
             continue
-        reason = b.common_filters(cui, string, sab, tty)
-        if reason is not None:
-            report.drop(reason)
+        if include_sabs and sab not in include_sabs:
+            n_inc += 1
             continue
-        rank = ranks.get((sab, tty, suppress), 0)
+        if sab in exclude_sabs:
+            n_exc += 1
+            continue
+        if tty in exclude_ttys:
+            n_tty += 1
+            continue
+        if cui in blocked or (not unknown_ok and cui not in types):
+            n_sem += 1
+            continue
+        length = len(string.strip())
+        if length < min_length:
+            n_len += 1
+            continue
+        flags = term_flags(string, tty) if tty in abbrev_ttys or length <= _ABBREV_MAX else 0
+        if not add(cui, string, sab=sab, tty=tty, flags=flags):
+            n_empty += 1
+            continue
+        n_kept += 1
         score = (
             _SCORE_UMLS
-            | rank << 3
+            | rank_get((sab, tty, suppress), 0) << 3
             | (ts == "P") << 2
             | (stt == "PF") << 1
             | (ispref == "Y")
         )
-        b.keep(cui, string, sab, tty, score)
+        cur = pref_get(cui)
+        if cur is None or score > cur[0]:
+            pref[cui] = (score, string)
+    report = b.report
+    report.atoms_kept += n_kept
+    for reason, n in (
+        ("language", n_lang), ("suppressed", n_sup), ("source not included", n_inc),
+        ("source excluded", n_exc), ("term type excluded", n_tty),
+        ("semantic type filter", n_sem), ("shorter than min_length", n_len),
+        ("normalises to nothing", n_empty),
+    ):
+        if n:
+            report.drop(reason, n)
     return release
 
 

@@ -715,15 +715,33 @@ class IndexBuilder:
         self._sty[cid] = sid
 
     def add_term(self, cui: str, string: str, *, sab: str, tty: str, flags: int = 0) -> bool:
-        """Add one dictionary string; returns False if it normalises to nothing."""
-        sid = self._string(string)
-        kid = self._key_of(sid, string)
+        """Add one dictionary string; returns False if it normalises to nothing.
+
+        Called once per atom (16 M times for a full UMLS), so the common case — string, key,
+        concept, source and term type all seen before — is a handful of dict lookups and
+        array appends with no further calls.
+        """
+        sid = self._strings.get(string)
+        if sid is None:
+            sid = self._string(string)
+        kid = self._str_key[sid]
+        if kid == _KEY_UNKNOWN:
+            kid = self._key_of(sid, string)
         if kid < 0:
             return False
-        self._p_cid.append(self._cui(cui))
+        cid = self._cui_ids.get(cui)
+        if cid is None:
+            cid = self._cui(cui)
+        sab_id = self._sab_ids.get(sab)
+        if sab_id is None:
+            sab_id = self._intern(self._sab_ids, sab, "source")
+        tty_id = self._tty_ids.get(tty)
+        if tty_id is None:
+            tty_id = self._intern(self._tty_ids, tty, "term type")
+        self._p_cid.append(cid)
         self._p_sid.append(sid)
-        self._p_sab.append(self._intern(self._sab_ids, sab, "source"))
-        self._p_tty.append(self._intern(self._tty_ids, tty, "term type"))
+        self._p_sab.append(sab_id)
+        self._p_tty.append(tty_id)
         self._p_flags.append(flags & 0xFF)
         return True
 

@@ -268,9 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if i == 0 and not args.no_quickumls:
             quick = _bench_quickumls(rows, args.out)
             print(f"[quickumls] {json.dumps(quick)}", flush=True)
-    (args.out / "bench_index.json").write_text(
-        json.dumps({"results": results, "quickumls": quick}, indent=2) + "\n"
-    )
+    # Merge with earlier runs (the 16M size is usually run on its own, once).
+    store = args.out / "bench_index.json"
+    if store.is_file():
+        previous = json.loads(store.read_text())
+        done = {r["rows"] for r in results}
+        results = sorted([*(r for r in previous.get("results", []) if r["rows"] not in done),
+                          *results], key=lambda r: r["rows"])
+        if quick is None:
+            quick = previous.get("quickumls")
+    store.write_text(json.dumps({"results": results, "quickumls": quick}, indent=2) + "\n")
     md = _markdown(results, quick, args_list)
     (args.out / "bench_index.md").write_text(md)
     print(md)

@@ -386,6 +386,9 @@ class Supervisor:
         self._log_level = logging.getLogger().getEffectiveLevel()
 
     def _spawn(self, i: int, payload: str, port: int) -> None:
+        old = self._conns.pop(i, None)
+        if old is not None:
+            old.close()
         parent_conn, child_conn = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_worker_main,
@@ -405,13 +408,18 @@ class Supervisor:
 
     def _read_events(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         by_conn = {c: i for i, c in self._conns.items()}
+        if not by_conn:
+            time.sleep(timeout)  # wait() on nothing would return at once: no busy loop
+            return []
         events = []
-        for conn in multiprocessing.connection.wait(list(by_conn), timeout=timeout):
-            i = by_conn[conn]
+        for ready in multiprocessing.connection.wait(list(by_conn), timeout=timeout):
+            i = by_conn[ready]
+            conn = self._conns[i]
             try:
-                events.append((i, json.loads(conn.recv_bytes())))  # type: ignore[union-attr]
+                events.append((i, json.loads(conn.recv_bytes())))
             except (EOFError, OSError):
                 self._conns.pop(i, None)
+                conn.close()
         return events
 
     def run(self) -> int:

@@ -153,7 +153,12 @@ def _import_quickumls() -> dict[str, ModuleType]:
 
 @dataclass(frozen=True)
 class QuickUMLSBuildReport:
-    """What a build did; ``seconds_quickumls`` is the part spent in QuickUMLS's own writer."""
+    """What a build did.
+
+    ``seconds`` is the whole build; ``seconds_quickumls`` the pass of the MRCONSO rows through
+    QuickUMLS's writer (reading the rows and writing both databases, which interleave), without
+    reading MRSTY and writing conceptsvc's sidecar file.
+    """
 
     out: Path
     rows_read: int
@@ -289,7 +294,7 @@ def build_quickumls_index(
             str(tmp / "cui-semtypes.db"),
             database_backend=database_backend,
         )
-        seconds_quickumls = time.perf_counter() - tq  # includes reading the RRF rows
+        seconds_quickumls = time.perf_counter() - tq
         terms = sum(len(t) for t in sources.values())
         strings = len({k for t in sources.values() for k in t})
         sidecar = {

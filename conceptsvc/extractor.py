@@ -277,37 +277,44 @@ class Extractor:
                 text, norms, starts, ends, covered, o.similarity, o.threshold
             )
         cands = self._filter(plan, matches)
-        if "(" in text:
+        if "(" in text and cands:
             cands = self._apply_definitions(plan, text, norms, starts, ends, cands)
-        cands = self._disambiguate(plan, norms, cands)
-        if o.overlap != "all" and len(cands) > 1:
-            cands = _resolve_overlaps(cands, o.overlap)
+        if len(cands) > 1:
+            cands = self._disambiguate(plan, norms, cands)
+            if o.overlap != "all" and len(cands) > 1:
+                cands = _resolve_overlaps(cands, o.overlap)
+        if not cands and plan.profile.is_identity:
+            return Annotation(id=id, mentions=(), concepts=())
         negated: list[bool] | None = None
         if cands:
             negated = self._negation.negated_tokens(text, norms, starts, ends)
-        records: list[tuple[_Cand, bool]] = []
+        # (start_tok, end_tok, cui, candidate, negated): plain tuples sort without a key
+        records: list[tuple[int, int, str, _Cand, bool]] = []
         for c in cands:
-            neg = negated is not None and any(negated[c.start_tok : c.end_tok])
-            if neg and not o.include_negated:
-                continue
-            records.append((c, neg))
-        records.sort(key=lambda r: (r[0].start_tok, r[0].end_tok, r[0].cui))
-        mentioned = list(dict.fromkeys(c.cui for c, _ in records))
+            neg = False
+            if negated is not None:
+                neg = True in negated[c.start_tok : c.end_tok]
+                if neg and not o.include_negated:
+                    continue
+            records.append((c.start_tok, c.end_tok, c.cui, c, neg))
+        records.sort()
+        mentioned = list(dict.fromkeys([r[2] for r in records]))
         inferred: tuple[str, ...] = ()
         if not plan.profile.is_identity:
             res = plan.profile.apply(mentioned, text, norms, starts, ends)
-            records = [r for r in records if r[0].cui in res.kept]
-            mentioned = [c for c in mentioned if c in res.kept]
+            kept = res.kept
+            if len(kept) != len(mentioned) or not kept.issuperset(mentioned):
+                records = [r for r in records if r[2] in kept]
+                mentioned = [c for c in mentioned if c in kept]
             inferred = res.inferred
         mentions: tuple[Mention, ...] = ()
-        if o.include_mentions:
+        if o.include_mentions and records:
             out = []
-            for c, neg in records:
-                s, e = starts[c.start_tok], ends[c.end_tok - 1]
-                name, types = self.concept_info(c.cui)
-                out.append(
-                    Mention(c.cui, name, text[s:e], s, e, c.score, types, c.posting.sab, neg)
-                )
+            info = self._info
+            for i, j, cui, c, neg in records:
+                s, e = starts[i], ends[j - 1]
+                ci = info.get(cui) or self.concept_info(cui)
+                out.append(Mention(cui, ci[0], text[s:e], s, e, c.score, ci[1], c.posting.sab, neg))
             mentions = tuple(out)
         return Annotation(id=id, mentions=mentions, concepts=(*mentioned, *inferred))
 
@@ -397,11 +404,16 @@ class Extractor:
         """Resolve spans that carry several concepts (see conceptsvc.abbreviations)."""
         if len(cands) < 2:
             return cands
+        prev = cands[0]
+        for c in cands[1:]:
+            if c.start_tok == prev.start_tok and c.end_tok == prev.end_tok:
+                break  # candidates are in span order: a repeat is adjacent
+            prev = c
+        else:
+            return cands
         by_span: dict[tuple[int, int], list[_Cand]] = {}
         for c in cands:
             by_span.setdefault((c.start_tok, c.end_tok), []).append(c)
-        if len(by_span) == len(cands):
-            return cands
         context = frozenset(norms) - STOPWORDS
         out: list[_Cand] = []
         for (i, j), group in by_span.items():
@@ -464,9 +476,20 @@ class Extractor:
 
 def _resolve_overlaps(cands: list[_Cand], how: str) -> list[_Cand]:
     """Keep non-overlapping spans greedily; all concepts on a kept span survive."""
-    ordered = sorted({(c.start_tok, c.end_tok) for c in cands})
-    if all(ordered[k][1] <= ordered[k + 1][0] for k in range(len(ordered) - 1)):
-        return cands  # the common case: nothing overlaps
+    # The common case is no overlap at all. A candidate that starts before the furthest end
+    # seen so far (and is not on the same span as its predecessor) may overlap; that check
+    # never misses an overlap, whatever the order.
+    max_end = -1
+    prev: tuple[int, int] = (-1, -1)
+    for c in cands:
+        span = (c.start_tok, c.end_tok)
+        if c.start_tok < max_end and span != prev:
+            break
+        prev = span
+        if c.end_tok > max_end:
+            max_end = c.end_tok
+    else:
+        return cands
     spans: dict[tuple[int, int], float] = {}
     for c in cands:
         k = (c.start_tok, c.end_tok)

@@ -61,7 +61,7 @@ def crosses_break(text: str, left_end: int, right_start: int) -> bool:
     """True when the gap between two tokens holds phrase-ending punctuation."""
     if right_start - left_end == 1 and text[left_end] == " ":
         return False
-    return any(c in _BREAK_CHARS for c in text[left_end:right_start])
+    return not _BREAK_CHARS.isdisjoint(text[left_end:right_start])
 
 
 # How a posting is checked against the caption surface (see KeyEntry.checked).
@@ -220,11 +220,14 @@ class ExactMatcher:
         entries = self._entries
         get = prefixes.get
         n = len(norms)
+        breaks = _BREAK_CHARS
         for i in range(n):
             key = norms[i]
             kid = get(key)
+            if kid is None:
+                continue
             j = i + 1
-            while kid is not None:
+            while True:
                 if kid >= 0:
                     e = entries.get(kid)
                     if e is None:
@@ -235,10 +238,18 @@ class ExactMatcher:
                             out.append(Match(i, j, key, posts))
                     elif e.free:
                         out.append(Match(i, j, key, e.free, 1.0, True))
-                if j >= n or crosses_break(text, ends[j - 1], starts[j]):
+                if j >= n:
                     break
-                key = key + " " + norms[j]
-                kid = get(key)
+                longer = key + " " + norms[j]
+                kid = get(longer)
+                if kid is None:
+                    break
+                left, right = ends[j - 1], starts[j]
+                if (right - left != 1 or text[left] != " ") and not breaks.isdisjoint(
+                    text[left:right]
+                ):
+                    break  # inlined crosses_break
+                key = longer
                 j += 1
         return out
 

@@ -96,7 +96,7 @@ log = logging.getLogger(__name__)
 
 QUICKUMLS_INSTALL_HINT = (
     "install the optional extra: pip install 'conceptsvc[quickumls]' "
-    "(`make install` does this; it compiles leveldb and simstring, about a minute)"
+    "(`make install` does this; it compiles leveldb and simstring: 1-2 minutes)"
 )
 SIDECAR_NAME = "conceptsvc-quickumls.json"
 SIDECAR_FORMAT = 1

@@ -450,6 +450,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
             source_release=args.source_release,
             on_error=args.on_error,
             progress=progress,
+            workers=args.workers,
         )
     finally:
         if progress is not None:
@@ -535,6 +536,9 @@ def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument("--source-release", help="release label for the manifest (default: detected)")
     b.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="malformed rows: stop with file:line (default) or skip and count")
+    b.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes for normalising strings (default 1; 2 roughly halves the "
+                   "build time of a full UMLS on an otherwise idle 2-core machine)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     b.set_defaults(handler=_cmd_index_build)
     i = isub.add_parser("info", help="print an index's manifest and counts")

@@ -30,15 +30,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from conceptsvc.errors import DictionaryError, MalformedRowError, SemanticNetworkError
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, IndexBuilder
+from conceptsvc.normalize import normalize_term
 from conceptsvc.semantic_network import UNKNOWN_TUI, SemanticNetwork, load_semantic_network
 from conceptsvc.umls.rrf import (
     MetaDir,
@@ -309,6 +313,7 @@ class _Build:
         on_error: OnError,
         progress: Progress | None,
         report: BuildReport,
+        workers: int = 1,
     ) -> None:
         self.filters = filters
         self.on_error = on_error
@@ -323,6 +328,7 @@ class _Build:
         self.pref: dict[str, tuple[int, str]] = {}
         self.builder = IndexBuilder()
         self.blocked: set[str] = set()
+        self.pipeline = _KeyPipeline(self, workers)
 
     # -- types (pass 1) -------------------------------------------------------------------
     def add_types(self, cui: str, tuis: Iterable[str]) -> None:
@@ -373,6 +379,89 @@ class _Build:
         cur = self.pref.get(cui)
         if cur is None or score > cur[0]:
             self.pref[cui] = (score, string)
+
+
+def _normalize_all(strings: list[str]) -> list[str]:
+    """Worker-process side of :class:`_KeyPipeline`: index keys of ``strings``."""
+    return [normalize_term(s) for s in strings]
+
+
+class _KeyPipeline:
+    """Feeds kept strings to the builder in file order, normalising new strings ahead.
+
+    Normalising each distinct string (:func:`~conceptsvc.normalize.normalize_term`) is about
+    half of a full-UMLS build. With ``workers > 1`` it runs in ``workers - 1`` processes
+    while this process goes on reading and filtering: each batch's new strings are sent out
+    when the batch is read, and the batch is added to the builder one batch later, with its
+    keys primed. Rows are added in the same order either way, so the index (and its content
+    hash) is identical whatever ``workers`` is.
+    """
+
+    def __init__(self, build: _Build, workers: int, batch_size: int = 50_000) -> None:
+        self.build = build
+        self.batch_size = batch_size
+        self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
+        self._inflight: deque[tuple[list[tuple[str, str, str, str, int, int]], list[str],
+                                    list[Future[list[str]]]]] = deque()
+        self._inflight_strings: set[str] = set()
+
+    def submit(self, rows: list[tuple[str, str, str, str, int, int]]) -> None:
+        if not rows:
+            return
+        if self.workers == 1:
+            self._add(rows)
+            return
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers - 1, mp_context=multiprocessing.get_context("spawn")
+            )
+        known = self.build.builder.key_known
+        inflight = self._inflight_strings
+        new = [s for s in dict.fromkeys(r[1] for r in rows) if s not in inflight and not known(s)]
+        n = self.workers - 1
+        step = -(-len(new) // n) if new else 1
+        futures = [self._pool.submit(_normalize_all, new[i : i + step])
+                   for i in range(0, len(new), step)]
+        self._inflight.append((rows, new, futures))
+        inflight.update(new)
+        while len(self._inflight) > 1:
+            self._consume()
+
+    def drain(self) -> None:
+        while self._inflight:
+            self._consume()
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _consume(self) -> None:
+        rows, new, futures = self._inflight.popleft()
+        keys = [k for fut in futures for k in fut.result()]
+        self.build.builder.prime_keys(new, keys)
+        self._inflight_strings.difference_update(new)
+        self._add(rows)
+
+    def _add(self, rows: list[tuple[str, str, str, str, int, int]]) -> None:
+        add = self.build.builder.add_term
+        pref = self.build.pref
+        pref_get = pref.get
+        kept = empty = 0
+        for cui, string, sab, tty, flags, score in rows:
+            if not add(cui, string, sab=sab, tty=tty, flags=flags):
+                empty += 1
+                continue
+            kept += 1
+            cur = pref_get(cui)
+            if cur is None or score > cur[0]:
+                pref[cui] = (score, string)
+        report = self.build.report
+        report.atoms_kept += kept
+        if empty:
+            report.drop("normalises to nothing", empty)
 
 
 # Preferred-name scores: the input kind dominates, then MRRANK, then TS/STT/ISPREF.
@@ -431,14 +520,16 @@ def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
     exclude_ttys = frozenset(f.exclude_ttys)
     min_length = f.min_length
     blocked, types, unknown_ok = b.blocked, b.types, b.unknown_passes
-    add = b.builder.add_term
-    pref = b.pref
-    pref_get = pref.get
     rank_get = ranks.get
     abbrev_ttys = ABBREVIATION_TTYS
+    pipeline = b.pipeline
+    batch: list[tuple[str, str, str, str, int, int]] = []
+    append = batch.append
+    batch_size = pipeline.batch_size
     # One loop for up to 16 M rows: filters inline, counters in locals (see common_filters
-    # for the same rules as the other inputs apply them).
-    n_lang = n_sup = n_inc = n_exc = n_tty = n_sem = n_len = n_empty = n_kept = 0
+    # for the same rules as the other inputs apply them). Kept rows go to the pipeline in
+    # batches, in file order.
+    n_lang = n_sup = n_inc = n_exc = n_tty = n_sem = n_len = 0
     for row in iter_mrconso(meta, on_error=b.on_error, stats=b.stats, progress=b.progress):
         cui, lat, ts, stt, ispref, sab, tty, string, suppress = row
         if langs and lat not in langs:
@@ -464,10 +555,6 @@ def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
             n_len += 1
             continue
         flags = term_flags(string, tty) if tty in abbrev_ttys or length <= _ABBREV_MAX else 0
-        if not add(cui, string, sab=sab, tty=tty, flags=flags):
-            n_empty += 1
-            continue
-        n_kept += 1
         score = (
             _SCORE_UMLS
             | rank_get((sab, tty, suppress), 0) << 3
@@ -475,16 +562,18 @@ def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
             | (stt == "PF") << 1
             | (ispref == "Y")
         )
-        cur = pref_get(cui)
-        if cur is None or score > cur[0]:
-            pref[cui] = (score, string)
+        append((cui, string, sab, tty, flags, score))
+        if len(batch) >= batch_size:
+            pipeline.submit(batch)
+            batch = []
+            append = batch.append
+    pipeline.submit(batch)
+    pipeline.drain()
     report = b.report
-    report.atoms_kept += n_kept
     for reason, n in (
         ("language", n_lang), ("suppressed", n_sup), ("source not included", n_inc),
         ("source excluded", n_exc), ("term type excluded", n_tty),
         ("semantic type filter", n_sem), ("shorter than min_length", n_len),
-        ("normalises to nothing", n_empty),
     ):
         if n:
             report.drop(reason, n)
@@ -680,8 +769,12 @@ def build_dictionary_index(
     source_release: str | None = None,
     on_error: OnError = "fail",
     progress: Progress | None = None,
+    workers: int = 1,
 ) -> BuildReport:
     """Read, filter and merge ``sources`` and write the compiled index to ``out``.
+
+    ``workers`` > 1 normalises UMLS strings in ``workers - 1`` extra processes (see
+    :class:`_KeyPipeline`); the result is identical, only faster on a machine with spare cores.
 
     Raises :class:`~conceptsvc.errors.SemanticNetworkError` for an unknown semantic filter
     (before reading anything), :class:`~conceptsvc.errors.MalformedRowError` for a bad row
@@ -697,7 +790,9 @@ def build_dictionary_index(
             raise DictionaryError(f"{s.path}: no such file or directory")
     f = filters if filters is not None else DictionaryFilters()
     report = BuildReport()
-    b = _Build(f, on_error, progress, report)
+    if workers < 1:
+        raise DictionaryError(f"workers must be at least 1, not {workers}")
+    b = _Build(f, on_error, progress, report, workers)
     readers: dict[type, Callable[[Any, _Build, int], str | None]] = {
         UmlsSource: _read_umls,
         JsonlSource: _read_jsonl,
@@ -710,10 +805,13 @@ def build_dictionary_index(
     # Pass 2: strings. Row counts are those of pass 2 (pass 1 reads other tables or the same).
     b.stats = ReadStats(skipped={}, rows={})
     releases: list[str] = []
-    for s in srcs:
-        rel = readers[type(s)](s, b, 2)
-        if rel:
-            releases.append(f"UMLS {rel}")
+    try:
+        for s in srcs:
+            rel = readers[type(s)](s, b, 2)
+            if rel:
+                releases.append(f"UMLS {rel}")
+    finally:
+        b.pipeline.close()
     report.rows_read = dict(b.stats.rows)
     report.malformed_skipped = dict(b.stats.skipped)
     report.malformed_examples = list(b.stats.examples)

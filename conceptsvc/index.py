@@ -681,11 +681,26 @@ class IndexBuilder:
             self._str_key.append(_KEY_UNKNOWN)
         return i
 
-    def _key_of(self, sid: int, s: str) -> int:
+    def key_known(self, string: str) -> bool:
+        """Whether ``string``'s key is already computed (see :meth:`prime_keys`)."""
+        sid = self._strings.get(string)
+        return sid is not None and self._str_key[sid] != _KEY_UNKNOWN
+
+    def prime_keys(self, strings: Sequence[str], keys: Sequence[str]) -> None:
+        """Record keys computed elsewhere (``keys[i] == normalize_term(strings[i])``, e.g. in
+        worker processes), so that :meth:`add_term` does not normalise these strings again."""
+        for s, key in zip(strings, keys, strict=True):
+            sid = self._strings.get(s)
+            if sid is None:
+                sid = self._string(s)
+            self._key_of(sid, s, key)
+
+    def _key_of(self, sid: int, s: str, key: str | None = None) -> int:
         kid = self._str_key[sid]
         if kid != _KEY_UNKNOWN:
             return kid
-        key = normalize_term(s)
+        if key is None:
+            key = normalize_term(s)
         if not key:
             kid = _NO_KEY
         else:

@@ -311,3 +311,18 @@ def test_dictionary_source_release_given(tmp_path: Path) -> None:
     assert ConceptIndex.load(tmp_path / "ix").manifest["source_release"] == (
         "UMLS 2024AA (site subset)"
     )
+
+
+def test_dictionary_workers_give_the_identical_index(tmp_path: Path) -> None:
+    """Normalising in worker processes changes nothing in the output, byte for byte."""
+    from conceptsvc.dev.synth_umls import generate
+
+    meta = tmp_path / "META"
+    generate(meta, 4000, seed=11)
+    one = build_dictionary_index([UmlsSource(meta)], tmp_path / "one")
+    two = build_dictionary_index([UmlsSource(meta)], tmp_path / "two", workers=3)
+    assert one.to_dict() | {"seconds": 0} == two.to_dict() | {"seconds": 0}
+    a, b = ConceptIndex.load(tmp_path / "one"), ConceptIndex.load(tmp_path / "two")
+    assert a.content_hash == b.content_hash
+    with pytest.raises(DictionaryError, match="workers"):
+        build_dictionary_index([SMALL], tmp_path / "x", workers=0)

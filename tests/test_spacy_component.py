@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import spacy
+
+import conceptsvc.spacy_component  # noqa: F401  (registers the factory in this process)
+from conceptsvc.errors import ExtractionError
+
+
+def test_spacy_component_spans_and_ents(engine_index_path: Path) -> None:
+    nlp = spacy.blank("en")
+    nlp.add_pipe("conceptsvc", config={"index_path": str(engine_index_path), "overlap": "all"})
+    doc = nlp("Known lung cancer; no pleural effusion.")
+    spans = {(s.text, s._.cui) for s in doc.spans["conceptsvc"]}
+    assert spans == {
+        ("lung cancer", "C0242379"),
+        ("lung", "C0024109"),
+        ("pleural effusion", "C0032227"),
+    }
+    effusion = next(s for s in doc.spans["conceptsvc"] if s._.cui == "C0032227")
+    assert effusion._.negated is True
+    assert effusion._.score == 1.0
+    assert effusion._.semantic_types == ("T047", "T033")
+    assert effusion._.preferred_name == "Pleural effusion disorder"
+    assert effusion.label_ == "C0032227" and effusion.kb_id_ == "C0032227"
+    # ents cannot overlap: the longer "lung cancer" wins over "lung"
+    assert [(e.text, e.label_) for e in doc.ents] == [
+        ("lung cancer", "C0242379"),
+        ("pleural effusion", "C0032227"),
+    ]
+    assert set(doc._.conceptsvc_concepts) == {"C0242379", "C0024109", "C0032227"}
+
+
+def test_spacy_component_offsets_expand_to_tokens(engine_index_path: Path) -> None:
+    nlp = spacy.blank("en")
+    nlp.add_pipe("conceptsvc", config={"index_path": str(engine_index_path)})
+    doc = nlp("CT-scan of the thorax.")
+    assert [(s.text, s._.cui) for s in doc.spans["conceptsvc"]] == [
+        ("CT-scan", "C0040405"),
+        ("thorax", "C0817096"),
+    ]
+
+
+def test_spacy_component_profile_and_filters(engine_index_path: Path) -> None:
+    nlp = spacy.blank("en")
+    nlp.add_pipe(
+        "conceptsvc",
+        config={"index_path": str(engine_index_path), "semantic_groups": ["ANAT"]},
+    )
+    doc = nlp("CT of the chest: lung cancer.")
+    assert {s._.cui for s in doc.spans["conceptsvc"]} == {"C0817096", "C0024109"}
+
+
+def test_spacy_component_rejects_bad_options_at_build(engine_index_path: Path) -> None:
+    nlp = spacy.blank("en")
+    with pytest.raises(ExtractionError):
+        nlp.add_pipe("conceptsvc", config={"index_path": str(engine_index_path), "mode": "fuzzy"})
+
+
+def test_spacy_component_entry_point(engine_index_path: Path) -> None:
+    """A fresh interpreter that never imports conceptsvc finds the factory through the
+    spacy_factories entry point (spaCy imports the module for us)."""
+    code = (
+        "import spacy\n"
+        "nlp = spacy.blank('en')\n"
+        f"nlp.add_pipe('conceptsvc', config={{'index_path': {str(engine_index_path)!r}}})\n"
+        "doc = nlp('MRI of the abdomen')\n"
+        "print([s._.cui for s in doc.spans['conceptsvc']])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "['C0024485', 'C0000726']"

@@ -587,6 +587,21 @@ def test_batch_oversized_caption_goes_to_the_errors_file(
         assert "over the service's limit of 200" in err["reason"]
     finally:
         server.stop(0)
+    # the message-size limit is checked the same way (a 70,000-character caption in 64 KiB)
+    server = start_server(demo_extractor, max_message_bytes=65536)
+    try:
+        rows = [("ok", "Chest X-ray"), ("big", "lung " * 14_000)]
+        src = write_csv(tmp_path / "in2.csv", rows)
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(tmp_path / "run2.csv"),
+            settings(f"127.0.0.1:{server.port}"),
+        )
+        assert not result.complete and result.counts.annotated == 1
+        errors_file = tmp_path / "run2.csv.errors.jsonl"
+        (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
+        assert err["id"] == "big" and "message limit of 65536; not sent" in err["reason"]
+    finally:
+        server.stop(0)
 
 
 def test_batch_refuses_to_mix_indexes(tmp_path: Path, demo_server: str) -> None:

@@ -487,15 +487,21 @@ class _Runner:
                         ))
                         progress.update(0, errors=1)
                         continue
-                    size = pb.AnnotateRequest(id=cap.id, text=cap.text, options=options_pb)
-                    if limits.max_message_bytes and size.ByteSize() > limits.max_message_bytes:
-                        self.failures.append(_Failure(
-                            cap, "RESOURCE_EXHAUSTED",
-                            f"the request would be {size.ByteSize()} bytes, over the service's "
-                            f"message limit of {limits.max_message_bytes}; not sent", 0,
-                        ))
-                        progress.update(0, errors=1)
-                        continue
+                    # 4 bytes per code point bounds the UTF-8 size; only near the limit is
+                    # the exact message size worth computing.
+                    max_bytes = limits.max_message_bytes
+                    if max_bytes and 4 * (len(cap.text) + len(cap.id)) + 4096 > max_bytes:
+                        size = pb.AnnotateRequest(
+                            id=cap.id, text=cap.text, options=options_pb
+                        ).ByteSize()
+                        if size > max_bytes:
+                            self.failures.append(_Failure(
+                                cap, "RESOURCE_EXHAUSTED",
+                                f"the request would be {size} bytes, over the service's message "
+                                f"limit of {max_bytes}; not sent", 0,
+                            ))
+                            progress.update(0, errors=1)
+                            continue
                     batch.append(cap)
                     if len(batch) >= self.s.batch_size:
                         await queue.put(batch)
@@ -539,7 +545,6 @@ class _Runner:
             pending: dict[str, Caption] = {c.id: c for c in part}
             i = targets.pick()
             ok: list[tuple[int, dict[str, Any]]] = []
-            n_ok = 0
             try:
                 call = targets.stub(i).AnnotateStream(
                     iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
@@ -555,7 +560,6 @@ class _Runner:
                         ok.append((cap.seq, annotation_to_json(res.annotation)))
                         if len(ok) >= _JOURNAL_CHUNK:
                             journal.append(ok)
-                            n_ok += len(ok)
                             progress.update(len(ok))
                             ok = []
                     elif res.error is not None and res.error.status in _RETRYABLE_ITEM:

@@ -653,6 +653,31 @@ def test_batch_token_is_sent_and_required(tmp_path: Path, demo_extractor: Extrac
         server.stop(0)
 
 
+def test_batch_mutual_tls(tmp_path: Path, demo_extractor: Extractor) -> None:
+    from service_helpers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server = start_server(
+        demo_extractor, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    try:
+        src = write_csv(tmp_path / "in.csv", demo_rows()[:8])
+        target = f"localhost:{server.port}"
+        tls = ["--ca-cert", str(pki.ca), "--client-cert", str(pki.client_cert),
+               "--client-key", str(pki.client_key)]
+        proc = cli("annotate", str(src), "--out", str(tmp_path / "a.csv"), "--target", target,
+                   *tls, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        assert len(read_concepts(tmp_path / "a.csv")) == 8
+        # without a client certificate the handshake fails: a clear error, nothing written
+        proc = cli("annotate", str(src), "--out", str(tmp_path / "b.csv"), "--target", target,
+                   "--ca-cert", str(pki.ca), "--retries", "0")
+        assert proc.returncode == 2 and "no target answered GetInfo" in proc.stderr
+        assert not (tmp_path / "b.csv").exists()
+    finally:
+        server.stop(0)
+
+
 def test_batch_report_numbers_on_a_known_corpus(tmp_path: Path) -> None:
     b = IndexBuilder(source_release="report-test")
     b.set_concept("C0000001", preferred_name="Pneumonia", semantic_types=["T047"])

@@ -318,9 +318,9 @@ def test_dictionary_workers_give_the_identical_index(tmp_path: Path) -> None:
     from conceptsvc.dev.synth_umls import generate
 
     meta = tmp_path / "META"
-    generate(meta, 4000, seed=11)
+    generate(meta, 1500, seed=11)
     one = build_dictionary_index([UmlsSource(meta)], tmp_path / "one")
-    two = build_dictionary_index([UmlsSource(meta)], tmp_path / "two", workers=3)
+    two = build_dictionary_index([UmlsSource(meta)], tmp_path / "two", workers=2)
     assert one.to_dict() | {"seconds": 0} == two.to_dict() | {"seconds": 0}
     a, b = ConceptIndex.load(tmp_path / "one"), ConceptIndex.load(tmp_path / "two")
     assert a.content_hash == b.content_hash

@@ -224,7 +224,7 @@ _terms = st.lists(
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(terms=_terms, materialize=st.booleans())
 def test_index_roundtrip_is_identity(

@@ -129,10 +129,10 @@ def _probe(index_dir: Path) -> dict[str, Any]:
     }
 
 
-def _bench_size(rows: int, out: Path, py: str) -> dict[str, Any]:
+def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
     label = _label(rows)
     meta = out / f"synth-{label}" / "META"
-    result: dict[str, Any] = {"rows": rows, "label": label}
+    result: dict[str, Any] = {"rows": rows, "label": label, "workers": workers}
     if not (meta / "MRFILES.RRF").is_file():
         print(f"[{label}] generating synthetic RRF in {meta}", flush=True)
         gen = _run_measured(
@@ -145,7 +145,7 @@ def _bench_size(rows: int, out: Path, py: str) -> dict[str, Any]:
     print(f"[{label}] building the index", flush=True)
     result["build"] = _run_measured(
         [py, "-m", "conceptsvc.cli", "index", "build", "--umls", str(meta),
-         "--out", str(index_dir)],
+         "--out", str(index_dir), "--workers", str(workers)],
         log_path=out / f"build-{label}.log",
     )
     manifest = json.loads((index_dir / "manifest.json").read_text())
@@ -204,14 +204,15 @@ def _markdown(results: list[dict[str, Any]], quick: dict[str, Any] | None, argv:
         "Build = `conceptsvc index build` as a subprocess; peak RSS of that process (wait4). "
         "Load = `ConceptIndex.load` in a fresh process, files in the page cache.",
         "",
-        "| rows | build wall | build CPU | build peak RSS | concepts | keys | postings | "
-        "index on disk | load (verify) | load (no verify) | RSS after load | key lookup hit/miss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rows | workers | build wall | build CPU | build peak RSS | concepts | keys | postings "
+        "| index on disk | load (verify) | load (no verify) | RSS after load "
+        "| key lookup hit/miss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         b, c, ld = r["build"], r["counts"], r["load"]
         lines.append(
-            f"| {r['label']} | {b['wall_s']:.0f} s | {b['cpu_s']:.0f} s | "
+            f"| {r['label']} | {r.get('workers', 1)} | {b['wall_s']:.0f} s | {b['cpu_s']:.0f} s | "
             f"{b['peak_rss_mb'] / 1024:.1f} GB | {c['concepts']:,} | {c['keys']:,} | "
             f"{c['postings']:,} | {r['index_bytes'] / 2**20:,.0f} MB | {ld['load_s']:.2f} s | "
             f"{ld['load_noverify_s']:.3f} s | {ld['rss_after_load_mb']} MB | "
@@ -253,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", default="1M,4M,16M", help="MRCONSO row counts (default 1M,4M,16M)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-out", help="work directory")
     p.add_argument("--no-quickumls", action="store_true", help="skip the QuickUMLS build")
+    p.add_argument("--workers", type=int, default=2,
+                   help="`index build --workers` (default 2: both cores of the target machine)")
     p.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # internal: load-probe child
     args = p.parse_args(args_list)
     if args.probe is not None:
@@ -264,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     quick: dict[str, Any] | None = None
     for i, rows in enumerate(sizes):
-        results.append(_bench_size(rows, args.out, py))
+        results.append(_bench_size(rows, args.out, py, args.workers))
         if i == 0 and not args.no_quickumls:
             quick = _bench_quickumls(rows, args.out)
             print(f"[quickumls] {json.dumps(quick)}", flush=True)

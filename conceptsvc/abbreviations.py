@@ -134,7 +134,7 @@ def find_definitions(text: str) -> list[Definition]:
                     left + len(before),
                 )
             )
-        elif len(inner_s.split()) > 2:
+        elif len(inner_s) > _MAX_SHORT_LEN or len(inner_s.split()) > 2:
             # reverse pattern: "SF (long form)"
             words = before.split()
             if not words:

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conceptsvc.abbreviations import AmbiguityResolver, find_definitions
+from conceptsvc.index import ConceptIndex
+
+
+def defs(text: str) -> list[tuple[str, str]]:
+    return [(text[d.short_start : d.short_end], text[d.long_start : d.long_end]) for d in
+            find_definitions(text)]
+
+
+def test_abbreviations_schwartz_hearst_basic() -> None:
+    assert defs("Contrast-enhanced computed tomography (CT) of the chest.") == [
+        ("CT", "computed tomography")
+    ]
+    assert defs("Axial fluid-attenuated inversion recovery (FLAIR) image") == [
+        ("FLAIR", "fluid-attenuated inversion recovery")
+    ]
+    assert defs("magnetic resonance imaging (MRI) and more") == [
+        ("MRI", "magnetic resonance imaging")
+    ]
+
+
+def test_abbreviations_first_letter_starts_a_word() -> None:
+    # the C of "CT" must start a word: "contrast" cannot be skipped into
+    assert defs("right coronary artery (RCA) stenosis") == [("RCA", "right coronary artery")]
+
+
+def test_abbreviations_reverse_pattern() -> None:
+    assert defs("an MPR (multiplanar reconstruction) image") == [
+        ("MPR", "multiplanar reconstruction")
+    ]
+
+
+def test_abbreviations_rejects_non_definitions() -> None:
+    assert defs("Mass in the liver (arrow).") == []
+    assert defs("Chest X-ray (A) and CT (B).") == []
+    assert defs("Lesion (red arrows) and (2)") == []
+    assert defs("unclosed (CT") == []
+
+
+def test_abbreviations_offsets_and_semicolons() -> None:
+    text = "pulmonary embolism (PE; arrow)"
+    (d,) = find_definitions(text)
+    assert text[d.short_start : d.short_end] == "PE"
+    assert text[d.long_start : d.long_end] == "pulmonary embolism"
+
+
+@given(st.text(alphabet="abcdeCTMRI ()-;,.", max_size=80))
+def test_abbreviations_offsets_property(text: str) -> None:
+    for d in find_definitions(text):
+        assert text[d.short_start : d.short_end] == d.short
+        assert 0 <= d.long_start < d.long_end <= len(text)
+        assert d.long_end <= d.short_start or d.short_end <= d.long_start
+
+
+@pytest.fixture(scope="module")
+def index(engine_index_path: Path) -> ConceptIndex:
+    return ConceptIndex.load(engine_index_path)
+
+
+def test_abbreviations_resolver_order(index: ConceptIndex) -> None:
+    types = {"C0026269": ("T047",), "C0026769": ("T047",), "C0040405": ("T060",),
+             "C0008149": ("T007",)}
+    r = AmbiguityResolver(index, type_preference=("T060", "T047", "T007"),
+                          priors={"C0026769": 0.5})
+    empty: frozenset[str] = frozenset()
+    # 1. definition beats everything
+    assert r.choose(["C0040405", "C0008149"], types, context=empty, own_tokens=empty,
+                    defined=frozenset({"C0008149"})) == ["C0008149"]
+    # 2. context beats type preference and priors
+    ctx = frozenset({"mitral", "annulus"})
+    assert r.choose(["C0026269", "C0026769"], types, context=ctx,
+                    own_tokens=frozenset({"ms"})) == ["C0026269"]
+    # 3. type preference
+    assert r.choose(["C0008149", "C0040405"], types, context=empty,
+                    own_tokens=empty) == ["C0040405"]
+    # 4. prior decides between equal types without context
+    assert r.choose(["C0026269", "C0026769"], types, context=empty,
+                    own_tokens=empty) == ["C0026769"]
+
+
+def test_abbreviations_resolver_keeps_ties(index: ConceptIndex) -> None:
+    types = {"C0026269": ("T047",), "C0026769": ("T047",)}
+    r = AmbiguityResolver(index)
+    empty: frozenset[str] = frozenset()
+    assert sorted(r.choose(["C0026769", "C0026269"], types, context=empty,
+                           own_tokens=empty)) == ["C0026269", "C0026769"]

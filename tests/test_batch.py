@@ -372,6 +372,10 @@ def test_batch_rerun_of_a_complete_run_is_a_no_op(tmp_path: Path, demo_server: s
     assert again.already_complete and again.complete
     assert (tmp_path / "run.jsonl").stat().st_mtime_ns == before
     assert again.counts.annotated == first.counts.annotated == 10
+    # asking for a report the first run did not write is not a no-op
+    with_report = annotate_corpus(Corpus(src), specs, settings(demo_server, report=True))
+    assert not with_report.already_complete and with_report.report_files is not None
+    assert annotate_corpus(Corpus(src), specs, settings(demo_server, report=True)).already_complete
     # a changed output is not "complete": the run is done again
     (tmp_path / "run.jsonl").write_text("tampered\n")
     third = annotate_corpus(Corpus(src), specs, settings(demo_server))

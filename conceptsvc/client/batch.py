@@ -647,13 +647,18 @@ class _Runner:
 
 
 # -- finishing ---------------------------------------------------------------------------------
-def _already_complete(manifest_path: Path, key: str, specs: Sequence[OutputSpec]) -> bool:
+def _already_complete(
+    manifest_path: Path, key: str, specs: Sequence[OutputSpec], *, report: bool
+) -> bool:
+    """True when the manifest says this exact run finished and its outputs are untouched."""
     try:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not (m.get("complete") and m.get("run_key") == key):
         return False
+    if report and not (m.get("report") and Path(m["report"]).is_file()):
+        return False  # asked for a report the earlier run did not write
     recorded = {(o["format"], o["path"], o["sha256"]) for o in m.get("outputs", [])}
     for spec in specs:
         if not spec.path.is_file():
@@ -713,7 +718,9 @@ def annotate_corpus(
         work_holder["work"] = work
         state["key"] = key
         state["options"] = asdict(options)
-        if not work.exists() and _already_complete(manifest_path, key, specs):
+        if not work.exists() and _already_complete(
+            manifest_path, key, specs, report=settings.report
+        ):
             raise _AlreadyComplete()
         for other in out0.parent.glob(f"{out0.name}.*.part"):
             if other != work and other.is_dir():

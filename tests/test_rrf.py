@@ -138,3 +138,25 @@ def test_rrf_split_row_spanning_parts_reported_at_start(tmp_path: Path) -> None:
     with pytest.raises(MalformedRowError) as err:
         list(iter_mrconso(MetaDir(tmp_path)))
     assert err.value.path.endswith("MRCONSO.RRF.aa") and err.value.line == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_rrf_tiny_read_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Rows, line numbers and errors do not depend on where the 4 MB read blocks end."""
+    expected = {name: _atoms(name) for name in ("rrf_small", "rrf_split", "umls_META")}
+    stats = ReadStats()
+    list(iter_mrconso(MetaDir(FIXTURES / "rrf_malformed"), on_error="skip", stats=stats))
+    monkeypatch.setattr("conceptsvc.umls.rrf._CHUNK", chunk)
+    for name, rows in expected.items():
+        assert _atoms(name) == rows
+    small_chunks = ReadStats()
+    list(iter_mrconso(MetaDir(FIXTURES / "rrf_malformed"), on_error="skip", stats=small_chunks))
+    assert small_chunks.examples == stats.examples and small_chunks.rows == stats.rows
+
+
+def test_rrf_blank_lines_and_crlf_only_file(tmp_path: Path) -> None:
+    (tmp_path / "MRCONSO.RRF").write_bytes(
+        b"\r\n\nC1|ENG|P|L|PF|S|Y|A|||D|MSH|MH|1|Lung|0|N||\r\n\r\n"
+    )
+    rows = list(iter_mrconso(MetaDir(tmp_path)))
+    assert [r.string for r in rows] == ["Lung"]

@@ -326,3 +326,22 @@ def test_dictionary_workers_give_the_identical_index(tmp_path: Path) -> None:
     assert a.content_hash == b.content_hash
     with pytest.raises(DictionaryError, match="workers"):
         build_dictionary_index([SMALL], tmp_path / "x", workers=0)
+
+
+def test_dictionary_build_progress_lines(tmp_path: Path) -> None:
+    import io
+
+    from conceptsvc.dictionary import BuildProgress
+
+    stream = io.StringIO()
+    progress = BuildProgress(stream, interval=0.0)
+    report = build_dictionary_index([SMALL], tmp_path / "ix", progress=progress)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert "MRSTY.RRF: 10 rows, 100%" in lines[0]
+    assert any(line.startswith("MRCONSO.RRF: 31 rows") for line in lines)
+    assert lines[-1] == f"writing index ({report.concepts:,} concepts)"
+    stream = io.StringIO()
+    progress = BuildProgress(stream, interval=0.0)
+    progress("MRCONSO.RRF", 1000, 0.25)
+    assert "25%" in stream.getvalue() and "ETA" in stream.getvalue()

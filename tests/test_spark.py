@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,19 +25,22 @@ from conceptsvc.config import load_settings
 from conceptsvc.embedded import demo_index_path
 from conceptsvc.errors import ConfigError
 from conceptsvc.extractor import ExtractOptions
+from conceptsvc.integrations.spark import MENTION_FIELDS, annotate_dataframe
 from conceptsvc.model import Annotation
 from conceptsvc.server.app import create_server
-
-pyspark = pytest.importorskip("pyspark", reason="needs the spark extra (make install has it)")
-
-from conceptsvc.integrations.spark import MENTION_FIELDS, annotate_dataframe  # noqa: E402
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"
 
 
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from pyspark.sql import SparkSession
+    # Fail loudly, never skip: `make install` installs the spark extra and Java 17.
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        pytest.fail("PySpark is not installed; run `make install` (the spark extra)")
+    if shutil.which("java") is None:
+        pytest.fail("no Java runtime; `make install` installs Debian's openjdk-17-jre-headless")
 
     previous = {k: os.environ.get(k) for k in ("PYSPARK_PYTHON", "SPARK_LOCAL_IP")}
     # Executors must run this interpreter (with conceptsvc and pyarrow); loopback only.

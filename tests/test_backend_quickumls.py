@@ -251,6 +251,35 @@ def test_backend_quickumls_rejects_non_index(tmp_path: Path) -> None:
         QuickUMLSBackend(tmp_path)
 
 
+def test_backend_quickumls_matches_quickumls_itself_on_demo_captions(tmp_path: Path) -> None:
+    # The backend adds offsets, names and filters around QuickUMLS; with no filter it must
+    # find exactly what QuickUMLS's own best-match run finds, caption by caption.
+    import spacy
+
+    from conceptsvc.backends.quickumls import _import_quickumls
+    from conceptsvc.evaluation import read_captions
+
+    demo = Path(__file__).parents[1] / "conceptsvc" / "data" / "demo"
+    build_quickumls_index(demo / "META", tmp_path / "q")
+    captions = read_captions(demo / "captions.csv")[:100]
+    b = QuickUMLSBackend(tmp_path / "q", min_match_length=2)
+    opts = ExtractOptions(mode="approximate", threshold=0.7, overlap="best_score")
+    got = [set(b.extract(text, opts).concepts) for _, text in captions]
+    b.close()
+    qu = _import_quickumls()["core"].QuickUMLS(
+        str(tmp_path / "q"), overlapping_criteria="score", threshold=0.7, window=5,
+        similarity_name="jaccard", min_match_length=2, accepted_semtypes=None,
+        spacy_component=True,
+    )
+    nlp = spacy.blank("en")
+    expected = [
+        {c["cui"] for group in qu._match(nlp(text), best_match=True) for c in group}
+        for _, text in captions
+    ]
+    assert sum(map(len, expected)) > 100  # the comparison is not vacuous
+    assert got == expected
+
+
 _WORDS = ["CT", "ct", "MRI", "abdomen", "Belly", "pleural", "effusion", "effusions", "of", "the",
           "Sjögren", "syndrome", "imaging", "magnetic", "resonance", "🙂", "ﬁle", "İ", "—", ",",
           "(", ")", "widget", "X-Ray", "computed", "tomography"]

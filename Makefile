@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-index bench-peers peers soak proto audit clean system-deps
+.PHONY: install test lint demo bench bench-index bench-peers peers soak proto audit lock clean system-deps
 
 # Debian packages the tests need (redis-server for the real Redis tier). Installed only if missing.
 system-deps:
@@ -17,13 +17,16 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || \
 	  { echo "ERROR: could not install openjdk-17-jre-headless; the Spark tests need Java 17" >&2; exit 1; }; }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	@# The quickumls extra (QuickUMLS backend and its tests) compiles leveldb and simstring
-	@# with gcc: about 100 s more on a fresh 2-core machine.
-	$(PY) -m pip install -q -e '.[dev,report,spark,quickumls]'
+	@# Exactly the tested dependency set (extras dev, report, spark, quickumls), every file
+	@# checked against the lock's hashes; then conceptsvc itself, which adds nothing (--no-deps).
+	@# The quickumls extra compiles leveldb and simstring with gcc: about 100 s more on a fresh
+	@# 2-core machine.
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
@@ -71,6 +74,12 @@ soak: install
 
 audit: install
 	$(PY) -m conceptsvc.dev.audit
+
+# Regenerate requirements.lock after changing dependencies in pyproject.toml (needs PyPI).
+lock: install
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --extra dev --extra report --extra spark --extra quickumls \
+	  --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -490,3 +490,68 @@ def free_redis_url() -> str:
     from conftest import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+# -- the locked dependency set ---------------------------------------------------------------------
+def _lock_pins() -> dict[str, tuple[str, int]]:
+    """name → (version, number of hashes) from requirements.lock."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, tuple[str, int]] = {}
+    text = (ROOT / "requirements.lock").read_text(encoding="utf-8").replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, _, rest = line.partition(" ")
+        name, sep, version = spec.partition("==")
+        assert sep, f"requirements.lock: {spec} is not pinned with =="
+        pins[canonicalize_name(name)] = (version, rest.count("--hash=sha256:"))
+    return pins
+
+
+def test_security_lock_pins_every_dependency_with_hashes() -> None:
+    """requirements.lock (what `make install`, CI and the image install with --require-hashes)
+    pins every dependency of the package and of the extras the tests use, each with a hash, at
+    a version inside pyproject's range. A dependency added to pyproject without `make lock`
+    fails here, not in a fresh clone's install."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _lock_pins()
+    assert all(n_hashes >= 1 for _, n_hashes in pins.values())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = ("dev", "report", "spark", "quickumls")  # the Makefile's install set
+    wanted = [*project["dependencies"]]
+    for extra in extras:
+        wanted += project["optional-dependencies"][extra]
+    stale = []
+    for raw in wanted:
+        req = Requirement(raw)
+        pin = pins.get(canonicalize_name(req.name))
+        if pin is None or not req.specifier.contains(pin[0], prereleases=True):
+            stale.append(f"{raw} (locked: {pin[0] if pin else 'missing'})")
+    assert not stale, "requirements.lock is stale; run `make lock`: " + ", ".join(stale)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "--require-hashes -r requirements.lock" in makefile
+    assert "--no-deps" in makefile
+
+
+def test_security_lock_respects_the_machine_constraints() -> None:
+    """Pins must be installable under /etc/xdg/pip/constraints.txt where it exists (this
+    machine caps some releases); a pin outside a constraint would break `make install`."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    constraints = Path("/etc/xdg/pip/constraints.txt")
+    if not constraints.is_file():
+        return  # nothing to respect on this machine
+    pins = _lock_pins()
+    for line in constraints.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        pin = pins.get(canonicalize_name(req.name))
+        if pin is not None:
+            assert req.specifier.contains(pin[0], prereleases=True), (line, pin)

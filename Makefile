@@ -69,8 +69,9 @@ peers: $(PEERS_STAMP)
 bench-peers: install peers
 	$(PY) -m conceptsvc.dev.bench peers
 
+# 32 streaming clients for 5 minutes against 2 workers; the figures go into RELIABILITY.md.
 soak: install
-	$(PY) -m conceptsvc.dev.soak
+	$(PY) -m conceptsvc.dev.soak --write RELIABILITY.md
 
 audit: install
 	$(PY) -m conceptsvc.dev.audit

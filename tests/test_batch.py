@@ -531,10 +531,11 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
     assert not result.complete and result.exit_code == EXIT_INCOMPLETE
     assert result.counts.failed + result.counts.annotated == 20 and result.counts.failed > 0
     errors = [json.loads(x) for x in (tmp_path / "run.jsonl.errors.jsonl").read_text().splitlines()]
-    # (grpc reports a deadline that expires before the call got going as INTERNAL "Internal
-    # error from Core")
+    # (a deadline that expires before the call got going shows as INTERNAL "Internal error from
+    # Core", or, while the requests are being written, as grpc.aio cancelling the call itself)
     statuses = {e["status"] for e in errors}
-    assert "DEADLINE_EXCEEDED" in statuses and statuses <= {"DEADLINE_EXCEEDED", "INTERNAL"}
+    assert "DEADLINE_EXCEEDED" in statuses
+    assert statuses <= {"DEADLINE_EXCEEDED", "INTERNAL", "CANCELLED"}
     assert all(e["attempts"] == 3 and e["stage"] == "annotate" for e in errors)
     manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
     assert manifest["complete"] is False

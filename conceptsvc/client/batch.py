@@ -572,9 +572,25 @@ class _Runner:
                             err.message if err else "no result", attempts[cap.seq] + 1,
                         ))
                         progress.update(0, errors=1)
-                stream_error: grpc.aio.AioRpcError | None = None
+                # (status, reason, whether to blame the first unanswered item)
+                stream_error: tuple[grpc.StatusCode, str, bool] | None = None
             except grpc.aio.AioRpcError as exc:
-                stream_error = exc
+                code = exc.code()
+                stream_error = (code, exc.details() or code.name, code not in _NO_BLAME)
+            except asyncio.CancelledError:
+                # grpc.aio cancels a call itself when writing a request fails (typically: the
+                # deadline expired while the batch was still being sent) and then raises
+                # CancelledError from the read. That is a failed stream, not a cancelled
+                # worker; only a cancellation of this task itself is passed on.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                stream_error = (
+                    grpc.StatusCode.CANCELLED,
+                    "the stream was cancelled inside the gRPC client (usually: the deadline "
+                    "expired while its requests were being sent)",
+                    True,
+                )
             if ok:
                 journal.append(ok)
                 progress.update(len(ok))
@@ -584,16 +600,15 @@ class _Runner:
             left = [c for c in part if c.id in pending]
             isolate_head = False
             if stream_error is not None:
-                code = stream_error.code()
+                code, reason, isolate_head = stream_error
                 if code in _FATAL:
                     raise ClientError(
-                        f"{targets.names[i]}: {code.name}: {stream_error.details()}. Pass the "
-                        "service's token with --token."
+                        f"{targets.names[i]}: {code.name}: {reason}. Pass the service's token "
+                        "with --token."
                     )
-                status, reason = code.name, stream_error.details() or code.name
+                status = code.name
                 if code is grpc.StatusCode.UNAVAILABLE:
                     targets.rest(i, self._backoff(1))
-                isolate_head = code not in _NO_BLAME
             else:
                 status, reason = "UNKNOWN", "the stream ended without answering every item"
             # When the failure is blamed on the first unanswered item, only that item is
@@ -816,6 +831,15 @@ def _finish(
             mentions += len(a.mentions)
         annotated = out.count
         paths = out.commit()
+    if annotated + len(runner.failures) < scan.n_good:
+        # Never expected; but a caption that is in neither list must not vanish silently.
+        accounted = set(journal.done) | {f.caption.seq for f in runner.failures}
+        for cap in corpus.captions():
+            if cap.seq not in accounted:
+                log.error("caption %s (line %d) was neither annotated nor failed", cap.id, cap.line)
+                runner.failures.append(_Failure(
+                    cap, "INTERNAL", "the client lost track of this caption; rerun to retry it", 0
+                ))
     skipped = list(scan.bad)
     errors = _write_errors(errors_path, skipped, runner.failures)
     complete = not runner.failures and annotated == scan.n_good

@@ -376,6 +376,9 @@ def test_batch_rerun_of_a_complete_run_is_a_no_op(tmp_path: Path, demo_server: s
     with_report = annotate_corpus(Corpus(src), specs, settings(demo_server, report=True))
     assert not with_report.already_complete and with_report.report_files is not None
     assert annotate_corpus(Corpus(src), specs, settings(demo_server, report=True)).already_complete
+    # --restart always does the work again
+    restarted = annotate_corpus(Corpus(src), specs, settings(demo_server, restart=True))
+    assert not restarted.already_complete and restarted.counts.resumed == 0
     # a changed output is not "complete": the run is done again
     (tmp_path / "run.jsonl").write_text("tampered\n")
     third = annotate_corpus(Corpus(src), specs, settings(demo_server))

@@ -733,7 +733,7 @@ def annotate_corpus(
         work_holder["work"] = work
         state["key"] = key
         state["options"] = asdict(options)
-        if not work.exists() and _already_complete(
+        if not settings.restart and not work.exists() and _already_complete(
             manifest_path, key, specs, report=settings.report
         ):
             raise _AlreadyComplete()

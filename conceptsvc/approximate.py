@@ -25,6 +25,7 @@ than three characters is its own single gram.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
@@ -103,22 +104,33 @@ def _min_overlap(measure: str, alpha: float) -> Callable[[int, int], int]:
 
 
 class TrigramIndex:
-    """Inverted trigram lists over a fixed list of strings (the index's keys)."""
+    """Inverted trigram lists over a fixed list of strings (the index's keys).
+
+    Each string's gram set is kept (verification is one C-level set intersection per
+    candidate); memory is a few hundred bytes per key, acceptable for the indexes approximate
+    matching is meant for (the demo dictionary, a filtered UMLS subset).
+    """
 
     def __init__(self, strings: Iterable[str]) -> None:
         self._strings: list[str] = list(strings)
-        self._sizes: list[int] = []
+        self._grams: list[frozenset[str]] = [_grams_of(s) for s in self._strings]
+        self._sizes: list[int] = [len(g) for g in self._grams]
         lists: dict[str, list[int]] = {}
-        for i, s in enumerate(self._strings):
-            grams = _grams_of(s)
-            self._sizes.append(len(grams))
+        for i, grams in enumerate(self._grams):
             for g in grams:
                 lst = lists.get(g)
                 if lst is None:
                     lists[g] = [i]
                 else:
                     lst.append(i)
-        self._lists: dict[str, tuple[int, ...]] = {g: tuple(v) for g, v in lists.items()}
+        # Each gram's list is ordered by key size, with the sizes alongside, so that a query
+        # takes only the slice of keys whose size can reach the threshold (two bisections)
+        # instead of visiting every key that shares a gram.
+        sizes = self._sizes
+        self._lists: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for g, v in lists.items():
+            v.sort(key=lambda i: (sizes[i], i))
+            self._lists[g] = (tuple(v), tuple(sizes[i] for i in v))
 
     def __len__(self) -> int:
         return len(self._strings)
@@ -134,30 +146,40 @@ class TrigramIndex:
             return []
         lo, hi = size_bounds(measure, x, alpha)
         tau = _min_overlap(measure, alpha)
-        tau_min = min(tau(x, max(lo, 1)), tau(x, x)) if measure != "overlap" else 1
-        tau_min = max(tau_min, 1)
-        lists = self._lists
-        empty: tuple[int, ...] = ()
-        ranked = sorted((lists.get(g, empty) for g in x_grams), key=len)
+        tau_min = max(min(tau(x, max(lo, 1)), tau(x, x)), 1) if measure != "overlap" else 1
         n_sig = x - tau_min + 1
         if n_sig <= 0:
             return []
+        lists = self._lists
+        slices: list[tuple[int, ...]] = []
+        for g in x_grams:
+            entry = lists.get(g)
+            if entry is None:
+                slices.append(())
+                continue
+            ids, ys = entry
+            a = bisect_left(ys, lo)
+            b = bisect_right(ys, hi, a)
+            slices.append(ids[a:b] if b - a < len(ids) else ids)
+        slices.sort(key=len)
         seen: set[int] = set()
-        for lst in ranked[:n_sig]:
+        for lst in slices[:n_sig]:
             seen.update(lst)
         sizes = self._sizes
+        grams = self._grams
+        floor = alpha - 1e-12
         out: list[tuple[int, float]] = []
         for i in seen:
             y = sizes[i]
-            if y < lo or y > hi:
-                continue
-            shared = len(x_grams & _grams_of(self._strings[i]))
-            if shared < tau(x, y):
-                continue
-            sim = similarity(measure, shared, x, y)
-            if sim >= alpha - 1e-12:
+            shared = len(x_grams & grams[i])
+            if measure == "jaccard":
+                sim = shared / (x + y - shared)
+            else:
+                sim = similarity(measure, shared, x, y)
+            if sim >= floor:
                 out.append((i, sim))
-        out.sort(key=lambda t: (-t[1], -sizes[t[0]], t[0]))
+        if len(out) > 1:
+            out.sort(key=lambda t: (-t[1], -sizes[t[0]], t[0]))
         return out
 
 

@@ -81,7 +81,7 @@ class SemanticNetworkError(ConceptsvcError):
         )
 
 
-class IndexError_(ConceptsvcError):  # noqa: N801 - avoid shadowing the builtin IndexError
+class IndexError_(ConceptsvcError):  # trailing underscore: do not shadow builtin IndexError
     code = "E400"
 
 

@@ -109,10 +109,18 @@ def find_definitions(text: str) -> list[Definition]:
         lead = len(inner) - len(inner.lstrip())
         inner_s = inner.strip()
         inner_start += lead
+        forward = _valid_short(inner_s)
+        if not forward:
+            if len(inner_s) <= _MAX_SHORT_LEN and len(inner_s.split()) <= 2:
+                continue
+            # reverse pattern needs a short form right before the parenthesis
+            head = text[max(0, open_ - 40) : open_].split()
+            if not head or not _valid_short(head[-1]) or head[-1].islower():
+                continue
         # the clause before the parenthesis: back to the previous clause break
         left = max(text.rfind(c, 0, open_) for c in _CLAUSE_BREAKS) + 1
         before = text[left:open_].rstrip()
-        if _valid_short(inner_s):
+        if forward:
             n_words = min(len(inner_s) + 5, 2 * len(inner_s))
             words = before.split()
             if not words:

@@ -495,15 +495,16 @@ def _resolve_overlaps(cands: list[_Cand], how: str) -> list[_Cand]:
         k = (c.start_tok, c.end_tok)
         if c.score > spans.get(k, -1.0):
             spans[k] = c.score
+    # plain tuples sort without a key function: (-length, -score, start, end) for "longest"
     if how == "longest":
-        order = sorted(spans, key=lambda k: (-(k[1] - k[0]), -spans[k], k[0]))
+        order = sorted([(i - j, -sc, i, j) for (i, j), sc in spans.items()])
     else:
-        order = sorted(spans, key=lambda k: (-spans[k], -(k[1] - k[0]), k[0]))
-    taken: set[int] = set()
+        order = sorted([(-sc, i - j, i, j) for (i, j), sc in spans.items()])
+    taken = bytearray(max(c.end_tok for c in cands))
     kept: set[tuple[int, int]] = set()
-    for i, j in order:
-        if any(t in taken for t in range(i, j)):
+    for _a, _b, i, j in order:
+        if taken.find(1, i, j) >= 0:
             continue
         kept.add((i, j))
-        taken.update(range(i, j))
+        taken[i:j] = b"\x01" * (j - i)
     return [c for c in cands if (c.start_tok, c.end_tok) in kept]

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -169,11 +169,10 @@ class ProfileModel(_Strict):
         return v
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileResult:
+class ProfileResult(NamedTuple):
     """What a profile kept: the CUIs whose mentions survive, and inferred CUIs (no mention)."""
 
-    kept: frozenset[str]
+    kept: set[str]
     inferred: tuple[str, ...]
 
 
@@ -322,10 +321,12 @@ class Profile:
             for ev, c, w in slot.cui_evidence:
                 if ev in present:
                     score[c] = score.get(c, 0.0) + w
-            chosen = sorted(
-                (c for c, v in score.items() if v > 0),
-                key=lambda c: (-score[c], slot.priority[c]),
-            )[: slot.max]
+            positive = [c for c, v in score.items() if v > 0]
+            if len(positive) > 1:
+                positive.sort(key=lambda c: (-score[c], slot.priority[c]))
+                chosen = positive[: slot.max]
+            else:
+                chosen = positive
             if not chosen:
                 for cui, when in slot.defaults:
                     if not when or not present.isdisjoint(when):
@@ -342,8 +343,8 @@ class Profile:
             present &= self.vocabulary
         if self.drop:
             present -= self.drop
-        inferred_kept = tuple(c for c in inferred if c in present)
-        return ProfileResult(frozenset(present), inferred_kept)
+        inferred_kept = tuple(c for c in inferred if c in present) if inferred else ()
+        return ProfileResult(present, inferred_kept)
 
 
 def load_profile_file(path: str | Path) -> Profile:

@@ -58,6 +58,7 @@ __all__ = ["MODES", "OVERLAPS", "Candidate", "ExtractOptions", "Extractor"]
 MODES = ("exact", "approximate")
 OVERLAPS = ("longest", "best_score", "all")
 _PLAN_CACHE_SIZE = 256
+_new = tuple.__new__  # NamedTuple construction without its Python-level __new__
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ class Extractor:
                 if m.stable:
                     memo[m.key] = pairs
             for cui, p in pairs:
-                out.append(_Cand(m.start_tok, m.end_tok, cui, p, m.score))
+                out.append(_new(_Cand, (m.start_tok, m.end_tok, cui, p, m.score)))
         return out
 
     def _filter_postings(

@@ -32,7 +32,7 @@ from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"
-REPEATS = 24  # 24 x the ~500 demo captions: long enough to kill a replica well inside the run
+REPEATS = 8  # 8 x the ~500 demo captions: long enough to kill a replica well inside the run
 
 
 @dataclass

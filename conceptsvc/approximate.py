@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
@@ -54,6 +55,7 @@ DEFAULT_WINDOW = 5
 """Longest window in tokens, as QuickUMLS's default ``window``."""
 
 SIMILARITIES = ("jaccard", "cosine", "dice", "overlap")
+_EXTRA_LISTS = 5  # lists counted beyond the pigeonhole minimum (see TrigramIndex.search)
 
 
 @lru_cache(maxsize=1 << 17)
@@ -162,16 +164,26 @@ class TrigramIndex:
             b = bisect_right(ys, hi, a)
             slices.append(ids[a:b] if b - a < len(ids) else ids)
         slices.sort(key=len)
-        seen: set[int] = set()
-        for lst in slices[:n_sig]:
-            seen.update(lst)
+        # Generalised pigeonhole: a key sharing ≥ τ_min grams with the query appears in at
+        # least m − (x − τ_min) of any m of the query's lists. Counting over a few lists more
+        # than the n_sig minimum (C-level Counter) discards most candidates before the exact
+        # check; with m = x the count *is* the overlap.
+        m = min(x, n_sig + _EXTRA_LISTS)
+        need = m - (x - tau_min)
+        counts: Counter[int] = Counter()
+        for lst in slices[:m]:
+            if lst:
+                counts.update(lst)
         sizes = self._sizes
         grams = self._grams
         floor = alpha - 1e-12
+        exact_counts = m == x
         out: list[tuple[int, float]] = []
-        for i in seen:
+        for i, c in counts.items():
+            if c < need:
+                continue
             y = sizes[i]
-            shared = len(x_grams & grams[i])
+            shared = c if exact_counts else len(x_grams & grams[i])
             if measure == "jaccard":
                 sim = shared / (x + y - shared)
             else:

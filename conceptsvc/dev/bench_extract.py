@@ -45,6 +45,9 @@ __all__ = ["bench", "compare_tokenizers", "main", "stage_shares"]
 
 log = logging.getLogger(__name__)
 
+_DEFAULT_CAPTIONS = Path("/work/shared/data/rocov2/valid_captions.csv")
+_DEMO_CAPTIONS = Path(__file__).resolve().parent.parent / "data" / "demo" / "captions.csv"
+
 # Module file name → pipeline stage (see conceptsvc/extractor.py for the order).
 _STAGES = {
     "normalize.py": "tokenise+normalise",
@@ -176,7 +179,9 @@ def compare_tokenizers(texts: Sequence[str], *, repeat: int = 3) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--captions", required=True, type=Path, help="ID,Caption CSV")
+    ap.add_argument("--captions", type=Path, default=_DEFAULT_CAPTIONS,
+                    help="ID,Caption CSV (default: the ROCOv2 validation captions of the "
+                    "reference data, else the packaged demo sample)")
     ap.add_argument("--index", help="index directory (default: the embedded demo dictionary)")
     ap.add_argument("--profile", default="rocov2")
     ap.add_argument("--mode", action="append", choices=["exact", "approximate"],
@@ -196,7 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conceptsvc.embedded import demo_index
 
         index = demo_index()
-    captions = read_captions(args.captions)
+    path = args.captions
+    if not path.is_file() and path == _DEFAULT_CAPTIONS:
+        path = _DEMO_CAPTIONS
+        log.info("%s not found; benchmarking the packaged demo sample %s", args.captions, path)
+    captions = read_captions(path)
     extractor = Extractor(index)
     results: list[dict[str, Any]] = []
     if args.tokenizers:

@@ -495,8 +495,18 @@ def _umls_source_info(meta: MetaDir, b: _Build) -> tuple[dict[str, Any], str | N
 def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
     meta = MetaDir(src.path)
     if phase == 1:
-        for sty in iter_mrsty(meta, on_error=b.on_error, stats=b.stats, progress=b.progress):
-            b.add_types(sty.cui, (sty.tui,))
+        # MRSTY has ~7 M rows in a full release: the common case (a CUI's first type) is one
+        # dict probe and one store; merging with earlier types goes through add_types.
+        types, interned = b.types, b._tuples
+        add_types = b.add_types
+        for cui, tui, _sty in iter_mrsty(
+            meta, on_error=b.on_error, stats=b.stats, progress=b.progress
+        ):
+            if cui in types:
+                add_types(cui, (tui,))
+            else:
+                one = (tui,)
+                types[cui] = interned.setdefault(one, one)
         return None
     info, release = _umls_source_info(meta, b)
     b.report.inputs.append(info)

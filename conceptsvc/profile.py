@@ -251,17 +251,14 @@ class Profile:
             for k in range(1, len(ph)):
                 table.setdefault(" ".join(ph[:k]), ())
         self._phrases = table
+        # True when applying the profile can change nothing (the ``none`` profile).
+        self.is_identity: bool = not self._slots and self.vocabulary is None and not self.drop
 
-    @property
-    def is_identity(self) -> bool:
-        """True when applying the profile can change nothing (the ``none`` profile)."""
-        return not self._slots and self.vocabulary is None and not self.drop
-
-    def _evidence_hits(
+    def _evidence_scores(
         self, text: str, norms: Sequence[str], starts: Sequence[int], ends: Sequence[int]
-    ) -> list[tuple[int, str, float]]:
-        """(slot, member, weight) for each distinct evidence phrase in the caption."""
-        hits: list[tuple[int, str, float]] = []
+    ) -> dict[int, dict[str, float]]:
+        """Per slot, member → summed weight of the distinct evidence phrases in the caption."""
+        scores: dict[int, dict[str, float]] = {}
         seen: set[str] = set()
         get = self._phrases.get
         n = len(norms)
@@ -271,24 +268,25 @@ class Profile:
             j = i + 1
             while targets is not None:
                 if targets and key not in seen:
+                    seen.add(key)
                     upper: bool | None = None
-                    found = False
                     for si, cui, w, needs_upper in targets:
                         if needs_upper:
                             if upper is None:
                                 upper = text[starts[i] : ends[j - 1]].isupper()
                             if not upper:
                                 continue
-                        hits.append((si, cui, w))
-                        found = True
-                    if found:
-                        seen.add(key)
+                        slot_scores = scores.get(si)
+                        if slot_scores is None:
+                            scores[si] = {cui: w}
+                        else:
+                            slot_scores[cui] = slot_scores.get(cui, 0.0) + w
                 if j >= n:
                     break
                 key = key + " " + norms[j]
                 targets = get(key)
                 j += 1
-        return hits
+        return scores
 
     def apply(
         self,
@@ -301,32 +299,29 @@ class Profile:
         """Apply the profile to one caption's mentioned CUIs (in order of first mention)."""
         present = set(mentioned)
         inferred: list[str] = []
-        by_slot: dict[int, list[tuple[str, float]]] = {}
-        if self._phrases:
-            for si, cui, w in self._evidence_hits(text, norms, starts, ends):
-                by_slot.setdefault(si, []).append((cui, w))
+        evidence = self._evidence_scores(text, norms, starts, ends) if self._phrases else {}
         for si, slot in enumerate(self._slots):
             members = slot.member_set
             if slot.when and present.isdisjoint(slot.when):
-                if not slot.keep_mentioned:
+                if not slot.keep_mentioned and not present.isdisjoint(members):
                     present -= members
-                    if inferred:
-                        inferred = [c for c in inferred if c not in members]
+                if inferred:
+                    inferred = [c for c in inferred if c not in members]
                 continue
-            score: dict[str, float] = {}
+            score = evidence.get(si)
+            score = dict(score) if score else {}
             for c in present & members:
-                score[c] = slot.mention_weight
-            for c, w in by_slot.get(si, ()):
-                score[c] = score.get(c, 0.0) + w
+                score[c] = score.get(c, 0.0) + slot.mention_weight
             for ev, c, w in slot.cui_evidence:
                 if ev in present:
                     score[c] = score.get(c, 0.0) + w
-            positive = [c for c, v in score.items() if v > 0]
-            if len(positive) > 1:
-                positive.sort(key=lambda c: (-score[c], slot.priority[c]))
-                chosen = positive[: slot.max]
+            if len(score) > 1:
+                chosen = sorted(
+                    (c for c, v in score.items() if v > 0),
+                    key=lambda c: (-score[c], slot.priority[c]),
+                )[: slot.max]
             else:
-                chosen = positive
+                chosen = [c for c, v in score.items() if v > 0]
             if not chosen:
                 for cui, when in slot.defaults:
                     if not when or not present.isdisjoint(when):
@@ -336,9 +331,10 @@ class Profile:
             if inferred:
                 inferred = [c for c in inferred if c not in members]
             for c in chosen:
-                if c not in mentioned:
-                    inferred.append(c)
-                present.add(c)
+                if c not in present:
+                    present.add(c)
+                    if c not in mentioned:
+                        inferred.append(c)
         if self.vocabulary is not None:
             present &= self.vocabulary
         if self.drop:

@@ -27,6 +27,7 @@ Acceptance rules, applied per posting:
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -96,10 +97,15 @@ class KeyEntry(NamedTuple):
 def same_case(surface: str, string: str) -> bool:
     """True when ``surface`` (caption text) is written in the same case as ``string``.
 
-    Letters are compared position by position when both have the same alphanumerics (after
-    dropping the plural "s" of an acronym, "CTs"); otherwise (a British spelling) only the
-    all-capitals property has to agree.
+    Both sides are compared in NFKC form (compatibility characters such as full-width
+    letters are the letters they stand for). Letters are compared position by position when
+    both have the same alphanumerics (after dropping the plural "s" of an acronym, "CTs");
+    otherwise (a British spelling) only the all-capitals property has to agree.
     """
+    if not surface.isascii():
+        surface = unicodedata.normalize("NFKC", surface)  # full-width "ＣＴ" is written "CT"
+    if not string.isascii():
+        string = unicodedata.normalize("NFKC", string)
     a = [c for c in surface if c.isalnum()]
     b = [c for c in string if c.isalnum()]
     if len(a) == len(b) + 1 and a[-1] == "s":

@@ -140,11 +140,6 @@ def test_reliability_inputs_ligatures_and_full_width_letters_slice_the_original(
     assert ("haematoma", "C0018944") in found(a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="matcher.same_case compares raw characters, so full-width 'ＣＴ' (NFKC 'CT') fails "
-    "the case check of the case-sensitive abbreviation CT; it should compare NFKC forms",
-)
 def test_reliability_inputs_full_width_abbreviation_matches(ex: Extractor) -> None:
     text = "Axial ＣＴ of the chest"
     a = ex.extract(text)

@@ -75,6 +75,7 @@ def test_matcher_same_case() -> None:
     assert not same_case("us", "US")
     assert same_case("CTs", "CT") is True  # plural: only capitals compared
     assert not same_case("Us", "US")
+    assert same_case("ＣＴ", "CT")  # full-width letters compare in NFKC form
 
 
 VOCAB = [

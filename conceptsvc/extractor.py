@@ -150,6 +150,9 @@ class Extractor:
         self._plans: dict[ExtractOptions, _Plan] = {}
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._resolvers: dict[str, AmbiguityResolver] = {}
+        # Every shipped profile is parsed now, so no request ever reads a profile file.
+        for name in available_profiles():
+            load_profile(name)
         self.default_options = default_options or ExtractOptions()
         # (options object, its plan) of the previous request: batches reuse one options
         # object, and an identity check is cheaper than hashing an 11-field dataclass.
@@ -497,10 +500,11 @@ def _resolve_overlaps(cands: list[_Cand], how: str) -> list[_Cand]:
         if c.score > spans.get(k, -1.0):
             spans[k] = c.score
     # plain tuples sort without a key function: (-length, -score, start, end) for "longest"
+    order: list[tuple[float, float, int, int]]
     if how == "longest":
-        order = sorted([(i - j, -sc, i, j) for (i, j), sc in spans.items()])
+        order = sorted([(float(i - j), -sc, i, j) for (i, j), sc in spans.items()])
     else:
-        order = sorted([(-sc, i - j, i, j) for (i, j), sc in spans.items()])
+        order = sorted([(-sc, float(i - j), i, j) for (i, j), sc in spans.items()])
     taken = bytearray(max(c.end_tok for c in cands))
     kept: set[tuple[int, int]] = set()
     for _a, _b, i, j in order:

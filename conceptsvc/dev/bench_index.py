@@ -237,9 +237,11 @@ def _markdown(results: list[dict[str, Any]], quick: dict[str, Any] | None, argv:
                 f"{results[0]['label']} file: build {quick['wall_s']:.0f} s wall, "
                 f"{quick['cpu_s']:.0f} s CPU, peak RSS {quick['peak_rss_mb'] / 1024:.1f} GB, "
                 f"{quick['index_bytes'] / 2**20:,.0f} MB on disk (conceptsvc on the same file: "
-                f"{results[0]['build']['wall_s']:.0f} s, "
+                f"{results[0]['build']['wall_s']:.0f} s wall, "
+                f"{results[0]['build']['cpu_s']:.0f} s CPU, "
                 f"{results[0]['build']['peak_rss_mb'] / 1024:.1f} GB, "
-                f"{results[0]['index_bytes'] / 2**20:,.0f} MB)."
+                f"{results[0]['index_bytes'] / 2**20:,.0f} MB). On a shared machine compare CPU "
+                "times: wall times depend on the other load at the time of each run."
             )
         else:
             why = quick.get("skipped") or quick.get("failed")

@@ -210,3 +210,12 @@ def test_extractor_batch_size_does_not_change_results(
     for k in range(0, len(items), size):
         batched.extend(ex.extract_batch(items[k : k + size]))
     assert batched == one
+
+
+def test_extractor_exported_lazily_from_package() -> None:
+    import conceptsvc
+
+    assert conceptsvc.Extractor is Extractor
+    assert conceptsvc.ExtractOptions is ExtractOptions
+    with pytest.raises(AttributeError):
+        _ = conceptsvc.NotAThing  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ import gzip
 import logging
 import operator
 import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,22 @@ def _open_binary(path: Path) -> tuple[IO[bytes], IO[bytes]]:
     return raw, raw
 
 
+def _read_chunk(stream: IO[bytes], part: Path) -> bytes:
+    """One block of decompressed bytes; a damaged .gz is an error that names the file.
+
+    gzip reports truncation as a bare ``EOFError`` and a non-gzip file as ``BadGzipFile``;
+    neither says which of possibly many split parts is broken, and a truncated part must
+    never read as a shorter, valid table.
+    """
+    try:
+        return stream.read(_CHUNK)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DictionaryError(
+            f"{part}: damaged gzip file ({exc}); the download or copy is probably truncated. "
+            "Re-extract or re-download this file."
+        ) from exc
+
+
 class _Cursor:
     """Where a multi-part read is, in on-disk bytes (compressed bytes for .gz parts)."""
 
@@ -271,7 +288,7 @@ def _raw_blocks(
         try:
             lineno = 0  # lines of this part already yielded
             carry = b""
-            while chunk := stream.read(_CHUNK):
+            while chunk := _read_chunk(stream, part):
                 data = carry + chunk if carry else chunk
                 cut = data.rfind(b"\n")
                 if cut < 0:

@@ -65,14 +65,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.local and not args.captions:
         raise ConceptsvcError("--local needs --captions FILE (an ID,Caption CSV)")
-    if not args.local and (args.captions or args.index or args.write_predictions):
-        raise ConceptsvcError(
-            "--captions, --index and --write-predictions only apply with --local"
-        )
+    if not args.local and (args.captions or args.write_predictions):
+        raise ConceptsvcError("--captions and --write-predictions only apply with --local")
     if args.top < 0:
         raise ConceptsvcError(f"--top must be >= 0, got {args.top}")
     gold = read_concepts(args.gold)
     manual = read_concepts(args.manual) if args.manual else None
+    index = None
     if args.local:
         from conceptsvc.extractor import ExtractOptions, Extractor
 
@@ -108,10 +107,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if result.missing_predictions:
         print(f"no prediction for  {result.missing_predictions} gold images (scored 0)")
     if args.top:
-        print(f"top {args.top} false negatives: " + ", ".join(
-            f"{c} {n}" for c, n in result.false_negatives.most_common(args.top)))
-        print(f"top {args.top} false positives: " + ", ".join(
-            f"{c} {n}" for c, n in result.false_positives.most_common(args.top)))
+        if index is None:
+            try:  # names only; scoring never needs the dictionary
+                index = _load_index_arg(args.index)
+            except ConceptsvcError as exc:
+                print(f"(concept names unavailable: {exc})", file=sys.stderr)
+        for label, counts in (
+            ("false negatives", result.false_negatives),
+            ("false positives", result.false_positives),
+        ):
+            print(f"top {args.top} {label}:")
+            for cui, n in counts.most_common(args.top):
+                info = index.concept(cui) if index is not None else None
+                print(f"  {cui}  {n:>6}  {info.preferred_name if info else '(not in the index)'}")
     return 0
 
 
@@ -131,7 +139,8 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--gold", required=True, help="gold concepts (ImageCLEF CSV ID,CUIs)")
     p.add_argument("--manual", help="manual gold concepts, for the secondary F1")
     p.add_argument("--captions", help="captions CSV (ID,Caption); with --local")
-    p.add_argument("--index", help="index directory (default: the embedded demo dictionary)")
+    p.add_argument("--index", help="index directory for --local, and for concept names in "
+                   "the false-negative/positive lists (default: the embedded demo dictionary)")
     p.add_argument("--profile", default="rocov2", help="concept profile (default: rocov2)")
     p.add_argument("--mode", default="exact", choices=["exact", "approximate"])
     p.add_argument("--similarity", default="jaccard",

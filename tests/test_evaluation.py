@@ -14,6 +14,7 @@ from conceptsvc.evaluation import (
     score,
     write_concepts_csv,
 )
+from conceptsvc.index import ConceptIndex
 
 CT, XR, MRI = "C0040405", "C1306645", "C0024485"
 CHEST, SKULL = "C0817096", "C0037303"
@@ -131,3 +132,22 @@ def test_evaluation_cli_pred_and_local(
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["primary_f1"] == 1.0
     assert main(["evaluate", "--local", "--gold", str(gold)]) == 2
+
+
+def test_evaluation_cli_names_the_top_errors(
+    tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{CT};{CHEST}\ni2,{CT}\n", encoding="utf-8")
+    pred = tmp_path / "p.csv"
+    pred.write_text(f"ID,CUIs\ni1,{XR}\ni2,{CT};C9999999\n", encoding="utf-8")
+    rc = main(["evaluate", "--pred", str(pred), "--gold", str(gold),
+               "--index", str(engine_index_path), "--top", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    fn = out.split("top 3 false negatives:")[1].split("top 3 false positives:")[0]
+    fp = out.split("top 3 false positives:")[1]
+    ct_name = ConceptIndex.load(engine_index_path).concept(CT)
+    assert ct_name is not None
+    assert f"{CT}       1  {ct_name.preferred_name}" in fn
+    assert "C9999999       1  (not in the index)" in fp

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "extract": "conceptsvc.dev.bench_extract",
     "peers": "conceptsvc.dev.bench_peers",
     "service": "conceptsvc.dev.bench_service",
+    "capacity": "conceptsvc.dev.bench_capacity",
 }
 
 

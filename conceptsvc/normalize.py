@@ -47,7 +47,7 @@ __all__ = [
     "tokenize_spans",
 ]
 
-NORMALIZER_VERSION = "2"
+NORMALIZER_VERSION = "3"
 
 # Combining marks are part of a word (NFD "é" is "e" + U+0301). Python's \w does not match
 # them, so they are listed explicitly (the blocks that carry Latin/Greek/Cyrillic diacritics).
@@ -249,6 +249,8 @@ def _singular(word: str) -> str:
         return word[:-2] + "is"  # stenoses → stenosis, analyses → analysis
     if word.endswith(("sses", "xes", "ches", "shes", "zes")):
         return word[:-2]  # masses → mass, reaches → reach
+    if word.endswith("uses") and len(word) >= 6 and word[:-2] in _NOT_PLURAL:
+        return word[:-2]  # sinuses → sinus, viruses → virus (but causes → cause)
     if word.endswith(("ays", "eys", "oys", "uys")):
         return word[:-1]  # rays → ray, kidneys → kidney, airways → airway
     if word.endswith("s") and not word.endswith(("ss", "us", "is", "ys")):

@@ -39,6 +39,10 @@ def test_normalize_plurals() -> None:
     # short tokens are abbreviations, never singularised; an acronym's plural is the acronym
     assert norms("US CTs MRIs") == ["us", "ct", "mri"]
     assert norms("X-rays kidneys airways") == ["x", "ray", "kidney", "airway"]
+    # -us singulars: "paranasal sinuses" must meet "Paranasal sinus"; other -uses are -use
+    assert norms("sinuses viruses fetuses causes uses") == [
+        "sinus", "virus", "fetus", "cause", "use",
+    ]
 
 
 def test_normalize_british_american() -> None:

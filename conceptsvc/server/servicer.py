@@ -409,6 +409,12 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             while not ended:
                 first = _next_item(q, stop, context, self.state)
                 if first is _END:
+                    # A request stream cut off by the deadline is not a clean end: ending the
+                    # handler normally here would let the call finish OK, racing the
+                    # client's own deadline timer.
+                    remaining = context.time_remaining()
+                    if remaining is not None and remaining <= 0:
+                        raise deadline_exceeded()
                     return
                 if isinstance(first, BaseException):
                     if not context.is_active():

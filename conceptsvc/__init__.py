@@ -18,8 +18,14 @@ __all__ = ["ExtractOptions", "Extractor", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Extractor", "ExtractOptions"):
-        from conceptsvc import extractor
+    # Explicit branches, not getattr(module, name): no attribute is looked up by a computed
+    # name (tests/test_security.py holds the package to that).
+    if name == "Extractor":
+        from conceptsvc.extractor import Extractor
 
-        return getattr(extractor, name)
+        return Extractor
+    if name == "ExtractOptions":
+        from conceptsvc.extractor import ExtractOptions
+
+        return ExtractOptions
     raise AttributeError(f"module 'conceptsvc' has no attribute {name!r}")

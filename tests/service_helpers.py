@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from conceptsvc.config import Settings, load_settings
 from conceptsvc.index import FLAG_ABBREVIATION, build_index
@@ -194,3 +200,27 @@ def make_pki(directory: Path) -> Pki:
         client_key=_write_key(c_key, directory / "client.key"),
         other_ca=_write_cert(other, directory / "other-ca.pem"),
     )
+
+
+def serve_subprocess(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """Start ``conceptsvc serve --port 0 ARGS`` as a real process; return it and its port.
+
+    The port is read from the CLI's ready line ("conceptsvc serving on HOST:PORT ...").
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"serving on [\d.]+:(\d+)", line)
+    if not match:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"server did not start: {line!r}\n{err}")
+    return proc, int(match.group(1))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from service_helpers import (
     build_index_a,
     build_index_b,
     running_server,
+    serve_subprocess,
     settings_for,
 )
 
@@ -134,21 +134,6 @@ def test_reliability_faults_redis_stopped_restarted_flushed_and_frozen_during_a_
 
 
 # -- subprocess helpers ---------------------------------------------------------------------------
-def _serve(*args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"serving on [\d.]+:(\d+)", line)
-    if not match:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        pytest.fail(f"server did not start: {line!r}\n{err}")
-    return proc, int(match.group(1))
-
-
 def _stop(proc: subprocess.Popen[str], timeout: float = 30) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -301,8 +286,8 @@ def test_reliability_faults_replica_killed_during_a_batch_run(
     tmp_path: Path, index_a: Path, reference: Reference
 ) -> None:
     ids = reference.ids
-    a, port_a = _serve("--workers", "1", "--index", str(index_a), "--cache-size", "0")
-    b, port_b = _serve("--workers", "1", "--index", str(index_a), "--cache-size", "0")
+    a, port_a = serve_subprocess("--workers", "1", "--index", str(index_a), "--cache-size", "0")
+    b, port_b = serve_subprocess("--workers", "1", "--index", str(index_a), "--cache-size", "0")
     try:
         out = tmp_path / "run" / "out.jsonl"
         out.parent.mkdir()
@@ -400,7 +385,7 @@ def _wait_for(pred: Any, timeout: float = 30) -> bool:
 @pytest.mark.slow
 def test_reliability_faults_reload_under_load_on_two_workers(tmp_path: Path) -> None:
     path = build_index_a(tmp_path / "live")
-    proc, port = _serve("--workers", "2", "--index", str(path), "--admin-token", ADMIN)
+    proc, port = serve_subprocess("--workers", "2", "--index", str(path), "--admin-token", ADMIN)
     probes = [ConceptClient(f"127.0.0.1:{port}") for _ in range(6)]  # connections to both
 
     def everyone_sees(concepts: tuple[str, ...]) -> bool:
@@ -442,7 +427,7 @@ def test_reliability_faults_sigterm_under_load_drains_in_flight_and_refuses_new(
     retry UNAVAILABLE); so the slow requests here (300 KB, 0.3–1 s of engine time each) go
     out on connections that are already up."""
     grace = 20.0
-    proc, port = _serve(
+    proc, port = serve_subprocess(
         "--workers", "2", "--index", str(index_a), "--grace-seconds", str(grace),
         "--cache-size", "0", "--max-text-chars", "400000",
     )

@@ -11,8 +11,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,6 +29,7 @@ from service_helpers import (
     build_index_b,
     make_pki,
     running_server,
+    serve_subprocess,
     settings_for,
 )
 
@@ -669,24 +668,6 @@ def test_server_caption_text_never_logged_unless_enabled(
 
 
 # -- processes ---------------------------------------------------------------------------------
-def _serve_subprocess(*args: str, env: dict[str, str] | None = None) -> tuple[Any, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"serving on [\d.]+:(\d+)", line)
-    if not match:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        pytest.fail(f"server did not start: {line!r}\n{err}")
-    return proc, int(match.group(1))
-
-
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return str(resp.read().decode())
@@ -703,7 +684,7 @@ def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Pat
 
     mport = free_port()
     path = build_index_a(tmp_path / "idx")
-    proc, port = _serve_subprocess(
+    proc, port = serve_subprocess(
         "--workers", "2", "--index", str(path), "--metrics-port", str(mport),
         "--admin-token", ADMIN,
     )
@@ -754,7 +735,7 @@ def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Pat
 @pytest.mark.slow
 def test_server_serves_the_demo_dictionary_and_drains_on_sigterm(tmp_path: Path) -> None:
     # No --index: the embedded demo dictionary, built into a private cache directory.
-    proc, port = _serve_subprocess(
+    proc, port = serve_subprocess(
         "--workers", "1", env={"CONCEPTSVC_CACHE_DIR": str(tmp_path / "cache")}
     )
     try:

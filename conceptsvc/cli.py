@@ -157,14 +157,12 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _cmd_serve(args: argparse.Namespace) -> int:
     from conceptsvc.config import settings_from_args
     from conceptsvc.server import serve
+    from conceptsvc.server.launcher import ready_line
 
     settings = settings_from_args(args)
 
     def ready(port: int) -> None:
-        print(
-            f"conceptsvc serving on {settings.host}:{port} with {settings.workers} worker(s)",
-            flush=True,
-        )
+        print(ready_line(settings.host, port, settings.workers), flush=True)
 
     return serve(settings, on_ready=ready)
 

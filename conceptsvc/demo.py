@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,13 +26,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from conceptsvc.server.launcher import READY_RE
+
 __all__ = ["main"]
 
 DATA = Path(__file__).parent / "data" / "demo"
 CAPTIONS = DATA / "captions.csv"
 GOLD = DATA / "concepts.csv"
 GOLD_MANUAL = DATA / "concepts_manual.csv"
-_READY = re.compile(r"conceptsvc serving on (\S+):(\d+)")
 # Files the demo writes (removed before a run, so that each run really annotates).
 _OUTPUTS = (
     "demo.csv",
@@ -79,7 +79,7 @@ def _start_service(workers: int, timeout: float) -> tuple[subprocess.Popen[str],
         assert proc.stdout is not None
         for line in proc.stdout:
             print(f"    [service] {line.rstrip()}", flush=True)
-            m = _READY.search(line)
+            m = READY_RE.search(line)
             if m and not found:
                 found.append(f"127.0.0.1:{m.group(2)}")
                 ready.set()

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +18,10 @@ from typing import Any
 import pytest
 
 from conceptsvc.config import Settings, load_settings
+from conceptsvc.errors import ConfigError
 from conceptsvc.index import FLAG_ABBREVIATION, build_index
 from conceptsvc.server import ConceptServer, create_server
+from conceptsvc.server.launcher import spawn_server
 
 CONCEPTS_A = [
     ("C0032326", "Pneumothorax", ["T047"]),
@@ -205,22 +204,8 @@ def make_pki(directory: Path) -> Pki:
 def serve_subprocess(
     *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], int]:
-    """Start ``conceptsvc serve --port 0 ARGS`` as a real process; return it and its port.
-
-    The port is read from the CLI's ready line ("conceptsvc serving on HOST:PORT ...").
-    """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"serving on [\d.]+:(\d+)", line)
-    if not match:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        pytest.fail(f"server did not start: {line!r}\n{err}")
-    return proc, int(match.group(1))
+    """Start ``conceptsvc serve --port 0 ARGS`` as a real process; return it and its port."""
+    try:
+        return spawn_server(args, env=env)
+    except ConfigError as exc:
+        pytest.fail(str(exc))

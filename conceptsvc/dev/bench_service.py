@@ -51,6 +51,7 @@ from typing import Any
 
 from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ConfigError
+from conceptsvc.server.launcher import spawn_server
 
 __all__ = ["main", "run"]
 
@@ -110,18 +111,8 @@ class _Server:
     """``conceptsvc serve`` in a subprocess."""
 
     def __init__(self, args: Sequence[str]) -> None:
-        cmd = [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        match = re.search(r"serving on [^ ]+:(\d+)", line)
-        if match is None:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=30)
-            raise ConfigError(f"the service did not start: {line!r}\n{err[-2000:]}")
-        self.target = f"127.0.0.1:{match.group(1)}"
+        self.proc, port = spawn_server(args, cwd=REPO)
+        self.target = f"127.0.0.1:{port}"
 
     def pids(self) -> list[int]:
         """The server and every process below it."""

@@ -40,7 +40,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from conceptsvc.server.launcher import spawn_server
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +118,12 @@ def demo_captions() -> list[str]:
 def start_server(
     workers: int, index: Path | None, cache: bool
 ) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", "--workers",
-           str(workers), "--max-concurrent-rpcs", "1024", "--threads", "64"]
+    cmd = ["--workers", str(workers), "--max-concurrent-rpcs", "1024", "--threads", "64"]
     if index is not None:
         cmd += ["--index", str(index)]
     if not cache:
         cmd += ["--cache-size", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"serving on [\d.]+:(\d+)", line)
-    if match is None:
-        proc.kill()
-        _, err = proc.communicate(timeout=30)
-        raise RuntimeError(f"the server did not start: {line!r}\n{err}")
-    return proc, int(match.group(1))
+    return spawn_server(cmd)
 
 
 def _children(pid: int) -> list[int]:

@@ -40,16 +40,16 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from conceptsvc.abbreviations import AmbiguityResolver, find_definitions
 from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
-from conceptsvc.matcher import ExactMatcher, Match
+from conceptsvc.matcher import ExactMatcher, Match, check_surface
 from conceptsvc.model import Annotation, Mention
-from conceptsvc.negation import NegationDetector
-from conceptsvc.normalize import STOPWORDS, normalize_term, tokenize_spans
+from conceptsvc.negation import _POST_KIND, _PRE_KIND, NegationDetector
+from conceptsvc.normalize import SPEEDUPS, STOPWORDS, normalize_term, tokenize_spans
 from conceptsvc.profile import Profile, available_profiles, load_profile
 from conceptsvc.semantic_network import load_semantic_network
 
@@ -158,6 +158,19 @@ class Extractor:
         # object, and an identity check is cheaper than hashing an 11-field dataclass.
         self._last: tuple[ExtractOptions | None, _Plan | None] = (None, None)
         self.check_options(self.default_options)
+        # The compiled hot path (conceptsvc/_speedups.pyx) runs the same pipeline when the
+        # extension is built and the matcher has its token-prefix table; see extract().
+        self._fast: Any = None
+        if SPEEDUPS is not None and self._exact._prefixes is not None:
+            self._fast = SPEEDUPS.FastPath(
+                self,
+                tokenize_spans,
+                check_surface=check_surface,
+                negation_kinds=(_PRE_KIND, _POST_KIND),
+                cand_type=_Cand,
+                mention_type=Mention,
+                annotation_type=Annotation,
+            )
 
     # -- options -----------------------------------------------------------------------------
     def profiles(self) -> list[str]:
@@ -269,6 +282,8 @@ class Extractor:
             options = self.default_options
         plan = last[1] if last[0] is options and last[1] is not None else self._plan(options)
         self._last = (options, plan)
+        if self._fast is not None:
+            return self._fast.extract(text, plan, id)  # type: ignore[no-any-return]
         o = plan.options
         norms, starts, ends = tokenize_spans(text)
         matches = self._exact.match(text, norms, starts, ends)

@@ -30,14 +30,18 @@ built with other rules is refused, because its keys would no longer meet the cap
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
+from typing import Any
 
 __all__ = [
     "NORMALIZER_VERSION",
+    "SPEEDUPS",
     "STOPWORDS",
     "Token",
     "is_stopword_only",
@@ -45,6 +49,7 @@ __all__ = [
     "normalize_token",
     "tokenize",
     "tokenize_spans",
+    "tokenize_spans_py",
 ]
 
 NORMALIZER_VERSION = "3"
@@ -307,6 +312,10 @@ def tokenize(text: str) -> list[Token]:
 def tokenize_spans(text: str) -> tuple[list[str], list[int], list[int]]:
     """:func:`tokenize` as three parallel lists (norms, starts, ends).
 
+    With the compiled extension (:data:`SPEEDUPS`), this name is bound to its C tokeniser,
+    which gives the same lists (``tests/test_speedups.py``); :func:`tokenize_spans_py` is
+    always this reference implementation.
+
     The extractor's hot path uses this form: it allocates no per-token objects. Most captions
     are ASCII, and for ASCII text the token pattern reduces to ``[A-Za-z0-9]+('[A-Za-z0-9]+)*``,
     which the regex engine runs about twice as fast as the Unicode pattern, and offsets come
@@ -339,3 +348,31 @@ def is_stopword_only(norms: list[str] | tuple[str, ...]) -> bool:
 
 # Stopwords in normalised form, so they compare with ``Token.norm``.
 STOPWORDS = frozenset(normalize_token(w) for w in _STOPWORDS_RAW)
+
+tokenize_spans_py = tokenize_spans
+
+
+def _load_speedups() -> Any:
+    """The compiled hot path (``conceptsvc._speedups``), or None when it is switched off with
+    ``CONCEPTSVC_PURE_PYTHON=1`` (a reference run) or was not built (a source tree used without
+    ``pip install``; the engine is then several times slower)."""
+    if os.environ.get("CONCEPTSVC_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from conceptsvc import _speedups
+    except ImportError:  # pragma: no cover - the project's install always builds it
+        warnings.warn(
+            "conceptsvc._speedups is not built: the extraction engine runs in pure Python "
+            "(run `make install` or `pip install .` to build it)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return _speedups
+
+
+SPEEDUPS: Any = _load_speedups()
+"""The compiled extension module, or None (pure Python)."""
+
+if SPEEDUPS is not None:
+    tokenize_spans = SPEEDUPS.SpanTokenizer(normalize_token)  # noqa: F811

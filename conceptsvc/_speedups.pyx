@@ -1,0 +1,743 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: cdivision=True, infer_types=False
+"""Compiled hot path of the extraction engine (Cython).
+
+The pure-Python modules (``normalize``, ``matcher``, ``extractor``, ``negation``, ``profile``)
+are the reference: they define what the engine does, and every rule lives there. This module
+runs the same steps for one caption with the interpreter out of the loop — typed loops over the
+token lists, dict probes through the C API, candidates as plain tuples, mentions built without
+their dataclass ``__init__`` — and calls back into the Python modules for everything that is
+rare or rule-heavy (normalising a token not seen before, surface case checks, definitions in
+the caption, ambiguous spans, negation scopes, approximate matching).
+
+Equivalence with the reference is a test (``tests/test_speedups.py``): the same annotations for
+every ROCOv2 validation caption under several option sets, and for random texts; the same
+tokens for random Unicode. ``CONCEPTSVC_PURE_PYTHON=1`` turns this module off.
+"""
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_ISLOWER
+
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+
+cdef extern from *:
+    """
+    /* Set one __slots__ field through its member descriptor: what object.__setattr__ does for
+       a frozen dataclass, without the attribute lookup. */
+    static int __cs_set_slot(PyObject *descr, PyObject *obj, PyObject *value) {
+        return Py_TYPE(descr)->tp_descr_set(descr, obj, value);
+    }
+    """
+    int _set_slot "__cs_set_slot"(object descr, object obj, object value) except -1
+
+
+# -- tokenisation ------------------------------------------------------------------------------
+
+# The combining-mark blocks of normalize._MARKS (kept in step by tests/test_speedups.py).
+cdef Py_UCS4[9][2] _MARK_RANGES
+_MARK_RANGES[0][:] = [0x0300, 0x036F]
+_MARK_RANGES[1][:] = [0x0483, 0x0489]
+_MARK_RANGES[2][:] = [0x0591, 0x05BD]
+_MARK_RANGES[3][:] = [0x0610, 0x061A]
+_MARK_RANGES[4][:] = [0x064B, 0x065F]
+_MARK_RANGES[5][:] = [0x1AB0, 0x1AFF]
+_MARK_RANGES[6][:] = [0x1DC0, 0x1DFF]
+_MARK_RANGES[7][:] = [0x20D0, 0x20FF]
+_MARK_RANGES[8][:] = [0xFE20, 0xFE2F]
+
+MARK_RANGES = tuple((_MARK_RANGES[k][0], _MARK_RANGES[k][1]) for k in range(9))
+
+
+cdef inline bint _is_word(Py_UCS4 c) noexcept:
+    """``[^\\W_]`` of Python's ``re`` for str patterns: an alphanumeric code point."""
+    if c < 128:
+        return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122)
+    return Py_UNICODE_ISALNUM(c)
+
+
+cdef inline bint _is_mark(Py_UCS4 c) noexcept:
+    cdef int k
+    if c < 0x0300:
+        return False
+    for k in range(9):
+        if _MARK_RANGES[k][0] <= c <= _MARK_RANGES[k][1]:
+            return True
+    return False
+
+
+cdef inline bint _is_apostrophe(Py_UCS4 c) noexcept:
+    return c == 39 or c == 0x2019
+
+
+cdef class SpanTokenizer:
+    """``normalize.tokenize_spans`` as one C loop; ``normalize_token`` is called once per new
+    surface form (results kept in a bounded dict)."""
+
+    cdef object _normalize
+    cdef dict _cache
+    cdef Py_ssize_t _max_cache
+
+    def __init__(self, normalize_token, Py_ssize_t max_cache=1 << 18):
+        self._normalize = normalize_token
+        self._cache = {}
+        self._max_cache = max_cache
+
+    def __call__(self, str text):
+        return self.spans(text)
+
+    cpdef tuple spans(self, str text):
+        cdef Py_ssize_t n = len(text), i = 0, s
+        cdef Py_UCS4 c
+        cdef list norms = [], starts = [], ends = []
+        cdef dict cache = self._cache
+        cdef PyObject *hit
+        cdef object norm
+        cdef str raw
+        while i < n:
+            c = text[i]
+            if not _is_word(c):
+                i += 1
+                continue
+            s = i
+            i += 1
+            while True:
+                while i < n and (_is_word(text[i]) or _is_mark(text[i])):
+                    i += 1
+                if i + 1 < n and _is_apostrophe(text[i]) and _is_word(text[i + 1]):
+                    i += 2
+                    continue
+                break
+            raw = text[s:i]
+            hit = PyDict_GetItem(cache, raw)
+            if hit is NULL:
+                norm = self._normalize(raw)
+                if len(cache) >= self._max_cache:
+                    cache.clear()
+                cache[raw] = norm
+            else:
+                norm = <object>hit
+            if norm:
+                norms.append(norm)
+                starts.append(s)
+                ends.append(i)
+        return norms, starts, ends
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+cdef inline bint _crosses_break(str text, Py_ssize_t left, Py_ssize_t right) noexcept:
+    """``matcher.crosses_break``: phrase-ending punctuation between two tokens."""
+    cdef Py_ssize_t k
+    cdef Py_UCS4 c
+    if right - left == 1 and text[left] == u" ":
+        return False
+    for k in range(left, right):
+        c = text[k]
+        if (c == u"," or c == u";" or c == u":" or c == u"." or c == u"!" or c == u"?"
+                or c == u"(" or c == u")" or c == u"[" or c == u"]" or c == u"{" or c == u"}"):
+            return True
+    return False
+
+
+cdef bint _may_define(str text):
+    """False only when ``abbreviations.find_definitions(text)`` is certainly empty.
+
+    Every definition needs a parenthesis with a closing one after it, and a short form with a
+    capital letter either inside it (``long form (SF)``) or as the word before it
+    (``SF (long form)``). A superset test: when it passes, the real function decides.
+    """
+    cdef Py_ssize_t n = len(text), p = 0, q, k
+    cdef Py_UCS4 c
+    cdef bint upper
+    while True:
+        p = text.find(u"(", p)
+        if p < 0:
+            return False
+        q = text.find(u")", p + 1)
+        if q < 0:
+            return False
+        upper = False
+        for k in range(p + 1, q):
+            if Py_UNICODE_ISUPPER(text[k]):
+                upper = True
+                break
+        if not upper:
+            # the word right before the parenthesis
+            k = p - 1
+            while k >= 0 and text[k].isspace():
+                k -= 1
+            while k >= 0 and not text[k].isspace():
+                if Py_UNICODE_ISUPPER(text[k]):
+                    upper = True
+                    break
+                k -= 1
+        if upper:
+            return True
+        p += 1
+
+
+# -- overlap resolution ------------------------------------------------------------------------
+
+cdef list _resolve_overlaps(list cands, bint longest):
+    """``extractor._resolve_overlaps`` on plain candidate tuples (same order, same result)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(cands), a, b, k, m = 0, max_end = -1
+    cdef Py_ssize_t pi = -1, pj = -1, i, j, best
+    cdef tuple c
+    cdef double sc
+    cdef bint overlap = False
+    for a in range(n):
+        c = <tuple>PyList_GET_ITEM(cands, a)
+        i = <Py_ssize_t>c[0]
+        j = <Py_ssize_t>c[1]
+        if i < max_end and not (i == pi and j == pj):
+            overlap = True
+            break
+        pi, pj = i, j
+        if j > max_end:
+            max_end = j
+    if not overlap:
+        return cands
+    cdef Py_ssize_t *si = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *sj = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    cdef double *ss = <double *>malloc(n * sizeof(double))
+    cdef Py_ssize_t *order = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    cdef char *kept = <char *>malloc(n)
+    cdef char *taken = NULL
+    cdef list out = []
+    try:
+        max_end = 0
+        for a in range(n):  # distinct spans, each with its best score
+            c = <tuple>PyList_GET_ITEM(cands, a)
+            i = <Py_ssize_t>c[0]
+            j = <Py_ssize_t>c[1]
+            sc = <double>c[4]
+            if j > max_end:
+                max_end = j
+            for k in range(m):
+                if si[k] == i and sj[k] == j:
+                    if sc > ss[k]:
+                        ss[k] = sc
+                    break
+            else:
+                si[m], sj[m], ss[m] = i, j, sc
+                m += 1
+        for k in range(m):  # insertion sort by the reference's tuple order
+            order[k] = k
+            b = k
+            while b > 0 and _span_before(order[b], order[b - 1], si, sj, ss, longest):
+                order[b], order[b - 1] = order[b - 1], order[b]
+                b -= 1
+        taken = <char *>malloc(max_end + 1)
+        memset(taken, 0, max_end + 1)
+        memset(kept, 0, n)
+        for k in range(m):
+            best = order[k]
+            for a in range(si[best], sj[best]):
+                if taken[a]:
+                    break
+            else:
+                kept[best] = 1
+                for a in range(si[best], sj[best]):
+                    taken[a] = 1
+        for a in range(n):
+            c = <tuple>PyList_GET_ITEM(cands, a)
+            i = <Py_ssize_t>c[0]
+            j = <Py_ssize_t>c[1]
+            for k in range(m):
+                if si[k] == i and sj[k] == j:
+                    if kept[k]:
+                        out.append(c)
+                    break
+        return out
+    finally:
+        free(si)
+        free(sj)
+        free(ss)
+        free(order)
+        free(kept)
+        free(taken)
+
+
+cdef inline bint _span_before(Py_ssize_t x, Py_ssize_t y, Py_ssize_t *si, Py_ssize_t *sj,
+                              double *ss, bint longest) noexcept:
+    """Span x sorts before span y: (i - j, -score, i, j) for longest, (-score, i - j, i, j)
+    otherwise — the reference's tuple keys."""
+    cdef double lx = <double>(si[x] - sj[x]), ly = <double>(si[y] - sj[y])
+    cdef double sx = -ss[x], sy = -ss[y]
+    if longest:
+        if lx != ly:
+            return lx < ly
+        if sx != sy:
+            return sx < sy
+    else:
+        if sx != sy:
+            return sx < sy
+        if lx != ly:
+            return lx < ly
+    if si[x] != si[y]:
+        return si[x] < si[y]
+    return sj[x] < sj[y]
+
+
+# -- the extractor's hot path ------------------------------------------------------------------
+
+cdef class FastPath:
+    """One caption through the pipeline of :meth:`conceptsvc.extractor.Extractor.extract`.
+
+    Built by the extractor when its exact matcher has a token-prefix table (indexes of up to
+    ``matcher.PREFIX_TABLE_MAX_KEYS`` keys); reads the extractor's and the matcher's memo
+    tables, so both paths share them.
+    """
+
+    cdef object ex
+    cdef object matcher
+    cdef dict prefixes
+    cdef dict entries
+    cdef dict info
+    cdef SpanTokenizer tokenize
+    cdef object check_surface
+    cdef object filter_postings
+    cdef NegationScanner negation
+    cdef dict profiles
+    cdef object Cand
+    cdef object Annotation
+    cdef object Mention
+    cdef tuple mention_slots
+    cdef tuple annotation_slots
+    cdef object new
+
+    def __init__(self, extractor, tokenizer, *, check_surface, negation_kinds, cand_type,
+                 mention_type, annotation_type):
+        self.ex = extractor
+        self.matcher = extractor._exact
+        prefixes = self.matcher._prefixes
+        if prefixes is None:
+            raise ValueError("the fast path needs the matcher's token-prefix table")
+        self.prefixes = prefixes
+        self.entries = self.matcher._entries
+        self.info = extractor._info
+        self.tokenize = tokenizer
+        self.check_surface = check_surface
+        self.filter_postings = extractor._filter_postings
+        self.negation = NegationScanner(
+            extractor._negation, pre_kind=negation_kinds[0], post_kind=negation_kinds[1]
+        )
+        self.profiles = {}
+        self.Cand = cand_type
+        self.Mention = mention_type
+        self.Annotation = annotation_type
+        self.mention_slots = tuple(mention_type.__dict__[f] for f in mention_type.__slots__)
+        self.annotation_slots = tuple(
+            annotation_type.__dict__[f] for f in annotation_type.__slots__
+        )
+        if mention_type.__slots__ != ("cui", "preferred_name", "text", "start", "end", "score",
+                                      "semantic_types", "source", "negated"):
+            raise ValueError("Mention's fields changed; update the fast path")
+        if annotation_type.__slots__ != ("id", "mentions", "concepts"):
+            raise ValueError("Annotation's fields changed; update the fast path")
+        self.new = object.__new__
+
+    cdef object _mention(self, str cui, str name, str surface, Py_ssize_t s, Py_ssize_t e,
+                         object score, object types, object sab, bint neg):
+        cdef object m = self.new(self.Mention)
+        cdef tuple d = self.mention_slots
+        _set_slot(d[0], m, cui)
+        _set_slot(d[1], m, name)
+        _set_slot(d[2], m, surface)
+        _set_slot(d[3], m, s)
+        _set_slot(d[4], m, e)
+        _set_slot(d[5], m, score)
+        _set_slot(d[6], m, types)
+        _set_slot(d[7], m, sab)
+        _set_slot(d[8], m, neg)
+        return m
+
+    cdef object _annotation(self, str id, tuple mentions, tuple concepts):
+        cdef object a = self.new(self.Annotation)
+        cdef tuple d = self.annotation_slots
+        _set_slot(d[0], a, id)
+        _set_slot(d[1], a, mentions)
+        _set_slot(d[2], a, concepts)
+        return a
+
+    cdef list _match(self, object plan, str text, list norms, list starts, list ends,
+                     list covered):
+        """Exact matching and filtering: one (start_tok, end_tok, cui, posting, score) tuple
+        per accepted (window, concept), in the order of the reference matcher. ``covered``
+        (approximate mode), when given, marks the tokens of every exactly matched window,
+        filtered out or not, as the reference's coverage does."""
+        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j
+        cdef dict prefixes = self.prefixes, entries = self.entries
+        cdef dict memo = plan.filtered
+        cdef list out = []
+        cdef PyObject *hit
+        cdef str key, longer
+        cdef long kid
+        cdef Py_ssize_t t
+        cdef object e, pairs, posts, score = 1.0
+        cdef tuple free, checked, pair
+        for i in range(n):
+            key = <str>PyList_GET_ITEM(norms, i)
+            hit = PyDict_GetItem(prefixes, key)
+            if hit is NULL:
+                continue
+            j = i + 1
+            while True:
+                kid = <long><object>hit
+                if kid >= 0:
+                    hit = PyDict_GetItem(entries, kid)
+                    if hit is NULL:
+                        e = self.matcher._entry(kid, key)
+                    else:
+                        e = <object>hit
+                    free = <tuple>PyTuple_GET_ITEM(e, 0)
+                    checked = <tuple>PyTuple_GET_ITEM(e, 1)
+                    pairs = None
+                    if PyTuple_GET_SIZE(checked):
+                        posts = free + self.check_surface(
+                            checked, text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]]
+                        )
+                        if posts:
+                            pairs = self.filter_postings(plan, posts)
+                    elif PyTuple_GET_SIZE(free):
+                        hit = PyDict_GetItem(memo, key)
+                        if hit is NULL:
+                            pairs = self.filter_postings(plan, free)
+                            memo[key] = pairs
+                        else:
+                            pairs = <object>hit
+                    if pairs is not None:
+                        if covered is not None:
+                            for t in range(i, j):
+                                covered[t] = True
+                        for pair in pairs:
+                            out.append((i, j, pair[0], pair[1], score))
+                if j >= n:
+                    break
+                if _crosses_break(text, <Py_ssize_t>ends[j - 1], <Py_ssize_t>starts[j]):
+                    break
+                longer = key + u" " + <str>PyList_GET_ITEM(norms, j)
+                hit = PyDict_GetItem(prefixes, longer)
+                if hit is NULL:
+                    break
+                key = longer
+                j += 1
+        return out
+
+    def extract(self, str text, object plan, str id=u""):
+        """The annotation of one caption under a compiled plan (``extractor._Plan``)."""
+        cdef object ex = self.ex, o = plan.options, profile = plan.profile
+        cdef list norms, starts, ends, cands, records
+        cdef tuple c, r
+        cdef Py_ssize_t k, n_c, t
+        norms, starts, ends = self.tokenize.spans(text)
+        cdef bint approximate = o.mode == u"approximate"
+        cdef list covered = [False] * len(norms) if approximate else None
+        cands = self._match(plan, text, norms, starts, ends, covered)
+        if approximate:
+            approx = ex._approximate().match(
+                text, norms, starts, ends, covered, o.similarity, o.threshold
+            )
+            if approx:
+                cands.extend([tuple(x) for x in ex._filter(plan, approx)])
+        if cands and u"(" in text and _may_define(text):
+            cands = [tuple(x) for x in ex._apply_definitions(
+                plan, text, norms, starts, ends, [self.Cand._make(x) for x in cands]
+            )]
+        n_c = len(cands)
+        if n_c > 1:
+            for k in range(1, n_c):
+                c = <tuple>PyList_GET_ITEM(cands, k)
+                r = <tuple>PyList_GET_ITEM(cands, k - 1)
+                if c[0] == r[0] and c[1] == r[1]:
+                    cands = [tuple(x) for x in ex._disambiguate(
+                        plan, norms, [self.Cand._make(x) for x in cands]
+                    )]
+                    break
+            if o.overlap != u"all" and len(cands) > 1:
+                cands = _resolve_overlaps(cands, o.overlap == u"longest")
+        cdef bint identity = profile.is_identity
+        if not cands and identity:
+            return self._annotation(id, (), ())
+        negated = None
+        if cands:
+            negated = self.negation.negated_tokens(text, norms, starts, ends)
+        cdef bint include_negated = o.include_negated, neg
+        records = []
+        for c in cands:
+            neg = False
+            if negated is not None:
+                neg = True in negated[<Py_ssize_t>c[0]:<Py_ssize_t>c[1]]
+                if neg and not include_negated:
+                    continue
+            records.append((c[0], c[1], c[2], c, neg))
+        records.sort()
+        mentioned = list(dict.fromkeys([r[2] for r in records]))
+        inferred = ()
+        cdef ProfileRunner runner
+        cdef set kept
+        if not identity:
+            runner = self.profiles.get(profile)
+            if runner is None:
+                runner = self.profiles[profile] = ProfileRunner(profile)
+            kept, inferred = runner.apply(mentioned, text, norms, starts, ends)
+            if len(kept) != len(mentioned) or not kept.issuperset(mentioned):
+                records = [r for r in records if r[2] in kept]
+                mentioned = [x for x in mentioned if x in kept]
+        cdef tuple mentions = ()
+        cdef Py_ssize_t s, e
+        cdef dict info = self.info
+        cdef PyObject *hit
+        cdef object ci
+        if o.include_mentions and records:
+            out = []
+            for r in records:
+                c = <tuple>r[3]
+                s = <Py_ssize_t>starts[<Py_ssize_t>r[0]]
+                e = <Py_ssize_t>ends[<Py_ssize_t>r[1] - 1]
+                hit = PyDict_GetItem(info, r[2])
+                ci = <object>hit if hit is not NULL else ex.concept_info(r[2])
+                out.append(self._mention(r[2], ci[0], text[s:e], s, e, c[4], ci[1],
+                                         c[3].sab, r[4]))
+            mentions = tuple(out)
+        return self._annotation(id, mentions, (*mentioned, *inferred))
+
+
+# -- negation ----------------------------------------------------------------------------------
+
+cdef inline bint _gap_has(str text, Py_ssize_t left, Py_ssize_t right, bint commas) noexcept:
+    """The gap text[left:right] is not one space and holds sentence punctuation (``.;:!?``),
+    or also ``,()`` when ``commas`` (negation's ``_breaks_inside`` and its ``brk`` list)."""
+    cdef Py_ssize_t k
+    cdef Py_UCS4 c
+    if right - left == 1 and text[left] == u" ":
+        return False
+    for k in range(left, right):
+        c = text[k]
+        if c == u"." or c == u";" or c == u":" or c == u"!" or c == u"?":
+            return True
+        if commas and (c == u"," or c == u"(" or c == u")"):
+            return True
+    return False
+
+
+cdef class NegationScanner:
+    """``negation.NegationDetector.negated_tokens`` with the interpreter out of the loop."""
+
+    cdef dict table
+    cdef frozenset triggers
+    cdef Py_ssize_t scope
+    cdef int pre, post
+
+    def __init__(self, detector, *, pre_kind, post_kind):
+        self.table = detector._table
+        self.triggers = detector._trigger_words
+        self.scope = detector.rules.scope
+        self.pre = pre_kind
+        self.post = post_kind
+
+    cpdef object negated_tokens(self, str text, list norms, list starts, list ends):
+        if self.triggers.isdisjoint(norms):
+            return None
+        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i = 0, L, q, t, s, e, h, nh = 0
+        cdef PyObject *hit
+        cdef tuple ph, entry
+        cdef int kind
+        cdef bint ok, any_trigger = False, any_out = False
+        cdef Py_ssize_t *hs = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
+        cdef Py_ssize_t *he = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
+        cdef int *hk = <int *>malloc((n + 1) * sizeof(int))
+        cdef char *stop = <char *>malloc(n + 1)
+        cdef char *brk = <char *>malloc(n + 1)
+        cdef char *out = <char *>malloc(n + 1)
+        try:
+            while i < n:
+                hit = PyDict_GetItem(self.table, <object>PyList_GET_ITEM(norms, i))
+                if hit is NULL:
+                    i += 1
+                    continue
+                for entry in <list>hit:
+                    ph = <tuple>entry[0]
+                    kind = <int>entry[1]
+                    L = PyTuple_GET_SIZE(ph)
+                    if i + L > n:
+                        continue
+                    ok = True
+                    for q in range(L):
+                        if <str>PyList_GET_ITEM(norms, i + q) != <str>PyTuple_GET_ITEM(ph, q):
+                            ok = False
+                            break
+                    if not ok:
+                        continue
+                    for t in range(i + 1, i + L):
+                        if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t], True):
+                            ok = False
+                            break
+                    if not ok:
+                        continue
+                    hs[nh], he[nh], hk[nh] = i, i + L, kind
+                    nh += 1
+                    if kind == self.pre or kind == self.post:
+                        any_trigger = True
+                    i += L
+                    break
+                else:
+                    i += 1
+            if not any_trigger:
+                return None
+            memset(stop, 0, n + 1)
+            memset(brk, 0, n + 1)
+            memset(out, 0, n + 1)
+            for h in range(nh):
+                for t in range(hs[h], he[h]):
+                    stop[t] = 1
+            for t in range(1, n):
+                if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t], False):
+                    brk[t] = 1
+            for h in range(nh):
+                s, e = hs[h], he[h]
+                if hk[h] == self.pre:
+                    t = e
+                    while t < n and t < e + self.scope and not brk[t] and not stop[t]:
+                        out[t] = 1
+                        any_out = True
+                        t += 1
+                elif hk[h] == self.post:
+                    t = s - 1
+                    while t >= 0 and t >= s - self.scope and not brk[t + 1] and not stop[t]:
+                        out[t] = 1
+                        any_out = True
+                        t -= 1
+            if not any_out:
+                return None
+            return [out[t] != 0 for t in range(n)]
+        finally:
+            free(hs)
+            free(he)
+            free(hk)
+            free(stop)
+            free(brk)
+            free(out)
+
+
+# -- profiles ----------------------------------------------------------------------------------
+
+cdef class ProfileRunner:
+    """``profile.Profile.apply`` for one compiled profile, with the interpreter out of the
+    loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``."""
+
+    cdef dict phrases
+    cdef tuple slots  # per slot: (member_set, priority, max, mention_weight, when,
+    #                              keep_mentioned, defaults, cui_evidence)
+    cdef object vocabulary
+    cdef frozenset drop
+
+    def __init__(self, profile):
+        self.phrases = profile._phrases
+        self.slots = tuple(
+            (s.member_set, s.priority, s.max, s.mention_weight, s.when, s.keep_mentioned,
+             s.defaults, s.cui_evidence)
+            for s in profile._slots
+        )
+        self.vocabulary = profile.vocabulary
+        self.drop = profile.drop
+
+    cdef dict _evidence(self, str text, list norms, list starts, list ends):
+        cdef dict scores = {}, slot_scores
+        cdef set seen = set()
+        cdef dict table = self.phrases
+        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j
+        cdef PyObject *hit
+        cdef PyObject *prev
+        cdef str key
+        cdef tuple targets, tg
+        cdef int upper
+        for i in range(n):
+            key = <str>PyList_GET_ITEM(norms, i)
+            hit = PyDict_GetItem(table, key)
+            j = i + 1
+            while hit is not NULL:
+                targets = <tuple>hit
+                if PyTuple_GET_SIZE(targets) and key not in seen:
+                    seen.add(key)
+                    upper = -1
+                    for tg in targets:
+                        if tg[3]:
+                            if upper < 0:
+                                upper = text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]].isupper()
+                            if not upper:
+                                continue
+                        prev = PyDict_GetItem(scores, tg[0])
+                        if prev is NULL:
+                            scores[tg[0]] = {tg[1]: tg[2]}
+                        else:
+                            slot_scores = <dict>prev
+                            slot_scores[tg[1]] = slot_scores.get(tg[1], 0.0) + tg[2]
+                if j >= n:
+                    break
+                key = key + u" " + <str>PyList_GET_ITEM(norms, j)
+                hit = PyDict_GetItem(table, key)
+                j += 1
+        return scores
+
+    cpdef tuple apply(self, list mentioned, str text, list norms, list starts, list ends):
+        cdef set present = set(mentioned)
+        cdef list inferred = [], chosen, ranked
+        cdef dict evidence = self._evidence(text, norms, starts, ends) if self.phrases else {}
+        cdef dict score, priority
+        cdef tuple slot, ev_t
+        cdef frozenset members, when
+        cdef Py_ssize_t si = -1, k
+        cdef object sc, c, v
+        for slot in self.slots:
+            si += 1
+            members = <frozenset>slot[0]
+            when = <frozenset>slot[4]
+            if when and present.isdisjoint(when):
+                if not slot[5] and not present.isdisjoint(members):
+                    present -= members
+                if inferred:
+                    inferred = [x for x in inferred if x not in members]
+                continue
+            sc = evidence.get(si)
+            score = dict(sc) if sc else {}
+            for c in present & members:
+                score[c] = score.get(c, 0.0) + slot[3]
+            for ev_t in <tuple>slot[7]:
+                if ev_t[0] in present:
+                    score[ev_t[1]] = score.get(ev_t[1], 0.0) + ev_t[2]
+            if len(score) > 1:
+                priority = <dict>slot[1]
+                ranked = []
+                k = 0
+                for c, v in score.items():
+                    if v > 0:
+                        ranked.append((-v, priority[c], k, c))
+                        k += 1
+                ranked.sort()
+                chosen = [ev_t[3] for ev_t in ranked[:<Py_ssize_t>slot[2]]]
+            else:
+                chosen = [c for c, v in score.items() if v > 0]
+            if not chosen:
+                for ev_t in <tuple>slot[6]:
+                    if not ev_t[1] or not present.isdisjoint(ev_t[1]):
+                        chosen = [ev_t[0]]
+                        break
+            present -= members
+            if inferred:
+                inferred = [x for x in inferred if x not in members]
+            for c in chosen:
+                if c not in present:
+                    present.add(c)
+                    if c not in mentioned:
+                        inferred.append(c)
+        if self.vocabulary is not None:
+            present &= self.vocabulary
+        if self.drop:
+            present -= self.drop
+        return present, (tuple([x for x in inferred if x in present]) if inferred else ())

@@ -1,0 +1,14 @@
+"""Build of the compiled hot path (``conceptsvc/_speedups.pyx``); all metadata is in
+pyproject.toml. The extension is required: `make install` builds it with the Cython and gcc of
+the machine (setuptools runs this file for every install, editable ones included)."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=cythonize(
+        [Extension("conceptsvc._speedups", ["conceptsvc/_speedups.pyx"])],
+        compiler_directives={"language_level": "3"},
+        quiet=True,
+    )
+)

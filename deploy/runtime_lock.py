@@ -1,4 +1,4 @@
-"""Print the runtime subset of a pip-compile hashed lock file (standard library only).
+"""Print the runtime (or build-system) subset of a pip-compile hashed lock file (stdlib only).
 
 The project's lock pins everything the tests use (dev tools, PySpark, QuickUMLS …), but the
 service image needs only ``[project].dependencies`` and what they pull in. This keeps exactly
@@ -10,7 +10,11 @@ a runtime dependency of the project or when anything that depends on it is kept.
 package because an optional extra of a kept package wants it is harmless; missing one is not,
 so the Docker build runs ``pip check`` afterwards.
 
-usage: python runtime_lock.py LOCK_FILE PYPROJECT_TOML > runtime.lock
+With ``--build-system`` the roots are ``[build-system].requires`` instead (setuptools, wheel,
+Cython): the image builds its wheel with those exact, hash-checked tools, in a virtualenv of the
+build stage that the runtime stage never sees.
+
+usage: python runtime_lock.py [--build-system] LOCK_FILE PYPROJECT_TOML > subset.lock
 """
 
 from __future__ import annotations
@@ -31,9 +35,17 @@ def canonical(name: str) -> str:
 
 def runtime_roots(pyproject: Path) -> set[str]:
     with pyproject.open("rb") as fh:
-        deps = tomllib.load(fh)["project"]["dependencies"]
+        return _names(tomllib.load(fh)["project"]["dependencies"], pyproject)
+
+
+def build_system_roots(pyproject: Path) -> set[str]:
+    with pyproject.open("rb") as fh:
+        return _names(tomllib.load(fh)["build-system"]["requires"], pyproject)
+
+
+def _names(requirements: list[str], pyproject: Path) -> set[str]:
     roots = set()
-    for requirement in deps:
+    for requirement in requirements:
         match = _NAME.match(requirement)
         if match is None:
             raise SystemExit(f"{pyproject}: cannot read the dependency {requirement!r}")
@@ -71,12 +83,19 @@ def parse_lock(lock: Path) -> dict[str, tuple[list[str], set[str]]]:
 
 
 def runtime_subset(lock: Path, pyproject: Path) -> list[str]:
+    return _closure(lock, pyproject, runtime_roots(pyproject), "runtime dependencies")
+
+
+def build_system_subset(lock: Path, pyproject: Path) -> list[str]:
+    return _closure(lock, pyproject, build_system_roots(pyproject), "build requirements")
+
+
+def _closure(lock: Path, pyproject: Path, roots: set[str], what: str) -> list[str]:
     entries = parse_lock(lock)
-    roots = runtime_roots(pyproject)
     missing = sorted(roots - entries.keys())
     if missing:
         raise SystemExit(
-            f"{lock} does not pin the runtime dependencies {missing}; regenerate it from "
+            f"{lock} does not pin the {what} {missing}; regenerate it from "
             f"{pyproject} (pip-compile --generate-hashes)"
         )
     keep = set(roots)
@@ -103,10 +122,13 @@ def _is_last(lines: list[str], i: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    subset = runtime_subset
+    if argv[:1] == ["--build-system"]:
+        subset, argv = build_system_subset, argv[1:]
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
-    for line in runtime_subset(Path(argv[0]), Path(argv[1])):
+    for line in subset(Path(argv[0]), Path(argv[1])):
         print(line)
     return 0
 

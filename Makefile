@@ -3,11 +3,25 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The compiled hot path, built in place by the editable install (its file name carries the
+# interpreter's ABI tag, e.g. conceptsvc/_speedups.cpython-311-x86_64-linux-gnu.so).
+SPEEDUPS := conceptsvc/_speedups$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 
 .PHONY: install test lint demo bench bench-index bench-peers peers soak proto audit lock clean system-deps
 
-# Debian packages the tests need (redis-server for the real Redis tier). Installed only if missing.
+# Debian packages the build and the tests need (gcc and Python's headers for the compiled
+# extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier).
+# Installed only if missing.
 system-deps:
+	@command -v gcc >/dev/null 2>&1 || { \
+	  echo "gcc not found: installing Debian's gcc (conceptsvc/_speedups.pyx is compiled)"; \
+	  (apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null) || \
+	  { echo "ERROR: could not install gcc; building conceptsvc needs a C compiler" >&2; exit 1; }; }
+	@! command -v $(PYTHON) >/dev/null 2>&1 || \
+	  $(PYTHON) -c 'import pathlib, sys, sysconfig; sys.exit(not (pathlib.Path(sysconfig.get_path("include")) / "Python.h").is_file())' || { \
+	  echo "Python.h not found: installing Debian's $(notdir $(PYTHON))-dev (headers for the compiled extension)"; \
+	  (apt-get update -qq && apt-get install -y -qq $(notdir $(PYTHON))-dev >/dev/null) || \
+	  { echo "ERROR: could not install $(notdir $(PYTHON))-dev; building conceptsvc needs Python's headers" >&2; exit 1; }; }
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "redis-server not found: installing Debian's redis-server package"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
@@ -26,10 +40,18 @@ $(STAMP): pyproject.toml requirements.lock
 	@# The quickumls extra compiles leveldb and simstring with gcc: about 100 s more on a fresh
 	@# 2-core machine.
 	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	@# The editable install compiles conceptsvc/_speedups.pyx (Cython from the lock, gcc).
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: system-deps $(STAMP)
+# Editing the .pyx or setup.py rebuilds the extension on the next install (test, demo, ...), so
+# that a stale .so never runs; the generated C file goes too, so Cython regenerates it. The venv
+# is order-only: its install has just built the extension.
+$(SPEEDUPS): conceptsvc/_speedups.pyx setup.py | $(STAMP)
+	rm -f $@ conceptsvc/_speedups.c
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+install: system-deps $(STAMP) $(SPEEDUPS)
 
 proto: $(STAMP)
 	$(PY) -m conceptsvc.dev.gen_proto
@@ -84,3 +106,4 @@ lock: install
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -f conceptsvc/_speedups.c conceptsvc/_speedups.html conceptsvc/*.so

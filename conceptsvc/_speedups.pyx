@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: language_level=3, initializedcheck=False
 # cython: cdivision=True, infer_types=False
 """Compiled hot path of the extraction engine (Cython).
 
@@ -21,7 +21,9 @@ from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_ISLOWER
 
-from libc.stdlib cimport free, malloc
+from cpython.ref cimport Py_XDECREF, Py_XINCREF
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 
@@ -128,6 +130,121 @@ cdef class SpanTokenizer:
         return norms, starts, ends
 
 
+# -- the extractor's token table --------------------------------------------------------------
+
+cdef struct TokEntry:
+    uint64_t hash          # 0: empty slot
+    Py_ssize_t length      # code points of the surface form
+    PyObject *raw          # the surface form (owned)
+    PyObject *norm         # its normalised form, possibly "" (owned)
+    PyObject *first        # the matcher's prefix-table value for norm, or NULL (borrowed: the
+    #                        prefix table is never modified and outlives the token table)
+
+
+cdef inline uint64_t _mix(uint64_t h, Py_UCS4 c) noexcept:
+    return (h ^ <uint64_t>c) * <uint64_t>0x100000001b3ULL  # FNV-1a over code points
+
+
+cdef class _TokenTable:
+    """Surface form → (normalised form, prefix-table value), probed by the code points of the
+    caption itself: a token seen before costs one probe, no string object and no dict lookup.
+
+    Open addressing; cleared when it holds ``max_entries`` forms (a bounded cache). Every
+    Python call (normalising a new form) happens before the table is touched, so a thread
+    switch in the middle of it never sees a half-updated table.
+    """
+
+    cdef TokEntry *slots
+    cdef Py_ssize_t mask, used, max_entries
+    cdef object normalize
+    cdef dict prefixes
+
+    def __cinit__(self, normalize, dict prefixes, Py_ssize_t max_entries=1 << 17):
+        self.normalize = normalize
+        self.prefixes = prefixes
+        self.max_entries = max_entries
+        self.mask = (1 << 12) - 1
+        self.used = 0
+        self.slots = <TokEntry *>calloc(self.mask + 1, sizeof(TokEntry))
+        if self.slots is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        self._release(self.slots, self.mask + 1)
+        free(self.slots)
+
+    def __len__(self):
+        return self.used
+
+    cdef void _release(self, TokEntry *slots, Py_ssize_t size) noexcept:
+        cdef Py_ssize_t k
+        if slots is NULL:
+            return
+        for k in range(size):
+            if slots[k].hash:
+                Py_XDECREF(slots[k].raw)
+                Py_XDECREF(slots[k].norm)
+
+    cdef TokEntry *find(self, str text, Py_ssize_t s, Py_ssize_t e, uint64_t h) noexcept:
+        cdef Py_ssize_t k = <Py_ssize_t>(h & <uint64_t>self.mask), q
+        cdef TokEntry *t
+        cdef str raw
+        while True:
+            t = &self.slots[k]
+            if t.hash == 0:
+                return NULL
+            if t.hash == h and t.length == e - s:
+                raw = <str>t.raw
+                for q in range(e - s):
+                    if raw[q] != text[s + q]:
+                        break
+                else:
+                    return t
+            k = (k + 1) & self.mask
+
+    cdef TokEntry *add(self, str text, Py_ssize_t s, Py_ssize_t e, uint64_t h) except NULL:
+        cdef str raw = text[s:e]
+        cdef object norm = self.normalize(raw)  # Python code: may switch threads
+        cdef TokEntry *t = self.find(text, s, e, h)  # so probe again
+        if t is not NULL:
+            return t
+        if self.used >= self.max_entries:
+            self._release(self.slots, self.mask + 1)
+            memset(self.slots, 0, (self.mask + 1) * sizeof(TokEntry))
+            self.used = 0
+        elif 2 * (self.used + 1) > self.mask + 1:
+            self._grow()
+        cdef Py_ssize_t k = <Py_ssize_t>(h & <uint64_t>self.mask)
+        while self.slots[k].hash:
+            k = (k + 1) & self.mask
+        t = &self.slots[k]
+        t.hash = h
+        t.length = e - s
+        t.raw = <PyObject *>raw
+        t.norm = <PyObject *>norm
+        Py_XINCREF(t.raw)
+        Py_XINCREF(t.norm)
+        t.first = PyDict_GetItem(self.prefixes, norm) if norm else NULL
+        self.used += 1
+        return t
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t size = 2 * (self.mask + 1), k, q
+        cdef TokEntry *new = <TokEntry *>calloc(size, sizeof(TokEntry))
+        if new is NULL:
+            raise MemoryError()
+        for k in range(self.mask + 1):
+            if self.slots[k].hash:
+                q = <Py_ssize_t>(self.slots[k].hash & <uint64_t>(size - 1))
+                while new[q].hash:
+                    q = (q + 1) & (size - 1)
+                new[q] = self.slots[k]
+        free(self.slots)
+        self.slots = new
+        self.mask = size - 1
+        return 0
+
+
 # -- small helpers -----------------------------------------------------------------------------
 
 cdef inline bint _crosses_break(str text, Py_ssize_t left, Py_ssize_t right) noexcept:
@@ -144,41 +261,118 @@ cdef inline bint _crosses_break(str text, Py_ssize_t left, Py_ssize_t right) noe
     return False
 
 
-cdef bint _may_define(str text):
-    """False only when ``abbreviations.find_definitions(text)`` is certainly empty.
-
-    Every definition needs a parenthesis with a closing one after it, and a short form with a
-    capital letter either inside it (``long form (SF)``) or as the word before it
-    (``SF (long form)``). A superset test: when it passes, the real function decides.
-    """
-    cdef Py_ssize_t n = len(text), p = 0, q, k
-    cdef Py_UCS4 c
-    cdef bint upper
-    while True:
-        p = text.find(u"(", p)
-        if p < 0:
-            return False
-        q = text.find(u")", p + 1)
-        if q < 0:
-            return False
-        upper = False
-        for k in range(p + 1, q):
-            if Py_UNICODE_ISUPPER(text[k]):
-                upper = True
-                break
-        if not upper:
-            # the word right before the parenthesis
-            k = p - 1
-            while k >= 0 and text[k].isspace():
-                k -= 1
-            while k >= 0 and not text[k].isspace():
-                if Py_UNICODE_ISUPPER(text[k]):
-                    upper = True
-                    break
-                k -= 1
-        if upper:
+cdef bint _valid_short(str sf):
+    """``abbreviations._valid_short``."""
+    cdef Py_ssize_t n = len(sf), k
+    if not (2 <= n <= 10) or len(sf.split()) > 2:
+        return False
+    if not Py_UNICODE_ISALNUM(sf[0]):
+        return False
+    for k in range(n):
+        if Py_UNICODE_ISUPPER(sf[k]):
             return True
-        p += 1
+    return False
+
+
+cdef bint _may_define(str text):
+    """False when ``abbreviations.find_definitions(text)`` is certainly empty: no parenthesis
+    gets past that function's early checks (the same checks, in the same order). When it
+    passes, the real function decides."""
+    cdef Py_ssize_t p = 0, o, c, k
+    cdef str inner, sf
+    cdef list head
+    while True:
+        o = text.find(u"(", p)
+        if o < 0:
+            return False
+        c = text.find(u")", o + 1)
+        if c < 0:
+            return False
+        p = o + 1
+        inner = text[o + 1:c]
+        if u"(" in inner:
+            continue
+        k = inner.find(u";")
+        if k >= 0:
+            inner = inner[:k]
+        k = inner.find(u",")
+        if k >= 0:
+            inner = inner[:k]
+        sf = inner.strip()
+        if _valid_short(sf):
+            return True
+        if len(sf) <= 10 and len(sf.split()) <= 2:
+            continue
+        head = text[max(0, o - 40):o].split()
+        if not head:
+            continue
+        sf = <str>head[len(head) - 1]  # (wraparound is off: no negative indexes here)
+        if not _valid_short(sf) or sf.islower():
+            continue
+        return True
+
+
+cdef inline bint _is_re_word(Py_UCS4 c) noexcept:
+    """``\\w`` of Python's ``re`` for str patterns."""
+    return c == u"_" or _is_word(c)
+
+
+cdef Py_ssize_t _token_at(list offsets, Py_ssize_t value):
+    """Index of ``value`` in a strictly increasing list of offsets, or -1."""
+    cdef Py_ssize_t lo = 0, hi = PyList_GET_SIZE(offsets), mid, v
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = <Py_ssize_t><object>PyList_GET_ITEM(offsets, mid)
+        if v < value:
+            lo = mid + 1
+        elif v > value:
+            hi = mid
+        else:
+            return mid
+    return -1
+
+
+cdef list _apply_definitions(list defs, str text, list starts, list ends, list cands):
+    """``Extractor._apply_definitions`` once ``find_definitions`` has found ``defs``: short
+    forms defined in the caption take the long form's concept(s)."""
+    cdef Py_ssize_t n = len(text), lf_end_tok, first, p, L, i, j
+    cdef list inside, lf_cands, spans
+    cdef set span_set
+    cdef tuple c
+    cdef str short
+    for d in defs:
+        lf_end_tok = _token_at(ends, d.long_end)
+        if lf_end_tok < 0:
+            continue
+        inside = [c for c in cands
+                  if c[1] == lf_end_tok + 1 and starts[<Py_ssize_t>c[0]] >= d.long_start]
+        if not inside:
+            continue
+        first = min([<Py_ssize_t>c[0] for c in inside])
+        lf_cands = [c for c in inside if c[0] == first]
+        spans = []
+        short = d.short
+        L = len(short)
+        p = text.find(short)
+        while p >= 0:  # re.finditer(r"(?<!\w)" + re.escape(short) + r"(?!\w)", text)
+            if (p == 0 or not _is_re_word(text[p - 1])) and (
+                p + L >= n or not _is_re_word(text[p + L])
+            ):
+                i = _token_at(starts, p)
+                j = _token_at(ends, p + L)
+                if i >= 0 and j >= 0 and j >= i:
+                    spans.append((i, j + 1))
+                p = text.find(short, p + L)
+            else:
+                p = text.find(short, p + 1)
+        if not spans:
+            continue
+        span_set = set(spans)
+        cands = [c for c in cands if (c[0], c[1]) not in span_set]
+        for sp in spans:
+            for c in lf_cands:
+                cands.append((sp[0], sp[1], c[2], c[3], c[4]))
+    return cands
 
 
 # -- overlap resolution ------------------------------------------------------------------------
@@ -299,8 +493,9 @@ cdef class FastPath:
     cdef dict prefixes
     cdef dict entries
     cdef dict info
-    cdef SpanTokenizer tokenize
+    cdef _TokenTable table
     cdef object check_surface
+    cdef object find_definitions
     cdef object filter_postings
     cdef NegationScanner negation
     cdef dict profiles
@@ -311,7 +506,8 @@ cdef class FastPath:
     cdef tuple annotation_slots
     cdef object new
 
-    def __init__(self, extractor, tokenizer, *, check_surface, negation_kinds, cand_type,
+    def __init__(self, extractor, normalize_token, *, check_surface, find_definitions,
+                 negation_kinds, cand_type,
                  mention_type, annotation_type):
         self.ex = extractor
         self.matcher = extractor._exact
@@ -321,8 +517,9 @@ cdef class FastPath:
         self.prefixes = prefixes
         self.entries = self.matcher._entries
         self.info = extractor._info
-        self.tokenize = tokenizer
+        self.table = _TokenTable(normalize_token, prefixes)
         self.check_surface = check_surface
+        self.find_definitions = find_definitions
         self.filter_postings = extractor._filter_postings
         self.negation = NegationScanner(
             extractor._negation, pre_kind=negation_kinds[0], post_kind=negation_kinds[1]
@@ -365,8 +562,55 @@ cdef class FastPath:
         _set_slot(d[2], a, concepts)
         return a
 
+    cdef int _tokenize(self, str text, list norms, list starts, list ends,
+                       PyObject **firsts) except -1:
+        """``normalize.tokenize_spans`` through the token table; ``firsts[t]`` is the prefix
+        table's value for token t (borrowed), or NULL when no key starts with it."""
+        cdef Py_ssize_t n = len(text), i = 0, s, nt = 0
+        cdef Py_UCS4 c, c2
+        cdef uint64_t h
+        cdef TokEntry *t
+        cdef _TokenTable table = self.table
+        cdef object norm
+        while i < n:
+            c = text[i]
+            if not _is_word(c):
+                i += 1
+                continue
+            s = i
+            h = _mix(0xcbf29ce484222325ULL, c)
+            i += 1
+            while True:
+                while i < n:
+                    c = text[i]
+                    if not (_is_word(c) or _is_mark(c)):
+                        break
+                    h = _mix(h, c)
+                    i += 1
+                if i + 1 < n:
+                    c = text[i]
+                    c2 = text[i + 1]
+                    if _is_apostrophe(c) and _is_word(c2):
+                        h = _mix(_mix(h, c), c2)
+                        i += 2
+                        continue
+                break
+            if h == 0:
+                h = 1
+            t = table.find(text, s, i, h)
+            if t is NULL:
+                t = table.add(text, s, i, h)
+            norm = <object>t.norm
+            if norm:
+                firsts[nt] = t.first
+                nt += 1
+                norms.append(norm)
+                starts.append(s)
+                ends.append(i)
+        return 0
+
     cdef list _match(self, object plan, str text, list norms, list starts, list ends,
-                     list covered):
+                     PyObject **firsts, list covered):
         """Exact matching and filtering: one (start_tok, end_tok, cui, posting, score) tuple
         per accepted (window, concept), in the order of the reference matcher. ``covered``
         (approximate mode), when given, marks the tokens of every exactly matched window,
@@ -376,21 +620,21 @@ cdef class FastPath:
         cdef dict memo = plan.filtered
         cdef list out = []
         cdef PyObject *hit
-        cdef str key, longer
+        cdef str key, longer, surface, memo_key
         cdef long kid
         cdef Py_ssize_t t
         cdef object e, pairs, posts, score = 1.0
         cdef tuple free, checked, pair
         for i in range(n):
-            key = <str>PyList_GET_ITEM(norms, i)
-            hit = PyDict_GetItem(prefixes, key)
+            hit = firsts[i]
             if hit is NULL:
                 continue
+            key = <str>PyList_GET_ITEM(norms, i)
             j = i + 1
             while True:
                 kid = <long><object>hit
                 if kid >= 0:
-                    hit = PyDict_GetItem(entries, kid)
+                    hit = PyDict_GetItem(entries, <object>hit)
                     if hit is NULL:
                         e = self.matcher._entry(kid, key)
                     else:
@@ -399,11 +643,18 @@ cdef class FastPath:
                     checked = <tuple>PyTuple_GET_ITEM(e, 1)
                     pairs = None
                     if PyTuple_GET_SIZE(checked):
-                        posts = free + self.check_surface(
-                            checked, text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]]
-                        )
-                        if posts:
-                            pairs = self.filter_postings(plan, posts)
+                        # case checks depend on the surface only: memoised per plan under
+                        # "key\0surface" (None: no posting passes, so no match at all)
+                        surface = text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]]
+                        memo_key = key + u"\0" + surface
+                        hit = PyDict_GetItem(memo, memo_key)
+                        if hit is NULL:
+                            posts = free + self.check_surface(checked, surface)
+                            if posts:
+                                pairs = self.filter_postings(plan, posts)
+                            memo[memo_key] = pairs
+                        else:
+                            pairs = <object>hit
                     elif PyTuple_GET_SIZE(free):
                         hit = PyDict_GetItem(memo, key)
                         if hit is NULL:
@@ -432,13 +683,21 @@ cdef class FastPath:
     def extract(self, str text, object plan, str id=u""):
         """The annotation of one caption under a compiled plan (``extractor._Plan``)."""
         cdef object ex = self.ex, o = plan.options, profile = plan.profile
-        cdef list norms, starts, ends, cands, records
+        cdef list norms, starts, ends, cands, records, covered
+        cdef bint approximate
         cdef tuple c, r
         cdef Py_ssize_t k, n_c, t
-        norms, starts, ends = self.tokenize.spans(text)
-        cdef bint approximate = o.mode == u"approximate"
-        cdef list covered = [False] * len(norms) if approximate else None
-        cands = self._match(plan, text, norms, starts, ends, covered)
+        norms, starts, ends = [], [], []
+        cdef PyObject **firsts = <PyObject **>malloc((len(text) + 1) * sizeof(PyObject *))
+        if firsts is NULL:
+            raise MemoryError()
+        try:
+            self._tokenize(text, norms, starts, ends, firsts)
+            approximate = o.mode == u"approximate"
+            covered = [False] * len(norms) if approximate else None
+            cands = self._match(plan, text, norms, starts, ends, firsts, covered)
+        finally:
+            free(firsts)
         if approximate:
             approx = ex._approximate().match(
                 text, norms, starts, ends, covered, o.similarity, o.threshold
@@ -446,9 +705,9 @@ cdef class FastPath:
             if approx:
                 cands.extend([tuple(x) for x in ex._filter(plan, approx)])
         if cands and u"(" in text and _may_define(text):
-            cands = [tuple(x) for x in ex._apply_definitions(
-                plan, text, norms, starts, ends, [self.Cand._make(x) for x in cands]
-            )]
+            defs = self.find_definitions(text)
+            if defs:
+                cands = _apply_definitions(defs, text, starts, ends, cands)
         n_c = len(cands)
         if n_c > 1:
             for k in range(1, n_c):

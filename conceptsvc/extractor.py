@@ -49,7 +49,13 @@ from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
 from conceptsvc.matcher import ExactMatcher, Match, check_surface
 from conceptsvc.model import Annotation, Mention
 from conceptsvc.negation import _POST_KIND, _PRE_KIND, NegationDetector
-from conceptsvc.normalize import SPEEDUPS, STOPWORDS, normalize_term, tokenize_spans
+from conceptsvc.normalize import (
+    SPEEDUPS,
+    STOPWORDS,
+    normalize_term,
+    normalize_token,
+    tokenize_spans,
+)
 from conceptsvc.profile import Profile, available_profiles, load_profile
 from conceptsvc.semantic_network import load_semantic_network
 
@@ -127,7 +133,9 @@ class _Plan:
     profile: Profile
     resolver: AmbiguityResolver
     accept: dict[str, bool]  # memo: cui → passes the type filter / exclusion
-    filtered: dict[str, tuple[tuple[str, Posting], ...]]  # memo: key → accepted (cui, posting)
+    # memo: key → accepted (cui, posting); the compiled path also keeps "key\0surface" →
+    # accepted pairs or None for keys whose postings need a case check
+    filtered: dict[str, tuple[tuple[str, Posting], ...] | None]
 
 
 class Extractor:
@@ -164,8 +172,9 @@ class Extractor:
         if SPEEDUPS is not None and self._exact._prefixes is not None:
             self._fast = SPEEDUPS.FastPath(
                 self,
-                tokenize_spans,
+                normalize_token,
                 check_surface=check_surface,
+                find_definitions=find_definitions,
                 negation_kinds=(_PRE_KIND, _POST_KIND),
                 cand_type=_Cand,
                 mention_type=Mention,

@@ -24,7 +24,13 @@ from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
+from libc.string cimport memcmp, memset
+
+
+cdef extern from "Python.h":
+    int _ukind "PyUnicode_KIND"(object o)
+    void *_udata "PyUnicode_DATA"(object o)
+    Py_UCS4 _uread "PyUnicode_READ"(int kind, void *data, Py_ssize_t index) nogil
 
 
 cdef extern from *:
@@ -130,6 +136,91 @@ cdef class SpanTokenizer:
         return norms, starts, ends
 
 
+# -- normalisation of ASCII tokens --------------------------------------------------------------
+
+cdef class AsciiNormalizer:
+    """``normalize.normalize_token`` for tokens of ASCII letters, digits and apostrophes (what
+    the tokeniser cuts from ASCII text), with the reference's own tables; everything else —
+    and any word with "ae"/"oe", whose British stems are a regular expression — goes to the
+    reference function. ``tests/test_speedups.py`` checks the two agree on every token of
+    the demo dictionary and captions and on random words."""
+
+    cdef object reference
+    cdef dict british, irregular
+    cdef frozenset not_plural
+
+    def __init__(self, reference, *, british_words, irregular_plurals, not_plural):
+        self.reference = reference
+        self.british = british_words
+        self.irregular = irregular_plurals
+        self.not_plural = not_plural
+
+    def __call__(self, str raw):
+        return self.normalize(raw)
+
+    cpdef str normalize(self, str raw):
+        cdef Py_ssize_t n = len(raw), k, alpha = 0
+        cdef Py_UCS4 c
+        cdef bint upper = False, lower = False, apostrophe = False
+        cdef str text, orig = raw
+        cdef object hit
+        if n == 0 or not raw.isascii():
+            return self.reference(raw)
+        for k in range(n):
+            c = raw[k]
+            if c == u"'":
+                apostrophe = True
+            elif not (u"0" <= c <= u"9" or u"a" <= c <= u"z" or u"A" <= c <= u"Z"):
+                return self.reference(orig)
+        # an acronym's plural: "CTs" → "CT" (raw[:-1].isupper() and two letters or more)
+        if n >= 3 and raw[n - 1] == u"s":
+            for k in range(n - 1):
+                c = raw[k]
+                if u"A" <= c <= u"Z":
+                    upper = True
+                    alpha += 1
+                elif u"a" <= c <= u"z":
+                    lower = True
+                    alpha += 1
+            if upper and not lower and alpha >= 2:
+                raw = raw[:n - 1]
+        text = raw.lower()  # NFKC and casefold are the identity / lower() on ASCII
+        if apostrophe:
+            if text.endswith(u"'s"):
+                text = text[:len(text) - 2]
+            text = text.replace(u"'", u"")
+        if u"ae" in text or u"oe" in text:
+            return self.reference(orig)
+        hit = self.british.get(text)
+        if hit is not None:
+            text = <str>hit
+        return self._singular(text)
+
+    cdef str _singular(self, str word):
+        """``normalize._singular``."""
+        cdef object hit = self.irregular.get(word)
+        cdef Py_ssize_t n = len(word)
+        if hit is not None:
+            return <str>hit
+        if n <= 3 or word in self.not_plural or not word.isalpha():
+            return word
+        if word.endswith(u"ae") and n >= 5:
+            return word[:n - 1]
+        if word.endswith(u"ies") and n >= 5:
+            return word[:n - 3] + u"y"
+        if word.endswith((u"oses", u"yses", u"eses")) and n >= 6:
+            return word[:n - 2] + u"is"
+        if word.endswith((u"sses", u"xes", u"ches", u"shes", u"zes")):
+            return word[:n - 2]
+        if word.endswith(u"uses") and n >= 6 and word[:n - 2] in self.not_plural:
+            return word[:n - 2]
+        if word.endswith((u"ays", u"eys", u"oys", u"uys")):
+            return word[:n - 1]
+        if word.endswith(u"s") and not word.endswith((u"ss", u"us", u"is", u"ys")):
+            return word[:n - 1]
+        return word
+
+
 # -- the extractor's token table --------------------------------------------------------------
 
 cdef struct TokEntry:
@@ -188,18 +279,25 @@ cdef class _TokenTable:
     cdef TokEntry *find(self, str text, Py_ssize_t s, Py_ssize_t e, uint64_t h) noexcept:
         cdef Py_ssize_t k = <Py_ssize_t>(h & <uint64_t>self.mask), q
         cdef TokEntry *t
-        cdef str raw
+        cdef int kind = _ukind(text), rkind
+        cdef char *data = <char *>_udata(text)
+        cdef void *rdata
         while True:
             t = &self.slots[k]
             if t.hash == 0:
                 return NULL
             if t.hash == h and t.length == e - s:
-                raw = <str>t.raw
-                for q in range(e - s):
-                    if raw[q] != text[s + q]:
-                        break
-                else:
-                    return t
+                rkind = _ukind(<object>t.raw)
+                rdata = _udata(<object>t.raw)
+                if rkind == kind:
+                    if memcmp(rdata, data + s * kind, (e - s) * kind) == 0:
+                        return t
+                else:  # the surface form may be stored in a narrower kind than the caption
+                    for q in range(e - s):
+                        if _uread(rkind, rdata, q) != _uread(kind, data, s + q):
+                            break
+                    else:
+                        return t
             k = (k + 1) & self.mask
 
     cdef TokEntry *add(self, str text, Py_ssize_t s, Py_ssize_t e, uint64_t h) except NULL:
@@ -572,8 +670,10 @@ cdef class FastPath:
         cdef TokEntry *t
         cdef _TokenTable table = self.table
         cdef object norm
+        cdef int kind = _ukind(text)
+        cdef void *data = _udata(text)
         while i < n:
-            c = text[i]
+            c = _uread(kind, data, i)
             if not _is_word(c):
                 i += 1
                 continue
@@ -582,14 +682,14 @@ cdef class FastPath:
             i += 1
             while True:
                 while i < n:
-                    c = text[i]
+                    c = _uread(kind, data, i)
                     if not (_is_word(c) or _is_mark(c)):
                         break
                     h = _mix(h, c)
                     i += 1
                 if i + 1 < n:
-                    c = text[i]
-                    c2 = text[i + 1]
+                    c = _uread(kind, data, i)
+                    c2 = _uread(kind, data, i + 1)
                     if _is_apostrophe(c) and _is_word(c2):
                         h = _mix(_mix(h, c), c2)
                         i += 2

@@ -52,8 +52,8 @@ from conceptsvc.negation import _POST_KIND, _PRE_KIND, NegationDetector
 from conceptsvc.normalize import (
     SPEEDUPS,
     STOPWORDS,
+    fast_normalize_token,
     normalize_term,
-    normalize_token,
     tokenize_spans,
 )
 from conceptsvc.profile import Profile, available_profiles, load_profile
@@ -172,7 +172,7 @@ class Extractor:
         if SPEEDUPS is not None and self._exact._prefixes is not None:
             self._fast = SPEEDUPS.FastPath(
                 self,
-                normalize_token,
+                fast_normalize_token,
                 check_surface=check_surface,
                 find_definitions=find_definitions,
                 negation_kinds=(_PRE_KIND, _POST_KIND),

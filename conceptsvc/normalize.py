@@ -37,11 +37,13 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
     "NORMALIZER_VERSION",
     "SPEEDUPS",
+    "fast_normalize_token",
     "STOPWORDS",
     "Token",
     "is_stopword_only",
@@ -374,5 +376,15 @@ def _load_speedups() -> Any:
 SPEEDUPS: Any = _load_speedups()
 """The compiled extension module, or None (pure Python)."""
 
+fast_normalize_token: Callable[[str], str] = normalize_token
+""":func:`normalize_token`, compiled for ASCII tokens when the extension is built (the
+reference decides everything else); not cached, callers keep their own table."""
+
 if SPEEDUPS is not None:
-    tokenize_spans = SPEEDUPS.SpanTokenizer(normalize_token)  # noqa: F811
+    fast_normalize_token = SPEEDUPS.AsciiNormalizer(
+        normalize_token,
+        british_words=_BRITISH_WORDS,
+        irregular_plurals=_IRREGULAR_PLURALS,
+        not_plural=_NOT_PLURAL,
+    )
+    tokenize_spans = SPEEDUPS.SpanTokenizer(fast_normalize_token)

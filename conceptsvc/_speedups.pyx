@@ -22,9 +22,9 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_ISLOWER
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcmp, memset
+from libc.string cimport memcmp, memcpy, memset
 
 
 cdef extern from "Python.h":
@@ -221,15 +221,99 @@ cdef class AsciiNormalizer:
         return word
 
 
+# -- the dictionary's key trie -----------------------------------------------------------------
+
+cdef struct Edge:
+    uint64_t key   # (parent node + 1) << 32 | (token id + 1); 0: empty slot
+    int32_t child
+
+
+cdef class _KeyTrie:
+    """A set of phrases (space-joined token strings) as a trie over token ids: extending a
+    window by one token is one probe of a C hash table, with no string built and no dict
+    lookup. Used for the matcher's token-prefix table and for profiles' evidence phrases.
+
+    ``entries`` maps every phrase *and every token-prefix of one* to its value, or None for
+    a prefix that is not itself a phrase. Node 0 is the root; ``values[node]`` is the value
+    of the phrase the path to ``node`` spells. Token ids come from ``tok_ids``, which tries
+    built for one extractor share (a token table caches them).
+    """
+
+    cdef Edge *edges
+    cdef uint64_t mask
+    cdef dict tok_ids
+    cdef list values
+    cdef int32_t n_nodes
+
+    def __cinit__(self, dict entries, dict tok_ids):
+        cdef Py_ssize_t size = 16, n_edges = len(entries) + 1
+        cdef int32_t node, child, tid
+        cdef str p, tok
+        while size < 2 * n_edges:
+            size <<= 1
+        self.mask = size - 1
+        self.edges = <Edge *>calloc(size, sizeof(Edge))
+        if self.edges is NULL:
+            raise MemoryError()
+        self.tok_ids = tok_ids
+        self.values = [None]
+        self.n_nodes = 1
+        for p, value in entries.items():
+            node = 0
+            for tok in p.split(u" "):
+                tid = self.tok_ids.setdefault(tok, len(self.tok_ids))
+                child = self.child(node, tid)
+                if child < 0:
+                    child = self.n_nodes
+                    self.n_nodes += 1
+                    self.values.append(None)
+                    self._insert(node, tid, child)
+                node = child
+            if value is not None:
+                self.values[node] = value
+
+    def __dealloc__(self):
+        free(self.edges)
+
+    cdef inline uint64_t _slot(self, uint64_t key) noexcept:
+        key ^= key >> 29
+        key *= <uint64_t>0xbf58476d1ce4e5b9ULL
+        key ^= key >> 32
+        return key & self.mask
+
+    cdef int32_t child(self, int32_t node, int32_t tid) noexcept:
+        cdef uint64_t key = ((<uint64_t>node + 1) << 32) | (<uint64_t>tid + 1)
+        cdef uint64_t k = self._slot(key)
+        while self.edges[k].key:
+            if self.edges[k].key == key:
+                return self.edges[k].child
+            k = (k + 1) & self.mask
+        return -1
+
+    cdef void _insert(self, int32_t node, int32_t tid, int32_t child) noexcept:
+        cdef uint64_t key = ((<uint64_t>node + 1) << 32) | (<uint64_t>tid + 1)
+        cdef uint64_t k = self._slot(key)
+        while self.edges[k].key:
+            k = (k + 1) & self.mask
+        self.edges[k].key = key
+        self.edges[k].child = child
+
+    cdef int32_t token_id(self, object norm):
+        cdef PyObject *hit = PyDict_GetItem(self.tok_ids, norm)
+        return -1 if hit is NULL else <int32_t><object>hit
+
+
 # -- the extractor's token table --------------------------------------------------------------
 
-cdef struct TokEntry:
-    uint64_t hash          # 0: empty slot
-    Py_ssize_t length      # code points of the surface form
-    PyObject *raw          # the surface form (owned)
-    PyObject *norm         # its normalised form, possibly "" (owned)
-    PyObject *first        # the matcher's prefix-table value for norm, or NULL (borrowed: the
-    #                        prefix table is never modified and outlives the token table)
+cdef struct TokEntry:           # 64 bytes: one cache line per probe
+    uint64_t hash                # 0: empty slot
+    int32_t length               # code points of the surface form
+    int32_t tid                  # the key trie's id of norm, or -1 when no key has that token
+    int32_t node                 # the trie node of the one-token window norm, or -1
+    int32_t short_ascii          # 1 when ``chars`` holds the whole (ASCII) surface form
+    PyObject *raw                # the surface form (owned)
+    PyObject *norm               # its normalised form, possibly "" (owned)
+    char chars[24]               # the surface form itself, when short_ascii
 
 
 cdef inline uint64_t _mix(uint64_t h, Py_UCS4 c) noexcept:
@@ -237,7 +321,7 @@ cdef inline uint64_t _mix(uint64_t h, Py_UCS4 c) noexcept:
 
 
 cdef class _TokenTable:
-    """Surface form → (normalised form, prefix-table value), probed by the code points of the
+    """Surface form → (normalised form, key-trie token), probed by the code points of the
     caption itself: a token seen before costs one probe, no string object and no dict lookup.
 
     Open addressing; cleared when it holds ``max_entries`` forms (a bounded cache). Every
@@ -248,11 +332,11 @@ cdef class _TokenTable:
     cdef TokEntry *slots
     cdef Py_ssize_t mask, used, max_entries
     cdef object normalize
-    cdef dict prefixes
+    cdef _KeyTrie trie
 
-    def __cinit__(self, normalize, dict prefixes, Py_ssize_t max_entries=1 << 17):
+    def __cinit__(self, normalize, _KeyTrie trie, Py_ssize_t max_entries=1 << 17):
         self.normalize = normalize
-        self.prefixes = prefixes
+        self.trie = trie
         self.max_entries = max_entries
         self.mask = (1 << 12) - 1
         self.used = 0
@@ -287,6 +371,11 @@ cdef class _TokenTable:
             if t.hash == 0:
                 return NULL
             if t.hash == h and t.length == e - s:
+                if t.short_ascii and kind == 1:
+                    if memcmp(t.chars, data + s, e - s) == 0:
+                        return t
+                    k = (k + 1) & self.mask
+                    continue
                 rkind = _ukind(<object>t.raw)
                 rdata = _udata(<object>t.raw)
                 if rkind == kind:
@@ -322,7 +411,12 @@ cdef class _TokenTable:
         t.norm = <PyObject *>norm
         Py_XINCREF(t.raw)
         Py_XINCREF(t.norm)
-        t.first = PyDict_GetItem(self.prefixes, norm) if norm else NULL
+        t.short_ascii = 0
+        if _ukind(raw) == 1 and e - s <= 24 and raw.isascii():
+            memcpy(t.chars, _udata(raw), e - s)
+            t.short_ascii = 1
+        t.tid = self.trie.token_id(norm) if norm else -1
+        t.node = self.trie.child(0, t.tid) if t.tid >= 0 else -1
         self.used += 1
         return t
 
@@ -592,6 +686,7 @@ cdef class FastPath:
     cdef dict entries
     cdef dict info
     cdef _TokenTable table
+    cdef _KeyTrie trie
     cdef object check_surface
     cdef object find_definitions
     cdef object filter_postings
@@ -604,8 +699,8 @@ cdef class FastPath:
     cdef tuple annotation_slots
     cdef object new
 
-    def __init__(self, extractor, normalize_token, *, check_surface, find_definitions,
-                 negation_kinds, cand_type,
+    def __init__(self, extractor, normalize_token, *, profiles, check_surface,
+                 find_definitions, negation_kinds, cand_type,
                  mention_type, annotation_type):
         self.ex = extractor
         self.matcher = extractor._exact
@@ -615,14 +710,17 @@ cdef class FastPath:
         self.prefixes = prefixes
         self.entries = self.matcher._entries
         self.info = extractor._info
-        self.table = _TokenTable(normalize_token, prefixes)
+        self.trie = _KeyTrie({k: (v if v >= 0 else None) for k, v in prefixes.items()}, {})
+        self.table = _TokenTable(normalize_token, self.trie)
         self.check_surface = check_surface
         self.find_definitions = find_definitions
         self.filter_postings = extractor._filter_postings
         self.negation = NegationScanner(
             extractor._negation, pre_kind=negation_kinds[0], post_kind=negation_kinds[1]
         )
-        self.profiles = {}
+        # every profile a request may name, now: their phrases' tokens join the vocabulary
+        # before the token table caches any token id
+        self.profiles = {p: ProfileRunner(p, self.trie.tok_ids) for p in profiles}
         self.Cand = cand_type
         self.Mention = mention_type
         self.Annotation = annotation_type
@@ -661,9 +759,9 @@ cdef class FastPath:
         return a
 
     cdef int _tokenize(self, str text, list norms, list starts, list ends,
-                       PyObject **firsts) except -1:
-        """``normalize.tokenize_spans`` through the token table; ``firsts[t]`` is the prefix
-        table's value for token t (borrowed), or NULL when no key starts with it."""
+                       int32_t *tids, int32_t *nodes) except -1:
+        """``normalize.tokenize_spans`` through the token table; ``tids[t]`` is token t's
+        key-trie id and ``nodes[t]`` the trie node of the window [t, t + 1) (or -1)."""
         cdef Py_ssize_t n = len(text), i = 0, s, nt = 0
         cdef Py_UCS4 c, c2
         cdef uint64_t h
@@ -702,7 +800,8 @@ cdef class FastPath:
                 t = table.add(text, s, i, h)
             norm = <object>t.norm
             if norm:
-                firsts[nt] = t.first
+                tids[nt] = t.tid
+                nodes[nt] = t.node
                 nt += 1
                 norms.append(norm)
                 starts.append(s)
@@ -710,33 +809,33 @@ cdef class FastPath:
         return 0
 
     cdef list _match(self, object plan, str text, list norms, list starts, list ends,
-                     PyObject **firsts, list covered):
+                     int32_t *tids, int32_t *nodes, list covered):
         """Exact matching and filtering: one (start_tok, end_tok, cui, posting, score) tuple
         per accepted (window, concept), in the order of the reference matcher. ``covered``
         (approximate mode), when given, marks the tokens of every exactly matched window,
         filtered out or not, as the reference's coverage does."""
-        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j
-        cdef dict prefixes = self.prefixes, entries = self.entries
-        cdef dict memo = plan.filtered
+        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j, t
+        cdef _KeyTrie trie = self.trie
+        cdef list kid_objs = trie.values
+        cdef dict entries = self.entries
+        cdef dict memo = plan.fast_memo
         cdef list out = []
         cdef PyObject *hit
-        cdef str key, longer, surface, memo_key
-        cdef long kid
-        cdef Py_ssize_t t
-        cdef object e, pairs, posts, score = 1.0
+        cdef int32_t node
+        cdef str surface
+        cdef object kid, e, pairs, posts, memo_key, score = 1.0
         cdef tuple free, checked, pair
         for i in range(n):
-            hit = firsts[i]
-            if hit is NULL:
+            node = nodes[i]
+            if node < 0:
                 continue
-            key = <str>PyList_GET_ITEM(norms, i)
             j = i + 1
             while True:
-                kid = <long><object>hit
-                if kid >= 0:
-                    hit = PyDict_GetItem(entries, <object>hit)
+                kid = <object>PyList_GET_ITEM(kid_objs, node)
+                if kid is not None:
+                    hit = PyDict_GetItem(entries, kid)
                     if hit is NULL:
-                        e = self.matcher._entry(kid, key)
+                        e = self.matcher._entry(kid, self.ex.index.key(kid))
                     else:
                         e = <object>hit
                     free = <tuple>PyTuple_GET_ITEM(e, 0)
@@ -744,9 +843,9 @@ cdef class FastPath:
                     pairs = None
                     if PyTuple_GET_SIZE(checked):
                         # case checks depend on the surface only: memoised per plan under
-                        # "key\0surface" (None: no posting passes, so no match at all)
+                        # (key id, surface) (None: no posting passes, so no match at all)
                         surface = text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]]
-                        memo_key = key + u"\0" + surface
+                        memo_key = (kid, surface)
                         hit = PyDict_GetItem(memo, memo_key)
                         if hit is NULL:
                             posts = free + self.check_surface(checked, surface)
@@ -756,10 +855,10 @@ cdef class FastPath:
                         else:
                             pairs = <object>hit
                     elif PyTuple_GET_SIZE(free):
-                        hit = PyDict_GetItem(memo, key)
+                        hit = PyDict_GetItem(memo, kid)
                         if hit is NULL:
                             pairs = self.filter_postings(plan, free)
-                            memo[key] = pairs
+                            memo[kid] = pairs
                         else:
                             pairs = <object>hit
                     if pairs is not None:
@@ -768,36 +867,37 @@ cdef class FastPath:
                                 covered[t] = True
                         for pair in pairs:
                             out.append((i, j, pair[0], pair[1], score))
-                if j >= n:
+                if j >= n or tids[j] < 0:
                     break
                 if _crosses_break(text, <Py_ssize_t>ends[j - 1], <Py_ssize_t>starts[j]):
                     break
-                longer = key + u" " + <str>PyList_GET_ITEM(norms, j)
-                hit = PyDict_GetItem(prefixes, longer)
-                if hit is NULL:
+                node = trie.child(node, tids[j])
+                if node < 0:
                     break
-                key = longer
                 j += 1
         return out
 
     def extract(self, str text, object plan, str id=u""):
         """The annotation of one caption under a compiled plan (``extractor._Plan``)."""
+        # token ids and one-token trie nodes, for the matcher and the profile
+        cdef int32_t *tids = <int32_t *>malloc(2 * (len(text) + 1) * sizeof(int32_t))
+        if tids is NULL:
+            raise MemoryError()
+        try:
+            return self._extract(text, plan, id, tids, tids + len(text) + 1)
+        finally:
+            free(tids)
+
+    cdef object _extract(self, str text, object plan, str id, int32_t *tids, int32_t *nodes):
         cdef object ex = self.ex, o = plan.options, profile = plan.profile
-        cdef list norms, starts, ends, cands, records, covered
+        cdef list norms = [], starts = [], ends = [], cands, records, covered
         cdef bint approximate
         cdef tuple c, r
         cdef Py_ssize_t k, n_c, t
-        norms, starts, ends = [], [], []
-        cdef PyObject **firsts = <PyObject **>malloc((len(text) + 1) * sizeof(PyObject *))
-        if firsts is NULL:
-            raise MemoryError()
-        try:
-            self._tokenize(text, norms, starts, ends, firsts)
-            approximate = o.mode == u"approximate"
-            covered = [False] * len(norms) if approximate else None
-            cands = self._match(plan, text, norms, starts, ends, firsts, covered)
-        finally:
-            free(firsts)
+        self._tokenize(text, norms, starts, ends, tids, nodes)
+        approximate = o.mode == u"approximate"
+        covered = [False] * len(norms) if approximate else None
+        cands = self._match(plan, text, norms, starts, ends, tids, nodes, covered)
         if approximate:
             approx = ex._approximate().match(
                 text, norms, starts, ends, covered, o.similarity, o.threshold
@@ -842,9 +942,9 @@ cdef class FastPath:
         cdef set kept
         if not identity:
             runner = self.profiles.get(profile)
-            if runner is None:
+            if runner is None:  # not a profile known at construction: no token ids
                 runner = self.profiles[profile] = ProfileRunner(profile)
-            kept, inferred = runner.apply(mentioned, text, norms, starts, ends)
+            kept, inferred = runner.apply_ids(mentioned, text, norms, starts, ends, tids)
             if len(kept) != len(mentioned) or not kept.issuperset(mentioned):
                 records = [r for r in records if r[2] in kept]
                 mentioned = [x for x in mentioned if x in kept]
@@ -988,15 +1088,21 @@ cdef class NegationScanner:
 
 cdef class ProfileRunner:
     """``profile.Profile.apply`` for one compiled profile, with the interpreter out of the
-    loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``."""
+    loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``.
+
+    Built with ``tok_ids`` (an extractor's token vocabulary, which this adds the phrases'
+    tokens to: only before the extractor tokenises anything), evidence phrases are also kept
+    as a trie, and :meth:`apply_ids` finds them from the caption's token ids.
+    """
 
     cdef dict phrases
     cdef tuple slots  # per slot: (member_set, priority, max, mention_weight, when,
     #                              keep_mentioned, defaults, cui_evidence)
     cdef object vocabulary
     cdef frozenset drop
+    cdef _KeyTrie trie
 
-    def __init__(self, profile):
+    def __init__(self, profile, dict tok_ids=None):
         self.phrases = profile._phrases
         self.slots = tuple(
             (s.member_set, s.priority, s.max, s.mention_weight, s.when, s.keep_mentioned,
@@ -1005,17 +1111,42 @@ cdef class ProfileRunner:
         )
         self.vocabulary = profile.vocabulary
         self.drop = profile.drop
+        self.trie = None
+        if tok_ids is not None and self.phrases:
+            self.trie = _KeyTrie({k: (v if v else None) for k, v in self.phrases.items()},
+                                 tok_ids)
+
+    cdef int _credit(self, dict scores, tuple targets, str text, Py_ssize_t s,
+                     Py_ssize_t e) except -1:
+        """Add one distinct evidence phrase's weights (``text[s:e]`` is its surface)."""
+        cdef int upper = -1
+        cdef tuple tg
+        cdef PyObject *prev
+        cdef dict slot_scores
+        for tg in targets:
+            if tg[3]:  # a term written in capitals must be written so in the caption
+                if upper < 0:
+                    upper = text[s:e].isupper()
+                if not upper:
+                    continue
+            prev = PyDict_GetItem(scores, tg[0])
+            if prev is NULL:
+                scores[tg[0]] = {tg[1]: tg[2]}
+            else:
+                slot_scores = <dict>prev
+                slot_scores[tg[1]] = slot_scores.get(tg[1], 0.0) + tg[2]
+        return 0
 
     cdef dict _evidence(self, str text, list norms, list starts, list ends):
-        cdef dict scores = {}, slot_scores
+        """``Profile._evidence_scores``: per slot, member → summed weight of the distinct
+        evidence phrases in the caption."""
+        cdef dict scores = {}
         cdef set seen = set()
         cdef dict table = self.phrases
         cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j
         cdef PyObject *hit
-        cdef PyObject *prev
         cdef str key
-        cdef tuple targets, tg
-        cdef int upper
+        cdef tuple targets
         for i in range(n):
             key = <str>PyList_GET_ITEM(norms, i)
             hit = PyDict_GetItem(table, key)
@@ -1024,19 +1155,8 @@ cdef class ProfileRunner:
                 targets = <tuple>hit
                 if PyTuple_GET_SIZE(targets) and key not in seen:
                     seen.add(key)
-                    upper = -1
-                    for tg in targets:
-                        if tg[3]:
-                            if upper < 0:
-                                upper = text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]].isupper()
-                            if not upper:
-                                continue
-                        prev = PyDict_GetItem(scores, tg[0])
-                        if prev is NULL:
-                            scores[tg[0]] = {tg[1]: tg[2]}
-                        else:
-                            slot_scores = <dict>prev
-                            slot_scores[tg[1]] = slot_scores.get(tg[1], 0.0) + tg[2]
+                    self._credit(scores, targets, text, <Py_ssize_t>starts[i],
+                                 <Py_ssize_t>ends[j - 1])
                 if j >= n:
                     break
                 key = key + u" " + <str>PyList_GET_ITEM(norms, j)
@@ -1044,15 +1164,68 @@ cdef class ProfileRunner:
                 j += 1
         return scores
 
+    cdef dict _evidence_ids(self, str text, list starts, list ends, const int32_t *tids,
+                            Py_ssize_t n):
+        """:meth:`_evidence` over token ids (``tids[t]`` from the shared vocabulary)."""
+        cdef dict scores = {}
+        cdef _KeyTrie trie = self.trie
+        cdef list values = trie.values
+        cdef Py_ssize_t i, j, k, n_seen = 0
+        cdef int32_t node
+        cdef int32_t seen[64]
+        cdef object targets
+        cdef bint new
+        for i in range(n):
+            if tids[i] < 0:
+                continue
+            node = trie.child(0, tids[i])
+            j = i + 1
+            while node >= 0:
+                targets = <object>PyList_GET_ITEM(values, node)
+                if targets is not None:
+                    new = True
+                    for k in range(n_seen if n_seen < 64 else 64):
+                        if seen[k] == node:
+                            new = False
+                            break
+                    if new and n_seen >= 64:  # more distinct phrases than the array holds
+                        return self._evidence(text, [], starts, ends) if False else None
+                    if new:
+                        seen[n_seen] = node
+                        n_seen += 1
+                        self._credit(scores, <tuple>targets, text, <Py_ssize_t>starts[i],
+                                     <Py_ssize_t>ends[j - 1])
+                if j >= n or tids[j] < 0:
+                    break
+                node = trie.child(node, tids[j])
+                j += 1
+        return scores
+
     cpdef tuple apply(self, list mentioned, str text, list norms, list starts, list ends):
+        cdef dict evidence = self._evidence(text, norms, starts, ends) if self.phrases else {}
+        return self._slots(mentioned, evidence)
+
+    cdef tuple apply_ids(self, list mentioned, str text, list norms, list starts, list ends,
+                         const int32_t *tids):
+        cdef dict evidence = None
+        if not self.phrases:
+            evidence = {}
+        elif self.trie is not None:
+            evidence = self._evidence_ids(text, starts, ends, tids, PyList_GET_SIZE(norms))
+        if evidence is None:
+            evidence = self._evidence(text, norms, starts, ends)
+        return self._slots(mentioned, evidence)
+
+    cdef tuple _slots(self, list mentioned, dict evidence):
+        """The slots, vocabulary and drop list of ``Profile.apply``, in its order."""
         cdef set present = set(mentioned)
         cdef list inferred = [], chosen, ranked
-        cdef dict evidence = self._evidence(text, norms, starts, ends) if self.phrases else {}
         cdef dict score, priority
-        cdef tuple slot, ev_t
+        cdef tuple slot, ev_t, cui_evidence
         cdef frozenset members, when
         cdef Py_ssize_t si = -1, k
         cdef object sc, c, v
+        cdef bint any_member, any_cui_evidence
         for slot in self.slots:
             si += 1
             members = <frozenset>slot[0]
@@ -1063,31 +1236,45 @@ cdef class ProfileRunner:
                 if inferred:
                     inferred = [x for x in inferred if x not in members]
                 continue
-            sc = evidence.get(si)
-            score = dict(sc) if sc else {}
-            for c in present & members:
-                score[c] = score.get(c, 0.0) + slot[3]
-            for ev_t in <tuple>slot[7]:
+            sc = evidence.get(si) if evidence else None
+            any_member = not present.isdisjoint(members)
+            cui_evidence = <tuple>slot[7]
+            any_cui_evidence = False
+            for ev_t in cui_evidence:
                 if ev_t[0] in present:
-                    score[ev_t[1]] = score.get(ev_t[1], 0.0) + ev_t[2]
-            if len(score) > 1:
-                priority = <dict>slot[1]
-                ranked = []
-                k = 0
-                for c, v in score.items():
-                    if v > 0:
-                        ranked.append((-v, priority[c], k, c))
-                        k += 1
-                ranked.sort()
-                chosen = [ev_t[3] for ev_t in ranked[:<Py_ssize_t>slot[2]]]
+                    any_cui_evidence = True
+                    break
+            if not sc and not any_member and not any_cui_evidence:
+                # nothing for this slot in the caption: only a default can apply (the
+                # reference computes an empty score and reaches the same point)
+                chosen = []
             else:
-                chosen = [c for c, v in score.items() if v > 0]
+                score = dict(sc) if sc else {}
+                if any_member:
+                    for c in present & members:
+                        score[c] = score.get(c, 0.0) + slot[3]
+                for ev_t in cui_evidence:
+                    if ev_t[0] in present:
+                        score[ev_t[1]] = score.get(ev_t[1], 0.0) + ev_t[2]
+                if len(score) > 1:
+                    priority = <dict>slot[1]
+                    ranked = []
+                    k = 0
+                    for c, v in score.items():
+                        if v > 0:
+                            ranked.append((-v, priority[c], k, c))
+                            k += 1
+                    ranked.sort()
+                    chosen = [ev_t[3] for ev_t in ranked[:<Py_ssize_t>slot[2]]]
+                else:
+                    chosen = [c for c, v in score.items() if v > 0]
             if not chosen:
                 for ev_t in <tuple>slot[6]:
                     if not ev_t[1] or not present.isdisjoint(ev_t[1]):
                         chosen = [ev_t[0]]
                         break
-            present -= members
+            if any_member:
+                present -= members
             if inferred:
                 inferred = [x for x in inferred if x not in members]
             for c in chosen:
@@ -1097,6 +1284,6 @@ cdef class ProfileRunner:
                         inferred.append(c)
         if self.vocabulary is not None:
             present &= self.vocabulary
-        if self.drop:
+        if self.drop and not present.isdisjoint(self.drop):
             present -= self.drop
         return present, (tuple([x for x in inferred if x in present]) if inferred else ())

@@ -133,9 +133,11 @@ class _Plan:
     profile: Profile
     resolver: AmbiguityResolver
     accept: dict[str, bool]  # memo: cui → passes the type filter / exclusion
-    # memo: key → accepted (cui, posting); the compiled path also keeps "key\0surface" →
-    # accepted pairs or None for keys whose postings need a case check
-    filtered: dict[str, tuple[tuple[str, Posting], ...] | None]
+    # memo: key → accepted (cui, posting)
+    filtered: dict[str, tuple[tuple[str, Posting], ...]]
+    # the compiled path's memo: key id, or (key id, surface) for keys whose postings need a
+    # case check → accepted (cui, posting) pairs, or None when no posting passes the check
+    fast_memo: dict[Any, tuple[tuple[str, Posting], ...] | None]
 
 
 class Extractor:
@@ -173,6 +175,7 @@ class Extractor:
             self._fast = SPEEDUPS.FastPath(
                 self,
                 fast_normalize_token,
+                profiles=[load_profile(name) for name in available_profiles()],
                 check_surface=check_surface,
                 find_definitions=find_definitions,
                 negation_kinds=(_PRE_KIND, _POST_KIND),
@@ -246,6 +249,7 @@ class Extractor:
             resolver=resolver,
             accept={},
             filtered={},
+            fast_memo={},
         )
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()

@@ -22,7 +22,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_ISLOWER
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
-from libc.stdint cimport int32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -504,6 +504,132 @@ cdef bint _may_define(str text):
         return True
 
 
+cdef inline bint _char_lower_eq(Py_UCS4 a, Py_UCS4 b) noexcept:
+    """``a.lower() == b.lower()`` for ASCII code points."""
+    cdef uint32_t x = <uint32_t>a, y = <uint32_t>b  # (Py_UCS4 arithmetic would make str)
+    if 65 <= x <= 90:
+        x += 32
+    if 65 <= y <= 90:
+        y += 32
+    return x == y
+
+
+cdef object _best_long_form(str sf, str lf):
+    """``abbreviations._best_long_form`` (Schwartz–Hearst): start offset in ``lf`` of the
+    shortest long form matching ``sf``, or None."""
+    cdef Py_ssize_t s = len(sf) - 1, t = len(lf) - 1
+    cdef Py_UCS4 sc
+    cdef str c
+    cdef bint ascii = sf.isascii() and lf.isascii()
+    while s >= 0:
+        sc = sf[s]
+        if ascii:
+            if not _is_word(sc):
+                s -= 1
+                continue
+            while (t >= 0 and not _char_lower_eq(lf[t], sc)) or (
+                s == 0 and t > 0 and _is_word(lf[t - 1])
+            ):
+                t -= 1
+        else:  # str.lower() of one code point can be several: compare as strings
+            c = sf[s:s + 1].lower()
+            if not c.isalnum():
+                s -= 1
+                continue
+            while (t >= 0 and lf[t:t + 1].lower() != c) or (
+                s == 0 and t > 0 and lf[t - 1:t].isalnum()
+            ):
+                t -= 1
+        if t < 0:
+            return None
+        t -= 1
+        s -= 1
+    return lf.rfind(u" ", 0, t + 1) + 1
+
+
+cdef list _find_definitions(str text, object Definition):
+    """``abbreviations.find_definitions``, step for step (``tests/test_speedups.py``)."""
+    cdef list out = [], words, head
+    cdef Py_ssize_t pos = 0, open_, close, inner_start, lead, cut, left, n_words, cand_start
+    cdef Py_ssize_t k, sf_start
+    cdef str inner, inner_s, before, cand, lf, sf
+    cdef object rel
+    cdef bint forward
+    while True:
+        open_ = text.find(u"(", pos)
+        if open_ < 0:
+            return out
+        close = text.find(u")", open_ + 1)
+        if close < 0:
+            return out
+        pos = open_ + 1
+        inner_start = open_ + 1
+        inner = text[open_ + 1:close]
+        if u"(" in inner:
+            continue
+        cut = inner.find(u";")
+        if cut >= 0:
+            inner = inner[:cut]
+        cut = inner.find(u",")
+        if cut >= 0:
+            inner = inner[:cut]
+        lead = len(inner) - len(inner.lstrip())
+        inner_s = inner.strip()
+        inner_start += lead
+        forward = _valid_short(inner_s)
+        if not forward:
+            if len(inner_s) <= 10 and len(inner_s.split()) <= 2:
+                continue
+            head = text[max(0, open_ - 40):open_].split()
+            if not head:
+                continue
+            sf = <str>head[len(head) - 1]
+            if not _valid_short(sf) or sf.islower():
+                continue
+        left = -1
+        for c in u".;:!?()[]":
+            k = text.rfind(c, 0, open_)
+            if k > left:
+                left = k
+        left += 1
+        before = text[left:open_].rstrip()
+        if forward:
+            n_words = min(len(inner_s) + 5, 2 * len(inner_s))
+            words = before.split()
+            if not words:
+                continue
+            cand = u" ".join(words[max(0, len(words) - n_words):])
+            cand_start = left + before.rfind(cand) if cand in before else left
+            rel = _best_long_form(inner_s, cand)
+            if rel is None:
+                continue
+            lf = cand[<Py_ssize_t>rel:]
+            words = lf.split()
+            if len(lf) <= len(inner_s) or len(words) > n_words or inner_s in words:
+                continue
+            out.append(Definition(inner_s, inner_start, inner_start + len(inner_s),
+                                  cand_start + <Py_ssize_t>rel, left + len(before)))
+        elif len(inner_s) > 10 or len(inner_s.split()) > 2:
+            words = before.split()
+            if not words:
+                continue
+            sf = <str>words[len(words) - 1]
+            if not _valid_short(sf) or sf.islower():
+                continue
+            rel = _best_long_form(sf, inner_s)
+            if rel is None or len(inner_s) - <Py_ssize_t>rel <= len(sf):
+                continue
+            sf_start = left + before.rfind(sf)
+            out.append(Definition(sf, sf_start, sf_start + len(sf),
+                                  inner_start + <Py_ssize_t>rel,
+                                  inner_start + len(inner_s)))
+
+
+def find_definitions(str text, Definition):
+    """``abbreviations.find_definitions`` compiled; ``Definition`` is its result class."""
+    return _find_definitions(text, Definition)
+
+
 cdef inline bint _is_re_word(Py_UCS4 c) noexcept:
     """``\\w`` of Python's ``re`` for str patterns."""
     return c == u"_" or _is_word(c)
@@ -688,7 +814,7 @@ cdef class FastPath:
     cdef _TokenTable table
     cdef _KeyTrie trie
     cdef object check_surface
-    cdef object find_definitions
+    cdef object Definition
     cdef object filter_postings
     cdef NegationScanner negation
     cdef dict profiles
@@ -700,7 +826,7 @@ cdef class FastPath:
     cdef object new
 
     def __init__(self, extractor, normalize_token, *, profiles, check_surface,
-                 find_definitions, negation_kinds, cand_type,
+                 definition_type, negation_kinds, cand_type,
                  mention_type, annotation_type):
         self.ex = extractor
         self.matcher = extractor._exact
@@ -713,7 +839,7 @@ cdef class FastPath:
         self.trie = _KeyTrie({k: (v if v >= 0 else None) for k, v in prefixes.items()}, {})
         self.table = _TokenTable(normalize_token, self.trie)
         self.check_surface = check_surface
-        self.find_definitions = find_definitions
+        self.Definition = definition_type
         self.filter_postings = extractor._filter_postings
         self.negation = NegationScanner(
             extractor._negation, pre_kind=negation_kinds[0], post_kind=negation_kinds[1]
@@ -905,7 +1031,7 @@ cdef class FastPath:
             if approx:
                 cands.extend([tuple(x) for x in ex._filter(plan, approx)])
         if cands and u"(" in text and _may_define(text):
-            defs = self.find_definitions(text)
+            defs = _find_definitions(text, self.Definition)
             if defs:
                 cands = _apply_definitions(defs, text, starts, ends, cands)
         n_c = len(cands)

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
-from conceptsvc.abbreviations import AmbiguityResolver, find_definitions
+from conceptsvc.abbreviations import AmbiguityResolver, Definition, find_definitions
 from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
@@ -177,7 +177,7 @@ class Extractor:
                 fast_normalize_token,
                 profiles=[load_profile(name) for name in available_profiles()],
                 check_surface=check_surface,
-                find_definitions=find_definitions,
+                definition_type=Definition,
                 negation_kinds=(_PRE_KIND, _POST_KIND),
                 cand_type=_Cand,
                 mention_type=Mention,

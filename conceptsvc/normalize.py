@@ -34,18 +34,18 @@ import os
 import re
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
-from collections.abc import Callable
 from typing import Any
 
 __all__ = [
     "NORMALIZER_VERSION",
     "SPEEDUPS",
-    "fast_normalize_token",
     "STOPWORDS",
     "Token",
+    "fast_normalize_token",
     "is_stopword_only",
     "normalize_term",
     "normalize_token",

@@ -40,6 +40,7 @@ from typing import Any
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.normalize import normalize_token
 
 __all__ = ["bench", "compare_tokenizers", "main", "stage_shares"]
 
@@ -90,10 +91,20 @@ def bench(
     *,
     repeat: int = 3,
     profile: bool = True,
+    reference: bool = False,
 ) -> dict[str, Any]:
-    """Time ``extractor`` over ``captions``; see the module docstring for what is measured."""
+    """Time ``extractor`` over ``captions``; see the module docstring for what is measured.
+
+    ``reference`` times the pure-Python reference pipeline instead of the compiled one
+    (``extractor`` must then be a reference extractor too: ``_fast`` set to None).
+    """
     cold_extractor = Extractor(extractor.index)
+    if reference:
+        cold_extractor._fast = None
     cold_extractor.check_options(options)  # the profile file is parsed outside the timing
+    # Cold means cold: the process-wide normalisation caches are emptied too (a fresh
+    # extractor has its own empty token table and memo tables).
+    normalize_token.cache_clear()
     w0, c0 = time.perf_counter(), time.process_time()
     for id_, text in captions:
         cold_extractor.extract(text, options, id=id_)
@@ -116,6 +127,7 @@ def bench(
         best_cpu = min(best_cpu, cpu)
     n = len(captions)
     result: dict[str, Any] = {
+        "engine": "pure Python (reference)" if extractor._fast is None else "compiled",
         "mode": options.mode,
         "profile": options.profile,
         "similarity": options.similarity,
@@ -192,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile stage pass")
     ap.add_argument("--tokenizers", action="store_true",
                     help="also compare tokenisers (ours vs spaCy's blank English tokenizer)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also time the pure-Python reference pipeline (the compiled path's "
+                    "speed-up; CONCEPTSVC_PURE_PYTHON=1 times only the reference)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -222,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = bench(extractor, captions, options, repeat=args.repeat, profile=not args.no_profile)
         results.append(r)
         print(json.dumps(r, indent=2))
+        if args.reference and extractor._fast is not None:
+            ref = Extractor(index)
+            ref._fast = None
+            r = bench(ref, captions, options, repeat=1, profile=False, reference=True)
+            results.append(r)
+            print(json.dumps(r, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

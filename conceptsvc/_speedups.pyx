@@ -1408,8 +1408,8 @@ cdef class ProfileRunner:
                     present.add(c)
                     if c not in mentioned:
                         inferred.append(c)
-        if self.vocabulary is not None:
-            present &= self.vocabulary
+        if self.vocabulary is not None and not self.vocabulary.issuperset(present):
+            present &= self.vocabulary  # (set &= builds a new table: only when it drops some)
         if self.drop and not present.isdisjoint(self.drop):
             present -= self.drop
         return present, (tuple([x for x in inferred if x in present]) if inferred else ())

@@ -28,6 +28,16 @@ Finding passes a Finding filter. ``sources`` applies to the matched string: a co
 one of the dictionary strings matched at that span comes from an accepted source.
 ``exclude_cuis`` always wins.
 
+Two implementations, one behaviour: this module and the stage modules are the reference, in
+plain Python; ``conceptsvc/_speedups.pyx`` (Cython, built by ``make install``) runs the same
+pipeline per caption with the interpreter out of the loop — a token table keyed by the
+caption's code points, the key prefix table as a trie over token ids, negation, profiles and
+caption definitions in C — and calls back into these modules for whatever is rare or
+rule-heavy (a token or key seen for the first time, ambiguous spans, approximate matching).
+:meth:`Extractor.extract` uses it whenever the extension is built and the matcher has its
+token-prefix table; ``CONCEPTSVC_PURE_PYTHON=1`` runs the reference. ``tests/test_speedups.py``
+holds the two to the same annotations.
+
 Scores: an exact match scores 1.0; an approximate one its trigram similarity.
 ``Annotation.concepts`` holds the deduplicated CUIs in order of first mention, followed by the
 concepts a profile inferred without a mention (e.g. ROCOv2's imaging modality).
@@ -261,8 +271,7 @@ class Extractor:
         """(preferred name, semantic types) of a concept in the index, memoised."""
         info = self._info.get(cui)
         if info is None:
-            c = self.index.concept(cui)
-            info = (c.preferred_name, c.semantic_types) if c is not None else (cui, ())
+            info = self.index.name_and_types(cui) or (cui, ())
             self._info[cui] = info
         return info
 

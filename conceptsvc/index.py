@@ -595,6 +595,17 @@ class ConceptIndex:
             sources=tuple(sorted(sabs)),
         )
 
+    def name_and_types(self, cui: str) -> tuple[str, tuple[str, ...]] | None:
+        """(preferred name, semantic types) of a concept: :meth:`concept` without the sources,
+        which the extractor does not need (it asks once per concept it meets)."""
+        cid = self._cuis.find(cui)
+        if cid < 0:
+            return None
+        return (
+            self._strings.string(self._m["concept_pref"][cid]),
+            self.semantic_types_of(cid),
+        )
+
     def semantic_types_of(self, cid: int) -> tuple[str, ...]:
         m = self._m
         lo, hi = m["concept_sty_offsets"][cid], m["concept_sty_offsets"][cid + 1]

@@ -1,0 +1,911 @@
+"""The compiled hot path (``conceptsvc/_speedups.pyx``) gives the pure-Python reference's results.
+
+Guaranteed here, with the extension built (a silent fallback fails the first test): the same
+tokens, offsets and normalised forms for every code point and random Unicode; the same negation
+flags and profile results; and equal Annotations (same repr too) for every demo caption under
+every family of options, for generated captions, in any order, batch, thread or cache state.
+The reference runs no compiled code (its tokeniser is patched in; one test runs it in a child
+process with ``CONCEPTSVC_PURE_PYTHON=1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import random
+import re
+import string
+import subprocess
+import sys
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conceptsvc import normalize
+from conceptsvc.demo import CAPTIONS
+from conceptsvc.embedded import demo_index
+from conceptsvc.evaluation import read_captions
+from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex
+from conceptsvc.model import Annotation
+from conceptsvc.negation import _POST_KIND, _PRE_KIND, NegationDetector, NegationRules
+from conceptsvc.normalize import normalize_token, tokenize_spans_py
+from conceptsvc.profile import Profile, ProfileModel, load_profile
+
+Items = list[tuple[str, str]]
+
+# -- the reference and the comparison ----------------------------------------------------------
+
+
+@contextmanager
+def pure_python() -> Iterator[None]:
+    """Bind every conceptsvc module's ``tokenize_spans`` to the pure-Python reference, so that
+    an extractor with ``_fast = None`` runs no compiled code (the extractor and the abbreviation
+    resolver otherwise tokenise with the compiled ``normalize.tokenize_spans``)."""
+    compiled = normalize.tokenize_spans
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("conceptsvc") and getattr(module, "tokenize_spans", 0) is compiled:
+                mp.setattr(module, "tokenize_spans", tokenize_spans_py)
+        yield
+
+
+def differences(items: Items, got: Sequence[Any], want: Sequence[Any]) -> list[str]:
+    """One line per item whose results differ; repr catches 1 vs 1.0 and True vs 1 too."""
+    return [
+        f"{id_} {text!r}:\n    fast:      {g!r}\n    reference: {w!r}"
+        for (id_, text), g, w in zip(items, got, want, strict=True)
+        if g != w or repr(g) != repr(w)
+    ]
+
+
+def summary(bad: list[str], total: int) -> str:
+    return f"{len(bad)} of {total} differ; the first ones:\n" + "\n".join(bad[:3])
+
+
+class Engines:
+    """A fast-path extractor and a reference extractor over the same index."""
+
+    def __init__(self, index: ConceptIndex) -> None:
+        self.index = index
+        self.fast = Extractor(index)
+        self.ref = Extractor(index)
+        self.ref._fast = None
+        assert self.fast._fast is not None, "the fast path is off: every comparison is vacuous"
+
+    def reference(self, items: Items, options: ExtractOptions | None) -> list[Annotation]:
+        with pure_python():
+            return [self.ref.extract(text, options, id=id_) for id_, text in items]
+
+    def differences(self, items: Items, options: ExtractOptions | None) -> list[str]:
+        fast = [self.fast.extract(text, options, id=id_) for id_, text in items]
+        return differences(items, fast, self.reference(items, options))
+
+    def check(self, text: str, options: ExtractOptions | None) -> None:
+        bad = self.differences([("x", text)], options)
+        assert not bad, bad[0]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> ConceptIndex:
+    return demo_index(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture(scope="module")
+def demo_engines(demo: ConceptIndex) -> Engines:
+    return Engines(demo)
+
+
+@pytest.fixture(scope="module")
+def engine_engines(engine_index_path: Path) -> Engines:
+    return Engines(ConceptIndex.load(engine_index_path))
+
+
+@pytest.fixture(scope="module")
+def sample() -> Items:
+    items = read_captions(CAPTIONS)
+    assert len(items) == 500
+    return items
+
+
+# -- 1. the extension is there, and the switch turns it off ------------------------------------
+
+
+def test_speedups_extension_is_built_and_used(demo_engines: Engines) -> None:
+    assert normalize.SPEEDUPS is not None, (
+        "conceptsvc._speedups is not importable: run `make install` to build it"
+    )
+    assert isinstance(normalize.tokenize_spans, normalize.SPEEDUPS.SpanTokenizer)
+    assert normalize.tokenize_spans is not tokenize_spans_py
+    assert demo_engines.fast._fast is not None
+
+
+_PURE_CHILD = """
+import dataclasses, json, sys
+from conceptsvc import normalize
+from conceptsvc.evaluation import read_captions
+from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.index import ConceptIndex
+
+ex = Extractor(ConceptIndex.load(sys.argv[1]))
+items = read_captions(sys.argv[2])
+runs = []
+for raw in json.loads(sys.argv[3]):
+    o = ExtractOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    runs.append([dataclasses.asdict(ex.extract(t, o, id=i)) for i, t in items])
+json.dump({
+    "speedups": normalize.SPEEDUPS is not None,
+    "fast": ex._fast is not None,
+    "pure_tokenizer": normalize.tokenize_spans is normalize.tokenize_spans_py,
+    "runs": runs,
+}, sys.stdout)
+"""
+
+
+def test_speedups_pure_python_switch_gives_same_annotations(
+    demo: ConceptIndex, demo_engines: Engines, sample: Items
+) -> None:
+    options = [
+        ExtractOptions(),
+        ExtractOptions(profile="rocov2"),
+        ExtractOptions(mode="approximate", overlap="all"),
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable, "-c", _PURE_CHILD, str(demo.path), str(CAPTIONS),
+            json.dumps([dataclasses.asdict(o) for o in options]),
+        ],
+        env={**os.environ, "CONCEPTSVC_PURE_PYTHON": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    child = json.loads(proc.stdout)
+    assert (child["speedups"], child["fast"], child["pure_tokenizer"]) == (False, False, True)
+    for o, run in zip(options, child["runs"], strict=True):
+        fast = [
+            json.loads(json.dumps(dataclasses.asdict(demo_engines.fast.extract(t, o, id=i))))
+            for i, t in sample
+        ]
+        bad = differences(sample, fast, run)
+        assert not bad, f"{o}: " + summary(bad, len(sample))
+
+
+# -- 2. tokeniser ------------------------------------------------------------------------------
+
+# Code points the tokeniser or the normaliser treats specially: apostrophes and look-alikes,
+# separators, compatibility forms (ligatures, full-width, superscripts, fractions), case-folding
+# expansions, combining marks inside and outside normalize._MARKS, astral letters and symbols.
+_SPECIAL = (
+    "'", "’", "‘", "ʼ", "`", "-", "‐", "–", "/", "\\", ".", ",", ";", ":", "(", ")", "_", " ",
+    "\t", "\n", "\u00a0", "\u2009", "\u200b", "\u00ad", "ﬁ", "ﬂ", "ﬃ", "Ａ", "ｚ", "１", "²",
+    "₂", "½", "ⅻ", "Ⅻ", "㉑", "ß", "ẞ", "İ", "ı", "ǅ", "Σ", "ς", "ŉ", "é", "ø", "Å",
+    "\u0301", "\u0308", "\u036f", "\u0483", "\u0489", "\u05b0", "\u05bd", "\u05be", "\u0610",
+    "\u064b", "\u065f", "\u0670", "\u1ab0", "\u1dc0", "\u20d7", "\u20ff", "\ufe20", "\ufe2f",
+    "\u0e31", "\u093f", "\u0900", "\u302a", "\u0345", "\U0001d167", "\U000e0100", "٣", "𝐀",
+    "𝟙", "😀", "𠀀", "𐐀", "Ω", "ｶ", "ﾞ", "ー", "々", "〇",
+)
+_CHARS = st.one_of(
+    st.sampled_from(_SPECIAL),
+    st.sampled_from("aeiostCTMRIUSx019'’ -"),
+    st.characters(codec="utf-8", categories=("L", "N", "M", "P", "Zs", "S")),
+    st.characters(min_codepoint=0x10000, codec="utf-8"),
+)
+_WORDS = ("CT", "CTs", "MRIs", "patient's", "Crohn’s", "T2-weighted", "oedema", "vertebrae")
+_TEXTS = st.one_of(
+    st.text(_CHARS, max_size=40),
+    st.text(st.characters(max_codepoint=127), max_size=40),  # the reference's ASCII branch
+    st.lists(st.one_of(st.text(_CHARS, max_size=3), st.sampled_from(_WORDS)), max_size=12).map(
+        "".join
+    ),
+)
+
+_HARD_TEXTS = (
+    "", " ", "'", "''", "’", "x''y", "x'’y", "'tis", "dogs'", "'quoted'", "a'b'c", "a'", "’s",
+    "T2-weighted", "X-ray", "PET/CT", "patient's", "patients'", "CTs", "MRIs", "Ct", "cTs",
+    "Crohn’s", "Crohn's disease", "cafe\u0301", "e\u0301\u0301", "\u0301abc", "a\u0301'b",
+    "a'\u0301b", "a\u0e31b", "a\u20d7b", "a\u0345b", "ﬁbrosis", "ＣＴ scan", "Ｘ－ray", "x²",
+    "H₂O", "½", "¼x", "İstanbul", "ǅemal", "straße", "ŉ", "ß'ß", "𝐀𝐁𝐂", "😀abc😀", "𠀀𠀁",
+    "abc_def", "9am", "rays kidneys airways", "x\u200by", "x\u00ady", "ⅫⅫ", "㉑", "٣٤",
+    "haemorrhagic tumours (arrows); metastases.", "A\u0308rger", "\U000e0100a",
+)
+
+
+@pytest.mark.parametrize("text", _HARD_TEXTS)
+def test_speedups_tokenizer_hard_cases(text: str) -> None:
+    assert normalize.tokenize_spans(text) == tokenize_spans_py(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_TEXTS)
+def test_speedups_tokenizer_random_unicode(text: str) -> None:
+    assert normalize.tokenize_spans(text) == tokenize_spans_py(text)
+
+
+def test_speedups_tokenizer_every_code_point() -> None:
+    # Alone, a code point is a token iff it is a word character; between two letters it also
+    # joins them iff it is a combining mark of normalize._MARKS or an apostrophe. All of the
+    # BMP, and the assigned code points of the other planes.
+    cps = [
+        chr(c)
+        for c in range(0x110000)
+        if c < 0xD800 or 0xDFFF < c < 0x10000 or unicodedata.category(chr(c)) not in ("Cn", "Co")
+    ]
+    for text in (" ".join(cps), " ".join("a" + c + "b" for c in cps if not c.isalnum())):
+        assert normalize.tokenize_spans(text) == tokenize_spans_py(text)
+
+
+def _ranges(spec: str) -> list[tuple[int, int]]:
+    """The ranges of a regex character-class body such as normalize._MARKS."""
+    out: list[tuple[int, int]] = []
+    k = 0
+    while k < len(spec):
+        if k + 2 < len(spec) and spec[k + 1] == "-":
+            out.append((ord(spec[k]), ord(spec[k + 2])))
+            k += 3
+        else:
+            out.append((ord(spec[k]), ord(spec[k])))
+            k += 1
+    return out
+
+
+def test_speedups_mark_ranges_are_normalize_marks() -> None:
+    marks = _ranges(normalize._MARKS)
+    assert len(marks) >= 9
+    compiled = [
+        tuple(ord(c) if isinstance(c, str) else c for c in pair)
+        for pair in normalize.SPEEDUPS.MARK_RANGES
+    ]
+    assert sorted(compiled) == sorted(marks)
+
+
+def test_speedups_fresh_tokenizer_equals_warm_one(sample: Items) -> None:
+    fresh = normalize.SPEEDUPS.SpanTokenizer(normalize_token)
+    for _, text in sample:
+        assert fresh(text) == normalize.tokenize_spans(text) == tokenize_spans_py(text), text
+
+
+# The compiled normaliser of ASCII tokens (normalize.fast_normalize_token) against
+# normalize_token: the reference's tables with every suffix its rules look at, in every case.
+_TABLE_WORDS = sorted(
+    {
+        *normalize._BRITISH_WORDS, *normalize._BRITISH_WORDS.values(),
+        *normalize._IRREGULAR_PLURALS, *normalize._IRREGULAR_PLURALS.values(),
+        *normalize._NOT_PLURAL, *normalize._STOPWORDS_RAW,
+        *(w for pair in normalize._BRITISH_STEMS for w in pair),
+    }
+)
+_SUFFIXES = (
+    "", "", "s", "S", "es", "ies", "ae", "oses", "yses", "eses", "sses", "xes", "ches", "shes",
+    "zes", "uses", "ays", "eys", "oys", "uys", "ss", "us", "is", "ys", "'s", "'S", "'t", "'ss",
+    "a", "i", "e", "oe", "Ae", "OE", "s's", "2", "2s",
+)
+_ASCII_TOKEN = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z0-9]+)*")
+_ASCII_WORDS = st.builds(
+    lambda stem, suffix, case: case(stem + suffix),
+    st.one_of(
+        st.from_regex(r"[A-Za-z0-9']{0,7}", fullmatch=True),
+        st.from_regex(r"[aeiosuyhcxzSCT]{0,5}", fullmatch=True),
+        st.sampled_from(_TABLE_WORDS),
+    ),
+    st.sampled_from(_SUFFIXES),
+    st.sampled_from((str, str.lower, str.upper, str.title, str.capitalize, str.swapcase)),
+).filter(_ASCII_TOKEN.fullmatch)
+
+
+def test_speedups_ascii_normalizer_is_compiled() -> None:
+    assert normalize.fast_normalize_token is not normalize_token
+
+
+def test_speedups_ascii_normalizer_on_reference_tables() -> None:
+    words = {
+        case(w + suffix)
+        for w in _TABLE_WORDS
+        for suffix in _SUFFIXES
+        for case in (str, str.upper, str.title)
+    }
+    bad = [w for w in sorted(words) if normalize.fast_normalize_token(w) != normalize_token(w)]
+    assert not bad, [(w, normalize.fast_normalize_token(w), normalize_token(w)) for w in bad[:5]]
+
+
+def test_speedups_ascii_normalizer_on_every_short_token() -> None:
+    # every ASCII token of up to three characters (the singular and acronym thresholds)
+    chars = string.ascii_letters + string.digits
+    words = [*chars, *(a + b for a in chars for b in chars)]
+    words += [a + b + c for a in chars for b in chars for c in chars]
+    words += [a + "'" + b for a in chars for b in chars]
+    bad = [w for w in words if normalize.fast_normalize_token(w) != normalize_token(w)]
+    assert not bad, [(w, normalize.fast_normalize_token(w), normalize_token(w)) for w in bad[:5]]
+
+
+def test_speedups_ascii_normalizer_on_dictionary_and_captions(
+    demo: ConceptIndex, sample: Items
+) -> None:
+    texts = [p.string for kid in range(demo.n_keys) for p in demo.postings_of(kid)]
+    texts += [text for _, text in sample]
+    raws: set[str] = set()
+    for text in texts:
+        _, starts, ends = tokenize_spans_py(text)
+        for s, e in zip(starts, ends, strict=True):
+            raw = text[s:e]
+            raws.update((raw, raw.upper(), raw.lower(), raw.title(), raw + "s", raw.upper() + "s"))
+    bad = [w for w in sorted(raws) if normalize.fast_normalize_token(w) != normalize_token(w)]
+    assert not bad, [(w, normalize.fast_normalize_token(w), normalize_token(w)) for w in bad[:5]]
+
+
+@settings(max_examples=500, deadline=None)
+@given(word=_ASCII_WORDS)
+def test_speedups_ascii_normalizer_random_words(word: str) -> None:
+    assert normalize.fast_normalize_token(word) == normalize_token(word)
+
+
+# -- 3. whole pipeline over the demo sample ----------------------------------------------------
+
+
+def _id(options: ExtractOptions | None) -> str:
+    """A test id: the options' non-default fields."""
+    if options is None:
+        return "default"
+    default = ExtractOptions()
+    changed = [
+        f"{f.name}={','.join(v) if isinstance(v, tuple) else v}"
+        for f in dataclasses.fields(options)
+        if (v := getattr(options, f.name)) != getattr(default, f.name)
+    ]
+    return "|".join(changed) or "none"
+
+
+DEMO_OPTIONS = [
+    None,
+    ExtractOptions(profile="rocov2"),
+    ExtractOptions(overlap="best_score"),
+    ExtractOptions(overlap="best_score", profile="rocov2"),
+    ExtractOptions(overlap="all"),
+    ExtractOptions(overlap="all", profile="rocov2"),
+    ExtractOptions(include_negated=False),
+    ExtractOptions(include_negated=False, profile="rocov2", overlap="all"),
+    ExtractOptions(include_mentions=False),
+    ExtractOptions(include_mentions=False, profile="rocov2"),
+    ExtractOptions(semantic_groups=("DISO",)),
+    ExtractOptions(semantic_groups=("ANAT", "Procedures"), overlap="best_score"),
+    ExtractOptions(semantic_types=("T047", "Finding", "dsyn")),
+    ExtractOptions(semantic_types=("T023", "T029"), profile="rocov2"),
+    ExtractOptions(semantic_types=("T060",), semantic_groups=("DISO",), overlap="all"),
+    ExtractOptions(sources=("CSVRAD", "HPO")),
+    ExtractOptions(sources=("ROCOV2", "DICOM"), profile="rocov2"),
+    # the sample's two most frequent concepts (CT, plain x-ray)
+    ExtractOptions(exclude_cuis=("C0040405", "C1306645")),
+    ExtractOptions(exclude_cuis=("C0040405",), profile="rocov2", include_negated=False),
+]
+APPROXIMATE_OPTIONS = [
+    ExtractOptions(mode="approximate"),
+    ExtractOptions(mode="approximate", profile="rocov2", overlap="all", threshold=0.6),
+    ExtractOptions(
+        mode="approximate", similarity="cosine", overlap="best_score", semantic_groups=("DISO",)
+    ),
+    ExtractOptions(mode="approximate", similarity="dice", include_negated=False, threshold=0.8),
+]
+
+
+@pytest.mark.parametrize("options", DEMO_OPTIONS, ids=_id)
+def test_speedups_demo_sample_equals_reference(
+    demo_engines: Engines, sample: Items, options: ExtractOptions | None
+) -> None:
+    bad = demo_engines.differences(sample, options)
+    assert not bad, summary(bad, len(sample))
+
+
+@pytest.mark.parametrize("options", APPROXIMATE_OPTIONS, ids=_id)
+def test_speedups_demo_sample_approximate_equals_reference(
+    demo_engines: Engines, sample: Items, options: ExtractOptions
+) -> None:
+    subset = sample[::3]
+    bad = demo_engines.differences(subset, options)
+    assert not bad, summary(bad, len(subset))
+
+
+ENGINE_CAPTIONS = [
+    "Axial ＣＴ: ﬁnal Haematomas and PLEURAL EFFUSIONS (arrows).",
+    "Known lung cancer.",
+    "Chest X-ray: pleural effusion and lung cancer.",
+    "CT of the chest.",
+    "Severe MS with a calcified mitral annulus.",
+    "MS.",
+    "Multiple sclerosis (MS). MS plaques near the mitral annulus.",
+    "MS (multiple sclerosis) and ms; Ms near the mitral valve stenosis",
+    "No pleural effusion; lung cancer.",
+    "Right pleural efusion and lung cancer.",
+    "US of the abdomen, us and Us; USs. IN in In indium.",
+    "Computed tomography (CT) and CT scan; CTs (computed tomography) without contrast.",
+    "pulmonary embolism (PE) ruled out, no PE, AP view; ap chest radiograph",
+    "Left ventricle dilatation is absent, heart without shock.",
+    "MRI, MR imaging and magnetic resonance imaging (MRI) of the thorax; no tumour.",
+    "", " ", "(", "()", "(CT)", "CT (", ") CT (", "No", "no.", "none no None NO",
+]
+ENGINE_OPTIONS = [
+    None,
+    ExtractOptions(profile="rocov2"),
+    ExtractOptions(overlap="best_score"),
+    ExtractOptions(overlap="all", include_negated=False),
+    ExtractOptions(include_mentions=False, profile="rocov2"),
+    ExtractOptions(semantic_types=("Bacterium",)),
+    ExtractOptions(semantic_types=("T023",), overlap="all"),
+    ExtractOptions(semantic_groups=("ANAT", "DISO")),
+    ExtractOptions(sources=("HPO", "CURATED")),
+    ExtractOptions(exclude_cuis=("C0040405", "C0026269")),
+    ExtractOptions(mode="approximate", threshold=0.6),
+    ExtractOptions(mode="approximate", overlap="all", profile="rocov2"),
+]
+
+
+@pytest.mark.parametrize("options", ENGINE_OPTIONS, ids=_id)
+def test_speedups_engine_fixture_equals_reference(
+    engine_engines: Engines, sample: Items, options: ExtractOptions | None
+) -> None:
+    items = [(f"e{k}", t) for k, t in enumerate(ENGINE_CAPTIONS)] + sample[::2]
+    bad = engine_engines.differences(items, options)
+    assert not bad, summary(bad, len(items))
+
+
+def test_speedups_every_code_point_through_the_pipeline(engine_engines: Engines) -> None:
+    # "lung?cancer" for every code point that is not a word character (BMP, and assigned
+    # beyond) and for one word character in 16: one token, or the key "lung cancer", or "lung"
+    # alone (a break) — the fast path's own tokeniser, offsets and phrase breaks against the
+    # reference's, visible in the mentions (all of them: overlap "all").
+    cps = [
+        chr(c)
+        for c in range(0x110000)
+        if c < 0xD800 or 0xDFFF < c < 0x10000 or unicodedata.category(chr(c)) not in ("Cn", "Co")
+    ]
+    cps = [c for c in cps if not c.isalnum()] + [c for c in cps if c.isalnum()][::16]
+    text = " ".join(f"lung{c}cancer" for c in cps)
+    bad = engine_engines.differences([("all", text)], ExtractOptions(overlap="all"))
+    assert not bad, bad[0][:2000]
+
+
+# -- 4. generated captions ---------------------------------------------------------------------
+
+_TRIGGERS = (
+    "no", "No", "NO", "not", "without", "Without", "ruled out", "was ruled out", "is absent",
+    "are absent", "absent", "negative for", "no evidence of", "free of", "free", "not seen",
+    "excluded", "resolved", "no change", "no significant change", "gram negative", "not only",
+    "but", "however", "with", "showing", "which", "due to", "there is", "and then",
+)
+_GLUE = (
+    " ", " ", " ", " ", ", ", ". ", "; ", ": ", " (", ") ", "(", ")", " - ", "-", "/", " and ",
+    " or ", " of the ", " in ", "\n", " (A) ", "! ", "? ", "  ", " [", "] ", "’s ", "'s ", "",
+    "_", "'", "’", "\u0301 ", "\u00a0", " {", "} ",
+)
+_EXTRA = (
+    "T2-weighted", "X-ray", "x-ray", "PET/CT", "CT", "ct", "Ct", "CTs", "MRI", "MRIs", "mri",
+    "US", "us", "MS", "Ms", "AP", "ap", "IN", "in", "PE", "(arrow)", "(arrows)", "3 cm",
+    "patient's", "Crohn’s", "ﬁbrosis", "ＣＴ", "oedema", "haematoma", "tumours", "vertebrae",
+    "metastases", "e.g.", "", "Computed tomography (CT)", "CT (computed tomography)",
+    "magnetic resonance imaging (MRI)", "MRI (magnetic resonance imaging)", "(CT)", "(ct)",
+    "( CT )", "(CT, MRI)", "(CT; see text)", "(C.T.)", "(CT-A)", "((CT))", "(CT", "CT)",
+    "(a) (B)", "CT_", "_CT", "xCT", "CTé", "ÉCT", "CT\u0301", "CT's", "CT’s", "(CTA)",
+    "(computed tomography angiography)", "Computed Tomography Angiography (CTA) CTA",
+    "CTA (computed tomography angiography) CTA", "A B (some long words here as well)",
+)
+_CASES: tuple[Callable[[str], str], ...] = (
+    str, str, str.lower, str.upper, str.title, str.capitalize, str.swapcase,
+)
+
+
+def _define(long: str, forward: bool) -> str:
+    """A Schwartz–Hearst definition of ``long`` by its initials, either way round."""
+    short = "".join(w[0] for w in long.split() if w[:1].isalnum()).upper() or "X"
+    return f"{long} ({short})" if forward else f"{short} ({long})"
+
+
+def _split(phrase: str, glue: str, k: int) -> str:
+    """``phrase`` with one of its spaces replaced by ``glue`` (a break inside a term/trigger)."""
+    spaces = [i for i, c in enumerate(phrase) if c == " "]
+    if not spaces:
+        return phrase
+    i = spaces[k % len(spaces)]
+    return phrase[:i] + glue + phrase[i + 1 :]
+
+
+def _insert(phrase: str, char: str, k: int) -> str:
+    """``phrase`` with ``char`` inserted at position ``k`` (mod its length + 1)."""
+    k %= len(phrase) + 1
+    return phrase[:k] + char + phrase[k:]
+
+
+def caption_strategy(phrases: Sequence[str], tokens: Sequence[str] = ()) -> st.SearchStrategy[str]:
+    """Captions glued from dictionary-like phrases (in several letter cases, defined by their
+    initials, or broken by punctuation), tokens, negation triggers, hard words and Unicode."""
+    phrase = st.sampled_from(sorted(set(phrases)))
+    multi = sorted({p for p in (*phrases, *_TRIGGERS) if " " in p})
+    glue = st.sampled_from(_GLUE)
+    word = st.one_of(
+        phrase,
+        st.builds(lambda t, case: case(t), phrase, st.sampled_from(_CASES)),
+        st.builds(_insert, phrase, _CHARS, st.integers(0, 30)),
+        st.builds(_define, phrase, st.booleans()),
+        st.builds(_split, st.sampled_from(multi), glue, st.integers(0, 7)),
+        st.sampled_from(sorted(set(tokens)) or _EXTRA),
+        st.sampled_from(_TRIGGERS),
+        st.sampled_from(_EXTRA),
+        st.text(_CHARS, max_size=4),
+    )
+    return st.lists(st.tuples(word, glue), max_size=14).map(
+        lambda parts: "".join(w + g for w, g in parts)
+    )
+
+
+def index_captions(index: ConceptIndex, extra: Sequence[str] = ()) -> st.SearchStrategy[str]:
+    """:func:`caption_strategy` over an index's dictionary strings and key tokens, the strings
+    of its ambiguous keys twice over, and definitions of its abbreviations by their concepts'
+    preferred names."""
+    phrases: list[str] = list(extra)
+    tokens: set[str] = set()
+    for kid in range(index.n_keys):
+        tokens.update(index.key(kid).split(" "))
+        for p in index.postings_of(kid):
+            phrases.append(p.string)
+            concept = index.concept(p.cui)
+            if p.flags & FLAG_ABBREVIATION and concept is not None:
+                phrases.append(f"{concept.preferred_name} ({p.string})")
+                phrases.append(f"{p.string} ({concept.preferred_name})")
+    ambiguous = {p.string for key, _ in index.ambiguous_keys() for p in index.postings(key)}
+    strategies = [caption_strategy(phrases, sorted(tokens))]
+    if ambiguous:
+        strategies.append(caption_strategy(sorted(ambiguous)))
+    return st.one_of(strategies)
+
+
+@pytest.fixture(scope="module")
+def demo_captions(demo: ConceptIndex) -> st.SearchStrategy[str]:
+    return index_captions(demo, _evidence_terms("rocov2"))
+
+
+@pytest.fixture(scope="module")
+def engine_captions(engine_engines: Engines) -> st.SearchStrategy[str]:
+    return index_captions(engine_engines.index)
+
+
+PROPERTY_OPTIONS = [
+    ExtractOptions(),
+    ExtractOptions(profile="rocov2", overlap="all", include_negated=False),
+    ExtractOptions(mode="approximate", overlap="best_score", threshold=0.6, profile="rocov2"),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), options=st.sampled_from(PROPERTY_OPTIONS))
+def test_speedups_generated_captions_demo(
+    demo_engines: Engines,
+    demo_captions: st.SearchStrategy[str],
+    data: st.DataObject,
+    options: ExtractOptions,
+) -> None:
+    demo_engines.check(data.draw(demo_captions, label="caption"), options)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    options=st.sampled_from(
+        [
+            ExtractOptions(),
+            ExtractOptions(semantic_types=("Bacterium", "T047"), overlap="all"),
+            ExtractOptions(mode="approximate", threshold=0.6, include_negated=False),
+        ]
+    ),
+)
+def test_speedups_generated_captions_engine(
+    engine_engines: Engines,
+    engine_captions: st.SearchStrategy[str],
+    data: st.DataObject,
+    options: ExtractOptions,
+) -> None:
+    engine_engines.check(data.draw(engine_captions, label="caption"), options)
+
+
+_DETECTORS = [
+    NegationDetector(),
+    NegationDetector(NegationRules(scope=1)),
+    NegationDetector(NegationRules(scope=12)),
+    # one phrase as both a pre- and a post-trigger, a pseudo-trigger inside a trigger
+    NegationDetector(
+        NegationRules(
+            pre=("no", "free", "ruled out"), post=("free", "absent", "ruled out"),
+            pseudo=("no change", "free text"), terminators=("but", "with"), scope=3,
+        )
+    ),
+]
+
+
+def _spans(text: str) -> tuple[list[str], list[int], list[int]]:
+    norms, starts, ends = tokenize_spans_py(text)
+    return list(norms), list(starts), list(ends)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), k=st.integers(0, len(_DETECTORS) - 1))
+def test_speedups_negation_scanner_equals_detector(
+    demo_captions: st.SearchStrategy[str], data: st.DataObject, k: int
+) -> None:
+    text = data.draw(demo_captions, label="caption")
+    detector = _DETECTORS[k]
+    scanner = normalize.SPEEDUPS.NegationScanner(detector, pre_kind=_PRE_KIND, post_kind=_POST_KIND)
+    norms, starts, ends = _spans(text)
+    got = scanner.negated_tokens(text, norms, starts, ends)
+    want = detector.negated_tokens(text, norms, starts, ends)
+    assert (got, repr(got)) == (want, repr(want))
+
+
+def test_speedups_negation_scanner_on_the_sample(sample: Items) -> None:
+    for detector in _DETECTORS:
+        scanner = normalize.SPEEDUPS.NegationScanner(
+            detector, pre_kind=_PRE_KIND, post_kind=_POST_KIND
+        )
+        for _, text in [*sample, ("", ""), ("", "no"), ("", "No. Absent")]:
+            norms, starts, ends = _spans(text)
+            got = scanner.negated_tokens(text, norms, starts, ends)
+            assert got == detector.negated_tokens(text, norms, starts, ends), text
+
+
+@functools.cache
+def _profile_cuis(name: str) -> list[str]:
+    """Every CUI the profile's rules name, a slice of its vocabulary and one it never names."""
+    profile = load_profile(name)
+    cuis: set[str] = set(profile.drop) | {"C9999999"}
+    for s in profile._slots:
+        cuis |= s.member_set | s.when
+        cuis.update(c for c, _ in s.defaults)
+        for _cui, when in s.defaults:
+            cuis |= when
+        cuis.update(ev for ev, _, _ in s.cui_evidence)
+    cuis.update(sorted(profile.vocabulary or ())[:40])
+    return sorted(cuis)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), name=st.sampled_from(["rocov2", "none"]))
+def test_speedups_profile_runner_equals_profile(
+    demo_captions: st.SearchStrategy[str], data: st.DataObject, name: str
+) -> None:
+    profile = load_profile(name)
+    runner = normalize.SPEEDUPS.ProfileRunner(profile)
+    text = data.draw(demo_captions, label="caption")
+    mentioned = data.draw(
+        st.lists(st.sampled_from(_profile_cuis("rocov2")), unique=True, max_size=10),
+        label="mentioned",
+    )
+    norms, starts, ends = _spans(text)
+    kept, inferred = runner.apply(mentioned, text, norms, starts, ends)
+    want = profile.apply(mentioned, text, norms, starts, ends)
+    assert (kept, inferred) == (want.kept, want.inferred)
+    assert repr(inferred) == repr(want.inferred)
+
+
+# rocov2's members all have distinct priorities; this profile has the constructs it lacks:
+# tied priorities with max > 1, evidence phrases that are prefixes of one another, capitals-only
+# terms, CUI evidence, conditional defaults, keep_mentioned, a vocabulary and a drop list.
+_TOY = {
+    "name": "toy",
+    "description": "every construct a profile file can use",
+    "slots": [
+        {
+            "name": "a", "max": 2, "mention_weight": 1.0,
+            "members": [
+                {"cui": "C0000001", "evidence": [{"terms": ["alpha", "gamma ray"]}]},
+                {
+                    "cui": "C0000002",
+                    "evidence": [{"terms": ["BETA", "gamma"], "cuis": ["C0000009"]}],
+                },
+                {"cui": "C0000003", "evidence": [{"terms": ["gamma ray burst"], "weight": 2.0}]},
+                {"cui": "C0000004"},
+            ],
+            "defaults": [{"cui": "C0000003", "when": ["C0000009"]}, {"cui": "C0000004"}],
+        },
+        {
+            "name": "b", "when": ["C0000001"], "without_when": "keep_mentioned",
+            "members": [
+                {"cui": "C0000011", "evidence": [{"terms": ["epsilon"]}]},
+                {"cui": "C0000012", "evidence": [{"terms": ["EPS", "epsilon"]}]},
+            ],
+        },
+        {
+            "name": "c", "when": ["C0000011", "C0000002"],
+            "members": [
+                {"cui": "C0000021", "priority": 5, "evidence": [{"terms": ["zeta"]}]},
+                {"cui": "C0000022", "priority": 5, "evidence": [{"terms": ["eta", "Zeta"]}]},
+            ],
+            "defaults": [{"cui": "C0000022", "when": ["C0000012"]}],
+        },
+    ],
+    "drop": ["C0000031"],
+}
+_TOY_CUIS = [
+    "C0000001", "C0000002", "C0000003", "C0000004", "C0000009", "C0000011", "C0000012",
+    "C0000021", "C0000022", "C0000031", "C0000099",
+]
+_TOY_PROFILES = [
+    Profile(ProfileModel.model_validate(_TOY)),
+    Profile(ProfileModel.model_validate({**_TOY, "vocabulary": _TOY_CUIS[::2]})),
+]
+_TOY_CAPTIONS = caption_strategy(
+    ["alpha", "BETA", "gamma", "gamma ray", "gamma ray burst", "epsilon", "EPS", "zeta", "eta"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    profile=st.sampled_from(_TOY_PROFILES),
+    text=_TOY_CAPTIONS,
+    mentioned=st.lists(st.sampled_from(_TOY_CUIS), unique=True, max_size=8),
+)
+def test_speedups_profile_runner_equals_profile_on_every_construct(
+    profile: Profile, text: str, mentioned: list[str]
+) -> None:
+    runner = normalize.SPEEDUPS.ProfileRunner(profile)
+    norms, starts, ends = _spans(text)
+    kept, inferred = runner.apply(mentioned, text, norms, starts, ends)
+    want = profile.apply(mentioned, text, norms, starts, ends)
+    assert (kept, inferred, repr(inferred)) == (want.kept, want.inferred, repr(want.inferred))
+
+
+def test_speedups_profile_runner_on_the_sample(demo_engines: Engines, sample: Items) -> None:
+    profile = load_profile("rocov2")
+    runner = normalize.SPEEDUPS.ProfileRunner(profile)
+    for _, text in sample:
+        mentioned = list(demo_engines.ref.extract(text, ExtractOptions(overlap="all")).concepts)
+        norms, starts, ends = _spans(text)
+        got = runner.apply(mentioned, text, norms, starts, ends)
+        assert got == tuple(profile.apply(mentioned, text, norms, starts, ends)), text
+
+
+def _evidence_terms(name: str) -> list[str]:
+    profile = load_profile(name)
+    terms = (t for s in profile.model.slots for m in s.members for e in m.evidence for t in e.terms)
+    return list(dict.fromkeys(terms))
+
+
+def test_speedups_captions_with_many_evidence_phrases(demo_engines: Engines) -> None:
+    # Captions with from a few to all of rocov2's distinct evidence phrases (the compiled
+    # path may keep the phrases seen in a caption in a bounded array), shuffled, in capitals
+    # or not, with and without a modality mentioned.
+    terms = _evidence_terms("rocov2")
+    assert len(terms) > 100
+    rng = random.Random(3)
+    items: Items = []
+    for k in [*range(1, 12), *range(40, 90), 150, len(terms)]:
+        picked = rng.sample(terms, min(k, len(terms)))
+        for case in (str, str.upper):
+            text = case(", ".join(picked))
+            items += [(f"{k}", text), (f"{k}+CT", "CT of the chest: " + text)]
+    for overlap in ("longest", "all"):
+        options = ExtractOptions(profile="rocov2", overlap=overlap)
+        bad = demo_engines.differences(items, options)
+        assert not bad, summary(bad, len(items))
+
+
+# -- 5. order, batches and memo tables do not change results -----------------------------------
+
+
+def test_speedups_batch_order_and_warmth_do_not_change_results(
+    demo: ConceptIndex, demo_engines: Engines, sample: Items
+) -> None:
+    options = [
+        ExtractOptions(),
+        ExtractOptions(profile="rocov2"),
+        ExtractOptions(overlap="all", include_negated=False, semantic_groups=("DISO", "ANAT")),
+        ExtractOptions(mode="approximate", overlap="best_score"),
+    ]
+    # cold: a fresh extractor per options, one caption at a time, is the reference
+    cold: dict[ExtractOptions, list[Annotation]] = {}
+    for o in options:
+        ex = Extractor(demo)
+        cold[o] = [ex.extract(t, o, id=i) for i, t in sample]
+        bad = differences(sample, cold[o], demo_engines.reference(sample, o))
+        assert not bad, f"cold {_id(o)}: " + summary(bad, len(sample))
+    # warm: every memo table filled under all the option sets first, then batches
+    warm = Extractor(demo)
+    for o in options:
+        warm.extract_batch(sample, o)
+    for o in options:
+        bad = differences(sample, warm.extract_batch(sample, o), cold[o])
+        assert not bad, f"warm batch {_id(o)}: " + summary(bad, len(sample))
+    # shuffled and interleaved: the options change at every call, each time as an equal but
+    # new object (the extractor's last-plan shortcut is by identity)
+    mixed = Extractor(demo)
+    order = list(range(len(sample)))
+    random.Random(7).shuffle(order)
+    got: dict[ExtractOptions, list[Annotation | None]] = {o: [None] * len(sample) for o in options}
+    for k in order:
+        id_, text = sample[k]
+        for o in options:
+            got[o][k] = mixed.extract(text, dataclasses.replace(o), id=id_)
+    for o in options:
+        bad = differences(sample, got[o], cold[o])
+        assert not bad, f"shuffled {_id(o)}: " + summary(bad, len(sample))
+
+
+def test_speedups_one_instance_switching_paths_shares_memo_tables_safely(
+    demo: ConceptIndex, demo_engines: Engines, sample: Items
+) -> None:
+    # Both paths of one extractor read and write the same plan memos: whichever runs first,
+    # the other's results must not change.
+    options = [ExtractOptions(), ExtractOptions(profile="rocov2", overlap="all")]
+    want = {o: demo_engines.reference(sample, o) for o in options}
+    for fast_first in (True, False):
+        ex = Extractor(demo)
+        fast_path = ex._fast
+        for step in ("fast", "reference") if fast_first else ("reference", "fast"):
+            ex._fast = fast_path if step == "fast" else None
+            for o in options:
+                if step == "fast":
+                    got = [ex.extract(t, o, id=i) for i, t in sample]
+                else:
+                    with pure_python():
+                        got = [ex.extract(t, o, id=i) for i, t in sample]
+                bad = differences(sample, got, want[o])
+                assert not bad, f"{step} (fast first: {fast_first}) {_id(o)}: " + summary(
+                    bad, len(sample)
+                )
+
+
+def test_speedups_threads_share_one_extractor(
+    demo: ConceptIndex, demo_engines: Engines, sample: Items
+) -> None:
+    # The extractor is shared by the service's worker threads; its tables fill concurrently.
+    options = [ExtractOptions(), ExtractOptions(profile="rocov2", include_negated=False)]
+    want = {o: demo_engines.reference(sample, o) for o in options}
+    ex = Extractor(demo)
+
+    def run(seed: int) -> list[str]:
+        order = list(range(len(sample)))
+        random.Random(seed).shuffle(order)
+        got: dict[ExtractOptions, list[Any]] = {o: [None] * len(sample) for o in options}
+        for k in order:
+            for o in options:
+                got[o][k] = ex.extract(sample[k][1], o, id=sample[k][0])
+        return [line for o in options for line in differences(sample, got[o], want[o])]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run, range(4)))
+    finally:
+        sys.setswitchinterval(interval)
+    bad = [line for r in results for line in r]
+    assert not bad, summary(bad, 4 * len(options) * len(sample))
+
+
+def _word(n: int) -> str:
+    """The n-th of a run of distinct made-up words ("qa", "qb", ..., "qba", ...)."""
+    out = "q"
+    while True:
+        n, r = divmod(n, 26)
+        out += chr(97 + r)
+        if n == 0:
+            return out
+
+
+def test_speedups_many_distinct_words_keep_results(demo_engines: Engines, sample: Items) -> None:
+    # 200,000 new surface forms, more than any of the compiled path's bounded tables holds,
+    # mixed into real captions; results before and after must still be the reference's.
+    items = [
+        (id_, text + " " + " ".join(_word(k * 800 + j) for j in range(800)) + " " + text)
+        for k, (id_, text) in enumerate(sample[:250])
+    ]
+    bad = demo_engines.differences(items, ExtractOptions(profile="rocov2"))
+    assert not bad, summary(bad, len(items))
+    bad = demo_engines.differences(sample, ExtractOptions(profile="rocov2"))
+    assert not bad, summary(bad, len(sample))

@@ -11,9 +11,15 @@ Runs the in-process :class:`~conceptsvc.extractor.Extractor` over a captions fil
   timed individually (``perf_counter_ns``) for the median, and the pass as a whole for
   captions/s (best pass reported, with process CPU time next to wall time because the
   benchmark machine is shared);
-* one pass under ``cProfile``, with the time attributed to the pipeline stage (module) whose
-  code ran — tokenisation, matching, approximate matching, abbreviations, negation, profile,
-  and the extractor's own glue — shown as shares of the profiled total.
+* the share of time per pipeline stage — tokenisation, matching, approximate matching,
+  abbreviations, negation, profile, and the extractor's own glue. For the pure-Python reference,
+  one pass under ``cProfile``, each function's time going to the stage of its module. For the
+  compiled engine (``conceptsvc/_speedups.pyx``) cProfile would charge all the C time to the one
+  Python frame around it, so a child process loops the warm extraction for ``--stage-seconds``
+  under ``py-spy record --native``, and each sample goes to the stage of its innermost frame,
+  native or Python, that belongs to one (:func:`stage_shares_py_spy`). The result says which
+  profiler ran (``stage_profiler``), or why py-spy could not (``stage_profile_error``: not
+  installed, ptrace refused), in which case the benchmark still reports its rates.
 
 Usage::
 
@@ -29,20 +35,31 @@ import argparse
 import cProfile
 import json
 import logging
+import os
 import pstats
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.normalize import normalize_token
 
-__all__ = ["bench", "compare_tokenizers", "main", "stage_shares"]
+__all__ = [
+    "bench",
+    "compare_tokenizers",
+    "main",
+    "profile_stages_py_spy",
+    "stage_shares",
+    "stage_shares_py_spy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +77,37 @@ _STAGES = {
     "extractor.py": "extractor (filter, overlaps, output)",
     "model.py": "extractor (filter, overlaps, output)",
 }
+_GLUE = _STAGES["extractor.py"]
+
+# The compiled engine's functions as py-spy names them (from the extension's symbols; these
+# names do not depend on debug information): a cdef method is "Class_method", a module-level
+# function "_speedups_" + its name. Only entry points are named here: a frame of the extension
+# that is not (helpers such as _valid_short or _gap_has, Cython's __Pyx_* utilities, inlined
+# refcounting), like a frame of CPython (allocation, dict and set internals), or of index.py
+# (postings and concept lookups on first use), counts for the nearest enclosing frame that is.
+_NATIVE_STAGES = {
+    "FastPath__tokenize": "tokenise+normalise",
+    "FastPath__match": "exact match",
+    "_may_define": "abbreviations+ambiguity",
+    "_find_definitions": "abbreviations+ambiguity",
+    "find_definitions": "abbreviations+ambiguity",
+    "_apply_definitions": "abbreviations+ambiguity",
+    "_resolve_overlaps": _GLUE,
+}
+# Any other method of these classes (FastPath: _extract, _mention, _annotation, ...).
+_NATIVE_CLASS_STAGES = {
+    "SpanTokenizer": "tokenise+normalise",
+    "AsciiNormalizer": "tokenise+normalise",
+    "_TokenTable": "tokenise+normalise",
+    "_KeyTrie": "exact match",
+    "NegationScanner": "negation",
+    "ProfileRunner": "profile",
+    "FastPath": _GLUE,
+}
+_NATIVE_MODULE = "_speedups"
+# The child's loop (see profile_stages_py_spy): only samples taken inside it are counted.
+_STAGE_LOOP = "_stage_loop"
+_PY_SPY_RATE = 1000  # samples per second
 
 
 def stage_shares(stats: pstats.Stats) -> dict[str, float]:
@@ -84,6 +132,142 @@ def stage_shares(stats: pstats.Stats) -> dict[str, float]:
     return {k: round(v / grand, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
+def _frame_stage(frame: str) -> str | None:
+    """Stage of one py-spy frame (``name (file:line)``, ``name (library)`` or a bare address),
+    or None if the frame belongs to none."""
+    name, _, where = frame.rpartition(" (")
+    if not name or not where.endswith(")"):
+        return None
+    file = Path(where[:-1].rsplit(":", 1)[0])
+    if file.name.startswith(_NATIVE_MODULE + "."):  # .pyx with line numbers, else the .so
+        name = name.removeprefix(_NATIVE_MODULE + "_")
+        if name in _NATIVE_STAGES:
+            return _NATIVE_STAGES[name]
+        return next(
+            (st for cls, st in _NATIVE_CLASS_STAGES.items() if name.startswith(cls + "_")), None
+        )
+    if file.parent.name == "conceptsvc":  # not a stdlib or library module of the same name
+        return _STAGES.get(file.name)
+    return None
+
+
+def stage_shares_py_spy(raw: Iterable[str]) -> tuple[dict[str, float], int]:
+    """Share of samples per stage, and the number of samples counted, from the lines of
+    ``py-spy record --native --format raw`` (``outermost;...;innermost COUNT``).
+
+    Only samples taken inside this module's extraction loop count (not the child's start-up,
+    index loading or warm-up); each goes to the stage of its innermost frame that belongs to one
+    (see ``_NATIVE_STAGES``). A sample in the loop with no stage frame is the loop's own
+    iteration, not the engine's, and is left out, as cProfile leaves it out of the reference's
+    shares.
+    """
+    totals: dict[str, int] = {}
+    for line in raw:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        inside = next(
+            (i for i, f in enumerate(frames)
+             if f.startswith(_STAGE_LOOP + " (") and "bench_extract.py:" in f),
+            None,
+        )
+        if inside is None:
+            continue
+        for frame in reversed(frames[inside + 1:]):
+            stage = _frame_stage(frame)
+            if stage is not None:
+                totals[stage] = totals.get(stage, 0) + int(count)
+                break
+    samples = sum(totals.values())
+    shares = {
+        k: round(v / samples, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+    }
+    return shares, samples
+
+
+def _py_spy() -> str | None:
+    """The py-spy of this interpreter's environment (the venv's bin/ need not be on PATH)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def _last_words(proc: subprocess.CompletedProcess[str]) -> str:
+    """The last line py-spy's child printed, else py-spy's own last line."""
+    said = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    child = [ln for ln in said if not ln.startswith("py-spy>")]
+    return (child or said or ["no output"])[-1]
+
+
+def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[str, Any]:
+    """Stage shares of the compiled engine under ``py-spy record --native``.
+
+    py-spy launches ``python -m conceptsvc.dev.bench_extract CHILD_ARGS --stage-loop SECONDS``
+    (same index, captions and options; one mode) and samples it: launching the child needs only
+    ptrace of one's own child, which is allowed where attaching to another process is not.
+    Returns ``stage_profiler`` with either ``stage_shares`` and ``stage_samples``, or
+    ``stage_profile_error`` saying why there are none; never raises for a profiler failure.
+    """
+    result: dict[str, Any] = {"stage_profiler": "py-spy --native"}
+    py_spy = _py_spy()
+    if py_spy is None:
+        result["stage_profile_error"] = (
+            "py-spy not found: it comes with the dev extra (make install), or pip install py-spy"
+        )
+        return result
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        out = Path(tmp) / "samples.txt"
+        cmd = [
+            py_spy, "record", "--native", "--rate", str(_PY_SPY_RATE), "--format", "raw",
+            "--output", str(out), "--",
+            sys.executable, "-m", "conceptsvc.dev.bench_extract", *child_args,
+            "--stage-loop", str(seconds),
+        ]
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=seconds + 600, check=False
+            )
+        except subprocess.TimeoutExpired:
+            result["stage_profile_error"] = f"py-spy did not finish in {seconds + 600:.0f} s"
+            return result
+        if proc.returncode != 0 or not out.is_file():
+            result["stage_profile_error"] = (
+                f"py-spy exited with status {proc.returncode}: {_last_words(proc)}"
+            )
+            return result
+        with out.open(encoding="utf-8", errors="replace") as f:
+            shares, samples = stage_shares_py_spy(f)
+    if not samples:
+        # py-spy exits 0 when its child fails: the child's last words say why
+        result["stage_profile_error"] = (
+            f"py-spy recorded no sample inside the extraction loop: {_last_words(proc)}"
+        )
+        return result
+    result["stage_shares"] = shares
+    result["stage_samples"] = samples
+    return result
+
+
+def _stage_loop(
+    extract: Callable[..., Any],
+    captions: Sequence[tuple[str, str]],
+    options: ExtractOptions,
+    seconds: float,
+) -> int:
+    """Warm extraction over ``captions`` for ``seconds`` (at least one pass), in the child of
+    profile_stages_py_spy; the frame py-spy's samples are kept under. Returns the passes."""
+    deadline = time.perf_counter() + seconds
+    passes = 0
+    while True:
+        for id_, text in captions:
+            extract(text, options, id=id_)
+        passes += 1
+        if time.perf_counter() >= deadline:
+            return passes
+
+
 def bench(
     extractor: Extractor,
     captions: Sequence[tuple[str, str]],
@@ -95,6 +279,8 @@ def bench(
 ) -> dict[str, Any]:
     """Time ``extractor`` over ``captions``; see the module docstring for what is measured.
 
+    ``profile`` adds the cProfile stage shares for the pure-Python reference engine only; the
+    compiled engine's are sampled in a child process (:func:`profile_stages_py_spy`).
     ``reference`` times the pure-Python reference pipeline instead of the compiled one
     (``extractor`` must then be a reference extractor too: ``_fast`` set to None).
     """
@@ -142,12 +328,13 @@ def bench(
             statistics.quantiles(per_caption, n=20)[-1] / 1000, 1
         ) if n >= 20 else None,
     }
-    if profile:
+    if profile and extractor._fast is None:
         prof = cProfile.Profile()
         prof.enable()
         for id_, text in captions:
             extract(text, options, id=id_)
         prof.disable()
+        result["stage_profiler"] = "cProfile"
         result["stage_shares"] = stage_shares(pstats.Stats(prof))
     return result
 
@@ -201,7 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--similarity", default="jaccard")
     ap.add_argument("--threshold", type=float, default=0.7)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-profile", action="store_true", help="skip the cProfile stage pass")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the stage profile (py-spy for the compiled engine, cProfile for "
+                    "the reference)")
+    ap.add_argument("--stage-seconds", type=float, default=5.0,
+                    help="seconds of warm extraction sampled by py-spy for the compiled "
+                    "engine's stage shares (default: 5)")
+    # internal: the child that py-spy samples (see profile_stages_py_spy)
+    ap.add_argument("--stage-loop", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizers", action="store_true",
                     help="also compare tokenisers (ours vs spaCy's blank English tokenizer)")
     ap.add_argument("--reference", action="store_true",
@@ -222,19 +416,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%s not found; benchmarking the packaged demo sample %s", args.captions, path)
     captions = read_captions(path)
     extractor = Extractor(index)
+    if args.stage_loop is not None:
+        _stage_child(args, extractor, captions)
     results: list[dict[str, Any]] = []
     if args.tokenizers:
         tok = compare_tokenizers([t for _, t in captions])
         results.append({"tokenizers": tok})
         print(json.dumps(tok, indent=2))
     for mode in args.mode or ["exact", "approximate"]:
-        options = ExtractOptions(
-            mode=mode,
-            similarity=args.similarity,
-            threshold=args.threshold,
-            profile=args.profile,
-        )
+        options = _options(args, mode)
         r = bench(extractor, captions, options, repeat=args.repeat, profile=not args.no_profile)
+        if not args.no_profile and extractor._fast is not None:
+            child = [
+                "--captions", str(path), "--profile", args.profile, "--mode", mode,
+                "--similarity", args.similarity, "--threshold", str(args.threshold),
+            ]
+            if args.index:
+                child += ["--index", str(args.index)]
+            r.update(profile_stages_py_spy(child, seconds=args.stage_seconds))
+            if "stage_profile_error" in r:
+                log.warning("no stage shares for %s mode: %s", mode, r["stage_profile_error"])
         results.append(r)
         print(json.dumps(r, indent=2))
         if args.reference and extractor._fast is not None:
@@ -246,6 +447,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _options(args: argparse.Namespace, mode: str) -> ExtractOptions:
+    return ExtractOptions(
+        mode=mode, similarity=args.similarity, threshold=args.threshold, profile=args.profile
+    )
+
+
+def _stage_child(
+    args: argparse.Namespace, extractor: Extractor, captions: Sequence[tuple[str, str]]
+) -> NoReturn:
+    """``--stage-loop``: one warm-up pass, then :func:`_stage_loop`; never returns."""
+    if not args.mode or len(args.mode) != 1:
+        raise SystemExit("--stage-loop needs exactly one --mode")
+    options = _options(args, args.mode[0])
+    extractor.check_options(options)
+    for id_, text in captions:
+        extractor.extract(text, options, id=id_)
+    passes = _stage_loop(extractor.extract, captions, options, args.stage_loop)
+    log.info("stage loop: %d passes over %d captions", passes, len(captions))
+    logging.shutdown()
+    sys.stdout.flush()
+    # Skip the interpreter's teardown: freeing the index under ptrace costs seconds of
+    # sampling that are thrown away.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from libc.stdint cimport int32_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 
 
@@ -439,6 +439,14 @@ cdef class _TokenTable:
 
 # -- small helpers -----------------------------------------------------------------------------
 
+cdef inline void _yield_gil() noexcept:
+    """Let other threads run. One caption is one C call that never releases the GIL, so on
+    long texts (a 100k-character request) the loops call this every few thousand steps:
+    a thread that has waited its switch interval then gets the GIL, as between bytecodes."""
+    with nogil:
+        pass
+
+
 cdef inline bint _crosses_break(str text, Py_ssize_t left, Py_ssize_t right) noexcept:
     """``matcher.crosses_break``: phrase-ending punctuation between two tokens."""
     cdef Py_ssize_t k
@@ -655,10 +663,11 @@ cdef list _apply_definitions(list defs, str text, list starts, list ends, list c
     forms defined in the caption take the long form's concept(s)."""
     cdef Py_ssize_t n = len(text), lf_end_tok, first, p, L, i, j
     cdef list inside, lf_cands, spans
-    cdef set span_set
+    cdef set span_set, first_toks
     cdef tuple c
     cdef str short
     for d in defs:
+        _yield_gil()
         lf_end_tok = _token_at(ends, d.long_end)
         if lf_end_tok < 0:
             continue
@@ -686,7 +695,13 @@ cdef list _apply_definitions(list defs, str text, list starts, list ends, list c
         if not spans:
             continue
         span_set = set(spans)
-        cands = [c for c in cands if (c[0], c[1]) not in span_set]
+        first_toks = {sp[0] for sp in spans}
+        for c in cands:  # rebuild the list only when a candidate sits on a short form
+            if c[0] in first_toks and (c[0], c[1]) in span_set:
+                cands = [c for c in cands if (c[0], c[1]) not in span_set]
+                break
+        else:
+            cands = list(cands)  # (the reference builds a new list either way)
         for sp in spans:
             for c in lf_cands:
                 cands.append((sp[0], sp[1], c[2], c[3], c[4]))
@@ -695,12 +710,56 @@ cdef list _apply_definitions(list defs, str text, list starts, list ends, list c
 
 # -- overlap resolution ------------------------------------------------------------------------
 
+cdef struct SpanRef:
+    Py_ssize_t i, j      # token span [i, j)
+    double score         # best score of the candidates on it
+    Py_ssize_t ref       # a candidate's index, or the span's own index once deduplicated
+
+
+cdef int _by_span(const void *a, const void *b) noexcept nogil:
+    cdef const SpanRef *x = <const SpanRef *>a
+    cdef const SpanRef *y = <const SpanRef *>b
+    if x.i != y.i:
+        return -1 if x.i < y.i else 1
+    if x.j != y.j:
+        return -1 if x.j < y.j else 1
+    return -1 if x.ref < y.ref else (1 if x.ref > y.ref else 0)
+
+
+cdef inline int _cmp_d(double a, double b) noexcept nogil:
+    return -1 if a < b else (1 if a > b else 0)
+
+
+cdef int _longest_first(const void *a, const void *b) noexcept nogil:
+    """The reference's sort key for "longest": (i - j, -score, i, j)."""
+    cdef const SpanRef *x = <const SpanRef *>a
+    cdef const SpanRef *y = <const SpanRef *>b
+    cdef int c = _cmp_d(<double>(x.i - x.j), <double>(y.i - y.j))
+    if c == 0:
+        c = _cmp_d(-x.score, -y.score)
+    if c == 0:
+        c = _by_span(a, b)
+    return c
+
+
+cdef int _best_score_first(const void *a, const void *b) noexcept nogil:
+    """The reference's sort key for "best_score": (-score, i - j, i, j)."""
+    cdef const SpanRef *x = <const SpanRef *>a
+    cdef const SpanRef *y = <const SpanRef *>b
+    cdef int c = _cmp_d(-x.score, -y.score)
+    if c == 0:
+        c = _cmp_d(<double>(x.i - x.j), <double>(y.i - y.j))
+    if c == 0:
+        c = _by_span(a, b)
+    return c
+
+
 cdef list _resolve_overlaps(list cands, bint longest):
-    """``extractor._resolve_overlaps`` on plain candidate tuples (same order, same result)."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(cands), a, b, k, m = 0, max_end = -1
-    cdef Py_ssize_t pi = -1, pj = -1, i, j, best
+    """``extractor._resolve_overlaps`` on plain candidate tuples (same order, same result),
+    in O(n log n): distinct spans by sorting, then the reference's greedy choice."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(cands), a, k, m = 0, max_end = -1, t
+    cdef Py_ssize_t pi = -1, pj = -1, i, j
     cdef tuple c
-    cdef double sc
     cdef bint overlap = False
     for a in range(n):
         c = <tuple>PyList_GET_ITEM(cands, a)
@@ -714,86 +773,55 @@ cdef list _resolve_overlaps(list cands, bint longest):
             max_end = j
     if not overlap:
         return cands
-    cdef Py_ssize_t *si = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
-    cdef Py_ssize_t *sj = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
-    cdef double *ss = <double *>malloc(n * sizeof(double))
-    cdef Py_ssize_t *order = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
-    cdef char *kept = <char *>malloc(n)
+    cdef SpanRef *refs = <SpanRef *>malloc(n * sizeof(SpanRef))
+    cdef SpanRef *spans = <SpanRef *>malloc(n * sizeof(SpanRef))
+    cdef Py_ssize_t *span_of = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    cdef char *kept = <char *>calloc(n, 1)
     cdef char *taken = NULL
     cdef list out = []
     try:
+        if refs is NULL or spans is NULL or span_of is NULL or kept is NULL:
+            raise MemoryError()
         max_end = 0
-        for a in range(n):  # distinct spans, each with its best score
-            c = <tuple>PyList_GET_ITEM(cands, a)
-            i = <Py_ssize_t>c[0]
-            j = <Py_ssize_t>c[1]
-            sc = <double>c[4]
-            if j > max_end:
-                max_end = j
-            for k in range(m):
-                if si[k] == i and sj[k] == j:
-                    if sc > ss[k]:
-                        ss[k] = sc
-                    break
-            else:
-                si[m], sj[m], ss[m] = i, j, sc
-                m += 1
-        for k in range(m):  # insertion sort by the reference's tuple order
-            order[k] = k
-            b = k
-            while b > 0 and _span_before(order[b], order[b - 1], si, sj, ss, longest):
-                order[b], order[b - 1] = order[b - 1], order[b]
-                b -= 1
-        taken = <char *>malloc(max_end + 1)
-        memset(taken, 0, max_end + 1)
-        memset(kept, 0, n)
-        for k in range(m):
-            best = order[k]
-            for a in range(si[best], sj[best]):
-                if taken[a]:
-                    break
-            else:
-                kept[best] = 1
-                for a in range(si[best], sj[best]):
-                    taken[a] = 1
         for a in range(n):
             c = <tuple>PyList_GET_ITEM(cands, a)
-            i = <Py_ssize_t>c[0]
-            j = <Py_ssize_t>c[1]
-            for k in range(m):
-                if si[k] == i and sj[k] == j:
-                    if kept[k]:
-                        out.append(c)
+            refs[a].i = <Py_ssize_t>c[0]
+            refs[a].j = <Py_ssize_t>c[1]
+            refs[a].score = <double>c[4]
+            refs[a].ref = a
+            if refs[a].j > max_end:
+                max_end = refs[a].j
+        qsort(refs, n, sizeof(SpanRef), _by_span)
+        for a in range(n):  # distinct spans, each with its best score
+            if m == 0 or refs[a].i != spans[m - 1].i or refs[a].j != spans[m - 1].j:
+                spans[m].i, spans[m].j, spans[m].score, spans[m].ref = (
+                    refs[a].i, refs[a].j, refs[a].score, m)
+                m += 1
+            elif refs[a].score > spans[m - 1].score:
+                spans[m - 1].score = refs[a].score
+            span_of[refs[a].ref] = m - 1
+        qsort(spans, m, sizeof(SpanRef), _longest_first if longest else _best_score_first)
+        taken = <char *>calloc(max_end + 1, 1)
+        if taken is NULL:
+            raise MemoryError()
+        for k in range(m):  # greedy: a span is kept when none of its tokens is taken yet
+            for t in range(spans[k].i, spans[k].j):
+                if taken[t]:
                     break
+            else:
+                kept[spans[k].ref] = 1
+                for t in range(spans[k].i, spans[k].j):
+                    taken[t] = 1
+        for a in range(n):
+            if kept[span_of[a]]:
+                out.append(<tuple>PyList_GET_ITEM(cands, a))
         return out
     finally:
-        free(si)
-        free(sj)
-        free(ss)
-        free(order)
+        free(refs)
+        free(spans)
+        free(span_of)
         free(kept)
         free(taken)
-
-
-cdef inline bint _span_before(Py_ssize_t x, Py_ssize_t y, Py_ssize_t *si, Py_ssize_t *sj,
-                              double *ss, bint longest) noexcept:
-    """Span x sorts before span y: (i - j, -score, i, j) for longest, (-score, i - j, i, j)
-    otherwise — the reference's tuple keys."""
-    cdef double lx = <double>(si[x] - sj[x]), ly = <double>(si[y] - sj[y])
-    cdef double sx = -ss[x], sy = -ss[y]
-    if longest:
-        if lx != ly:
-            return lx < ly
-        if sx != sy:
-            return sx < sy
-    else:
-        if sx != sy:
-            return sx < sy
-        if lx != ly:
-            return lx < ly
-    if si[x] != si[y]:
-        return si[x] < si[y]
-    return sj[x] < sj[y]
 
 
 # -- the extractor's hot path ------------------------------------------------------------------
@@ -901,6 +929,8 @@ cdef class FastPath:
             if not _is_word(c):
                 i += 1
                 continue
+            if (nt & 4095) == 4095:
+                _yield_gil()
             s = i
             h = _mix(0xcbf29ce484222325ULL, c)
             i += 1
@@ -952,6 +982,8 @@ cdef class FastPath:
         cdef object kid, e, pairs, posts, memo_key, score = 1.0
         cdef tuple free, checked, pair
         for i in range(n):
+            if (i & 4095) == 4095:
+                _yield_gil()
             node = nodes[i]
             if node < 0:
                 continue

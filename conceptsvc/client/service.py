@@ -184,7 +184,11 @@ class ConceptClient:
         md = self._metadata(token if token is not None else self._token)
         attempt = 0
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                # gRPC rounds deadlines to the millisecond: an expired one could still be sent
+                # and served, so it is not sent at all
+                raise ServiceCallError(name, "DEADLINE_EXCEEDED", "the deadline has passed")
             try:
                 return method(request, timeout=remaining, metadata=md)
             except grpc.RpcError as exc:

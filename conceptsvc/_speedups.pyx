@@ -15,6 +15,7 @@ every ROCOv2 validation caption under several option sets, and for random texts;
 tokens for random Unicode. ``CONCEPTSVC_PURE_PYTHON=1`` turns this module off.
 """
 
+cimport cython
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
@@ -82,6 +83,7 @@ cdef inline bint _is_apostrophe(Py_UCS4 c) noexcept:
     return c == 39 or c == 0x2019
 
 
+@cython.auto_pickle(False)
 cdef class SpanTokenizer:
     """``normalize.tokenize_spans`` as one C loop; ``normalize_token`` is called once per new
     surface form (results kept in a bounded dict)."""
@@ -99,6 +101,8 @@ cdef class SpanTokenizer:
         return self.spans(text)
 
     cpdef tuple spans(self, str text):
+        if text is None:
+            raise TypeError("text must be a str, not None")
         cdef Py_ssize_t n = len(text), i = 0, s
         cdef Py_UCS4 c
         cdef list norms = [], starts = [], ends = []
@@ -138,6 +142,7 @@ cdef class SpanTokenizer:
 
 # -- normalisation of ASCII tokens --------------------------------------------------------------
 
+@cython.auto_pickle(False)
 cdef class AsciiNormalizer:
     """``normalize.normalize_token`` for tokens of ASCII letters, digits and apostrophes (what
     the tokeniser cuts from ASCII text), with the reference's own tables; everything else —
@@ -159,6 +164,8 @@ cdef class AsciiNormalizer:
         return self.normalize(raw)
 
     cpdef str normalize(self, str raw):
+        if raw is None:
+            raise TypeError("raw must be a str, not None")
         cdef Py_ssize_t n = len(raw), k, alpha = 0
         cdef Py_UCS4 c
         cdef bint upper = False, lower = False, apostrophe = False
@@ -228,6 +235,7 @@ cdef struct Edge:
     int32_t child
 
 
+@cython.auto_pickle(False)
 cdef class _KeyTrie:
     """A set of phrases (space-joined token strings) as a trie over token ids: extending a
     window by one token is one probe of a C hash table, with no string built and no dict
@@ -320,6 +328,7 @@ cdef inline uint64_t _mix(uint64_t h, Py_UCS4 c) noexcept:
     return (h ^ <uint64_t>c) * <uint64_t>0x100000001b3ULL  # FNV-1a over code points
 
 
+@cython.auto_pickle(False)
 cdef class _TokenTable:
     """Surface form → (normalised form, key-trie token), probed by the code points of the
     caption itself: a token seen before costs one probe, no string object and no dict lookup.
@@ -506,7 +515,7 @@ cdef bint _may_define(str text):
         head = text[max(0, o - 40):o].split()
         if not head:
             continue
-        sf = <str>head[len(head) - 1]  # (wraparound is off: no negative indexes here)
+        sf = <str>head[len(head) - 1]
         if not _valid_short(sf) or sf.islower():
             continue
         return True
@@ -555,7 +564,7 @@ cdef object _best_long_form(str sf, str lf):
     return lf.rfind(u" ", 0, t + 1) + 1
 
 
-cdef list _find_definitions(str text, object Definition):
+cdef list _find_definitions(str text, object Definition, Py_ssize_t max_definitions):
     """``abbreviations.find_definitions``, step for step (``tests/test_speedups.py``)."""
     cdef list out = [], words, head
     cdef Py_ssize_t pos = 0, open_, close, inner_start, lead, cut, left, n_words, cand_start
@@ -563,7 +572,7 @@ cdef list _find_definitions(str text, object Definition):
     cdef str inner, inner_s, before, cand, lf, sf
     cdef object rel
     cdef bint forward
-    while True:
+    while len(out) < max_definitions:
         open_ = text.find(u"(", pos)
         if open_ < 0:
             return out
@@ -631,11 +640,12 @@ cdef list _find_definitions(str text, object Definition):
             out.append(Definition(sf, sf_start, sf_start + len(sf),
                                   inner_start + <Py_ssize_t>rel,
                                   inner_start + len(inner_s)))
+    return out
 
 
-def find_definitions(str text, Definition):
+def find_definitions(str text not None, Definition, Py_ssize_t max_definitions):
     """``abbreviations.find_definitions`` compiled; ``Definition`` is its result class."""
-    return _find_definitions(text, Definition)
+    return _find_definitions(text, Definition, max_definitions)
 
 
 cdef inline bint _is_re_word(Py_UCS4 c) noexcept:
@@ -826,6 +836,11 @@ cdef list _resolve_overlaps(list cands, bint longest):
 
 # -- the extractor's hot path ------------------------------------------------------------------
 
+FAST_MEMO_MAX = 1 << 16
+"""Entries of a plan's memo (key ids, and key ids with a surface) before it is emptied."""
+cdef Py_ssize_t _FAST_MEMO_MAX = FAST_MEMO_MAX
+
+@cython.auto_pickle(False)
 cdef class FastPath:
     """One caption through the pipeline of :meth:`conceptsvc.extractor.Extractor.extract`.
 
@@ -843,6 +858,7 @@ cdef class FastPath:
     cdef _KeyTrie trie
     cdef object check_surface
     cdef object Definition
+    cdef Py_ssize_t max_definitions
     cdef object filter_postings
     cdef NegationScanner negation
     cdef dict profiles
@@ -854,7 +870,7 @@ cdef class FastPath:
     cdef object new
 
     def __init__(self, extractor, normalize_token, *, profiles, check_surface,
-                 definition_type, negation_kinds, cand_type,
+                 definition_type, max_definitions, negation_kinds, cand_type,
                  mention_type, annotation_type):
         self.ex = extractor
         self.matcher = extractor._exact
@@ -868,6 +884,7 @@ cdef class FastPath:
         self.table = _TokenTable(normalize_token, self.trie)
         self.check_surface = check_surface
         self.Definition = definition_type
+        self.max_definitions = max_definitions
         self.filter_postings = extractor._filter_postings
         self.negation = NegationScanner(
             extractor._negation, pre_kind=negation_kinds[0], post_kind=negation_kinds[1]
@@ -904,7 +921,7 @@ cdef class FastPath:
         _set_slot(d[8], m, neg)
         return m
 
-    cdef object _annotation(self, str id, tuple mentions, tuple concepts):
+    cdef object _annotation(self, object id, tuple mentions, tuple concepts):
         cdef object a = self.new(self.Annotation)
         cdef tuple d = self.annotation_slots
         _set_slot(d[0], a, id)
@@ -1006,6 +1023,8 @@ cdef class FastPath:
                         memo_key = (kid, surface)
                         hit = PyDict_GetItem(memo, memo_key)
                         if hit is NULL:
+                            if len(memo) >= _FAST_MEMO_MAX:  # surfaces are caption text:
+                                memo.clear()                 # keep the memo bounded
                             posts = free + self.check_surface(checked, surface)
                             if posts:
                                 pairs = self.filter_postings(plan, posts)
@@ -1035,8 +1054,10 @@ cdef class FastPath:
                 j += 1
         return out
 
-    def extract(self, str text, object plan, str id=u""):
+    def extract(self, str text not None, object plan not None, object id=u""):
         """The annotation of one caption under a compiled plan (``extractor._Plan``)."""
+        if self.table is None:
+            raise TypeError("FastPath was not initialised")
         # token ids and one-token trie nodes, for the matcher and the profile
         cdef int32_t *tids = <int32_t *>malloc(2 * (len(text) + 1) * sizeof(int32_t))
         if tids is NULL:
@@ -1046,7 +1067,7 @@ cdef class FastPath:
         finally:
             free(tids)
 
-    cdef object _extract(self, str text, object plan, str id, int32_t *tids, int32_t *nodes):
+    cdef object _extract(self, str text, object plan, object id, int32_t *tids, int32_t *nodes):
         cdef object ex = self.ex, o = plan.options, profile = plan.profile
         cdef list norms = [], starts = [], ends = [], cands, records, covered
         cdef bint approximate
@@ -1063,7 +1084,7 @@ cdef class FastPath:
             if approx:
                 cands.extend([tuple(x) for x in ex._filter(plan, approx)])
         if cands and u"(" in text and _may_define(text):
-            defs = _find_definitions(text, self.Definition)
+            defs = _find_definitions(text, self.Definition, self.max_definitions)
             if defs:
                 cands = _apply_definitions(defs, text, starts, ends, cands)
         n_c = len(cands)
@@ -1143,6 +1164,7 @@ cdef inline bint _gap_has(str text, Py_ssize_t left, Py_ssize_t right, bint comm
     return False
 
 
+@cython.auto_pickle(False)
 cdef class NegationScanner:
     """``negation.NegationDetector.negated_tokens`` with the interpreter out of the loop."""
 
@@ -1159,6 +1181,8 @@ cdef class NegationScanner:
         self.post = post_kind
 
     cpdef object negated_tokens(self, str text, list norms, list starts, list ends):
+        if text is None or norms is None or starts is None or ends is None:
+            raise TypeError("text, norms, starts and ends must not be None")
         if self.triggers.isdisjoint(norms):
             return None
         cdef Py_ssize_t n = PyList_GET_SIZE(norms), i = 0, L, q, t, s, e, h, nh = 0
@@ -1173,6 +1197,9 @@ cdef class NegationScanner:
         cdef char *brk = <char *>malloc(n + 1)
         cdef char *out = <char *>malloc(n + 1)
         try:
+            if (hs is NULL or he is NULL or hk is NULL or stop is NULL or brk is NULL
+                    or out is NULL):
+                raise MemoryError()
             while i < n:
                 hit = PyDict_GetItem(self.table, <object>PyList_GET_ITEM(norms, i))
                 if hit is NULL:
@@ -1244,6 +1271,7 @@ cdef class NegationScanner:
 
 # -- profiles ----------------------------------------------------------------------------------
 
+@cython.auto_pickle(False)
 cdef class ProfileRunner:
     """``profile.Profile.apply`` for one compiled profile, with the interpreter out of the
     loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``.
@@ -1360,6 +1388,8 @@ cdef class ProfileRunner:
         return scores
 
     cpdef tuple apply(self, list mentioned, str text, list norms, list starts, list ends):
+        if mentioned is None or text is None or norms is None or starts is None or ends is None:
+            raise TypeError("mentioned, text, norms, starts and ends must not be None")
         cdef dict evidence = self._evidence(text, norms, starts, ends) if self.phrases else {}
         return self._slots(mentioned, evidence)
 

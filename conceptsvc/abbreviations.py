@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from conceptsvc.index import ConceptIndex
 from conceptsvc.normalize import STOPWORDS, tokenize_spans
 
-__all__ = ["AmbiguityResolver", "Definition", "find_definitions"]
+__all__ = ["MAX_DEFINITIONS", "AmbiguityResolver", "Definition", "find_definitions"]
 
 _MAX_SHORT_LEN = 10
+MAX_DEFINITIONS = 50
+"""Definitions read per caption: real captions define a few; applying each one scans the
+caption, so a 100 KB text of nothing but definitions would otherwise take tens of seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,7 @@ def find_definitions(text: str) -> list[Definition]:
     """Every (short form, long form) pair defined with parentheses in ``text``."""
     out: list[Definition] = []
     pos = 0
-    while True:
+    while len(out) < MAX_DEFINITIONS:
         open_ = text.find("(", pos)
         if open_ < 0:
             return out
@@ -159,6 +162,7 @@ def find_definitions(text: str) -> list[Definition]:
                     sf, sf_start, sf_start + len(sf), inner_start + rel, inner_start + len(inner_s)
                 )
             )
+    return out
 
 
 class AmbiguityResolver:

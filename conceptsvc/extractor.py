@@ -52,7 +52,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
-from conceptsvc.abbreviations import AmbiguityResolver, Definition, find_definitions
+from conceptsvc.abbreviations import (
+    MAX_DEFINITIONS,
+    AmbiguityResolver,
+    Definition,
+    find_definitions,
+)
 from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
@@ -188,6 +193,7 @@ class Extractor:
                 profiles=[load_profile(name) for name in available_profiles()],
                 check_surface=check_surface,
                 definition_type=Definition,
+                max_definitions=MAX_DEFINITIONS,
                 negation_kinds=(_PRE_KIND, _POST_KIND),
                 cand_type=_Cand,
                 mention_type=Mention,

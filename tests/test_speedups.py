@@ -30,7 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conceptsvc import normalize
+from conceptsvc import _speedups, normalize
 from conceptsvc.demo import CAPTIONS
 from conceptsvc.embedded import demo_index
 from conceptsvc.evaluation import read_captions
@@ -909,3 +909,48 @@ def test_speedups_many_distinct_words_keep_results(demo_engines: Engines, sample
     assert not bad, summary(bad, len(items))
     bad = demo_engines.differences(sample, ExtractOptions(profile="rocov2"))
     assert not bad, summary(bad, len(sample))
+
+
+# -- 6. hardening found in review --------------------------------------------------------------
+
+
+def test_speedups_definitions_are_capped_the_same_in_both_engines(demo_engines: Engines) -> None:
+    """A caption of nothing but definitions: both engines read MAX_DEFINITIONS of them (it took
+    28 s at 100 KB before the cap) and agree."""
+    from conceptsvc.abbreviations import MAX_DEFINITIONS, Definition, find_definitions
+
+    text = "computed tomography (CT) " * 400
+    assert len(find_definitions(text)) == MAX_DEFINITIONS
+    compiled = _speedups.find_definitions(text, Definition, MAX_DEFINITIONS)
+    assert compiled == find_definitions(text)
+    demo_engines.check(text, ExtractOptions())
+
+
+def test_speedups_case_check_memo_stays_bounded(demo_engines: Engines) -> None:
+    """Keys that need a case check are memoised per surface, and surfaces are caption text
+    (combining marks normalise away): the memo is emptied at its cap instead of growing."""
+    from conceptsvc._speedups import FAST_MEMO_MAX
+
+    fast = Extractor(demo_engines.index)
+    options = ExtractOptions()
+    plan = fast._plan(options)
+    for k in range(FAST_MEMO_MAX + 10):
+        fast.extract("C" + "\u0301" * (k % 500 + 1) + "T" + "\u0300" * (k // 500) + " scan",
+                     options)
+    assert len(plan.fast_memo) <= FAST_MEMO_MAX
+    demo_engines.check("C\u0301T scan of the chest", options)
+
+
+def test_speedups_public_entry_points_reject_none_and_half_built_objects() -> None:
+    with pytest.raises(TypeError):
+        _speedups.FastPath.__new__(_speedups.FastPath).extract("CT scan", object())
+    detector = NegationDetector()
+    scanner = _speedups.NegationScanner(detector, pre_kind=_PRE_KIND, post_kind=_POST_KIND)
+    with pytest.raises(TypeError):
+        scanner.negated_tokens(None, ["no", "mass"], [0, 3], [2, 7])
+    with pytest.raises(TypeError):
+        normalize.tokenize_spans(None)
+
+
+def test_speedups_ids_need_not_be_strings(demo_engines: Engines) -> None:
+    assert demo_engines.fast.extract("CT scan", id=5) == demo_engines.ref.extract("CT scan", id=5)

@@ -483,44 +483,6 @@ cdef bint _valid_short(str sf):
     return False
 
 
-cdef bint _may_define(str text):
-    """False when ``abbreviations.find_definitions(text)`` is certainly empty: no parenthesis
-    gets past that function's early checks (the same checks, in the same order). When it
-    passes, the real function decides."""
-    cdef Py_ssize_t p = 0, o, c, k
-    cdef str inner, sf
-    cdef list head
-    while True:
-        o = text.find(u"(", p)
-        if o < 0:
-            return False
-        c = text.find(u")", o + 1)
-        if c < 0:
-            return False
-        p = o + 1
-        inner = text[o + 1:c]
-        if u"(" in inner:
-            continue
-        k = inner.find(u";")
-        if k >= 0:
-            inner = inner[:k]
-        k = inner.find(u",")
-        if k >= 0:
-            inner = inner[:k]
-        sf = inner.strip()
-        if _valid_short(sf):
-            return True
-        if len(sf) <= 10 and len(sf.split()) <= 2:
-            continue
-        head = text[max(0, o - 40):o].split()
-        if not head:
-            continue
-        sf = <str>head[len(head) - 1]
-        if not _valid_short(sf) or sf.islower():
-            continue
-        return True
-
-
 cdef inline bint _char_lower_eq(Py_UCS4 a, Py_UCS4 b) noexcept:
     """``a.lower() == b.lower()`` for ASCII code points."""
     cdef uint32_t x = <uint32_t>a, y = <uint32_t>b  # (Py_UCS4 arithmetic would make str)
@@ -1083,7 +1045,7 @@ cdef class FastPath:
             )
             if approx:
                 cands.extend([tuple(x) for x in ex._filter(plan, approx)])
-        if cands and u"(" in text and _may_define(text):
+        if cands and u"(" in text:
             defs = _find_definitions(text, self.Definition, self.max_definitions)
             if defs:
                 cands = _apply_definitions(defs, text, starts, ends, cands)

@@ -20,7 +20,7 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER, Py_UNICODE_ISLOWER
+from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
 from libc.stdint cimport int32_t, uint32_t, uint64_t
@@ -81,63 +81,6 @@ cdef inline bint _is_mark(Py_UCS4 c) noexcept:
 
 cdef inline bint _is_apostrophe(Py_UCS4 c) noexcept:
     return c == 39 or c == 0x2019
-
-
-@cython.auto_pickle(False)
-cdef class SpanTokenizer:
-    """``normalize.tokenize_spans`` as one C loop; ``normalize_token`` is called once per new
-    surface form (results kept in a bounded dict)."""
-
-    cdef object _normalize
-    cdef dict _cache
-    cdef Py_ssize_t _max_cache
-
-    def __init__(self, normalize_token, Py_ssize_t max_cache=1 << 18):
-        self._normalize = normalize_token
-        self._cache = {}
-        self._max_cache = max_cache
-
-    def __call__(self, str text):
-        return self.spans(text)
-
-    cpdef tuple spans(self, str text):
-        if text is None:
-            raise TypeError("text must be a str, not None")
-        cdef Py_ssize_t n = len(text), i = 0, s
-        cdef Py_UCS4 c
-        cdef list norms = [], starts = [], ends = []
-        cdef dict cache = self._cache
-        cdef PyObject *hit
-        cdef object norm
-        cdef str raw
-        while i < n:
-            c = text[i]
-            if not _is_word(c):
-                i += 1
-                continue
-            s = i
-            i += 1
-            while True:
-                while i < n and (_is_word(text[i]) or _is_mark(text[i])):
-                    i += 1
-                if i + 1 < n and _is_apostrophe(text[i]) and _is_word(text[i + 1]):
-                    i += 2
-                    continue
-                break
-            raw = text[s:i]
-            hit = PyDict_GetItem(cache, raw)
-            if hit is NULL:
-                norm = self._normalize(raw)
-                if len(cache) >= self._max_cache:
-                    cache.clear()
-                cache[raw] = norm
-            else:
-                norm = <object>hit
-            if norm:
-                norms.append(norm)
-                starts.append(s)
-                ends.append(i)
-        return norms, starts, ends
 
 
 # -- normalisation of ASCII tokens --------------------------------------------------------------
@@ -444,6 +387,81 @@ cdef class _TokenTable:
         self.slots = new
         self.mask = size - 1
         return 0
+
+
+cdef int _scan_tokens(_TokenTable table, str text, list norms, list starts, list ends,
+                      int32_t *tids, int32_t *nodes) except -1:
+    """``normalize.tokenize_spans`` through a token table: appends each token's normalised
+    form and offsets; unless NULL, ``tids[t]`` is token t's key-trie id and ``nodes[t]``
+    the trie node of the window [t, t + 1) (or -1)."""
+    cdef Py_ssize_t n = len(text), i = 0, s, nt = 0
+    cdef Py_UCS4 c, c2
+    cdef uint64_t h
+    cdef TokEntry *t
+    cdef object norm
+    cdef int kind = _ukind(text)
+    cdef void *data = _udata(text)
+    while i < n:
+        c = _uread(kind, data, i)
+        if not _is_word(c):
+            i += 1
+            continue
+        if (nt & 4095) == 4095:
+            _yield_gil()
+        s = i
+        h = _mix(0xcbf29ce484222325ULL, c)
+        i += 1
+        while True:
+            while i < n:
+                c = _uread(kind, data, i)
+                if not (_is_word(c) or _is_mark(c)):
+                    break
+                h = _mix(h, c)
+                i += 1
+            if i + 1 < n:
+                c = _uread(kind, data, i)
+                c2 = _uread(kind, data, i + 1)
+                if _is_apostrophe(c) and _is_word(c2):
+                    h = _mix(_mix(h, c), c2)
+                    i += 2
+                    continue
+            break
+        if h == 0:
+            h = 1
+        t = table.find(text, s, i, h)
+        if t is NULL:
+            t = table.add(text, s, i, h)
+        norm = <object>t.norm
+        if norm:
+            if tids is not NULL:
+                tids[nt] = t.tid
+                nodes[nt] = t.node
+            nt += 1
+            norms.append(norm)
+            starts.append(s)
+            ends.append(i)
+    return 0
+
+
+@cython.auto_pickle(False)
+cdef class SpanTokenizer:
+    """``normalize.tokenize_spans`` as one C loop (:func:`_scan_tokens`, the extractor's own
+    scan); ``normalize_token`` is called once per new surface form (a bounded token table)."""
+
+    cdef _TokenTable table
+
+    def __init__(self, normalize_token, Py_ssize_t max_cache=1 << 18):
+        self.table = _TokenTable(normalize_token, _KeyTrie({}, {}), max_cache)
+
+    def __call__(self, str text):
+        return self.spans(text)
+
+    cpdef tuple spans(self, str text):
+        if text is None:
+            raise TypeError("text must be a str, not None")
+        cdef list norms = [], starts = [], ends = []
+        _scan_tokens(self.table, text, norms, starts, ends, NULL, NULL)
+        return norms, starts, ends
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -813,7 +831,6 @@ cdef class FastPath:
 
     cdef object ex
     cdef object matcher
-    cdef dict prefixes
     cdef dict entries
     cdef dict info
     cdef _TokenTable table
@@ -839,7 +856,6 @@ cdef class FastPath:
         prefixes = self.matcher._prefixes
         if prefixes is None:
             raise ValueError("the fast path needs the matcher's token-prefix table")
-        self.prefixes = prefixes
         self.entries = self.matcher._entries
         self.info = extractor._info
         self.trie = _KeyTrie({k: (v if v >= 0 else None) for k, v in prefixes.items()}, {})
@@ -890,58 +906,6 @@ cdef class FastPath:
         _set_slot(d[1], a, mentions)
         _set_slot(d[2], a, concepts)
         return a
-
-    cdef int _tokenize(self, str text, list norms, list starts, list ends,
-                       int32_t *tids, int32_t *nodes) except -1:
-        """``normalize.tokenize_spans`` through the token table; ``tids[t]`` is token t's
-        key-trie id and ``nodes[t]`` the trie node of the window [t, t + 1) (or -1)."""
-        cdef Py_ssize_t n = len(text), i = 0, s, nt = 0
-        cdef Py_UCS4 c, c2
-        cdef uint64_t h
-        cdef TokEntry *t
-        cdef _TokenTable table = self.table
-        cdef object norm
-        cdef int kind = _ukind(text)
-        cdef void *data = _udata(text)
-        while i < n:
-            c = _uread(kind, data, i)
-            if not _is_word(c):
-                i += 1
-                continue
-            if (nt & 4095) == 4095:
-                _yield_gil()
-            s = i
-            h = _mix(0xcbf29ce484222325ULL, c)
-            i += 1
-            while True:
-                while i < n:
-                    c = _uread(kind, data, i)
-                    if not (_is_word(c) or _is_mark(c)):
-                        break
-                    h = _mix(h, c)
-                    i += 1
-                if i + 1 < n:
-                    c = _uread(kind, data, i)
-                    c2 = _uread(kind, data, i + 1)
-                    if _is_apostrophe(c) and _is_word(c2):
-                        h = _mix(_mix(h, c), c2)
-                        i += 2
-                        continue
-                break
-            if h == 0:
-                h = 1
-            t = table.find(text, s, i, h)
-            if t is NULL:
-                t = table.add(text, s, i, h)
-            norm = <object>t.norm
-            if norm:
-                tids[nt] = t.tid
-                nodes[nt] = t.node
-                nt += 1
-                norms.append(norm)
-                starts.append(s)
-                ends.append(i)
-        return 0
 
     cdef list _match(self, object plan, str text, list norms, list starts, list ends,
                      int32_t *tids, int32_t *nodes, list covered):
@@ -1035,7 +999,7 @@ cdef class FastPath:
         cdef bint approximate
         cdef tuple c, r
         cdef Py_ssize_t k, n_c, t
-        self._tokenize(text, norms, starts, ends, tids, nodes)
+        _scan_tokens(self.table, text, norms, starts, ends, tids, nodes)
         approximate = o.mode == u"approximate"
         covered = [False] * len(norms) if approximate else None
         cands = self._match(plan, text, norms, starts, ends, tids, nodes, covered)

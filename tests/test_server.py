@@ -36,9 +36,10 @@ from service_helpers import (
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client import ConceptClient, ServiceCallError
-from conceptsvc.extractor import ExtractOptions
+from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.metrics import start_metrics_http_server
+from conceptsvc.model import Annotation
 from conceptsvc.server import create_server
 
 if TYPE_CHECKING:
@@ -372,25 +373,57 @@ def test_server_drain_refuses_new_rpcs_and_finishes_in_flight(index_a: Path) -> 
         stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=1)
 
 
+class _GatedExtractor(Extractor):
+    """The real engine, held at the start of ``extract`` until the test opens the gate: a call
+    is then known to be in flight (not merely slow) for as long as the test needs."""
+
+    def __init__(self, index: ConceptIndex) -> None:
+        super().__init__(index)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def extract(
+        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
+    ) -> Annotation:
+        self.entered.set()
+        self.gate.wait(20)
+        return super().extract(text, options, id=id)
+
+
 def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:
+    extractor = _GatedExtractor(ConceptIndex.load(index_a))
     s = settings_for(index_a, grace_seconds=5)
-    with running_server(s) as (server, port):
+    with running_server(s, extractor=extractor) as (server, port):
         results: list[Any] = []
-        text = "lung " * 6_000  # slow enough to still be running when the drain starts
+        errors: list[BaseException] = []
 
         def call() -> None:
-            with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
-                results.append(c.annotate(text).concepts)
+            try:
+                with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+                    results.append(c.annotate("lung").concepts)
+            except BaseException as exc:
+                errors.append(exc)
 
-        t = threading.Thread(target=call)
-        t.start()
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert extractor.entered.wait(10)
+        drainer = threading.Thread(target=server.drain)
+        drainer.start()
         deadline = time.monotonic() + 5
-        while not server.metrics.value("conceptsvc_inflight_requests"):
+        while not server.state.draining:
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        server.drain()
-        t.join(10)
+        # The drain has begun while the call is inside the engine, and waits for it.
+        assert server.metrics.value("conceptsvc_inflight_requests") == 1
+        drainer.join(0.5)
+        assert drainer.is_alive()
+        extractor.gate.set()
+        caller.join(10)
+        drainer.join(10)
+        assert not drainer.is_alive()
+        assert errors == []
         assert results == [("C0024109",)]
+        assert server.metrics.value("conceptsvc_inflight_requests") == 0
 
 
 def test_server_reload_under_load_without_failed_requests(

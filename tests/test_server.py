@@ -458,8 +458,10 @@ def test_server_reload_under_load_without_failed_requests(
                     except BaseException as exc:
                         errors.append(exc)
 
-        # A stream opened before the reload stays on the old index to its end.
+        # A stream opened on index A stays on A to its end: its second item is sent while B
+        # is loaded (where "edema" is a concept) and must still be answered from A.
         gate = threading.Event()
+        first_answered = threading.Event()
         old_results: list[Any] = []
 
         def pinned_items() -> Iterator[tuple[str, str]]:
@@ -469,33 +471,44 @@ def test_server_reload_under_load_without_failed_requests(
 
         def pinned() -> None:
             with ConceptClient(target, retries=0) as c:
-                old_results.extend(c.annotate_stream(pinned_items()))
+                for r in c.annotate_stream(pinned_items()):
+                    old_results.append(r)
+                    first_answered.set()
 
         workers = [threading.Thread(target=f) for f in (unary_load, unary_load, stream_load)]
         pin = threading.Thread(target=pinned)
         for w in [*workers, pin]:
             w.start()
-        time.sleep(0.4)
-        with ConceptClient(target, admin_token=ADMIN) as admin:
-            assert admin.annotate("edema").concepts == ()
-            build_index_b(path)  # replaces the directory atomically, like a deployment
-            result = admin.reload_index()
-            assert result.changed and result.concepts == 8
-            assert admin.annotate("edema").concepts == ("C0013604",)
-            again = admin.reload_index()
-            assert not again.changed and again.content_hash == result.content_hash
-            time.sleep(0.3)
-            build_index_a(path)
-            server.reload()  # what SIGHUP does
-            assert admin.annotate("edema").concepts == ()
-        gate.set()
-        time.sleep(0.4)
-        stop.set()
-        for w in [*workers, pin]:
-            w.join(30)
+        try:
+            time.sleep(0.4)
+            assert first_answered.wait(10)  # the pinned stream is open on index A
+            with ConceptClient(target, admin_token=ADMIN) as admin:
+                assert admin.annotate("edema").concepts == ()
+                build_index_b(path)  # replaces the directory atomically, like a deployment
+                result = admin.reload_index()
+                assert result.changed and result.concepts == 8
+                assert admin.annotate("edema").concepts == ("C0013604",)
+                fresh = list(admin.annotate_stream([("n1", "edema")]))
+                assert [r.annotation.concepts for r in fresh] == [("C0013604",)]
+                gate.set()  # while B is loaded
+                pin.join(20)
+                assert not pin.is_alive()
+                assert [r.id for r in old_results] == ["p1", "p2"]
+                assert [r.annotation.concepts for r in old_results] == [(), ()]
+                again = admin.reload_index()
+                assert not again.changed and again.content_hash == result.content_hash
+                time.sleep(0.3)
+                build_index_a(path)
+                server.reload()  # what SIGHUP does
+                assert admin.annotate("edema").concepts == ()
+            time.sleep(0.4)
+        finally:  # a failed assertion must not leave the load running
+            gate.set()
+            stop.set()
+            for w in [*workers, pin]:
+                w.join(30)
     assert errors == []
     assert counts["unary"] > 20 and counts["stream"] > 50
-    assert [r.annotation.concepts for r in old_results] == [(), ()]
 
 
 def test_server_failed_reload_keeps_serving_the_old_index(tmp_path: Path) -> None:

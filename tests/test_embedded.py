@@ -84,10 +84,9 @@ def test_embedded_missing_source_is_clear(tmp_path: Path) -> None:
         demo_index_path(tmp_path, source=tmp_path / "empty")
 
 
-@pytest.mark.skipif(
-    not (DEMO_META / "MRCONSO.RRF").is_file(), reason="packaged demo RRF not present yet"
-)
 def test_embedded_packaged_demo_builds(tmp_path: Path) -> None:
+    # Committed and packaged (package-data data/**): `serve` without --index builds from it.
+    assert (DEMO_META / "MRCONSO.RRF").is_file(), f"the demo dictionary is missing: {DEMO_META}"
     ix = demo_index(tmp_path)
     assert len(ix) > 100 and ix.manifest["counts"]["keys"] > 100
     assert os.path.commonpath([ix.path, tmp_path]) == str(tmp_path)

@@ -61,7 +61,13 @@ def _load_index_arg(path: str | None) -> ConceptIndex:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from conceptsvc.evaluation import read_captions, read_concepts, score, write_concepts_csv
+    from conceptsvc.evaluation import (
+        read_captions,
+        read_concepts,
+        score,
+        secondary_cuis,
+        write_concepts_csv,
+    )
 
     if args.local and not args.captions:
         raise ConceptsvcError("--local needs --captions FILE (an ID,Caption CSV)")
@@ -69,6 +75,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConceptsvcError("--captions and --write-predictions only apply with --local")
     if args.top < 0:
         raise ConceptsvcError(f"--top must be >= 0, got {args.top}")
+    secondary_cuis(args.edition)  # an unknown edition fails before any file is read
     gold = read_concepts(args.gold)
     manual = read_concepts(args.manual) if args.manual else None
     index = None
@@ -92,14 +99,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             write_concepts_csv(args.write_predictions, pred.items())
     else:
         pred = read_concepts(args.pred)
-    result = score(pred, gold, manual)
+    result = score(pred, gold, manual, edition=args.edition)
     if args.json:
         print(json.dumps(result.as_dict(top=args.top), indent=2))
         return 0
     print(f"images scored      {result.n_images}")
     print(f"primary F1         {result.primary_f1:.4f}")
     if result.secondary_f1 is not None:
-        print(f"secondary F1       {result.secondary_f1:.4f}  ({result.n_secondary} images)")
+        print(
+            f"secondary F1       {result.secondary_f1:.4f}  ({result.n_secondary} images, "
+            f"ImageCLEFmedical {result.edition} list)"
+        )
     print(
         f"micro P / R / F1   {result.micro_precision:.4f} / {result.micro_recall:.4f} / "
         f"{result.micro_f1:.4f}"
@@ -124,6 +134,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conceptsvc.evaluation import DEFAULT_EDITION, SECONDARY_CUIS_BY_EDITION
+
     p = sub.add_parser(
         "evaluate",
         help="ImageCLEFmedical scoring of predictions (or of an in-process run with --local)",
@@ -138,6 +150,12 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     src.add_argument("--local", action="store_true", help="extract in-process from --captions")
     p.add_argument("--gold", required=True, help="gold concepts (ImageCLEF CSV ID,CUIs)")
     p.add_argument("--manual", help="manual gold concepts, for the secondary F1")
+    p.add_argument(
+        "--edition", type=int, default=DEFAULT_EDITION, metavar="YEAR",
+        help="ImageCLEFmedical edition whose secondary-concept list is scored (known: "
+        f"{', '.join(map(str, sorted(SECONDARY_CUIS_BY_EDITION)))}; default {DEFAULT_EDITION}, "
+        "ROCOv2's)",
+    )
     p.add_argument("--captions", help="captions CSV (ID,Caption); with --local")
     p.add_argument("--index", help="index directory for --local, and for concept names in "
                    "the false-negative/positive lists (default: the embedded demo dictionary)")

@@ -10,7 +10,8 @@ The whole tree, so callers can catch at the level they care about::
     ├── IndexError_                 compiled index missing, corrupt or incompatible (E4xx)
     ├── ExtractionError             bad per-request options for the extractor (E5xx)
     │   └── InputTooLargeError      text over the configured limit
-    └── ClientError                 batch/lookup client failures (E6xx)
+    ├── ClientError                 batch/lookup client failures (E6xx)
+    └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
 translates them.
@@ -26,6 +27,7 @@ __all__ = [
     "ConceptsvcError",
     "ConfigError",
     "DictionaryError",
+    "EvaluationError",
     "ExtractionError",
     "IndexError_",
     "InputTooLargeError",
@@ -95,3 +97,7 @@ class InputTooLargeError(ExtractionError):
 
 class ClientError(ConceptsvcError):
     code = "E600"
+
+
+class EvaluationError(ConceptsvcError):
+    code = "E700"

@@ -6,8 +6,9 @@ The scores are the ones ImageCLEFmedical Caption reports for ROCOv2:
   empty prediction scores 0); the score is the mean over those images. Images missing from the
   predictions count as empty predictions; predictions for images without gold are ignored.
 * **secondary F1** — the same against the *manual* gold, with both sides first restricted to the
-  six modality and eight X-ray body-region concepts; images whose restricted gold is empty are
-  skipped.
+  manually validated concepts of a challenge edition (2023 and 2024: six modality and eight X-ray
+  body-region concepts; :data:`SECONDARY_CUIS_BY_EDITION`); images whose restricted gold is empty
+  are skipped.
 
 Also micro precision/recall/F1 over all (image, concept) pairs and per-concept false negative /
 false positive counts — the raw material for error analysis.
@@ -27,18 +28,21 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
-from conceptsvc.errors import DictionaryError, MalformedRowError
+from conceptsvc.errors import DictionaryError, EvaluationError, MalformedRowError
 
 __all__ = [
+    "DEFAULT_EDITION",
     "MODALITY_CUIS",
     "REGION_CUIS",
-    "SECONDARY_CUIS",
+    "SECONDARY_CUIS_BY_EDITION",
     "EvaluationResult",
     "f1",
     "read_captions",
     "read_concepts",
     "score",
+    "secondary_cuis",
     "write_concepts_csv",
 ]
 
@@ -57,7 +61,29 @@ REGION_CUIS = frozenset(
         "C0006141",
     }
 )
-SECONDARY_CUIS = MODALITY_CUIS | REGION_CUIS
+# The concepts each ImageCLEFmedical Caption edition scores for its secondary F1. 2023 and 2024
+# both ran on ROCOv2 and score the same 14; the shipped ROCOv2 manual concepts are these plus
+# four X-ray projections, which the secondary score leaves out. Later editions score more
+# concepts (2025 adds, among others, C0920367 optical coherence tomography), but no full list
+# of theirs is at hand here, and half a list would give a wrong score, so none is included.
+SECONDARY_CUIS_BY_EDITION: Mapping[int, frozenset[str]] = MappingProxyType(
+    {2023: MODALITY_CUIS | REGION_CUIS, 2024: MODALITY_CUIS | REGION_CUIS}
+)
+DEFAULT_EDITION = 2024  # ROCOv2's edition, the data set the project targets
+
+
+def secondary_cuis(edition: int = DEFAULT_EDITION) -> frozenset[str]:
+    """The concepts the secondary F1 of an ImageCLEFmedical edition is computed on."""
+    try:
+        return SECONDARY_CUIS_BY_EDITION[edition]
+    except KeyError:
+        known = ", ".join(str(e) for e in sorted(SECONDARY_CUIS_BY_EDITION))
+        choices = " or ".join(f"--edition {e}" for e in sorted(SECONDARY_CUIS_BY_EDITION))
+        raise EvaluationError(
+            f"unknown ImageCLEFmedical edition {edition}: conceptsvc knows the secondary-concept "
+            f"lists of {known}. Give {choices}, or add the edition's full list to "
+            "SECONDARY_CUIS_BY_EDITION in conceptsvc/evaluation.py."
+        ) from None
 
 
 def f1(pred: set[str] | frozenset[str], gold: set[str] | frozenset[str]) -> float:
@@ -80,11 +106,13 @@ class EvaluationResult:
     false_positives: Counter[str] = field(default_factory=Counter)
     true_positives: Counter[str] = field(default_factory=Counter)
     missing_predictions: int = 0  # gold images with no prediction row at all
+    edition: int = DEFAULT_EDITION  # whose secondary-concept list was used
 
     def as_dict(self, top: int = 10) -> dict[str, object]:
         return {
             "primary_f1": round(self.primary_f1, 6),
             "secondary_f1": None if self.secondary_f1 is None else round(self.secondary_f1, 6),
+            "edition": self.edition,
             "n_images": self.n_images,
             "n_secondary": self.n_secondary,
             "micro_precision": round(self.micro_precision, 6),
@@ -100,8 +128,15 @@ def score(
     pred: Mapping[str, Iterable[str]],
     gold: Mapping[str, Iterable[str]],
     manual: Mapping[str, Iterable[str]] | None = None,
+    *,
+    edition: int = DEFAULT_EDITION,
 ) -> EvaluationResult:
-    """Score predictions against gold (and manual gold for the secondary F1)."""
+    """Score predictions against gold (and manual gold for the secondary F1).
+
+    ``edition`` selects the ImageCLEFmedical edition whose secondary-concept list is used; it is
+    checked even without ``manual``, so that a wrong one is never silently ignored.
+    """
+    listed = secondary_cuis(edition)
     total = 0.0
     n = 0
     tp = fp = fn = 0
@@ -131,10 +166,10 @@ def score(
     if manual is not None:
         s_total = 0.0
         for image, m_iter in manual.items():
-            g = set(m_iter) & SECONDARY_CUIS
+            g = set(m_iter) & listed
             if not g:
                 continue
-            p = set(pred.get(image, ())) & SECONDARY_CUIS
+            p = set(pred.get(image, ())) & listed
             s_total += f1(p, g)
             n_sec += 1
         secondary = s_total / n_sec if n_sec else 0.0
@@ -153,6 +188,7 @@ def score(
         false_positives=fps,
         true_positives=tps,
         missing_predictions=missing,
+        edition=edition,
     )
 
 

@@ -6,12 +6,16 @@ from pathlib import Path
 import pytest
 
 from conceptsvc.cli import main
-from conceptsvc.errors import MalformedRowError
+from conceptsvc.demo import GOLD_MANUAL
+from conceptsvc.errors import EvaluationError, MalformedRowError
 from conceptsvc.evaluation import (
+    DEFAULT_EDITION,
+    SECONDARY_CUIS_BY_EDITION,
     f1,
     read_captions,
     read_concepts,
     score,
+    secondary_cuis,
     write_concepts_csv,
 )
 from conceptsvc.index import ConceptIndex
@@ -65,6 +69,43 @@ def test_evaluation_secondary_skips_images_without_restricted_gold() -> None:
     assert r.n_secondary == 1
     assert r.secondary_f1 == pytest.approx(2 * 1 / 3)
     assert score({"i1": [AP]}, gold).secondary_f1 is None
+
+
+def test_evaluation_secondary_cuis_of_imageclefmedical_2023_and_2024() -> None:
+    # The manually validated concepts scored by ImageCLEFmedical Caption 2023 and 2024 (both
+    # on ROCOv2): six imaging modalities and eight X-ray body regions.
+    listed_2023 = frozenset({
+        "C0040405",  # X-Ray Computed Tomography
+        "C1306645",  # Plain x-ray
+        "C0024485",  # Magnetic Resonance Imaging
+        "C0041618",  # Ultrasonography
+        "C0002978",  # angiogram
+        "C0032743",  # Positron-Emission Tomography
+        "C0817096",  # Chest
+        "C0037303",  # Bone structure of cranium
+        "C0023216",  # Lower Extremity
+        "C0000726",  # Abdomen
+        "C0030797",  # Pelvis
+        "C1140618",  # Upper Extremity
+        "C0037949",  # Vertebral column
+        "C0006141",  # Breast
+    })
+    assert secondary_cuis(2023) == listed_2023
+    assert secondary_cuis(2024) == listed_2023
+    assert sorted(SECONDARY_CUIS_BY_EDITION) == [2023, 2024]
+    assert DEFAULT_EDITION == 2024  # ROCOv2 is the 2024 edition's data set
+    assert secondary_cuis() == secondary_cuis(2024)
+    # the shipped ROCOv2 manual concepts are exactly the list plus the X-ray projections,
+    # which the secondary score leaves out
+    shipped = {c for cuis in read_concepts(GOLD_MANUAL).values() for c in cuis}
+    projections = {AP, "C1996865", "C0205129", "C0205106"}
+    assert shipped == listed_2023 | projections
+    with pytest.raises(EvaluationError) as exc:
+        secondary_cuis(2025)
+    assert exc.value.code == "E700"
+    assert "2023, 2024" in str(exc.value)
+    with pytest.raises(EvaluationError):
+        score({}, {}, edition=2022)
 
 
 def test_evaluation_readers_agree(tmp_path: Path) -> None:
@@ -151,3 +192,26 @@ def test_evaluation_cli_names_the_top_errors(
     assert ct_name is not None
     assert f"{CT}       1  {ct_name.preferred_name}" in fn
     assert "C9999999       1  (not in the index)" in fp
+
+
+def test_evaluation_cli_edition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{XR};{CHEST};{AP}\ni2,{CT}\n", encoding="utf-8")
+    pred = tmp_path / "p.csv"
+    pred.write_text(f"ID,CUIs\ni1,{XR};{AP}\ni2,{CT}\n", encoding="utf-8")
+    base = ["evaluate", "--pred", str(pred), "--gold", str(gold), "--manual", str(gold)]
+    assert main([*base, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["edition"] == 2024
+    # i1: {XR} vs {XR, CHEST} -> 2/3 (AP is not listed); i2: 1
+    assert default["secondary_f1"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-6)
+    assert main([*base, "--edition", "2023", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["edition"] == 2023
+    assert main([*base, "--edition", "2023", "--top", "0"]) == 0
+    assert "ImageCLEFmedical 2023 list" in capsys.readouterr().out
+    # an edition whose list conceptsvc does not have is refused before anything is scored
+    assert main([*base, "--edition", "2025"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "conceptsvc: [E700] unknown ImageCLEFmedical edition 2025" in captured.err
+    assert "--edition 2023 or --edition 2024" in captured.err

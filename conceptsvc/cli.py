@@ -115,7 +115,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"{result.micro_f1:.4f}"
     )
     if result.missing_predictions:
-        print(f"no prediction for  {result.missing_predictions} gold images (scored 0)")
+        print(
+            f"no prediction for  {result.missing_predictions} gold images "
+            "(scored as empty predictions)"
+        )
     if args.top:
         if index is None:
             try:  # names only; scoring never needs the dictionary

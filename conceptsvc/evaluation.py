@@ -1,14 +1,20 @@
 """ImageCLEFmedical concept-detection scoring, and readers for the files it compares.
 
-The scores are the ones ImageCLEFmedical Caption reports for ROCOv2:
+The scores are the ones ImageCLEFmedical Caption reports for ROCOv2, computed as its published
+evaluator computes them:
 
-* **primary F1** — for every image with a non-empty gold set, F1 = 2|P∩G| / (|P| + |G|) (an
-  empty prediction scores 0); the score is the mean over those images. Images missing from the
-  predictions count as empty predictions; predictions for images without gold are ignored.
+* **primary F1** — per image, sklearn's binary F1 over the union of gold and predicted concepts,
+  i.e. F1 = 2|P∩G| / (|P| + |G|); an image with no gold and no prediction scores 1, a prediction
+  where the gold is empty (or an empty prediction against gold) scores 0. The score is the mean
+  over *all* gold images. Images missing from the predictions count as empty predictions;
+  predictions for images not in the gold are ignored.
 * **secondary F1** — the same against the *manual* gold, with both sides first restricted to the
   manually validated concepts of a challenge edition (2023 and 2024: six modality and eight X-ray
-  body-region concepts; :data:`SECONDARY_CUIS_BY_EDITION`); images whose restricted gold is empty
-  are skipped.
+  body-region concepts; :data:`SECONDARY_CUIS_BY_EDITION`), over all manual-gold images.
+
+CUIs are compared upper-cased and each counts once per image, as the evaluator does (it
+upper-cases both files and asks of every concept whether it is predicted, so a repeat adds
+nothing).
 
 Also micro precision/recall/F1 over all (image, concept) pairs and per-concept false negative /
 false positive counts — the raw material for error analysis.
@@ -87,7 +93,7 @@ def secondary_cuis(edition: int = DEFAULT_EDITION) -> frozenset[str]:
 
 
 def f1(pred: set[str] | frozenset[str], gold: set[str] | frozenset[str]) -> float:
-    """ImageCLEF per-image F1; an empty prediction against non-empty gold scores 0."""
+    """ImageCLEF per-image F1: 1 when both sides are empty, 0 when only one is."""
     if not pred and not gold:
         return 1.0
     return 2 * len(pred & gold) / (len(pred) + len(gold))
@@ -97,8 +103,8 @@ def f1(pred: set[str] | frozenset[str], gold: set[str] | frozenset[str]) -> floa
 class EvaluationResult:
     primary_f1: float
     secondary_f1: float | None  # None without manual gold
-    n_images: int  # images scored for the primary F1
-    n_secondary: int
+    n_images: int  # gold images, all scored for the primary F1
+    n_secondary: int  # manual-gold images, all scored for the secondary F1
     micro_precision: float
     micro_recall: float
     micro_f1: float
@@ -124,6 +130,11 @@ class EvaluationResult:
         }
 
 
+def _concept_set(concepts: Iterable[str]) -> frozenset[str]:
+    """One image's concepts as the evaluator compares them: upper-cased, each once."""
+    return frozenset(c.upper() for c in concepts)
+
+
 def score(
     pred: Mapping[str, Iterable[str]],
     gold: Mapping[str, Iterable[str]],
@@ -145,13 +156,11 @@ def score(
     tps: Counter[str] = Counter()
     missing = 0
     for image, g_iter in gold.items():
-        g = set(g_iter)
-        if not g:
-            continue
+        g = _concept_set(g_iter)
         p_iter = pred.get(image)
         if p_iter is None:
             missing += 1
-        p = set(p_iter or ())
+        p = _concept_set(p_iter or ())
         total += f1(p, g)
         n += 1
         inter = p & g
@@ -166,10 +175,8 @@ def score(
     if manual is not None:
         s_total = 0.0
         for image, m_iter in manual.items():
-            g = set(m_iter) & listed
-            if not g:
-                continue
-            p = set(pred.get(image, ())) & listed
+            g = _concept_set(m_iter) & listed
+            p = _concept_set(pred.get(image, ())) & listed
             s_total += f1(p, g)
             n_sec += 1
         secondary = s_total / n_sec if n_sec else 0.0

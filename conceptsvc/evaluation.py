@@ -69,9 +69,10 @@ REGION_CUIS = frozenset(
 )
 # The concepts each ImageCLEFmedical Caption edition scores for its secondary F1. 2023 and 2024
 # both ran on ROCOv2 and score the same 14; the shipped ROCOv2 manual concepts are these plus
-# four X-ray projections, which the secondary score leaves out. Later editions score more
-# concepts (2025 adds, among others, C0920367 optical coherence tomography), but no full list
-# of theirs is at hand here, and half a list would give a wrong score, so none is included.
+# four X-ray projections, which the secondary score leaves out. Later editions are said (issue
+# 19) to score more concepts, e.g. C0920367 optical coherence tomography, but neither their full
+# lists nor their data are at hand here, and half a list would give a wrong score, so none is
+# included: add an edition only with its complete list from the challenge's evaluator.
 SECONDARY_CUIS_BY_EDITION: Mapping[int, frozenset[str]] = MappingProxyType(
     {2023: MODALITY_CUIS | REGION_CUIS, 2024: MODALITY_CUIS | REGION_CUIS}
 )

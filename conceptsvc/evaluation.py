@@ -3,14 +3,15 @@
 The scores are the ones ImageCLEFmedical Caption reports for ROCOv2, computed as its published
 evaluator computes them:
 
-* **primary F1** — per image, sklearn's binary F1 over the union of gold and predicted concepts,
-  i.e. F1 = 2|P∩G| / (|P| + |G|); an image with no gold and no prediction scores 1, a prediction
-  where the gold is empty (or an empty prediction against gold) scores 0. The score is the mean
-  over *all* gold images. Images missing from the predictions count as empty predictions;
-  predictions for images not in the gold are ignored.
+* **primary F1** — per image with a non-empty gold set, sklearn's binary F1 over the union of
+  gold and predicted concepts, i.e. F1 = 2|P∩G| / (|P| + |G|) (an empty prediction scores 0); the
+  score is the mean over those images. The evaluator ignores images whose gold is empty (it takes
+  them out of the mean), and so does this. Images missing from the predictions count as empty
+  predictions; predictions for images not in the gold are ignored.
 * **secondary F1** — the same against the *manual* gold, with both sides first restricted to the
   manually validated concepts of a challenge edition (2023 and 2024: six modality and eight X-ray
-  body-region concepts; :data:`SECONDARY_CUIS_BY_EDITION`), over all manual-gold images.
+  body-region concepts; :data:`SECONDARY_CUIS_BY_EDITION`); images whose restricted gold is empty
+  are skipped.
 
 CUIs are compared upper-cased and each counts once per image, as the evaluator does (it
 upper-cases both files and asks of every concept whether it is predicted, so a repeat adds
@@ -104,8 +105,8 @@ def f1(pred: set[str] | frozenset[str], gold: set[str] | frozenset[str]) -> floa
 class EvaluationResult:
     primary_f1: float
     secondary_f1: float | None  # None without manual gold
-    n_images: int  # gold images, all scored for the primary F1
-    n_secondary: int  # manual-gold images, all scored for the secondary F1
+    n_images: int  # images with non-empty gold, scored for the primary F1
+    n_secondary: int  # images with non-empty restricted manual gold
     micro_precision: float
     micro_recall: float
     micro_f1: float
@@ -158,6 +159,8 @@ def score(
     missing = 0
     for image, g_iter in gold.items():
         g = _concept_set(g_iter)
+        if not g:
+            continue  # the evaluator ignores images without gold concepts
         p_iter = pred.get(image)
         if p_iter is None:
             missing += 1
@@ -177,6 +180,8 @@ def score(
         s_total = 0.0
         for image, m_iter in manual.items():
             g = _concept_set(m_iter) & listed
+            if not g:
+                continue
             p = _concept_set(pred.get(image, ())) & listed
             s_total += f1(p, g)
             n_sec += 1

@@ -36,60 +36,53 @@ def test_evaluation_hand_computed_example() -> None:
         "i1": [XR, CHEST, AP, "C0018787"],  # 4 gold
         "i2": [CT, "C0027651"],
         "i3": [MRI],
-        "i4": [],  # empty gold, yet a prediction: scores 0, as sklearn's binary F1 does
+        "i4": [],  # empty gold: the evaluator leaves the image out of the mean
     }
     manual = {"i1": [XR, CHEST, AP], "i2": [CT], "i3": [MRI], "i4": []}
     pred = {
         "i1": [XR, CHEST, "C0024109"],  # 2 of 4 right, 1 wrong: 2*2/(3+4) = 4/7
         "i2": [MRI, "C0027651"],  # 1 of 2: 2*1/4 = 1/2
         # i3 missing: scores 0
-        "i4": ["C0000726"],  # nothing to find, one false positive: 0
+        "i4": ["C0000726"],  # not scored (no gold), not counted in micro either
         "extra": [CT],  # ignored (not in gold)
     }
     r = score(pred, gold, manual)
-    assert r.n_images == 4
-    assert r.primary_f1 == pytest.approx((4 / 7 + 1 / 2 + 0 + 0) / 4)
+    assert r.n_images == 3
+    assert r.primary_f1 == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
     # secondary: restricted to modality+region; AP is a projection, so i1 gold is {XR, CHEST}
-    # i1: pred {XR, CHEST} -> 1; i2: pred {MRI} vs {CT} -> 0; i3: {} vs {MRI} -> 0;
-    # i4: pred {C0000726} (abdomen, in the list) vs {} -> 0
-    assert r.n_secondary == 4
-    assert r.secondary_f1 == pytest.approx(1 / 4)
-    # micro over scored images: tp = 2 + 1 = 3, fp = 1 + 1 + 1 = 3, fn = 2 + 1 + 1 = 4
-    assert r.micro_precision == pytest.approx(3 / 6)
+    # i1: pred {XR, CHEST} -> 1; i2: pred {MRI} vs {CT} -> 0; i3: {} vs {MRI} -> 0; i4 skipped
+    assert r.n_secondary == 3
+    assert r.secondary_f1 == pytest.approx(1 / 3)
+    # micro over scored images: tp = 2 + 1 = 3, fp = 1 + 1 = 2, fn = 2 + 1 + 1 = 4
+    assert r.micro_precision == pytest.approx(3 / 5)
     assert r.micro_recall == pytest.approx(3 / 7)
-    assert r.micro_f1 == pytest.approx(2 * 3 / (6 + 7))  # 2tp / (2tp + fp + fn)
+    assert r.micro_f1 == pytest.approx(2 * 3 / (2 * 3 + 2 + 4))  # 2tp / (2tp + fp + fn)
     assert r.false_negatives[AP] == 1
     assert r.false_negatives[MRI] == 1
     assert r.false_positives[MRI] == 1
-    assert r.false_positives["C0000726"] == 1
+    assert r.false_positives["C0000726"] == 0
     assert r.missing_predictions == 1
 
 
-def test_evaluation_empty_gold_scores_as_the_imageclef_evaluator() -> None:
-    # sklearn's binary F1 on the union of both sides: nothing expected and nothing predicted
-    # is a perfect image (1), a prediction where nothing is expected is a wrong one (0); both
-    # count in the mean, for the primary and the secondary score alike.
+def test_evaluation_empty_gold_is_left_out_as_the_imageclef_evaluator_does() -> None:
+    # The evaluator takes an image whose gold is empty out of the mean (``max_score -= 1``),
+    # whatever was predicted for it; the secondary score does the same with the restricted gold.
     gold = {"i1": [CT], "i2": [], "i3": []}
-    r = score({"i1": [CT], "i2": [], "i3": ["C0018787"]}, gold, gold)
-    assert r.n_images == 3
-    assert r.primary_f1 == pytest.approx((1 + 1 + 0) / 3)
-    assert r.n_secondary == 3
-    assert r.secondary_f1 == pytest.approx((1 + 1 + 1) / 3)  # C0018787 is not in the list
-    assert score({"i1": [CT], "i2": [], "i3": [XR]}, gold, gold).secondary_f1 == (
-        pytest.approx((1 + 1 + 0) / 3)
-    )
+    r = score({"i1": [CT], "i2": [], "i3": ["C0018787", XR]}, gold, gold)
+    assert (r.n_images, r.primary_f1) == (1, 1.0)
+    assert (r.n_secondary, r.secondary_f1) == (1, 1.0)
+    assert r.micro_precision == 1.0  # i3's predictions are not false positives
+    r = score({"i1": [MRI], "i2": [XR]}, gold, gold)
+    assert (r.n_images, r.primary_f1, r.secondary_f1) == (1, 0.0, 0.0)
 
 
-def test_evaluation_secondary_scores_images_without_restricted_gold() -> None:
+def test_evaluation_secondary_skips_images_without_restricted_gold() -> None:
     gold = {"i1": [AP, "C0018787"], "i2": [SKULL, XR]}
     manual = {"i1": [AP], "i2": [SKULL, XR]}
-    # i1: the projection AP is outside the list, so both restricted sides are empty -> 1
-    r = score({"i1": [AP], "i2": [XR]}, gold, manual)
-    assert r.n_secondary == 2
-    assert r.secondary_f1 == pytest.approx((1 + 2 * 1 / 3) / 2)
-    # a listed concept predicted where the restricted gold is empty scores 0
+    # i1: the projection AP is outside the list, so its restricted gold is empty: skipped
     r = score({"i1": [CT], "i2": [XR]}, gold, manual)
-    assert r.secondary_f1 == pytest.approx((0 + 2 * 1 / 3) / 2)
+    assert r.n_secondary == 1
+    assert r.secondary_f1 == pytest.approx(2 * 1 / 3)
     assert score({"i1": [AP]}, gold).secondary_f1 is None
 
 

@@ -54,29 +54,30 @@ $(SPEEDUPS): conceptsvc/_speedups.pyx setup.py | $(STAMP)
 install: system-deps $(STAMP) $(SPEEDUPS)
 
 proto: $(STAMP)
-	$(PY) -m conceptsvc.dev.gen_proto
+	$(PY) -m tools.gen_proto
 
 test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check conceptsvc tests scripts
-	$(VENV)/bin/mypy conceptsvc
+	$(VENV)/bin/ruff check conceptsvc tests scripts benchmarks tools
+	$(VENV)/bin/mypy conceptsvc benchmarks tools
 
 demo: install
 	$(PY) -m conceptsvc.demo
 
 bench: install peers
-	$(PY) -m conceptsvc.dev.bench all
+	$(PY) -m benchmarks.bench all
 
 bench-index: install peers
-	$(PY) -m conceptsvc.dev.bench index
+	$(PY) -m benchmarks.bench index
 
 # Peer tools for the benchmarks (QuickUMLS, MedCAT, mmlite) in their own venv, so that their
-# pins never meet ours; conceptsvc goes in with --no-deps for conceptsvc/dev/peers/.
+# pins never meet ours; conceptsvc goes in with --no-deps, for benchmarks/peers/ to import. The
+# peer scripts themselves are not installed: they run from this checkout (python -m from its root).
 PEERS_VENV  ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
-PEERS_REQS  := conceptsvc/dev/peers/requirements.txt
+PEERS_REQS  := benchmarks/peers/requirements.txt
 
 $(PEERS_STAMP): $(PEERS_REQS)
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
@@ -89,14 +90,14 @@ $(PEERS_STAMP): $(PEERS_REQS)
 peers: $(PEERS_STAMP)
 
 bench-peers: install peers
-	$(PY) -m conceptsvc.dev.bench peers
+	$(PY) -m benchmarks.bench peers
 
 # 32 streaming clients for 5 minutes against 2 workers; the figures go into RELIABILITY.md.
 soak: install
-	$(PY) -m conceptsvc.dev.soak --write RELIABILITY.md
+	$(PY) -m benchmarks.soak --write RELIABILITY.md
 
 audit: install
-	$(PY) -m conceptsvc.dev.audit
+	$(PY) -m tools.audit
 
 # Regenerate requirements.lock after changing dependencies in pyproject.toml (needs PyPI).
 lock: install

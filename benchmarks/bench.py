@@ -1,6 +1,6 @@
-"""``python -m conceptsvc.dev.bench NAME [options]``: one entry point for the benchmarks.
+"""``python -m benchmarks.bench NAME [options]``: one entry point for the benchmarks.
 
-Each benchmark is a module ``conceptsvc/dev/bench_<name>.py`` with ``main(argv) -> int``; this
+Each benchmark is a module ``benchmarks/bench_<name>.py`` with ``main(argv) -> int``; this
 dispatcher only picks one from a fixed table (``all`` runs each with its defaults, in order, and
 fails if any failed). Benchmarks are part of ``make bench``, never of ``make test``.
 """
@@ -15,11 +15,11 @@ __all__ = ["BENCHMARKS", "main"]
 
 # name → module; a fixed table, so nothing is imported by a name typed on the command line.
 BENCHMARKS = {
-    "index": "conceptsvc.dev.bench_index",
-    "extract": "conceptsvc.dev.bench_extract",
-    "peers": "conceptsvc.dev.bench_peers",
-    "service": "conceptsvc.dev.bench_service",
-    "capacity": "conceptsvc.dev.bench_capacity",
+    "index": "benchmarks.bench_index",
+    "extract": "benchmarks.bench_extract",
+    "peers": "benchmarks.bench_peers",
+    "service": "benchmarks.bench_service",
+    "capacity": "benchmarks.bench_capacity",
 }
 
 
@@ -31,7 +31,7 @@ def _run(name: str, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or (args[0] not in BENCHMARKS and args[0] != "all"):
-        print(f"usage: python -m conceptsvc.dev.bench {{{','.join([*BENCHMARKS, 'all'])}}} "
+        print(f"usage: python -m benchmarks.bench {{{','.join([*BENCHMARKS, 'all'])}}} "
               "[options]\n(`... NAME --help` shows a benchmark's options)", file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
     name, rest = args[0], args[1:]

@@ -1,6 +1,6 @@
 """Capacity benchmark for docs/SCALE_OUT.md: captions per second per worker process, measured.
 
-``python -m conceptsvc.dev.bench_capacity --captions ../shared/data/rocov2/valid_captions.csv
+``python -m benchmarks.bench_capacity --captions ../shared/data/rocov2/valid_captions.csv
 [--spark] [--append]``. Never part of ``make test``.
 
 Scale-out planning needs one number that does not depend on how many other jobs share the
@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import CHECKOUT, ROCOV2
 from conceptsvc.client import ConceptClient
 from conceptsvc.embedded import demo_index_path
 from conceptsvc.errors import ConfigError
@@ -47,8 +48,7 @@ from conceptsvc.index import ConceptIndex
 
 __all__ = ["main", "run"]
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "rocov2" / "valid_captions.csv"
+DEFAULT_CAPTIONS = ROCOV2 / "valid_captions.csv"
 SECTION = "## Capacity per worker process (scale-out planning)"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -298,8 +298,8 @@ def append_to_benchmarks(markdown: str, path: Path) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if SECTION not in text:
         text = text.rstrip("\n") + (
-            f"\n\n{SECTION}\n\nProduced by `python -m conceptsvc.dev.bench_capacity` "
-            "(conceptsvc/dev/bench_capacity.py); used by docs/SCALE_OUT.md; newest run last.\n"
+            f"\n\n{SECTION}\n\nProduced by `python -m benchmarks.bench_capacity` "
+            "(benchmarks/bench_capacity.py); used by docs/SCALE_OUT.md; newest run last.\n"
         )
     start = text.index(SECTION)
     following = text.find("\n## ", start + len(SECTION))
@@ -310,7 +310,7 @@ def append_to_benchmarks(markdown: str, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m conceptsvc.dev.bench_capacity", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench_capacity", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS,
                         help="ID,Caption CSV (default: the ROCOv2 validation captions)")
@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="append the table to BENCHMARKS.md")
     args = parser.parse_args(argv)
     result = run(args.captions, index=args.index, spark=args.spark)
-    command = "python -m conceptsvc.dev.bench_capacity " + " ".join(
+    command = "python -m benchmarks.bench_capacity " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--append"
     )
     markdown = to_markdown(result, command.strip())
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.append:
-        append_to_benchmarks(markdown, REPO / "BENCHMARKS.md")
+        append_to_benchmarks(markdown, CHECKOUT / "BENCHMARKS.md")
     return 0
 
 

@@ -23,9 +23,9 @@ Runs the in-process :class:`~conceptsvc.extractor.Extractor` over a captions fil
 
 Usage::
 
-    .venv/bin/python -m conceptsvc.dev.bench_extract \
+    .venv/bin/python -m benchmarks.bench_extract \
         --captions ../shared/data/rocov2/valid_captions.csv
-    .venv/bin/python -m conceptsvc.dev.bench_extract --captions FILE --mode approximate \
+    .venv/bin/python -m benchmarks.bench_extract --captions FILE --mode approximate \
         --json out.json
 """
 
@@ -47,6 +47,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from benchmarks import CHECKOUT, ROCOV2
+from conceptsvc.demo import CAPTIONS as _DEMO_CAPTIONS
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
@@ -63,8 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CAPTIONS = Path("/work/shared/data/rocov2/valid_captions.csv")
-_DEMO_CAPTIONS = Path(__file__).resolve().parent.parent / "data" / "demo" / "captions.csv"
+_DEFAULT_CAPTIONS = ROCOV2 / "valid_captions.csv"
 
 # Module file name → pipeline stage (see conceptsvc/extractor.py for the order).
 _STAGES = {
@@ -204,7 +205,7 @@ def _last_words(proc: subprocess.CompletedProcess[str]) -> str:
 def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[str, Any]:
     """Stage shares of the compiled engine under ``py-spy record --native``.
 
-    py-spy launches ``python -m conceptsvc.dev.bench_extract CHILD_ARGS --stage-loop SECONDS``
+    py-spy launches ``python -m benchmarks.bench_extract CHILD_ARGS --stage-loop SECONDS``
     (same index, captions and options; one mode) and samples it: launching the child needs only
     ptrace of one's own child, which is allowed where attaching to another process is not.
     Returns ``stage_profiler`` with either ``stage_shares`` and ``stage_samples``, or
@@ -222,12 +223,18 @@ def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[
         cmd = [
             py_spy, "record", "--native", "--rate", str(_PY_SPY_RATE), "--format", "raw",
             "--output", str(out), "--",
-            sys.executable, "-m", "conceptsvc.dev.bench_extract", *child_args,
+            sys.executable, "-m", "benchmarks.bench_extract", *child_args,
             "--stage-loop", str(seconds),
         ]
+        # The child imports this module from the checkout (it is not installed), whatever the
+        # working directory; its paths are passed as given, so the cwd stays.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
+        )
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=seconds + 600, check=False
+                cmd, capture_output=True, text=True, timeout=seconds + 600, check=False, env=env
             )
         except subprocess.TimeoutExpired:
             result["stage_profile_error"] = f"py-spy did not finish in {seconds + 600:.0f} s"

@@ -1,13 +1,13 @@
-"""Index build and load at UMLS scale: ``python -m conceptsvc.dev.bench index``.
+"""Index build and load at UMLS scale: ``python -m benchmarks.bench index``.
 
 For each size (default 1M, 4M and 16M MRCONSO rows) this generates synthetic RRF files with
-:mod:`conceptsvc.dev.synth_umls` (once; they are kept under ``bench-out/``), builds the index
+:mod:`benchmarks.synth_umls` (once; they are kept under ``bench-out/``), builds the index
 with the real command line (``conceptsvc index build``) in a subprocess, and loads it in a
 fresh subprocess. Reported per size: build wall time and CPU time, peak RSS of the build
 process (``wait4`` rusage of that child alone), index size on disk, load time with and without
 hash verification, RSS after load, and the cost of a key lookup and of a posting read once
 loaded. QuickUMLS builds its index from the smallest size in its own venv (``.venv-peers``,
-``make peers``) through :mod:`conceptsvc.dev.peers.run`, non-interactively, for comparison.
+``make peers``) through :mod:`benchmarks.peers.run`, non-interactively, for comparison.
 
 Load times are measured with the files in the page cache (they were just written; dropping
 caches needs root and would slow everyone else on a shared machine). Results go to
@@ -30,9 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_OUT, CHECKOUT
+
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parents[2]
 TARGETS_16M = {"build_s": 15 * 60, "build_peak_rss_mb": 12 * 1024, "load_s": 5.0,
                "rss_after_load_mb": 3 * 1024}
 
@@ -51,7 +52,7 @@ def _run_measured(cmd: Sequence[str], *, log_path: Path) -> dict[str, Any]:
     """Run ``cmd``; wall time, CPU time and peak RSS of that child alone (``os.wait4``)."""
     t0 = time.monotonic()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=CHECKOUT)
         _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t0
@@ -136,7 +137,7 @@ def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
     if not (meta / "MRFILES.RRF").is_file():
         print(f"[{label}] generating synthetic RRF in {meta}", flush=True)
         gen = _run_measured(
-            [py, "-m", "conceptsvc.dev.synth_umls", "--rows", str(rows), "--out", str(meta)],
+            [py, "-m", "benchmarks.synth_umls", "--rows", str(rows), "--out", str(meta)],
             log_path=out / f"synth-{label}.log",
         )
         result["generate"] = gen
@@ -154,8 +155,8 @@ def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
     result["index_bytes"] = _dir_size(index_dir)
     print(f"[{label}] loading it in a fresh process", flush=True)
     probe = subprocess.run(
-        [py, "-m", "conceptsvc.dev.bench_index", "--probe", str(index_dir)],
-        check=True, capture_output=True, text=True, cwd=ROOT,
+        [py, "-m", "benchmarks.bench_index", "--probe", str(index_dir)],
+        check=True, capture_output=True, text=True, cwd=CHECKOUT,
     )
     result["load"] = json.loads(probe.stdout)
     print(f"[{label}] {json.dumps(result)}", flush=True)
@@ -163,7 +164,7 @@ def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
 
 
 def _bench_quickumls(rows: int, out: Path) -> dict[str, Any]:
-    peers_py = ROOT / ".venv-peers" / "bin" / "python"
+    peers_py = CHECKOUT / ".venv-peers" / "bin" / "python"
     label = _label(rows)
     if not peers_py.is_file():
         return {"skipped": ".venv-peers not found (run `make peers`)"}
@@ -176,7 +177,7 @@ def _bench_quickumls(rows: int, out: Path) -> dict[str, Any]:
     print(f"[{label}] building QuickUMLS's index (.venv-peers)", flush=True)
     try:
         res = _run_measured(
-            [str(peers_py), "-m", "conceptsvc.dev.peers.run", "build-quickumls",
+            [str(peers_py), "-m", "benchmarks.peers.run", "build-quickumls",
              "--meta", str(meta), "--out", str(target)],
             log_path=out / f"quickumls-{label}.log",
         )
@@ -196,10 +197,10 @@ def _markdown(results: list[dict[str, Any]], quick: dict[str, Any] | None, argv:
     lines = [
         "## Index build and load",
         "",
-        f"Command: `python -m conceptsvc.dev.bench index {' '.join(argv)}`".rstrip() + " "
+        f"Command: `python -m benchmarks.bench index {' '.join(argv)}`".rstrip() + " "
         f"(`make bench-index`). Date: {when}. Machine: 2-core shared VM "
         f"({platform.processor() or platform.machine()}), {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}. Input: synthetic RRF from `conceptsvc.dev.synth_umls` "
+        f"{platform.python_version()}. Input: synthetic RRF from `benchmarks.synth_umls` "
         "(~32 % non-English rows, ~12 % suppressible; default filters ENG and drop O/E/Y). "
         "Build = `conceptsvc index build` as a subprocess; peak RSS of that process (wait4). "
         "Load = `ConceptIndex.load` in a fresh process, files in the page cache.",
@@ -251,10 +252,10 @@ def _markdown(results: list[dict[str, Any]], quick: dict[str, Any] | None, argv:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m conceptsvc.dev.bench index",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench index",
                                 description="Index build/load at UMLS scale.")
     p.add_argument("--sizes", default="1M,4M,16M", help="MRCONSO row counts (default 1M,4M,16M)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench-out", help="work directory")
+    p.add_argument("--out", type=Path, default=BENCH_OUT, help="work directory")
     p.add_argument("--no-quickumls", action="store_true", help="skip the QuickUMLS build")
     p.add_argument("--workers", type=int, default=2,
                    help="`index build --workers` (default 2: both cores of the target machine)")

@@ -1,15 +1,15 @@
 """Benchmark the peers — QuickUMLS, MedCAT 2, mmlite — on our dictionary and the ROCOv2 captions.
 
 The peers live in ``.venv-peers`` (``make peers``), so everything here runs them through
-``.venv-peers/bin/python -m conceptsvc.dev.peers.run`` in a subprocess and reads the JSON it
+``.venv-peers/bin/python -m benchmarks.peers.run`` in a subprocess and reads the JSON it
 prints; the predictions it writes (ImageCLEF CSV) are scored here with
 :func:`conceptsvc.evaluation.score`, the same scorer as ``conceptsvc evaluate``, so the numbers
 compare with the engine's.
 
 Entry points:
 
-- ``python -m conceptsvc.dev.bench peers`` (the bench dispatcher) or
-  ``python -m conceptsvc.dev.bench_peers [--rocov2 DIR] [--meta DIR] [--out DIR] ...``:
+- ``python -m benchmarks.bench peers`` (the bench dispatcher) or
+  ``python -m benchmarks.bench_peers [--rocov2 DIR] [--meta DIR] [--out DIR] ...``:
   every peer on the ROCOv2 validation captions; prints and writes a JSON summary.
 - :func:`quickumls_baseline` — QuickUMLS captions/s on a dictionary and captions, for the
   service benchmark.
@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2
+from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
 from conceptsvc.evaluation import read_concepts, score
 
@@ -52,15 +54,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ROCOV2 = Path("/work/shared/data/rocov2")
-DEFAULT_META = REPO / "conceptsvc" / "data" / "demo" / "META"
+DEFAULT_ROCOV2 = ROCOV2
+DEFAULT_META = DEMO_META
 PEERS = ("quickumls", "medcat", "mmlite")
 
 
 def peers_python(python: str | Path | None = None) -> Path:
     """The interpreter of the peers' venv; a clear error when ``make peers`` has not run."""
-    path = Path(python) if python is not None else REPO / ".venv-peers" / "bin" / "python"
+    path = Path(python) if python is not None else CHECKOUT / ".venv-peers" / "bin" / "python"
     if not path.exists():
         raise ConfigError(
             f"{path} not found: the peer tools live in their own venv; run `make peers` "
@@ -70,15 +71,15 @@ def peers_python(python: str | Path | None = None) -> Path:
 
 
 def _run(python: Path, args: Sequence[str], *, timeout: float) -> dict[str, Any]:
-    """Run ``conceptsvc.dev.peers.run`` in the peers' venv and parse its JSON line."""
+    """Run ``benchmarks.peers.run`` in the peers' venv and parse its JSON line."""
     env = dict(os.environ)
     # This checkout's code, whichever checkout the peers' venv was installed from.
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [str(python), "-m", "conceptsvc.dev.peers.run", *args]
+    env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [str(python), "-m", "benchmarks.peers.run", *args]
     log.info("running %s", " ".join(cmd))
     # A fixed module of this package; the arguments are built here, not taken from a client.
     proc = subprocess.run(
-        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        cmd, cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -195,7 +196,7 @@ def _score_file(pred_csv: Path, gold: dict[str, list[str]], manual: dict[str, li
 def run_peers(
     rocov2: Path = DEFAULT_ROCOV2,
     meta: Path = DEFAULT_META,
-    out: Path = REPO / "bench-out" / "peers",
+    out: Path = BENCH_OUT / "peers",
     *,
     peers: Sequence[str] = PEERS,
     limit: int | None = None,
@@ -297,16 +298,17 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m conceptsvc.dev.bench peers [options]`` (and this module's own entry)."""
+    """``python -m benchmarks.bench peers [options]`` (and this module's own entry)."""
     parser = argparse.ArgumentParser(
-        prog="python -m conceptsvc.dev.bench peers",
+        prog="python -m benchmarks.bench peers",
         description="Run QuickUMLS, MedCAT and mmlite on the ROCOv2 validation captions.",
     )
     parser.add_argument("--rocov2", type=Path, default=DEFAULT_ROCOV2,
-                        help="directory with valid_captions.csv and valid_concepts*.csv")
+                        help="directory with valid_captions.csv and valid_concepts*.csv "
+                        "(default: ../shared/data/rocov2 beside the checkout)")
     parser.add_argument("--meta", type=Path, default=DEFAULT_META,
                         help="META directory of the dictionary (default: the demo dictionary)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "peers")
+    parser.add_argument("--out", type=Path, default=BENCH_OUT / "peers")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset")
     parser.add_argument("--limit", type=int, help="only the first N captions (smoke runs)")
     parser.add_argument("--peers-python", help="interpreter of the peers' venv")

@@ -1,7 +1,7 @@
 """Service benchmark: captions through the real gRPC service, against QuickUMLS in-process.
 
-``python -m conceptsvc.dev.bench service --captions PATH`` (or ``python -m
-conceptsvc.dev.bench_service ...``). Part of ``make bench``, never of ``make test``.
+``python -m benchmarks.bench service --captions PATH`` (or ``python -m
+benchmarks.bench_service ...``). Part of ``make bench``, never of ``make test``.
 
 What it measures, on the captions CSV given by path (``ID,Caption``; the ROCOv2 validation
 captions are ``../shared/data/rocov2/valid_captions.csv``):
@@ -19,7 +19,7 @@ captions are ``../shared/data/rocov2/valid_captions.csv``):
 3. **Server RSS** — resident memory of the server's processes (supervisor + workers), current
    and peak, after the runs.
 4. **QuickUMLS in-process** on the same dictionary (the demo META by default) and captions,
-   through :func:`conceptsvc.dev.bench_peers.quickumls_baseline` in ``.venv-peers``.
+   through :func:`benchmarks.bench_peers.quickumls_baseline` in ``.venv-peers``.
 
 The client runs in this process on the same 2-core machine as the server, so the service's
 numbers are end to end and pay for the client's CPU too. Results go to ``--out`` as JSON and,
@@ -49,7 +49,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2
 from conceptsvc.client import ConceptClient
+from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
 from conceptsvc.server.launcher import spawn_server
 
@@ -57,10 +59,9 @@ __all__ = ["main", "run"]
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 # The shared data sits beside the checkout (../shared); always overridable with --captions.
-DEFAULT_CAPTIONS = REPO.parent / "shared" / "data" / "rocov2" / "valid_captions.csv"
-DEFAULT_META = REPO / "conceptsvc" / "data" / "demo" / "META"
+DEFAULT_CAPTIONS = ROCOV2 / "valid_captions.csv"
+DEFAULT_META = DEMO_META
 SECTION = "## Service throughput and latency"
 
 
@@ -111,7 +112,7 @@ class _Server:
     """``conceptsvc serve`` in a subprocess."""
 
     def __init__(self, args: Sequence[str]) -> None:
-        self.proc, port = spawn_server(args, cwd=REPO)
+        self.proc, port = spawn_server(args, cwd=CHECKOUT)
         self.target = f"127.0.0.1:{port}"
 
     def pids(self) -> list[int]:
@@ -302,7 +303,7 @@ def run(
             redis.stop()
     if quickumls:
         try:
-            from conceptsvc.dev.bench_peers import quickumls_baseline
+            from benchmarks.bench_peers import quickumls_baseline
 
             rate = quickumls_baseline(meta, captions)
             summary["quickumls_in_process"] = {"captions_per_s": round(rate, 1), "meta": str(meta)}
@@ -380,8 +381,8 @@ def append_to_benchmarks(markdown: str, path: Path) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if SECTION not in text:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\n"
-        text += ("Produced by `python -m conceptsvc.dev.bench service` "
-                 "(conceptsvc/dev/bench_service.py); newest run last.\n")
+        text += ("Produced by `python -m benchmarks.bench service` "
+                 "(benchmarks/bench_service.py); newest run last.\n")
     head, _, tail = text.partition(SECTION)
     # Insert at the end of this section: before the next top-level "## " heading, if any.
     nxt = re.search(r"^## ", tail, flags=re.M)
@@ -395,7 +396,7 @@ def append_to_benchmarks(markdown: str, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m conceptsvc.dev.bench service", description=__doc__.splitlines()[0]
+        prog="python -m benchmarks.bench service", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS,
                         help="ID,Caption CSV (default: the ROCOv2 validation captions)")
@@ -408,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="unary requests per latency measurement")
     parser.add_argument("--limit", type=int, help="only the first N captions (smoke runs)")
     parser.add_argument("--no-quickumls", action="store_true", help="skip the QuickUMLS run")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "service.json")
+    parser.add_argument("--out", type=Path, default=BENCH_OUT / "service.json")
     parser.add_argument("--append", type=Path, metavar="BENCHMARKS.md",
                         help="append the results to this markdown file")
     args = parser.parse_args(argv)
@@ -422,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    command = "python -m conceptsvc.dev.bench service " + " ".join(
+    command = "python -m benchmarks.bench service " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "service"
     )
     markdown = to_markdown(summary, command.strip())

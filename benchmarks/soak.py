@@ -51,6 +51,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from benchmarks import CHECKOUT
 from conceptsvc.server.launcher import spawn_server
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ def write_section(path: Path, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conceptsvc.dev.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=300.0, help="seconds (default 300)")
     parser.add_argument("--clients", type=int, default=32, help="streaming clients (default 32)")
@@ -363,9 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=30.0,
                         help="seconds before the 'start' RSS is taken (default 30)")
     parser.add_argument("--sample-every", type=float, default=10.0, help="RSS sampling period")
-    parser.add_argument("--write", type=Path, nargs="?", const=Path("RELIABILITY.md"),
+    parser.add_argument("--write", type=Path, nargs="?", const=CHECKOUT / "RELIABILITY.md",
                         default=None, help="replace the soak section of this file "
-                        "(default when given without a path: RELIABILITY.md)")
+                        "(default when given without a path: this checkout's RELIABILITY.md)")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.client_processes < 1 or args.duration <= 0:
         parser.error("--clients, --client-processes and --duration must be positive")

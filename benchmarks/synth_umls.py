@@ -10,7 +10,7 @@ third of the rows are not English), term types, SUPPRESS flags (mostly N), TS/ST
 1–3 of the 127 semantic types per concept (0.1 % of concepts have no MRSTY row, as in 2023AB).
 It also writes MRSAB, MRRANK and MRFILES.
 
-    python -m conceptsvc.dev.synth_umls --rows 1000000 --out bench-out/synth-1M/META
+    python -m benchmarks.synth_umls --rows 1000000 --out bench-out/synth-1M/META
 
 Deterministic for a given ``--seed`` and ``--rows``.
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import free_port
 
-from conceptsvc.dev.audit import (
+from tools.audit import (
     EXIT_CLEAN,
     EXIT_NOT_AUDITED,
     EXIT_VULNERABLE,
@@ -72,7 +72,7 @@ def test_audit_says_so_plainly_when_the_service_is_unreachable() -> None:
     """Offline (forced here with a dead proxy, so it holds on any machine): exit 2, and the
     output says the audit did not happen."""
     done = subprocess.run(
-        [sys.executable, "-m", "conceptsvc.dev.audit", "--timeout", "2"],
+        [sys.executable, "-m", "tools.audit", "--timeout", "2"],
         cwd=ROOT, env=_offline_env(), capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == EXIT_NOT_AUDITED, done.stdout + done.stderr

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conceptsvc.dev.bench_extract import (
+from benchmarks.bench_extract import (
     bench,
     main,
     profile_stages_py_spy,
@@ -17,10 +17,10 @@ DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / 
 # Frames as `py-spy record --native --format raw` writes them (outermost first, then the
 # sample count), taken from a real record of the compiled engine.
 _LOOP = (
-    "0x7f1a15c4524a (libc.so.6);<module> (conceptsvc/dev/bench_extract.py:560);"
-    "main (conceptsvc/dev/bench_extract.py:470);"
-    "_stage_child (conceptsvc/dev/bench_extract.py:548);"
-    "_stage_loop (conceptsvc/dev/bench_extract.py:330)"
+    "0x7f1a15c4524a (libc.so.6);<module> (benchmarks/bench_extract.py:560);"
+    "main (benchmarks/bench_extract.py:470);"
+    "_stage_child (benchmarks/bench_extract.py:548);"
+    "_stage_loop (benchmarks/bench_extract.py:330)"
 )
 _EXTRACT = (
     _LOOP + ";Extractor.extract (conceptsvc/extractor.py:309);"
@@ -29,7 +29,7 @@ _EXTRACT = (
 )
 _RAW = [
     # start-up and index loading: outside the loop, not counted
-    "0x7f1a15c4524a (libc.so.6);<module> (conceptsvc/dev/bench_extract.py:560);"
+    "0x7f1a15c4524a (libc.so.6);<module> (benchmarks/bench_extract.py:560);"
     "Extractor.__init__ (conceptsvc/extractor.py:175);"
     "load_profile (conceptsvc/profile.py:385) 50",
     # teardown without a Python stack: not counted

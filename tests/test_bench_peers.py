@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_peers
 from conceptsvc.backends.quickumls import QUICKUMLS_INSTALL_HINT, quickumls_available
-from conceptsvc.dev import bench_peers
 from conceptsvc.errors import ConfigError
 
 META = Path(__file__).parent / "fixtures" / "quickumls_META"

@@ -315,7 +315,7 @@ def test_dictionary_source_release_given(tmp_path: Path) -> None:
 
 def test_dictionary_workers_give_the_identical_index(tmp_path: Path) -> None:
     """Normalising in worker processes changes nothing in the output, byte for byte."""
-    from conceptsvc.dev.synth_umls import generate
+    from benchmarks.synth_umls import generate
 
     meta = tmp_path / "META"
     generate(meta, 1500, seed=11)

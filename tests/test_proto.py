@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conceptsvc.dev.gen_proto import PROTO_PACKAGE_DIR, generate
+from tools.gen_proto import PROTO_PACKAGE_DIR, generate
 
 
 def _files(root: Path) -> set[str]:

@@ -35,6 +35,8 @@ from conceptsvc.extractor import ExtractOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "conceptsvc"
+# The checkout's tools beside the package are held to the same rules as the package itself.
+SCANNED = (PACKAGE, ROOT / "benchmarks", ROOT / "tools")
 TOKEN = "user-token-" + "u" * 24
 ADMIN = "admin-token-" + "a" * 24
 
@@ -277,7 +279,7 @@ _REVIEWED_DISPATCH = {
     ("conceptsvc/backends/quickumls.py", "_configure", "plan.similarity"):
         "validated against _SIMILARITIES in _plan before it is used",
     ("conceptsvc/backends/quickumls.py", "as_dict", "k"): "dataclass field names",
-    ("conceptsvc/dev/bench.py", "_run", "BENCHMARKS[name]"):
+    ("benchmarks/bench.py", "_run", "BENCHMARKS[name]"):
         "developer CLI, a key of a literal dict of module names",
 }
 
@@ -362,9 +364,10 @@ def audit_source(source: str, path: str) -> list[Finding]:
 
 
 def _package_files() -> Iterator[Path]:
-    for p in sorted(PACKAGE.rglob("*.py")):
-        if "_proto" not in p.parts:
-            yield p
+    for root in SCANNED:
+        for p in sorted(root.rglob("*.py")):
+            if "_proto" not in p.parts:
+                yield p
 
 
 def test_security_ast_rule_catches_what_it_must() -> None:
@@ -422,7 +425,7 @@ def test_security_ruff_bans_pickle_eval_exec() -> None:
     assert {"S301", "S307", "S102"} <= selected
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "S301,S307,S102",
-         "--output-format", "concise", "conceptsvc"],
+         "--output-format", "concise", *(str(d.relative_to(ROOT)) for d in SCANNED)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr

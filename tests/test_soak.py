@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from service_helpers import build_index_a
 
-from conceptsvc.dev.soak import main, write_section
+from benchmarks.soak import main, write_section
 
 
 def test_soak_short_run_reports_and_writes_its_section(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from conceptsvc.dev.synth_umls import generate
+from benchmarks.synth_umls import generate
 from conceptsvc.dictionary import UmlsSource, build_dictionary_index
 from conceptsvc.index import ConceptIndex
 from conceptsvc.umls.rrf import MetaDir, iter_mrconso, iter_mrrank, iter_mrsab, iter_mrsty

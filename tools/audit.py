@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools import CHECKOUT
+
 log = logging.getLogger(__name__)
 
 EXIT_CLEAN = 0
@@ -165,10 +167,11 @@ def audit(lock: Path, service: str, timeout: float, *, skip_probe: bool = False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conceptsvc.dev.audit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lock", type=Path, default=Path("requirements.lock"),
-                        help="hashed lock file to audit (default: requirements.lock)")
+    parser.add_argument("--lock", type=Path, default=CHECKOUT / "requirements.lock",
+                        help="hashed lock file to audit (default: this checkout's "
+                        "requirements.lock)")
     parser.add_argument("--service", choices=sorted(_PROBES), default="osv",
                         help="vulnerability service pip-audit asks (default: osv)")
     parser.add_argument("--timeout", type=float, default=15.0, help="network timeout, seconds")

@@ -1,6 +1,6 @@
 """Build one peer's dictionary, annotate a captions CSV with it, time both (run in .venv-peers).
 
-Usage (``.venv-peers/bin/python -m conceptsvc.dev.peers.run ...``)::
+Usage (``.venv-peers/bin/python -m benchmarks.peers.run ...``)::
 
     build-quickumls --meta META_DIR --out INDEX_DIR
         Build a QuickUMLS index without prompts; print the build report as JSON.
@@ -10,7 +10,7 @@ Usage (``.venv-peers/bin/python -m conceptsvc.dev.peers.run ...``)::
         caption), write ImageCLEF predictions ``OUT_DIR/<peer>.csv`` (``ID,CUIs``, ``;``-joined;
         extra variants as ``<peer>-<variant>.csv``) and ``OUT_DIR/<peer>.json``; print the JSON.
 
-The JSON is the contract with :mod:`conceptsvc.dev.bench_peers`, which runs this in a subprocess
+The JSON is the contract with :mod:`benchmarks.bench_peers`, which runs this in a subprocess
 and scores the predictions. Only this file prints: it is the command-line edge.
 """
 
@@ -52,15 +52,15 @@ class Peer(Protocol):
 def _make_peer(name: str) -> Peer:
     # Imported on demand: each peer pulls in its own heavy package.
     if name == "quickumls":
-        from conceptsvc.dev.peers.quickumls_peer import QuickUMLSPeer
+        from benchmarks.peers.quickumls_peer import QuickUMLSPeer
 
         return QuickUMLSPeer()
     if name == "medcat":
-        from conceptsvc.dev.peers.medcat_peer import MedCATPeer
+        from benchmarks.peers.medcat_peer import MedCATPeer
 
         return MedCATPeer()
     if name == "mmlite":
-        from conceptsvc.dev.peers.mmlite_peer import MMLitePeer
+        from benchmarks.peers.mmlite_peer import MMLitePeer
 
         return MMLitePeer()
     raise ValueError(f"unknown peer {name!r}; choose one of {', '.join(PEERS)}")
@@ -150,7 +150,7 @@ def _peak_rss_mb() -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conceptsvc.dev.peers.run")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.run")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build-quickumls", help="build a QuickUMLS index and time it")

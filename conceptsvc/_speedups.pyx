@@ -2,17 +2,28 @@
 # cython: cdivision=True, infer_types=False
 """Compiled hot path of the extraction engine (Cython).
 
-The pure-Python modules (``normalize``, ``matcher``, ``extractor``, ``negation``, ``profile``)
-are the reference: they define what the engine does, and every rule lives there. This module
-runs the same steps for one caption with the interpreter out of the loop — typed loops over the
-token lists, dict probes through the C API, candidates as plain tuples, mentions built without
-their dataclass ``__init__`` — and calls back into the Python modules for everything that is
-rare or rule-heavy (normalising a token not seen before, surface case checks, definitions in
-the caption, ambiguous spans, negation scopes, approximate matching).
+The pure-Python modules (``normalize``, ``matcher``, ``abbreviations``, ``negation``,
+``profile``, ``extractor``) are the reference: they define what the engine does. This module
+runs the same steps for one caption with the interpreter out of the loop — tokenising and
+normalising ASCII tokens, matching over a trie of token ids, caption definitions
+(Schwartz–Hearst), overlap resolution, negation scopes and profiles all in C, candidates as
+plain tuples, mentions built without their dataclass ``__init__`` — and calls back into the
+Python modules only for what is rare (normalising a non-ASCII token, a key or concept seen for
+the first time, surface case checks, ambiguous spans, approximate matching).
 
-Equivalence with the reference is a test (``tests/test_speedups.py``): the same annotations for
-every ROCOv2 validation caption under several option sets, and for random texts; the same
-tokens for random Unicode. ``CONCEPTSVC_PURE_PYTHON=1`` turns this module off.
+One source of the rules: this module holds no rule constant of its own. Character sets,
+lengths, windows and tables are handed over at construction by the module that owns them
+(``normalize`` builds :class:`AsciiNormalizer` and :class:`SpanTokenizer`, ``abbreviations``
+builds :class:`DefinitionFinder`) or read through the public accessors of the object mirrored
+(``ExactMatcher.prefixes``/``entries``/``entry_by_id``/``break_chars``,
+``NegationDetector.phrase_table``/``trigger_words``/..., ``Profile.slots``/``phrase_table``);
+what an inner loop tests is copied once into C tables (:c:type:`CharSet`, the mark ranges).
+``_speedups.pyi`` types what Python calls.
+
+Equivalence with the reference is a test (``tests/test_speedups.py``, which runs
+``Extractor(index, engine="compiled")`` against ``engine="reference"``): the same annotations
+for every demo caption under many option sets and for generated captions, the same tokens for
+every code point and random Unicode. ``CONCEPTSVC_PURE_PYTHON=1`` turns this module off.
 """
 
 cimport cython
@@ -47,19 +58,88 @@ cdef extern from *:
 
 # -- tokenisation ------------------------------------------------------------------------------
 
-# The combining-mark blocks of normalize._MARKS (kept in step by tests/test_speedups.py).
-cdef Py_UCS4[9][2] _MARK_RANGES
-_MARK_RANGES[0][:] = [0x0300, 0x036F]
-_MARK_RANGES[1][:] = [0x0483, 0x0489]
-_MARK_RANGES[2][:] = [0x0591, 0x05BD]
-_MARK_RANGES[3][:] = [0x0610, 0x061A]
-_MARK_RANGES[4][:] = [0x064B, 0x065F]
-_MARK_RANGES[5][:] = [0x1AB0, 0x1AFF]
-_MARK_RANGES[6][:] = [0x1DC0, 0x1DFF]
-_MARK_RANGES[7][:] = [0x20D0, 0x20FF]
-_MARK_RANGES[8][:] = [0xFE20, 0xFE2F]
+# -- character sets handed over by the Python modules -------------------------------------------
 
-MARK_RANGES = tuple((_MARK_RANGES[k][0], _MARK_RANGES[k][1]) for k in range(9))
+cdef enum:
+    _CHARSET_OTHER = 16     # code points beyond ASCII a CharSet holds
+    _MAX_MARK_RANGES = 32   # combining-mark ranges of TokenRules
+
+# A set of code points filled once from a Python constant: a bitmap for ASCII (a probe is one
+# shift), and a short list for the others.
+cdef struct CharSet:
+    uint64_t ascii[2]
+    Py_UCS4 other[_CHARSET_OTHER]
+    int n_other
+
+
+cdef int _charset_init(CharSet *cs, object chars, str name) except -1:
+    cdef uint32_t c
+    memset(cs, 0, sizeof(CharSet))
+    for ch in chars:
+        if not isinstance(ch, str) or len(ch) != 1:
+            raise TypeError(f"{name} must hold single characters, not {ch!r}")
+        c = ord(ch)
+        if c < 128:
+            cs.ascii[c >> 6] |= (<uint64_t>1) << (c & 63)
+        elif cs.n_other == _CHARSET_OTHER:
+            raise ValueError(f"{name}: at most {_CHARSET_OTHER} characters beyond ASCII")
+        else:
+            cs.other[cs.n_other] = c
+            cs.n_other += 1
+    return 0
+
+
+cdef inline bint _charset_has(const CharSet *cs, Py_UCS4 ch) noexcept:
+    cdef uint32_t c = <uint32_t>ch  # (Py_UCS4 arithmetic would make str)
+    cdef int k
+    if c < 128:
+        return (cs.ascii[c >> 6] >> (c & 63)) & 1
+    for k in range(cs.n_other):
+        if cs.other[k] == ch:
+            return True
+    return False
+
+
+cdef inline bint _gap_has(str text, Py_ssize_t left, Py_ssize_t right,
+                          const CharSet *chars) noexcept:
+    """The gap text[left:right] between two tokens is not one space and holds one of
+    ``chars`` (``matcher.crosses_break``; negation's scope and trigger-phrase breaks)."""
+    cdef Py_ssize_t k
+    if right - left == 1 and text[left] == u" ":
+        return False
+    for k in range(left, right):
+        if _charset_has(chars, text[k]):
+            return True
+    return False
+
+
+# -- tokenisation ------------------------------------------------------------------------------
+
+# normalize's token rules beyond [^\W_]: its combining-mark ranges (part of a word) and its
+# apostrophes (join two words), handed to SpanTokenizer.
+cdef struct TokenRules:
+    Py_UCS4 marks[_MAX_MARK_RANGES][2]
+    int n_marks
+    Py_UCS4 mark_min               # no code point below it is a mark
+    CharSet apostrophes
+
+
+cdef int _token_rules_init(TokenRules *r, object marks, object apostrophes) except -1:
+    cdef Py_UCS4 lo, hi
+    memset(r, 0, sizeof(TokenRules))
+    r.mark_min = 0x10FFFF
+    for lo, hi in marks:
+        if r.n_marks == _MAX_MARK_RANGES:
+            raise ValueError(f"marks: at most {_MAX_MARK_RANGES} ranges")
+        if hi < lo:
+            raise ValueError(f"marks: empty range {lo:#x}-{hi:#x}")
+        r.marks[r.n_marks][0] = lo
+        r.marks[r.n_marks][1] = hi
+        r.n_marks += 1
+        if lo < r.mark_min:
+            r.mark_min = lo
+    _charset_init(&r.apostrophes, apostrophes, "apostrophes")
+    return 0
 
 
 cdef inline bint _is_word(Py_UCS4 c) noexcept:
@@ -69,18 +149,14 @@ cdef inline bint _is_word(Py_UCS4 c) noexcept:
     return Py_UNICODE_ISALNUM(c)
 
 
-cdef inline bint _is_mark(Py_UCS4 c) noexcept:
+cdef inline bint _is_mark(const TokenRules *r, Py_UCS4 c) noexcept:
     cdef int k
-    if c < 0x0300:
+    if c < r.mark_min:
         return False
-    for k in range(9):
-        if _MARK_RANGES[k][0] <= c <= _MARK_RANGES[k][1]:
+    for k in range(r.n_marks):
+        if r.marks[k][0] <= c <= r.marks[k][1]:
             return True
     return False
-
-
-cdef inline bint _is_apostrophe(Py_UCS4 c) noexcept:
-    return c == 39 or c == 0x2019
 
 
 # -- normalisation of ASCII tokens --------------------------------------------------------------
@@ -88,20 +164,35 @@ cdef inline bint _is_apostrophe(Py_UCS4 c) noexcept:
 @cython.auto_pickle(False)
 cdef class AsciiNormalizer:
     """``normalize.normalize_token`` for tokens of ASCII letters, digits and apostrophes (what
-    the tokeniser cuts from ASCII text), with the reference's own tables; everything else —
-    and any word with "ae"/"oe", whose British stems are a regular expression — goes to the
-    reference function. ``tests/test_speedups.py`` checks the two agree on every token of
-    the demo dictionary and captions and on random words."""
+    the tokeniser cuts from ASCII text), with the reference's own tables and rules, handed
+    over by ``normalize``; everything else — and any word with a British stem marker
+    ("ae"/"oe", whose stems are a regular expression) — goes to the reference function.
+    ``tests/test_speedups.py`` checks the two agree on every token of the demo dictionary and
+    captions, on every short token and on random words."""
 
     cdef object reference
     cdef dict british, irregular
     cdef frozenset not_plural
+    cdef tuple stem_markers
+    cdef tuple suffixes      # (endings, shortest, dropped, appended, stem must be not-plural)
+    cdef Py_ssize_t never_singular_len, acronym_min_letters
 
-    def __init__(self, reference, *, british_words, irregular_plurals, not_plural):
+    def __init__(self, reference, *, dict british_words not None, british_stem_markers,
+                 dict irregular_plurals not None, frozenset not_plural not None,
+                 Py_ssize_t never_singular_len, plural_suffixes,
+                 Py_ssize_t acronym_min_letters):
         self.reference = reference
         self.british = british_words
+        self.stem_markers = tuple([<str>m for m in british_stem_markers])
         self.irregular = irregular_plurals
         self.not_plural = not_plural
+        self.never_singular_len = never_singular_len
+        self.suffixes = tuple([
+            (tuple(endings), <Py_ssize_t>shortest, <Py_ssize_t>dropped, <str>appended,
+             bool(stem_not_plural))
+            for endings, shortest, dropped, appended, stem_not_plural in plural_suffixes
+        ])
+        self.acronym_min_letters = acronym_min_letters
 
     def __call__(self, str raw):
         return self.normalize(raw)
@@ -112,7 +203,7 @@ cdef class AsciiNormalizer:
         cdef Py_ssize_t n = len(raw), k, alpha = 0
         cdef Py_UCS4 c
         cdef bint upper = False, lower = False, apostrophe = False
-        cdef str text, orig = raw
+        cdef str text, orig = raw, marker
         cdef object hit
         if n == 0 or not raw.isascii():
             return self.reference(raw)
@@ -122,8 +213,8 @@ cdef class AsciiNormalizer:
                 apostrophe = True
             elif not (u"0" <= c <= u"9" or u"a" <= c <= u"z" or u"A" <= c <= u"Z"):
                 return self.reference(orig)
-        # an acronym's plural: "CTs" → "CT" (raw[:-1].isupper() and two letters or more)
-        if n >= 3 and raw[n - 1] == u"s":
+        # an acronym's plural: "CTs" → "CT" (raw[:-1].isupper(), acronym_min_letters letters)
+        if n > self.acronym_min_letters and raw[n - 1] == u"s":
             for k in range(n - 1):
                 c = raw[k]
                 if u"A" <= c <= u"Z":
@@ -132,42 +223,37 @@ cdef class AsciiNormalizer:
                 elif u"a" <= c <= u"z":
                     lower = True
                     alpha += 1
-            if upper and not lower and alpha >= 2:
+            if upper and not lower and alpha >= self.acronym_min_letters:
                 raw = raw[:n - 1]
         text = raw.lower()  # NFKC and casefold are the identity / lower() on ASCII
         if apostrophe:
             if text.endswith(u"'s"):
                 text = text[:len(text) - 2]
             text = text.replace(u"'", u"")
-        if u"ae" in text or u"oe" in text:
-            return self.reference(orig)
+        for marker in self.stem_markers:
+            if marker in text:
+                return self.reference(orig)
         hit = self.british.get(text)
         if hit is not None:
             text = <str>hit
         return self._singular(text)
 
     cdef str _singular(self, str word):
-        """``normalize._singular``."""
+        """``normalize._singular``, over its suffix table."""
         cdef object hit = self.irregular.get(word)
         cdef Py_ssize_t n = len(word)
+        cdef tuple rule
+        cdef str stem
         if hit is not None:
             return <str>hit
-        if n <= 3 or word in self.not_plural or not word.isalpha():
+        if n <= self.never_singular_len or word in self.not_plural or not word.isalpha():
             return word
-        if word.endswith(u"ae") and n >= 5:
-            return word[:n - 1]
-        if word.endswith(u"ies") and n >= 5:
-            return word[:n - 3] + u"y"
-        if word.endswith((u"oses", u"yses", u"eses")) and n >= 6:
-            return word[:n - 2] + u"is"
-        if word.endswith((u"sses", u"xes", u"ches", u"shes", u"zes")):
-            return word[:n - 2]
-        if word.endswith(u"uses") and n >= 6 and word[:n - 2] in self.not_plural:
-            return word[:n - 2]
-        if word.endswith((u"ays", u"eys", u"oys", u"uys")):
-            return word[:n - 1]
-        if word.endswith(u"s") and not word.endswith((u"ss", u"us", u"is", u"ys")):
-            return word[:n - 1]
+        for rule in self.suffixes:
+            if n >= <Py_ssize_t>rule[1] and word.endswith(<tuple>rule[0]):
+                stem = word[:n - <Py_ssize_t>rule[2]]
+                if rule[4] and stem not in self.not_plural:
+                    continue
+                return stem + <str>rule[3]
         return word
 
 
@@ -285,6 +371,7 @@ cdef class _TokenTable:
     cdef Py_ssize_t mask, used, max_entries
     cdef object normalize
     cdef _KeyTrie trie
+    cdef TokenRules rules    # set by the owner (SpanTokenizer, FastPath) before any scan
 
     def __cinit__(self, normalize, _KeyTrie trie, Py_ssize_t max_entries=1 << 17):
         self.normalize = normalize
@@ -401,6 +488,7 @@ cdef int _scan_tokens(_TokenTable table, str text, list norms, list starts, list
     cdef object norm
     cdef int kind = _ukind(text)
     cdef void *data = _udata(text)
+    cdef const TokenRules *rules = &table.rules
     while i < n:
         c = _uread(kind, data, i)
         if not _is_word(c):
@@ -414,14 +502,14 @@ cdef int _scan_tokens(_TokenTable table, str text, list norms, list starts, list
         while True:
             while i < n:
                 c = _uread(kind, data, i)
-                if not (_is_word(c) or _is_mark(c)):
+                if not (_is_word(c) or _is_mark(rules, c)):
                     break
                 h = _mix(h, c)
                 i += 1
             if i + 1 < n:
                 c = _uread(kind, data, i)
                 c2 = _uread(kind, data, i + 1)
-                if _is_apostrophe(c) and _is_word(c2):
+                if _charset_has(&rules.apostrophes, c) and _is_word(c2):
                     h = _mix(_mix(h, c), c2)
                     i += 2
                     continue
@@ -446,12 +534,15 @@ cdef int _scan_tokens(_TokenTable table, str text, list norms, list starts, list
 @cython.auto_pickle(False)
 cdef class SpanTokenizer:
     """``normalize.tokenize_spans`` as one C loop (:func:`_scan_tokens`, the extractor's own
-    scan); ``normalize_token`` is called once per new surface form (a bounded token table)."""
+    scan); ``normalize_token`` is called once per new surface form (a bounded token table).
+    ``marks`` (inclusive code-point ranges of combining marks) and ``apostrophes`` are
+    ``normalize``'s; the extractor's :class:`FastPath` takes its rules from this object."""
 
     cdef _TokenTable table
 
-    def __init__(self, normalize_token, Py_ssize_t max_cache=1 << 18):
+    def __init__(self, normalize_token, *, marks, apostrophes, Py_ssize_t max_cache=1 << 18):
         self.table = _TokenTable(normalize_token, _KeyTrie({}, {}), max_cache)
+        _token_rules_init(&self.table.rules, marks, apostrophes)
 
     def __call__(self, str text):
         return self.spans(text)
@@ -474,24 +565,45 @@ cdef inline void _yield_gil() noexcept:
         pass
 
 
-cdef inline bint _crosses_break(str text, Py_ssize_t left, Py_ssize_t right) noexcept:
-    """``matcher.crosses_break``: phrase-ending punctuation between two tokens."""
-    cdef Py_ssize_t k
-    cdef Py_UCS4 c
-    if right - left == 1 and text[left] == u" ":
-        return False
-    for k in range(left, right):
-        c = text[k]
-        if (c == u"," or c == u";" or c == u":" or c == u"." or c == u"!" or c == u"?"
-                or c == u"(" or c == u")" or c == u"[" or c == u"]" or c == u"{" or c == u"}"):
-            return True
-    return False
+# -- caption definitions -----------------------------------------------------------------------
+
+@cython.auto_pickle(False)
+cdef class DefinitionFinder:
+    """``abbreviations.find_definitions`` compiled, step for step, with that module's rules
+    (handed over by it: ``abbreviations.fast_find_definitions``); ``definition_type`` is the
+    result class ``abbreviations.Definition``."""
+
+    cdef object Definition
+    cdef Py_ssize_t max_definitions, min_short, max_short, max_short_words, look_back
+    cdef Py_ssize_t lf_extra_words, lf_words_per_char
+    cdef str clause_breaks
+    cdef tuple inner_cuts
+
+    def __init__(self, definition_type, *, Py_ssize_t max_definitions,
+                 Py_ssize_t min_short_len, Py_ssize_t max_short_len,
+                 Py_ssize_t max_short_words, Py_ssize_t look_back, clause_breaks, inner_cuts,
+                 Py_ssize_t long_form_extra_words, Py_ssize_t long_form_words_per_char):
+        self.Definition = definition_type
+        self.max_definitions = max_definitions
+        self.min_short = min_short_len
+        self.max_short = max_short_len
+        self.max_short_words = max_short_words
+        self.look_back = look_back
+        self.clause_breaks = u"".join([<str>c for c in clause_breaks])
+        self.inner_cuts = tuple([<str>c for c in inner_cuts])
+        self.lf_extra_words = long_form_extra_words
+        self.lf_words_per_char = long_form_words_per_char
+
+    def __call__(self, str text not None):
+        if self.Definition is None:
+            raise TypeError("DefinitionFinder was not initialised")
+        return _find_definitions(text, self)
 
 
-cdef bint _valid_short(str sf):
+cdef bint _valid_short(str sf, DefinitionFinder r):
     """``abbreviations._valid_short``."""
     cdef Py_ssize_t n = len(sf), k
-    if not (2 <= n <= 10) or len(sf.split()) > 2:
+    if not (r.min_short <= n <= r.max_short) or len(sf.split()) > r.max_short_words:
         return False
     if not Py_UNICODE_ISALNUM(sf[0]):
         return False
@@ -544,15 +656,15 @@ cdef object _best_long_form(str sf, str lf):
     return lf.rfind(u" ", 0, t + 1) + 1
 
 
-cdef list _find_definitions(str text, object Definition, Py_ssize_t max_definitions):
+cdef list _find_definitions(str text, DefinitionFinder r):
     """``abbreviations.find_definitions``, step for step (``tests/test_speedups.py``)."""
     cdef list out = [], words, head
     cdef Py_ssize_t pos = 0, open_, close, inner_start, lead, cut, left, n_words, cand_start
     cdef Py_ssize_t k, sf_start
-    cdef str inner, inner_s, before, cand, lf, sf
+    cdef str inner, inner_s, before, cand, lf, sf, sep
     cdef object rel
     cdef bint forward
-    while len(out) < max_definitions:
+    while len(out) < r.max_definitions:
         open_ = text.find(u"(", pos)
         if open_ < 0:
             return out
@@ -564,34 +676,32 @@ cdef list _find_definitions(str text, object Definition, Py_ssize_t max_definiti
         inner = text[open_ + 1:close]
         if u"(" in inner:
             continue
-        cut = inner.find(u";")
-        if cut >= 0:
-            inner = inner[:cut]
-        cut = inner.find(u",")
-        if cut >= 0:
-            inner = inner[:cut]
+        for sep in r.inner_cuts:
+            cut = inner.find(sep)
+            if cut >= 0:
+                inner = inner[:cut]
         lead = len(inner) - len(inner.lstrip())
         inner_s = inner.strip()
         inner_start += lead
-        forward = _valid_short(inner_s)
+        forward = _valid_short(inner_s, r)
         if not forward:
-            if len(inner_s) <= 10 and len(inner_s.split()) <= 2:
+            if len(inner_s) <= r.max_short and len(inner_s.split()) <= r.max_short_words:
                 continue
-            head = text[max(0, open_ - 40):open_].split()
+            head = text[max(0, open_ - r.look_back):open_].split()
             if not head:
                 continue
             sf = <str>head[len(head) - 1]
-            if not _valid_short(sf) or sf.islower():
+            if not _valid_short(sf, r) or sf.islower():
                 continue
         left = -1
-        for c in u".;:!?()[]":
+        for c in r.clause_breaks:
             k = text.rfind(c, 0, open_)
             if k > left:
                 left = k
         left += 1
         before = text[left:open_].rstrip()
         if forward:
-            n_words = min(len(inner_s) + 5, 2 * len(inner_s))
+            n_words = min(len(inner_s) + r.lf_extra_words, r.lf_words_per_char * len(inner_s))
             words = before.split()
             if not words:
                 continue
@@ -604,28 +714,23 @@ cdef list _find_definitions(str text, object Definition, Py_ssize_t max_definiti
             words = lf.split()
             if len(lf) <= len(inner_s) or len(words) > n_words or inner_s in words:
                 continue
-            out.append(Definition(inner_s, inner_start, inner_start + len(inner_s),
-                                  cand_start + <Py_ssize_t>rel, left + len(before)))
-        elif len(inner_s) > 10 or len(inner_s.split()) > 2:
+            out.append(r.Definition(inner_s, inner_start, inner_start + len(inner_s),
+                                    cand_start + <Py_ssize_t>rel, left + len(before)))
+        elif len(inner_s) > r.max_short or len(inner_s.split()) > r.max_short_words:
             words = before.split()
             if not words:
                 continue
             sf = <str>words[len(words) - 1]
-            if not _valid_short(sf) or sf.islower():
+            if not _valid_short(sf, r) or sf.islower():
                 continue
             rel = _best_long_form(sf, inner_s)
             if rel is None or len(inner_s) - <Py_ssize_t>rel <= len(sf):
                 continue
             sf_start = left + before.rfind(sf)
-            out.append(Definition(sf, sf_start, sf_start + len(sf),
-                                  inner_start + <Py_ssize_t>rel,
-                                  inner_start + len(inner_s)))
+            out.append(r.Definition(sf, sf_start, sf_start + len(sf),
+                                    inner_start + <Py_ssize_t>rel,
+                                    inner_start + len(inner_s)))
     return out
-
-
-def find_definitions(str text not None, Definition, Py_ssize_t max_definitions):
-    """``abbreviations.find_definitions`` compiled; ``Definition`` is its result class."""
-    return _find_definitions(text, Definition, max_definitions)
 
 
 cdef inline bint _is_re_word(Py_UCS4 c) noexcept:
@@ -825,20 +930,21 @@ cdef class FastPath:
     """One caption through the pipeline of :meth:`conceptsvc.extractor.Extractor.extract`.
 
     Built by the extractor when its exact matcher has a token-prefix table (indexes of up to
-    ``matcher.PREFIX_TABLE_MAX_KEYS`` keys); reads the extractor's and the matcher's memo
-    tables, so both paths share them.
+    ``matcher.PREFIX_TABLE_MAX_KEYS`` keys). Reads the matcher through its public accessors
+    (``prefixes``, ``entries``, ``entry_by_id``, ``break_chars``), shares the matcher's and the
+    extractor's memo tables, takes its tokenisation rules from ``tokenizer`` (``normalize``'s
+    :class:`SpanTokenizer`), and calls back the extractor's own steps it is handed.
     """
 
-    cdef object ex
-    cdef object matcher
     cdef dict entries
+    cdef object entry_by_id
+    cdef CharSet breaks
     cdef dict info
     cdef _TokenTable table
     cdef _KeyTrie trie
     cdef object check_surface
-    cdef object Definition
-    cdef Py_ssize_t max_definitions
-    cdef object filter_postings
+    cdef DefinitionFinder definitions
+    cdef object filter_postings, filter_matches, disambiguate, approximate, concept_info
     cdef NegationScanner negation
     cdef dict profiles
     cdef object Cand
@@ -848,25 +954,29 @@ cdef class FastPath:
     cdef tuple annotation_slots
     cdef object new
 
-    def __init__(self, extractor, normalize_token, *, profiles, check_surface,
-                 definition_type, max_definitions, negation_kinds, cand_type,
+    def __init__(self, matcher, *, SpanTokenizer tokenizer not None,
+                 NegationScanner negation not None, DefinitionFinder definitions not None,
+                 profiles, check_surface, filter_postings, filter_matches, disambiguate,
+                 approximate, concept_info, dict concept_memo not None, cand_type,
                  mention_type, annotation_type):
-        self.ex = extractor
-        self.matcher = extractor._exact
-        prefixes = self.matcher._prefixes
+        prefixes = matcher.prefixes
         if prefixes is None:
             raise ValueError("the fast path needs the matcher's token-prefix table")
-        self.entries = self.matcher._entries
-        self.info = extractor._info
+        self.entries = matcher.entries
+        self.entry_by_id = matcher.entry_by_id
+        _charset_init(&self.breaks, matcher.break_chars, "break_chars")
+        self.info = concept_memo
         self.trie = _KeyTrie({k: (v if v >= 0 else None) for k, v in prefixes.items()}, {})
-        self.table = _TokenTable(normalize_token, self.trie)
+        self.table = _TokenTable(tokenizer.table.normalize, self.trie)
+        self.table.rules = tokenizer.table.rules
         self.check_surface = check_surface
-        self.Definition = definition_type
-        self.max_definitions = max_definitions
-        self.filter_postings = extractor._filter_postings
-        self.negation = NegationScanner(
-            extractor._negation, pre_kind=negation_kinds[0], post_kind=negation_kinds[1]
-        )
+        self.definitions = definitions
+        self.filter_postings = filter_postings
+        self.filter_matches = filter_matches
+        self.disambiguate = disambiguate
+        self.approximate = approximate
+        self.concept_info = concept_info
+        self.negation = negation
         # every profile a request may name, now: their phrases' tokens join the vocabulary
         # before the token table caches any token id
         self.profiles = {p: ProfileRunner(p, self.trie.tok_ids) for p in profiles}
@@ -936,7 +1046,7 @@ cdef class FastPath:
                 if kid is not None:
                     hit = PyDict_GetItem(entries, kid)
                     if hit is NULL:
-                        e = self.matcher._entry(kid, self.ex.index.key(kid))
+                        e = self.entry_by_id(kid)
                     else:
                         e = <object>hit
                     free = <tuple>PyTuple_GET_ITEM(e, 0)
@@ -972,7 +1082,7 @@ cdef class FastPath:
                             out.append((i, j, pair[0], pair[1], score))
                 if j >= n or tids[j] < 0:
                     break
-                if _crosses_break(text, <Py_ssize_t>ends[j - 1], <Py_ssize_t>starts[j]):
+                if _gap_has(text, <Py_ssize_t>ends[j - 1], <Py_ssize_t>starts[j], &self.breaks):
                     break
                 node = trie.child(node, tids[j])
                 if node < 0:
@@ -994,7 +1104,7 @@ cdef class FastPath:
             free(tids)
 
     cdef object _extract(self, str text, object plan, object id, int32_t *tids, int32_t *nodes):
-        cdef object ex = self.ex, o = plan.options, profile = plan.profile
+        cdef object o = plan.options, profile = plan.profile
         cdef list norms = [], starts = [], ends = [], cands, records, covered
         cdef bint approximate
         cdef tuple c, r
@@ -1004,13 +1114,13 @@ cdef class FastPath:
         covered = [False] * len(norms) if approximate else None
         cands = self._match(plan, text, norms, starts, ends, tids, nodes, covered)
         if approximate:
-            approx = ex._approximate().match(
+            approx = self.approximate().match(
                 text, norms, starts, ends, covered, o.similarity, o.threshold
             )
             if approx:
-                cands.extend([tuple(x) for x in ex._filter(plan, approx)])
+                cands.extend([tuple(x) for x in self.filter_matches(plan, approx)])
         if cands and u"(" in text:
-            defs = _find_definitions(text, self.Definition, self.max_definitions)
+            defs = _find_definitions(text, self.definitions)
             if defs:
                 cands = _apply_definitions(defs, text, starts, ends, cands)
         n_c = len(cands)
@@ -1019,7 +1129,7 @@ cdef class FastPath:
                 c = <tuple>PyList_GET_ITEM(cands, k)
                 r = <tuple>PyList_GET_ITEM(cands, k - 1)
                 if c[0] == r[0] and c[1] == r[1]:
-                    cands = [tuple(x) for x in ex._disambiguate(
+                    cands = [tuple(x) for x in self.disambiguate(
                         plan, norms, [self.Cand._make(x) for x in cands]
                     )]
                     break
@@ -1065,7 +1175,7 @@ cdef class FastPath:
                 s = <Py_ssize_t>starts[<Py_ssize_t>r[0]]
                 e = <Py_ssize_t>ends[<Py_ssize_t>r[1] - 1]
                 hit = PyDict_GetItem(info, r[2])
-                ci = <object>hit if hit is not NULL else ex.concept_info(r[2])
+                ci = <object>hit if hit is not NULL else self.concept_info(r[2])
                 out.append(self._mention(r[2], ci[0], text[s:e], s, e, c[4], ci[1],
                                          c[3].sab, r[4]))
             mentions = tuple(out)
@@ -1074,37 +1184,28 @@ cdef class FastPath:
 
 # -- negation ----------------------------------------------------------------------------------
 
-cdef inline bint _gap_has(str text, Py_ssize_t left, Py_ssize_t right, bint commas) noexcept:
-    """The gap text[left:right] is not one space and holds sentence punctuation (``.;:!?``),
-    or also ``,()`` when ``commas`` (negation's ``_breaks_inside`` and its ``brk`` list)."""
-    cdef Py_ssize_t k
-    cdef Py_UCS4 c
-    if right - left == 1 and text[left] == u" ":
-        return False
-    for k in range(left, right):
-        c = text[k]
-        if c == u"." or c == u";" or c == u":" or c == u"!" or c == u"?":
-            return True
-        if commas and (c == u"," or c == u"(" or c == u")"):
-            return True
-    return False
-
-
 @cython.auto_pickle(False)
 cdef class NegationScanner:
-    """``negation.NegationDetector.negated_tokens`` with the interpreter out of the loop."""
+    """``negation.NegationDetector.negated_tokens`` with the interpreter out of the loop; the
+    detector's rules are read through its public accessors (``phrase_table``,
+    ``trigger_words``, ``rules.scope``, ``sentence_breaks``, ``phrase_breaks``, ``pre_kind``,
+    ``post_kind``)."""
 
     cdef dict table
     cdef frozenset triggers
     cdef Py_ssize_t scope
     cdef int pre, post
+    cdef CharSet sentence_breaks   # end a scope
+    cdef CharSet phrase_breaks     # no trigger phrase spans them
 
-    def __init__(self, detector, *, pre_kind, post_kind):
-        self.table = detector._table
-        self.triggers = detector._trigger_words
+    def __init__(self, detector):
+        self.table = detector.phrase_table
+        self.triggers = detector.trigger_words
         self.scope = detector.rules.scope
-        self.pre = pre_kind
-        self.post = post_kind
+        self.pre = detector.pre_kind
+        self.post = detector.post_kind
+        _charset_init(&self.sentence_breaks, detector.sentence_breaks, "sentence_breaks")
+        _charset_init(&self.phrase_breaks, detector.phrase_breaks, "phrase_breaks")
 
     cpdef object negated_tokens(self, str text, list norms, list starts, list ends):
         if text is None or norms is None or starts is None or ends is None:
@@ -1145,7 +1246,8 @@ cdef class NegationScanner:
                     if not ok:
                         continue
                     for t in range(i + 1, i + L):
-                        if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t], True):
+                        if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
+                                    &self.phrase_breaks):
                             ok = False
                             break
                     if not ok:
@@ -1167,7 +1269,8 @@ cdef class NegationScanner:
                 for t in range(hs[h], he[h]):
                     stop[t] = 1
             for t in range(1, n):
-                if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t], False):
+                if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
+                            &self.sentence_breaks):
                     brk[t] = 1
             for h in range(nh):
                 s, e = hs[h], he[h]
@@ -1200,7 +1303,8 @@ cdef class NegationScanner:
 @cython.auto_pickle(False)
 cdef class ProfileRunner:
     """``profile.Profile.apply`` for one compiled profile, with the interpreter out of the
-    loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``.
+    loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``. The profile is
+    read through its public attributes (``phrase_table``, ``slots``, ``vocabulary``, ``drop``).
 
     Built with ``tok_ids`` (an extractor's token vocabulary, which this adds the phrases'
     tokens to: only before the extractor tokenises anything), evidence phrases are also kept
@@ -1215,11 +1319,11 @@ cdef class ProfileRunner:
     cdef _KeyTrie trie
 
     def __init__(self, profile, dict tok_ids=None):
-        self.phrases = profile._phrases
+        self.phrases = profile.phrase_table
         self.slots = tuple(
             (s.member_set, s.priority, s.max, s.mention_weight, s.when, s.keep_mentioned,
              s.defaults, s.cui_evidence)
-            for s in profile._slots
+            for s in profile.slots
         )
         self.vocabulary = profile.vocabulary
         self.drop = profile.drop
@@ -1301,7 +1405,7 @@ cdef class ProfileRunner:
                             new = False
                             break
                     if new and n_seen >= 64:  # more distinct phrases than the array holds
-                        return self._evidence(text, [], starts, ends) if False else None
+                        return None  # (the caller then runs _evidence)
                     if new:
                         seen[n_seen] = node
                         n_seen += 1

@@ -26,15 +26,30 @@ bug this exists to avoid.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conceptsvc.index import ConceptIndex
-from conceptsvc.normalize import STOPWORDS, tokenize_spans
+from conceptsvc.normalize import SPEEDUPS, STOPWORDS, tokenize_spans
 
-__all__ = ["MAX_DEFINITIONS", "AmbiguityResolver", "Definition", "find_definitions"]
+__all__ = [
+    "MAX_DEFINITIONS",
+    "AmbiguityResolver",
+    "Definition",
+    "fast_find_definitions",
+    "find_definitions",
+]
 
+# The rules of find_definitions; the compiled engine is handed them at the end of the module.
+_MIN_SHORT_LEN = 2  # a short form has 2 to 10 characters, in at most 2 words
 _MAX_SHORT_LEN = 10
+_MAX_SHORT_WORDS = 2
+_LOOK_BACK = 40  # characters before "(" searched for the short form of "SF (long form)"
+_CLAUSE_BREAKS = ".;:!?()[]"  # a long form does not reach back past these
+_INNER_CUTS = (";", ",")  # "(CT; see text)", "(CT, MRI)": the short form ends at these
+# A long form has at most min(len(short) + 5, 2 * len(short)) words (Schwartz & Hearst).
+_LONG_FORM_EXTRA_WORDS = 5
+_LONG_FORM_WORDS_PER_CHAR = 2
 MAX_DEFINITIONS = 50
 """Definitions read per caption: real captions define a few; applying each one scans the
 caption, so a 100 KB text of nothing but definitions would otherwise take tens of seconds."""
@@ -58,7 +73,7 @@ def _valid_short(sf: str) -> bool:
     abbreviations ("(arrow)", "(red arrows)"), and a short form without a capital is almost
     never one in radiology text; it also keeps the per-caption cost near zero.
     """
-    if not (2 <= len(sf) <= _MAX_SHORT_LEN) or len(sf.split()) > 2:
+    if not (_MIN_SHORT_LEN <= len(sf) <= _MAX_SHORT_LEN) or len(sf.split()) > _MAX_SHORT_WORDS:
         return False
     if not sf[0].isalnum() or not any(c.isupper() for c in sf):
         return False
@@ -87,8 +102,6 @@ def _best_long_form(sf: str, lf: str) -> int | None:
     return lf.rfind(" ", 0, t + 1) + 1
 
 
-_CLAUSE_BREAKS = ".;:!?()[]"
-
 
 def find_definitions(text: str) -> list[Definition]:
     """Every (short form, long form) pair defined with parentheses in ``text``."""
@@ -105,7 +118,7 @@ def find_definitions(text: str) -> list[Definition]:
         inner_start, inner = open_ + 1, text[open_ + 1 : close]
         if "(" in inner:
             continue
-        for sep in (";", ","):
+        for sep in _INNER_CUTS:
             cut = inner.find(sep)
             if cut >= 0:
                 inner = inner[:cut]
@@ -114,17 +127,19 @@ def find_definitions(text: str) -> list[Definition]:
         inner_start += lead
         forward = _valid_short(inner_s)
         if not forward:
-            if len(inner_s) <= _MAX_SHORT_LEN and len(inner_s.split()) <= 2:
+            if len(inner_s) <= _MAX_SHORT_LEN and len(inner_s.split()) <= _MAX_SHORT_WORDS:
                 continue
             # reverse pattern needs a short form right before the parenthesis
-            head = text[max(0, open_ - 40) : open_].split()
+            head = text[max(0, open_ - _LOOK_BACK) : open_].split()
             if not head or not _valid_short(head[-1]) or head[-1].islower():
                 continue
         # the clause before the parenthesis: back to the previous clause break
         left = max(text.rfind(c, 0, open_) for c in _CLAUSE_BREAKS) + 1
         before = text[left:open_].rstrip()
         if forward:
-            n_words = min(len(inner_s) + 5, 2 * len(inner_s))
+            n_words = min(
+                len(inner_s) + _LONG_FORM_EXTRA_WORDS, _LONG_FORM_WORDS_PER_CHAR * len(inner_s)
+            )
             words = before.split()
             if not words:
                 continue
@@ -145,7 +160,7 @@ def find_definitions(text: str) -> list[Definition]:
                     left + len(before),
                 )
             )
-        elif len(inner_s) > _MAX_SHORT_LEN or len(inner_s.split()) > 2:
+        elif len(inner_s) > _MAX_SHORT_LEN or len(inner_s.split()) > _MAX_SHORT_WORDS:
             # reverse pattern: "SF (long form)"
             words = before.split()
             if not words:
@@ -165,8 +180,31 @@ def find_definitions(text: str) -> list[Definition]:
     return out
 
 
+fast_find_definitions: Callable[[str], list[Definition]] = find_definitions
+""":func:`find_definitions`, compiled when the extension is built (the same definitions:
+``tests/test_speedups.py``); it gets this module's rules here, once."""
+
+if SPEEDUPS is not None:
+    fast_find_definitions = SPEEDUPS.DefinitionFinder(
+        Definition,
+        max_definitions=MAX_DEFINITIONS,
+        min_short_len=_MIN_SHORT_LEN,
+        max_short_len=_MAX_SHORT_LEN,
+        max_short_words=_MAX_SHORT_WORDS,
+        look_back=_LOOK_BACK,
+        clause_breaks=_CLAUSE_BREAKS,
+        inner_cuts=_INNER_CUTS,
+        long_form_extra_words=_LONG_FORM_EXTRA_WORDS,
+        long_form_words_per_char=_LONG_FORM_WORDS_PER_CHAR,
+    )
+
+
 class AmbiguityResolver:
-    """Ranks the concepts of an ambiguous key (see the module docstring for the order)."""
+    """Ranks the concepts of an ambiguous key (see the module docstring for the order).
+
+    ``tokenize`` splits dictionary strings into normalised tokens (default: the compiled
+    tokeniser when it is built; the reference engine passes ``normalize.tokenize_spans_py``).
+    """
 
     def __init__(
         self,
@@ -174,8 +212,10 @@ class AmbiguityResolver:
         *,
         type_preference: Sequence[str] = (),
         priors: Mapping[str, float] | None = None,
+        tokenize: Callable[[str], tuple[list[str], list[int], list[int]]] = tokenize_spans,
     ) -> None:
         self._index = index
+        self._tokenize = tokenize
         self._type_rank = {t: i for i, t in enumerate(type_preference)}
         self._priors = dict(priors or {})
         self._vocab: dict[str, frozenset[str]] = {}
@@ -186,7 +226,7 @@ class AmbiguityResolver:
         if v is None:
             words: set[str] = set()
             for p in self._index.concept_postings(cui):
-                words.update(tokenize_spans(p.string)[0])
+                words.update(self._tokenize(p.string)[0])
             v = self._vocab[cui] = frozenset(words - STOPWORDS)
         return v
 

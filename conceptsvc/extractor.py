@@ -32,11 +32,14 @@ Two implementations, one behaviour: this module and the stage modules are the re
 plain Python; ``conceptsvc/_speedups.pyx`` (Cython, built by ``make install``) runs the same
 pipeline per caption with the interpreter out of the loop — a token table keyed by the
 caption's code points, the key prefix table as a trie over token ids, negation, profiles and
-caption definitions in C — and calls back into these modules for whatever is rare or
-rule-heavy (a token or key seen for the first time, ambiguous spans, approximate matching).
-:meth:`Extractor.extract` uses it whenever the extension is built and the matcher has its
-token-prefix table; ``CONCEPTSVC_PURE_PYTHON=1`` runs the reference. ``tests/test_speedups.py``
-holds the two to the same annotations.
+caption definitions in C — and calls back into these modules for whatever is rare (a token or
+key seen for the first time, ambiguous spans, approximate matching). Its rules are these
+modules': each stage hands over its constants and tables, or exposes them through public
+accessors (``ExactMatcher.prefixes``, ``NegationDetector.phrase_table``, ``Profile.slots``, ...).
+``Extractor(index, engine=...)`` chooses: ``"compiled"``, ``"reference"`` (no compiled code at
+all), or ``"auto"`` — the compiled engine whenever the extension is built (and not switched off
+with ``CONCEPTSVC_PURE_PYTHON=1``) and the matcher has its token-prefix table.
+``tests/test_speedups.py`` holds the two to the same annotations.
 
 Scores: an exact match scores 1.0; an approximate one its trigram similarity.
 ``Annotation.concepts`` holds the deduplicated CUIs in order of first mention, followed by the
@@ -50,31 +53,32 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from conceptsvc.abbreviations import (
-    MAX_DEFINITIONS,
-    AmbiguityResolver,
-    Definition,
-    find_definitions,
-)
+from conceptsvc.abbreviations import AmbiguityResolver, fast_find_definitions, find_definitions
 from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
-from conceptsvc.matcher import ExactMatcher, Match, check_surface
+from conceptsvc.matcher import PREFIX_TABLE_MAX_KEYS, ExactMatcher, Match, check_surface
 from conceptsvc.model import Annotation, Mention
-from conceptsvc.negation import _POST_KIND, _PRE_KIND, NegationDetector
+from conceptsvc.negation import NegationDetector
 from conceptsvc.normalize import (
     SPEEDUPS,
+    SPEEDUPS_ABSENT,
     STOPWORDS,
-    fast_normalize_token,
     normalize_term,
     tokenize_spans,
+    tokenize_spans_py,
 )
 from conceptsvc.profile import Profile, available_profiles, load_profile
 from conceptsvc.semantic_network import load_semantic_network
 
-__all__ = ["MODES", "OVERLAPS", "Candidate", "ExtractOptions", "Extractor"]
+if TYPE_CHECKING:
+    from conceptsvc._speedups import FastPath
+
+__all__ = ["ENGINES", "MODES", "OVERLAPS", "Candidate", "ExtractOptions", "Extractor"]
+
+ENGINES = ("auto", "compiled", "reference")
 
 MODES = ("exact", "approximate")
 OVERLAPS = ("longest", "best_score", "all")
@@ -161,13 +165,45 @@ class Extractor:
     Construction is cheap; per-index structures (approximate matching's trigram lists) are
     built lazily on first use and then shared by every request. Thread-safe: the memo tables
     only ever gain entries, and a lost race recomputes the same value.
+
+    ``engine`` chooses the implementation (the module docstring has both): ``"compiled"``
+    runs ``conceptsvc/_speedups.pyx`` and raises :class:`ExtractionError` when it cannot (the
+    extension is not built, ``CONCEPTSVC_PURE_PYTHON=1`` switched it off, or the index is too
+    large for the token-prefix table); ``"reference"`` runs the pure-Python modules and no
+    compiled code at all; ``"auto"`` (the default) is the compiled engine when it can run, else
+    the Python pipeline (still with the compiled tokeniser when the extension is built).
+    :attr:`engine` says which one runs.
     """
 
+    engine: str
+    """``"compiled"`` or ``"reference"``: the implementation this extractor runs."""
+
     def __init__(
-        self, index: ConceptIndex, *, default_options: ExtractOptions | None = None
+        self,
+        index: ConceptIndex,
+        *,
+        default_options: ExtractOptions | None = None,
+        engine: str = "auto",
     ) -> None:
+        if engine not in ENGINES:
+            raise ExtractionError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.index = index
         self._exact = ExactMatcher(index)
+        compiled = engine != "reference" and SPEEDUPS is not None and (
+            self._exact.prefixes is not None
+        )
+        if engine == "compiled" and not compiled:
+            why = SPEEDUPS_ABSENT or (
+                f"the index has more than {PREFIX_TABLE_MAX_KEYS:,} keys, too many for the "
+                "token-prefix table it needs"
+            )
+            raise ExtractionError(
+                f"the compiled engine cannot run: {why}; use engine='auto' or 'reference'"
+            )
+        self.engine = "compiled" if compiled else "reference"
+        # the tokeniser of the Python pipeline (and of the ambiguity resolvers): the reference
+        # engine runs no compiled code, "auto" keeps the compiled tokeniser when it has one
+        self._tokenize = tokenize_spans_py if engine == "reference" else tokenize_spans
         self._approx: ApproximateMatcher | None = None
         self._lock = threading.Lock()
         self._negation = NegationDetector()
@@ -183,18 +219,24 @@ class Extractor:
         # object, and an identity check is cheaper than hashing an 11-field dataclass.
         self._last: tuple[ExtractOptions | None, _Plan | None] = (None, None)
         self.check_options(self.default_options)
-        # The compiled hot path (conceptsvc/_speedups.pyx) runs the same pipeline when the
-        # extension is built and the matcher has its token-prefix table; see extract().
-        self._fast: Any = None
-        if SPEEDUPS is not None and self._exact._prefixes is not None:
+        # The compiled hot path (conceptsvc/_speedups.pyx) runs the same pipeline; see
+        # extract(). It gets the stages' rules from their public accessors, and this class's
+        # own steps that it calls back (filtering, ambiguity, approximate matching) here.
+        self._fast: FastPath | None = None
+        if compiled:
             self._fast = SPEEDUPS.FastPath(
-                self,
-                fast_normalize_token,
+                self._exact,
+                tokenizer=tokenize_spans,
+                negation=SPEEDUPS.NegationScanner(self._negation),
+                definitions=fast_find_definitions,
                 profiles=[load_profile(name) for name in available_profiles()],
                 check_surface=check_surface,
-                definition_type=Definition,
-                max_definitions=MAX_DEFINITIONS,
-                negation_kinds=(_PRE_KIND, _POST_KIND),
+                filter_postings=self._filter_postings,
+                filter_matches=self._filter,
+                disambiguate=self._disambiguate,
+                approximate=self._approximate,
+                concept_info=self.concept_info,
+                concept_memo=self._info,
                 cand_type=_Cand,
                 mention_type=Mention,
                 annotation_type=Annotation,
@@ -254,7 +296,10 @@ class Extractor:
         resolver = self._resolvers.get(profile.name)
         if resolver is None:
             resolver = self._resolvers[profile.name] = AmbiguityResolver(
-                self.index, type_preference=profile.type_preference, priors=profile.priors
+                self.index,
+                type_preference=profile.type_preference,
+                priors=profile.priors,
+                tokenize=self._tokenize,
             )
         plan = _Plan(
             options=o,
@@ -311,9 +356,9 @@ class Extractor:
         plan = last[1] if last[0] is options and last[1] is not None else self._plan(options)
         self._last = (options, plan)
         if self._fast is not None:
-            return self._fast.extract(text, plan, id)  # type: ignore[no-any-return]
+            return self._fast.extract(text, plan, id)
         o = plan.options
-        norms, starts, ends = tokenize_spans(text)
+        norms, starts, ends = self._tokenize(text)
         matches = self._exact.match(text, norms, starts, ends)
         if o.mode == "approximate":
             covered = [False] * len(norms)

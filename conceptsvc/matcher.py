@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, ConceptIndex, Posting
 from conceptsvc.normalize import STOPWORDS
 
 __all__ = [
+    "BREAK_CHARS",
     "MIN_MATCH_CHARS",
     "ExactMatcher",
     "KeyEntry",
@@ -51,18 +52,19 @@ MIN_MATCH_CHARS = 3
 """Keys shorter than this (in normalised characters, spaces excluded) need abbreviation
 evidence on both sides; see the module docstring."""
 
-# Punctuation that ends a phrase: no match (exact or approximate) spans it. Hyphens, slashes and
-# apostrophes do not break ("T2-weighted", "PET/CT"); commas do, so that a list ("liver, spleen")
-# is never read as one term. Dictionary strings with commas ("Fracture, femur") are inverted
-# forms that captions do not use.
-_BREAK_CHARS = frozenset(",;:.!?()[]{}")
+BREAK_CHARS = frozenset(",;:.!?()[]{}")
+"""Punctuation that ends a phrase: no match (exact or approximate) spans it. Hyphens, slashes
+and apostrophes do not break ("T2-weighted", "PET/CT"); commas do, so that a list ("liver,
+spleen") is never read as one term. Dictionary strings with commas ("Fracture, femur") are
+inverted forms that captions do not use. The compiled engine reads this set
+(:attr:`ExactMatcher.break_chars`)."""
 
 
 def crosses_break(text: str, left_end: int, right_start: int) -> bool:
     """True when the gap between two tokens holds phrase-ending punctuation."""
     if right_start - left_end == 1 and text[left_end] == " ":
         return False
-    return not _BREAK_CHARS.isdisjoint(text[left_end:right_start])
+    return not BREAK_CHARS.isdisjoint(text[left_end:right_start])
 
 
 # How a posting is checked against the caption surface (see KeyEntry.checked).
@@ -143,7 +145,15 @@ def _key_entry(key: str, postings: tuple[Posting, ...]) -> KeyEntry:
 
 
 class ExactMatcher:
-    """All dictionary keys in a caption's token sequence; one instance per loaded index."""
+    """All dictionary keys in a caption's token sequence; one instance per loaded index.
+
+    The compiled engine (``conceptsvc/_speedups.pyx``) runs :meth:`match` itself and reads
+    what it needs through the public accessors below: :attr:`prefixes`, :attr:`entries`,
+    :meth:`entry_by_id` and :attr:`break_chars`.
+    """
+
+    break_chars: ClassVar[frozenset[str]] = BREAK_CHARS
+    """Punctuation no window spans (:data:`BREAK_CHARS`)."""
 
     def __init__(
         self, index: ConceptIndex, *, prefix_table_max_keys: int = PREFIX_TABLE_MAX_KEYS
@@ -171,6 +181,27 @@ class ExactMatcher:
                     table[prefix] = -1
                     cut = key.rfind(" ", 0, cut)
             self._prefixes = table
+
+    @property
+    def prefixes(self) -> Mapping[str, int] | None:
+        """The token-prefix table: every key and every token-prefix of one (space-joined
+        normalised tokens) → the key's id, or -1 for a prefix that is not itself a key; None
+        for an index of more than ``PREFIX_TABLE_MAX_KEYS`` keys (no table is built)."""
+        return self._prefixes
+
+    @property
+    def entries(self) -> dict[int, KeyEntry]:
+        """The memo of resolved keys, key id → :class:`KeyEntry`; it only ever gains entries,
+        and a caller that probes it directly (the compiled engine) fills it through
+        :meth:`entry_by_id` on a miss."""
+        return self._entries
+
+    def entry_by_id(self, kid: int) -> KeyEntry:
+        """The memoised entry of the key with id ``kid`` (resolved on first use)."""
+        e = self._entries.get(kid)
+        if e is None:
+            e = self._entry(kid, self.index.key(kid))
+        return e
 
     def entry(self, key: str) -> KeyEntry | None:
         """The memoised entry of a normalised key, or None when the key is not in the index."""
@@ -231,7 +262,7 @@ class ExactMatcher:
         entries = self._entries
         get = prefixes.get
         n = len(norms)
-        breaks = _BREAK_CHARS
+        breaks = BREAK_CHARS
         for i in range(n):
             key = norms[i]
             kid = get(key)

@@ -18,12 +18,23 @@ trigger word costs one set intersection.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from conceptsvc.normalize import normalize_term
 
-__all__ = ["DEFAULT_SCOPE", "NegationDetector", "NegationRules"]
+__all__ = [
+    "DEFAULT_SCOPE",
+    "PHRASE_BREAKS",
+    "POST_KIND",
+    "PRE_KIND",
+    "PSEUDO_KIND",
+    "SENTENCE_BREAKS",
+    "TERM_KIND",
+    "NegationDetector",
+    "NegationRules",
+]
 
 DEFAULT_SCOPE = 5
 
@@ -130,7 +141,11 @@ _TERMINATORS = (
     "there was",
     "there are",
 )
-_SENTENCE_BREAKS = frozenset(".;:!?")
+SENTENCE_BREAKS = frozenset(".;:!?")
+"""Punctuation that ends a negation scope (commas do not: "no fracture, dislocation or
+effusion" negates all three)."""
+PHRASE_BREAKS = SENTENCE_BREAKS | frozenset(",()")
+"""Punctuation that no trigger phrase spans ("no, evidence of" is not "no evidence of")."""
 
 
 def _phrases(raw: Iterable[str]) -> tuple[tuple[str, ...], ...]:
@@ -150,24 +165,34 @@ class NegationRules:
     scope: int = DEFAULT_SCOPE
 
 
-_PSEUDO_KIND, _PRE_KIND, _POST_KIND, _TERM_KIND = 0, 1, 2, 3
+# What a phrase of the table is (NegationDetector.phrase_table).
+PSEUDO_KIND, PRE_KIND, POST_KIND, TERM_KIND = 0, 1, 2, 3
 
 
 @dataclass
 class NegationDetector:
-    """Compiled :class:`NegationRules`; thread-safe and stateless after construction."""
+    """Compiled :class:`NegationRules`; thread-safe and stateless after construction.
+
+    The compiled engine's ``NegationScanner`` runs :meth:`negated_tokens` itself and reads
+    the detector's rules through its public accessors: :attr:`phrase_table`,
+    :attr:`trigger_words`, ``rules.scope``, and the class constants below.
+    """
 
     rules: NegationRules = field(default_factory=NegationRules)
+    sentence_breaks: ClassVar[frozenset[str]] = SENTENCE_BREAKS
+    phrase_breaks: ClassVar[frozenset[str]] = PHRASE_BREAKS
+    pre_kind: ClassVar[int] = PRE_KIND
+    post_kind: ClassVar[int] = POST_KIND
 
     def __post_init__(self) -> None:
         # first token → [(phrase tokens, kind)], longest phrase first; pseudo before others of
         # the same length so that "no change" wins over "no".
         table: dict[str, list[tuple[tuple[str, ...], int]]] = {}
         kinds = (
-            (_PSEUDO_KIND, self.rules.pseudo),
-            (_PRE_KIND, self.rules.pre),
-            (_POST_KIND, self.rules.post),
-            (_TERM_KIND, self.rules.terminators),
+            (PSEUDO_KIND, self.rules.pseudo),
+            (PRE_KIND, self.rules.pre),
+            (POST_KIND, self.rules.post),
+            (TERM_KIND, self.rules.terminators),
         )
         for kind, raw in kinds:
             for ph in _phrases(raw):
@@ -180,7 +205,7 @@ class NegationDetector:
         self._trigger_words = frozenset(
             ph[0]
             for ph, kind in (e for lst in table.values() for e in lst)
-            if kind in (_PRE_KIND, _POST_KIND)
+            if kind in (PRE_KIND, POST_KIND)
         )
 
     def negated_tokens(
@@ -209,7 +234,7 @@ class NegationDetector:
                     i += 1
             else:
                 i += 1
-        if not any(k in (_PRE_KIND, _POST_KIND) for _, _, k in hits):
+        if not any(k in (PRE_KIND, POST_KIND) for _, _, k in hits):
             return None
         stop = [False] * n  # token starts a new sentence / is a terminator or another trigger
         for s, e, _kind in hits:
@@ -218,27 +243,40 @@ class NegationDetector:
         brk = [False] * (n + 1)  # brk[t]: sentence punctuation between token t-1 and t
         for t in range(1, n):
             gap = text[ends[t - 1] : starts[t]]
-            if gap != " " and any(c in _SENTENCE_BREAKS for c in gap):
+            if gap != " " and not SENTENCE_BREAKS.isdisjoint(gap):
                 brk[t] = True
         out = [False] * n
         scope = self.rules.scope
         for s, e, kind in hits:
-            if kind == _PRE_KIND:
+            if kind == PRE_KIND:
                 t = e
                 while t < n and t < e + scope and not brk[t] and not stop[t]:
                     out[t] = True
                     t += 1
-            elif kind == _POST_KIND:
+            elif kind == POST_KIND:
                 t = s - 1
                 while t >= 0 and t >= s - scope and not brk[t + 1] and not stop[t]:
                     out[t] = True
                     t -= 1
         return out if any(out) else None
 
+    @property
+    def phrase_table(self) -> Mapping[str, list[tuple[tuple[str, ...], int]]]:
+        """First normalised token → [(phrase tokens, kind)], longest phrase first and, among
+        phrases of one length, pseudo-triggers first; kinds are ``PSEUDO_KIND`` ...
+        ``TERM_KIND``."""
+        return self._table
+
+    @property
+    def trigger_words(self) -> frozenset[str]:
+        """First tokens of the pre- and post-negation triggers: a caption without any of
+        them has nothing negated."""
+        return self._trigger_words
+
 
 def _breaks_inside(text: str, starts: list[int], ends: list[int], i: int, j: int) -> bool:
     for t in range(i + 1, j):
         gap = text[ends[t - 1] : starts[t]]
-        if gap != " " and any(c in _SENTENCE_BREAKS or c in ",()" for c in gap):
+        if gap != " " and not PHRASE_BREAKS.isdisjoint(gap):
             return True
     return False

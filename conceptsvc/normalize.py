@@ -43,6 +43,7 @@ from typing import Any
 __all__ = [
     "NORMALIZER_VERSION",
     "SPEEDUPS",
+    "SPEEDUPS_ABSENT",
     "STOPWORDS",
     "Token",
     "fast_normalize_token",
@@ -57,14 +58,25 @@ __all__ = [
 NORMALIZER_VERSION = "3"
 
 # Combining marks are part of a word (NFD "é" is "e" + U+0301). Python's \w does not match
-# them, so they are listed explicitly (the blocks that carry Latin/Greek/Cyrillic diacritics).
-_MARKS = (
-    "\u0300-\u036f\u0483-\u0489\u0591-\u05bd\u0610-\u061a\u064b-\u065f"
-    "\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+# them, so they are listed explicitly (the blocks that carry Latin/Greek/Cyrillic diacritics),
+# as inclusive code-point ranges: the regular expressions below and the compiled tokeniser
+# (handed this table at the end of the module) both read them from here.
+_MARK_RANGES = (
+    (0x0300, 0x036F),
+    (0x0483, 0x0489),
+    (0x0591, 0x05BD),
+    (0x0610, 0x061A),
+    (0x064B, 0x065F),
+    (0x1AB0, 0x1AFF),
+    (0x1DC0, 0x1DFF),
+    (0x20D0, 0x20FF),
+    (0xFE20, 0xFE2F),
 )
-_WORD = rf"[^\W_](?:[^\W_]|[{_MARKS}])*"
-_TOKEN_RE = re.compile(rf"{_WORD}(?:['’]{_WORD})*")
+_MARKS = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _MARK_RANGES)
+# Apostrophes join two words into one token ("patient's", "Crohn’s").
 _APOSTROPHES = "'’"
+_WORD = rf"[^\W_](?:[^\W_]|[{_MARKS}])*"
+_TOKEN_RE = re.compile(rf"{_WORD}(?:[{re.escape(_APOSTROPHES)}]{_WORD})*")
 # The same pattern restricted to ASCII text (where [^\W_] is [A-Za-z0-9] and no marks occur).
 _ASCII_TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z0-9]+)*")
 _ASCII_SPLIT_RE = re.compile(rf"({_ASCII_TOKEN_RE.pattern})")
@@ -233,6 +245,27 @@ _NOT_PLURAL = frozenset(
 )
 
 
+# Words of this many characters or fewer are never singularised (mostly abbreviations, "US").
+_NEVER_SINGULAR_LEN = 3
+# Plural endings, tried in order on a word that is not irregular, not in _NOT_PLURAL and all
+# letters: (endings, shortest word the rule applies to, characters dropped, text appended, the
+# stem must be in _NOT_PLURAL); the first rule that applies decides, no rule keeps the word.
+_PLURAL_SUFFIXES: tuple[tuple[tuple[str, ...], int, int, str, bool], ...] = (
+    (("ae",), 5, 1, "", False),  # fistulae → fistula, bullae → bulla
+    (("ies",), 5, 3, "y", False),  # arteries → artery
+    (("oses", "yses", "eses"), 6, 2, "is", False),  # stenoses → stenosis, analyses → analysis
+    (("sses", "xes", "ches", "shes", "zes"), 0, 2, "", False),  # masses → mass, reaches → reach
+    (("uses",), 6, 2, "", True),  # sinuses → sinus, viruses → virus (but causes → cause)
+    (("ays", "eys", "oys", "uys"), 0, 1, "", False),  # rays → ray, kidneys → kidney
+    (("ss", "us", "is", "ys"), 0, 0, "", False),  # singular already: mass, sinus, axis
+    (("s",), 0, 1, "", False),  # lesions → lesion, cysts → cyst
+)
+# An acronym's plural: this many letters or more in capitals, then a lower-case "s" ("CTs").
+_ACRONYM_MIN_LETTERS = 2
+# A word with one of these goes through the British stem rewrites (_BRITISH_STEMS).
+_BRITISH_STEM_MARKERS = ("ae", "oe")
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """A normalised word and its code-point span ``[start, end)`` in the original text."""
@@ -246,22 +279,15 @@ def _singular(word: str) -> str:
     irregular = _IRREGULAR_PLURALS.get(word)
     if irregular is not None:
         return irregular
-    if len(word) <= 3 or word in _NOT_PLURAL or not word.isalpha():
+    if len(word) <= _NEVER_SINGULAR_LEN or word in _NOT_PLURAL or not word.isalpha():
         return word
-    if word.endswith("ae") and len(word) >= 5:
-        return word[:-1]  # fistulae → fistula, bullae → bulla
-    if word.endswith("ies") and len(word) >= 5:
-        return word[:-3] + "y"  # arteries → artery
-    if word.endswith(("oses", "yses", "eses")) and len(word) >= 6:
-        return word[:-2] + "is"  # stenoses → stenosis, analyses → analysis
-    if word.endswith(("sses", "xes", "ches", "shes", "zes")):
-        return word[:-2]  # masses → mass, reaches → reach
-    if word.endswith("uses") and len(word) >= 6 and word[:-2] in _NOT_PLURAL:
-        return word[:-2]  # sinuses → sinus, viruses → virus (but causes → cause)
-    if word.endswith(("ays", "eys", "oys", "uys")):
-        return word[:-1]  # rays → ray, kidneys → kidney, airways → airway
-    if word.endswith("s") and not word.endswith(("ss", "us", "is", "ys")):
-        return word[:-1]  # lesions → lesion, cysts → cyst
+    n = len(word)
+    for endings, shortest, drop, append, stem_not_plural in _PLURAL_SUFFIXES:
+        if n >= shortest and word.endswith(endings):
+            stem = word[: n - drop]
+            if stem_not_plural and stem not in _NOT_PLURAL:
+                continue
+            return stem + append
     return word
 
 
@@ -269,7 +295,7 @@ def _american(word: str) -> str:
     replaced = _BRITISH_WORDS.get(word)
     if replaced is not None:
         return replaced
-    if "ae" in word or "oe" in word:
+    if any(m in word for m in _BRITISH_STEM_MARKERS):
         return _BRITISH_STEM_RE.sub(lambda m: _BRITISH_STEM_MAP[m.group(0)], word)
     return word
 
@@ -280,9 +306,9 @@ def normalize_token(raw: str) -> str:
 
     Returns ``""`` when nothing alphanumeric survives; callers drop such tokens.
     """
-    if raw[-1:] == "s" and len(raw) >= 3 and raw[:-1].isupper() and sum(
+    if raw[-1:] == "s" and len(raw) > _ACRONYM_MIN_LETTERS and raw[:-1].isupper() and sum(
         c.isalpha() for c in raw[:-1]
-    ) >= 2:
+    ) >= _ACRONYM_MIN_LETTERS:
         raw = raw[:-1]  # an acronym's plural: "CTs" → "CT", "MRIs" → "MRI"
     text = unicodedata.normalize("NFKC", raw).casefold()
     if not text.isascii():
@@ -354,12 +380,12 @@ STOPWORDS = frozenset(normalize_token(w) for w in _STOPWORDS_RAW)
 tokenize_spans_py = tokenize_spans
 
 
-def _load_speedups() -> Any:
+def _load_speedups() -> tuple[Any, str]:
     """The compiled hot path (``conceptsvc._speedups``), or None when it is switched off with
     ``CONCEPTSVC_PURE_PYTHON=1`` (a reference run) or was not built (a source tree used without
-    ``pip install``; the engine is then several times slower)."""
+    ``pip install``; the engine is then several times slower); and why it is absent."""
     if os.environ.get("CONCEPTSVC_PURE_PYTHON", "") not in ("", "0"):
-        return None
+        return None, "it is switched off by CONCEPTSVC_PURE_PYTHON=1"
     try:
         from conceptsvc import _speedups
     except ImportError:  # pragma: no cover - the project's install always builds it
@@ -369,22 +395,33 @@ def _load_speedups() -> Any:
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
-    return _speedups
+        return None, "conceptsvc._speedups is not built (run `make install` or `pip install .`)"
+    return _speedups, ""
 
 
-SPEEDUPS: Any = _load_speedups()
+SPEEDUPS: Any
 """The compiled extension module, or None (pure Python)."""
+SPEEDUPS_ABSENT: str
+"""Why :data:`SPEEDUPS` is None (for error messages); empty when it is not."""
+SPEEDUPS, SPEEDUPS_ABSENT = _load_speedups()
 
 fast_normalize_token: Callable[[str], str] = normalize_token
 """:func:`normalize_token`, compiled for ASCII tokens when the extension is built (the
 reference decides everything else); not cached, callers keep their own table."""
 
+# The compiled tokeniser and normaliser get this module's rules here, once: its character
+# classes and tables live in C arrays and dicts filled from these constants, never re-typed.
 if SPEEDUPS is not None:
     fast_normalize_token = SPEEDUPS.AsciiNormalizer(
         normalize_token,
         british_words=_BRITISH_WORDS,
+        british_stem_markers=_BRITISH_STEM_MARKERS,
         irregular_plurals=_IRREGULAR_PLURALS,
         not_plural=_NOT_PLURAL,
+        never_singular_len=_NEVER_SINGULAR_LEN,
+        plural_suffixes=_PLURAL_SUFFIXES,
+        acronym_min_letters=_ACRONYM_MIN_LETTERS,
     )
-    tokenize_spans = SPEEDUPS.SpanTokenizer(fast_normalize_token)
+    tokenize_spans = SPEEDUPS.SpanTokenizer(
+        fast_normalize_token, marks=_MARK_RANGES, apostrophes=_APOSTROPHES
+    )

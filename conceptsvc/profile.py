@@ -48,6 +48,7 @@ __all__ = [
     "Profile",
     "ProfileModel",
     "ProfileResult",
+    "Slot",
     "available_profiles",
     "load_profile",
     "load_profile_file",
@@ -177,7 +178,10 @@ class ProfileResult(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class _Slot:
+class Slot:
+    """One compiled slot of a profile (:attr:`Profile.slots`), in the terms of the file format
+    (module docstring): ``cui_evidence`` is (evidence CUI, member, weight)."""
+
     name: str
     members: tuple[str, ...]
     member_set: frozenset[str]
@@ -191,7 +195,12 @@ class _Slot:
 
 
 class Profile:
-    """A validated, compiled profile; immutable and safe to share between threads."""
+    """A validated, compiled profile; immutable and safe to share between threads.
+
+    The compiled engine's ``ProfileRunner`` runs :meth:`apply` itself and reads the profile
+    through its public attributes: :attr:`slots`, :attr:`phrase_table`, :attr:`vocabulary`,
+    :attr:`drop`.
+    """
 
     def __init__(self, model: ProfileModel) -> None:
         self.model = model
@@ -202,7 +211,7 @@ class Profile:
             frozenset(model.vocabulary) if model.vocabulary is not None else None
         )
         self.drop: frozenset[str] = frozenset(model.drop)
-        slots: list[_Slot] = []
+        slots: list[Slot] = []
         # evidence phrase → [(slot index, member, weight, needs capitals)]
         phrases: dict[tuple[str, ...], list[tuple[int, str, float, bool]]] = {}
         names: set[str] = set()
@@ -228,7 +237,7 @@ class Profile:
                         )
                     cui_ev.extend((c, m.cui, ev.weight) for c in ev.cuis)
             slots.append(
-                _Slot(
+                Slot(
                     name=s.name,
                     members=members,
                     member_set=frozenset(members),
@@ -253,6 +262,18 @@ class Profile:
         self._phrases = table
         # True when applying the profile can change nothing (the ``none`` profile).
         self.is_identity: bool = not self._slots and self.vocabulary is None and not self.drop
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        """The slots, in the file's order (the order :meth:`apply` decides them in)."""
+        return self._slots
+
+    @property
+    def phrase_table(self) -> Mapping[str, tuple[tuple[int, str, float, bool], ...]]:
+        """Every evidence phrase (normalised tokens joined by spaces) and every token-prefix of
+        one → its targets (slot index, member, weight, written in capitals only), or ``()``
+        for a prefix that is not a phrase itself."""
+        return self._phrases
 
     def _evidence_scores(
         self, text: str, norms: Sequence[str], starts: Sequence[int], ends: Sequence[int]

@@ -219,3 +219,39 @@ def test_extractor_exported_lazily_from_package() -> None:
     assert conceptsvc.ExtractOptions is ExtractOptions
     with pytest.raises(AttributeError):
         _ = conceptsvc.NotAThing  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_extractor_engines_keep_the_phrase_and_negation_rules(
+    engine_index_path: Path, engine: str
+) -> None:
+    # The rules' one source is Python (matcher.BREAK_CHARS, negation.SENTENCE_BREAKS, ...);
+    # both engines follow it ("auto" is the compiled one when the extension is built).
+    ex = Extractor(ConceptIndex.load(engine_index_path), engine=engine)
+    options = ExtractOptions(overlap="all")
+    def lung_cancer(text: str) -> bool:
+        return any(m.cui == "C0242379" for m in ex.extract(text, options).mentions)
+
+    for c in ",;:.!?()[]{}":  # punctuation that ends a phrase
+        assert not lung_cancer(f"lung{c} cancer"), c
+    for c in "-/":  # word-internal
+        assert lung_cancer(f"lung{c}cancer"), c
+    # a negation scope ends at sentence punctuation, not at a comma
+    def negated(text: str) -> list[tuple[str, bool]]:
+        return [(m.text, m.negated) for m in ex.extract(text, options).mentions]
+
+    assert negated("No pleural effusion, lung cancer") == [
+        ("pleural effusion", True), ("lung", True), ("lung cancer", True)
+    ]
+    for c in ".;:!?":
+        assert negated(f"No pleural effusion{c} lung cancer") == [
+            ("pleural effusion", True), ("lung", False), ("lung cancer", False)
+        ], c
+
+
+def test_extractor_engine_reports_which_runs(engine_index_path: Path) -> None:
+    index = ConceptIndex.load(engine_index_path)
+    assert Extractor(index, engine="reference").engine == "reference"
+    assert Extractor(index).engine in ("compiled", "reference")
+    with pytest.raises(ExtractionError, match="engine 'fast' is not one of"):
+        Extractor(index, engine="fast")

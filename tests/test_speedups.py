@@ -2,10 +2,15 @@
 
 Guaranteed here, with the extension built (a silent fallback fails the first test): the same
 tokens, offsets and normalised forms for every code point and random Unicode; the same negation
-flags and profile results; and equal Annotations (same repr too) for every demo caption under
-every family of options, for generated captions, in any order, batch, thread or cache state.
-The reference runs no compiled code (its tokeniser is patched in; one test runs it in a child
-process with ``CONCEPTSVC_PURE_PYTHON=1``).
+flags, caption definitions and profile results; and equal Annotations (same repr too) for every
+demo caption under every family of options, for generated captions, in any order, batch, thread
+or cache state. The two sides are ``Extractor(index, engine="compiled")`` and
+``Extractor(index, engine="reference")``, which runs no compiled code; one test runs the
+reference in a child process with ``CONCEPTSVC_PURE_PYTHON=1``.
+
+The compiled code has no rule constants of its own (it is handed the Python modules' tables),
+so a rule changed in Python changes both engines: the unit tests of each module
+(``test_matcher.py``, ``test_negation.py``, ...) hold the rules themselves.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import re
 import string
 import subprocess
 import sys
+import types
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +35,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conceptsvc import _speedups, normalize
+from conceptsvc import _speedups, abbreviations, normalize
 from conceptsvc.demo import CAPTIONS
 from conceptsvc.embedded import demo_index
+from conceptsvc.errors import ExtractionError
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex
 from conceptsvc.model import Annotation
-from conceptsvc.negation import _POST_KIND, _PRE_KIND, NegationDetector, NegationRules
+from conceptsvc.negation import NegationDetector, NegationRules
 from conceptsvc.normalize import normalize_token, tokenize_spans_py
 from conceptsvc.profile import Profile, ProfileModel, load_profile
 
 Items = list[tuple[str, str]]
 
 # -- the reference and the comparison ----------------------------------------------------------
-
-
-@contextmanager
-def pure_python() -> Iterator[None]:
-    """Bind every conceptsvc module's ``tokenize_spans`` to the pure-Python reference, so that
-    an extractor with ``_fast = None`` runs no compiled code (the extractor and the abbreviation
-    resolver otherwise tokenise with the compiled ``normalize.tokenize_spans``)."""
-    compiled = normalize.tokenize_spans
-    with pytest.MonkeyPatch.context() as mp:
-        for name, module in list(sys.modules.items()):
-            if name.startswith("conceptsvc") and getattr(module, "tokenize_spans", 0) is compiled:
-                mp.setattr(module, "tokenize_spans", tokenize_spans_py)
-        yield
 
 
 def differences(items: Items, got: Sequence[Any], want: Sequence[Any]) -> list[str]:
@@ -77,14 +70,12 @@ class Engines:
 
     def __init__(self, index: ConceptIndex) -> None:
         self.index = index
-        self.fast = Extractor(index)
-        self.ref = Extractor(index)
-        self.ref._fast = None
-        assert self.fast._fast is not None, "the fast path is off: every comparison is vacuous"
+        self.fast = Extractor(index, engine="compiled")  # (raises when it cannot run)
+        self.ref = Extractor(index, engine="reference")
+        assert (self.fast.engine, self.ref.engine) == ("compiled", "reference")
 
     def reference(self, items: Items, options: ExtractOptions | None) -> list[Annotation]:
-        with pure_python():
-            return [self.ref.extract(text, options, id=id_) for id_, text in items]
+        return [self.ref.extract(text, options, id=id_) for id_, text in items]
 
     def differences(self, items: Items, options: ExtractOptions | None) -> list[str]:
         fast = [self.fast.extract(text, options, id=id_) for id_, text in items]
@@ -126,17 +117,31 @@ def test_speedups_extension_is_built_and_used(demo_engines: Engines) -> None:
     )
     assert isinstance(normalize.tokenize_spans, normalize.SPEEDUPS.SpanTokenizer)
     assert normalize.tokenize_spans is not tokenize_spans_py
-    assert demo_engines.fast._fast is not None
+    assert Extractor(demo_engines.index).engine == "compiled"  # engine="auto"
+
+
+def test_speedups_engine_names_are_checked(demo: ConceptIndex) -> None:
+    with pytest.raises(ExtractionError, match="'fast' is not one of auto, compiled, reference"):
+        Extractor(demo, engine="fast")
 
 
 _PURE_CHILD = """
 import dataclasses, json, sys
 from conceptsvc import normalize
 from conceptsvc.evaluation import read_captions
+from conceptsvc.errors import ExtractionError
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
 
-ex = Extractor(ConceptIndex.load(sys.argv[1]))
+from conceptsvc.errors import ExtractionError
+
+index = ConceptIndex.load(sys.argv[1])
+ex = Extractor(index)
+try:
+    Extractor(index, engine="compiled")
+    compiled_error = ""
+except ExtractionError as e:
+    compiled_error = str(e)
 items = read_captions(sys.argv[2])
 runs = []
 for raw in json.loads(sys.argv[3]):
@@ -144,7 +149,8 @@ for raw in json.loads(sys.argv[3]):
     runs.append([dataclasses.asdict(ex.extract(t, o, id=i)) for i, t in items])
 json.dump({
     "speedups": normalize.SPEEDUPS is not None,
-    "fast": ex._fast is not None,
+    "engine": ex.engine,
+    "compiled_error": compiled_error,
     "pure_tokenizer": normalize.tokenize_spans is normalize.tokenize_spans_py,
     "runs": runs,
 }, sys.stdout)
@@ -172,7 +178,12 @@ def test_speedups_pure_python_switch_gives_same_annotations(
     )
     assert proc.returncode == 0, proc.stderr
     child = json.loads(proc.stdout)
-    assert (child["speedups"], child["fast"], child["pure_tokenizer"]) == (False, False, True)
+    assert (child["speedups"], child["engine"], child["pure_tokenizer"]) == (
+        False, "reference", True
+    )
+    # asking for the compiled engine then fails and says why
+    assert "compiled engine cannot run" in child["compiled_error"]
+    assert "CONCEPTSVC_PURE_PYTHON=1" in child["compiled_error"]
     for o, run in zip(options, child["runs"], strict=True):
         fast = [
             json.loads(json.dumps(dataclasses.asdict(demo_engines.fast.extract(t, o, id=i))))
@@ -246,32 +257,62 @@ def test_speedups_tokenizer_every_code_point() -> None:
         assert normalize.tokenize_spans(text) == tokenize_spans_py(text)
 
 
-def _ranges(spec: str) -> list[tuple[int, int]]:
-    """The ranges of a regex character-class body such as normalize._MARKS."""
-    out: list[tuple[int, int]] = []
-    k = 0
-    while k < len(spec):
-        if k + 2 < len(spec) and spec[k + 1] == "-":
-            out.append((ord(spec[k]), ord(spec[k + 2])))
-            k += 3
-        else:
-            out.append((ord(spec[k]), ord(spec[k])))
-            k += 1
-    return out
-
-
-def test_speedups_mark_ranges_are_normalize_marks() -> None:
-    marks = _ranges(normalize._MARKS)
-    assert len(marks) >= 9
-    compiled = [
-        tuple(ord(c) if isinstance(c, str) else c for c in pair)
-        for pair in normalize.SPEEDUPS.MARK_RANGES
+def test_speedups_compiled_code_follows_the_rules_it_is_handed() -> None:
+    """The compiled objects hold no rules of their own: handed other tables than the Python
+    modules', they follow those (so a rule edited in Python reaches both engines)."""
+    # tokeniser: without combining marks and the typographic apostrophe, both split words
+    text = "cafe\u0301s Crohn’s"
+    assert normalize.tokenize_spans(text)[0] == tokenize_spans_py(text)[0] == ["cafe", "crohn"]
+    bare = _speedups.SpanTokenizer(normalize_token, marks=(), apostrophes="'")
+    assert bare(text)[0] == ["cafe", "s", "crohn", "s"]
+    # normaliser: no plural suffix rules, another acronym threshold
+    plain = _speedups.AsciiNormalizer(
+        normalize_token, british_words={}, british_stem_markers=(), irregular_plurals={},
+        not_plural=frozenset(), never_singular_len=3, plural_suffixes=(),
+        acronym_min_letters=3,
+    )
+    assert [normalize.fast_normalize_token(w) for w in ("lesions", "CTs")] == ["lesion", "ct"]
+    assert [plain(w) for w in ("lesions", "CTs")] == ["lesions", "cts"]
+    # definitions: short forms of at most two characters
+    text = "computed tomography (CT); magnetic resonance imaging (MRI)"
+    assert [d.short for d in abbreviations.fast_find_definitions(text)] == ["CT", "MRI"]
+    assert [d.short for d in abbreviations.find_definitions(text)] == ["CT", "MRI"]
+    narrow = _speedups.DefinitionFinder(
+        abbreviations.Definition, max_definitions=50, min_short_len=2, max_short_len=2,
+        max_short_words=2, look_back=40, clause_breaks=".;:!?()[]", inner_cuts=(";", ","),
+        long_form_extra_words=5, long_form_words_per_char=2,
+    )
+    assert [d.short for d in narrow(text)] == ["CT"]
+    # negation: a comma ends the scope, and "no, evidence of" is a trigger phrase
+    detector = NegationDetector()
+    norms, starts, ends = _spans("no fracture, effusion")
+    assert _speedups.NegationScanner(detector).negated_tokens(
+        "no fracture, effusion", norms, starts, ends
+    ) == detector.negated_tokens("no fracture, effusion", norms, starts, ends) == [
+        False, True, True
     ]
-    assert sorted(compiled) == sorted(marks)
+    commas = types.SimpleNamespace(
+        phrase_table=detector.phrase_table, trigger_words=detector.trigger_words,
+        rules=detector.rules, sentence_breaks=frozenset(".,"), phrase_breaks=frozenset(),
+        pre_kind=detector.pre_kind, post_kind=detector.post_kind,
+    )
+    scanner = _speedups.NegationScanner(commas)
+    assert scanner.negated_tokens("no fracture, effusion", norms, starts, ends) == [
+        False, True, False
+    ]
+    norms, starts, ends = _spans("no, evidence of mass")
+    assert detector.negated_tokens("no, evidence of mass", norms, starts, ends) == [
+        False, True, True, True
+    ]
+    assert scanner.negated_tokens("no, evidence of mass", norms, starts, ends) == [
+        False, False, False, True
+    ]
 
 
 def test_speedups_fresh_tokenizer_equals_warm_one(sample: Items) -> None:
-    fresh = normalize.SPEEDUPS.SpanTokenizer(normalize_token)
+    fresh = normalize.SPEEDUPS.SpanTokenizer(
+        normalize_token, marks=normalize._MARK_RANGES, apostrophes=normalize._APOSTROPHES
+    )
     for _, text in sample:
         assert fresh(text) == normalize.tokenize_spans(text) == tokenize_spans_py(text), text
 
@@ -641,7 +682,7 @@ def test_speedups_negation_scanner_equals_detector(
 ) -> None:
     text = data.draw(demo_captions, label="caption")
     detector = _DETECTORS[k]
-    scanner = normalize.SPEEDUPS.NegationScanner(detector, pre_kind=_PRE_KIND, post_kind=_POST_KIND)
+    scanner = normalize.SPEEDUPS.NegationScanner(detector)
     norms, starts, ends = _spans(text)
     got = scanner.negated_tokens(text, norms, starts, ends)
     want = detector.negated_tokens(text, norms, starts, ends)
@@ -650,9 +691,7 @@ def test_speedups_negation_scanner_equals_detector(
 
 def test_speedups_negation_scanner_on_the_sample(sample: Items) -> None:
     for detector in _DETECTORS:
-        scanner = normalize.SPEEDUPS.NegationScanner(
-            detector, pre_kind=_PRE_KIND, post_kind=_POST_KIND
-        )
+        scanner = normalize.SPEEDUPS.NegationScanner(detector)
         for _, text in [*sample, ("", ""), ("", "no"), ("", "No. Absent")]:
             norms, starts, ends = _spans(text)
             got = scanner.negated_tokens(text, norms, starts, ends)
@@ -664,7 +703,7 @@ def _profile_cuis(name: str) -> list[str]:
     """Every CUI the profile's rules name, a slice of its vocabulary and one it never names."""
     profile = load_profile(name)
     cuis: set[str] = set(profile.drop) | {"C9999999"}
-    for s in profile._slots:
+    for s in profile.slots:
         cuis |= s.member_set | s.when
         cuis.update(c for c, _ in s.defaults)
         for _cui, when in s.defaults:
@@ -840,20 +879,17 @@ def test_speedups_one_instance_switching_paths_shares_memo_tables_safely(
     demo: ConceptIndex, demo_engines: Engines, sample: Items
 ) -> None:
     # Both paths of one extractor read and write the same plan memos: whichever runs first,
-    # the other's results must not change.
+    # the other's results must not change. (Only the benchmark switches an extractor's path,
+    # by its private ``_fast``; the Python path then keeps the compiled tokeniser.)
     options = [ExtractOptions(), ExtractOptions(profile="rocov2", overlap="all")]
     want = {o: demo_engines.reference(sample, o) for o in options}
     for fast_first in (True, False):
-        ex = Extractor(demo)
+        ex = Extractor(demo, engine="compiled")
         fast_path = ex._fast
         for step in ("fast", "reference") if fast_first else ("reference", "fast"):
             ex._fast = fast_path if step == "fast" else None
             for o in options:
-                if step == "fast":
-                    got = [ex.extract(t, o, id=i) for i, t in sample]
-                else:
-                    with pure_python():
-                        got = [ex.extract(t, o, id=i) for i, t in sample]
+                got = [ex.extract(t, o, id=i) for i, t in sample]
                 bad = differences(sample, got, want[o])
                 assert not bad, f"{step} (fast first: {fast_first}) {_id(o)}: " + summary(
                     bad, len(sample)
@@ -917,12 +953,12 @@ def test_speedups_many_distinct_words_keep_results(demo_engines: Engines, sample
 def test_speedups_definitions_are_capped_the_same_in_both_engines(demo_engines: Engines) -> None:
     """A caption of nothing but definitions: both engines read MAX_DEFINITIONS of them (it took
     28 s at 100 KB before the cap) and agree."""
-    from conceptsvc.abbreviations import MAX_DEFINITIONS, Definition, find_definitions
+    from conceptsvc.abbreviations import MAX_DEFINITIONS, fast_find_definitions, find_definitions
 
     text = "computed tomography (CT) " * 400
     assert len(find_definitions(text)) == MAX_DEFINITIONS
-    compiled = _speedups.find_definitions(text, Definition, MAX_DEFINITIONS)
-    assert compiled == find_definitions(text)
+    assert isinstance(fast_find_definitions, _speedups.DefinitionFinder)
+    assert fast_find_definitions(text) == find_definitions(text)
     demo_engines.check(text, ExtractOptions())
 
 
@@ -945,11 +981,15 @@ def test_speedups_public_entry_points_reject_none_and_half_built_objects() -> No
     with pytest.raises(TypeError):
         _speedups.FastPath.__new__(_speedups.FastPath).extract("CT scan", object())
     detector = NegationDetector()
-    scanner = _speedups.NegationScanner(detector, pre_kind=_PRE_KIND, post_kind=_POST_KIND)
+    scanner = _speedups.NegationScanner(detector)
     with pytest.raises(TypeError):
         scanner.negated_tokens(None, ["no", "mass"], [0, 3], [2, 7])
     with pytest.raises(TypeError):
         normalize.tokenize_spans(None)
+    with pytest.raises(TypeError):
+        abbreviations.fast_find_definitions(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _speedups.DefinitionFinder.__new__(_speedups.DefinitionFinder)("CT (computed tomography)")
 
 
 def test_speedups_ids_need_not_be_strings(demo_engines: Engines) -> None:

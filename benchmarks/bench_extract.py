@@ -87,7 +87,7 @@ _GLUE = _STAGES["extractor.py"]
 # refcounting), like a frame of CPython (allocation, dict and set internals), or of index.py
 # (postings and concept lookups on first use), counts for the nearest enclosing frame that is.
 _NATIVE_STAGES = {
-    "FastPath__tokenize": "tokenise+normalise",
+    "_scan_tokens": "tokenise+normalise",
     "FastPath__match": "exact match",
     "_may_define": "abbreviations+ambiguity",
     "_find_definitions": "abbreviations+ambiguity",
@@ -289,11 +289,9 @@ def bench(
     ``profile`` adds the cProfile stage shares for the pure-Python reference engine only; the
     compiled engine's are sampled in a child process (:func:`profile_stages_py_spy`).
     ``reference`` times the pure-Python reference pipeline instead of the compiled one
-    (``extractor`` must then be a reference extractor too: ``_fast`` set to None).
+    (``extractor`` must then be a reference extractor too: ``engine="reference"``).
     """
-    cold_extractor = Extractor(extractor.index)
-    if reference:
-        cold_extractor._fast = None
+    cold_extractor = Extractor(extractor.index, engine="reference" if reference else "auto")
     cold_extractor.check_options(options)  # the profile file is parsed outside the timing
     # Cold means cold: the process-wide normalisation caches are emptied too (a fresh
     # extractor has its own empty token table and memo tables).
@@ -320,7 +318,7 @@ def bench(
         best_cpu = min(best_cpu, cpu)
     n = len(captions)
     result: dict[str, Any] = {
-        "engine": "pure Python (reference)" if extractor._fast is None else "compiled",
+        "engine": "pure Python (reference)" if extractor.engine == "reference" else "compiled",
         "mode": options.mode,
         "profile": options.profile,
         "similarity": options.similarity,
@@ -335,7 +333,7 @@ def bench(
             statistics.quantiles(per_caption, n=20)[-1] / 1000, 1
         ) if n >= 20 else None,
     }
-    if profile and extractor._fast is None:
+    if profile and extractor.engine == "reference":
         prof = cProfile.Profile()
         prof.enable()
         for id_, text in captions:
@@ -433,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode in args.mode or ["exact", "approximate"]:
         options = _options(args, mode)
         r = bench(extractor, captions, options, repeat=args.repeat, profile=not args.no_profile)
-        if not args.no_profile and extractor._fast is not None:
+        if not args.no_profile and extractor.engine == "compiled":
             child = [
                 "--captions", str(path), "--profile", args.profile, "--mode", mode,
                 "--similarity", args.similarity, "--threshold", str(args.threshold),
@@ -445,9 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.warning("no stage shares for %s mode: %s", mode, r["stage_profile_error"])
         results.append(r)
         print(json.dumps(r, indent=2))
-        if args.reference and extractor._fast is not None:
-            ref = Extractor(index)
-            ref._fast = None
+        if args.reference and extractor.engine == "compiled":
+            ref = Extractor(index, engine="reference")
             r = bench(ref, captions, options, repeat=1, profile=False, reference=True)
             results.append(r)
             print(json.dumps(r, indent=2))

@@ -36,10 +36,11 @@ _RAW = [
     "0x7f1a15c4524a (libc.so.6);gc_collect_main (libpython3.11.so.1.0) 40",
     # the loop's own iteration: not the engine's
     _LOOP + " 5",
-    # tokenisation: the token table, and refcounting inlined into _tokenize
-    _EXTRACT + ";FastPath__tokenize (conceptsvc/_speedups.pyx:925);"
+    # tokenisation: the token table, and refcounting inlined into the token scan
+    _EXTRACT + ";_speedups__scan_tokens (conceptsvc/_speedups.pyx:925);"
     "_TokenTable_find (conceptsvc/_speedups.pyx:371) 30",
-    _EXTRACT + ";FastPath__tokenize (conceptsvc/_speedups.pyx:927);Py_XDECREF (object.h:601) 10",
+    _EXTRACT + ";_speedups__scan_tokens (conceptsvc/_speedups.pyx:927);"
+    "Py_XDECREF (object.h:601) 10",
     # exact match: the trie, and an index lookup on first use of a key
     _EXTRACT + ";FastPath__match (conceptsvc/_speedups.pyx:1000);"
     "_KeyTrie_child (conceptsvc/_speedups.pyx:287) 12",
@@ -121,8 +122,7 @@ def test_bench_extract_reports_rates_and_stages(tmp_path: Path, engine_index_pat
 
 
 def test_bench_extract_reference_stages_by_cprofile(engine_index_path: Path) -> None:
-    reference = Extractor(ConceptIndex.load(engine_index_path))
-    reference._fast = None
+    reference = Extractor(ConceptIndex.load(engine_index_path), engine="reference")
     captions = [("c1", "Chest CT: lung cancer, no pleural effusion.")]
     r = bench(reference, captions, ExtractOptions(), repeat=1, reference=True)
     assert r["engine"] == "pure Python (reference)" and r["stage_profiler"] == "cProfile"

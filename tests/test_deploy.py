@@ -545,7 +545,12 @@ def image_replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageRepl
     deps = _site_packages(Path(sys.prefix))
     (_site_packages(venv) / "_tested_dependencies.pth").write_text(f"{deps}\n")
     runtime_env = dockerfile_env(ins, final_stage(ins))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    # The image has neither our settings nor a PYTHONPATH: one pointing at a checkout would
+    # shadow the installed package this test is about.
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(ENV_PREFIX) and k != "PYTHONPATH"
+    }
     env.update({k: v for k, v in runtime_env.items() if k != "PATH"})
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"
     index = root / "index"

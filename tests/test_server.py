@@ -263,6 +263,40 @@ def test_server_size_limits(index_a: Path) -> None:
         assert c.get_info().limits.max_message_bytes == 64 * 1024
 
 
+def test_server_reply_over_the_message_limit_fails_only_its_item(
+    index_a: Path, shared_redis: RedisServer
+) -> None:
+    """A caption whose annotation is over max_message_bytes (the request is not) gets
+    RESOURCE_EXHAUSTED in its own response and the stream goes on; gRPC alone would fail the
+    whole call and every later item with it. Checked fresh from the engine with and without
+    a cache, and read back from a Redis that a server with a larger limit filled."""
+    big = "lung " * 3000  # 15 KB of text, about 150 KB of annotation
+    items = [("ok1", "Chest CT"), ("big", big), ("ok2", "pneumothorax")]
+    redis_cfg = {"redis_url": shared_redis.url, "redis_prefix": "reply-limit:", "cache_size": 0}
+    with running_server(settings_for(index_a, **redis_cfg)) as (_, port):
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            assert len(c.annotate(big).mentions) == 3000  # now in Redis
+    limit = 64 * 1024
+    for cfg in ({"cache_size": 0}, {}, redis_cfg):
+        s = settings_for(index_a, max_message_bytes=limit, **cfg)
+        with running_server(s) as (server, port), ConceptClient(f"127.0.0.1:{port}") as c:
+            results = list(c.annotate_stream(items))
+            assert [r.id for r in results] == ["ok1", "big", "ok2"], cfg
+            assert results[0].ok and results[2].ok, cfg
+            err = results[1].error
+            assert err is not None and err.status == "RESOURCE_EXHAUSTED", cfg
+            assert err.error_code == "E501"
+            assert f"over the server's message limit of {limit}" in err.message
+            with pytest.raises(ServiceCallError) as exc:
+                c.annotate(big)
+            assert exc.value.status == "RESOURCE_EXHAUSTED"
+            assert "max_message_bytes" in exc.value.details
+            from_redis = server.metrics.value(
+                "conceptsvc_cache_lookups_total", {"tier": "redis", "result": "hit"}
+            )
+            assert from_redis == (2 if cfg is redis_cfg else 0), cfg
+
+
 def test_server_too_many_concurrent_rpcs_is_resource_exhausted(index_a: Path) -> None:
     s = settings_for(index_a, max_concurrent_rpcs=1, threads=4)
     with running_server(s) as (_, port):

@@ -9,9 +9,10 @@ the index it started with). Failures become statuses only through
 Streams: a reader thread moves incoming items into a bounded queue; the handler takes whatever
 has arrived (up to ``stream_batch_size``), looks the batch up in the cache with one batched call,
 extracts the misses, writes them back with one batched call, and answers in request order. A bad
-item gets an error ``status`` in its own response; the stream goes on. Between batches the
-handler stops when the client's deadline has passed or the call was cancelled, and ends with
-UNAVAILABLE once the server is draining (the client resends the unanswered items elsewhere).
+item — one whose answer would be over the message limit too — gets an error ``status`` in its
+own response; the stream goes on. Between batches the handler stops when the client's deadline
+has passed or the call was cancelled, and ends with UNAVAILABLE once the server is draining (the
+client resends the unanswered items elsewhere).
 """
 
 from __future__ import annotations
@@ -335,6 +336,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             blobs = self.cache.get_many([t[3] for t in todo])
         puts: list[tuple[str, bytes]] = []
         n_cached = 0
+        max_bytes = self.settings.max_message_bytes
         for (i, req, opts, key), blob in zip(todo, blobs, strict=True):
             if blob is not None:
                 try:
@@ -344,7 +346,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 else:
                     resp.id = req.id
                     resp.cached = True
-                    out[i] = resp
+                    out[i] = _sendable(resp, blob, max_bytes)
                     n_cached += 1
                     continue
             try:
@@ -353,10 +355,12 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 out[i] = exc
                 continue
             resp = convert.annotation_to_pb(annotation)
-            if self.cache is not None:
-                puts.append((key, resp.SerializeToString()))
+            blob = resp.SerializeToString() if self.cache is not None else None
             resp.id = req.id
-            out[i] = resp
+            result = _sendable(resp, blob, max_bytes)
+            if blob is not None and result is resp:
+                puts.append((key, blob))
+            out[i] = result
         if puts and self.cache is not None:
             self.cache.put_many(puts)
         self.metrics.captions_annotated(len(todo) - n_cached, n_cached)
@@ -517,6 +521,29 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             )
 
         return self._observed["GetInfo"].unary(context, run)
+
+
+def _sendable(
+    resp: pb.AnnotateResponse, blob: bytes | None, max_bytes: int
+) -> pb.AnnotateResponse | InputTooLargeError:
+    """``resp``, or the error that takes its place when it is over the message limit.
+
+    gRPC would fail the whole call on a message over the limit, taking every later item of the
+    stream with it; as an item error it fails only its own caption. ``blob`` is ``resp``
+    serialised without its id and cached flag (the cache's form), when there is one: with a
+    bound on those two fields it settles every reply not near the limit without serialising
+    again.
+    """
+    if blob is not None and len(blob) + 4 * len(resp.id) + 16 <= max_bytes:
+        return resp
+    size = resp.ByteSize()
+    if size <= max_bytes:
+        return resp
+    return InputTooLargeError(
+        f"the annotation of this caption is {size} bytes, over the server's message limit of "
+        f"{max_bytes} (max_message_bytes); split the caption, leave out the mentions "
+        "(include_mentions=false) or raise the limit"
+    )
 
 
 def _request_options(loaded: LoadedIndex, req: pb.AnnotateRequest) -> ExtractOptions:

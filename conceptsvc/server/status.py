@@ -9,8 +9,8 @@ cause                                                 status
 bad input: empty id, unknown semantic type / group /  INVALID_ARGUMENT
 source, bad option values (``ExtractionError``,
 ``SemanticNetworkError``)
-text or a request over the configured limits          RESOURCE_EXHAUSTED
-(``InputTooLargeError``)
+text, a request or a reply over the configured        RESOURCE_EXHAUSTED
+limits (``InputTooLargeError``)
 index not loaded yet; a reload that failed            FAILED_PRECONDITION
 (``IndexError_``)
 server draining (shutting down)                       UNAVAILABLE

@@ -39,6 +39,7 @@ from conceptsvc.errors import ClientError
 from conceptsvc.evaluation import read_concepts
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex, IndexBuilder
+from conceptsvc.model import Annotation
 from conceptsvc.server.app import ConceptServer, create_server
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"
@@ -550,24 +551,49 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
     assert not (tmp_path / "run.jsonl.errors.jsonl").exists()
 
 
+class GatedExtractor(Extractor):
+    """The real engine, except that a caption containing ``marker`` waits at a gate until the
+    test opens it: the server is busy with that caption for exactly as long as the test wants,
+    however fast the engine and the machine are. ``held`` counts the captions that waited."""
+
+    def __init__(self, index: ConceptIndex, marker: str) -> None:
+        super().__init__(index)
+        self.marker = marker
+        self.gate = threading.Event()
+        self.held = 0
+        self._held_lock = threading.Lock()
+
+    def extract(
+        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
+    ) -> Annotation:
+        if self.marker in text:
+            with self._held_lock:
+                self.held += 1
+            self.gate.wait(120)  # bounded, so a broken test cannot hang the server forever
+        return super().extract(text, options, id=id)
+
+
 def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
     tmp_path: Path, demo_extractor: Extractor
 ) -> None:
-    """A caption that takes the server longer than the deadline (two megabytes of findings)
-    sits first in its batch: it is retried alone and given up; its batch-mates complete.
+    """A caption the server is still working on when the deadline passes sits first in its
+    batch: it is retried alone and given up; its batch-mates complete.
 
-    The engine needs about 2.5 s for this caption on a quiet machine, against a 1 s
-    deadline: the margin must not depend on how fast the engine has become (it once was
-    0.6 s against 2 s, and failed once the engine got faster)."""
-    server = start_server(demo_extractor, max_text_chars=3_000_000)
+    The server is held on that caption by a gate rather than by a caption long enough to be
+    slow, so the outcome does not depend on how fast the engine has become (a 2 MB caption
+    once took 2.5 s against a 1 s deadline, then 0.5 s)."""
+    gated = GatedExtractor(demo_extractor.index, marker="HOLD-THIS-CAPTION")
+    server = start_server(gated)
     try:
-        slow = "chest x-ray shows pleural effusion and pneumonia. " * 40_000
-        rows = [("slow", slow)] + [(f"ok{i}", t) for i, (_, t) in enumerate(demo_rows()[:9])]
+        rows = [("slow", "HOLD-THIS-CAPTION chest x-ray shows pleural effusion")]
+        rows += [(f"ok{i}", t) for i, (_, t) in enumerate(demo_rows()[:9])]
         src = write_csv(tmp_path / "in.csv", rows)
         out = tmp_path / "run.csv"
+        # (2 s: long enough for every request to reach the server on a loaded machine, so the
+        # caption is held on both attempts)
         result = annotate_corpus(
             Corpus(src), resolve_outputs(out),
-            settings(f"127.0.0.1:{server.port}", batch_size=10, concurrency=1, deadline=1.0,
+            settings(f"127.0.0.1:{server.port}", batch_size=10, concurrency=1, deadline=2.0,
                      retries=1),
         )
         assert not result.complete and result.counts.failed == 1
@@ -576,6 +602,40 @@ def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
         (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
         assert err["id"] == "slow" and err["status"] == "DEADLINE_EXCEEDED"
         assert err["attempts"] == 2
+        # the batch was retried once (the head alone, its batch-mates apart); the held caption
+        # reached the engine on both attempts
+        assert result.counts.retried_batches == 1 and gated.held == 2
+    finally:
+        gated.gate.set()
+        server.stop(0)
+
+
+def test_batch_a_caption_whose_reply_is_too_large_fails_alone(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """Two megabytes of findings annotate to about 10 MB, over the server's 4 MiB message
+    limit: that caption, first in its batch, fails RESOURCE_EXHAUSTED in its own response and
+    is not retried (it would fail the same way); its batch-mates complete. The deadline is
+    generous: how long the engine takes is not what is tested here."""
+    server = start_server(demo_extractor, max_text_chars=3_000_000)
+    try:
+        big = "chest x-ray shows pleural effusion and pneumonia. " * 40_000
+        rows = [("big", big)] + [(f"ok{i}", t) for i, (_, t) in enumerate(demo_rows()[:9])]
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.csv"
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{server.port}", batch_size=10, concurrency=1, deadline=120.0,
+                     retries=1),
+        )
+        assert not result.complete and result.counts.failed == 1
+        assert result.counts.retried_batches == 0
+        assert list(read_concepts(out)) == [f"ok{i}" for i in range(9)]
+        errors_file = tmp_path / "run.csv.errors.jsonl"
+        (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
+        assert err["id"] == "big" and err["status"] == "RESOURCE_EXHAUSTED"
+        assert err["attempts"] == 1
+        assert "over the server's message limit of 4194304" in err["reason"]
     finally:
         server.stop(0)
 

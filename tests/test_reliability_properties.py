@@ -154,13 +154,16 @@ def redis_url(shared_redis: object) -> str:
 
 @pytest.fixture(scope="module")
 def services(engine_index_path: Path, redis_url: str) -> Iterator[dict[str, int]]:
-    """Three real servers on one index: batch size 1 with Redis, batch size 64 with Redis (and
-    a separate in-process cache), and one without any cache at all."""
+    """Four real servers on one index: batch size 1 with Redis, batch size 64 with Redis (and
+    a separate in-process cache), batch size 3 with Redis as its only cache tier, and one
+    without any cache at all."""
     configs = {
         "redis_b1": settings_for(engine_index_path, redis_url=redis_url, stream_batch_size=1,
                                  redis_prefix="prop:"),
         "redis_b64": settings_for(engine_index_path, redis_url=redis_url, stream_batch_size=64,
                                   redis_prefix="prop:"),
+        "redis_only_b3": settings_for(engine_index_path, redis_url=redis_url, cache_size=0,
+                                      stream_batch_size=3, redis_prefix="prop:"),
         "nocache_b7": settings_for(engine_index_path, cache_size=0, stream_batch_size=7),
     }
     ports: dict[str, int] = {}
@@ -184,18 +187,24 @@ def test_reliability_properties_service_results_independent_of_batching_and_cach
 ) -> None:
     items = [(f"c{i}", t) for i, t in enumerate(texts)]
     expected = [ex.extract(t, id=i) for i, t in items]
-    seen_cached = set()
-    for name in ("redis_b1", "redis_b64", "nocache_b7", "redis_b1", "redis_b64"):
+    cached: dict[str, list[list[bool]]] = {}
+    rounds = ("redis_b1", "redis_only_b3", "redis_b64", "nocache_b7", "redis_b1", "redis_b64")
+    for name in rounds:
         with ConceptClient(f"127.0.0.1:{services[name]}", retries=0) as c:
             results = list(c.annotate_stream(items, window=window))
             assert [r.id for r in results] == [i for i, _ in items]
             assert [r.error for r in results] == [None] * len(items)
             assert [r.annotation for r in results] == expected, name
-            seen_cached |= {r.cached for r in results}
+            cached.setdefault(name, []).append([r.cached for r in results])
             for (i, t), want in zip(items, expected, strict=True):
                 assert c.annotate(t, id=i) == want
-    # The second round on the Redis servers must have been answered from a cache.
-    assert True in seen_cached
+    everything = [True] * len(items)
+    # redis_b1 wrote every result to Redis before answering it; the server without an
+    # in-process tier can only have read them back from there.
+    assert cached["redis_only_b3"] == [everything]
+    assert cached["nocache_b7"] == [[False] * len(items)]
+    # The second round on the other Redis servers was answered from a cache.
+    assert cached["redis_b1"][1] == cached["redis_b64"][1] == everything
 
 
 def test_reliability_properties_redis_hit_equals_engine_result(

@@ -25,14 +25,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import RedisServer
+from conftest import RedisServer, free_port
+from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import (
     CAPTIONS,
     build_index_a,
@@ -43,7 +45,8 @@ from service_helpers import (
 )
 
 from conceptsvc.client import ConceptClient, ServiceCallError
-from conceptsvc.extractor import ExtractOptions
+from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.index import ConceptIndex
 
 ADMIN = "admin-token-" + "f" * 24
 
@@ -60,6 +63,19 @@ def corpus_texts(n: int, *, seed: int = 11, distinct: int | None = None) -> list
         for _ in range(distinct or n)
     ]
     return [pool[i % len(pool)] for i in range(n)]
+
+
+def metric(port: int, name: str) -> float:
+    """One sample of a server's Prometheus metrics (all workers together), read over HTTP."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
 def report(name: str, **figures: Any) -> None:
@@ -425,13 +441,16 @@ def test_reliability_faults_sigterm_under_load_drains_in_flight_and_refuses_new(
     """In flight = the handler is running. A request whose bytes are still arriving, or that
     waits for a thread, when SIGTERM comes is refused with UNAVAILABLE like a new one (clients
     retry UNAVAILABLE); so the slow requests here (300 KB, 0.3–1 s of engine time each) go
-    out on connections that are already up. The server runs the pure-Python reference engine
+    out on connections that are already up, and SIGTERM waits until the server's metrics count
+    every one of them in a handler. The server runs the pure-Python reference engine
     (CONCEPTSVC_PURE_PYTHON=1): the compiled one finishes 300 KB before SIGTERM comes, and
     what is tested here is the drain, not the engine."""
     grace = 20.0
+    metrics_port = free_port()
     proc, port = serve_subprocess(
         "--workers", "2", "--index", str(index_a), "--grace-seconds", str(grace),
         "--cache-size", "0", "--max-text-chars", "400000",
+        "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
         env={"CONCEPTSVC_PURE_PYTHON": "1"},
     )
     slow_text = " ".join(CAPTIONS[i % len(CAPTIONS)][1] for i in range(7000))[:300_000]
@@ -454,7 +473,13 @@ def test_reliability_faults_sigterm_under_load_drains_in_flight_and_refuses_new(
         threads = [threading.Thread(target=in_flight, args=(k,)) for k in range(n)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        # SIGTERM once every slow request is in its handler (or already answered): one still
+        # on its way would rightly be refused, and no fixed sleep is long enough on a loaded
+        # machine to be sure it is not.
+        waited = time.monotonic() + 60
+        while metric(metrics_port, "conceptsvc_inflight_requests") + len(finished_at) < n:
+            assert time.monotonic() < waited, "the slow requests never all reached a handler"
+            time.sleep(0.02)
         sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
@@ -485,8 +510,14 @@ def test_reliability_faults_sigterm_under_load_drains_in_flight_and_refuses_new(
            finished_after_sigterm=sum(t > 0 for t in after), finish_times_s=after,
            new_refused=f"{refused.count('UNAVAILABLE')}/{len(refused)} UNAVAILABLE",
            exited_s=round(exited, 2), grace_s=grace)
+    # every in-flight request came back (a thread that hung or died records nothing), whole
+    # and right: the same annotation the engine gives in this process
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(results) == sorted(finished_at) == list(range(n)), results
     assert all(not isinstance(r, Exception) for r in results.values()), results
-    assert all(r.concepts for r in results.values())
+    want = Extractor(ConceptIndex.load(index_a)).extract(slow_text, options)
+    assert want.concepts
+    assert all(r == replace(want, id=f"slow-{k}") for k, r in results.items())
     assert sum(t > 0 for t in after) >= n // 2, "most slow requests should still be running"
     assert after[-1] < grace
     assert refused == ["UNAVAILABLE"] * len(refused)

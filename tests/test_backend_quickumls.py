@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from offsets import check_quickumls_annotation
 
 from conceptsvc.backends.quickumls import (
     QUICKUMLS_INSTALL_HINT,
@@ -86,8 +87,7 @@ def test_backend_quickumls_exact_offsets_and_ambiguity(backend: QuickUMLSBackend
     text = "CT of the Abdomen shows a pleural effusion."
     ann = backend.extract(text, id="c1")
     assert ann.id == "c1"
-    for m in ann.mentions:
-        assert text[m.start : m.end] == m.text
+    check_quickumls_annotation(backend.index_dir, text, ann)
     # QuickUMLS keeps every concept of the chosen span: "CT" is also Chlamydia trachomatis.
     assert spans(ann) == {
         ("C0040405", "CT", 0, 2),
@@ -177,8 +177,7 @@ def test_backend_quickumls_unicode_offsets(backend: QuickUMLSBackend) -> None:
     ann = backend.extract(text)
     assert ("C1527336", "Sjögren syndrome", 16, 32) in spans(ann)
     assert ("C0024485", "MRI", 39, 42) in spans(ann)
-    for m in ann.mentions:
-        assert text[m.start : m.end] == m.text
+    check_quickumls_annotation(backend.index_dir, text, ann)
 
 
 def test_backend_quickumls_unsupported_and_invalid_options(backend: QuickUMLSBackend) -> None:
@@ -297,8 +296,7 @@ def test_backend_quickumls_offsets_slice_original_text(
     backend: QuickUMLSBackend, words: list[str], seps: list[str], approximate: bool
 ) -> None:
     text = "".join(w + s for w, s in zip(words, seps, strict=False))
-    ann = backend.extract(text, APPROX if approximate else None)
-    for m in ann.mentions:
-        assert 0 <= m.start < m.end <= len(text)
-        assert text[m.start : m.end] == m.text
+    options = APPROX if approximate else ExtractOptions()
+    ann = backend.extract(text, options)
+    check_quickumls_annotation(backend.index_dir, text, ann, options)
     assert list(ann.concepts) == list(dict.fromkeys(m.cui for m in ann.mentions))

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from offsets import check_annotation
 
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.model import Annotation, Mention
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,7 @@ def test_extractor_offsets_point_into_original_text(ex: Extractor) -> None:
     text = "Axial ＣＴ: ﬁnal Haematomas and PLEURAL EFFUSIONS (arrows)."
     a = ex.extract(text, id="x1")
     assert a.id == "x1"
-    for m in a.mentions:
-        assert text[m.start : m.end] == m.text
+    check_annotation(ex.index, text, a)
     assert ("Haematomas", "C0018944") in spans(a)
     assert ("PLEURAL EFFUSIONS", "C0032227") in spans(a)
 
@@ -177,26 +179,65 @@ def test_extractor_rocov2_profile_infers_modality(ex: Extractor) -> None:
     assert "C0817096" not in b.concepts  # X-ray body regions only with Plain x-ray
     c = ex.extract("Chest X-ray (AP) shows pleural effusion.", rocov2)
     assert set(c.concepts) == {"C1306645", "C0817096", "C1999039", "C0032227"}
+    for text, annotation in [
+        ("Axial T2-weighted image shows a lung cancer.", a),
+        ("CT of the chest shows pleural effusion.", b),
+        ("Chest X-ray (AP) shows pleural effusion.", c),
+    ]:
+        check_annotation(ex.index, text, annotation, rocov2)
+
+
+def test_extractor_offsets_check_rejects_what_the_engine_must_not_do(ex: Extractor) -> None:
+    """The shared offsets check (tests/offsets.py) fails on each way a mention can be wrong."""
+    text = "Right pleural effusion (PE). PE persists; left pleural efusion."
+    approximate = ExtractOptions(mode="approximate", threshold=0.6)
+    a = ex.extract(text, approximate)
+    check_annotation(ex.index, text, a, approximate)
+    defined = next(m for m in a.mentions if m.text == "PE")
+    fuzzy = next(m for m in a.mentions if m.score < 1.0)
+    # "PE" is pulmonary embolism in the dictionary: only the caption's definition explains it
+    assert defined.cui == "C0032227" not in {p.cui for p in ex.index.postings("pe")}
+
+    def fails(*mentions: Mention, concepts: tuple[str, ...] = (), on: str = text) -> None:
+        cuis = concepts or tuple(dict.fromkeys(m.cui for m in mentions))
+        with pytest.raises(AssertionError):
+            check_annotation(ex.index, on, Annotation("", mentions, cuis), approximate)
+
+    fails(replace(fuzzy, start=fuzzy.start + 1, text=text[fuzzy.start + 1 : fuzzy.end]))
+    fails(replace(fuzzy, end=fuzzy.end - 7, text=text[fuzzy.start : fuzzy.end - 7]))
+    fails(replace(fuzzy, score=fuzzy.score + 0.01))  # not its similarity to any key
+    fails(defined, on=text.replace("(PE)", "[PE]"))  # the same mention, no definition
+    fails(defined, concepts=(defined.cui, "C0024485"))  # an inferred concept without a profile
+    strict = ExtractOptions(mode="approximate", threshold=0.9)
+    with pytest.raises(AssertionError):
+        check_annotation(ex.index, text, Annotation("", (fuzzy,), (fuzzy.cui,)), strict)
 
 
 TEXT = st.lists(
     st.sampled_from(
         ["lung", "cancer", "CT", "MS", "(MS)", "multiple", "sclerosis", "no", "pleural",
          "efusion", "effusion", "ＣＴ", "ﬁbrosis", "Haematoma", ",", ".", "X-ray", "é", "US",
-         "\u0301", "ﬃ", "  ", "\t", "left ventricle", "dilatation"]
+         "\u0301", "ﬃ", "  ", "\t", "left ventricle", "dilatation",
+         # a short form whose own key is another concept's (pulmonary embolism); a misspelling
+         "pleural effusion (PE)", "PE", "pleural efusion"]
     ),
     max_size=30,
 ).map(" ".join)
 
 
 @settings(max_examples=100, deadline=None)
-@given(TEXT, st.sampled_from(["exact", "approximate"]), st.sampled_from(["longest", "all"]))
-def test_extractor_offsets_property(ex: Extractor, text: str, mode: str, overlap: str) -> None:
-    a = ex.extract(text, ExtractOptions(mode=mode, overlap=overlap, threshold=0.6))
-    for m in a.mentions:
-        assert text[m.start : m.end] == m.text
-        assert m.start < m.end
-    assert len(set(a.concepts)) == len(a.concepts)
+@given(
+    TEXT,
+    st.sampled_from(["exact", "approximate"]),
+    st.sampled_from(["longest", "all"]),
+    st.sampled_from(["none", "rocov2"]),
+)
+def test_extractor_offsets_property(
+    ex: Extractor, text: str, mode: str, overlap: str, profile: str
+) -> None:
+    options = ExtractOptions(mode=mode, overlap=overlap, threshold=0.6, profile=profile)
+    a = ex.extract(text, options)
+    check_annotation(ex.index, text, a, options)
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,8 +1,9 @@
 """Bad input, tried on purpose: captions, requests and files that users will really send.
 
 Every case must end in a clear error (a conceptsvc error code or a gRPC status with a message
-that says what is wrong) or a documented, correct result — never a crash, a hang or an offset
-that does not slice the original text. RELIABILITY.md lists each case with its outcome.
+that says what is wrong) or a documented, correct result — never a crash, a hang or a mention
+whose offsets are not whole tokens spelling its concept (``tests/offsets.py``). RELIABILITY.md
+lists each case with its outcome.
 
 Three groups:
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from offsets import check_annotation
 from service_helpers import build_index_a, running_server, settings_for
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
@@ -46,13 +48,6 @@ EFFUSION = "C0032227"
 @pytest.fixture(scope="module")
 def ex(engine_index_path: Path) -> Extractor:
     return Extractor(ConceptIndex.load(engine_index_path))
-
-
-def check_offsets(text: str, a: Annotation) -> None:
-    """The contract every test here leans on: offsets slice the original text exactly."""
-    for m in a.mentions:
-        assert 0 <= m.start < m.end <= len(text), m
-        assert text[m.start : m.end] == m.text, m
 
 
 def found(a: Annotation) -> list[tuple[str, str]]:
@@ -79,7 +74,7 @@ def test_reliability_inputs_punctuation_only_captions_have_no_concepts(
 def test_reliability_inputs_nul_and_control_characters_separate_words(ex: Extractor) -> None:
     text = "\x00Chest\x00CT\x01\x02 lung\x1b[31m pleural\x7feffusion\x85\x9f"
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     # A control character separates words like punctuation does: "pleural<DEL>effusion" is
     # two adjacent tokens, so the two-word term matches across it (as across a hyphen).
     assert found(a) == [
@@ -87,7 +82,7 @@ def test_reliability_inputs_nul_and_control_characters_separate_words(ex: Extrac
     ]
     text2 = "pleural\x00effusion"
     a2 = ex.extract(text2)
-    check_offsets(text2, a2)
+    check_annotation(ex.index, text2, a2)
     assert found(a2) == [("pleural\x00effusion", EFFUSION)]
 
 
@@ -95,15 +90,16 @@ def test_reliability_inputs_lone_surrogates_in_the_engine_are_separators(ex: Ext
     """Python strings can hold lone surrogates (e.g. from ``surrogateescape``); the engine
     treats them as non-word characters and still slices exactly."""
     text = "\ud800Chest \udfff CT\ud83d lung\udc00"
-    a = ex.extract(text, ExtractOptions(mode="approximate"))
-    check_offsets(text, a)
+    approximate = ExtractOptions(mode="approximate")
+    a = ex.extract(text, approximate)
+    check_annotation(ex.index, text, a, approximate)
     assert found(a) == [("Chest", CHEST), ("CT", CT), ("lung", LUNG)]
 
 
 def test_reliability_inputs_combining_characters_stay_inside_the_mention(ex: Extractor) -> None:
     text = "Che\u0301st CT of the lu\u0308\u0323ng; \u0301\u0301 orphan marks; e" + "\u0301" * 5000
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     assert found(a)[:3] == [("Che\u0301st", CHEST), ("CT", CT), ("lu\u0308\u0323ng", LUNG)]
 
 
@@ -113,7 +109,7 @@ def test_reliability_inputs_right_to_left_text_keeps_offsets(ex: Extractor) -> N
         "\u0627\u0644\u0631\u0626\u0629 \u200fpleural effusion\u200e \u0661\u0662"
     )
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     assert found(a) == [
         ("Chest", CHEST), ("CT", CT), ("lung", LUNG), ("pleural effusion", EFFUSION),
     ]
@@ -124,7 +120,7 @@ def test_reliability_inputs_emoji_count_as_one_code_point_each(ex: Extractor) ->
     # and a skin-tone modifier are several code points. Offsets are code points.
     text = "🫁 Chest 👍🏽 CT 🧑‍⚕️ lung 🇬🇧"
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     assert [(m.text, m.start) for m in a.mentions] == [("Chest", 2), ("CT", 11), ("lung", 19)]
 
 
@@ -133,7 +129,7 @@ def test_reliability_inputs_ligatures_and_full_width_letters_slice_the_original(
 ) -> None:
     text = "Ｃｈｅｓｔ: ｌｕｎｇ and ＰＬＥＵＲＡＬ ＥＦＦＵＳＩＯＮ; ﬁnal haematoma"
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     assert ("Ｃｈｅｓｔ", CHEST) in found(a)
     assert ("ｌｕｎｇ", LUNG) in found(a)
     assert ("ＰＬＥＵＲＡＬ ＥＦＦＵＳＩＯＮ", EFFUSION) in found(a)
@@ -143,7 +139,7 @@ def test_reliability_inputs_ligatures_and_full_width_letters_slice_the_original(
 def test_reliability_inputs_full_width_abbreviation_matches(ex: Extractor) -> None:
     text = "Axial ＣＴ of the chest"
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     assert ("ＣＴ", CT) in found(a)
 
 
@@ -155,11 +151,12 @@ def test_reliability_inputs_very_long_tokens_do_not_hang(ex: Extractor) -> None:
         "-".join(["lung"] * 20_000),  # 20k one-word matches separated by hyphens
         "https://example.org/" + "a/" * 50_000,
     ]
+    approximate = ExtractOptions(mode="approximate")
     for text in cases:
         t0 = time.perf_counter()
-        a = ex.extract(text, ExtractOptions(mode="approximate"))
+        a = ex.extract(text, approximate)
         assert time.perf_counter() - t0 < 30, text[:40]
-        check_offsets(text, a)
+        check_annotation(ex.index, text, a, approximate)
     a = ex.extract(cases[1])
     assert found(a) == [("Chest", CHEST), ("CT", CT)]
     assert ex.extract(cases[3]).concepts == (LUNG,)
@@ -187,7 +184,7 @@ def test_reliability_inputs_megabyte_captions_are_annotated_exactly(
     caption is annotated in linear time with every offset exact."""
     text, unit = _big_caption(megabytes * 1024 * 1024, every)
     a = ex.extract(text)
-    check_offsets(text, a)
+    check_annotation(ex.index, text, a)
     per_unit = found(ex.extract(unit))
     assert per_unit == [("Chest", CHEST), ("CT", CT), ("pleural effusion", EFFUSION)]
     whole_units = len(text) // len(unit)

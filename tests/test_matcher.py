@@ -59,7 +59,15 @@ def test_matcher_rejects_stopword_only_windows(matcher: ExactMatcher) -> None:
 
 
 def test_matcher_rejects_single_letters(matcher: ExactMatcher) -> None:
-    assert all(len(w[0]) > 1 for w in windows(matcher, "(A) (B) X T"))
+    # "B" is a dictionary string of Boron, a case-sensitive abbreviation: every other rule
+    # accepts it written in capitals, as they accept "AP"; only its length keeps it out.
+    assert {p.cui for p in matcher.index.postings("b")} == {"C0006030"}
+    assert ("AP", {"C1999039"}) in windows(matcher, "(A) (AP) X T")
+    found = windows(matcher, "(A) (B) X T; B and Boron")
+    assert ("Boron", {"C0006030"}) in found
+    assert [w for w in found if len(w[0]) < 2] == []
+    # a one-letter token inside a longer key is no panel label
+    assert ("X-ray", {"C1306645"}) in windows(matcher, "(B) X-ray")
 
 
 def test_matcher_does_not_cross_phrase_punctuation(matcher: ExactMatcher) -> None:

@@ -658,10 +658,10 @@ cdef object _best_long_form(str sf, str lf):
 
 cdef list _find_definitions(str text, DefinitionFinder r):
     """``abbreviations.find_definitions``, step for step (``tests/test_speedups.py``)."""
-    cdef list out = [], words, head
-    cdef Py_ssize_t pos = 0, open_, close, inner_start, lead, cut, left, n_words, cand_start
+    cdef list out = [], words, head, lf_words
+    cdef Py_ssize_t pos = 0, open_, close, inner_start, lead, cut, left, n_words
     cdef Py_ssize_t k, sf_start
-    cdef str inner, inner_s, before, cand, lf, sf, sep
+    cdef str inner, inner_s, before, cand, lf, sf, sep, tail
     cdef object rel
     cdef bint forward
     while len(out) < r.max_definitions:
@@ -706,16 +706,18 @@ cdef list _find_definitions(str text, DefinitionFinder r):
             if not words:
                 continue
             cand = u" ".join(words[max(0, len(words) - n_words):])
-            cand_start = left + before.rfind(cand) if cand in before else left
             rel = _best_long_form(inner_s, cand)
             if rel is None:
                 continue
             lf = cand[<Py_ssize_t>rel:]
-            words = lf.split()
-            if len(lf) <= len(inner_s) or len(words) > n_words or inner_s in words:
+            lf_words = lf.split()
+            if len(lf) <= len(inner_s) or len(lf_words) > n_words or inner_s in lf_words:
                 continue
+            # cand joins the words with single spaces: the long form starts where its first
+            # word does in before (the reference's comment)
+            tail = <str>before.split(None, len(words) - len(lf_words))[-1]
             out.append(r.Definition(inner_s, inner_start, inner_start + len(inner_s),
-                                    cand_start + <Py_ssize_t>rel, left + len(before)))
+                                    left + len(before) - len(tail), left + len(before)))
         elif len(inner_s) > r.max_short or len(inner_s.split()) > r.max_short_words:
             words = before.split()
             if not words:

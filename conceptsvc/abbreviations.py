@@ -144,19 +144,22 @@ def find_definitions(text: str) -> list[Definition]:
             if not words:
                 continue
             cand = " ".join(words[-n_words:])
-            cand_start = left + before.rfind(cand) if cand in before else left
             rel = _best_long_form(inner_s, cand)
             if rel is None:
                 continue
             lf = cand[rel:]
-            if len(lf) <= len(inner_s) or len(lf.split()) > n_words or inner_s in lf.split():
+            lf_words = lf.split()
+            if len(lf) <= len(inner_s) or len(lf_words) > n_words or inner_s in lf_words:
                 continue
+            # ``cand`` joins the words with single spaces, so ``rel`` is no offset into the
+            # caption: the long form starts where its first word does in ``before``.
+            tail = before.split(None, len(words) - len(lf_words))[-1]
             out.append(
                 Definition(
                     inner_s,
                     inner_start,
                     inner_start + len(inner_s),
-                    cand_start + rel,
+                    left + len(before) - len(tail),
                     left + len(before),
                 )
             )

@@ -52,6 +52,15 @@ def test_abbreviations_offsets_and_semicolons() -> None:
     assert text[d.long_start : d.long_end] == "pulmonary embolism"
 
 
+def test_issue_19_long_form_offsets_with_runs_of_whitespace() -> None:
+    # The forward pattern looks for the long form in the clause's words joined by single
+    # spaces; its offset in that string is not its offset in a caption with two spaces, a tab
+    # or a space after the clause break (found by test_abbreviations_offsets_property).
+    text = "Findings.  Computed  tomography (CT) of the chest"
+    assert defs(text) == [("CT", "Computed  tomography")]
+    assert defs("C \t computed\ttomography (CT)") == [("CT", "computed\ttomography")]
+
+
 @given(st.text(alphabet="abcdeCTMRI ()-;,.", max_size=80))
 def test_abbreviations_offsets_property(text: str) -> None:
     for d in find_definitions(text):

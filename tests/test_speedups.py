@@ -962,6 +962,18 @@ def test_speedups_definitions_are_capped_the_same_in_both_engines(demo_engines: 
     demo_engines.check(text, ExtractOptions())
 
 
+def test_speedups_definitions_with_runs_of_whitespace_equal_reference() -> None:
+    """Issue 19: a long form's offset in a caption whose clause has two spaces or a tab."""
+    from conceptsvc.abbreviations import fast_find_definitions, find_definitions
+
+    assert isinstance(fast_find_definitions, _speedups.DefinitionFinder)
+    for text in ("Findings.  Computed  tomography (CT) of the chest",
+                 "C \t computed\ttomography (CT)", " x\n\npleural   effusion (PE); PE"):
+        compiled = fast_find_definitions(text)
+        assert compiled == find_definitions(text) != []
+        assert all(text[d.long_start] not in " \t\n" for d in compiled)
+
+
 def test_speedups_case_check_memo_stays_bounded(demo_engines: Engines) -> None:
     """Keys that need a case check are memoised per surface, and surfaces are caption text
     (combining marks normalise away): the memo is emptied at its cap instead of growing."""

@@ -61,12 +61,42 @@ def test_issue_19_long_form_offsets_with_runs_of_whitespace() -> None:
     assert defs("C \t computed\ttomography (CT)") == [("CT", "computed\ttomography")]
 
 
-@given(st.text(alphabet="abcdeCTMRI ()-;,.", max_size=80))
-def test_abbreviations_offsets_property(text: str) -> None:
-    for d in find_definitions(text):
+# Long-form words with distinct initials: the short form is their initials, and Schwartz–Hearst
+# then has exactly one word start for the short form's first letter (a repeated initial lets it
+# settle on a shorter long form, correctly). Each word has five letters or more, so that two of
+# them are too long to be read as a short form in the reverse pattern.
+_LONG_WORDS = (
+    "computed", "tomography", "magnetic", "resonance", "imaging", "pulmonary", "embolism",
+    "fluid", "attenuated", "inversion", "recovery", "right", "coronary", "artery", "venous",
+    "thrombosis", "bilateral", "hypertrophy",
+)
+_NOISE = st.text(alphabet="abcdeCTMRI ()-;,.", max_size=40)
+
+
+@st.composite
+def defined(draw: st.DrawFn) -> tuple[str, str, str, bool]:
+    """(caption, short form, long form, forward): "long form (SF)" or "SF (long form)" between
+    random text, as a caption writes them."""
+    words = draw(st.lists(st.sampled_from(_LONG_WORDS), min_size=2, max_size=4,
+                          unique_by=lambda w: w[0]))
+    long = " ".join(draw(st.sampled_from([str.lower, str.title]))(w) for w in words)
+    short = "".join(w[0] for w in words).upper()
+    forward = draw(st.booleans())
+    pair = f"{long} ({short})" if forward else f"{short} ({long})"
+    return f"{draw(_NOISE)} {pair}{draw(_NOISE)}", short, long, forward
+
+
+@given(defined())
+def test_abbreviations_offsets_property(case: tuple[str, str, str, bool]) -> None:
+    text, short, long, forward = case
+    found = find_definitions(text)
+    assert found  # the property below has something to hold for
+    for d in found:
         assert text[d.short_start : d.short_end] == d.short
         assert 0 <= d.long_start < d.long_end <= len(text)
         assert d.long_end <= d.short_start or d.short_end <= d.long_start
+    pairs = {(d.short, text[d.long_start : d.long_end]) for d in found}
+    assert (short, long) in pairs, (text, "forward" if forward else "reverse", found)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from conceptsvc.normalize import (
     normalize_token,
     tokenize,
     tokenize_spans,
+    tokenize_spans_py,
 )
 
 
@@ -94,4 +95,8 @@ def test_tokenize_spans_equals_tokenize(text: str) -> None:
 @given(st.text(alphabet="abcXYZ09'’ -./(),é", max_size=120))
 def test_tokenize_spans_ascii_fast_path_matches_unicode_path(text: str) -> None:
     toks = tokenize(text)
-    assert tokenize_spans(text)[1] == [t.start for t in toks]
+    want = ([t.start for t in toks], [t.end for t in toks])
+    # the bound name (compiled when built) and the Python reference's own ASCII branch
+    for name, spans in (("bound", tokenize_spans), ("reference", tokenize_spans_py)):
+        _norms, starts, ends = spans(text)
+        assert (starts, ends) == want, name

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from conceptsvc.semantic_network import load_semantic_network
-from conceptsvc.umls.rrf import STANDARD_COLUMNS
+from conceptsvc.sources.rrf import STANDARD_COLUMNS
 
 __all__ = ["generate", "main"]
 

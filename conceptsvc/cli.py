@@ -11,8 +11,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from conceptsvc import __version__
 from conceptsvc.errors import ConceptsvcError
@@ -437,11 +438,68 @@ def _csv_list(values: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+class BuildProgress:
+    """Shows ``index build`` progress (the :data:`~conceptsvc.sources.Progress` callbacks of
+    the readers and the build): a ``\\r`` line on a terminal, a log line every ``interval``
+    seconds otherwise (a CI log should not fill with carriage returns)."""
+
+    def __init__(self, stream: TextIO, *, interval: float | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
+        self._stage = ""
+        self._t0 = self._last = self._prev = time.monotonic()
+        self._open_line = False
+
+    def __call__(self, stage: str, count: int, frac: float | None) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._end_line()
+            # A stage began when the previous one reported its end.
+            self._stage, self._t0, self._last = stage, self._prev, 0.0
+        self._prev = now
+        done = frac is not None and frac >= 1.0
+        if not done and now - self._last < self.interval:
+            return
+        self._last = now
+        elapsed = now - self._t0
+        text = f"{stage}: {count:,} rows"
+        if elapsed >= 0.5:
+            text += f", {count / elapsed:,.0f} rows/s"
+        if frac is not None:
+            text += f", {100 * frac:.0f}%"
+            if 0 < frac < 1:
+                text += f", ETA {_duration(elapsed * (1 - frac) / frac)}"
+        if frac is None and stage == "writing index":
+            text = f"writing index ({count:,} concepts)"
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K")
+            self._open_line = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _end_line(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+
+    def close(self) -> None:
+        self._end_line()
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    # conceptsvc.client.progress.format_duration, without importing the gRPC client here.
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from conceptsvc.dictionary import (
-        BuildProgress,
         DictionaryFilters,
         DictionarySource,
         JsonlSource,

@@ -1,19 +1,22 @@
-"""Dictionaries in, one compiled index out: inputs, build-time filters, preferred names.
+"""Dictionaries in, one compiled index out: build-time filters, merging, preferred names.
 
 A dictionary here is concepts (CUI → semantic types) plus their strings (CUI, string, source,
 term type). Three kinds of input can be merged into one index, each string remembering the
-source (SAB) it came from:
+source (SAB) it came from; each is read by its own module in :mod:`conceptsvc.sources`:
 
-- a UMLS ``META`` directory (:class:`UmlsSource`: MRCONSO, MRSTY, and MRSAB/MRRANK when present);
-- a scispacy knowledge base (:class:`JsonlSource`: JSON Lines, or one JSON array, of
-  ``{"concept_id", "canonical_name", "aliases", "types"}``);
-- a site table (:class:`TableSource`: TSV or CSV rows ``cui, term, tui[, sab]``, optionally
-  with a header naming those columns, and ``tty``).
+- a UMLS ``META`` directory (:class:`UmlsSource`, :mod:`~conceptsvc.sources.rrf`: MRCONSO,
+  MRSTY, and MRSAB/MRRANK when present);
+- a scispacy knowledge base (:class:`JsonlSource`, :mod:`~conceptsvc.sources.jsonl`: JSON
+  Lines, or one JSON array, of ``{"concept_id", "canonical_name", "aliases", "types"}``);
+- a site table (:class:`TableSource`, :mod:`~conceptsvc.sources.table`: TSV or CSV rows
+  ``cui, term, tui[, sab]``, optionally with a header naming those columns, and ``tty``).
 
 Filters (:class:`DictionaryFilters`) are applied while reading, so a full UMLS never has to sit
 in memory unfiltered. Semantic filters are decided per concept after all inputs' types are
 known (types of one CUI from several inputs are merged), so inputs are read in two passes.
 JSONL and table inputs have no language or SUPPRESS column; they pass those filters.
+Kept strings are normalised into index keys, in worker processes when ``workers`` > 1
+(:class:`_KeyPipeline`), the index being the same byte for byte either way.
 
 Preferred names are chosen among the strings that survive the filters, so an excluded source
 never leaks a name: by MRRANK rank when the META directory has MRRANK.RRF, then TS=P, STT=PF,
@@ -27,41 +30,38 @@ A concept with no string left after filtering is absent. A concept without seman
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import multiprocessing
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from conceptsvc.errors import DictionaryError, MalformedRowError, SemanticNetworkError
+from conceptsvc.errors import DictionaryError
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, IndexBuilder
 from conceptsvc.normalize import normalize_term
 from conceptsvc.semantic_network import UNKNOWN_TUI, SemanticNetwork, load_semantic_network
-from conceptsvc.umls.rrf import (
+from conceptsvc.sources import OnError, Progress, ReadStats
+from conceptsvc.sources.jsonl import iter_concepts
+from conceptsvc.sources.rrf import (
     MetaDir,
-    OnError,
-    ReadStats,
     iter_mrconso,
     iter_mrrank,
-    iter_mrsab,
     iter_mrsty,
+    read_release,
 )
+from conceptsvc.sources.table import TableRow, iter_rows
 
 __all__ = [
     "ABBREVIATION_TTYS",
-    "BuildProgress",
     "BuildReport",
     "DictionaryFilters",
     "DictionarySource",
     "JsonlSource",
-    "Progress",
     "TableSource",
     "UmlsSource",
     "build_dictionary_index",
@@ -75,66 +75,6 @@ ABBREVIATION_TTYS = frozenset({"AA", "AB", "ACR", "AM", "CA2", "CA3", "OA", "OAM
 SUPPRESS_VALUES = frozenset({"N", "O", "E", "Y"})
 _ABBREV_MAX = 6  # an all-caps single word this short reads as an abbreviation
 _CASE_SENSITIVE_MAX = 5  # …and this short, as an acronym that must keep its case ("US")
-
-# Progress callback: (stage, items so far, fraction done in [0, 1] or None if unknown).
-Progress = Callable[[str, int, "float | None"], None]
-
-
-class BuildProgress:
-    """Renders :data:`Progress` callbacks: a ``\\r`` line on a terminal, a log line every
-    ``interval`` seconds otherwise (a CI log should not fill with carriage returns)."""
-
-    def __init__(self, stream: TextIO, *, interval: float | None = None) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
-        self._stage = ""
-        self._t0 = self._last = self._prev = time.monotonic()
-        self._open_line = False
-
-    def __call__(self, stage: str, count: int, frac: float | None) -> None:
-        now = time.monotonic()
-        if stage != self._stage:
-            self._end_line()
-            # A stage began when the previous one reported its end.
-            self._stage, self._t0, self._last = stage, self._prev, 0.0
-        self._prev = now
-        done = frac is not None and frac >= 1.0
-        if not done and now - self._last < self.interval:
-            return
-        self._last = now
-        elapsed = now - self._t0
-        text = f"{stage}: {count:,} rows"
-        if elapsed >= 0.5:
-            text += f", {count / elapsed:,.0f} rows/s"
-        if frac is not None:
-            text += f", {100 * frac:.0f}%"
-            if 0 < frac < 1:
-                text += f", ETA {_duration(elapsed * (1 - frac) / frac)}"
-        if frac is None and stage == "writing index":
-            text = f"writing index ({count:,} concepts)"
-        if self.tty:
-            self.stream.write("\r" + text + "\x1b[K")
-            self._open_line = True
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def _end_line(self) -> None:
-        if self._open_line:
-            self.stream.write("\n")
-            self._open_line = False
-
-    def close(self) -> None:
-        self._end_line()
-        self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
 
 def term_flags(string: str, tty: str) -> int:
     """FLAG_* bits a dictionary string carries, from its term type and its shape.
@@ -472,24 +412,10 @@ _SCORE_TABLE = 0
 
 def _umls_source_info(meta: MetaDir, b: _Build) -> tuple[dict[str, Any], str | None]:
     info: dict[str, Any] = {"kind": "umls", "path": str(meta.path), "files": meta.signature()}
-    release: str | None = None
-    for cand in (meta.path / "release.dat", meta.path.parent / "release.dat"):
-        if cand.is_file():
-            for line in cand.read_text(encoding="utf-8", errors="replace").splitlines():
-                if line.startswith("umls.release.name="):
-                    release = line.split("=", 1)[1].strip()
-            break
-    if meta.has("MRSAB.RRF"):
-        versions: dict[str, str] = {}
-        for row in iter_mrsab(meta, on_error=b.on_error, stats=b.stats):
-            if row.curver in ("Y", ""):
-                versions[row.rsab] = row.vsab
-            if release is None and row.rsab == "MTH":
-                m = re.fullmatch(r"MTH(\d{4}[A-Z]{2})", row.vsab)
-                if m:
-                    release = m.group(1)
-        info["source_versions"] = versions
-    return info, release
+    release = read_release(meta, on_error=b.on_error, stats=b.stats)
+    if release.source_versions is not None:
+        info["source_versions"] = release.source_versions
+    return info, release.name
 
 
 def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
@@ -590,78 +516,18 @@ def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
     return release
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, record) from JSON Lines, or from a file holding one JSON array.
-
-    A line that is not JSON is yielded as a :class:`MalformedRowError` (not raised), so the
-    caller can skip it and go on reading.
-    """
-    with path.open("rb") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith(b"["):
-        try:
-            records = json.loads(path.read_bytes())
-        except ValueError as exc:
-            yield getattr(exc, "lineno", 1), MalformedRowError(path, getattr(exc, "lineno", 1),
-                                                               f"invalid JSON: {exc}")
-            return
-        if not isinstance(records, list):
-            yield 1, MalformedRowError(path, 1, "expected a JSON array of concept objects")
-            return
-        yield from enumerate(records, 1)
-        return
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw)
-            except ValueError as exc:
-                yield lineno, MalformedRowError(path, lineno, f"invalid JSON: {exc}")
-
-
-def _jsonl_concepts(
-    src: JsonlSource, b: _Build
-) -> Iterator[tuple[str, str, list[str], list[str]]]:
-    """(cui, canonical name, aliases, types); malformed records fail or are skipped."""
-    table = src.path.name
-    count = 0
-    for lineno, rec in _jsonl_records(src.path):
-        try:
-            if isinstance(rec, MalformedRowError):
-                raise rec
-            if not isinstance(rec, dict):
-                raise MalformedRowError(src.path, lineno, "record is not a JSON object")
-            cui = rec.get("concept_id")
-            name = rec.get("canonical_name")
-            aliases = rec.get("aliases", [])
-            types = rec.get("types", [])
-            if not isinstance(cui, str) or not cui:
-                raise MalformedRowError(src.path, lineno, "missing or empty 'concept_id'")
-            if not isinstance(name, str):
-                raise MalformedRowError(src.path, lineno, "missing 'canonical_name' string")
-            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-                raise MalformedRowError(src.path, lineno, "'aliases' must be a list of strings")
-            if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-                raise MalformedRowError(src.path, lineno, "'types' must be a list of strings")
-        except MalformedRowError as err:
-            if b.on_error == "fail":
-                raise
-            b.stats.skip(table, err)
-            continue
-        count += 1
-        yield cui, name, aliases, types
-    b.stats.rows[table] = count
-
-
 def _read_jsonl(src: JsonlSource, b: _Build, phase: int) -> None:
     if phase == 1:
-        for cui, _name, _aliases, types in _jsonl_concepts(src, b):
+        for cui, _name, _aliases, types in iter_concepts(
+            src.path, on_error=b.on_error, stats=b.stats
+        ):
             if types:
                 b.add_types(cui, types)
         return
     b.report.inputs.append({"kind": "jsonl", "path": str(src.path), "sab": src.sab})
-    for cui, name, aliases, _types in _jsonl_concepts(src, b):
+    for cui, name, aliases, _types in iter_concepts(
+        src.path, on_error=b.on_error, stats=b.stats
+    ):
         seen: set[str] = set()
         for string, tty, bonus in ((name, "PT", 1), *((a, "SY", 0) for a in aliases)):
             if string in seen:
@@ -674,96 +540,19 @@ def _read_jsonl(src: JsonlSource, b: _Build, phase: int) -> None:
             b.keep(cui, string, src.sab, tty, _SCORE_JSONL | bonus)
 
 
-_HEADER_NAMES = {
-    "cui": "cui", "concept_id": "cui", "id": "cui",
-    "term": "term", "string": "term", "str": "term", "name": "term", "alias": "term",
-    "tui": "tui", "tuis": "tui", "type": "tui", "types": "tui", "semantic_type": "tui",
-    "semantic_types": "tui",
-    "sab": "sab", "source": "sab",
-    "tty": "tty",
-}
-_TUI_SPLIT = re.compile(r"[;,|]\s*")
-
-
-def _column(row: list[str], positions: dict[str, int], name: str) -> str:
-    i = positions.get(name)
-    return row[i].strip() if i is not None and i < len(row) else ""
-
-
-def _table_rows(
-    src: TableSource, b: _Build
-) -> Iterator[tuple[str, str, tuple[str, ...], str, str]]:
-    """(cui, term, tuis, sab, tty) from a TSV/CSV file."""
-    delimiter = "," if src.path.suffix.lower() == ".csv" else "\t"
-    table = src.path.name
-    positions = {"cui": 0, "term": 1, "tui": 2, "sab": 3}
-    count = 0
-    with src.path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
-        for row in reader:
-            lineno = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()) or row[0].startswith("#"):
-                continue
-            if count == 0 and not b.stats.skipped.get(table) and row[0].strip().lower() in (
-                "cui", "concept_id", "id"
-            ):
-                names = [_HEADER_NAMES.get(c.strip().lower()) for c in row]
-                unknown = [c for c, n in zip(row, names, strict=True) if n is None]
-                if unknown or "term" not in names:
-                    raise MalformedRowError(
-                        src.path, lineno,
-                        f"header has unknown column(s) {unknown} or no term column; "
-                        "use cui, term, tui, sab, tty",
-                    )
-                positions = {n: i for i, n in enumerate(names) if n is not None}
-                continue
-            try:
-                if len(row) < 2 or len(row) > max(len(positions), 4):
-                    raise MalformedRowError(
-                        src.path, lineno,
-                        f"{len(row)} fields; expected cui, term, tui[, sab]",
-                    )
-                cui = _column(row, positions, "cui")
-                term = row[positions["term"]] if positions["term"] < len(row) else ""
-                if not cui:
-                    raise MalformedRowError(src.path, lineno, "empty cui")
-                if not term.strip():
-                    raise MalformedRowError(src.path, lineno, "empty term")
-                tuis: list[str] = []
-                for t in _TUI_SPLIT.split(_column(row, positions, "tui")):
-                    if not t:
-                        continue
-                    resolved = b.sn.resolve(t) if t.upper() not in b.sn.types else {t.upper()}
-                    if len(resolved) != 1:
-                        raise MalformedRowError(
-                            src.path, lineno, f"{t!r} is a semantic group, not a type"
-                        )
-                    tuis.extend(resolved)
-            except MalformedRowError as err:
-                if b.on_error == "fail":
-                    raise
-                b.stats.skip(table, err)
-                continue
-            except SemanticNetworkError as exc:  # an unknown type named in the row
-                bad_type = MalformedRowError(src.path, lineno, exc.message)
-                if b.on_error == "fail":
-                    raise bad_type from None
-                b.stats.skip(table, bad_type)
-                continue
-            count += 1
-            sab = _column(row, positions, "sab") or src.sab
-            yield cui, term, tuple(tuis), sab, _column(row, positions, "tty") or "SY"
-    b.stats.rows[table] = count
-
-
 def _read_table(src: TableSource, b: _Build, phase: int) -> None:
+    def rows() -> Iterator[TableRow]:
+        return iter_rows(
+            src.path, b.sn, default_sab=src.sab, on_error=b.on_error, stats=b.stats
+        )
+
     if phase == 1:
-        for cui, _term, tuis, _sab, _tty in _table_rows(src, b):
+        for cui, _term, tuis, _sab, _tty in rows():
             if tuis:
                 b.add_types(cui, tuis)
         return
     b.report.inputs.append({"kind": "table", "path": str(src.path), "sab": src.sab})
-    for cui, term, _tuis, sab, tty in _table_rows(src, b):
+    for cui, term, _tuis, sab, tty in rows():
         reason = b.common_filters(cui, term, sab, tty)
         if reason is not None:
             b.report.drop(reason)

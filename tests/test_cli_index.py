@@ -74,3 +74,25 @@ def test_cli_index_errors_are_one_line(
     assert "Did you mean" in capsys.readouterr().err
     assert main(["index", "info", str(tmp_path / "missing")]) == 2
     assert "E400" in capsys.readouterr().err
+
+
+def test_cli_index_build_progress_lines(tmp_path: Path) -> None:
+    import io
+
+    from conceptsvc.cli import BuildProgress
+    from conceptsvc.dictionary import UmlsSource, build_dictionary_index
+
+    stream = io.StringIO()
+    progress = BuildProgress(stream, interval=0.0)
+    report = build_dictionary_index(
+        [UmlsSource(FIXTURES / "rrf_small")], tmp_path / "ix", progress=progress
+    )
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert "MRSTY.RRF: 10 rows, 100%" in lines[0]
+    assert any(line.startswith("MRCONSO.RRF: 31 rows") for line in lines)
+    assert lines[-1] == f"writing index ({report.concepts:,} concepts)"
+    stream = io.StringIO()
+    progress = BuildProgress(stream, interval=0.0)
+    progress("MRCONSO.RRF", 1000, 0.25)
+    assert "25%" in stream.getvalue() and "ETA" in stream.getvalue()

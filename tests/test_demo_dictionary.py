@@ -20,7 +20,8 @@ import yaml
 
 from conceptsvc.embedded import demo_index
 from conceptsvc.semantic_network import load_semantic_network
-from conceptsvc.umls.rrf import MetaDir, ReadStats, iter_mrconso, iter_mrsab, iter_mrsty
+from conceptsvc.sources import ReadStats
+from conceptsvc.sources.rrf import MetaDir, iter_mrconso, iter_mrsab, iter_mrsty
 
 REPO = Path(__file__).resolve().parent.parent
 GEN_DIR = REPO / "scripts" / "demo_dictionary"

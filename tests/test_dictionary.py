@@ -265,40 +265,6 @@ def test_dictionary_jsonl_types_merge_into_semantic_filter(tmp_path: Path) -> No
     assert info.preferred_name == "Hounsfield window region"
 
 
-def test_dictionary_jsonl_malformed_line(tmp_path: Path) -> None:
-    kb = tmp_path / "kb.jsonl"
-    good = {"concept_id": "C1", "canonical_name": "Lung nodule", "aliases": [], "types": []}
-    kb.write_text(
-        json.dumps(good) + "\n{not json\n" + json.dumps({"canonical_name": "x"}) + "\n",
-        encoding="utf-8",
-    )
-    with pytest.raises(MalformedRowError) as err:
-        build_dictionary_index([JsonlSource(kb)], tmp_path / "ix")
-    assert err.value.line == 2 and "kb.jsonl:2:" in str(err.value)
-    report = build_dictionary_index([JsonlSource(kb)], tmp_path / "ix", on_error="skip")
-    assert report.malformed_skipped == {"kb.jsonl": 2} and report.concepts == 1
-
-
-def test_dictionary_csv_with_quotes_and_positional_tsv(tmp_path: Path) -> None:
-    csv_file = tmp_path / "terms.csv"
-    csv_file.write_text('C0000001,"Fracture, femur",T037\nC0000002,Lung,"T023;T029",RAD\n')
-    ix = _build(tmp_path, TableSource(csv_file))
-    assert ix.concept("C0000001").preferred_name == "Fracture, femur"  # type: ignore[union-attr]
-    lung = ix.concept("C0000002")
-    assert lung is not None and lung.semantic_types == ("T023", "T029") and lung.sources == ("RAD",)
-
-
-def test_dictionary_table_malformed_rows(tmp_path: Path) -> None:
-    tsv = tmp_path / "bad.tsv"
-    tsv.write_text("C1\tLung\tT023\nC2\n\tHeart\tT023\nC3\tLiver\tT999\nC4\tSpleen\tT023\n")
-    with pytest.raises(MalformedRowError) as err:
-        build_dictionary_index([TableSource(tsv)], tmp_path / "ix")
-    assert err.value.line == 2
-    report = build_dictionary_index([TableSource(tsv)], tmp_path / "ix", on_error="skip")
-    assert report.malformed_skipped == {"bad.tsv": 3} and report.concepts == 2
-    assert any("T999" in e for e in report.malformed_examples)
-
-
 def test_dictionary_missing_input_is_clear(tmp_path: Path) -> None:
     with pytest.raises(DictionaryError, match="no such file"):
         build_dictionary_index([TableSource(tmp_path / "nope.tsv")], tmp_path / "ix")
@@ -326,22 +292,3 @@ def test_dictionary_workers_give_the_identical_index(tmp_path: Path) -> None:
     assert a.content_hash == b.content_hash
     with pytest.raises(DictionaryError, match="workers"):
         build_dictionary_index([SMALL], tmp_path / "x", workers=0)
-
-
-def test_dictionary_build_progress_lines(tmp_path: Path) -> None:
-    import io
-
-    from conceptsvc.dictionary import BuildProgress
-
-    stream = io.StringIO()
-    progress = BuildProgress(stream, interval=0.0)
-    report = build_dictionary_index([SMALL], tmp_path / "ix", progress=progress)
-    progress.close()
-    lines = stream.getvalue().splitlines()
-    assert "MRSTY.RRF: 10 rows, 100%" in lines[0]
-    assert any(line.startswith("MRCONSO.RRF: 31 rows") for line in lines)
-    assert lines[-1] == f"writing index ({report.concepts:,} concepts)"
-    stream = io.StringIO()
-    progress = BuildProgress(stream, interval=0.0)
-    progress("MRCONSO.RRF", 1000, 0.25)
-    assert "25%" in stream.getvalue() and "ETA" in stream.getvalue()

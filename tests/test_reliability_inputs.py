@@ -37,7 +37,8 @@ from conceptsvc.errors import ClientError, ConceptsvcError, IndexError_, Malform
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import Annotation
-from conceptsvc.umls.rrf import MetaDir, ReadStats, iter_mrconso
+from conceptsvc.sources import ReadStats
+from conceptsvc.sources.rrf import MetaDir, iter_mrconso
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

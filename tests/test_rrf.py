@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 
 from conceptsvc.errors import DictionaryError, MalformedRowError
-from conceptsvc.umls.rrf import (
+from conceptsvc.sources import ReadStats
+from conceptsvc.sources.rrf import (
     STANDARD_COLUMNS,
     MetaDir,
-    ReadStats,
     iter_mrconso,
     iter_mrrank,
     iter_mrsab,
     iter_mrsty,
+    read_release,
     read_table,
 )
 
@@ -146,7 +147,7 @@ def test_rrf_tiny_read_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch, ch
     expected = {name: _atoms(name) for name in ("rrf_small", "rrf_split", "umls_META")}
     stats = ReadStats()
     list(iter_mrconso(MetaDir(FIXTURES / "rrf_malformed"), on_error="skip", stats=stats))
-    monkeypatch.setattr("conceptsvc.umls.rrf._CHUNK", chunk)
+    monkeypatch.setattr("conceptsvc.sources.rrf._CHUNK", chunk)
     for name, rows in expected.items():
         assert _atoms(name) == rows
     small_chunks = ReadStats()
@@ -160,3 +161,20 @@ def test_rrf_blank_lines_and_crlf_only_file(tmp_path: Path) -> None:
     )
     rows = list(iter_mrconso(MetaDir(tmp_path)))
     assert [r.string for r in rows] == ["Lung"]
+
+
+def test_rrf_read_release_from_release_dat_then_mrsab(tmp_path: Path) -> None:
+    small = read_release(MetaDir(FIXTURES / "rrf_small"))
+    assert small.name == "2024AA"
+    assert small.source_versions is not None
+    assert small.source_versions["MSH"] == "MSH2024_2023_08_04"
+    # Without release.dat the name comes from MTH's version in MRSAB; without MRSAB, nothing.
+    meta = tmp_path / "META"
+    meta.mkdir()
+    (meta / "MRCONSO.RRF").write_bytes((FIXTURES / "rrf_small" / "MRCONSO.RRF").read_bytes())
+    mth = ["C1", "C2", "MTH2025AB", "MTH", "UMLS Metathesaurus", *[""] * 14, "ENG", "UTF-8",
+           "Y", "Y", "", ""]
+    (meta / "MRSAB.RRF").write_text("|".join(mth) + "|\n", encoding="utf-8")
+    assert read_release(MetaDir(meta)) == ("2025AB", {"MTH": "MTH2025AB"})
+    (meta / "MRSAB.RRF").unlink()
+    assert read_release(MetaDir(meta)) == (None, None)

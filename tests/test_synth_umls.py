@@ -8,7 +8,7 @@ from pathlib import Path
 from benchmarks.synth_umls import generate
 from conceptsvc.dictionary import UmlsSource, build_dictionary_index
 from conceptsvc.index import ConceptIndex
-from conceptsvc.umls.rrf import MetaDir, iter_mrconso, iter_mrrank, iter_mrsab, iter_mrsty
+from conceptsvc.sources.rrf import MetaDir, iter_mrconso, iter_mrrank, iter_mrsab, iter_mrsty
 
 
 def test_synth_umls_shape_and_build(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conceptsvc.umls.rrf import MetaDir, iter_mrconso, iter_mrsty
+from conceptsvc.sources.rrf import MetaDir, iter_mrconso, iter_mrsty
 
 LANGUAGE = "ENG"
 DROP_SUPPRESSIBLE = frozenset({"O", "E", "Y"})

@@ -10,8 +10,8 @@ How QuickUMLS is driven (its installer prompts, downloads a spaCy model and call
 ``nltk.download``; none of that happens here):
 
 - the index is written by QuickUMLS's own ``install.parse_and_encode_ngrams`` (simstring
-  database + CUI/semantic-type database) from rows read by :mod:`conceptsvc.umls.rrf`, with the
-  flag files its installer writes; the build goes to a sibling temporary directory that is
+  database + CUI/semantic-type database) from rows read by :mod:`conceptsvc.sources.rrf`, with
+  the flag files its installer writes; the build goes to a sibling temporary directory that is
   renamed into place at the end, and never replaces an existing directory;
 - matching uses a blank spaCy English pipeline (no trained model exists offline), so QuickUMLS's
   part-of-speech heuristics (skip determiners, adpositions, conjunctions) are inactive — its
@@ -206,7 +206,7 @@ def build_quickumls_index(
     interrupted build leaves no half-written index under that name.
     """
     mods = _import_quickumls()
-    from conceptsvc.umls.rrf import MetaDir, iter_mrconso, iter_mrsty
+    from conceptsvc.sources.rrf import MetaDir, iter_mrconso, iter_mrsty
 
     if database_backend not in _DATABASE_BACKENDS:
         raise ConfigError(

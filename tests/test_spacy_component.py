@@ -75,3 +75,20 @@ def test_spacy_component_entry_point(engine_index_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "['C0024485', 'C0000726']"
+
+
+def test_spacy_component_without_spacy_is_a_coded_error() -> None:
+    """spaCy is an extra: without it the service still imports, and this module says what to
+    install instead of a bare ModuleNotFoundError (a None entry in sys.modules blocks spacy)."""
+    code = (
+        "import sys; sys.modules['spacy'] = None\n"
+        "import conceptsvc.extractor, conceptsvc.server.app, conceptsvc.dictionary\n"
+        "from conceptsvc.errors import ConfigError\n"
+        "try:\n"
+        "    import conceptsvc.spacy_component\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("[E100] the spaCy component needs spaCy")
+    assert "pip install 'conceptsvc[spacy]'" in out.stdout

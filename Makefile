@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # interpreter's ABI tag, e.g. conceptsvc/_speedups.cpython-311-x86_64-linux-gnu.so).
 SPEEDUPS := conceptsvc/_speedups$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 
-.PHONY: install test lint demo bench bench-index bench-peers peers soak proto audit lock clean system-deps
+.PHONY: install test lint demo bench bench-index bench-peers peers scispacy-reference soak proto audit lock clean system-deps
 
 # Debian packages the build and the tests need (gcc and Python's headers for the compiled
 # extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier).
@@ -92,6 +92,24 @@ peers: $(PEERS_STAMP)
 bench-peers: install peers
 	$(PY) -m benchmarks.bench peers
 
+# scispacy as the reference for abbreviation definitions and the scispacy KB reader
+# (scripts/scispacy_reference/compare.py; results in BENCHMARKS.md), in a venv of its own:
+# scispacy 0.6.2 requires numpy<2, our lock pins numpy 2. conceptsvc goes in with --no-deps.
+SCISPACY_VENV  ?= .venv-scispacy
+SCISPACY_STAMP := $(SCISPACY_VENV)/.installed
+SCISPACY_REQS  := scripts/scispacy_reference/requirements.txt
+
+$(SCISPACY_STAMP): $(SCISPACY_REQS)
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
+	$(PYTHON) -m venv $(SCISPACY_VENV)
+	$(SCISPACY_VENV)/bin/python -m pip install -q --upgrade pip wheel setuptools
+	$(SCISPACY_VENV)/bin/python -m pip install -q -r $(SCISPACY_REQS)
+	$(SCISPACY_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(SCISPACY_STAMP)
+
+scispacy-reference: $(SCISPACY_STAMP)
+	$(SCISPACY_VENV)/bin/python scripts/scispacy_reference/compare.py
+
 # 32 streaming clients for 5 minutes against 2 workers; the figures go into RELIABILITY.md.
 soak: install
 	$(PY) -m benchmarks.soak --write RELIABILITY.md
@@ -106,5 +124,5 @@ lock: install
 	  --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(SCISPACY_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	rm -f conceptsvc/_speedups.c conceptsvc/_speedups.html conceptsvc/*.so

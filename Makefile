@@ -94,7 +94,9 @@ bench-peers: install peers
 
 # scispacy as the reference for abbreviation definitions and the scispacy KB reader
 # (scripts/scispacy_reference/compare.py; results in BENCHMARKS.md), in a venv of its own:
-# scispacy 0.6.2 requires numpy<2, our lock pins numpy 2. conceptsvc goes in with --no-deps.
+# scispacy 0.6.2 requires numpy<2, our lock pins numpy 2. conceptsvc is imported from the
+# checkout, not installed there: installed, its spacy_factories entry point would make spaCy
+# import the whole engine, whose dependencies that venv does not have.
 SCISPACY_VENV  ?= .venv-scispacy
 SCISPACY_STAMP := $(SCISPACY_VENV)/.installed
 SCISPACY_REQS  := scripts/scispacy_reference/requirements.txt
@@ -104,11 +106,10 @@ $(SCISPACY_STAMP): $(SCISPACY_REQS)
 	$(PYTHON) -m venv $(SCISPACY_VENV)
 	$(SCISPACY_VENV)/bin/python -m pip install -q --upgrade pip wheel setuptools
 	$(SCISPACY_VENV)/bin/python -m pip install -q -r $(SCISPACY_REQS)
-	$(SCISPACY_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(SCISPACY_STAMP)
 
 scispacy-reference: $(SCISPACY_STAMP)
-	$(SCISPACY_VENV)/bin/python scripts/scispacy_reference/compare.py
+	PYTHONPATH=$(CURDIR) $(SCISPACY_VENV)/bin/python scripts/scispacy_reference/compare.py
 
 # 32 streaming clients for 5 minutes against 2 workers; the figures go into RELIABILITY.md.
 soak: install

@@ -16,9 +16,12 @@
 
 scispacy's UMLS linker downloads its index at run time, which this project never does, so only
 these two parts are compared. Run it with ``make scispacy-reference`` (its own venv,
-``.venv-scispacy``: scispacy pins numpy<2) or, in that venv::
+``.venv-scispacy``: scispacy pins numpy<2) or, from the checkout, in that venv::
 
-    python scripts/scispacy_reference/compare.py [--captions CSV] [--kb JSONL] [--list]
+    PYTHONPATH=. python scripts/scispacy_reference/compare.py [--captions CSV] [--kb FILE] [--list]
+
+conceptsvc is not installed in that venv: installed, its ``spacy_factories`` entry point would
+make spaCy import the whole engine, whose dependencies the venv does not have.
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ REASONS = {
     "word_start": "conceptsvc extends the long form back to the start of its whitespace-"
     "delimited word, as the published algorithm does (lastIndexOf(' ')); scispacy to the "
     "spaCy token ('18F-[fluorodeoxyglucose]')",
-    "whitespace_bug": "conceptsvc bug: the long form's offsets are wrong when a character "
-    "other than a plain space separates its words (thin or no-break space, a double space)",
+    "whitespace_bug": "conceptsvc bug: the long form starts before its first word when a "
+    "character other than a plain space (thin or no-break space) precedes that word: "
+    "_best_long_form looks back for ' ' only",
     "reverse_contains_short": "conceptsvc bug: in the reverse pattern 'SF (long form)' the "
     "long form may contain the short form itself ('RA (... RA = 25 cm2)'); the published "
     "algorithm rejects that, as conceptsvc does in the forward pattern",

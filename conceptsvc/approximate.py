@@ -44,6 +44,7 @@ from conceptsvc.normalize import STOPWORDS
 __all__ = [
     "DEFAULT_WINDOW",
     "SIMILARITIES",
+    "SIZE_CAP",
     "ApproximateMatcher",
     "TrigramIndex",
     "similarity",
@@ -55,6 +56,8 @@ DEFAULT_WINDOW = 5
 """Longest window in tokens, as QuickUMLS's default ``window``."""
 
 SIMILARITIES = ("jaccard", "cosine", "dice", "overlap")
+SIZE_CAP = 1 << 30
+"""Upper size bound meaning "no bound": far more trigrams than any dictionary string has."""
 _EXTRA_LISTS = 5  # lists counted beyond the pigeonhole minimum (see TrigramIndex.search)
 
 
@@ -82,16 +85,32 @@ def similarity(measure: str, overlap: int, x: int, y: int) -> float:
 
 
 def size_bounds(measure: str, x: int, alpha: float) -> tuple[int, int]:
-    """Smallest and largest key trigram-set size that can reach ``alpha`` against size ``x``."""
+    """Smallest and largest key trigram-set size that can reach ``alpha`` against size ``x``.
+
+    Every ``alpha`` in (0, 1] is served, subnormals included: an upper bound past
+    :data:`SIZE_CAP` (or past the float range — ``x / 1e-310`` is infinite) is no bound at all
+    and comes back as ``SIZE_CAP``, and cosine divides by ``alpha`` twice because ``alpha²``
+    underflows to 0 below about 1e-162. A lower bound that underflows to 0 only widens the range.
+    """
     if measure == "jaccard":
-        return math.ceil(alpha * x - 1e-9), math.floor(x / alpha + 1e-9)
+        return _ceil(alpha * x), _floor_capped(x / alpha)
     if measure == "cosine":
-        return math.ceil(alpha * alpha * x - 1e-9), math.floor(x / (alpha * alpha) + 1e-9)
+        return _ceil(alpha * alpha * x), _floor_capped(x / alpha / alpha)
     if measure == "dice":
-        return math.ceil(alpha * x / (2 - alpha) - 1e-9), math.floor((2 - alpha) * x / alpha + 1e-9)
+        return _ceil(alpha * x / (2 - alpha)), _floor_capped((2 - alpha) * x / alpha)
     if measure == "overlap":
-        return 1, 1 << 30
+        return 1, SIZE_CAP
     raise ExtractionError(f"unknown similarity {measure!r}; use one of {', '.join(SIMILARITIES)}")
+
+
+def _ceil(v: float) -> int:
+    return math.ceil(v - 1e-9)
+
+
+def _floor_capped(v: float) -> int:
+    # ``not v < cap`` also catches inf; the 1e-9 absorbs rounding of x / alpha for
+    # thresholds like 0.7 whose quotient should be a whole number
+    return math.floor(v + 1e-9) if v < SIZE_CAP else SIZE_CAP
 
 
 def _min_overlap(measure: str, alpha: float) -> Callable[[int, int], int]:

@@ -110,3 +110,69 @@ def test_approximate_best_is_memoised(approx: ApproximateMatcher) -> None:
     a = approx.best("pleural efusion", "jaccard", 0.6)
     assert a is approx.best("pleural efusion", "jaccard", 0.6)
     assert a[0][0] == "pleural effusion"
+
+
+# Every threshold the (0, 1] validation lets through, subnormals included (issue 18: 1e-310
+# overflowed x / alpha, and cosine's alpha² underflowed to 0 below about 1e-162).
+THRESHOLDS = st.floats(min_value=0, max_value=1, exclude_min=True, allow_subnormal=True)
+TINY = (5e-324, 1e-310, 2.2250738585072014e-308, 1e-200, 1e-162, 1e-9)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(SIMILARITIES), st.integers(1, 60), st.integers(1, 60), THRESHOLDS,
+       st.data())
+def test_issue_18_size_bounds_hold_for_every_threshold(
+    measure: str, x: int, y: int, alpha: float, data: st.DataObject
+) -> None:
+    lo, hi = size_bounds(measure, x, alpha)
+    assert isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi
+    overlap = data.draw(st.integers(0, min(x, y)))
+    if similarity(measure, overlap, x, y) >= alpha:
+        assert lo <= y <= hi
+
+
+@pytest.mark.parametrize("alpha", TINY)
+@pytest.mark.parametrize("measure", SIMILARITIES)
+def test_issue_18_tiny_thresholds_have_no_size_bound(measure: str, alpha: float) -> None:
+    lo, hi = size_bounds(measure, 13, alpha)
+    assert lo <= 1 and hi >= 1 << 20
+
+
+@pytest.fixture(scope="module")
+def keys(engine_index_path: Path) -> list[str]:
+    return sorted(ConceptIndex.load(engine_index_path).keys())
+
+
+def _brute_force(keys: list[str], query: str, measure: str, alpha: float) -> set[tuple[str, float]]:
+    """The definition: every key whose trigram similarity with ``query`` is ≥ ``alpha``."""
+    q = trigrams(query)
+    out = set()
+    for k in keys:
+        y = trigrams(k)
+        sim = similarity(measure, len(q & y), len(q), len(y)) if q and y else 0.0
+        # sim > 0: ≥ alpha > 0 implies it; the 1e-12 (the search's own rounding allowance)
+        # would otherwise admit every key at thresholds below 1e-12
+        if sim > 0 and sim >= alpha - 1e-12:
+            out.add((k, round(sim, 9)))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.data(),
+    st.sampled_from(SIMILARITIES),
+    st.one_of(THRESHOLDS, st.sampled_from(TINY)),
+)
+def test_issue_18_search_at_any_threshold_equals_brute_force(
+    approx: ApproximateMatcher, keys: list[str], data: st.DataObject, measure: str, alpha: float
+) -> None:
+    # a dictionary key with a few characters dropped, doubled or replaced, or random letters
+    base = data.draw(st.sampled_from(keys))
+    edits = data.draw(st.lists(st.tuples(st.integers(0, 40), st.sampled_from("aeflnrstu ")),
+                               max_size=4))
+    query = base
+    for pos, c in edits:
+        p = pos % (len(query) + 1)
+        query = query[:p] + c + query[p + 1 :] if pos % 2 else query[:p] + c + query[p:]
+    got = {(k, round(sim, 9)) for k, sim in approx.search(query, measure, alpha)}
+    assert got == _brute_force(keys, query, measure, alpha)

@@ -296,3 +296,63 @@ def test_extractor_engine_reports_which_runs(engine_index_path: Path) -> None:
     assert Extractor(index).engine in ("compiled", "reference")
     with pytest.raises(ExtractionError, match="engine 'fast' is not one of"):
         Extractor(index, engine="fast")
+
+
+# Issue 18: thresholds near the bottom of (0, 1] crashed approximate extraction (OverflowError
+# in approximate.size_bounds). Captions are dictionary strings, misspelt, between words that
+# are not in it.
+_STRINGS = sorted({
+    line.split("\t")[3]
+    for line in (Path(__file__).parent / "fixtures" / "engine_dictionary.tsv")
+    .read_text(encoding="utf-8").splitlines()
+    if line and not line.startswith("#")
+})
+_FILLER = ("left", "showing", "the", "no", "with", "axial", "mass", "of", "and")
+
+
+@st.composite
+def _captions(draw: st.DrawFn) -> str:
+    parts = []
+    for _ in range(draw(st.integers(1, 4))):
+        s = draw(st.sampled_from(_STRINGS))
+        if len(s) > 3 and draw(st.booleans()):  # drop, double or swap one character
+            p = draw(st.integers(1, len(s) - 2))
+            s = draw(st.sampled_from([s[:p] + s[p + 1 :], s[:p] + s[p] + s[p:],
+                                      s[:p] + s[p + 1] + s[p] + s[p + 2 :]]))
+        parts.append(s)
+        parts.extend(draw(st.lists(st.sampled_from(_FILLER), max_size=2)))
+    return " ".join(parts) + draw(st.sampled_from(["", ".", " (arrows)."]))
+
+
+_REFERENCE_ALPHA = 1e-4  # below the least positive similarity any window here can have
+
+
+@pytest.fixture(scope="module")
+def engines(engine_index_path: Path) -> tuple[Extractor, Extractor]:
+    index = ConceptIndex.load(engine_index_path)
+    return Extractor(index), Extractor(index, engine="reference")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _captions(),
+    st.sampled_from(["jaccard", "cosine", "dice", "overlap"]),
+    st.one_of(
+        st.floats(min_value=0, max_value=1, exclude_min=True, allow_subnormal=True),
+        st.sampled_from([5e-324, 1e-310, 2.2250738585072014e-308, 1e-200, 1e-162]),
+    ),
+    st.sampled_from(["longest", "best_score", "all"]),
+)
+def test_issue_18_every_threshold_in_the_unit_interval_extracts(
+    engines: tuple[Extractor, Extractor], text: str, measure: str, alpha: float, overlap: str
+) -> None:
+    fast, ref = engines
+    o = ExtractOptions(mode="approximate", similarity=measure, threshold=alpha, overlap=overlap)
+    a = fast.extract(text, o)
+    check_annotation(fast.index, text, a, o)  # every approximate mention reaches alpha
+    assert ref.extract(text, o) == a
+    if alpha < _REFERENCE_ALPHA:
+        # Every positive similarity here is far above 1e-4 (windows and keys have fewer than
+        # 100 trigrams), so any smaller threshold admits exactly the same keys.
+        assert a == fast.extract(text, replace(o, threshold=_REFERENCE_ALPHA))
+    fast.search(text, options=o)

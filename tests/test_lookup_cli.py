@@ -210,3 +210,25 @@ def test_lookup_cli_local_defaults_to_the_demo_dictionary(
     code, out, _ = run(capsys, "concept", "C0032227", "--local", "--json", "--no-synonyms")
     assert code == 0 and json.loads(out)["preferred_name"] == "Pleural effusion disorder"
     assert list((tmp_path / "cache").iterdir())  # the demo index was built there
+
+
+@pytest.mark.parametrize("threshold", ["1e-310", "5e-324", "2.2250738585072014e-308"])
+def test_issue_18_tiny_thresholds_answer_normally(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path, threshold: str
+) -> None:
+    # 1e-310 passes the (0, 1] validation; it crashed approximate.size_bounds (OverflowError:
+    # a traceback with --local, INTERNAL from the service) instead of matching every key that
+    # shares a trigram with the window, as any threshold below the least similarity would
+    for conn in both(target, demo_index_dir):
+        for measure in ("jaccard", "cosine", "dice", "overlap"):
+            code, out, err = run(capsys, "lookup", "small pleural efusion", "--json",
+                                 "--approximate", "--similarity", measure,
+                                 "--threshold", threshold, *conn)
+            assert code == 0, (conn, measure, err)
+            found = json.loads(out)["mentions"]
+            assert found and all(0 < m["score"] <= 1 for m in found), (conn, measure, found)
+            code, out, err = run(capsys, "search", "pleural efusion", "--json",
+                                 "--approximate", "--similarity", measure,
+                                 "--threshold", threshold, *conn)
+            assert code == 0, (conn, measure, err)
+            assert "C0032227" in out

@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -820,6 +822,113 @@ def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Pat
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_issue_18_a_claimed_port_is_shared_only_by_its_own_workers(index_a: Path) -> None:
+    from conceptsvc.errors import ConfigError
+    from conceptsvc.server.app import PortClaim
+
+    claim = PortClaim("127.0.0.1", 0)  # port 0: picked once, here
+    try:
+        for host in ("127.0.0.1", "0.0.0.0"):  # the same address, and one that overlaps it
+            with pytest.raises(ConfigError, match=f"E100.*port {claim.port} is already in use"):
+                PortClaim(host, claim.port)
+        # a worker joins the claim; a server that does not share (--workers 1) cannot
+        with running_server(settings_for(index_a, port=claim.port), reuse_port=True) as (_, p):
+            assert p == claim.port
+            with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{p}"):
+                create_server(settings_for(index_a, port=p))
+            claim.close()
+            # the listening worker alone still keeps other supervisors out
+            with pytest.raises(ConfigError, match=f"port {p} is already in use"):
+                PortClaim("127.0.0.1", p)
+        PortClaim("127.0.0.1", claim.port).close()  # free again once every holder is gone
+    finally:
+        claim.close()
+
+
+def _claim_together(port: int, n: int) -> tuple[list[Any], list[Exception]]:
+    """``n`` threads claiming ``port`` at the same instant: the claims won and the errors."""
+    from conceptsvc.errors import ConfigError
+    from conceptsvc.server.app import PortClaim
+
+    barrier = threading.Barrier(n)
+    won: list[PortClaim] = []
+    lost: list[Exception] = []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            won.append(PortClaim("127.0.0.1", port))
+        except ConfigError as exc:
+            lost.append(exc)
+
+    threads = [threading.Thread(target=claim) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return won, lost
+
+
+def test_issue_18_port_claims_racing_for_one_port_let_one_through() -> None:
+    from conftest import free_port
+
+    # Two supervisors started in the same instant. Without the lock, 70-87 of 300 rounds did
+    # not have exactly one winner: both probes passed before either guard was bound, or each
+    # failed on the other's probe. A tiny switch interval lets the threads interleave there.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            port = free_port()
+            won, lost = _claim_together(port, 2)
+            for c in won:
+                c.close()
+            assert (len(won), len(lost)) == (1, 1), (port, lost)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "second"), [("2", "2"), ("1", "2"), ("2", "1")])
+def test_issue_18_a_second_service_cannot_join_a_taken_port(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    # Workers share their port with SO_REUSEPORT, and Linux let the workers of a second
+    # `serve --workers 2` on the same port join the first's group: both dictionaries answered
+    # on one port, at random per connection, and the second service started cleanly.
+    a = build_index_a(tmp_path / "a")
+    b = build_index_b(tmp_path / "b")
+    proc, port = serve_subprocess("--workers", first, "--index", str(b))
+    try:
+        other = subprocess.Popen(
+            [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", str(port),
+             "--workers", second, "--index", str(a)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert other.stdout is not None
+            ready = other.stdout.readline()  # the ready line, or "" once it has exited
+            # Each client has its own connection, and the kernel picks the listener of each.
+            releases = []
+            for _ in range(40):
+                with ConceptClient(f"127.0.0.1:{port}") as c:
+                    releases.append(c.get_info().index.source_release)
+        finally:
+            if other.poll() is None:
+                other.kill()
+            _, other_err = other.communicate(timeout=30)
+        assert set(releases) == {"test-B"}, releases
+        assert ready == "", f"a second service started on port {port}: {ready!r}"
+        assert other.returncode == 2, other_err
+        assert "E100" in other_err and str(port) in other_err, other_err
+        with ConceptClient(f"127.0.0.1:{port}") as c:  # the first one is unharmed
+            assert c.annotate("edema").concepts == ("C0013604",)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
 
 

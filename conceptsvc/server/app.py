@@ -10,12 +10,15 @@
   As in grpc's ``examples/python/multiprocessing``, each worker binds the same port with
   ``SO_REUSEPORT`` and the kernel spreads incoming *connections* over them (so a single client
   connection is served by a single worker; clients that want both cores open several).
+  The supervisor claims the port first, so that only its own workers can share it: a second
+  service on a taken port fails at start-up (:class:`PortClaim`).
   Workers are spawned (not forked) because gRPC must not be forked once initialised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import multiprocessing
@@ -24,6 +27,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
     from conceptsvc.config import Settings
     from conceptsvc.extractor import Extractor
 
-__all__ = ["ConceptServer", "Supervisor", "create_server", "run_worker", "serve"]
+__all__ = ["ConceptServer", "PortClaim", "Supervisor", "create_server", "run_worker", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -351,18 +355,75 @@ def _worker_main(payload: str, port: int, conn: Any, index: int, log_level: int)
     raise SystemExit(code)
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) so the port is ours; workers bind it too via SO_REUSEPORT."""
-    bare = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+class PortClaim:
+    """The port of one multi-worker service, held by its supervisor for the service's life.
+
+    Workers share the port with ``SO_REUSEPORT``, and Linux lets any socket of the same user
+    join such a group: a second ``serve --workers N`` on a taken port used to start its workers
+    beside the first one's, and the kernel spread connections over both dictionaries (issue
+    18). Only the workers of one supervisor may share the port, so claiming it takes, in order:
+
+    * on Linux, an abstract Unix socket named after host:port, which one process at a time can
+      bind, so that of two supervisors started in the same instant one goes on (without it,
+      both could pass the probe before either bound its guard — or each fail on the other's).
+      The kernel releases it when the supervisor dies, however it dies;
+    * a probe bound *without* ``SO_REUSEPORT`` and closed at once. It fails with EADDRINUSE
+      when anything holds the port: another service's listener, or another supervisor's guard.
+      ``SO_REUSEADDR`` on it keeps connections of an earlier run, still in TIME_WAIT, from
+      counting as a service;
+    * the guard, bound with ``SO_REUSEPORT`` and never listening: the workers join it, and a
+      later supervisor's probe fails on it even while every worker is being restarted. It must
+      not set ``SO_REUSEADDR``: two sockets that both have it may share a port that neither
+      listens on, and the probe would pass.
+
+    Port 0 is resolved once, first (a free port, by the kernel), and the workers get the result.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        bare = host.strip("[]")
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+        self._held: list[socket.socket] = []
+        if port == 0:
+            port = self._probe(family, bare, host, 0)
+        self.port = port
+        try:
+            if sys.platform == "linux":
+                lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._held.append(lock)
+                _bind(lock, f"\0conceptsvc-port:{bare}:{port}", host, port)
+            self._probe(family, bare, host, port)
+            guard = socket.socket(family, socket.SOCK_STREAM)
+            self._held.append(guard)
+            guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            _bind(guard, (bare, port), host, port)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _probe(family: socket.AddressFamily, bare: str, host: str, port: int) -> int:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _bind(probe, (bare, port), host, port)
+            return int(probe.getsockname()[1])
+
+    def close(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
+
+
+def _bind(sock: socket.socket, address: Any, host: str, port: int) -> None:
     try:
-        sock.bind((bare, port))
+        sock.bind(address)
     except OSError as exc:
-        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: port {port} is already in use by another "
+                "service (workers share a port only with their own supervisor); stop that "
+                "service or choose another --port"
+            ) from None
         raise ConfigError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 class Supervisor:
@@ -427,8 +488,8 @@ class Supervisor:
         if s.index is None:
             # Build the demo index once here, not concurrently in every worker.
             s = s.model_copy(update={"index": resolve_index_path(s)})
-        reserved = _reserve_port(s.host, s.port)
-        port = int(reserved.getsockname()[1])
+        claim = PortClaim(s.host, s.port)
+        port = claim.port
         metrics_dir: tempfile.TemporaryDirectory[str] | None = None
         if s.metrics_port is not None:
             metrics_dir = tempfile.TemporaryDirectory(prefix="conceptsvc-metrics-")
@@ -452,7 +513,7 @@ class Supervisor:
             return self._loop(control, payload, port)
         finally:
             _restore_signals(previous)
-            reserved.close()
+            claim.close()
             if metrics_dir is not None:
                 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 metrics_dir.cleanup()

@@ -180,6 +180,13 @@ class Settings(BaseSettings):
     max_search_limit: int = Field(
         default=100, ge=1, description="most candidates SearchConcepts returns"
     )
+    max_option_items: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="most names in one request option list (exclude_cuis, semantic_types, "
+        "semantic_groups, sources); more is refused with RESOURCE_EXHAUSTED",
+    )
     stream_batch_size: int = Field(
         default=64, ge=1, le=10_000, description="stream items looked up in the cache together"
     )

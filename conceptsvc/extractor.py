@@ -51,9 +51,9 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from conceptsvc.abbreviations import AmbiguityResolver, fast_find_definitions, find_definitions
 from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
@@ -76,13 +76,32 @@ from conceptsvc.semantic_network import load_semantic_network
 if TYPE_CHECKING:
     from conceptsvc._speedups import FastPath
 
-__all__ = ["ENGINES", "MODES", "OVERLAPS", "Candidate", "ExtractOptions", "Extractor"]
+__all__ = [
+    "ENGINES",
+    "MODES",
+    "OVERLAPS",
+    "Candidate",
+    "ExtractOptions",
+    "Extractor",
+    "WeightedMemo",
+    "option_items",
+    "options_weight",
+]
 
 ENGINES = ("auto", "compiled", "reference")
 
 MODES = ("exact", "approximate")
 OVERLAPS = ("longest", "best_score", "all")
 _PLAN_CACHE_SIZE = 256
+PLAN_CACHE_BYTES = 64 << 20
+"""Approximate bytes of the option sets an :class:`Extractor`'s plan cache holds (see
+:func:`options_weight`); with ``_PLAN_CACHE_SIZE`` plans at most."""
+_PLAN_MEMO_MAX = 1 << 16
+"""Entries of a plan's Python memos (``accept``, ``filtered``) before each is emptied, as the
+compiled path's ``FAST_MEMO_MAX``: their keys come from caption text, so without a bound one
+plan's memos grow with every new CUI and key a client's captions reach."""
+_PLAN_BASE_BYTES = 4096  # a plan's fixed part: dataclass, empty memos, profile/resolver refs
+_OPTION_ITEM_BYTES = 100  # per list item, beyond its characters: see options_weight
 _new = tuple.__new__  # NamedTuple construction without its Python-level __new__
 
 
@@ -117,6 +136,97 @@ class ExtractOptions:
                 v = repr(float(v))
             parts.append(f"{f.name}={v}")
         return "|".join(parts)
+
+
+def option_items(options: ExtractOptions) -> int:
+    """How many names the list-valued options hold (types, groups, sources, excluded CUIs)."""
+    return (
+        len(options.semantic_types) + len(options.semantic_groups) + len(options.sources)
+        + len(options.exclude_cuis)
+    )
+
+
+def options_weight(options: ExtractOptions) -> int:
+    """Approximate bytes a memo entry holding ``options`` and its resolved sets keeps alive.
+
+    Each list item costs its characters plus ``_OPTION_ITEM_BYTES`` (100): measured on
+    CPython 3.11, an 8-character CUI is a 57-byte ``str`` and an 8-byte tuple slot in the
+    options, and about 42 bytes of the plan's frozenset. Used as the weight of an entry in the
+    plan cache and in the service's options memo, so that both are bounded by bytes, not only
+    by entries (issue 18, item 5: 300,000-CUI option sets grew a worker by 35 MB a request).
+    """
+    n = 0
+    for values in (
+        options.semantic_types, options.semantic_groups, options.sources, options.exclude_cuis
+    ):
+        n += sum(len(v) for v in values) + _OPTION_ITEM_BYTES * len(values)
+    return n
+
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class WeightedMemo(Generic[_K, _V]):
+    """A memo bounded by entry count and by the approximate bytes of its entries.
+
+    Each entry has a weight (its approximate bytes, given by ``weigh`` when it is added); the
+    oldest entries go first when either bound would be passed. An entry heavier than a quarter
+    of ``max_bytes`` is not kept at all (:meth:`put` returns False): it would evict most of the
+    others, and whoever sends option sets that large pays for their compilation per request.
+    Lookups are plain dict reads; additions take a lock, so concurrent misses cannot overrun
+    the bounds.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, weigh: Callable[[_K, _V], int]) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("WeightedMemo needs max_entries >= 1 and max_bytes >= 1")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._weigh = weigh
+        self._data: dict[_K, tuple[_V, int]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def size_bytes(self) -> int:
+        """The summed weights of the entries held now (never over ``max_bytes``)."""
+        return self._bytes
+
+    def get(self, key: _K) -> _V | None:
+        hit = self._data.get(key)
+        return None if hit is None else hit[0]
+
+    def put(self, key: _K, value: _V, weight: int | None = None) -> bool:
+        """Remember ``value`` under ``key``; False when it is too heavy to keep.
+
+        ``weight`` overrides ``weigh`` for a caller that knows what the entry keeps alive
+        better than the value can tell."""
+        if weight is None:
+            weight = self._weigh(key, value)
+        if weight > self.max_bytes // 4:
+            return False
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            data = self._data
+            while data and (
+                len(data) >= self.max_entries or self._bytes + weight > self.max_bytes
+            ):
+                _, evicted = data.pop(next(iter(data)))
+                self._bytes -= evicted
+            data[key] = (value, weight)
+            self._bytes += weight
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +269,20 @@ class _Plan:
     fast_memo: dict[Any, tuple[tuple[str, Posting], ...] | None]
 
 
+def _plan_weight(options: ExtractOptions, plan: _Plan) -> int:
+    """A plan's weight in the plan cache: its option sets (the options and the frozensets
+    resolved from them, :func:`options_weight`) plus a fixed part. Its memos are bounded by
+    entry count instead (``_PLAN_MEMO_MAX``, the compiled path's ``FAST_MEMO_MAX``)."""
+    return _PLAN_BASE_BYTES + options_weight(options)
+
+
 class Extractor:
     """Extracts concepts from captions with one loaded :class:`ConceptIndex`.
 
     Construction is cheap; per-index structures (approximate matching's trigram lists) are
-    built lazily on first use and then shared by every request. Thread-safe: the memo tables
-    only ever gain entries, and a lost race recomputes the same value.
+    built lazily on first use and then shared by every request. Thread-safe: a lost race on a
+    memo table recomputes the same value, and the bounded ones (the plan cache, by bytes and
+    count; a plan's memos, emptied when full) drop entries, never change them.
 
     ``engine`` chooses the implementation (the module docstring has both): ``"compiled"``
     runs ``conceptsvc/_speedups.pyx`` and raises :class:`ExtractionError` when it cannot (the
@@ -208,7 +326,11 @@ class Extractor:
         self._lock = threading.Lock()
         self._negation = NegationDetector()
         self._sn = load_semantic_network()
-        self._plans: dict[ExtractOptions, _Plan] = {}
+        # bounded by the bytes of the option sets as well as by count: a client cycling
+        # through large distinct exclude_cuis lists must not grow the worker (issue 18, item 5)
+        self._plans: WeightedMemo[ExtractOptions, _Plan] = WeightedMemo(
+            _PLAN_CACHE_SIZE, PLAN_CACHE_BYTES, _plan_weight
+        )
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._resolvers: dict[str, AmbiguityResolver] = {}
         # Every shipped profile is parsed now, so no request ever reads a profile file.
@@ -312,10 +434,13 @@ class Extractor:
             filtered={},
             fast_memo={},
         )
-        if len(self._plans) >= _PLAN_CACHE_SIZE:
-            self._plans.clear()
-        self._plans[options] = plan
+        self._plans.put(options, plan)
         return plan
+
+    @property
+    def plan_cache(self) -> WeightedMemo[ExtractOptions, Any]:
+        """The compiled options (plans) kept for reuse, with their size accounting."""
+        return self._plans
 
     # -- concepts ------------------------------------------------------------------------------
     def concept_info(self, cui: str) -> tuple[str, tuple[str, ...]]:
@@ -335,6 +460,8 @@ class Extractor:
                 ok = True
             else:
                 ok = not plan.tuis.isdisjoint(self.concept_info(cui)[1])
+            if len(plan.accept) >= _PLAN_MEMO_MAX:
+                plan.accept.clear()
             plan.accept[cui] = ok
         return ok
 
@@ -425,6 +552,8 @@ class Extractor:
             if pairs is None:
                 pairs = self._filter_postings(plan, m.postings)
                 if m.stable:
+                    if len(memo) >= _PLAN_MEMO_MAX:
+                        memo.clear()
                     memo[m.key] = pairs
             for cui, p in pairs:
                 out.append(_new(_Cand, (m.start_tok, m.end_tok, cui, p, m.score)))

@@ -162,3 +162,31 @@ def test_config_is_frozen_and_secrets_hidden() -> None:
     with pytest.raises(Exception, match="frozen"):
         s.port = 1  # type: ignore[misc]
     assert isinstance(s, Settings)
+
+
+def test_config_max_option_items_from_every_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The option-list cap of issue 18 (item 5): a setting like the others, validated."""
+    import argparse
+
+    from conceptsvc.config import add_settings_arguments, settings_from_args
+
+    assert load_settings().max_option_items == 10_000
+    f = tmp_path / "svc.toml"
+    f.write_text("max_option_items = 500\n")
+    assert load_settings(f).max_option_items == 500
+    monkeypatch.setenv("CONCEPTSVC_MAX_OPTION_ITEMS", "700")
+    assert load_settings(f).max_option_items == 700
+    parser = argparse.ArgumentParser(prog="conceptsvc serve")
+    add_settings_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--max-option-items", "900"])).max_option_items \
+        == 900
+    for bad in (0, -1, 1_000_001):
+        with pytest.raises(ConfigError, match="max_option_items"):
+            load_settings(max_option_items=bad)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--max-option-items MAX_OPTION_ITEMS most names in one request option list" in shown
+    assert "env CONCEPTSVC_MAX_OPTION_ITEMS; default: 10000" in shown

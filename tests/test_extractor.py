@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +11,13 @@ from hypothesis import strategies as st
 from offsets import check_annotation
 
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import (
+    PLAN_CACHE_BYTES,
+    ExtractOptions,
+    Extractor,
+    WeightedMemo,
+    options_weight,
+)
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import Annotation, Mention
 
@@ -356,3 +364,60 @@ def test_issue_18_every_threshold_in_the_unit_interval_extracts(
         # 100 trigrams), so any smaller threshold admits exactly the same keys.
         assert a == fast.extract(text, replace(o, threshold=_REFERENCE_ALPHA))
     fast.search(text, options=o)
+
+
+def test_extractor_weighted_memo_evicts_oldest_by_weight_and_skips_heavy_entries() -> None:
+    memo: WeightedMemo[str, str] = WeightedMemo(10, 100, lambda k, v: len(v))
+    for key, n in (("a", 25), ("b", 20), ("c", 25), ("d", 20)):
+        assert memo.put(key, key * n)
+    assert memo.size_bytes == 90 and len(memo) == 4
+    # 15 more would pass 100 bytes: the oldest ("a", 25) goes, nothing else
+    assert memo.put("e", "e" * 15)
+    assert memo.get("a") is None and [memo.get(k) is not None for k in "bcde"] == [True] * 4
+    assert memo.size_bytes == 80
+    assert memo.put("f", "f" * 25)  # evicts "b" (20)
+    assert memo.get("b") is None and memo.size_bytes == 85 and len(memo) == 4
+    # over a quarter of the bound: not kept, and nothing is evicted for it
+    assert not memo.put("g", "g" * 26)
+    assert memo.get("g") is None and memo.size_bytes == 85 and len(memo) == 4
+    # replacing a key re-weighs it; an explicit weight wins over the weigh function
+    assert memo.put("c", "c", weight=5) and memo.size_bytes == 65 and memo.get("c") == "c"
+    memo.clear()
+    assert len(memo) == 0 and memo.size_bytes == 0
+    # the entry bound holds whatever the weights
+    few: WeightedMemo[int, int] = WeightedMemo(2, 1000, lambda k, v: 1)
+    for k in range(3):
+        few.put(k, k)
+    assert len(few) == 2 and few.get(0) is None and few.get(2) == 2 and few.size_bytes == 2
+    with pytest.raises(ValueError):
+        WeightedMemo(0, 10, lambda k, v: 1)
+
+
+def test_issue_18_plan_cache_holds_at_most_its_byte_bound(ex: Extractor) -> None:
+    """Issue 18, item 5: 120 distinct 10,000-CUI option sets through one extractor. The plan
+    cache was bounded by count only (256 plans), so it kept all of them (≈ 143 MB held, by
+    the tracemalloc measure below); now it keeps at most PLAN_CACHE_BYTES (64 MiB) of option
+    sets. Held memory is measured with tracemalloc, independently of the cache's own
+    accounting, which must agree with it."""
+    base = ex.extract("lung and heart").concepts
+    assert len(base) == 2
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for k in range(120):
+            cuis = tuple(f"C{k:03d}{i:06d}" for i in range(9_999))
+            options = ExtractOptions(exclude_cuis=(*cuis, base[k % 2]))
+            assert ex.extract("lung and heart", options).concepts == (base[1 - k % 2],)
+            del cuis, options
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 1.25 * PLAN_CACHE_BYTES
+    plans = ex.plan_cache
+    assert 0 < plans.size_bytes <= PLAN_CACHE_BYTES and len(plans) < 120
+    # what is really held: the cached plans and the last request's plan, within 25 % of
+    # the accounting (the weights are measured estimates)
+    assert held < 1.25 * (plans.size_bytes + options_weight(ex._last[0] or ExtractOptions()))
+    assert held > 0.75 * plans.size_bytes

@@ -31,6 +31,7 @@ from offsets import check_annotation
 from service_helpers import build_index_a, running_server, settings_for
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client import ConceptClient, ServiceCallError
 from conceptsvc.client.corpus import Corpus
 from conceptsvc.errors import ClientError, ConceptsvcError, IndexError_, MalformedRowError
@@ -392,6 +393,98 @@ def test_reliability_inputs_too_many_concurrent_streams(index_a: Path) -> None:
         assert outcomes == [["h0-1", "h0-2"], ["h1-1", "h1-2"]]
         with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
             assert [r.id for r in c.annotate_stream([("y", "Chest")])] == ["y"]
+
+
+
+def _cuis(n: int, tag: int = 0) -> list[str]:
+    """``n`` distinct CUI-shaped names (none in the index), distinct for each ``tag``."""
+    return [f"C{tag:03d}{i:06d}" for i in range(n)]
+
+
+def test_issue_18_option_lists_over_max_option_items_are_refused(
+    index_a: Path, client: ConceptClient
+) -> None:
+    """Issue 18, item 5: a request's option lists are capped (``max_option_items``, default
+    10,000 names). Over the cap: RESOURCE_EXHAUSTED (E501) naming the field and the limit,
+    unary, per stream item and in SearchConcepts; at the cap: served; next request: served."""
+    # The default server: the issue's 300,000-CUI list (3.6 MB, under the 4 MiB message
+    # limit) and one name over the default cap are refused; 10,000 names are served.
+    for n in (300_000, 10_001):
+        code, message = _status(
+            client.annotate, "Chest CT", options=ExtractOptions(exclude_cuis=tuple(_cuis(n)))
+        )
+        assert code == "RESOURCE_EXHAUSTED", n
+        assert f"options.exclude_cuis has {n} names" in message
+        assert "limit of 10000 (max_option_items)" in message
+    at_cap = ExtractOptions(exclude_cuis=(CHEST, *_cuis(9_999)))
+    assert client.annotate("Chest CT", options=at_cap).concepts == (CT,)
+    assert client.annotate("Chest CT").concepts == (CHEST, CT)
+
+    with running_server(settings_for(index_a, max_option_items=3)) as (_srv, port):
+        stub = pb_grpc.ConceptServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        too_many = {
+            "semantic_types": ["T023", "T029", "T060", "T047"],
+            "semantic_groups": ["ANAT", "PROC", "DISO", "ANAT"],
+            "sources": ["MSH", "MSH", "MSH", "MSH"],
+            "exclude_cuis": ["C0000001", CHEST, CT, LUNG],
+        }
+        for name, values in too_many.items():
+            over = pb.AnnotateOptions(**{name: pb.NameList(values=values)})
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Annotate(pb.AnnotateRequest(id="u", text="Chest CT", options=over))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, name
+            assert f"options.{name} has 4 names" in info.value.details(), name
+            reqs = [
+                pb.AnnotateRequest(id="a", text="Chest CT"),
+                pb.AnnotateRequest(id="b", text="Chest CT", options=over),
+                pb.AnnotateRequest(id="c", text="lung"),
+            ]
+            out = list(stub.AnnotateStream(iter(reqs), timeout=30))
+            assert [(r.id, r.status.code) for r in out] == [
+                ("a", 0), ("b", grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), ("c", 0)
+            ], name
+            assert "max_option_items" in out[1].status.message
+            assert out[1].status.error_code == "E501"
+            assert list(out[0].concepts) == [CHEST, CT] and list(out[2].concepts) == [LUNG]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SearchConcepts(pb.SearchConceptsRequest(query="lung", options=over))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, name
+            # at the cap: served, and the filter applies
+            at = pb.AnnotateOptions(**{name: pb.NameList(values=values[:3])})
+            got = stub.Annotate(pb.AnnotateRequest(id="ok", text="Chest CT lung", options=at))
+            expected = [LUNG] if name == "exclude_cuis" else [CHEST, CT, LUNG]
+            assert list(got.concepts) == expected, name
+
+
+def test_issue_18_option_memos_stay_under_their_byte_bounds(index_a: Path) -> None:
+    """Issue 18, item 5: a client cycling through large distinct option sets (10,000 CUIs,
+    at the cap) does not grow the worker's option memos past their byte bounds — the options
+    memo (by wire bytes) and the engine's plan cache (by option set size) evict their oldest
+    entries — and every answer still applies its own exclusions."""
+    from conceptsvc.extractor import PLAN_CACHE_BYTES
+    from conceptsvc.server.servicer import OPTIONS_MEMO_BYTES
+
+    sets = 70  # about 80 MB of plans and 83 MB of memo entries: over both bounds
+    settings = settings_for(index_a, cache_size=0)
+    with running_server(settings) as (srv, port):
+        stub = pb_grpc.ConceptServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+        def options(k: int) -> pb.AnnotateOptions:
+            names = [*_cuis(9_999, k), CHEST if k % 2 else CT]
+            return pb.AnnotateOptions(exclude_cuis=pb.NameList(values=names))
+
+        for k in [*range(sets), 0]:
+            got = stub.Annotate(pb.AnnotateRequest(text="Chest CT", options=options(k)))
+            assert list(got.concepts) == ([CT] if k % 2 else [CHEST]), k
+        loaded = srv.state.current
+        assert loaded is not None
+        memo, plans = loaded.options_memo, loaded.extractor.plan_cache
+        assert 0 < memo.size_bytes <= OPTIONS_MEMO_BYTES
+        assert 0 < plans.size_bytes <= PLAN_CACHE_BYTES
+        # they evicted (the old memo held all 70: 1,024 entries, no byte bound)
+        assert 10 < len(memo) < sets and 10 < len(plans) < sets
+        # a 10,000-CUI entry weighs about its Python size (~1.1 MB), not its wire size (0.1 MB)
+        assert memo.size_bytes / len(memo) > 1_000_000
 
 
 # -- text that protobuf cannot carry ---------------------------------------------------------------

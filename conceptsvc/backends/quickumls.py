@@ -418,7 +418,13 @@ class QuickUMLSBackend:
         )
         self._lock = threading.Lock()
         self._closed = False
-        self._plans: dict[str, _Plan] = {}
+        from conceptsvc.extractor import PLAN_CACHE_BYTES, WeightedMemo
+
+        # keyed by the options' canonical text, which holds every excluded CUI: weighed by it
+        # and by the option sets, like the engine's plan cache (issue 18, item 5)
+        self._plans: WeightedMemo[str, _Plan] = WeightedMemo(
+            256, PLAN_CACHE_BYTES, lambda key, plan: 4096 + len(key)
+        )
         self.check_options(default_options)
 
     # -- metadata -----------------------------------------------------------------------------
@@ -528,9 +534,10 @@ class QuickUMLSBackend:
             overlap=options.overlap,
             include_mentions=options.include_mentions,
         )
-        if len(self._plans) > 256:
-            self._plans.clear()
-        self._plans[key] = plan
+        from conceptsvc.extractor import options_weight
+
+        # the plan's frozensets keep the options' strings alive: they weigh as much
+        self._plans.put(key, plan, 4096 + len(key) + options_weight(options))
         return plan
 
     # -- matching -----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.cache import ResultCache, result_key
 from conceptsvc.client import convert
 from conceptsvc.errors import InputTooLargeError
+from conceptsvc.extractor import WeightedMemo, options_weight
 from conceptsvc.semantic_network import load_semantic_network
 from conceptsvc.server.status import (
     deadline_exceeded,
@@ -68,6 +69,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConceptService"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 _OPTIONS_MEMO_SIZE = 1024
+OPTIONS_MEMO_BYTES = 32 << 20
+"""Approximate bytes of the request options a worker's options memo holds (wire bytes plus
+:func:`~conceptsvc.extractor.options_weight`), with ``_OPTIONS_MEMO_SIZE`` entries at most."""
+_OPTION_LISTS = ("semantic_types", "semantic_groups", "sources", "exclude_cuis")
+_ERROR_WEIGHT = 1024  # a remembered refusal: the exception and its message
 _END = object()
 
 
@@ -82,10 +88,17 @@ class LoadedIndex:
     profiles: tuple[str, ...]
     concepts: int
     keys: int
-    _options: dict[bytes, ExtractOptions | Exception] = field(default_factory=dict)
+    max_option_items: int = 10_000
+    options_memo: WeightedMemo[bytes, ExtractOptions | Exception] = field(
+        default_factory=lambda: WeightedMemo(
+            _OPTIONS_MEMO_SIZE, OPTIONS_MEMO_BYTES, _options_entry_weight
+        )
+    )
 
     @classmethod
-    def build(cls, extractor: Extractor, defaults: ExtractOptions) -> LoadedIndex:
+    def build(
+        cls, extractor: Extractor, defaults: ExtractOptions, *, max_option_items: int = 10_000
+    ) -> LoadedIndex:
         index = extractor.index
         extractor.check_options(defaults)
         manifest = index.manifest
@@ -97,28 +110,49 @@ class LoadedIndex:
             profiles=tuple(extractor.profiles()),
             concepts=len(index),
             keys=int(manifest.get("counts", {}).get("keys", len(index.key_ids))),
+            max_option_items=max_option_items,
         )
 
     def options(self, msg: pb.AnnotateOptions | None) -> ExtractOptions:
-        """Request options merged over the defaults and checked; memoised by wire bytes."""
+        """Request options merged over the defaults and checked; memoised by wire bytes.
+
+        A list over ``max_option_items`` names is refused before anything is built from it
+        (and is not remembered): its cost in memory and time grows with its length.
+        """
         if msg is None:
             return self.defaults
+        limit = self.max_option_items
+        lists = (msg.semantic_types, msg.semantic_groups, msg.sources, msg.exclude_cuis)
+        for name, names in zip(_OPTION_LISTS, lists, strict=True):
+            n = len(names.values)
+            if n > limit:
+                raise InputTooLargeError(
+                    f"options.{name} has {n} names, over this server's limit of {limit} "
+                    "(max_option_items); send a shorter list — for a large set of unwanted "
+                    "concepts, build the index without them or drop them from the results on "
+                    "the client"
+                )
         raw = msg.SerializeToString(deterministic=True)
         if not raw:
             return self.defaults
-        hit = self._options.get(raw)
+        hit = self.options_memo.get(raw)
         if hit is None:
             try:
                 hit = convert.options_from_pb(msg, self.defaults)
                 self.extractor.check_options(hit)
             except Exception as exc:  # remembered, so a bad option costs one check
                 hit = exc
-            if len(self._options) >= _OPTIONS_MEMO_SIZE:
-                self._options.clear()
-            self._options[raw] = hit
+            self.options_memo.put(raw, hit)
         if isinstance(hit, Exception):
             raise hit
         return hit
+
+
+def _options_entry_weight(raw: bytes, value: ExtractOptions | Exception) -> int:
+    """Approximate bytes of one options memo entry: its key plus what it holds."""
+    return len(raw) + (
+        _ERROR_WEIGHT if isinstance(value, Exception) else options_weight(value)
+    )
 
 
 @dataclass(frozen=True)
@@ -169,7 +203,9 @@ class ServiceState:
     def install(self, extractor: Extractor) -> ReloadOutcome:
         """Serve ``extractor`` from now on (the swap is one reference assignment)."""
         defaults = self.settings.defaults.to_extract_options()
-        loaded = LoadedIndex.build(extractor, defaults)
+        loaded = LoadedIndex.build(
+            extractor, defaults, max_option_items=self.settings.max_option_items
+        )
         previous = self._current
         self._current = loaded
         self.metrics.index_loaded(loaded.concepts, loaded.keys)

@@ -9,8 +9,8 @@ cause                                                 status
 bad input: empty id, unknown semantic type / group /  INVALID_ARGUMENT
 source, bad option values (``ExtractionError``,
 ``SemanticNetworkError``)
-text, a request or a reply over the configured        RESOURCE_EXHAUSTED
-limits (``InputTooLargeError``)
+text, an option list, a request or a reply over the   RESOURCE_EXHAUSTED
+configured limits (``InputTooLargeError``)
 index not loaded yet; a reload that failed            FAILED_PRECONDITION
 (``IndexError_``)
 server draining (shutting down)                       UNAVAILABLE

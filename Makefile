@@ -111,9 +111,11 @@ $(SCISPACY_STAMP): $(SCISPACY_REQS)
 scispacy-reference: $(SCISPACY_STAMP)
 	PYTHONPATH=$(CURDIR) $(SCISPACY_VENV)/bin/python scripts/scispacy_reference/compare.py
 
-# 32 streaming clients for 5 minutes against 2 workers; the figures go into RELIABILITY.md.
+# 32 streaming clients for 5 minutes against 2 workers, then one client cycling through distinct
+# 9,999-CUI option sets for 2 minutes against 1 worker; the figures go into RELIABILITY.md.
 soak: install
 	$(PY) -m benchmarks.soak --write RELIABILITY.md
+	$(PY) -m benchmarks.soak --scenario option-sets --write RELIABILITY.md
 
 audit: install
 	$(PY) -m tools.audit

@@ -27,6 +27,17 @@ The run (defaults are the issue's target: 32 clients, 5 minutes, 2 workers):
    ``<!-- soak:end -->``).
 
 Exit status 0 when the targets hold (no errors, RSS growth under 10 %), 1 otherwise.
+
+``--scenario option-sets`` is the memory case of issue 18 (item 5): ``--clients`` (default 1)
+send unary ``Annotate`` requests back to back for ``--duration`` (default 2 minutes), each
+with its own ``exclude_cuis`` list of ``--option-items`` names never sent before (default
+9,999, just under the server's default ``max_option_items`` of 10,000), to one worker by
+default. Every distinct option set is compiled and memoised by the worker, so memos bounded
+by entry count only grew it by tens of MB a request. The server's RSS is sampled as above and
+reported first / after warm-up / peak / last; the target is that every sample after warm-up
+stays within 10 % of the warm-up figure (the memos fill to their byte bounds — about 100 MiB
+per worker — within the warm-up) and that no request fails. With ``--write`` the figures
+replace the section between ``<!-- soak-options:begin -->`` and ``<!-- soak-options:end -->``.
 """
 
 from __future__ import annotations
@@ -57,6 +68,9 @@ from conceptsvc.server.launcher import spawn_server
 log = logging.getLogger(__name__)
 
 _BEGIN, _END = "<!-- soak:begin -->", "<!-- soak:end -->"
+SCENARIOS = ("captions", "option-sets")
+# scenario → (duration s, clients, client processes, workers) when not given
+_DEFAULTS = {"captions": (300.0, 32, 4, 2), "option-sets": (120.0, 1, 1, 1)}
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -104,6 +118,39 @@ class SoakResult:
         return (
             self.rpc_errors == 0 and self.item_errors == 0 and self.rss_growth_pct < 10.0
             and self.server_exit == 0 and self.items > 0
+        )
+
+
+@dataclass
+class OptionSetsResult:
+    """The option-sets scenario's figures (issue 18, item 5)."""
+
+    date: str
+    machine: str
+    command: str
+    duration_s: float
+    clients: int
+    workers: int
+    option_items: int
+    index: str
+    cache: bool
+    requests: int
+    errors: int
+    throughput_per_s: float
+    rss_first_mb: float
+    rss_start_mb: float
+    rss_peak_mb: float
+    rss_last_mb: float
+    rss_peak_growth_pct: float
+    rss_samples_mb: list[float]
+    server_exit: int | None
+    error_samples: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.errors == 0 and self.requests > 0 and self.server_exit == 0
+            and self.rss_peak_growth_pct < 10.0
         )
 
 
@@ -211,6 +258,53 @@ def _client_process(target: str, ks: list[int], stream_size: int, until: float,
     conn.close()
 
 
+def _option_sets_thread(target: str, k: int, captions: list[str], option_items: int,
+                        until: float, stats: ClientStats, lock: threading.Lock) -> None:
+    from conceptsvc.client import ConceptClient
+    from conceptsvc.extractor import ExtractOptions
+
+    mine = ClientStats()
+    n = 0
+    with ConceptClient(target, retries=0, timeout=120) as client:
+        while time.time() < until:
+            n += 1
+            # names no request has sent before: every request is a new option set to memoise
+            names = tuple(f"X{k:03d}.{n:07d}.{i:05d}" for i in range(option_items))
+            t0 = time.perf_counter()
+            try:
+                client.annotate(captions[n % len(captions)], id=str(n),
+                                options=ExtractOptions(exclude_cuis=names))
+                mine.items += 1
+            except Exception as exc:  # counted, never fatal to the soak
+                mine.item_errors += 1
+                if len(mine.error_samples) < 5:
+                    mine.error_samples.append(f"request {n}: {type(exc).__name__}: {exc}")
+            mine.latencies_ms.append((time.perf_counter() - t0) * 1000)
+    with lock:
+        stats.items += mine.items
+        stats.item_errors += mine.item_errors
+        stats.error_samples += mine.error_samples
+        stats.latencies_ms += mine.latencies_ms
+
+
+def _option_sets_process(target: str, ks: list[int], option_items: int, until: float,
+                         conn: Any) -> None:
+    captions = demo_captions()
+    stats = ClientStats()
+    lock = threading.Lock()
+    threads = [
+        threading.Thread(target=_option_sets_thread,
+                         args=(target, k, captions, option_items, until, stats, lock))
+        for k in ks
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conn.send(json.dumps(asdict(stats)))
+    conn.close()
+
+
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -304,6 +398,109 @@ def run(args: argparse.Namespace) -> SoakResult:
     )
 
 
+def run_option_sets(args: argparse.Namespace) -> OptionSetsResult:
+    """The option-sets scenario: distinct large option sets, the server's RSS sampled."""
+    proc, port = start_server(args.workers, args.index, args.cache)
+    target = f"127.0.0.1:{port}"
+    rss_first = tree_rss_mb(proc.pid)
+    log.info("server pid %d on %s (%d workers), RSS %.1f MiB; option sets of %d names",
+             proc.pid, target, args.workers, rss_first, args.option_items)
+    ctx = multiprocessing.get_context("spawn")
+    started = time.time()
+    until = started + args.duration
+    groups = [list(range(p, args.clients, args.client_processes))
+              for p in range(args.client_processes)]
+    pipes, procs = [], []
+    for ks in groups:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_option_sets_process,
+                        args=(target, ks, args.option_items, until, child))
+        p.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(p)
+    samples: list[float] = [round(rss_first, 1)]
+    after_warmup: list[float] = []
+    next_sample = started + args.sample_every
+    while time.time() < until:
+        now = time.time()
+        if now >= next_sample:
+            rss = tree_rss_mb(proc.pid)
+            samples.append(round(rss, 1))
+            if now - started >= args.warmup:
+                after_warmup.append(rss)
+            log.info("t+%3.0fs RSS %.1f MiB", now - started, rss)
+            next_sample += args.sample_every
+        time.sleep(min(0.5, args.sample_every / 2))
+    stats = ClientStats()
+    for parent, p in zip(pipes, procs, strict=True):
+        got = json.loads(parent.recv())
+        p.join(60)
+        stats.items += got["items"]
+        stats.item_errors += got["item_errors"]
+        stats.error_samples += got["error_samples"]
+    elapsed = time.time() - started
+    rss_last = tree_rss_mb(proc.pid)
+    samples.append(round(rss_last, 1))
+    after_warmup.append(rss_last)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+    rss_start, rss_peak = after_warmup[0], max(after_warmup)
+    return OptionSetsResult(
+        date=dt.date.today().isoformat(),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores (shared VM), Python "
+                f"{platform.python_version()}",
+        command="make soak  # " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "make soak",
+        duration_s=round(elapsed, 1),
+        clients=args.clients,
+        workers=args.workers,
+        option_items=args.option_items,
+        index=str(args.index) if args.index else "embedded demo dictionary",
+        cache=args.cache,
+        requests=stats.items,
+        errors=stats.item_errors,
+        throughput_per_s=round(stats.items / elapsed, 1),
+        rss_first_mb=round(rss_first, 1),
+        rss_start_mb=round(rss_start, 1),
+        rss_peak_mb=round(rss_peak, 1),
+        rss_last_mb=round(rss_last, 1),
+        rss_peak_growth_pct=round(100 * (rss_peak - rss_start) / rss_start, 2),
+        rss_samples_mb=samples,
+        server_exit=proc.returncode,
+        error_samples=stats.error_samples[:10],
+    )
+
+
+def render_option_sets(r: OptionSetsResult) -> str:
+    verdict = "targets met" if r.ok else "TARGETS MISSED"
+    rows = [
+        ("date / machine", f"{r.date}, {r.machine}"),
+        ("command", f"`{r.command}`"),
+        ("load", f"{r.clients} client(s) sending unary Annotate back to back, each request "
+                 f"with its own exclude_cuis list of {r.option_items:,} names never sent "
+                 f"before, {r.duration_s:.0f} s; server: {r.workers} worker process(es), "
+                 f"{r.index}, in-process cache {'on' if r.cache else 'off'}"),
+        ("requests", f"{r.requests:,} ({r.throughput_per_s:,.1f}/s), {r.errors} failed "
+                     "(target: none)"),
+        ("server RSS (all processes)",
+         f"first {r.rss_first_mb} MiB; after warm-up {r.rss_start_mb} MiB; peak after "
+         f"warm-up {r.rss_peak_mb} MiB ({r.rss_peak_growth_pct:+.2f} %, target: < 10 %); "
+         f"last {r.rss_last_mb} MiB"),
+        ("RSS samples (MiB)", ", ".join(f"{v:g}" for v in r.rss_samples_mb)),
+        ("server exit on SIGTERM", str(r.server_exit)),
+        ("verdict", verdict),
+    ]
+    lines = ["| figure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if r.error_samples:
+        lines += ["", "Error samples:", *[f"- `{e}`" for e in r.error_samples]]
+    return "\n".join(lines)
+
+
 def render(r: SoakResult) -> str:
     verdict = "targets met" if r.ok else "TARGETS MISSED"
     rows = [
@@ -333,26 +530,38 @@ def render(r: SoakResult) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, tag: str = "soak", heading: str = "Soak") -> None:
+    """Replace the text between ``<!-- {tag}:begin -->`` and ``<!-- {tag}:end -->`` (or
+    append it under ``## {heading}``)."""
     doc = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{_BEGIN}\n{text}\n{_END}"
-    if _BEGIN in doc and _END in doc:
-        head, rest = doc.split(_BEGIN, 1)
-        _, tail = rest.split(_END, 1)
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
         doc = head + block + tail
     else:
-        doc = doc.rstrip("\n") + "\n\n## Soak\n\n" + block + "\n"
+        doc = doc.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
     path.write_text(doc, encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=300.0, help="seconds (default 300)")
-    parser.add_argument("--clients", type=int, default=32, help="streaming clients (default 32)")
-    parser.add_argument("--client-processes", type=int, default=4,
-                        help="processes the clients are spread over (default 4)")
-    parser.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="captions",
+                        help="captions (default): streaming clients on the demo captions; "
+                        "option-sets: distinct large option sets (issue 18, see above)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds (default 300; option-sets: 120)")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="clients (default 32; option-sets: 1)")
+    parser.add_argument("--client-processes", type=int, default=None,
+                        help="processes the clients are spread over (default 4; option-sets: 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes (default 2; option-sets: 1)")
+    parser.add_argument("--option-items", type=int, default=9_999,
+                        help="option-sets: names in each request's exclude_cuis (default "
+                        "9,999, under the server's default max_option_items)")
     parser.add_argument("--stream-size", type=int, default=64, help="captions per stream")
     parser.add_argument("--index", type=Path, default=None,
                         help="index to serve (default: the embedded demo dictionary)")
@@ -368,15 +577,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=None, help="replace the soak section of this file "
                         "(default when given without a path: this checkout's RELIABILITY.md)")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.client_processes < 1 or args.duration <= 0:
-        parser.error("--clients, --client-processes and --duration must be positive")
+    duration, clients, client_processes, workers = _DEFAULTS[args.scenario]
+    args.duration = duration if args.duration is None else args.duration
+    args.clients = clients if args.clients is None else args.clients
+    args.client_processes = (
+        client_processes if args.client_processes is None else args.client_processes
+    )
+    args.workers = workers if args.workers is None else args.workers
+    if (args.clients < 1 or args.client_processes < 1 or args.duration <= 0
+            or args.workers < 1 or args.option_items < 1):
+        parser.error("--clients, --client-processes, --workers, --duration and --option-items "
+                     "must be positive")
     args.client_processes = min(args.client_processes, args.clients)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s soak: %(message)s")
-    result = run(args)
-    text = render(result)
+    result: SoakResult | OptionSetsResult
+    if args.scenario == "option-sets":
+        result = run_option_sets(args)
+        text = render_option_sets(result)
+        tag, heading = "soak-options", "Soak: distinct large option sets"
+    else:
+        result = run(args)
+        text = render(result)
+        tag, heading = "soak", "Soak"
     print(text)
     if args.write is not None:
-        write_section(args.write, text)
+        write_section(args.write, text, tag, heading)
         print(f"\nwritten to {args.write}")
     return 0 if result.ok else 1
 

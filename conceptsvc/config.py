@@ -165,8 +165,24 @@ class Settings(BaseSettings):
         le=1024,
         description="RPC threads per worker; an open stream holds one for its whole life",
     )
-    max_concurrent_rpcs: int = Field(
-        default=256, ge=1, description="RPCs in progress per worker before RESOURCE_EXHAUSTED"
+    reserved_threads: int = Field(
+        default=2,
+        ge=1,
+        description="RPC threads other calls never take, so that health checks and refusals "
+        "always find one (must be below threads)",
+    )
+    max_concurrent_rpcs: int | None = Field(
+        default=None,
+        ge=1,
+        description="RPCs in progress per worker, health checks aside and an open stream "
+        "counting until it ends, beyond which a call is refused at once with "
+        "RESOURCE_EXHAUSTED (unset: threads - reserved_threads, also its maximum)",
+    )
+    stream_idle_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="end a stream with UNAVAILABLE once it has sent nothing for this long with "
+        "every item answered, freeing its thread (0 = never)",
     )
     max_text_chars: int = Field(
         default=100_000, ge=1, description="longest caption accepted (code points)"
@@ -290,11 +306,32 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name}: {path} does not exist or is not a file")
         if self.redis_backoff_max_seconds < self.redis_backoff_seconds:
             raise ValueError("redis_backoff_max_seconds must be >= redis_backoff_seconds")
+        if self.reserved_threads >= self.threads:
+            raise ValueError(
+                f"reserved_threads ({self.reserved_threads}) must be below threads "
+                f"({self.threads}): the reserve keeps health checks answerable, the rest serve "
+                "RPCs"
+            )
+        room = self.threads - self.reserved_threads
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs > room:
+            raise ValueError(
+                f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) is more than the RPC threads "
+                f"can run: threads - reserved_threads = {room} (each call in progress, an open "
+                "stream included, holds a thread); raise threads or leave max_concurrent_rpcs "
+                "unset"
+            )
         return self
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def rpc_limit(self) -> int:
+        """Calls in progress per worker (health aside) before RESOURCE_EXHAUSTED."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return self.threads - self.reserved_threads
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):

@@ -130,6 +130,30 @@ def test_config_bad_values(tmp_path: Path) -> None:
             load_settings(**kwargs)
 
 
+def test_config_rpc_limits_fit_the_thread_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unset, the RPC limit is what the pool can run beside its reserve for health checks.
+    s = load_settings(threads=10)
+    assert (s.reserved_threads, s.max_concurrent_rpcs, s.rpc_limit) == (2, None, 8)
+    assert load_settings(threads=10, max_concurrent_rpcs=3).rpc_limit == 3
+    # A limit the threads cannot serve (the old default 256 over 64 threads) is refused.
+    with pytest.raises(ConfigError, match="threads - reserved_threads = 62"):
+        load_settings(max_concurrent_rpcs=256)
+    with pytest.raises(ConfigError, match=r"reserved_threads \(4\) must be below threads \(4\)"):
+        load_settings(threads=4, reserved_threads=4)
+    with pytest.raises(ConfigError, match="stream_idle_seconds"):
+        load_settings(stream_idle_seconds=-1)
+    # Each is a setting like any other: environment and file too.
+    monkeypatch.setenv("CONCEPTSVC_STREAM_IDLE_SECONDS", "2.5")
+    monkeypatch.setenv("CONCEPTSVC_RESERVED_THREADS", "3")
+    f = tmp_path / "svc.toml"
+    f.write_text("threads = 12\nmax_concurrent_rpcs = 9\n")
+    s = load_settings(f)
+    assert (s.stream_idle_seconds, s.reserved_threads, s.rpc_limit) == (2.5, 3, 9)
+    assert load_settings().stream_idle_seconds == 2.5
+
+
 def test_config_file_errors_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("port = = 1")

@@ -50,6 +50,7 @@ from conceptsvc.metrics import (
     multiprocess_registry,
     start_metrics_http_server,
 )
+from conceptsvc.server.admission import AdmissionInterceptor
 from conceptsvc.server.auth import AuthInterceptor
 from conceptsvc.server.servicer import (
     ADMIN_SERVICE_NAME,
@@ -131,15 +132,25 @@ class ConceptServer:
                 method.rsplit("/", 1)[-1], code.name, 0.0
             ),
         )
+        # Outermost, so that calls the auth interceptor refuses are counted while they run too.
+        self.admission = AdmissionInterceptor(
+            settings.rpc_limit,
+            on_refuse=lambda method, code: self.metrics.observe_rpc(
+                method.rsplit("/", 1)[-1], code.name, 0.0
+            ),
+        )
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
-            interceptors=[interceptor],
+            interceptors=[self.admission, interceptor],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            # gRPC's own limit, checked before a call is queued for a thread: with no more calls
+            # than threads nothing ever waits in the pool's queue. Admission refuses earlier;
+            # this only sheds a flood of health checks and refusals beyond the reserve.
+            maximum_concurrent_rpcs=settings.threads,
         )
         pb_grpc.add_ConceptServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ConceptServicer(self.state, self.cache if self.cache.enabled else None),

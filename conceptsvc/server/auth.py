@@ -19,7 +19,7 @@ import grpc
 from conceptsvc.server.status import (
     RpcFailure,
     permission_denied,
-    status_for,
+    refusing_handler,
     unauthenticated,
 )
 
@@ -107,21 +107,5 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _reject(
         self, handler: grpc.RpcMethodHandler, method: str, failure: RpcFailure
     ) -> grpc.RpcMethodHandler:
-        code, message, _ = status_for(failure)
         on_reject = self._on_reject
-
-        def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-            on_reject(method, code)
-            context.abort(code, message)
-
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+        return refusing_handler(handler, failure, lambda: on_reject(method, failure.code))

@@ -12,7 +12,9 @@ extracts the misses, writes them back with one batched call, and answers in requ
 item — one whose answer would be over the message limit too — gets an error ``status`` in its
 own response; the stream goes on. Between batches the handler stops when the client's deadline
 has passed or the call was cancelled, and ends with UNAVAILABLE once the server is draining (the
-client resends the unanswered items elsewhere).
+client resends the unanswered items elsewhere) or once the stream has sent nothing for
+``stream_idle_seconds`` with every item answered (an open stream holds a pool thread; see
+:mod:`conceptsvc.server.admission`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from conceptsvc.server.status import (
     not_found,
     not_ready,
     status_for,
+    stream_idle,
     too_large,
 )
 
@@ -437,6 +440,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
     ) -> Iterator[pb.AnnotateResponse]:
         loaded = self.state.require()  # the whole stream stays on this index
         batch_size = self.settings.stream_batch_size
+        idle_seconds = self.settings.stream_idle_seconds
         q: queue.Queue[Any] = queue.Queue(maxsize=2 * batch_size)
         stop = threading.Event()
         context.add_callback(stop.set)
@@ -447,7 +451,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         try:
             ended = False
             while not ended:
-                first = _next_item(q, stop, context, self.state)
+                first = _next_item(q, stop, context, self.state, idle_seconds)
                 if first is _END:
                     # A request stream cut off by the deadline is not a clean end: ending the
                     # handler normally here would let the call finish OK, racing the
@@ -551,7 +555,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     max_text_chars=s.max_text_chars,
                     max_message_bytes=s.max_message_bytes,
                     max_search_limit=s.max_search_limit,
-                    max_concurrent_rpcs=s.max_concurrent_rpcs,
+                    max_concurrent_rpcs=s.rpc_limit,
                 ),
                 profiles=loaded.profiles,
             )
@@ -610,10 +614,17 @@ def _pump(request_iterator: Iterator[Any], q: queue.Queue[Any], stop: threading.
 
 
 def _next_item(
-    q: queue.Queue[Any], stop: threading.Event, context: grpc.ServicerContext, state: ServiceState
+    q: queue.Queue[Any],
+    stop: threading.Event,
+    context: grpc.ServicerContext,
+    state: ServiceState,
+    idle_seconds: float,
 ) -> Any:
-    """Block for the next item, waking up to notice a cancelled call, a passed deadline or a
-    drain (an idle stream must not hold up shutdown: nothing of it is unanswered)."""
+    """Block for the next item, waking up to notice a cancelled call, a passed deadline, a
+    drain (an idle stream must not hold up shutdown: nothing of it is unanswered) or a stream
+    idle for ``idle_seconds`` (0 = never). The handler only waits here once every item received
+    has been answered, so this wait is exactly the time with nothing in flight."""
+    idle_until = time.monotonic() + idle_seconds if idle_seconds else None
     while True:
         try:
             return q.get(timeout=0.05)
@@ -623,6 +634,8 @@ def _next_item(
             _check_deadline(context)
             if state.draining:
                 raise draining() from None
+            if idle_until is not None and time.monotonic() >= idle_until:
+                raise stream_idle(idle_seconds) from None
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):

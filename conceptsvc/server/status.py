@@ -11,9 +11,12 @@ source, bad option values (``ExtractionError``,
 ``SemanticNetworkError``)
 text, an option list, a request or a reply over the   RESOURCE_EXHAUSTED
 configured limits (``InputTooLargeError``)
+every RPC thread a call may take is busy              RESOURCE_EXHAUSTED
+(``max_concurrent_rpcs``), refused at once
 index not loaded yet; a reload that failed            FAILED_PRECONDITION
 (``IndexError_``)
 server draining (shutting down)                       UNAVAILABLE
+a stream idle longer than ``stream_idle_seconds``     UNAVAILABLE
 unknown CUI                                           NOT_FOUND
 missing / wrong token                                 UNAUTHENTICATED
 admin RPC without the admin token                     PERMISSION_DENIED
@@ -25,6 +28,9 @@ Messages say what was wrong and what to do, and never contain caption text.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -44,8 +50,11 @@ __all__ = [
     "invalid_argument",
     "not_found",
     "not_ready",
+    "overloaded",
     "permission_denied",
+    "refusing_handler",
     "status_for",
+    "stream_idle",
     "too_large",
     "unauthenticated",
 ]
@@ -88,6 +97,27 @@ def draining() -> RpcFailure:
     )
 
 
+def overloaded(limit: int) -> RpcFailure:
+    return RpcFailure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"this server is at its limit of {limit} RPCs in progress (max_concurrent_rpcs; an "
+        "open stream counts until it ends); retry after a backoff, on another replica, or close "
+        "idle streams",
+    )
+
+
+def stream_idle(seconds: float) -> RpcFailure:
+    # UNAVAILABLE, not DEADLINE_EXCEEDED: no deadline of the client's passed, and every item the
+    # stream sent has been answered, so reopening the stream is safe — which is what UNAVAILABLE
+    # tells clients (the batch client retries it like a draining server's).
+    return RpcFailure(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the stream sent nothing for {seconds:g}s with nothing left to answer "
+        "(stream_idle_seconds) and was closed to free its thread; open a new stream when there "
+        "is more to send",
+    )
+
+
 def deadline_exceeded() -> RpcFailure:
     return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline has passed")
 
@@ -117,3 +147,26 @@ def status_for(exc: BaseException) -> Status:
         "internal error in conceptsvc; the server log has the details",
         "",
     )
+
+
+def refusing_handler(
+    handler: grpc.RpcMethodHandler, failure: RpcFailure, on_refuse: Callable[[], None]
+) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s shape that only ends the call with ``failure``'s status."""
+    code, message, _ = status_for(failure)
+
+    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        on_refuse()
+        context.abort(code, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)

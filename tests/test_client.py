@@ -237,6 +237,37 @@ def test_client_stream_window_bounds_items_in_flight(index_a: Path) -> None:
         assert max(ahead) <= 11 and len(ahead) == 300
 
 
+def test_client_stream_outlives_the_servers_idle_timeout(index_a: Path) -> None:
+    """The caller's items pause for many times the server's stream_idle_seconds: the server
+    ends each quiet stream with UNAVAILABLE (nothing unanswered), and the client carries on on
+    a new stream when the next item comes — without spending its retries (2 here, far fewer
+    than the idle periods), also when the first item after the pause cannot be sent."""
+    settings = settings_for(index_a, threads=4, stream_idle_seconds=0.2)
+    with running_server(settings) as (server, port):
+
+        def items() -> Iterator[tuple[str, str]]:
+            yield "a", "lung"
+            time.sleep(2.5)
+            yield "bad", "x\ud800"
+            yield "b", "Chest CT"
+            time.sleep(1.0)
+            yield "c", "CT"
+
+        with ConceptClient(f"127.0.0.1:{port}", retries=2, timeout=30) as c:
+            results = list(c.annotate_stream(items(), window=1))
+        assert [(r.id, r.error.status if r.error else "OK") for r in results] == [
+            ("a", "OK"), ("bad", "INVALID_ARGUMENT"), ("b", "OK"), ("c", "OK"),
+        ]
+        assert [r.annotation.concepts for r in results if r.annotation] == [
+            ("C0024109",), ("C0817096", "C0040405"), ("C0040405",),
+        ]
+        # The server did end the quiet streams: the client really reopened.
+        ended = server.metrics.value(
+            "conceptsvc_requests_total", {"method": "AnnotateStream", "code": "UNAVAILABLE"}
+        )
+        assert ended >= 2
+
+
 def test_client_closing_a_stream_early_cancels_it(index_a: Path) -> None:
     with running_server(settings_for(index_a)) as (server, port):
         with ConceptClient(f"127.0.0.1:{port}") as c:

@@ -234,7 +234,10 @@ class ConceptClient:
         that includes items that cannot even be sent (text that is not valid Unicode), which
         are answered here with INVALID_ARGUMENT without reaching the server.
         ``timeout`` bounds the whole stream (None = no deadline). On UNAVAILABLE the
-        unanswered items are resent on a new stream (up to ``retries`` times in a row).
+        unanswered items are resent on a new stream (up to ``retries`` times in a row); a
+        stream the server ends with nothing unanswered (idle longer than its
+        ``stream_idle_seconds``) is replaced once ``items`` yields again, without counting as a
+        failure.
         Closing the returned iterator early cancels the stream.
         """
         if window < 1:
@@ -249,6 +252,7 @@ class ConceptClient:
         # its response), or the reason an item could not be sent (answered locally, in order).
         pending: deque[tuple[str, pb.AnnotateRequest | str]] = deque()
         in_flight = [0]  # sent and unanswered; what ``window`` bounds
+        exhausted = [False]  # ``source`` has ended
 
         def requests(attempt: _Attempt) -> Iterator[pb.AnnotateRequest]:
             with source_lock:
@@ -264,17 +268,28 @@ class ConceptClient:
                             cond.wait(0.1)
                     if not attempt.alive:
                         return
-                    try:
-                        id_, text = next(source)
-                    except StopIteration:
+                    req = pull()
+                    if req is None:
                         return
-                    req = _build_request(id_, text, opts_pb)
-                    with cond:
-                        pending.append((id_, req))
-                        if not isinstance(req, str):
-                            in_flight[0] += 1
                 if not isinstance(req, str):
                     yield req
+
+        def pull() -> pb.AnnotateRequest | str | None:
+            """The next item from ``source`` into ``pending`` (``source_lock`` held); None at
+            its end."""
+            if exhausted[0]:
+                return None
+            try:
+                id_, text = next(source)
+            except StopIteration:
+                exhausted[0] = True
+                return None
+            req = _build_request(id_, text, opts_pb)
+            with cond:
+                pending.append((id_, req))
+                if not isinstance(req, str):
+                    in_flight[0] += 1
+            return req
 
         def local_failures() -> Iterator[StreamResult]:
             """Unsendable items at the head of ``pending``, answered in their place."""
@@ -310,6 +325,21 @@ class ConceptClient:
                 with cond:
                     cond.notify_all()
                 code = exc.code()
+                yield from local_failures()
+                if code is grpc.StatusCode.UNAVAILABLE and not pending:
+                    # Nothing was lost: the server closed a stream with every item answered
+                    # (idle for its stream_idle_seconds, or draining). Not a failure: the next
+                    # stream opens once the caller has another item, however long that takes.
+                    while True:
+                        with source_lock:  # after a request generator still waiting on it
+                            if not pending:
+                                pull()
+                        yield from local_failures()  # an unsendable item: pull again
+                        if pending:
+                            break
+                        if exhausted[0]:
+                            return
+                    continue
                 if (
                     code is grpc.StatusCode.UNAVAILABLE
                     and failures < self.retries

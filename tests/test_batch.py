@@ -441,6 +441,25 @@ def test_batch_replica_killed_mid_run_with_two_targets(
             s.wait()
 
 
+def test_batch_streams_are_not_ended_as_idle(tmp_path: Path, demo_extractor: Extractor) -> None:
+    """A batch run keeps its streams busy (each sends its whole batch at once), so even a short
+    stream_idle_seconds never ends one of them: no stream of the run ends UNAVAILABLE."""
+    server = start_server(demo_extractor, threads=8, stream_idle_seconds=0.5)
+    try:
+        src = big_corpus(tmp_path / "in.csv", 400)
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(tmp_path / "run.jsonl"),
+            settings(f"127.0.0.1:{server.port}", batch_size=20, concurrency=4),
+        )
+        assert result.complete and result.counts.annotated == 400
+        assert annotate_calls(server) >= 20
+        assert server.metrics.value(
+            "conceptsvc_requests_total", {"method": "AnnotateStream", "code": "UNAVAILABLE"}
+        ) == 0
+    finally:
+        server.stop(0)
+
+
 def test_batch_one_target_with_several_addresses_is_balanced_round_robin(
     tmp_path: Path, demo_extractor: Extractor
 ) -> None:

@@ -7,7 +7,7 @@ The whole tree, so callers can catch at the level they care about::
     ├── DictionaryError             reading dictionaries: RRF, JSONL, TSV (E2xx)
     │   └── MalformedRowError       one bad row; carries ``path`` and ``line``
     ├── SemanticNetworkError        unknown semantic type or group (E3xx); carries ``suggestions``
-    ├── IndexError_                 compiled index missing, corrupt or incompatible (E4xx)
+    ├── ConceptIndexError           compiled index missing, corrupt or incompatible (E4xx)
     ├── ExtractionError             bad per-request options for the extractor (E5xx)
     │   └── InputTooLargeError      text over the configured limit
     ├── ClientError                 batch/lookup client failures (E6xx)
@@ -24,12 +24,12 @@ from pathlib import Path
 
 __all__ = [
     "ClientError",
+    "ConceptIndexError",
     "ConceptsvcError",
     "ConfigError",
     "DictionaryError",
     "EvaluationError",
     "ExtractionError",
-    "IndexError_",
     "InputTooLargeError",
     "MalformedRowError",
     "SemanticNetworkError",
@@ -83,7 +83,7 @@ class SemanticNetworkError(ConceptsvcError):
         )
 
 
-class IndexError_(ConceptsvcError):  # trailing underscore: do not shadow builtin IndexError
+class ConceptIndexError(ConceptsvcError):
     code = "E400"
 
 

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple, overload
 
 import numpy as np
 
-from conceptsvc.errors import IndexError_
+from conceptsvc.errors import ConceptIndexError
 from conceptsvc.normalize import NORMALIZER_VERSION, normalize_term
 
 __all__ = [
@@ -201,7 +201,7 @@ def _write_strtab(
             if hashed:
                 crcs.append(crc32(e))
     if len(lens) != n:
-        raise IndexError_(f"internal: {name} has {len(lens)} entries, expected {n}")
+        raise ConceptIndexError(f"internal: {name} has {len(lens)} entries, expected {n}")
     off = np.zeros(n + 1, dtype=np.uint64)
     if n:
         np.cumsum(np.frombuffer(lens, dtype=np.uint64), out=off[1:])
@@ -246,7 +246,7 @@ class _StringTable:
             return d.get(s, -1)
         tab = self._table
         if tab is None:
-            raise IndexError_("internal: lookup in a table without a hash index")
+            raise ConceptIndexError("internal: lookup in a table without a hash index")
         e = s.encode("utf-8")
         h = zlib.crc32(e)
         mask = self._mask
@@ -444,7 +444,7 @@ class ConceptIndex:
             if len(a[name]) != n:
                 problems.append(f"{name} has {len(a[name])} entries, expected {n}")
         if problems:
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{self.path}: index is truncated or inconsistent ({'; '.join(problems)}); "
                 "rebuild it."
             )
@@ -463,50 +463,54 @@ class ConceptIndex:
         p = Path(path)
         mpath = p / "manifest.json"
         if not mpath.is_file():
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{p} is not a conceptsvc index (no manifest.json). Build one with "
                 "`conceptsvc index build ... --out DIR`."
             )
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise IndexError_(f"{mpath}: unreadable manifest ({exc}); rebuild the index.") from exc
+            raise ConceptIndexError(
+                f"{mpath}: unreadable manifest ({exc}); rebuild the index."
+            ) from exc
         if not isinstance(manifest, dict):
-            raise IndexError_(f"{mpath}: manifest is not a JSON object; rebuild the index.")
+            raise ConceptIndexError(f"{mpath}: manifest is not a JSON object; rebuild the index.")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{p}: index format version {version!r} is not supported by this conceptsvc "
                 f"(expects {FORMAT_VERSION}); rebuild the index with this version."
             )
         if manifest.get("normalizer_version") != NORMALIZER_VERSION:
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{p}: built with normaliser version {manifest.get('normalizer_version')!r}, "
                 f"this conceptsvc normalises with {NORMALIZER_VERSION!r}; its keys would not "
                 "match captions. Rebuild the index."
             )
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
-            raise IndexError_(f"{mpath}: manifest lists no files; rebuild the index.")
+            raise ConceptIndexError(f"{mpath}: manifest lists no files; rebuild the index.")
         for name in files:
             if not (p / name).is_file():
-                raise IndexError_(f"{p}: index file {name} is missing; the index is truncated.")
+                raise ConceptIndexError(
+                    f"{p}: index file {name} is missing; the index is truncated."
+                )
         if _content_hash(files) != manifest.get("content_hash"):
-            raise IndexError_(f"{p}: manifest content_hash does not match its file list.")
+            raise ConceptIndexError(f"{p}: manifest content_hash does not match its file list.")
         if verify:
             actual = _hash_files([p / name for name in files])
             for name, expected in files.items():
                 if actual[name] != expected:
-                    raise IndexError_(
+                    raise ConceptIndexError(
                         f"{p}/{name}: content hash mismatch — the index is corrupt or was "
                         "modified after it was built. Rebuild it."
                     )
         try:
             return cls(p, manifest, materialize=materialize)
-        except IndexError_:
+        except ConceptIndexError:
             raise
         except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-            raise IndexError_(f"{p}: cannot load index ({exc}); rebuild it.") from exc
+            raise ConceptIndexError(f"{p}: cannot load index ({exc}); rebuild it.") from exc
 
     # -- lookups used by the matcher (hot path) ----------------------------------------------
     def key_id(self, key: str) -> int | None:
@@ -668,7 +672,7 @@ class IndexBuilder:
         i = table.get(value)
         if i is None:
             if "\n" in value or not value:
-                raise IndexError_(f"invalid {what} {value!r}: empty or contains a newline")
+                raise ConceptIndexError(f"invalid {what} {value!r}: empty or contains a newline")
             i = table[value] = len(table)
         return i
 
@@ -676,7 +680,7 @@ class IndexBuilder:
         i = self._cui_ids.get(cui)
         if i is None:
             if not cui or "\n" in cui:
-                raise IndexError_(f"invalid concept id {cui!r}: empty or contains a newline")
+                raise ConceptIndexError(f"invalid concept id {cui!r}: empty or contains a newline")
             i = self._cui_ids[cui] = len(self._cui_ids)
             self._pref.append(-1)
             self._sty.append(0)
@@ -733,7 +737,7 @@ class IndexBuilder:
         stys = tuple(dict.fromkeys(semantic_types))
         for t in stys:
             if not t or "\n" in t:
-                raise IndexError_(f"invalid semantic type {t!r} for {cui}")
+                raise ConceptIndexError(f"invalid semantic type {t!r} for {cui}")
         sid = self._sty_ids.get(stys)
         if sid is None:
             sid = self._sty_ids[stys] = len(self._sty_sets)
@@ -776,9 +780,9 @@ class IndexBuilder:
         out_path = Path(out)
         for cui, cid in self._cui_ids.items():
             if self._pref[cid] < 0:
-                raise IndexError_(f"concept {cui} has terms but no preferred name was set")
+                raise ConceptIndexError(f"concept {cui} has terms but no preferred name was set")
         if out_path.exists() and not (out_path / "manifest.json").is_file():
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{out_path} exists and is not an index; choose an empty --out path."
             )
         out_path.parent.mkdir(parents=True, exist_ok=True)

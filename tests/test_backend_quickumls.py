@@ -23,7 +23,7 @@ from conceptsvc.backends.quickumls import (
     build_quickumls_index,
     quickumls_available,
 )
-from conceptsvc.errors import ExtractionError, IndexError_, SemanticNetworkError
+from conceptsvc.errors import ConceptIndexError, ExtractionError, SemanticNetworkError
 from conceptsvc.extractor import ExtractOptions
 
 META = Path(__file__).parent / "fixtures" / "quickumls_META"
@@ -78,7 +78,7 @@ def test_backend_quickumls_build_refuses_existing_directory(tmp_path: Path) -> N
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(IndexError_, match="already exists"):
+    with pytest.raises(ConceptIndexError, match="already exists"):
         build_quickumls_index(META, out)
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -246,7 +246,7 @@ def test_backend_quickumls_threads_share_one_backend(backend: QuickUMLSBackend) 
 
 
 def test_backend_quickumls_rejects_non_index(tmp_path: Path) -> None:
-    with pytest.raises(IndexError_, match="not a QuickUMLS index"):
+    with pytest.raises(ConceptIndexError, match="not a QuickUMLS index"):
         QuickUMLSBackend(tmp_path)
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conceptsvc.errors import IndexError_
+from conceptsvc.errors import ConceptIndexError
 from conceptsvc.index import (
     FLAG_ABBREVIATION,
     FLAG_PREFERRED,
@@ -127,19 +127,19 @@ def test_index_overwrite_keeps_path(tmp_path: Path) -> None:
 def test_index_refuses_to_overwrite_non_index(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("x")
-    with pytest.raises(IndexError_, match="not an index"):
+    with pytest.raises(ConceptIndexError, match="not an index"):
         build_index(tmp_path / "data", CONCEPTS, TERMS)
     assert (tmp_path / "data" / "precious.txt").exists()
 
 
 def test_index_builder_rejects_bad_ids(tmp_path: Path) -> None:
     b = IndexBuilder()
-    with pytest.raises(IndexError_, match="concept id"):
+    with pytest.raises(ConceptIndexError, match="concept id"):
         b.add_term("", "Lung", sab="X", tty="SY")
-    with pytest.raises(IndexError_, match="source"):
+    with pytest.raises(ConceptIndexError, match="source"):
         b.add_term("C1", "Lung", sab="A\nB", tty="SY")
     b.add_term("C2", "Heart", sab="X", tty="SY")
-    with pytest.raises(IndexError_, match="no preferred name"):
+    with pytest.raises(ConceptIndexError, match="no preferred name"):
         b.write(tmp_path / "ix")
 
 
@@ -164,29 +164,29 @@ def test_index_corrupted_file_detected(built: Path) -> None:
     data = bytearray((built / "strings.bin").read_bytes())
     data[3] ^= 0x20
     (built / "strings.bin").write_bytes(bytes(data))
-    with pytest.raises(IndexError_, match=r"strings\.bin: content hash mismatch"):
+    with pytest.raises(ConceptIndexError, match=r"strings\.bin: content hash mismatch"):
         ConceptIndex.load(built)
 
 
 def test_index_truncated_file_detected_even_without_verify(built: Path) -> None:
     blob = built / "keys.bin"
     blob.write_bytes(blob.read_bytes()[:-5])
-    with pytest.raises(IndexError_, match="content hash mismatch"):
+    with pytest.raises(ConceptIndexError, match="content hash mismatch"):
         ConceptIndex.load(built)
-    with pytest.raises(IndexError_, match="truncated or inconsistent"):
+    with pytest.raises(ConceptIndexError, match="truncated or inconsistent"):
         ConceptIndex.load(built, verify=False)
 
 
 def test_index_truncated_array_detected_without_verify(built: Path) -> None:
     arr = built / "post_cui.npy"
     arr.write_bytes(arr.read_bytes()[:-4])
-    with pytest.raises(IndexError_, match=r"cannot load index|truncated"):
+    with pytest.raises(ConceptIndexError, match=r"cannot load index|truncated"):
         ConceptIndex.load(built, verify=False)
 
 
 def test_index_missing_file_detected(built: Path) -> None:
     (built / "post_flags.npy").unlink()
-    with pytest.raises(IndexError_, match=r"post_flags\.npy is missing"):
+    with pytest.raises(ConceptIndexError, match=r"post_flags\.npy is missing"):
         ConceptIndex.load(built)
 
 
@@ -199,12 +199,12 @@ def test_index_manifest_problems(built: Path, tmp_path: Path) -> None:
         ({"files": {}}, "lists no files"),
     ):
         (built / "manifest.json").write_text(json.dumps({**manifest, **change}))
-        with pytest.raises(IndexError_, match=message):
+        with pytest.raises(ConceptIndexError, match=message):
             ConceptIndex.load(built)
     (built / "manifest.json").write_text("{not json")
-    with pytest.raises(IndexError_, match="unreadable manifest"):
+    with pytest.raises(ConceptIndexError, match="unreadable manifest"):
         ConceptIndex.load(built)
-    with pytest.raises(IndexError_, match=r"no manifest\.json"):
+    with pytest.raises(ConceptIndexError, match=r"no manifest\.json"):
         ConceptIndex.load(tmp_path / "nowhere")
     shutil.rmtree(built)
 

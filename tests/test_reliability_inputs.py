@@ -34,7 +34,7 @@ from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client import ConceptClient, ServiceCallError
 from conceptsvc.client.corpus import Corpus
-from conceptsvc.errors import ClientError, ConceptsvcError, IndexError_, MalformedRowError
+from conceptsvc.errors import ClientError, ConceptIndexError, ConceptsvcError, MalformedRowError
 from conceptsvc.extractor import ExtractOptions, Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import Annotation
@@ -644,13 +644,13 @@ def test_reliability_inputs_truncated_index_file_is_refused(index_copy: Path, na
     path = _some_file(index_copy, name)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(IndexError_, match=r"hash mismatch|truncated"):
+    with pytest.raises(ConceptIndexError, match=r"hash mismatch|truncated"):
         ConceptIndex.load(index_copy)
 
 
 def test_reliability_inputs_missing_index_file_is_refused(index_copy: Path) -> None:
     (index_copy / "post_flags.npy").unlink()
-    with pytest.raises(IndexError_, match="missing"):
+    with pytest.raises(ConceptIndexError, match="missing"):
         ConceptIndex.load(index_copy)
 
 
@@ -662,7 +662,7 @@ def test_reliability_inputs_tampered_index_file_same_size_is_refused(
     data = bytearray(path.read_bytes())
     data[-2] ^= 0x01  # one bit, size unchanged: only the content hash can notice
     path.write_bytes(bytes(data))
-    with pytest.raises(IndexError_, match="content hash mismatch"):
+    with pytest.raises(ConceptIndexError, match="content hash mismatch"):
         ConceptIndex.load(index_copy)
 
 
@@ -676,13 +676,13 @@ def test_reliability_inputs_tampered_manifest_is_refused(index_copy: Path) -> No
 
     manifest["files"]["strings.bin"] = hashlib.sha256(strings.read_bytes()).hexdigest()
     mpath.write_text(json.dumps(manifest))
-    with pytest.raises(IndexError_, match="content_hash"):
+    with pytest.raises(ConceptIndexError, match="content_hash"):
         ConceptIndex.load(index_copy)
     mpath.write_text("{not json")
-    with pytest.raises(IndexError_, match="manifest"):
+    with pytest.raises(ConceptIndexError, match="manifest"):
         ConceptIndex.load(index_copy)
     mpath.write_text("[]")
-    with pytest.raises(IndexError_, match="manifest"):
+    with pytest.raises(ConceptIndexError, match="manifest"):
         ConceptIndex.load(index_copy)
 
 
@@ -690,7 +690,7 @@ def test_reliability_inputs_truncated_index_is_refused_even_unverified(index_cop
     path = index_copy / "post_cui.npy"
     data = path.read_bytes()
     path.write_bytes(data[:-4])
-    with pytest.raises(IndexError_):
+    with pytest.raises(ConceptIndexError):
         ConceptIndex.load(index_copy, verify=False)
 
 

@@ -76,7 +76,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from conceptsvc.errors import ConfigError, ExtractionError, IndexError_
+from conceptsvc.errors import ConceptIndexError, ConfigError, ExtractionError
 from conceptsvc.model import Annotation, Mention
 from conceptsvc.semantic_network import UNKNOWN_TUI, load_semantic_network
 
@@ -220,7 +220,7 @@ def build_quickumls_index(
         )
     out = Path(out)
     if out.exists():
-        raise IndexError_(
+        raise ConceptIndexError(
             f"{out} already exists; give a new directory for the QuickUMLS index "
             "(it is never overwritten)"
         )
@@ -277,7 +277,7 @@ def build_quickumls_index(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.part-{os.getpid()}"
     if tmp.exists():
-        raise IndexError_(f"{tmp} exists (a build in progress?); remove it and retry")
+        raise ConceptIndexError(f"{tmp} exists (a build in progress?); remove it and retry")
     tmp.mkdir()
     try:
         (tmp / "language.flag").write_text(language)
@@ -379,7 +379,7 @@ class QuickUMLSBackend:
             if not (self.index_dir / n).is_dir()
         ]
         if missing:
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{self.index_dir} is not a QuickUMLS index (missing {', '.join(missing)}); "
                 "build one with conceptsvc.backends.quickumls.build_quickumls_index"
             )
@@ -399,7 +399,7 @@ class QuickUMLSBackend:
         language_flag = self.index_dir / "language.flag"
         language = language_flag.read_text().strip() if language_flag.exists() else "ENG"
         if language not in _SPACY_BLANK:
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{self.index_dir} was built for language {language!r}, which the QuickUMLS "
                 f"backend cannot tokenise; supported: {', '.join(sorted(_SPACY_BLANK))}"
             )
@@ -437,9 +437,9 @@ class QuickUMLSBackend:
         try:
             data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise IndexError_(f"{path} is unreadable ({exc}); rebuild the index") from exc
+            raise ConceptIndexError(f"{path} is unreadable ({exc}); rebuild the index") from exc
         if data.get("format") != SIDECAR_FORMAT:
-            raise IndexError_(
+            raise ConceptIndexError(
                 f"{path} has format {data.get('format')!r}, expected {SIDECAR_FORMAT}; "
                 "rebuild the index with this conceptsvc version"
             )

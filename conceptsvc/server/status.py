@@ -14,7 +14,7 @@ configured limits (``InputTooLargeError``)
 every RPC thread a call may take is busy              RESOURCE_EXHAUSTED
 (``max_concurrent_rpcs``), refused at once
 index not loaded yet; a reload that failed            FAILED_PRECONDITION
-(``IndexError_``)
+(``ConceptIndexError``)
 server draining (shutting down)                       UNAVAILABLE
 a stream idle longer than ``stream_idle_seconds``     UNAVAILABLE
 unknown CUI                                           NOT_FOUND
@@ -35,9 +35,9 @@ from typing import Any
 import grpc
 
 from conceptsvc.errors import (
+    ConceptIndexError,
     ConceptsvcError,
     ExtractionError,
-    IndexError_,
     InputTooLargeError,
     SemanticNetworkError,
 )
@@ -138,7 +138,7 @@ def status_for(exc: BaseException) -> Status:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, exc.code
     if isinstance(exc, ExtractionError | SemanticNetworkError):
         return grpc.StatusCode.INVALID_ARGUMENT, exc.message, exc.code
-    if isinstance(exc, IndexError_):
+    if isinstance(exc, ConceptIndexError):
         return grpc.StatusCode.FAILED_PRECONDITION, exc.message, exc.code
     if isinstance(exc, ConceptsvcError):
         return grpc.StatusCode.INTERNAL, exc.message, exc.code

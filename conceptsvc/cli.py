@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from conceptsvc import __version__
-from conceptsvc.errors import ConceptsvcError
+from conceptsvc.errors import ConceptsvcError, UsageError
 
 if TYPE_CHECKING:
     from conceptsvc.index import ConceptIndex
@@ -52,7 +52,7 @@ def _load_index_arg(path: str | None) -> ConceptIndex:
     try:
         from conceptsvc.embedded import demo_index
     except ImportError as exc:
-        raise ConceptsvcError(
+        raise UsageError(
             "the embedded demo dictionary is not available in this installation; "
             "pass --index DIR (build one with `conceptsvc index build`)"
         ) from exc
@@ -71,11 +71,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
     if args.local and not args.captions:
-        raise ConceptsvcError("--local needs --captions FILE (an ID,Caption CSV)")
+        raise UsageError("--local needs --captions FILE (an ID,Caption CSV)")
     if not args.local and (args.captions or args.write_predictions):
-        raise ConceptsvcError("--captions and --write-predictions only apply with --local")
+        raise UsageError("--captions and --write-predictions only apply with --local")
     if args.top < 0:
-        raise ConceptsvcError(f"--top must be >= 0, got {args.top}")
+        raise UsageError(f"--top must be >= 0, got {args.top}")
     secondary_cuis(args.edition)  # an unknown edition fails before any file is read
     gold = read_concepts(args.gold)
     manual = read_concepts(args.manual) if args.manual else None
@@ -405,7 +405,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from conceptsvc.client.lookup import candidates_json, format_candidates
 
     if args.limit < 1:
-        raise ConceptsvcError("--limit must be >= 1")
+        raise UsageError("--limit must be >= 1")
     overrides = arguments.extract_overrides(args)
     backend = arguments.lookup_backend(args)
     try:
@@ -514,7 +514,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         *(TableSource(Path(p), sab=args.tsv_sab) for p in args.tsv or ()),
     ]
     if not sources:
-        raise ConceptsvcError("give at least one input: --umls DIR, --jsonl FILE or --tsv FILE")
+        raise UsageError("give at least one input: --umls DIR, --jsonl FILE or --tsv FILE")
     langs = _csv_list(args.lang) or ("ENG",)
     suppress = _csv_list(args.suppress) or ("O", "E", "Y")
     filters = DictionaryFilters(

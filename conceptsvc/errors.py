@@ -3,6 +3,7 @@
 The whole tree, so callers can catch at the level they care about::
 
     ConceptsvcError                 base; ``code`` is stable (E1xx …), ``str()`` says what to do
+    ├── UsageError                  the command line asks for something impossible (E0xx)
     ├── ConfigError                 invalid settings (E1xx)
     ├── DictionaryError             reading dictionaries: RRF, JSONL, TSV (E2xx)
     │   └── MalformedRowError       one bad row; carries ``path`` and ``line``
@@ -14,7 +15,7 @@ The whole tree, so callers can catch at the level they care about::
     └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
-translates them.
+translates them. ``conceptsvc`` prints any of them as one line with its code and exits 2.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "InputTooLargeError",
     "MalformedRowError",
     "SemanticNetworkError",
+    "UsageError",
 ]
 
 
@@ -44,6 +46,12 @@ class ConceptsvcError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(f"[{self.code}] {message}")
         self.message = message
+
+
+class UsageError(ConceptsvcError):
+    """Command-line arguments that cannot work together (argparse catches the rest)."""
+
+    code = "E001"
 
 
 class ConfigError(ConceptsvcError):

@@ -68,7 +68,8 @@ def test_cli_index_errors_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["index", "build", "--out", str(tmp_path / "ix")]) == 2
-    assert "at least one input" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[E001]" in err and "at least one input" in err  # misuse: a UsageError
     assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_small"),
                  "--exclude-semantic-type", "Anatomie", "--out", str(tmp_path / "ix")]) == 2
     assert "Did you mean" in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_lookup_cli_errors(
     code, _, err = run(capsys, "lookup", "x", "--threshold", "1.5", "--target", target)
     assert code == 2 and "--threshold must be in (0, 1]" in err
     code, _, err = run(capsys, "search", "x", "--limit", "0", "--target", target)
-    assert code == 2 and "--limit must be >= 1" in err
+    assert code == 2 and "[E001] --limit must be >= 1" in err
     # an unknown semantic type: the service says INVALID_ARGUMENT, the engine says E300
     code, _, err = run(capsys, "lookup", "x", "--semantic-types", "T999", "--target", target)
     assert code == 2 and "INVALID_ARGUMENT" in err and "T999" in err

@@ -50,8 +50,9 @@ from typing import Any, NoReturn
 from benchmarks import CHECKOUT, ROCOV2
 from conceptsvc.demo import CAPTIONS as _DEMO_CAPTIONS
 from conceptsvc.evaluation import read_captions
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.model import ExtractOptions
 from conceptsvc.normalize import normalize_token
 
 __all__ = [

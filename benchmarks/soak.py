@@ -203,7 +203,8 @@ def tree_rss_mb(pid: int) -> float:
 # -- the clients --------------------------------------------------------------------------------
 def _client_thread(target: str, k: int, captions: list[str], stream_size: int, until: float,
                    unique: bool, stats: ClientStats, lock: threading.Lock) -> None:
-    from conceptsvc.client import ConceptClient, ServiceCallError
+    from conceptsvc.client import ConceptClient
+    from conceptsvc.errors import ServiceCallError
 
     counter = [k * 10_000_000]
     mine = ClientStats()
@@ -263,7 +264,7 @@ def _client_process(target: str, ks: list[int], stream_size: int, until: float,
 def _option_sets_thread(target: str, k: int, captions: list[str], option_items: int,
                         until: float, stats: ClientStats, lock: threading.Lock) -> None:
     from conceptsvc.client import ConceptClient
-    from conceptsvc.extractor import ExtractOptions
+    from conceptsvc.model import ExtractOptions
 
     mine = ClientStats()
     n = 0

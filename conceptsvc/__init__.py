@@ -1,8 +1,8 @@
 """conceptsvc: UMLS concept mapping for radiology captions, as a library and a gRPC service.
 
-``conceptsvc.Extractor`` and ``conceptsvc.ExtractOptions`` are the extraction engine
-(:mod:`conceptsvc.extractor`); they are imported on first use so that ``import conceptsvc``
-(and the CLI's start-up) stays cheap.
+``conceptsvc.Extractor`` is the extraction engine (:mod:`conceptsvc.extractor`) and
+``conceptsvc.ExtractOptions`` its per-request options (:mod:`conceptsvc.model`); they are
+imported on first use so that ``import conceptsvc`` (and the CLI's start-up) stays cheap.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from conceptsvc.extractor import ExtractOptions, Extractor
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.model import ExtractOptions
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return Extractor
     if name == "ExtractOptions":
-        from conceptsvc.extractor import ExtractOptions
+        from conceptsvc.model import ExtractOptions
 
         return ExtractOptions
     raise AttributeError(f"module 'conceptsvc' has no attribute {name!r}")

@@ -39,11 +39,11 @@ from conceptsvc.matcher import (
     check_surface,
     crosses_break,
 )
+from conceptsvc.model import SIMILARITIES
 from conceptsvc.normalize import STOPWORDS
 
 __all__ = [
     "DEFAULT_WINDOW",
-    "SIMILARITIES",
     "SIZE_CAP",
     "ApproximateMatcher",
     "TrigramIndex",
@@ -55,7 +55,6 @@ __all__ = [
 DEFAULT_WINDOW = 5
 """Longest window in tokens, as QuickUMLS's default ``window``."""
 
-SIMILARITIES = ("jaccard", "cosine", "dice", "overlap")
 SIZE_CAP = 1 << 30
 """Upper size bound meaning "no bound": far more trigrams than any dictionary string has."""
 _EXTRA_LISTS = 5  # lists counted beyond the pigeonhole minimum (see TrigramIndex.search)

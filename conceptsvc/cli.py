@@ -81,7 +81,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     manual = read_concepts(args.manual) if args.manual else None
     index = None
     if args.local:
-        from conceptsvc.extractor import ExtractOptions, Extractor
+        from conceptsvc.extractor import Extractor
+        from conceptsvc.model import ExtractOptions
 
         index = _load_index_arg(args.index)
         options = ExtractOptions(
@@ -139,6 +140,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from conceptsvc.evaluation import DEFAULT_EDITION, SECONDARY_CUIS_BY_EDITION
+    from conceptsvc.model import MODES, SIMILARITIES
 
     p = sub.add_parser(
         "evaluate",
@@ -164,9 +166,8 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--index", help="index directory for --local, and for concept names in "
                    "the false-negative/positive lists (default: the embedded demo dictionary)")
     p.add_argument("--profile", default="rocov2", help="concept profile (default: rocov2)")
-    p.add_argument("--mode", default="exact", choices=["exact", "approximate"])
-    p.add_argument("--similarity", default="jaccard",
-                   choices=["jaccard", "cosine", "dice", "overlap"])
+    p.add_argument("--mode", default="exact", choices=MODES)
+    p.add_argument("--similarity", default="jaccard", choices=SIMILARITIES)
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--drop-negated", action="store_true", help="drop negated mentions")
     p.add_argument("--write-predictions", metavar="PRED.csv",

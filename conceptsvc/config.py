@@ -20,7 +20,7 @@ import argparse
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -41,9 +41,7 @@ from pydantic_settings import (
 )
 
 from conceptsvc.errors import ConfigError, SemanticNetworkError
-
-if TYPE_CHECKING:
-    from conceptsvc.extractor import ExtractOptions
+from conceptsvc.model import ExtractOptions, Mode, Overlap, Similarity
 
 __all__ = [
     "ENV_PREFIX",
@@ -82,7 +80,8 @@ NameTuple = Annotated[tuple[str, ...], NoDecode]
 class DefaultOptions(BaseModel):
     """Extraction options applied to every request field the client leaves unset.
 
-    Mirrors :class:`conceptsvc.extractor.ExtractOptions`; see there for the meaning of each.
+    Mirrors :class:`conceptsvc.model.ExtractOptions`, see there for the meaning of each; the
+    enumerated fields take their choices from the same ``Literal`` types.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -97,12 +96,12 @@ class DefaultOptions(BaseModel):
         default=(), description="source vocabularies (SABs) to accept (empty = all)"
     )
     exclude_cuis: NameTuple = Field(default=(), description="CUIs never reported")
-    mode: Literal["exact", "approximate"] = Field(default="exact", description="matching mode")
-    similarity: Literal["jaccard", "cosine", "dice", "overlap"] = Field(
+    mode: Mode = Field(default="exact", description="matching mode")
+    similarity: Similarity = Field(
         default="jaccard", description="similarity measure for approximate matching"
     )
     threshold: float = Field(default=0.7, gt=0, le=1, description="approximate matching threshold")
-    overlap: Literal["longest", "best_score", "all"] = Field(
+    overlap: Overlap = Field(
         default="longest", description="which of overlapping mentions to keep"
     )
     profile: str = Field(default="none", min_length=1, description="concept profile")
@@ -127,8 +126,6 @@ class DefaultOptions(BaseModel):
         return names
 
     def to_extract_options(self) -> ExtractOptions:
-        from conceptsvc.extractor import ExtractOptions
-
         return ExtractOptions(**self.model_dump())
 
 

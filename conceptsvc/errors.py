@@ -12,6 +12,11 @@ The whole tree, so callers can catch at the level they care about::
     ├── ExtractionError             bad per-request options for the extractor (E5xx)
     │   └── InputTooLargeError      text over the configured limit
     ├── ClientError                 batch/lookup client failures (E6xx)
+    │   ├── ServiceCallError        an RPC failed with a gRPC status (E610); ``status``, ``details``
+    │   ├── BadInputError           malformed input records, nothing sent (E620); carries ``bad``
+    │   ├── RunIncompatibleError    results of one run would mix indexes (E621)
+    │   ├── ServiceUnreachableError no target answered GetInfo (E622)
+    │   └── ConceptNotFoundError    a CUI the dictionary does not have (E623)
     └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
@@ -22,10 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 __all__ = [
+    "BadInputError",
     "ClientError",
     "ConceptIndexError",
+    "ConceptNotFoundError",
     "ConceptsvcError",
     "ConfigError",
     "DictionaryError",
@@ -33,7 +41,10 @@ __all__ = [
     "ExtractionError",
     "InputTooLargeError",
     "MalformedRowError",
+    "RunIncompatibleError",
     "SemanticNetworkError",
+    "ServiceCallError",
+    "ServiceUnreachableError",
     "UsageError",
 ]
 
@@ -105,6 +116,78 @@ class InputTooLargeError(ExtractionError):
 
 class ClientError(ConceptsvcError):
     code = "E600"
+
+
+class ServiceCallError(ClientError):
+    """An RPC failed with a gRPC status (after the client's retries, if it was retryable).
+
+    ``status`` is the gRPC status name (``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"`` …) and
+    ``details`` the server's message.
+    """
+
+    code = "E610"
+
+    def __init__(self, method: str, status: str, details: str) -> None:
+        self.method = method
+        self.status = status
+        self.details = details
+        hint = {
+            "UNAVAILABLE": " Is the service running and reachable (check --target)?",
+            "UNAUTHENTICATED": " Pass the service's token (--token / CONCEPTSVC_TOKEN).",
+            "DEADLINE_EXCEEDED": " Raise the deadline (--timeout) or send smaller batches.",
+        }.get(status, "")
+        super().__init__(f"{method} failed: {status}: {details.rstrip('.')}.{hint}")
+
+
+class _BadRecord(Protocol):
+    """What :class:`BadInputError` needs of a bad record (``client.corpus.BadRecord``)."""
+
+    @property
+    def line(self) -> int: ...
+    @property
+    def problem(self) -> str: ...
+    def location(self, source: str) -> str: ...
+
+
+# Bad records named in BadInputError's message; the full list is its ``bad`` (and the errors
+# file of the run).
+_MAX_SHOWN = 20
+
+
+class BadInputError(ClientError):
+    """The input has malformed records and the run was asked to stop before sending anything."""
+
+    code = "E620"
+
+    def __init__(self, source: str, bad: Sequence[_BadRecord]) -> None:
+        self.source = source
+        self.bad = bad
+        shown = "\n".join(f"  {b.location(source)}: {b.problem}" for b in bad[:_MAX_SHOWN])
+        more = f"\n  ... and {len(bad) - _MAX_SHOWN} more" if len(bad) > _MAX_SHOWN else ""
+        super().__init__(
+            f"{source}: {len(bad)} malformed record(s); nothing was sent.\n{shown}{more}\n"
+            "Fix them, or rerun with `--on-bad-input skip` to annotate the rest and record the "
+            "skipped ones in the errors file."
+        )
+
+
+class RunIncompatibleError(ClientError):
+    """The work directory holds results that cannot be mixed with this run's."""
+
+    code = "E621"
+
+
+class ServiceUnreachableError(ClientError):
+    code = "E622"
+
+
+class ConceptNotFoundError(ClientError):
+    code = "E623"
+
+    def __init__(self, cui: str) -> None:
+        super().__init__(
+            f"{cui} is not in the dictionary; `conceptsvc search TEXT` finds concepts by name."
+        )
 
 
 class EvaluationError(ConceptsvcError):

@@ -48,19 +48,18 @@ concepts a profile inferred without a mention (e.g. ROCOv2's imaging modality).
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from conceptsvc.abbreviations import AmbiguityResolver, fast_find_definitions, find_definitions
-from conceptsvc.approximate import SIMILARITIES, ApproximateMatcher
+from conceptsvc.approximate import ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
 from conceptsvc.matcher import PREFIX_TABLE_MAX_KEYS, ExactMatcher, Match, check_surface
-from conceptsvc.model import Annotation, Mention
+from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention
 from conceptsvc.negation import NegationDetector
 from conceptsvc.normalize import (
     SPEEDUPS,
@@ -78,10 +77,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENGINES",
-    "MODES",
-    "OVERLAPS",
-    "Candidate",
-    "ExtractOptions",
     "Extractor",
     "WeightedMemo",
     "option_items",
@@ -90,8 +85,6 @@ __all__ = [
 
 ENGINES = ("auto", "compiled", "reference")
 
-MODES = ("exact", "approximate")
-OVERLAPS = ("longest", "best_score", "all")
 _PLAN_CACHE_SIZE = 256
 PLAN_CACHE_BYTES = 64 << 20
 """Approximate bytes of the option sets an :class:`Extractor`'s plan cache holds (see
@@ -103,39 +96,6 @@ plan's memos grow with every new CUI and key a client's captions reach."""
 _PLAN_BASE_BYTES = 4096  # a plan's fixed part: dataclass, empty memos, profile/resolver refs
 _OPTION_ITEM_BYTES = 100  # per list item, beyond its characters: see options_weight
 _new = tuple.__new__  # NamedTuple construction without its Python-level __new__
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """Per-request options (see the module docstring for the filter semantics)."""
-
-    semantic_types: tuple[str, ...] = ()  # filter names (TUI, abbrev, name); empty = all
-    semantic_groups: tuple[str, ...] = ()  # group codes/names; empty = all
-    sources: tuple[str, ...] = ()  # SABs accepted; empty = all
-    exclude_cuis: tuple[str, ...] = ()
-    mode: str = "exact"  # "exact" | "approximate"
-    similarity: str = "jaccard"  # "jaccard" | "cosine" | "dice" | "overlap"
-    threshold: float = 0.7  # (0, 1]
-    overlap: str = "longest"  # "longest" | "best_score" | "all"
-    profile: str = "none"  # "none" | "rocov2" | other shipped profile names
-    include_negated: bool = True
-    include_mentions: bool = True
-
-    def cache_key(self) -> str:
-        """Canonical text of the options: equal for options that extract the same thing.
-
-        List-valued options are sorted and deduplicated (their order never matters); the
-        threshold is printed with repr so that 0.7 and 0.70 agree.
-        """
-        parts = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, tuple):
-                v = ",".join(sorted(set(v)))
-            elif isinstance(v, float):
-                v = repr(float(v))
-            parts.append(f"{f.name}={v}")
-        return "|".join(parts)
 
 
 def option_items(options: ExtractOptions) -> int:
@@ -227,18 +187,6 @@ class WeightedMemo(Generic[_K, _V]):
         with self._lock:
             self._data.clear()
             self._bytes = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One concept proposed for a search query."""
-
-    cui: str
-    preferred_name: str
-    matched_string: str
-    score: float
-    semantic_types: tuple[str, ...]
-    sources: tuple[str, ...]
 
 
 class _Cand(NamedTuple):
@@ -377,18 +325,7 @@ class Extractor:
         if plan is not None:
             return plan
         o = options
-        if o.mode not in MODES:
-            raise ExtractionError(f"mode {o.mode!r} is not one of {', '.join(MODES)}")
-        if o.similarity not in SIMILARITIES:
-            raise ExtractionError(
-                f"similarity {o.similarity!r} is not one of {', '.join(SIMILARITIES)}"
-            )
-        if not isinstance(o.threshold, int | float) or not (
-            math.isfinite(o.threshold) and 0 < o.threshold <= 1
-        ):
-            raise ExtractionError(f"threshold {o.threshold!r} must be in (0, 1], e.g. 0.7")
-        if o.overlap not in OVERLAPS:
-            raise ExtractionError(f"overlap {o.overlap!r} is not one of {', '.join(OVERLAPS)}")
+        o.validate()
         profile = load_profile(o.profile)
         tuis: set[str] = set()
         for name in o.semantic_types:

@@ -63,6 +63,22 @@ class SemanticNetwork:
         except KeyError:
             raise SemanticNetworkError(tui, self._suggest(tui)) from None
 
+    def describe(self, tui: str) -> SemanticType:
+        """The entry for ``tui``, or a placeholder for one the network lacks (the unknown
+        sentinel T000, or a TUI from a newer UMLS release): for showing, never an error."""
+        t = self.types.get(tui)
+        if t is not None:
+            return t
+        return SemanticType(
+            tui=tui,
+            abbrev="unkn",
+            name="Unknown" if tui == UNKNOWN_TUI else f"Unknown type {tui}",
+            tree_number="",
+            group="UNKNOWN",
+            group_name="Unknown",
+            definition="The source vocabularies assign this concept no semantic type.",
+        )
+
     def group_of(self, tui: str) -> str:
         """The semantic group code of a TUI; ``UNKNOWN`` for the unknown sentinel."""
         t = self.types.get(tui)

@@ -23,7 +23,7 @@ Extension attributes on ``Span``: ``cui``, ``preferred_name``, ``score``, ``sema
 including concepts a profile inferred without a mention.
 
 Configuration (all optional): ``index_path`` (default: the embedded demo dictionary) and the
-:class:`~conceptsvc.extractor.ExtractOptions` fields. Invalid options fail when the pipeline is
+:class:`~conceptsvc.model.ExtractOptions` fields. Invalid options fail when the pipeline is
 built, not on the first document.
 
 spaCy is an extra (``conceptsvc[spacy]``): the service, the client and the index build do not
@@ -48,8 +48,9 @@ except ImportError as exc:
         "pip install 'conceptsvc[spacy]'"
     ) from exc
 
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.model import ExtractOptions
 
 __all__ = ["ConceptsvcComponent", "make_conceptsvc"]
 

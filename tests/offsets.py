@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from conceptsvc.abbreviations import find_definitions
-from conceptsvc.extractor import ExtractOptions
 from conceptsvc.index import ConceptIndex
-from conceptsvc.model import Annotation, Mention
+from conceptsvc.model import Annotation, ExtractOptions, Mention
 from conceptsvc.normalize import normalize_term, tokenize
 from conceptsvc.profile import load_profile
 

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conceptsvc.approximate import (
-    SIMILARITIES,
     ApproximateMatcher,
     TrigramIndex,
     similarity,
@@ -17,6 +16,7 @@ from conceptsvc.approximate import (
 from conceptsvc.errors import ExtractionError
 from conceptsvc.index import ConceptIndex
 from conceptsvc.matcher import ExactMatcher
+from conceptsvc.model import SIMILARITIES
 from conceptsvc.normalize import tokenize_spans
 
 

@@ -24,7 +24,7 @@ from conceptsvc.backends.quickumls import (
     quickumls_available,
 )
 from conceptsvc.errors import ConceptIndexError, ExtractionError, SemanticNetworkError
-from conceptsvc.extractor import ExtractOptions
+from conceptsvc.model import ExtractOptions
 
 META = Path(__file__).parent / "fixtures" / "quickumls_META"
 

@@ -24,22 +24,21 @@ import pytest
 from conftest import free_port
 
 from conceptsvc.cli import main
-from conceptsvc.client.batch import (
-    EXIT_INCOMPLETE,
-    BatchSettings,
-    RunIncompatibleError,
-    ServiceUnreachableError,
-    annotate_corpus,
-)
-from conceptsvc.client.corpus import BadInputError, Corpus
+from conceptsvc.client.batch import EXIT_INCOMPLETE, BatchSettings, annotate_corpus
+from conceptsvc.client.corpus import Corpus
 from conceptsvc.client.outputs import OutputFormat, annotation_to_json, resolve_outputs
 from conceptsvc.config import load_settings
 from conceptsvc.embedded import demo_index
-from conceptsvc.errors import ClientError
+from conceptsvc.errors import (
+    BadInputError,
+    ClientError,
+    RunIncompatibleError,
+    ServiceUnreachableError,
+)
 from conceptsvc.evaluation import read_concepts
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex, IndexBuilder
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, ExtractOptions
 from conceptsvc.server.app import ConceptServer, create_server
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"

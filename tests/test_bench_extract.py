@@ -9,8 +9,9 @@ from benchmarks.bench_extract import (
     profile_stages_py_spy,
     stage_shares_py_spy,
 )
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.model import ExtractOptions
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"
 

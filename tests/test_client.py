@@ -1,4 +1,4 @@
-"""ConceptClient against real servers, and the pb <-> domain conversions it relies on."""
+"""ConceptClient against real servers (the pb <-> domain conversions: tests/test_wire.py)."""
 
 from __future__ import annotations
 
@@ -11,98 +11,14 @@ from typing import Any
 import pytest
 from service_helpers import CAPTIONS, build_index_a, running_server, settings_for
 
-from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
-from conceptsvc.client import ConceptClient, ServiceCallError, convert
-from conceptsvc.errors import ClientError, ExtractionError
-from conceptsvc.extractor import Candidate, ExtractOptions
-from conceptsvc.index import ConceptIndex
-from conceptsvc.model import Annotation, Mention
-from conceptsvc.semantic_network import load_semantic_network
+from conceptsvc.client import ConceptClient
+from conceptsvc.errors import ClientError, ServiceCallError
 from conceptsvc.server import create_server
 
 
 @pytest.fixture(scope="module")
 def index_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_index_a(tmp_path_factory.mktemp("client") / "index-a")
-
-
-# -- conversions -------------------------------------------------------------------------------
-def test_client_options_round_trip_sets_every_field() -> None:
-    opts = ExtractOptions(
-        semantic_types=("T047", "dsyn"), semantic_groups=("ANAT",), sources=("MSH",),
-        exclude_cuis=("C1",), mode="approximate", similarity="dice", threshold=0.85,
-        overlap="all", profile="rocov2", include_negated=False, include_mentions=False,
-    )
-    msg = convert.options_to_pb(opts)
-    for name in ("semantic_types", "threshold", "profile", "include_negated", "include_mentions"):
-        assert msg.HasField(name)
-    other_defaults = ExtractOptions(mode="exact", semantic_groups=("DISO",), threshold=0.5)
-    assert convert.options_from_pb(msg, other_defaults) == opts
-    # Even the "falsy" values survive: an empty list and False are sent, not left unset.
-    empty = convert.options_to_pb(ExtractOptions(include_negated=False))
-    back = convert.options_from_pb(empty, other_defaults)
-    assert back.semantic_groups == () and back.include_negated is False
-
-
-def test_client_options_partial_message_merges_over_defaults() -> None:
-    defaults = ExtractOptions(semantic_groups=("DISO",), threshold=0.9, profile="rocov2")
-    assert convert.options_from_pb(pb.AnnotateOptions(), defaults) is defaults
-    msg = pb.AnnotateOptions(mode=pb.MATCH_MODE_APPROXIMATE, include_mentions=False)
-    got = convert.options_from_pb(msg, defaults)
-    assert got == ExtractOptions(
-        semantic_groups=("DISO",), threshold=0.9, profile="rocov2", mode="approximate",
-        include_mentions=False,
-    )
-
-
-def test_client_options_unknown_values_are_errors() -> None:
-    msg = pb.AnnotateOptions()
-    msg.similarity = 42
-    with pytest.raises(ExtractionError, match="similarity enum value 42"):
-        convert.options_from_pb(msg, ExtractOptions())
-    with pytest.raises(ExtractionError, match="mode 'fuzzy'"):
-        convert.options_to_pb(ExtractOptions(mode="fuzzy"))
-
-
-def test_client_annotation_round_trip() -> None:
-    text = "ﬁndings: Ｃhest ＣＴ 🙂 pneumothorax"
-    start = text.index("pneumothorax")
-    assert start == 20  # code points: the emoji and full-width letters count one each
-    m = Mention(
-        "C0032326", "Pneumothorax", "pneumothorax", start, start + 12, 0.875, ("T047",), "MSH",
-        True,
-    )
-    a = Annotation("id-1", (m,), ("C0032326", "C0040405"))
-    msg = convert.annotation_to_pb(a)
-    wire = pb.AnnotateResponse.FromString(msg.SerializeToString())
-    assert convert.annotation_from_pb(wire) == a
-    ok = convert.stream_result_from_pb(wire)
-    assert ok.ok and ok.annotation == a
-    bad = pb.AnnotateResponse(id="x", status=pb.ItemStatus(code=3, message="m", error_code="E300"))
-    res = convert.stream_result_from_pb(bad)
-    assert not res.ok and res.annotation is None
-    assert res.error is not None and (res.error.status, res.error.error_code) == (
-        "INVALID_ARGUMENT", "E300"
-    )
-
-
-def test_client_concept_candidate_and_catalog_round_trip(index_a: Path) -> None:
-    sn = load_semantic_network()
-    idx = ConceptIndex.load(index_a)
-    info = idx.concept("C0040405")
-    assert info is not None
-    rec = convert.concept_from_pb(convert.concept_to_pb(info, sn, idx.concept_postings("C0040405")))
-    assert rec.cui == "C0040405" and rec.semantic_types[0] == sn.types["T060"]
-    assert [(s.string, s.tty, s.abbreviation) for s in rec.synonyms] == [
-        ("computed tomography", "PT", False), ("CT", "AB", True)
-    ]
-    cand = Candidate("C0040405", "X-Ray Computed Tomography", "CT", 1.0, ("T060", "T000"), ("MSH",))
-    assert convert.candidate_from_pb(convert.candidate_to_pb(cand, sn)) == cand
-    unknown = convert.semantic_type(sn, "T000")
-    assert unknown.group == "UNKNOWN" and unknown.name == "Unknown"
-    cat = convert.catalog_from_pb(convert.catalog_to_pb(sn))
-    assert set(cat.types) == set(sn.types.values())
-    assert {g.code: g.tuis for g in cat.groups} == {c: g.tuis for c, g in sn.groups.items()}
 
 
 # -- behaviour against real servers ------------------------------------------------------------

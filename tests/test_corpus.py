@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 
 from conceptsvc.client.corpus import (
-    BadInputError,
     BadRecord,
     Caption,
     Corpus,
     InputFormat,
     detect_format,
 )
-from conceptsvc.errors import ClientError
+from conceptsvc.errors import BadInputError, ClientError
 
 CSV_TEXT = (
     "ID,Caption\r\n"

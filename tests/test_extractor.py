@@ -11,15 +11,9 @@ from hypothesis import strategies as st
 from offsets import check_annotation
 
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
-from conceptsvc.extractor import (
-    PLAN_CACHE_BYTES,
-    ExtractOptions,
-    Extractor,
-    WeightedMemo,
-    options_weight,
-)
+from conceptsvc.extractor import PLAN_CACHE_BYTES, Extractor, WeightedMemo, options_weight
 from conceptsvc.index import ConceptIndex
-from conceptsvc.model import Annotation, Mention
+from conceptsvc.model import Annotation, ExtractOptions, Mention
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,11 @@ from service_helpers import (
     settings_for,
 )
 
-from conceptsvc.client import ConceptClient, ServiceCallError
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.client import ConceptClient
+from conceptsvc.errors import ServiceCallError
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.model import ExtractOptions
 
 ADMIN = "admin-token-" + "f" * 24
 

@@ -32,12 +32,18 @@ from service_helpers import build_index_a, running_server, settings_for
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client import ConceptClient, ServiceCallError
+from conceptsvc.client import ConceptClient
 from conceptsvc.client.corpus import Corpus
-from conceptsvc.errors import ClientError, ConceptIndexError, ConceptsvcError, MalformedRowError
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.errors import (
+    ClientError,
+    ConceptIndexError,
+    ConceptsvcError,
+    MalformedRowError,
+    ServiceCallError,
+)
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, ExtractOptions
 from conceptsvc.sources import ReadStats
 from conceptsvc.sources.rrf import MetaDir, iter_mrconso
 

@@ -26,8 +26,9 @@ from offsets import check_annotation
 from service_helpers import running_server, settings_for
 
 from conceptsvc.client import ConceptClient
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
+from conceptsvc.model import ExtractOptions
 from conceptsvc.normalize import normalize_term, normalize_token, tokenize, tokenize_spans
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -30,8 +30,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_helpers import Pki, build_index_a, make_pki, running_server, settings_for
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
-from conceptsvc.client import ConceptClient, ServiceCallError
-from conceptsvc.extractor import ExtractOptions
+from conceptsvc.client import ConceptClient
+from conceptsvc.errors import ServiceCallError
+from conceptsvc.model import ExtractOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "conceptsvc"
@@ -269,15 +270,15 @@ _DISPATCH = {"getattr", "setattr", "delattr", "hasattr"}
 # Reviewed uses of a computed attribute name: (file, enclosing function, name expression) → why
 # the name cannot come from a client. A new one fails the test until someone reviews it here.
 _REVIEWED_DISPATCH = {
-    ("conceptsvc/extractor.py", "cache_key", "f.name"): "dataclass fields of ExtractOptions",
+    ("conceptsvc/model.py", "cache_key", "f.name"): "dataclass fields of ExtractOptions",
     ("conceptsvc/config.py", "_paths_and_pairs", "name"): "loop over a literal tuple",
     ("conceptsvc/config.py", "settings_from_args", "f'_{group}__{name}'"):
         "argparse dests generated from the Settings model",
     ("conceptsvc/server/app.py", "_settings_payload", "name"): "loop over a literal tuple",
-    ("conceptsvc/client/convert.py", "options_to_pb", "name"): "_LIST_FIELDS constant",
-    ("conceptsvc/client/convert.py", "options_from_pb", "name"): "_LIST_FIELDS constant",
+    ("conceptsvc/wire.py", "options_to_pb", "name"): "_LIST_FIELDS constant",
+    ("conceptsvc/wire.py", "options_from_pb", "name"): "_LIST_FIELDS constant",
     ("conceptsvc/backends/quickumls.py", "_configure", "plan.similarity"):
-        "validated against _SIMILARITIES in _plan before it is used",
+        "validated against model.SIMILARITIES in _plan before it is used",
     ("conceptsvc/backends/quickumls.py", "as_dict", "k"): "dataclass field names",
     ("benchmarks/bench.py", "_run", "BENCHMARKS[name]"):
         "developer CLI, a key of a literal dict of module names",

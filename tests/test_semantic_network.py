@@ -41,3 +41,11 @@ def test_semantic_network_unknown_name_suggests() -> None:
 
 def test_semantic_network_unknown_sentinel() -> None:
     assert load_semantic_network().resolve("unknown") == {UNKNOWN_TUI}
+
+
+def test_semantic_network_describe_gives_placeholders_for_types_it_lacks() -> None:
+    sn = load_semantic_network()
+    assert sn.describe("T047") is sn.types["T047"]
+    unknown = sn.describe(UNKNOWN_TUI)
+    assert (unknown.name, unknown.group, unknown.group_name) == ("Unknown", "UNKNOWN", "Unknown")
+    assert sn.describe("T999").name == "Unknown type T999"  # a TUI from a newer release

@@ -38,11 +38,12 @@ from service_helpers import (
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client import ConceptClient, ServiceCallError
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.client import ConceptClient
+from conceptsvc.errors import ServiceCallError
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.metrics import start_metrics_http_server
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, ExtractOptions
 from conceptsvc.server import create_server
 
 if TYPE_CHECKING:

@@ -24,9 +24,8 @@ from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_from_json
 from conceptsvc.config import load_settings
 from conceptsvc.embedded import demo_index_path
 from conceptsvc.errors import ConfigError
-from conceptsvc.extractor import ExtractOptions
 from conceptsvc.integrations.spark import MENTION_FIELDS, annotate_dataframe
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, ExtractOptions
 from conceptsvc.server.app import create_server
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"

@@ -40,9 +40,9 @@ from conceptsvc.demo import CAPTIONS
 from conceptsvc.embedded import demo_index
 from conceptsvc.errors import ExtractionError
 from conceptsvc.evaluation import read_captions
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, ExtractOptions
 from conceptsvc.negation import NegationDetector, NegationRules
 from conceptsvc.normalize import normalize_token, tokenize_spans_py
 from conceptsvc.profile import Profile, ProfileModel, load_profile
@@ -130,7 +130,8 @@ import dataclasses, json, sys
 from conceptsvc import normalize
 from conceptsvc.evaluation import read_captions
 from conceptsvc.errors import ExtractionError
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
+from conceptsvc.model import ExtractOptions
 from conceptsvc.index import ConceptIndex
 
 from conceptsvc.errors import ExtractionError

@@ -26,7 +26,7 @@ sources of every string, semantic types). An index made by QuickUMLS's own insta
 file: it can still be served, but mentions then carry the matched dictionary string as the
 preferred name, an empty source, and the ``sources`` option is refused.
 
-:class:`~conceptsvc.extractor.ExtractOptions` support:
+:class:`~conceptsvc.model.ExtractOptions` support:
 
 ===================  ======================================================================
 option               QuickUMLS backend
@@ -74,14 +74,19 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from conceptsvc.errors import ConceptIndexError, ConfigError, ExtractionError
-from conceptsvc.model import Annotation, Mention
+from conceptsvc.model import (
+    MODES,
+    OVERLAPS,
+    SIMILARITIES,
+    Annotation,
+    Candidate,
+    ExtractOptions,
+    Mention,
+)
 from conceptsvc.semantic_network import UNKNOWN_TUI, load_semantic_network
-
-if TYPE_CHECKING:
-    from conceptsvc.extractor import Candidate, ExtractOptions
 
 __all__ = [
     "QUICKUMLS_INSTALL_HINT",
@@ -101,7 +106,6 @@ QUICKUMLS_INSTALL_HINT = (
 SIDECAR_NAME = "conceptsvc-quickumls.json"
 SIDECAR_FORMAT = 1
 _NLTK_DATA = Path(__file__).resolve().parent.parent / "data" / "nltk"
-_SIMILARITIES = ("jaccard", "cosine", "dice", "overlap")
 _OVERLAP_CRITERIA = {"longest": "length", "best_score": "score"}
 _DATABASE_BACKENDS = ("unqlite", "leveldb")
 # QuickUMLS's own language flags (quickumls.constants.LANGUAGES) → spaCy blank language codes.
@@ -386,8 +390,6 @@ class QuickUMLSBackend:
         if window < 1 or min_match_length < 1:
             raise ConfigError("window and min_match_length must be at least 1")
         if default_options is None:
-            from conceptsvc.extractor import ExtractOptions
-
             default_options = ExtractOptions()
         self.default_options = default_options
         self.window = window
@@ -486,15 +488,15 @@ class QuickUMLSBackend:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
-        if options.mode not in ("exact", "approximate"):
+        if options.mode not in MODES:
             raise ExtractionError(f"unknown mode {options.mode!r}; use 'exact' or 'approximate'")
-        if options.similarity not in _SIMILARITIES:
+        if options.similarity not in SIMILARITIES:
             raise ExtractionError(
-                f"unknown similarity {options.similarity!r}; use one of {', '.join(_SIMILARITIES)}"
+                f"unknown similarity {options.similarity!r}; use one of {', '.join(SIMILARITIES)}"
             )
         if not (0.0 < options.threshold <= 1.0):
             raise ExtractionError(f"threshold must be in (0, 1], got {options.threshold!r}")
-        if options.overlap not in ("longest", "best_score", "all"):
+        if options.overlap not in OVERLAPS:
             raise ExtractionError(
                 f"unknown overlap policy {options.overlap!r}; use longest, best_score or all"
             )
@@ -657,8 +659,6 @@ class QuickUMLSBackend:
         Uses QuickUMLS's simstring database directly, with the options' similarity and
         threshold (``exact`` mode: identical strings only) and its filters.
         """
-        from conceptsvc.extractor import Candidate
-
         if limit < 1:
             raise ExtractionError(f"limit must be at least 1, got {limit}")
         plan = self._plan(options if options is not None else self.default_options)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptsvc.errors import ClientError
+from conceptsvc.model import MODES, OVERLAPS, SIMILARITIES
 
 if TYPE_CHECKING:
-    from conceptsvc.client.batch import ChannelSecurity
+    from conceptsvc.client.channel import ChannelSecurity
     from conceptsvc.client.lookup import Lookup
 
 __all__ = [
@@ -68,13 +69,13 @@ def add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="accept only strings from these source vocabularies")
     g.add_argument("--exclude-cuis", action="append", metavar="CUIS",
                    help="never report these concepts")
-    g.add_argument("--mode", choices=["exact", "approximate"], help="matching mode")
+    g.add_argument("--mode", choices=MODES, help="matching mode")
     g.add_argument("--approximate", dest="mode", action="store_const", const="approximate",
                    help="shorthand for --mode approximate")
-    g.add_argument("--similarity", choices=["jaccard", "cosine", "dice", "overlap"],
+    g.add_argument("--similarity", choices=SIMILARITIES,
                    help="similarity measure for approximate matching")
     g.add_argument("--threshold", type=float, help="approximate matching threshold, in (0, 1]")
-    g.add_argument("--overlap", choices=["longest", "best_score", "all"],
+    g.add_argument("--overlap", choices=OVERLAPS,
                    help="which of overlapping mentions to keep")
     g.add_argument("--profile", help="concept profile (none, rocov2, ...)")
     g.add_argument("--include-negated", action=argparse.BooleanOptionalAction, default=None,
@@ -117,7 +118,7 @@ def add_connection(p: argparse.ArgumentParser, *, several: bool) -> None:
 
 
 def security(args: argparse.Namespace) -> ChannelSecurity:
-    from conceptsvc.client.batch import ChannelSecurity
+    from conceptsvc.client.channel import ChannelSecurity
 
     return ChannelSecurity(
         tls=args.tls,

@@ -47,7 +47,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -58,13 +58,8 @@ import grpc.aio
 from conceptsvc import __version__
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client.convert import (
-    concept_from_pb,
-    info_from_pb,
-    options_to_pb,
-    stream_result_from_pb,
-)
-from conceptsvc.client.corpus import BadInputError, BadRecord, Caption, Corpus, CorpusScan
+from conceptsvc.client.channel import ChannelSecurity, effective_options
+from conceptsvc.client.corpus import BadRecord, Caption, Corpus, CorpusScan
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
     OutputSet,
@@ -76,17 +71,21 @@ from conceptsvc.client.outputs import (
 )
 from conceptsvc.client.progress import Progress, ProgressMode
 from conceptsvc.client.report import CorpusReport, ReportBuilder, ReportFiles, write_report
-from conceptsvc.client.types import ServiceInfo
-from conceptsvc.errors import ClientError
+from conceptsvc.errors import (
+    BadInputError,
+    ClientError,
+    RunIncompatibleError,
+    ServiceUnreachableError,
+)
+from conceptsvc.model import ExtractOptions, ServiceInfo
+from conceptsvc.wire import concept_from_pb, info_from_pb, options_to_pb, stream_result_from_pb
 
 __all__ = [
     "EXIT_INCOMPLETE",
     "BatchSettings",
-    "ChannelSecurity",
     "RunCounts",
     "RunResult",
     "annotate_corpus",
-    "effective_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,64 +123,6 @@ _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_
 _CONTROL_TIMEOUT = 10.0
 # Results are flushed to the journal at least this often while a stream is being read.
 _JOURNAL_CHUNK = 32
-
-
-class RunIncompatibleError(ClientError):
-    """The work directory holds results that cannot be mixed with this run's."""
-
-    code = "E621"
-
-
-class ServiceUnreachableError(ClientError):
-    code = "E622"
-
-
-@dataclass(frozen=True)
-class ChannelSecurity:
-    """How to reach the targets: TLS (with a client certificate for mutual TLS) and a token.
-
-    Field names follow :class:`~conceptsvc.client.ConceptClient`'s keyword arguments.
-    """
-
-    tls: bool = False  # TLS with the system roots when no ca_cert is given
-    ca_cert: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    server_name: str | None = None
-    token: str | None = None
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.tls or self.ca_cert is not None or self.client_cert is not None
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-    def channel_options(self) -> list[tuple[str, Any]]:
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-
-    def credentials(self) -> grpc.ChannelCredentials | None:
-        if not self.uses_tls:
-            return None
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ClientError(
-                "--client-cert and --client-key must be given together (mutual TLS)."
-            )
-        try:
-            ca = self.ca_cert.read_bytes() if self.ca_cert else None
-            cert = self.client_cert.read_bytes() if self.client_cert else None
-            key = self.client_key.read_bytes() if self.client_key else None
-        except OSError as exc:
-            raise ClientError(f"cannot read a TLS file: {exc}") from exc
-        return grpc.ssl_channel_credentials(ca, key, cert)
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`~conceptsvc.client.ConceptClient`."""
-        return {
-            "token": self.token, "tls": self.tls, "ca_cert": self.ca_cert,
-            "client_cert": self.client_cert, "client_key": self.client_key,
-            "server_name": self.server_name,
-        }
 
 
 @dataclass(frozen=True)
@@ -252,14 +193,6 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return 0 if self.complete else EXIT_INCOMPLETE
-
-
-def effective_options(defaults: Any, overrides: Mapping[str, Any]) -> Any:
-    """The server's defaults with the caller's overrides (an ExtractOptions)."""
-    unknown = set(overrides) - set(asdict(defaults))
-    if unknown:
-        raise ClientError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    return replace(defaults, **overrides)
 
 
 def _now() -> str:
@@ -372,7 +305,7 @@ class _Runner:
         corpus: Corpus,
         scan: CorpusScan,
         settings: BatchSettings,
-        journal_for: Callable[[ServiceInfo, Any], Journal],
+        journal_for: Callable[[ServiceInfo, ExtractOptions], Journal],
         overrides: Mapping[str, Any],
         progress_stream: TextIO | None,
     ) -> None:
@@ -707,8 +640,8 @@ def annotate_corpus(
     """Annotate ``corpus`` through the service into ``specs``; see the module docstring.
 
     ``overrides`` are the extraction options the caller chose (names of
-    :class:`~conceptsvc.extractor.ExtractOptions` fields); the rest come from the service.
-    Raises :class:`~conceptsvc.client.corpus.BadInputError` for malformed input (unless
+    :class:`~conceptsvc.model.ExtractOptions` fields); the rest come from the service.
+    Raises :class:`~conceptsvc.errors.BadInputError` for malformed input (unless
     skipping), :class:`~conceptsvc.errors.ClientError` when the run cannot start; returns a
     :class:`RunResult` whose ``exit_code`` tells complete from incomplete.
     """
@@ -727,7 +660,7 @@ def annotate_corpus(
     state: dict[str, Any] = {}
     work_holder: dict[str, Path] = {}
 
-    def journal_for(info: ServiceInfo, options: Any) -> Journal:
+    def journal_for(info: ServiceInfo, options: ExtractOptions) -> Journal:
         key = _run_key(scan, corpus, options.cache_key())
         work = _sidecar(out0, f".{key[:16]}.part")
         work_holder["work"] = work

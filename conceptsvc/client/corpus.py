@@ -44,7 +44,6 @@ from typing import BinaryIO
 from conceptsvc.errors import ClientError
 
 __all__ = [
-    "BadInputError",
     "BadRecord",
     "Caption",
     "Corpus",
@@ -58,8 +57,6 @@ STDIN = "-"
 # Longest CSV field accepted (characters). Far above any caption the service would take; a field
 # this long is almost always an unterminated quote that swallowed the rest of the file.
 _CSV_FIELD_LIMIT = 256 * 1024 * 1024
-# Shown in error messages; the full list is in the errors file / the exception's ``bad``.
-_MAX_SHOWN = 20
 
 
 class InputFormat(StrEnum):
@@ -102,23 +99,6 @@ class BadRecord:
             "stage": "input",
             "reason": self.problem,
         }
-
-
-class BadInputError(ClientError):
-    """The input has malformed records and the run was asked to stop before sending anything."""
-
-    code = "E620"
-
-    def __init__(self, source: str, bad: list[BadRecord]) -> None:
-        self.source = source
-        self.bad = bad
-        shown = "\n".join(f"  {b.location(source)}: {b.problem}" for b in bad[:_MAX_SHOWN])
-        more = f"\n  ... and {len(bad) - _MAX_SHOWN} more" if len(bad) > _MAX_SHOWN else ""
-        super().__init__(
-            f"{source}: {len(bad)} malformed record(s); nothing was sent.\n{shown}{more}\n"
-            "Fix them, or rerun with `--on-bad-input skip` to annotate the rest and record the "
-            "skipped ones in the errors file."
-        )
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from conceptsvc.client.batch import ChannelSecurity, effective_options
-from conceptsvc.client.convert import semantic_type
+from conceptsvc.client.channel import ChannelSecurity, effective_options
 from conceptsvc.client.outputs import annotation_to_json
-from conceptsvc.client.types import ConceptRecord, ServiceCallError, ServiceInfo, Synonym
-from conceptsvc.errors import ClientError
+from conceptsvc.errors import ConceptNotFoundError, ServiceCallError
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED
-from conceptsvc.model import Annotation
+from conceptsvc.model import (
+    Annotation,
+    Candidate,
+    ConceptRecord,
+    ExtractOptions,
+    ServiceInfo,
+    Synonym,
+)
 from conceptsvc.semantic_network import load_semantic_network
 
 if TYPE_CHECKING:
-    from conceptsvc.extractor import Candidate, Extractor
+    from conceptsvc.extractor import Extractor
 
 __all__ = [
     "LocalLookup",
@@ -47,15 +52,6 @@ class Lookup(Protocol):
     def close(self) -> None: ...
 
 
-class ConceptNotFoundError(ClientError):
-    code = "E623"
-
-    def __init__(self, cui: str) -> None:
-        super().__init__(
-            f"{cui} is not in the dictionary; `conceptsvc search TEXT` finds concepts by name."
-        )
-
-
 # -- in-process -------------------------------------------------------------------------------
 class LocalLookup:
     """The engine in this process; ``index`` is an index directory (default: the demo one)."""
@@ -72,9 +68,7 @@ class LocalLookup:
             ix = ConceptIndex.load(index)
         self.extractor: Extractor = Extractor(ix)
 
-    def _options(self, overrides: Mapping[str, Any]) -> Any:
-        from conceptsvc.extractor import ExtractOptions
-
+    def _options(self, overrides: Mapping[str, Any]) -> ExtractOptions:
         options = effective_options(ExtractOptions(), overrides)
         self.extractor.check_options(options)
         return options
@@ -91,7 +85,7 @@ class LocalLookup:
         return ConceptRecord(
             cui=info.cui,
             preferred_name=info.preferred_name,
-            semantic_types=tuple(semantic_type(sn, t) for t in info.semantic_types),
+            semantic_types=tuple(sn.describe(t) for t in info.semantic_types),
             sources=info.sources,
             synonyms=tuple(
                 Synonym(p.string, p.sab, p.tty, bool(p.flags & FLAG_PREFERRED),
@@ -130,7 +124,7 @@ class RemoteLookup:
             self._info = self.client.get_info()
         return self._info
 
-    def _options(self, overrides: Mapping[str, Any]) -> Any:
+    def _options(self, overrides: Mapping[str, Any]) -> ExtractOptions:
         return effective_options(self.info().default_options, overrides)
 
     def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation:
@@ -166,7 +160,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int
 
 def _types(tuis: Sequence[str]) -> str:
     sn = load_semantic_network()
-    return ", ".join(f"{t} {semantic_type(sn, t).name}" for t in tuis)
+    return ", ".join(f"{t} {sn.describe(t).name}" for t in tuis)
 
 
 def format_annotation(

@@ -1,18 +1,18 @@
 """``ConceptClient``: the typed Python client of the conceptsvc gRPC service.
 
-Returns domain types (:mod:`conceptsvc.model`, :mod:`conceptsvc.client.types`), never protobuf.
+Returns domain types (:mod:`conceptsvc.model`), never protobuf.
 What it adds over a raw stub:
 
 - deadlines on every unary call (``timeout``, default 30 s), and an optional overall deadline
   for streams;
 - retries of UNAVAILABLE with exponential backoff and jitter (the server restarting, draining
   or a replica going away); other statuses are raised at once as
-  :class:`~conceptsvc.client.types.ServiceCallError`;
+  :class:`~conceptsvc.errors.ServiceCallError`;
 - :meth:`ConceptClient.annotate_stream` keeps the items that were sent but not yet answered;
   when the stream fails with UNAVAILABLE it reopens the stream and resends exactly those, so a
   drained worker or a reload never loses or duplicates an item. It also bounds how many items
   are in flight (``window``) so memory stays flat on corpora of any size;
-- TLS / mutual TLS and a bearer token.
+- TLS / mutual TLS and a bearer token (:mod:`conceptsvc.client.channel`).
 
 Each client opens its own connection (``grpc.use_local_subchannel_pool``): with the server's
 worker processes sharing one port, connections — not calls — are what spread over the cores,
@@ -27,42 +27,32 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conceptsvc import wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client import convert
-from conceptsvc.client.types import (
+from conceptsvc.client.channel import ChannelSecurity, bearer_metadata
+from conceptsvc.errors import ClientError, ServiceCallError
+from conceptsvc.model import (
+    Annotation,
+    Candidate,
     ConceptRecord,
+    ExtractOptions,
     ItemError,
     ReloadResult,
     SemanticCatalog,
-    ServiceCallError,
     ServiceInfo,
     StreamResult,
 )
-from conceptsvc.errors import ClientError
-from conceptsvc.model import Annotation
-
-if TYPE_CHECKING:
-    from conceptsvc.extractor import Candidate, ExtractOptions
 
 __all__ = ["ConceptClient"]
 
 T = TypeVar("T")
 _DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
-
-
-def _read(value: Path | str | bytes | None) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    try:
-        return Path(value).read_bytes()
-    except OSError as exc:
-        raise ClientError(f"cannot read {value}: {exc.strerror or exc}") from None
 
 
 def _unsendable(id_: str, text: str, exc: UnicodeEncodeError) -> str:
@@ -117,8 +107,11 @@ class ConceptClient:
         round_robin: bool = False,
         own_connection: bool = True,
     ) -> None:
-        if (client_cert is None) != (client_key is None):
-            raise ClientError("client_cert and client_key must be given together (mutual TLS)")
+        security = ChannelSecurity(
+            tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+            server_name=server_name, token=token,
+        )
+        security.check()
         self.target = target
         self.timeout = timeout
         self.retries = retries
@@ -134,14 +127,9 @@ class ConceptClient:
             options.append(("grpc.use_local_subchannel_pool", 1))
         if round_robin:
             options.append(("grpc.lb_policy_name", "round_robin"))
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        if tls or ca_cert is not None or client_cert is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca_cert),
-                private_key=_read(client_key),
-                certificate_chain=_read(client_cert),
-            )
+        options += security.channel_options()
+        creds = security.credentials()
+        if creds is not None:
             self._channel = grpc.secure_channel(target, creds, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -158,9 +146,6 @@ class ConceptClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _metadata(self, token: str | None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def _sleep_backoff(self, attempt: int, deadline: float | None) -> bool:
         """Wait before retry ``attempt``; False if the deadline leaves no time for it."""
@@ -181,7 +166,7 @@ class ConceptClient:
     ) -> T:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        md = self._metadata(token if token is not None else self._token)
+        md = bearer_metadata(token if token is not None else self._token)
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -213,12 +198,12 @@ class ConceptClient:
     ) -> Annotation:
         """Annotate one caption (``options`` None = the server's defaults)."""
         req = _build_request(
-            id, text, convert.options_to_pb(options) if options is not None else None
+            id, text, wire.options_to_pb(options) if options is not None else None
         )
         if isinstance(req, str):
             raise ClientError(req)
         resp = self._unary("Annotate", self._stub.Annotate, req, timeout=timeout)
-        return convert.annotation_from_pb(resp)
+        return wire.annotation_from_pb(resp)
 
     def annotate_stream(
         self,
@@ -242,9 +227,9 @@ class ConceptClient:
         """
         if window < 1:
             raise ClientError("window must be at least 1")
-        opts_pb = convert.options_to_pb(options) if options is not None else None
+        opts_pb = wire.options_to_pb(options) if options is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        md = self._metadata(self._token)
+        md = bearer_metadata(self._token)
         source = iter(items)
         source_lock = threading.Lock()  # one request generator pulls from ``source`` at a time
         cond = threading.Condition()  # guards ``pending``
@@ -319,7 +304,7 @@ class ConceptClient:
                         in_flight[0] -= 1
                         cond.notify_all()
                     failures = 0
-                    yield convert.stream_result_from_pb(resp)
+                    yield wire.stream_result_from_pb(resp)
             except grpc.RpcError as exc:
                 attempt.alive = False
                 with cond:
@@ -365,7 +350,7 @@ class ConceptClient:
         self, cui: str, *, synonyms: bool = False, timeout: float | None = None
     ) -> ConceptRecord:
         req = pb.GetConceptRequest(cui=cui, include_synonyms=synonyms)
-        return convert.concept_from_pb(
+        return wire.concept_from_pb(
             self._unary("GetConcept", self._stub.GetConcept, req, timeout=timeout)
         )
 
@@ -379,20 +364,20 @@ class ConceptClient:
     ) -> list[Candidate]:
         req = pb.SearchConceptsRequest(query=query, limit=limit)
         if options is not None:
-            req.options.CopyFrom(convert.options_to_pb(options))
+            req.options.CopyFrom(wire.options_to_pb(options))
         resp = self._unary("SearchConcepts", self._stub.SearchConcepts, req, timeout=timeout)
-        return [convert.candidate_from_pb(c) for c in resp.candidates]
+        return [wire.candidate_from_pb(c) for c in resp.candidates]
 
     def list_semantic_types(self, *, timeout: float | None = None) -> SemanticCatalog:
         resp = self._unary(
             "ListSemanticTypes", self._stub.ListSemanticTypes, pb.ListSemanticTypesRequest(),
             timeout=timeout,
         )
-        return convert.catalog_from_pb(resp)
+        return wire.catalog_from_pb(resp)
 
     def get_info(self, *, timeout: float | None = None) -> ServiceInfo:
         resp = self._unary("GetInfo", self._stub.GetInfo, pb.GetInfoRequest(), timeout=timeout)
-        return convert.info_from_pb(resp)
+        return wire.info_from_pb(resp)
 
     # -- operations ------------------------------------------------------------------------------
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
@@ -427,4 +412,4 @@ class ConceptClient:
             "ReloadIndex", self._admin.ReloadIndex, pb.ReloadIndexRequest(), timeout=timeout,
             token=self._admin_token,
         )
-        return convert.reload_from_pb(resp)
+        return wire.reload_from_pb(resp)

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptsvc.errors import ClientError, ConfigError
-from conceptsvc.extractor import ExtractOptions, Extractor
+from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, ExtractOptions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -268,7 +268,7 @@ def annotate_dataframe(
     conceptsvc address (a ``dns:///`` name spreads batches over every replica); ``token`` its
     bearer token; ``timeout_seconds`` bounds one batch's stream; ``index`` must then be unset.
     ``options`` are the extraction options; unset, the in-process engine uses
-    :class:`~conceptsvc.extractor.ExtractOptions`'s defaults and the service its configured
+    :class:`~conceptsvc.model.ExtractOptions`'s defaults and the service its configured
     defaults (exactly what ``conceptsvc annotate`` does). ``mentions_col=None``
     adds only the concept sets. Null captions get null columns. Lazy, like any transformation:
     nothing runs until an action.

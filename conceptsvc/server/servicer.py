@@ -33,13 +33,13 @@ import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from grpc_health.v1 import health, health_pb2
 
-from conceptsvc import __version__
+from conceptsvc import __version__, wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.cache import ResultCache, result_key
-from conceptsvc.client import convert
 from conceptsvc.errors import InputTooLargeError
 from conceptsvc.extractor import WeightedMemo, options_weight
+from conceptsvc.model import ExtractOptions
 from conceptsvc.semantic_network import load_semantic_network
 from conceptsvc.server.status import (
     deadline_exceeded,
@@ -54,7 +54,7 @@ from conceptsvc.server.status import (
 
 if TYPE_CHECKING:
     from conceptsvc.config import Settings
-    from conceptsvc.extractor import ExtractOptions, Extractor
+    from conceptsvc.extractor import Extractor
     from conceptsvc.metrics import ServiceMetrics
 
 __all__ = [
@@ -109,7 +109,7 @@ class LoadedIndex:
             extractor=extractor,
             content_hash=index.content_hash,
             defaults=defaults,
-            index_info=convert.index_info_to_pb(manifest),
+            index_info=wire.index_info_to_pb(manifest),
             profiles=tuple(extractor.profiles()),
             concepts=len(index),
             keys=int(manifest.get("counts", {}).get("keys", len(index.key_ids))),
@@ -141,7 +141,7 @@ class LoadedIndex:
         hit = self.options_memo.get(raw)
         if hit is None:
             try:
-                hit = convert.options_from_pb(msg, self.defaults)
+                hit = wire.options_from_pb(msg, self.defaults)
                 self.extractor.check_options(hit)
             except Exception as exc:  # remembered, so a bad option costs one check
                 hit = exc
@@ -337,7 +337,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         self.metrics = state.metrics
         self.cache = cache
         self._sn = load_semantic_network()
-        self._catalog = convert.catalog_to_pb(self._sn)
+        self._catalog = wire.catalog_to_pb(self._sn)
         self._observed = {
             name: _Observed(state, name)
             for name in pb.DESCRIPTOR.services_by_name["ConceptService"].methods_by_name
@@ -393,7 +393,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             except Exception as exc:
                 out[i] = exc
                 continue
-            resp = convert.annotation_to_pb(annotation)
+            resp = wire.annotation_to_pb(annotation)
             blob = resp.SerializeToString() if self.cache is not None else None
             resp.id = req.id
             result = _sendable(resp, blob, max_bytes)
@@ -502,7 +502,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     "SearchConcepts finds concepts by name"
                 )
             synonyms = index.concept_postings(cui) if request.include_synonyms else None
-            return convert.concept_to_pb(info, self._sn, synonyms)
+            return wire.concept_to_pb(info, self._sn, synonyms)
 
         return self._observed["GetConcept"].unary(context, run)
 
@@ -528,7 +528,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             opts = loaded.options(request.options if request.HasField("options") else None)
             _check_deadline(context)
             cands = loaded.extractor.search(query, limit=limit, options=opts)
-            return convert.candidates_to_pb(cands, self._sn)
+            return wire.candidates_to_pb(cands, self._sn)
 
         return self._observed["SearchConcepts"].unary(context, run)
 
@@ -550,7 +550,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 service_version=__version__,
                 api_version="v1",
                 index=loaded.index_info,
-                default_options=convert.options_to_pb(loaded.defaults),
+                default_options=wire.options_to_pb(loaded.defaults),
                 limits=pb.Limits(
                     max_text_chars=s.max_text_chars,
                     max_message_bytes=s.max_message_bytes,

@@ -138,7 +138,8 @@ def engine_report(ids: Sequence[str], caps: dict[str, str], gold: dict[str, set[
                   names: dict[str, str], args: argparse.Namespace) -> None:
     """Mention texts behind the engine's false and true positives, per concept."""
     from conceptsvc.embedded import demo_index
-    from conceptsvc.extractor import ExtractOptions, Extractor
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.model import ExtractOptions
 
     ex = Extractor(demo_index())
     opts = ExtractOptions(profile="rocov2")

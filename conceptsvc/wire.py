@@ -1,12 +1,13 @@
-"""The one place where protobuf messages and conceptsvc's domain types meet.
+"""The wire: the one place where protobuf messages and conceptsvc's domain types meet.
 
-Both ends use it: the servicer turns engine results into messages, the client turns messages
-back into :mod:`conceptsvc.model` types. Keeping both directions together keeps them inverse
-(``tests/test_client.py`` round-trips them).
+Both ends use it: the servicer (``server/``) turns engine results into messages, the client
+(``client/``) turns messages back into :mod:`conceptsvc.model` types. It sits beside them rather
+than in either, so that neither end imports the other. Keeping both directions together keeps
+them inverse (``tests/test_client.py`` round-trips them).
 
 Options have presence semantics (see ``AnnotateOptions`` in the .proto): an unset field takes the
 server's default. :func:`options_to_pb` therefore sets *every* field — a client that passes an
-:class:`~conceptsvc.extractor.ExtractOptions` means all of it — while :func:`options_from_pb`
+:class:`~conceptsvc.model.ExtractOptions` means all of it — while :func:`options_from_pb`
 merges whatever is set over the defaults.
 """
 
@@ -14,13 +15,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
-from conceptsvc.client.types import (
+from conceptsvc.errors import ExtractionError
+from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED, ConceptInfo, Posting
+from conceptsvc.model import (
+    Annotation,
+    Candidate,
     ConceptRecord,
+    ExtractOptions,
     IndexSummary,
     ItemError,
+    Mention,
     ReloadResult,
     SemanticCatalog,
     ServiceInfo,
@@ -28,33 +36,24 @@ from conceptsvc.client.types import (
     StreamResult,
     Synonym,
 )
-from conceptsvc.errors import ExtractionError
-from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED, ConceptInfo, Posting
-from conceptsvc.model import Annotation, Mention
-from conceptsvc.semantic_network import (
-    UNKNOWN_TUI,
-    SemanticGroup,
-    SemanticNetwork,
-    SemanticType,
-)
-
-if TYPE_CHECKING:
-    from conceptsvc.extractor import Candidate, ExtractOptions
+from conceptsvc.semantic_network import SemanticGroup, SemanticNetwork, SemanticType
 
 __all__ = [
     "annotation_from_pb",
     "annotation_to_pb",
     "candidate_from_pb",
     "candidate_to_pb",
+    "candidates_to_pb",
     "catalog_from_pb",
     "catalog_to_pb",
     "concept_from_pb",
     "concept_to_pb",
+    "index_info_to_pb",
     "info_from_pb",
     "options_from_pb",
     "options_to_pb",
     "reload_from_pb",
-    "semantic_type",
+    "status_name",
     "stream_result_from_pb",
 ]
 
@@ -116,8 +115,6 @@ def options_to_pb(options: ExtractOptions) -> pb.AnnotateOptions:
 
 def options_from_pb(msg: pb.AnnotateOptions, defaults: ExtractOptions) -> ExtractOptions:
     """``defaults`` with the fields ``msg`` sets; raises ExtractionError on unknown enums."""
-    from dataclasses import replace
-
     changes: dict[str, Any] = {}
     for name in _LIST_FIELDS:
         if msg.HasField(name):
@@ -194,22 +191,6 @@ def stream_result_from_pb(msg: pb.AnnotateResponse) -> StreamResult:
 
 
 # -- semantic network ------------------------------------------------------------------------------
-def semantic_type(sn: SemanticNetwork, tui: str) -> SemanticType:
-    """The network's entry for ``tui``; a placeholder for the unknown sentinel (T000)."""
-    t = sn.types.get(tui)
-    if t is not None:
-        return t
-    return SemanticType(
-        tui=tui,
-        abbrev="unkn",
-        name="Unknown" if tui == UNKNOWN_TUI else f"Unknown type {tui}",
-        tree_number="",
-        group="UNKNOWN",
-        group_name="Unknown",
-        definition="The source vocabularies assign this concept no semantic type.",
-    )
-
-
 def _sty_to_pb(t: SemanticType) -> pb.SemanticType:
     return pb.SemanticType(
         tui=t.tui,
@@ -258,7 +239,7 @@ def concept_to_pb(
     msg = pb.Concept(
         cui=info.cui,
         preferred_name=info.preferred_name,
-        semantic_types=[_sty_to_pb(semantic_type(sn, t)) for t in info.semantic_types],
+        semantic_types=[_sty_to_pb(sn.describe(t)) for t in info.semantic_types],
         sources=info.sources,
     )
     if synonyms is not None:
@@ -293,14 +274,12 @@ def candidate_to_pb(c: Candidate, sn: SemanticNetwork) -> pb.Candidate:
         preferred_name=c.preferred_name,
         matched_string=c.matched_string,
         score=c.score,
-        semantic_types=[_sty_to_pb(semantic_type(sn, t)) for t in c.semantic_types],
+        semantic_types=[_sty_to_pb(sn.describe(t)) for t in c.semantic_types],
         sources=c.sources,
     )
 
 
 def candidate_from_pb(msg: pb.Candidate) -> Candidate:
-    from conceptsvc.extractor import Candidate
-
     return Candidate(
         cui=msg.cui,
         preferred_name=msg.preferred_name,
@@ -327,8 +306,6 @@ def index_info_to_pb(manifest: Mapping[str, Any]) -> pb.IndexInfo:
 
 
 def info_from_pb(msg: pb.GetInfoResponse) -> ServiceInfo:
-    from conceptsvc.extractor import ExtractOptions
-
     ix = msg.index
     return ServiceInfo(
         service_version=msg.service_version,

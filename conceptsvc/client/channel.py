@@ -1,0 +1,102 @@
+"""How the client reaches a service: TLS, the bearer token, and the options a call carries.
+
+Every client of the service — :class:`~conceptsvc.client.ConceptClient` (its unary calls and
+streams), the corpus runner (:mod:`conceptsvc.client.batch`, on ``grpc.aio`` channels) and the
+lookups (:mod:`conceptsvc.client.lookup`) — takes its credentials, its call metadata and its
+effective options from here, so that TLS files are read, a client certificate is paired with its
+key and a token is sent the same way whichever way the service is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from conceptsvc.errors import ClientError
+from conceptsvc.model import ExtractOptions
+
+__all__ = ["ChannelSecurity", "bearer_metadata", "effective_options"]
+
+# A TLS file given as a path, or its PEM bytes.
+Pem = Path | str | bytes
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata that authenticates with ``token`` (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _read(value: Pem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {value}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to reach the targets: TLS (with a client certificate for mutual TLS) and a token.
+
+    Field names follow :class:`~conceptsvc.client.ConceptClient`'s keyword arguments.
+    """
+
+    tls: bool = False  # TLS with the system roots when no ca_cert is given
+    ca_cert: Pem | None = None
+    client_cert: Pem | None = None
+    client_key: Pem | None = None
+    server_name: str | None = None
+    token: str | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.token)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def check(self) -> None:
+        """Raise ClientError when a client certificate comes without its key or vice versa."""
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ClientError(
+                "client_cert and client_key (--client-cert and --client-key) must be given "
+                "together (mutual TLS)."
+            )
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """The channel credentials, None for a plaintext channel; reads the TLS files."""
+        self.check()
+        if not self.uses_tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_cert),
+            private_key=_read(self.client_key),
+            certificate_chain=_read(self.client_cert),
+        )
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~conceptsvc.client.ConceptClient`."""
+        return {
+            "token": self.token, "tls": self.tls, "ca_cert": self.ca_cert,
+            "client_cert": self.client_cert, "client_key": self.client_key,
+            "server_name": self.server_name,
+        }
+
+
+def effective_options(
+    defaults: ExtractOptions, overrides: Mapping[str, Any]
+) -> ExtractOptions:
+    """The defaults of whoever does the work (a service's, or the engine's) with the caller's
+    overrides (names of :class:`~conceptsvc.model.ExtractOptions` fields)."""
+    unknown = set(overrides) - set(asdict(defaults))
+    if unknown:
+        raise ClientError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return replace(defaults, **overrides)

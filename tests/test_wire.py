@@ -1,0 +1,99 @@
+"""The wire: protobuf messages to and from conceptsvc's domain types, both directions inverse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from service_helpers import build_index_a
+
+from conceptsvc import wire
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc.errors import ExtractionError
+from conceptsvc.index import ConceptIndex
+from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention
+from conceptsvc.semantic_network import load_semantic_network
+
+
+@pytest.fixture(scope="module")
+def index_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_index_a(tmp_path_factory.mktemp("wire") / "index-a")
+
+
+# -- options -------------------------------------------------------------------------------
+def test_wire_options_round_trip_sets_every_field() -> None:
+    opts = ExtractOptions(
+        semantic_types=("T047", "dsyn"), semantic_groups=("ANAT",), sources=("MSH",),
+        exclude_cuis=("C1",), mode="approximate", similarity="dice", threshold=0.85,
+        overlap="all", profile="rocov2", include_negated=False, include_mentions=False,
+    )
+    msg = wire.options_to_pb(opts)
+    for name in ("semantic_types", "threshold", "profile", "include_negated", "include_mentions"):
+        assert msg.HasField(name)
+    other_defaults = ExtractOptions(mode="exact", semantic_groups=("DISO",), threshold=0.5)
+    assert wire.options_from_pb(msg, other_defaults) == opts
+    # Even the "falsy" values survive: an empty list and False are sent, not left unset.
+    empty = wire.options_to_pb(ExtractOptions(include_negated=False))
+    back = wire.options_from_pb(empty, other_defaults)
+    assert back.semantic_groups == () and back.include_negated is False
+
+
+def test_wire_options_partial_message_merges_over_defaults() -> None:
+    defaults = ExtractOptions(semantic_groups=("DISO",), threshold=0.9, profile="rocov2")
+    assert wire.options_from_pb(pb.AnnotateOptions(), defaults) is defaults
+    msg = pb.AnnotateOptions(mode=pb.MATCH_MODE_APPROXIMATE, include_mentions=False)
+    got = wire.options_from_pb(msg, defaults)
+    assert got == ExtractOptions(
+        semantic_groups=("DISO",), threshold=0.9, profile="rocov2", mode="approximate",
+        include_mentions=False,
+    )
+
+
+def test_wire_options_unknown_values_are_errors() -> None:
+    msg = pb.AnnotateOptions()
+    msg.similarity = 42
+    with pytest.raises(ExtractionError, match="similarity enum value 42"):
+        wire.options_from_pb(msg, ExtractOptions())
+    with pytest.raises(ExtractionError, match="mode 'fuzzy'"):
+        wire.options_to_pb(ExtractOptions(mode="fuzzy"))
+
+
+def test_wire_annotation_round_trip() -> None:
+    text = "ﬁndings: Ｃhest ＣＴ 🙂 pneumothorax"
+    start = text.index("pneumothorax")
+    assert start == 20  # code points: the emoji and full-width letters count one each
+    m = Mention(
+        "C0032326", "Pneumothorax", "pneumothorax", start, start + 12, 0.875, ("T047",), "MSH",
+        True,
+    )
+    a = Annotation("id-1", (m,), ("C0032326", "C0040405"))
+    msg = wire.annotation_to_pb(a)
+    sent = pb.AnnotateResponse.FromString(msg.SerializeToString())
+    assert wire.annotation_from_pb(sent) == a
+    ok = wire.stream_result_from_pb(sent)
+    assert ok.ok and ok.annotation == a
+    bad = pb.AnnotateResponse(id="x", status=pb.ItemStatus(code=3, message="m", error_code="E300"))
+    res = wire.stream_result_from_pb(bad)
+    assert not res.ok and res.annotation is None
+    assert res.error is not None and (res.error.status, res.error.error_code) == (
+        "INVALID_ARGUMENT", "E300"
+    )
+
+
+def test_wire_concept_candidate_and_catalog_round_trip(index_a: Path) -> None:
+    sn = load_semantic_network()
+    idx = ConceptIndex.load(index_a)
+    info = idx.concept("C0040405")
+    assert info is not None
+    rec = wire.concept_from_pb(wire.concept_to_pb(info, sn, idx.concept_postings("C0040405")))
+    assert rec.cui == "C0040405" and rec.semantic_types[0] == sn.types["T060"]
+    assert [(s.string, s.tty, s.abbreviation) for s in rec.synonyms] == [
+        ("computed tomography", "PT", False), ("CT", "AB", True)
+    ]
+    cand = Candidate("C0040405", "X-Ray Computed Tomography", "CT", 1.0, ("T060", "T000"), ("MSH",))
+    assert wire.candidate_from_pb(wire.candidate_to_pb(cand, sn)) == cand
+    unknown = wire.candidate_to_pb(cand, sn).semantic_types[1]  # T000: a placeholder entry
+    assert unknown.group == "UNKNOWN" and unknown.name == "Unknown"
+    cat = wire.catalog_from_pb(wire.catalog_to_pb(sn))
+    assert set(cat.types) == set(sn.types.values())
+    assert {g.code: g.tuis for g in cat.groups} == {c: g.tuis for c, g in sn.groups.items()}

@@ -349,10 +349,26 @@ def test_server_deadline_stops_stream_work(index_a: Path) -> None:
             "conceptsvc_captions_annotated_total", {"source": "engine"}
         ) == done
         assert done < 40
-        # An already-expired unary deadline fails without being served.
-        c = ConceptClient(f"127.0.0.1:{port}", timeout=1e-6, retries=0)
+        # An already-expired unary deadline fails without being sent or served. (A deadline of
+        # 1 µs was not always expired when the client checked it; gRPC then rounded it up to
+        # 1 ms and a fast server answered OK.)
+        def annotate_calls() -> float:  # Annotate RPCs the server saw, whatever their status
+            return sum(
+                sample.value
+                for metric in server.metrics.registry.collect()
+                for sample in metric.samples
+                if sample.name == "conceptsvc_requests_total"
+                and sample.labels.get("method") == "Annotate"
+            )
+
+        with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+            assert c.annotate("lung").concepts == ("C0024109",)  # the count sees a call
+        seen = annotate_calls()
+        assert seen >= 1
+        c = ConceptClient(f"127.0.0.1:{port}", timeout=0.0, retries=0)
         assert _status(c.annotate, "lung") == "DEADLINE_EXCEEDED"
         c.close()
+        assert annotate_calls() == seen
 
 
 # -- health, draining and reload ---------------------------------------------------------------

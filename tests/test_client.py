@@ -206,8 +206,12 @@ def test_client_closing_a_stream_early_cancels_it(index_a: Path) -> None:
 def test_client_wait_until_serving(index_a: Path) -> None:
     with running_server(settings_for(index_a), load=False) as (server, port):
         with ConceptClient(f"127.0.0.1:{port}") as c:
-            with pytest.raises(ClientError, match="NOT_SERVING"):
-                c.wait_until_serving(timeout=0.3)
+            # The connection is set up first, so that the short wait below measures polling,
+            # not a connect on a loaded machine (a cold 0.3 s wait once ended on
+            # DEADLINE_EXCEEDED instead of NOT_SERVING).
+            assert c.health() == "NOT_SERVING"
+            with pytest.raises(ClientError, match=r"did not become SERVING.*NOT_SERVING"):
+                c.wait_until_serving(timeout=1.0)
             threading.Timer(0.2, server.reload).start()
             c.wait_until_serving(timeout=5)
             assert c.health("conceptsvc.v1.ConceptService") == "SERVING"

@@ -264,6 +264,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         on_bad_input=args.on_bad_input,
         restart=args.restart,
         report=args.report,
+        report_samples=args.report_samples,
         progress=ProgressMode.QUIET if args.quiet else ProgressMode(args.progress),
         progress_interval=args.progress_interval,
         security=arguments.security(args),
@@ -287,6 +288,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
             print(f"  errors   {result.errors}", file=sys.stderr)
         if result.report_files is not None:
             print(f"  report   {result.report_files.markdown}", file=sys.stderr)
+            print(f"  report   {result.report_files.html}", file=sys.stderr)
     if not result.complete:
         print("conceptsvc: the run is incomplete; rerun the same command to retry the failed "
               "captions (listed in the errors file)", file=sys.stderr)
@@ -327,7 +329,10 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--restart", action="store_true",
                    help="discard the results of an interrupted earlier run and start over")
     p.add_argument("--report", action="store_true",
-                   help="print a corpus report and write it as markdown with PNG plots")
+                   help="print a corpus report and write it as markdown with PNG plots and as "
+                        "an HTML page (OUT.report.html) that also shows annotated captions")
+    p.add_argument("--report-samples", type=int, default=20, metavar="N",
+                   help="captions the HTML report shows highlighted: the first N (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress display and no summary")
     p.add_argument("--progress", choices=["auto", "bar", "log"], default="auto",
                    help="progress display (default: a bar on a terminal, log lines otherwise)")
@@ -349,13 +354,20 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     backend = arguments.lookup_backend(args)
     try:
         a = backend.annotate(text, overrides)
+        inferred: dict[str, str] = {}
+        if not args.json or args.html:
+            named = {m.cui for m in a.mentions}
+            inferred = {c: backend.concept(c, synonyms=False).preferred_name
+                        for c in a.concepts if c not in named}
+        if args.html:
+            from conceptsvc.client.html_page import write_lookup_page
+
+            write_lookup_page(args.html, text, a, inferred)
+            print(f"wrote {args.html}", file=sys.stderr)
         if args.json:
             print(json.dumps(annotation_json(text, a), ensure_ascii=False, indent=2))
-            return 0
-        named = {m.cui for m in a.mentions}
-        inferred = {c: backend.concept(c, synonyms=False).preferred_name
-                    for c in a.concepts if c not in named}
-        print(format_annotation(text, a, inferred), end="")
+        else:
+            print(format_annotation(text, a, inferred), end="")
     finally:
         backend.close()
     return 0
@@ -366,6 +378,9 @@ def _add_lookup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     p = sub.add_parser("lookup", help="annotate a phrase or caption and show the mentions")
     p.add_argument("text", help="the text (- reads standard input)")
+    p.add_argument("--html", metavar="FILE",
+                   help="also write the caption with its mentions highlighted as a "
+                        "self-contained HTML page")
     arguments.add_lookup_common(p)
     arguments.add_extract_options(p)
     p.set_defaults(handler=_cmd_lookup)

@@ -60,6 +60,7 @@ from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client.channel import ChannelSecurity, effective_options
 from conceptsvc.client.corpus import BadRecord, Caption, Corpus, CorpusScan
+from conceptsvc.client.html_page import AnnotatedCaption
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
     OutputSet,
@@ -77,7 +78,7 @@ from conceptsvc.errors import (
     RunIncompatibleError,
     ServiceUnreachableError,
 )
-from conceptsvc.model import ExtractOptions, ServiceInfo
+from conceptsvc.model import Annotation, ExtractOptions, ServiceInfo
 from conceptsvc.wire import concept_from_pb, info_from_pb, options_to_pb, stream_result_from_pb
 
 __all__ = [
@@ -139,6 +140,7 @@ class BatchSettings:
     on_bad_input: Literal["fail", "skip"] = "fail"
     restart: bool = False
     report: bool = False
+    report_samples: int = 20  # captions shown highlighted in the HTML report
     progress: ProgressMode = ProgressMode.AUTO
     progress_interval: float = 10.0
     security: ChannelSecurity = field(default_factory=ChannelSecurity)
@@ -155,6 +157,8 @@ class BatchSettings:
             problems.append("--deadline must be > 0 seconds")
         if self.retries < 0:
             problems.append("--retries must be >= 0")
+        if self.report_samples < 0:
+            problems.append("--report-samples must be >= 0")
         if self.on_bad_input not in ("fail", "skip"):
             problems.append("--on-bad-input must be 'fail' or 'skip'")
         if problems:
@@ -605,8 +609,8 @@ def _already_complete(
         return False
     if not (m.get("complete") and m.get("run_key") == key):
         return False
-    if report and not (m.get("report") and Path(m["report"]).is_file()):
-        return False  # asked for a report the earlier run did not write
+    if report and not all(m.get(k) and Path(m[k]).is_file() for k in ("report", "report_html")):
+        return False  # asked for a report the earlier run did not write (whole)
     recorded = {(o["format"], o["path"], o["sha256"]) for o in m.get("outputs", [])}
     for spec in specs:
         if not spec.path.is_file():
@@ -738,6 +742,22 @@ class _AlreadyComplete(Exception):
     pass
 
 
+def _samples(corpus: Corpus, annotations: Mapping[int, Annotation]) -> list[AnnotatedCaption]:
+    """The captions' texts (the results hold only offsets) for the report's sample; the corpus
+    is read again only as far as the last sampled caption."""
+    out: list[AnnotatedCaption] = []
+    if not annotations:
+        return out
+    last = max(annotations)
+    for cap in corpus.captions():
+        a = annotations.get(cap.seq)
+        if a is not None:
+            out.append(AnnotatedCaption(cap.id, cap.text, a))
+        if cap.seq >= last:
+            break
+    return out
+
+
 def _finish(
     corpus: Corpus,
     scan: CorpusScan,
@@ -754,11 +774,14 @@ def _finish(
     assert info is not None
     builder = ReportBuilder()
     with_concepts = concepts = mentions = 0
+    sample: dict[int, Annotation] = {}  # the first report_samples captions, by seq
     with OutputSet(specs, work) as out:
-        for _, obj in journal.results():
+        for seq, obj in journal.results():
             a = annotation_from_json(obj)
             out.write(a)
             builder.add(a)
+            if settings.report and len(sample) < settings.report_samples:
+                sample[seq] = a
             with_concepts += bool(a.concepts)
             concepts += len(set(a.concepts))
             mentions += len(a.mentions)
@@ -781,7 +804,8 @@ def _finish(
         missing = builder.missing_names()
         asyncio.run(runner.describe(missing))
         report = builder.build(describe=runner.names.get)
-        report_files = write_report(report, specs[0].path, title=f"Corpus report: {corpus.source}")
+        report_files = write_report(report, specs[0].path, title=f"Corpus report: {corpus.source}",
+                                    samples=_samples(corpus, sample))
     counts = RunCounts(
         records=scan.n_records, captions=scan.n_good, annotated=annotated,
         failed=len(runner.failures), skipped_bad_input=len(skipped), resumed=runner.resumed,
@@ -820,6 +844,7 @@ def _finish(
         ],
         "errors_file": str(errors) if errors else None,
         "report": str(report_files.markdown) if report_files else None,
+        "report_html": str(report_files.html) if report_files else None,
         "counts": {k: v for k, v in asdict(counts).items() if k not in _HISTORY_COUNTS},
         # Everything that differs between an interrupted-and-resumed run and an uninterrupted
         # one is in here; the rest of the manifest is the same for both.

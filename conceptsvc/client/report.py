@@ -1,10 +1,11 @@
-"""What a batch run found in a corpus, as a table, a markdown file and two plots.
+"""What a batch run found in a corpus, as a table, a markdown file, two plots and an HTML page.
 
 Before anyone trains on a concept set they want to know its shape: how many captions got no
 concept at all, how many concepts a caption usually gets, which concepts dominate, and which
 semantic groups they come from. :class:`ReportBuilder` accumulates that in one streaming pass
 over the results (memory grows with the number of distinct concepts, not captions), and
-:func:`write_report` renders it.
+:func:`write_report` renders it — the HTML page also shows a sample of the captions with their
+mentions highlighted (:mod:`conceptsvc.client.html_page`).
 
 Counting conventions (also stated in the markdown): a concept counts once per caption however
 often it is mentioned ("captions" columns are document frequencies); semantic types and groups
@@ -18,12 +19,15 @@ GetConcept or the local index.
 
 from __future__ import annotations
 
+import html
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conceptsvc.client import html_page as hp
+from conceptsvc.client.html_page import AnnotatedCaption
 from conceptsvc.client.outputs import atomic_write_text
 from conceptsvc.model import Annotation
 from conceptsvc.semantic_network import SemanticNetwork, load_semantic_network
@@ -36,6 +40,7 @@ __all__ = [
     "ReportBuilder",
     "ReportFiles",
     "TypeStat",
+    "render_html",
     "render_markdown",
     "render_table",
     "write_report",
@@ -272,72 +277,72 @@ def _md_table(headers: list[str], rows: list[list[str]], right: set[int]) -> lis
     ]
 
 
+_NOTE = ("A concept counts once per caption; semantic types and groups are counted over "
+         "caption-concept pairs (a concept in two groups counts in both).")
+
+
+def _summary_rows(r: CorpusReport) -> list[list[str]]:
+    return [
+        ["captions", str(r.captions)],
+        ["with concepts", f"{r.with_concepts} ({_pct(r.with_concepts, r.captions)})"],
+        ["without concepts", f"{r.without_concepts} ({_pct(r.without_concepts, r.captions)})"],
+        ["distinct concepts", str(r.distinct_concepts)],
+        ["concepts per caption, mean", f"{r.mean:.2f}"],
+        ["concepts per caption, median", f"{r.median:g}"],
+        ["mentions", str(r.mentions)],
+    ]
+
+
+def _sections(r: CorpusReport) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+    """(heading, headers, rows, right-aligned columns) of the report's tables after the
+    summary, shared by the markdown and the HTML."""
+    return [
+        ("Concepts per caption", ["concepts", "captions", "share"],
+         [[k, str(v), _pct(v, r.captions)] for k, v in _bucketed(r.distribution)], {1, 2}),
+        (f"Top {len(r.top)} concepts", ["#", "CUI", "name", "captions", "share", "semantic types"],
+         [[str(i), c.cui, c.name, str(c.captions), _pct(c.captions, r.captions),
+           ", ".join(c.semantic_types)] for i, c in enumerate(r.top, 1)], {0, 3, 4}),
+        ("Semantic groups", ["group", "name", "count", "share"],
+         [[g.code, g.name, str(g.count), _pct(g.count, r.concept_occurrences)]
+          for g in r.semantic_groups], {2, 3}),
+        ("Semantic types", ["TUI", "name", "group", "count", "share"],
+         [[t.tui, t.name, t.group, str(t.count), _pct(t.count, r.concept_occurrences)]
+          for t in r.semantic_types], {3, 4}),
+    ]
+
+
 def render_markdown(
     r: CorpusReport, *, title: str = "Corpus report", images: Mapping[str, str] | None = None
 ) -> str:
     """The report as markdown; ``images`` maps a caption to a (relative) PNG path."""
-    lines = [
-        f"# {title}",
-        "",
-        *_md_table(
-            ["", "value"],
-            [
-                ["captions", str(r.captions)],
-                ["with concepts", f"{r.with_concepts} ({_pct(r.with_concepts, r.captions)})"],
-                ["without concepts",
-                 f"{r.without_concepts} ({_pct(r.without_concepts, r.captions)})"],
-                ["distinct concepts", str(r.distinct_concepts)],
-                ["concepts per caption, mean", f"{r.mean:.2f}"],
-                ["concepts per caption, median", f"{r.median:g}"],
-                ["mentions", str(r.mentions)],
-            ],
-            {1},
-        ),
-        "",
-        "A concept counts once per caption; semantic types and groups are counted over "
-        "caption-concept pairs (a concept in two groups counts in both).",
-        "",
-    ]
+    lines = [f"# {title}", "", *_md_table(["", "value"], _summary_rows(r), {1}), "", _NOTE, ""]
     for caption, path in (images or {}).items():
         lines += [f"![{caption}]({path})", ""]
-    lines += [
-        "## Concepts per caption",
-        "",
-        *_md_table(
-            ["concepts", "captions", "share"],
-            [[k, str(v), _pct(v, r.captions)] for k, v in _bucketed(r.distribution)],
-            {1, 2},
-        ),
-        "",
-        f"## Top {len(r.top)} concepts",
-        "",
-        *_md_table(
-            ["#", "CUI", "name", "captions", "share", "semantic types"],
-            [[str(i), c.cui, c.name, str(c.captions), _pct(c.captions, r.captions),
-              ", ".join(c.semantic_types)] for i, c in enumerate(r.top, 1)],
-            {0, 3, 4},
-        ),
-        "",
-        "## Semantic groups",
-        "",
-        *_md_table(
-            ["group", "name", "count", "share"],
-            [[g.code, g.name, str(g.count), _pct(g.count, r.concept_occurrences)]
-             for g in r.semantic_groups],
-            {2, 3},
-        ),
-        "",
-        "## Semantic types",
-        "",
-        *_md_table(
-            ["TUI", "name", "group", "count", "share"],
-            [[t.tui, t.name, t.group, str(t.count), _pct(t.count, r.concept_occurrences)]
-             for t in r.semantic_types],
-            {3, 4},
-        ),
-        "",
-    ]
+    for heading, headers, rows, right in _sections(r):
+        lines += [f"## {heading}", "", *_md_table(headers, rows, right), ""]
     return "\n".join(lines)
+
+
+def render_html(
+    r: CorpusReport,
+    *,
+    title: str = "Corpus report",
+    images: Mapping[str, bytes] | None = None,
+    samples: Sequence[AnnotatedCaption] = (),
+) -> str:
+    """The report as one self-contained HTML page: the tables, ``images`` (caption → PNG
+    bytes) embedded, and ``samples`` — captions with their mentions highlighted."""
+    parts = [hp.table_html(["", "value"], _summary_rows(r), {1}), f'<p class="note">{_NOTE}</p>']
+    parts += [hp.png_img(png, caption) for caption, png in (images or {}).items()]
+    for heading, headers, rows, right in _sections(r):
+        parts += [f"<h2>{html.escape(heading)}</h2>", hp.table_html(headers, rows, right)]
+    if samples:
+        parts += [
+            f"<h2>The first {len(samples)} annotated captions</h2>",
+            hp.legend_html(hp.groups_in(samples)),
+            hp.captions_html(samples),
+        ]
+    return hp.page(title, "\n".join(parts))
 
 
 @dataclass(frozen=True)
@@ -345,6 +350,7 @@ class ReportFiles:
     markdown: Path
     histogram: Path
     top_concepts: Path
+    html: Path
 
 
 def _plot_histogram(r: CorpusReport, path: Path) -> None:
@@ -386,13 +392,21 @@ def _plot_top(r: CorpusReport, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
-def write_report(r: CorpusReport, base: str | Path, *, title: str = "Corpus report") -> ReportFiles:
-    """Write ``<base>.report.md`` and its two PNG plots next to it."""
+def write_report(
+    r: CorpusReport,
+    base: str | Path,
+    *,
+    title: str = "Corpus report",
+    samples: Sequence[AnnotatedCaption] = (),
+) -> ReportFiles:
+    """Write ``<base>.report.md`` with its two PNG plots next to it, and ``<base>.report.html``
+    with the same tables, the plots embedded and ``samples`` highlighted."""
     base = Path(base)
     files = ReportFiles(
         markdown=base.with_name(base.name + ".report.md"),
         histogram=base.with_name(base.name + ".report-concepts-per-caption.png"),
         top_concepts=base.with_name(base.name + ".report-top-concepts.png"),
+        html=base.with_name(base.name + ".report.html"),
     )
     files.markdown.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -401,15 +415,17 @@ def write_report(r: CorpusReport, base: str | Path, *, title: str = "Corpus repo
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
         _plot_histogram(r, files.histogram)
         _plot_top(r, files.top_concepts)
+    plots = {
+        "Concepts per caption": files.histogram,
+        f"Top {min(TOP_N, len(r.top))} concepts": files.top_concepts,
+    }
     atomic_write_text(
         files.markdown,
-        render_markdown(
-            r,
-            title=title,
-            images={
-                "Concepts per caption": files.histogram.name,
-                f"Top {min(TOP_N, len(r.top))} concepts": files.top_concepts.name,
-            },
-        ),
+        render_markdown(r, title=title, images={k: p.name for k, p in plots.items()}),
+    )
+    atomic_write_text(
+        files.html,
+        render_html(r, title=title, images={k: p.read_bytes() for k, p in plots.items()},
+                    samples=samples),
     )
     return files

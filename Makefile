@@ -10,8 +10,8 @@ SPEEDUPS := conceptsvc/_speedups$(shell $(PYTHON) -c 'import sysconfig; print(sy
 .PHONY: install test lint demo bench bench-index bench-peers peers scispacy-reference soak proto audit lock clean system-deps
 
 # Debian packages the build and the tests need (gcc and Python's headers for the compiled
-# extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier).
-# Installed only if missing.
+# extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier;
+# chromium, in which tests/test_html_page.py opens the HTML pages). Installed only if missing.
 system-deps:
 	@command -v gcc >/dev/null 2>&1 || { \
 	  echo "gcc not found: installing Debian's gcc (conceptsvc/_speedups.pyx is compiled)"; \
@@ -30,6 +30,10 @@ system-deps:
 	  echo "java not found: installing Debian's openjdk-17-jre-headless (PySpark tests)"; \
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || \
 	  { echo "ERROR: could not install openjdk-17-jre-headless; the Spark tests need Java 17" >&2; exit 1; }; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "chromium not found: installing Debian's chromium (the HTML page tests render in it)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  { echo "ERROR: could not install chromium; tests/test_html_page.py needs a real browser" >&2; exit 1; }; }
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }

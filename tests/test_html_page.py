@@ -345,7 +345,7 @@ def test_html_page_mention_outside_its_caption_is_listed_not_drawn(
         {"start": 0, "end": 4, "cui": "C0000001", "negated": False, "semantic_types": ["T023"]}
     ])
     assert '<tr class="outside">' in html and "C0000002" in html
-    assert "lies outside its 4 characters" in caplog.text
+    assert "is not a span of its 4 characters" in caplog.text
 
 
 def test_html_page_report_samples_must_not_be_negative() -> None:

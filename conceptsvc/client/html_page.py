@@ -97,7 +97,7 @@ th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: ta
   background: repeating-linear-gradient(90deg, var(--c) 0 5px, transparent 5px 8px); }
 .bar.first::after { content: attr(data-label); position: absolute; left: 0; top: 3px;
   font: 600 10.5px/13px ui-monospace, "DejaVu Sans Mono", monospace; padding: 0 3px;
-  white-space: pre; color: #fff;
+  white-space: pre; color: var(--ink);
   background: var(--c); border-radius: 0 0 3px 3px; z-index: 1; }
 .bar.first.negated::after { background: #fff; color: #333; border: 1px dashed var(--c); }
 .mentions td.neg { color: #b00; font-weight: 600; }
@@ -138,6 +138,12 @@ def group_of(m: Mention, sn: SemanticNetwork) -> str:
 
 def _colour(group: str) -> str:
     return GROUP_COLOURS.get(group, GROUP_COLOURS["UNKNOWN"])
+
+
+def _ink(colour: str) -> str:
+    """Label text colour readable on ``colour`` (#rrggbb): dark on the light ones."""
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return "#222" if 0.299 * r + 0.587 * g + 0.114 * b > 150 else "#fff"
 
 
 def _label(m: Mention) -> str:
@@ -193,7 +199,7 @@ def _drawable(
         else:
             # Offsets outside the caption mean the annotation is not of this text; drawing it
             # anywhere would mislead, so it is only listed in the table, marked.
-            log.warning("caption %s: mention %s [%d, %d) lies outside its %d characters; "
+            log.warning("caption %s: mention %s [%d, %d) is not a span of its %d characters; "
                         "not highlighted", item_id, m.cui, m.start, m.end, len(text))
             outside.append(m)
     key = operator.attrgetter("start", "end", "cui")
@@ -226,7 +232,8 @@ def caption_html(
             bars.append(
                 f'<span class="{classes}"'
                 + _attrs(
-                    style=f"--track:{tracks[i]};--c:{_colour(group_of(m, sn))}",
+                    style=f"--track:{tracks[i]};--c:{_colour(group_of(m, sn))};"
+                          f"--ink:{_ink(_colour(group_of(m, sn)))}",
                     data_mention=mids[i], data_start=m.start, data_end=m.end, data_cui=m.cui,
                     data_group=group_of(m, sn), data_negated=str(m.negated).lower(),
                     data_label=_label(m), title=_tooltip(m, sn),

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # interpreter's ABI tag, e.g. conceptsvc/_speedups.cpython-311-x86_64-linux-gnu.so).
 SPEEDUPS := conceptsvc/_speedups$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 
-.PHONY: install test lint demo bench bench-index bench-peers peers scispacy-reference soak proto audit lock clean system-deps
+.PHONY: install test lint demo bench bench-index bench-peers bench-context peers context-peer scispacy-reference soak proto audit lock clean system-deps
 
 # Debian packages the build and the tests need (gcc and Python's headers for the compiled
 # extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier;
@@ -70,7 +70,7 @@ lint: install
 demo: install
 	$(PY) -m conceptsvc.demo
 
-bench: install peers
+bench: install peers context-peer
 	$(PY) -m benchmarks.bench all
 
 bench-index: install peers
@@ -95,6 +95,33 @@ peers: $(PEERS_STAMP)
 
 bench-peers: install peers
 	$(PY) -m benchmarks.bench peers
+
+# medspaCy's ConText, the peer of the negation and temporality benchmark (issue 17), in a venv
+# of its own that never contains QuickUMLS: medspacy declares medspacy_quickumls, whose module is
+# also named quickumls, so medspacy goes in with --no-deps after the rest of its requirements
+# (benchmarks/context_peer/requirements.txt without its medspacy line). conceptsvc is not
+# installed there: the driver needs only the standard library from this checkout.
+CONTEXT_VENV  ?= .venv-context
+CONTEXT_STAMP := $(CONTEXT_VENV)/.installed
+CONTEXT_REQS  := benchmarks/context_peer/requirements.txt
+
+$(CONTEXT_STAMP): $(CONTEXT_REQS)
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found" >&2; exit 1; }
+	$(PYTHON) -m venv $(CONTEXT_VENV)
+	$(CONTEXT_VENV)/bin/python -m pip install -q --upgrade pip wheel setuptools
+	sed '/^medspacy==/d' $(CONTEXT_REQS) > $(CONTEXT_VENV)/requirements-deps.txt
+	$(CONTEXT_VENV)/bin/python -m pip install -q -r $(CONTEXT_VENV)/requirements-deps.txt
+	$(CONTEXT_VENV)/bin/python -m pip install -q --no-deps $$(grep '^medspacy==' $(CONTEXT_REQS))
+	@$(CONTEXT_VENV)/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("quickumls") is not None)' || \
+	  { echo "ERROR: $(CONTEXT_VENV) contains a quickumls module; it must not" >&2; exit 1; }
+	touch $(CONTEXT_STAMP)
+
+context-peer: $(CONTEXT_STAMP)
+
+# Negation and temporality on ../shared/data/negation/negex_annotations_dev.tsv, conceptsvc and
+# medspaCy's ConText in the same run; replaces the section of BENCHMARKS.md.
+bench-context: install context-peer
+	$(PY) -m benchmarks.bench context --write BENCHMARKS.md
 
 # scispacy as the reference for abbreviation definitions and the scispacy KB reader
 # (scripts/scispacy_reference/compare.py; results in BENCHMARKS.md), in a venv of its own:
@@ -131,5 +158,5 @@ lock: install
 	  --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(SCISPACY_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(CONTEXT_VENV) $(SCISPACY_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	rm -f conceptsvc/_speedups.c conceptsvc/_speedups.html conceptsvc/*.so

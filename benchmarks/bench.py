@@ -20,6 +20,7 @@ BENCHMARKS = {
     "peers": "benchmarks.bench_peers",
     "service": "benchmarks.bench_service",
     "capacity": "benchmarks.bench_capacity",
+    "context": "benchmarks.bench_context",
 }
 
 

@@ -43,10 +43,12 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,7 @@ __all__ = [
     "run_medspacy",
     "score_negation",
     "score_temporality",
+    "why_not_found",
     "write_condition_table",
 ]
 
@@ -272,6 +275,52 @@ def _system_line(name: str, rows: Sequence[AnnotatedRow], preds: Sequence[Predic
     )
 
 
+_REASONS = (
+    "not in the sentence as written (the annotation runs past the sentence's end)",
+    "only inside a longer word (a typo: `transplantatio` in `TRANSPLANTATIOn`)",
+    "punctuation inside the condition (`,` `:` `;` `.` `(`): a clause, not a name",
+    "a run of spaces inside the condition or its place in the sentence",
+    "case: an all-caps word of up to five letters written otherwise in the sentence",
+    "other",
+)
+
+
+def why_not_found(row: AnnotatedRow) -> str:
+    """The first of :data:`_REASONS` that applies to a condition a system did not find."""
+    if not row.spans:
+        return _REASONS[0]
+    start, end = row.spans[0]
+    text = row.sentence[start:end]
+    if (start > 0 and row.sentence[start - 1].isalnum()) or (
+        end < len(row.sentence) and row.sentence[end].isalnum()
+    ):
+        return _REASONS[1]
+    if re.search(r"[^\w\s'/-]", row.condition):
+        return _REASONS[2]
+    if re.search(r"\s\s", row.condition) or re.search(r"\s\s", text):
+        return _REASONS[3]
+    caps = [w for w in row.condition.split() if w.isalnum() and w.isupper() and len(w) <= 5]
+    if caps and any(c not in text.split() for c in caps):
+        return _REASONS[4]
+    return _REASONS[5]
+
+
+def _reasons_table(rows: Sequence[AnnotatedRow], systems: dict[str, list[Prediction]]) -> list[str]:
+    counts = {
+        name: Counter(why_not_found(r) for r, p in zip(rows, preds, strict=True) if not p.found)
+        for name, preds in systems.items()
+    }
+    lines = [
+        "| why a condition was not found | " + " | ".join(systems) + " |",
+        "|---|" + "---:|" * len(systems),
+    ]
+    for reason in _REASONS:
+        if any(c[reason] for c in counts.values()):
+            lines.append(f"| {reason} | " + " | ".join(str(c[reason]) for c in counts.values())
+                         + " |")
+    return lines
+
+
 def _examples(rows: Sequence[AnnotatedRow], preds: Sequence[Prediction], n: int) -> list[str]:
     out: list[str] = []
     for r, p in zip(rows, preds, strict=True):
@@ -321,11 +370,13 @@ def report(
             for name, preds in systems.items()
         ),
     ]
+    if any(not p.found for preds in systems.values() for p in preds):
+        lines += ["", *_reasons_table(rows, systems)]
     for name, preds in systems.items():
         missing = sum(not p.found for p in preds)
         if missing:
             lines += ["", f"{name}: {missing} conditions not found, the first ones:", "",
-                      *_examples(rows, preds, 12)]
+                      *_examples(rows, preds, 8)]
     return "\n".join(lines)
 
 
@@ -383,11 +434,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = (f"{_machine()}; load average {' / '.join(load)} at the start, "
                f"{' / '.join(load_end)} at the end")
     text = report(
-        rows, systems, command="make bench-context", machine=machine,
+        rows, systems, machine=machine,
+        command="python -m benchmarks.bench context " + " ".join(
+            str(a) for a in (sys.argv[1:] if argv is None else argv)
+        ),
         when=started.strftime("%Y-%m-%d %H:%M UTC"), notes=notes,
     )
     print(text)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(
             {name: [dataclasses.asdict(p) | {"line": r.line} for r, p in zip(rows, ps, strict=True)]
              for name, ps in systems.items()}, indent=1) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from benchmarks.bench_context import (
     run_conceptsvc,
     score_negation,
     score_temporality,
+    why_not_found,
     write_condition_table,
 )
 from benchmarks.context_peer.annotations import locate, read_annotations
@@ -163,3 +164,19 @@ def test_bench_context_main_writes_its_section(
 def test_bench_context_missing_peer_venv_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="make context-peer"):
         context_python(tmp_path / "no-venv" / "bin" / "python")
+
+
+def test_bench_context_names_why_a_condition_was_not_found(tmp_path: Path) -> None:
+    rows = read_annotations(_tsv(tmp_path, [
+        ("1", "abdomen was soft.  It was nontender", "His   abdomen was soft.", "Affirmed",
+         "Recent", "Patient"),
+        ("2", "heart transplantatio", "Status post HEART TRANSPLANTATIOn.", "Affirmed",
+         "Historical", "Patient"),
+        ("3", "ABDOMEN:  Soft", "ABDOMEN:  SOFT.", "Affirmed", "Recent", "Patient"),
+        ("4", "strong   pulses", "He has STRONG   PULSES.", "Affirmed", "Recent", "Patient"),
+        ("5", "CP", "He has cp.", "Affirmed", "Recent", "Patient"),
+        ("6", "fever", "FEVER.", "Affirmed", "Recent", "Patient"),
+    ]))
+    assert [why_not_found(r).split()[0] for r in rows] == [
+        "not", "only", "punctuation", "a", "case:", "other"
+    ]

@@ -196,23 +196,27 @@ def run_conceptsvc(rows: Sequence[AnnotatedRow], work: Path) -> tuple[list[Predi
     build_dictionary_index([TableSource(table, sab="NEGEX")], work / "index")
     extractor = Extractor(ConceptIndex.load(work / "index"))
     options = ExtractOptions(include_negated=True, overlap="all")
+    # Temporality is read where Mention has it (a later change adds it), so that this tool
+    # measures conceptsvc before and after; the names are literal, never taken from input.
     fields = {f.name for f in dataclasses.fields(Mention)}
-    tells = {a: a in fields for a in ("historical", "hypothetical")}
+    tells_historical, tells_hypothetical = "historical" in fields, "hypothetical" in fields
     preds = []
     for row, cui in zip(rows, cuis, strict=True):
         mentions = [
             m for m in extractor.extract(row.sentence, options).mentions
             if m.cui == cui and any(m.start < e and s < m.end for s, e in row.spans)
         ]
-
-        def flag(attr: str, ms: list[Mention] = mentions) -> bool | None:
-            return any(getattr(m, attr) for m in ms) if tells[attr] else None
-
         preds.append(Prediction(
             found=bool(mentions),
             negated=any(m.negated for m in mentions),
-            historical=flag("historical"),
-            hypothetical=flag("hypothetical"),
+            historical=(
+                any(getattr(m, "historical", False) for m in mentions)
+                if tells_historical else None
+            ),
+            hypothetical=(
+                any(getattr(m, "hypothetical", False) for m in mentions)
+                if tells_hypothetical else None
+            ),
         ))
     return preds, extractor.engine
 

@@ -18,7 +18,9 @@ How each system is run:
   "FEVER", as an acronym that keeps its case, as it would a site's own term). :class:`~conceptsvc.
   extractor.Extractor` runs on every sentence with ``include_negated=True`` and
   ``overlap="all"``, so that another condition of the same dictionary ("chest pain") never hides
-  the row's own ("pain"): the dictionary stands for UMLS, where both would be concepts.
+  the row's own ("pain"): the dictionary stands for UMLS, where both would be concepts. Since
+  no two concepts share an index key, nothing else in the sentence changes the row's own
+  mention: the result is that of a dictionary holding the row's condition alone.
 - **medspaCy 1.3.1's ConText** (default rules), in ``.venv-context`` through
   :mod:`benchmarks.context_peer.run`, one TargetRule per row (its docstring says why).
 

@@ -281,8 +281,8 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         print(f"annotate: {c.annotated}/{c.captions} captions in the output ({state}); "
               f"{c.failed} failed, {c.skipped_bad_input} bad input records skipped, "
               f"{c.resumed} resumed from an earlier run", file=sys.stderr)
-        for path in result.outputs:
-            print(f"  output   {path}", file=sys.stderr)
+        for spec in specs:
+            print(f"  output   {spec.path} ({spec.format.value})", file=sys.stderr)
         print(f"  manifest {result.manifest}", file=sys.stderr)
         if result.errors is not None:
             print(f"  errors   {result.errors}", file=sys.stderr)
@@ -310,7 +310,10 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("input", help="captions: .csv (ID,Caption), .tsv/.txt ROCO (ID<TAB> caption), "
                                  ".jsonl ({id,text}), .txt (one per line), or - for stdin")
-    p.add_argument("--out", required=True, help="output file (the first --format goes here)")
+    p.add_argument("--out", required=True,
+                   help="output file; the first --format goes here, and an extension that names "
+                        "a format (.jsonl, .csv, .submission.tsv, .roco.tsv, .tsv) must name "
+                        "that one")
     p.add_argument("--input-format", choices=["csv", "roco", "jsonl", "text"],
                    help="input format (default: from the file name)")
     p.add_argument("--format", action="append", metavar="FORMAT[=PATH]",

@@ -16,7 +16,10 @@ The whole tree, so callers can catch at the level they care about::
     │   ├── BadInputError           malformed input records, nothing sent (E620); carries ``bad``
     │   ├── RunIncompatibleError    results of one run would mix indexes (E621)
     │   ├── ServiceUnreachableError no target answered GetInfo (E622)
-    │   └── ConceptNotFoundError    a CUI the dictionary does not have (E623)
+    │   ├── ConceptNotFoundError    a CUI the dictionary does not have (E623)
+    │   ├── OutputClashError        an output would overwrite the input, another output or a
+    │   │                           run's side file (E624); nothing was started
+    │   └── OutputFormatError       an output's extension names another format (E625)
     └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
@@ -41,6 +44,8 @@ __all__ = [
     "ExtractionError",
     "InputTooLargeError",
     "MalformedRowError",
+    "OutputClashError",
+    "OutputFormatError",
     "RunIncompatibleError",
     "SemanticNetworkError",
     "ServiceCallError",
@@ -188,6 +193,24 @@ class ConceptNotFoundError(ClientError):
         super().__init__(
             f"{cui} is not in the dictionary; `conceptsvc search TEXT` finds concepts by name."
         )
+
+
+# The two below are raised by the client library (``resolve_outputs``, ``annotate_corpus``),
+# which Python callers use without a command line, so they are ClientErrors rather than
+# UsageError (E001); each names the flag or argument to change.
+class OutputClashError(ClientError):
+    """Two files of one run would be the same file: an output and the input, two outputs, or an
+    output and the run's manifest, errors file or work directory. Raised before anything is
+    read or written."""
+
+    code = "E624"
+
+
+class OutputFormatError(ClientError):
+    """An output's file name ends in the extension of another format than the one it would
+    be written in (CSV into ``run.jsonl``)."""
+
+    code = "E625"
 
 
 class EvaluationError(ConceptsvcError):

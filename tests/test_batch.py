@@ -817,3 +817,84 @@ def test_batch_settings_are_validated() -> None:
     with pytest.raises(ClientError, match="at least one --target"):
         BatchSettings(targets=())
     assert OutputFormat("jsonl") is OutputFormat.JSONL
+
+
+# -- issue 16: a run never writes over its input, nor CSV into a .jsonl; --
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_issue_16_an_output_that_is_the_input_is_refused(
+    tmp_path: Path, demo_server: str, demo_service: ConceptServer
+) -> None:
+    clob = tmp_path / "clob"
+    clob.mkdir()
+    src = write_csv(clob / "captions.csv", demo_rows()[:5])
+    before = md5(src)
+    calls = annotate_calls(demo_service)
+    # the second format goes to --out's stem + .csv, which is the input
+    proc = cli("annotate", str(src), "--out", str(clob / "captions.jsonl"), "--format", "jsonl",
+               "--format", "csv", "--target", demo_server)
+    assert proc.returncode == 2, proc.stderr
+    assert "E624" in proc.stderr and "--format csv=PATH" in proc.stderr
+    assert f"output {src} is the input {src}" in proc.stderr.replace("the csv output", "output")
+    assert md5(src) == before and sorted(p.name for p in clob.iterdir()) == ["captions.csv"]
+    # --out the input itself, also through a hard link and a symlink
+    inplace = tmp_path / "inplace.jsonl"
+    inplace.write_text('{"id": "a", "text": "Chest X-ray"}\n', encoding="utf-8")
+    os.link(inplace, tmp_path / "hard.jsonl")
+    (tmp_path / "soft.jsonl").symlink_to(inplace)
+    for out in ("inplace.jsonl", "hard.jsonl", "soft.jsonl"):
+        proc = cli("annotate", str(inplace), "--out", str(tmp_path / out), "--target", demo_server)
+        assert proc.returncode == 2 and "E624" in proc.stderr, proc.stderr
+        assert f"{tmp_path / out} is the input {inplace}" in proc.stderr
+        assert "Change --out" in proc.stderr
+    assert inplace.read_text(encoding="utf-8") == '{"id": "a", "text": "Chest X-ray"}\n'
+    # an explicit FORMAT=PATH onto the input names that flag
+    proc = cli("annotate", str(src), "--out", str(tmp_path / "r.jsonl"), "--format",
+               f"csv={src}", "--target", demo_server)
+    assert proc.returncode == 2 and "Change --format csv=PATH" in proc.stderr, proc.stderr
+    # nor may the input be the run's manifest, errors file or work directory
+    for name in ("r.jsonl.manifest.json", "r.jsonl.errors.jsonl"):
+        side = write_csv(tmp_path / name, demo_rows()[:2])
+        proc = cli("annotate", str(side), "--input-format", "csv", "--out",
+                   str(tmp_path / "r.jsonl"), "--target", demo_server)
+        assert proc.returncode == 2 and "E624" in proc.stderr, proc.stderr
+        assert f"the input {side} is {side}" in proc.stderr and "another --out" in proc.stderr
+    work = tmp_path / "r.jsonl.0123456789abcdef.part"
+    work.mkdir()
+    inside = write_csv(work / "in.csv", demo_rows()[:2])
+    proc = cli("annotate", str(inside), "--out", str(tmp_path / "r.jsonl"), "--target",
+               demo_server)
+    assert proc.returncode == 2 and "work directory" in proc.stderr, proc.stderr
+    # an output may not be a side file of the first one either
+    proc = cli("annotate", str(src), "--out", str(tmp_path / "r.jsonl"), "--format", "jsonl",
+               "--format", f"jsonl={tmp_path / 'r.jsonl.errors.jsonl'}", "--target",
+               demo_server)
+    assert proc.returncode == 2 and "the errors file" in proc.stderr, proc.stderr
+    assert annotate_calls(demo_service) == calls  # nothing was sent
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_issue_16_csv_is_not_written_into_a_jsonl_file(
+    tmp_path: Path, demo_server: str
+) -> None:
+    src = write_csv(tmp_path / "big.csv", demo_rows()[:5])
+    out = tmp_path / "out" / "big.jsonl"
+    proc = cli("annotate", str(src), "--out", str(out), "--format", "csv", "--target",
+               demo_server)
+    assert proc.returncode == 2 and "E625" in proc.stderr, proc.stderr
+    assert f"`--out {tmp_path / 'out' / 'big.csv'} --format csv`" in proc.stderr
+    assert f"--format csv={tmp_path / 'out' / 'big.csv'}" in proc.stderr
+    assert not out.parent.exists()
+    # the first suggestion works, and the summary says which format each file got
+    proc = cli("annotate", str(src), "--out", str(out), "--format",
+               f"csv={tmp_path / 'out' / 'big.csv'}", "--target", demo_server)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text(encoding="utf-8").startswith('{"id":')
+    assert (tmp_path / "out" / "big.csv").read_text(encoding="utf-8").startswith("ID,CUIs\n")
+    assert f"output   {out} (jsonl)" in proc.stderr
+    # an extension that names no format takes any, and the summary says which was written
+    proc = cli("annotate", str(src), "--out", str(tmp_path / "big.out"), "--format", "csv",
+               "--target", demo_server)
+    assert proc.returncode == 0 and f"output   {tmp_path / 'big.out'} (csv)" in proc.stderr

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from conceptsvc.client.outputs import (
     render,
     resolve_outputs,
 )
-from conceptsvc.errors import ClientError
+from conceptsvc.errors import ClientError, OutputClashError, OutputFormatError
 from conceptsvc.model import Annotation, Mention
 
 CHEST = Annotation(
@@ -149,3 +150,42 @@ def test_outputs_atomic_write_text_replaces(tmp_path: Path) -> None:
     atomic_write_text(p, "two")
     assert p.read_text() == "two"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_issue_16_an_out_extension_must_fit_its_format(tmp_path: Path) -> None:
+    # CSV into a .jsonl: refused, with the two commands that work
+    with pytest.raises(OutputFormatError) as info:
+        resolve_outputs(tmp_path / "big.jsonl", ["csv"])
+    text = str(info.value)
+    assert info.value.code == "E625"
+    assert f"`--out {tmp_path / 'big.csv'} --format csv`" in text
+    assert f"`--out {tmp_path / 'big.jsonl'} --format csv={tmp_path / 'big.csv'}`" in text
+    # which works: the .jsonl gets jsonl, the .csv csv
+    assert resolve_outputs(tmp_path / "big.jsonl", [f"csv={tmp_path / 'big.csv'}"]) == [
+        OutputSpec(OutputFormat.JSONL, tmp_path / "big.jsonl"),
+        OutputSpec(OutputFormat.CSV, tmp_path / "big.csv"),
+    ]
+    with pytest.raises(OutputFormatError, match="name jsonl first in --format"):
+        resolve_outputs(tmp_path / "big.jsonl", ["csv", "jsonl"])
+    with pytest.raises(OutputFormatError, match=r"`--format jsonl=.*full\.jsonl`"):
+        resolve_outputs(tmp_path / "r.jsonl", [f"jsonl={tmp_path / 'full.csv'}"])
+    with pytest.raises(OutputFormatError, match=r"ends in \.roco\.tsv, the extension of roco"):
+        resolve_outputs(tmp_path / "r.roco.tsv", ["submission"])
+    # a plain .tsv is either TAB format, never JSONL (the default without --format)
+    with pytest.raises(OutputFormatError, match=r"no --format was given.*`--format roco`"):
+        resolve_outputs(tmp_path / "r.tsv")
+    for fmt in ("roco", "submission"):
+        assert resolve_outputs(tmp_path / "r.tsv", [fmt])[0].format == fmt
+    # endings that name no format take any
+    assert resolve_outputs(tmp_path / "r.out", ["csv"])[0].format == "csv"
+    assert resolve_outputs(tmp_path / "r.json", ["jsonl"])[0].format == "jsonl"
+
+
+def test_issue_16_two_outputs_through_a_hard_link_are_one_file(tmp_path: Path) -> None:
+    (tmp_path / "r.csv").write_text("ID,CUIs\n")
+    os.link(tmp_path / "r.csv", tmp_path / "alias.txt")
+    with pytest.raises(OutputClashError) as info:
+        resolve_outputs(tmp_path / "r.csv", ["csv", f"roco={tmp_path / 'alias.txt'}"])
+    assert info.value.code == "E624"
+    assert f"{tmp_path / 'r.csv'} (csv, from --out)" in str(info.value)
+    assert f"{tmp_path / 'alias.txt'} (roco, from --format roco=PATH)" in str(info.value)

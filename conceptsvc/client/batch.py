@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from collections import deque
@@ -59,7 +60,7 @@ from conceptsvc import __version__
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client.channel import ChannelSecurity, effective_options
-from conceptsvc.client.corpus import BadRecord, Caption, Corpus, CorpusScan
+from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusScan
 from conceptsvc.client.html_page import AnnotatedCaption
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
@@ -69,12 +70,20 @@ from conceptsvc.client.outputs import (
     annotation_to_json,
     atomic_write_text,
     dumps,
+    same_file,
 )
 from conceptsvc.client.progress import Progress, ProgressMode
-from conceptsvc.client.report import CorpusReport, ReportBuilder, ReportFiles, write_report
+from conceptsvc.client.report import (
+    CorpusReport,
+    ReportBuilder,
+    ReportFiles,
+    report_files,
+    write_report,
+)
 from conceptsvc.errors import (
     BadInputError,
     ClientError,
+    OutputClashError,
     RunIncompatibleError,
     ServiceUnreachableError,
 )
@@ -219,6 +228,67 @@ def _run_key(scan: CorpusScan, corpus: Corpus, options_key: str) -> str:
 
 def _sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(out.name + suffix)
+
+
+def _is_work_dir(path: Path, out0: Path) -> bool:
+    """Whether ``path`` is, or lies in, a work directory of ``out0`` (``OUT.<key>.part``, or one
+    being removed), which runs remove or rewrite."""
+    parent = out0.parent.resolve()
+    pattern = re.compile(re.escape(out0.name) + r"\.[0-9a-f]{16}\.part(\.done-\d+)?")
+    p = path.resolve()
+    return any(q.parent == parent and pattern.fullmatch(q.name) for q in (p, p.parent))
+
+
+def _check_run_files(corpus: Corpus, specs: Sequence[OutputSpec], *, report: bool) -> None:
+    """Refuse a run that would write over its own input, or write two of its files into one.
+
+    Outputs among themselves are checked by ``resolve_outputs``; here the input (a path unless
+    it is stdin) against every file the run writes, and the outputs against the run's side
+    files (manifest, errors file, report, work directory), all named after the first output.
+    """
+    out0 = specs[0].path
+    side = [
+        (_sidecar(out0, ".manifest.json"), "the run manifest"),
+        (_sidecar(out0, ".errors.jsonl"), "the errors file"),
+    ]
+    if report:
+        files = report_files(out0)
+        side += [(files.markdown, "the report"), (files.html, "the HTML report"),
+                 (files.histogram, "a report plot"), (files.top_concepts, "a report plot")]
+    for spec in specs:
+        what = f"{spec.path} (the {spec.format} output, from {spec.flag()})"
+        for path, role in side:
+            if same_file(spec.path, path):
+                raise OutputClashError(
+                    f"output {what} would also be {role} of --out {out0}; give the "
+                    f"{spec.format} output another path."
+                )
+        if _is_work_dir(spec.path, out0):
+            raise OutputClashError(
+                f"output {what} is in the work directory of --out {out0}, which the run "
+                "removes; give it another path."
+            )
+    if corpus.source == STDIN:
+        return  # no path to collide with
+    src = Path(corpus.source)
+    for spec in specs:
+        if same_file(src, spec.path):
+            raise OutputClashError(
+                f"the {spec.format} output {spec.path} is the input {corpus.source}: the run "
+                f"would overwrite the captions it reads. Change {spec.flag()}."
+            )
+    for path, role in side:
+        if same_file(src, path):
+            raise OutputClashError(
+                f"the input {corpus.source} is {path}, {role} of --out {out0}, which the run "
+                "rewrites; choose another --out."
+            )
+    if _is_work_dir(src, out0):
+        raise OutputClashError(
+            f"the input {corpus.source} is in a work directory of --out {out0} "
+            f"({out0.name}.<key>.part), which runs rewrite and remove; move the input out of "
+            "it, or choose another --out."
+        )
 
 
 # -- channels ---------------------------------------------------------------------------------
@@ -651,6 +721,7 @@ def annotate_corpus(
     """
     if not specs:
         raise ClientError("no output requested.")
+    _check_run_files(corpus, specs, report=settings.report)
     overrides = dict(overrides or {})
     started = _now()
     out0 = specs[0].path

@@ -26,13 +26,13 @@ import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 
-from conceptsvc.errors import ClientError
+from conceptsvc.errors import ClientError, OutputClashError, OutputFormatError
 from conceptsvc.model import Annotation, Mention
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "fsync_dir",
     "render",
     "resolve_outputs",
+    "same_file",
 ]
 
 
@@ -65,14 +66,41 @@ _SUFFIX = {
 }
 # --out suffixes that say which format is meant when --format is not given.
 _BY_SUFFIX = {".jsonl": OutputFormat.JSONL, ".ndjson": OutputFormat.JSONL, ".csv": OutputFormat.CSV}
+# File-name endings that name formats, longest first: a file may only be written in one of the
+# formats its ending names (a plain .tsv is either TAB format). Other endings (.txt, .out, .json)
+# name none and take any format.
+_NAMED_BY_ENDING: tuple[tuple[str, frozenset[OutputFormat]], ...] = (
+    (".submission.tsv", frozenset({OutputFormat.SUBMISSION})),
+    (".roco.tsv", frozenset({OutputFormat.ROCO})),
+    (".ndjson", frozenset({OutputFormat.JSONL})),
+    (".jsonl", frozenset({OutputFormat.JSONL})),
+    (".csv", frozenset({OutputFormat.CSV})),
+    (".tsv", frozenset({OutputFormat.SUBMISSION, OutputFormat.ROCO})),
+)
 
 SCORE_DECIMALS = 6
+
+# How an output's path was chosen, which decides the flag a user changes to move it.
+Origin = Literal["out", "stem", "explicit"]
 
 
 @dataclass(frozen=True, slots=True)
 class OutputSpec:
     format: OutputFormat
     path: Path
+    # Not part of equality: two specs naming the same file in the same format are the same
+    # output, whichever flag chose the path.
+    origin: Origin = field(default="out", compare=False)
+
+    def flag(self) -> str:
+        """The command-line flag that chose this path, as a user would change it."""
+        if self.origin == "explicit":
+            return f"--format {self.format.value}=PATH"
+        if self.origin == "stem":
+            return (f"--out (the {self.format.value} output is --out's stem plus "
+                    f"{_SUFFIX[self.format]}), or give it its own path with "
+                    f"--format {self.format.value}=PATH")
+        return "--out"
 
 
 def _parse_format(name: str) -> OutputFormat:
@@ -94,6 +122,62 @@ def _stem(out: Path) -> Path:
     return out.with_suffix("") if out.suffix else out
 
 
+def _named_formats(path: Path) -> tuple[str, frozenset[OutputFormat]] | None:
+    """The ending of ``path`` that names formats, and those formats (None: it names none)."""
+    name = path.name.lower()
+    for ending, formats in _NAMED_BY_ENDING:
+        if name.endswith(ending) and len(name) > len(ending):
+            return ending, formats
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode where both exist (hard links,
+    symlinks, a case-insensitive file system), else the same resolved path."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass  # one of them does not exist (yet)
+    return a.resolve() == b.resolve()
+
+
+def _check_format(spec: OutputSpec, out: Path, given: Sequence[str]) -> None:
+    """Refuse ``spec`` when its file's ending names other formats (``given``: the --format
+    items the user wrote, for the message)."""
+    named = _named_formats(spec.path)
+    if named is None or spec.format in named[1]:
+        return
+    ending, formats = named
+    names = " or ".join(sorted(f.value for f in formats))
+    fmt = spec.format.value
+    if spec.origin == "explicit":
+        right = spec.path.with_name(_stem(spec.path).name + _SUFFIX[spec.format])
+        raise OutputFormatError(
+            f"--format {fmt}={spec.path}: a file ending in {ending} holds {names}, but {fmt} "
+            f"would be written to it. Write it as `--format {fmt}={right}`."
+        )
+    right = _stem(out).with_name(_stem(out).name + _SUFFIX[spec.format])
+    if not any("=" not in i for i in given):
+        why = "no --format was given" if not given else "no --format names --out's format"
+        raise OutputFormatError(
+            f"--out {out} ends in {ending}, the extension of {names}, but {why}, so {fmt} "
+            f"(the default) would be written to it. Use `--out {right}`, or name the format "
+            "first: " + " or ".join(f"`--format {f}`" for f in sorted(formats)) + "."
+        )
+    fixes = [f"`--out {right} --format {fmt}`"]
+    by_suffix = _BY_SUFFIX.get(out.suffix.lower())
+    if by_suffix is not None:
+        fixes.append(f"`--out {out} --format {fmt}={right}` to write {fmt} beside the "
+                     f"{by_suffix.value} file")
+    if any(i.partition("=")[0].strip().lower() in formats for i in given):
+        fixes.append(f"name {names} first in --format")
+    raise OutputFormatError(
+        f"--out {out} ends in {ending}, the extension of {names}, but the first --format is "
+        f"{fmt}, so {fmt} would be written to it. Use " + ", or ".join(fixes) + "."
+    )
+
+
 def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) -> list[OutputSpec]:
     """Turn ``--out`` and ``--format`` values into output files.
 
@@ -102,9 +186,17 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
     ``out``'s stem plus the format's suffix (``.csv``, ``.submission.tsv``, ``.roco.tsv``,
     ``.jsonl``). Without ``--format`` — or with only ``FORMAT=PATH`` items — ``out`` gets the
     format its suffix names (``.csv`` → csv, otherwise jsonl).
+
+    Refused (before anything is written): a file whose ending names another format than the
+    one it would get (:class:`~conceptsvc.errors.OutputFormatError`; ``.jsonl``/``.ndjson``,
+    ``.csv``, ``.submission.tsv``, ``.roco.tsv``, and ``.tsv`` for either TAB format — other
+    endings take any format), and two outputs that are one file
+    (:class:`~conceptsvc.errors.OutputClashError`). Whether an output is the input is
+    checked by :func:`~conceptsvc.client.batch.annotate_corpus`, which knows the input.
     """
     out_path = Path(out)
-    items = [item for f in formats for item in f.split(",") if item.strip()]
+    given = [item for f in formats for item in f.split(",") if item.strip()]
+    items = given
     if not items:
         items = [_BY_SUFFIX.get(out_path.suffix.lower(), OutputFormat.JSONL).value]
     specs: list[OutputSpec] = []
@@ -115,25 +207,32 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
         if eq:
             if not explicit.strip():
                 raise ClientError(f"--format {item!r}: the path after '=' is empty.")
-            path = Path(explicit.strip())
+            specs.append(OutputSpec(fmt, Path(explicit.strip()), "explicit"))
         elif not primary_taken:
-            path, primary_taken = out_path, True
+            specs.append(OutputSpec(fmt, out_path, "out"))
+            primary_taken = True
         else:
             path = _stem(out_path).with_name(_stem(out_path).name + _SUFFIX[fmt])
-        specs.append(OutputSpec(fmt, path))
+            specs.append(OutputSpec(fmt, path, "stem"))
     if not primary_taken:
         # Only FORMAT=PATH items: ``out`` still gets its own file (never silently unused).
         specs.insert(0, OutputSpec(_BY_SUFFIX.get(out_path.suffix.lower(), OutputFormat.JSONL),
-                                   out_path))
-    seen: dict[Path, OutputSpec] = {}
+                                   out_path, "out"))
+    # --out's own format first: a later format derived from --out's stem lands on --out itself
+    # exactly when --out's ending names that format, and the format message says what to do.
+    primary = next(spec for spec in specs if spec.origin == "out")
+    _check_format(primary, out_path, given)
+    for i, spec in enumerate(specs):
+        for other in specs[:i]:
+            if same_file(spec.path, other.path):
+                raise OutputClashError(
+                    f"two outputs would be written to one file: {other.path} ({other.format}, "
+                    f"from {other.flag()}) and {spec.path} ({spec.format}, from {spec.flag()}); "
+                    "give one of them an explicit path with FORMAT=PATH."
+                )
     for spec in specs:
-        key = spec.path.resolve()
-        if key in seen:
-            raise ClientError(
-                f"two outputs would be written to {spec.path} ({seen[key].format} and "
-                f"{spec.format}); give one of them an explicit path with FORMAT=PATH."
-            )
-        seen[key] = spec
+        if spec is not primary:
+            _check_format(spec, out_path, given)
     return specs
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "render_html",
     "render_markdown",
     "render_table",
+    "report_files",
     "write_report",
 ]
 
@@ -392,6 +393,17 @@ def _plot_top(r: CorpusReport, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def report_files(base: str | Path) -> ReportFiles:
+    """Where :func:`write_report` writes for ``base`` (a run checks none of them is its input)."""
+    base = Path(base)
+    return ReportFiles(
+        markdown=base.with_name(base.name + ".report.md"),
+        histogram=base.with_name(base.name + ".report-concepts-per-caption.png"),
+        top_concepts=base.with_name(base.name + ".report-top-concepts.png"),
+        html=base.with_name(base.name + ".report.html"),
+    )
+
+
 def write_report(
     r: CorpusReport,
     base: str | Path,
@@ -401,13 +413,7 @@ def write_report(
 ) -> ReportFiles:
     """Write ``<base>.report.md`` with its two PNG plots next to it, and ``<base>.report.html``
     with the same tables, the plots embedded and ``samples`` highlighted."""
-    base = Path(base)
-    files = ReportFiles(
-        markdown=base.with_name(base.name + ".report.md"),
-        histogram=base.with_name(base.name + ".report-concepts-per-caption.png"),
-        top_concepts=base.with_name(base.name + ".report-top-concepts.png"),
-        html=base.with_name(base.name + ".report.html"),
-    )
+    files = report_files(base)
     files.markdown.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # A concept name with a character the default font lacks draws as a box; that is not

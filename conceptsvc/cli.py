@@ -262,6 +262,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         retries=args.retries,
         on_bad_input=args.on_bad_input,
+        allow_empty=args.allow_empty,
         restart=args.restart,
         report=args.report,
         report_samples=args.report_samples,
@@ -329,6 +330,9 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--on-bad-input", choices=["fail", "skip"], default="fail",
                    help="malformed input records: stop before sending anything (default) or "
                         "skip them and list them in the errors file")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept an input without captions (empty file, header only): write "
+                        "empty outputs and a manifest and exit 0, instead of failing with E626")
     p.add_argument("--restart", action="store_true",
                    help="discard the results of an interrupted earlier run and start over")
     p.add_argument("--report", action="store_true",

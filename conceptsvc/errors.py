@@ -19,7 +19,8 @@ The whole tree, so callers can catch at the level they care about::
     │   ├── ConceptNotFoundError    a CUI the dictionary does not have (E623)
     │   ├── OutputClashError        an output would overwrite the input, another output or a
     │   │                           run's side file (E624); nothing was started
-    │   └── OutputFormatError       an output's extension names another format (E625)
+    │   ├── OutputFormatError       an output's extension names another format (E625)
+    │   └── EmptyCorpusError        the input holds no captions (E626), unless allowed
     └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
@@ -40,6 +41,7 @@ __all__ = [
     "ConceptsvcError",
     "ConfigError",
     "DictionaryError",
+    "EmptyCorpusError",
     "EvaluationError",
     "ExtractionError",
     "InputTooLargeError",
@@ -195,7 +197,7 @@ class ConceptNotFoundError(ClientError):
         )
 
 
-# The two below are raised by the client library (``resolve_outputs``, ``annotate_corpus``),
+# The three below are raised by the client library (``resolve_outputs``, ``annotate_corpus``),
 # which Python callers use without a command line, so they are ClientErrors rather than
 # UsageError (E001); each names the flag or argument to change.
 class OutputClashError(ClientError):
@@ -211,6 +213,12 @@ class OutputFormatError(ClientError):
     be written in (CSV into ``run.jsonl``)."""
 
     code = "E625"
+
+
+class EmptyCorpusError(ClientError):
+    """The input holds no caption to annotate (an empty file, a header alone, blank lines)."""
+
+    code = "E626"
 
 
 class EvaluationError(ConceptsvcError):

@@ -32,6 +32,7 @@ from conceptsvc.embedded import demo_index
 from conceptsvc.errors import (
     BadInputError,
     ClientError,
+    EmptyCorpusError,
     RunIncompatibleError,
     ServiceUnreachableError,
 )
@@ -819,7 +820,7 @@ def test_batch_settings_are_validated() -> None:
     assert OutputFormat("jsonl") is OutputFormat.JSONL
 
 
-# -- issue 16: a run never writes over its input, nor CSV into a .jsonl; --
+# -- issue 16: a run never writes over its input, nor CSV into a .jsonl; an empty input says so --
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -898,3 +899,48 @@ def test_issue_16_csv_is_not_written_into_a_jsonl_file(
     proc = cli("annotate", str(src), "--out", str(tmp_path / "big.out"), "--format", "csv",
                "--target", demo_server)
     assert proc.returncode == 0 and f"output   {tmp_path / 'big.out'} (csv)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("empty.csv", b""), ("header.csv", b"ID,Caption\n"), ("blank.txt", b"\n  \n\n"),
+     ("blank.jsonl", b"\n")],
+)
+def test_issue_16_an_empty_corpus_is_refused_unless_allowed(
+    tmp_path: Path, demo_server: str, demo_service: ConceptServer, name: str, content: bytes
+) -> None:
+    src = tmp_path / name
+    src.write_bytes(content)
+    out = tmp_path / "run.csv"
+    calls = annotate_calls(demo_service)
+    proc = cli("annotate", str(src), "--out", str(out), "--target", demo_server)
+    assert proc.returncode == 2, proc.stderr
+    assert "E626" in proc.stderr and f"no captions in {src}" in proc.stderr
+    assert "--allow-empty" in proc.stderr
+    assert annotate_calls(demo_service) == calls and list(tmp_path.iterdir()) == [src]
+    with pytest.raises(EmptyCorpusError, match="no captions in stdin"):
+        annotate_corpus(Corpus.from_bytes(content), resolve_outputs(out),
+                        settings(demo_server))
+    # asked to accept it: empty outputs (the CSV header alone) and a manifest, exit 0
+    proc = cli("annotate", str(src), "--out", str(out), "--format", "csv", "--format", "jsonl",
+               "--allow-empty", "--target", demo_server)
+    assert proc.returncode == 0, proc.stderr
+    assert "0/0 captions in the output (complete)" in proc.stderr
+    assert out.read_text(encoding="utf-8") == "ID,CUIs\n"
+    assert (tmp_path / "run.jsonl").read_text(encoding="utf-8") == ""
+    manifest = json.loads((tmp_path / "run.csv.manifest.json").read_text(encoding="utf-8"))
+    assert manifest["complete"] and manifest["counts"]["captions"] == 0
+
+
+def test_issue_16_all_records_malformed_and_skipped_is_an_empty_corpus(
+    tmp_path: Path, demo_server: str
+) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("ID,Caption\n,no id\nb,one,two\n", encoding="utf-8")
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(EmptyCorpusError, match=r"all 2 record\(s\) are malformed") as info:
+        annotate_corpus(Corpus(src), resolve_outputs(out), settings(demo_server,
+                                                                    on_bad_input="skip"))
+    assert str(tmp_path / "run.jsonl.errors.jsonl") in str(info.value)
+    assert len((tmp_path / "run.jsonl.errors.jsonl").read_text().splitlines()) == 2
+    assert not out.exists()

@@ -83,6 +83,7 @@ from conceptsvc.client.report import (
 from conceptsvc.errors import (
     BadInputError,
     ClientError,
+    EmptyCorpusError,
     OutputClashError,
     RunIncompatibleError,
     ServiceUnreachableError,
@@ -147,6 +148,9 @@ class BatchSettings:
     backoff_base: float = 0.25
     backoff_max: float = 10.0
     on_bad_input: Literal["fail", "skip"] = "fail"
+    # An input without a single caption is almost always the wrong file (or a failed step
+    # before this one), so it is refused unless the caller says it can be empty.
+    allow_empty: bool = False
     restart: bool = False
     report: bool = False
     report_samples: int = 20  # captions shown highlighted in the HTML report
@@ -731,6 +735,18 @@ def annotate_corpus(
     if scan.bad and settings.on_bad_input == "fail":
         _write_errors(errors_path, scan.bad, [])
         raise BadInputError(corpus.source, scan.bad)
+    if scan.n_good == 0 and not settings.allow_empty:
+        where = "stdin" if corpus.source == STDIN else corpus.source
+        skipped = ""
+        if scan.bad:
+            _write_errors(errors_path, scan.bad, [])
+            skipped = (f" (all {len(scan.bad)} record(s) are malformed; they are listed in "
+                       f"{errors_path})")
+        raise EmptyCorpusError(
+            f"no captions in {where}{skipped}; nothing was sent and no output written. Check "
+            "the input file (and --input-format), or pass --allow-empty to write empty "
+            "outputs and a manifest for it."
+        )
 
     state: dict[str, Any] = {}
     work_holder: dict[str, Path] = {}

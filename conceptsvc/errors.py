@@ -10,7 +10,9 @@ The whole tree, so callers can catch at the level they care about::
     ├── SemanticNetworkError        unknown semantic type or group (E3xx); carries ``suggestions``
     ├── ConceptIndexError           compiled index missing, corrupt or incompatible (E4xx)
     ├── ExtractionError             bad per-request options for the extractor (E5xx)
-    │   └── InputTooLargeError      text over the configured limit
+    │   ├── InputTooLargeError      text over the configured limit
+    │   └── ExtractArgumentError    a Python call passed a value of a shape the engine cannot
+    │                               take (E502); also a ``TypeError``
     ├── ClientError                 batch/lookup client failures (E6xx)
     │   ├── ServiceCallError        an RPC failed with a gRPC status (E610); ``status``, ``details``
     │   ├── BadInputError           malformed input records, nothing sent (E620); carries ``bad``
@@ -43,6 +45,7 @@ __all__ = [
     "DictionaryError",
     "EmptyCorpusError",
     "EvaluationError",
+    "ExtractArgumentError",
     "ExtractionError",
     "InputTooLargeError",
     "MalformedRowError",
@@ -119,6 +122,14 @@ class ExtractionError(ConceptsvcError):
 
 class InputTooLargeError(ExtractionError):
     code = "E501"
+
+
+class ExtractArgumentError(ExtractionError, TypeError):
+    """A value of the wrong shape passed to the Python API (``ExtractOptions``,
+    ``extract_batch``); the message shows the call that works. A ``TypeError`` too, because
+    that is what Python code expects of a wrong argument type."""
+
+    code = "E502"
 
 
 class ClientError(ConceptsvcError):

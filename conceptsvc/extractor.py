@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
@@ -59,7 +59,7 @@ from conceptsvc.approximate import ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
 from conceptsvc.matcher import PREFIX_TABLE_MAX_KEYS, ExactMatcher, Match, check_surface
-from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention
+from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention, batch_items
 from conceptsvc.negation import NegationDetector
 from conceptsvc.normalize import (
     SPEEDUPS,
@@ -475,10 +475,17 @@ class Extractor:
         return Annotation(id=id, mentions=mentions, concepts=(*mentioned, *inferred))
 
     def extract_batch(
-        self, items: Sequence[tuple[str, str]], options: ExtractOptions | None = None
+        self,
+        items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
+        options: ExtractOptions | None = None,
     ) -> list[Annotation]:
-        """``items`` are (id, text) pairs; results in the same order."""
-        return [self.extract(text, options, id=id_) for id_, text in items]
+        """Annotate many texts; results in the same order.
+
+        ``items`` are plain texts (each annotation's ``id`` is then the text's position as a
+        string: ``"0"``, ``"1"``, ...), ``(id, text)`` pairs, or a mapping of id to text; see
+        :func:`~conceptsvc.model.batch_items` for what is refused.
+        """
+        return [self.extract(text, options, id=id_) for id_, text in batch_items(items)]
 
     def _filter(self, plan: _Plan, matches: list[Match]) -> list[_Cand]:
         """One candidate per (span, concept) that passes the request's filters."""

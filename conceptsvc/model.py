@@ -19,10 +19,11 @@ code-point offsets into the ORIGINAL text the caller passed in.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from conceptsvc.errors import ExtractionError
+from conceptsvc.errors import ExtractArgumentError, ExtractionError
 from conceptsvc.semantic_network import SemanticGroup, SemanticType
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Similarity",
     "StreamResult",
     "Synonym",
+    "batch_items",
 ]
 
 # -- requests --------------------------------------------------------------------------------
@@ -57,12 +59,51 @@ SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 OVERLAPS: tuple[str, ...] = get_args(Overlap)
 
 
+# The name-list fields of ExtractOptions, each with an example for error messages.
+_NAME_FIELDS = {
+    "semantic_types": '("T047", "dsyn")',
+    "semantic_groups": '("DISO", "ANAT")',
+    "sources": '("MSH", "SNOMEDCT_US")',
+    "exclude_cuis": '("C0000001",)',
+}
+
+
+def _names(name: str, value: object) -> tuple[str, ...]:
+    """A name-list option as the tuple the options hold (hashable, so options can key caches).
+
+    A single string is one name — never its letters, and not split at commas either, as a
+    semantic type name may contain them ("Body Part, Organ, or Organ Component"). Sets are
+    sorted, so equal options look equal however they were built.
+    """
+    if type(value) is tuple and all(type(v) is str for v in value):
+        return value  # what the wire, the CLI and the configuration pass: nothing to do
+    if isinstance(value, str):
+        return (value,)
+    items: list[object] | None = None
+    if isinstance(value, set | frozenset):
+        if all(isinstance(v, str) for v in value):
+            items = sorted(value)
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | bytearray | Mapping):
+        items = list(value)
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise ExtractArgumentError(
+            f"ExtractOptions({name}=...) takes names (strings): a tuple, list or set of them, or "
+            f"one name; got {value!r}. For example: ExtractOptions({name}={_NAME_FIELDS[name]})."
+        )
+    return tuple(str(v) for v in items)
+
+
 @dataclass(frozen=True)
 class ExtractOptions:
     """Per-request options (see :mod:`conceptsvc.extractor` for the filter semantics).
 
     The enumerated fields are typed ``str``, not their ``Literal``: options arrive from the
     command line, the wire and files, and :meth:`validate` is what checks them.
+
+    The name-list fields (``semantic_types``, ``semantic_groups``, ``sources``,
+    ``exclude_cuis``) take a tuple, list or set of names, or a single name
+    (``semantic_groups="DISO"`` is ``("DISO",)``), and hold a tuple; anything else raises
+    :class:`~conceptsvc.errors.ExtractArgumentError` showing the right call.
     """
 
     semantic_types: tuple[str, ...] = ()  # filter names (TUI, abbrev, name); empty = all
@@ -76,6 +117,13 @@ class ExtractOptions:
     profile: str = "none"  # "none" | "rocov2" | other shipped profile names
     include_negated: bool = True
     include_mentions: bool = True
+
+    def __post_init__(self) -> None:
+        for name in _NAME_FIELDS:
+            value = getattr(self, name)
+            names = _names(name, value)
+            if names is not value:
+                object.__setattr__(self, name, names)  # frozen: set once, before anyone sees it
 
     def validate(self) -> None:
         """Raise ExtractionError for a choice or threshold no engine can serve.
@@ -134,6 +182,61 @@ class Annotation:
     id: str
     mentions: tuple[Mention, ...]
     concepts: tuple[str, ...]  # deduplicated CUIs, in order of first evidence
+
+
+_BATCH_SHAPES = (
+    'extract_batch(["CT of the chest", "MRI of the brain"]) (ids "0", "1", ...) or '
+    'extract_batch([("cap1", "CT of the chest"), ("cap2", "MRI of the brain")])'
+)
+
+
+def batch_items(
+    items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
+) -> list[tuple[str, str]]:
+    """What an engine's ``extract_batch`` was given, as ``(id, text)`` pairs.
+
+    ``items`` is either plain texts — each gets its position as its id, as a string
+    (``"0"``, ``"1"``, ...) — or ``(id, text)`` pairs (an integer id becomes its string), or a
+    mapping of id to text. A single string, a mix of the two shapes, or any other item raises
+    :class:`~conceptsvc.errors.ExtractArgumentError` showing both call shapes.
+    """
+    if isinstance(items, str | bytes | bytearray):
+        raise ExtractArgumentError(
+            f"extract_batch takes many texts, not one string ({_clip(items)}); use extract(text) "
+            f"for one text, or {_BATCH_SHAPES}."
+        )
+    if isinstance(items, Mapping):
+        pairs: list[object] = list(items.items())
+    elif isinstance(items, Iterable):
+        pairs = list(items)
+    else:
+        raise ExtractArgumentError(
+            f"extract_batch takes a list of texts or of (id, text) pairs, got "
+            f"{type(items).__name__}; call {_BATCH_SHAPES}."
+        )
+    if all(isinstance(item, str) for item in pairs):
+        return [(str(i), str(text)) for i, text in enumerate(pairs)]
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(pairs):
+        if isinstance(item, tuple | list) and len(item) == 2:
+            rid, text = item
+            if isinstance(rid, int) and not isinstance(rid, bool):
+                rid = str(rid)
+            if isinstance(rid, str) and isinstance(text, str):
+                out.append((rid, text))
+                continue
+        what = (f"a text ({_clip(item)}) but others are (id, text) pairs"
+                if isinstance(item, str) else _clip(item))
+        raise ExtractArgumentError(
+            f"extract_batch: item {i} is {what}; give either only texts or only (id, text) "
+            f"pairs of strings: {_BATCH_SHAPES}."
+        )
+    return out
+
+
+def _clip(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, slots=True)

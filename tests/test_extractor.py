@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from offsets import check_annotation
 
-from conceptsvc.errors import ExtractionError, SemanticNetworkError
+from conceptsvc.errors import ExtractArgumentError, ExtractionError, SemanticNetworkError
 from conceptsvc.extractor import PLAN_CACHE_BYTES, Extractor, WeightedMemo, options_weight
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import Annotation, ExtractOptions, Mention
@@ -415,3 +415,72 @@ def test_issue_18_plan_cache_holds_at_most_its_byte_bound(ex: Extractor) -> None
     # the accounting (the weights are measured estimates)
     assert held < 1.25 * (plans.size_bytes + options_weight(ex._last[0] or ExtractOptions()))
     assert held > 0.75 * plans.size_bytes
+
+
+# -- issue 16: the Python API takes what a user passes, or says what the right call is -----------
+def test_issue_16_extract_options_take_lists_sets_and_a_single_name(ex: Extractor) -> None:
+    as_tuple = ExtractOptions(semantic_groups=("DISO",), sources=("HPO", "ROCO"))
+    for groups, sources in (
+        (["DISO"], ["HPO", "ROCO"]),
+        ("DISO", {"ROCO", "HPO"}),
+        (("DISO",), frozenset({"HPO", "ROCO"})),
+        (iter(["DISO"]), ("HPO", "ROCO")),
+    ):
+        opts = ExtractOptions(semantic_groups=groups, sources=sources)  # type: ignore[arg-type]
+        assert opts == as_tuple and hash(opts) == hash(as_tuple)
+        assert opts.cache_key() == as_tuple.cache_key()
+        assert opts.semantic_groups == ("DISO",) and opts.sources == ("HPO", "ROCO")
+    # one name is one name, commas included (semantic type names contain them)
+    organ = "Body Part, Organ, or Organ Component"
+    assert ExtractOptions(semantic_types=organ).semantic_types == (organ,)  # type: ignore[arg-type]
+    # the options work as the engine's (hashed) plan key, and filter as the tuple form does
+    text = "Pleural effusion and cardiomegaly on chest CT."
+    listed = ExtractOptions(semantic_groups=["DISO"])  # type: ignore[arg-type]
+    assert ex.extract(text, listed) == ex.extract(text, ExtractOptions(semantic_groups=("DISO",)))
+    assert ex.extract(text, listed).concepts  # not an empty answer that would hide a bug
+    with pytest.raises(AttributeError):
+        listed.semantic_groups = ("ANAT",)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bad", [[1, 2], 5, b"DISO", {"DISO": 1}, ["DISO", None]])
+def test_issue_16_extract_options_reject_what_is_not_names(bad: object) -> None:
+    with pytest.raises(ExtractArgumentError) as info:
+        ExtractOptions(semantic_groups=bad)  # type: ignore[arg-type]
+    assert info.value.code == "E502" and isinstance(info.value, TypeError)
+    assert 'ExtractOptions(semantic_groups=("DISO", "ANAT"))' in str(info.value)
+    assert repr(bad) in str(info.value)
+
+
+def test_issue_16_extract_batch_takes_plain_texts_pairs_or_a_mapping(ex: Extractor) -> None:
+    texts = ["CT chest", "Pleural effusion.", "nothing"]
+    plain = ex.extract_batch(texts)
+    assert [a.id for a in plain] == ["0", "1", "2"]
+    assert plain == [ex.extract(t, id=str(i)) for i, t in enumerate(texts)]
+    assert plain[1].concepts
+    pairs = [("a", "CT chest"), ("b", "Pleural effusion.")]
+    assert ex.extract_batch(pairs) == [ex.extract(t, id=i) for i, t in pairs]
+    assert ex.extract_batch(dict(pairs)) == ex.extract_batch(pairs)
+    assert [a.id for a in ex.extract_batch([(7, "CT chest")])] == ["7"]  # type: ignore[list-item]
+    assert ex.extract_batch([]) == []
+
+
+@pytest.mark.parametrize(
+    ("items", "says"),
+    [
+        ("CT chest", "not one string ('CT chest'); use extract(text)"),
+        (["CT chest", ("b", "MRI")], "item 0 is a text ('CT chest') but others are (id, text)"),
+        ([("a", "CT chest"), "MRI"], "item 1 is a text ('MRI')"),
+        ([("a", "b", "c")], "item 0 is ('a', 'b', 'c')"),
+        ([("a", None)], "item 0 is ('a', None)"),
+        (42, "got int"),
+    ],
+)
+def test_issue_16_extract_batch_rejects_odd_items_showing_both_calls(
+    ex: Extractor, items: object, says: str
+) -> None:
+    with pytest.raises(ExtractArgumentError) as info:
+        ex.extract_batch(items)  # type: ignore[arg-type]
+    text = str(info.value)
+    assert says in text
+    assert 'extract_batch(["CT of the chest", "MRI of the brain"])' in text
+    assert 'extract_batch([("cap1", "CT of the chest"), ("cap2", "MRI of the brain")])' in text

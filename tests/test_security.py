@@ -271,6 +271,7 @@ _DISPATCH = {"getattr", "setattr", "delattr", "hasattr"}
 # the name cannot come from a client. A new one fails the test until someone reviews it here.
 _REVIEWED_DISPATCH = {
     ("conceptsvc/model.py", "cache_key", "f.name"): "dataclass fields of ExtractOptions",
+    ("conceptsvc/model.py", "__post_init__", "name"): "keys of the literal _NAME_FIELDS",
     ("conceptsvc/config.py", "_paths_and_pairs", "name"): "loop over a literal tuple",
     ("conceptsvc/config.py", "settings_from_args", "f'_{group}__{name}'"):
         "argparse dests generated from the Settings model",

@@ -69,7 +69,7 @@ import threading
 import time
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -85,6 +85,7 @@ from conceptsvc.model import (
     Candidate,
     ExtractOptions,
     Mention,
+    batch_items,
 )
 from conceptsvc.semantic_network import UNKNOWN_TUI, load_semantic_network
 
@@ -646,10 +647,13 @@ class QuickUMLSBackend:
         )
 
     def extract_batch(
-        self, items: Sequence[tuple[str, str]], options: ExtractOptions | None = None
+        self,
+        items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
+        options: ExtractOptions | None = None,
     ) -> list[Annotation]:
-        """Annotate ``(id, text)`` pairs in order."""
-        return [self.extract(text, options, id=id_) for id_, text in items]
+        """Annotate many texts in order; ``items`` as for ``Extractor.extract_batch`` (plain
+        texts get their position as id, or ``(id, text)`` pairs, or an id → text mapping)."""
+        return [self.extract(text, options, id=id_) for id_, text in batch_items(items)]
 
     def search(
         self, query: str, *, limit: int = 10, options: ExtractOptions | None = None

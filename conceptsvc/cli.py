@@ -76,6 +76,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--captions and --write-predictions only apply with --local")
     if args.top < 0:
         raise UsageError(f"--top must be >= 0, got {args.top}")
+    if args.write_predictions:
+        from pathlib import Path
+
+        from conceptsvc.client.outputs import same_file
+
+        out = Path(args.write_predictions)
+        for flag, given in (("captions", args.captions), ("gold", args.gold),
+                            ("manual", args.manual)):
+            if given and same_file(out, Path(given)):
+                raise UsageError(
+                    f"--write-predictions {out} is the --{flag} file {given}; writing the "
+                    "predictions would overwrite it. Give --write-predictions another path."
+                )
     secondary_cuis(args.edition)  # an unknown edition fails before any file is read
     gold = read_concepts(args.gold)
     manual = read_concepts(args.manual) if args.manual else None

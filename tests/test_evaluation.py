@@ -218,6 +218,24 @@ def test_evaluation_cli_pred_and_local(
     assert main(["evaluate", "--local", "--gold", str(gold)]) == 2
 
 
+def test_issue_16_evaluate_never_writes_predictions_over_its_inputs(
+    tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caps = tmp_path / "c.csv"
+    caps.write_text('ID,Caption\ni1,"Chest X-ray, AP view."\n', encoding="utf-8")
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{XR};{CHEST};{AP}\n", encoding="utf-8")
+    (tmp_path / "g-link.csv").symlink_to(gold)
+    base = ["evaluate", "--local", "--index", str(engine_index_path), "--captions", str(caps),
+            "--gold", str(gold)]
+    for target, flag in ((caps, "captions"), (gold, "gold"), (tmp_path / "g-link.csv", "gold")):
+        before = {p: p.read_bytes() for p in (caps, gold)}
+        assert main([*base, "--write-predictions", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "E001" in err and f"--write-predictions {target} is the --{flag} file" in err
+        assert {p: p.read_bytes() for p in (caps, gold)} == before
+
+
 def test_evaluation_cli_names_the_top_errors(
     tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

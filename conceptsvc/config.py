@@ -17,8 +17,11 @@ Nothing else in conceptsvc reads ``os.environ`` for these settings; code receive
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,6 +53,7 @@ __all__ = [
     "add_settings_arguments",
     "load_settings",
     "settings_from_args",
+    "unknown_environment",
 ]
 
 ENV_PREFIX = "CONCEPTSVC_"
@@ -379,6 +383,91 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+# CONCEPTSVC_* variables read outside the settings object (the client's token, the engine's
+# reference switch, the demo dictionary's cache): known, so not warned about.
+_OTHER_ENV = ("TOKEN", "PURE_PYTHON", "CACHE_DIR")
+
+
+def _known_env() -> dict[str, str]:
+    """Every CONCEPTSVC_* variable conceptsvc reads → the setting it sets."""
+    known = {ENV_PREFIX + name.upper(): name for name in Settings.model_fields}
+    known.update({
+        f"{ENV_PREFIX}DEFAULTS__{name.upper()}": f"defaults.{name}"
+        for name in DefaultOptions.model_fields
+    })
+    known.update({ENV_PREFIX + name: name.lower() for name in _OTHER_ENV})
+    return known
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A warning for every ``CONCEPTSVC_*`` variable conceptsvc does not read — pydantic
+    ignores them, so ``CONCEPTSVC_WOKRERS=2`` would otherwise change nothing, silently."""
+    known = _known_env()
+    warnings = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known:
+            continue
+        # Compared without the prefix every candidate shares, which would make anything close.
+        tails = {k.removeprefix(ENV_PREFIX): k for k in known}
+        close = difflib.get_close_matches(
+            name.upper().removeprefix(ENV_PREFIX), list(tails), n=1, cutoff=0.7
+        )
+        hint = f"; did you mean {tails[close[0]]}?" if close else ""
+        warnings.append(
+            f"environment variable {name} is not a conceptsvc setting and is ignored{hint} "
+            "(`conceptsvc serve --help` lists each setting's variable)"
+        )
+    return warnings
+
+
+def _key_line(path: Path, loc: tuple[int | str, ...]) -> int | None:
+    """The line of a TOML/YAML file where the key ``loc`` is written, found by scanning the
+    text (neither parser keeps positions): the last part of ``loc`` as a key, after the line
+    that opens its parent table/mapping when it is nested."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    start = 0
+    if len(loc) > 1:
+        parent = re.compile(
+            rf"^\s*(\[\s*{re.escape(str(loc[-2]))}\s*\]|{re.escape(str(loc[-2]))}\s*:)"
+        )
+        start = next((i + 1 for i, line in enumerate(lines) if parent.match(line)), 0)
+        dotted = re.compile(rf"^\s*{re.escape(str(loc[-2]))}\.{re.escape(str(loc[-1]))}\s*=")
+        for i, line in enumerate(lines):
+            if dotted.match(line):  # TOML's defaults.mode = ...
+                return i + 1
+    key = re.compile(rf"^\s*[\"']?{re.escape(str(loc[-1]))}[\"']?\s*[=:]")
+    for i in range(start, len(lines)):
+        if key.match(lines[i]):
+            return i + 1
+    return None
+
+
+def _unknown_key(loc: tuple[int | str, ...], file: Path | None, in_file: bool) -> str:
+    """Where an unknown setting was written and what was probably meant."""
+    parts = [str(p) for p in loc]
+    fields = DefaultOptions.model_fields if parts[:1] == ["defaults"] else Settings.model_fields
+    close = difflib.get_close_matches(parts[-1], list(fields), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    name = ".".join(parts)
+    if in_file and file is not None:
+        line = _key_line(file, loc)
+        return f"{file}{f':{line}' if line else ''}: {name}: unknown setting{hint}"
+    env = ENV_PREFIX + "__".join(parts).upper()
+    return f"{name} (env {env}): unknown setting{hint}"
+
+
+def _file_has(data: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _describe(loc: tuple[int | str, ...]) -> str:
     """Where a setting can be set: its dotted name, env variable and CLI flag."""
     parts = [str(p) for p in loc]
@@ -402,15 +491,27 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         return Settings(**kwargs)
     except ValidationError as exc:
         lines = []
+        file = kwargs.get("config_file") or os.environ.get(ENV_PREFIX + "CONFIG_FILE")
+        file_path = Path(file) if file else None
+        file_data: Mapping[str, Any] = {}
+        if file_path is not None and any(e["type"] == "extra_forbidden" for e in exc.errors()):
+            try:
+                file_data = read_config_file(file_path)
+            except ConfigError:
+                pass  # it was read once already; this is only for locating keys
         for err in exc.errors():
             loc = err["loc"]
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown setting; `conceptsvc serve --help` lists the valid ones"
+                lines.append("  " + _unknown_key(loc, file_path, _file_has(file_data, loc)))
+                continue
             where = _describe(loc) if loc else "settings"
             lines.append(f"  {where}: {msg}")
+        if any(e["type"] == "extra_forbidden" for e in exc.errors()):
+            lines.append("  (`conceptsvc serve --help` lists every setting)")
+        n = len(exc.errors())
         raise ConfigError(
-            f"invalid settings ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n"
+            f"invalid settings ({n} problem{'s' if n > 1 else ''}):\n"
             + "\n".join(lines)
         ) from None
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conceptsvc.config import DefaultOptions, Settings, load_settings, read_config_file
+from conceptsvc.config import (
+    DefaultOptions,
+    Settings,
+    load_settings,
+    read_config_file,
+    unknown_environment,
+)
 from conceptsvc.errors import ConfigError
 from conceptsvc.index import build_index
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +101,57 @@ def test_config_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
         load_settings(f)
     text = str(err.value)
     assert "2 problems" in text
-    assert "prot (env CONCEPTSVC_PROT" in text and "unknown setting" in text
-    assert "defaults.mod" in text
+    # The file and line where each key is written, and what was probably meant; not an
+    # environment variable nobody set (issue 16).
+    assert f"{f}:1: prot: unknown setting; did you mean port?" in text
+    assert f"{f}:3: defaults.mod: unknown setting; did you mean mode?" in text
+    assert "CONCEPTSVC_PROT" not in text
+
+
+def test_issue_16_unknown_key_in_yaml_names_file_line_and_suggestion(tmp_path: Path) -> None:
+    f = tmp_path / "svc.yaml"
+    f.write_text("port: 50052\ndefaults:\n  mode: exact\n  treshold: 0.5\nwrkers: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(f)
+    text = str(err.value)
+    assert f"{f}:5: wrkers: unknown setting; did you mean workers?" in text
+    assert f"{f}:4: defaults.treshold: unknown setting; did you mean threshold?" in text
+
+
+def test_issue_16_unknown_nested_env_key_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONCEPTSVC_DEFAULTS__MOD", "exact")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "defaults.mod (env CONCEPTSVC_DEFAULTS__MOD): unknown setting; did you mean mode?" in (
+        str(err.value)
+    )
+
+
+def test_config_unknown_environment_warns_with_a_suggestion() -> None:
+    warnings = unknown_environment({
+        "CONCEPTSVC_WOKRERS": "2",  # a typo
+        "CONCEPTSVC_PORT": "1",  # a setting
+        "CONCEPTSVC_DEFAULTS__MODE": "exact",  # a nested setting
+        "CONCEPTSVC_TOKEN": "x" * 20,  # the client's token
+        "CONCEPTSVC_ZZZ": "1",  # nothing near
+        "PATH": "/bin",
+    })
+    assert len(warnings) == 2
+    assert "CONCEPTSVC_WOKRERS" in warnings[0] and "did you mean CONCEPTSVC_WORKERS?" in warnings[0]
+    assert "CONCEPTSVC_ZZZ" in warnings[1] and "did you mean" not in warnings[1]
+
+
+def test_issue_16_unknown_environment_variable_warned_at_start_up(tmp_path: Path) -> None:
+    env = {**os.environ, "CONCEPTSVC_WOKRERS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "conceptsvc.cli", "semtypes"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert proc.returncode == 0
+    assert "CONCEPTSVC_WOKRERS" in proc.stderr
+    assert "did you mean CONCEPTSVC_WORKERS?" in proc.stderr
 
 
 def test_config_reports_every_problem_with_its_env_and_flag() -> None:

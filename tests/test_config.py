@@ -19,7 +19,6 @@ from conceptsvc.config import (
 from conceptsvc.errors import ConfigError
 from conceptsvc.index import build_index
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -967,6 +967,39 @@ def test_server_serves_the_demo_dictionary_and_drains_on_sigterm(tmp_path: Path)
     assert proc.returncode == 0, err
 
 
+def test_issue_16_serve_logs_its_index_and_reloads_at_info_never_captions(
+    tmp_path: Path,
+) -> None:
+    """No -v: the index served (path, content hash, concepts) and each reload (old and new
+    hash) are on stderr; caption text is not."""
+    path = build_index_a(tmp_path / "idx")
+    first = ConceptIndex.load(path).content_hash
+    secret = "Patient Jane Roe lung caption"
+    proc, port = serve_subprocess("--workers", "1", "--index", str(path))
+    try:
+        with ConceptClient(f"127.0.0.1:{port}") as c:
+            c.annotate(secret)
+            list(c.annotate_stream([("1", secret)]))
+            build_index_b(path)
+            second = ConceptIndex.load(path).content_hash
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while c.get_info().index.content_hash != second:
+                assert time.monotonic() < deadline, "the index was not reloaded"
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    concepts = ConceptIndex.load(path).manifest["counts"]["concepts"]
+    serving = next(line for line in err.splitlines() if "serving conceptsvc" in line)
+    assert " INFO " in serving
+    assert f"index {path}, content hash {first}, " in serving
+    assert re.search(r"index .*, \d+ concepts$", serving)
+    assert f"content hash {first} -> {second} ({concepts} concepts)" in err
+    assert secret not in err
+
+
 def test_server_cli_health_exit_codes(index_a: Path) -> None:
     from conceptsvc.cli import main
 

@@ -286,8 +286,9 @@ def run_worker(
             server.stop(0)
             return 2
         log.info(
-            "serving %s on %s:%d (index %s)",
-            SERVICE_NAME, settings.host, port, outcome.content_hash[:12],
+            "serving %s on %s:%d: index %s, content hash %s, %d concepts",
+            SERVICE_NAME, settings.host, port, server.state.index_path(),
+            outcome.content_hash, outcome.concepts,
         )
         if report is not None:
             report({"event": "ready", "port": port})

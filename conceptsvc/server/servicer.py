@@ -190,6 +190,10 @@ class ServiceState:
     def current(self) -> LoadedIndex | None:
         return self._current
 
+    def index_path(self) -> Path:
+        """The index directory a reload reads (the demo dictionary's when none is set)."""
+        return self._index_path()
+
     def require(self) -> LoadedIndex:
         """The index to serve this request with, or the status that says why there is none."""
         if self.draining:
@@ -237,7 +241,10 @@ class ServiceState:
             current = self._current
             try:
                 if current is not None and _manifest_hash(path) == current.content_hash:
-                    log.info("reload: %s still holds the loaded index; nothing to do", path)
+                    log.info(
+                        "reload: %s still holds the loaded index (content hash %s); nothing "
+                        "to do", path, current.content_hash,
+                    )
                     return ReloadOutcome(
                         current.content_hash, current.content_hash, False,
                         current.concepts, time.perf_counter() - t0,
@@ -249,10 +256,18 @@ class ServiceState:
                 self.metrics.index_load_failed()
                 raise
             seconds = time.perf_counter() - t0
-            log.info(
-                "loaded index %s (%s, %d concepts) in %.2fs",
-                path, outcome.content_hash[:12], outcome.concepts, seconds,
-            )
+            # The whole hash, as `conceptsvc index info` and annotate's manifest show it.
+            if outcome.previous_content_hash:
+                log.info(
+                    "reloaded index %s: content hash %s -> %s (%d concepts) in %.2fs",
+                    path, outcome.previous_content_hash, outcome.content_hash,
+                    outcome.concepts, seconds,
+                )
+            else:
+                log.info(
+                    "loaded index %s: content hash %s (%d concepts) in %.2fs",
+                    path, outcome.content_hash, outcome.concepts, seconds,
+                )
             return ReloadOutcome(
                 outcome.previous_content_hash, outcome.content_hash, outcome.changed,
                 outcome.concepts, seconds,

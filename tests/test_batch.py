@@ -944,3 +944,104 @@ def test_issue_16_all_records_malformed_and_skipped_is_an_empty_corpus(
     assert str(tmp_path / "run.jsonl.errors.jsonl") in str(info.value)
     assert len((tmp_path / "run.jsonl.errors.jsonl").read_text().splitlines()) == 2
     assert not out.exists()
+
+
+# -- issue 16: pipes, columns, caption text, Ctrl-C ------------------------------------------------
+def test_issue_16_out_dash_writes_to_stdout(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = demo_rows()[:25]
+    src = write_csv(tmp_path / "in.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    proc = cli("annotate", str(src), "--out", "-", "--target", demo_server,
+               "--profile", "rocov2", "--progress", "log")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == expected_lines(demo_extractor, rows, profile="rocov2")
+    assert "25/25 captions in the output (complete)" in proc.stderr  # progress on stderr
+    assert "(standard output)" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]  # no file named "-"
+    proc = cli("annotate", str(src), "--out", "-", "--format", "submission",
+               "--target", demo_server, "--quiet")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [r[0] for r in rows]
+    proc = cli("annotate", str(src), "--out", "-", "--format", "jsonl,csv",
+               "--target", demo_server)
+    assert proc.returncode == 2 and "--out - writes one format" in proc.stderr
+
+
+def test_issue_16_include_text_lets_offsets_be_read(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor
+) -> None:
+    rows = demo_rows()[:40]
+    src = write_csv(tmp_path / "in.csv", rows)
+    specs = resolve_outputs(tmp_path / "run.jsonl", ["jsonl", "csv"])
+    result = annotate_corpus(Corpus(src), specs, settings(demo_server, batch_size=7),
+                             overrides=ROCOV2, include_text=True)
+    assert result.complete
+    objs = [json.loads(x) for x in (tmp_path / "run.jsonl").read_text("utf-8").splitlines()]
+    assert [(o["id"], o["text"]) for o in objs] == rows
+    assert list(objs[0]) == ["id", "text", "concepts", "mentions"]
+    mentions = [(o["text"], m) for o in objs for m in o["mentions"]]
+    assert mentions and all(t[m["start"]:m["end"]] == m["text"] for t, m in mentions)
+    # without the option the rows are what they always were; the csv never carries text
+    plain = expected_lines(demo_extractor, rows, profile="rocov2")
+    assert [json.dumps({k: v for k, v in o.items() if k != "text"}, ensure_ascii=False,
+                       separators=(",", ":")) for o in objs] == plain
+    assert (tmp_path / "run.csv").read_text().count("\n") == 41
+
+
+def test_issue_16_annotate_other_csv_columns(tmp_path: Path, demo_server: str) -> None:
+    rows = demo_rows()[:12]
+    src = tmp_path / "wide.csv"
+    with src.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["split", "image_id", "caption"])
+        w.writerows(("train", rid, text) for rid, text in rows)
+    out = tmp_path / "run.jsonl"
+    proc = cli("annotate", str(src), "--out", str(out), "--target", demo_server, "--quiet")
+    assert proc.returncode == 2
+    assert "split, image_id, caption" in proc.stderr and "--text-column" in proc.stderr
+    proc = cli("annotate", str(src), "--out", str(out), "--target", demo_server, "--quiet",
+               "--id-column", "image_id", "--text-column", "caption", "--include-text")
+    assert proc.returncode == 0, proc.stderr
+    objs = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
+    assert [(o["id"], o["text"]) for o in objs] == rows
+
+
+@pytest.mark.slow
+def test_issue_16_ctrl_c_says_how_to_resume_and_the_resume_says_what_it_resumed(
+    tmp_path: Path, demo_server: str
+) -> None:
+    """SIGINT mid-run, then the same command: the interruption says how to resume, the resumed
+    run says how many it resumed before its first rate line, and its output (with the caption
+    text) is byte-identical to an uninterrupted run's."""
+    n = 3000
+    src = big_corpus(tmp_path / "in.csv", n)
+    ref = tmp_path / "ref" / "run.jsonl"
+    assert annotate_corpus(Corpus(src), resolve_outputs(ref), settings(demo_server),
+                           overrides=ROCOV2, include_text=True).complete
+    out = tmp_path / "run.jsonl"
+    argv = [sys.executable, "-m", "conceptsvc.cli", "annotate", str(src), "--out", str(out),
+            "--target", demo_server, "--profile", "rocov2", "--include-text",
+            "--batch-size", "4", "--concurrency", "1",
+            "--progress", "log", "--progress-interval", "0.05"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while journal_lines(out) < 100 and child.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err
+    done = journal_lines(out)
+    assert 100 <= done < n
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stderr.splitlines()
+    first_rate = next(i for i, x in enumerate(lines) if "captions/s" in x)
+    said = [i for i, x in enumerate(lines) if x.startswith("annotate: resuming: ")]
+    assert said and said[0] < first_rate
+    assert f"resuming: {done} of {n} captions" in lines[said[0]]
+    assert out.read_bytes() == ref.read_bytes()

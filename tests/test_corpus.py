@@ -257,3 +257,63 @@ def test_corpus_csv_unterminated_quote_at_end_of_file() -> None:
     bad = Corpus.from_bytes(b'ID,Caption\nA,ok\nB,"never closed\nC,more\n', "csv").scan().bad
     assert [(b.line, b.end_line) for b in bad] == [(3, 4)]
     assert "unexpected end of data" in bad[0].problem
+
+
+# -- other layouts: --id-column / --text-column (issue 16) ---------------------------------------
+WIDE_CSV = (
+    "image_id,split,caption,modality\n"
+    "IMG_1,train,\"Chest X-ray, frontal view.\",XR\n"
+    "IMG_2,valid,CT of the abdomen,CT\n"
+    "IMG_3,train,too few\n"
+    "IMG_4,test,MRI of the brain,MR\n"
+)
+
+
+def test_issue_16_csv_with_other_columns_names_them_and_the_options(tmp_path: Path) -> None:
+    path = write(tmp_path, "wide.csv", WIDE_CSV)
+    with pytest.raises(ClientError) as err:
+        Corpus(path).scan()
+    text = str(err.value)
+    assert "image_id, split, caption, modality" in text
+    assert "--id-column" in text and "--text-column" in text
+    assert "captions containing commas must be quoted" not in text
+
+
+def test_corpus_csv_columns_chosen_by_header_name(tmp_path: Path) -> None:
+    path = write(tmp_path, "wide.csv", WIDE_CSV)
+    corpus = Corpus(path, id_column="image_id", text_column="Caption")  # case-insensitive
+    assert goods(corpus) == [
+        (0, "IMG_1", "Chest X-ray, frontal view.", 2),
+        (1, "IMG_2", "CT of the abdomen", 3),
+        (3, "IMG_4", "MRI of the brain", 5),
+    ]
+    bad = corpus.scan().bad
+    assert [(b.line, b.id, b.problem) for b in bad] == [
+        (4, "IMG_3", "3 field(s), expected 4 (the header's columns)")
+    ]
+    with pytest.raises(ClientError, match=r"no column 'text'.*columns: image_id, split"):
+        Corpus(path, id_column="image_id", text_column="text").scan()
+
+
+def test_corpus_csv_id_caption_header_with_extra_columns_needs_no_options(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "extra.csv", "Caption,ID,source\nCT scan,a,x\nX-ray,b,y\n")
+    assert goods(Corpus(path)) == [(0, "a", "CT scan", 2), (1, "b", "X-ray", 3)]
+
+
+def test_corpus_jsonl_keys_chosen(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.jsonl", '{"pmcid": "P1", "caption": "CT"}\n{"pmcid": "P2"}\n')
+    corpus = Corpus(path, id_column="pmcid", text_column="caption")
+    assert goods(corpus) == [(0, "P1", "CT", 1)]
+    assert corpus.scan().bad[0].problem == (
+        "missing caption (needs a string \"caption\"; the object's keys: pmcid)"
+    )
+    default = Corpus(path).scan().bad[0].problem
+    assert "the object's keys: pmcid, caption" in default and "--id-column" in default
+
+
+def test_corpus_columns_refused_for_formats_without_columns(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.tsv", "ROCO_1\t CT\n")
+    with pytest.raises(ClientError, match="apply to csv, jsonl"):
+        Corpus(path, text_column="caption")

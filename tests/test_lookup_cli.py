@@ -232,3 +232,41 @@ def test_issue_18_tiny_thresholds_answer_normally(
                                  "--threshold", threshold, *conn)
             assert code == 0, (conn, measure, err)
             assert "C0032227" in out
+
+
+def test_issue_16_lookup_stdin_answers_every_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, target: str,
+    demo_index_dir: Path,
+) -> None:
+    captions = ["Chest X-ray showing pleural effusion.", "CT of the abdomen", "Nothing here."]
+    answers = []
+    for conn in both(target, demo_index_dir):
+        monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(captions[:2]) + "\n\n"
+                                                     + captions[2] + "\n"))
+        code, out, _ = run(capsys, "lookup", "-", "--json", *conn)
+        assert code == 0
+        rows = [json.loads(line) for line in out.splitlines()]  # one JSON object per line
+        assert [r["text"] for r in rows] == captions  # the blank line is not a caption
+        assert "C0032227" in rows[0]["concepts"] and rows[1]["mentions"]
+        answers.append(rows)
+    assert answers[0] == answers[1]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(captions) + "\n"))
+    code, out, _ = run(capsys, "lookup", "-", "--target", target)
+    assert code == 0
+    assert [line for line in out.splitlines() if line.startswith("== ")] == [
+        f"== {c}" for c in captions
+    ]
+
+
+def test_issue_16_lookup_without_a_server_suggests_local(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    for command in (["lookup", "pleural effusion"], ["search", "effusion"],
+                    ["concept", "C0032227"]):
+        code, _, err = run(capsys, *command, "--target", address)
+        assert code == 2
+        assert f"no conceptsvc service answers at {address}" in err, err
+        assert "--local" in err and "GetInfo failed" not in err

@@ -55,10 +55,12 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def add_extract_options(p: argparse.ArgumentParser) -> None:
+def add_extract_options(p: argparse.ArgumentParser, *, local: bool = True) -> None:
+    """``local``: the command has ``--local`` (annotate does not: it always uses a service)."""
     g = p.add_argument_group(
         "extraction options",
-        "options left unset take the service's defaults (the engine's with --local)",
+        "options left unset take the service's defaults"
+        + (" (the engine's with --local)" if local else ""),
     )
     g.add_argument("--semantic-types", action="append", metavar="NAMES",
                    help="accept only these semantic types (TUI, abbreviation or name); "

@@ -45,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -225,8 +226,10 @@ def _file_sha256(path: Path) -> str:
 
 
 def _run_key(scan: CorpusScan, corpus: Corpus, options_key: str) -> str:
-    ident = {"input_sha256": scan.sha256, "input_format": corpus.format.value,
+    ident: dict[str, object] = {"input_sha256": scan.sha256, "input_format": corpus.format.value,
              "options": options_key, "journal_version": 1}
+    if corpus.columns is not None:  # other columns of the same bytes are other captions
+        ident["columns"] = list(corpus.columns)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -478,6 +481,16 @@ class _Runner:
             self.journal = journal = self.journal_for(self.info, options)
             good_done = len(journal.done)
             self.resumed = good_done
+            if good_done and self.s.progress is not ProgressMode.QUIET:
+                # Said before the first rate line, so that a rate far above the service's speed
+                # (the resumed captions count as done) is not a mystery.
+                stream = self.progress_stream if self.progress_stream is not None else sys.stderr
+                stream.write(
+                    f"annotate: resuming: {good_done} of {self.scan.n_good} captions were "
+                    f"annotated by an earlier run ({journal.work_dir}); "
+                    f"{self.scan.n_good - good_done} to go\n"
+                )
+                stream.flush()
             progress = Progress(
                 self.scan.n_good, done=good_done, stream=self.progress_stream,
                 mode=self.s.progress, interval=self.s.progress_interval,
@@ -714,8 +727,12 @@ def annotate_corpus(
     *,
     overrides: Mapping[str, Any] | None = None,
     progress_stream: TextIO | None = None,
+    include_text: bool = False,
 ) -> RunResult:
     """Annotate ``corpus`` through the service into ``specs``; see the module docstring.
+
+    ``include_text`` puts each caption's text into the JSONL output (taken from the input when
+    the outputs are written, so the journal and a resume are unaffected).
 
     ``overrides`` are the extraction options the caller chose (names of
     :class:`~conceptsvc.model.ExtractOptions` fields); the rest come from the service.
@@ -819,7 +836,7 @@ def annotate_corpus(
     try:
         return _finish(
             corpus, scan, specs, settings, runner, journal, state, manifest_path, errors_path,
-            work_holder["work"],
+            work_holder["work"], include_text=include_text,
         )
     finally:
         journal.close()
@@ -845,6 +862,24 @@ def _samples(corpus: Corpus, annotations: Mapping[int, Annotation]) -> list[Anno
     return out
 
 
+def _caption_texts(corpus: Corpus) -> Callable[[int], str]:
+    """``text_of(seq)`` for ascending ``seq`` (the journal's order): the caption's text, read
+    from the input in step with the journal — never the whole corpus in memory."""
+    captions = corpus.captions()
+
+    def text_of(seq: int) -> str:
+        for cap in captions:
+            if cap.seq == seq:
+                return cap.text
+            if cap.seq > seq:
+                break
+        raise ClientError(
+            f"{corpus.source} changed during the run (caption {seq} is gone); rerun the command."
+        )
+
+    return text_of
+
+
 def _finish(
     corpus: Corpus,
     scan: CorpusScan,
@@ -856,16 +891,19 @@ def _finish(
     manifest_path: Path,
     errors_path: Path,
     work: Path,
+    *,
+    include_text: bool = False,
 ) -> RunResult:
     info = runner.info
     assert info is not None
     builder = ReportBuilder()
     with_concepts = concepts = mentions = 0
     sample: dict[int, Annotation] = {}  # the first report_samples captions, by seq
+    texts = _caption_texts(corpus) if include_text else None
     with OutputSet(specs, work) as out:
         for seq, obj in journal.results():
             a = annotation_from_json(obj)
-            out.write(a)
+            out.write(a, texts(seq) if texts is not None else None)
             builder.add(a)
             if settings.report and len(sample) < settings.report_samples:
                 sample[seq] = a

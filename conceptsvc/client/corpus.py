@@ -15,6 +15,12 @@ Formats (detected from the file name, overridable with ``fmt``):
            a TAB). The single space ROCO puts after the TAB is part of the format, not of the
            caption, and is removed, so offsets count from the caption's first character.
 ``jsonl``  one ``{"id": ..., "text": ...}`` object per line (``.jsonl``, ``.ndjson``).
+
+Other layouts are read by naming the columns: ``id_column`` / ``text_column`` (the CLI's
+``--id-column`` / ``--text-column``) pick a CSV's columns by their header names (exact, else
+case-insensitive), or a JSONL object's keys. Without them a CSV header ``ID,Caption`` plus other
+columns is read by those two names; a CSV whose first row has more than two fields and no
+``ID`` column stops with the columns it found and these options.
 ``text``   one caption per line, the id is the line number (``.txt`` without TABs).
 
 Any of these may be gzip-compressed (``.gz``). ``-`` reads standard input; its format is sniffed
@@ -118,6 +124,7 @@ _EXTENSIONS = {
     ".jsonl": InputFormat.JSONL,
     ".ndjson": InputFormat.JSONL,
 }
+_COLUMN_FORMATS = ("csv", "jsonl")
 _ROCO_LINE = re.compile(r"^[^\s\t]+\t")
 
 
@@ -202,8 +209,16 @@ def _surrogate_problem(value: str, what: str) -> str | None:
 class Corpus:
     """A caption corpus on disk (or stdin); see the module docstring for the formats."""
 
-    def __init__(self, source: str | Path, fmt: InputFormat | str | None = None) -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        fmt: InputFormat | str | None = None,
+        *,
+        id_column: str | None = None,
+        text_column: str | None = None,
+    ) -> None:
         self.source = str(source)
+        self.id_column, self.text_column = id_column, text_column
         self._buffer: bytes | None = None
         if self.source == STDIN:
             import sys
@@ -220,19 +235,66 @@ class Corpus:
                 f"unknown input format {fmt!r}; use one of "
                 f"{', '.join(f.value for f in InputFormat)}."
             ) from None
+        self._check_columns()
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, fmt: InputFormat | str | None = None, *, name: str = STDIN
+        cls,
+        data: bytes,
+        fmt: InputFormat | str | None = None,
+        *,
+        name: str = STDIN,
+        id_column: str | None = None,
+        text_column: str | None = None,
     ) -> Corpus:
         """A corpus over bytes already in memory (used for stdin and by tests)."""
         self = cls.__new__(cls)
         self.source = name
+        self.id_column, self.text_column = id_column, text_column
         self._buffer = data
         if fmt is None:
             fmt = detect_format("", self._first_line())
         self.format = InputFormat(fmt)
+        self._check_columns()
         return self
+
+    @property
+    def columns(self) -> tuple[str | None, str | None] | None:
+        """The id and text columns asked for (None: the format's own layout)."""
+        if self.id_column is None and self.text_column is None:
+            return None
+        return self.id_column, self.text_column
+
+    def _check_columns(self) -> None:
+        # Silently ignoring --text-column on a ROCO file would annotate the wrong thing.
+        if self.columns is not None and self.format not in _COLUMN_FORMATS:
+            raise ClientError(
+                f"--id-column/--text-column apply to {', '.join(_COLUMN_FORMATS)} input; "
+                f"{self.source} is read as {self.format.value}."
+            )
+
+    def _csv_columns(self, names: list[str]) -> tuple[int, int]:
+        """Indexes of the id and caption columns in a CSV header."""
+        if self.columns is None and len(names) == 2:
+            return 0, 1  # ID,Caption under whatever names, as always
+
+        def find(want: str) -> int:
+            for fold in (False, True):
+                hits = [i for i, n in enumerate(names)
+                        if (n.casefold() == want.casefold() if fold else n == want)]
+                if len(hits) == 1:
+                    return hits[0]
+            raise ClientError(
+                f"{self.source}: no column {want!r} in the CSV header (columns: "
+                f"{', '.join(names)}); name the caption and id columns with --text-column NAME "
+                "and --id-column NAME."
+            )
+
+        i = find(self.id_column or "ID")
+        t = find(self.text_column or "Caption")
+        if i == t:
+            raise ClientError(f"{self.source}: the id and caption columns are the same column.")
+        return i, t
 
     def _open(self) -> BinaryIO:
         if self._buffer is not None:
@@ -320,6 +382,8 @@ class Corpus:
             csv.field_size_limit(_CSV_FIELD_LIMIT)
         reader = csv.reader(lines, strict=True)
         header_done = False
+        id_at, text_at, width = 0, 1, 2  # ID,Caption unless a header says otherwise
+        named = False
         while True:
             start = reader.line_num + 1
             try:
@@ -342,23 +406,38 @@ class Corpus:
             problem = lines.utf8_problem(start, end)
             if not header_done:
                 header_done = True
-                if row[0].strip().lstrip("\ufeff").casefold() == "id" and problem is None:
+                names = [c.strip().lstrip("\ufeff") for c in row]
+                folded = [n.casefold() for n in names]
+                header = folded[0] == "id" or (len(names) > 2 and "id" in folded)
+                if self.columns is not None or (header and problem is None):
+                    id_at, text_at = self._csv_columns(names)
+                    width, named = len(names), len(names) != 2
                     continue
+                if len(row) > 2:
+                    raise ClientError(
+                        f"{self.source}:{start}: the first row has {len(row)} fields "
+                        f"({', '.join(names)}) and no ID column; a CSV with other columns than "
+                        "ID,Caption needs a header row, and --id-column NAME and "
+                        "--text-column NAME to choose the columns (or quote captions that "
+                        "contain commas)."
+                    )
             if problem is not None:
-                yield BadRecord(-1, start, end, problem, row[0].strip() or None)
+                rid = row[id_at].strip() if len(row) > id_at else ""
+                yield BadRecord(-1, start, end, problem, rid or None)
                 continue
-            if len(row) != 2:
-                hint = (
-                    "; captions containing commas must be quoted"
-                    if len(row) > 2
-                    else "; expected ID,Caption"
-                )
+            if len(row) != width:
+                if named:
+                    hint = " (the header's columns)"
+                elif len(row) > 2:
+                    hint = "; captions containing commas must be quoted"
+                else:
+                    hint = "; expected ID,Caption"
                 yield BadRecord(
-                    -1, start, end, f"{len(row)} field(s), expected 2{hint}",
-                    row[0].strip() or None,
+                    -1, start, end, f"{len(row)} field(s), expected {width}{hint}",
+                    (row[id_at].strip() or None) if len(row) > id_at else None,
                 )
                 continue
-            rid, text = row[0].strip(), row[1]
+            rid, text = row[id_at].strip(), row[text_at]
             if not rid:
                 yield BadRecord(-1, start, end, "missing id (the first field is empty)")
                 continue
@@ -383,6 +462,8 @@ class Corpus:
                 yield Caption(-1, rid, text[1:] if text.startswith(" ") else text, n)
 
     def _jsonl(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+        ik, tk = self.id_column or "id", self.text_column or "text"
+        hint = "" if self.columns else " (--id-column/--text-column choose others)"
         for line in lines:
             n = lines.line_no
             if not line.strip():
@@ -397,19 +478,22 @@ class Corpus:
                 yield BadRecord(-1, n, n, f"invalid JSON: {exc}")
                 continue
             if not isinstance(obj, dict):
-                yield BadRecord(-1, n, n, f'expected a JSON object {{"id": ..., "text": ...}}, '
+                yield BadRecord(-1, n, n, f"expected a JSON object {{{ik!r}: ..., {tk!r}: ...}}, "
                                           f"got {type(obj).__name__}")
                 continue
-            rid = obj.get("id")
+            keys = f"; the object's keys: {', '.join(map(str, obj)) or 'none'}{hint}"
+            rid = obj.get(ik)
             if isinstance(rid, int) and not isinstance(rid, bool):
                 rid = str(rid)
             if not isinstance(rid, str) or not rid.strip():
-                yield BadRecord(-1, n, n, 'missing id (needs a non-empty string or integer "id")')
+                yield BadRecord(
+                    -1, n, n, f'missing id (needs a non-empty string or integer "{ik}"{keys})'
+                )
                 continue
             rid = rid.strip()
-            text = obj.get("text")
+            text = obj.get(tk)
             if not isinstance(text, str):
-                yield BadRecord(-1, n, n, 'missing caption (needs a string "text")', rid)
+                yield BadRecord(-1, n, n, f'missing caption (needs a string "{tk}"{keys})', rid)
                 continue
             problem = _surrogate_problem(rid, "id")
             if problem is not None:

@@ -12,13 +12,18 @@ The ``format_*`` functions turn the answers into the readable tables ``conceptsv
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from conceptsvc.client.channel import ChannelSecurity, effective_options
 from conceptsvc.client.outputs import annotation_to_json
-from conceptsvc.errors import ConceptNotFoundError, ServiceCallError
+from conceptsvc.errors import (
+    ClientError,
+    ConceptNotFoundError,
+    ServiceCallError,
+    ServiceUnreachableError,
+)
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED
 from conceptsvc.model import (
     Annotation,
@@ -45,8 +50,14 @@ __all__ = [
 ]
 
 
+T = TypeVar("T")
+
+
 class Lookup(Protocol):
     def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation: ...
+    def annotate_many(
+        self, texts: Iterable[str], overrides: Mapping[str, Any]
+    ) -> Iterator[tuple[str, Annotation]]: ...
     def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord: ...
     def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]: ...
     def close(self) -> None: ...
@@ -75,6 +86,13 @@ class LocalLookup:
 
     def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation:
         return self.extractor.extract(text, self._options(overrides), id="lookup")
+
+    def annotate_many(
+        self, texts: Iterable[str], overrides: Mapping[str, Any]
+    ) -> Iterator[tuple[str, Annotation]]:
+        options = self._options(overrides)
+        for n, text in enumerate(texts, 1):  # ids as RemoteLookup's: the ordinal
+            yield text, self.extractor.extract(text, options, id=str(n))
 
     def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord:
         ix = self.extractor.index
@@ -119,27 +137,71 @@ class RemoteLookup:
         self.client = ConceptClient(target, timeout=timeout, **security.client_kwargs())
         self._info: ServiceInfo | None = None
 
+    def _call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, with "nothing listens there" said plainly instead of as a gRPC status."""
+        try:
+            return fn()
+        except ServiceCallError as exc:
+            if exc.status == "UNAVAILABLE":
+                raise ServiceUnreachableError(
+                    f"no conceptsvc service answers at {self.target} (UNAVAILABLE: "
+                    f"{exc.details}); start one "
+                    "with `conceptsvc serve`, point --target at one, or run the engine in this "
+                    "process with --local"
+                ) from None
+            raise
+
     def info(self) -> ServiceInfo:
         if self._info is None:
-            self._info = self.client.get_info()
+            self._info = self._call(self.client.get_info)
         return self._info
 
     def _options(self, overrides: Mapping[str, Any]) -> ExtractOptions:
         return effective_options(self.info().default_options, overrides)
 
     def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation:
-        return self.client.annotate(text, id="lookup", options=self._options(overrides))
+        options = self._options(overrides)
+        return self._call(lambda: self.client.annotate(text, id="lookup", options=options))
+
+    def annotate_many(
+        self, texts: Iterable[str], overrides: Mapping[str, Any]
+    ) -> Iterator[tuple[str, Annotation]]:
+        """Every text on one stream, answered in order as the answers come."""
+        options = self._options(overrides)
+        sent: dict[str, str] = {}
+
+        def items() -> Iterator[tuple[str, str]]:
+            for n, text in enumerate(texts, 1):
+                sent[str(n)] = text
+                yield str(n), text
+
+        results = self._call(lambda: self.client.annotate_stream(items(), options=options))
+        while True:
+            res = self._call(lambda: next(results, None))
+            if res is None:
+                return
+            text = sent.pop(res.id)
+            if res.annotation is None:
+                err = res.error
+                raise ClientError(
+                    f"caption {res.id} ({text[:60]!r}): "
+                    + (f"{err.status}: {err.message}" if err else "no result")
+                )
+            yield text, res.annotation
 
     def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord:
         try:
-            return self.client.get_concept(cui.strip().upper(), synonyms=synonyms)
+            return self._call(
+                lambda: self.client.get_concept(cui.strip().upper(), synonyms=synonyms)
+            )
         except ServiceCallError as exc:
             if exc.status == "NOT_FOUND":
                 raise ConceptNotFoundError(cui) from None
             raise
 
     def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]:
-        return self.client.search(query, limit=limit, options=self._options(overrides))
+        options = self._options(overrides)
+        return self._call(lambda: self.client.search(query, limit=limit, options=options))
 
     def close(self) -> None:
         self.client.close()

@@ -4,7 +4,9 @@ Formats:
 
 ``jsonl``       (default) one object per caption with the concept set and every mention:
                 ``{"id", "concepts": [CUI...], "mentions": [{"cui", "preferred_name", "text",
-                "start", "end", "score", "semantic_types", "source", "negated"}]}``.
+                "start", "end", "score", "semantic_types", "source", "negated"}]}``; with
+                ``include_text`` the caption follows the id (``{"id", "text", "concepts", ...}``),
+                so that ``text[start:end]`` can be checked without re-joining the input.
 ``csv``         ImageCLEFmedical concept file, as ROCOv2 ships it: header ``ID,CUIs``, CUIs
                 joined by ``;``.
 ``submission``  the ImageCLEFmedical run-submission variant: ``ID<TAB>CUI;CUI``, no header.
@@ -286,10 +288,14 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def render(fmt: OutputFormat, a: Annotation) -> str:
-    """One caption's line (with its newline) in ``fmt``."""
+def render(fmt: OutputFormat, a: Annotation, text: str | None = None) -> str:
+    """One caption's line (with its newline) in ``fmt``; ``text``, the caption, goes into the
+    JSONL row after the id (the other formats have no place for it)."""
     if fmt is OutputFormat.JSONL:
-        return dumps(annotation_to_json(a)) + "\n"
+        obj = annotation_to_json(a)
+        if text is not None:
+            obj = {"id": obj.pop("id"), "text": text, **obj}
+        return dumps(obj) + "\n"
     if fmt is OutputFormat.CSV:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow([a.id, ";".join(a.concepts)])
@@ -354,9 +360,9 @@ class OutputSet:
         self.count = 0
         self._committed = False
 
-    def write(self, a: Annotation) -> None:
+    def write(self, a: Annotation, text: str | None = None) -> None:
         for spec, _, fh in self._parts:
-            fh.write(render(spec.format, a))
+            fh.write(render(spec.format, a, text))
         self.count += 1
 
     def commit(self) -> list[Path]:

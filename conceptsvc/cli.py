@@ -8,22 +8,95 @@ their code and exit status 2; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from conceptsvc import __version__
 from conceptsvc.errors import ConceptsvcError, UsageError
 
 if TYPE_CHECKING:
     from conceptsvc.index import ConceptIndex
+    from conceptsvc.model import Annotation
 
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
+
+# A process killed by SIGPIPE exits 128 + 13 in a shell; a reader that stopped early (``| head``)
+# gets the same status from us, not a traceback.
+EXIT_BROKEN_PIPE = 141
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but keeps a text with line breaks (the examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that suggests the closest option or command for a misspelt one
+    (Python 3.14's ``suggest_on_error``, which 3.11 lacks)."""
+
+    _SUGGEST_FROM = "_conceptsvc_suggest_from"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._suggest_from: argparse.ArgumentParser = self
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            # The innermost (sub)parser returns first: its options are the ones to suggest from.
+            if not hasattr(ns, self._SUGGEST_FROM):
+                setattr(ns, self._SUGGEST_FROM, self)
+            self._suggest_from = getattr(ns, self._SUGGEST_FROM)
+        return ns, extras
+
+    def error(self, message: str) -> NoReturn:
+        hint = self._suggestion(message)
+        # An option unknown to a subcommand is reported by the top-level parser; the usage
+        # shown is the subcommand's, where the option would have to go.
+        where = self._suggest_from
+        where.print_usage(sys.stderr)
+        self.exit(2, f"{where.prog}: error: {message}"
+                     + (f"; did you mean {hint}?" if hint else "") + "\n")
+
+    def _suggestion(self, message: str) -> str | None:
+        if message.startswith("unrecognized arguments:"):
+            options = [s for a in self._suggest_from._actions for s in a.option_strings]
+            for word in message.removeprefix("unrecognized arguments:").split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+                    if close:
+                        return close[0]
+            return None
+        match = _INVALID_CHOICE.search(message)
+        if match:
+            choices = re.findall(r"'([^']*)'", match.group(2))
+            close = difflib.get_close_matches(match.group(1), choices, n=1, cutoff=0.6)
+            return close[0] if close else None
+        return None
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of example command lines (kept as written by :class:`_HelpFormatter`)."""
+    return "examples:\n" + "\n".join("  " + line for line in lines)
 
 
 def _cmd_semtypes(args: argparse.Namespace) -> int:
@@ -39,7 +112,17 @@ def _cmd_semtypes(args: argparse.Namespace) -> int:
 
 
 def _add_semtypes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("semtypes", help="list the semantic types and groups")
+    p = sub.add_parser(
+        "semtypes",
+        help="list the semantic types and groups",
+        description="List the UMLS semantic groups, each with its semantic types (TUI, "
+        "abbreviation, name). Any of these names may be given wherever an option takes "
+        "semantic types or groups.",
+        epilog=_examples(
+            "conceptsvc semtypes",
+            "conceptsvc semtypes | grep -i neoplastic",
+        ),
+    )
     p.set_defaults(handler=_cmd_semtypes)
 
 
@@ -163,6 +246,11 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "measures. Either give --pred FILE (ImageCLEF CSV, submission TSV or JSONL), or "
             "--local --captions FILE to extract in this process first."
         ),
+        epilog=_examples(
+            "conceptsvc evaluate --pred run.csv --gold valid_concepts.csv",
+            "conceptsvc evaluate --local --captions valid_captions.csv --gold "
+            "valid_concepts.csv --profile rocov2 --json",
+        ),
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pred", help="predictions file (CSV ID,CUIs / TSV / JSONL)")
@@ -213,7 +301,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Run the conceptsvc gRPC service. Every option can also be set by a CONCEPTSVC_* "
             "environment variable or in a TOML/YAML file (--config); flags win over the "
             "environment, which wins over the file. With no --index the embedded demo "
-            "dictionary is served. SIGHUP reloads the index; SIGTERM/SIGINT drain gracefully."
+            "dictionary is served. SIGHUP reloads the index; SIGTERM/SIGINT drain gracefully. "
+            "It logs at INFO (to stderr) which index it serves and every reload, never caption "
+            "text. Unknown CONCEPTSVC_* variables are warned about at start-up."
+        ),
+        epilog=_examples(
+            "conceptsvc serve --index indexes/umls-2024AA --port 50051",
+            "CONCEPTSVC_WORKERS=2 conceptsvc serve --config conceptsvc.toml",
         ),
     )
     add_settings_arguments(p)
@@ -244,6 +338,10 @@ def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "Ask a service's standard gRPC health service for its status and print it. Exit "
             "status: 0 SERVING, 1 NOT_SERVING or unknown service, 2 unreachable."
         ),
+        epilog=_examples(
+            "conceptsvc health --target 127.0.0.1:50051",
+            "conceptsvc health --service conceptsvc.v1.ConceptService --timeout 2",
+        ),
     )
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the service")
     p.add_argument(
@@ -260,6 +358,10 @@ def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 # -- batch annotation and ad-hoc lookups (conceptsvc.client) -----------------------------------
 def _cmd_annotate(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from conceptsvc.client import arguments
     from conceptsvc.client.batch import BatchSettings, annotate_corpus
     from conceptsvc.client.corpus import Corpus
@@ -267,7 +369,25 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     from conceptsvc.client.progress import ProgressMode
     from conceptsvc.client.report import render_table
 
-    specs = resolve_outputs(args.out, args.format or ())
+    to_stdout = args.out == "-"
+    scratch: Path | None = None
+    if to_stdout:
+        # The run still needs files (journal, part files, manifest): they go to a private
+        # directory that is removed at the end, so `--out -` never resumes an earlier run.
+        items = [i for f in args.format or () for i in f.split(",") if i.strip()]
+        if len(items) > 1 or any("=" in i for i in items):
+            raise UsageError("--out - writes one format to standard output; give one --format "
+                             "without =PATH, or write files with --out FILE")
+        if args.report:
+            raise UsageError("--report writes files next to --out; give --out FILE with it")
+        scratch = Path(tempfile.mkdtemp(prefix="conceptsvc-annotate-"))
+        fmt = items[0] if items else "jsonl"
+        specs = resolve_outputs(scratch / "stdout", [fmt])
+    else:
+        specs = resolve_outputs(args.out, args.format or ())
+    if args.include_text and not any(s.format.value == "jsonl" for s in specs):
+        raise UsageError("--include-text adds the caption to the jsonl output; no jsonl "
+                         "output is requested (add --format jsonl)")
     settings = BatchSettings(
         targets=tuple(args.target or (arguments.DEFAULT_TARGET,)),
         concurrency=args.concurrency,
@@ -284,8 +404,35 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         security=arguments.security(args),
     )
     overrides = arguments.extract_overrides(args)
-    corpus = Corpus(args.input, args.input_format)
-    result = annotate_corpus(corpus, specs, settings, overrides=overrides)
+    try:
+        corpus = Corpus(args.input, args.input_format, id_column=args.id_column,
+                        text_column=args.text_column)
+        try:
+            result = annotate_corpus(corpus, specs, settings, overrides=overrides,
+                                     include_text=args.include_text)
+        except KeyboardInterrupt:
+            if to_stdout:
+                print("\nconceptsvc: interrupted; with --out - nothing is kept, a rerun starts "
+                      "over", file=sys.stderr)
+            else:
+                print(f"\nconceptsvc: interrupted; the captions annotated so far are kept next "
+                      f"to {args.out} — rerun the same command to resume (--restart starts "
+                      "over)", file=sys.stderr)
+            return 130
+        if to_stdout:
+            sys.stdout.flush()
+            binary = getattr(sys.stdout, "buffer", None)  # absent when stdout is redirected
+            with result.outputs[0].open("rb") as fh:
+                if binary is not None:
+                    shutil.copyfileobj(fh, binary)
+                    binary.flush()
+                else:
+                    sys.stdout.write(fh.read().decode("utf-8"))
+            if result.errors is not None:
+                sys.stderr.write(result.errors.read_text(encoding="utf-8"))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if result.report is not None:
         print(render_table(result.report), end="")
     if not args.quiet:
@@ -295,17 +442,24 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         print(f"annotate: {c.annotated}/{c.captions} captions in the output ({state}); "
               f"{c.failed} failed, {c.skipped_bad_input} bad input records skipped, "
               f"{c.resumed} resumed from an earlier run", file=sys.stderr)
-        for spec in specs:
-            print(f"  output   {spec.path} ({spec.format.value})", file=sys.stderr)
-        print(f"  manifest {result.manifest}", file=sys.stderr)
-        if result.errors is not None:
-            print(f"  errors   {result.errors}", file=sys.stderr)
+        if to_stdout:
+            print(f"  output   (standard output) ({specs[0].format.value})", file=sys.stderr)
+        else:
+            for spec in specs:
+                print(f"  output   {spec.path} ({spec.format.value})", file=sys.stderr)
+            print(f"  manifest {result.manifest}", file=sys.stderr)
+            if result.errors is not None:
+                print(f"  errors   {result.errors}", file=sys.stderr)
         if result.report_files is not None:
             print(f"  report   {result.report_files.markdown}", file=sys.stderr)
             print(f"  report   {result.report_files.html}", file=sys.stderr)
     if not result.complete:
-        print("conceptsvc: the run is incomplete; rerun the same command to retry the failed "
-              "captions (listed in the errors file)", file=sys.stderr)
+        if to_stdout:
+            print("conceptsvc: the run is incomplete; the failed captions are listed above "
+                  "(rerun with --out FILE to be able to retry only those)", file=sys.stderr)
+        else:
+            print("conceptsvc: the run is incomplete; rerun the same command to retry the "
+                  "failed captions (listed in the errors file)", file=sys.stderr)
     return result.exit_code
 
 
@@ -321,15 +475,30 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "stopped; outputs are written in input order and moved into place when complete. "
             "Exit status: 0 complete, 3 incomplete (see the errors file), 2 error."
         ),
+        epilog=_examples(
+            "conceptsvc annotate captions.csv --out run.jsonl --format jsonl --format csv",
+            "conceptsvc annotate data.csv --id-column image_id --text-column caption "
+            "--out run.jsonl --include-text",
+            "zcat captions.txt.gz | conceptsvc annotate - --out - --format submission > run.tsv",
+        ),
     )
     p.add_argument("input", help="captions: .csv (ID,Caption), .tsv/.txt ROCO (ID<TAB> caption), "
                                  ".jsonl ({id,text}), .txt (one per line), or - for stdin")
     p.add_argument("--out", required=True,
                    help="output file; the first --format goes here, and an extension that names "
                         "a format (.jsonl, .csv, .submission.tsv, .roco.tsv, .tsv) must name "
-                        "that one")
+                        "that one; - writes one format to standard output (no resume: its "
+                        "journal lives in a temporary directory; no --report)")
     p.add_argument("--input-format", choices=["csv", "roco", "jsonl", "text"],
                    help="input format (default: from the file name)")
+    p.add_argument("--id-column", metavar="NAME",
+                   help="CSV header column / JSONL key holding the id (default ID / id)")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="CSV header column / JSONL key holding the caption "
+                        "(default Caption / text)")
+    p.add_argument("--include-text", action="store_true",
+                   help="put each caption's text into the jsonl output (after the id), so "
+                        "mention offsets can be checked without the input")
     p.add_argument("--format", action="append", metavar="FORMAT[=PATH]",
                    help="jsonl (default; with mentions), csv (ImageCLEF ID,CUIs), submission "
                         "(ID<TAB>CUI;CUI), roco (ID<TAB><TAB>CUI<TAB>...); repeatable")
@@ -359,7 +528,7 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--progress-interval", type=float, default=10.0,
                    help="seconds between progress log lines (default 10)")
     arguments.add_connection(p, several=True)
-    arguments.add_extract_options(p)
+    arguments.add_extract_options(p, local=False)
     p.set_defaults(handler=_cmd_annotate)
 
 
@@ -369,25 +538,39 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     from conceptsvc.client import arguments
     from conceptsvc.client.lookup import annotation_json, format_annotation
 
-    text = sys.stdin.read() if args.text == "-" else args.text
     overrides = arguments.extract_overrides(args)
     backend = arguments.lookup_backend(args)
     try:
-        a = backend.annotate(text, overrides)
-        inferred: dict[str, str] = {}
-        if not args.json or args.html:
-            named = {m.cui for m in a.mentions}
-            inferred = {c: backend.concept(c, synonyms=False).preferred_name
-                        for c in a.concepts if c not in named}
-        if args.html:
-            from conceptsvc.client.html_page import write_lookup_page
-
-            write_lookup_page(args.html, text, a, inferred)
-            print(f"wrote {args.html}", file=sys.stderr)
-        if args.json:
-            print(json.dumps(annotation_json(text, a), ensure_ascii=False, indent=2))
+        answers: Iterator[tuple[str, Annotation]]
+        many = args.text == "-"
+        if many:
+            if args.html:
+                raise UsageError("--html writes one caption's page; give the caption, not -")
+            # One caption per line, answered as they come (a pipe may never end) on one
+            # stream; blank lines have no caption to answer.
+            lines = (line.rstrip("\r\n") for line in sys.stdin)
+            answers = backend.annotate_many((t for t in lines if t.strip()), overrides)
         else:
-            print(format_annotation(text, a, inferred), end="")
+            answers = iter([(args.text, backend.annotate(args.text, overrides))])
+        for n, (text, a) in enumerate(answers):
+            inferred: dict[str, str] = {}
+            if not args.json or args.html:
+                named = {m.cui for m in a.mentions}
+                inferred = {c: backend.concept(c, synonyms=False).preferred_name
+                            for c in a.concepts if c not in named}
+            if args.html:
+                from conceptsvc.client.html_page import write_lookup_page
+
+                write_lookup_page(args.html, text, a, inferred)
+                print(f"wrote {args.html}", file=sys.stderr)
+            if args.json:
+                obj = annotation_json(text, a)
+                print(json.dumps(obj, ensure_ascii=False, indent=None if many else 2),
+                      flush=many)
+                continue
+            if many:
+                print(("\n" if n else "") + f"== {text}")
+            print(format_annotation(text, a, inferred), end="", flush=many)
     finally:
         backend.close()
     return 0
@@ -396,8 +579,18 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
 def _add_lookup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser("lookup", help="annotate a phrase or caption and show the mentions")
-    p.add_argument("text", help="the text (- reads standard input)")
+    p = sub.add_parser(
+        "lookup",
+        help="annotate a phrase or caption and show the mentions",
+        description="Annotate TEXT through the service (or in this process with --local) and "
+        "show its mentions and concepts. With - every line of standard input is a caption of "
+        "its own, answered in turn (one JSON object per line with --json).",
+        epilog=_examples(
+            'conceptsvc lookup "Chest X-ray showing pleural effusion." --local',
+            "conceptsvc lookup - --json --target 10.0.0.5:50051 < captions.txt",
+        ),
+    )
+    p.add_argument("text", help="the text, or - to read one caption per line from stdin")
     p.add_argument("--html", metavar="FILE",
                    help="also write the caption with its mentions highlighted as a "
                         "self-contained HTML page")
@@ -427,7 +620,13 @@ def _cmd_concept(args: argparse.Namespace) -> int:
 def _add_concept(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser("concept", help="show a concept: name, synonyms, semantic types, sources")
+    p = sub.add_parser(
+        "concept",
+        help="show a concept: name, synonyms, semantic types, sources",
+        description="Show one concept of the dictionary the service (or --local index) uses.",
+        epilog=_examples("conceptsvc concept C0032227", "conceptsvc concept C0032227 --local "
+                         "--no-synonyms --json"),
+    )
     p.add_argument("cui", help="the concept id, e.g. C0032227")
     p.add_argument("--no-synonyms", action="store_true", help="leave out the synonyms")
     arguments.add_lookup_common(p)
@@ -458,7 +657,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _add_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser("search", help="rank candidate concepts for a term")
+    p = sub.add_parser(
+        "search",
+        help="rank candidate concepts for a term",
+        description="Rank the concepts whose strings best match TERM (approximately), with "
+        "their scores and the string that matched.",
+        epilog=_examples('conceptsvc search "pleural efusion" --local',
+                         'conceptsvc search "mass" --semantic-groups DISO --limit 5'),
+    )
     p.add_argument("text", help="the term")
     p.add_argument("--limit", type=int, default=10, help="candidates to show (default 10)")
     arguments.add_lookup_common(p)
@@ -624,7 +830,13 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("index", help="build or inspect a compiled concept index")
+    p = sub.add_parser(
+        "index",
+        help="build or inspect a compiled concept index",
+        description="Build a compiled concept index from dictionaries, or describe one.",
+        epilog=_examples("conceptsvc index build --umls META --out indexes/umls",
+                         "conceptsvc index info indexes/umls"),
+    )
     isub = p.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
     b = isub.add_parser(
         "build",
@@ -632,6 +844,11 @@ def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Inputs are merged; every string keeps its source (SAB). List options "
         "are repeatable and accept commas. Semantic types may be TUIs, abbreviations, names "
         "or groups (see `conceptsvc semtypes`).",
+        epilog=_examples(
+            "conceptsvc index build --umls 2024AA/META --semantic-type DISO,ANAT --out "
+            "indexes/umls-disorders",
+            "conceptsvc index build --jsonl umls_kb.jsonl --tsv site_terms.tsv --out indexes/kb",
+        ),
     )
     b.add_argument("--umls", action="append", metavar="DIR",
                    help="UMLS META directory (plain, .gz or split .RRF.aa.gz files)")
@@ -664,8 +881,17 @@ def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "build time of a full UMLS on an otherwise idle 2-core machine)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     b.set_defaults(handler=_cmd_index_build)
-    i = isub.add_parser("info", help="print an index's manifest and counts")
-    i.add_argument("path", metavar="DIR")
+    i = isub.add_parser(
+        "info",
+        help="print an index's manifest and counts",
+        description="Print what an index directory holds: format and normaliser versions, "
+        "source release, content hash (what `serve` logs and `annotate` records), inputs, "
+        "filters, and counts per source and per semantic type. The files are checked "
+        "against the manifest's hashes first (--no-verify skips that).",
+        epilog=_examples("conceptsvc index info indexes/umls",
+                         "conceptsvc index info indexes/umls --ambiguous | less"),
+    )
+    i.add_argument("path", metavar="DIR", help="the index directory")
     i.add_argument("--ambiguous", action="store_true",
                    help="also list every key that maps to more than one concept")
     i.add_argument("--no-verify", action="store_true", help="skip the file hash check")
@@ -687,8 +913,10 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="conceptsvc", description="UMLS concept mapping for radiology captions."
+    parser: argparse.ArgumentParser = _Parser(
+        prog="conceptsvc", description="UMLS concept mapping for radiology captions.",
+        epilog=_examples("conceptsvc lookup \"pleural effusion\" --local",
+                         "conceptsvc COMMAND --help"),
     )
     parser.add_argument("--version", action="version", version=f"conceptsvc {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -700,12 +928,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    # The service says at INFO which index it serves and every reload (an operator's first
+    # question); the other commands print their results and log only what went wrong.
+    quiet = logging.INFO if args.command == "serve" else logging.WARNING
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else quiet
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from conceptsvc.config import unknown_environment
+
+    for warning in unknown_environment(os.environ):
+        logging.getLogger("conceptsvc").warning("%s", warning)
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -714,6 +949,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`conceptsvc semtypes | head -1`): what it wanted, it has.
+        # Python would flush stdout again at exit and fail a second time, so stdout is pointed
+        # at /dev/null first; the exit status is a SIGPIPE death's, as `yes | head -1` gives.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

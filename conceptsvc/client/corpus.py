@@ -15,13 +15,13 @@ Formats (detected from the file name, overridable with ``fmt``):
            a TAB). The single space ROCO puts after the TAB is part of the format, not of the
            caption, and is removed, so offsets count from the caption's first character.
 ``jsonl``  one ``{"id": ..., "text": ...}`` object per line (``.jsonl``, ``.ndjson``).
+``text``   one caption per line, the id is the line number (``.txt`` without TABs).
 
 Other layouts are read by naming the columns: ``id_column`` / ``text_column`` (the CLI's
 ``--id-column`` / ``--text-column``) pick a CSV's columns by their header names (exact, else
 case-insensitive), or a JSONL object's keys. Without them a CSV header ``ID,Caption`` plus other
 columns is read by those two names; a CSV whose first row has more than two fields and no
 ``ID`` column stops with the columns it found and these options.
-``text``   one caption per line, the id is the line number (``.txt`` without TABs).
 
 Any of these may be gzip-compressed (``.gz``). ``-`` reads standard input; its format is sniffed
 from the first line unless given. Blank lines are skipped in every format (in ``text`` they do not

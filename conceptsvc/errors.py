@@ -17,7 +17,7 @@ The whole tree, so callers can catch at the level they care about::
     │   ├── ServiceCallError        an RPC failed with a gRPC status (E610); ``status``, ``details``
     │   ├── BadInputError           malformed input records, nothing sent (E620); carries ``bad``
     │   ├── RunIncompatibleError    results of one run would mix indexes (E621)
-    │   ├── ServiceUnreachableError no target answered GetInfo (E622)
+    │   ├── ServiceUnreachableError no service answers at the target(s) (E622)
     │   ├── ConceptNotFoundError    a CUI the dictionary does not have (E623)
     │   ├── OutputClashError        an output would overwrite the input, another output or a
     │   │                           run's side file (E624); nothing was started

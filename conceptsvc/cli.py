@@ -62,9 +62,7 @@ class _Parser(argparse.ArgumentParser):
         ns, extras = super().parse_known_args(args, namespace)
         if extras:
             # The innermost (sub)parser returns first: its options are the ones to suggest from.
-            if not hasattr(ns, self._SUGGEST_FROM):
-                setattr(ns, self._SUGGEST_FROM, self)
-            self._suggest_from = getattr(ns, self._SUGGEST_FROM)
+            self._suggest_from = vars(ns).setdefault(self._SUGGEST_FROM, self)
         return ns, extras
 
     def error(self, message: str) -> NoReturn:

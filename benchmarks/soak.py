@@ -269,7 +269,9 @@ def _option_sets_thread(target: str, k: int, captions: list[str], option_items: 
     mine = ClientStats()
     n = 0
     with ConceptClient(target, retries=0, timeout=120) as client:
-        while time.time() < until:
+        # At least one request, however late this client process got going (spawned clients
+        # on a loaded machine could start after a short run's end and report 0 requests).
+        while n == 0 or time.time() < until:
             n += 1
             # names no request has sent before: every request is a new option set to memoise
             names = tuple(f"X{k:03d}.{n:07d}.{i:05d}" for i in range(option_items))

@@ -59,6 +59,7 @@ class DefinitionFinder:
         inner_cuts: Iterable[str],
         long_form_extra_words: int,
         long_form_words_per_char: int,
+        whitespace: Iterable[str],
     ) -> None: ...
     def __call__(self, text: str) -> list[Definition]: ...
 

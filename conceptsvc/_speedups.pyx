@@ -576,13 +576,14 @@ cdef class DefinitionFinder:
     cdef object Definition
     cdef Py_ssize_t max_definitions, min_short, max_short, max_short_words, look_back
     cdef Py_ssize_t lf_extra_words, lf_words_per_char
-    cdef str clause_breaks
+    cdef str clause_breaks, whitespace
     cdef tuple inner_cuts
 
     def __init__(self, definition_type, *, Py_ssize_t max_definitions,
                  Py_ssize_t min_short_len, Py_ssize_t max_short_len,
                  Py_ssize_t max_short_words, Py_ssize_t look_back, clause_breaks, inner_cuts,
-                 Py_ssize_t long_form_extra_words, Py_ssize_t long_form_words_per_char):
+                 Py_ssize_t long_form_extra_words, Py_ssize_t long_form_words_per_char,
+                 whitespace):
         self.Definition = definition_type
         self.max_definitions = max_definitions
         self.min_short = min_short_len
@@ -593,6 +594,7 @@ cdef class DefinitionFinder:
         self.inner_cuts = tuple([<str>c for c in inner_cuts])
         self.lf_extra_words = long_form_extra_words
         self.lf_words_per_char = long_form_words_per_char
+        self.whitespace = u"".join([<str>c for c in whitespace])
 
     def __call__(self, str text not None):
         if self.Definition is None:
@@ -623,9 +625,9 @@ cdef inline bint _char_lower_eq(Py_UCS4 a, Py_UCS4 b) noexcept:
     return x == y
 
 
-cdef object _best_long_form(str sf, str lf):
+cdef object _best_long_form(str sf, str lf, str whitespace):
     """``abbreviations._best_long_form`` (Schwartz–Hearst): start offset in ``lf`` of the
-    shortest long form matching ``sf``, or None."""
+    shortest long form matching ``sf``, or None; its words end at ``whitespace``."""
     cdef Py_ssize_t s = len(sf) - 1, t = len(lf) - 1
     cdef Py_UCS4 sc
     cdef str c
@@ -653,7 +655,12 @@ cdef object _best_long_form(str sf, str lf):
             return None
         t -= 1
         s -= 1
-    return lf.rfind(u" ", 0, t + 1) + 1
+    while t >= 0:  # back to the start of the word
+        sc = lf[t]
+        if sc in whitespace:
+            break
+        t -= 1
+    return t + 1
 
 
 cdef list _find_definitions(str text, DefinitionFinder r):
@@ -706,7 +713,7 @@ cdef list _find_definitions(str text, DefinitionFinder r):
             if not words:
                 continue
             cand = u" ".join(words[max(0, len(words) - n_words):])
-            rel = _best_long_form(inner_s, cand)
+            rel = _best_long_form(inner_s, cand, r.whitespace)
             if rel is None:
                 continue
             lf = cand[<Py_ssize_t>rel:]
@@ -725,8 +732,11 @@ cdef list _find_definitions(str text, DefinitionFinder r):
             sf = <str>words[len(words) - 1]
             if not _valid_short(sf, r) or sf.islower():
                 continue
-            rel = _best_long_form(sf, inner_s)
-            if rel is None or len(inner_s) - <Py_ssize_t>rel <= len(sf):
+            rel = _best_long_form(sf, inner_s, r.whitespace)
+            # as in the forward pattern, a long form that holds the short form is none
+            if rel is None or len(inner_s) - <Py_ssize_t>rel <= len(sf) or (
+                sf in inner_s[<Py_ssize_t>rel:].split()
+            ):
                 continue
             sf_start = left + before.rfind(sf)
             out.append(r.Definition(sf, sf_start, sf_start + len(sf),

@@ -50,6 +50,12 @@ _INNER_CUTS = (";", ",")  # "(CT; see text)", "(CT, MRI)": the short form ends a
 # A long form has at most min(len(short) + 5, 2 * len(short)) words (Schwartz & Hearst).
 _LONG_FORM_EXTRA_WORDS = 5
 _LONG_FORM_WORDS_PER_CHAR = 2
+# What str.split() splits words on (every str.isspace() code point): a long form starts after
+# the last of these before its first word, whichever it is (a thin or no-break space too).
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 MAX_DEFINITIONS = 50
 """Definitions read per caption: real captions define a few; applying each one scans the
 caption, so a 100 KB text of nothing but definitions would otherwise take tens of seconds."""
@@ -99,7 +105,10 @@ def _best_long_form(sf: str, lf: str) -> int | None:
             return None
         t -= 1
         s -= 1
-    return lf.rfind(" ", 0, t + 1) + 1
+    # back to the start of the word, as the algorithm's lastIndexOf(' ') does for its words
+    while t >= 0 and lf[t] not in _WHITESPACE:
+        t -= 1
+    return t + 1
 
 
 
@@ -172,7 +181,8 @@ def find_definitions(text: str) -> list[Definition]:
             if not _valid_short(sf) or sf.islower():
                 continue
             rel = _best_long_form(sf, inner_s)
-            if rel is None or len(inner_s) - rel <= len(sf):
+            # as in the forward pattern, a long form that holds the short form is none
+            if rel is None or len(inner_s) - rel <= len(sf) or sf in inner_s[rel:].split():
                 continue
             sf_start = left + before.rfind(sf)
             out.append(
@@ -199,6 +209,7 @@ if SPEEDUPS is not None:
         inner_cuts=_INNER_CUTS,
         long_form_extra_words=_LONG_FORM_EXTRA_WORDS,
         long_form_words_per_char=_LONG_FORM_WORDS_PER_CHAR,
+        whitespace=_WHITESPACE,
     )
 
 

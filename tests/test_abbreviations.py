@@ -61,6 +61,30 @@ def test_issue_19_long_form_offsets_with_runs_of_whitespace() -> None:
     assert defs("C \t computed\ttomography (CT)") == [("CT", "computed\ttomography")]
 
 
+
+def test_abbreviations_reverse_long_form_starts_after_any_whitespace() -> None:
+    # Found by the scispacy reference check (ROCOv2 validation): the long form's first word
+    # was looked for after a plain space only, so with a thin space before it the long form
+    # started at the parenthesis ("MPGR = multiplanar gradient-recalled"). The words are
+    # str.split()'s, so every Unicode whitespace character separates them.
+    text = "Axi MPGR (MPGR\u2009=\u2009multiplanar gradient-recalled) image"
+    assert defs(text) == [("MPGR", "multiplanar gradient-recalled")]
+    for space in ("\u00a0", "\t", "\u3000", "\u202f"):
+        text = f"an MPR (see{space}multiplanar reconstruction) image"
+        assert defs(text) == [("MPR", "multiplanar reconstruction")], repr(space)
+
+
+def test_abbreviations_reverse_long_form_never_contains_short_form() -> None:
+    # Found by the scispacy reference check: "RA (... RA = 25 cm2)" read "RA = 25 cm2" as
+    # the long form of RA. Schwartz & Hearst reject a long form holding the short form as a
+    # word, and the forward pattern already did.
+    assert defs("The RA (right atrial area RA = 25 cm2) is enlarged") == []
+    assert defs("an enlarged RA (rest of the RA area) here") == []
+    # the short form inside a longer word is no reason to reject (the shortest long form)
+    assert defs("an MPR (multiplanar MPRAGE reconstruction) image") == [
+        ("MPR", "MPRAGE reconstruction")
+    ]
+
 # Long-form words with distinct initials: the short form is their initials, and Schwartz–Hearst
 # then has exactly one word start for the short form's first letter (a repeated initial lets it
 # settle on a shorter long form, correctly). Each word has five letters or more, so that two of

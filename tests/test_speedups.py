@@ -281,9 +281,17 @@ def test_speedups_compiled_code_follows_the_rules_it_is_handed() -> None:
     narrow = _speedups.DefinitionFinder(
         abbreviations.Definition, max_definitions=50, min_short_len=2, max_short_len=2,
         max_short_words=2, look_back=40, clause_breaks=".;:!?()[]", inner_cuts=(";", ","),
-        long_form_extra_words=5, long_form_words_per_char=2,
+        long_form_extra_words=5, long_form_words_per_char=2, whitespace=" ",
     )
     assert [d.short for d in narrow(text)] == ["CT"]
+    # definitions: words end at plain spaces only, so the long form takes in "see\u2009"
+    text = "an MR (see\u2009multiplanar reconstruction) image"
+    assert [text[d.long_start : d.long_end] for d in narrow(text)] == [
+        "see\u2009multiplanar reconstruction"
+    ]
+    assert [
+        text[d.long_start : d.long_end] for d in abbreviations.fast_find_definitions(text)
+    ] == ["multiplanar reconstruction"]
     # negation: a comma ends the scope, and "no, evidence of" is a trigger phrase
     detector = NegationDetector()
     norms, starts, ends = _spans("no fracture, effusion")
@@ -973,6 +981,36 @@ def test_speedups_definitions_with_runs_of_whitespace_equal_reference() -> None:
         compiled = fast_find_definitions(text)
         assert compiled == find_definitions(text) != []
         assert all(text[d.long_start] not in " \t\n" for d in compiled)
+
+
+def test_speedups_reverse_definitions_equal_reference() -> None:
+    """The two reverse-pattern fixes of the scispacy reference check, in both engines: the long
+    form starts after any whitespace, and never holds the short form as a word."""
+    from conceptsvc.abbreviations import fast_find_definitions, find_definitions
+
+    assert isinstance(fast_find_definitions, _speedups.DefinitionFinder)
+    cases = {
+        "Axi MPGR (MPGR\u2009=\u2009multiplanar gradient-recalled) image": [
+            ("MPGR", "multiplanar gradient-recalled")
+        ],
+        "an MPR (see\u00a0multiplanar reconstruction) image": [
+            ("MPR", "multiplanar reconstruction")
+        ],
+        "The RA (right atrial area RA = 25 cm2) is enlarged": [],
+        "an enlarged RA (rest of the RA area) here": [],
+        "an MPR (multiplanar MPRAGE reconstruction) image": [("MPR", "MPRAGE reconstruction")],
+    }
+    for text, want in cases.items():
+        compiled = fast_find_definitions(text)
+        assert compiled == find_definitions(text), text
+        assert [(d.short, text[d.long_start : d.long_end]) for d in compiled] == want, text
+    # every whitespace character str.split() knows, before the long form's first word
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    for space in spaces:
+        text = f"an MPR (see{space}multiplanar reconstruction) image"
+        assert fast_find_definitions(text) == find_definitions(text), repr(space)
+        (d,) = find_definitions(text)
+        assert text[d.long_start : d.long_end] == "multiplanar reconstruction", repr(space)
 
 
 def test_speedups_case_check_memo_stays_bounded(demo_engines: Engines) -> None:

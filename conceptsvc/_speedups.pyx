@@ -40,6 +40,10 @@ from libc.string cimport memcmp, memcpy, memset
 
 
 cdef extern from "Python.h":
+    # Python 3.11 still has "legacy" strings (made by the deprecated Py_UNICODE API) whose
+    # length is 0 and data NULL until PyUnicode_READY: every entry point that reads a caption's
+    # code units or sizes an array from its length readies it first (a no-op on other strings).
+    int _uready "PyUnicode_READY"(object o) except -1
     int _ukind "PyUnicode_KIND"(object o)
     void *_udata "PyUnicode_DATA"(object o)
     Py_UCS4 _uread "PyUnicode_READ"(int kind, void *data, Py_ssize_t index) nogil
@@ -480,7 +484,7 @@ cdef int _scan_tokens(_TokenTable table, str text, list norms, list starts, list
                       int32_t *tids, int32_t *nodes) except -1:
     """``normalize.tokenize_spans`` through a token table: appends each token's normalised
     form and offsets; unless NULL, ``tids[t]`` is token t's key-trie id and ``nodes[t]``
-    the trie node of the window [t, t + 1) (or -1)."""
+    the trie node of the window [t, t + 1) (or -1). ``text`` is ready (``_uready``)."""
     cdef Py_ssize_t n = len(text), i = 0, s, nt = 0
     cdef Py_UCS4 c, c2
     cdef uint64_t h
@@ -550,6 +554,9 @@ cdef class SpanTokenizer:
     cpdef tuple spans(self, str text):
         if text is None:
             raise TypeError("text must be a str, not None")
+        if self.table is None:  # (SpanTokenizer.__new__ without __init__ crashed here)
+            raise TypeError("SpanTokenizer was not initialised")
+        _uready(text)
         cdef list norms = [], starts = [], ends = []
         _scan_tokens(self.table, text, norms, starts, ends, NULL, NULL)
         return norms, starts, ends
@@ -1106,6 +1113,7 @@ cdef class FastPath:
         """The annotation of one caption under a compiled plan (``extractor._Plan``)."""
         if self.table is None:
             raise TypeError("FastPath was not initialised")
+        _uready(text)  # before len(text) sizes the arrays
         # token ids and one-token trie nodes, for the matcher and the profile
         cdef int32_t *tids = <int32_t *>malloc(2 * (len(text) + 1) * sizeof(int32_t))
         if tids is NULL:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import random
@@ -24,8 +25,10 @@ import re
 import string
 import subprocess
 import sys
+import time
 import types
 import unicodedata
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1041,6 +1044,86 @@ def test_speedups_public_entry_points_reject_none_and_half_built_objects() -> No
         abbreviations.fast_find_definitions(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _speedups.DefinitionFinder.__new__(_speedups.DefinitionFinder)("CT (computed tomography)")
+    with pytest.raises(TypeError):  # (a segmentation fault before)
+        _speedups.SpanTokenizer.__new__(_speedups.SpanTokenizer)("CT scan")
+
+
+def _legacy_str(text: str) -> str:
+    """``text`` as a "legacy" str of Python 3.11's deprecated Py_UNICODE API: its length is 0
+    and its data NULL until something readies it, as some C extensions still make them."""
+    import ctypes
+
+    api = ctypes.pythonapi
+    api.PyUnicode_FromUnicode.restype = ctypes.py_object
+    api.PyUnicode_FromUnicode.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+    api.PyUnicode_AsUnicode.restype = ctypes.c_void_p
+    api.PyUnicode_AsUnicode.argtypes = [ctypes.py_object]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out: str = api.PyUnicode_FromUnicode(None, len(text))
+        units = (ctypes.c_wchar * len(text)).from_address(api.PyUnicode_AsUnicode(out))
+    units[:] = text
+    return out
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="Python 3.12 has no legacy strings")
+def test_speedups_legacy_strings_are_readied(demo_engines: Engines) -> None:
+    # The compiled scan read a caption's code units through PyUnicode_DATA without readying
+    # it: a legacy str gave no tokens, and no annotation, where the reference finds them.
+    text = "Left pleural effusion (PE); no CT evidence of a pneumothorax."
+    assert normalize.tokenize_spans(_legacy_str(text)) == tokenize_spans_py(text)
+    assert demo_engines.fast.extract(_legacy_str(text)) == demo_engines.ref.extract(text)
+    assert demo_engines.ref.extract(text).concepts
+
+
+def test_speedups_threads_share_tokenizers_through_resets_and_collections(
+    demo: ConceptIndex, sample: Items
+) -> None:
+    """Threads tokenising and extracting at once while the token tables overflow and reset
+    (a tokeniser bounded at 8 forms), with a garbage collection at almost every allocation
+    whose finalizers release the GIL and tokenise too: thread switches land inside every
+    Python call the compiled scan makes. Same tokens and annotations as the reference."""
+    tiny = _speedups.SpanTokenizer(normalize.fast_normalize_token, marks=normalize._MARK_RANGES,
+                                   apostrophes=normalize._APOSTROPHES, max_cache=8)
+    fast = Extractor(demo, engine="compiled")
+    ref = Extractor(demo, engine="reference")
+    options = [ExtractOptions(), ExtractOptions(mode="approximate"),
+               ExtractOptions(profile="rocov2", overlap="all")]
+    noise = "ab CT’s e\u0301 \u4e2d\U0001d400 x-ray ("
+    rng = random.Random(7)
+    texts = [t + " " + "".join(rng.choice(noise) for _ in range(30)) for _, t in sample[:120]]
+    want = {o: [ref.extract(t, o) for t in texts] for o in options}
+    bad: list[str] = []
+
+    class Finalised:  # a cycle, so only a collection frees it
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            time.sleep(0)
+            tiny("finalizer " + str(id(self)))
+
+    def run(seed: int) -> None:
+        order = random.Random(seed)
+        for k in order.sample(range(len(texts)), len(texts)):
+            Finalised()
+            o = options[k % len(options)]
+            for tok in (tiny, normalize.tokenize_spans):
+                if tok(texts[k]) != tokenize_spans_py(texts[k]):
+                    bad.append(f"tokens {texts[k]!r}")
+            if fast.extract(texts[k], o) != want[o][k]:
+                bad.append(f"{_id(o)} {texts[k]!r}")
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(5, 2, 2)
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(run, range(6)))
+    finally:
+        gc.set_threshold(*thresholds)
+        sys.setswitchinterval(interval)
+    assert not bad, summary(bad, 6 * len(texts))
 
 
 def test_speedups_ids_need_not_be_strings(demo_engines: Engines) -> None:

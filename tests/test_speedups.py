@@ -1080,7 +1080,7 @@ def test_speedups_threads_share_tokenizers_through_resets_and_collections(
     demo: ConceptIndex, sample: Items
 ) -> None:
     """Threads tokenising and extracting at once while the token tables overflow and reset
-    (a tokeniser bounded at 8 forms), with a garbage collection at almost every allocation
+    (a tokeniser bounded at 8 forms) or grow (fresh ones), with a garbage collection at almost every allocation
     whose finalizers release the GIL and tokenise too: thread switches land inside every
     Python call the compiled scan makes. Same tokens and annotations as the reference."""
     tiny = _speedups.SpanTokenizer(normalize.fast_normalize_token, marks=normalize._MARK_RANGES,
@@ -1103,8 +1103,19 @@ def test_speedups_threads_share_tokenizers_through_resets_and_collections(
             time.sleep(0)
             tiny("finalizer " + str(id(self)))
 
+    # new forms beyond ASCII, so normalising each runs Python code (a thread switch), while a
+    # fresh table grows from 4,096 slots to 32,768: 3,000 forms from each thread
+    salt = rng.randrange(1 << 30)
+    growing = _speedups.SpanTokenizer(normalize.fast_normalize_token,
+                                      marks=normalize._MARK_RANGES,
+                                      apostrophes=normalize._APOSTROPHES, max_cache=1 << 16)
+
     def run(seed: int) -> None:
         order = random.Random(seed)
+        for k in range(0, 3000, 3):
+            text = " ".join(f"\u00e9{_word(n)}x{seed}x{salt}" for n in range(k, k + 3))
+            if growing(text) != tokenize_spans_py(text):
+                bad.append(f"tokens {text!r}")
         for k in order.sample(range(len(texts)), len(texts)):
             Finalised()
             o = options[k % len(options)]

@@ -1080,9 +1080,11 @@ def test_speedups_threads_share_tokenizers_through_resets_and_collections(
     demo: ConceptIndex, sample: Items
 ) -> None:
     """Threads tokenising and extracting at once while the token tables overflow and reset
-    (a tokeniser bounded at 8 forms) or grow (fresh ones), with a garbage collection at almost every allocation
-    whose finalizers release the GIL and tokenise too: thread switches land inside every
-    Python call the compiled scan makes. Same tokens and annotations as the reference."""
+    (a tokeniser bounded at 8 forms) or grow (a fresh one), with a garbage collection at
+    almost every allocation whose finalizers release the GIL and tokenise too: thread
+    switches land inside every Python call the compiled scan makes. Same tokens and
+    annotations as the reference; with the extension built under AddressSanitizer it also
+    reports a table slot used across such a call (RELIABILITY.md)."""
     tiny = _speedups.SpanTokenizer(normalize.fast_normalize_token, marks=normalize._MARK_RANGES,
                                    apostrophes=normalize._APOSTROPHES, max_cache=8)
     fast = Extractor(demo, engine="compiled")

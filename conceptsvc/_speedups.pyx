@@ -1166,7 +1166,10 @@ cdef class FastPath:
         for c in cands:
             neg = False
             if negated is not None:
-                neg = True in negated[<Py_ssize_t>c[0]:<Py_ssize_t>c[1]]
+                # negation.mention_negated: first token in a forward scope or last token
+                # in a backward one (a trigger inside the mention does not negate it)
+                neg = ((<int>negated[<Py_ssize_t>c[0]] & self.negation.forward_bit) != 0
+                       or (<int>negated[<Py_ssize_t>c[1] - 1] & self.negation.backward_bit) != 0)
                 if neg and not include_negated:
                     continue
             records.append((c[0], c[1], c[2], c, neg))
@@ -1208,44 +1211,64 @@ cdef class FastPath:
 cdef class NegationScanner:
     """``negation.NegationDetector.negated_tokens`` with the interpreter out of the loop; the
     detector's rules are read through its public accessors (``phrase_table``,
-    ``trigger_words``, ``rules.scope``, ``sentence_breaks``, ``phrase_breaks``, ``pre_kind``,
-    ``post_kind``)."""
+    ``trigger_words``, ``scope_limit``, ``list_words``, ``kinds``, ``sentence_breaks``,
+    ``phrase_breaks``, ``list_breaks``, ``forward_scope``, ``backward_scope``). Same loops as
+    the reference: find the phrases, mark the breaks, then walk each trigger's scope."""
 
     cdef dict table
     cdef frozenset triggers
-    cdef Py_ssize_t scope
-    cdef int pre, post
+    cdef frozenset list_words
+    cdef Py_ssize_t limit          # -1: to the end of the sentence
+    cdef int k_forward, k_backward, k_bidi, k_clause, k_close, k_location
+    cdef readonly int forward_bit, backward_bit
     cdef CharSet sentence_breaks   # end a scope
     cdef CharSet phrase_breaks     # no trigger phrase spans them
+    cdef CharSet list_breaks       # end a location phrase; start a closing word's item
 
     def __init__(self, detector):
+        kinds = detector.kinds
         self.table = detector.phrase_table
         self.triggers = detector.trigger_words
-        self.scope = detector.rules.scope
-        self.pre = detector.pre_kind
-        self.post = detector.post_kind
+        self.list_words = frozenset(detector.list_words)
+        self.limit = detector.scope_limit
+        self.k_forward = kinds.FORWARD
+        self.k_backward = kinds.BACKWARD
+        self.k_bidi = kinds.BIDIRECTIONAL
+        self.k_clause = kinds.CLAUSE
+        self.k_close = kinds.CLOSE
+        self.k_location = kinds.LOCATION
+        self.forward_bit = detector.forward_scope
+        self.backward_bit = detector.backward_scope
         _charset_init(&self.sentence_breaks, detector.sentence_breaks, "sentence_breaks")
         _charset_init(&self.phrase_breaks, detector.phrase_breaks, "phrase_breaks")
+        _charset_init(&self.list_breaks, detector.list_breaks, "list_breaks")
+
+    cdef inline bint _negating(self, int kind) noexcept:
+        return (kind == self.k_forward or kind == self.k_backward or kind == self.k_bidi
+                or kind == self.k_clause)
 
     cpdef object negated_tokens(self, str text, list norms, list starts, list ends):
         if text is None or norms is None or starts is None or ends is None:
             raise TypeError("text, norms, starts and ends must not be None")
         if self.triggers.isdisjoint(norms):
             return None
-        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i = 0, L, q, t, s, e, h, nh = 0
+        cdef Py_ssize_t n = PyList_GET_SIZE(norms), i = 0, L, q, t, s, e, h, nh = 0, item
         cdef PyObject *hit
         cdef tuple ph, entry
         cdef int kind
-        cdef bint ok, any_trigger = False, any_out = False
+        cdef bint ok, any_trigger = False, any_out = False, inside, fwd, bwd
         cdef Py_ssize_t *hs = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
         cdef Py_ssize_t *he = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
         cdef int *hk = <int *>malloc((n + 1) * sizeof(int))
+        cdef int *head = <int *>malloc((n + 1) * sizeof(int))
         cdef char *stop = <char *>malloc(n + 1)
         cdef char *brk = <char *>malloc(n + 1)
+        cdef char *comma = <char *>malloc(n + 1)
+        cdef char *loc = <char *>malloc(n + 1)
         cdef char *out = <char *>malloc(n + 1)
         try:
-            if (hs is NULL or he is NULL or hk is NULL or stop is NULL or brk is NULL
-                    or out is NULL):
+            if (hs is NULL or he is NULL or hk is NULL or head is NULL or stop is NULL
+                    or brk is NULL or comma is NULL or loc is NULL or out is NULL):
                 raise MemoryError()
             while i < n:
                 hit = PyDict_GetItem(self.table, <object>PyList_GET_ITEM(norms, i))
@@ -1274,7 +1297,7 @@ cdef class NegationScanner:
                         continue
                     hs[nh], he[nh], hk[nh] = i, i + L, kind
                     nh += 1
-                    if kind == self.pre or kind == self.post:
+                    if self._negating(kind):
                         any_trigger = True
                     i += L
                     break
@@ -1284,37 +1307,78 @@ cdef class NegationScanner:
                 return None
             memset(stop, 0, n + 1)
             memset(brk, 0, n + 1)
+            memset(comma, 0, n + 1)
             memset(out, 0, n + 1)
+            for t in range(n + 1):
+                head[t] = -1
             for h in range(nh):
-                for t in range(hs[h], he[h]):
-                    stop[t] = 1
+                head[hs[h]] = hk[h]
+                if hk[h] != self.k_location:
+                    for t in range(hs[h], he[h]):
+                        stop[t] = 1
             for t in range(1, n):
                 if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
                             &self.sentence_breaks):
                     brk[t] = 1
+                if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
+                            &self.list_breaks):
+                    comma[t] = 1
+            inside = False
+            for t in range(n):
+                if head[t] == self.k_location:
+                    inside = True
+                elif (brk[t] or comma[t] or stop[t]
+                      or <object>PyList_GET_ITEM(norms, t) in self.list_words):
+                    inside = False
+                loc[t] = inside
             for h in range(nh):
-                s, e = hs[h], he[h]
-                if hk[h] == self.pre:
+                s, e, kind = hs[h], he[h], hk[h]
+                if kind == self.k_clause:
+                    # backward when the trigger ends its clause; forward when the clause goes
+                    # on, unless another phrase comes right before it
+                    if e >= n or brk[e] or comma[e]:
+                        fwd, bwd = False, True
+                    elif s > 0 and not brk[s] and stop[s - 1]:
+                        continue
+                    else:
+                        fwd, bwd = True, False
+                else:
+                    fwd = kind == self.k_forward or kind == self.k_bidi
+                    bwd = kind == self.k_backward or kind == self.k_bidi
+                if fwd:
                     t = e
-                    while t < n and t < e + self.scope and not brk[t] and not stop[t]:
-                        out[t] = 1
-                        any_out = True
+                    item = -1  # first token after the last comma in the scope
+                    while t < n and t - e != self.limit and not brk[t] and not stop[t]:
+                        if comma[t] and t > e:
+                            item = t
+                        if not loc[t]:
+                            out[t] |= self.forward_bit
                         t += 1
-                elif hk[h] == self.post:
+                    if t < n and head[t] == self.k_close and not brk[t] and item >= 0:
+                        for q in range(item, t):
+                            out[q] &= ~self.forward_bit
+                if bwd:
                     t = s - 1
-                    while t >= 0 and t >= s - self.scope and not brk[t + 1] and not stop[t]:
-                        out[t] = 1
-                        any_out = True
+                    while t >= 0 and s - 1 - t != self.limit and not brk[t + 1] and not stop[t]:
+                        if not loc[t]:
+                            out[t] |= self.backward_bit
                         t -= 1
+            for t in range(n):
+                if out[t]:
+                    any_out = True
+                    break
             if not any_out:
                 return None
-            return [out[t] != 0 for t in range(n)]
+            return [<int>out[t] for t in range(n)]
         finally:
             free(hs)
             free(he)
             free(hk)
+            free(head)
             free(stop)
             free(brk)
+            free(comma)
+            free(loc)
             free(out)
 
 

@@ -60,7 +60,7 @@ from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
 from conceptsvc.matcher import PREFIX_TABLE_MAX_KEYS, ExactMatcher, Match, check_surface
 from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention, batch_items
-from conceptsvc.negation import NegationDetector
+from conceptsvc.negation import NegationDetector, mention_negated
 from conceptsvc.normalize import (
     SPEEDUPS,
     SPEEDUPS_ABSENT,
@@ -441,7 +441,7 @@ class Extractor:
                 cands = _resolve_overlaps(cands, o.overlap)
         if not cands and plan.profile.is_identity:
             return Annotation(id=id, mentions=(), concepts=())
-        negated: list[bool] | None = None
+        negated: list[int] | None = None
         if cands:
             negated = self._negation.negated_tokens(text, norms, starts, ends)
         # (start_tok, end_tok, cui, candidate, negated): plain tuples sort without a key
@@ -449,7 +449,7 @@ class Extractor:
         for c in cands:
             neg = False
             if negated is not None:
-                neg = True in negated[c.start_tok : c.end_tok]
+                neg = mention_negated(negated, c.start_tok, c.end_tok)
                 if neg and not o.include_negated:
                     continue
             records.append((c.start_tok, c.end_tok, c.cui, c, neg))

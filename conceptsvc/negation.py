@@ -1,151 +1,213 @@
-"""NegEx-style negation for captions: which tokens lie in the scope of a negation trigger.
+"""ConText-style negation for captions: which tokens lie in the scope of a negation trigger.
 
-Chapman et al.'s NegEx marks a concept as negated when it falls within a few words after a
-pre-negation trigger ("no", "without", "negative for") or before a post-negation trigger ("was
-ruled out"), unless the trigger is a pseudo-trigger ("no change", "not only") and unless a
-terminator ("but", "however") ends the scope first. Radiology captions are shorter and more
-telegraphic than clinical notes, so the lists here differ from NegEx's in two ways:
+ConText (Harkema, Dowling, Thornblade and Chapman, J Biomed Inform 2009), NegEx's successor,
+marks a concept as negated when it lies in the scope of a trigger: forward triggers ("no",
+"without", "negative for") scope over what follows, backward triggers ("was ruled out", "is
+negative") over what precedes, bidirectional ones over both. Pseudo-triggers ("no change",
+"gram negative") look like triggers and negate nothing; terminations ("but", "however") and
+sentence ends close a scope; a scope also ends where another trigger starts. The rules are data:
+:data:`CONTEXT_RULES` below, one entry per phrase with its direction and the reason for every
+departure from ConText's lexicon. Both engines read that table (the compiled
+``NegationScanner`` through :class:`NegationDetector`'s public accessors), so there is one
+source of the rules.
+
+Radiology captions are shorter and more telegraphic than clinical notes, so four rules are ours:
 
 * caption verbs that introduce a finding ("showing", "demonstrating", "reveals", "with") end a
   scope — "CT without contrast showing a mass" negates contrast, not the mass;
-* the scope is short (five tokens after the trigger, by default) and never crosses sentence
-  punctuation (``. ; : ! ?``); commas do not end it, so "no fracture, dislocation or effusion"
-  negates all three.
+* a location phrase ("on the chest radiograph", "in the pelvis": a location preposition up to
+  the next comma, "or"/"and", trigger or sentence end) is never negated, and a scope goes on
+  past it — in "No evidence of pneumothorax on the chest radiograph" the chest and the
+  radiograph exist;
+* an exam verb ("excluded", "ruled out") negates forward when its clause goes on ("CT of the
+  chest excluded pulmonary embolism": the exam is the subject) and backward when it ends the
+  clause ("pulmonary embolism was excluded"), and nothing right after another phrase ("showing
+  excluded stomach distention": the surgical "excluded stomach");
+* a closing word ("present", "noted", "seen") ends a forward scope at the last comma before it:
+  "no pleural effusion, pneumothorax present" negates the effusion only, while "no pleural
+  effusion present" still negates the effusion.
 
-Everything works on the normalised tokens the matcher already has; a caption without any
-trigger word costs one set intersection.
+A mention is negated when its first token is in a forward scope or its last token in a
+backward one (:func:`mention_negated`): a trigger inside a mention does not negate that mention,
+as in medspaCy, whose ConText does not let a modifier modify a target it overlaps ("hemiarthroplasty
+without hardware complication" as one concept is affirmed).
+
+Scopes run to the end of the sentence (ConText's window; NegEx's was five words) but stop at
+sentence punctuation (``. ; : ! ?``); commas do not end them, so "denies any shortness of
+breath, chest pain or diaphoresis" negates all three. Everything works on the normalised tokens
+the matcher already has; a caption without any trigger word costs one set intersection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import ClassVar
 
 from conceptsvc.normalize import normalize_term
 
 __all__ = [
+    "BACKWARD_SCOPE",
+    "CONTEXT_RULES",
     "DEFAULT_SCOPE",
+    "FORWARD_SCOPE",
+    "LIST_WORDS",
     "PHRASE_BREAKS",
-    "POST_KIND",
-    "PRE_KIND",
-    "PSEUDO_KIND",
     "SENTENCE_BREAKS",
-    "TERM_KIND",
+    "ContextRule",
+    "Kind",
     "NegationDetector",
     "NegationRules",
+    "mention_negated",
 ]
 
-DEFAULT_SCOPE = 5
+DEFAULT_SCOPE: int | None = None
+"""Tokens a scope may cover at most; ``None``: to the end of the sentence, as ConText."""
 
-_PRE = (
-    "no",
-    "not",
-    "without",
-    "absence of",
-    "absent",
-    "negative for",
-    "free of",
-    "no evidence of",
-    "no evidence for",
-    "no sign of",
-    "no signs of",
-    "no findings of",
-    "never",
-    "neither",
-    "nor",
-    "denies",
-    "denied",
-    "ruled out",
-    "rules out",
-    "lack of",
-    "lacks",
-    "lacking",
-    "cannot see",
+
+class Kind(IntEnum):
+    """What a phrase of the rule table does (the compiled scanner reads these values)."""
+
+    PSEUDO = 0  # looks like a trigger, negates nothing, ends scopes
+    FORWARD = 1  # negates what follows
+    BACKWARD = 2  # negates what precedes
+    TERMINATE = 3  # ends a scope
+    BIDIRECTIONAL = 4  # negates both sides
+    CLAUSE = 5  # forward if its clause goes on after it, else backward ("excluded")
+    CLOSE = 6  # ends a forward scope at the last comma before it ("present")
+    LOCATION = 7  # starts a location phrase, which no scope negates ("on", "in")
+
+
+@dataclass(frozen=True)
+class ContextRule:
+    """One phrase of the rule table (raw text; normalised on use)."""
+
+    phrase: str
+    kind: Kind
+
+
+def _rules(kind: Kind, *phrases: str) -> tuple[ContextRule, ...]:
+    return tuple(ContextRule(p, kind) for p in phrases)
+
+
+# The rule table. Its start is the negation part of ConText's lexicon (Harkema et al. 2009,
+# as shipped with pyConText and with medspaCy's default ConText rules, MIT licence,
+# (c) medspaCy authors): written from the published lexicon, as no copy was available offline
+# while this was written, so phrases may differ in detail from medspaCy's file. ConText's
+# categories other than negation (hypothetical, historical, experiencer) are not here.
+# Every departure from ConText carries its reason in a comment.
+CONTEXT_RULES: tuple[ContextRule, ...] = (
+    # ConText forward negation triggers
+    *_rules(
+        Kind.FORWARD,
+        "no", "not", "without", "absence of", "negative for", "free of", "no evidence of",
+        "no evidence for", "no evidence", "no sign of", "no signs of", "no findings of",
+        "no findings to indicate", "no suggestion of", "no suspicious", "no new", "no abnormal",
+        "no significant", "no history of", "no complaints of", "no cause of", "never",
+        "never had", "never developed", "neither", "nor", "denies", "denied", "denying",
+        "deny", "declined", "declines", "cannot see", "not demonstrate", "not appear",
+        "not have", "not had", "not reveal", "not see", "not exhibit", "not feel",
+        "not known to have", "not associated with", "fails to reveal", "with no",
+        "without any evidence of", "without evidence of", "without evidence",
+        "without indication of", "without sign of", "without signs of", "rather than",
+        "unremarkable for", "to exclude",
+        # ours: "with" ends a scope in captions (below), so ConText's "not ... consistent
+        # with X" needs the whole phrase (dev set: "not consistent with aortic dissection")
+        "not consistent with", "inconsistent with",
+        # ours: "suggest"/"suggesting" end a scope in captions, so these need the whole phrase
+        # (dev set: "no findings suggesting osteomyelitis", "no findings to suggest")
+        "no findings suggesting", "no findings to suggest", "no finding to suggest",
+        # ours: caption wording of "no evidence of"
+        "no signs", "lack of", "lacks", "lacking", "no features of",
+    ),
+    # ConText backward negation triggers
+    *_rules(
+        Kind.BACKWARD,
+        "was ruled out", "were ruled out", "is ruled out", "are ruled out",
+        "has been ruled out", "have been ruled out", "was excluded", "were excluded",
+        "is excluded", "are excluded", "has been excluded", "have been excluded", "not seen",
+        "is negative", "are negative", "was negative", "were negative", "has been negative",
+        "resolved", "unlikely",
+        # ConText's "free" ("pain free") is left out: "free fluid" and "free air" are
+        # findings in radiology, and "no free fluid in the pelvis" is negated (dev set)
+        # ours: caption wording (report style "X not visualized", "X is absent")
+        "not visible", "not visualized", "not visualised", "not detected", "not identified",
+        "not present", "not demonstrated", "is absent", "are absent", "was absent",
+        "were absent", "disappeared",
+    ),
+    # ConText lists "absent" in both directions ("absent pulses", "pulses absent")
+    *_rules(Kind.BIDIRECTIONAL, "absent"),
+    # ours: an exam verb in active voice has the exam as its subject ("CT excluded PE"), in
+    # passive or telegraphic voice ends its clause ("PE excluded."); ConText lists these as
+    # bidirectional, which would negate the exam (issue 17: "CT of the chest excluded
+    # pulmonary embolism")
+    # ("rule out" stays ConText's: hypothetical, a pseudo-trigger here: "Rule out pneumonia.")
+    *_rules(Kind.CLAUSE, "excluded", "ruled out", "rules out"),
+    # ConText pseudo-triggers
+    *_rules(
+        Kind.PSEUDO,
+        "no change", "no significant change", "no interval change", "no definite change",
+        "no suspicious change", "no increase", "not only", "not necessarily", "not extend",
+        "not cause", "not drain", "not certain", "not certain if", "not certain whether",
+        "gram negative", "without difficulty", "without change", "not rule out", "rule out",
+        "to rule out", "not ruled out", "not been ruled out", "cannot be ruled out",
+        "can not be ruled out", "could not be ruled out", "cannot be excluded",
+        "can not be excluded", "could not be excluded", "not excluded", "not be excluded",
+        "whether or not",
+        # ours: measurement phrasing in captions
+        "no longer than", "not just",
+        # NegEx's and our earlier list had "no further": dropped, the dev set negates
+        # "no further episodes of coffee-ground emesis" and "no further signs of infection"
+    ),
+    # ConText terminations
+    *_rules(
+        Kind.TERMINATE,
+        "but", "however", "although", "though", "nevertheless", "yet", "still", "except",
+        "apart from", "aside from", "which", "whereas", "while", "secondary to", "due to",
+        "because of", "cause of", "cause for", "source of", "reason for", "etiology of",
+        "origin of",
+        # ours: an affirmation ends a list of negated findings (dev set: "showed no biliary
+        # dilatation and positive for cholecystolithiasis")
+        "positive for",
+        # ours: caption verbs that introduce a finding ("CT without contrast showing a mass")
+        "showing", "show", "shows", "shown", "demonstrating", "demonstrates", "demonstrated",
+        "revealing", "reveals", "revealed", "showed", "displaying", "displays", "depicting",
+        "depicts", "confirming", "confirms", "illustrating", "illustrates", "indicative of",
+        "suggestive of", "suggesting", "suggests", "consistent with",
+        "with", "indicating", "indicates", "and then", "presence of", "there is", "there was",
+        "there are",
+        # ours: "and" with a determiner starts a new, affirmed finding in captions ("absent
+        # right coronary ostium and a large left circumflex artery"); the dev set negates no
+        # item after "and a/an/the"
+        "and a", "and an", "and the",
+    ),
+    # ours (issue 17): "no pleural effusion, pneumothorax present"
+    *_rules(Kind.CLOSE, "present", "is present", "are present", "noted", "seen"),
+    # ours (issue 17): prepositions that introduce where a finding is or how it was imaged.
+    # Not "of": "signs or symptoms of infection", "shortness of breath" (dev set).
+    *_rules(
+        Kind.LOCATION, "on", "in", "at", "within", "along", "involving", "over", "under",
+        "throughout", "into", "near",
+    ),
 )
-_POST = (
-    "ruled out",
-    "was ruled out",
-    "were ruled out",
-    "excluded",
-    "was excluded",
-    "not seen",
-    "not visible",
-    "not visualized",
-    "not detected",
-    "not identified",
-    "not present",
-    "is absent",
-    "are absent",
-    "was absent",
-    "were absent",
-    "absent",
-    "resolved",
-    "disappeared",
-    "was negative",
-    "were negative",
-    "free",
-)
-_PSEUDO = (
-    "no change",
-    "no significant change",
-    "no interval change",
-    "not only",
-    "no increase",
-    "no further",
-    "not necessarily",
-    "gram negative",
-    "without change",
-    "not certain",
-    "not rule out",
-    "rule out",
-    "to rule out",
-    "no longer than",
-    "not just",
-    "whether or not",
-)
-_TERMINATORS = (
-    "but",
-    "however",
-    "although",
-    "though",
-    "except",
-    "apart from",
-    "aside from",
-    "which",
-    "whereas",
-    "while",
-    "yet",
-    "secondary to",
-    "due to",
-    "because of",
-    "showing",
-    "show",
-    "shows",
-    "shown",
-    "demonstrating",
-    "demonstrates",
-    "demonstrated",
-    "revealing",
-    "reveals",
-    "revealed",
-    "suggesting",
-    "suggests",
-    "consistent with",
-    "with",
-    "indicating",
-    "indicates",
-    "and then",
-    "presence of",
-    "there is",
-    "there was",
-    "there are",
-)
+
+LIST_WORDS = frozenset({"and", "or"})
+"""Words that end a location phrase as a comma does ("no mass in the liver or spleen cyst")."""
 SENTENCE_BREAKS = frozenset(".;:!?")
 """Punctuation that ends a negation scope (commas do not: "no fracture, dislocation or
 effusion" negates all three)."""
 PHRASE_BREAKS = SENTENCE_BREAKS | frozenset(",()")
 """Punctuation that no trigger phrase spans ("no, evidence of" is not "no evidence of")."""
+LIST_BREAKS = frozenset(",")
+"""Punctuation that ends a location phrase and marks where a closing word's item begins."""
+
+FORWARD_SCOPE = 1
+"""Bit of a token's flag: in the scope of a trigger before it."""
+BACKWARD_SCOPE = 2
+"""Bit of a token's flag: in the scope of a trigger after it."""
+
+_NEGATING = frozenset({Kind.FORWARD, Kind.BACKWARD, Kind.BIDIRECTIONAL, Kind.CLAUSE})
 
 
 def _phrases(raw: Iterable[str]) -> tuple[tuple[str, ...], ...]:
@@ -156,17 +218,20 @@ def _phrases(raw: Iterable[str]) -> tuple[tuple[str, ...], ...]:
 
 @dataclass(frozen=True)
 class NegationRules:
-    """Trigger lists (raw phrases; normalised on use) and the scope in tokens."""
+    """The rule table and the scope in tokens (``None``: to the end of the sentence)."""
 
-    pre: tuple[str, ...] = _PRE
-    post: tuple[str, ...] = _POST
-    pseudo: tuple[str, ...] = _PSEUDO
-    terminators: tuple[str, ...] = _TERMINATORS
-    scope: int = DEFAULT_SCOPE
+    rules: tuple[ContextRule, ...] = CONTEXT_RULES
+    scope: int | None = DEFAULT_SCOPE
+    list_words: frozenset[str] = LIST_WORDS
 
 
-# What a phrase of the table is (NegationDetector.phrase_table).
-PSEUDO_KIND, PRE_KIND, POST_KIND, TERM_KIND = 0, 1, 2, 3
+def mention_negated(flags: list[int] | None, start_tok: int, end_tok: int) -> bool:
+    """Whether the mention over tokens ``[start_tok, end_tok)`` is negated, given
+    :meth:`NegationDetector.negated_tokens`: its first token in a forward scope or its last in
+    a backward one, so that a trigger inside the mention does not negate it."""
+    if flags is None:
+        return False
+    return bool(flags[start_tok] & FORWARD_SCOPE or flags[end_tok - 1] & BACKWARD_SCOPE)
 
 
 @dataclass
@@ -175,43 +240,47 @@ class NegationDetector:
 
     The compiled engine's ``NegationScanner`` runs :meth:`negated_tokens` itself and reads
     the detector's rules through its public accessors: :attr:`phrase_table`,
-    :attr:`trigger_words`, ``rules.scope``, and the class constants below.
+    :attr:`trigger_words`, :attr:`scope_limit`, :attr:`list_words`, and the class constants
+    below (``kinds`` is :class:`Kind`).
     """
 
     rules: NegationRules = field(default_factory=NegationRules)
     sentence_breaks: ClassVar[frozenset[str]] = SENTENCE_BREAKS
     phrase_breaks: ClassVar[frozenset[str]] = PHRASE_BREAKS
-    pre_kind: ClassVar[int] = PRE_KIND
-    post_kind: ClassVar[int] = POST_KIND
+    list_breaks: ClassVar[frozenset[str]] = LIST_BREAKS
+    kinds: ClassVar[type[Kind]] = Kind
+    forward_scope: ClassVar[int] = FORWARD_SCOPE
+    backward_scope: ClassVar[int] = BACKWARD_SCOPE
 
     def __post_init__(self) -> None:
-        # first token → [(phrase tokens, kind)], longest phrase first; pseudo before others of
-        # the same length so that "no change" wins over "no".
+        # first token → [(phrase tokens, kind)], longest phrase first; among phrases of one
+        # length the lower kind first (pseudo before triggers: "no change" wins over "no").
+        by_kind: dict[Kind, list[str]] = {}
+        for r in self.rules.rules:
+            by_kind.setdefault(r.kind, []).append(r.phrase)
+        entries: dict[tuple[str, ...], int] = {}
+        for kind in sorted(by_kind):
+            for ph in _phrases(by_kind[kind]):
+                entries.setdefault(ph, int(kind))  # one phrase, one kind: the lowest wins
         table: dict[str, list[tuple[tuple[str, ...], int]]] = {}
-        kinds = (
-            (PSEUDO_KIND, self.rules.pseudo),
-            (PRE_KIND, self.rules.pre),
-            (POST_KIND, self.rules.post),
-            (TERM_KIND, self.rules.terminators),
-        )
-        for kind, raw in kinds:
-            for ph in _phrases(raw):
-                table.setdefault(ph[0], []).append((ph, kind))
+        for ph, kind in entries.items():
+            table.setdefault(ph[0], []).append((ph, kind))
         for lst in table.values():
             lst.sort(key=lambda e: (-len(e[0]), e[1]))
         self._table = table
-        # Only a pre- or post-negation trigger can negate anything; terminators and
-        # pseudo-triggers ("with", "showing") are frequent and must not defeat the fast path.
+        # Only a negating trigger can negate anything; terminations, pseudo-triggers and
+        # location words ("with", "in") are frequent and must not defeat the fast path.
         self._trigger_words = frozenset(
-            ph[0]
-            for ph, kind in (e for lst in table.values() for e in lst)
-            if kind in (PRE_KIND, POST_KIND)
+            ph[0] for ph, kind in entries.items() if kind in _NEGATING
         )
+        limit = self.rules.scope
+        self._limit = -1 if limit is None else limit
 
     def negated_tokens(
         self, text: str, norms: list[str], starts: list[int], ends: list[int]
-    ) -> list[bool] | None:
-        """Per token, whether it lies in a negation scope; ``None`` when nothing is negated."""
+    ) -> list[int] | None:
+        """Per token, :data:`FORWARD_SCOPE` | :data:`BACKWARD_SCOPE` bits of the scopes it
+        lies in (see :func:`mention_negated`); ``None`` when nothing is negated."""
         if self._trigger_words.isdisjoint(norms):
             return None
         n = len(norms)
@@ -234,44 +303,90 @@ class NegationDetector:
                     i += 1
             else:
                 i += 1
-        if not any(k in (PRE_KIND, POST_KIND) for _, _, k in hits):
+        if not any(k in _NEGATING for _, _, k in hits):
             return None
-        stop = [False] * n  # token starts a new sentence / is a terminator or another trigger
-        for s, e, _kind in hits:
-            for t in range(s, e):
-                stop[t] = True
-        brk = [False] * (n + 1)  # brk[t]: sentence punctuation between token t-1 and t
+        # stop[t]: token t is part of a phrase other than a location word (ends scopes);
+        # head[t]: kind of the phrase starting at token t, or -1
+        stop = [False] * n
+        head = [-1] * n
+        for s, e, kind in hits:
+            head[s] = kind
+            if kind != Kind.LOCATION:
+                for t in range(s, e):
+                    stop[t] = True
+        # brk[t] / comma[t]: sentence punctuation / a comma between token t-1 and t
+        brk = [False] * (n + 1)
+        comma = [False] * (n + 1)
         for t in range(1, n):
             gap = text[ends[t - 1] : starts[t]]
-            if gap != " " and not SENTENCE_BREAKS.isdisjoint(gap):
-                brk[t] = True
-        out = [False] * n
-        scope = self.rules.scope
+            if gap != " ":
+                brk[t] = not SENTENCE_BREAKS.isdisjoint(gap)
+                comma[t] = not LIST_BREAKS.isdisjoint(gap)
+        # loc[t]: token t is in a location phrase (a location word up to the next comma,
+        # list word, other phrase or sentence end)
+        loc = [False] * n
+        inside = False
+        words = self.rules.list_words
+        for t in range(n):
+            if head[t] == Kind.LOCATION:
+                inside = True
+            elif brk[t] or comma[t] or stop[t] or norms[t] in words:
+                inside = False
+            loc[t] = inside
+        out = [0] * n
+        limit = self._limit
         for s, e, kind in hits:
-            if kind == PRE_KIND:
+            if kind == Kind.CLAUSE:
+                # backward when the trigger ends its clause; forward when the clause goes on,
+                # unless another phrase comes right before it ("showing excluded stomach
+                # distention" is the surgical "excluded stomach")
+                if e >= n or brk[e] or comma[e]:
+                    kind = Kind.BACKWARD
+                elif s > 0 and not brk[s] and stop[s - 1]:
+                    continue
+                else:
+                    kind = Kind.FORWARD
+            if kind == Kind.FORWARD or kind == Kind.BIDIRECTIONAL:
                 t = e
-                while t < n and t < e + scope and not brk[t] and not stop[t]:
-                    out[t] = True
+                item = -1  # first token after the last comma in the scope
+                while t < n and t - e != limit and not brk[t] and not stop[t]:
+                    if comma[t] and t > e:
+                        item = t
+                    if not loc[t]:
+                        out[t] |= FORWARD_SCOPE
                     t += 1
-            elif kind == POST_KIND:
+                if t < n and head[t] == Kind.CLOSE and not brk[t] and item >= 0:
+                    for q in range(item, t):
+                        out[q] &= ~FORWARD_SCOPE
+            if kind == Kind.BACKWARD or kind == Kind.BIDIRECTIONAL:
                 t = s - 1
-                while t >= 0 and t >= s - scope and not brk[t + 1] and not stop[t]:
-                    out[t] = True
+                while t >= 0 and s - 1 - t != limit and not brk[t + 1] and not stop[t]:
+                    if not loc[t]:
+                        out[t] |= BACKWARD_SCOPE
                     t -= 1
         return out if any(out) else None
 
     @property
     def phrase_table(self) -> Mapping[str, list[tuple[tuple[str, ...], int]]]:
         """First normalised token → [(phrase tokens, kind)], longest phrase first and, among
-        phrases of one length, pseudo-triggers first; kinds are ``PSEUDO_KIND`` ...
-        ``TERM_KIND``."""
+        phrases of one length, the lower :class:`Kind` first."""
         return self._table
 
     @property
     def trigger_words(self) -> frozenset[str]:
-        """First tokens of the pre- and post-negation triggers: a caption without any of
-        them has nothing negated."""
+        """First tokens of the negating triggers: a caption without any of them has nothing
+        negated."""
         return self._trigger_words
+
+    @property
+    def scope_limit(self) -> int:
+        """The most tokens a scope covers; -1 for no limit (to the end of the sentence)."""
+        return self._limit
+
+    @property
+    def list_words(self) -> frozenset[str]:
+        """Normalised words that end a location phrase (:data:`LIST_WORDS`)."""
+        return self.rules.list_words
 
 
 def _breaks_inside(text: str, starts: list[int], ends: list[int], i: int, j: int) -> bool:

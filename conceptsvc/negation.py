@@ -142,8 +142,9 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     # passive or telegraphic voice ends its clause ("PE excluded."); ConText lists these as
     # bidirectional, which would negate the exam (issue 17: "CT of the chest excluded
     # pulmonary embolism")
-    # ("rule out" stays ConText's: hypothetical, a pseudo-trigger here: "Rule out pneumonia.")
-    *_rules(Kind.CLAUSE, "excluded", "ruled out", "rules out"),
+    # ("rule out" stays ConText's: hypothetical, a pseudo-trigger here: "Rule out pneumonia.";
+    # "rules out" normalises to the same tokens, so it is not listed)
+    *_rules(Kind.CLAUSE, "excluded", "ruled out"),
     # ConText pseudo-triggers
     *_rules(
         Kind.PSEUDO,

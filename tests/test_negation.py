@@ -1,19 +1,50 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from conceptsvc.negation import NegationDetector, NegationRules
-from conceptsvc.normalize import tokenize_spans
+from conceptsvc.negation import (
+    BACKWARD_SCOPE,
+    CONTEXT_RULES,
+    FORWARD_SCOPE,
+    ContextRule,
+    Kind,
+    NegationDetector,
+    NegationRules,
+    mention_negated,
+)
+from conceptsvc.normalize import normalize_term, tokenize_spans
 
 DETECTOR = NegationDetector()
+SENTENCES = Path(__file__).parent / "fixtures" / "negation_sentences.tsv"
 
 
 def negated_words(text: str, detector: NegationDetector = DETECTOR) -> list[str]:
+    """The words in any negation scope."""
     norms, starts, ends = tokenize_spans(text)
     flags = detector.negated_tokens(text, norms, starts, ends)
     if flags is None:
         return []
     return [text[s:e] for s, e, f in zip(starts, ends, flags, strict=True) if f]
+
+
+def is_negated(text: str, phrase: str, detector: NegationDetector = DETECTOR) -> bool:
+    """Whether a mention of ``phrase`` (its first occurrence, case and spacing ignored) is
+    negated, as the extractor decides it."""
+    m = re.search(r"\s+".join(map(re.escape, phrase.split())), text, re.IGNORECASE)
+    assert m is not None, (phrase, text)
+    norms, starts, ends = tokenize_spans(text)
+    toks = [i for i in range(len(norms)) if starts[i] < m.end() and ends[i] > m.start()]
+    flags = detector.negated_tokens(text, norms, starts, ends)
+    return mention_negated(flags, toks[0], toks[-1] + 1)
+
+
+def only(*rules: tuple[Kind, str], scope: int | None = None) -> NegationDetector:
+    return NegationDetector(
+        NegationRules(rules=tuple(ContextRule(p, k) for k, p in rules), scope=scope)
+    )
 
 
 @pytest.mark.parametrize(
@@ -32,29 +63,145 @@ def test_negation_caption_triggers(text: str, expected: list[str]) -> None:
     assert negated_words(text) == expected
 
 
-def test_negation_lists_continue_over_commas() -> None:
-    assert negated_words("No fracture, dislocation or effusion.") == [
-        "fracture", "dislocation", "or", "effusion"
-    ]
+def test_issue_17_location_phrase_after_the_finding_is_not_negated() -> None:
+    text = "No evidence of pneumothorax on the chest radiograph."
+    assert negated_words(text) == ["pneumothorax"]
+    assert not is_negated(text, "chest") and not is_negated(text, "radiograph")
 
 
-def test_negation_scope_ends_at_sentence_and_terminators() -> None:
-    assert negated_words("No effusion. Large mass.") == ["effusion"]
-    assert negated_words("CT without contrast showing a mass") == ["contrast"]
-    assert negated_words("No fracture but a large hematoma") == ["fracture"]
+def test_issue_17_exam_verb_negates_the_finding_not_the_exam() -> None:
+    text = "CT of the chest excluded pulmonary embolism"
+    assert negated_words(text) == ["pulmonary", "embolism"]
 
 
-def test_negation_scope_limit() -> None:
-    text = "No signs of a b c d e f g h"  # "no signs of" is one trigger
-    assert negated_words(text) == ["a", "b", "c", "d", "e"]
-    short = NegationDetector(NegationRules(scope=2))
-    assert negated_words(text, short) == ["a", "b"]
+def test_issue_17_present_closes_the_scope() -> None:
+    text = "no pleural effusion, pneumothorax present"
+    assert is_negated(text, "pleural effusion")
+    assert not is_negated(text, "pneumothorax")
+
+
+def test_issue_17_scope_runs_through_a_coordination() -> None:
+    text = "Denies any shortness of breath or DIAPHORESIS."
+    assert is_negated(text, "shortness of breath") and is_negated(text, "diaphoresis")
+
+
+def test_negation_forward_trigger_scopes_forward_only() -> None:
+    d = only((Kind.FORWARD, "no"))
+    assert negated_words("mass no effusion", d) == ["effusion"]
+
+
+def test_negation_backward_trigger_scopes_backward_only() -> None:
+    d = only((Kind.BACKWARD, "not seen"))
+    assert negated_words("effusion not seen mass", d) == ["effusion"]
+    flags = d.negated_tokens("effusion not seen", ["effusion", "not", "seen"], [0, 9, 13],
+                             [8, 12, 17])
+    assert flags == [BACKWARD_SCOPE, 0, 0]
+
+
+def test_negation_bidirectional_trigger_scopes_both_ways() -> None:
+    d = only((Kind.BIDIRECTIONAL, "absent"))
+    assert negated_words("pulses absent reflexes", d) == ["pulses", "reflexes"]
+    assert negated_words("Absent pulses in the left foot.") == ["pulses"]
+
+
+def test_negation_clause_trigger_direction_follows_its_clause() -> None:
+    d = only((Kind.CLAUSE, "excluded"), (Kind.TERMINATE, "showing"))
+    assert negated_words("CT excluded embolism", d) == ["embolism"]
+    assert negated_words("embolism excluded.", d) == ["embolism"]
+    assert negated_words("embolism excluded, mass", d) == ["embolism"]
+    # right after another phrase it is an adjective ("excluded stomach")
+    assert negated_words("CT showing excluded stomach", d) == []
 
 
 def test_negation_pseudo_triggers_do_not_negate() -> None:
     assert negated_words("No change in the large mass.") == []
     assert negated_words("Not only a cyst but a tumour") == []
     assert negated_words("Gram negative bacteria") == []
+    assert negated_words("Rule out pneumonia.") == []
+    assert negated_words("Pneumonia cannot be excluded.") == []
+
+
+def test_negation_terminations_end_a_scope() -> None:
+    assert negated_words("No effusion. Large mass.") == ["effusion"]
+    assert negated_words("CT without contrast showing a mass") == ["contrast"]
+    assert negated_words("No fracture but a large hematoma") == ["fracture"]
+    assert negated_words("No fracture however hematoma") == ["fracture"]
+    assert negated_words("absent ostium and a large artery") == ["ostium"]
+    for brk in ".;:!?":
+        assert negated_words(f"No effusion{brk} mass") == ["effusion"]
+
+
+def test_negation_closing_word_ends_the_scope_at_the_last_comma() -> None:
+    assert negated_words("no effusion, pneumothorax present") == ["effusion"]
+    # without a comma the closing word only ends the scope
+    assert negated_words("No pleural effusion present.") == ["pleural", "effusion"]
+    assert negated_words("no effusion, mass, pneumothorax seen") == ["effusion", "mass"]
+
+
+def test_negation_location_phrases_are_not_negated_and_the_scope_goes_on() -> None:
+    text = "No mass in the liver, cyst or effusion"
+    assert negated_words(text) == ["mass", "cyst", "or", "effusion"]
+    assert negated_words("No mass in the liver or spleen") == ["mass", "or", "spleen"]
+    assert negated_words("Embolism on the right was excluded.") == ["Embolism"]
+    # "of" does not start a location phrase
+    assert negated_words("No fever or symptoms of infection") == [
+        "fever", "or", "symptoms", "of", "infection"
+    ]
+
+
+def test_negation_lists_continue_over_commas() -> None:
+    assert negated_words("No fracture, dislocation or effusion.") == [
+        "fracture", "dislocation", "or", "effusion"
+    ]
+
+
+def test_negation_scope_limit() -> None:
+    text = "No signs of a b c d e f g h"  # "no signs of" is one trigger
+    assert negated_words(text) == list("abcdefgh")
+    short = NegationDetector(NegationRules(scope=2))
+    assert negated_words(text, short) == ["a", "b"]
+    back = NegationDetector(NegationRules(scope=2))
+    assert negated_words("a b c d was ruled out", back) == ["c", "d"]
+
+
+def test_negation_a_trigger_inside_a_mention_does_not_negate_it() -> None:
+    text = "Right shoulder hemiarthroplasty without hardware complication."
+    assert not is_negated(text, "hemiarthroplasty without hardware complication")
+    assert is_negated(text, "hardware complication")
+    norms, starts, ends = tokenize_spans("no effusion")
+    flags = DETECTOR.negated_tokens("no effusion", norms, starts, ends)
+    assert flags == [0, FORWARD_SCOPE]
+    assert mention_negated(flags, 1, 2) and not mention_negated(flags, 0, 2)
+    assert not mention_negated(None, 0, 1)
+
+
+def _fixture_rows() -> list[tuple[str, str, str]]:
+    rows = []
+    for line in SENTENCES.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            status, condition, _source, sentence = line.split("\t")
+            rows.append((status, condition, sentence))
+    return rows
+
+
+@pytest.mark.parametrize(("status", "condition", "sentence"), _fixture_rows())
+def test_negation_fixture_sentences(status: str, condition: str, sentence: str) -> None:
+    assert is_negated(sentence, condition) == (status == "Negated")
+
+
+def test_negation_rule_table_gives_each_normalised_phrase_one_kind() -> None:
+    # two phrases that normalise alike ("rules out", "rule out") would silently lose one kind
+    kinds: dict[str, set[Kind]] = {}
+    for r in CONTEXT_RULES:
+        kinds.setdefault(normalize_term(r.phrase), set()).add(r.kind)
+    assert {p: k for p, k in kinds.items() if len(k) > 1} == {}
+    negating = {Kind.FORWARD, Kind.BACKWARD, Kind.BIDIRECTIONAL, Kind.CLAUSE}
+    assert DETECTOR.trigger_words == {p.split()[0] for p, k in kinds.items() if k <= negating}
+
+
+def test_negation_a_phrase_under_two_kinds_keeps_the_lowest() -> None:
+    d = only((Kind.BACKWARD, "free"), (Kind.FORWARD, "free"))
+    assert negated_words("a free b", d) == ["b"]
 
 
 def test_negation_fast_path_without_triggers() -> None:

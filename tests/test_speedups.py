@@ -44,9 +44,9 @@ from conceptsvc.embedded import demo_index
 from conceptsvc.errors import ExtractionError
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import Extractor
-from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex
+from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex, IndexBuilder
 from conceptsvc.model import Annotation, ExtractOptions
-from conceptsvc.negation import NegationDetector, NegationRules
+from conceptsvc.negation import CONTEXT_RULES, ContextRule, Kind, NegationDetector, NegationRules
 from conceptsvc.normalize import normalize_token, tokenize_spans_py
 from conceptsvc.profile import Profile, ProfileModel, load_profile
 
@@ -305,8 +305,9 @@ def test_speedups_compiled_code_follows_the_rules_it_is_handed() -> None:
     ]
     commas = types.SimpleNamespace(
         phrase_table=detector.phrase_table, trigger_words=detector.trigger_words,
-        rules=detector.rules, sentence_breaks=frozenset(".,"), phrase_breaks=frozenset(),
-        pre_kind=detector.pre_kind, post_kind=detector.post_kind,
+        scope_limit=detector.scope_limit, list_words=detector.list_words, kinds=detector.kinds,
+        sentence_breaks=frozenset(".,"), phrase_breaks=frozenset(), list_breaks=frozenset(),
+        forward_scope=detector.forward_scope, backward_scope=detector.backward_scope,
     )
     scanner = _speedups.NegationScanner(commas)
     assert scanner.negated_tokens("no fracture, effusion", norms, starts, ends) == [
@@ -534,6 +535,8 @@ _TRIGGERS = (
     "are absent", "absent", "negative for", "no evidence of", "free of", "free", "not seen",
     "excluded", "resolved", "no change", "no significant change", "gram negative", "not only",
     "but", "however", "with", "showing", "which", "due to", "there is", "and then",
+    # every phrase of the rule table, so that generated captions reach every rule
+    *sorted({r.phrase for r in CONTEXT_RULES}),
 )
 _GLUE = (
     " ", " ", " ", " ", ", ", ". ", "; ", ": ", " (", ") ", "(", ")", " - ", "-", "/", " and ",
@@ -668,15 +671,31 @@ def test_speedups_generated_captions_engine(
     engine_engines.check(data.draw(engine_captions, label="caption"), options)
 
 
+def _rules(kind: Kind, *phrases: str) -> tuple[ContextRule, ...]:
+    return tuple(ContextRule(p, kind) for p in phrases)
+
+
 _DETECTORS = [
     NegationDetector(),
     NegationDetector(NegationRules(scope=1)),
     NegationDetector(NegationRules(scope=12)),
-    # one phrase as both a pre- and a post-trigger, a pseudo-trigger inside a trigger
+    NegationDetector(NegationRules(scope=0)),
+    # every kind; one phrase under two kinds, a pseudo-trigger inside a trigger, a location
+    # word that is also a list word, a closing word inside a trigger
     NegationDetector(
         NegationRules(
-            pre=("no", "free", "ruled out"), post=("free", "absent", "ruled out"),
-            pseudo=("no change", "free text"), terminators=("but", "with"), scope=3,
+            rules=(
+                *_rules(Kind.FORWARD, "no", "free", "not seen", "absent"),
+                *_rules(Kind.BACKWARD, "free", "absent", "seen", "negative"),
+                *_rules(Kind.BIDIRECTIONAL, "ruled out", "gram negative"),
+                *_rules(Kind.CLAUSE, "excluded", "ruled out", "rules out"),
+                *_rules(Kind.PSEUDO, "no change", "free text"),
+                *_rules(Kind.TERMINATE, "but", "with", "and the"),
+                *_rules(Kind.CLOSE, "present", "is present", "seen"),
+                *_rules(Kind.LOCATION, "in", "on", "and"),
+            ),
+            scope=3,
+            list_words=frozenset({"or", "nor"}),
         )
     ),
 ]
@@ -708,6 +727,82 @@ def test_speedups_negation_scanner_on_the_sample(sample: Items) -> None:
             norms, starts, ends = _spans(text)
             got = scanner.negated_tokens(text, norms, starts, ends)
             assert got == detector.negated_tokens(text, norms, starts, ends), text
+
+
+NEGATION_SENTENCES = Path(__file__).parent / "fixtures" / "negation_sentences.tsv"
+
+
+def _negation_rows() -> list[tuple[str, str, str]]:
+    """(status, condition, sentence) of the negation fixture (NegEx and caption sentences)."""
+    rows = []
+    for line in NEGATION_SENTENCES.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            status, condition, _source, sentence = line.split("\t")
+            rows.append((status, condition, sentence))
+    return rows
+
+
+def _negation_variants(sentence: str) -> list[str]:
+    """A sentence and the same with its punctuation moved about (commas, breaks, no breaks)."""
+    return [
+        sentence, sentence.lower(), sentence.replace(",", ""), sentence.replace(" ", ", "),
+        sentence.replace(" ", ". ", 1), re.sub(r"\s+", " ", sentence).rstrip(".") + " present.",
+    ]
+
+
+def test_speedups_negation_scanner_on_the_negation_sentences() -> None:
+    for detector in _DETECTORS:
+        scanner = normalize.SPEEDUPS.NegationScanner(detector)
+        for _, _, sentence in _negation_rows():
+            for text in _negation_variants(sentence):
+                norms, starts, ends = _spans(text)
+                got = scanner.negated_tokens(text, norms, starts, ends)
+                assert got == detector.negated_tokens(text, norms, starts, ends), text
+
+
+@pytest.fixture(scope="module")
+def negation_engines(tmp_path_factory: pytest.TempPathFactory) -> Engines:
+    """Engines over a dictionary with each condition of the negation fixture as a concept."""
+    builder = IndexBuilder(source_release="negation-test-fixture")
+    conditions = sorted({re.sub(r"\s+", " ", c).lower() for _, c, _ in _negation_rows()})
+    for k, condition in enumerate(conditions):
+        cui = f"C9{k:06d}"
+        builder.set_concept(cui, preferred_name=condition, semantic_types=["T047"])
+        builder.add_term(cui, condition, sab="TEST", tty="PT", flags=0)
+    path = builder.write(tmp_path_factory.mktemp("negation") / "index")
+    return Engines(ConceptIndex.load(path))
+
+
+def test_speedups_engines_agree_on_the_negation_sentences(negation_engines: Engines) -> None:
+    options = [
+        ExtractOptions(), ExtractOptions(include_negated=False),
+        ExtractOptions(overlap="all"), ExtractOptions(overlap="all", include_negated=False),
+    ]
+    for o in options:
+        for _, _, sentence in _negation_rows():
+            for text in _negation_variants(sentence):
+                negation_engines.check(text, o)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(
+        st.tuples(
+            st.sampled_from(sorted({r.phrase for r in CONTEXT_RULES})),
+            st.sampled_from(sorted({c for _, c, _ in _negation_rows()})),
+            st.sampled_from((" ", ", ", ". ", " or ", " and ", " in the ")),
+        ),
+        max_size=6,
+    ),
+    overlap=st.sampled_from(("longest", "all")),
+)
+def test_speedups_engines_agree_on_sentences_from_the_rule_table(
+    negation_engines: Engines, parts: list[tuple[str, str, str]], overlap: str
+) -> None:
+    # triggers of every kind around the fixture's conditions
+    text = "".join(f"{rule} {condition}{glue}" for rule, condition, glue in parts)
+    negation_engines.check(text, ExtractOptions(overlap=overlap))
+    negation_engines.check(text, ExtractOptions(overlap=overlap, include_negated=False))
 
 
 @functools.cache

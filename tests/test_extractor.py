@@ -484,3 +484,55 @@ def test_issue_16_extract_batch_rejects_odd_items_showing_both_calls(
     assert says in text
     assert 'extract_batch(["CT of the chest", "MRI of the brain"])' in text
     assert 'extract_batch([("cap1", "CT of the chest"), ("cap2", "MRI of the brain")])' in text
+
+
+_ISSUE_17_CONCEPTS = {
+    "C0032326": "pneumothorax", "C0817096": "chest", "C1306645": "radiograph",
+    "C0040405": "CT", "C0034065": "pulmonary embolism", "C0032227": "pleural effusion",
+    "C0013404": "shortness of breath", "C0700590": "diaphoresis",
+}
+# caption → {mention text: negated}
+_ISSUE_17_CASES = {
+    "No evidence of pneumothorax on the chest radiograph.": {
+        "pneumothorax": True, "chest": False, "radiograph": False,
+    },
+    "CT of the chest excluded pulmonary embolism": {
+        "CT": False, "chest": False, "pulmonary embolism": True,
+    },
+    "no pleural effusion, pneumothorax present": {"pleural effusion": True, "pneumothorax": False},
+    "Denies any shortness of breath or DIAPHORESIS.": {
+        "shortness of breath": True, "DIAPHORESIS": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def issue_17_index(tmp_path_factory: pytest.TempPathFactory) -> ConceptIndex:
+    from conceptsvc.index import IndexBuilder
+
+    builder = IndexBuilder(source_release="issue-17")
+    for cui, name in _ISSUE_17_CONCEPTS.items():
+        builder.set_concept(cui, preferred_name=name, semantic_types=["T047"])
+        builder.add_term(cui, name, sab="TEST", tty="PT", flags=0)
+    return ConceptIndex.load(builder.write(tmp_path_factory.mktemp("issue17") / "index"))
+
+
+@pytest.mark.parametrize("engine", ["reference", "compiled"])
+@pytest.mark.parametrize("text", sorted(_ISSUE_17_CASES))
+def test_issue_17_negation_scope_in_the_extractor(
+    issue_17_index: ConceptIndex, engine: str, text: str
+) -> None:
+    from conceptsvc.normalize import SPEEDUPS
+
+    if engine == "compiled" and SPEEDUPS is None:
+        pytest.skip("the compiled extension is not built")
+    ex = Extractor(issue_17_index, engine=engine)
+    a = ex.extract(text, ExtractOptions(include_negated=True))
+    assert {m.text: m.negated for m in a.mentions} == _ISSUE_17_CASES[text]
+    # context changes flags, never offsets: each mention points at its own text
+    for m in a.mentions:
+        assert text[m.start : m.end] == m.text
+    check_annotation(issue_17_index, text, a)
+    kept = ex.extract(text, ExtractOptions(include_negated=False))
+    assert kept.mentions == tuple(m for m in a.mentions if not m.negated)
+    assert kept.concepts == tuple(dict.fromkeys(m.cui for m in kept.mentions))

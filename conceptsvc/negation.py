@@ -209,6 +209,13 @@ BACKWARD_SCOPE = 2
 """Bit of a token's flag: in the scope of a trigger after it."""
 
 _NEGATING = frozenset({Kind.FORWARD, Kind.BACKWARD, Kind.BIDIRECTIONAL, Kind.CLAUSE})
+# Words too frequent in captions to stand for a trigger in the fast path's word check (see
+# NegationDetector.trigger_words); normalised as the tokens are.
+_COMMON_WORDS = frozenset(
+    normalize_term(w)
+    for w in ("a", "an", "the", "of", "to", "with", "is", "are", "was", "were", "has", "have",
+              "been", "be", "for", "any", "in", "on", "and", "or")
+)
 
 
 def _phrases(raw: Iterable[str]) -> tuple[tuple[str, ...], ...]:
@@ -260,19 +267,24 @@ class NegationDetector:
         for r in self.rules.rules:
             by_kind.setdefault(r.kind, []).append(r.phrase)
         entries: dict[tuple[str, ...], int] = {}
-        for kind in sorted(by_kind):
-            for ph in _phrases(by_kind[kind]):
-                entries.setdefault(ph, int(kind))  # one phrase, one kind: the lowest wins
+        for k in sorted(by_kind):
+            for ph in _phrases(by_kind[k]):
+                entries.setdefault(ph, int(k))  # one phrase, one kind: the lowest wins
         table: dict[str, list[tuple[tuple[str, ...], int]]] = {}
-        for ph, kind in entries.items():
-            table.setdefault(ph[0], []).append((ph, kind))
+        for ph, code in entries.items():
+            table.setdefault(ph[0], []).append((ph, code))
         for lst in table.values():
             lst.sort(key=lambda e: (-len(e[0]), e[1]))
         self._table = table
-        # Only a negating trigger can negate anything; terminations, pseudo-triggers and
-        # location words ("with", "in") are frequent and must not defeat the fast path.
+        # Only a negating trigger can negate anything, and a caption holds one only if it holds
+        # the trigger's key word (its first that is not a common word: "with no" → "no", "to
+        # exclude" → "exclude"). Terminations, pseudo-triggers, location words and common
+        # words ("with", "in", "is", "to") are frequent and must not defeat the fast path.
+        common = _COMMON_WORDS
         self._trigger_words = frozenset(
-            ph[0] for ph, kind in entries.items() if kind in _NEGATING
+            next((tok for tok in ph if tok not in common), ph[0])
+            for ph, code in entries.items()
+            if code in _NEGATING
         )
         limit = self.rules.scope
         self._limit = -1 if limit is None else limit
@@ -375,8 +387,8 @@ class NegationDetector:
 
     @property
     def trigger_words(self) -> frozenset[str]:
-        """First tokens of the negating triggers: a caption without any of them has nothing
-        negated."""
+        """One key word per negating trigger (its first word that is not a common one such as
+        "with" or "is"): a caption without any of them has nothing negated."""
         return self._trigger_words
 
     @property

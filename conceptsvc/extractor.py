@@ -15,8 +15,8 @@ component. The pipeline for one caption, each stage in its own module:
    comes first so that a filter can decide an ambiguity ("CT" with a Bacterium filter);
 5. **overlap resolution**: ``longest`` (greedy by token length, then score), ``best_score``
    (greedy by score, then length) or ``all``;
-6. **negation** (:mod:`conceptsvc.negation`): a per-mention ``negated`` flag; negated mentions
-   are dropped when ``include_negated`` is false;
+6. **negation** (:mod:`conceptsvc.negation`): a per-mention ``negated`` flag (ConText scopes;
+   ``negation.mention_negated``); negated mentions are dropped when ``include_negated`` is false;
 7. **profile** (:mod:`conceptsvc.profile`): the dataset's conventions for the concept set, from
    a data file; it may drop concepts and infer concepts that have no mention.
 

@@ -91,11 +91,17 @@ def _rules(kind: Kind, *phrases: str) -> tuple[ContextRule, ...]:
     return tuple(ContextRule(p, kind) for p in phrases)
 
 
-# The rule table. Its start is the negation part of ConText's lexicon (Harkema et al. 2009,
-# as shipped with pyConText and with medspaCy's default ConText rules, MIT licence,
-# (c) medspaCy authors): written from the published lexicon, as no copy was available offline
-# while this was written, so phrases may differ in detail from medspaCy's file. ConText's
-# categories other than negation (hypothetical, historical, experiencer) are not here.
+# The rule table. Its start is the negation part of ConText's lexicon (Harkema et al. 2009),
+# written from the published lexicon, then compared phrase by phrase with medspaCy 1.3.1's
+# default English rules (resources/en/context_rules.json, MIT licence, (c) medspaCy authors);
+# the entries taken from that file are marked "medspaCy". Left out of medspaCy's negation
+# rules: its spaCy token patterns (each literal is here, inflections through normalisation),
+# "checked for", "test for", "evaluate for" (hypothetical in ConText's original lexicon; two
+# more false positives on the dev set), ": none" / ": no" (a colon ends a scope here; "none" is
+# a backward trigger instead), "any other" and "as well as any" (they continue a list another
+# trigger started, which a sentence-long scope covers already, and "any"/"as" are too frequent
+# for the fast path's word check). medspaCy has no pseudo-trigger category; ConText's are below.
+# ConText's categories other than negation (hypothetical, historical, experiencer) are not here.
 # Every departure from ConText carries its reason in a comment.
 CONTEXT_RULES: tuple[ContextRule, ...] = (
     # ConText forward negation triggers
@@ -120,6 +126,8 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "no findings suggesting", "no findings to suggest", "no finding to suggest",
         # ours: caption wording of "no evidence of"
         "no signs", "lack of", "lacks", "lacking", "no features of",
+        # medspaCy
+        "clear of", "lacked", "not to be",
     ),
     # ConText backward negation triggers
     *_rules(
@@ -135,6 +143,9 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "not visible", "not visualized", "not visualised", "not detected", "not identified",
         "not present", "not demonstrated", "is absent", "are absent", "was absent",
         "were absent", "disappeared",
+        # medspaCy (its ": none" without the colon: "ALLERGIES - NONE", dev set)
+        "none", "no longer present", "not significant", "non diagnostic", "now resolved",
+        "are not evident", "negative on", "prophylaxis",
     ),
     # ConText lists "absent" in both directions ("absent pulses", "pulses absent")
     *_rules(Kind.BIDIRECTIONAL, "absent"),
@@ -168,6 +179,9 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "apart from", "aside from", "which", "whereas", "while", "secondary to", "due to",
         "because of", "cause of", "cause for", "source of", "reason for", "etiology of",
         "origin of",
+        # medspaCy
+        "as a cause for", "as has", "origin for", "source for", "trigger event for",
+        "secondary", "other possibilities of",
         # ours: an affirmation ends a list of negated findings (dev set: "showed no biliary
         # dilatation and positive for cholecystolithiasis")
         "positive for",

@@ -154,7 +154,7 @@ audit: install
 # Regenerate requirements.lock after changing dependencies in pyproject.toml (needs PyPI).
 lock: install
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-	  --extra dev --extra report --extra spark --extra spacy --extra quickumls \
+	  --extra dev --extra report --extra spark --extra spacy --extra quickumls --extra parquet \
 	  --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 clean:

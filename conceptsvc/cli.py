@@ -481,25 +481,30 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         ),
     )
     p.add_argument("input", help="captions: .csv (ID,Caption), .tsv/.txt ROCO (ID<TAB> caption), "
-                                 ".jsonl ({id,text}), .txt (one per line), or - for stdin")
+                                 ".jsonl ({id,text}), .txt (one per line), .parquet (an id and "
+                                 "a caption column), or - for stdin")
     p.add_argument("--out", required=True,
                    help="output file; the first --format goes here, and an extension that names "
-                        "a format (.jsonl, .csv, .submission.tsv, .roco.tsv, .tsv) must name "
-                        "that one; - writes one format to standard output (no resume: its "
-                        "journal lives in a temporary directory; no --report)")
-    p.add_argument("--input-format", choices=["csv", "roco", "jsonl", "text"],
+                        "a format (.jsonl, .csv, .submission.tsv, .roco.tsv, .tsv, .parquet) "
+                        "must name that one; - writes one format to standard output (no "
+                        "resume: its journal lives in a temporary directory; no --report)")
+    p.add_argument("--input-format", choices=["csv", "roco", "jsonl", "text", "parquet"],
                    help="input format (default: from the file name)")
     p.add_argument("--id-column", metavar="NAME",
-                   help="CSV header column / JSONL key holding the id (default ID / id)")
+                   help="CSV header column / JSONL key / Parquet column holding the id "
+                        "(default ID / id; Parquet: the first of the pairs ID/Caption, id/text, "
+                        "id/caption the file has)")
     p.add_argument("--text-column", metavar="NAME",
-                   help="CSV header column / JSONL key holding the caption "
-                        "(default Caption / text)")
+                   help="CSV header column / JSONL key / Parquet column holding the caption "
+                        "(default Caption / text; Parquet: as for --id-column)")
     p.add_argument("--include-text", action="store_true",
                    help="put each caption's text into the jsonl output (after the id), so "
                         "mention offsets can be checked without the input")
     p.add_argument("--format", action="append", metavar="FORMAT[=PATH]",
                    help="jsonl (default; with mentions), csv (ImageCLEF ID,CUIs), submission "
-                        "(ID<TAB>CUI;CUI), roco (ID<TAB><TAB>CUI<TAB>...); repeatable")
+                        "(ID<TAB>CUI;CUI), roco (ID<TAB><TAB>CUI<TAB>...), parquet (the jsonl "
+                        "fields as columns; default for an --out ending in .parquet); "
+                        "repeatable")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent streams (default 4)")
     p.add_argument("--batch-size", type=int, default=64, help="captions per stream (default 64)")
     p.add_argument("--deadline", type=float, default=60.0,

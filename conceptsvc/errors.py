@@ -22,7 +22,8 @@ The whole tree, so callers can catch at the level they care about::
     │   ├── OutputClashError        an output would overwrite the input, another output or a
     │   │                           run's side file (E624); nothing was started
     │   ├── OutputFormatError       an output's extension names another format (E625)
-    │   └── EmptyCorpusError        the input holds no captions (E626), unless allowed
+    │   ├── EmptyCorpusError        the input holds no captions (E626), unless allowed
+    │   └── MissingExtraError       an optional dependency the request needs is missing (E627)
     └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
@@ -49,6 +50,7 @@ __all__ = [
     "ExtractionError",
     "InputTooLargeError",
     "MalformedRowError",
+    "MissingExtraError",
     "OutputClashError",
     "OutputFormatError",
     "RunIncompatibleError",
@@ -230,6 +232,13 @@ class EmptyCorpusError(ClientError):
     """The input holds no caption to annotate (an empty file, a header alone, blank lines)."""
 
     code = "E626"
+
+
+class MissingExtraError(ClientError):
+    """The input or output asks for an optional dependency that is not installed (pyarrow for
+    Parquet); the message names the extra to install."""
+
+    code = "E627"
 
 
 class EvaluationError(ConceptsvcError):

@@ -65,6 +65,7 @@ from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusSc
 from conceptsvc.client.html_page import AnnotatedCaption
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
+    OutputFormat,
     OutputSet,
     OutputSpec,
     annotation_from_json,
@@ -375,8 +376,8 @@ class _Failure:
     reason: str
     attempts: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.caption.id, "line": self.caption.line, "stage": "annotate",
+    def to_json(self, unit: str = "line") -> dict[str, Any]:
+        return {"id": self.caption.id, unit: self.caption.line, "stage": "annotate",
                 "status": self.status, "reason": self.reason, "attempts": self.attempts}
 
 
@@ -708,10 +709,10 @@ def _already_complete(
 
 
 def _write_errors(
-    path: Path, bad: Sequence[BadRecord], failures: Sequence[_Failure]
+    path: Path, bad: Sequence[BadRecord], failures: Sequence[_Failure], unit: str = "line"
 ) -> Path | None:
     rows = [(b.line, b.to_json()) for b in bad]
-    rows += [(f.caption.line, f.to_json()) for f in failures]
+    rows += [(f.caption.line, f.to_json(unit)) for f in failures]
     if not rows:
         path.unlink(missing_ok=True)
         return None
@@ -743,6 +744,10 @@ def annotate_corpus(
     if not specs:
         raise ClientError("no output requested.")
     _check_run_files(corpus, specs, report=settings.report)
+    if any(s.format is OutputFormat.PARQUET for s in specs):
+        from conceptsvc.client.parquet import require_pyarrow
+
+        require_pyarrow()
     overrides = dict(overrides or {})
     started = _now()
     out0 = specs[0].path
@@ -805,7 +810,7 @@ def annotate_corpus(
         new_state = {
             "run_key": key,
             "input": {"path": corpus.source, "format": corpus.format.value,
-                      "sha256": scan.sha256},
+                      "sha256": scan.sha256, **corpus.identity()},
             "options": asdict(options),
             "index_content_hash": info.index.content_hash,
             "first_started_at": prior.get("first_started_at", started) if prior else started,
@@ -922,7 +927,7 @@ def _finish(
                     cap, "INTERNAL", "the client lost track of this caption; rerun to retry it", 0
                 ))
     skipped = list(scan.bad)
-    errors = _write_errors(errors_path, skipped, runner.failures)
+    errors = _write_errors(errors_path, skipped, runner.failures, corpus.record_unit)
     complete = not runner.failures and annotated == scan.n_good
     report = report_files = None
     if settings.report:
@@ -945,6 +950,7 @@ def _finish(
         "input": {
             "path": corpus.source if corpus.source == "-" else str(Path(corpus.source).resolve()),
             "format": corpus.format.value, "sha256": scan.sha256, "bytes": scan.size_bytes,
+            **corpus.identity(),
         },
         "options": state["options"],
         "service": {

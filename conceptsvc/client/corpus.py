@@ -16,21 +16,27 @@ Formats (detected from the file name, overridable with ``fmt``):
            caption, and is removed, so offsets count from the caption's first character.
 ``jsonl``  one ``{"id": ..., "text": ...}`` object per line (``.jsonl``, ``.ndjson``).
 ``text``   one caption per line, the id is the line number (``.txt`` without TABs).
+``parquet`` an id and a caption column of a Parquet file (``.parquet``), read a batch of rows at
+           a time (:mod:`conceptsvc.client.parquet`, needs pyarrow). The columns are named by
+           ``id_column`` / ``text_column``, or else the first of ``ID``/``Caption``,
+           ``id``/``text``, ``id``/``caption`` the file has. Records are numbered by *row*
+           (from 1) where the text formats count lines.
 
 Other layouts are read by naming the columns: ``id_column`` / ``text_column`` (the CLI's
-``--id-column`` / ``--text-column``) pick a CSV's columns by their header names (exact, else
-case-insensitive), or a JSONL object's keys. Without them a CSV header ``ID,Caption`` plus other
-columns is read by those two names; a CSV whose first row has more than two fields and no
-``ID`` column stops with the columns it found and these options.
+``--id-column`` / ``--text-column``) pick a Parquet file's columns (see above), a CSV's columns
+by their header names (exact, else case-insensitive), or a JSONL object's keys. Without them a
+CSV header ``ID,Caption`` plus other columns is read by those two names; a CSV whose first row
+has more than two fields and no ``ID`` column stops with the columns it found and these
+options.
 
-Any of these may be gzip-compressed (``.gz``). ``-`` reads standard input; its format is sniffed
+Any text format may be gzip-compressed (``.gz``). ``-`` reads standard input; its format is sniffed
 from the first line unless given. Blank lines are skipped in every format (in ``text`` they do not
 shift ids: an id is always the physical line number).
 
 Malformed records — bad CSV quoting, a wrong number of fields, invalid UTF-8, a missing id or
 caption, invalid JSON, an unpaired surrogate escape, an id containing a TAB or line break, a
-duplicate id (every occurrence after the first) — become :class:`BadRecord` values carrying
-their line range and what is wrong.
+duplicate id (every occurrence after the first), a null id or caption in Parquet — become
+:class:`BadRecord` values carrying their line range (row, for Parquet) and what is wrong.
 """
 
 from __future__ import annotations
@@ -45,9 +51,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from conceptsvc.errors import ClientError
+
+if TYPE_CHECKING:
+    from conceptsvc.client.parquet import ParquetCaptions
 
 __all__ = [
     "BadRecord",
@@ -70,6 +79,7 @@ class InputFormat(StrEnum):
     ROCO = "roco"
     JSONL = "jsonl"
     TEXT = "text"
+    PARQUET = "parquet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +102,19 @@ class BadRecord:
     end_line: int
     problem: str
     id: str | None = None
+    unit: Literal["line", "row"] = "line"  # what line/end_line count: rows in Parquet
 
     def location(self, source: str) -> str:
         lines = f"{self.line}" if self.end_line == self.line else f"{self.line}-{self.end_line}"
+        if self.unit == "row":
+            return f"{source}: row {lines}"
         return f"{source}:{lines}"
 
     def to_json(self) -> dict[str, object]:
         return {
             "id": self.id,
-            "line": self.line,
-            "end_line": self.end_line,
+            self.unit: self.line,
+            f"end_{self.unit}": self.end_line,
             "stage": "input",
             "reason": self.problem,
         }
@@ -123,12 +136,15 @@ _EXTENSIONS = {
     ".tsv": InputFormat.ROCO,
     ".jsonl": InputFormat.JSONL,
     ".ndjson": InputFormat.JSONL,
+    ".parquet": InputFormat.PARQUET,
 }
-_COLUMN_FORMATS = ("csv", "jsonl")
+_COLUMN_FORMATS = ("csv", "jsonl", "parquet")
 _ROCO_LINE = re.compile(r"^[^\s\t]+\t")
 
 
 def _sniff(first_line: str) -> InputFormat:
+    if first_line.startswith("PAR1"):
+        return InputFormat.PARQUET
     stripped = first_line.lstrip("\ufeff").strip()
     if stripped.startswith("{"):
         return InputFormat.JSONL
@@ -207,7 +223,9 @@ def _surrogate_problem(value: str, what: str) -> str | None:
 
 
 class Corpus:
-    """A caption corpus on disk (or stdin); see the module docstring for the formats."""
+    """A caption corpus on disk (or stdin); see the module docstring for the formats.
+
+    """
 
     def __init__(
         self,
@@ -227,15 +245,11 @@ class Corpus:
         elif not Path(self.source).is_file():
             raise ClientError(f"input {self.source} does not exist or is not a file.")
         if fmt is None:
-            fmt = detect_format(self.source if self.source != STDIN else "", self._first_line())
-        try:
-            self.format = InputFormat(fmt)
-        except ValueError:
-            raise ClientError(
-                f"unknown input format {fmt!r}; use one of "
-                f"{', '.join(f.value for f in InputFormat)}."
-            ) from None
-        self._check_columns()
+            name = self.source if self.source != STDIN else ""
+            # A Parquet file is binary: its name decides before any "first line" is read.
+            fmt = detect_format(name, None if name.lower().endswith(".parquet")
+                                else self._first_line())
+        self._setup(fmt)
 
     @classmethod
     def from_bytes(
@@ -254,9 +268,34 @@ class Corpus:
         self._buffer = data
         if fmt is None:
             fmt = detect_format("", self._first_line())
-        self.format = InputFormat(fmt)
-        self._check_columns()
+        self._setup(fmt)
         return self
+
+    def _setup(self, fmt: InputFormat | str) -> None:
+        try:
+            self.format = InputFormat(fmt)
+        except ValueError:
+            raise ClientError(
+                f"unknown input format {fmt!r}; use one of "
+                f"{', '.join(f.value for f in InputFormat)}."
+            ) from None
+        self._check_columns()
+        self.record_unit: Literal["line", "row"] = "line"
+        self._table: ParquetCaptions | None = None
+        if self.format is InputFormat.PARQUET:
+            from conceptsvc.client.parquet import ParquetCaptions
+
+            self.record_unit = "row"
+            self._table = ParquetCaptions(
+                self.source, self._buffer, id_column=self.id_column, text_column=self.text_column
+            )
+
+    def identity(self) -> dict[str, str]:
+        """The columns a table's captions were read from (the run manifest names them); empty
+        for the text formats."""
+        if self._table is None:
+            return {}
+        return {"id_column": self._table.id_column, "text_column": self._table.text_column}
 
     @property
     def columns(self) -> tuple[str | None, str | None] | None:
@@ -321,6 +360,8 @@ class Corpus:
     # -- the two passes ----------------------------------------------------------------------
     def scan(self) -> CorpusScan:
         """Read everything once: hash, count, and collect every malformed record."""
+        if self._table is not None:
+            return self._scan_table()
         bad: list[BadRecord] = []
         n = good = 0
         with self._open() as fh:
@@ -335,15 +376,37 @@ class Corpus:
             sha256=lines.sha.hexdigest(), n_records=n, n_good=good, bad=bad, size_bytes=lines.size
         )
 
+    def _scan_table(self) -> CorpusScan:
+        # The journal is keyed on the file's bytes, as for the text formats; hashing is a
+        # separate sequential read because pyarrow reads the file in its own order.
+        sha = hashlib.sha256()
+        size = 0
+        with self._open() as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+                size += len(chunk)
+        bad: list[BadRecord] = []
+        n = good = 0
+        for rec in self.records():
+            n += 1
+            if isinstance(rec, BadRecord):
+                bad.append(rec)
+            else:
+                good += 1
+        return CorpusScan(sha256=sha.hexdigest(), n_records=n, n_good=good, bad=bad,
+                          size_bytes=size)
+
     def captions(self) -> Iterator[Caption]:
         """The good records, in input order."""
-        with self._open() as fh:
-            for rec in self._records(_Lines(fh)):
-                if isinstance(rec, Caption):
-                    yield rec
+        for rec in self.records():
+            if isinstance(rec, Caption):
+                yield rec
 
     def records(self) -> Iterator[Caption | BadRecord]:
         """Every record, good and bad, in input order."""
+        if self._table is not None:
+            yield from self._checked(self._table_records(), self.record_unit)
+            return
         with self._open() as fh:
             yield from self._records(_Lines(fh))
 
@@ -355,26 +418,53 @@ class Corpus:
                 InputFormat.JSONL: self._jsonl,
                 InputFormat.TEXT: self._text,
             }[self.format]
-            seen: dict[str, int] = {}
-            for seq, rec in enumerate(parse(lines)):
-                rec = _with_seq(rec, seq)
-                if isinstance(rec, Caption) and (problem := _id_problem(rec.id)) is not None:
-                    rec = BadRecord(seq, rec.line, rec.line, problem)
-                if isinstance(rec, Caption):
-                    first = seen.setdefault(rec.id, rec.line)
-                    if first != rec.line:
-                        rec = BadRecord(
-                            seq, rec.line, rec.line,
-                            f"duplicate id {rec.id!r} (first seen at line {first})", rec.id,
-                        )
-                yield rec
+            yield from self._checked(parse(lines), "line")
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise ClientError(
                 f"{self.source}: read failed after line {lines.line_no} ({exc}); the file is "
                 "truncated or not what its name says."
             ) from exc
 
-    # -- per-format parsers; they yield records with seq=-1, numbered by _records -------------
+    @staticmethod
+    def _checked(
+        records: Iterator[Caption | BadRecord], unit: Literal["line", "row"]
+    ) -> Iterator[Caption | BadRecord]:
+        """Number the records and apply the checks every format shares (ids, duplicates)."""
+        seen: dict[str, int] = {}
+        for seq, rec in enumerate(records):
+            rec = _with_seq(rec, seq, unit)
+            if isinstance(rec, Caption) and (problem := _id_problem(rec.id)) is not None:
+                rec = BadRecord(seq, rec.line, rec.line, problem, unit=unit)
+            if isinstance(rec, Caption):
+                first = seen.setdefault(rec.id, rec.line)
+                if first != rec.line:
+                    rec = BadRecord(
+                        seq, rec.line, rec.line,
+                        f"duplicate id {rec.id!r} (first seen at {unit} {first})", rec.id,
+                        unit=unit,
+                    )
+            yield rec
+
+    # -- per-format parsers; they yield records with seq=-1, numbered by _checked -------------
+    def _table_records(self) -> Iterator[Caption | BadRecord]:
+        from conceptsvc.client.parquet import BadValue
+
+        assert self._table is not None
+        id_col, text_col = self._table.id_column, self._table.text_column
+        for n, raw_id, text in self._table.rows():
+            if isinstance(raw_id, BadValue):
+                yield BadRecord(-1, n, n, f"column {id_col!r}: {raw_id.why}")
+                continue
+            rid = str(raw_id).strip() if raw_id is not None else ""
+            if not rid:
+                yield BadRecord(-1, n, n, f"missing id (column {id_col!r} is null or empty)")
+            elif isinstance(text, BadValue):
+                yield BadRecord(-1, n, n, f"column {text_col!r}: {text.why}", rid)
+            elif not isinstance(text, str):
+                yield BadRecord(-1, n, n, f"missing caption (column {text_col!r} is null)", rid)
+            else:
+                yield Caption(-1, rid, text, n)
+
     def _csv(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
         # The csv module refuses fields over 128 KiB by default, a limit a 1 MB caption meets.
         # The limit is process-wide (there is no per-reader setting); it is only ever raised.
@@ -518,7 +608,9 @@ class Corpus:
                 yield Caption(-1, str(n), line, n)
 
 
-def _with_seq(rec: Caption | BadRecord, seq: int) -> Caption | BadRecord:
+def _with_seq(
+    rec: Caption | BadRecord, seq: int, unit: Literal["line", "row"]
+) -> Caption | BadRecord:
     if isinstance(rec, Caption):
         return Caption(seq, rec.id, rec.text, rec.line)
-    return BadRecord(seq, rec.line, rec.end_line, rec.problem, rec.id)
+    return BadRecord(seq, rec.line, rec.end_line, rec.problem, rec.id, unit)

@@ -11,9 +11,13 @@ Formats:
                 joined by ``;``.
 ``submission``  the ImageCLEFmedical run-submission variant: ``ID<TAB>CUI;CUI``, no header.
 ``roco``        ROCO's per-caption CUI file: ``ID<TAB><TAB>CUI<TAB>CUI...``.
+``parquet``     the ``jsonl`` fields as Parquet columns: ``id`` string, ``concepts``
+                list<string>, ``mentions`` list<struct<cui, preferred_name, text, start, end,
+                score, semantic_types list<string>, source, negated>>, written in row groups
+                (:mod:`conceptsvc.client.parquet`, needs pyarrow).
 
-Every caption gets exactly one line in every format, also when it has no concepts. Files are
-written as part files and moved into place with ``os.replace`` only when complete, so a reader
+Every caption gets exactly one line (row) in every format, also when it has no concepts. Files
+are written as part files and moved into place with ``os.replace`` only when complete, so a reader
 never sees half a file, and an interrupted run leaves the previous output untouched.
 
 Rendering is a pure function of the :class:`~conceptsvc.model.Annotation` (fixed key order,
@@ -57,6 +61,7 @@ class OutputFormat(StrEnum):
     CSV = "csv"
     SUBMISSION = "submission"
     ROCO = "roco"
+    PARQUET = "parquet"
 
 
 # The suffix an extra output gets when several formats share one --out stem.
@@ -65,9 +70,11 @@ _SUFFIX = {
     OutputFormat.CSV: ".csv",
     OutputFormat.SUBMISSION: ".submission.tsv",
     OutputFormat.ROCO: ".roco.tsv",
+    OutputFormat.PARQUET: ".parquet",
 }
 # --out suffixes that say which format is meant when --format is not given.
-_BY_SUFFIX = {".jsonl": OutputFormat.JSONL, ".ndjson": OutputFormat.JSONL, ".csv": OutputFormat.CSV}
+_BY_SUFFIX = {".jsonl": OutputFormat.JSONL, ".ndjson": OutputFormat.JSONL, ".csv": OutputFormat.CSV,
+              ".parquet": OutputFormat.PARQUET}
 # File-name endings that name formats, longest first: a file may only be written in one of the
 # formats its ending names (a plain .tsv is either TAB format). Other endings (.txt, .out, .json)
 # name none and take any format.
@@ -77,6 +84,7 @@ _NAMED_BY_ENDING: tuple[tuple[str, frozenset[OutputFormat]], ...] = (
     (".ndjson", frozenset({OutputFormat.JSONL})),
     (".jsonl", frozenset({OutputFormat.JSONL})),
     (".csv", frozenset({OutputFormat.CSV})),
+    (".parquet", frozenset({OutputFormat.PARQUET})),
     (".tsv", frozenset({OutputFormat.SUBMISSION, OutputFormat.ROCO})),
 )
 
@@ -186,13 +194,14 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
     Each format item is ``FORMAT`` or ``FORMAT=PATH`` (comma-separated lists are accepted).
     The first format without an explicit path is written to ``out`` itself; further ones to
     ``out``'s stem plus the format's suffix (``.csv``, ``.submission.tsv``, ``.roco.tsv``,
-    ``.jsonl``). Without ``--format`` — or with only ``FORMAT=PATH`` items — ``out`` gets the
-    format its suffix names (``.csv`` → csv, otherwise jsonl).
+    ``.jsonl``, ``.parquet``). Without ``--format`` — or with only ``FORMAT=PATH`` items —
+    ``out`` gets the format its suffix names (``.csv`` → csv, ``.parquet`` → parquet, otherwise
+    jsonl).
 
     Refused (before anything is written): a file whose ending names another format than the
     one it would get (:class:`~conceptsvc.errors.OutputFormatError`; ``.jsonl``/``.ndjson``,
-    ``.csv``, ``.submission.tsv``, ``.roco.tsv``, and ``.tsv`` for either TAB format — other
-    endings take any format), and two outputs that are one file
+    ``.csv``, ``.parquet``, ``.submission.tsv``, ``.roco.tsv``, and ``.tsv`` for either TAB
+    format — other endings take any format), and two outputs that are one file
     (:class:`~conceptsvc.errors.OutputClashError`). Whether an output is the input is
     checked by :func:`~conceptsvc.client.batch.annotate_corpus`, which knows the input.
     """
@@ -290,7 +299,8 @@ def dumps(obj: Any) -> str:
 
 def render(fmt: OutputFormat, a: Annotation, text: str | None = None) -> str:
     """One caption's line (with its newline) in ``fmt``; ``text``, the caption, goes into the
-    JSONL row after the id (the other formats have no place for it)."""
+    JSONL row after the id (the other formats have no place for it). Text formats only:
+    Parquet rows are written by :class:`~conceptsvc.client.parquet.ParquetAnnotationWriter`."""
     if fmt is OutputFormat.JSONL:
         obj = annotation_to_json(a)
         if text is not None:
@@ -336,6 +346,52 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+class _TextPart:
+    """A part file of a line-per-caption text format."""
+
+    def __init__(self, fmt: OutputFormat, path: Path) -> None:
+        self.format = fmt
+        self._fh: IO[str] = path.open("w", encoding="utf-8", newline="")
+        self._fh.write(_header(fmt))
+
+    def write(self, a: Annotation, text: str | None = None) -> None:
+        self._fh.write(render(self.format, a, text))
+
+    def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def abort(self) -> None:
+        self._fh.close()
+
+
+class _ParquetPart:
+    """A part file in Parquet, flushed a row group at a time."""
+
+    def __init__(self, path: Path) -> None:
+        from conceptsvc.client.parquet import ParquetAnnotationWriter
+
+        self._path = path
+        self._writer = ParquetAnnotationWriter(path)
+
+    def write(self, a: Annotation, text: str | None = None) -> None:
+        # No text column: like csv, Parquet rows hold the results only (--include-text is jsonl's).
+        self._writer.write(annotation_to_json(a))
+
+    def close(self) -> None:
+        self._writer.close()
+        with self._path.open("rb+") as fh:
+            os.fsync(fh.fileno())
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def _open_part(fmt: OutputFormat, path: Path) -> _TextPart | _ParquetPart:
+    return _ParquetPart(path) if fmt is OutputFormat.PARQUET else _TextPart(fmt, path)
+
+
 class OutputSet:
     """All requested outputs of one run, written together and committed together.
 
@@ -345,32 +401,31 @@ class OutputSet:
 
     def __init__(self, specs: Iterable[OutputSpec], work_dir: Path) -> None:
         self.specs = list(specs)
-        self._parts: list[tuple[OutputSpec, Path, IO[str]]] = []
+        self._parts: list[tuple[OutputSpec, Path, _TextPart | _ParquetPart]] = []
         work_dir.mkdir(parents=True, exist_ok=True)
         try:
             for i, spec in enumerate(self.specs):
                 spec.path.parent.mkdir(parents=True, exist_ok=True)
                 part = work_dir / f"out-{i}.{spec.format.value}.part"
-                fh = part.open("w", encoding="utf-8", newline="")
-                fh.write(_header(spec.format))
-                self._parts.append((spec, part, fh))
+                self._parts.append((spec, part, _open_part(spec.format, part)))
         except OSError as exc:
             self.abort()
             raise ClientError(f"cannot create output files: {exc}") from exc
+        except BaseException:
+            self.abort()
+            raise
         self.count = 0
         self._committed = False
 
     def write(self, a: Annotation, text: str | None = None) -> None:
-        for spec, _, fh in self._parts:
-            fh.write(render(spec.format, a, text))
+        for _, _, writer in self._parts:
+            writer.write(a, text)
         self.count += 1
 
     def commit(self) -> list[Path]:
         """Flush, fsync and move every part file into place."""
-        for _, _, fh in self._parts:
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
+        for _, _, writer in self._parts:
+            writer.close()
         for spec, part, _ in self._parts:
             os.replace(part, spec.path)
         for parent in {spec.path.parent for spec in self.specs}:
@@ -379,8 +434,8 @@ class OutputSet:
         return [spec.path for spec in self.specs]
 
     def abort(self) -> None:
-        for _, part, fh in self._parts:
-            fh.close()
+        for _, part, writer in self._parts:
+            writer.abort()
             part.unlink(missing_ok=True)
         self._parts = []
 

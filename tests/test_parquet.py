@@ -123,7 +123,7 @@ def test_parquet_out_is_chosen_by_the_suffix_and_is_deterministic(tmp_path: Path
     paths = []
     for k in range(2):
         path = tmp_path / f"w{k}.parquet"
-        writer = ParquetAnnotationWriter(path, group_rows=7)
+        writer = ParquetAnnotationWriter(path, group_rows=7, group_mentions=1000)
         for r in rows:
             writer.write(r)
         writer.close()
@@ -131,6 +131,15 @@ def test_parquet_out_is_chosen_by_the_suffix_and_is_deterministic(tmp_path: Path
     assert paths[0].read_bytes() == paths[1].read_bytes()
     f = pq.ParquetFile(paths[0])
     assert f.metadata.num_row_groups == 8  # 50 rows in groups of 7: flushed as they came
+    assert f.read().to_pylist() == rows
+    # a group is also cut at the mention bound: rows 0-4 hold 0+1+2+0+1 = 4 mentions
+    path = tmp_path / "m.parquet"
+    writer = ParquetAnnotationWriter(path, group_rows=1000, group_mentions=4)
+    for r in rows:
+        writer.write(r)
+    writer.close()
+    f = pq.ParquetFile(path)
+    assert f.metadata.row_group(0).num_rows == 5
     assert f.read().to_pylist() == rows
 
 

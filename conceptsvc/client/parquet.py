@@ -46,9 +46,12 @@ DEFAULT_COLUMNS: tuple[tuple[str, str], ...] = (
 # Rows per record batch read from the input: small enough that two string columns of it are a
 # few MB, large enough that the per-batch overhead of pyarrow does not show.
 _READ_BATCH_ROWS = 8192
-# Rows per row group written: mentions are the bulk of an output row (~10 per caption), so a
-# group of this many rows is a few tens of MB in memory before it is flushed.
-_WRITE_GROUP_ROWS = 16384
+# A row group is written every this many rows or mentions, whichever comes first: buffered,
+# the mentions of a group are about 15 MB of Python objects at the mention bound.
+_WRITE_GROUP_ROWS = 8192
+_WRITE_GROUP_MENTIONS = 32768
+# The mention fields held in a flat buffer each (semantic_types, a list, has its own).
+_MENTION_SCALARS = ("cui", "preferred_name", "text", "start", "end", "score", "source", "negated")
 
 
 def require_pyarrow() -> None:
@@ -216,34 +219,84 @@ def annotation_schema() -> pa.Schema:
 
 class ParquetAnnotationWriter:
     """Canonical JSON results (:func:`~conceptsvc.client.outputs.annotation_to_json`) into a
-    Parquet file, a row group every ``group_rows`` rows.
+    Parquet file, a row group at a time.
 
-    The bytes depend only on the rows and the pyarrow version (no timestamps; ``created_by``
-    names the writing library), so the same results give the same file — which is what makes a
+    Rows are taken apart into column buffers as they arrive (a Python dict per mention would
+    cost about 1 KB; a list slot per field a tenth of that) and written as a row group every
+    ``group_rows`` rows or ``group_mentions`` mentions, whichever comes first — mentions, not
+    rows, are what a row group's memory is made of. The bytes depend only on the rows and the
+    pyarrow version (no timestamps; ``created_by`` names the writing library; the row groups
+    are cut by the data alone), so the same results give the same file — which is what makes a
     resumed run's output identical to an uninterrupted one.
     """
 
-    def __init__(self, path: Path, *, group_rows: int = _WRITE_GROUP_ROWS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        group_rows: int = _WRITE_GROUP_ROWS,
+        group_mentions: int = _WRITE_GROUP_MENTIONS,
+    ) -> None:
         pa_, pq_ = _pyarrow()
         self._pa = pa_
         self.schema = annotation_schema()
-        self._writer = pq_.ParquetWriter(
-            str(path), self.schema, compression="zstd"
-        )
+        self._writer = pq_.ParquetWriter(str(path), self.schema, compression="zstd")
         self.group_rows = group_rows
-        self._rows: list[dict[str, Any]] = []
+        self.group_mentions = group_mentions
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ids: list[str] = []
+        self._concept_offsets = [0]
+        self._concepts: list[str] = []
+        self._mention_offsets = [0]
+        self._fields: dict[str, list[Any]] = {name: [] for name in _MENTION_SCALARS}
+        self._type_offsets = [0]
+        self._types: list[str] = []
 
     def write(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= self.group_rows:
+        self._ids.append(row["id"])
+        self._concepts.extend(row["concepts"])
+        self._concept_offsets.append(len(self._concepts))
+        for m in row["mentions"]:
+            for name, values in self._fields.items():
+                values.append(m[name])
+            self._types.extend(m["semantic_types"])
+            self._type_offsets.append(len(self._types))
+        self._mention_offsets.append(self._mention_offsets[-1] + len(row["mentions"]))
+        if (len(self._ids) >= self.group_rows
+                or self._mention_offsets[-1] >= self.group_mentions):
             self._flush()
 
     def _flush(self) -> None:
-        if not self._rows:
+        if not self._ids:
             return
-        table = self._pa.Table.from_pylist(self._rows, schema=self.schema)
-        self._writer.write_table(table, row_group_size=len(self._rows))
-        self._rows = []
+        pa_ = self._pa
+        schema = self.schema
+        mention_type = schema.field("mentions").type.value_type
+        arrays = []
+        for field in mention_type:
+            if field.name == "semantic_types":
+                arrays.append(pa_.ListArray.from_arrays(
+                    pa_.array(self._type_offsets, pa_.int32()),
+                    pa_.array(self._types, pa_.string()), type=field.type,
+                ))
+            else:
+                arrays.append(pa_.array(self._fields[field.name], field.type))
+        mentions = pa_.StructArray.from_arrays(arrays, fields=list(mention_type))
+        table = pa_.Table.from_arrays([
+            pa_.array(self._ids, pa_.string()),
+            pa_.ListArray.from_arrays(
+                pa_.array(self._concept_offsets, pa_.int32()),
+                pa_.array(self._concepts, pa_.string()), type=schema.field("concepts").type,
+            ),
+            pa_.ListArray.from_arrays(
+                pa_.array(self._mention_offsets, pa_.int32()), mentions,
+                type=schema.field("mentions").type,
+            ),
+        ], schema=schema)
+        self._writer.write_table(table, row_group_size=len(self._ids))
+        self._reset()
 
     def close(self) -> None:
         """Write what is buffered and the footer."""
@@ -251,7 +304,7 @@ class ParquetAnnotationWriter:
         self._writer.close()
 
     def abort(self) -> None:
-        self._rows = []
+        self._reset()
         try:
             self._writer.close()
         except (OSError, ValueError):

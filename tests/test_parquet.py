@@ -5,7 +5,9 @@ The 1M-row memory figure is not a test (it takes minutes): ``benchmarks/bench_pa
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conceptsvc.cli import main
 from conceptsvc.client.batch import annotate_corpus
 from conceptsvc.client.corpus import Corpus, InputFormat
 from conceptsvc.client.outputs import OutputFormat, OutputSet, resolve_outputs
@@ -186,6 +189,37 @@ def test_parquet_column_options(tmp_path: Path) -> None:
     roco.write_text("a\t x-ray\n")
     with pytest.raises(ClientError, match="apply to csv, jsonl, parquet input"):
         Corpus(roco, id_column="ID")
+
+
+def test_parquet_cli_columns_and_stdin(tmp_path: Path, demo_server: str) -> None:
+    """The CLI's --id-column/--text-column and --input-format parquet on standard input."""
+    rows = demo_rows()[:20]
+    src = write_parquet(tmp_path / "in.parquet", {
+        "image": [r[0] for r in rows], "summary": [r[1] for r in rows], "id": list(range(20)),
+        "caption": ["x"] * 20,
+    })
+    out = tmp_path / "run.parquet"
+    saved = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(src.read_bytes()), encoding="utf-8")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main(["annotate", "-", "--input-format", "parquet", "--id-column", "image",
+                         "--text-column", "summary", "--out", str(out), "--format", "parquet",
+                         "--format", "jsonl", "--target", demo_server, "--profile", "rocov2"])
+    finally:
+        sys.stdin = saved
+    assert code == 0, err.getvalue()
+    table = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in table] == [r[0] for r in rows]
+    assert table == [json.loads(x) for x in (tmp_path / "run.jsonl").read_text().splitlines()]
+    manifest = json.loads((tmp_path / "run.parquet.manifest.json").read_text())
+    assert manifest["input"]["text_column"] == "summary"
+    roco = tmp_path / "in.tsv"
+    roco.write_text("a\t x-ray\n")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["annotate", str(roco), "--text-column", "Caption",
+                     "--out", str(tmp_path / "x.jsonl"), "--target", demo_server])
+    assert code == 2 and "--id-column/--text-column apply to" in err.getvalue()
 
 
 def test_parquet_stdin_is_sniffed(tmp_path: Path) -> None:

@@ -919,9 +919,9 @@ def _finish(
         paths = out.commit()
     if annotated + len(runner.failures) < scan.n_good:
         # Never expected; but a caption that is in neither list must not vanish silently.
-        accounted = set(journal.done) | {f.caption.seq for f in runner.failures}
+        failed = {f.caption.seq for f in runner.failures}
         for cap in corpus.captions():
-            if cap.seq not in accounted:
+            if cap.seq not in journal.done and cap.seq not in failed:
                 log.error("caption %s (line %d) was neither annotated nor failed", cap.id, cap.line)
                 runner.failures.append(_Failure(
                     cap, "INTERNAL", "the client lost track of this caption; rerun to retry it", 0

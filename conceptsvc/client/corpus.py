@@ -47,11 +47,14 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
+
+import numpy as np
 
 from conceptsvc.errors import ClientError
 
@@ -65,6 +68,8 @@ __all__ = [
     "CorpusScan",
     "InputFormat",
     "detect_format",
+    "find_duplicates",
+    "id_hash",
 ]
 
 STDIN = "-"
@@ -140,6 +145,47 @@ _EXTENSIONS = {
 }
 _COLUMN_FORMATS = ("csv", "jsonl", "parquet")
 _ROCO_LINE = re.compile(r"^[^\s\t]+\t")
+
+
+def id_hash(rid: str) -> int:
+    """A 64-bit hash of an id: the duplicate check keeps these (8 bytes a caption), not the ids."""
+    return int.from_bytes(hashlib.blake2b(rid.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "little")
+
+
+def find_duplicates(
+    hashes: array[int],
+    records: Callable[[], Iterable[Caption | BadRecord]],
+    unit: Literal["line", "row"],
+    *,
+    hash_id: Callable[[str], int] = id_hash,
+) -> dict[int, BadRecord]:
+    """The duplicate-id records (every occurrence after the first), by seq.
+
+    ``hashes`` holds ``hash_id(id)`` of every good caption. Equal hashes only say "maybe": the
+    ids behind them are compared in a second pass over ``records()`` that keeps only the ids
+    whose hash occurs more than once — a dict of every id cost ~130 bytes a caption.
+    """
+    keys = np.sort(np.frombuffer(hashes, dtype=np.uint64)) if len(hashes) else None
+    if keys is None or len(keys) < 2:
+        return {}
+    repeated = keys[1:][keys[1:] == keys[:-1]]
+    if not len(repeated):
+        return {}
+    suspects = set(np.unique(repeated).tolist())
+    del keys, repeated
+    first: dict[str, int] = {}
+    found: dict[int, BadRecord] = {}
+    for rec in records():
+        if not isinstance(rec, Caption) or hash_id(rec.id) not in suspects:
+            continue
+        line = first.setdefault(rec.id, rec.line)
+        if line != rec.line:
+            found[rec.seq] = BadRecord(
+                rec.seq, rec.line, rec.line,
+                f"duplicate id {rec.id!r} (first seen at {unit} {line})", rec.id, unit=unit,
+            )
+    return found
 
 
 def _sniff(first_line: str) -> InputFormat:
@@ -281,6 +327,8 @@ class Corpus:
             ) from None
         self._check_columns()
         self.record_unit: Literal["line", "row"] = "line"
+        self._duplicates: dict[int, BadRecord] | None = None  # by seq, once scanned
+        self.hash_id: Callable[[str], int] = id_hash
         self._table: ParquetCaptions | None = None
         if self.format is InputFormat.PARQUET:
             from conceptsvc.client.parquet import ParquetCaptions
@@ -362,19 +410,35 @@ class Corpus:
         """Read everything once: hash, count, and collect every malformed record."""
         if self._table is not None:
             return self._scan_table()
-        bad: list[BadRecord] = []
-        n = good = 0
         with self._open() as fh:
             lines = _Lines(fh)
-            for rec in self._records(lines):
-                n += 1
-                if isinstance(rec, BadRecord):
-                    bad.append(rec)
-                else:
-                    good += 1
+            n, good, bad = self._tally(self._records(lines))
         return CorpusScan(
             sha256=lines.sha.hexdigest(), n_records=n, n_good=good, bad=bad, size_bytes=lines.size
         )
+
+    def _tally(
+        self, records: Iterable[Caption | BadRecord]
+    ) -> tuple[int, int, list[BadRecord]]:
+        """Count the records and collect the bad ones, duplicate ids included (which
+        :meth:`records` then reuses instead of checking again)."""
+        bad: list[BadRecord] = []
+        hashes: array[int] = array("Q")
+        n = 0
+        for rec in records:
+            n += 1
+            if isinstance(rec, BadRecord):
+                bad.append(rec)
+            else:
+                hashes.append(self.hash_id(rec.id))
+        good = len(hashes)
+        dups = find_duplicates(hashes, self._numbered_records, self.record_unit,
+                               hash_id=self.hash_id)
+        del hashes
+        self._duplicates = dups
+        if dups:
+            bad = sorted([*bad, *dups.values()], key=lambda b: b.seq)
+        return n, good - len(dups), bad
 
     def _scan_table(self) -> CorpusScan:
         # The journal is keyed on the file's bytes, as for the text formats; hashing is a
@@ -385,14 +449,7 @@ class Corpus:
             while chunk := fh.read(1 << 20):
                 sha.update(chunk)
                 size += len(chunk)
-        bad: list[BadRecord] = []
-        n = good = 0
-        for rec in self.records():
-            n += 1
-            if isinstance(rec, BadRecord):
-                bad.append(rec)
-            else:
-                good += 1
+        n, good, bad = self._tally(self._numbered_records())
         return CorpusScan(sha256=sha.hexdigest(), n_records=n, n_good=good, bad=bad,
                           size_bytes=size)
 
@@ -404,6 +461,15 @@ class Corpus:
 
     def records(self) -> Iterator[Caption | BadRecord]:
         """Every record, good and bad, in input order."""
+        if self._duplicates is None:
+            self.scan()  # the duplicate ids are only known after a whole pass
+        dups = self._duplicates
+        assert dups is not None
+        for rec in self._numbered_records():
+            yield dups.get(rec.seq, rec) if dups else rec
+
+    def _numbered_records(self) -> Iterator[Caption | BadRecord]:
+        """Every record, numbered and id-checked, duplicates not yet marked."""
         if self._table is not None:
             yield from self._checked(self._table_records(), self.record_unit)
             return
@@ -429,20 +495,12 @@ class Corpus:
     def _checked(
         records: Iterator[Caption | BadRecord], unit: Literal["line", "row"]
     ) -> Iterator[Caption | BadRecord]:
-        """Number the records and apply the checks every format shares (ids, duplicates)."""
-        seen: dict[str, int] = {}
+        """Number the records and apply the id check every format shares (duplicate ids are
+        found by :func:`find_duplicates` over a whole pass)."""
         for seq, rec in enumerate(records):
             rec = _with_seq(rec, seq, unit)
             if isinstance(rec, Caption) and (problem := _id_problem(rec.id)) is not None:
                 rec = BadRecord(seq, rec.line, rec.line, problem, unit=unit)
-            if isinstance(rec, Caption):
-                first = seen.setdefault(rec.id, rec.line)
-                if first != rec.line:
-                    rec = BadRecord(
-                        seq, rec.line, rec.line,
-                        f"duplicate id {rec.id!r} (first seen at {unit} {first})", rec.id,
-                        unit=unit,
-                    )
             yield rec
 
     # -- per-format parsers; they yield records with seq=-1, numbered by _checked -------------

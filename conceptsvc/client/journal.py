@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 from conceptsvc.client.outputs import atomic_write_text, dumps
 from conceptsvc.errors import ClientError
 
-__all__ = ["Journal"]
+__all__ = ["Journal", "SeqSet"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,51 @@ JOURNAL = "journal.jsonl"
 STATE = "run.json"
 LOCK = "lock"
 _MISSING = array("q", [-1])
+
+
+class SeqSet(Set[int]):
+    """A set of caption seqs as one byte per seq (1 = in the set).
+
+    A ``set[int]`` of a million seqs takes ~70 MB of int objects and hash table; this takes 1 MB,
+    so the client's memory stays flat in the number of captions.
+    """
+
+    def __init__(self, seqs: Iterator[int] | Sequence[int] = ()) -> None:
+        self._flags = bytearray()
+        self._count = 0
+        for seq in seqs:
+            self.add(seq)
+
+    def add(self, seq: int) -> None:
+        if seq < 0:
+            raise ValueError(f"a seq is >= 0, got {seq}")
+        if seq >= len(self._flags):
+            # Grow geometrically: one extend per doubling, not one per caption.
+            self._flags.extend(bytes(max(seq + 1, 2 * len(self._flags), 1024) - len(self._flags)))
+        if not self._flags[seq]:
+            self._flags[seq] = 1
+            self._count += 1
+
+    def __contains__(self, seq: object) -> bool:
+        return (isinstance(seq, int) and 0 <= seq < len(self._flags)
+                and self._flags[seq] == 1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        flags, seq = self._flags, self._flags.find(1)
+        while seq >= 0:
+            yield seq
+            seq = flags.find(1, seq + 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the flags (one per seq up to the largest, plus growth slack)."""
+        return len(self._flags)
+
+    def __repr__(self) -> str:
+        return f"SeqSet({len(self)} seqs)"
 
 
 class Journal:
@@ -68,7 +113,7 @@ class Journal:
         self.path = work_dir / JOURNAL
         self.torn_bytes = 0
         self.bad_lines = 0
-        self.done: set[int] = set()
+        self.done = SeqSet()
         self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()

@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from conceptsvc.client.corpus import (
     Corpus,
     InputFormat,
     detect_format,
+    find_duplicates,
+    id_hash,
 )
 from conceptsvc.errors import BadInputError, ClientError
 
@@ -317,3 +320,76 @@ def test_corpus_columns_refused_for_formats_without_columns(tmp_path: Path) -> N
     path = write(tmp_path, "c.tsv", "ROCO_1\t CT\n")
     with pytest.raises(ClientError, match="apply to csv, jsonl"):
         Corpus(path, text_column="caption")
+
+
+DUP_CSV = (
+    "ID,Caption\n"
+    "a,one\n"          # line 2
+    "b,two\n"          # line 3
+    '"a","one, again\nacross two lines"\n'  # lines 4-5: duplicate of line 2
+    "c,three\n"        # line 6
+    "b,two again\n"    # line 7: duplicate of line 3
+    "a,third a\n"      # line 8: duplicate of line 2
+)
+
+
+def _dup_problems(corpus: Corpus) -> list[tuple[int, int, str | None, str]]:
+    return [(b.seq, b.line, b.id, b.problem) for b in corpus.scan().bad]
+
+
+def test_issue_16_duplicate_ids_found_from_hashes_even_when_hashes_collide() -> None:
+    want = [
+        (2, 4, "a", "duplicate id 'a' (first seen at line 2)"),
+        (4, 7, "b", "duplicate id 'b' (first seen at line 3)"),
+        (5, 8, "a", "duplicate id 'a' (first seen at line 2)"),
+    ]
+    assert _dup_problems(Corpus.from_bytes(DUP_CSV.encode(), "csv")) == want
+    # Every id hashing alike, or distinct ids sharing a hash with a real duplicate, must not
+    # make a unique id ("c") a duplicate nor lose a real one.
+    for forced in (lambda rid: 0, lambda rid: 0 if rid in ("a", "c") else id_hash(rid)):
+        corpus = Corpus.from_bytes(DUP_CSV.encode(), "csv")
+        corpus.hash_id = forced
+        assert _dup_problems(corpus) == want
+        assert [(c.seq, c.id, c.line) for c in corpus.captions()] == [
+            (0, "a", 2), (1, "b", 3), (3, "c", 6)
+        ]
+
+
+def test_issue_16_find_duplicates_is_rows_and_keeps_only_the_colliding_ids() -> None:
+    recs = [Caption(0, "x", "t", 1), BadRecord(1, 2, 2, "bad"), Caption(2, "y", "t", 3),
+            Caption(3, "x", "t", 4)]
+    seen: list[str] = []
+
+    def h(rid: str) -> int:
+        seen.append(rid)
+        return id_hash(rid)
+
+    hashes = array("Q", (id_hash(r.id) for r in recs if isinstance(r, Caption)))
+    assert hashes.itemsize == 8  # 8 bytes a caption while scanning, nothing after
+    found = find_duplicates(hashes, lambda: recs, "row", hash_id=h)
+    assert {s: (b.line, b.problem, b.unit) for s, b in found.items()} == {
+        3: (4, "duplicate id 'x' (first seen at row 1)", "row")
+    }
+    # no duplicate hash, no second pass at all
+    assert find_duplicates(array("Q", [1, 2, 3]), lambda: recs, "line", hash_id=h) == {}
+    assert seen == ["x", "y", "x"]
+
+
+def test_issue_16_streaming_pass_reuses_the_scans_duplicate_check() -> None:
+    lines = "".join(f"id{i}\tcaption {i}\n" for i in range(2000)) + "id7\tagain\n"
+    calls = 0
+
+    def counting(rid: str) -> int:
+        nonlocal calls
+        calls += 1
+        return id_hash(rid)
+
+    corpus = Corpus.from_bytes(lines.encode(), "roco")
+    corpus.hash_id = counting
+    scan = corpus.scan()
+    assert [(b.line, b.problem) for b in scan.bad] == [
+        (2001, "duplicate id 'id7' (first seen at line 8)")
+    ]
+    after_scan = calls
+    caps = list(corpus.captions())
+    assert len(caps) == scan.n_good == 2000 and calls == after_scan

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conceptsvc.client.journal import JOURNAL, Journal
+from conceptsvc.client.journal import JOURNAL, Journal, SeqSet
 from conceptsvc.errors import ClientError
 
 
@@ -117,3 +117,23 @@ def test_journal_survives_sigkill_of_a_writer(tmp_path: Path) -> None:
         n = len(seqs)
         j.append([(n, {"id": str(n), "concepts": [], "mentions": []})])
         assert max(j.done) == n
+
+
+def test_issue_16_journal_done_is_a_byte_per_caption(tmp_path: Path) -> None:
+    n = 50_000
+    with Journal(tmp_path / "w") as j:
+        for start in range(0, n, 1000):
+            j.append([(s, result(s)) for s in range(start, start + 1000) if s % 7])
+        assert len(j.done) == n - len(range(0, n, 7)) and 7 not in j.done and 8 in j.done
+        assert j.done.nbytes <= 2 * n  # one byte a seq, at most doubled by growth
+    with Journal(tmp_path / "w") as j:  # recovered from the journal file alike
+        assert j.done.nbytes <= 2 * n and len(j.done) == n - len(range(0, n, 7))
+        assert list(j.done)[:7] == [1, 2, 3, 4, 5, 6, 8] and max(j.done) == n - 1
+
+
+def test_journal_seqset_is_a_set_of_seqs() -> None:
+    s = SeqSet([5, 0, 5, 3000])
+    assert s == {0, 5, 3000} and len(s) == 3 and list(s) == [0, 5, 3000]
+    assert -1 not in s and 3001 not in s and "5" not in s
+    with pytest.raises(ValueError):
+        s.add(-1)

@@ -269,6 +269,9 @@ class StreamResult:
     annotation: Annotation | None
     error: ItemError | None = None
     cached: bool = False
+    # Content hash of the index that answered (empty from servers that predate the field). It
+    # lives here, not on Annotation, whose fields the compiled engine builds directly.
+    index_hash: str = ""
 
     @property
     def ok(self) -> bool:

@@ -186,8 +186,8 @@ def status_name(code: int) -> str:
 def stream_result_from_pb(msg: pb.AnnotateResponse) -> StreamResult:
     if msg.HasField("status") and msg.status.code != 0:
         err = ItemError(status_name(msg.status.code), msg.status.message, msg.status.error_code)
-        return StreamResult(msg.id, None, err, msg.cached)
-    return StreamResult(msg.id, annotation_from_pb(msg), None, msg.cached)
+        return StreamResult(msg.id, None, err, msg.cached, msg.index_hash)
+    return StreamResult(msg.id, annotation_from_pb(msg), None, msg.cached, msg.index_hash)
 
 
 # -- semantic network ------------------------------------------------------------------------------

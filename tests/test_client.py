@@ -249,3 +249,28 @@ def test_client_unsendable_text_is_refused_per_item(index_a: Path) -> None:
         assert m.value("conceptsvc_captions_annotated_total", {"source": "engine"}) + m.value(
             "conceptsvc_captions_annotated_total", {"source": "cache"}
         ) == 3
+
+
+def test_client_every_answer_names_its_index(tmp_path: Path) -> None:
+    """AnnotateResponse.index_hash, fresh and cached, on failed items too, and the index after
+    a reload: what lets a client tell which index answered (issue 18, item 1)."""
+    from service_helpers import build_index_b
+
+    path = build_index_a(tmp_path / "idx")
+    with running_server(settings_for(path, max_text_chars=100)) as (server, port), \
+            ConceptClient(f"127.0.0.1:{port}") as c:
+        a_hash = c.get_info().index.content_hash
+        items = [("1", "lung edema"), ("2", "lung edema"), ("3", "x" * 101)]
+        first = list(c.annotate_stream(items))
+        again = list(c.annotate_stream(items[:1]))
+        assert not first[0].cached and again[0].cached
+        assert first[2].error is not None and first[2].error.status == "RESOURCE_EXHAUSTED"
+        assert {r.index_hash for r in [*first, *again]} == {a_hash}
+        assert first[0].annotation is not None and first[0].annotation.concepts == ("C0024109",)
+        build_index_b(path)
+        server.reload()
+        b_hash = c.get_info().index.content_hash
+        (after,) = c.annotate_stream(items[:1])
+        assert b_hash != a_hash and after.index_hash == b_hash and not after.cached
+        assert after.annotation is not None
+        assert after.annotation.concepts == ("C0024109", "C0013604")

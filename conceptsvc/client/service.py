@@ -12,6 +12,11 @@ What it adds over a raw stub:
   when the stream fails with UNAVAILABLE it reopens the stream and resends exactly those, so a
   drained worker or a reload never loses or duplicates an item. It also bounds how many items
   are in flight (``window``) so memory stays flat on corpora of any size;
+- every stream result names the index that produced it (:attr:`StreamResult.index_hash
+  <conceptsvc.model.StreamResult.index_hash>`, the index's content hash): a reload can change
+  the index between two streams, or between the attempts of one that was resent, and a caller
+  that must not mix indexes compares it with the hash it started with
+  (:func:`conceptsvc.client.batch.annotate_corpus` does);
 - TLS / mutual TLS and a bearer token (:mod:`conceptsvc.client.channel`).
 
 Each client opens its own connection (``grpc.use_local_subchannel_pool``): with the server's

@@ -3,7 +3,9 @@
 Data is loaded once (into a :class:`LoadedIndex`) and swapped atomically on reload: every RPC
 takes one reference to the current :class:`LoadedIndex` when it starts and uses only that, so a
 reload never changes the index under a request that is already running (a whole stream stays on
-the index it started with). Failures become statuses only through
+the index it started with). Every AnnotateResponse names that index (``index_hash``, its content
+hash), cached or fresh, failed item or not: the next stream of the same client may already be
+answered by another one. Failures become statuses only through
 :func:`conceptsvc.server.status.status_for`.
 
 Streams: a reader thread moves incoming items into a bounded queue; the handler takes whatever
@@ -400,6 +402,9 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 else:
                     resp.id = req.id
                     resp.cached = True
+                    # The key names the index already; entries written before responses
+                    # carried the hash lack it, so it is set here rather than trusted.
+                    resp.index_hash = loaded.content_hash
                     out[i] = _sendable(resp, blob, max_bytes)
                     n_cached += 1
                     continue
@@ -409,6 +414,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 out[i] = exc
                 continue
             resp = wire.annotation_to_pb(annotation)
+            resp.index_hash = loaded.content_hash
             blob = resp.SerializeToString() if self.cache is not None else None
             resp.id = req.id
             result = _sendable(resp, blob, max_bytes)
@@ -420,7 +426,9 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         self.metrics.captions_annotated(len(todo) - n_cached, n_cached)
         return [r if r is not None else RuntimeError("unanswered item") for r in out]
 
-    def _item_response(self, req_id: str, result: pb.AnnotateResponse | Exception) -> Any:
+    def _item_response(
+        self, loaded: LoadedIndex, req_id: str, result: pb.AnnotateResponse | Exception
+    ) -> Any:
         if not isinstance(result, Exception):
             return result
         code, message, error_code = status_for(result)
@@ -430,6 +438,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         return pb.AnnotateResponse(
             id=req_id,
             status=pb.ItemStatus(code=code.value[0], message=message, error_code=error_code),
+            index_hash=loaded.content_hash,
         )
 
     def Annotate(self, request: pb.AnnotateRequest, context: grpc.ServicerContext) -> Any:
@@ -496,7 +505,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 _check_deadline(context)
                 results = self._annotate(loaded, batch, stream=True)
                 for req, result in zip(batch, results, strict=True):
-                    yield self._item_response(req.id, result)
+                    yield self._item_response(loaded, req.id, result)
                 if self.state.draining and not ended:
                     raise draining()
         finally:
@@ -585,11 +594,13 @@ def _sendable(
 
     gRPC would fail the whole call on a message over the limit, taking every later item of the
     stream with it; as an item error it fails only its own caption. ``blob`` is ``resp``
-    serialised without its id and cached flag (the cache's form), when there is one: with a
-    bound on those two fields it settles every reply not near the limit without serialising
-    again.
+    serialised without its id and cached flag (the cache's form, which may also lack the index
+    hash), when there is one: with a bound on those fields it settles every reply not near the
+    limit without serialising again.
     """
-    if blob is not None and len(blob) + 4 * len(resp.id) + 16 <= max_bytes:
+    if blob is not None and (
+        len(blob) + 4 * len(resp.id) + len(resp.index_hash) + 24 <= max_bytes
+    ):
         return resp
     size = resp.ByteSize()
     if size <= max_bytes:

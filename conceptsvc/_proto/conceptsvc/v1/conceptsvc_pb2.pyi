@@ -116,18 +116,20 @@ class ItemStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class AnnotateResponse(_message.Message):
-    __slots__ = ("id", "mentions", "concepts", "status", "cached")
+    __slots__ = ("id", "mentions", "concepts", "status", "cached", "index_hash")
     ID_FIELD_NUMBER: _ClassVar[int]
     MENTIONS_FIELD_NUMBER: _ClassVar[int]
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_HASH_FIELD_NUMBER: _ClassVar[int]
     id: str
     mentions: _containers.RepeatedCompositeFieldContainer[Mention]
     concepts: _containers.RepeatedScalarFieldContainer[str]
     status: ItemStatus
     cached: bool
-    def __init__(self, id: _Optional[str] = ..., mentions: _Optional[_Iterable[_Union[Mention, _Mapping]]] = ..., concepts: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[ItemStatus, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    index_hash: str
+    def __init__(self, id: _Optional[str] = ..., mentions: _Optional[_Iterable[_Union[Mention, _Mapping]]] = ..., concepts: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[ItemStatus, _Mapping]] = ..., cached: _Optional[bool] = ..., index_hash: _Optional[str] = ...) -> None: ...
 
 class SemanticType(_message.Message):
     __slots__ = ("tui", "abbreviation", "name", "tree_number", "group", "group_name", "definition")

@@ -137,3 +137,28 @@ def test_journal_seqset_is_a_set_of_seqs() -> None:
     assert -1 not in s and 3001 not in s and "5" not in s
     with pytest.raises(ValueError):
         s.add(-1)
+def test_journal_lines_name_their_index_and_retire_redoes_the_others(tmp_path: Path) -> None:
+    """Each line names the index that made it (``ix``); retiring an index makes its captions
+    undone, a new line for one of them supersedes the old, and after a reopen the old lines
+    are retired again. Lines from before ``ix`` count as the index the caller says."""
+    a, b = "a" * 64, "b" * 64
+    path = tmp_path / "w" / JOURNAL
+    path.parent.mkdir()
+    path.write_text(json.dumps({"seq": 0, "r": result(0)}) + "\n")  # an unlabelled, older line
+    with Journal(tmp_path / "w") as j:
+        assert j.index_counts(unlabelled=a) == {a: 1}
+        j.append([(1, result(1)), (2, result(2))], a)
+        assert j.index_counts(unlabelled=a) == {a: 3}
+        assert j.retire(b, unlabelled=a) == 3 and j.done == set()
+        assert list(j.results()) == []  # nothing of a retired index is rendered
+        j.append([(2, {"id": "id2-b", "concepts": [], "mentions": []})], b)
+        assert [(s, r["id"]) for s, r in j.results()] == [(2, "id2-b")]
+    assert {json.loads(x).get("ix") for x in path.read_text().splitlines()} == {None, a, b}
+    with Journal(tmp_path / "w") as j:
+        # reopened: the last line of each caption counts; 0 and 1 are still of a
+        assert j.done == {0, 1, 2}
+        assert j.index_counts(unlabelled=a) == {a: 2, b: 1}
+        assert j.retire(b, unlabelled=a) == 2
+        j.append([(0, result(0)), (1, result(1))], b)
+        assert j.index_counts(unlabelled=a) == {b: 3}
+        assert [(s, r["id"]) for s, r in j.results()] == [(0, "id0"), (1, "id1"), (2, "id2-b")]

@@ -7,13 +7,19 @@ duplicating a caption:
 * It lives in a work directory whose name carries a hash of the input and the options, so a
   rerun with the same arguments finds it and a run with different ones does not (``run.json``
   records what the hash was made of).
-* ``journal.jsonl`` is append-only; each finished caption is one line ``{"seq": N, "r": {...}}``
-  where ``seq`` is the caption's position in the input and ``r`` its result in the canonical
-  JSON form of :mod:`conceptsvc.client.outputs`. A batch of lines goes out in one ``write``, so
-  a kill leaves at most one torn line at the end; opening the journal cuts that line off (it is
-  simply annotated again). Lines are fsync'd at most every ``sync_interval`` seconds and on
-  close: a killed *process* loses nothing that was written (the page cache survives it); an OS
-  crash can lose the last fraction of a second, which the rerun redoes.
+* ``journal.jsonl`` is append-only; each finished caption is one line
+  ``{"seq": N, "r": {...}, "ix": HASH}`` where ``seq`` is the caption's position in the input,
+  ``r`` its result in the canonical JSON form of :mod:`conceptsvc.client.outputs` and ``ix`` the
+  content hash of the index that produced it (lines written before ``ix`` existed lack it: they
+  belong to the index ``run.json`` names, since such a journal was never resumed against
+  another). A caption's *last* line is its result: when the service's index changes and the
+  run redoes the captions of the old index (:meth:`Journal.retire`), their new lines supersede
+  the old ones, which stay in the file until the work directory goes. A batch of lines goes
+  out in one ``write``, so a kill leaves at most one torn line at the end; opening the journal
+  cuts that line off (it is simply annotated again). Lines are fsync'd at most every
+  ``sync_interval`` seconds and on close: a killed *process* loses nothing that was written
+  (the page cache survives it); an OS crash can lose the last fraction of a second, which the
+  rerun redoes.
 * Only one process may use a work directory at a time (``flock``, released by the kernel even
   on ``kill -9``).
 
@@ -70,6 +76,11 @@ class SeqSet(Set[int]):
             self._flags[seq] = 1
             self._count += 1
 
+    def discard(self, seq: int) -> None:
+        if 0 <= seq < len(self._flags) and self._flags[seq]:
+            self._flags[seq] = 0
+            self._count -= 1
+
     def __contains__(self, seq: object) -> bool:
         return (isinstance(seq, int) and 0 <= seq < len(self._flags)
                 and self._flags[seq] == 1)
@@ -114,6 +125,10 @@ class Journal:
         self.torn_bytes = 0
         self.bad_lines = 0
         self.done = SeqSet()
+        # The index of each seq's last line, as a 1-byte number into _hashes (0 = unlabelled):
+        # one byte a caption, like ``done``.
+        self._ix_of = bytearray()
+        self._hashes: list[str] = [""]
         self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()
@@ -146,15 +161,17 @@ class Journal:
             for raw in fh:
                 if not raw.endswith(b"\n"):
                     break  # torn: the process died inside the write of this line
-                seq = _parse_seq(raw)
-                if seq is None:
+                parsed = _parse_line(raw)
+                if parsed is None:
                     self.bad_lines += 1
                     log.warning(
                         "%s: skipping an unreadable journal line at byte %d; that caption will "
                         "be annotated again", self.path, offset,
                     )
                 else:
+                    seq, ix = parsed
                     self.done.add(seq)
+                    self._set_index(seq, ix)
                 offset += len(raw)
                 good_end = offset
         size = self.path.stat().st_size
@@ -167,14 +184,20 @@ class Journal:
                 os.fsync(fh.fileno())
 
     # -- writing -------------------------------------------------------------------------------
-    def append(self, results: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
-        """Record finished captions; a seq already recorded is ignored."""
+    def append(
+        self, results: Sequence[tuple[int, Mapping[str, Any]]], index_hash: str = ""
+    ) -> None:
+        """Record finished captions made with the index ``index_hash``; a seq already
+        recorded (and not retired) is ignored."""
         lines = []
+        ix = index_hash
         for seq, result in results:
             if seq in self.done:
                 continue
             self.done.add(seq)
-            lines.append(dumps({"seq": seq, "r": result}) + "\n")
+            self._set_index(seq, ix)
+            line = {"seq": seq, "r": result, "ix": ix} if ix else {"seq": seq, "r": result}
+            lines.append(dumps(line) + "\n")
         if not lines:
             return
         data = "".join(lines).encode("utf-8")
@@ -186,6 +209,44 @@ class Journal:
         if time.monotonic() - self._last_sync >= self.sync_interval:
             self.sync()
 
+    # -- index identity ----------------------------------------------------------------------
+    def _set_index(self, seq: int, ix: str) -> None:
+        try:
+            k = self._hashes.index(ix)
+        except ValueError:
+            if len(self._hashes) >= 256:
+                raise ClientError(
+                    f"{self.path} names more than 255 indexes; remove {self.work_dir} to start "
+                    "this run afresh."
+                ) from None
+            self._hashes.append(ix)
+            k = len(self._hashes) - 1
+        if seq >= len(self._ix_of):
+            self._ix_of.extend(bytes(seq + 1 - len(self._ix_of)))
+        self._ix_of[seq] = k
+
+    def _index_of(self, seq: int, unlabelled: str) -> str:
+        k = self._ix_of[seq] if seq < len(self._ix_of) else 0
+        return self._hashes[k] or unlabelled
+
+    def index_counts(self, unlabelled: str) -> dict[str, int]:
+        """How many done captions each index made (unlabelled lines count as ``unlabelled``)."""
+        counts: dict[str, int] = {}
+        for seq in self.done:
+            ix = self._index_of(seq, unlabelled)
+            counts[ix] = counts.get(ix, 0) + 1
+        return counts
+
+    def retire(self, keep: str, unlabelled: str) -> int:
+        """Count every caption not made with the index ``keep`` as not done, so the run
+        annotates it again; returns how many. Their lines stay in the file until a new line
+        for the same caption supersedes them (or, after a restart of the process, they are
+        retired again)."""
+        gone = [s for s in self.done if self._index_of(s, unlabelled) != keep]
+        for seq in gone:
+            self.done.discard(seq)
+        return len(gone)
+
     def sync(self) -> None:
         if self._dirty:
             os.fsync(self._fd)
@@ -194,7 +255,7 @@ class Journal:
 
     # -- reading back in input order ---------------------------------------------------------
     def results(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Every recorded result once, ordered by ``seq`` (first record wins on a repeat)."""
+        """The result of every done caption once, ordered by ``seq`` (its last line)."""
         self.sync()
         # Each seq's line offset in one flat array (8 bytes a caption, -1 = none): a dict of
         # (offset, length) tuples cost ~180 bytes a caption, 180 MB of a million-caption run.
@@ -204,12 +265,9 @@ class Journal:
             for raw in fh:
                 if not raw.endswith(b"\n"):
                     break
-                seq = _parse_seq(raw)
-                if seq is not None:
-                    if seq >= len(where):
-                        where.extend(_MISSING * (seq + 1 - len(where)))
-                    if where[seq] < 0:
-                        where[seq] = offset
+                parsed = _parse_line(raw)
+                if parsed is not None and parsed[0] in self.done:
+                    where[parsed[0]] = offset  # the last line of a caption is its result
                 offset += len(raw)
             for seq, off in enumerate(where):
                 if off < 0:
@@ -239,7 +297,8 @@ class Journal:
         self.close()
 
 
-def _parse_seq(raw: bytes) -> int | None:
+def _parse_line(raw: bytes) -> tuple[int, str] | None:
+    """A journal line's seq and index hash ("" when it names none), or None if unreadable."""
     try:
         obj = json.loads(raw)
     except ValueError:
@@ -247,4 +306,7 @@ def _parse_seq(raw: bytes) -> int | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("r"), dict):
         return None
     seq = obj.get("seq")
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else None
+    if not (isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0):
+        return None
+    ix = obj.get("ix", "")
+    return (seq, ix) if isinstance(ix, str) else None

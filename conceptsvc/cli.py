@@ -394,6 +394,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         retries=args.retries,
         on_bad_input=args.on_bad_input,
         allow_empty=args.allow_empty,
+        on_index_change=args.on_index_change,
         restart=args.restart,
         report=args.report,
         report_samples=args.report_samples,
@@ -470,7 +471,10 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=(
             "Annotate every caption of INPUT through the service and write the results. "
             "Killed at any point and run again with the same arguments, it continues where it "
-            "stopped; outputs are written in input order and moved into place when complete. "
+            "stopped; outputs are written in input order and moved into place at the end of the "
+            "run (an incomplete run writes what it annotated, marked complete: false in the "
+            "manifest; a run stopped by an error writes nothing). Every answer names its index "
+            "and the output never mixes two. "
             "Exit status: 0 complete, 3 incomplete (see the errors file), 2 error."
         ),
         epilog=_examples(
@@ -518,8 +522,13 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--allow-empty", action="store_true",
                    help="accept an input without captions (empty file, header only): write "
                         "empty outputs and a manifest and exit 0, instead of failing with E626")
+    p.add_argument("--on-index-change", choices=["stop", "redo"], default="stop",
+                   help="when the service's index changes during the run (a reload) or since "
+                        "the earlier run: stop with an error, E627/E621 (default), or annotate "
+                        "the captions of the old index again so the output is all the new one")
     p.add_argument("--restart", action="store_true",
-                   help="discard the results of an interrupted earlier run and start over")
+                   help="discard the results of an earlier run (interrupted, or complete but "
+                        "made with another index or options) and start over")
     p.add_argument("--report", action="store_true",
                    help="print a corpus report and write it as markdown with PNG plots and as "
                         "an HTML page (OUT.report.html) that also shows annotated captions")

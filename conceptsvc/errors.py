@@ -17,6 +17,7 @@ The whole tree, so callers can catch at the level they care about::
     │   ├── ServiceCallError        an RPC failed with a gRPC status (E610); ``status``, ``details``
     │   ├── BadInputError           malformed input records, nothing sent (E620); carries ``bad``
     │   ├── RunIncompatibleError    results of one run would mix indexes (E621)
+    │   │   └── IndexChangedError   the service's index changed during a run (E627)
     │   ├── ServiceUnreachableError no service answers at the target(s) (E622)
     │   ├── ConceptNotFoundError    a CUI the dictionary does not have (E623)
     │   ├── OutputClashError        an output would overwrite the input, another output or a
@@ -48,6 +49,7 @@ __all__ = [
     "EvaluationError",
     "ExtractArgumentError",
     "ExtractionError",
+    "IndexChangedError",
     "InputTooLargeError",
     "MalformedRowError",
     "MissingExtraError",
@@ -195,6 +197,30 @@ class RunIncompatibleError(ClientError):
     """The work directory holds results that cannot be mixed with this run's."""
 
     code = "E621"
+
+
+class IndexChangedError(RunIncompatibleError):
+    """The service answered part of a run with another index than the rest (a reload, a
+    deployment): the run stopped rather than write a corpus made by two dictionaries.
+
+    ``run_hash`` is the index the run's results so far come from, ``new_hash`` the one that
+    answered since; ``done`` how many captions the journal holds (all of ``run_hash``).
+    """
+
+    code = "E627"
+
+    def __init__(self, run_hash: str, new_hash: str, done: int, work: str) -> None:
+        self.run_hash = run_hash
+        self.new_hash = new_hash
+        self.done = done
+        super().__init__(
+            f"the service's index changed during the run, from {run_hash[:12]} to "
+            f"{new_hash[:12]}; the run stopped so that its output does not mix the two. "
+            f"{work} keeps the {done} result(s) made with {run_hash[:12]}. Either rerun with "
+            f"`--on-index-change redo` to annotate them again with {new_hash[:12]} (the output "
+            f"is then all {new_hash[:12]}), or point --target at a service with "
+            f"{run_hash[:12]} and rerun to finish the run with it."
+        )
 
 
 class ServiceUnreachableError(ClientError):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ from conceptsvc.errors import (
     BadInputError,
     ClientError,
     EmptyCorpusError,
+    IndexChangedError,
     RunIncompatibleError,
     ServiceUnreachableError,
 )
@@ -1045,3 +1046,225 @@ def test_issue_16_ctrl_c_says_how_to_resume_and_the_resume_says_what_it_resumed(
     assert said and said[0] < first_rate
     assert f"resuming: {done} of {n} captions" in lines[said[0]]
     assert out.read_bytes() == ref.read_bytes()
+
+
+# -- the index of every answer (issue 18 item 1, issue 16 item 3) --------------------------------
+class ReloadingExtractor(Extractor):
+    """The real engine, except that the first caption containing ``marker`` calls ``swap``
+    before it is annotated — the test's deployment: index B replaces the directory the server
+    loads from and the server reloads (what SIGHUP does). The stream holding that caption stays
+    on the index it started with; every later stream is answered by B. No timing involved."""
+
+    def __init__(self, index: ConceptIndex, marker: str) -> None:
+        super().__init__(index)
+        self.marker = marker
+        self.swap: Callable[[], object] = lambda: None
+        self.fired = 0
+
+    def extract(
+        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
+    ) -> Annotation:
+        if self.marker in text and not self.fired:
+            self.fired += 1
+            self.swap()
+        return super().extract(text, options, id=id)
+
+
+MARKER = "DEPLOY-HERE"
+
+
+@contextlib.contextmanager
+def service_reloading_mid_run(tmp_path: Path) -> Iterator[tuple[ConceptServer, Path]]:
+    """A server on index A (from ``tmp_path/idx``) that reloads to B when it meets MARKER."""
+    from service_helpers import build_index_a, build_index_b
+
+    path = build_index_a(tmp_path / "idx")
+    engine = ReloadingExtractor(ConceptIndex.load(path), MARKER)
+    server = start_server(engine)
+    engine.swap = lambda: (build_index_b(path), server.reload())
+    try:
+        yield server, path
+    finally:
+        server.stop(0)
+
+
+def index_change_corpus(path: Path) -> Path:
+    """40 captions, many with "edema" (a concept of B only); MARKER in caption 9, so with
+    batches of 4 on one stream at a time, captions 0-11 are answered by A and 12-39 by B."""
+    from service_helpers import CAPTIONS
+
+    rows = [(f"c{i:03d}", CAPTIONS[i % len(CAPTIONS)][1]) for i in range(40)]
+    rows[9] = ("c009", f"{MARKER}: pleural edema of the lung.")
+    return write_csv(path, rows)
+
+
+def one_at_a_time(target: str, **kw: object) -> BatchSettings:
+    return settings(target, batch_size=4, concurrency=1, **kw)
+
+
+def clean_run_against(target: str, src: Path, out: Path) -> bytes:
+    result = annotate_corpus(Corpus(src), resolve_outputs(out), one_at_a_time(target))
+    assert result.complete
+    return out.read_bytes()
+
+
+def test_issue_18_index_changed_mid_run_stops_with_e624(tmp_path: Path) -> None:
+    """Without the check the run exits complete with captions 0-11 from A and 12-39 from B
+    and a manifest naming A. With it, the first answer from B stops the run: nothing at the
+    output path, the journal keeps only A's results, and the error names both indexes and the
+    choices."""
+    from service_helpers import build_index_a
+
+    a_hash = ConceptIndex.load(build_index_a(tmp_path / "a")).content_hash
+    with service_reloading_mid_run(tmp_path) as (server, _):
+        target = f"127.0.0.1:{server.port}"
+        src = index_change_corpus(tmp_path / "in.csv")
+        out = tmp_path / "run.jsonl"
+        with pytest.raises(RunIncompatibleError) as info:
+            annotate_corpus(Corpus(src), resolve_outputs(out), one_at_a_time(target))
+        b_hash = server.state.current.content_hash if server.state.current else ""
+        assert a_hash != b_hash
+        err = info.value
+        assert isinstance(err, IndexChangedError) and err.code == "E627"
+        assert (err.run_hash, err.new_hash, err.done) == (a_hash, b_hash, 12)
+        text = str(err)
+        assert a_hash[:12] in text and b_hash[:12] in text
+        assert "--on-index-change redo" in text
+        # nothing written at the output path, no manifest claiming anything
+        assert not out.exists() and not (tmp_path / "run.jsonl.manifest.json").exists()
+        (work,) = tmp_path.glob("run.jsonl.*.part")
+        lines = [json.loads(x) for x in (work / "journal.jsonl").read_text().splitlines()]
+        assert sorted(x["seq"] for x in lines) == list(range(12))
+        assert {x["ix"] for x in lines} == {a_hash}
+        # the same command again: the journal's index is not the service's (E621, as before,
+        # now naming the redo choice as well)
+        with pytest.raises(RunIncompatibleError, match="--on-index-change redo") as again:
+            annotate_corpus(Corpus(src), resolve_outputs(out), one_at_a_time(target))
+        assert again.value.code == "E621" and not out.exists()
+        proc = cli("annotate", str(src), "--out", str(out), "--target", target, "--quiet")
+        assert proc.returncode == 2 and "E621" in proc.stderr
+        # redo: A's 12 results are annotated again with B; the output is a clean run's
+        redone = annotate_corpus(
+            Corpus(src), resolve_outputs(out), one_at_a_time(target, on_index_change="redo")
+        )
+        assert redone.complete and redone.counts.resumed == 0
+        reference = clean_run_against(target, src, tmp_path / "clean" / "run.jsonl")
+        assert out.read_bytes() == reference
+        manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+        assert manifest["complete"] is True
+        assert manifest["service"]["index_content_hash"] == b_hash
+        (change,) = manifest["timing"]["invocations"][-1]["index_changes"]
+        assert change == {"from": a_hash, "to": b_hash, "redone": 12}
+
+
+def test_issue_18_index_changed_mid_run_redo_gives_a_clean_run_of_the_new_index(
+    tmp_path: Path,
+) -> None:
+    """--on-index-change redo: the run adopts B when it first hears from it, annotates A's
+    captions again, and its output is byte-identical to a run against B alone."""
+    with service_reloading_mid_run(tmp_path) as (server, _):
+        target = f"127.0.0.1:{server.port}"
+        src = index_change_corpus(tmp_path / "in.csv")
+        out = tmp_path / "run.jsonl"
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out), one_at_a_time(target, on_index_change="redo")
+        )
+        assert result.complete and result.counts.annotated == 40
+        b_hash = server.state.current.content_hash if server.state.current else ""
+        reference = clean_run_against(target, src, tmp_path / "clean" / "run.jsonl")
+        assert out.read_bytes() == reference
+        # B knows edema (C0013604): every caption with it has it, A's too
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        with_edema = [r["id"] for r in rows if "C0013604" in r["concepts"]]
+        assert with_edema == sorted(
+            [f"c{i:03d}" for i in range(40) if i % 5 == 3] + ["c009"]
+        )
+        manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+        assert manifest["service"]["index_content_hash"] == b_hash
+        (change,) = manifest["timing"]["invocations"][-1]["index_changes"]
+        assert change["to"] == b_hash and change["redone"] == 12
+        assert not list(tmp_path.glob("run.jsonl.*.part"))
+
+
+def test_issue_16_complete_run_is_rechecked_against_the_index_and_options(
+    tmp_path: Path,
+) -> None:
+    """A complete run is "already complete" only while the service serves the index its
+    manifest names, with the same options; otherwise E621 says how to redo it, and the old
+    outputs stay as they are until --restart (or redo) replaces them."""
+    from service_helpers import build_index_a, build_index_b
+
+    path = build_index_a(tmp_path / "idx")
+    server = start_server(Extractor(ConceptIndex.load(path)))
+    try:
+        target = f"127.0.0.1:{server.port}"
+        src = index_change_corpus(tmp_path / "in.csv")
+        out = tmp_path / "run.jsonl"
+        specs = resolve_outputs(out)
+        first = annotate_corpus(Corpus(src), specs, settings(target))
+        assert first.complete
+        assert annotate_corpus(Corpus(src), specs, settings(target)).already_complete
+        a_bytes = out.read_bytes()
+        manifest_a = (tmp_path / "run.jsonl.manifest.json").read_text()
+        # other options, same index: not complete for this command, and not replaced unasked
+        with pytest.raises(RunIncompatibleError, match="other options") as opt:
+            annotate_corpus(Corpus(src), specs, settings(target),
+                            overrides={"include_negated": False})
+        assert opt.value.code == "E621" and "--restart" in str(opt.value)
+        assert "include_negated: True then, False now" in str(opt.value)
+        # the service now serves B
+        build_index_b(path)
+        server.reload()
+        b_hash = server.state.current.content_hash if server.state.current else ""
+        with pytest.raises(RunIncompatibleError, match="--restart") as stale:
+            annotate_corpus(Corpus(src), specs, settings(target))
+        assert stale.value.code == "E621" and b_hash[:12] in str(stale.value)
+        proc = cli("annotate", str(src), "--out", str(out), "--target", target)
+        assert proc.returncode == 2 and "E621" in proc.stderr
+        assert "already complete" not in proc.stderr
+        assert out.read_bytes() == a_bytes
+        assert (tmp_path / "run.jsonl.manifest.json").read_text() == manifest_a
+        # --restart annotates it again with B
+        again = annotate_corpus(Corpus(src), specs, settings(target, restart=True))
+        assert again.complete and not again.already_complete
+        assert out.read_bytes() != a_bytes  # B finds edema, A did not
+        assert out.read_bytes() == clean_run_against(target, src, tmp_path / "b" / "run.jsonl")
+        manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+        assert manifest["service"]["index_content_hash"] == b_hash
+        assert annotate_corpus(Corpus(src), specs, settings(target)).already_complete
+        # back to A: --on-index-change redo also replaces a complete run of another index
+        build_index_a(path)
+        server.reload()
+        redone = annotate_corpus(Corpus(src), specs, settings(target, on_index_change="redo"))
+        assert redone.complete and not redone.already_complete
+        assert out.read_bytes() == a_bytes
+    finally:
+        server.stop(0)
+
+
+def test_batch_incomplete_run_writes_what_it_annotated_and_says_so(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """The documented rule for partial outputs: an incomplete run (exit 3) writes every
+    caption it annotated at the output path, in input order, with complete: false in the
+    manifest and the rest in the errors file; the journal stays for the rerun. A run stopped
+    by an error writes nothing there (see the E627 test)."""
+    server = start_server(demo_extractor, max_text_chars=200)
+    try:
+        rows = [("ok", "Chest X-ray"), ("huge", "pneumonia " * 100), ("ok2", "CT of the head")]
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.jsonl"
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out), settings(f"127.0.0.1:{server.port}")
+        )
+        assert not result.complete and result.exit_code == EXIT_INCOMPLETE
+        assert ids_of_jsonl(out) == ["ok", "ok2"]
+        manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+        assert manifest["complete"] is False and manifest["counts"]["failed"] == 1
+        assert manifest["outputs"][0]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+        assert list(tmp_path.glob("run.jsonl.*.part"))
+        (err,) = [json.loads(x) for x in (tmp_path / "run.jsonl.errors.jsonl").read_text()
+                  .splitlines()]
+        assert err["id"] == "huge"
+    finally:
+        server.stop(0)

@@ -10,7 +10,8 @@
    full with every request (so a later change of server defaults cannot silently mix results);
 3. **opens the resume journal** (:mod:`conceptsvc.client.journal`) in ``OUT.<key>.part/``,
    ``key`` being a hash of the input bytes, its format and the effective options. Captions the
-   journal already holds are not sent again; a journal written against another index is refused;
+   journal already holds are not sent again; a journal written against another index is refused
+   (E621) unless ``on_index_change="redo"``, which annotates its captions again;
 4. **streams** the remaining captions: ``concurrency`` workers each take a batch of
    ``batch_size`` captions and send it as one ``AnnotateStream`` call with a deadline of
    ``deadline`` seconds. Workers rotate over the targets (one channel per ``--target``; a
@@ -26,13 +27,31 @@
    deadline, say) cannot hold its batch-mates hostage. Items the service rejects one by one
    (INVALID_ARGUMENT, oversize…) are not retried. After ``retries`` failed attempts an item is
    given up and written to the errors file; the run then reports itself incomplete;
+5a. **checks the index of every answer**: each response names the index that produced it. A
+   reload (or a deployment) in the middle of a run would otherwise leave a corpus whose rows
+   come from two dictionaries, with a manifest naming one of them. By default
+   (``on_index_change="stop"``) the first answer from another index stops the run with
+   :class:`~conceptsvc.errors.IndexChangedError` (E627): that answer is not journaled, the
+   journal keeps only the old index's rows, nothing is written at the output paths. With
+   ``"redo"`` the run asks the service which index it now serves, adopts it, and annotates
+   again every caption the old index made, so the output is all the new index and the manifest
+   names it (``timing.invocations[].index_changes`` records the change);
 6. **finalises**: the outputs are rendered from the journal *in input order* into part files
    and moved into place, so an interrupted-and-resumed run writes the same bytes as an
    uninterrupted one; then the errors file, the optional report and the run manifest
    (``OUT.manifest.json``). A complete run removes its work directory; an incomplete one keeps
-   it, so that rerunning the same command retries only what failed.
+   it, so that rerunning the same command retries only what failed. An incomplete run (exit 3:
+   captions given up or rejected) still writes its outputs — every caption it annotated, in
+   input order — with ``complete: false`` in the manifest and the missing captions in the errors
+   file: a caption the service rejects (over its size limit, say) is rejected on every rerun,
+   and its corpus must still get an output. A run that stops with an error (E6xx), or is
+   killed, writes nothing at the output paths.
 
-Rerunning a command whose outputs are complete and unchanged is a no-op.
+Rerunning a command whose outputs are complete and unchanged is a no-op — when the service still
+serves the index the manifest names. A complete output of the same input made with another
+index or other options is not silently kept, nor replaced: the run stops with E621 and says to
+pass ``restart`` (``--restart``) to annotate it again (or, when only the index differs,
+``on_index_change="redo"``).
 """
 
 from __future__ import annotations
@@ -86,6 +105,7 @@ from conceptsvc.errors import (
     BadInputError,
     ClientError,
     EmptyCorpusError,
+    IndexChangedError,
     OutputClashError,
     RunIncompatibleError,
     ServiceUnreachableError,
@@ -153,6 +173,9 @@ class BatchSettings:
     # An input without a single caption is almost always the wrong file (or a failed step
     # before this one), so it is refused unless the caller says it can be empty.
     allow_empty: bool = False
+    # What to do when the service's index changes during the run (or since the journal or a
+    # complete output was made): "stop" with E627/E621, or "redo" the old index's captions.
+    on_index_change: Literal["stop", "redo"] = "stop"
     restart: bool = False
     report: bool = False
     report_samples: int = 20  # captions shown highlighted in the HTML report
@@ -176,6 +199,8 @@ class BatchSettings:
             problems.append("--report-samples must be >= 0")
         if self.on_bad_input not in ("fail", "skip"):
             problems.append("--on-bad-input must be 'fail' or 'skip'")
+        if self.on_index_change not in ("stop", "redo"):
+            problems.append("--on-index-change must be 'stop' or 'redo'")
         if problems:
             raise ClientError("; ".join(problems) + ".")
 
@@ -390,11 +415,13 @@ class _Runner:
         journal_for: Callable[[ServiceInfo, ExtractOptions], Journal],
         overrides: Mapping[str, Any],
         progress_stream: TextIO | None,
+        index_adopted: Callable[[str], None] = lambda _hash: None,
     ) -> None:
         self.corpus = corpus
         self.scan = scan
         self.s = settings
         self.journal_for = journal_for
+        self.index_adopted = index_adopted
         self.overrides = overrides
         self.progress_stream = progress_stream
         self.failures: list[_Failure] = []
@@ -403,6 +430,15 @@ class _Runner:
         self.journal: Journal | None = None
         self.info: ServiceInfo | None = None
         self.resumed = 0
+        # The index every journaled result of this run comes from; answers from any other are
+        # never journaled (see _other_index).
+        self.index_hash = ""
+        # The index unlabelled journal lines belong to (written before lines named theirs).
+        self.unlabelled = ""
+        self.retired: set[str] = set()  # indexes this run moved away from (redo)
+        self.index_changes: list[dict[str, Any]] = []
+        self.failed_seqs: set[int] = set()
+        self._switch_lock: asyncio.Lock | None = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _backoff(self, attempt: int) -> float:
@@ -474,8 +510,10 @@ class _Runner:
     # -- main ----------------------------------------------------------------------------------
     async def run(self) -> None:
         targets = _Targets(self.s.targets, self.s.security, self.s.concurrency)
+        self._switch_lock = asyncio.Lock()
         try:
             self.info = await self._get_info(targets)
+            self.index_hash = self.info.index.content_hash
             options = effective_options(self.info.default_options, self.overrides)
             options_pb = options_to_pb(options)
             await self._probe(targets, options_pb)
@@ -496,62 +534,123 @@ class _Runner:
                 self.scan.n_good, done=good_done, stream=self.progress_stream,
                 mode=self.s.progress, interval=self.s.progress_interval,
             )
-            limits = self.info.limits
-            queue: asyncio.Queue[list[Caption] | None] = asyncio.Queue(self.s.concurrency * 2)
-
-            async def produce() -> None:
-                batch: list[Caption] = []
-                for cap in self.corpus.captions():
-                    if cap.seq in journal.done:
-                        continue
-                    if limits.max_text_chars and len(cap.text) > limits.max_text_chars:
-                        self.failures.append(_Failure(
-                            cap, "RESOURCE_EXHAUSTED",
-                            f"caption is {len(cap.text)} code points, over the service's limit "
-                            f"of {limits.max_text_chars}; not sent", 0,
-                        ))
-                        progress.update(0, errors=1)
-                        continue
-                    # 4 bytes per code point bounds the UTF-8 size; only near the limit is
-                    # the exact message size worth computing.
-                    max_bytes = limits.max_message_bytes
-                    if max_bytes and 4 * (len(cap.text) + len(cap.id)) + 4096 > max_bytes:
-                        size = pb.AnnotateRequest(
-                            id=cap.id, text=cap.text, options=options_pb
-                        ).ByteSize()
-                        if size > max_bytes:
-                            self.failures.append(_Failure(
-                                cap, "RESOURCE_EXHAUSTED",
-                                f"the request would be {size} bytes, over the service's message "
-                                f"limit of {max_bytes}; not sent", 0,
-                            ))
-                            progress.update(0, errors=1)
-                            continue
-                    batch.append(cap)
-                    if len(batch) >= self.s.batch_size:
-                        await queue.put(batch)
-                        batch = []
-                if batch:
-                    await queue.put(batch)
-                for _ in range(self.s.concurrency):
-                    await queue.put(None)
-
-            async def work() -> None:
-                while (batch := await queue.get()) is not None:
-                    await self._annotate_batch(targets, options_pb, batch, progress)
-
             try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(produce())
-                    for _ in range(self.s.concurrency):
-                        tg.create_task(work())
-            except* ClientError as eg:
-                raise eg.exceptions[0] from None
+                # One pass sends every caption not yet done. A pass in which the run adopted
+                # another index (redo) left captions of the old one undone: another pass.
+                while True:
+                    changes = len(self.index_changes)
+                    await self._pass(targets, options_pb, journal, progress)
+                    if len(self.index_changes) == changes:
+                        break
             finally:
                 journal.sync()
                 progress.close()
         finally:
             await targets.close()
+
+    async def _pass(
+        self,
+        targets: _Targets,
+        options_pb: pb.AnnotateOptions,
+        journal: Journal,
+        progress: Progress,
+    ) -> None:
+        assert self.info is not None
+        limits = self.info.limits
+        queue: asyncio.Queue[list[Caption] | None] = asyncio.Queue(self.s.concurrency * 2)
+
+        def refuse(cap: Caption, reason: str) -> None:
+            self.failures.append(_Failure(cap, "RESOURCE_EXHAUSTED", reason, 0))
+            self.failed_seqs.add(cap.seq)
+            progress.update(0, errors=1)
+
+        async def produce() -> None:
+            batch: list[Caption] = []
+            for cap in self.corpus.captions():
+                if cap.seq in journal.done or cap.seq in self.failed_seqs:
+                    continue
+                if limits.max_text_chars and len(cap.text) > limits.max_text_chars:
+                    refuse(cap, f"caption is {len(cap.text)} code points, over the service's "
+                                f"limit of {limits.max_text_chars}; not sent")
+                    continue
+                # 4 bytes per code point bounds the UTF-8 size; only near the limit is
+                # the exact message size worth computing.
+                max_bytes = limits.max_message_bytes
+                if max_bytes and 4 * (len(cap.text) + len(cap.id)) + 4096 > max_bytes:
+                    size = pb.AnnotateRequest(
+                        id=cap.id, text=cap.text, options=options_pb
+                    ).ByteSize()
+                    if size > max_bytes:
+                        refuse(cap, f"the request would be {size} bytes, over the service's "
+                                    f"message limit of {max_bytes}; not sent")
+                        continue
+                batch.append(cap)
+                if len(batch) >= self.s.batch_size:
+                    await queue.put(batch)
+                    batch = []
+            if batch:
+                await queue.put(batch)
+            for _ in range(self.s.concurrency):
+                await queue.put(None)
+
+        async def work() -> None:
+            while (batch := await queue.get()) is not None:
+                await self._annotate_batch(targets, options_pb, batch, progress)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(produce())
+                for _ in range(self.s.concurrency):
+                    tg.create_task(work())
+        except* ClientError as eg:
+            raise eg.exceptions[0] from None
+
+    def _journal(self, rows: list[tuple[int, dict[str, Any], str]], progress: Progress) -> None:
+        """Journal the rows made with the run's index. A row made with an index the run has
+        since moved away from is dropped: its caption is not done, the next pass sends it."""
+        assert self.journal is not None
+        keep = [(seq, r) for seq, r, ix in rows if ix == self.index_hash]
+        self.journal.append(keep, self.index_hash)
+        progress.update(len(keep))
+
+    async def _other_index(self, targets: _Targets, seen: str) -> bool:
+        """An answer came from index ``seen``, not the run's: stop (E627), or — redo — adopt
+        the index the service now serves. True when ``seen`` is the run's index afterwards
+        (the answer can be kept); False when the item must be sent again (an answer from an
+        index the run has left, still in flight on a stream opened before the change)."""
+        assert self.journal is not None and self._switch_lock is not None
+        if self.s.on_index_change == "stop":
+            raise IndexChangedError(
+                self.index_hash, seen, len(self.journal.done), str(self.journal.work_dir)
+            )
+        if seen in self.retired:
+            return False
+        async with self._switch_lock:
+            if seen == self.index_hash:
+                return True  # another worker adopted it meanwhile
+            if seen in self.retired:
+                return False
+            info = await self._get_info(targets)
+            new = info.index.content_hash
+            if new != self.index_hash:
+                self._adopt(info)
+            return new == seen
+
+    def _adopt(self, info: ServiceInfo) -> None:
+        """Make ``info``'s index the run's; the old index's captions become undone."""
+        assert self.journal is not None
+        old, new = self.index_hash, info.index.content_hash
+        self.retired.add(old)
+        self.retired.discard(new)
+        redone = self.journal.retire(new, self.unlabelled)
+        self.index_changes.append({"from": old, "to": new, "redone": redone})
+        self.info, self.index_hash = info, new
+        self.index_adopted(new)
+        log.warning(
+            "the service's index changed from %s to %s during the run; the %d caption(s) "
+            "annotated with %s are annotated again (--on-index-change redo)",
+            old[:12], new[:12], redone, old[:12],
+        )
 
     async def _annotate_batch(
         self,
@@ -560,8 +659,6 @@ class _Runner:
         batch: list[Caption],
         progress: Progress,
     ) -> None:
-        assert self.journal is not None
-        journal = self.journal
         attempts: dict[int, int] = {c.seq: 0 for c in batch}
         last_error: dict[int, tuple[str, str]] = {}
         todo: deque[list[Caption]] = deque([batch])
@@ -569,7 +666,7 @@ class _Runner:
             part = todo.popleft()
             pending: dict[str, Caption] = {c.id: c for c in part}
             i = targets.pick()
-            ok: list[tuple[int, dict[str, Any]]] = []
+            ok: list[tuple[int, dict[str, Any], str]] = []
             try:
                 call = targets.stub(i).AnnotateStream(
                     iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
@@ -581,11 +678,23 @@ class _Runner:
                         log.warning("%s answered an id it was not asked", targets.names[i])
                         continue
                     res = stream_result_from_pb(resp)
+                    # (an empty hash: a server older than the field; nothing to check)
+                    ix = res.index_hash or self.index_hash
+                    if ix != self.index_hash:
+                        self._journal(ok, progress)
+                        ok = []
+                        if not await self._other_index(targets, ix):
+                            pending[cap.id] = cap
+                            last_error[cap.seq] = (
+                                "ABORTED",
+                                f"answered with index {ix[:12]}, which this run has left for "
+                                f"{self.index_hash[:12]}",
+                            )
+                            continue
                     if res.annotation is not None:
-                        ok.append((cap.seq, annotation_to_json(res.annotation)))
+                        ok.append((cap.seq, annotation_to_json(res.annotation), ix))
                         if len(ok) >= _JOURNAL_CHUNK:
-                            journal.append(ok)
-                            progress.update(len(ok))
+                            self._journal(ok, progress)
                             ok = []
                     elif res.error is not None and res.error.status in _RETRYABLE_ITEM:
                         pending[cap.id] = cap
@@ -596,6 +705,7 @@ class _Runner:
                             cap, err.status if err else "UNKNOWN",
                             err.message if err else "no result", attempts[cap.seq] + 1,
                         ))
+                        self.failed_seqs.add(cap.seq)
                         progress.update(0, errors=1)
                 # (status, reason, whether to blame the first unanswered item)
                 stream_error: tuple[grpc.StatusCode, str, bool] | None = None
@@ -617,8 +727,7 @@ class _Runner:
                     True,
                 )
             if ok:
-                journal.append(ok)
-                progress.update(len(ok))
+                self._journal(ok, progress)
             if not pending:
                 continue
             # Something was not answered: charge one attempt to every unanswered item.
@@ -647,6 +756,7 @@ class _Runner:
             for c in give_up:
                 st, why = last_error[c.seq]
                 self.failures.append(_Failure(c, st, why, attempts[c.seq]))
+                self.failed_seqs.add(c.seq)
             if give_up:
                 progress.update(0, errors=len(give_up))
             again = [c for c in left if c not in give_up]
@@ -688,14 +798,16 @@ class _Runner:
 
 # -- finishing ---------------------------------------------------------------------------------
 def _already_complete(
-    manifest_path: Path, key: str, specs: Sequence[OutputSpec], *, report: bool
+    manifest_path: Path, key: str, specs: Sequence[OutputSpec], serving: str, *, report: bool
 ) -> bool:
-    """True when the manifest says this exact run finished and its outputs are untouched."""
+    """True when the manifest says this exact run finished with the index the service serves
+    and its outputs are untouched."""
     try:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        made_with = m["service"]["index_content_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not (m.get("complete") and m.get("run_key") == key):
+    if not (m.get("complete") and m.get("run_key") == key and made_with == serving):
         return False
     if report and not all(m.get(k) and Path(m[k]).is_file() for k in ("report", "report_html")):
         return False  # asked for a report the earlier run did not write (whole)
@@ -706,6 +818,59 @@ def _already_complete(
         if (spec.format.value, str(spec.path), _file_sha256(spec.path)) not in recorded:
             return False
     return True
+
+
+def _check_not_stale(
+    manifest_path: Path,
+    scan: CorpusScan,
+    corpus: Corpus,
+    options: ExtractOptions,
+    serving: str,
+    *,
+    redo: bool,
+) -> None:
+    """Refuse to pass over a complete output of this input made with another index or other
+    options: reporting it "already complete" would present stale results as current, and
+    replacing it unasked would throw away a finished run. ``--restart`` replaces it; when only
+    the index differs, so does ``redo``."""
+    try:
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+        complete = m.get("complete") is True
+        same_input = (m["input"]["sha256"], m["input"]["format"]) == (
+            scan.sha256, corpus.format.value
+        )
+        made_with = str(m["service"]["index_content_hash"])
+        made_options = m["options"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no manifest of a complete run to compare with
+    if not (complete and same_input):
+        return
+    now_options = json.loads(json.dumps(asdict(options)))
+    changed = sorted(
+        k for k in {*made_options, *now_options} if made_options.get(k) != now_options.get(k)
+    )
+    index_changed = made_with != serving
+    if not changed and (not index_changed or redo):
+        return
+    what = []
+    if index_changed:
+        what.append(f"index {made_with[:12]}, but the service now serves {serving[:12]}")
+    if changed:
+        what.append(
+            "other options ("
+            + "; ".join(f"{k}: {made_options.get(k)!r} then, {now_options.get(k)!r} now"
+                        for k in changed)
+            + ")"
+        )
+    raise RunIncompatibleError(
+        f"{manifest_path} records a complete run of this input made with "
+        + " and with ".join(what)
+        + "; its outputs are not current for this command and are left as they are. Rerun with "
+        "--restart to annotate the input again and replace them"
+        + (" (or, as only the index differs, with `--on-index-change redo`)"
+           if index_changed and not changed else "")
+        + ", or write to another --out."
+    )
 
 
 def _write_errors(
@@ -779,8 +944,14 @@ def annotate_corpus(
         work_holder["work"] = work
         state["key"] = key
         state["options"] = asdict(options)
+        serving = info.index.content_hash
+        if not settings.restart:
+            _check_not_stale(
+                manifest_path, scan, corpus, options, serving,
+                redo=settings.on_index_change == "redo",
+            )
         if not settings.restart and not work.exists() and _already_complete(
-            manifest_path, key, specs, report=settings.report
+            manifest_path, key, specs, serving, report=settings.report
         ):
             raise _AlreadyComplete()
         for other in out0.parent.glob(f"{out0.name}.*.part"):
@@ -795,15 +966,38 @@ def annotate_corpus(
             shutil.rmtree(work)
             journal = Journal(work)
         prior = journal.load_state()
-        if prior is not None and prior.get("index_content_hash") != info.index.content_hash:
+        # Lines without an index hash were written against the index run.json named first.
+        unlabelled = str(
+            (prior.get("unlabelled_index") or prior.get("index_content_hash") or "")
+            if prior else serving
+        )
+        runner.unlabelled = unlabelled
+        if (
+            prior is not None
+            and prior.get("index_content_hash") != serving
+            and settings.on_index_change != "redo"
+        ):
             n = len(journal.done)
             journal.close()
             old_hash = str(prior.get("index_content_hash"))[:12]
             raise RunIncompatibleError(
                 f"{work} holds {n} result(s) made with index {old_hash}, "
-                f"but the service now serves {info.index.content_hash[:12]}; mixing them would "
-                "give an inconsistent corpus. Rerun with --restart to start over, or point "
+                f"but the service now serves {serving[:12]}; mixing them would "
+                "give an inconsistent corpus. Rerun with `--on-index-change redo` to annotate "
+                f"them again with {serving[:12]}, or with --restart to start over, or point "
                 "--target at a service with the earlier index."
+            )
+        # Captions of any other index are annotated again: the ones of an earlier index when
+        # redo was asked for, and those a redo left undone when its run was interrupted.
+        redone = journal.retire(serving, unlabelled)
+        if prior is not None and prior.get("index_content_hash") != serving:
+            runner.index_changes.append(
+                {"from": prior.get("index_content_hash"), "to": serving, "redone": redone}
+            )
+        if redone:
+            log.warning(
+                "%s: %d result(s) were made with another index than the service's %s; they "
+                "are annotated again (--on-index-change redo)", work, redone, serving[:12],
             )
         runs = list(prior.get("runs", [])) if prior else []
         runs.append({"started_at": started, "resumed": len(journal.done), "pid": os.getpid()})
@@ -812,7 +1006,8 @@ def annotate_corpus(
             "input": {"path": corpus.source, "format": corpus.format.value,
                       "sha256": scan.sha256, **corpus.identity()},
             "options": asdict(options),
-            "index_content_hash": info.index.content_hash,
+            "index_content_hash": serving,
+            "unlabelled_index": unlabelled,
             "first_started_at": prior.get("first_started_at", started) if prior else started,
             "runs": runs,
         }
@@ -820,7 +1015,17 @@ def annotate_corpus(
         state.update(new_state)
         return journal
 
-    runner = _Runner(corpus, scan, settings, journal_for, overrides, progress_stream)
+    def index_adopted(new_hash: str) -> None:
+        # run.json names the index the journal's results now come from, so that a resume
+        # after an interruption is checked against it.
+        state["index_content_hash"] = new_hash
+        journal = runner.journal
+        assert journal is not None
+        journal.save_state({k: v for k, v in state.items() if k not in ("key",)})
+
+    runner = _Runner(
+        corpus, scan, settings, journal_for, overrides, progress_stream, index_adopted
+    )
     try:
         asyncio.run(runner.run())
     except _AlreadyComplete:
@@ -901,6 +1106,16 @@ def _finish(
 ) -> RunResult:
     info = runner.info
     assert info is not None
+    made_with = journal.index_counts(runner.unlabelled)
+    if set(made_with) - {runner.index_hash}:
+        # Never expected (results of other indexes are retired or not journaled at all), but
+        # this is the last point before a corpus of two dictionaries would be written.
+        raise RunIncompatibleError(
+            f"{work} holds results of several indexes ("
+            + ", ".join(f"{h[:12]}: {n}" for h, n in sorted(made_with.items()))
+            + f"); nothing was written. Rerun with `--on-index-change redo` to annotate "
+            f"those of other indexes again with {runner.index_hash[:12]}."
+        )
     builder = ReportBuilder()
     with_concepts = concepts = mentions = 0
     sample: dict[int, Annotation] = {}  # the first report_samples captions, by seq
@@ -985,7 +1200,8 @@ def _finish(
             "invocations": [
                 *state["runs"][:-1],
                 {**state["runs"][-1], "finished_at": finished,
-                 "retried_batches": runner.retried_batches},
+                 "retried_batches": runner.retried_batches,
+                 **({"index_changes": runner.index_changes} if runner.index_changes else {})},
             ],
         },
     }

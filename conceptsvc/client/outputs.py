@@ -17,8 +17,10 @@ Formats:
                 (:mod:`conceptsvc.client.parquet`, needs pyarrow).
 
 Every caption gets exactly one line (row) in every format, also when it has no concepts. Files
-are written as part files and moved into place with ``os.replace`` only when complete, so a reader
-never sees half a file, and an interrupted run leaves the previous output untouched.
+are written as part files and moved into place with ``os.replace`` only when fully written, so a
+reader never sees half a file, and a killed run leaves the previous output untouched. (Whether a
+run's outputs hold every caption is the manifest's ``complete``: see
+:mod:`conceptsvc.client.batch`.)
 
 Rendering is a pure function of the :class:`~conceptsvc.model.Annotation` (fixed key order,
 scores rounded to 6 decimals), which is what makes a resumed run byte-identical to an

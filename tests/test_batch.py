@@ -1055,17 +1055,28 @@ class ReloadingExtractor(Extractor):
     loads from and the server reloads (what SIGHUP does). The stream holding that caption stays
     on the index it started with; every later stream is answered by B. No timing involved."""
 
-    def __init__(self, index: ConceptIndex, marker: str) -> None:
+    def __init__(self, index: ConceptIndex, marker: str, hold: str | None = None) -> None:
         super().__init__(index)
         self.marker = marker
         self.swap: Callable[[], object] = lambda: None
         self.fired = 0
+        # With ``hold``: a caption containing it waits at ``gate`` (on the old index), and the
+        # swap waits until such a caption is being held — a stream opened before the reload
+        # that answers after it.
+        self.hold = hold
+        self.held = threading.Event()
+        self.gate = threading.Event()
 
     def extract(
         self, text: str, options: ExtractOptions | None = None, *, id: str = ""
     ) -> Annotation:
+        if self.hold is not None and self.hold in text:
+            self.held.set()
+            self.gate.wait(60)  # bounded, so a broken test cannot hang the server
         if self.marker in text and not self.fired:
             self.fired += 1
+            if self.hold is not None:
+                self.held.wait(60)
             self.swap()
         return super().extract(text, options, id=id)
 
@@ -1074,17 +1085,20 @@ MARKER = "DEPLOY-HERE"
 
 
 @contextlib.contextmanager
-def service_reloading_mid_run(tmp_path: Path) -> Iterator[tuple[ConceptServer, Path]]:
+def service_reloading_mid_run(
+    tmp_path: Path, hold: str | None = None
+) -> Iterator[tuple[ConceptServer, ReloadingExtractor]]:
     """A server on index A (from ``tmp_path/idx``) that reloads to B when it meets MARKER."""
     from service_helpers import build_index_a, build_index_b
 
     path = build_index_a(tmp_path / "idx")
-    engine = ReloadingExtractor(ConceptIndex.load(path), MARKER)
+    engine = ReloadingExtractor(ConceptIndex.load(path), MARKER, hold)
     server = start_server(engine)
     engine.swap = lambda: (build_index_b(path), server.reload())
     try:
-        yield server, path
+        yield server, engine
     finally:
+        engine.gate.set()
         server.stop(0)
 
 
@@ -1186,6 +1200,54 @@ def test_issue_18_index_changed_mid_run_redo_gives_a_clean_run_of_the_new_index(
         assert not list(tmp_path.glob("run.jsonl.*.part"))
 
 
+def test_issue_18_redo_resends_answers_of_the_old_index_still_in_flight(tmp_path: Path) -> None:
+    """Two streams at a time: one opened on A is held at a gate while the other meets the
+    reload; the run adopts B, and only then are the held stream's A answers released. They are
+    not journaled but sent again (to B); the output is still a clean run of B."""
+    with service_reloading_mid_run(tmp_path, hold="HOLD-ME") as (server, engine):
+        target = f"127.0.0.1:{server.port}"
+        from service_helpers import CAPTIONS
+
+        rows = [(f"c{i:03d}", CAPTIONS[i % len(CAPTIONS)][1]) for i in range(24)]
+        rows[0] = ("c000", "HOLD-ME: lung edema.")
+        rows[5] = ("c005", f"{MARKER}: pleural edema of the lung.")
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.jsonl"
+        from service_helpers import build_index_b
+
+        b_hash = ConceptIndex.load(build_index_b(tmp_path / "b")).content_hash
+
+        def release_once_b_is_adopted() -> None:
+            # the run saves the index it adopts in its run.json before it goes on
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for state in tmp_path.glob("run.jsonl.*.part/run.json"):
+                    with contextlib.suppress(OSError, ValueError, KeyError):
+                        if json.loads(state.read_text())["index_content_hash"] == b_hash:
+                            engine.gate.set()
+                            return
+                time.sleep(0.005)
+
+        opener = threading.Thread(target=release_once_b_is_adopted)
+        opener.start()
+        try:
+            result = annotate_corpus(
+                Corpus(src), resolve_outputs(out),
+                settings(target, batch_size=4, concurrency=2, on_index_change="redo"),
+            )
+        finally:
+            engine.gate.set()
+            opener.join(60)
+        assert engine.held.is_set() and engine.fired == 1
+        assert result.complete and result.counts.retried_batches >= 1  # the held batch, resent
+        reference = clean_run_against(target, src, tmp_path / "clean" / "run.jsonl")
+        assert out.read_bytes() == reference
+        manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+        assert manifest["service"]["index_content_hash"] == b_hash
+        (change,) = manifest["timing"]["invocations"][-1]["index_changes"]
+        assert change["to"] == b_hash
+
+
 def test_issue_16_complete_run_is_rechecked_against_the_index_and_options(
     tmp_path: Path,
 ) -> None:
@@ -1235,8 +1297,10 @@ def test_issue_16_complete_run_is_rechecked_against_the_index_and_options(
         # back to A: --on-index-change redo also replaces a complete run of another index
         build_index_a(path)
         server.reload()
-        redone = annotate_corpus(Corpus(src), specs, settings(target, on_index_change="redo"))
-        assert redone.complete and not redone.already_complete
+        proc = cli("annotate", str(src), "--out", str(out), "--target", target,
+                   "--on-index-change", "redo")
+        assert proc.returncode == 0, proc.stderr
+        assert "(complete)" in proc.stderr and "already complete" not in proc.stderr
         assert out.read_bytes() == a_bytes
     finally:
         server.stop(0)

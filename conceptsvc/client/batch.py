@@ -667,6 +667,7 @@ class _Runner:
             pending: dict[str, Caption] = {c.id: c for c in part}
             i = targets.pick()
             ok: list[tuple[int, dict[str, Any], str]] = []
+            resend_ix: set[str] = set()  # indexes whose answers on this stream are resent
             try:
                 call = targets.stub(i).AnnotateStream(
                     iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
@@ -683,12 +684,14 @@ class _Runner:
                     if ix != self.index_hash:
                         self._journal(ok, progress)
                         ok = []
-                        if not await self._other_index(targets, ix):
+                        # (one stream is answered by one index: asked once per stream)
+                        if ix in resend_ix or not await self._other_index(targets, ix):
+                            resend_ix.add(ix)
                             pending[cap.id] = cap
                             last_error[cap.seq] = (
                                 "ABORTED",
-                                f"answered with index {ix[:12]}, which this run has left for "
-                                f"{self.index_hash[:12]}",
+                                f"answered with index {ix[:12]}, not the run's "
+                                f"{self.index_hash[:12]}; sent again",
                             )
                             continue
                     if res.annotation is not None:

@@ -97,3 +97,18 @@ def test_wire_concept_candidate_and_catalog_round_trip(index_a: Path) -> None:
     cat = wire.catalog_from_pb(wire.catalog_to_pb(sn))
     assert set(cat.types) == set(sn.types.values())
     assert {g.code: g.tuis for g in cat.groups} == {c: g.tuis for c, g in sn.groups.items()}
+
+
+def test_wire_stream_result_carries_the_index_hash() -> None:
+    """The index that answered reaches the domain result, for a result and for an item error;
+    a response from a server older than the field has none."""
+    ok = wire.stream_result_from_pb(
+        pb.AnnotateResponse(id="a", concepts=["C0024109"], index_hash="f" * 64)
+    )
+    assert ok.index_hash == "f" * 64 and ok.annotation is not None and ok.ok
+    failed = wire.stream_result_from_pb(pb.AnnotateResponse(
+        id="b", status=pb.ItemStatus(code=3, message="bad"), index_hash="e" * 64
+    ))
+    assert failed.index_hash == "e" * 64 and failed.error is not None
+    old = pb.AnnotateResponse.FromString(pb.AnnotateResponse(id="c").SerializeToString())
+    assert wire.stream_result_from_pb(old).index_hash == ""

@@ -24,7 +24,7 @@ The whole tree, so callers can catch at the level they care about::
     │   │                           run's side file (E624); nothing was started
     │   ├── OutputFormatError       an output's extension names another format (E625)
     │   ├── EmptyCorpusError        the input holds no captions (E626), unless allowed
-    │   └── MissingExtraError       an optional dependency the request needs is missing (E627)
+    │   └── MissingExtraError       an optional dependency the request needs is missing (E628)
     └── EvaluationError             scoring options the evaluator cannot honour (E7xx)
 
 The gRPC servicer maps these to status codes in one place (``server/``); nothing else
@@ -264,7 +264,7 @@ class MissingExtraError(ClientError):
     """The input or output asks for an optional dependency that is not installed (pyarrow for
     Parquet); the message names the extra to install."""
 
-    code = "E627"
+    code = "E628"
 
 
 class EvaluationError(ConceptsvcError):

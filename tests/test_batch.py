@@ -1122,7 +1122,7 @@ def clean_run_against(target: str, src: Path, out: Path) -> bytes:
     return out.read_bytes()
 
 
-def test_issue_18_index_changed_mid_run_stops_with_e624(tmp_path: Path) -> None:
+def test_issue_18_index_changed_mid_run_stops_with_e627(tmp_path: Path) -> None:
     """Without the check the run exits complete with captions 0-11 from A and 12-39 from B
     and a manifest naming A. With it, the first answer from B stops the run: nothing at the
     output path, the journal keeps only A's results, and the error names both indexes and the

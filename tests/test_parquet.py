@@ -319,7 +319,7 @@ def test_parquet_resume_after_sigkill_is_byte_identical(
 # -- without pyarrow ---------------------------------------------------------------------------
 def test_parquet_without_pyarrow_is_a_coded_error(tmp_path: Path) -> None:
     """An interpreter where pyarrow cannot be imported (``sys.modules`` entry ``None`` makes
-    ``import pyarrow`` fail as when it is not installed): the CLI exits 2 with E627 and the
+    ``import pyarrow`` fail as when it is not installed): the CLI exits 2 with E628 and the
     extra to install, for Parquet input and for Parquet output, before contacting anything."""
     src = write_parquet(tmp_path / "in.parquet", {"id": ["a"], "text": ["x"]})
     csv_src = tmp_path / "in.csv"
@@ -336,4 +336,4 @@ def test_parquet_without_pyarrow_is_a_coded_error(tmp_path: Path) -> None:
             env=env, capture_output=True, text=True, timeout=60,
         )
         assert proc.returncode == 2, proc.stderr
-        assert "E627" in proc.stderr and "conceptsvc[parquet]" in proc.stderr
+        assert "E628" in proc.stderr and "conceptsvc[parquet]" in proc.stderr

@@ -117,3 +117,30 @@ def build_engine_index(out: Path) -> Path:
 def engine_index_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of the engine fixture index, built once per session."""
     return build_engine_index(tmp_path_factory.mktemp("engine") / "index")
+
+
+@pytest.fixture(scope="module")
+def demo_index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded demo dictionary compiled into a fresh directory (its real build path)."""
+    from conceptsvc.embedded import demo_index
+
+    return demo_index(tmp_path_factory.mktemp("demo-cache")).path
+
+
+@pytest.fixture(scope="module")
+def target(demo_index_dir: Path) -> Iterator[str]:
+    """Address of a real in-process service (port 0) on the demo dictionary."""
+    from conceptsvc.config import load_settings
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.index import ConceptIndex
+    from conceptsvc.server.app import create_server
+
+    server, port = create_server(
+        load_settings(port=0, workers=1, host="127.0.0.1"),
+        extractor=Extractor(ConceptIndex.load(demo_index_dir)),
+    )
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)

@@ -15,7 +15,6 @@ import json
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -27,12 +26,8 @@ from hypothesis import strategies as st
 
 from conceptsvc.cli import main
 from conceptsvc.client.html_page import AnnotatedCaption, caption_html, group_of, lookup_page
-from conceptsvc.config import load_settings
-from conceptsvc.embedded import demo_index
-from conceptsvc.extractor import Extractor
 from conceptsvc.model import Annotation, Mention
 from conceptsvc.semantic_network import load_semantic_network
-from conceptsvc.server.app import create_server
 
 ARTEFACTS = Path(__file__).parent.parent / "test-artefacts"
 # An astral character before the mentions (one code point, two UTF-16 units: offsets must stay
@@ -193,26 +188,6 @@ def in_chromium(page: Path, profile: Path, screenshot: Path | None = None) -> Re
         assert shot.returncode == 0, shot.stderr[-2000:]
         assert screenshot.read_bytes().startswith(b"\x89PNG")
     return Rendered(proc.stdout.decode("utf-8"), console)
-
-
-@pytest.fixture(scope="module")
-def demo_index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_index(tmp_path_factory.mktemp("demo-cache")).path
-
-
-@pytest.fixture(scope="module")
-def target(demo_index_dir: Path) -> Iterator[str]:
-    from conceptsvc.index import ConceptIndex
-
-    server, port = create_server(
-        load_settings(port=0, workers=1, host="127.0.0.1"),
-        extractor=Extractor(ConceptIndex.load(demo_index_dir)),
-    )
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
 
 
 def test_html_page_lookup_in_chromium_highlights_every_mention(

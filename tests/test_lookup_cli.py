@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conceptsvc.cli import main
-from conceptsvc.config import load_settings
-from conceptsvc.embedded import demo_index
-from conceptsvc.extractor import Extractor
-from conceptsvc.server.app import create_server
 
 CAPTION = "Chest X-ray showing pleural effusion. No pneumothorax."
-
-
-@pytest.fixture(scope="module")
-def demo_index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_index(tmp_path_factory.mktemp("demo-cache")).path
-
-
-@pytest.fixture(scope="module")
-def target(demo_index_dir: Path) -> Iterator[str]:
-    from conceptsvc.index import ConceptIndex
-
-    server, port = create_server(
-        load_settings(port=0, workers=1, host="127.0.0.1"),
-        extractor=Extractor(ConceptIndex.load(demo_index_dir)),
-    )
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -67,7 +67,6 @@ from conceptsvc.server.launcher import spawn_server
 
 log = logging.getLogger(__name__)
 
-_BEGIN, _END = "<!-- soak:begin -->", "<!-- soak:end -->"
 SCENARIOS = ("captions", "option-sets")
 # scenario → (duration s, clients, client processes, workers) when not given
 _DEFAULTS = {"captions": (300.0, 32, 4, 2), "option-sets": (120.0, 1, 1, 1)}
@@ -82,6 +81,15 @@ class ClientStats:
     item_errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
+
+    def add(self, other: ClientStats) -> None:
+        """Add another client's (a thread's, a process's) counts to these."""
+        self.items += other.items
+        self.streams += other.streams
+        self.rpc_errors += other.rpc_errors
+        self.item_errors += other.item_errors
+        self.error_samples += other.error_samples
+        self.latencies_ms += other.latencies_ms
 
 
 @dataclass
@@ -235,22 +243,18 @@ def _client_thread(target: str, k: int, captions: list[str], stream_size: int, u
                 if len(mine.error_samples) < 5:
                     mine.error_samples.append(f"{type(exc).__name__}: {exc}")
     with lock:
-        stats.items += mine.items
-        stats.streams += mine.streams
-        stats.rpc_errors += mine.rpc_errors
-        stats.item_errors += mine.item_errors
-        stats.error_samples += mine.error_samples
-        stats.latencies_ms += mine.latencies_ms
+        stats.add(mine)
 
 
-def _client_process(target: str, ks: list[int], stream_size: int, until: float,
-                    unique: bool, conn: Any) -> None:
+def _client_process(worker: Any, target: str, ks: list[int], extra: tuple[Any, ...],
+                    conn: Any) -> None:
+    """One client process: a ``worker`` thread per client number in ``ks``, each called as
+    ``worker(target, k, captions, *extra, stats, lock)``; their summed counts go back as JSON."""
     captions = demo_captions()
     stats = ClientStats()
     lock = threading.Lock()
     threads = [
-        threading.Thread(target=_client_thread,
-                         args=(target, k, captions, stream_size, until, unique, stats, lock))
+        threading.Thread(target=worker, args=(target, k, captions, *extra, stats, lock))
         for k in ks
     ]
     for t in threads:
@@ -259,6 +263,39 @@ def _client_process(target: str, ks: list[int], stream_size: int, until: float,
         t.join()
     conn.send(json.dumps(asdict(stats)))
     conn.close()
+
+
+def _start_clients(args: argparse.Namespace, worker: Any, target: str,
+                   extra: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+    """``args.clients`` clients spread over ``args.client_processes`` spawned processes."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for p in range(args.client_processes):
+        ks = list(range(p, args.clients, args.client_processes))
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_client_process, args=(worker, target, ks, extra, child))
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    return pipes, procs
+
+
+def _gather_clients(pipes: list[Any], procs: list[Any]) -> ClientStats:
+    stats = ClientStats()
+    for parent, p in zip(pipes, procs, strict=True):
+        stats.add(ClientStats(**json.loads(parent.recv())))
+        p.join(60)
+    return stats
+
+
+def _stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
 
 
 def _option_sets_thread(target: str, k: int, captions: list[str], option_items: int,
@@ -286,28 +323,7 @@ def _option_sets_thread(target: str, k: int, captions: list[str], option_items: 
                     mine.error_samples.append(f"request {n}: {type(exc).__name__}: {exc}")
             mine.latencies_ms.append((time.perf_counter() - t0) * 1000)
     with lock:
-        stats.items += mine.items
-        stats.item_errors += mine.item_errors
-        stats.error_samples += mine.error_samples
-        stats.latencies_ms += mine.latencies_ms
-
-
-def _option_sets_process(target: str, ks: list[int], option_items: int, until: float,
-                         conn: Any) -> None:
-    captions = demo_captions()
-    stats = ClientStats()
-    lock = threading.Lock()
-    threads = [
-        threading.Thread(target=_option_sets_thread,
-                         args=(target, k, captions, option_items, until, stats, lock))
-        for k in ks
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    conn.send(json.dumps(asdict(stats)))
-    conn.close()
+        stats.add(mine)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -323,20 +339,11 @@ def run(args: argparse.Namespace) -> SoakResult:
     rss_after_startup = tree_rss_mb(proc.pid)
     log.info("server pid %d on %s (%d workers), RSS %.1f MiB", proc.pid, target, args.workers,
              rss_after_startup)
-    ctx = multiprocessing.get_context("spawn")
     started = time.time()
     until = started + args.duration
-    groups = [list(range(p, args.clients, args.client_processes))
-              for p in range(args.client_processes)]
-    pipes, procs = [], []
-    for ks in groups:
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_client_process,
-                        args=(target, ks, args.stream_size, until, args.unique_tokens, child))
-        p.start()
-        child.close()
-        pipes.append(parent)
-        procs.append(p)
+    pipes, procs = _start_clients(
+        args, _client_thread, target, (args.stream_size, until, args.unique_tokens)
+    )
     samples: list[float] = []
     rss_start: float | None = None
     next_sample = started
@@ -350,25 +357,11 @@ def run(args: argparse.Namespace) -> SoakResult:
             log.info("t+%3.0fs RSS %.1f MiB", now - started, rss)
             next_sample += args.sample_every
         time.sleep(0.5)
-    stats = ClientStats()
-    for parent, p in zip(pipes, procs, strict=True):
-        got = json.loads(parent.recv())
-        p.join(60)
-        stats.items += got["items"]
-        stats.streams += got["streams"]
-        stats.rpc_errors += got["rpc_errors"]
-        stats.item_errors += got["item_errors"]
-        stats.error_samples += got["error_samples"]
-        stats.latencies_ms += got["latencies_ms"]
+    stats = _gather_clients(pipes, procs)
     elapsed = time.time() - started
     rss_end = tree_rss_mb(proc.pid)
     samples.append(round(rss_end, 1))
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=10)
+    _stop_server(proc)
     if rss_start is None:
         rss_start = samples[0]
     lat = sorted(stats.latencies_ms)
@@ -410,20 +403,9 @@ def run_option_sets(args: argparse.Namespace) -> OptionSetsResult:
     rss_first = tree_rss_mb(proc.pid)
     log.info("server pid %d on %s (%d workers), RSS %.1f MiB; option sets of %d names",
              proc.pid, target, args.workers, rss_first, args.option_items)
-    ctx = multiprocessing.get_context("spawn")
     started = time.time()
     until = started + args.duration
-    groups = [list(range(p, args.clients, args.client_processes))
-              for p in range(args.client_processes)]
-    pipes, procs = [], []
-    for ks in groups:
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_option_sets_process,
-                        args=(target, ks, args.option_items, until, child))
-        p.start()
-        child.close()
-        pipes.append(parent)
-        procs.append(p)
+    pipes, procs = _start_clients(args, _option_sets_thread, target, (args.option_items, until))
     samples: list[float] = [round(rss_first, 1)]
     after_warmup: list[float] = []
     next_sample = started + args.sample_every
@@ -437,23 +419,12 @@ def run_option_sets(args: argparse.Namespace) -> OptionSetsResult:
             log.info("t+%3.0fs RSS %.1f MiB", now - started, rss)
             next_sample += args.sample_every
         time.sleep(min(0.5, args.sample_every / 2))
-    stats = ClientStats()
-    for parent, p in zip(pipes, procs, strict=True):
-        got = json.loads(parent.recv())
-        p.join(60)
-        stats.items += got["items"]
-        stats.item_errors += got["item_errors"]
-        stats.error_samples += got["error_samples"]
+    stats = _gather_clients(pipes, procs)
     elapsed = time.time() - started
     rss_last = tree_rss_mb(proc.pid)
     samples.append(round(rss_last, 1))
     after_warmup.append(rss_last)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=10)
+    _stop_server(proc)
     rss_start, rss_peak = after_warmup[0], max(after_warmup)
     return OptionSetsResult(
         date=dt.date.today().isoformat(),

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import CHECKOUT
+from benchmarks import CHECKOUT, venv_python
 from benchmarks.context_peer.annotations import AnnotatedRow, read_annotations
 from benchmarks.soak import write_section
 from conceptsvc.errors import ConfigError
@@ -226,13 +226,11 @@ def run_conceptsvc(rows: Sequence[AnnotatedRow], work: Path) -> tuple[list[Predi
 # -- medspaCy --------------------------------------------------------------------------------
 def context_python(python: str | Path | None = None) -> Path:
     """The interpreter of medspaCy's venv; a clear error when it has not been made."""
-    path = Path(python) if python is not None else CHECKOUT / ".venv-context" / "bin" / "python"
-    if not path.exists():
-        raise ConfigError(
-            f"{path} not found: medspaCy's ConText runs in a venv of its own; run "
-            "`make context-peer` (medspacy 1.3.1, spaCy 3.7, a minute or two)"
-        )
-    return path
+    return venv_python(
+        python, ".venv-context",
+        "medspaCy's ConText runs in a venv of its own; run `make context-peer` "
+        "(medspacy 1.3.1, spaCy 3.7, a minute or two)",
+    )
 
 
 def run_medspacy(

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2
+from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2, venv_python
 from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
 from conceptsvc.evaluation import read_concepts, score
@@ -61,13 +61,11 @@ PEERS = ("quickumls", "medcat", "mmlite")
 
 def peers_python(python: str | Path | None = None) -> Path:
     """The interpreter of the peers' venv; a clear error when ``make peers`` has not run."""
-    path = Path(python) if python is not None else CHECKOUT / ".venv-peers" / "bin" / "python"
-    if not path.exists():
-        raise ConfigError(
-            f"{path} not found: the peer tools live in their own venv; run `make peers` "
-            "(QuickUMLS, MedCAT 2.9.0, mmlite 0.1.4; a few minutes, compiles two extensions)"
-        )
-    return path
+    return venv_python(
+        python, ".venv-peers",
+        "the peer tools live in their own venv; run `make peers` "
+        "(QuickUMLS, MedCAT 2.9.0, mmlite 0.1.4; a few minutes, compiles two extensions)",
+    )
 
 
 def _run(python: Path, args: Sequence[str], *, timeout: float) -> dict[str, Any]:

@@ -943,6 +943,12 @@ cdef list _resolve_overlaps(list cands, bint longest):
 FAST_MEMO_MAX = 1 << 16
 """Entries of a plan's memo (key ids, and key ids with a surface) before it is emptied."""
 cdef Py_ssize_t _FAST_MEMO_MAX = FAST_MEMO_MAX
+# a mention's categories (bit ``1 << negation.Category``), checked against the enum by NegationScanner
+cdef enum:
+    _CTX_NEGATED = 1
+    _CTX_HYPOTHETICAL = 2
+    _CTX_HISTORICAL = 4
+    _CTX_OTHER = 8
 
 @cython.auto_pickle(False)
 cdef class FastPath:
@@ -1007,14 +1013,16 @@ cdef class FastPath:
             annotation_type.__dict__[f] for f in annotation_type.__slots__
         )
         if mention_type.__slots__ != ("cui", "preferred_name", "text", "start", "end", "score",
-                                      "semantic_types", "source", "negated"):
+                                      "semantic_types", "source", "negated", "hypothetical",
+                                      "historical", "experiencer"):
             raise ValueError("Mention's fields changed; update the fast path")
         if annotation_type.__slots__ != ("id", "mentions", "concepts"):
             raise ValueError("Annotation's fields changed; update the fast path")
         self.new = object.__new__
 
     cdef object _mention(self, str cui, str name, str surface, Py_ssize_t s, Py_ssize_t e,
-                         object score, object types, object sab, bint neg):
+                         object score, object types, object sab, int ctx):
+        """A Mention; ``ctx`` holds its categories (``negation.mention_context``'s bits)."""
         cdef object m = self.new(self.Mention)
         cdef tuple d = self.mention_slots
         _set_slot(d[0], m, cui)
@@ -1025,7 +1033,10 @@ cdef class FastPath:
         _set_slot(d[5], m, score)
         _set_slot(d[6], m, types)
         _set_slot(d[7], m, sab)
-        _set_slot(d[8], m, neg)
+        _set_slot(d[8], m, (ctx & _CTX_NEGATED) != 0)
+        _set_slot(d[9], m, (ctx & _CTX_HYPOTHETICAL) != 0)
+        _set_slot(d[10], m, (ctx & _CTX_HISTORICAL) != 0)
+        _set_slot(d[11], m, u"other" if ctx & _CTX_OTHER else u"patient")
         return m
 
     cdef object _annotation(self, object id, tuple mentions, tuple concepts):
@@ -1158,21 +1169,30 @@ cdef class FastPath:
         cdef bint identity = profile.is_identity
         if not cands and identity:
             return self._annotation(id, (), ())
-        negated = None
+        flags = None
         if cands:
-            negated = self.negation.negated_tokens(text, norms, starts, ends)
-        cdef bint include_negated = o.include_negated, neg
+            flags = self.negation.negated_tokens(text, norms, starts, ends)
+        cdef bint include_negated = o.include_negated
+        cdef bint include_hypothetical = plan.include_hypothetical
+        cdef int ctx, first, last, cat
         records = []
         for c in cands:
-            neg = False
-            if negated is not None:
-                # negation.mention_negated: first token in a forward scope or last token
-                # in a backward one (a trigger inside the mention does not negate it)
-                neg = ((<int>negated[<Py_ssize_t>c[0]] & self.negation.forward_bit) != 0
-                       or (<int>negated[<Py_ssize_t>c[1] - 1] & self.negation.backward_bit) != 0)
-                if neg and not include_negated:
+            ctx = 0
+            if flags is not None:
+                # negation.mention_context: per category, the first token in a forward scope
+                # or the last token in a backward one (a trigger inside the mention does not
+                # apply to it)
+                first = <int>flags[<Py_ssize_t>c[0]]
+                last = <int>flags[<Py_ssize_t>c[1] - 1]
+                for cat in range(self.negation.categories):
+                    if ((first >> (2 * cat)) & self.negation.forward_bit
+                            or (last >> (2 * cat)) & self.negation.backward_bit):
+                        ctx |= 1 << cat
+                if ctx & _CTX_NEGATED and not include_negated:
                     continue
-            records.append((c[0], c[1], c[2], c, neg))
+                if ctx & _CTX_HYPOTHETICAL and not include_hypothetical:
+                    continue
+            records.append((c[0], c[1], c[2], c, ctx))
         records.sort()
         mentioned = list(dict.fromkeys([r[2] for r in records]))
         inferred = ()
@@ -1211,17 +1231,20 @@ cdef class FastPath:
 cdef class NegationScanner:
     """``negation.NegationDetector.negated_tokens`` with the interpreter out of the loop; the
     detector's rules are read through its public accessors (``phrase_table``,
-    ``trigger_words``, ``scope_limit``, ``list_words``, ``kinds``, ``sentence_breaks``,
-    ``phrase_breaks``, ``list_breaks``, ``forward_scope``, ``backward_scope``). Same loops as
-    the reference: find the phrases, mark the breaks, then walk each trigger's scope."""
+    ``trigger_words``, ``scope_limit``, ``list_words``, ``kinds``, ``category_names``,
+    ``sentence_breaks``, ``header_breaks``, ``header_crossing``, ``phrase_breaks``,
+    ``list_breaks``, ``forward_scope``, ``backward_scope``). Same loops as the reference: find
+    the phrases, mark the breaks, then walk each trigger's scope (every category's)."""
 
     cdef dict table
     cdef frozenset triggers
     cdef frozenset list_words
     cdef Py_ssize_t limit          # -1: to the end of the sentence
     cdef int k_forward, k_backward, k_bidi, k_clause, k_close, k_location
-    cdef readonly int forward_bit, backward_bit
-    cdef CharSet sentence_breaks   # end a scope
+    cdef int header_crossing       # categories (a bit each) whose scopes cross a header break
+    cdef readonly int forward_bit, backward_bit, categories
+    cdef CharSet sentence_breaks   # end every scope (sentence punctuation but header breaks)
+    cdef CharSet header_breaks     # end the scopes of the categories that do not cross them
     cdef CharSet phrase_breaks     # no trigger phrase spans them
     cdef CharSet list_breaks       # end a location phrase; start a closing word's item
 
@@ -1239,11 +1262,22 @@ cdef class NegationScanner:
         self.k_location = kinds.LOCATION
         self.forward_bit = detector.forward_scope
         self.backward_bit = detector.backward_scope
-        _charset_init(&self.sentence_breaks, detector.sentence_breaks, "sentence_breaks")
+        self.categories = len(detector.category_names)
+        cats = detector.category_names
+        if (1 << cats.NEGATED, 1 << cats.HYPOTHETICAL, 1 << cats.HISTORICAL,
+                1 << cats.OTHER_EXPERIENCER) != (
+                _CTX_NEGATED, _CTX_HYPOTHETICAL, _CTX_HISTORICAL, _CTX_OTHER) or (
+                self.categories != 4):  # (two bits a category in a char, and FastPath's bits)
+            raise ValueError("negation.Category changed; update the compiled scanner")
+        self.header_crossing = detector.header_crossing
+        _charset_init(&self.sentence_breaks,
+                      frozenset(detector.sentence_breaks) - frozenset(detector.header_breaks),
+                      "sentence_breaks")
+        _charset_init(&self.header_breaks, detector.header_breaks, "header_breaks")
         _charset_init(&self.phrase_breaks, detector.phrase_breaks, "phrase_breaks")
         _charset_init(&self.list_breaks, detector.list_breaks, "list_breaks")
 
-    cdef inline bint _negating(self, int kind) noexcept:
+    cdef inline bint _trigger(self, int kind) noexcept:
         return (kind == self.k_forward or kind == self.k_backward or kind == self.k_bidi
                 or kind == self.k_clause)
 
@@ -1255,20 +1289,25 @@ cdef class NegationScanner:
         cdef Py_ssize_t n = PyList_GET_SIZE(norms), i = 0, L, q, t, s, e, h, nh = 0, item
         cdef PyObject *hit
         cdef tuple ph, entry
-        cdef int kind
-        cdef bint ok, any_trigger = False, any_out = False, inside, fwd, bwd
+        cdef int kind, cat, own, fbit, bbit
+        cdef bint ok, any_trigger = False, any_out = False, inside, fwd, bwd, crosses
         cdef Py_ssize_t *hs = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
         cdef Py_ssize_t *he = <Py_ssize_t *>malloc((n + 1) * sizeof(Py_ssize_t))
         cdef int *hk = <int *>malloc((n + 1) * sizeof(int))
+        cdef int *hc = <int *>malloc((n + 1) * sizeof(int))
+        cdef int *hm = <int *>malloc((n + 1) * sizeof(int))
         cdef int *head = <int *>malloc((n + 1) * sizeof(int))
+        cdef int *head_cat = <int *>malloc((n + 1) * sizeof(int))
         cdef char *stop = <char *>malloc(n + 1)
         cdef char *brk = <char *>malloc(n + 1)
+        cdef char *hdr = <char *>malloc(n + 1)
         cdef char *comma = <char *>malloc(n + 1)
         cdef char *loc = <char *>malloc(n + 1)
-        cdef char *out = <char *>malloc(n + 1)
+        cdef unsigned char *out = <unsigned char *>malloc(n + 1)
         try:
-            if (hs is NULL or he is NULL or hk is NULL or head is NULL or stop is NULL
-                    or brk is NULL or comma is NULL or loc is NULL or out is NULL):
+            if (hs is NULL or he is NULL or hk is NULL or hc is NULL or hm is NULL
+                    or head is NULL or head_cat is NULL or stop is NULL or brk is NULL
+                    or hdr is NULL or comma is NULL or loc is NULL or out is NULL):
                 raise MemoryError()
             while i < n:
                 hit = PyDict_GetItem(self.table, <object>PyList_GET_ITEM(norms, i))
@@ -1277,7 +1316,6 @@ cdef class NegationScanner:
                     continue
                 for entry in <list>hit:
                     ph = <tuple>entry[0]
-                    kind = <int>entry[1]
                     L = PyTuple_GET_SIZE(ph)
                     if i + L > n:
                         continue
@@ -1295,9 +1333,11 @@ cdef class NegationScanner:
                             break
                     if not ok:
                         continue
+                    kind = <int>entry[1]
                     hs[nh], he[nh], hk[nh] = i, i + L, kind
+                    hc[nh], hm[nh] = <int>entry[2], <int>entry[3]
                     nh += 1
-                    if self._negating(kind):
+                    if self._trigger(kind):
                         any_trigger = True
                     i += L
                     break
@@ -1307,19 +1347,24 @@ cdef class NegationScanner:
                 return None
             memset(stop, 0, n + 1)
             memset(brk, 0, n + 1)
+            memset(hdr, 0, n + 1)
             memset(comma, 0, n + 1)
             memset(out, 0, n + 1)
             for t in range(n + 1):
                 head[t] = -1
+                head_cat[t] = -1
             for h in range(nh):
                 head[hs[h]] = hk[h]
-                if hk[h] != self.k_location:
-                    for t in range(hs[h], he[h]):
-                        stop[t] = 1
+                head_cat[hs[h]] = hc[h]
+                for t in range(hs[h], he[h]):
+                    stop[t] |= <char>hm[h]
             for t in range(1, n):
                 if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
                             &self.sentence_breaks):
                     brk[t] = 1
+                if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
+                            &self.header_breaks):
+                    hdr[t] = 1
                 if _gap_has(text, <Py_ssize_t>ends[t - 1], <Py_ssize_t>starts[t],
                             &self.list_breaks):
                     comma[t] = 1
@@ -1327,18 +1372,24 @@ cdef class NegationScanner:
             for t in range(n):
                 if head[t] == self.k_location:
                     inside = True
-                elif (brk[t] or comma[t] or stop[t]
+                elif (brk[t] or hdr[t] or comma[t] or stop[t]
                       or <object>PyList_GET_ITEM(norms, t) in self.list_words):
                     inside = False
                 loc[t] = inside
             for h in range(nh):
-                s, e, kind = hs[h], he[h], hk[h]
+                s, e, kind, cat = hs[h], he[h], hk[h], hc[h]
+                if not self._trigger(kind):
+                    continue
+                own = 1 << cat
+                fbit = self.forward_bit << (2 * cat)
+                bbit = self.backward_bit << (2 * cat)
+                crosses = (self.header_crossing & own) != 0
                 if kind == self.k_clause:
                     # backward when the trigger ends its clause; forward when the clause goes
                     # on, unless another phrase comes right before it
-                    if e >= n or brk[e] or comma[e]:
+                    if e >= n or brk[e] or hdr[e] or comma[e]:
                         fwd, bwd = False, True
-                    elif s > 0 and not brk[s] and stop[s - 1]:
+                    elif s > 0 and not (brk[s] or hdr[s]) and stop[s - 1]:
                         continue
                     else:
                         fwd, bwd = True, False
@@ -1348,20 +1399,23 @@ cdef class NegationScanner:
                 if fwd:
                     t = e
                     item = -1  # first token after the last comma in the scope
-                    while t < n and t - e != self.limit and not brk[t] and not stop[t]:
+                    while (t < n and t - e != self.limit and not brk[t]
+                           and (crosses or not hdr[t]) and not (stop[t] & own)):
                         if comma[t] and t > e:
                             item = t
                         if not loc[t]:
-                            out[t] |= self.forward_bit
+                            out[t] |= fbit
                         t += 1
-                    if t < n and head[t] == self.k_close and not brk[t] and item >= 0:
+                    if (t < n and head[t] == self.k_close and head_cat[t] == cat
+                            and not brk[t] and not hdr[t] and item >= 0):
                         for q in range(item, t):
-                            out[q] &= ~self.forward_bit
+                            out[q] &= ~fbit
                 if bwd:
                     t = s - 1
-                    while t >= 0 and s - 1 - t != self.limit and not brk[t + 1] and not stop[t]:
+                    while (t >= 0 and s - 1 - t != self.limit and not brk[t + 1]
+                           and (crosses or not hdr[t + 1]) and not (stop[t] & own)):
                         if not loc[t]:
-                            out[t] |= self.backward_bit
+                            out[t] |= bbit
                         t -= 1
             for t in range(n):
                 if out[t]:
@@ -1374,9 +1428,13 @@ cdef class NegationScanner:
             free(hs)
             free(he)
             free(hk)
+            free(hc)
+            free(hm)
             free(head)
+            free(head_cat)
             free(stop)
             free(brk)
+            free(hdr)
             free(comma)
             free(loc)
             free(out)

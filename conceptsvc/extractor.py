@@ -15,8 +15,10 @@ component. The pipeline for one caption, each stage in its own module:
    comes first so that a filter can decide an ambiguity ("CT" with a Bacterium filter);
 5. **overlap resolution**: ``longest`` (greedy by token length, then score), ``best_score``
    (greedy by score, then length) or ``all``;
-6. **negation** (:mod:`conceptsvc.negation`): a per-mention ``negated`` flag (ConText scopes;
-   ``negation.mention_negated``); negated mentions are dropped when ``include_negated`` is false;
+6. **context** (:mod:`conceptsvc.negation`): per mention ConText's ``negated``,
+   ``hypothetical``, ``historical`` and ``experiencer`` (scopes; ``negation.mention_context``);
+   negated mentions are dropped when ``include_negated`` is false, hypothetical ones when
+   ``include_hypothetical`` is (unset: the profile's ``include_hypothetical``);
 7. **profile** (:mod:`conceptsvc.profile`): the dataset's conventions for the concept set, from
    a data file; it may drop concepts and infer concepts that have no mention.
 
@@ -60,7 +62,7 @@ from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
 from conceptsvc.matcher import PREFIX_TABLE_MAX_KEYS, ExactMatcher, Match, check_surface
 from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention, batch_items
-from conceptsvc.negation import NegationDetector, mention_negated
+from conceptsvc.negation import Category, NegationDetector, mention_context
 from conceptsvc.normalize import (
     SPEEDUPS,
     SPEEDUPS_ABSENT,
@@ -189,6 +191,13 @@ class WeightedMemo(Generic[_K, _V]):
             self._bytes = 0
 
 
+# bits of negation.mention_context
+_NEGATED = 1 << Category.NEGATED
+_HYPOTHETICAL = 1 << Category.HYPOTHETICAL
+_HISTORICAL = 1 << Category.HISTORICAL
+_OTHER = 1 << Category.OTHER_EXPERIENCER
+
+
 class _Cand(NamedTuple):
     """A concept on a token span, after filtering (internal)."""
 
@@ -204,6 +213,7 @@ class _Plan:
     """Options compiled once: resolved filter sets, profile, resolver."""
 
     options: ExtractOptions
+    include_hypothetical: bool  # the options', or the profile's when they leave it unset
     tuis: frozenset[str] | None
     sabs: frozenset[str] | None
     excluded: frozenset[str]
@@ -362,6 +372,10 @@ class Extractor:
             )
         plan = _Plan(
             options=o,
+            include_hypothetical=(
+                profile.include_hypothetical if o.include_hypothetical is None
+                else o.include_hypothetical
+            ),
             tuis=frozenset(tuis) if (o.semantic_types or o.semantic_groups) else None,
             sabs=frozenset(o.sources) if o.sources else None,
             excluded=frozenset(o.exclude_cuis),
@@ -441,18 +455,20 @@ class Extractor:
                 cands = _resolve_overlaps(cands, o.overlap)
         if not cands and plan.profile.is_identity:
             return Annotation(id=id, mentions=(), concepts=())
-        negated: list[int] | None = None
+        flags: list[int] | None = None
         if cands:
-            negated = self._negation.negated_tokens(text, norms, starts, ends)
-        # (start_tok, end_tok, cui, candidate, negated): plain tuples sort without a key
-        records: list[tuple[int, int, str, _Cand, bool]] = []
+            flags = self._negation.negated_tokens(text, norms, starts, ends)
+        # (start_tok, end_tok, cui, candidate, categories): plain tuples sort without a key
+        records: list[tuple[int, int, str, _Cand, int]] = []
         for c in cands:
-            neg = False
-            if negated is not None:
-                neg = mention_negated(negated, c.start_tok, c.end_tok)
-                if neg and not o.include_negated:
+            ctx = 0
+            if flags is not None:
+                ctx = mention_context(flags, c.start_tok, c.end_tok)
+                if ctx & _NEGATED and not o.include_negated:
                     continue
-            records.append((c.start_tok, c.end_tok, c.cui, c, neg))
+                if ctx & _HYPOTHETICAL and not plan.include_hypothetical:
+                    continue
+            records.append((c.start_tok, c.end_tok, c.cui, c, ctx))
         records.sort()
         mentioned = list(dict.fromkeys([r[2] for r in records]))
         inferred: tuple[str, ...] = ()
@@ -467,10 +483,14 @@ class Extractor:
         if o.include_mentions and records:
             out = []
             info = self._info
-            for i, j, cui, c, neg in records:
+            for i, j, cui, c, ctx in records:
                 s, e = starts[i], ends[j - 1]
                 ci = info.get(cui) or self.concept_info(cui)
-                out.append(Mention(cui, ci[0], text[s:e], s, e, c.score, ci[1], c.posting.sab, neg))
+                out.append(Mention(
+                    cui, ci[0], text[s:e], s, e, c.score, ci[1], c.posting.sab,
+                    bool(ctx & _NEGATED), bool(ctx & _HYPOTHETICAL), bool(ctx & _HISTORICAL),
+                    "other" if ctx & _OTHER else "patient",
+                ))
             mentions = tuple(out)
         return Annotation(id=id, mentions=mentions, concepts=(*mentioned, *inferred))
 

@@ -32,6 +32,7 @@ __all__ = [
     "SIMILARITIES",
     "Annotation",
     "Candidate",
+    "EXPERIENCERS",
     "ConceptRecord",
     "ExtractOptions",
     "IndexSummary",
@@ -117,6 +118,9 @@ class ExtractOptions:
     profile: str = "none"  # "none" | "rocov2" | other shipped profile names
     include_negated: bool = True
     include_mentions: bool = True
+    # Report hypothetical mentions ("rule out pneumonia"); None: as the profile says
+    # (``Profile.include_hypothetical``), so a dataset's convention travels with its profile.
+    include_hypothetical: bool | None = None
 
     def __post_init__(self) -> None:
         for name in _NAME_FIELDS:
@@ -145,6 +149,11 @@ class ExtractOptions:
             raise ExtractionError(
                 f"overlap {self.overlap!r} is not one of {', '.join(OVERLAPS)}"
             )
+        if self.include_hypothetical not in (None, True, False):
+            raise ExtractionError(
+                f"include_hypothetical {self.include_hypothetical!r} must be true, false or "
+                "None (the profile's choice)"
+            )
 
     def cache_key(self) -> str:
         """Canonical text of the options: equal for options that extract the same thing.
@@ -164,8 +173,19 @@ class ExtractOptions:
 
 
 # -- results ---------------------------------------------------------------------------------
+EXPERIENCERS: tuple[str, ...] = ("patient", "other")
+"""Whose condition a mention is (ConText's experiencer): the patient's, or another person's
+("family history of colon cancer")."""
+
+
 @dataclass(frozen=True, slots=True)
 class Mention:
+    """One concept found in a caption, with ConText's properties of that finding: ``negated``
+    ("no pneumothorax"), ``hypothetical`` ("rule out pneumonia", "return if fever"),
+    ``historical`` ("history of stroke", "status post CABG") and ``experiencer`` (one of
+    :data:`EXPERIENCERS`; "other" in "mother had breast cancer"). See
+    :mod:`conceptsvc.negation`."""
+
     cui: str
     preferred_name: str
     text: str  # exactly original_text[start:end]
@@ -175,6 +195,9 @@ class Mention:
     semantic_types: tuple[str, ...]
     source: str  # SAB of the dictionary string that matched
     negated: bool = False
+    hypothetical: bool = False
+    historical: bool = False
+    experiencer: str = "patient"
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,17 +48,25 @@ from typing import ClassVar
 from conceptsvc.normalize import normalize_term
 
 __all__ = [
+    "ALL_CATEGORIES",
     "BACKWARD_SCOPE",
     "CONTEXT_RULES",
     "DEFAULT_SCOPE",
+    "EXPERIENCER_RULES",
     "FORWARD_SCOPE",
+    "HEADER_BREAKS",
+    "HEADER_CROSSING",
+    "HISTORICAL_RULES",
+    "HYPOTHETICAL_RULES",
     "LIST_WORDS",
     "PHRASE_BREAKS",
     "SENTENCE_BREAKS",
+    "Category",
     "ContextRule",
     "Kind",
     "NegationDetector",
     "NegationRules",
+    "mention_context",
     "mention_negated",
 ]
 
@@ -79,17 +87,107 @@ class Kind(IntEnum):
     LOCATION = 7  # starts a location phrase, which no scope negates ("on", "in")
 
 
+class Category(IntEnum):
+    """ConText's properties of a mention: which scope a trigger opens (bit ``2 * category`` of
+    a token's flags for a forward scope, ``2 * category + 1`` for a backward one)."""
+
+    NEGATED = 0  # "no pneumothorax"
+    HYPOTHETICAL = 1  # "rule out pneumonia", "return if fever" (ConText's "not particular")
+    HISTORICAL = 2  # "history of stroke", "status post CABG"
+    OTHER_EXPERIENCER = 3  # "family history of colon cancer", "mother had breast cancer"
+
+
 @dataclass(frozen=True)
 class ContextRule:
-    """One phrase of the rule table (raw text; normalised on use)."""
+    """One phrase of the rule table (raw text; normalised on use).
+
+    ``category`` is the property a trigger sets, the scopes a pseudo-trigger or termination
+    ends, or ``None`` for a phrase that works on every category (ConText's general
+    terminations "but", "however", our location words)."""
 
     phrase: str
     kind: Kind
+    category: Category | None = Category.NEGATED
 
 
-def _rules(kind: Kind, *phrases: str) -> tuple[ContextRule, ...]:
-    return tuple(ContextRule(p, kind) for p in phrases)
+def _rules(
+    kind: Kind, *phrases: str, category: Category | None = Category.NEGATED
+) -> tuple[ContextRule, ...]:
+    return tuple(ContextRule(p, kind, category) for p in phrases)
 
+
+# ConText's other categories (Harkema et al. 2009, and medspaCy 1.3.1's context_rules.json,
+# MIT licence, (c) medspaCy authors, for the entries marked "medspaCy"). They share the scope
+# machinery with negation: a scope runs to the sentence's end, a termination of its category
+# or of all categories, or the next phrase of its category; unlike negation's, their scopes
+# cross a colon (:data:`HEADER_BREAKS`: "PAST MEDICAL HISTORY:  Hypertension, gout").
+HYPOTHETICAL_RULES: tuple[ContextRule, ...] = (
+    # ConText forward hypothetical triggers ("rule out" was a negation pseudo-trigger here
+    # before; ConText lists it as hypothetical, which is what "Rule out pneumonia." means)
+    *_rules(
+        Kind.FORWARD,
+        "if", "in case", "should there be", "should he", "should she", "should the patient",
+        "rule out", "to rule out", "r o", "evaluate for", "evaluation for", "to evaluate for",
+        "assess for", "to assess for", "screen for", "screening for", "check for",
+        "checked for", "test for", "tested for", "watch for", "monitor for",
+        "call for", "call also for", "return for", "concern for",
+        # the brief of issue 17 and medspaCy's POSSIBLE_EXISTENCE: suspected, not yet found
+        "suspected", "suspect", "suspicious for", "question of", "questionable for",
+        # ours: discharge advice lists what is not there yet ("call the physician if any of
+        # the following are noted: ..." is "if"; these are its other wordings, dev set)
+        "in the event of", "as needed for",
+        category=Category.HYPOTHETICAL,
+    ),
+    # ConText pseudo-triggers: "if" that asks nothing about a finding
+    *_rules(
+        Kind.PSEUDO, "as if", "even if", "if needed", "if necessary",
+        category=Category.HYPOTHETICAL,
+    ),
+)
+HISTORICAL_RULES: tuple[ContextRule, ...] = (
+    *_rules(
+        Kind.FORWARD,
+        "history", "history of", "past history", "past medical history", "medical history",
+        "surgical history", "social history", "personal history", "past", "prior", "previous",
+        "previously", "former", "formerly", "status post", "s p", "h o", "known", "know",
+        "remote", "history significant for", "significant past",
+        category=Category.HISTORICAL,
+    ),
+    *_rules(Kind.BACKWARD, "in the past", "years ago", "in childhood", category=Category.HISTORICAL),
+    # ConText pseudo-historical: a "history" that is the present one
+    *_rules(
+        Kind.PSEUDO,
+        "history of present illness", "history of the present illness", "history and physical",
+        "history and examination", "history taking", "poor history", "clinical history",
+        "history of chief complaint", "past 24 hours", "past hour", "past few days",
+        "past week", "prior to admission", "prior to arrival", "prior to",
+        category=Category.HISTORICAL,
+    ),
+    # ConText historical terminations: the present starts
+    *_rules(
+        Kind.TERMINATE,
+        "who presents", "presented", "presenting", "complains", "complaining", "now",
+        "currently", "current", "today", "recent", "recently", "admitted", "came in",
+        "comes in",
+        # (not "presents" alone: it normalises to "present", negation's closing word)
+        category=Category.HISTORICAL,
+    ),
+)
+EXPERIENCER_RULES: tuple[ContextRule, ...] = (
+    *_rules(
+        Kind.FORWARD,
+        "family history", "family history of", "family hx", "fh", "fhx", "mother", "father",
+        "sister", "brother", "sibling", "siblings", "aunt", "uncle", "grandmother",
+        "grandfather", "cousin", "parent", "parents", "daughter", "son", "his wife",
+        "her husband", "mother s", "father s",
+        category=Category.OTHER_EXPERIENCER,
+    ),
+    # ConText: the patient's own history ends another person's
+    *_rules(
+        Kind.TERMINATE, "personal", "patient", "the patient", "he", "she",
+        category=Category.OTHER_EXPERIENCER,
+    ),
+)
 
 # The rule table. Its start is the negation part of ConText's lexicon (Harkema et al. 2009),
 # written from the published lexicon, then compared phrase by phrase with medspaCy 1.3.1's
@@ -101,7 +199,8 @@ def _rules(kind: Kind, *phrases: str) -> tuple[ContextRule, ...]:
 # a backward trigger instead), "any other" and "as well as any" (they continue a list another
 # trigger started, which a sentence-long scope covers already, and "any"/"as" are too frequent
 # for the fast path's word check). medspaCy has no pseudo-trigger category; ConText's are below.
-# ConText's categories other than negation (hypothetical, historical, experiencer) are not here.
+# ConText's other categories are in :data:`HYPOTHETICAL_RULES`, :data:`HISTORICAL_RULES` and
+# :data:`EXPERIENCER_RULES` above.
 # Every departure from ConText carries its reason in a comment.
 CONTEXT_RULES: tuple[ContextRule, ...] = (
     # ConText forward negation triggers
@@ -162,8 +261,8 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "no change", "no significant change", "no interval change", "no definite change",
         "no suspicious change", "no increase", "not only", "not necessarily", "not extend",
         "not cause", "not drain", "not certain", "not certain if", "not certain whether",
-        "gram negative", "without difficulty", "without change", "not rule out", "rule out",
-        "to rule out", "not ruled out", "not been ruled out", "cannot be ruled out",
+        "gram negative", "without difficulty", "without change", "not rule out",
+        "not ruled out", "not been ruled out", "cannot be ruled out",
         "can not be ruled out", "could not be ruled out", "cannot be excluded",
         "can not be excluded", "could not be excluded", "not excluded", "not be excluded",
         "whether or not",
@@ -172,7 +271,8 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         # NegEx's and our earlier list had "no further": dropped, the dev set negates
         # "no further episodes of coffee-ground emesis" and "no further signs of infection"
     ),
-    # ConText terminations
+    # ConText terminations (its general ones end every category's scope; so do ours, which
+    # end a finding's phrase in captions)
     *_rules(
         Kind.TERMINATE,
         "but", "however", "although", "though", "nevertheless", "yet", "still", "except",
@@ -196,6 +296,7 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         # right coronary ostium and a large left circumflex artery"); the dev set negates no
         # item after "and a/an/the"
         "and a", "and an", "and the",
+        category=None,
     ),
     # ours (issue 17): "no pleural effusion, pneumothorax present"
     *_rules(Kind.CLOSE, "present", "is present", "are present", "noted", "seen"),
@@ -203,8 +304,11 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     # Not "of": "signs or symptoms of infection", "shortness of breath" (dev set).
     *_rules(
         Kind.LOCATION, "on", "in", "at", "within", "along", "involving", "over", "under",
-        "throughout", "into", "near",
+        "throughout", "into", "near", category=None,
     ),
+    *HYPOTHETICAL_RULES,
+    *HISTORICAL_RULES,
+    *EXPERIENCER_RULES,
 )
 
 LIST_WORDS = frozenset({"and", "or"})
@@ -212,17 +316,26 @@ LIST_WORDS = frozenset({"and", "or"})
 SENTENCE_BREAKS = frozenset(".;:!?")
 """Punctuation that ends a negation scope (commas do not: "no fracture, dislocation or
 effusion" negates all three)."""
+HEADER_BREAKS = frozenset(":")
+"""Sentence punctuation that the scopes of the other categories cross: a colon after
+"PAST MEDICAL HISTORY" or "if any of the following are noted" introduces the list it
+qualifies, while "No acute disease: normal heart" ends a negation."""
 PHRASE_BREAKS = SENTENCE_BREAKS | frozenset(",()")
 """Punctuation that no trigger phrase spans ("no, evidence of" is not "no evidence of")."""
 LIST_BREAKS = frozenset(",")
 """Punctuation that ends a location phrase and marks where a closing word's item begins."""
 
 FORWARD_SCOPE = 1
-"""Bit of a token's flag: in the scope of a trigger before it."""
+"""Bit of a token's flag: in the scope of a negation trigger before it (a category's bits are
+``FORWARD_SCOPE << 2 * category`` and ``BACKWARD_SCOPE << 2 * category``)."""
 BACKWARD_SCOPE = 2
-"""Bit of a token's flag: in the scope of a trigger after it."""
+"""Bit of a token's flag: in the scope of a negation trigger after it."""
+ALL_CATEGORIES = (1 << len(Category)) - 1
+"""Stop mask of a phrase that ends every category's scope."""
+HEADER_CROSSING = ALL_CATEGORIES & ~(1 << Category.NEGATED)
+"""Categories (a bit each) whose scopes cross :data:`HEADER_BREAKS`."""
 
-_NEGATING = frozenset({Kind.FORWARD, Kind.BACKWARD, Kind.BIDIRECTIONAL, Kind.CLAUSE})
+_TRIGGERS = frozenset({Kind.FORWARD, Kind.BACKWARD, Kind.BIDIRECTIONAL, Kind.CLAUSE})
 # Words too frequent in captions to stand for a trigger in the fast path's word check (see
 # NegationDetector.trigger_words); normalised as the tokens are.
 _COMMON_WORDS = frozenset(
@@ -256,49 +369,74 @@ def mention_negated(flags: list[int] | None, start_tok: int, end_tok: int) -> bo
     return bool(flags[start_tok] & FORWARD_SCOPE or flags[end_tok - 1] & BACKWARD_SCOPE)
 
 
+def mention_context(flags: list[int] | None, start_tok: int, end_tok: int) -> int:
+    """The categories (bit ``1 << category``) of the mention over tokens
+    ``[start_tok, end_tok)``: as :func:`mention_negated`, per category."""
+    if flags is None:
+        return 0
+    first, last = flags[start_tok], flags[end_tok - 1] >> 1
+    out = 0
+    for c in range(len(Category)):
+        if (first | last) >> (2 * c) & 1:
+            out |= 1 << c
+    return out
+
+
 @dataclass
 class NegationDetector:
     """Compiled :class:`NegationRules`; thread-safe and stateless after construction.
 
-    The compiled engine's ``NegationScanner`` runs :meth:`negated_tokens` itself and reads
-    the detector's rules through its public accessors: :attr:`phrase_table`,
-    :attr:`trigger_words`, :attr:`scope_limit`, :attr:`list_words`, and the class constants
-    below (``kinds`` is :class:`Kind`).
+    It finds every category's scopes (the name is negation's, which came first). The compiled
+    engine's ``NegationScanner`` runs :meth:`negated_tokens` itself and reads the detector's
+    rules through its public accessors: :attr:`phrase_table`, :attr:`trigger_words`,
+    :attr:`scope_limit`, :attr:`list_words`, and the class constants below (``kinds`` is
+    :class:`Kind`).
     """
 
     rules: NegationRules = field(default_factory=NegationRules)
     sentence_breaks: ClassVar[frozenset[str]] = SENTENCE_BREAKS
+    header_breaks: ClassVar[frozenset[str]] = HEADER_BREAKS
+    header_crossing: ClassVar[int] = HEADER_CROSSING
     phrase_breaks: ClassVar[frozenset[str]] = PHRASE_BREAKS
     list_breaks: ClassVar[frozenset[str]] = LIST_BREAKS
     kinds: ClassVar[type[Kind]] = Kind
+    category_names: ClassVar[type[Category]] = Category
     forward_scope: ClassVar[int] = FORWARD_SCOPE
     backward_scope: ClassVar[int] = BACKWARD_SCOPE
 
     def __post_init__(self) -> None:
-        # first token → [(phrase tokens, kind)], longest phrase first; among phrases of one
-        # length the lower kind first (pseudo before triggers: "no change" wins over "no").
-        by_kind: dict[Kind, list[str]] = {}
+        # first token → [(phrase tokens, kind, category, stop mask)], longest phrase first;
+        # among phrases of one length the lower kind first (pseudo before triggers: "no
+        # change" wins over "no"). One phrase, one entry: the lowest (kind, category) wins.
+        by_rule: dict[tuple[Kind, int], list[str]] = {}
         for r in self.rules.rules:
-            by_kind.setdefault(r.kind, []).append(r.phrase)
-        entries: dict[tuple[str, ...], int] = {}
-        for k in sorted(by_kind):
-            for ph in _phrases(by_kind[k]):
-                entries.setdefault(ph, int(k))  # one phrase, one kind: the lowest wins
-        table: dict[str, list[tuple[tuple[str, ...], int]]] = {}
-        for ph, code in entries.items():
-            table.setdefault(ph[0], []).append((ph, code))
+            cat = -1 if r.category is None else int(r.category)
+            by_rule.setdefault((r.kind, cat), []).append(r.phrase)
+        entries: dict[tuple[str, ...], tuple[int, int, int]] = {}
+        for kind, cat in sorted(by_rule):
+            if kind == Kind.LOCATION:
+                stops = 0  # a location phrase is skipped by scopes, never ends them
+            elif cat < 0:
+                stops = ALL_CATEGORIES
+            else:
+                stops = 1 << cat
+            for ph in _phrases(by_rule[(kind, cat)]):
+                entries.setdefault(ph, (int(kind), cat, stops))
+        table: dict[str, list[tuple[tuple[str, ...], int, int, int]]] = {}
+        for ph, (kind, cat, stops) in entries.items():
+            table.setdefault(ph[0], []).append((ph, kind, cat, stops))
         for lst in table.values():
-            lst.sort(key=lambda e: (-len(e[0]), e[1]))
+            lst.sort(key=lambda e: (-len(e[0]), e[1], e[2]))
         self._table = table
-        # Only a negating trigger can negate anything, and a caption holds one only if it holds
-        # the trigger's key word (its first that is not a common word: "with no" → "no", "to
+        # Only a trigger can set anything, and a caption holds one only if it holds the
+        # trigger's key word (its first that is not a common word: "with no" → "no", "to
         # exclude" → "exclude"). Terminations, pseudo-triggers, location words and common
         # words ("with", "in", "is", "to") are frequent and must not defeat the fast path.
         common = _COMMON_WORDS
         self._trigger_words = frozenset(
             next((tok for tok in ph if tok not in common), ph[0])
-            for ph, code in entries.items()
-            if code in _NEGATING
+            for ph, (kind, _, _) in entries.items()
+            if kind in _TRIGGERS
         )
         limit = self.rules.scope
         self._limit = -1 if limit is None else limit
@@ -306,48 +444,54 @@ class NegationDetector:
     def negated_tokens(
         self, text: str, norms: list[str], starts: list[int], ends: list[int]
     ) -> list[int] | None:
-        """Per token, :data:`FORWARD_SCOPE` | :data:`BACKWARD_SCOPE` bits of the scopes it
-        lies in (see :func:`mention_negated`); ``None`` when nothing is negated."""
+        """Per token, the scope bits of every category it lies in (:data:`FORWARD_SCOPE` |
+        :data:`BACKWARD_SCOPE` for negation, shifted by ``2 * category`` for the others; see
+        :func:`mention_context`); ``None`` when no token is in any scope."""
         if self._trigger_words.isdisjoint(norms):
             return None
         n = len(norms)
-        # Phrase hits: (start, end, kind); a token belongs to at most one phrase.
-        hits: list[tuple[int, int, int]] = []
+        # Phrase hits: (start, end, kind, category, stop mask); a token belongs to at most one
+        hits: list[tuple[int, int, int, int, int]] = []
         i = 0
         table = self._table
         while i < n:
             cands = table.get(norms[i])
             if cands:
-                for ph, kind in cands:
+                for ph, kind, cat, stops in cands:
                     L = len(ph)
                     if tuple(norms[i : i + L]) == ph and not _breaks_inside(
                         text, starts, ends, i, i + L
                     ):
-                        hits.append((i, i + L, kind))
+                        hits.append((i, i + L, kind, cat, stops))
                         i += L
                         break
                 else:
                     i += 1
             else:
                 i += 1
-        if not any(k in _NEGATING for _, _, k in hits):
+        if not any(h[2] in _TRIGGERS for h in hits):
             return None
-        # stop[t]: token t is part of a phrase other than a location word (ends scopes);
-        # head[t]: kind of the phrase starting at token t, or -1
-        stop = [False] * n
+        # stop[t]: the categories whose scopes token t ends (it is part of such a phrase);
+        # head[t] / head_cat[t]: kind and category of the phrase starting at token t, or -1
+        stop = [0] * n
         head = [-1] * n
-        for s, e, kind in hits:
+        head_cat = [-1] * n
+        for s, e, kind, cat, stops in hits:
             head[s] = kind
-            if kind != Kind.LOCATION:
-                for t in range(s, e):
-                    stop[t] = True
-        # brk[t] / comma[t]: sentence punctuation / a comma between token t-1 and t
+            head_cat[s] = cat
+            for t in range(s, e):
+                stop[t] |= stops
+        # brk[t] / hdr[t] / comma[t]: sentence punctuation (other than a colon) / a colon /
+        # a comma between token t-1 and t
         brk = [False] * (n + 1)
+        hdr = [False] * (n + 1)
         comma = [False] * (n + 1)
+        strict = SENTENCE_BREAKS - HEADER_BREAKS
         for t in range(1, n):
             gap = text[ends[t - 1] : starts[t]]
             if gap != " ":
-                brk[t] = not SENTENCE_BREAKS.isdisjoint(gap)
+                brk[t] = not strict.isdisjoint(gap)
+                hdr[t] = not HEADER_BREAKS.isdisjoint(gap)
                 comma[t] = not LIST_BREAKS.isdisjoint(gap)
         # loc[t]: token t is in a location phrase (a location word up to the next comma,
         # list word, other phrase or sentence end)
@@ -357,52 +501,62 @@ class NegationDetector:
         for t in range(n):
             if head[t] == Kind.LOCATION:
                 inside = True
-            elif brk[t] or comma[t] or stop[t] or norms[t] in words:
+            elif brk[t] or hdr[t] or comma[t] or stop[t] or norms[t] in words:
                 inside = False
             loc[t] = inside
         out = [0] * n
         limit = self._limit
-        for s, e, kind in hits:
+        for s, e, kind, cat, _ in hits:
+            if kind not in _TRIGGERS:
+                continue
+            own = 1 << cat
+            fbit = FORWARD_SCOPE << 2 * cat
+            bbit = BACKWARD_SCOPE << 2 * cat
+            crosses = bool(HEADER_CROSSING & own)
             if kind == Kind.CLAUSE:
                 # backward when the trigger ends its clause; forward when the clause goes on,
                 # unless another phrase comes right before it ("showing excluded stomach
                 # distention" is the surgical "excluded stomach")
-                if e >= n or brk[e] or comma[e]:
+                if e >= n or brk[e] or hdr[e] or comma[e]:
                     kind = Kind.BACKWARD
-                elif s > 0 and not brk[s] and stop[s - 1]:
+                elif s > 0 and not (brk[s] or hdr[s]) and stop[s - 1]:
                     continue
                 else:
                     kind = Kind.FORWARD
             if kind == Kind.FORWARD or kind == Kind.BIDIRECTIONAL:
                 t = e
                 item = -1  # first token after the last comma in the scope
-                while t < n and t - e != limit and not brk[t] and not stop[t]:
+                while (t < n and t - e != limit and not brk[t] and (crosses or not hdr[t])
+                       and not stop[t] & own):
                     if comma[t] and t > e:
                         item = t
                     if not loc[t]:
-                        out[t] |= FORWARD_SCOPE
+                        out[t] |= fbit
                     t += 1
-                if t < n and head[t] == Kind.CLOSE and not brk[t] and item >= 0:
+                if (t < n and head[t] == Kind.CLOSE and head_cat[t] == cat and not brk[t]
+                        and not hdr[t] and item >= 0):
                     for q in range(item, t):
-                        out[q] &= ~FORWARD_SCOPE
+                        out[q] &= ~fbit
             if kind == Kind.BACKWARD or kind == Kind.BIDIRECTIONAL:
                 t = s - 1
-                while t >= 0 and s - 1 - t != limit and not brk[t + 1] and not stop[t]:
+                while (t >= 0 and s - 1 - t != limit and not brk[t + 1]
+                       and (crosses or not hdr[t + 1]) and not stop[t] & own):
                     if not loc[t]:
-                        out[t] |= BACKWARD_SCOPE
+                        out[t] |= bbit
                     t -= 1
         return out if any(out) else None
 
     @property
-    def phrase_table(self) -> Mapping[str, list[tuple[tuple[str, ...], int]]]:
-        """First normalised token → [(phrase tokens, kind)], longest phrase first and, among
-        phrases of one length, the lower :class:`Kind` first."""
+    def phrase_table(self) -> Mapping[str, list[tuple[tuple[str, ...], int, int, int]]]:
+        """First normalised token → [(phrase tokens, kind, category or -1 for all, stop mask
+        of the categories whose scopes it ends)], longest phrase first and, among phrases of
+        one length, the lower :class:`Kind` first."""
         return self._table
 
     @property
     def trigger_words(self) -> frozenset[str]:
-        """One key word per negating trigger (its first word that is not a common one such as
-        "with" or "is"): a caption without any of them has nothing negated."""
+        """One key word per trigger (its first word that is not a common one such as "with"
+        or "is"): a caption without any of them has no token in any scope."""
         return self._trigger_words
 
     @property

@@ -22,6 +22,9 @@ this module only interprets the four constructs a file can use.
     If given, every concept outside it is dropped (after the slots).
 ``drop``
     Concepts always dropped.
+``include_hypothetical``
+    Whether hypothetical mentions ("rule out pneumonia") count, for requests that leave
+    ``ExtractOptions.include_hypothetical`` unset (default true).
 
 ROCOv2's conventions (one modality per image, X-ray region and projection only with Plain x-ray,
 the 1,948-concept vocabulary) are ``rocov2.yaml``; ``none.yaml`` keeps everything.
@@ -155,6 +158,7 @@ class ProfileModel(_Strict):
     slots: list[SlotModel] = Field(default_factory=list)
     vocabulary: list[str] | None = None
     drop: list[str] = Field(default_factory=list)
+    include_hypothetical: bool = True
 
     @field_validator("vocabulary")
     @classmethod
@@ -211,6 +215,7 @@ class Profile:
             frozenset(model.vocabulary) if model.vocabulary is not None else None
         )
         self.drop: frozenset[str] = frozenset(model.drop)
+        self.include_hypothetical: bool = model.include_hypothetical
         slots: list[Slot] = []
         # evidence phrase → [(slot index, member, weight, needs capitals)]
         phrases: dict[tuple[str, ...], list[tuple[int, str, float, bool]]] = {}

@@ -97,7 +97,8 @@ def _enum_name(table: Mapping[str, int], value: int, what: str) -> str:
 
 # -- options -------------------------------------------------------------------------------------
 def options_to_pb(options: ExtractOptions) -> pb.AnnotateOptions:
-    """Every field set: the receiver applies none of its own defaults."""
+    """Every field set, so the receiver applies none of its own defaults — but
+    ``include_hypothetical`` when the options leave it to the profile (None)."""
     msg = pb.AnnotateOptions(
         mode=_enum_value(_MODES, options.mode, "mode"),
         similarity=_enum_value(_SIMILARITIES, options.similarity, "similarity"),
@@ -107,6 +108,8 @@ def options_to_pb(options: ExtractOptions) -> pb.AnnotateOptions:
         include_negated=options.include_negated,
         include_mentions=options.include_mentions,
     )
+    if options.include_hypothetical is not None:  # unset: the profile's choice
+        msg.include_hypothetical = options.include_hypothetical
     for name in _LIST_FIELDS:
         getattr(msg, name).SetInParent()
         getattr(msg, name).values.extend(getattr(options, name))
@@ -133,6 +136,8 @@ def options_from_pb(msg: pb.AnnotateOptions, defaults: ExtractOptions) -> Extrac
         changes["include_negated"] = msg.include_negated
     if msg.HasField("include_mentions"):
         changes["include_mentions"] = msg.include_mentions
+    if msg.HasField("include_hypothetical"):
+        changes["include_hypothetical"] = msg.include_hypothetical
     return replace(defaults, **changes) if changes else defaults
 
 
@@ -151,6 +156,9 @@ def annotation_to_pb(a: Annotation) -> pb.AnnotateResponse:
                 semantic_types=m.semantic_types,
                 source=m.source,
                 negated=m.negated,
+                hypothetical=m.hypothetical,
+                historical=m.historical,
+                experiencer=m.experiencer,
             )
             for m in a.mentions
         ],
@@ -172,6 +180,9 @@ def annotation_from_pb(msg: pb.AnnotateResponse) -> Annotation:
                 semantic_types=tuple(m.semantic_types),
                 source=m.source,
                 negated=m.negated,
+                hypothetical=m.hypothetical,
+                historical=m.historical,
+                experiencer=m.experiencer or "patient",  # servers older than the field
             )
             for m in msg.mentions
         ),

@@ -27,7 +27,8 @@ def negated_words(text: str, detector: NegationDetector = DETECTOR) -> list[str]
     flags = detector.negated_tokens(text, norms, starts, ends)
     if flags is None:
         return []
-    return [text[s:e] for s, e, f in zip(starts, ends, flags, strict=True) if f]
+    both = FORWARD_SCOPE | BACKWARD_SCOPE
+    return [text[s:e] for s, e, f in zip(starts, ends, flags, strict=True) if f & both]
 
 
 def is_negated(text: str, phrase: str, detector: NegationDetector = DETECTOR) -> bool:

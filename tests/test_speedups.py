@@ -307,6 +307,8 @@ def test_speedups_compiled_code_follows_the_rules_it_is_handed() -> None:
         phrase_table=detector.phrase_table, trigger_words=detector.trigger_words,
         scope_limit=detector.scope_limit, list_words=detector.list_words, kinds=detector.kinds,
         sentence_breaks=frozenset(".,"), phrase_breaks=frozenset(), list_breaks=frozenset(),
+        header_breaks=frozenset(), header_crossing=detector.header_crossing,
+        category_names=detector.category_names,
         forward_scope=detector.forward_scope, backward_scope=detector.backward_scope,
     )
     scanner = _speedups.NegationScanner(commas)

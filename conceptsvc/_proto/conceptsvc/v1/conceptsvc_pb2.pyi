@@ -48,7 +48,7 @@ class NameList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AnnotateOptions(_message.Message):
-    __slots__ = ("semantic_types", "semantic_groups", "sources", "exclude_cuis", "mode", "similarity", "threshold", "overlap", "profile", "include_negated", "include_mentions")
+    __slots__ = ("semantic_types", "semantic_groups", "sources", "exclude_cuis", "mode", "similarity", "threshold", "overlap", "profile", "include_negated", "include_mentions", "include_hypothetical")
     SEMANTIC_TYPES_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_GROUPS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class AnnotateOptions(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_NEGATED_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MENTIONS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HYPOTHETICAL_FIELD_NUMBER: _ClassVar[int]
     semantic_types: NameList
     semantic_groups: NameList
     sources: NameList
@@ -71,7 +72,8 @@ class AnnotateOptions(_message.Message):
     profile: str
     include_negated: bool
     include_mentions: bool
-    def __init__(self, semantic_types: _Optional[_Union[NameList, _Mapping]] = ..., semantic_groups: _Optional[_Union[NameList, _Mapping]] = ..., sources: _Optional[_Union[NameList, _Mapping]] = ..., exclude_cuis: _Optional[_Union[NameList, _Mapping]] = ..., mode: _Optional[_Union[MatchMode, str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., threshold: _Optional[float] = ..., overlap: _Optional[_Union[OverlapPolicy, str]] = ..., profile: _Optional[str] = ..., include_negated: _Optional[bool] = ..., include_mentions: _Optional[bool] = ...) -> None: ...
+    include_hypothetical: bool
+    def __init__(self, semantic_types: _Optional[_Union[NameList, _Mapping]] = ..., semantic_groups: _Optional[_Union[NameList, _Mapping]] = ..., sources: _Optional[_Union[NameList, _Mapping]] = ..., exclude_cuis: _Optional[_Union[NameList, _Mapping]] = ..., mode: _Optional[_Union[MatchMode, str]] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., threshold: _Optional[float] = ..., overlap: _Optional[_Union[OverlapPolicy, str]] = ..., profile: _Optional[str] = ..., include_negated: _Optional[bool] = ..., include_mentions: _Optional[bool] = ..., include_hypothetical: _Optional[bool] = ...) -> None: ...
 
 class AnnotateRequest(_message.Message):
     __slots__ = ("id", "text", "options")
@@ -84,7 +86,7 @@ class AnnotateRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[AnnotateOptions, _Mapping]] = ...) -> None: ...
 
 class Mention(_message.Message):
-    __slots__ = ("cui", "preferred_name", "text", "start", "end", "score", "semantic_types", "source", "negated")
+    __slots__ = ("cui", "preferred_name", "text", "start", "end", "score", "semantic_types", "source", "negated", "hypothetical", "historical", "experiencer")
     CUI_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_NAME_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,9 @@ class Mention(_message.Message):
     SEMANTIC_TYPES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     NEGATED_FIELD_NUMBER: _ClassVar[int]
+    HYPOTHETICAL_FIELD_NUMBER: _ClassVar[int]
+    HISTORICAL_FIELD_NUMBER: _ClassVar[int]
+    EXPERIENCER_FIELD_NUMBER: _ClassVar[int]
     cui: str
     preferred_name: str
     text: str
@@ -103,7 +108,10 @@ class Mention(_message.Message):
     semantic_types: _containers.RepeatedScalarFieldContainer[str]
     source: str
     negated: bool
-    def __init__(self, cui: _Optional[str] = ..., preferred_name: _Optional[str] = ..., text: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ..., semantic_types: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., negated: _Optional[bool] = ...) -> None: ...
+    hypothetical: bool
+    historical: bool
+    experiencer: str
+    def __init__(self, cui: _Optional[str] = ..., preferred_name: _Optional[str] = ..., text: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ..., semantic_types: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., negated: _Optional[bool] = ..., hypothetical: _Optional[bool] = ..., historical: _Optional[bool] = ..., experiencer: _Optional[str] = ...) -> None: ...
 
 class ItemStatus(_message.Message):
     __slots__ = ("code", "message", "error_code")

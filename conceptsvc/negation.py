@@ -140,7 +140,7 @@ HYPOTHETICAL_RULES: tuple[ContextRule, ...] = (
     ),
     # ConText pseudo-triggers: "if" that asks nothing about a finding
     *_rules(
-        Kind.PSEUDO, "as if", "even if", "if needed", "if necessary",
+        Kind.PSEUDO, "even if", "if needed", "if necessary",
         category=Category.HYPOTHETICAL,
     ),
 )
@@ -159,7 +159,11 @@ HISTORICAL_RULES: tuple[ContextRule, ...] = (
         Kind.PSEUDO,
         "history of present illness", "history of the present illness", "history and physical",
         "history and examination", "history taking", "poor history", "clinical history",
-        "history of chief complaint", "past 24 hours", "past hour", "past few days",
+        "history of chief complaint",
+        # ours: a history counted in days or weeks is the present illness ("presents with
+        # one-week history of intermittent pain", "a two-day history of fever", dev set)
+        "day history", "week history", "month history", "hour history",
+        "past 24 hours", "past hour", "past few days",
         "past week", "prior to admission", "prior to arrival", "prior to",
         category=Category.HISTORICAL,
     ),
@@ -169,7 +173,9 @@ HISTORICAL_RULES: tuple[ContextRule, ...] = (
         "who presents", "presented", "presenting", "complains", "complaining", "now",
         "currently", "current", "today", "recent", "recently", "admitted", "came in",
         "comes in",
-        # (not "presents" alone: it normalises to "present", negation's closing word)
+        # (not "presents" alone: it normalises to "present", negation's closing word; these
+        # phrases are longer than it: "presents to the Emergency Department with ...", dev set)
+        "presents to", "presents with", "coming in",
         category=Category.HISTORICAL,
     ),
 )
@@ -282,7 +288,15 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         # medspaCy
         "as a cause for", "as has", "origin for", "source for", "trigger event for",
         "secondary", "other possibilities of",
-        # ours: an affirmation ends a list of negated findings (dev set: "showed no biliary
+        category=None,
+    ),
+    # ours: negation's own terminations. They end negation scopes only: "return if there is
+    # any fever" and "call for any weight gain ..., fever associated with chills" are
+    # hypothetical to their ends, "past medical history is positive for gout" historical (dev
+    # set)
+    *_rules(
+        Kind.TERMINATE,
+        # an affirmation ends a list of negated findings (dev set: "showed no biliary
         # dilatation and positive for cholecystolithiasis")
         "positive for",
         # ours: caption verbs that introduce a finding ("CT without contrast showing a mass")
@@ -296,7 +310,6 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         # right coronary ostium and a large left circumflex artery"); the dev set negates no
         # item after "and a/an/the"
         "and a", "and an", "and the",
-        category=None,
     ),
     # ours (issue 17): "no pleural effusion, pneumothorax present"
     *_rules(Kind.CLOSE, "present", "is present", "are present", "noted", "seen"),

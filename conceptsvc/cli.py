@@ -185,6 +185,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             similarity=args.similarity,
             profile=args.profile,
             include_negated=not args.drop_negated,
+            include_hypothetical=False if args.drop_hypothetical else None,
             include_mentions=False,
         )
         extractor = Extractor(index, default_options=options)
@@ -269,6 +270,8 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--similarity", default="jaccard", choices=SIMILARITIES)
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--drop-negated", action="store_true", help="drop negated mentions")
+    p.add_argument("--drop-hypothetical", action="store_true",
+                   help="drop hypothetical mentions (default: as the profile says)")
     p.add_argument("--write-predictions", metavar="PRED.csv",
                    help="with --local: write predictions as ImageCLEF CSV")
     p.add_argument("--top", type=int, default=10, help="false negatives/positives to list")

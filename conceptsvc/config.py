@@ -110,6 +110,10 @@ class DefaultOptions(BaseModel):
     )
     profile: str = Field(default="none", min_length=1, description="concept profile")
     include_negated: bool = Field(default=True, description="report negated mentions (flagged)")
+    include_hypothetical: bool | None = Field(
+        default=None,
+        description="report hypothetical mentions (flagged); unset: as the profile says",
+    )
     include_mentions: bool = Field(
         default=True, description="return mentions, not only concept sets"
     )

@@ -27,12 +27,12 @@ from conceptsvc.errors import ExtractArgumentError, ExtractionError
 from conceptsvc.semantic_network import SemanticGroup, SemanticType
 
 __all__ = [
+    "EXPERIENCERS",
     "MODES",
     "OVERLAPS",
     "SIMILARITIES",
     "Annotation",
     "Candidate",
-    "EXPERIENCERS",
     "ConceptRecord",
     "ExtractOptions",
     "IndexSummary",

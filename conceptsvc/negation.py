@@ -153,7 +153,9 @@ HISTORICAL_RULES: tuple[ContextRule, ...] = (
         "remote", "history significant for", "significant past",
         category=Category.HISTORICAL,
     ),
-    *_rules(Kind.BACKWARD, "in the past", "years ago", "in childhood", category=Category.HISTORICAL),
+    *_rules(
+        Kind.BACKWARD, "in the past", "years ago", "in childhood", category=Category.HISTORICAL
+    ),
     # ConText pseudo-historical: a "history" that is the present one
     *_rules(
         Kind.PSEUDO,
@@ -436,8 +438,8 @@ class NegationDetector:
             for ph in _phrases(by_rule[(kind, cat)]):
                 entries.setdefault(ph, (int(kind), cat, stops))
         table: dict[str, list[tuple[tuple[str, ...], int, int, int]]] = {}
-        for ph, (kind, cat, stops) in entries.items():
-            table.setdefault(ph[0], []).append((ph, kind, cat, stops))
+        for ph, (code, cat, stops) in entries.items():
+            table.setdefault(ph[0], []).append((ph, code, cat, stops))
         for lst in table.values():
             lst.sort(key=lambda e: (-len(e[0]), e[1], e[2]))
         self._table = table

@@ -19,8 +19,9 @@ the non-overlapping ones (longest first, as :func:`spacy.util.filter_spans` pick
 ``set_ents`` is true, replacing entities set earlier in the pipeline on the same tokens.
 
 Extension attributes on ``Span``: ``cui``, ``preferred_name``, ``score``, ``semantic_types``,
-``source``, ``negated``. The ``Doc`` gets ``conceptsvc_concepts``: the caption's concept set,
-including concepts a profile inferred without a mention.
+``source``, ``negated``, ``hypothetical``, ``historical``, ``experiencer`` (ConText's
+properties, :class:`~conceptsvc.model.Mention`). The ``Doc`` gets ``conceptsvc_concepts``: the
+caption's concept set, including concepts a profile inferred without a mention.
 
 Configuration (all optional): ``index_path`` (default: the embedded demo dictionary) and the
 :class:`~conceptsvc.model.ExtractOptions` fields. Invalid options fail when the pipeline is
@@ -61,6 +62,9 @@ _SPAN_EXTENSIONS: dict[str, Any] = {
     "semantic_types": (),
     "source": None,
     "negated": False,
+    "hypothetical": False,
+    "historical": False,
+    "experiencer": "patient",
 }
 
 
@@ -104,6 +108,9 @@ class ConceptsvcComponent:
             ext.semantic_types = m.semantic_types
             ext.source = m.source
             ext.negated = m.negated
+            ext.hypothetical = m.hypothetical
+            ext.historical = m.historical
+            ext.experiencer = m.experiencer
             spans.append(span)
         doc.spans[self.spans_key] = spans
         doc._.conceptsvc_concepts = ann.concepts
@@ -133,6 +140,7 @@ class ConceptsvcComponent:
         "sources": [],
         "exclude_cuis": [],
         "include_negated": True,
+        "include_hypothetical": None,
         "spans_key": "conceptsvc",
         "set_ents": True,
     },
@@ -151,6 +159,7 @@ def make_conceptsvc(
     sources: list[str],
     exclude_cuis: list[str],
     include_negated: bool,
+    include_hypothetical: bool | None,
     spans_key: str,
     set_ents: bool,
 ) -> ConceptsvcComponent:
@@ -172,6 +181,7 @@ def make_conceptsvc(
         overlap=overlap,
         profile=profile,
         include_negated=include_negated,
+        include_hypothetical=include_hypothetical,
         include_mentions=True,
     )
     return ConceptsvcComponent(

@@ -58,6 +58,7 @@ def test_outputs_render_every_format() -> None:
     assert obj["mentions"][1] == {
         "cui": "C0817096", "preferred_name": "Chest", "text": "Chest", "start": 0, "end": 5,
         "score": 0.8, "semantic_types": ["T029"], "source": "DCM", "negated": False,
+        "hypothetical": False, "historical": False, "experiencer": "patient",
     }
     assert obj["mentions"][2]["negated"] is True
     assert "Sjögren" in render(OutputFormat.JSONL, UNICODE)

@@ -120,7 +120,8 @@ def test_parquet_out_is_chosen_by_the_suffix_and_is_deterministic(tmp_path: Path
         {"id": f"r{i}", "concepts": ["C0000001"] * (i % 3),
          "mentions": [{"cui": "C0000001", "preferred_name": "Thing", "text": "thing",
                        "start": i, "end": i + 5, "score": 0.5, "semantic_types": ["T001"],
-                       "source": "MSH", "negated": bool(i % 2)}] * (i % 3)}
+                       "source": "MSH", "negated": bool(i % 2), "hypothetical": i % 5 == 1,
+                       "historical": False, "experiencer": "patient"}] * (i % 3)}
         for i in range(50)
     ]
     paths = []

@@ -82,6 +82,9 @@ def add_extract_options(p: argparse.ArgumentParser, *, local: bool = True) -> No
     g.add_argument("--profile", help="concept profile (none, rocov2, ...)")
     g.add_argument("--include-negated", action=argparse.BooleanOptionalAction, default=None,
                    help="report negated mentions (flagged) or drop them")
+    g.add_argument("--include-hypothetical", action=argparse.BooleanOptionalAction, default=None,
+                   help="report hypothetical mentions ('rule out pneumonia', flagged) or drop "
+                   "them (default: as the profile says)")
 
 
 def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "overlap": args.overlap,
         "profile": args.profile,
         "include_negated": args.include_negated,
+        "include_hypothetical": args.include_hypothetical,
     }
     return {k: v for k, v in found.items() if v is not None}
 

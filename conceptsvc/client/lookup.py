@@ -30,6 +30,7 @@ from conceptsvc.model import (
     Candidate,
     ConceptRecord,
     ExtractOptions,
+    Mention,
     ServiceInfo,
     Synonym,
 )
@@ -225,6 +226,14 @@ def _types(tuis: Sequence[str]) -> str:
     return ", ".join(f"{t} {sn.describe(t).name}" for t in tuis)
 
 
+def _context_label(m: Mention) -> str:
+    """ConText's properties of a mention, as a suffix: " (negated, historical)"."""
+    marks = [name for name, on in (("negated", m.negated), ("hypothetical", m.hypothetical),
+                                   ("historical", m.historical),
+                                   ("other experiencer", m.experiencer != "patient")) if on]
+    return f" ({', '.join(marks)})" if marks else ""
+
+
 def format_annotation(
     text: str, a: Annotation, names: Mapping[str, str] | None = None
 ) -> str:
@@ -234,7 +243,7 @@ def format_annotation(
         return "no concepts found\n"
     rows = [
         [
-            m.text + (" (negated)" if m.negated else ""),
+            m.text + _context_label(m),
             f"{m.start}-{m.end}",
             m.cui,
             m.preferred_name,

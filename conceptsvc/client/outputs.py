@@ -4,7 +4,8 @@ Formats:
 
 ``jsonl``       (default) one object per caption with the concept set and every mention:
                 ``{"id", "concepts": [CUI...], "mentions": [{"cui", "preferred_name", "text",
-                "start", "end", "score", "semantic_types", "source", "negated"}]}``; with
+                "start", "end", "score", "semantic_types", "source", "negated",
+                "hypothetical", "historical", "experiencer"}]}``; with
                 ``include_text`` the caption follows the id (``{"id", "text", "concepts", ...}``),
                 so that ``text[start:end]`` can be checked without re-joining the input.
 ``csv``         ImageCLEFmedical concept file, as ROCOv2 ships it: header ``ID,CUIs``, CUIs
@@ -13,7 +14,8 @@ Formats:
 ``roco``        ROCO's per-caption CUI file: ``ID<TAB><TAB>CUI<TAB>CUI...``.
 ``parquet``     the ``jsonl`` fields as Parquet columns: ``id`` string, ``concepts``
                 list<string>, ``mentions`` list<struct<cui, preferred_name, text, start, end,
-                score, semantic_types list<string>, source, negated>>, written in row groups
+                score, semantic_types list<string>, source, negated, hypothetical,
+                historical, experiencer>>, written in row groups
                 (:mod:`conceptsvc.client.parquet`, needs pyarrow).
 
 Every caption gets exactly one line (row) in every format, also when it has no concepts. Files
@@ -265,6 +267,9 @@ def annotation_to_json(a: Annotation) -> dict[str, Any]:
                 "semantic_types": list(m.semantic_types),
                 "source": m.source,
                 "negated": m.negated,
+                "hypothetical": m.hypothetical,
+                "historical": m.historical,
+                "experiencer": m.experiencer,
             }
             for m in a.mentions
         ],
@@ -287,6 +292,10 @@ def annotation_from_json(obj: Mapping[str, Any]) -> Annotation:
                 semantic_types=tuple(m["semantic_types"]),
                 source=m["source"],
                 negated=bool(m["negated"]),
+                # files written before these fields: the defaults, as the wire does
+                hypothetical=bool(m.get("hypothetical", False)),
+                historical=bool(m.get("historical", False)),
+                experiencer=str(m.get("experiencer", "patient")),
             )
             for m in obj.get("mentions", ())
         ),

@@ -51,7 +51,8 @@ _READ_BATCH_ROWS = 8192
 _WRITE_GROUP_ROWS = 8192
 _WRITE_GROUP_MENTIONS = 32768
 # The mention fields held in a flat buffer each (semantic_types, a list, has its own).
-_MENTION_SCALARS = ("cui", "preferred_name", "text", "start", "end", "score", "source", "negated")
+_MENTION_SCALARS = ("cui", "preferred_name", "text", "start", "end", "score", "source", "negated",
+                    "hypothetical", "historical", "experiencer")
 
 
 def require_pyarrow() -> None:
@@ -207,6 +208,9 @@ def annotation_schema() -> pa.Schema:
                   nullable=False),
         pa_.field("source", pa_.string(), nullable=False),
         pa_.field("negated", pa_.bool_(), nullable=False),
+        pa_.field("hypothetical", pa_.bool_(), nullable=False),
+        pa_.field("historical", pa_.bool_(), nullable=False),
+        pa_.field("experiencer", pa_.string(), nullable=False),
     ])
     return pa_.schema([
         pa_.field("id", pa_.string(), nullable=False),

@@ -69,6 +69,9 @@ MENTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("semantic_types", "array<string>"),
     ("source", "string"),
     ("negated", "boolean"),
+    ("hypothetical", "boolean"),
+    ("historical", "boolean"),
+    ("experiencer", "string"),
 )
 
 
@@ -190,6 +193,9 @@ def _mention_rows(annotation: Annotation) -> list[dict[str, Any]]:
             "semantic_types": list(m.semantic_types),
             "source": m.source,
             "negated": bool(m.negated),
+            "hypothetical": bool(m.hypothetical),
+            "historical": bool(m.historical),
+            "experiencer": m.experiencer,
         }
         for m in annotation.mentions
     ]

@@ -956,7 +956,7 @@ cdef class FastPath:
 
     Built by the extractor when its exact matcher has a token-prefix table (indexes of up to
     ``matcher.PREFIX_TABLE_MAX_KEYS`` keys). Reads the matcher through its public accessors
-    (``prefixes``, ``entries``, ``entry_by_id``, ``break_chars``), shares the matcher's and the
+    (``prefixes``, ``entries``, ``entry_by_id``, ``crossed_postings``, ``break_chars``), shares the matcher's and the
     extractor's memo tables, takes its tokenisation rules from ``tokenizer`` (``normalize``'s
     :class:`SpanTokenizer`), and calls back the extractor's own steps it is handed.
     """
@@ -967,7 +967,7 @@ cdef class FastPath:
     cdef dict info
     cdef _TokenTable table
     cdef _KeyTrie trie
-    cdef object check_surface
+    cdef object check_surface, crossed_postings
     cdef DefinitionFinder definitions
     cdef object filter_postings, filter_matches, disambiguate, approximate, concept_info
     cdef NegationScanner negation
@@ -989,6 +989,7 @@ cdef class FastPath:
             raise ValueError("the fast path needs the matcher's token-prefix table")
         self.entries = matcher.entries
         self.entry_by_id = matcher.entry_by_id
+        self.crossed_postings = matcher.crossed_postings
         _charset_init(&self.breaks, matcher.break_chars, "break_chars")
         self.info = concept_memo
         self.trie = _KeyTrie({k: (v if v >= 0 else None) for k, v in prefixes.items()}, {})
@@ -1064,6 +1065,7 @@ cdef class FastPath:
         cdef str surface
         cdef object kid, e, pairs, posts, memo_key, score = 1.0
         cdef tuple free, checked, pair
+        cdef bint crossed
         for i in range(n):
             if (i & 4095) == 4095:
                 _yield_gil()
@@ -1071,9 +1073,20 @@ cdef class FastPath:
             if node < 0:
                 continue
             j = i + 1
+            crossed = False
             while True:
                 kid = <object>PyList_GET_ITEM(kid_objs, node)
-                if kid is not None:
+                if kid is not None and crossed:
+                    # the window spans break punctuation: only strings punctuated alike
+                    # (matcher.crossed_postings; rare, so no memo here)
+                    posts = self.crossed_postings(kid, text, starts, ends, i, j)
+                    if posts:
+                        if covered is not None:
+                            for t in range(i, j):
+                                covered[t] = True
+                        for pair in self.filter_postings(plan, posts):
+                            out.append((i, j, pair[0], pair[1], score))
+                elif kid is not None:
                     hit = PyDict_GetItem(entries, kid)
                     if hit is NULL:
                         e = self.entry_by_id(kid)
@@ -1113,7 +1126,7 @@ cdef class FastPath:
                 if j >= n or tids[j] < 0:
                     break
                 if _gap_has(text, <Py_ssize_t>ends[j - 1], <Py_ssize_t>starts[j], &self.breaks):
-                    break
+                    crossed = True
                 node = trie.child(node, tids[j])
                 if node < 0:
                     break

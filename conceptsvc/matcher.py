@@ -20,7 +20,10 @@ Acceptance rules, applied per posting:
   where the dictionary marks them as abbreviations (or writes them in capitals) *and* the caption
   writes them in capitals — so "CT", "MR", "US" match, "us", "Ct" and single letters (panel labels
   "(A)") do not;
-* no window spans phrase-ending punctuation (``, ; : . ( )`` ...), see :func:`crosses_break`;
+* no window spans phrase-ending punctuation (``, ; : . ( )`` ...), see :func:`crosses_break` —
+  unless the dictionary string itself has that punctuation between the same two words
+  ("ABDOMEN:  Soft", "chest tightness, pressure"): such a window keeps only the postings whose
+  string does (:meth:`ExactMatcher.crossed_postings`);
 * a ``FLAG_CASE_SENSITIVE`` posting matches only when the caption's surface has the same letter
   case as the dictionary string ("US" the modality, not "us" the pronoun).
 """
@@ -32,7 +35,7 @@ from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, ConceptIndex, Posting
-from conceptsvc.normalize import STOPWORDS
+from conceptsvc.normalize import STOPWORDS, tokenize_spans_py
 
 __all__ = [
     "BREAK_CHARS",
@@ -162,6 +165,8 @@ class ExactMatcher:
         self._key_ids: Mapping[str, int] = index.key_ids
         self._first_max: Mapping[str, int] = index.first_token_max
         self._entries: dict[int, KeyEntry] = {}
+        # key id → its postings with the break punctuation of their strings (crossed_postings)
+        self._punctuated: dict[int, tuple[tuple[Posting, tuple[frozenset[str], ...]], ...]] = {}
         # Token-prefix table: every token-prefix of every key → its key id, or -1 when the
         # prefix is not itself a key. One probe per token says both "is this a key" and "can a
         # longer key continue here", so extension stops at the first dead end instead of
@@ -232,20 +237,30 @@ class ExactMatcher:
             lim = i + m if i + m < n else n
             key = norms[i]
             j = i + 1
+            crossed = False
             while True:
                 kid = key_ids.get(key)
                 if kid is not None:
-                    e = entries.get(kid)
-                    if e is None:
-                        e = self._entry(kid, key)
-                    if e.checked:
-                        posts = e.free + check_surface(e.checked, text[starts[i] : ends[j - 1]])
+                    if crossed:
+                        posts = self.crossed_postings(kid, text, starts, ends, i, j)
                         if posts:
                             out.append(Match(i, j, key, posts))
-                    elif e.free:
-                        out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
-                if j >= lim or crosses_break(text, ends[j - 1], starts[j]):
+                    else:
+                        e = entries.get(kid)
+                        if e is None:
+                            e = self._entry(kid, key)
+                        if e.checked:
+                            posts = e.free + check_surface(
+                                e.checked, text[starts[i] : ends[j - 1]]
+                            )
+                            if posts:
+                                out.append(Match(i, j, key, posts))
+                        elif e.free:
+                            out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
+                if j >= lim:
                     break
+                if crosses_break(text, ends[j - 1], starts[j]):
+                    crossed = True
                 key = key + " " + norms[j]
                 j += 1
         return out
@@ -269,17 +284,25 @@ class ExactMatcher:
             if kid is None:
                 continue
             j = i + 1
+            crossed = False
             while True:
                 if kid >= 0:
-                    e = entries.get(kid)
-                    if e is None:
-                        e = self._entry(kid, key)
-                    if e.checked:
-                        posts = e.free + check_surface(e.checked, text[starts[i] : ends[j - 1]])
+                    if crossed:
+                        posts = self.crossed_postings(kid, text, starts, ends, i, j)
                         if posts:
                             out.append(Match(i, j, key, posts))
-                    elif e.free:
-                        out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
+                    else:
+                        e = entries.get(kid)
+                        if e is None:
+                            e = self._entry(kid, key)
+                        if e.checked:
+                            posts = e.free + check_surface(
+                                e.checked, text[starts[i] : ends[j - 1]]
+                            )
+                            if posts:
+                                out.append(Match(i, j, key, posts))
+                        elif e.free:
+                            out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
                 if j >= n:
                     break
                 longer = key + " " + norms[j]
@@ -290,10 +313,61 @@ class ExactMatcher:
                 if (right - left != 1 or text[left] != " ") and not breaks.isdisjoint(
                     text[left:right]
                 ):
-                    break  # inlined crosses_break
+                    crossed = True  # inlined crosses_break: only punctuated strings go on
                 key = longer
                 j += 1
         return out
+
+    def crossed_postings(
+        self, kid: int, text: str, starts: list[int], ends: list[int], i: int, j: int
+    ) -> tuple[Posting, ...]:
+        """The postings of key ``kid`` that the window of tokens ``[i, j)``, which spans break
+        punctuation, matches: those whose dictionary string has the same break characters
+        between the same two words ("Abdomen:  soft" for "ABDOMEN: SOFT", not for "abdomen.
+        Soft"), after the key's case checks. Rare, so not memoised beyond the strings' own
+        punctuation."""
+        e = self.entry_by_id(kid)
+        punctuated = self._punctuated.get(kid)
+        if punctuated is None:
+            punctuated = self._punctuated[kid] = _punctuated_postings(
+                self.index.key(kid), (*e.free, *(p for p, _ in e.checked))
+            )
+        if not punctuated:
+            return ()
+        gaps = tuple(
+            BREAK_CHARS.intersection(text[ends[t - 1] : starts[t]]) for t in range(i + 1, j)
+        )
+        kept = {id(p) for p, own in punctuated if own == gaps}
+        if not kept:
+            return ()
+        surface = text[starts[i] : ends[j - 1]]
+        ok = [p for p in e.free if id(p) in kept]
+        checked = tuple(c for c in e.checked if id(c[0]) in kept)
+        if checked:
+            ok.extend(check_surface(checked, surface))
+        return tuple(ok)
+
+
+def _punctuated_postings(
+    key: str, postings: tuple[Posting, ...]
+) -> tuple[tuple[Posting, tuple[frozenset[str], ...]], ...]:
+    """The postings whose string has break punctuation between its words, each with the break
+    characters of every gap between its tokens (tokenised as captions are, so that the gaps
+    line up with the key's words; a string that does not tokenise to ``key`` is left out)."""
+    out = []
+    for p in postings:
+        if BREAK_CHARS.isdisjoint(p.string):
+            continue
+        norms, starts, ends = tokenize_spans_py(p.string)
+        if " ".join(norms) != key:
+            continue
+        gaps = tuple(
+            BREAK_CHARS.intersection(p.string[ends[t - 1] : starts[t]])
+            for t in range(1, len(norms))
+        )
+        if any(gaps):
+            out.append((p, gaps))
+    return tuple(out)
 
 
 def check_surface(checked: tuple[tuple[Posting, int], ...], surface: str) -> tuple[Posting, ...]:

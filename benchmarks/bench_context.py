@@ -14,8 +14,9 @@ How each system is run:
   one concept per distinct index key (conditions that conceptsvc's normalisation folds together,
   "Edema"/"edema", could not be told apart by any dictionary, so they share a concept), with a
   synthetic CUI from ``C9700000`` up, a block no UMLS release uses. Each term is the condition
-  as annotated, its case included (conceptsvc treats an all-caps word of up to five letters,
-  "FEVER", as an acronym that keeps its case, as it would a site's own term). :class:`~conceptsvc.
+  as annotated, its case included (conceptsvc treats an all-caps word of up to four letters,
+  "AIDS", as an acronym that keeps its case, as it would a site's own term; "FEVER" matches
+  "Fever"). :class:`~conceptsvc.
   extractor.Extractor` runs on every sentence with ``include_negated=True`` and
   ``overlap="all"``, so that another condition of the same dictionary ("chest pain") never hides
   the row's own ("pain"): the dictionary stands for UMLS, where both would be concepts. Since
@@ -284,7 +285,7 @@ _REASONS = (
     "only inside a longer word (a typo: `transplantatio` in `TRANSPLANTATIOn`)",
     "punctuation inside the condition (`,` `:` `;` `.` `(`): a clause, not a name",
     "a run of spaces inside the condition or its place in the sentence",
-    "case: an all-caps word of up to five letters written otherwise in the sentence",
+    "case: an all-caps word of up to four letters written otherwise in the sentence",
     "other",
 )
 
@@ -303,7 +304,7 @@ def why_not_found(row: AnnotatedRow) -> str:
         return _REASONS[2]
     if re.search(r"\s\s", row.condition) or re.search(r"\s\s", text):
         return _REASONS[3]
-    caps = [w for w in row.condition.split() if w.isalnum() and w.isupper() and len(w) <= 5]
+    caps = [w for w in row.condition.split() if w.isalnum() and w.isupper() and len(w) <= 4]
     if caps and any(c not in text.split() for c in caps):
         return _REASONS[4]
     return _REASONS[5]

@@ -58,6 +58,7 @@ from conceptsvc.sources.table import TableRow, iter_rows
 
 __all__ = [
     "ABBREVIATION_TTYS",
+    "TERM_RULES_VERSION",
     "BuildReport",
     "DictionaryFilters",
     "DictionarySource",
@@ -74,14 +75,20 @@ log = logging.getLogger(__name__)
 ABBREVIATION_TTYS = frozenset({"AA", "AB", "ACR", "AM", "CA2", "CA3", "OA", "OAM"})
 SUPPRESS_VALUES = frozenset({"N", "O", "E", "Y"})
 _ABBREV_MAX = 6  # an all-caps single word this short reads as an abbreviation
-_CASE_SENSITIVE_MAX = 5  # …and this short, as an acronym that must keep its case ("US")
+_CASE_SENSITIVE_MAX = 4  # …and this short, as an acronym that must keep its case ("US")
+TERM_RULES_VERSION = "2"
+"""Version of :func:`term_flags`' rules; a cache of indexes built by them (the embedded demo
+dictionary's) keys on it. 2: an all-caps word of five letters is matched in any case."""
 
 def term_flags(string: str, tty: str) -> int:
     """FLAG_* bits a dictionary string carries, from its term type and its shape.
 
-    An all-caps single word of at most five characters is case-sensitive: "US" (ultrasound)
-    must not match the pronoun "us", nor "AIDS" the verb "aids". Abbreviation TTYs in lower
-    or mixed case ("abd") are abbreviations but match in any case.
+    An all-caps single word of at most four characters is case-sensitive: "US" (ultrasound)
+    must not match the pronoun "us", nor "AIDS" the verb "aids", nor "ALL" (the leukaemia)
+    the word "all". From five letters on, an all-caps string is a word written in capitals
+    ("FEVER", a condition from a report's heading, must find "Fever") or an acronym that no
+    English word spells ("SPECT", "NSCLC"), so it matches in any case (issue 17). Abbreviation
+    TTYs in lower or mixed case ("abd") are abbreviations but match in any case.
     """
     flags = FLAG_ABBREVIATION if tty in ABBREVIATION_TTYS else 0
     s = string.strip()

@@ -3,8 +3,8 @@
 The package ships the demo dictionary as RRF text (``conceptsvc/data/demo/META/``) rather than
 as a compiled index, so it goes through exactly the ingestion path a real UMLS release takes
 and can never drift from the index format of the installed code. It is compiled on first use
-into a cache directory whose name hashes the RRF files and the index-format and normaliser
-versions: an upgrade that changes any of them simply builds a new entry.
+into a cache directory whose name hashes the RRF files and the index-format, normaliser and
+dictionary term-rule versions: an upgrade that changes any of them simply builds a new entry.
 
 The build is atomic across processes: each builder writes its own temporary directory and
 renames it into place; if another process got there first, its index (identical by
@@ -20,7 +20,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from conceptsvc.dictionary import DictionaryFilters, UmlsSource, build_dictionary_index
+from conceptsvc.dictionary import (
+    TERM_RULES_VERSION,
+    DictionaryFilters,
+    UmlsSource,
+    build_dictionary_index,
+)
 from conceptsvc.errors import DictionaryError
 from conceptsvc.index import FORMAT_VERSION, ConceptIndex
 from conceptsvc.normalize import NORMALIZER_VERSION
@@ -51,7 +56,10 @@ def default_cache_dir() -> Path:
 
 
 def _fingerprint(meta: Path) -> str:
-    h = hashlib.sha256(f"format={FORMAT_VERSION};normalizer={NORMALIZER_VERSION}\n".encode())
+    h = hashlib.sha256(
+        f"format={FORMAT_VERSION};normalizer={NORMALIZER_VERSION};terms={TERM_RULES_VERSION}\n"
+        .encode()
+    )
     files = sorted(p for p in meta.iterdir() if p.is_file() and ".RRF" in p.name)
     if not files:
         raise DictionaryError(f"{meta}: no RRF files; the demo dictionary is missing.")

@@ -103,17 +103,21 @@ class ContextRule:
 
     ``category`` is the property a trigger sets, the scopes a pseudo-trigger or termination
     ends, or ``None`` for a phrase that works on every category (ConText's general
-    terminations "but", "however", our location words)."""
+    terminations "but", "however", our location words). A phrase ends the scopes of its own
+    category, and also those of the categories in ``ends`` ("personal history of" starts a
+    historical scope and ends another person's)."""
 
     phrase: str
     kind: Kind
     category: Category | None = Category.NEGATED
+    ends: tuple[Category, ...] = ()
 
 
 def _rules(
-    kind: Kind, *phrases: str, category: Category | None = Category.NEGATED
+    kind: Kind, *phrases: str, category: Category | None = Category.NEGATED,
+    ends: tuple[Category, ...] = (),
 ) -> tuple[ContextRule, ...]:
-    return tuple(ContextRule(p, kind, category) for p in phrases)
+    return tuple(ContextRule(p, kind, category, ends) for p in phrases)
 
 
 # ConText's other categories (Harkema et al. 2009, and medspaCy 1.3.1's context_rules.json,
@@ -148,10 +152,15 @@ HISTORICAL_RULES: tuple[ContextRule, ...] = (
     *_rules(
         Kind.FORWARD,
         "history", "history of", "past history", "past medical history", "medical history",
-        "surgical history", "social history", "personal history", "past", "prior", "previous",
+        "surgical history", "social history", "past", "prior", "previous",
         "previously", "former", "formerly", "status post", "s p", "h o", "known", "know",
         "remote", "history significant for", "significant past",
         category=Category.HISTORICAL,
+    ),
+    # ConText: the patient's own history ends another person's
+    *_rules(
+        Kind.FORWARD, "personal history", "personal history of", category=Category.HISTORICAL,
+        ends=(Category.OTHER_EXPERIENCER,),
     ),
     *_rules(
         Kind.BACKWARD, "in the past", "years ago", "in childhood", category=Category.HISTORICAL
@@ -190,9 +199,9 @@ EXPERIENCER_RULES: tuple[ContextRule, ...] = (
         "her husband", "mother s", "father s",
         category=Category.OTHER_EXPERIENCER,
     ),
-    # ConText: the patient's own history ends another person's
+    # ConText: the patient ends another person's scope (and "personal history of" above)
     *_rules(
-        Kind.TERMINATE, "personal", "patient", "the patient", "he", "she",
+        Kind.TERMINATE, "patient", "the patient", "he", "she",
         category=Category.OTHER_EXPERIENCER,
     ),
 )
@@ -423,19 +432,20 @@ class NegationDetector:
         # first token → [(phrase tokens, kind, category, stop mask)], longest phrase first;
         # among phrases of one length the lower kind first (pseudo before triggers: "no
         # change" wins over "no"). One phrase, one entry: the lowest (kind, category) wins.
-        by_rule: dict[tuple[Kind, int], list[str]] = {}
+        by_rule: dict[tuple[Kind, int, int], list[str]] = {}
         for r in self.rules.rules:
             cat = -1 if r.category is None else int(r.category)
-            by_rule.setdefault((r.kind, cat), []).append(r.phrase)
+            also = sum({1 << c for c in r.ends})
+            by_rule.setdefault((r.kind, cat, also), []).append(r.phrase)
         entries: dict[tuple[str, ...], tuple[int, int, int]] = {}
-        for kind, cat in sorted(by_rule):
+        for kind, cat, also in sorted(by_rule):
             if kind == Kind.LOCATION:
                 stops = 0  # a location phrase is skipped by scopes, never ends them
             elif cat < 0:
                 stops = ALL_CATEGORIES
             else:
-                stops = 1 << cat
-            for ph in _phrases(by_rule[(kind, cat)]):
+                stops = 1 << cat | also
+            for ph in _phrases(by_rule[(kind, cat, also)]):
                 entries.setdefault(ph, (int(kind), cat, stops))
         table: dict[str, list[tuple[tuple[str, ...], int, int, int]]] = {}
         for ph, (code, cat, stops) in entries.items():

@@ -8,11 +8,16 @@ import pytest
 from conceptsvc.negation import (
     BACKWARD_SCOPE,
     CONTEXT_RULES,
+    EXPERIENCER_RULES,
     FORWARD_SCOPE,
+    HISTORICAL_RULES,
+    HYPOTHETICAL_RULES,
+    Category,
     ContextRule,
     Kind,
     NegationDetector,
     NegationRules,
+    mention_context,
     mention_negated,
 )
 from conceptsvc.normalize import normalize_term, tokenize_spans
@@ -216,3 +221,115 @@ def test_negation_fast_path_without_triggers() -> None:
     norms, starts, ends = tokenize_spans("Axial CT with contrast showing a mass.")
     assert DETECTOR.negated_tokens("Axial CT with contrast showing a mass.", norms, starts,
                                    ends) is None
+
+
+# -- ConText's other categories (issue 17) ----------------------------------------------------
+def properties(text: str, phrase: str, detector: NegationDetector = DETECTOR) -> set[str]:
+    """ConText's properties of a mention of ``phrase`` (first occurrence, case and spacing
+    ignored), as the extractor decides them: "negated", "hypothetical", "historical", "other"."""
+    m = re.search(r"\s+".join(map(re.escape, phrase.split())), text, re.IGNORECASE)
+    assert m is not None, (phrase, text)
+    norms, starts, ends = tokenize_spans(text)
+    toks = [i for i in range(len(norms)) if starts[i] < m.end() and ends[i] > m.start()]
+    bits = mention_context(detector.negated_tokens(text, norms, starts, ends), toks[0],
+                           toks[-1] + 1)
+    names = {Category.NEGATED: "negated", Category.HYPOTHETICAL: "hypothetical",
+             Category.HISTORICAL: "historical", Category.OTHER_EXPERIENCER: "other"}
+    return {name for c, name in names.items() if bits & 1 << c}
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase", "expected"),
+    [
+        # hypothetical: forward triggers
+        ("Rule out pneumonia.", "pneumonia", {"hypothetical"}),
+        ("CT to rule out pulmonary embolism", "pulmonary embolism", {"hypothetical"}),
+        ("Evaluate for DVT.", "DVT", {"hypothetical"}),
+        ("Suspected fracture of the radius", "fracture", {"hypothetical"}),
+        ("Return if fever or chills develop.", "chills", {"hypothetical"}),
+        ("Should there be bleeding, call the office.", "bleeding", {"hypothetical"}),
+        # historical: forward and backward triggers
+        ("History of stroke.", "stroke", {"historical"}),
+        ("Status post CABG with sternal wires", "CABG", {"historical"}),
+        ("Prior appendectomy.", "appendectomy", {"historical"}),
+        ("Stroke in the past.", "stroke", {"historical"}),
+        # experiencer
+        ("Family history of colon cancer.", "colon cancer", {"other"}),
+        ("Mother had breast cancer.", "breast cancer", {"other"}),
+        # nothing
+        ("Large pleural effusion.", "pleural effusion", set()),
+    ],
+)
+def test_context_categories(text: str, phrase: str, expected: set[str]) -> None:
+    assert properties(text, phrase) == expected
+
+
+def test_context_trigger_directions_per_category() -> None:
+    # forward triggers look forward only, backward ones backward only
+    assert properties("Pneumonia, rule out", "pneumonia") == set()
+    assert properties("Stroke, history of", "stroke") == set()
+    assert properties("Colon cancer, family history", "colon cancer") == set()
+    assert properties("In the past stroke", "stroke") == set()
+    d = only_context(
+        (Kind.BIDIRECTIONAL, "remote", Category.HISTORICAL),
+        (Kind.BACKWARD, "unlikely", Category.HYPOTHETICAL),
+    )
+    assert properties("remote stroke", "stroke", d) == {"historical"}
+    assert properties("stroke remote", "stroke", d) == {"historical"}
+    assert properties("infection unlikely", "infection", d) == {"hypothetical"}
+    assert properties("unlikely infection", "infection", d) == set()
+
+
+def only_context(*rules: tuple[Kind, str, Category | None]) -> NegationDetector:
+    return NegationDetector(NegationRules(rules=tuple(ContextRule(p, k, c) for k, p, c in rules)))
+
+
+def test_context_terminations_per_category() -> None:
+    # a category's own termination ends its scope ...
+    text = "History of diabetes who presents with chest pain."
+    assert properties(text, "diabetes") == {"historical"}
+    assert properties(text, "chest pain") == set()
+    text = "Family history of colon cancer and personal history of polyps."
+    assert properties(text, "colon cancer") == {"other"}
+    assert properties(text, "polyps") == {"historical"}
+    # ... a general one ends every category's ...
+    assert properties("Rule out pneumonia but effusion", "effusion") == set()
+    assert properties("History of asthma, however wheezing", "wheezing") == set()
+    # ... negation's caption terminations end negation only
+    assert properties("Return if there is any fever.", "fever") == {"hypothetical"}
+    assert properties("No mass with calcification", "calcification") == set()
+    # and another category's trigger ends no scope: negated and historical
+    assert properties("Denies any history of asthma.", "asthma") == {"negated", "historical"}
+    # a sentence end ends them all
+    assert properties("History of asthma. Wheezing.", "wheezing") == set()
+
+
+def test_context_pseudo_triggers_per_category() -> None:
+    assert properties("History of present illness: cough for two days.", "cough") == set()
+    assert properties("One-week history of pain.", "pain") == set()
+    assert properties("Take as needed if needed for pain", "pain") == set()
+
+
+def test_context_scopes_cross_a_colon_but_negation_does_not() -> None:
+    text = "PAST MEDICAL HISTORY:  Hypertension, gout."
+    assert properties(text, "gout") == {"historical"}
+    assert properties("Call if any of the following are noted: fever, rash", "rash") == {
+        "hypothetical"
+    }
+    assert properties("No acute disease: effusion", "effusion") == set()
+
+
+def test_context_a_trigger_inside_a_mention_does_not_apply_to_it() -> None:
+    norms, starts, ends = tokenize_spans("history of stroke")
+    flags = DETECTOR.negated_tokens("history of stroke", norms, starts, ends)
+    assert mention_context(flags, 0, 3) == 0
+    assert mention_context(flags, 2, 3) == 1 << Category.HISTORICAL
+    assert mention_context(None, 0, 1) == 0
+
+
+def test_context_rule_tables_name_their_categories() -> None:
+    for table, category in ((HYPOTHETICAL_RULES, Category.HYPOTHETICAL),
+                            (HISTORICAL_RULES, Category.HISTORICAL),
+                            (EXPERIENCER_RULES, Category.OTHER_EXPERIENCER)):
+        assert {r.category for r in table} == {category}
+        assert set(table) <= set(CONTEXT_RULES)

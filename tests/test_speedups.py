@@ -29,6 +29,7 @@ import time
 import types
 import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +47,14 @@ from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex, IndexBuilder
 from conceptsvc.model import Annotation, ExtractOptions
-from conceptsvc.negation import CONTEXT_RULES, ContextRule, Kind, NegationDetector, NegationRules
+from conceptsvc.negation import (
+    CONTEXT_RULES,
+    Category,
+    ContextRule,
+    Kind,
+    NegationDetector,
+    NegationRules,
+)
 from conceptsvc.normalize import normalize_token, tokenize_spans_py
 from conceptsvc.profile import Profile, ProfileModel, load_profile
 
@@ -673,8 +681,10 @@ def test_speedups_generated_captions_engine(
     engine_engines.check(data.draw(engine_captions, label="caption"), options)
 
 
-def _rules(kind: Kind, *phrases: str) -> tuple[ContextRule, ...]:
-    return tuple(ContextRule(p, kind) for p in phrases)
+def _rules(
+    kind: Kind, *phrases: str, category: Category | None = Category.NEGATED
+) -> tuple[ContextRule, ...]:
+    return tuple(ContextRule(p, kind, category) for p in phrases)
 
 
 _DETECTORS = [
@@ -698,6 +708,35 @@ _DETECTORS = [
             ),
             scope=3,
             list_words=frozenset({"or", "nor"}),
+        )
+    ),
+    # every category: triggers of each kind, category terminations and pseudo-triggers, a
+    # general termination, a phrase under two categories, a closing word of another category
+    NegationDetector(
+        NegationRules(
+            rules=(
+                *_rules(Kind.FORWARD, "no", "without"),
+                *_rules(Kind.BACKWARD, "absent"),
+                *_rules(Kind.FORWARD, "if", "rule out", category=Category.HYPOTHETICAL),
+                *_rules(Kind.BACKWARD, "unlikely", category=Category.HYPOTHETICAL),
+                *_rules(Kind.PSEUDO, "if needed", category=Category.HYPOTHETICAL),
+                *_rules(Kind.FORWARD, "history of", "prior", category=Category.HISTORICAL),
+                *_rules(Kind.BIDIRECTIONAL, "remote", category=Category.HISTORICAL),
+                *_rules(Kind.CLAUSE, "resolved", category=Category.HISTORICAL),
+                *_rules(Kind.TERMINATE, "now", "presents", category=Category.HISTORICAL),
+                *_rules(Kind.PSEUDO, "history of present illness",
+                        category=Category.HISTORICAL),
+                *_rules(Kind.FORWARD, "mother", "family history",
+                        category=Category.OTHER_EXPERIENCER),
+                *_rules(Kind.BACKWARD, "in his father", category=Category.OTHER_EXPERIENCER),
+                *_rules(Kind.TERMINATE, "patient", category=Category.OTHER_EXPERIENCER),
+                ContextRule("personal history", Kind.FORWARD, Category.HISTORICAL,
+                            (Category.OTHER_EXPERIENCER,)),
+                *_rules(Kind.CLOSE, "noted", category=Category.HYPOTHETICAL),
+                *_rules(Kind.CLOSE, "present"),
+                *_rules(Kind.TERMINATE, "but", "with", category=None),
+                *_rules(Kind.LOCATION, "in", "on", category=None),
+            ),
         )
     ),
 ]
@@ -762,11 +801,29 @@ def test_speedups_negation_scanner_on_the_negation_sentences() -> None:
                 assert got == detector.negated_tokens(text, norms, starts, ends), text
 
 
+NEGEX_DEV = Path(__file__).parent / "fixtures" / "negex_dev.tsv"
+
+
+def _negex_dev_rows() -> list[tuple[str, str]]:
+    """(condition, sentence) of the NegEx development half (see fixtures/ATTRIBUTION.md)."""
+    rows = []
+    for line in NEGEX_DEV.read_text(encoding="utf-8").splitlines()[1:]:
+        if line:
+            cols = line.split("\t")
+            rows.append((cols[1], cols[2]))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def negation_engines(tmp_path_factory: pytest.TempPathFactory) -> Engines:
-    """Engines over a dictionary with each condition of the negation fixture as a concept."""
+    """Engines over a dictionary with each condition of the negation fixture and of the NegEx
+    development half as a concept, as annotated: case, inner spacing and punctuation kept
+    (so windows across punctuation are exercised too)."""
     builder = IndexBuilder(source_release="negation-test-fixture")
-    conditions = sorted({re.sub(r"\s+", " ", c).lower() for _, c, _ in _negation_rows()})
+    conditions = sorted(
+        {re.sub(r"\s+", " ", c).lower() for _, c, _ in _negation_rows()}
+        | {c for c, _ in _negex_dev_rows()}
+    )
     for k, condition in enumerate(conditions):
         cui = f"C9{k:06d}"
         builder.set_concept(cui, preferred_name=condition, semantic_types=["T047"])
@@ -775,15 +832,37 @@ def negation_engines(tmp_path_factory: pytest.TempPathFactory) -> Engines:
     return Engines(ConceptIndex.load(path))
 
 
+_CONTEXT_OPTIONS = [
+    ExtractOptions(), ExtractOptions(include_negated=False),
+    ExtractOptions(overlap="all"), ExtractOptions(overlap="all", include_negated=False),
+    ExtractOptions(include_hypothetical=False),
+    ExtractOptions(overlap="all", include_negated=False, include_hypothetical=False),
+]
+
+
 def test_speedups_engines_agree_on_the_negation_sentences(negation_engines: Engines) -> None:
-    options = [
-        ExtractOptions(), ExtractOptions(include_negated=False),
-        ExtractOptions(overlap="all"), ExtractOptions(overlap="all", include_negated=False),
-    ]
-    for o in options:
+    for o in _CONTEXT_OPTIONS:
         for _, _, sentence in _negation_rows():
             for text in _negation_variants(sentence):
                 negation_engines.check(text, o)
+
+
+def test_speedups_engines_agree_on_the_development_sentences(negation_engines: Engines) -> None:
+    # issue 17: the NegEx development half, every ConText property and the conditions across
+    # punctuation; the test is only worth something if those occur, so that is checked too
+    items = [(str(k), s) for k, (_, s) in enumerate(_negex_dev_rows())]
+    seen: Counter[str] = Counter()
+    for o in _CONTEXT_OPTIONS:
+        bad = negation_engines.differences(items, o)
+        assert not bad, summary(bad, len(items))
+        for a in negation_engines.reference(items, o):
+            for m in a.mentions:
+                seen.update(name for name in ("negated", "hypothetical", "historical")
+                            if getattr(m, name))
+                seen["other"] += m.experiencer == "other"
+                seen["across punctuation"] += any(ch in m.text for ch in ",:")
+    assert min(seen[k] for k in ("negated", "hypothetical", "historical", "other",
+                                 "across punctuation")) > 0, seen
 
 
 @settings(max_examples=300, deadline=None)
@@ -792,7 +871,7 @@ def test_speedups_engines_agree_on_the_negation_sentences(negation_engines: Engi
         st.tuples(
             st.sampled_from(sorted({r.phrase for r in CONTEXT_RULES})),
             st.sampled_from(sorted({c for _, c, _ in _negation_rows()})),
-            st.sampled_from((" ", ", ", ". ", " or ", " and ", " in the ")),
+            st.sampled_from((" ", ", ", ". ", ": ", " or ", " and ", " in the ")),
         ),
         max_size=6,
     ),
@@ -805,6 +884,7 @@ def test_speedups_engines_agree_on_sentences_from_the_rule_table(
     text = "".join(f"{rule} {condition}{glue}" for rule, condition, glue in parts)
     negation_engines.check(text, ExtractOptions(overlap=overlap))
     negation_engines.check(text, ExtractOptions(overlap=overlap, include_negated=False))
+    negation_engines.check(text, ExtractOptions(overlap=overlap, include_hypothetical=False))
 
 
 @functools.cache

@@ -12,8 +12,9 @@ from offsets import check_annotation
 
 from conceptsvc.errors import ExtractArgumentError, ExtractionError, SemanticNetworkError
 from conceptsvc.extractor import PLAN_CACHE_BYTES, Extractor, WeightedMemo, options_weight
-from conceptsvc.index import ConceptIndex
+from conceptsvc.index import ConceptIndex, IndexBuilder
 from conceptsvc.model import Annotation, ExtractOptions, Mention
+from conceptsvc.profile import Profile, ProfileModel, load_profile
 
 
 @pytest.fixture(scope="module")
@@ -536,3 +537,70 @@ def test_issue_17_negation_scope_in_the_extractor(
     kept = ex.extract(text, ExtractOptions(include_negated=False))
     assert kept.mentions == tuple(m for m in a.mentions if not m.negated)
     assert kept.concepts == tuple(dict.fromkeys(m.cui for m in kept.mentions))
+
+
+# -- ConText's properties (issue 17) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def context_ex(tmp_path_factory: pytest.TempPathFactory) -> Extractor:
+    b = IndexBuilder(source_release="context")
+    for cui, name in (("C0032285", "pneumonia"), ("C0038454", "stroke"),
+                      ("C0009402", "colon cancer"), ("C0032227", "pleural effusion"),
+                      ("C0817096", "chest")):
+        b.set_concept(cui, preferred_name=name, semantic_types=["T047"])
+        b.add_term(cui, name, sab="TEST", tty="PT")
+    return Extractor(ConceptIndex.load(b.write(tmp_path_factory.mktemp("context") / "ix")))
+
+
+def _props(a: Annotation) -> dict[str, tuple[bool, bool, bool, str]]:
+    return {m.text: (m.negated, m.hypothetical, m.historical, m.experiencer) for m in a.mentions}
+
+
+def test_issue_17_mentions_carry_context_and_hypothetical_ones_can_be_dropped(
+    context_ex: Extractor,
+) -> None:
+    text = ("Rule out pneumonia. History of stroke. Family history of colon cancer. "
+            "No pleural effusion. Chest")
+    assert _props(context_ex.extract(text)) == {
+        "pneumonia": (False, True, False, "patient"),
+        "stroke": (False, False, True, "patient"),
+        "colon cancer": (False, False, False, "other"),
+        "pleural effusion": (True, False, False, "patient"),
+        "Chest": (False, False, False, "patient"),
+    }
+    dropped = context_ex.extract(text, ExtractOptions(include_hypothetical=False))
+    assert "C0032285" not in dropped.concepts and "pneumonia" not in _props(dropped)
+    assert len(dropped.mentions) == 4
+    both = context_ex.extract(text, ExtractOptions(include_hypothetical=False,
+                                                   include_negated=False))
+    assert sorted(_props(both)) == ["Chest", "colon cancer", "stroke"]
+
+
+def test_issue_17_include_hypothetical_unset_follows_the_profile(context_ex: Extractor) -> None:
+    # both shipped profiles keep hypothetical mentions (ROCOv2's gold ignores context:
+    # dropping them scores lower on the validation set, see BENCHMARKS.md)
+    for name in ("none", "rocov2"):
+        assert load_profile(name).include_hypothetical is True
+        assert context_ex._plan(ExtractOptions(profile=name)).include_hypothetical is True
+    strict = Profile(ProfileModel(name="strict", description="d", include_hypothetical=False))
+    assert strict.include_hypothetical is False
+    with pytest.raises(ExtractionError, match="include_hypothetical"):
+        ExtractOptions(include_hypothetical="no").validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Rule out pneumonia in the chest.", "History of stroke; chest clear.",
+     "Mother had colon cancer, if pneumonia then chest.", "no pleural effusion, chest."],
+)
+def test_issue_17_offsets_are_untouched_by_context(context_ex: Extractor, text: str) -> None:
+    # the same spans, offsets and concepts whether or not the triggers are there: a trigger
+    # replaced by filler of its length changes the flags only
+    plain = text
+    for trigger in ("Rule out", "History of", "Mother had", "if", "no"):
+        plain = plain.replace(trigger, "x" * len(trigger))
+    got, base = context_ex.extract(text), context_ex.extract(plain)
+    assert [(m.cui, m.start, m.end, m.text) for m in got.mentions] == [
+        (m.cui, m.start, m.end, m.text) for m in base.mentions
+    ]
+    assert any(_props(got)[m.text] != _props(base)[m.text] for m in got.mentions)
+    check_annotation(context_ex.index, text, got, ExtractOptions())

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conceptsvc.index import ConceptIndex
+from conceptsvc.dictionary import term_flags
+from conceptsvc.index import FLAG_CASE_SENSITIVE, ConceptIndex, IndexBuilder
 from conceptsvc.matcher import MIN_MATCH_CHARS, ExactMatcher, same_case
 from conceptsvc.normalize import STOPWORDS, tokenize_spans
 
@@ -116,3 +117,46 @@ def test_matcher_agrees_with_brute_force(matcher: ExactMatcher, words: list[str]
             expected.add((i, j, key))
     assert got == expected
 
+
+
+@pytest.fixture(scope="module", params=["prefix-table", "first-token-max"])
+def punctuated(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+               ) -> ExactMatcher:
+    """Dictionary strings with punctuation inside (issue 17), and one without, on both
+    matching strategies."""
+    b = IndexBuilder(source_release="punctuated")
+    for cui, string in (("C9000001", "ABDOMEN:  Soft"), ("C9000002", "chest tightness, pressure"),
+                        ("C9000003", "chest tightness"), ("C9000004", "liver spleen"),
+                        ("C9000005", "Fracture, femur (shaft)")):
+        b.set_concept(cui, preferred_name=string, semantic_types=["T033"])
+        b.add_term(cui, string, sab="TEST", tty="PT", flags=term_flags(string, "PT"))
+    limit = 2_000_000 if request.param == "prefix-table" else 0
+    path = b.write(tmp_path_factory.mktemp("punctuated") / "index")
+    return ExactMatcher(ConceptIndex.load(path), prefix_table_max_keys=limit)
+
+
+def test_issue_17_windows_cross_the_punctuation_of_their_dictionary_string(
+    punctuated: ExactMatcher,
+) -> None:
+    assert ("ABDOMEN:  SOFT", {"C9000001"}) in windows(punctuated, "ABDOMEN:  SOFT, nontender")
+    assert ("Abdomen: soft", {"C9000001"}) in windows(punctuated, "Abdomen: soft")
+    got = windows(punctuated, "complaint of chest tightness,   pressure, as well")
+    assert ("chest tightness,   pressure", {"C9000002"}) in got
+    assert ("chest tightness", {"C9000003"}) in got
+    assert ("fracture, femur (shaft", {"C9000005"}) in windows(
+        punctuated, "a fracture, femur (shaft) and"
+    )
+    # other punctuation, or punctuation the string does not have, is still a break
+    assert windows(punctuated, "abdomen. Soft") == []
+    assert windows(punctuated, "abdomen, soft") == []
+    assert windows(punctuated, "liver, spleen") == []
+    assert windows(punctuated, "fracture, femur, shaft") == []
+    # and a string with punctuation matches where the caption has none, as before
+    assert windows(punctuated, "abdomen soft") == [("abdomen soft", {"C9000001"})]
+
+
+def test_issue_17_all_caps_words_of_five_letters_match_in_any_case() -> None:
+    assert not term_flags("FEVER", "PT") & FLAG_CASE_SENSITIVE
+    assert not term_flags("SPECT", "PT") & FLAG_CASE_SENSITIVE
+    for acronym in ("AIDS", "ALL", "US", "CT"):
+        assert term_flags(acronym, "PT") & FLAG_CASE_SENSITIVE, acronym

@@ -92,3 +92,20 @@ def test_spacy_component_without_spacy_is_a_coded_error() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("[E100] the spaCy component needs spaCy")
     assert "pip install 'conceptsvc[spacy]'" in out.stdout
+
+
+def test_issue_17_spacy_component_context_extensions(engine_index_path: Path) -> None:
+    nlp = spacy.blank("en")
+    nlp.add_pipe("conceptsvc", config={"index_path": str(engine_index_path)})
+    doc = nlp("Family history of lung cancer. Rule out pleural effusion. History of lung cancer.")
+    got = [(s.text, s._.negated, s._.hypothetical, s._.historical, s._.experiencer)
+           for s in doc.spans["conceptsvc"]]
+    assert got == [
+        ("lung cancer", False, False, False, "other"),
+        ("pleural effusion", False, True, False, "patient"),
+        ("lung cancer", False, False, True, "patient"),
+    ]
+    strict = spacy.blank("en")
+    strict.add_pipe("conceptsvc", config={"index_path": str(engine_index_path),
+                                          "include_hypothetical": False})
+    assert [s.text for s in strict("Rule out pleural effusion.").spans["conceptsvc"]] == []

@@ -112,3 +112,25 @@ def test_wire_stream_result_carries_the_index_hash() -> None:
     assert failed.index_hash == "e" * 64 and failed.error is not None
     old = pb.AnnotateResponse.FromString(pb.AnnotateResponse(id="c").SerializeToString())
     assert wire.stream_result_from_pb(old).index_hash == ""
+
+
+def test_wire_context_properties_and_include_hypothetical() -> None:
+    # issue 17: ConText's properties travel on the Mention; include_hypothetical only when set
+    m = Mention("C0032285", "Pneumonia", "pneumonia", 9, 18, 1.0, ("T047",), "MSH",
+                False, True, True, "other")
+    a = Annotation("id-2", (m,), ("C0032285",))
+    sent = pb.AnnotateResponse.FromString(wire.annotation_to_pb(a).SerializeToString())
+    assert wire.annotation_from_pb(sent) == a
+    # a server older than the fields sends none of them: patient, neither hypothetical nor
+    # historical
+    old = pb.AnnotateResponse(id="x", mentions=[pb.Mention(cui="C1", text="a", start=0, end=1)])
+    got = wire.annotation_from_pb(old).mentions[0]
+    assert (got.hypothetical, got.historical, got.experiencer) == (False, False, "patient")
+    # None (the profile's choice) is left unset; True and False are sent
+    assert not wire.options_to_pb(ExtractOptions()).HasField("include_hypothetical")
+    defaults = ExtractOptions(include_hypothetical=True)
+    assert wire.options_from_pb(wire.options_to_pb(ExtractOptions()), defaults) == defaults
+    for value in (True, False):
+        msg = wire.options_to_pb(ExtractOptions(include_hypothetical=value))
+        assert msg.HasField("include_hypothetical")
+        assert wire.options_from_pb(msg, ExtractOptions()).include_hypothetical is value

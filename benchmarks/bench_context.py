@@ -30,8 +30,10 @@ the condition in the sentence, located by :func:`~benchmarks.context_peer.annota
 (case-insensitive, any run of whitespace between the condition's words); it is *negated* when
 such a mention is flagged. A condition not found counts as affirmed and recent. Negation is
 scored with Negated as the positive class, on all rows and on the rows both systems find.
-Temporality (recent / historical / hypothetical) is read from ``mention.historical`` and
-``mention.hypothetical`` when conceptsvc's Mention has them, else reported as not available.
+Temporality (recent / historical / hypothetical) is read from ``Mention.historical`` and
+``Mention.hypothetical`` (hypothetical wins when both are set, as a row has one label), and
+from medspaCy's ``is_historical`` / ``is_hypothetical``; conceptsvc runs with
+``include_hypothetical=True``.
 
 The data (Chapman et al., Apache-2.0) is read from ``../shared`` by this benchmark only.
 """
@@ -192,17 +194,13 @@ def run_conceptsvc(rows: Sequence[AnnotatedRow], work: Path) -> tuple[list[Predi
     from conceptsvc.dictionary import TableSource, build_dictionary_index
     from conceptsvc.extractor import Extractor
     from conceptsvc.index import ConceptIndex
-    from conceptsvc.model import ExtractOptions, Mention
+    from conceptsvc.model import ExtractOptions
 
     table = work / "conditions.tsv"
     cuis = write_condition_table(rows, table)
     build_dictionary_index([TableSource(table, sab="NEGEX")], work / "index")
     extractor = Extractor(ConceptIndex.load(work / "index"))
-    options = ExtractOptions(include_negated=True, overlap="all")
-    # Temporality is read where Mention has it (a later change adds it), so that this tool
-    # measures conceptsvc before and after; the names are literal, never taken from input.
-    fields = {f.name for f in dataclasses.fields(Mention)}
-    tells_historical, tells_hypothetical = "historical" in fields, "hypothetical" in fields
+    options = ExtractOptions(include_negated=True, include_hypothetical=True, overlap="all")
     preds = []
     for row, cui in zip(rows, cuis, strict=True):
         mentions = [
@@ -212,14 +210,8 @@ def run_conceptsvc(rows: Sequence[AnnotatedRow], work: Path) -> tuple[list[Predi
         preds.append(Prediction(
             found=bool(mentions),
             negated=any(m.negated for m in mentions),
-            historical=(
-                any(getattr(m, "historical", False) for m in mentions)
-                if tells_historical else None
-            ),
-            hypothetical=(
-                any(getattr(m, "hypothetical", False) for m in mentions)
-                if tells_hypothetical else None
-            ),
+            historical=any(m.historical for m in mentions),
+            hypothetical=any(m.hypothetical for m in mentions),
         ))
     return preds, extractor.engine
 

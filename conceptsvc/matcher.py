@@ -240,23 +240,18 @@ class ExactMatcher:
             crossed = False
             while True:
                 kid = key_ids.get(key)
-                if kid is not None:
-                    if crossed:
-                        posts = self.crossed_postings(kid, text, starts, ends, i, j)
+                if kid is not None and crossed:
+                    self._add_crossed(out, kid, key, text, starts, ends, i, j)
+                elif kid is not None:
+                    e = entries.get(kid)
+                    if e is None:
+                        e = self._entry(kid, key)
+                    if e.checked:
+                        posts = e.free + check_surface(e.checked, text[starts[i] : ends[j - 1]])
                         if posts:
                             out.append(Match(i, j, key, posts))
-                    else:
-                        e = entries.get(kid)
-                        if e is None:
-                            e = self._entry(kid, key)
-                        if e.checked:
-                            posts = e.free + check_surface(
-                                e.checked, text[starts[i] : ends[j - 1]]
-                            )
-                            if posts:
-                                out.append(Match(i, j, key, posts))
-                        elif e.free:
-                            out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
+                    elif e.free:
+                        out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
                 if j >= lim:
                     break
                 if crosses_break(text, ends[j - 1], starts[j]):
@@ -286,23 +281,18 @@ class ExactMatcher:
             j = i + 1
             crossed = False
             while True:
-                if kid >= 0:
-                    if crossed:
-                        posts = self.crossed_postings(kid, text, starts, ends, i, j)
+                if kid >= 0 and crossed:
+                    self._add_crossed(out, kid, key, text, starts, ends, i, j)
+                elif kid >= 0:
+                    e = entries.get(kid)
+                    if e is None:
+                        e = self._entry(kid, key)
+                    if e.checked:
+                        posts = e.free + check_surface(e.checked, text[starts[i] : ends[j - 1]])
                         if posts:
                             out.append(Match(i, j, key, posts))
-                    else:
-                        e = entries.get(kid)
-                        if e is None:
-                            e = self._entry(kid, key)
-                        if e.checked:
-                            posts = e.free + check_surface(
-                                e.checked, text[starts[i] : ends[j - 1]]
-                            )
-                            if posts:
-                                out.append(Match(i, j, key, posts))
-                        elif e.free:
-                            out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
+                    elif e.free:
+                        out.append(_new(Match, (i, j, key, e.free, 1.0, True)))
                 if j >= n:
                     break
                 longer = key + " " + norms[j]
@@ -317,6 +307,14 @@ class ExactMatcher:
                 key = longer
                 j += 1
         return out
+
+    def _add_crossed(
+        self, out: list[Match], kid: int, key: str, text: str, starts: list[int],
+        ends: list[int], i: int, j: int,
+    ) -> None:
+        posts = self.crossed_postings(kid, text, starts, ends, i, j)
+        if posts:
+            out.append(Match(i, j, key, posts))
 
     def crossed_postings(
         self, kid: int, text: str, starts: list[int], ends: list[int], i: int, j: int

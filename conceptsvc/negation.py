@@ -1,4 +1,5 @@
-"""ConText-style negation for captions: which tokens lie in the scope of a negation trigger.
+"""ConText for captions: which tokens lie in the scope of a negation, hypothetical, historical
+or other-experiencer trigger.
 
 ConText (Harkema, Dowling, Thornblade and Chapman, J Biomed Inform 2009), NegEx's successor,
 marks a concept as negated when it lies in the scope of a trigger: forward triggers ("no",
@@ -27,10 +28,22 @@ Radiology captions are shorter and more telegraphic than clinical notes, so four
   "no pleural effusion, pneumothorax present" negates the effusion only, while "no pleural
   effusion present" still negates the effusion.
 
+ConText's other three properties work the same way, each a :class:`Category` with triggers,
+pseudo-triggers and terminations of its own (:data:`HYPOTHETICAL_RULES`: "rule out", "if",
+"evaluate for", "suspected"; :data:`HISTORICAL_RULES`: "history of", "prior", "status post";
+:data:`EXPERIENCER_RULES`: "family history of", "mother"). A phrase ends the scopes of its own
+category (and of those its rule names in ``ends``); ConText's general terminations ("but",
+"however") end every category's, our caption terminations ("showing", "with") negation's
+only, and another category's trigger none: "denies any history of asthma" is negated and
+historical. Their scopes cross a colon, which ends a negation: "PAST MEDICAL HISTORY:
+hypertension". The NegEx set's annotators call "rule out MI" and "evaluate for DVT" recent;
+ConText, and users who drop hypothetical mentions, call them hypothetical, as here.
+
 A mention is negated when its first token is in a forward scope or its last token in a
-backward one (:func:`mention_negated`): a trigger inside a mention does not negate that mention,
-as in medspaCy, whose ConText does not let a modifier modify a target it overlaps ("hemiarthroplasty
-without hardware complication" as one concept is affirmed).
+backward one (:func:`mention_negated`; :func:`mention_context` for every category): a trigger
+inside a mention does not negate that mention, as in medspaCy, whose ConText does not let a
+modifier modify a target it overlaps ("hemiarthroplasty without hardware complication" as one
+concept is affirmed).
 
 Scopes run to the end of the sentence (ConText's window; NegEx's was five words) but stop at
 sentence punctuation (``. ; : ! ?``); commas do not end them, so "denies any shortness of

@@ -143,7 +143,7 @@ HYPOTHETICAL_RULES: tuple[ContextRule, ...] = (
     # before; ConText lists it as hypothetical, which is what "Rule out pneumonia." means)
     *_rules(
         Kind.FORWARD,
-        "if", "in case", "should there be", "should he", "should she", "should the patient",
+        "if", "should there be", "should he", "should she", "should the patient",
         "rule out", "to rule out", "r o", "evaluate for", "evaluation for", "to evaluate for",
         "assess for", "to assess for", "screen for", "screening for", "check for",
         "checked for", "test for", "tested for", "watch for", "monitor for",
@@ -167,7 +167,7 @@ HISTORICAL_RULES: tuple[ContextRule, ...] = (
         "history", "history of", "past history", "past medical history", "medical history",
         "surgical history", "social history", "past", "prior", "previous",
         "previously", "former", "formerly", "status post", "s p", "h o", "known", "know",
-        "remote", "history significant for", "significant past",
+        "remote", "history significant for",
         category=Category.HISTORICAL,
     ),
     # ConText: the patient's own history ends another person's
@@ -378,7 +378,10 @@ _TRIGGERS = frozenset({Kind.FORWARD, Kind.BACKWARD, Kind.BIDIRECTIONAL, Kind.CLA
 _COMMON_WORDS = frozenset(
     normalize_term(w)
     for w in ("a", "an", "the", "of", "to", "with", "is", "are", "was", "were", "has", "have",
-              "been", "be", "for", "any", "in", "on", "and", "or")
+              "been", "be", "for", "any", "in", "on", "and", "or",
+              # caption words that start triggers of the other categories ("years ago", "as
+              # needed for", "s/p", "surgical history", "his wife"); their key word is the next
+              "year", "as", "s", "surgical", "his", "her")
 )
 
 
@@ -472,7 +475,7 @@ class NegationDetector:
         # words ("with", "in", "is", "to") are frequent and must not defeat the fast path.
         common = _COMMON_WORDS
         self._trigger_words = frozenset(
-            next((tok for tok in ph if tok not in common), ph[0])
+            next((tok for tok in ph if tok not in common), ph[-1])
             for ph, (kind, _, _) in entries.items()
             if kind in _TRIGGERS
         )

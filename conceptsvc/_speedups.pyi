@@ -66,6 +66,7 @@ class DefinitionFinder:
 class NegationScanner:
     forward_bit: int
     backward_bit: int
+    categories: int
     def __init__(self, detector: NegationDetector) -> None: ...
     def negated_tokens(
         self, text: str, norms: list[str], starts: list[int], ends: list[int]

@@ -199,6 +199,17 @@ class Mention:
     historical: bool = False
     experiencer: str = "patient"
 
+    @property
+    def context(self) -> tuple[str, ...]:
+        """The ConText properties that are set, as words for people: ("negated",
+        "historical"); empty for a present finding of the patient's."""
+        out = [name for name, on in (("negated", self.negated),
+                                     ("hypothetical", self.hypothetical),
+                                     ("historical", self.historical)) if on]
+        if self.experiencer != "patient":
+            out.append(f"experiencer {self.experiencer}")
+        return tuple(out)
+
 
 @dataclass(frozen=True, slots=True)
 class Annotation:

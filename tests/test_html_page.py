@@ -329,3 +329,14 @@ def test_html_page_report_samples_must_not_be_negative() -> None:
 
     with pytest.raises(ClientError, match="--report-samples must be >= 0"):
         BatchSettings(report_samples=-1)
+
+
+def test_issue_17_html_page_names_every_context_property() -> None:
+    m = Mention("C0032285", "Pneumonia", "pneumonia", 9, 18, 1.0, ("T047",), "T",
+                hypothetical=True, historical=True, experiencer="other")
+    assert m.context == ("hypothetical", "historical", "experiencer other")
+    html = caption_html(AnnotatedCaption("p", "rule out pneumonia", Annotation(
+        "p", (m,), ("C0032285",))), 0)
+    assert 'data-label="C0032285 Pneumonia · hypothetical, historical, experiencer other"' in html
+    assert '<td class="neg">hypothetical, historical, experiencer other</td>' in html
+    assert Mention("C1", "A", "a", 0, 1, 1.0, (), "T").context == ()

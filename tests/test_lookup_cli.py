@@ -78,6 +78,11 @@ def test_lookup_cli_options(
         assert cuis("--semantic-types", "Body Part, Organ, or Organ Component",
                     text="MRI of the brain") == ["C0006104"]
         assert cuis("--no-include-negated") == ["C0817096", "C1306645", "C0032227"]
+        # issue 17: hypothetical mentions are kept by default and dropped on request, over
+        # the wire and in process alike
+        hypo = "Chest X-ray to rule out pneumothorax"
+        assert "C0032326" in cuis(text=hypo)
+        assert "C0032326" not in cuis("--no-include-hypothetical", text=hypo)
         assert cuis("--exclude-cuis", "C0817096", "--exclude-cuis", "C1306645") == [
             "C0032227", "C0032326"
         ]

@@ -4,7 +4,9 @@ a table of offsets.
 ``conceptsvc lookup --html`` and the ``annotate --report`` page both render captions here: every
 mention is highlighted under its text by a bar in the colour of its semantic group, labelled
 with its CUI and preferred name (full details in the ``title`` tooltip and in a table under the
-caption); negated mentions get a striped bar, a "negated" label and a class of their own.
+caption); negated mentions get a striped bar, a "negated" label and a class of their own, and
+the label, tooltip and table name ConText's other properties too ("hypothetical",
+"historical", "experiencer other").
 Overlapping mentions are drawn as stacked bars, one track per overlap depth, in the style of
 spaCy's displaCy span renderer.
 
@@ -150,12 +152,12 @@ def _label(m: Mention) -> str:
     name = m.preferred_name
     if len(name) > LABEL_NAME_CHARS:
         name = name[: LABEL_NAME_CHARS - 1] + "…"
-    return f"{m.cui} {name}" + (" · negated" if m.negated else "")
+    return f"{m.cui} {name}" + (" · " + ", ".join(m.context) if m.context else "")
 
 
 def _tooltip(m: Mention, sn: SemanticNetwork) -> str:
     types = ", ".join(f"{t} {sn.describe(t).name}" for t in m.semantic_types) or "no type"
-    neg = " — NEGATED" if m.negated else ""
+    neg = " — " + ", ".join(m.context).upper() if m.context else ""
     return (f"{m.cui} {m.preferred_name}{neg}\n{types}\n[{m.start}, {m.end}) "
             f"score {m.score:.2f}, source {m.source}")
 
@@ -259,7 +261,7 @@ def caption_html(
             f"<td>{_esc(m.preferred_name)}</td>",
             f"<td>{_esc(', '.join(m.semantic_types))}</td>",
             f"<td>{_swatch(group)}{_esc(group)}</td>",
-            '<td class="neg">negated</td>' if m.negated else "<td></td>",
+            f'<td class="neg">{_esc(", ".join(m.context))}</td>' if m.context else "<td></td>",
             f'<td class="num">{m.score:.2f}</td>',
         ])
 
@@ -274,7 +276,7 @@ def caption_html(
                  "caption and are not highlighted</td></tr>")
     table = (
         '<table class="mentions"><tr><th>#</th><th>text</th><th>span</th><th>CUI</th>'
-        "<th>preferred name</th><th>semantic types</th><th>group</th><th>negated</th>"
+        "<th>preferred name</th><th>semantic types</th><th>group</th><th>context</th>"
         f"<th>score</th></tr>{body}</table>"
         if body else '<p class="note">no mentions</p>'
     )

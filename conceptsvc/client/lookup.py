@@ -228,10 +228,7 @@ def _types(tuis: Sequence[str]) -> str:
 
 def _context_label(m: Mention) -> str:
     """ConText's properties of a mention, as a suffix: " (negated, historical)"."""
-    marks = [name for name, on in (("negated", m.negated), ("hypothetical", m.hypothetical),
-                                   ("historical", m.historical),
-                                   ("other experiencer", m.experiencer != "patient")) if on]
-    return f" ({', '.join(marks)})" if marks else ""
+    return f" ({', '.join(m.context)})" if m.context else ""
 
 
 def format_annotation(

@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # The compiled hot path, built in place by the editable install (its file name carries the
 # interpreter's ABI tag, e.g. conceptsvc/_speedups.cpython-311-x86_64-linux-gnu.so).
-SPEEDUPS := conceptsvc/_speedups$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+SPEEDUPS := conceptsvc/_speedups$(EXT_SUFFIX)
+# The annotation wire writer (conceptsvc/_wire.pyx), a second, small extension.
+WIRE_EXT := conceptsvc/_wire$(EXT_SUFFIX)
 
 .PHONY: install test lint demo bench bench-index bench-peers bench-context peers context-peer scispacy-reference soak proto audit lock clean system-deps
 
@@ -55,7 +58,11 @@ $(SPEEDUPS): conceptsvc/_speedups.pyx setup.py | $(STAMP)
 	rm -f $@ conceptsvc/_speedups.c
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
-install: system-deps $(STAMP) $(SPEEDUPS)
+$(WIRE_EXT): conceptsvc/_wire.pyx setup.py | $(STAMP)
+	rm -f $@ conceptsvc/_wire.c
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+install: system-deps $(STAMP) $(SPEEDUPS) $(WIRE_EXT)
 
 proto: $(STAMP)
 	$(PY) -m tools.gen_proto
@@ -159,4 +166,4 @@ lock: install
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(CONTEXT_VENV) $(SCISPACY_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
-	rm -f conceptsvc/_speedups.c conceptsvc/_speedups.html conceptsvc/*.so
+	rm -f conceptsvc/_speedups.c conceptsvc/_wire.c conceptsvc/_speedups.html conceptsvc/_wire.html conceptsvc/*.so

@@ -45,6 +45,7 @@ __all__ = [
     "TieredCache",
     "build_cache",
     "result_key",
+    "result_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,22 @@ def result_key(content_hash: str, options_key: str, text: str) -> str:
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return f"{CACHE_FORMAT}:{content_hash[:16]}:{h.hexdigest()[:40]}"
+
+
+def result_keys(content_hash: str, options_key: str, texts: Sequence[str]) -> list[str]:
+    """:func:`result_key` of many captions with the same index and options: the digest of
+    the shared prefix is taken once and copied for each caption (the same keys, less work)."""
+    base = hashlib.sha256()
+    for part in (content_hash, options_key):
+        base.update(part.encode("utf-8", "surrogatepass"))
+        base.update(b"\0")
+    prefix = f"{CACHE_FORMAT}:{content_hash[:16]}:"
+    out = []
+    for text in texts:
+        h = base.copy()
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        out.append(prefix + h.hexdigest()[:40])
+    return out
 
 
 class CacheObserver(Protocol):

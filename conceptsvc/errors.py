@@ -11,6 +11,8 @@ The whole tree, so callers can catch at the level they care about::
     ├── ConceptIndexError           compiled index missing, corrupt or incompatible (E4xx)
     ├── ExtractionError             bad per-request options for the extractor (E5xx)
     │   ├── InputTooLargeError      text over the configured limit
+    │   │   └── ReplyFullError      a batch item whose answer did not fit beside the others in
+    │   │                           the reply (E503): send it again in a smaller batch
     │   └── ExtractArgumentError    a Python call passed a value of a shape the engine cannot
     │                               take (E502); also a ``TypeError``
     ├── ClientError                 batch/lookup client failures (E6xx)
@@ -55,6 +57,7 @@ __all__ = [
     "MissingExtraError",
     "OutputClashError",
     "OutputFormatError",
+    "ReplyFullError",
     "RunIncompatibleError",
     "SemanticNetworkError",
     "ServiceCallError",
@@ -126,6 +129,13 @@ class ExtractionError(ConceptsvcError):
 
 class InputTooLargeError(ExtractionError):
     code = "E501"
+
+
+class ReplyFullError(InputTooLargeError):
+    """An AnnotateBatch item answered with this error instead of its result, because the
+    reply held as much as the message limit allows; nothing is wrong with the item."""
+
+    code = "E503"
 
 
 class ExtractArgumentError(ExtractionError, TypeError):

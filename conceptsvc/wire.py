@@ -5,6 +5,15 @@ Both ends use it: the servicer (``server/``) turns engine results into messages,
 than in either, so that neither end imports the other. Keeping both directions together keeps
 them inverse (``tests/test_client.py`` round-trips them).
 
+Annotations have a second, faster way out (:class:`AnnotationWriter`): the wire bytes of a
+caption's result written straight from the dataclasses, by the compiled ``_wire`` extension
+or, without it, by the pure-Python writer here that defines its output. The layout both follow
+is read from the .proto's descriptors (:func:`annotation_layout`), matched to the dataclass
+fields by name, so a field added to ``Mention`` in both places travels without touching the
+writers; a field the writers cannot map turns them off (the protobuf path is used, and a test
+fails). Batches of such bytes are framed into an ``AnnotateBatchResponse`` by
+:class:`ItemJoiner` — a cached result is copied into the reply, never parsed and rebuilt.
+
 Options have presence semantics (see ``AnnotateOptions`` in the .proto): an unset field takes the
 server's default. :func:`options_to_pb` therefore sets *every* field — a client that passes an
 :class:`~conceptsvc.model.ExtractOptions` means all of it — while :func:`options_from_pb`
@@ -14,9 +23,11 @@ merges whatever is set over the defaults.
 from __future__ import annotations
 
 import json
+import logging
+import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
-from typing import Any
+from dataclasses import fields, replace
+from typing import Any, Protocol
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc.errors import ExtractionError
@@ -39,8 +50,20 @@ from conceptsvc.model import (
 from conceptsvc.semantic_network import SemanticGroup, SemanticNetwork, SemanticType
 
 __all__ = [
+    "KIND_BOOL",
+    "KIND_DOUBLE",
+    "KIND_STRING",
+    "KIND_STRINGS",
+    "KIND_VARINT",
+    "AnnotationWriter",
+    "AnnotationWriterPy",
+    "ItemJoiner",
+    "ItemJoinerPy",
+    "WireLayoutError",
     "annotation_from_pb",
+    "annotation_layout",
     "annotation_to_pb",
+    "annotation_writer",
     "candidate_from_pb",
     "candidate_to_pb",
     "candidates_to_pb",
@@ -50,12 +73,16 @@ __all__ = [
     "concept_to_pb",
     "index_info_to_pb",
     "info_from_pb",
+    "item_joiner",
     "options_from_pb",
     "options_to_pb",
     "reload_from_pb",
+    "response_bytes",
     "status_name",
     "stream_result_from_pb",
 ]
+
+log = logging.getLogger(__name__)
 
 _MODES = {"exact": pb.MATCH_MODE_EXACT, "approximate": pb.MATCH_MODE_APPROXIMATE}
 _SIMILARITIES = {
@@ -188,6 +215,215 @@ def annotation_from_pb(msg: pb.AnnotateResponse) -> Annotation:
         ),
         concepts=tuple(msg.concepts),
     )
+
+
+# -- annotations as wire bytes ------------------------------------------------------------------
+# Wire kinds of a Mention field, as the writers know them (``_wire.pyx`` has the same numbers).
+KIND_STRING, KIND_VARINT, KIND_DOUBLE, KIND_BOOL, KIND_STRINGS = range(5)
+_FD = pb.Mention.DESCRIPTOR.fields[0].__class__  # FieldDescriptor: its TYPE_* / LABEL_*
+_VARINT_TYPES = frozenset({_FD.TYPE_UINT32, _FD.TYPE_UINT64, _FD.TYPE_INT32, _FD.TYPE_INT64})
+_WIRE_TYPE = {KIND_STRING: 2, KIND_STRINGS: 2, KIND_VARINT: 0, KIND_BOOL: 0, KIND_DOUBLE: 1}
+
+
+class WireLayoutError(Exception):
+    """The dataclasses and the .proto disagree in a way the byte writers cannot map."""
+
+
+def _kind(fd: Any) -> int:
+    repeated = fd.is_repeated
+    if fd.has_presence:
+        raise WireLayoutError(
+            f"Mention.{fd.name} has explicit presence (proto3 `optional`); the annotation "
+            "writers leave defaults out, so they would lose its presence"
+        )
+    if fd.type == _FD.TYPE_STRING:
+        return KIND_STRINGS if repeated else KIND_STRING
+    if not repeated and fd.type in _VARINT_TYPES:
+        return KIND_VARINT
+    if not repeated and fd.type == _FD.TYPE_DOUBLE:
+        return KIND_DOUBLE
+    if not repeated and fd.type == _FD.TYPE_BOOL:
+        return KIND_BOOL
+    raise WireLayoutError(
+        f"Mention.{fd.name} has a protobuf type the annotation writers do not handle; teach "
+        "conceptsvc.wire.annotation_layout (and _wire.pyx) that type"
+    )
+
+
+def annotation_layout() -> tuple[tuple[tuple[str, int, int], ...], int, int]:
+    """``((attribute, field number, kind) per Mention field in number order, mentions field,
+    concepts field)``: what the writers need, read from the descriptors.
+
+    Every field of :class:`~conceptsvc.model.Mention` must be a field of ``pb.Mention`` of the
+    same name and every ``pb.Mention`` field one of the dataclass, or :class:`WireLayoutError`
+    says which is missing: a field only one side has would be dropped without a word.
+    """
+    by_name = {fd.name: fd for fd in pb.Mention.DESCRIPTOR.fields}
+    ours = [f.name for f in fields(Mention)]
+    missing = sorted(set(ours) ^ set(by_name))
+    if missing:
+        raise WireLayoutError(
+            f"Mention fields {missing} are not on both the dataclass and the .proto; add them "
+            "to both (model.Mention, conceptsvc.proto)"
+        )
+    layout = tuple(sorted(
+        ((name, by_name[name].number, _kind(by_name[name])) for name in ours),
+        key=lambda t: t[1],
+    ))
+    resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
+    return layout, resp["mentions"].number, resp["concepts"].number
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    v &= (1 << 64) - 1  # negative ints as protobuf writes them: 10 bytes, two's complement
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _delimited(tag: bytes, data: bytes) -> bytes:
+    return tag + _varint(len(data)) + data
+
+
+class AnnotationWriter(Protocol):
+    def encode(self, annotation: Annotation) -> bytes: ...
+
+
+class AnnotationWriterPy:
+    """The reference writer: an Annotation's ``mentions`` and ``concepts`` as canonical
+    AnnotateResponse bytes (fields in number order, proto3 defaults left out)."""
+
+    def __init__(
+        self, mention_layout: Sequence[tuple[str, int, int]], mentions_field: int,
+        concepts_field: int,
+    ) -> None:
+        self._fields = [
+            (attr, _varint(number << 3 | _WIRE_TYPE[kind]), kind)
+            for attr, number, kind in mention_layout
+        ]
+        self._mentions_tag = _varint(mentions_field << 3 | 2)
+        self._concepts_tag = _varint(concepts_field << 3 | 2)
+
+    def _mention(self, m: Mention) -> bytes:
+        parts: list[bytes] = []
+        for attr, tag, kind in self._fields:
+            v = getattr(m, attr)
+            if kind == KIND_STRING:
+                if v:
+                    parts.append(_delimited(tag, v.encode("utf-8")))
+            elif kind == KIND_VARINT:
+                if v:
+                    parts.append(tag + _varint(int(v)))
+            elif kind == KIND_DOUBLE:
+                raw = struct.pack("<d", v)
+                if raw != bytes(8):
+                    parts.append(tag + raw)
+            elif kind == KIND_BOOL:
+                if v:
+                    parts.append(tag + b"\x01")
+            else:
+                parts.extend(_delimited(tag, s.encode("utf-8")) for s in v)
+        return b"".join(parts)
+
+    def encode(self, annotation: Annotation) -> bytes:
+        parts = [_delimited(self._mentions_tag, self._mention(m)) for m in annotation.mentions]
+        parts += [_delimited(self._concepts_tag, c.encode("utf-8")) for c in annotation.concepts]
+        return b"".join(parts)
+
+
+class _ProtobufWriter:
+    """The writer of last resort: protobuf's own serialisation (when the layout is unmappable)."""
+
+    def encode(self, annotation: Annotation) -> bytes:
+        msg = annotation_to_pb(annotation)
+        msg.id = ""
+        return bytes(msg.SerializeToString())
+
+
+class ItemJoiner(Protocol):
+    def join(
+        self, blobs: list[bytes], ids: list[str], cached: bytes | bytearray, tail: bytes
+    ) -> bytes: ...
+
+
+class ItemJoinerPy:
+    """The reference joiner: AnnotateBatchResponse bytes from per-caption bytes.
+
+    Item ``i`` is ``blobs[i]`` (AnnotateResponse fields without the id: what the writers and
+    the cache hold, or a failed item's status), then the item's ``id``, the ``cached`` field
+    when ``cached[i]`` is 1, then ``tail`` (the fields every item of the batch shares: the
+    index hash). Protobuf reads fields in any order, so appending them is all it takes.
+    """
+
+    def __init__(self, items_field: int, id_field: int, cached_field: bytes) -> None:
+        self._item_tag = _varint(items_field << 3 | 2)
+        self._id_tag = _varint(id_field << 3 | 2)
+        self._cached_field = cached_field
+
+    def join(
+        self, blobs: list[bytes], ids: list[str], cached: bytes | bytearray, tail: bytes
+    ) -> bytes:
+        if not len(blobs) == len(ids) == len(cached):
+            raise ValueError("join: blobs, ids and cached differ in length")
+        parts = []
+        for blob, rid, hit in zip(blobs, ids, cached, strict=True):
+            item = blob
+            if rid:
+                item += _delimited(self._id_tag, rid.encode("utf-8"))
+            if hit:
+                item += self._cached_field
+            parts.append(_delimited(self._item_tag, item + tail))
+        return b"".join(parts)
+
+
+def response_bytes(blob: bytes, id_: str, cached: int, tail: bytes) -> bytes:
+    """One AnnotateResponse as bytes: ``blob`` (see :class:`ItemJoinerPy`), its id, the cached
+    flag when set, then ``tail``."""
+    out = blob
+    if id_:
+        out += _ID_TAG + _varint(len(raw := id_.encode("utf-8"))) + raw
+    if cached:
+        out += _CACHED_FIELD
+    return out + tail
+
+
+_ID_TAG = _varint(pb.AnnotateResponse.DESCRIPTOR.fields_by_name["id"].number << 3 | 2)
+_CACHED_FIELD = pb.AnnotateResponse(cached=True).SerializeToString()
+
+
+def _compiled_wire() -> Any:
+    try:
+        from conceptsvc import _wire
+    except ImportError:
+        return None
+    return _wire
+
+
+def annotation_writer(*, compiled: bool = True) -> AnnotationWriter:
+    """The fastest writer that can serve this build: the compiled one, else the reference,
+    else (a Mention field the layout cannot map: logged) protobuf's serialisation."""
+    try:
+        layout, mentions_field, concepts_field = annotation_layout()
+    except WireLayoutError as exc:
+        log.warning("annotations are serialised through protobuf messages: %s", exc)
+        return _ProtobufWriter()
+    mod = _compiled_wire() if compiled else None
+    if mod is not None:
+        return mod.AnnotationWriter(layout, mentions_field, concepts_field)  # type: ignore[no-any-return]
+    return AnnotationWriterPy(layout, mentions_field, concepts_field)
+
+
+def item_joiner(*, compiled: bool = True) -> ItemJoiner:
+    """The compiled joiner when built, else the reference."""
+    items = pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number
+    id_field = pb.AnnotateResponse.DESCRIPTOR.fields_by_name["id"].number
+    mod = _compiled_wire() if compiled else None
+    if mod is not None:
+        return mod.ItemJoiner(items, id_field, _CACHED_FIELD)  # type: ignore[no-any-return]
+    return ItemJoinerPy(items, id_field, _CACHED_FIELD)
 
 
 def status_name(code: int) -> str:

@@ -59,6 +59,7 @@ from conceptsvc.server.servicer import (
     ConceptServicer,
     ReloadOutcome,
     ServiceState,
+    add_concept_service,
 )
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class ConceptServer:
             # this only sheds a flood of health checks and refusals beyond the reserve.
             maximum_concurrent_rpcs=settings.threads,
         )
-        pb_grpc.add_ConceptServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        add_concept_service(
             ConceptServicer(self.state, self.cache if self.cache.enabled else None),
             self.grpc_server,
         )

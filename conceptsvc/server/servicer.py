@@ -38,8 +38,8 @@ from grpc_health.v1 import health, health_pb2
 from conceptsvc import __version__, wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.cache import ResultCache, result_key
-from conceptsvc.errors import InputTooLargeError
+from conceptsvc.cache import ResultCache, result_keys
+from conceptsvc.errors import InputTooLargeError, ReplyFullError
 from conceptsvc.extractor import WeightedMemo, options_weight
 from conceptsvc.model import ExtractOptions
 from conceptsvc.semantic_network import load_semantic_network
@@ -67,6 +67,7 @@ __all__ = [
     "LoadedIndex",
     "ReloadOutcome",
     "ServiceState",
+    "add_concept_service",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ OPTIONS_MEMO_BYTES = 32 << 20
 _OPTION_LISTS = ("semantic_types", "semantic_groups", "sources", "exclude_cuis")
 _ERROR_WEIGHT = 1024  # a remembered refusal: the exception and its message
 _END = object()
+# An AnnotateBatch stops starting new items this close to its deadline and answers the ones it
+# has: an answer that arrives after the deadline is lost, with the work of every item in it.
+_DEADLINE_MARGIN = 0.05
+# The methods whose replies the servicer writes as bytes (see add_concept_service).
+_BYTES_REPLIES = frozenset({"Annotate", "AnnotateStream", "AnnotateBatch"})
 
 
 @dataclass
@@ -94,6 +100,8 @@ class LoadedIndex:
     concepts: int
     keys: int
     max_option_items: int = 10_000
+    # The fields every answer of this index ends with (its index_hash), as wire bytes.
+    tail: bytes = b""
     options_memo: WeightedMemo[bytes, ExtractOptions | Exception] = field(
         default_factory=lambda: WeightedMemo(
             _OPTIONS_MEMO_SIZE, OPTIONS_MEMO_BYTES, _options_entry_weight
@@ -116,6 +124,7 @@ class LoadedIndex:
             concepts=len(index),
             keys=int(manifest.get("counts", {}).get("keys", len(index.key_ids))),
             max_option_items=max_option_items,
+            tail=bytes(pb.AnnotateResponse(index_hash=index.content_hash).SerializeToString()),
         )
 
     def options(self, msg: pb.AnnotateOptions | None) -> ExtractOptions:
@@ -291,6 +300,31 @@ def _manifest_hash(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _readable(blob: bytes, key: str) -> bool:
+    """Whether a cache entry parses as an answer. Entries go into the reply as they are, so a
+    foreign or damaged one would break every item of it; checking is a parse in C, far cheaper
+    than the engine — and such an entry is then a miss, as the cache's rules say."""
+    try:
+        pb.AnnotateResponse.FromString(blob)
+    except DecodeError:
+        log.warning("ignoring an undecodable cache entry %s", key)
+        return False
+    return True
+
+
+def _reply_too_large(size: int, max_bytes: int) -> InputTooLargeError:
+    return InputTooLargeError(
+        f"the annotation of this caption is {size} bytes, over the server's message limit of "
+        f"{max_bytes} (max_message_bytes); split the caption, leave out the mentions "
+        "(include_mentions=false) or raise the limit"
+    )
+
+
+def _deadline_close(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining < _DEADLINE_MARGIN
+
+
 def _check_deadline(context: grpc.ServicerContext) -> None:
     remaining = context.time_remaining()
     if not context.is_active() or (remaining is not None and remaining <= 0):
@@ -359,109 +393,237 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             name: _Observed(state, name)
             for name in pb.DESCRIPTOR.services_by_name["ConceptService"].methods_by_name
         }
-
-    # -- annotation ------------------------------------------------------------------------------
-    def _annotate(
-        self, loaded: LoadedIndex, requests: Sequence[pb.AnnotateRequest], *, stream: bool
-    ) -> list[pb.AnnotateResponse | Exception]:
-        """Answer a batch: cache lookups and writes batched, results in request order."""
-        out: list[pb.AnnotateResponse | Exception | None] = [None] * len(requests)
-        todo: list[tuple[int, pb.AnnotateRequest, ExtractOptions, str]] = []
-        limit = self.settings.max_text_chars
-        for i, req in enumerate(requests):
-            try:
-                if stream and not req.id:
-                    raise invalid_argument(
-                        "every AnnotateStream item needs a non-empty id (responses are matched "
-                        "to requests by id)"
-                    )
-                if len(req.text) > limit:
-                    raise InputTooLargeError(
-                        f"text of {len(req.text)} characters is over the limit of {limit} "
-                        "(max_text_chars); split the text or raise the server's limit"
-                    )
-                opts = _request_options(loaded, req)
-            except Exception as exc:
-                out[i] = exc
-                continue
-            if self.settings.log_payloads:
-                log.debug("annotate id=%r text=%r", req.id, req.text)
-            todo.append((i, req, opts, result_key(loaded.content_hash, opts.cache_key(), req.text)))
-        blobs: list[bytes | None] = [None] * len(todo)
-        if todo and self.cache is not None:
-            blobs = self.cache.get_many([t[3] for t in todo])
-        puts: list[tuple[str, bytes]] = []
-        n_cached = 0
-        max_bytes = self.settings.max_message_bytes
-        for (i, req, opts, key), blob in zip(todo, blobs, strict=True):
-            if blob is not None:
-                try:
-                    resp = pb.AnnotateResponse.FromString(blob)
-                except DecodeError:
-                    log.warning("ignoring an undecodable cache entry %s", key)
-                else:
-                    resp.id = req.id
-                    resp.cached = True
-                    # The key names the index already; entries written before responses
-                    # carried the hash lack it, so it is set here rather than trusted.
-                    resp.index_hash = loaded.content_hash
-                    out[i] = _sendable(resp, blob, max_bytes)
-                    n_cached += 1
-                    continue
-            try:
-                annotation = loaded.extractor.extract(req.text, opts, id="")
-            except Exception as exc:
-                out[i] = exc
-                continue
-            resp = wire.annotation_to_pb(annotation)
-            resp.index_hash = loaded.content_hash
-            blob = resp.SerializeToString() if self.cache is not None else None
-            resp.id = req.id
-            result = _sendable(resp, blob, max_bytes)
-            if blob is not None and result is resp:
-                puts.append((key, blob))
-            out[i] = result
-        if puts and self.cache is not None:
-            self.cache.put_many(puts)
-        self.metrics.captions_annotated(len(todo) - n_cached, n_cached)
-        return [r if r is not None else RuntimeError("unanswered item") for r in out]
-
-    def _item_response(
-        self, loaded: LoadedIndex, req_id: str, result: pb.AnnotateResponse | Exception
-    ) -> Any:
-        if not isinstance(result, Exception):
-            return result
-        code, message, error_code = status_for(result)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("AnnotateStream item %r failed", req_id, exc_info=result)
-        self.metrics.item_error(code.name)
-        return pb.AnnotateResponse(
-            id=req_id,
-            status=pb.ItemStatus(code=code.value[0], message=message, error_code=error_code),
-            index_hash=loaded.content_hash,
+        self._writer = wire.annotation_writer()
+        self._joiner = wire.item_joiner()
+        self._full_blob = self._error_blob(
+            ReplyFullError(
+                "this item's answer did not fit in the reply beside the items before it "
+                f"(max_message_bytes {self.settings.max_message_bytes}); send it again in a "
+                "smaller batch"
+            ),
+            "", "AnnotateBatch", count=False,
         )
 
+    # -- annotation ------------------------------------------------------------------------------
+    def _answer(
+        self,
+        loaded: LoadedIndex,
+        requests: Sequence[pb.AnnotateRequest],
+        shared: pb.AnnotateOptions | None,
+        *,
+        require_id: bool,
+        context: grpc.ServicerContext | None = None,
+    ) -> tuple[list[bytes | Exception], bytearray]:
+        """Answer a batch: per item, its result as wire bytes (AnnotateResponse fields without
+        id, cached flag and index hash — what the cache holds) or the exception it failed with,
+        and whether it came from the cache. Cache lookups and writes are one batched call each.
+
+        ``shared`` are the options of items that set none (AnnotateBatch's); with a
+        ``context``, items not yet started when the deadline is under ``_DEADLINE_MARGIN``
+        away fail with DEADLINE_EXCEEDED, so that the answers made so far reach the client.
+        """
+        n = len(requests)
+        out: list[bytes | Exception | None] = [None] * n
+        cached = bytearray(n)
+        limit = self.settings.max_text_chars
+        batch_opts: ExtractOptions | Exception | None = None
+        if shared is not None:
+            try:
+                batch_opts = loaded.options(shared)
+            except Exception as exc:
+                batch_opts = exc
+        # Items grouped by their options, so that the key prefix is hashed once per group.
+        groups: dict[int, tuple[ExtractOptions, list[int]]] = {}
+        log_payloads = self.settings.log_payloads
+        for i, req in enumerate(requests):
+            try:
+                if require_id and not req.id:
+                    raise invalid_argument(
+                        "every AnnotateStream and AnnotateBatch item needs a non-empty id "
+                        "(responses are matched to requests by id)"
+                    )
+                text = req.text
+                if len(text) > limit:
+                    raise InputTooLargeError(
+                        f"text of {len(text)} characters is over the limit of {limit} "
+                        "(max_text_chars); split the text or raise the server's limit"
+                    )
+                if req.HasField("options"):
+                    opts = loaded.options(req.options)
+                elif batch_opts is None:
+                    opts = loaded.defaults
+                elif isinstance(batch_opts, Exception):
+                    raise batch_opts
+                else:
+                    opts = batch_opts
+            except Exception as exc:
+                out[i] = exc
+                continue
+            if log_payloads:
+                log.debug("annotate id=%r text=%r", req.id, text)
+            group = groups.get(id(opts))
+            if group is None:
+                groups[id(opts)] = group = (opts, [])
+            group[1].append(i)
+        todo: list[tuple[int, ExtractOptions, str]] = []
+        for opts, members in groups.values():
+            keys = result_keys(
+                loaded.content_hash, opts.cache_key(), [requests[i].text for i in members]
+            )
+            todo += zip(members, [opts] * len(members), keys, strict=True)
+        blobs: list[bytes | None] = [None] * len(todo)
+        if todo and self.cache is not None:
+            blobs = self.cache.get_many([t[2] for t in todo])
+        puts: list[tuple[str, bytes]] = []
+        n_cached = n_fresh = 0
+        extract = loaded.extractor.extract
+        encode = self._writer.encode
+        for k, ((i, opts, key), blob) in enumerate(zip(todo, blobs, strict=True)):
+            if blob is not None and _readable(blob, key):
+                out[i] = blob
+                cached[i] = 1
+                n_cached += 1
+                continue
+            if context is not None and _deadline_close(context):
+                late = deadline_exceeded(
+                    "the batch's deadline came close before this item was started; the items "
+                    "before it are answered — send it again"
+                )
+                for j, _, _ in todo[k:]:
+                    if out[j] is None:
+                        out[j] = late
+                break
+            try:
+                blob = encode(extract(requests[i].text, opts, id=""))
+            except Exception as exc:
+                out[i] = exc
+                continue
+            n_fresh += 1
+            out[i] = blob
+            if self.cache is not None and len(blob) <= self.settings.max_message_bytes:
+                puts.append((key, blob))
+        if puts and self.cache is not None:
+            self.cache.put_many(puts)
+        self.metrics.captions_annotated(n_fresh, n_cached)
+        return [r if r is not None else RuntimeError("unanswered item") for r in out], cached
+
+    def _error_blob(
+        self, exc: Exception, req_id: str, method: str, *, count: bool = True
+    ) -> bytes:
+        """A failed item's status as AnnotateResponse bytes (without id and index hash)."""
+        code, message, error_code = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s item %r failed", method, req_id, exc_info=exc)
+        if count:
+            self.metrics.item_error(code.name)
+        status = pb.ItemStatus(code=code.value[0], message=message, error_code=error_code)
+        return bytes(pb.AnnotateResponse(status=status).SerializeToString())
+
+    def _replies(
+        self,
+        loaded: LoadedIndex,
+        requests: Sequence[pb.AnnotateRequest],
+        answers: list[bytes | Exception],
+        cached: bytearray,
+        method: str,
+    ) -> tuple[list[bytes], list[str], bytearray]:
+        """Every item's bytes for the reply (failures as statuses); an answer over the message
+        limit on its own fails its item (gRPC would fail the whole call: every other item)."""
+        max_bytes = self.settings.max_message_bytes
+        tail_size = len(loaded.tail) + 16
+        blobs: list[bytes] = []
+        ids = [req.id for req in requests]
+        for i, answer in enumerate(answers):
+            if not isinstance(answer, Exception):
+                size = len(answer) + tail_size + 4 * len(ids[i])
+                if size <= max_bytes:
+                    blobs.append(answer)
+                    continue
+                answer = _reply_too_large(len(answer), max_bytes)
+                cached[i] = 0
+            blobs.append(self._error_blob(answer, ids[i], method))
+        return blobs, ids, cached
+
+    def _fit(
+        self,
+        loaded: LoadedIndex,
+        blobs: list[bytes],
+        ids: list[str],
+        cached: bytearray,
+    ) -> None:
+        """Keep an AnnotateBatch reply under the message limit: from the first item that does
+        not fit beside the ones before it (with room for the refusals after it), every item
+        fails with E503 — the client sends those again in a smaller batch. Never truncated: if
+        not even the refusals fit, the whole call fails with RESOURCE_EXHAUSTED."""
+        max_bytes = self.settings.max_message_bytes
+        per_item = len(loaded.tail) + 24  # framing, id tag and length, cached flag
+        total = sum(len(b) + len(r) * 4 + per_item for b, r in zip(blobs, ids, strict=True))
+        if total <= max_bytes:
+            return
+        full = self._full_blob
+        refusals = [len(full) + len(r) * 4 + per_item for r in ids]
+        rest = sum(refusals)
+        used = 0
+        for i, blob in enumerate(blobs):
+            rest -= refusals[i]
+            size = len(blob) + len(ids[i]) * 4 + per_item
+            if used + size + rest > max_bytes:
+                if used + refusals[i] + rest > max_bytes:
+                    raise too_large(
+                        f"the answers of this batch of {len(blobs)} items cannot fit one reply "
+                        f"of at most {max_bytes} bytes (max_message_bytes), not even as "
+                        "refusals; send smaller batches"
+                    )
+                for j in range(i, len(blobs)):
+                    blobs[j] = full
+                    cached[j] = 0
+                    self.metrics.item_error(grpc.StatusCode.RESOURCE_EXHAUSTED.name)
+                return
+            used += size
+
     def Annotate(self, request: pb.AnnotateRequest, context: grpc.ServicerContext) -> Any:
-        def run() -> pb.AnnotateResponse:
+        def run() -> bytes:
             loaded = self.state.require()
             _check_deadline(context)
-            result = self._annotate(loaded, [request], stream=False)[0]
-            if isinstance(result, Exception):
-                raise result
-            return result
+            answers, cached = self._answer(loaded, [request], None, require_id=False)
+            answer = answers[0]
+            if isinstance(answer, Exception):
+                raise answer
+            if len(answer) + len(loaded.tail) + 16 + 4 * len(request.id) > (
+                self.settings.max_message_bytes
+            ):
+                raise _reply_too_large(len(answer), self.settings.max_message_bytes)
+            return wire.response_bytes(answer, request.id, cached[0], loaded.tail)
 
         return self._observed["Annotate"].unary(context, run)
 
+    def AnnotateBatch(
+        self, request: pb.AnnotateBatchRequest, context: grpc.ServicerContext
+    ) -> Any:
+        def run() -> bytes:
+            loaded = self.state.require()
+            _check_deadline(context)
+            items = request.items
+            shared = request.options if request.HasField("options") else None
+            answers, cached = self._answer(
+                loaded, items, shared, require_id=True, context=context
+            )
+            blobs, ids, cached = self._replies(loaded, items, answers, cached, "AnnotateBatch")
+            self._fit(loaded, blobs, ids, cached)
+            return self._joiner.join(blobs, ids, cached, loaded.tail)
+
+        return self._observed["AnnotateBatch"].unary(context, run)
+
     def AnnotateStream(
         self, request_iterator: Iterator[pb.AnnotateRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.AnnotateResponse]:
+    ) -> Iterator[bytes]:
         return self._observed["AnnotateStream"].stream(
             context, self._annotate_stream(request_iterator, context)
         )
 
     def _annotate_stream(
         self, request_iterator: Iterator[pb.AnnotateRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.AnnotateResponse]:
+    ) -> Iterator[bytes]:
         loaded = self.state.require()  # the whole stream stays on this index
         batch_size = self.settings.stream_batch_size
         idle_seconds = self.settings.stream_idle_seconds
@@ -503,9 +665,12 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                         raise item
                     batch.append(item)
                 _check_deadline(context)
-                results = self._annotate(loaded, batch, stream=True)
-                for req, result in zip(batch, results, strict=True):
-                    yield self._item_response(loaded, req.id, result)
+                answers, cached = self._answer(loaded, batch, None, require_id=True)
+                blobs, ids, cached = self._replies(
+                    loaded, batch, answers, cached, "AnnotateStream"
+                )
+                for blob, rid, hit in zip(blobs, ids, cached, strict=True):
+                    yield wire.response_bytes(blob, rid, hit, loaded.tail)
                 if self.state.draining and not ended:
                     raise draining()
         finally:
@@ -587,35 +752,6 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         return self._observed["GetInfo"].unary(context, run)
 
 
-def _sendable(
-    resp: pb.AnnotateResponse, blob: bytes | None, max_bytes: int
-) -> pb.AnnotateResponse | InputTooLargeError:
-    """``resp``, or the error that takes its place when it is over the message limit.
-
-    gRPC would fail the whole call on a message over the limit, taking every later item of the
-    stream with it; as an item error it fails only its own caption. ``blob`` is ``resp``
-    serialised without its id and cached flag (the cache's form, which may also lack the index
-    hash), when there is one: with a bound on those fields it settles every reply not near the
-    limit without serialising again.
-    """
-    if blob is not None and (
-        len(blob) + 4 * len(resp.id) + len(resp.index_hash) + 24 <= max_bytes
-    ):
-        return resp
-    size = resp.ByteSize()
-    if size <= max_bytes:
-        return resp
-    return InputTooLargeError(
-        f"the annotation of this caption is {size} bytes, over the server's message limit of "
-        f"{max_bytes} (max_message_bytes); split the caption, leave out the mentions "
-        "(include_mentions=false) or raise the limit"
-    )
-
-
-def _request_options(loaded: LoadedIndex, req: pb.AnnotateRequest) -> ExtractOptions:
-    return loaded.options(req.options if req.HasField("options") else None)
-
-
 def _pump(request_iterator: Iterator[Any], q: queue.Queue[Any], stop: threading.Event) -> None:
     """Reader thread: move incoming stream items into ``q`` until the stream or the RPC ends."""
 
@@ -662,6 +798,38 @@ def _next_item(
                 raise draining() from None
             if idle_until is not None and time.monotonic() >= idle_until:
                 raise stream_idle(idle_seconds) from None
+
+
+def add_concept_service(servicer: ConceptServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` as ``conceptsvc.v1.ConceptService`` on ``server``.
+
+    The generated ``add_ConceptServiceServicer_to_server``, except that the annotation methods
+    return their replies as wire bytes (no serialiser): the servicer writes them from the
+    engine's dataclasses and the cache's bytes without building messages. Clients see the
+    same messages.
+    """
+    service = pb.DESCRIPTOR.services_by_name["ConceptService"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        factory = factories[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=request_cls.FromString,
+            response_serializer=(
+                None if method.name in _BYTES_REPLIES else response_cls.SerializeToString
+            ),
+        )
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):

@@ -118,8 +118,8 @@ def stream_idle(seconds: float) -> RpcFailure:
     )
 
 
-def deadline_exceeded() -> RpcFailure:
-    return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline has passed")
+def deadline_exceeded(message: str = "the client's deadline has passed") -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
 
 def unauthenticated(message: str) -> RpcFailure:

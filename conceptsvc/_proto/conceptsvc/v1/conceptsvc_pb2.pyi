@@ -139,6 +139,20 @@ class AnnotateResponse(_message.Message):
     index_hash: str
     def __init__(self, id: _Optional[str] = ..., mentions: _Optional[_Iterable[_Union[Mention, _Mapping]]] = ..., concepts: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[ItemStatus, _Mapping]] = ..., cached: _Optional[bool] = ..., index_hash: _Optional[str] = ...) -> None: ...
 
+class AnnotateBatchRequest(_message.Message):
+    __slots__ = ("items", "options")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[AnnotateRequest]
+    options: AnnotateOptions
+    def __init__(self, items: _Optional[_Iterable[_Union[AnnotateRequest, _Mapping]]] = ..., options: _Optional[_Union[AnnotateOptions, _Mapping]] = ...) -> None: ...
+
+class AnnotateBatchResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[AnnotateResponse]
+    def __init__(self, items: _Optional[_Iterable[_Union[AnnotateResponse, _Mapping]]] = ...) -> None: ...
+
 class SemanticType(_message.Message):
     __slots__ = ("tui", "abbreviation", "name", "tree_number", "group", "group_name", "definition")
     TUI_FIELD_NUMBER: _ClassVar[int]

@@ -47,6 +47,11 @@ class ConceptServiceStub:
                 request_serializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateRequest.SerializeToString,
                 response_deserializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateResponse.FromString,
                 _registered_method=True)
+        self.AnnotateBatch = channel.unary_unary(
+                '/conceptsvc.v1.ConceptService/AnnotateBatch',
+                request_serializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateBatchRequest.SerializeToString,
+                response_deserializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateBatchResponse.FromString,
+                _registered_method=True)
         self.GetConcept = channel.unary_unary(
                 '/conceptsvc.v1.ConceptService/GetConcept',
                 request_serializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.GetConceptRequest.SerializeToString,
@@ -84,6 +89,17 @@ class ConceptServiceServicer:
     def AnnotateStream(self, request_iterator, context):
         """Annotate many captions on one stream. Responses come back in request order, one per request,
         each carrying its request's `id`. `id` is required on every item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnnotateBatch(self, request, context):
+        """Annotate many captions in one message each way: the path for corpora. `items` come back
+        in request order, one AnnotateResponse per AnnotateRequest, each with its own `status`
+        (as AnnotateStream items do); `id` is required on every item. The call itself fails with a
+        status only for what concerns the whole batch (auth, draining, not ready, the deadline, a
+        request over the message limit); see AnnotateBatchRequest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +145,11 @@ def add_ConceptServiceServicer_to_server(servicer, server):
                     servicer.AnnotateStream,
                     request_deserializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateRequest.FromString,
                     response_serializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateResponse.SerializeToString,
+            ),
+            'AnnotateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnotateBatch,
+                    request_deserializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateBatchRequest.FromString,
+                    response_serializer=conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateBatchResponse.SerializeToString,
             ),
             'GetConcept': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConcept,
@@ -207,6 +228,33 @@ class ConceptService:
             '/conceptsvc.v1.ConceptService/AnnotateStream',
             conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateRequest.SerializeToString,
             conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnnotateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conceptsvc.v1.ConceptService/AnnotateBatch',
+            conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateBatchRequest.SerializeToString,
+            conceptsvc_dot_v1_dot_conceptsvc__pb2.AnnotateBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

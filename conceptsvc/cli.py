@@ -512,8 +512,10 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "(ID<TAB>CUI;CUI), roco (ID<TAB><TAB>CUI<TAB>...), parquet (the jsonl "
                         "fields as columns; default for an --out ending in .parquet); "
                         "repeatable")
-    p.add_argument("--concurrency", type=int, default=4, help="concurrent streams (default 4)")
-    p.add_argument("--batch-size", type=int, default=64, help="captions per stream (default 64)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="batches in flight at once (default 4)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="captions per AnnotateBatch message (default 512)")
     p.add_argument("--deadline", type=float, default=60.0,
                    help="seconds one batch's stream may take (default 60)")
     p.add_argument("--retries", type=int, default=8,

@@ -81,7 +81,7 @@ def annotate_calls(server: ConceptServer) -> float:
     for metric in server.metrics.registry.collect():
         for sample in metric.samples:
             if sample.name == "conceptsvc_requests_total" and sample.labels.get("method") in (
-                "Annotate", "AnnotateStream"
+                "Annotate", "AnnotateStream", "AnnotateBatch"
             ):
                 total += sample.value
     return total
@@ -547,11 +547,17 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
     rows = demo_rows()[:20]
     src = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "run.jsonl"
-    # A deadline nobody can meet: every stream fails DEADLINE_EXCEEDED, items are retried and
-    # then given up.
-    result = annotate_corpus(
-        Corpus(src), resolve_outputs(out), settings(demo_server, deadline=1e-4, retries=2)
-    )
+    # A deadline nobody can meet: every call fails DEADLINE_EXCEEDED, items are retried and
+    # then given up. (gRPC rounds a deadline up to a millisecond, in which a batch of cached
+    # answers can come back: this server takes 2 ms a caption and caches nothing.)
+    slow = start_server(SlowExtractor(demo_extractor.index), cache_size=0)
+    try:
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{slow.port}", deadline=1e-4, retries=2),
+        )
+    finally:
+        slow.stop(0)
     assert not result.complete and result.exit_code == EXIT_INCOMPLETE
     assert result.counts.failed + result.counts.annotated == 20 and result.counts.failed > 0
     errors = [json.loads(x) for x in (tmp_path / "run.jsonl.errors.jsonl").read_text().splitlines()]
@@ -569,6 +575,16 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
     assert again.complete and again.counts.resumed == result.counts.annotated
     assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
     assert not (tmp_path / "run.jsonl.errors.jsonl").exists()
+
+
+class SlowExtractor(Extractor):
+    """The real engine, 2 ms a caption slower."""
+
+    def extract(
+        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
+    ) -> Annotation:
+        time.sleep(0.002)
+        return super().extract(text, options, id=id)
 
 
 class GatedExtractor(Extractor):
@@ -596,8 +612,12 @@ class GatedExtractor(Extractor):
 def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
     tmp_path: Path, demo_extractor: Extractor
 ) -> None:
-    """A caption the server is still working on when the deadline passes sits first in its
-    batch: it is retried alone and given up; its batch-mates complete.
+    """A caption the server is still working on when the deadline passes, in the middle of its
+    batch: it is found, retried alone and given up; its batch-mates complete.
+
+    An AnnotateBatch call answers nothing until it is done, so its failure does not say which
+    caption held it up: the batch goes again on a stream, which answers the captions before
+    the held one and fails on it; that one is then retried alone.
 
     The server is held on that caption by a gate rather than by a caption long enough to be
     slow, so the outcome does not depend on how fast the engine has become (a 2 MB caption
@@ -605,8 +625,8 @@ def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
     gated = GatedExtractor(demo_extractor.index, marker="HOLD-THIS-CAPTION")
     server = start_server(gated)
     try:
-        rows = [("slow", "HOLD-THIS-CAPTION chest x-ray shows pleural effusion")]
-        rows += [(f"ok{i}", t) for i, (_, t) in enumerate(demo_rows()[:9])]
+        rows = [(f"ok{i}", t) for i, (_, t) in enumerate(demo_rows()[:9])]
+        rows.insert(4, ("slow", "HOLD-THIS-CAPTION chest x-ray shows pleural effusion"))
         src = write_csv(tmp_path / "in.csv", rows)
         out = tmp_path / "run.csv"
         # (2 s: long enough for every request to reach the server on a loaded machine, so the
@@ -622,9 +642,9 @@ def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
         (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
         assert err["id"] == "slow" and err["status"] == "DEADLINE_EXCEEDED"
         assert err["attempts"] == 2
-        # the batch was retried once (the head alone, its batch-mates apart); the held caption
-        # reached the engine on both attempts
-        assert result.counts.retried_batches == 1 and gated.held == 2
+        # retried twice: the batch on a stream (nobody charged), then the held caption alone
+        # (charged: its second attempt); it reached the engine all three times
+        assert result.counts.retried_batches == 2 and gated.held == 3
     finally:
         gated.gate.set()
         server.stop(0)

@@ -67,7 +67,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,6 +107,7 @@ from conceptsvc.errors import (
     EmptyCorpusError,
     IndexChangedError,
     OutputClashError,
+    ReplyFullError,
     RunIncompatibleError,
     ServiceUnreachableError,
 )
@@ -164,7 +165,7 @@ class BatchSettings:
 
     targets: tuple[str, ...] = ("127.0.0.1:50051",)
     concurrency: int = 4
-    batch_size: int = 64
+    batch_size: int = 512
     deadline: float = 60.0
     retries: int = 8
     backoff_base: float = 0.25
@@ -564,8 +565,13 @@ class _Runner:
             self.failed_seqs.add(cap.seq)
             progress.update(0, errors=1)
 
+        # A batch goes in one message: it is closed before it could pass the service's message
+        # limit (4 bytes per code point bound the UTF-8 size; 16 bytes the framing of an item).
+        room = (limits.max_message_bytes or 4 << 20) - options_pb.ByteSize() - 1024
+
         async def produce() -> None:
             batch: list[Caption] = []
+            size = 0
             for cap in self.corpus.captions():
                 if cap.seq in journal.done or cap.seq in self.failed_seqs:
                     continue
@@ -584,10 +590,15 @@ class _Runner:
                         refuse(cap, f"the request would be {size} bytes, over the service's "
                                     f"message limit of {max_bytes}; not sent")
                         continue
+                item = 4 * (len(cap.text) + len(cap.id)) + 16
+                if batch and size + item > room:
+                    await queue.put(batch)
+                    batch, size = [], 0
                 batch.append(cap)
+                size += item
                 if len(batch) >= self.s.batch_size:
                     await queue.put(batch)
-                    batch = []
+                    batch, size = [], 0
             if batch:
                 await queue.put(batch)
             for _ in range(self.s.concurrency):
@@ -652,6 +663,30 @@ class _Runner:
             old[:12], new[:12], redone, old[:12],
         )
 
+    async def _answers(
+        self, targets: _Targets, i: int, options: pb.AnnotateOptions, part: list[Caption],
+        mode: str,
+    ) -> AsyncIterator[Any]:
+        """The answers to ``part`` from target ``i``, in request order: one AnnotateBatch call
+        (``mode`` "batch"), or an AnnotateStream (``mode`` "stream") whose answers arrive one
+        by one — what finds the caption a failed batch was held up by."""
+        if mode == "batch":
+            msg = pb.AnnotateBatchRequest(
+                items=[pb.AnnotateRequest(id=c.id, text=c.text) for c in part], options=options
+            )
+            reply = await targets.stub(i).AnnotateBatch(
+                msg, timeout=self.s.deadline, metadata=targets.metadata
+            )
+            for resp in reply.items:
+                yield resp
+            return
+        call = targets.stub(i).AnnotateStream(
+            iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
+            timeout=self.s.deadline, metadata=targets.metadata,
+        )
+        async for resp in call:
+            yield resp
+
     async def _annotate_batch(
         self,
         targets: _Targets,
@@ -661,19 +696,16 @@ class _Runner:
     ) -> None:
         attempts: dict[int, int] = {c.seq: 0 for c in batch}
         last_error: dict[int, tuple[str, str]] = {}
-        todo: deque[list[Caption]] = deque([batch])
+        todo: deque[tuple[list[Caption], str]] = deque([(batch, "batch")])
         while todo:
-            part = todo.popleft()
+            part, mode = todo.popleft()
             pending: dict[str, Caption] = {c.id: c for c in part}
             i = targets.pick()
             ok: list[tuple[int, dict[str, Any], str]] = []
-            resend_ix: set[str] = set()  # indexes whose answers on this stream are resent
+            resend_ix: set[str] = set()  # indexes whose answers on this call are resent
+            reply_full: set[int] = set()  # seqs the reply had no room for (E503)
             try:
-                call = targets.stub(i).AnnotateStream(
-                    iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
-                    timeout=self.s.deadline, metadata=targets.metadata,
-                )
-                async for resp in call:
+                async for resp in self._answers(targets, i, options, part, mode):
                     cap = pending.pop(resp.id, None)
                     if cap is None:
                         log.warning("%s answered an id it was not asked", targets.names[i])
@@ -684,7 +716,7 @@ class _Runner:
                     if ix != self.index_hash:
                         self._journal(ok, progress)
                         ok = []
-                        # (one stream is answered by one index: asked once per stream)
+                        # (one call is answered by one index: asked once per call)
                         if ix in resend_ix or not await self._other_index(targets, ix):
                             resend_ix.add(ix)
                             pending[cap.id] = cap
@@ -696,9 +728,13 @@ class _Runner:
                             continue
                     if res.annotation is not None:
                         ok.append((cap.seq, annotation_to_json(res.annotation), ix))
-                        if len(ok) >= _JOURNAL_CHUNK:
+                        if mode == "stream" and len(ok) >= _JOURNAL_CHUNK:
                             self._journal(ok, progress)
                             ok = []
+                    elif res.error is not None and res.error.error_code == ReplyFullError.code:
+                        pending[cap.id] = cap  # not the item's fault: again, in a smaller batch
+                        reply_full.add(cap.seq)
+                        last_error[cap.seq] = (res.error.status, res.error.message)
                     elif res.error is not None and res.error.status in _RETRYABLE_ITEM:
                         pending[cap.id] = cap
                         last_error[cap.seq] = (res.error.status, res.error.message)
@@ -718,14 +754,14 @@ class _Runner:
             except asyncio.CancelledError:
                 # grpc.aio cancels a call itself when writing a request fails (typically: the
                 # deadline expired while the batch was still being sent) and then raises
-                # CancelledError from the read. That is a failed stream, not a cancelled
+                # CancelledError from the read. That is a failed call, not a cancelled
                 # worker; only a cancellation of this task itself is passed on.
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
                 stream_error = (
                     grpc.StatusCode.CANCELLED,
-                    "the stream was cancelled inside the gRPC client (usually: the deadline "
+                    "the call was cancelled inside the gRPC client (usually: the deadline "
                     "expired while its requests were being sent)",
                     True,
                 )
@@ -747,10 +783,20 @@ class _Runner:
                 if code is grpc.StatusCode.UNAVAILABLE:
                     targets.rest(i, self._backoff(1))
             else:
-                status, reason = "UNKNOWN", "the stream ended without answering every item"
-            # When the failure is blamed on the first unanswered item, only that item is
-            # charged an attempt: the others waited behind it and are not at fault.
-            charged = left[:1] if isolate_head else left
+                status, reason = "UNKNOWN", "the call ended without answering every item"
+            # A batch answers nothing until it is done, so when the failure may be an item's
+            # fault, which item held it up is unknown: the batch goes again on a stream, whose
+            # answers arrive one by one, and nobody is charged yet. On a stream the failure is
+            # blamed on the first unanswered item, and only that item is charged an attempt:
+            # the others waited behind it and are not at fault. Items a full reply had no room
+            # for are never charged.
+            to_stream = isolate_head and mode == "batch" and len(part) > 1
+            if to_stream:
+                charged: list[Caption] = []
+            elif isolate_head:
+                charged = left[:1]
+            else:
+                charged = [c for c in left if c.seq not in reply_full]
             for c in charged:
                 attempts[c.seq] += 1
                 if c.seq not in last_error or stream_error is not None:
@@ -765,17 +811,24 @@ class _Runner:
             again = [c for c in left if c not in give_up]
             if not again:
                 continue
+            if stream_error is None and all(c.seq in reply_full for c in again):
+                # Only what a full reply could not hold: at once, in two smaller batches.
+                half = (len(again) + 1) // 2
+                todo.extend((p, "batch") for p in (again[:half], again[half:]) if p)
+                continue
             self.retried_batches += 1
             log.info(
                 "%s: %s on %d caption(s); retrying after backoff",
                 targets.names[i], status, len(again),
             )
             await asyncio.sleep(self._backoff(max(1, *(attempts[c.seq] for c in again))))
-            if isolate_head and len(again) > 1 and again[0] is left[0]:
-                todo.append(again[:1])  # the one the server was working on, alone
-                todo.append(again[1:])
+            if to_stream:
+                todo.append((again, "stream"))
+            elif isolate_head and len(again) > 1 and again[0] is left[0]:
+                todo.append((again[:1], mode))  # the one the server was working on, alone
+                todo.append((again[1:], "batch"))
             else:
-                todo.append(again)
+                todo.append((again, "batch"))
 
     async def describe(self, cuis: Sequence[str]) -> None:
         """Names for report concepts that no mention named (GetConcept, best effort)."""

@@ -8,6 +8,10 @@ What it adds over a raw stub:
 - retries of UNAVAILABLE with exponential backoff and jitter (the server restarting, draining
   or a replica going away); other statuses are raised at once as
   :class:`~conceptsvc.errors.ServiceCallError`;
+- :meth:`ConceptClient.annotate_batch` sends many captions in one ``AnnotateBatch`` message
+  and gets their answers in one (the path for corpora: a message per caption costs more than
+  annotating it); it resends a batch refused with UNAVAILABLE (a draining server) and the
+  items a full reply could not hold, in smaller batches;
 - :meth:`ConceptClient.annotate_stream` keeps the items that were sent but not yet answered;
   when the stream fails with UNAVAILABLE it reopens the stream and resends exactly those, so a
   drained worker or a reload never loses or duplicates an item. It also bounds how many items
@@ -30,7 +34,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +45,7 @@ from conceptsvc import wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client.channel import ChannelSecurity, bearer_metadata
-from conceptsvc.errors import ClientError, ServiceCallError
+from conceptsvc.errors import ClientError, ReplyFullError, ServiceCallError
 from conceptsvc.model import (
     Annotation,
     Candidate,
@@ -349,6 +353,64 @@ class ConceptClient:
                     "this is a server bug"
                 )
             return
+
+    def annotate_batch(
+        self,
+        items: Sequence[tuple[str, str]],
+        *,
+        options: ExtractOptions | None = None,
+        timeout: float | None = None,
+    ) -> list[StreamResult]:
+        """Annotate ``(id, text)`` pairs with ``AnnotateBatch`` calls; results in input order.
+
+        One call carries the whole batch (split by the caller: a batch over the message limit
+        is refused with RESOURCE_EXHAUSTED, never cut). A bad item gets its ``error``, as on
+        a stream, and the others their annotations; items that cannot be sent (text that is
+        not valid Unicode) are answered here with INVALID_ARGUMENT. Items the server's reply
+        had no room for (E503) are sent again in halves. UNAVAILABLE is retried (``retries``,
+        with backoff: a draining server), other call failures raise
+        :class:`~conceptsvc.errors.ServiceCallError`. ``timeout`` is each call's deadline
+        (None = the client's).
+        """
+        opts_pb = wire.options_to_pb(options) if options is not None else None
+        results: list[StreamResult | None] = [None] * len(items)
+        todo: deque[list[int]] = deque()
+        sendable: list[int] = []
+        requests: dict[int, pb.AnnotateRequest] = {}
+        for k, (id_, text) in enumerate(items):
+            req = _build_request(id_, text, None)
+            if isinstance(req, str):
+                results[k] = StreamResult(id_, None, ItemError("INVALID_ARGUMENT", req))
+            else:
+                requests[k] = req
+                sendable.append(k)
+        if sendable:
+            todo.append(sendable)
+        while todo:
+            part = todo.popleft()
+            msg = pb.AnnotateBatchRequest(items=[requests[k] for k in part])
+            if opts_pb is not None:
+                msg.options.CopyFrom(opts_pb)
+            resp = self._unary("AnnotateBatch", self._stub.AnnotateBatch, msg, timeout=timeout)
+            if len(resp.items) != len(part):
+                raise ClientError(
+                    f"AnnotateBatch answered {len(resp.items)} items for {len(part)}; this is a "
+                    "server bug"
+                )
+            full: list[int] = []
+            for k, item in zip(part, resp.items, strict=True):
+                if item.id != items[k][0]:
+                    raise ClientError(
+                        f"AnnotateBatch answered id {item.id!r} in the place of {items[k][0]!r}"
+                    )
+                if item.status.error_code == ReplyFullError.code and len(part) > 1:
+                    full.append(k)
+                else:
+                    results[k] = wire.stream_result_from_pb(item)
+            if full:  # the reply was full: the rest again, in halves
+                half = (len(full) + 1) // 2
+                todo.extendleft([full[half:], full[:half]] if half < len(full) else [full])
+        return [r for r in results if r is not None]
 
     # -- lookups --------------------------------------------------------------------------------
     def get_concept(

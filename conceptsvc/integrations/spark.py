@@ -17,7 +17,7 @@ Executors get the engine one of two ways:
   executor can see (``ship_index=False``: NFS, a cloud volume, a Databricks volume — the right
   choice for a full UMLS index). No service to run; throughput scales with executor cores.
 * **Service** (``target="dns:///conceptsvc-headless.ns.svc.cluster.local:50051"``): executors
-  stream their batches to conceptsvc replicas with client-side round-robin, sharing the
+  send their batches, one ``AnnotateBatch`` message each, to conceptsvc replicas with client-side round-robin, sharing the
   service's Redis cache. Use it when a service already runs next to the cluster, or to keep
   index memory off the executors.
 
@@ -158,7 +158,8 @@ def _service_annotator(plan: _Plan) -> Callable[[Sequence[str]], list[Annotation
         # Positional ids: the DataFrame's own id column need not be unique or a string.
         results: list[Annotation | None] = [None] * len(texts)
         items = [(str(i), t) for i, t in enumerate(texts)]
-        for result in client.annotate_stream(
+        # One AnnotateBatch message per chunk (batch_size captions), not one per caption.
+        for result in client.annotate_batch(
             items, options=plan.options, timeout=plan.timeout_seconds
         ):
             if result.error is not None or result.annotation is None:
@@ -272,7 +273,7 @@ def annotate_dataframe(
     dictionary); with ``ship_index`` Spark copies it to every executor, without it the path
     must be readable at the same place on every executor. Engine, service: ``target`` is a
     conceptsvc address (a ``dns:///`` name spreads batches over every replica); ``token`` its
-    bearer token; ``timeout_seconds`` bounds one batch's stream; ``index`` must then be unset.
+    bearer token; ``timeout_seconds`` bounds one batch's call; ``index`` must then be unset.
     ``options`` are the extraction options; unset, the in-process engine uses
     :class:`~conceptsvc.model.ExtractOptions`'s defaults and the service its configured
     defaults (exactly what ``conceptsvc annotate`` does). ``mentions_col=None``

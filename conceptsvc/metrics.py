@@ -11,7 +11,7 @@ What is exported (all names prefixed ``conceptsvc_``):
 - ``requests_total{method,code}`` and ``request_duration_seconds{method,code}``: every RPC by
   gRPC status (auth rejections included);
 - ``captions_annotated_total{source}``: captions answered, by ``engine`` or ``cache``;
-- ``stream_item_errors_total{code}``: stream items answered with an error status;
+- ``stream_item_errors_total{code}``: stream and batch items answered with an error status;
 - ``cache_lookups_total{tier,result}``: hits and misses of the ``memory`` and ``redis`` tiers;
 - ``redis_errors_total``: Redis commands that failed or timed out (each is a cache miss);
 - ``index_concepts`` / ``index_keys``: size of the loaded index; ``index_reloads_total{result}``;
@@ -64,7 +64,7 @@ class ServiceMetrics:
             ["source"], registry=r,
         )
         self.item_errors = Counter(
-            "conceptsvc_stream_item_errors", "Stream items answered with an error status",
+            "conceptsvc_stream_item_errors", "Stream and batch items answered with an error status",
             ["code"], registry=r,
         )
         self.cache = Counter(

@@ -19,9 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import free_port
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_h
+from hypothesis import strategies as st
 
 from conceptsvc.cli import main
 from conceptsvc.client.batch import EXIT_INCOMPLETE, BatchSettings, annotate_corpus
@@ -1352,3 +1356,107 @@ def test_batch_incomplete_run_writes_what_it_annotated_and_says_so(
         assert err["id"] == "huge"
     finally:
         server.stop(0)
+
+
+# -- the batched path ----------------------------------------------------------------------------
+def test_batch_batched_and_unbatched_paths_give_identical_results(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor
+) -> None:
+    """AnnotateBatch, AnnotateStream and unary Annotate answer the demo captions alike, and
+    `annotate` writes the same bytes whatever its batch size (one caption a message, odd
+    sizes, all in one), equal to the engine in this process."""
+    from conceptsvc.client import ConceptClient
+
+    rows = demo_rows()
+    with ConceptClient(demo_server) as c:
+        for options in (None, ExtractOptions(profile="rocov2"),
+                        ExtractOptions(include_mentions=False, semantic_groups=("DISO",))):
+            batched = c.annotate_batch(rows, options=options)
+            streamed = list(c.annotate_stream(rows, options=options))
+            assert [r.annotation for r in batched] == [r.annotation for r in streamed]
+            assert [r.annotation for r in batched] == [
+                c.annotate(text, id=rid, options=options) for rid, text in rows
+            ]
+    src = write_csv(tmp_path / "in.csv", rows)
+    expected = expected_lines(demo_extractor, rows, **ROCOV2)
+    outputs = []
+    for size in (1, 7, 512):
+        out = tmp_path / f"b{size}" / "run.jsonl"
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out, ["jsonl", "csv"]),
+            settings(demo_server, batch_size=size), overrides=ROCOV2,
+        )
+        assert result.complete
+        assert out.read_text(encoding="utf-8").splitlines() == expected
+        outputs.append((out.read_bytes(), out.with_suffix(".csv").read_bytes()))
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(
+    tmp_path_factory: pytest.TempPathFactory, demo_extractor: Extractor, demo_server: str
+) -> tuple[Path, Path, bytes, bytes]:
+    """A corpus, the work directory an interrupted run of it left (every caption journaled but
+    one, which a server with a small text limit refused) and the bytes of an uninterrupted
+    run's JSONL and CSV outputs."""
+    base = tmp_path_factory.mktemp("interrupted")
+    rows = [(f"cap{i:03d}", t) for i, (_, t) in enumerate(demo_rows() * 2)][:60]
+    rows[23] = ("cap023", "chest x-ray shows pleural effusion and pneumonia. " * 40)
+    src = write_csv(base / "in.csv", rows)
+    specs = ["jsonl", "csv"]
+    ref = base / "ref" / "run.jsonl"
+    assert annotate_corpus(Corpus(src), resolve_outputs(ref, specs),
+                           settings(demo_server)).complete
+    small = start_server(demo_extractor, max_text_chars=1500)
+    try:
+        cut = base / "cut" / "run.jsonl"
+        result = annotate_corpus(Corpus(src), resolve_outputs(cut, specs),
+                                 settings(f"127.0.0.1:{small.port}"))
+    finally:
+        small.stop(0)
+    assert not result.complete and result.counts.annotated == 59
+    (work,) = cut.parent.glob("run.jsonl.*.part")
+    return src, work, ref.read_bytes(), ref.with_suffix(".csv").read_bytes()
+
+
+@settings_h(max_examples=20, deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(1, 17), min_size=1, max_size=20),
+    keep=st.lists(st.booleans(), min_size=20, max_size=20),
+    order=st.randoms(use_true_random=False),
+    torn=st.integers(0, 40),
+    batch_size=st.integers(1, 40),
+)
+def test_batch_resume_property_over_batch_boundaries(
+    interrupted_run: tuple[Path, Path, bytes, bytes], demo_server: str,
+    sizes: list[int], keep: list[bool], order: Any, torn: int, batch_size: int,
+) -> None:
+    """Whatever a killed run had journaled — any of its batches, each whole (a batch is one
+    write), in any completion order, with a torn line at the end — the resumed run, with any
+    batch size, writes the bytes of an uninterrupted run and resends exactly the rest."""
+    import shutil
+    import tempfile
+
+    src, work, ref_jsonl, ref_csv = interrupted_run
+    lines = (work / "journal.jsonl").read_bytes().splitlines(keepends=True)
+    batches, start = [], 0
+    for size in sizes:  # the run's batches: consecutive slices of the journaled lines
+        batches.append(lines[start:start + size])
+        start += size
+    done = [b for b, k in zip(batches, keep, strict=False) if k and b]
+    order.shuffle(done)
+    tail = lines[-1][:torn] if torn and torn < len(lines[-1]) else b""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.jsonl"
+        copy = Path(tmp) / work.name
+        shutil.copytree(work, copy)
+        (copy / "journal.jsonl").write_bytes(b"".join(line for b in done for line in b) + tail)
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out, ["jsonl", "csv"]),
+            settings(demo_server, batch_size=batch_size),
+        )
+        assert result.complete
+        assert result.counts.resumed == sum(len(b) for b in done)
+        assert out.read_bytes() == ref_jsonl
+        assert out.with_suffix(".csv").read_bytes() == ref_csv

@@ -278,6 +278,14 @@ _REVIEWED_DISPATCH = {
     ("conceptsvc/server/app.py", "_settings_payload", "name"): "loop over a literal tuple",
     ("conceptsvc/wire.py", "options_to_pb", "name"): "_LIST_FIELDS constant",
     ("conceptsvc/wire.py", "options_from_pb", "name"): "_LIST_FIELDS constant",
+    ("conceptsvc/wire.py", "_mention", "attr"):
+        "Mention dataclass field names, matched to the compiled .proto's descriptors",
+    ("conceptsvc/server/servicer.py", "add_concept_service", "method.input_type.name"):
+        "message names of the compiled .proto's service descriptor",
+    ("conceptsvc/server/servicer.py", "add_concept_service", "method.output_type.name"):
+        "message names of the compiled .proto's service descriptor",
+    ("conceptsvc/server/servicer.py", "add_concept_service", "method.name"):
+        "method names of the compiled .proto's service descriptor, at start-up",
     ("conceptsvc/backends/quickumls.py", "_configure", "plan.similarity"):
         "validated against model.SIMILARITIES in _plan before it is used",
     ("conceptsvc/backends/quickumls.py", "as_dict", "k"): "dataclass field names",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from service_helpers import build_index_a
 
 from conceptsvc import wire
@@ -134,3 +137,96 @@ def test_wire_context_properties_and_include_hypothetical() -> None:
         msg = wire.options_to_pb(ExtractOptions(include_hypothetical=value))
         assert msg.HasField("include_hypothetical")
         assert wire.options_from_pb(msg, ExtractOptions()).include_hypothetical is value
+
+
+# -- annotations as wire bytes -------------------------------------------------------------
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_mentions = st.builds(
+    Mention,
+    cui=_texts, preferred_name=_texts, text=_texts,
+    start=st.integers(0, 2**32 - 1), end=st.integers(0, 2**32 - 1),
+    score=st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0, 1.0]),
+    semantic_types=st.lists(_texts, max_size=3).map(tuple),
+    source=_texts, negated=st.booleans(),
+)
+_annotations = st.builds(
+    Annotation, id=st.just(""), mentions=st.lists(_mentions, max_size=4).map(tuple),
+    concepts=st.lists(_texts, max_size=4).map(tuple),
+)
+
+
+def _protobuf_bytes(a: Annotation) -> bytes:
+    return bytes(wire.annotation_to_pb(a).SerializeToString())
+
+
+def test_wire_compiled_writer_is_built_and_used() -> None:
+    """The compiled writer must be what the server gets: a Mention field added on one side
+    only (or of a type the writers do not know) would turn it off, and this fails."""
+    from conceptsvc import _wire
+
+    assert isinstance(wire.annotation_writer(), _wire.AnnotationWriter)
+    assert isinstance(wire.item_joiner(), _wire.ItemJoiner)
+    layout, mentions, concepts = wire.annotation_layout()
+    assert [name for name, _, _ in layout] == [f.name for f in fields(Mention)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_annotations)
+def test_wire_writers_give_protobufs_own_bytes(a: Annotation) -> None:
+    expected = _protobuf_bytes(a)
+    assert wire.annotation_writer().encode(a) == expected
+    assert wire.annotation_writer(compiled=False).encode(a) == expected
+    back = wire.annotation_from_pb(pb.AnnotateResponse.FromString(expected))
+    assert (back.mentions, back.concepts) == (a.mentions, a.concepts)
+
+
+def test_wire_writers_on_the_demo_captions(tmp_path: Path) -> None:
+    from conceptsvc.embedded import demo_index
+    from conceptsvc.extractor import Extractor
+
+    ex = Extractor(demo_index(tmp_path))
+    fast, ref = wire.annotation_writer(), wire.annotation_writer(compiled=False)
+    rows = (Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv")
+    import csv
+
+    with rows.open(newline="", encoding="utf-8") as fh:
+        texts = [r[1] for r in list(csv.reader(fh))[1:]]
+    n_mentions = 0
+    for opts in (ExtractOptions(), ExtractOptions(include_mentions=False),
+                 ExtractOptions(profile="rocov2", overlap="all")):
+        for text in texts:
+            a = ex.extract(text, opts)
+            n_mentions += len(a.mentions)
+            assert fast.encode(a) == ref.encode(a) == _protobuf_bytes(a), text
+    assert n_mentions > 100
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(_annotations, _texts, st.booleans()), max_size=6),
+    st.text(alphabet="0123456789abcdef", max_size=64),
+)
+def test_wire_joined_items_read_back_as_the_batch_response(
+    items: list[tuple[Annotation, str, bool]], index_hash: str
+) -> None:
+    writer = wire.annotation_writer()
+    blobs = [writer.encode(a) for a, _, _ in items]
+    ids = [rid for _, rid, _ in items]
+    cached = bytearray(hit for _, _, hit in items)
+    tail = pb.AnnotateResponse(index_hash=index_hash).SerializeToString()
+    joined = wire.item_joiner().join(blobs, ids, cached, tail)
+    assert joined == wire.item_joiner(compiled=False).join(blobs, ids, cached, tail)
+    reply = pb.AnnotateBatchResponse.FromString(joined)
+    assert len(reply.items) == len(items)
+    for got, (a, rid, hit), blob in zip(reply.items, items, blobs, strict=True):
+        want = wire.annotation_to_pb(replace(a, id=rid))
+        want.cached, want.index_hash = hit, index_hash
+        assert got == want
+        # one item alone (what Annotate and AnnotateStream send) reads the same
+        assert pb.AnnotateResponse.FromString(wire.response_bytes(blob, rid, hit, tail)) == got
+
+
+def test_wire_joiner_refuses_lists_of_different_lengths() -> None:
+    for joiner in (wire.item_joiner(), wire.item_joiner(compiled=False)):
+        with pytest.raises(ValueError):
+            joiner.join([b""], [], bytearray(1), b"")

@@ -320,9 +320,9 @@ def _reply_too_large(size: int, max_bytes: int) -> InputTooLargeError:
     )
 
 
-def _deadline_close(context: grpc.ServicerContext) -> bool:
+def _deadline_close(context: grpc.ServicerContext, margin: float) -> bool:
     remaining = context.time_remaining()
-    return remaining is not None and remaining < _DEADLINE_MARGIN
+    return remaining is not None and remaining < margin
 
 
 def _check_deadline(context: grpc.ServicerContext) -> None:
@@ -419,9 +419,15 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         and whether it came from the cache. Cache lookups and writes are one batched call each.
 
         ``shared`` are the options of items that set none (AnnotateBatch's); with a
-        ``context``, items not yet started when the deadline is under ``_DEADLINE_MARGIN``
-        away fail with DEADLINE_EXCEEDED, so that the answers made so far reach the client.
+        ``context``, items not yet started when the deadline is closer than a tenth of the
+        call's time (at least ``_DEADLINE_MARGIN``) fail with DEADLINE_EXCEEDED, so that the
+        answers made so far reach the client.
         """
+        margin = _DEADLINE_MARGIN
+        if context is not None:
+            remaining = context.time_remaining()
+            if remaining is not None:
+                margin = max(margin, 0.1 * remaining)
         n = len(requests)
         out: list[bytes | Exception | None] = [None] * n
         cached = bytearray(n)
@@ -484,7 +490,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 cached[i] = 1
                 n_cached += 1
                 continue
-            if context is not None and _deadline_close(context):
+            if context is not None and _deadline_close(context, margin):
                 late = deadline_exceeded(
                     "the batch's deadline came close before this item was started; the items "
                     "before it are answered — send it again"

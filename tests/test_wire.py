@@ -168,6 +168,7 @@ def test_wire_compiled_writer_is_built_and_used() -> None:
     assert isinstance(wire.item_joiner(), _wire.ItemJoiner)
     layout, mentions, concepts = wire.annotation_layout()
     assert [name for name, _, _ in layout] == [f.name for f in fields(Mention)]
+    assert (mentions, concepts) == (2, 3)
 
 
 @settings(max_examples=300, deadline=None)

@@ -17,9 +17,9 @@ Executors get the engine one of two ways:
   executor can see (``ship_index=False``: NFS, a cloud volume, a Databricks volume — the right
   choice for a full UMLS index). No service to run; throughput scales with executor cores.
 * **Service** (``target="dns:///conceptsvc-headless.ns.svc.cluster.local:50051"``): executors
-  send their batches, one ``AnnotateBatch`` message each, to conceptsvc replicas with client-side round-robin, sharing the
-  service's Redis cache. Use it when a service already runs next to the cluster, or to keep
-  index memory off the executors.
+  send their batches, one ``AnnotateBatch`` message each, to conceptsvc replicas with
+  client-side round-robin, sharing the service's Redis cache. Use it when a service already
+  runs next to the cluster, or to keep index memory off the executors.
 
 Both give the results the CLI gives for the same index and options (``tests/test_spark.py``
 checks that on the demo captions).

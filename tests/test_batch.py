@@ -1429,7 +1429,7 @@ def interrupted_run(
     batch_size=st.integers(1, 40),
 )
 def test_batch_resume_property_over_batch_boundaries(
-    interrupted_run: tuple[Path, Path, bytes, bytes], demo_server: str,
+    interrupted_run: tuple[Path, Path, bytes, bytes], demo_service: ConceptServer,
     sizes: list[int], keep: list[bool], order: Any, torn: int, batch_size: int,
 ) -> None:
     """Whatever a killed run had journaled — any of its batches, each whole (a batch is one
@@ -1447,16 +1447,23 @@ def test_batch_resume_property_over_batch_boundaries(
     done = [b for b, k in zip(batches, keep, strict=False) if k and b]
     order.shuffle(done)
     tail = lines[-1][:torn] if torn and torn < len(lines[-1]) else b""
+    def answered() -> float:
+        return sum(demo_service.metrics.value("conceptsvc_captions_annotated_total",
+                                              {"source": s}) for s in ("engine", "cache"))
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.jsonl"
         copy = Path(tmp) / work.name
         shutil.copytree(work, copy)
         (copy / "journal.jsonl").write_bytes(b"".join(line for b in done for line in b) + tail)
+        before = answered()
         result = annotate_corpus(
             Corpus(src), resolve_outputs(out, ["jsonl", "csv"]),
-            settings(demo_server, batch_size=batch_size),
+            settings(f"127.0.0.1:{demo_service.port}", batch_size=batch_size),
         )
         assert result.complete
-        assert result.counts.resumed == sum(len(b) for b in done)
+        resumed = sum(len(b) for b in done)
+        assert result.counts.resumed == resumed
+        assert answered() - before == 60 - resumed + 1  # the rest, and the options probe
         assert out.read_bytes() == ref_jsonl
         assert out.with_suffix(".csv").read_bytes() == ref_csv

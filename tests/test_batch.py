@@ -1467,3 +1467,27 @@ def test_batch_resume_property_over_batch_boundaries(
         assert answered() - before == 60 - resumed + 1  # the rest, and the options probe
         assert out.read_bytes() == ref_jsonl
         assert out.with_suffix(".csv").read_bytes() == ref_csv
+
+
+def test_batch_answers_a_full_reply_could_not_hold_are_sent_again_in_smaller_batches(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """A batch whose answers are together over the message limit (each alone is not) comes
+    back with E503 for the items that did not fit; the run sends those again in halves, at
+    once, charging nobody — and completes with the engine's results."""
+    server = start_server(demo_extractor, max_message_bytes=64 * 1024)
+    try:
+        rows = [(f"r{i}", "pleural effusion and pneumonia. " * 120) for i in range(8)]
+        src = write_csv(tmp_path / "in.csv", rows)
+        out = tmp_path / "run.jsonl"
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{server.port}", batch_size=8, concurrency=1, retries=0),
+        )
+        assert result.complete and result.counts.retried_batches == 0
+        assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
+        assert server.metrics.value(
+            "conceptsvc_stream_item_errors_total", {"code": "RESOURCE_EXHAUSTED"}
+        ) >= 1
+    finally:
+        server.stop(0)

@@ -620,8 +620,7 @@ def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
     batch: it is found, retried alone and given up; its batch-mates complete.
 
     An AnnotateBatch call answers nothing until it is done, so its failure does not say which
-    caption held it up: the batch goes again on a stream, which answers the captions before
-    the held one and fails on it; that one is then retried alone.
+    caption held it up: the batch is split in halves, uncharged, until that caption is alone.
 
     The server is held on that caption by a gate rather than by a caption long enough to be
     slow, so the outcome does not depend on how fast the engine has become (a 2 MB caption
@@ -646,9 +645,10 @@ def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
         (err,) = [json.loads(x) for x in errors_file.read_text().splitlines()]
         assert err["id"] == "slow" and err["status"] == "DEADLINE_EXCEEDED"
         assert err["attempts"] == 2
-        # retried twice: the batch on a stream (nobody charged), then the held caption alone
-        # (charged: its second attempt); it reached the engine all three times
-        assert result.counts.retried_batches == 2 and gated.held == 3
+        # retried four times: halves of 10 (the 5 with it fail), of 5 (the 2 with it), of 2
+        # (it alone, charged), then it alone again (charged: its second attempt); it reached
+        # the engine every time, its batch-mates were never charged
+        assert result.counts.retried_batches == 4 and gated.held == 5
     finally:
         gated.gate.set()
         server.stop(0)

@@ -12,21 +12,23 @@
    ``key`` being a hash of the input bytes, its format and the effective options. Captions the
    journal already holds are not sent again; a journal written against another index is refused
    (E621) unless ``on_index_change="redo"``, which annotates its captions again;
-4. **streams** the remaining captions: ``concurrency`` workers each take a batch of
-   ``batch_size`` captions and send it as one ``AnnotateStream`` call with a deadline of
-   ``deadline`` seconds. Workers rotate over the targets (one channel per ``--target``; a
-   ``dns:///`` target is one channel whose addresses grpc balances ``round_robin``). Results are
-   journaled as they arrive;
-5. **retries** what did not come back: when a stream fails (UNAVAILABLE, DEADLINE_EXCEEDED, …;
-   authentication failures end the run instead) its unanswered items are retried after an
-   exponential backoff with jitter, on the next target (a target that just failed is rested
-   for the backoff period). Unless the failure concerns the connection or the server as a whole
-   (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED), the item the server was working on
-   — responses come back in request order, so it is the first unanswered one — is charged the
-   attempt and retried on its own, so one pathological caption (one that always exceeds the
-   deadline, say) cannot hold its batch-mates hostage. Items the service rejects one by one
-   (INVALID_ARGUMENT, oversize…) are not retried. After ``retries`` failed attempts an item is
-   given up and written to the errors file; the run then reports itself incomplete;
+4. **sends** the remaining captions: ``concurrency`` workers each take a batch of up to
+   ``batch_size`` captions (closed earlier when it would pass the service's message limit) and
+   send it as one ``AnnotateBatch`` message with a deadline of ``deadline`` seconds; the reply
+   holds every caption's answer in one message. Workers rotate over the targets (one channel
+   per ``--target``; a ``dns:///`` target is one channel whose addresses grpc balances
+   ``round_robin``). A batch's answers are journaled with one write;
+5. **retries** what did not come back: when a call fails (UNAVAILABLE, DEADLINE_EXCEEDED, …;
+   authentication failures end the run instead) its items are retried after an exponential
+   backoff with jitter, on the next target (a target that just failed is rested for the
+   backoff period). Unless the failure concerns the connection or the server as a whole
+   (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, CANCELLED), a caption may be at fault (one that
+   always exceeds the deadline, say) and a batch's failure does not say which: the batch is
+   split in halves, charging nobody, until that caption is alone, so it cannot hold its
+   batch-mates hostage. Items the service rejects one by one (INVALID_ARGUMENT, oversize…)
+   are not retried; items a full reply had no room for (E503) are sent again at once in
+   smaller batches, uncharged. After ``retries`` failed attempts an item is given up and
+   written to the errors file; the run then reports itself incomplete;
 5a. **checks the index of every answer**: each response names the index that produced it. A
    reload (or a deployment) in the middle of a run would otherwise leave a corpus whose rows
    come from two dictionaries, with a manifest naming one of them. By default
@@ -67,7 +69,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,8 +157,6 @@ _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_
 # Deadline of the run's small control calls (GetInfo, the options probe, GetConcept); the
 # --deadline setting is for the annotation streams.
 _CONTROL_TIMEOUT = 10.0
-# Results are flushed to the journal at least this often while a stream is being read.
-_JOURNAL_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -663,30 +663,6 @@ class _Runner:
             old[:12], new[:12], redone, old[:12],
         )
 
-    async def _answers(
-        self, targets: _Targets, i: int, options: pb.AnnotateOptions, part: list[Caption],
-        mode: str,
-    ) -> AsyncIterator[Any]:
-        """The answers to ``part`` from target ``i``, in request order: one AnnotateBatch call
-        (``mode`` "batch"), or an AnnotateStream (``mode`` "stream") whose answers arrive one
-        by one — what finds the caption a failed batch was held up by."""
-        if mode == "batch":
-            msg = pb.AnnotateBatchRequest(
-                items=[pb.AnnotateRequest(id=c.id, text=c.text) for c in part], options=options
-            )
-            reply = await targets.stub(i).AnnotateBatch(
-                msg, timeout=self.s.deadline, metadata=targets.metadata
-            )
-            for resp in reply.items:
-                yield resp
-            return
-        call = targets.stub(i).AnnotateStream(
-            iter([pb.AnnotateRequest(id=c.id, text=c.text, options=options) for c in part]),
-            timeout=self.s.deadline, metadata=targets.metadata,
-        )
-        async for resp in call:
-            yield resp
-
     async def _annotate_batch(
         self,
         targets: _Targets,
@@ -696,23 +672,29 @@ class _Runner:
     ) -> None:
         attempts: dict[int, int] = {c.seq: 0 for c in batch}
         last_error: dict[int, tuple[str, str]] = {}
-        todo: deque[tuple[list[Caption], str]] = deque([(batch, "batch")])
+        todo: deque[list[Caption]] = deque([batch])
         while todo:
-            part, mode = todo.popleft()
+            part = todo.popleft()
             pending: dict[str, Caption] = {c.id: c for c in part}
             i = targets.pick()
             ok: list[tuple[int, dict[str, Any], str]] = []
             resend_ix: set[str] = set()  # indexes whose answers on this call are resent
             reply_full: set[int] = set()  # seqs the reply had no room for (E503)
             try:
-                async for resp in self._answers(targets, i, options, part, mode):
+                msg = pb.AnnotateBatchRequest(
+                    items=[pb.AnnotateRequest(id=c.id, text=c.text) for c in part],
+                    options=options,
+                )
+                reply = await targets.stub(i).AnnotateBatch(
+                    msg, timeout=self.s.deadline, metadata=targets.metadata
+                )
+                for resp in reply.items:
                     cap = pending.pop(resp.id, None)
                     if cap is None:
                         log.warning("%s answered an id it was not asked", targets.names[i])
                         continue
-                    res = stream_result_from_pb(resp)
                     # (an empty hash: a server older than the field; nothing to check)
-                    ix = res.index_hash or self.index_hash
+                    ix = resp.index_hash or self.index_hash
                     if ix != self.index_hash:
                         self._journal(ok, progress)
                         ok = []
@@ -726,12 +708,12 @@ class _Runner:
                                 f"{self.index_hash[:12]}; sent again",
                             )
                             continue
-                    if res.annotation is not None:
-                        ok.append((cap.seq, annotation_to_json(res.annotation), ix))
-                        if mode == "stream" and len(ok) >= _JOURNAL_CHUNK:
-                            self._journal(ok, progress)
-                            ok = []
-                    elif res.error is not None and res.error.error_code == ReplyFullError.code:
+                    if resp.status.code == 0:
+                        # journaled straight from the message (its fields are the dataclasses')
+                        ok.append((cap.seq, annotation_to_json(resp), ix))
+                        continue
+                    res = stream_result_from_pb(resp)
+                    if res.error is not None and res.error.error_code == ReplyFullError.code:
                         pending[cap.id] = cap  # not the item's fault: again, in a smaller batch
                         reply_full.add(cap.seq)
                         last_error[cap.seq] = (res.error.status, res.error.message)
@@ -785,16 +767,14 @@ class _Runner:
             else:
                 status, reason = "UNKNOWN", "the call ended without answering every item"
             # A batch answers nothing until it is done, so when the failure may be an item's
-            # fault, which item held it up is unknown: the batch goes again on a stream, whose
-            # answers arrive one by one, and nobody is charged yet. On a stream the failure is
-            # blamed on the first unanswered item, and only that item is charged an attempt:
-            # the others waited behind it and are not at fault. Items a full reply had no room
-            # for are never charged.
-            to_stream = isolate_head and mode == "batch" and len(part) > 1
-            if to_stream:
+            # fault (a caption the server was still on at the deadline), which item it was is
+            # unknown: the batch is split in halves and nobody is charged, until the item is
+            # alone — then it is. A pathological caption costs a failed call per halving
+            # (log2 of the batch size), and its batch-mates are never charged for it. Items a
+            # full reply had no room for are never charged either.
+            bisect = isolate_head and len(part) > 1
+            if bisect:
                 charged: list[Caption] = []
-            elif isolate_head:
-                charged = left[:1]
             else:
                 charged = [c for c in left if c.seq not in reply_full]
             for c in charged:
@@ -811,10 +791,10 @@ class _Runner:
             again = [c for c in left if c not in give_up]
             if not again:
                 continue
+            half = (len(again) + 1) // 2
             if stream_error is None and all(c.seq in reply_full for c in again):
                 # Only what a full reply could not hold: at once, in two smaller batches.
-                half = (len(again) + 1) // 2
-                todo.extend((p, "batch") for p in (again[:half], again[half:]) if p)
+                todo.extend(p for p in (again[:half], again[half:]) if p)
                 continue
             self.retried_batches += 1
             log.info(
@@ -822,13 +802,10 @@ class _Runner:
                 targets.names[i], status, len(again),
             )
             await asyncio.sleep(self._backoff(max(1, *(attempts[c.seq] for c in again))))
-            if to_stream:
-                todo.append((again, "stream"))
-            elif isolate_head and len(again) > 1 and again[0] is left[0]:
-                todo.append((again[:1], mode))  # the one the server was working on, alone
-                todo.append((again[1:], "batch"))
+            if bisect:
+                todo.extend(p for p in (again[:half], again[half:]) if p)
             else:
-                todo.append((again, "batch"))
+                todo.append(again)
 
     async def describe(self, cuis: Sequence[str]) -> None:
         """Names for report concepts that no mention named (GetConcept, best effort)."""
@@ -1177,15 +1154,19 @@ def _finish(
     sample: dict[int, Annotation] = {}  # the first report_samples captions, by seq
     texts = _caption_texts(corpus) if include_text else None
     with OutputSet(specs, work) as out:
+        # The outputs are rendered from the journal's JSON form; the dataclasses are built only
+        # for the report.
         for seq, obj in journal.results():
-            a = annotation_from_json(obj)
-            out.write(a, texts(seq) if texts is not None else None)
-            builder.add(a)
-            if settings.report and len(sample) < settings.report_samples:
-                sample[seq] = a
-            with_concepts += bool(a.concepts)
-            concepts += len(set(a.concepts))
-            mentions += len(a.mentions)
+            out.write_json(obj, texts(seq) if texts is not None else None)
+            cuis = obj["concepts"]
+            with_concepts += bool(cuis)
+            concepts += len(set(cuis))
+            mentions += len(obj["mentions"])
+            if settings.report:
+                a = annotation_from_json(obj)
+                builder.add(a)
+                if len(sample) < settings.report_samples:
+                    sample[seq] = a
         annotated = out.count
         paths = out.commit()
     if annotated + len(runner.failures) < scan.n_good:

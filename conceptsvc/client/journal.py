@@ -129,6 +129,11 @@ class Journal:
         # one byte a caption, like ``done``.
         self._ix_of = bytearray()
         self._hashes: list[str] = [""]
+        # Each seq's last line's byte offset (8 bytes a caption, -1 = none), kept as lines are
+        # read at open and written after, so that reading the results back in seq order needs
+        # no pass over the file to find them.
+        self._where = array("q")
+        self._size = 0  # bytes of whole lines in the file
         self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()
@@ -172,8 +177,10 @@ class Journal:
                     seq, ix = parsed
                     self.done.add(seq)
                     self._set_index(seq, ix)
+                    self._set_offset(seq, offset)
                 offset += len(raw)
                 good_end = offset
+        self._size = good_end
         size = self.path.stat().st_size
         if size > good_end:
             self.torn_bytes = size - good_end
@@ -191,16 +198,21 @@ class Journal:
         recorded (and not retired) is ignored."""
         lines = []
         ix = index_hash
+        offset = self._size
         for seq, result in results:
             if seq in self.done:
                 continue
             self.done.add(seq)
             self._set_index(seq, ix)
             line = {"seq": seq, "r": result, "ix": ix} if ix else {"seq": seq, "r": result}
-            lines.append(dumps(line) + "\n")
+            raw = (dumps(line) + "\n").encode("utf-8")
+            self._set_offset(seq, offset)
+            offset += len(raw)
+            lines.append(raw)
         if not lines:
             return
-        data = "".join(lines).encode("utf-8")
+        data = b"".join(lines)
+        self._size = offset
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
@@ -224,6 +236,13 @@ class Journal:
         if seq >= len(self._ix_of):
             self._ix_of.extend(bytes(seq + 1 - len(self._ix_of)))
         self._ix_of[seq] = k
+
+    def _set_offset(self, seq: int, offset: int) -> None:
+        where = self._where
+        if seq >= len(where):
+            # Grow geometrically: one extend per doubling, not one per caption.
+            where.extend(_MISSING * (max(seq + 1, 2 * len(where), 1024) - len(where)))
+        where[seq] = offset
 
     def _index_of(self, seq: int, unlabelled: str) -> str:
         k = self._ix_of[seq] if seq < len(self._ix_of) else 0
@@ -257,22 +276,10 @@ class Journal:
     def results(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The result of every done caption once, ordered by ``seq`` (its last line)."""
         self.sync()
-        # Each seq's line offset in one flat array (8 bytes a caption, -1 = none): a dict of
-        # (offset, length) tuples cost ~180 bytes a caption, 180 MB of a million-caption run.
-        where = _MISSING * (max(self.done, default=-1) + 1)
+        where = self._where
         with self.path.open("rb") as fh:
-            offset = 0
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break
-                parsed = _parse_line(raw)
-                if parsed is not None and parsed[0] in self.done:
-                    where[parsed[0]] = offset  # the last line of a caption is its result
-                offset += len(raw)
-            for seq, off in enumerate(where):
-                if off < 0:
-                    continue
-                fh.seek(off)
+            for seq in self.done:
+                fh.seek(where[seq])
                 obj = json.loads(fh.readline())
                 yield seq, obj["r"]
 

@@ -55,6 +55,7 @@ __all__ = [
     "dumps",
     "fsync_dir",
     "render",
+    "render_json",
     "resolve_outputs",
     "same_file",
 ]
@@ -252,7 +253,13 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
 
 
 # -- the canonical JSON form (also what the resume journal stores) ---------------------------
-def annotation_to_json(a: Annotation) -> dict[str, Any]:
+def annotation_to_json(a: Annotation | Any) -> dict[str, Any]:
+    """The canonical JSON form of a caption's result.
+
+    ``a`` is an :class:`~conceptsvc.model.Annotation` or anything with its attributes — an
+    ``AnnotateResponse`` message, whose fields carry the same names: the batch client journals
+    answers straight from the message, without building the dataclasses in between.
+    """
     return {
         "id": a.id,
         "concepts": list(a.concepts),
@@ -312,18 +319,24 @@ def render(fmt: OutputFormat, a: Annotation, text: str | None = None) -> str:
     """One caption's line (with its newline) in ``fmt``; ``text``, the caption, goes into the
     JSONL row after the id (the other formats have no place for it). Text formats only:
     Parquet rows are written by :class:`~conceptsvc.client.parquet.ParquetAnnotationWriter`."""
+    return render_json(fmt, annotation_to_json(a), text)
+
+
+def render_json(fmt: OutputFormat, obj: Mapping[str, Any], text: str | None = None) -> str:
+    """:func:`render` of a result in its canonical JSON form (what the journal holds), so that
+    writing a run's outputs does not build the dataclasses only to take them apart again."""
     if fmt is OutputFormat.JSONL:
-        obj = annotation_to_json(a)
         if text is not None:
-            obj = {"id": obj.pop("id"), "text": text, **obj}
+            obj = {"id": obj["id"], "text": text, **obj}
         return dumps(obj) + "\n"
+    rid, concepts = obj["id"], obj["concepts"]
     if fmt is OutputFormat.CSV:
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([a.id, ";".join(a.concepts)])
+        csv.writer(buf, lineterminator="\n").writerow([rid, ";".join(concepts)])
         return buf.getvalue()
     if fmt is OutputFormat.SUBMISSION:
-        return f"{a.id}\t{';'.join(a.concepts)}\n"
-    return f"{a.id}\t" + "".join(f"\t{c}" for c in a.concepts) + "\n"
+        return f"{rid}\t{';'.join(concepts)}\n"
+    return f"{rid}\t" + "".join(f"\t{c}" for c in concepts) + "\n"
 
 
 def _header(fmt: OutputFormat) -> str:
@@ -365,8 +378,8 @@ class _TextPart:
         self._fh: IO[str] = path.open("w", encoding="utf-8", newline="")
         self._fh.write(_header(fmt))
 
-    def write(self, a: Annotation, text: str | None = None) -> None:
-        self._fh.write(render(self.format, a, text))
+    def write(self, obj: Mapping[str, Any], text: str | None = None) -> None:
+        self._fh.write(render_json(self.format, obj, text))
 
     def close(self) -> None:
         self._fh.flush()
@@ -386,9 +399,9 @@ class _ParquetPart:
         self._path = path
         self._writer = ParquetAnnotationWriter(path)
 
-    def write(self, a: Annotation, text: str | None = None) -> None:
+    def write(self, obj: Mapping[str, Any], text: str | None = None) -> None:
         # No text column: like csv, Parquet rows hold the results only (--include-text is jsonl's).
-        self._writer.write(annotation_to_json(a))
+        self._writer.write(dict(obj))
 
     def close(self) -> None:
         self._writer.close()
@@ -429,8 +442,12 @@ class OutputSet:
         self._committed = False
 
     def write(self, a: Annotation, text: str | None = None) -> None:
+        self.write_json(annotation_to_json(a), text)
+
+    def write_json(self, obj: Mapping[str, Any], text: str | None = None) -> None:
+        """:meth:`write` of a result in its canonical JSON form (a journal's ``r``)."""
         for _, _, writer in self._parts:
-            writer.write(a, text)
+            writer.write(obj, text)
         self.count += 1
 
     def commit(self) -> list[Path]:

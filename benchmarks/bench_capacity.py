@@ -46,7 +46,7 @@ from conceptsvc.errors import ConfigError
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
 
-__all__ = ["main", "run"]
+__all__ = ["annotate_pass", "bench_engine", "main", "run", "tree_cpu_seconds"]
 
 DEFAULT_CAPTIONS = ROCOV2 / "valid_captions.csv"
 SECTION = "## Capacity per worker process (scale-out planning)"
@@ -69,7 +69,7 @@ def _read_captions(path: Path) -> list[tuple[str, str]]:
         return [(r["ID"], r["Caption"]) for r in csv.DictReader(fh)]
 
 
-def _tree_cpu_seconds(root: int) -> float:
+def tree_cpu_seconds(root: int) -> float:
     """user+system CPU of a live process and all its descendants, from /proc."""
     total, todo = 0.0, [root]
     while todo:
@@ -89,6 +89,7 @@ def _loadavg() -> float:
 
 
 def bench_engine(index: Path, captions: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The engine in this process, one thread, after 200 captions of warm-up (its plan)."""
     extractor = Extractor(ConceptIndex.load(index))
     for _, text in captions[:200]:
         extractor.extract(text)  # warm the per-options plan and memo tables
@@ -117,22 +118,25 @@ def _serve(
     return proc, target
 
 
-def _annotate_pass(
-    servers: Sequence[tuple[subprocess.Popen[bytes], str]], captions_csv: Path, n: int, name: str
+def annotate_pass(
+    servers: Sequence[tuple[subprocess.Popen[Any], str]], captions_csv: Path, n: int, name: str,
+    *, extra: Sequence[str] = ("--concurrency", "4", "--batch-size", "64"),
+    out: Path | None = None,
 ) -> dict[str, Any]:
+    """``conceptsvc annotate`` as a subprocess against ``servers``: its wall time, its CPU and
+    the servers' (``extra``: more annotate arguments; ``out``: keep the output there)."""
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         args = [sys.executable, "-m", "conceptsvc.cli", "annotate", str(captions_csv),
-                "--out", str(Path(tmp) / "out.jsonl"), "--quiet",
-                "--concurrency", "4", "--batch-size", "64"]
+                "--out", str(out or Path(tmp) / "out.jsonl"), "--quiet", *extra]
         for _, target in servers:
             args += ["--target", target]
-        server_cpu0 = sum(_tree_cpu_seconds(p.pid) for p, _ in servers)
+        server_cpu0 = sum(tree_cpu_seconds(p.pid) for p, _ in servers)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run(args, check=True, timeout=1800)
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        server_cpu = sum(_tree_cpu_seconds(p.pid) for p, _ in servers) - server_cpu0
+        server_cpu = sum(tree_cpu_seconds(p.pid) for p, _ in servers) - server_cpu0
     client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"name": name, "processes": sum(1 for _ in servers), "captions": n, "wall_s": wall,
             "server_cpu_s": server_cpu, "client_cpu_s": client_cpu}
@@ -143,7 +147,7 @@ def bench_service(
 ) -> dict[str, Any]:
     servers = [_serve(index, workers) for _ in range(replicas)]
     try:
-        row = _annotate_pass(
+        row = annotate_pass(
             servers, captions_csv, n,
             f"service cold, {replicas} replica(s) x {workers} worker(s), via annotate",
         )
@@ -181,8 +185,8 @@ def bench_redis(index: Path, captions_csv: Path, n: int) -> tuple[dict[str, Any]
                 baseline = int(r.info("memory")["used_memory"])
                 server = _serve(index, 1, url)
                 try:
-                    _annotate_pass([server], captions_csv, n, "fill")
-                    warm = _annotate_pass(
+                    annotate_pass([server], captions_csv, n, "fill")
+                    warm = annotate_pass(
                         [server], captions_csv, n,
                         "service warm (Redis only), 1 replica x 1 worker, via annotate",
                     )

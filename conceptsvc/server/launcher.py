@@ -31,15 +31,18 @@ def spawn_server(
     *,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], int]:
     """Start ``conceptsvc serve --port 0 ARGS`` and block until it is ready.
 
     Returns the process (stdout/stderr are pipes; its stdout has been read up to the ready
     line) and the port it bound. A process that exits or prints something else first is killed
-    and reported as a :class:`ConfigError` with the tail of its stderr.
+    and reported as a :class:`ConfigError` with the tail of its stderr. ``prefix`` runs the
+    service under another command (a profiler: ``py-spy record ... --``), whose own lines
+    (``py-spy>`` ones, blank ones) may come first.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
+        [*prefix, sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -48,6 +51,8 @@ def spawn_server(
     )
     assert proc.stdout is not None  # stdout=PIPE above
     line = proc.stdout.readline()
+    while prefix and line and (line.startswith("py-spy>") or not line.strip()):
+        line = proc.stdout.readline()
     match = READY_RE.search(line)
     if match is None:
         proc.kill()

@@ -1,5 +1,6 @@
 # Types of the compiled annotation wire writer (conceptsvc/_wire.pyx); see its docstring.
 from collections.abc import Sequence
+from typing import Any
 
 from conceptsvc.model import Annotation
 
@@ -15,3 +16,10 @@ class ItemJoiner:
     def join(
         self, blobs: list[bytes], ids: list[str], cached: bytes | bytearray, tail: bytes
     ) -> bytes: ...
+
+class BatchReader:
+    def __init__(
+        self, mention_slots: Sequence[tuple[str, int, int, object]],
+        numbers: tuple[int, ...], round_slot: int, decimals: int,
+    ) -> None: ...
+    def read(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...

@@ -245,3 +245,209 @@ cdef inline int _varint_len(uint64_t v) noexcept:
         v >>= 7
         n += 1
     return n
+
+
+# -- reading ---------------------------------------------------------------------------------
+cdef extern from "Python.h":
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+
+cdef enum:
+    MAX_NUMBER = 64  # field numbers a reader maps (Mention's are small)
+
+
+cdef inline uint64_t _read_varint(const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos) except? 0:
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef unsigned char b
+    while True:
+        if pos[0] >= n:
+            raise ValueError("truncated varint")
+        b = p[pos[0]]
+        pos[0] += 1
+        v |= (<uint64_t>(b & 0x7F)) << shift
+        if b < 0x80:
+            return v
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint too long")
+
+
+cdef inline Py_ssize_t _skip(const unsigned char* p, Py_ssize_t n, Py_ssize_t pos, int wt) except -1:
+    cdef uint64_t size
+    if wt == 0:
+        _read_varint(p, n, &pos)
+    elif wt == 1:
+        pos += 8
+    elif wt == 2:
+        size = _read_varint(p, n, &pos)
+        pos += <Py_ssize_t>size
+    elif wt == 5:
+        pos += 4
+    else:
+        raise ValueError(f"unsupported wire type {wt}")
+    if pos > n:
+        raise ValueError("truncated field")
+    return pos
+
+
+cdef class BatchReader:
+    """Reads AnnotateBatchResponse bytes straight into the canonical JSON form of each answer
+    (``outputs.annotation_to_json``'s dicts, keys in its order), for the batch client; see
+    ``wire.batch_reader``, which derives the keys and the layout, and ``wire.BatchReaderPy``,
+    the reference."""
+
+    cdef list keys  # the JSON key of each mention slot, in output order
+    cdef int n_slots
+    cdef int slot_of[MAX_NUMBER]
+    cdef int kinds[MAX_NUMBER]  # by slot
+    cdef list defaults  # by slot (lists are copied per mention)
+    cdef int round_slot
+    cdef object decimals
+    cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
+
+    def __init__(self, mention_slots, tuple numbers, int round_slot, int decimals):
+        """``mention_slots``: ``(json key, field number, kind, default)`` in output order;
+        ``numbers``: the field numbers of AnnotateBatchResponse.items, AnnotateResponse id,
+        mentions, concepts, status, cached, index_hash and ItemStatus.code."""
+        cdef int i
+        slots = list(mention_slots)
+        for i in range(MAX_NUMBER):
+            self.slot_of[i] = -1
+        self.keys = []
+        self.defaults = []
+        for i, (key, number, kind, default) in enumerate(slots):
+            if not 0 < number < MAX_NUMBER:
+                raise ValueError(f"field number {number} of {key} is out of range")
+            self.slot_of[number] = i
+            self.kinds[i] = kind
+            self.keys.append(key)
+            self.defaults.append(default)
+        self.n_slots = len(slots)
+        self.round_slot = round_slot
+        self.decimals = decimals
+        (self.f_items, self.f_id, self.f_mentions, self.f_concepts, self.f_status,
+         self.f_code, self.f_cached, self.f_hash) = numbers
+
+    cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        cdef Py_ssize_t pos = start
+        cdef uint64_t key, size, bits
+        cdef int number, wt, slot, kind, i
+        cdef double dv
+        values = [None] * self.n_slots
+        while pos < end:
+            key = _read_varint(p, end, &pos)
+            number = <int>(key >> 3)
+            wt = <int>(key & 7)
+            slot = self.slot_of[number] if 0 < number < MAX_NUMBER else -1
+            if slot < 0:
+                pos = _skip(p, end, pos, wt)
+                continue
+            kind = self.kinds[slot]
+            if kind == K_STRING or kind == K_STRINGS:
+                if wt != 2:
+                    raise ValueError("a string field with another wire type")
+                size = _read_varint(p, end, &pos)
+                if pos + <Py_ssize_t>size > end:
+                    raise ValueError("truncated string")
+                s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                pos += <Py_ssize_t>size
+                if kind == K_STRING:
+                    values[slot] = s
+                elif values[slot] is None:
+                    values[slot] = [s]
+                else:
+                    values[slot].append(s)
+            elif kind == K_DOUBLE:
+                if wt != 1 or pos + 8 > end:
+                    raise ValueError("a bad double field")
+                memcpy(&dv, p + pos, 8)
+                pos += 8
+                values[slot] = dv
+            elif kind == K_VARINT or kind == K_BOOL:
+                if wt != 0:
+                    raise ValueError("a varint field with another wire type")
+                bits = _read_varint(p, end, &pos)
+                if kind == K_BOOL:
+                    values[slot] = bits != 0
+                else:
+                    values[slot] = <int64_t>bits
+            else:
+                pos = _skip(p, end, pos, wt)
+        d = {}
+        for i in range(self.n_slots):
+            v = values[i]
+            if v is None:
+                v = self.defaults[i]
+                if type(v) is list:
+                    v = []
+            elif i == self.round_slot:
+                v = round(v, self.decimals)
+            d[self.keys[i]] = v
+        return d
+
+    cdef tuple _item(self, bytes data, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        cdef Py_ssize_t pos = start, sub_end, spos
+        cdef uint64_t key, size, code = 0
+        cdef int number, wt
+        cdef bint cached = False
+        rid = ""
+        ix = ""
+        mentions = []
+        concepts = []
+        while pos < end:
+            key = _read_varint(p, end, &pos)
+            number = <int>(key >> 3)
+            wt = <int>(key & 7)
+            if wt == 2 and (number == self.f_id or number == self.f_mentions
+                            or number == self.f_concepts or number == self.f_status
+                            or number == self.f_hash):
+                size = _read_varint(p, end, &pos)
+                sub_end = pos + <Py_ssize_t>size
+                if sub_end > end:
+                    raise ValueError("truncated field")
+                if number == self.f_mentions:
+                    mentions.append(self._mention(p, pos, sub_end))
+                elif number == self.f_status:
+                    spos = pos
+                    while spos < sub_end:
+                        key = _read_varint(p, sub_end, &spos)
+                        if <int>(key >> 3) == self.f_code and (key & 7) == 0:
+                            code = _read_varint(p, sub_end, &spos)
+                        else:
+                            spos = _skip(p, sub_end, spos, <int>(key & 7))
+                else:
+                    s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                    if number == self.f_id:
+                        rid = s
+                    elif number == self.f_hash:
+                        ix = s
+                    else:
+                        concepts.append(s)
+                pos = sub_end
+            elif wt == 0 and number == self.f_cached:
+                cached = _read_varint(p, end, &pos) != 0
+            else:
+                pos = _skip(p, end, pos, wt)
+        if code:
+            return (rid, ix, <int>code, cached, data[start:end])
+        return (rid, ix, 0, cached, {"id": rid, "concepts": concepts, "mentions": mentions})
+
+    def read(self, bytes data):
+        """One ``(id, index_hash, status code, cached, answer)`` per item, in order: the answer
+        is the JSON form when the code is 0, else the item's bytes (its status, for protobuf)."""
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
+        cdef uint64_t key, size
+        out = []
+        while pos < n:
+            key = _read_varint(p, n, &pos)
+            if <int>(key >> 3) == self.f_items and (key & 7) == 2:
+                size = _read_varint(p, n, &pos)
+                sub_end = pos + <Py_ssize_t>size
+                if sub_end > n:
+                    raise ValueError("truncated item")
+                out.append(self._item(data, p, pos, sub_end))
+                pos = sub_end
+            else:
+                pos = _skip(p, n, pos, <int>(key & 7))
+        return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
@@ -57,6 +57,9 @@ __all__ = [
     "KIND_VARINT",
     "AnnotationWriter",
     "AnnotationWriterPy",
+    "BatchItem",
+    "BatchReader",
+    "BatchReaderPy",
     "ItemJoiner",
     "ItemJoinerPy",
     "WireLayoutError",
@@ -64,6 +67,7 @@ __all__ = [
     "annotation_layout",
     "annotation_to_pb",
     "annotation_writer",
+    "batch_reader",
     "candidate_from_pb",
     "candidate_to_pb",
     "candidates_to_pb",
@@ -424,6 +428,75 @@ def item_joiner(*, compiled: bool = True) -> ItemJoiner:
     if mod is not None:
         return mod.ItemJoiner(items, id_field, _CACHED_FIELD)  # type: ignore[no-any-return]
     return ItemJoinerPy(items, id_field, _CACHED_FIELD)
+
+
+# -- reading batch replies (the batch client) -----------------------------------------------------
+# One answer of a batch reply: (id, index hash, status code, cached, answer) — the answer in its
+# canonical JSON form when the code is 0, else the item's bytes (its status, for protobuf).
+BatchItem = tuple[str, str, int, bool, Any]
+_DEFAULT_OF_KIND: dict[int, Any] = {
+    KIND_STRING: "", KIND_VARINT: 0, KIND_DOUBLE: 0.0, KIND_BOOL: False, KIND_STRINGS: [],
+}
+
+
+class BatchReader(Protocol):
+    def read(self, data: bytes) -> list[BatchItem]: ...
+
+
+class BatchReaderPy:
+    """The reference reader: protobuf parses the reply, ``to_json`` makes each answer's JSON
+    form (the batch client passes ``outputs.annotation_to_json``)."""
+
+    def __init__(self, to_json: Callable[[Any], dict[str, Any]]) -> None:
+        self._to_json = to_json
+
+    def read(self, data: bytes) -> list[BatchItem]:
+        out: list[BatchItem] = []
+        for item in pb.AnnotateBatchResponse.FromString(data).items:
+            code = item.status.code
+            answer = bytes(item.SerializeToString()) if code else self._to_json(item)
+            out.append((item.id, item.index_hash, code, item.cached, answer))
+        return out
+
+
+def batch_reader(
+    to_json: Callable[[Any], dict[str, Any]], decimals: int, *, compiled: bool = True
+) -> BatchReader:
+    """A reader of AnnotateBatch replies whose answers are ``to_json``'s dicts.
+
+    The compiled reader writes those dicts itself, so what it must write is read off
+    ``to_json``: its keys and their order from the JSON form of a sample answer, each
+    mention key matched to its Mention field (and so to the .proto's layout) by name, and the
+    one double (the score) rounded to ``decimals`` places. Anything it could not reproduce —
+    a key that is no field, another shape, a second double — leaves the reference reader in
+    charge (``tests/test_wire.py`` holds the two to the same output).
+    """
+    reference = BatchReaderPy(to_json)
+    mod = _compiled_wire() if compiled else None
+    if mod is None:
+        return reference
+    try:
+        layout, mentions_field, concepts_field = annotation_layout()
+    except WireLayoutError:
+        return reference
+    by_name = {name: (number, kind) for name, number, kind in layout}
+    sample = Mention(**{name: _DEFAULT_OF_KIND[kind] for name, _, kind in layout})
+    shape = to_json(Annotation(id="", mentions=(sample,), concepts=()))
+    keys = list(shape["mentions"][0]) if shape.get("mentions") else []
+    if list(shape) != ["id", "concepts", "mentions"] or sorted(keys) != sorted(by_name):
+        return reference
+    doubles = [k for k, key in enumerate(keys) if by_name[key][1] == KIND_DOUBLE]
+    if len(doubles) > 1:
+        return reference
+    slots = [(key, *by_name[key], _DEFAULT_OF_KIND[by_name[key][1]]) for key in keys]
+    resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
+    numbers = (
+        pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number,
+        resp["id"].number, mentions_field, concepts_field, resp["status"].number,
+        pb.ItemStatus.DESCRIPTOR.fields_by_name["code"].number, resp["cached"].number,
+        resp["index_hash"].number,
+    )
+    return mod.BatchReader(slots, numbers, doubles[0] if doubles else -1, decimals)  # type: ignore[no-any-return]
 
 
 def status_name(code: int) -> str:

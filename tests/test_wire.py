@@ -231,3 +231,54 @@ def test_wire_joiner_refuses_lists_of_different_lengths() -> None:
     for joiner in (wire.item_joiner(), wire.item_joiner(compiled=False)):
         with pytest.raises(ValueError):
             joiner.join([b""], [], bytearray(1), b"")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(_annotations, _texts, st.booleans(), st.integers(0, 16)), max_size=6),
+    st.text(alphabet="0123456789abcdef", max_size=64),
+)
+def test_wire_batch_reader_reads_what_the_reference_reads(
+    items: list[tuple[Annotation, str, bool, int]], index_hash: str
+) -> None:
+    """The compiled reader of batch replies gives the JSON form outputs.annotation_to_json
+    gives of the parsed message — answers and failed items alike, ids, hashes, cached flags."""
+    from conceptsvc._wire import BatchReader
+    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json
+
+    fast = wire.batch_reader(annotation_to_json, SCORE_DECIMALS)
+    ref = wire.batch_reader(annotation_to_json, SCORE_DECIMALS, compiled=False)
+    assert isinstance(fast, BatchReader) and isinstance(ref, wire.BatchReaderPy)
+    writer = wire.annotation_writer()
+    blobs = []
+    for a, _, _, code in items:
+        if code:  # a failed item: its status instead of an answer
+            status = pb.ItemStatus(code=code, message="why", error_code="E501")
+            blobs.append(pb.AnnotateResponse(status=status).SerializeToString())
+        else:
+            blobs.append(writer.encode(a))
+    tail = pb.AnnotateResponse(index_hash=index_hash).SerializeToString()
+    data = wire.item_joiner().join(
+        blobs, [rid for _, rid, _, _ in items], bytearray(hit for _, _, hit, _ in items), tail
+    )
+    got, want = fast.read(data), ref.read(data)
+    assert [g[:4] for g in got] == [w[:4] for w in want]
+    for g, w in zip(got, want, strict=True):
+        if g[2]:  # the failed item's bytes read as the same message
+            assert pb.AnnotateResponse.FromString(g[4]) == pb.AnnotateResponse.FromString(w[4])
+        else:
+            assert g[4] == w[4]
+            assert list(g[4]) == list(w[4])  # the keys in the same order, too
+            assert [list(m) for m in g[4]["mentions"]] == [list(m) for m in w[4]["mentions"]]
+
+
+def test_wire_batch_reader_refuses_truncated_replies() -> None:
+    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json
+
+    a = Annotation("x", (Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S"),), ("C1",))
+    data = wire.item_joiner().join([wire.annotation_writer().encode(a)], ["x"], bytearray(1), b"")
+    reader = wire.batch_reader(annotation_to_json, SCORE_DECIMALS)
+    assert reader.read(data)[0][4]["mentions"][0]["cui"] == "C1"
+    for cut in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(ValueError):
+            reader.read(data[:cut])

@@ -86,6 +86,7 @@ from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusSc
 from conceptsvc.client.html_page import AnnotatedCaption
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
+    SCORE_DECIMALS,
     OutputFormat,
     OutputSet,
     OutputSpec,
@@ -114,7 +115,13 @@ from conceptsvc.errors import (
     ServiceUnreachableError,
 )
 from conceptsvc.model import Annotation, ExtractOptions, ServiceInfo
-from conceptsvc.wire import concept_from_pb, info_from_pb, options_to_pb, stream_result_from_pb
+from conceptsvc.wire import (
+    batch_reader,
+    concept_from_pb,
+    info_from_pb,
+    options_to_pb,
+    stream_result_from_pb,
+)
 
 __all__ = [
     "EXIT_INCOMPLETE",
@@ -154,6 +161,10 @@ _NO_BLAME = frozenset(
 )
 _RETRYABLE_ITEM = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
 _FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_ANNOTATE_BATCH_PATH = "/{}/{}".format(
+    *pb.DESCRIPTOR.services_by_name["ConceptService"].methods_by_name["AnnotateBatch"]
+    .full_name.rsplit(".", 1)
+)
 # Deadline of the run's small control calls (GetInfo, the options probe, GetConcept); the
 # --deadline setting is for the annotation streams.
 _CONTROL_TIMEOUT = 10.0
@@ -362,6 +373,19 @@ class _Targets:
             [pb_grpc.ConceptServiceStub(ch) for ch in chs]  # type: ignore[no-untyped-call]
             for chs in self.channels
         ]
+        # AnnotateBatch with its reply left as bytes: the run reads them straight into the
+        # journal's JSON form (wire.batch_reader), never building the messages.
+        self._batch_calls = [
+            [
+                ch.unary_unary(
+                    _ANNOTATE_BATCH_PATH,
+                    request_serializer=pb.AnnotateBatchRequest.SerializeToString,
+                    response_deserializer=None,
+                )
+                for ch in chs
+            ]
+            for chs in self.channels
+        ]
         self.metadata = security.metadata()
         self._next = 0
         self._next_conn = [0] * len(targets)
@@ -369,9 +393,16 @@ class _Targets:
 
     def stub(self, i: int) -> Any:
         """A stub for target ``i``, rotating over its connections."""
+        return self._stubs[i][self._rotate(i)]
+
+    def annotate_batch(self, i: int) -> Any:
+        """AnnotateBatch on target ``i`` (next connection), its reply as bytes."""
+        return self._batch_calls[i][self._rotate(i)]
+
+    def _rotate(self, i: int) -> int:
         k = self._next_conn[i]
         self._next_conn[i] = (k + 1) % len(self._stubs[i])
-        return self._stubs[i][k]
+        return k
 
     def pick(self) -> int:
         now = time.monotonic()
@@ -440,6 +471,7 @@ class _Runner:
         self.index_changes: list[dict[str, Any]] = []
         self.failed_seqs: set[int] = set()
         self._switch_lock: asyncio.Lock | None = None
+        self._reader = batch_reader(annotation_to_json, SCORE_DECIMALS)
 
     # -- helpers -------------------------------------------------------------------------------
     def _backoff(self, attempt: int) -> float:
@@ -685,16 +717,16 @@ class _Runner:
                     items=[pb.AnnotateRequest(id=c.id, text=c.text) for c in part],
                     options=options,
                 )
-                reply = await targets.stub(i).AnnotateBatch(
+                reply = await targets.annotate_batch(i)(
                     msg, timeout=self.s.deadline, metadata=targets.metadata
                 )
-                for resp in reply.items:
-                    cap = pending.pop(resp.id, None)
+                for rid, seen, code, _, answer in self._reader.read(reply):
+                    cap = pending.pop(rid, None)
                     if cap is None:
                         log.warning("%s answered an id it was not asked", targets.names[i])
                         continue
                     # (an empty hash: a server older than the field; nothing to check)
-                    ix = resp.index_hash or self.index_hash
+                    ix = seen or self.index_hash
                     if ix != self.index_hash:
                         self._journal(ok, progress)
                         ok = []
@@ -708,11 +740,10 @@ class _Runner:
                                 f"{self.index_hash[:12]}; sent again",
                             )
                             continue
-                    if resp.status.code == 0:
-                        # journaled straight from the message (its fields are the dataclasses')
-                        ok.append((cap.seq, annotation_to_json(resp), ix))
+                    if code == 0:
+                        ok.append((cap.seq, answer, ix))  # the journal's JSON form already
                         continue
-                    res = stream_result_from_pb(resp)
+                    res = stream_result_from_pb(pb.AnnotateResponse.FromString(answer))
                     if res.error is not None and res.error.error_code == ReplyFullError.code:
                         pending[cap.id] = cap  # not the item's fault: again, in a smaller batch
                         reply_full.add(cap.seq)

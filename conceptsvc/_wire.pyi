@@ -20,6 +20,8 @@ class ItemJoiner:
 class BatchReader:
     def __init__(
         self, mention_slots: Sequence[tuple[str, int, int, object]],
-        numbers: tuple[int, ...], round_slot: int, decimals: int,
+        numbers: tuple[int, ...], round_slot: int, decimals: int, top_keys: tuple[bytes, ...],
+        json_keys: list[bytes],
     ) -> None: ...
     def read(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...
+    def read_json(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...

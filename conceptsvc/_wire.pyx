@@ -304,11 +304,16 @@ cdef class BatchReader:
     cdef int round_slot
     cdef object decimals
     cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
+    cdef tuple top_keys  # JSON text before the id, the concepts and the mentions
+    cdef list json_keys  # JSON text before each mention value ('{"cui":', ',"text":', ...)
 
-    def __init__(self, mention_slots, tuple numbers, int round_slot, int decimals):
+    def __init__(self, mention_slots, tuple numbers, int round_slot, int decimals,
+                 tuple top_keys, list json_keys):
         """``mention_slots``: ``(json key, field number, kind, default)`` in output order;
         ``numbers``: the field numbers of AnnotateBatchResponse.items, AnnotateResponse id,
-        mentions, concepts, status, cached, index_hash and ItemStatus.code."""
+        mentions, concepts, status, cached, index_hash and ItemStatus.code; ``top_keys`` and
+        ``json_keys``: the JSON text that goes before each value (``wire.batch_reader``
+        makes them with ``json.dumps``)."""
         cdef int i
         slots = list(mention_slots)
         for i in range(MAX_NUMBER):
@@ -327,8 +332,21 @@ cdef class BatchReader:
         self.decimals = decimals
         (self.f_items, self.f_id, self.f_mentions, self.f_concepts, self.f_status,
          self.f_code, self.f_cached, self.f_hash) = numbers
+        if len(top_keys) != 3 or len(json_keys) != self.n_slots:
+            raise ValueError("top_keys: 3 pieces of JSON; json_keys: one per mention slot")
+        self.top_keys = top_keys
+        self.json_keys = json_keys
 
     cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        cdef int i
+        values = self._values(p, start, end)
+        d = {}
+        for i in range(self.n_slots):
+            d[self.keys[i]] = values[i]
+        return d
+
+    cdef list _values(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        """A mention's value per slot, defaults filled in, the double rounded."""
         cdef Py_ssize_t pos = start
         cdef uint64_t key, size, bits
         cdef int number, wt, slot, kind, i
@@ -373,19 +391,17 @@ cdef class BatchReader:
                     values[slot] = <int64_t>bits
             else:
                 pos = _skip(p, end, pos, wt)
-        d = {}
         for i in range(self.n_slots):
             v = values[i]
             if v is None:
                 v = self.defaults[i]
-                if type(v) is list:
-                    v = []
+                values[i] = [] if type(v) is list else v
             elif i == self.round_slot:
-                v = round(v, self.decimals)
-            d[self.keys[i]] = v
-        return d
+                values[i] = round(v, self.decimals)
+        return values
 
-    cdef tuple _item(self, bytes data, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    cdef tuple _item(self, bytes data, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                     bint as_json):
         cdef Py_ssize_t pos = start, sub_end, spos
         cdef uint64_t key, size, code = 0
         cdef int number, wt
@@ -406,7 +422,10 @@ cdef class BatchReader:
                 if sub_end > end:
                     raise ValueError("truncated field")
                 if number == self.f_mentions:
-                    mentions.append(self._mention(p, pos, sub_end))
+                    if as_json:
+                        mentions.append(self._values(p, pos, sub_end))
+                    else:
+                        mentions.append(self._mention(p, pos, sub_end))
                 elif number == self.f_status:
                     spos = pos
                     while spos < sub_end:
@@ -430,11 +449,43 @@ cdef class BatchReader:
                 pos = _skip(p, end, pos, wt)
         if code:
             return (rid, ix, <int>code, cached, data[start:end])
+        if as_json:
+            return (rid, ix, 0, cached, self._json(rid, concepts, mentions))
         return (rid, ix, 0, cached, {"id": rid, "concepts": concepts, "mentions": mentions})
+
+    cdef bytes _json(self, str rid, list concepts, list mentions):
+        """``json.dumps(answer, ensure_ascii=False, separators=(",", ":"))`` of the dict
+        ``read`` would make, written directly."""
+        cdef _Buf b = _Buf()
+        cdef int i, k
+        cdef list values
+        _raw(b, self.top_keys[0])
+        _json_str(b, rid)
+        _raw(b, self.top_keys[1])
+        _raw(b, b"[")
+        for k in range(len(concepts)):
+            if k:
+                _raw(b, b",")
+            _json_str(b, <str>concepts[k])
+        _raw(b, b"]")
+        _raw(b, self.top_keys[2])
+        _raw(b, b"[")
+        for k in range(len(mentions)):
+            values = <list>mentions[k]
+            _raw(b, b"," if k else b"")
+            for i in range(self.n_slots):
+                _raw(b, <bytes>self.json_keys[i])
+                _json_value(b, values[i], self.kinds[i])
+            _raw(b, b"}")
+        _raw(b, b"]}")
+        return b.take()
 
     def read(self, bytes data):
         """One ``(id, index_hash, status code, cached, answer)`` per item, in order: the answer
         is the JSON form when the code is 0, else the item's bytes (its status, for protobuf)."""
+        return self._read(data, False)
+
+    cdef list _read(self, bytes data, bint as_json):
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
         cdef uint64_t key, size
@@ -446,8 +497,96 @@ cdef class BatchReader:
                 sub_end = pos + <Py_ssize_t>size
                 if sub_end > n:
                     raise ValueError("truncated item")
-                out.append(self._item(data, p, pos, sub_end))
+                out.append(self._item(data, p, pos, sub_end, as_json))
                 pos = sub_end
             else:
                 pos = _skip(p, n, pos, <int>(key & 7))
         return out
+
+    def read_json(self, bytes data):
+        """:meth:`read`, with each answer as its JSON text (UTF-8 bytes) rather than the dict:
+        what the journal writes, without the dict or ``json.dumps`` in between."""
+        return self._read(data, True)
+
+
+# -- JSON text as json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes it ------------
+cdef inline int _raw(_Buf b, bytes piece) except -1:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(piece)
+    b.reserve(n)
+    memcpy(b.p + b.n, PyBytes_AS_STRING(piece), n)
+    b.n += n
+    return 0
+
+
+cdef const char* _HEX = "0123456789abcdef"
+
+
+cdef int _json_str(_Buf b, str s) except -1:
+    """A JSON string: '"' and backslash escaped, control characters as json writes them,
+    everything else as its UTF-8 (ensure_ascii=False)."""
+    cdef Py_ssize_t size, i
+    cdef const unsigned char* c = <const unsigned char*>PyUnicode_AsUTF8AndSize(s, &size)
+    cdef unsigned char ch
+    b.reserve(6 * size + 2)
+    b.p[b.n] = 34  # "
+    b.n += 1
+    for i in range(size):
+        ch = c[i]
+        if ch == 34 or ch == 92:  # " and backslash
+            b.p[b.n] = 92
+            b.p[b.n + 1] = ch
+            b.n += 2
+        elif ch >= 0x20:
+            b.p[b.n] = ch
+            b.n += 1
+        elif ch == 10:
+            b.p[b.n] = 92
+            b.p[b.n + 1] = 110  # n
+            b.n += 2
+        elif ch == 13:
+            b.p[b.n] = 92
+            b.p[b.n + 1] = 114  # r
+            b.n += 2
+        elif ch == 9:
+            b.p[b.n] = 92
+            b.p[b.n + 1] = 116  # t
+            b.n += 2
+        elif ch == 8:
+            b.p[b.n] = 92
+            b.p[b.n + 1] = 98  # b
+            b.n += 2
+        elif ch == 12:
+            b.p[b.n] = 92
+            b.p[b.n + 1] = 102  # f
+            b.n += 2
+        else:
+            b.p[b.n] = 92
+            b.p[b.n + 1] = 117  # u
+            b.p[b.n + 2] = 48
+            b.p[b.n + 3] = 48
+            b.p[b.n + 4] = _HEX[ch >> 4]
+            b.p[b.n + 5] = _HEX[ch & 15]
+            b.n += 6
+    b.p[b.n] = 34
+    b.n += 1
+    return 0
+
+
+cdef int _json_value(_Buf b, object v, int kind) except -1:
+    cdef Py_ssize_t k
+    if kind == K_STRING:
+        _json_str(b, <str>v)
+    elif kind == K_STRINGS:
+        _raw(b, b"[")
+        for k in range(len(v)):
+            if k:
+                _raw(b, b",")
+            _json_str(b, <str>v[k])
+        _raw(b, b"]")
+    elif kind == K_BOOL:
+        _raw(b, b"true" if v else b"false")
+    elif kind == K_DOUBLE:
+        _raw(b, float.__repr__(v).encode("ascii"))
+    else:
+        _raw(b, int.__repr__(v).encode("ascii"))
+    return 0

@@ -441,14 +441,18 @@ _DEFAULT_OF_KIND: dict[int, Any] = {
 
 class BatchReader(Protocol):
     def read(self, data: bytes) -> list[BatchItem]: ...
+    def read_json(self, data: bytes) -> list[BatchItem]: ...
 
 
 class BatchReaderPy:
     """The reference reader: protobuf parses the reply, ``to_json`` makes each answer's JSON
-    form (the batch client passes ``outputs.annotation_to_json``)."""
+    form (the batch client passes ``outputs.annotation_to_json``), ``dumps`` its text."""
 
-    def __init__(self, to_json: Callable[[Any], dict[str, Any]]) -> None:
+    def __init__(
+        self, to_json: Callable[[Any], dict[str, Any]], dumps: Callable[[Any], str]
+    ) -> None:
         self._to_json = to_json
+        self._dumps = dumps
 
     def read(self, data: bytes) -> list[BatchItem]:
         out: list[BatchItem] = []
@@ -458,20 +462,28 @@ class BatchReaderPy:
             out.append((item.id, item.index_hash, code, item.cached, answer))
         return out
 
+    def read_json(self, data: bytes) -> list[BatchItem]:
+        return [
+            (rid, ix, code, cached, a if code else self._dumps(a).encode("utf-8"))
+            for rid, ix, code, cached, a in self.read(data)
+        ]
+
 
 def batch_reader(
-    to_json: Callable[[Any], dict[str, Any]], decimals: int, *, compiled: bool = True
+    to_json: Callable[[Any], dict[str, Any]], dumps: Callable[[Any], str], decimals: int,
+    *, compiled: bool = True,
 ) -> BatchReader:
-    """A reader of AnnotateBatch replies whose answers are ``to_json``'s dicts.
+    """A reader of AnnotateBatch replies whose answers are ``to_json``'s dicts (``read``) or
+    their ``dumps`` text (``read_json``).
 
-    The compiled reader writes those dicts itself, so what it must write is read off
+    The compiled reader writes those itself, so what it must write is read off
     ``to_json``: its keys and their order from the JSON form of a sample answer, each
     mention key matched to its Mention field (and so to the .proto's layout) by name, and the
     one double (the score) rounded to ``decimals`` places. Anything it could not reproduce —
     a key that is no field, another shape, a second double — leaves the reference reader in
     charge (``tests/test_wire.py`` holds the two to the same output).
     """
-    reference = BatchReaderPy(to_json)
+    reference = BatchReaderPy(to_json, dumps)
     mod = _compiled_wire() if compiled else None
     if mod is None:
         return reference
@@ -496,7 +508,17 @@ def batch_reader(
         pb.ItemStatus.DESCRIPTOR.fields_by_name["code"].number, resp["cached"].number,
         resp["index_hash"].number,
     )
-    return mod.BatchReader(slots, numbers, doubles[0] if doubles else -1, decimals)  # type: ignore[no-any-return]
+    def before(k: int, key: str) -> bytes:
+        """The JSON text before the value of ``key``, ``k``-th in its object, as ``dumps``
+        writes it (``dumps({key: 0})`` is ``{"key":0}`` with its separator)."""
+        return (("{" if k == 0 else ",") + dumps({key: 0})[1:-2]).encode("utf-8")
+
+    reader = mod.BatchReader(
+        slots, numbers, doubles[0] if doubles else -1, decimals,
+        tuple(before(k, key) for k, key in enumerate(shape)),
+        [before(k, key) for k, key in enumerate(keys)],
+    )
+    return reader  # type: ignore[no-any-return]
 
 
 def status_name(code: int) -> str:

@@ -162,3 +162,34 @@ def test_journal_lines_name_their_index_and_retire_redoes_the_others(tmp_path: P
         j.append([(0, result(0)), (1, result(1))], b)
         assert j.index_counts(unlabelled=a) == {b: 3}
         assert [(s, r["id"]) for s, r in j.results()] == [(0, "id0"), (1, "id1"), (2, "id2-b")]
+
+
+def test_journal_lines_of_json_text_are_the_lines_of_dicts(tmp_path: Path) -> None:
+    """append_json (results as their JSON text, what the batch client has) writes the very
+    lines append writes for the dicts, and results_with_text cuts the text back out of them;
+    a line spaced otherwise (another writer) still yields dumps of its result."""
+    from conceptsvc.client.outputs import dumps
+
+    results = [
+        (0, {"id": "a", "concepts": ["C1"], "mentions": [{"cui": "C1", "score": 0.5}]}),
+        (3, {"id": 'q"\\\n é😀', "concepts": [], "mentions": []}),
+        (7, {"id": "z", "concepts": ["C2", "C3"], "mentions": []}),
+    ]
+    for k, ix in enumerate(("", "ab" * 32)):
+        one, two = tmp_path / f"dicts{k}", tmp_path / f"texts{k}"
+        with Journal(one) as j:
+            j.append(results, ix)
+        with Journal(two) as j:
+            j.append_json([(s, dumps(r).encode("utf-8")) for s, r in results], ix)
+            j.append_json([(3, b'{"id":"again"}')], ix)  # already done: ignored
+        assert (one / JOURNAL).read_bytes() == (two / JOURNAL).read_bytes()
+        with Journal(two) as j:
+            got = list(j.results_with_text())
+        assert [(s, r) for s, r, _ in got] == results
+        assert [t for _, _, t in got] == [dumps(r).encode("utf-8") for _, r in results]
+    spaced = tmp_path / "spaced"
+    spaced.mkdir()
+    (spaced / JOURNAL).write_text(json.dumps({"seq": 2, "r": results[0][1]}) + "\n")
+    with Journal(spaced) as j:
+        ((seq, r, text),) = list(j.results_with_text())
+    assert (seq, r, text) == (2, results[0][1], dumps(results[0][1]).encode("utf-8"))

@@ -140,7 +140,10 @@ def test_wire_context_properties_and_include_hypothetical() -> None:
 
 
 # -- annotations as wire bytes -------------------------------------------------------------
-_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+# (control characters, quotes and backslashes included: the JSON writer escapes them)
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12) | st.sampled_from(
+    ['"', "\\", "\n\t\r\b\f\x00\x1f\x7f", "é\u2028😀", ""]
+)
 _mentions = st.builds(
     Mention,
     cui=_texts, preferred_name=_texts, text=_texts,
@@ -244,10 +247,10 @@ def test_wire_batch_reader_reads_what_the_reference_reads(
     """The compiled reader of batch replies gives the JSON form outputs.annotation_to_json
     gives of the parsed message — answers and failed items alike, ids, hashes, cached flags."""
     from conceptsvc._wire import BatchReader
-    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json
+    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json, dumps
 
-    fast = wire.batch_reader(annotation_to_json, SCORE_DECIMALS)
-    ref = wire.batch_reader(annotation_to_json, SCORE_DECIMALS, compiled=False)
+    fast = wire.batch_reader(annotation_to_json, dumps, SCORE_DECIMALS)
+    ref = wire.batch_reader(annotation_to_json, dumps, SCORE_DECIMALS, compiled=False)
     assert isinstance(fast, BatchReader) and isinstance(ref, wire.BatchReaderPy)
     writer = wire.annotation_writer()
     blobs = []
@@ -270,14 +273,21 @@ def test_wire_batch_reader_reads_what_the_reference_reads(
             assert g[4] == w[4]
             assert list(g[4]) == list(w[4])  # the keys in the same order, too
             assert [list(m) for m in g[4]["mentions"]] == [list(m) for m in w[4]["mentions"]]
+    # and as JSON text, byte for byte what json.dumps writes (escapes, floats, key order)
+    for g, w in zip(fast.read_json(data), ref.read_json(data), strict=True):
+        assert g[:4] == w[:4]
+        if g[2]:
+            assert pb.AnnotateResponse.FromString(g[4]) == pb.AnnotateResponse.FromString(w[4])
+        else:
+            assert g[4] == w[4]
 
 
 def test_wire_batch_reader_refuses_truncated_replies() -> None:
-    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json
+    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json, dumps
 
     a = Annotation("x", (Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S"),), ("C1",))
     data = wire.item_joiner().join([wire.annotation_writer().encode(a)], ["x"], bytearray(1), b"")
-    reader = wire.batch_reader(annotation_to_json, SCORE_DECIMALS)
+    reader = wire.batch_reader(annotation_to_json, dumps, SCORE_DECIMALS)
     assert reader.read(data)[0][4]["mentions"][0]["cui"] == "C1"
     for cut in (1, len(data) // 2, len(data) - 1):
         with pytest.raises(ValueError):

@@ -471,7 +471,7 @@ class _Runner:
         self.index_changes: list[dict[str, Any]] = []
         self.failed_seqs: set[int] = set()
         self._switch_lock: asyncio.Lock | None = None
-        self._reader = batch_reader(annotation_to_json, SCORE_DECIMALS)
+        self._reader = batch_reader(annotation_to_json, dumps, SCORE_DECIMALS)
 
     # -- helpers -------------------------------------------------------------------------------
     def _backoff(self, attempt: int) -> float:
@@ -648,12 +648,13 @@ class _Runner:
         except* ClientError as eg:
             raise eg.exceptions[0] from None
 
-    def _journal(self, rows: list[tuple[int, dict[str, Any], str]], progress: Progress) -> None:
-        """Journal the rows made with the run's index. A row made with an index the run has
-        since moved away from is dropped: its caption is not done, the next pass sends it."""
+    def _journal(self, rows: list[tuple[int, bytes, str]], progress: Progress) -> None:
+        """Journal the rows (results as JSON text) made with the run's index. A row made with
+        an index the run has since moved away from is dropped: its caption is not done, the
+        next pass sends it."""
         assert self.journal is not None
         keep = [(seq, r) for seq, r, ix in rows if ix == self.index_hash]
-        self.journal.append(keep, self.index_hash)
+        self.journal.append_json(keep, self.index_hash)
         progress.update(len(keep))
 
     async def _other_index(self, targets: _Targets, seen: str) -> bool:
@@ -709,7 +710,7 @@ class _Runner:
             part = todo.popleft()
             pending: dict[str, Caption] = {c.id: c for c in part}
             i = targets.pick()
-            ok: list[tuple[int, dict[str, Any], str]] = []
+            ok: list[tuple[int, bytes, str]] = []
             resend_ix: set[str] = set()  # indexes whose answers on this call are resent
             reply_full: set[int] = set()  # seqs the reply had no room for (E503)
             try:
@@ -720,7 +721,7 @@ class _Runner:
                 reply = await targets.annotate_batch(i)(
                     msg, timeout=self.s.deadline, metadata=targets.metadata
                 )
-                for rid, seen, code, _, answer in self._reader.read(reply):
+                for rid, seen, code, _, answer in self._reader.read_json(reply):
                     cap = pending.pop(rid, None)
                     if cap is None:
                         log.warning("%s answered an id it was not asked", targets.names[i])
@@ -741,7 +742,7 @@ class _Runner:
                             )
                             continue
                     if code == 0:
-                        ok.append((cap.seq, answer, ix))  # the journal's JSON form already
+                        ok.append((cap.seq, answer, ix))  # the journal's JSON text already
                         continue
                     res = stream_result_from_pb(pb.AnnotateResponse.FromString(answer))
                     if res.error is not None and res.error.error_code == ReplyFullError.code:
@@ -1187,8 +1188,8 @@ def _finish(
     with OutputSet(specs, work) as out:
         # The outputs are rendered from the journal's JSON form; the dataclasses are built only
         # for the report.
-        for seq, obj in journal.results():
-            out.write_json(obj, texts(seq) if texts is not None else None)
+        for seq, obj, json_text in journal.results_with_text():
+            out.write_json(obj, texts(seq) if texts is not None else None, json_text)
             cuis = obj["concepts"]
             with_concepts += bool(cuis)
             concepts += len(set(cuis))

@@ -378,7 +378,12 @@ class _TextPart:
         self._fh: IO[str] = path.open("w", encoding="utf-8", newline="")
         self._fh.write(_header(fmt))
 
-    def write(self, obj: Mapping[str, Any], text: str | None = None) -> None:
+    def write(
+        self, obj: Mapping[str, Any], text: str | None = None, json_text: bytes | None = None
+    ) -> None:
+        if json_text is not None and text is None and self.format is OutputFormat.JSONL:
+            self._fh.write(json_text.decode("utf-8") + "\n")  # what render_json would write
+            return
         self._fh.write(render_json(self.format, obj, text))
 
     def close(self) -> None:
@@ -399,7 +404,9 @@ class _ParquetPart:
         self._path = path
         self._writer = ParquetAnnotationWriter(path)
 
-    def write(self, obj: Mapping[str, Any], text: str | None = None) -> None:
+    def write(
+        self, obj: Mapping[str, Any], text: str | None = None, json_text: bytes | None = None
+    ) -> None:
         # No text column: like csv, Parquet rows hold the results only (--include-text is jsonl's).
         self._writer.write(dict(obj))
 
@@ -444,10 +451,13 @@ class OutputSet:
     def write(self, a: Annotation, text: str | None = None) -> None:
         self.write_json(annotation_to_json(a), text)
 
-    def write_json(self, obj: Mapping[str, Any], text: str | None = None) -> None:
-        """:meth:`write` of a result in its canonical JSON form (a journal's ``r``)."""
+    def write_json(
+        self, obj: Mapping[str, Any], text: str | None = None, json_text: bytes | None = None
+    ) -> None:
+        """:meth:`write` of a result in its canonical JSON form (a journal's ``r``), with its
+        JSON text when known (``dumps(obj)`` as UTF-8: a JSONL line then costs no ``dumps``)."""
         for _, _, writer in self._parts:
-            writer.write(obj, text)
+            writer.write(obj, text, json_text)
         self.count += 1
 
     def commit(self) -> list[Path]:

@@ -196,16 +196,25 @@ class Journal:
     ) -> None:
         """Record finished captions made with the index ``index_hash``; a seq already
         recorded (and not retired) is ignored."""
+        self.append_json(
+            [(seq, dumps(r).encode("utf-8")) for seq, r in results if seq not in self.done],
+            index_hash,
+        )
+
+    def append_json(self, results: Sequence[tuple[int, bytes]], index_hash: str = "") -> None:
+        """:meth:`append` of results already in their JSON text (``dumps`` of the result, as
+        UTF-8): each line is ``dumps({"seq": seq, "r": result, "ix": index_hash})`` (no
+        ``ix`` when the hash is empty) — written here without parsing the result again."""
         lines = []
         ix = index_hash
+        tail = (b',"ix":' + dumps(ix).encode("utf-8") if ix else b"") + b"}\n"
         offset = self._size
-        for seq, result in results:
+        for seq, text in results:
             if seq in self.done:
                 continue
             self.done.add(seq)
             self._set_index(seq, ix)
-            line = {"seq": seq, "r": result, "ix": ix} if ix else {"seq": seq, "r": result}
-            raw = (dumps(line) + "\n").encode("utf-8")
+            raw = b'{"seq":%d,"r":%b%b' % (seq, text, tail)
             self._set_offset(seq, offset)
             offset += len(raw)
             lines.append(raw)
@@ -275,13 +284,28 @@ class Journal:
     # -- reading back in input order ---------------------------------------------------------
     def results(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The result of every done caption once, ordered by ``seq`` (its last line)."""
+        for seq, result, _ in self.results_with_text():
+            yield seq, result
+
+    def results_with_text(self) -> Iterator[tuple[int, dict[str, Any], bytes]]:
+        """:meth:`results`, each result also as its JSON text (``dumps`` of it, as UTF-8),
+        cut from its line: a JSONL output is that text, so writing it needs no ``dumps``."""
         self.sync()
         where = self._where
         with self.path.open("rb") as fh:
             for seq in self.done:
                 fh.seek(where[seq])
-                obj = json.loads(fh.readline())
-                yield seq, obj["r"]
+                line = fh.readline()
+                obj = json.loads(line)
+                result = obj["r"]
+                head = b'{"seq":%d,"r":' % seq
+                ix = obj.get("ix")
+                tail = (b',"ix":' + dumps(ix).encode("utf-8") if "ix" in obj else b"") + b"}\n"
+                if line.startswith(head) and line.endswith(tail):
+                    text = line[len(head):len(line) - len(tail)]
+                else:  # a line some other writer spaced or ordered otherwise
+                    text = dumps(result).encode("utf-8")
+                yield seq, result, text
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -300,7 +300,7 @@ cdef class BatchReader:
     cdef int n_slots
     cdef int slot_of[MAX_NUMBER]
     cdef int kinds[MAX_NUMBER]  # by slot
-    cdef list defaults  # by slot (lists are copied per mention)
+    cdef list defaults  # by slot, for a field absent (or an empty string); lists are copied
     cdef int round_slot
     cdef object decimals
     cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
@@ -393,7 +393,7 @@ cdef class BatchReader:
                 pos = _skip(p, end, pos, wt)
         for i in range(self.n_slots):
             v = values[i]
-            if v is None:
+            if v is None or (self.kinds[i] == K_STRING and not v):
                 v = self.defaults[i]
                 values[i] = [] if type(v) is list else v
             elif i == self.round_slot:

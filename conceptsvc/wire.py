@@ -26,7 +26,7 @@ import json
 import logging
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import MISSING, fields, replace
 from typing import Any, Protocol
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
@@ -458,7 +458,10 @@ class BatchReaderPy:
         out: list[BatchItem] = []
         for item in pb.AnnotateBatchResponse.FromString(data).items:
             code = item.status.code
-            answer = bytes(item.SerializeToString()) if code else self._to_json(item)
+            answer = (
+                bytes(item.SerializeToString()) if code
+                else self._to_json(annotation_from_pb(item))
+            )
             out.append((item.id, item.index_hash, code, item.cached, answer))
         return out
 
@@ -500,7 +503,12 @@ def batch_reader(
     doubles = [k for k, key in enumerate(keys) if by_name[key][1] == KIND_DOUBLE]
     if len(doubles) > 1:
         return reference
-    slots = [(key, *by_name[key], _DEFAULT_OF_KIND[by_name[key][1]]) for key in keys]
+    # An absent field (or an empty string) reads as the dataclass's default where it has one
+    # (experiencer "patient" from servers older than the field), as annotation_from_pb does.
+    own = {f.name: f.default for f in fields(Mention) if f.default is not MISSING}
+    slots = [
+        (key, *by_name[key], own.get(key, _DEFAULT_OF_KIND[by_name[key][1]])) for key in keys
+    ]
     resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
     numbers = (
         pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number,

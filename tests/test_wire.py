@@ -150,7 +150,10 @@ _mentions = st.builds(
     start=st.integers(0, 2**32 - 1), end=st.integers(0, 2**32 - 1),
     score=st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0, 1.0]),
     semantic_types=st.lists(_texts, max_size=3).map(tuple),
-    source=_texts, negated=st.booleans(),
+    source=_texts, negated=st.booleans(), hypothetical=st.booleans(),
+    historical=st.booleans(),
+    # (never empty: an empty experiencer reads back as "patient", servers older than it)
+    experiencer=st.sampled_from(["patient", "other"]) | _texts.filter(bool),
 )
 _annotations = st.builds(
     Annotation, id=st.just(""), mentions=st.lists(_mentions, max_size=4).map(tuple),
@@ -292,3 +295,21 @@ def test_wire_batch_reader_refuses_truncated_replies() -> None:
     for cut in (1, len(data) // 2, len(data) - 1):
         with pytest.raises(ValueError):
             reader.read(data[:cut])
+
+
+def test_wire_batch_readers_read_absent_fields_as_annotation_from_pb_does() -> None:
+    """A mention without the ConText fields (as a server older than them writes it) reads as
+    the dataclass's defaults — experiencer "patient" — in both readers, as on the stream."""
+    from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json, dumps
+
+    old = pb.AnnotateResponse(mentions=[pb.Mention(cui="C1", text="a", start=0, end=1)],
+                              concepts=["C1"]).SerializeToString()
+    data = wire.item_joiner().join([old], ["x"], bytearray([1]), b"")
+    want = annotation_to_json(wire.annotation_from_pb(pb.AnnotateResponse.FromString(old)))
+    want["id"] = "x"
+    for compiled in (True, False):
+        reader = wire.batch_reader(annotation_to_json, dumps, SCORE_DECIMALS, compiled=compiled)
+        ((rid, _, code, cached, got),) = reader.read(data)
+        assert (rid, code, cached, got) == ("x", 0, True, want)
+        assert got["mentions"][0]["experiencer"] == "patient"
+        assert reader.read_json(data)[0][4] == dumps(want).encode("utf-8")

@@ -253,13 +253,9 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
 
 
 # -- the canonical JSON form (also what the resume journal stores) ---------------------------
-def annotation_to_json(a: Annotation | Any) -> dict[str, Any]:
-    """The canonical JSON form of a caption's result.
-
-    ``a`` is an :class:`~conceptsvc.model.Annotation` or anything with its attributes — an
-    ``AnnotateResponse`` message, whose fields carry the same names: the batch client journals
-    answers straight from the message, without building the dataclasses in between.
-    """
+def annotation_to_json(a: Annotation) -> dict[str, Any]:
+    """The canonical JSON form of a caption's result (what ``wire.batch_reader`` writes
+    straight from a batch reply, following this function's keys)."""
     return {
         "id": a.id,
         "concepts": list(a.concepts),

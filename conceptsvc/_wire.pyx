@@ -519,6 +519,7 @@ cdef inline int _raw(_Buf b, bytes piece) except -1:
 
 
 cdef const char* _HEX = "0123456789abcdef"
+cdef double _INF = float("inf")
 
 
 cdef int _json_str(_Buf b, str s) except -1:
@@ -586,7 +587,14 @@ cdef int _json_value(_Buf b, object v, int kind) except -1:
     elif kind == K_BOOL:
         _raw(b, b"true" if v else b"false")
     elif kind == K_DOUBLE:
-        _raw(b, float.__repr__(v).encode("ascii"))
+        if v != v:  # as json writes the non-finite (which scores never are)
+            _raw(b, b"NaN")
+        elif v == _INF:
+            _raw(b, b"Infinity")
+        elif v == -_INF:
+            _raw(b, b"-Infinity")
+        else:
+            _raw(b, float.__repr__(v).encode("ascii"))
     else:
         _raw(b, int.__repr__(v).encode("ascii"))
     return 0

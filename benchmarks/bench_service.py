@@ -325,11 +325,8 @@ def _write_corpus(path: Path, captions: Sequence[tuple[str, str]], size: int) ->
 def _sha256(path: Path) -> str:
     import hashlib
 
-    h = hashlib.sha256()
     with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _killed_and_resumed(target: str, corpus: Path, out: Path, kill_at_bytes: int) -> dict[str, Any]:

@@ -520,6 +520,14 @@ cdef inline int _raw(_Buf b, bytes piece) except -1:
 
 cdef const char* _HEX = "0123456789abcdef"
 cdef double _INF = float("inf")
+# The letter of json's two-character escape of each control character (0: it gets \u00XX).
+cdef unsigned char _SHORT_ESCAPE[32]
+_SHORT_ESCAPE[:] = [0] * 32
+_SHORT_ESCAPE[8] = 98  # b
+_SHORT_ESCAPE[9] = 116  # t
+_SHORT_ESCAPE[10] = 110  # n
+_SHORT_ESCAPE[12] = 102  # f
+_SHORT_ESCAPE[13] = 114  # r
 
 
 cdef int _json_str(_Buf b, str s) except -1:
@@ -533,32 +541,12 @@ cdef int _json_str(_Buf b, str s) except -1:
     b.n += 1
     for i in range(size):
         ch = c[i]
-        if ch == 34 or ch == 92:  # " and backslash
-            b.p[b.n] = 92
-            b.p[b.n + 1] = ch
-            b.n += 2
-        elif ch >= 0x20:
+        if ch >= 0x20 and ch != 34 and ch != 92:
             b.p[b.n] = ch
             b.n += 1
-        elif ch == 10:
+        elif ch >= 0x20 or _SHORT_ESCAPE[ch]:  # '"', backslash, \n \r \t \b \f
             b.p[b.n] = 92
-            b.p[b.n + 1] = 110  # n
-            b.n += 2
-        elif ch == 13:
-            b.p[b.n] = 92
-            b.p[b.n + 1] = 114  # r
-            b.n += 2
-        elif ch == 9:
-            b.p[b.n] = 92
-            b.p[b.n + 1] = 116  # t
-            b.n += 2
-        elif ch == 8:
-            b.p[b.n] = 92
-            b.p[b.n + 1] = 98  # b
-            b.n += 2
-        elif ch == 12:
-            b.p[b.n] = 92
-            b.p[b.n + 1] = 102  # f
+            b.p[b.n + 1] = ch if ch >= 0x20 else _SHORT_ESCAPE[ch]
             b.n += 2
         else:
             b.p[b.n] = 92

@@ -274,22 +274,22 @@ def test_server_batch_resent_after_a_drain_by_the_client(index_a: Path) -> None:
 
 
 def test_server_batch_is_admitted_and_refused_like_any_call(index_a: Path) -> None:
-    s = settings_for(index_a, max_concurrent_rpcs=1, threads=4)
-    with running_server(s) as (_, port):
-        gate = threading.Event()
-
-        def slow_items() -> Iterator[pb.AnnotateRequest]:
-            yield pb.AnnotateRequest(id="1", text="lung")
-            gate.wait(10)
-
+    """A batch in progress holds the one call a worker admits here; another is refused at
+    once with RESOURCE_EXHAUSTED, not queued; once the first is answered, calls go through."""
+    extractor = _SlowExtractor(ConceptIndex.load(index_a), delay=0.1)
+    s = settings_for(index_a, max_concurrent_rpcs=1, threads=4, cache_size=0)
+    with running_server(s, extractor=extractor) as (server, port):
         stub = _stub(port)
-        held = stub.AnnotateStream(slow_items(), timeout=10)
-        assert next(held).id == "1"
+        held = stub.AnnotateBatch.future(_batch([(str(i), "lung") for i in range(20)]),
+                                         timeout=30)
+        deadline = time.monotonic() + 10
+        while not server.metrics.value("conceptsvc_inflight_requests"):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         with pytest.raises(grpc.RpcError) as err:
             stub.AnnotateBatch(_batch([("a", "lung")]), timeout=5)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        gate.set()
-        assert list(held) == []
+        assert len(held.result().items) == 20
         assert len(stub.AnnotateBatch(_batch([("a", "lung")]), timeout=5).items) == 1
 
 

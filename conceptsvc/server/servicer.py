@@ -8,6 +8,19 @@ hash), cached or fresh, failed item or not: the next stream of the same client m
 answered by another one. Failures become statuses only through
 :func:`conceptsvc.server.status.status_for`.
 
+Answers are wire bytes, not messages: the engine's dataclasses are written by
+``wire.annotation_writer`` (compiled), the cache holds exactly those bytes (AnnotateResponse
+fields without id, cached flag and index hash), and a reply is the bytes of each answer with
+its id, cached flag and index hash appended (protobuf reads fields in any order), so a cache hit
+is copied into the reply, never parsed and rebuilt. ``add_concept_service`` registers the
+annotation methods without a response serialiser for that.
+
+AnnotateBatch: one message of many captions, answered by one message in request order; cache
+lookups and writes are one batched call each, items fail one by one (their ``status``), the
+reply is kept under the message limit (E501 for an answer over it alone, E503 for the items
+that do not fit beside the earlier ones, and a whole-call RESOURCE_EXHAUSTED only when not even
+refusals would fit), and a batch whose deadline comes close answers what it has.
+
 Streams: a reader thread moves incoming items into a bounded queue; the handler takes whatever
 has arrived (up to ``stream_batch_size``), looks the batch up in the cache with one batched call,
 extracts the misses, writes them back with one batched call, and answers in request order. A bad

@@ -419,12 +419,17 @@ _CLIENT_STAGES = {
     "google": "wire (messages)", "argparse.py": "start-up (imports, arguments)",
 }
 _STARTUP = "start-up (imports, arguments)"
+# Innermost functions of threads and processes that wait in a call py-spy samples as running
+# (the worker's main thread, idle pool threads, the supervisor): not CPU, left out.
+_WAITING = frozenset({"run_worker", "_worker", "wait", "select", "_read_events", "_wait_ready",
+                      "_loop", "acquire", "get"})
 
 
 def _stage_shares(raw: Path, stages: dict[str, str]) -> dict[str, float]:
     """Share of ``py-spy --format raw`` samples per stage (the innermost frame that names one
-    of ``stages``' files or packages; any sample inside an import is start-up); the rest is
-    "other" (the interpreter, threads, gRPC's core)."""
+    of ``stages``' files or packages; any sample inside an import is start-up; samples of
+    threads waiting in a call are left out); the rest is "other" (the interpreter, gRPC's
+    core)."""
     totals: dict[str, int] = {}
     with raw.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
@@ -435,6 +440,9 @@ def _stage_shares(raw: Path, stages: dict[str, str]) -> dict[str, float]:
             frames = stack.split(";")
             if any("<frozen importlib" in f for f in frames):
                 totals[_STARTUP] = totals.get(_STARTUP, 0) + int(count)
+                continue
+            innermost = frames[-1].partition(" (")[0]
+            if innermost in _WAITING or innermost.startswith("process "):
                 continue
             for frame in reversed(frames):
                 where = frame.rpartition(" (")[2].rstrip(")").rsplit(":", 1)[0]
@@ -653,9 +661,13 @@ def to_markdown(s: dict[str, Any], command: str) -> str:
             lines.append(f"not measured: {shares['error']}")
         for side in ("server", "client"):
             if side in shares:
-                lines.append(f"- {side}: " + ", ".join(
-                    f"{k} {100 * v:.0f} %" for k, v in shares[side].items()
-                ))
+                startup = shares[side].get(_STARTUP, 0.0)
+                rest = {k: v for k, v in shares[side].items() if k != _STARTUP}
+                total = sum(rest.values()) or 1.0
+                lines.append(
+                    f"- {side}: start-up {100 * startup:.0f} % of the samples; the rest: "
+                    + ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in rest.items())
+                )
     lines += ["", "| target (issue 15) | bound | this run | |", "| --- | ---: | ---: | --- |"]
     for label, path, bound, how in TARGETS:
         value = _get(s, path)

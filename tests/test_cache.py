@@ -83,6 +83,35 @@ def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer)
     assert stats["cmdstat_mget"]["calls"] == 1
     assert 0 < r.ttl("t-roundtrip:k0") <= 120
     assert r.get("t-roundtrip:k7") == b"value 7"
+    # the 50 writes were one script call, not 50 commands (EVALSHA twice: the first finds the
+    # script not loaded yet, redis-py loads it and calls again)
+    assert stats["cmdstat_set"]["calls"] == 50  # inside the script
+    assert stats["cmdstat_evalsha"]["calls"] <= 2 and "cmdstat_eval" not in stats
+    # a flushed script cache (a Redis restart, SCRIPT FLUSH) is reloaded, not an error
+    r.script_flush()
+    cache.put_many([("again", b"A")])
+    assert cache.get_many(["again"]) == [b"A"] and cache.available
+    cache.close()
+
+
+def test_cache_redis_without_scripts_writes_with_a_pipeline(
+    shared_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis that refuses scripts (renamed or disabled EVAL, as some managed services do)
+    still gets the entries, through pipelined SETs, after one warning."""
+    cache = RedisCache(shared_redis.url, prefix="t-noscript:", ttl_seconds=60)
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise redis.ResponseError("ERR unknown command 'EVALSHA'")
+
+    cache._set_all = refuse  # type: ignore[assignment]  # the one command such a Redis lacks
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.cache"):
+        cache.put_many([("a", b"1"), ("b", b"2")])
+        cache.put_many([("c", b"3")])
+    assert cache.get_many(["a", "b", "c"]) == [b"1", b"2", b"3"]
+    assert 0 < _redis(shared_redis.url).ttl("t-noscript:a") <= 60
+    assert sum("refused the cache's write script" in r.getMessage() for r in caplog.records) == 1
+    assert cache.available
     cache.close()
 
 

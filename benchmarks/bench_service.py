@@ -442,7 +442,11 @@ def _stage_shares(raw: Path, stages: dict[str, str]) -> dict[str, float]:
                 totals[_STARTUP] = totals.get(_STARTUP, 0) + int(count)
                 continue
             innermost = frames[-1].partition(" (")[0]
-            if innermost in _WAITING or innermost.startswith("process "):
+            if innermost in _WAITING:
+                continue
+            if all(f.startswith("process ") or " (" not in f for f in frames):
+                stage = "native, no Python frame (gRPC core threads)"
+                totals[stage] = totals.get(stage, 0) + int(count)
                 continue
             for frame in reversed(frames):
                 where = frame.rpartition(" (")[2].rstrip(")").rsplit(":", 1)[0]

@@ -462,12 +462,7 @@ cdef class BatchReader:
         _raw(b, self.top_keys[0])
         _json_str(b, rid)
         _raw(b, self.top_keys[1])
-        _raw(b, b"[")
-        for k in range(len(concepts)):
-            if k:
-                _raw(b, b",")
-            _json_str(b, <str>concepts[k])
-        _raw(b, b"]")
+        _json_value(b, concepts, K_STRINGS)
         _raw(b, self.top_keys[2])
         _raw(b, b"[")
         for k in range(len(mentions)):

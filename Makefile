@@ -10,7 +10,7 @@ SPEEDUPS := conceptsvc/_speedups$(EXT_SUFFIX)
 # The annotation wire writer (conceptsvc/_wire.pyx), a second, small extension.
 WIRE_EXT := conceptsvc/_wire$(EXT_SUFFIX)
 
-.PHONY: install test lint demo bench bench-index bench-peers bench-context peers context-peer scispacy-reference soak proto audit lock clean system-deps
+.PHONY: install test lint demo bench bench-index bench-umls bench-peers bench-context peers context-peer scispacy-reference soak proto audit lock clean system-deps
 
 # Debian packages the build and the tests need (gcc and Python's headers for the compiled
 # extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier;
@@ -82,6 +82,18 @@ bench: install peers context-peer
 
 bench-index: install peers
 	$(PY) -m benchmarks.bench index
+
+# A full UMLS release beside the demo dictionary (issue 13): a realistic and a stress synthetic
+# release of UMLS_ROWS MRCONSO rows, kept in UMLS_BENCH_DATA between runs (regenerated only when
+# the generator or its parameters change), each built merged with the demo dictionary and
+# measured (build, exact, service, guarded approximate, quality) beside the demo index; replaces
+# its section of BENCHMARKS.md. For a quick check of the harness: make bench-umls UMLS_ROWS=200000
+UMLS_BENCH_DATA ?= bench-out/umls
+UMLS_ROWS       ?= 16000000
+UMLS_VARIANTS   ?= realistic,stress
+bench-umls: install
+	$(PY) -m benchmarks.bench umls --rows $(UMLS_ROWS) --variants $(UMLS_VARIANTS) \
+	  --data $(UMLS_BENCH_DATA) --write BENCHMARKS.md
 
 # Peer tools for the benchmarks (QuickUMLS, MedCAT, mmlite) in their own venv, so that their
 # pins never meet ours; conceptsvc goes in with --no-deps, for benchmarks/peers/ to import. The

@@ -287,6 +287,7 @@ def bench(
 ) -> dict[str, Any]:
     """Time ``extractor`` over ``captions``; see the module docstring for what is measured.
 
+    ``repeat=0`` measures the cold pass only (no warm-up, no warm passes).
     ``profile`` adds the cProfile stage shares for the pure-Python reference engine only; the
     compiled engine's are sampled in a child process (:func:`profile_stages_py_spy`).
     ``reference`` times the pure-Python reference pipeline instead of the compiled one
@@ -301,6 +302,19 @@ def bench(
     for id_, text in captions:
         cold_extractor.extract(text, options, id=id_)
     cold_wall, cold_cpu = time.perf_counter() - w0, time.process_time() - c0
+    n = len(captions)
+    result: dict[str, Any] = {
+        "engine": "pure Python (reference)" if extractor.engine == "reference" else "compiled",
+        "mode": options.mode,
+        "profile": options.profile,
+        "similarity": options.similarity,
+        "threshold": options.threshold,
+        "captions": n,
+        "cold_captions_per_s_wall": round(n / cold_wall, 1),
+        "cold_captions_per_s_cpu": round(n / cold_cpu, 1),
+    }
+    if repeat == 0:
+        return result
     extract = extractor.extract
     for id_, text in captions:  # warm-up
         extract(text, options, id=id_)
@@ -317,16 +331,7 @@ def bench(
         if wall < best_wall:
             best_wall, per_caption = wall, times
         best_cpu = min(best_cpu, cpu)
-    n = len(captions)
-    result: dict[str, Any] = {
-        "engine": "pure Python (reference)" if extractor.engine == "reference" else "compiled",
-        "mode": options.mode,
-        "profile": options.profile,
-        "similarity": options.similarity,
-        "threshold": options.threshold,
-        "captions": n,
-        "cold_captions_per_s_wall": round(n / cold_wall, 1),
-        "cold_captions_per_s_cpu": round(n / cold_cpu, 1),
+    result |= {
         "captions_per_s_wall": round(n / best_wall, 1),
         "captions_per_s_cpu": round(n / best_cpu, 1),
         "median_us_per_caption": round(statistics.median(per_caption) / 1000, 1),

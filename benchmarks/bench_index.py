@@ -31,42 +31,35 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import BENCH_OUT, CHECKOUT
+from benchmarks.processes import run_measured
 
-__all__ = ["main"]
+__all__ = ["dir_size", "main", "parse_size", "size_label"]
 
 TARGETS_16M = {"build_s": 15 * 60, "build_peak_rss_mb": 12 * 1024, "load_s": 5.0,
                "rss_after_load_mb": 3 * 1024}
 
 
-def _parse_size(text: str) -> int:
+def parse_size(text: str) -> int:
     t = text.strip().upper()
     mult = 1_000_000 if t.endswith("M") else 1_000 if t.endswith("K") else 1
     return int(float(t.rstrip("MK")) * mult)
 
 
-def _label(rows: int) -> str:
+def size_label(rows: int) -> str:
     return f"{rows // 1_000_000}M" if rows % 1_000_000 == 0 else f"{rows // 1000}k"
 
 
 def _run_measured(cmd: Sequence[str], *, log_path: Path) -> dict[str, Any]:
-    """Run ``cmd``; wall time, CPU time and peak RSS of that child alone (``os.wait4``)."""
-    t0 = time.monotonic()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=CHECKOUT)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.monotonic() - t0
-    if proc.returncode != 0:
+    """Run ``cmd``; wall time, CPU time and peak RSS (see :func:`run_measured`); raises on
+    failure."""
+    result = run_measured(cmd, log_path=log_path)
+    if "error" in result:
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    return {
-        "wall_s": round(wall, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: kilobytes
-    }
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result['error']}):\n{tail}")
+    return result
 
 
-def _dir_size(path: Path) -> int:
+def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -131,7 +124,7 @@ def _probe(index_dir: Path) -> dict[str, Any]:
 
 
 def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
-    label = _label(rows)
+    label = size_label(rows)
     meta = out / f"synth-{label}" / "META"
     result: dict[str, Any] = {"rows": rows, "label": label, "workers": workers}
     if not (meta / "MRFILES.RRF").is_file():
@@ -141,7 +134,7 @@ def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
             log_path=out / f"synth-{label}.log",
         )
         result["generate"] = gen
-    result["rrf_bytes"] = _dir_size(meta)
+    result["rrf_bytes"] = dir_size(meta)
     index_dir = out / f"index-{label}"
     print(f"[{label}] building the index", flush=True)
     result["build"] = _run_measured(
@@ -152,7 +145,7 @@ def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
     manifest = json.loads((index_dir / "manifest.json").read_text())
     result["counts"] = {k: manifest["counts"][k] for k in
                         ("concepts", "keys", "strings", "postings")}
-    result["index_bytes"] = _dir_size(index_dir)
+    result["index_bytes"] = dir_size(index_dir)
     print(f"[{label}] loading it in a fresh process", flush=True)
     probe = subprocess.run(
         [py, "-m", "benchmarks.bench_index", "--probe", str(index_dir)],
@@ -165,7 +158,7 @@ def _bench_size(rows: int, out: Path, py: str, workers: int) -> dict[str, Any]:
 
 def _bench_quickumls(rows: int, out: Path) -> dict[str, Any]:
     peers_py = CHECKOUT / ".venv-peers" / "bin" / "python"
-    label = _label(rows)
+    label = size_label(rows)
     if not peers_py.is_file():
         return {"skipped": ".venv-peers not found (run `make peers`)"}
     meta = out / f"synth-{label}" / "META"
@@ -183,7 +176,7 @@ def _bench_quickumls(rows: int, out: Path) -> dict[str, Any]:
         )
     except RuntimeError as exc:
         return {"failed": str(exc)[-500:]}
-    res["index_bytes"] = _dir_size(target)
+    res["index_bytes"] = dir_size(target)
     try:
         log_text = (out / f"quickumls-{label}.log").read_text().strip().splitlines()
         res["report"] = json.loads(log_text[-1])
@@ -264,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe is not None:
         print(json.dumps(_probe(args.probe)))
         return 0
-    sizes = sorted(_parse_size(s) for s in args.sizes.split(",") if s.strip())
+    sizes = sorted(parse_size(s) for s in args.sizes.split(",") if s.strip())
     args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     results = []

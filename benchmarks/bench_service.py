@@ -67,12 +67,13 @@ from typing import Any
 from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2
 from benchmarks.bench_capacity import annotate_pass, bench_engine, tree_cpu_seconds
 from benchmarks.bench_extract import _py_spy as py_spy_path
+from benchmarks.processes import process_tree, tree_memory_kb
 from conceptsvc.client import ConceptClient
 from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
 from conceptsvc.server.launcher import spawn_server
 
-__all__ = ["main", "run"]
+__all__ = ["Server", "main", "run", "service_pass"]
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _start_redis() -> _Redis | None:
     raise ConfigError(f"redis-server did not start on port {port}")
 
 
-class _Server:
+class Server:
     """``conceptsvc serve`` in a subprocess."""
 
     def __init__(self, args: Sequence[str], prefix: Sequence[str] = ()) -> None:
@@ -133,33 +134,16 @@ class _Server:
         self.target = f"127.0.0.1:{port}"
         self.profiled = bool(prefix)
 
-    def pids(self) -> list[int]:
-        """The server and every process below it."""
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            for task in Path(f"/proc/{pid}/task").glob("*/children"):
-                try:
-                    todo.extend(int(c) for c in task.read_text().split())
-                except OSError:
-                    continue
-        return out
-
     def rss_mb(self) -> dict[str, float]:
-        cur = peak = 0
-        for pid in self.pids():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            cur += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-            peak += int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-        return {"rss_mb": round(cur / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}
+        """Summed over the server's processes: RSS now, each one's peak RSS, and PSS (the
+        workers' shared pages counted once)."""
+        mem = tree_memory_kb(self.proc.pid)
+        return {"rss_mb": round(mem["rss"] / 1024, 1), "peak_rss_mb": round(mem["hwm"] / 1024, 1),
+                "pss_mb": round(mem["pss"] / 1024, 1)}
 
     def stop(self) -> None:
         if self.profiled:  # the service is the profiler's child: it ends, the profiler writes
-            for pid in self.pids()[1:2]:
+            for pid in process_tree(self.proc.pid)[1:2]:
                 os.kill(pid, signal.SIGTERM)
             self.proc.communicate(timeout=120)
             return
@@ -171,8 +155,8 @@ class _Server:
             self.proc.communicate(timeout=10)
 
 
-def _pass(
-    server: _Server, captions: Sequence[tuple[str, str]], streams: int, batch_size: int = 0
+def service_pass(
+    server: Server, captions: Sequence[tuple[str, str]], streams: int, batch_size: int = 0
 ) -> dict[str, Any]:
     """All captions over ``streams`` concurrent clients: as AnnotateBatch messages of
     ``batch_size`` captions, or (0) on AnnotateStream. Captions/s, how many were cached, and
@@ -290,20 +274,20 @@ def _paths(
     args = [*base, "--redis-url", redis.url] if redis is not None else [*base, "--cache-size", "0"]
     for name, size in (("batch", batch_size), ("stream", 0)):
         _flush(redis)
-        server = _Server(args)
+        server = Server(args)
         try:
-            summary[f"{name}_cold"] = _pass(server, captions, streams, size)
+            summary[f"{name}_cold"] = service_pass(server, captions, streams, size)
             log.info("%s cold: %s", name, summary[f"{name}_cold"])
             if redis is not None:
-                summary[f"{name}_warm_memory_redis"] = _pass(server, captions, streams, size)
+                summary[f"{name}_warm_memory_redis"] = service_pass(server, captions, streams, size)
             summary[f"rss_after_{name}"] = server.rss_mb()
         finally:
             server.stop()
         if redis is None:
             continue
-        server = _Server(args)  # fresh in-process caches, Redis still warm
+        server = Server(args)  # fresh in-process caches, Redis still warm
         try:
-            summary[f"{name}_warm_redis"] = _pass(server, captions, streams, size)
+            summary[f"{name}_warm_redis"] = service_pass(server, captions, streams, size)
             log.info("%s warm (Redis only): %s", name, summary[f"{name}_warm_redis"])
         finally:
             server.stop()
@@ -359,7 +343,7 @@ def _annotate_runs(
     of ``corpus_size`` captions straight through and killed half-way and resumed."""
     args = [*base, "--redis-url", redis.url] if redis is not None else base
     _flush(redis)
-    server = _Server(args)
+    server = Server(args)
     try:
         row = annotate_pass([(server.proc, server.target)], captions_path, len(captions),
                             "annotate, cold server caches", extra=())
@@ -370,7 +354,7 @@ def _annotate_runs(
         return
     corpus = _write_corpus(work / "corpus.csv", captions, corpus_size)
     _flush(redis)
-    server = _Server(args)
+    server = Server(args)
     try:
         straight = work / "straight" / "out.jsonl"
         straight.parent.mkdir()
@@ -469,7 +453,7 @@ def _profile(base: list[str], captions_path: Path, work: Path) -> dict[str, Any]
         return {"error": "py-spy not found (it comes with the dev extra)"}
     server_raw, client_raw = work / "server.raw", work / "client.raw"
     record = [py_spy, "record", "--rate", "250", "--format", "raw"]
-    server = _Server([*base, "--cache-size", "0"],
+    server = Server([*base, "--cache-size", "0"],
                      prefix=[*record, "--subprocesses", "--output", str(server_raw), "--"])
     try:
         subprocess.run(
@@ -538,7 +522,7 @@ def run(
                 _annotate_runs(summary, base, redis, captions_file, captions, corpus_size, work)
             if profile:
                 summary["stage_shares"] = _profile(base, captions_file, work)
-        server = _Server([*base, "--cache-size", "0"])
+        server = Server([*base, "--cache-size", "0"])
         try:
             per = max(1, latency_requests // 16)
             summary["unary_1_client"] = _latency(server.target, texts, 1, latency_requests)

@@ -471,7 +471,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
                      + f" | {_TARGET_TEXT.get(key, '')} |")
     lines += [
         "",
-        "✓/✗: the issue's target met/missed (marked at 16M rows only). Build memory: the "
+        "✓/✗: the issue's target met/missed (speed and memory at 16M rows only; quality, "
+        "which does not depend on the machine, at any size). Build memory: the "
         "build's process tree, summed and sampled every 0.25 s (PSS counts pages the workers "
         "share once). Exact and approximate: one process each, `Extractor` with the "
         f"`{_PROFILE}` profile; cold = a fresh extractor's first pass; warm = best of "

@@ -27,7 +27,10 @@ MRSAB, MRRANK, MRFILES) whose *shape* is that of a real release:
     short abbreviations are the most ambiguous.
 
   Every concept's own names are made unique (a name whose key another concept holds grows by
-  a word; an abbreviation that is taken grows by a letter or a digit), and ambiguity is then
+  a word; an abbreviation that is taken grows by a letter or a digit) and contain at least one
+  made-up word (merged with a real dictionary, a synthetic "Mass" or "Right lung" would
+  compete with the real concept of that name, where a real release has one concept; only
+  abbreviations, as in a real release, are shared with real ones), and ambiguity is then
   added on purpose, by two processes of the same law: a concept's abbreviation is, with
   probability 0.55, a *shared* one, and a concept with two or more atoms has, with
   probability 0.015, one atom with a shared word or phrase. A shared string is created with a
@@ -277,10 +280,16 @@ def _acronym(base: list[str]) -> str | None:
     return letters if 2 <= len(letters) <= 6 else None
 
 
-# Words that are never a name on their own (a base name made only of these is redrawn).
-_FUNCTION_WORDS = frozenset("of the with without and in due to like".split())
-# Single words that a shared string with many concepts may be ("Other", "Cold", ...).
-_GENERIC = tuple(w for w in _ENGLISH if w not in _FUNCTION_WORDS)
+# Real English words. In the realistic release every name and every shared word or phrase has
+# at least one made-up word: a synthetic concept named only with real words ("the tumor",
+# "mass", "right lung") would compete with the real concept of that name in a merged
+# dictionary (the demo's, a licensed release's) — in a real release they are one concept.
+_REAL_WORDS = frozenset(_ENGLISH) | frozenset(_QUALIFIERS) | {
+    w.strip("()[]").lower() for q in _QUALIFIERS for w in q.split()}
+
+
+def _has_made_up_word(words: Iterable[str]) -> bool:
+    return any(w.lower().strip("()[],") not in _REAL_WORDS for w in words)
 _LETTERS = "ABCDEFGHIJKLMNOPRSTUVW"
 
 
@@ -344,7 +353,7 @@ class _Names:
         """A base name no other concept holds (a taken one grows by a word)."""
         words = self.words
         base = words.phrase()
-        while all(w in _FUNCTION_WORDS for w in base) or not self._free(_key(" ".join(base))):
+        while not _has_made_up_word(base) or not self._free(_key(" ".join(base))):
             base.append(words.word())
         return base
 
@@ -354,6 +363,8 @@ class _Names:
         own = {_key(" ".join(base))}
         forms = []
         for f in _variants(self.rng, base, self.words):
+            if not _has_made_up_word(f.split()):  # the variant with one word replaced
+                continue
             # A form of 4+ words has a key of 4+ tokens: never checked (see _free).
             if f.count(" ") >= _UNIQUE_CHECK_TOKENS:
                 forms.append(f)
@@ -410,12 +421,13 @@ class _Names:
         words, rng = self.words, self.rng
 
         def draw(k: int, extra: int) -> str:
-            if k >= 8 and not extra:  # "Other", "Cold": one common word
-                if rng.random() < 0.5:
-                    return rng.choice(_GENERIC).capitalize()
+            if k >= 8 and not extra:  # like "Other", "Cold": one common (made-up) word
                 return words.vocab[rng.randrange(len(_ENGLISH), len(_ENGLISH) + 2000)].capitalize()
             n = 1 if 3 <= k < 8 and rng.random() < 0.6 else 2 + (k == 2 and rng.random() < 0.4)
-            return " ".join(words.word() for _ in range(n + extra)).capitalize()
+            phrase = [words.word() for _ in range(n + extra)]
+            while not _has_made_up_word(phrase):
+                phrase[rng.randrange(len(phrase))] = words.word()
+            return " ".join(phrase).capitalize()
 
         return self._new_shared(draw, k)
 

@@ -52,7 +52,8 @@ def test_synth_umls_shape_and_build(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AmbiguityStats]:
-    """A 200k-row realistic release and the ambiguity of the index built from it."""
+    """A 200k-row realistic release (its META; the index built from it is META/../ix) and
+    the ambiguity of that index."""
     root = tmp_path_factory.mktemp("synth-realistic")
     generate(root / "META", SAMPLE_ROWS)
     build_dictionary_index([UmlsSource(root / "META")], root / "ix")
@@ -90,6 +91,22 @@ def test_synth_umls_identifiers_are_never_real(realistic: tuple[Path, AmbiguityS
     for line in (meta / "MRSTY.RRF").read_text(encoding="utf-8").splitlines():
         atui = line.split("|")[4]
         assert re.fullmatch(r"AT\d{9}", atui) and int(atui[2:]) >= 800_000_000
+
+
+def test_synth_umls_realistic_names_never_only_real_words(
+    realistic: tuple[Path, AmbiguityStats],
+) -> None:
+    """Merged with a real dictionary, a synthetic concept must not take a real concept's
+    mentions: every key of the realistic release but an abbreviation has a made-up word."""
+    from benchmarks.synth_umls import _REAL_WORDS
+    from conceptsvc.normalize import normalize_term
+
+    meta, _ = realistic
+    real = {normalize_term(w) for w in _REAL_WORDS} - {""}
+    index = ConceptIndex.load(meta.parent / "ix")
+    only_real = [k for k in index.keys()
+                 if all(t in real for t in k.split()) and not (len(k) <= 6 and " " not in k)]
+    assert not only_real, only_real[:10]
 
 
 def test_synth_umls_refuses_more_concepts_than_the_block(

@@ -12,7 +12,8 @@ MRSAB, MRRANK, MRFILES) whose *shape* is that of a real release:
   growing long tail of rare tokens (chemical and gene-like names), about 3 tokens per name on
   average (1–14; one word in 10 %); across sources the same name repeats with case variants,
   inverted "X, Y" forms, NOS/semantic-tag suffixes, plurals, a variant with one word replaced,
-  and abbreviations (TTY AB/ACR, for 18 % of the concepts whose sources have those types).
+  and abbreviations (TTY AB/ACR; in the realistic release for 18 % of the concepts whose
+  sources have those types).
   About a third of the rows are not English; ~100 sources with their languages and term
   types; SUPPRESS mostly N; TS/STT/ISPREF; 1–3 of the 127 semantic types per concept (0.1 % of
   concepts have no MRSTY row, as in 2023AB).
@@ -37,7 +38,7 @@ MRSAB, MRRANK, MRFILES) whose *shape* is that of a real release:
   quota of k concepts, P(k) ∝ k^-3.5 on 2..100 (70 % of ambiguous keys name 2 concepts, 2.7 on
   average; at 16M rows a few name 50–100, like Aronson's "Other"), and later concepts fill its
   quota. The more concepts a shared string has, the shorter it is: 8 or more are two-letter
-  abbreviations or single common words, 2 are 3–5-letter abbreviations or phrases.
+  abbreviations or single common (made-up) words, 2 are 3–5-letter abbreviations or phrases.
 
   Targets, checked by tests/test_synth_umls.py on an index built from 200k rows (and
   reported for every variant by ``make bench-umls``): 3–6 % of the concepts with an English
@@ -48,8 +49,9 @@ MRSAB, MRRANK, MRFILES) whose *shape* is that of a real release:
   ambiguous (Liu's 33.1 %); ambiguous keys of up to 3 characters name more concepts on average
   than multiword ones.
 
-  ``ambiguity="stress"`` is the generator as it was before these figures were applied: names
-  are drawn with repeats and an abbreviation is always its name's initials, so common words and
+  ``ambiguity="stress"`` is the generator as it was before these figures were applied (with
+  today's atoms per concept and identifiers): names are drawn with repeats, real words alone
+  included, and every AB/ACR atom is its name's initials, so at 16M rows common words and
   two-letter abbreviations name thousands of concepts ("left", "of", "ct"). A site dictionary
   can be that noisy, and the engine must survive it; it is not what a UMLS release looks like.
 

@@ -531,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe is not None:
         return _probe(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    # The stages run from the checkout: paths given relative to here must not change meaning.
+    args.data, args.captions, args.rocov2 = (path.resolve() for path in (
+        args.data, args.captions, args.rocov2))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in AMBIGUITY]
     if unknown:

@@ -4,7 +4,7 @@ For each size (default 1M, 4M and 16M MRCONSO rows) this generates synthetic RRF
 :mod:`benchmarks.synth_umls` (once; they are kept under ``bench-out/``), builds the index
 with the real command line (``conceptsvc index build``) in a subprocess, and loads it in a
 fresh subprocess. Reported per size: build wall time and CPU time, peak RSS of the build
-process (``wait4`` rusage of that child alone), index size on disk, load time with and without
+process (its VmHWM, sampled while it runs), index size on disk, load time with and without
 hash verification, RSS after load, and the cost of a key lookup and of a posting read once
 loaded. QuickUMLS builds its index from the smallest size in its own venv (``.venv-peers``,
 ``make peers``) through :mod:`benchmarks.peers.run`, non-interactively, for comparison.
@@ -195,7 +195,7 @@ def _markdown(results: list[dict[str, Any]], quick: dict[str, Any] | None, argv:
         f"({platform.processor() or platform.machine()}), {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}. Input: synthetic RRF from `benchmarks.synth_umls` "
         "(~32 % non-English rows, ~12 % suppressible; default filters ENG and drop O/E/Y). "
-        "Build = `conceptsvc index build` as a subprocess; peak RSS of that process (wait4). "
+        "Build = `conceptsvc index build` as a subprocess; peak RSS of that process (VmHWM). "
         "Load = `ConceptIndex.load` in a fresh process, files in the page cache.",
         "",
         "| rows | workers | build wall | build CPU | build peak RSS | concepts | keys | postings "

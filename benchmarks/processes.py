@@ -42,8 +42,9 @@ def process_tree(root: int) -> list[int]:
 
 def tree_memory_kb(root: int) -> dict[str, int]:
     """Sum over the tree of ``root``: ``rss`` (VmRSS), ``hwm`` (each process's peak RSS) and
-    ``pss`` (proportional set size: shared pages divided among their users), in kB."""
-    total = {"rss": 0, "hwm": 0, "pss": 0}
+    ``pss`` (proportional set size: shared pages divided among their users); and
+    ``largest_hwm``, the largest single process's peak RSS; in kB."""
+    total = {"rss": 0, "hwm": 0, "pss": 0, "largest_hwm": 0}
     for pid in process_tree(root):
         for name, key in (("status", None), ("smaps_rollup", "pss")):
             try:
@@ -54,6 +55,8 @@ def tree_memory_kb(root: int) -> dict[str, int]:
                 k = {"VmRSS": "rss", "VmHWM": "hwm", "Pss": "pss"}[field]
                 if key is None or k == key:
                     total[k] += int(kb)
+                if k == "hwm":
+                    total["largest_hwm"] = max(total["largest_hwm"], int(kb))
     return total
 
 
@@ -80,8 +83,10 @@ def run_measured(
     ``log_path``; return its figures.
 
     ``wall_s``; ``cpu_s`` (the child and the descendants it waited for, from ``wait4``);
-    ``peak_rss_mb`` (the largest single process's peak, from ``wait4``); ``peak_tree_rss_mb``
-    and ``peak_tree_pss_mb`` (the tree's summed RSS/PSS, sampled every ``sample_every`` s).
+    ``peak_rss_mb`` (the largest single process's peak RSS, its VmHWM, sampled: wait4's
+    ru_maxrss would count the harness's own pages that a forked child held before its exec);
+    ``peak_tree_rss_mb`` and ``peak_tree_pss_mb`` (the tree's summed RSS/PSS, sampled every
+    ``sample_every`` s).
     The child runs in a session of its own, so that the whole tree can be stopped: past
     ``timeout`` seconds, or when the tree's RSS passes ``max_rss_mb``, it is killed and the
     result has ``error`` saying why ("did not finish in 600 s", "stopped at 8,192 MB RSS ...");
@@ -97,7 +102,7 @@ def run_measured(
 
     preexec: Callable[[], None] | None = limit_address_space if limit is not None else None
     t0 = time.monotonic()
-    peak_rss = peak_pss = 0
+    peak_rss = peak_pss = peak_one = 0
     error: str | None = None
     with log_path.open("wb") as log, (
         stdout_path.open("wb") if stdout_path is not None else log
@@ -112,6 +117,7 @@ def run_measured(
                 break
             mem = tree_memory_kb(proc.pid)
             peak_rss, peak_pss = max(peak_rss, mem["rss"]), max(peak_pss, mem["pss"])
+            peak_one = max(peak_one, mem["largest_hwm"])
             elapsed = time.monotonic() - t0
             if timeout is not None and elapsed > timeout:
                 error = f"did not finish in {timeout:,.0f} s"
@@ -128,7 +134,7 @@ def run_measured(
     result: dict[str, Any] = {
         "wall_s": round(time.monotonic() - t0, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: kilobytes
+        "peak_rss_mb": round(peak_one / 1024),
         "peak_tree_rss_mb": round(peak_rss / 1024),
         "peak_tree_pss_mb": round(peak_pss / 1024),
         "returncode": proc.returncode,

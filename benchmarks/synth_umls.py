@@ -261,8 +261,11 @@ class _Words:
         return [self.word() for _ in range(n)]
 
 
-def _variants(rng: random.Random, base: list[str], words: _Words) -> list[str]:
-    """Surface forms a concept's atoms take across sources."""
+def _variants(
+    rng: random.Random, base: list[str], words: _Words, *, made_up: bool = False
+) -> list[str]:
+    """Surface forms a concept's atoms take across sources; with ``made_up``, only those with a
+    made-up word (the one with a word replaced may have lost it; the others keep the base's)."""
     text = " ".join(base)
     forms = [text, text.capitalize(), text.title()]
     if len(base) >= 2:
@@ -271,7 +274,8 @@ def _variants(rng: random.Random, base: list[str], words: _Words) -> list[str]:
     if len(base) >= 2:
         swap = list(base)
         swap[rng.randrange(len(swap))] = words.word()
-        forms.append(" ".join(swap).capitalize())
+        if not made_up or _has_made_up_word(swap):
+            forms.append(" ".join(swap).capitalize())
     if base[-1][-1:] not in "sy":
         forms.append(text + "s")
     return forms
@@ -364,9 +368,7 @@ class _Names:
         first is the base name itself. Holds the keys of those kept."""
         own = {_key(" ".join(base))}
         forms = []
-        for f in _variants(self.rng, base, self.words):
-            if not _has_made_up_word(f.split()):  # the variant with one word replaced
-                continue
+        for f in _variants(self.rng, base, self.words, made_up=True):
             # A form of 4+ words has a key of 4+ tokens: never checked (see _free).
             if f.count(" ") >= _UNIQUE_CHECK_TOKENS:
                 forms.append(f)

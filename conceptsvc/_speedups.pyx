@@ -15,7 +15,7 @@ One source of the rules: this module holds no rule constant of its own. Characte
 lengths, windows and tables are handed over at construction by the module that owns them
 (``normalize`` builds :class:`AsciiNormalizer` and :class:`SpanTokenizer`, ``abbreviations``
 builds :class:`DefinitionFinder`) or read through the public accessors of the object mirrored
-(``ExactMatcher.prefixes``/``entries``/``entry_by_id``/``break_chars``,
+(``ExactMatcher.key_trie``/``entries``/``entry_by_id``/``break_chars``,
 ``NegationDetector.phrase_table``/``trigger_words``/..., ``Profile.slots``/``phrase_table``);
 what an inner loop tests is copied once into C tables (:c:type:`CharSet`, the mark ranges).
 ``_speedups.pyi`` types what Python calls.
@@ -263,85 +263,157 @@ cdef class AsciiNormalizer:
 
 # -- the dictionary's key trie -----------------------------------------------------------------
 
-cdef struct Edge:
-    uint64_t key   # (parent node + 1) << 32 | (token id + 1); 0: empty slot
-    int32_t child
+@cython.auto_pickle(False)
+cdef class _Vocab:
+    """Token → number for a family of tries: the index's tokens first (``lookup``, a Mapping
+    over the index's mapped token table, or ``base``, its materialised dict for small
+    indexes), then tokens only other tries know (profile phrases), numbered from ``n_base``
+    on. A token no trie knows is -1. Looked up once per new surface form (the token table
+    caches the number), so the mapped table's Python lookup is first-use work only."""
+
+    cdef dict base
+    cdef object lookup
+    cdef dict extra
+    cdef Py_ssize_t n_base
+
+    def __init__(self, lookup=None, dict base=None, Py_ssize_t n_base=0):
+        self.lookup = lookup
+        self.base = base
+        self.extra = {}
+        self.n_base = n_base
+
+    cdef int32_t find(self, object tok) except -2:
+        cdef PyObject *hit
+        cdef object v
+        if self.base is not None:
+            hit = PyDict_GetItem(self.base, tok)
+            if hit is not NULL:
+                return <int32_t><object>hit
+        elif self.lookup is not None:
+            v = self.lookup.get(tok)
+            if v is not None:
+                return <int32_t>v
+        hit = PyDict_GetItem(self.extra, tok)
+        return -1 if hit is NULL else <int32_t><object>hit
+
+    cdef int32_t add(self, str tok) except -2:
+        cdef int32_t tid = self.find(tok)
+        if tid < 0:
+            tid = <int32_t>(self.n_base + len(self.extra))
+            self.extra[tok] = tid
+        return tid
+
+
+cdef inline uint64_t _edge_slot(uint64_t key) noexcept:
+    # index.trie_slot computes the same mix when the index build places the edges
+    key ^= key >> 29
+    key *= <uint64_t>0xbf58476d1ce4e5b9ULL
+    key ^= key >> 32
+    return key
 
 
 @cython.auto_pickle(False)
 cdef class _KeyTrie:
-    """A set of phrases (space-joined token strings) as a trie over token ids: extending a
+    """A set of phrases (space-joined token strings) as a trie over token numbers: extending a
     window by one token is one probe of a C hash table, with no string built and no dict
-    lookup. Used for the matcher's token-prefix table and for profiles' evidence phrases.
+    lookup. Edge ``(parent + 1) << 32 | (token + 1)`` → child node, open addressing; node 0 is
+    the root.
 
-    ``entries`` maps every phrase *and every token-prefix of one* to its value, or None for
-    a prefix that is not itself a phrase. Node 0 is the root; ``values[node]`` is the value
-    of the phrase the path to ``node`` spells. Token ids come from ``tok_ids``, which tries
-    built for one extractor share (a token table caches them).
+    Two kinds: the index's own trie, memory-mapped from the index directory (built by
+    ``conceptsvc index build``; ``node_keys[node]`` is the key id a node spells, or -1), made
+    by :func:`_mapped_trie`; and small tries built here from a dict (profiles' evidence
+    phrases, ``values[node]`` their value), made by :func:`_trie_of`. Token numbers come from a
+    shared :class:`_Vocab`.
     """
 
-    cdef Edge *edges
+    cdef uint64_t *keys
+    cdef uint32_t *children
+    cdef const int32_t *node_keys   # mapped tries only
+    cdef bint owned                 # keys/children allocated here (freed on dealloc)
+    cdef object buffers             # the mapped arrays' views, kept alive
     cdef uint64_t mask
-    cdef dict tok_ids
-    cdef list values
+    cdef _Vocab vocab
+    cdef list values                # built tries only
     cdef int32_t n_nodes
 
-    def __cinit__(self, dict entries, dict tok_ids):
-        cdef Py_ssize_t size = 16, n_edges = len(entries) + 1
-        cdef int32_t node, child, tid
-        cdef str p, tok
-        while size < 2 * n_edges:
-            size <<= 1
-        self.mask = size - 1
-        self.edges = <Edge *>calloc(size, sizeof(Edge))
-        if self.edges is NULL:
-            raise MemoryError()
-        self.tok_ids = tok_ids
-        self.values = [None]
-        self.n_nodes = 1
-        for p, value in entries.items():
-            node = 0
-            for tok in p.split(u" "):
-                tid = self.tok_ids.setdefault(tok, len(self.tok_ids))
-                child = self.child(node, tid)
-                if child < 0:
-                    child = self.n_nodes
-                    self.n_nodes += 1
-                    self.values.append(None)
-                    self._insert(node, tid, child)
-                node = child
-            if value is not None:
-                self.values[node] = value
-
     def __dealloc__(self):
-        free(self.edges)
-
-    cdef inline uint64_t _slot(self, uint64_t key) noexcept:
-        key ^= key >> 29
-        key *= <uint64_t>0xbf58476d1ce4e5b9ULL
-        key ^= key >> 32
-        return key & self.mask
+        if self.owned:
+            free(self.keys)
+            free(self.children)
 
     cdef int32_t child(self, int32_t node, int32_t tid) noexcept:
         cdef uint64_t key = ((<uint64_t>node + 1) << 32) | (<uint64_t>tid + 1)
-        cdef uint64_t k = self._slot(key)
-        while self.edges[k].key:
-            if self.edges[k].key == key:
-                return self.edges[k].child
+        cdef uint64_t k = _edge_slot(key) & self.mask
+        while self.keys[k]:
+            if self.keys[k] == key:
+                return <int32_t>self.children[k]
             k = (k + 1) & self.mask
         return -1
 
     cdef void _insert(self, int32_t node, int32_t tid, int32_t child) noexcept:
         cdef uint64_t key = ((<uint64_t>node + 1) << 32) | (<uint64_t>tid + 1)
-        cdef uint64_t k = self._slot(key)
-        while self.edges[k].key:
+        cdef uint64_t k = _edge_slot(key) & self.mask
+        while self.keys[k]:
             k = (k + 1) & self.mask
-        self.edges[k].key = key
-        self.edges[k].child = child
+        self.keys[k] = key
+        self.children[k] = <uint32_t>child
 
-    cdef int32_t token_id(self, object norm):
-        cdef PyObject *hit = PyDict_GetItem(self.tok_ids, norm)
-        return -1 if hit is NULL else <int32_t><object>hit
+    cdef int32_t token_id(self, object norm) except -2:
+        return self.vocab.find(norm)
+
+
+cdef _KeyTrie _trie_of(dict entries, _Vocab vocab):
+    """A trie built from ``entries``: every phrase *and every token-prefix of one* → its value,
+    or None for a prefix that is not itself a phrase; new tokens join ``vocab``."""
+    cdef _KeyTrie t = _KeyTrie.__new__(_KeyTrie)
+    cdef Py_ssize_t size = 16, n_edges = len(entries) + 1
+    cdef int32_t node, child, tid
+    cdef str p, tok
+    while size < 2 * n_edges:
+        size <<= 1
+    t.mask = size - 1
+    t.keys = <uint64_t *>calloc(size, sizeof(uint64_t))
+    t.children = <uint32_t *>calloc(size, sizeof(uint32_t))
+    t.owned = True
+    if t.keys is NULL or t.children is NULL:
+        raise MemoryError()
+    t.vocab = vocab
+    t.values = [None]
+    t.n_nodes = 1
+    for p, value in entries.items():
+        node = 0
+        for tok in p.split(u" "):
+            tid = vocab.add(tok)
+            child = t.child(node, tid)
+            if child < 0:
+                child = t.n_nodes
+                t.n_nodes += 1
+                t.values.append(None)
+                t._insert(node, tid, child)
+            node = child
+        if value is not None:
+            t.values[node] = value
+    return t
+
+
+cdef _KeyTrie _mapped_trie(object key_trie, _Vocab vocab):
+    """The index's trie (``index.KeyTrie``), read in place from its memory-mapped arrays."""
+    cdef const uint64_t[::1] keys = key_trie.edge_keys
+    cdef const uint32_t[::1] children = key_trie.edge_child
+    cdef const int32_t[::1] node_keys = key_trie.node_key
+    cdef Py_ssize_t size = keys.shape[0]
+    if size < 8 or size & (size - 1) or children.shape[0] != size or node_keys.shape[0] < 1:
+        raise ValueError("the index's token trie has impossible sizes")
+    cdef _KeyTrie t = _KeyTrie.__new__(_KeyTrie)
+    t.keys = <uint64_t *>&keys[0]  # never written: only _trie_of's tries insert
+    t.children = <uint32_t *>&children[0]
+    t.node_keys = &node_keys[0]
+    t.owned = False
+    t.buffers = (keys, children, node_keys)
+    t.mask = size - 1
+    t.vocab = vocab
+    t.n_nodes = <int32_t>node_keys.shape[0]
+    return t
 
 
 # -- the extractor's token table --------------------------------------------------------------
@@ -435,6 +507,8 @@ cdef class _TokenTable:
     cdef TokEntry *add(self, str text, Py_ssize_t s, Py_ssize_t e, uint64_t h) except NULL:
         cdef str raw = text[s:e]
         cdef object norm = self.normalize(raw)  # Python code: may switch threads
+        # (so may the token lookup of a large index, a Python Mapping: before the table too)
+        cdef int32_t tid = self.trie.token_id(norm) if norm else -1
         cdef TokEntry *t = self.find(text, s, e, h)  # so probe again
         if t is not NULL:
             return t
@@ -458,8 +532,8 @@ cdef class _TokenTable:
         if _ukind(raw) == 1 and e - s <= 24 and raw.isascii():
             memcpy(t.chars, _udata(raw), e - s)
             t.short_ascii = 1
-        t.tid = self.trie.token_id(norm) if norm else -1
-        t.node = self.trie.child(0, t.tid) if t.tid >= 0 else -1
+        t.tid = tid
+        t.node = self.trie.child(0, tid) if tid >= 0 else -1
         self.used += 1
         return t
 
@@ -545,7 +619,7 @@ cdef class SpanTokenizer:
     cdef _TokenTable table
 
     def __init__(self, normalize_token, *, marks, apostrophes, Py_ssize_t max_cache=1 << 18):
-        self.table = _TokenTable(normalize_token, _KeyTrie({}, {}), max_cache)
+        self.table = _TokenTable(normalize_token, _trie_of({}, _Vocab()), max_cache)
         _token_rules_init(&self.table.rules, marks, apostrophes)
 
     def __call__(self, str text):
@@ -954,9 +1028,10 @@ cdef enum:
 cdef class FastPath:
     """One caption through the pipeline of :meth:`conceptsvc.extractor.Extractor.extract`.
 
-    Built by the extractor when its exact matcher has a token-prefix table (indexes of up to
-    ``matcher.PREFIX_TABLE_MAX_KEYS`` keys). Reads the matcher through its public accessors
-    (``prefixes``, ``entries``, ``entry_by_id``, ``crossed_postings``, ``break_chars``), shares the matcher's and the
+    Built by the extractor at any index size: it matches over the index's memory-mapped token
+    trie (``ExactMatcher.key_trie``) and builds nothing that grows with the index. Reads the
+    matcher through its public accessors (``key_trie``, ``entries``, ``entry_by_id``,
+    ``crossed_postings``, ``break_chars``), shares the matcher's and the
     extractor's memo tables, takes its tokenisation rules from ``tokenizer`` (``normalize``'s
     :class:`SpanTokenizer`), and calls back the extractor's own steps it is handed.
     """
@@ -984,15 +1059,15 @@ cdef class FastPath:
                  profiles, check_surface, filter_postings, filter_matches, disambiguate,
                  approximate, concept_info, dict concept_memo not None, cand_type,
                  mention_type, annotation_type):
-        prefixes = matcher.prefixes
-        if prefixes is None:
-            raise ValueError("the fast path needs the matcher's token-prefix table")
+        key_trie = matcher.key_trie
+        cdef _Vocab vocab = _Vocab(key_trie.token_ids, key_trie.token_dict,
+                                   len(key_trie.token_ids))
         self.entries = matcher.entries
         self.entry_by_id = matcher.entry_by_id
         self.crossed_postings = matcher.crossed_postings
         _charset_init(&self.breaks, matcher.break_chars, "break_chars")
         self.info = concept_memo
-        self.trie = _KeyTrie({k: (v if v >= 0 else None) for k, v in prefixes.items()}, {})
+        self.trie = _mapped_trie(key_trie, vocab)
         self.table = _TokenTable(tokenizer.table.normalize, self.trie)
         self.table.rules = tokenizer.table.rules
         self.check_surface = check_surface
@@ -1005,7 +1080,7 @@ cdef class FastPath:
         self.negation = negation
         # every profile a request may name, now: their phrases' tokens join the vocabulary
         # before the token table caches any token id
-        self.profiles = {p: ProfileRunner(p, self.trie.tok_ids) for p in profiles}
+        self.profiles = {p: ProfileRunner(p, vocab) for p in profiles}
         self.Cand = cand_type
         self.Mention = mention_type
         self.Annotation = annotation_type
@@ -1056,7 +1131,7 @@ cdef class FastPath:
         filtered out or not, as the reference's coverage does."""
         cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j, t
         cdef _KeyTrie trie = self.trie
-        cdef list kid_objs = trie.values
+        cdef const int32_t *node_keys = trie.node_keys
         cdef dict entries = self.entries
         cdef dict memo = plan.fast_memo
         cdef list out = []
@@ -1075,7 +1150,9 @@ cdef class FastPath:
             j = i + 1
             crossed = False
             while True:
-                kid = <object>PyList_GET_ITEM(kid_objs, node)
+                kid = None
+                if node_keys[node] >= 0:
+                    kid = node_keys[node]
                 if kid is not None and crossed:
                     # the window spans break punctuation: only strings punctuated alike
                     # (matcher.crossed_postings; rare, so no memo here)
@@ -1461,7 +1538,7 @@ cdef class ProfileRunner:
     loop; returns ``(kept, inferred)`` like the reference's ``ProfileResult``. The profile is
     read through its public attributes (``phrase_table``, ``slots``, ``vocabulary``, ``drop``).
 
-    Built with ``tok_ids`` (an extractor's token vocabulary, which this adds the phrases'
+    Built with ``vocab`` (an extractor's token vocabulary, which this adds the phrases'
     tokens to: only before the extractor tokenises anything), evidence phrases are also kept
     as a trie, and :meth:`apply_ids` finds them from the caption's token ids.
     """
@@ -1473,7 +1550,7 @@ cdef class ProfileRunner:
     cdef frozenset drop
     cdef _KeyTrie trie
 
-    def __init__(self, profile, dict tok_ids=None):
+    def __init__(self, profile, _Vocab vocab=None):
         self.phrases = profile.phrase_table
         self.slots = tuple(
             (s.member_set, s.priority, s.max, s.mention_weight, s.when, s.keep_mentioned,
@@ -1483,9 +1560,9 @@ cdef class ProfileRunner:
         self.vocabulary = profile.vocabulary
         self.drop = profile.drop
         self.trie = None
-        if tok_ids is not None and self.phrases:
-            self.trie = _KeyTrie({k: (v if v else None) for k, v in self.phrases.items()},
-                                 tok_ids)
+        if vocab is not None and self.phrases:
+            self.trie = _trie_of({k: (v if v else None) for k, v in self.phrases.items()},
+                                 vocab)
 
     cdef int _credit(self, dict scores, tuple targets, str text, Py_ssize_t s,
                      Py_ssize_t e) except -1:

@@ -33,14 +33,15 @@ one of the dictionary strings matched at that span comes from an accepted source
 Two implementations, one behaviour: this module and the stage modules are the reference, in
 plain Python; ``conceptsvc/_speedups.pyx`` (Cython, built by ``make install``) runs the same
 pipeline per caption with the interpreter out of the loop — a token table keyed by the
-caption's code points, the key prefix table as a trie over token ids, negation, profiles and
+caption's code points, the index's memory-mapped token trie (built by the index build, at
+any index size), negation, profiles and
 caption definitions in C — and calls back into these modules for whatever is rare (a token or
 key seen for the first time, ambiguous spans, approximate matching). Its rules are these
 modules': each stage hands over its constants and tables, or exposes them through public
-accessors (``ExactMatcher.prefixes``, ``NegationDetector.phrase_table``, ``Profile.slots``, ...).
+accessors (``ExactMatcher.key_trie``, ``NegationDetector.phrase_table``, ``Profile.slots``, ...).
 ``Extractor(index, engine=...)`` chooses: ``"compiled"``, ``"reference"`` (no compiled code at
 all), or ``"auto"`` — the compiled engine whenever the extension is built (and not switched off
-with ``CONCEPTSVC_PURE_PYTHON=1``) and the matcher has its token-prefix table.
+with ``CONCEPTSVC_PURE_PYTHON=1``).
 ``tests/test_speedups.py`` holds the two to the same annotations.
 
 Scores: an exact match scores 1.0; an approximate one its trigram similarity.
@@ -60,7 +61,7 @@ from conceptsvc.abbreviations import AmbiguityResolver, fast_find_definitions, f
 from conceptsvc.approximate import ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
-from conceptsvc.matcher import PREFIX_TABLE_MAX_KEYS, ExactMatcher, Match, check_surface
+from conceptsvc.matcher import ExactMatcher, Match, check_surface
 from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention, batch_items
 from conceptsvc.negation import Category, NegationDetector, mention_context
 from conceptsvc.normalize import (
@@ -244,10 +245,10 @@ class Extractor:
 
     ``engine`` chooses the implementation (the module docstring has both): ``"compiled"``
     runs ``conceptsvc/_speedups.pyx`` and raises :class:`ExtractionError` when it cannot (the
-    extension is not built, ``CONCEPTSVC_PURE_PYTHON=1`` switched it off, or the index is too
-    large for the token-prefix table); ``"reference"`` runs the pure-Python modules and no
-    compiled code at all; ``"auto"`` (the default) is the compiled engine when it can run, else
-    the Python pipeline (still with the compiled tokeniser when the extension is built).
+    extension is not built, or ``CONCEPTSVC_PURE_PYTHON=1`` switched it off); ``"reference"``
+    runs the pure-Python modules and no compiled code at all; ``"auto"`` (the default) is the
+    compiled engine when it can run, else the Python pipeline (still with the compiled
+    tokeniser when the extension is built).
     :attr:`engine` says which one runs.
     """
 
@@ -265,16 +266,11 @@ class Extractor:
             raise ExtractionError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.index = index
         self._exact = ExactMatcher(index)
-        compiled = engine != "reference" and SPEEDUPS is not None and (
-            self._exact.prefixes is not None
-        )
+        compiled = engine != "reference" and SPEEDUPS is not None
         if engine == "compiled" and not compiled:
-            why = SPEEDUPS_ABSENT or (
-                f"the index has more than {PREFIX_TABLE_MAX_KEYS:,} keys, too many for the "
-                "token-prefix table it needs"
-            )
             raise ExtractionError(
-                f"the compiled engine cannot run: {why}; use engine='auto' or 'reference'"
+                f"the compiled engine cannot run: {SPEEDUPS_ABSENT}; use engine='auto' or "
+                "'reference'"
             )
         self.engine = "compiled" if compiled else "reference"
         # the tokeniser of the Python pipeline (and of the ambiguity resolvers): the reference

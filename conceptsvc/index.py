@@ -1,6 +1,6 @@
 """The compiled concept index: built once offline, loaded fast, never written at request time.
 
-An index is a directory (format 2)::
+An index is a directory (format 3)::
 
     manifest.json            format/normaliser versions, source release, filters, counts, hashes
     keys.bin                 normalised term keys, sorted, UTF-8, each followed by "\\n"
@@ -20,6 +20,10 @@ An index is a directory (format 2)::
     concept_post_offsets.npy uint64[n_cuis+1]; concept_post.npy uint32: postings of each concept
     first_tokens.bin, first_tokens_offsets.npy, first_tokens_table.npy   first token of keys
     first_token_max.npy      uint16 per first token: length in tokens of its longest key
+    tokens.bin, tokens_offsets.npy, tokens_table.npy     distinct tokens of the keys, sorted
+    trie_edge_keys.npy       uint64[2^k]: token trie edges, ``(parent + 1) << 32 | (token + 1)``
+    trie_edge_child.npy      uint32[2^k]: the child node of the edge in the same slot
+    trie_node_key.npy        int32 per trie node: the key the path to it spells, or -1
     sabs.txt ttys.txt tuis.txt
 
 Why this shape: a full UMLS has ~10 M keys, and building a Python ``dict`` of them costs ~10 s
@@ -30,6 +34,16 @@ empty slot, load factor ≤ 0.5, linear probing), so a lookup is one CRC, usuall
 one byte comparison — about a microsecond from Python. Small indexes (the demo dictionary)
 additionally get plain dicts at load time, which are faster per lookup and cost little there.
 No pickle anywhere: ``np.load(allow_pickle=False)`` and text/byte files only.
+
+The token trie (format 3) is the compiled matcher's prefix structure: every key is a path of
+token numbers from the root (node 0), every token-prefix of a key is a node, and
+``trie_node_key`` says which nodes end a key. Extending a caption window by one token is one
+probe of the edge table (open addressing, linear probing, load factor ≤ 0.5, the slot is
+:func:`trie_slot` of the edge key, which the compiled engine computes the same way), so the
+matcher stops at the first token no key continues with and never builds a string. It is
+exact — no hash of a phrase stands in for the phrase — and built once by the index build
+(≈ 14 bytes per node with the token table: ~140 MB for a full UMLS's ~10 M prefixes), so no
+process builds anything that grows with the index when it loads.
 
 Integrity: every file's SHA-256 is in the manifest and ``content_hash`` is the hash of those.
 Loading refuses an unknown format version, a normaliser version other than this code's, a
@@ -67,13 +81,14 @@ __all__ = [
     "ConceptIndex",
     "ConceptInfo",
     "IndexBuilder",
+    "KeyTrie",
     "Posting",
     "build_index",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 FLAG_PREFERRED = 1  # this string is the concept's preferred name
 FLAG_ABBREVIATION = 2  # an abbreviation/acronym (TTY AB/ACR/…, or a short all-caps string)
@@ -83,8 +98,8 @@ FLAG_CASE_SENSITIVE = 4  # match only when the caption's surface has the same le
 # ~1 µs and ~150 bytes per entry to build, so only worth it when small).
 DICT_THRESHOLD = 300_000
 
-_STRTABS = ("keys", "strings", "cuis", "first_tokens")  # <name>.bin + <name>_offsets.npy
-_HASHED = ("keys", "cuis", "first_tokens")  # + <name>_table.npy
+_STRTABS = ("keys", "strings", "cuis", "first_tokens", "tokens")  # <name>.bin + <name>_offsets.npy
+_HASHED = ("keys", "cuis", "first_tokens", "tokens")  # + <name>_table.npy
 _ARRAYS = (
     "post_offsets",
     "post_cui",
@@ -98,6 +113,9 @@ _ARRAYS = (
     "concept_post_offsets",
     "concept_post",
     "first_token_max",
+    "trie_edge_keys",
+    "trie_edge_child",
+    "trie_node_key",
 )
 _TEXTS = ("sabs.txt", "ttys.txt", "tuis.txt")
 _EMPTY = 0
@@ -111,6 +129,19 @@ class Posting(NamedTuple):
     sab: str
     tty: str
     flags: int
+
+
+class KeyTrie(NamedTuple):
+    """The index's token trie (module docstring), as the compiled matcher reads it: the three
+    memory-mapped arrays, and the token → number lookup (``token_dict``, a dict, for small
+    indexes whose tables are materialised; else None and ``token_ids`` probes the mapped
+    table)."""
+
+    edge_keys: np.ndarray[Any, Any]
+    edge_child: np.ndarray[Any, Any]
+    node_key: np.ndarray[Any, Any]
+    token_ids: Mapping[str, int]
+    token_dict: dict[str, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,32 +187,94 @@ def _table_size(n: int) -> int:
     return size
 
 
-def _build_hash_table(crcs: np.ndarray[Any, np.dtype[np.uint32]]) -> np.ndarray[Any, Any]:
-    """Open-addressing table (linear probing) over entries 0..n-1 with the given CRCs.
+def _place(home: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
+    """The slot of each entry in an open-addressing table (linear probing) of ``size`` slots,
+    entry ``i`` hashing to slot ``home[i]``.
 
     Vectorised in rounds: every unplaced entry tries its next slot; among those that find it
     empty, the first claims it. An entry only ever moves past occupied slots, so a lookup that
     probes from the home slot until an empty one always meets it.
     """
-    n = len(crcs)
-    size = _table_size(n)
+    n = len(home)
     mask = np.uint64(size - 1)
-    table = np.zeros(size, dtype=np.uint64)
+    taken = np.zeros(size, dtype=bool)
+    slot_of = np.zeros(n, dtype=np.int64)
     pending = np.arange(n, dtype=np.int64)
-    pos = crcs.astype(np.uint64) & mask
-    entries = (crcs.astype(np.uint64) << np.uint64(32)) | (np.arange(n, dtype=np.uint64) + 1)
+    pos = home.astype(np.uint64) & mask
     while pending.size:
-        free = table[pos] == _EMPTY
+        free = ~taken[pos]
         cand, cpos = pending[free], pos[free]
         slots, first = np.unique(cpos, return_index=True)
         winners = cand[first]
-        table[slots] = entries[winners]
+        taken[slots] = True
+        slot_of[winners] = slots
         placed = np.zeros(n, dtype=bool)
         placed[winners] = True
         keep = ~placed[pending]
         pending = pending[keep]
         pos = (pos[keep] + np.uint64(1)) & mask
+    return slot_of
+
+
+def _build_hash_table(crcs: np.ndarray[Any, np.dtype[np.uint32]]) -> np.ndarray[Any, Any]:
+    """Table of entries ``(crc << 32) | (i + 1)`` over entries 0..n-1 with the given CRCs."""
+    n = len(crcs)
+    size = _table_size(n)
+    table = np.zeros(size, dtype=np.uint64)
+    entries = (crcs.astype(np.uint64) << np.uint64(32)) | (np.arange(n, dtype=np.uint64) + 1)
+    table[_place(crcs.astype(np.uint64), size)] = entries
     return table
+
+
+def trie_slot(edge_keys: np.ndarray[Any, Any], mask: int) -> np.ndarray[Any, Any]:
+    """Home slots of trie edge keys: a 64-bit mix (splitmix's finaliser, as
+    ``_speedups._KeyTrie`` computes it per probe), then the table's mask."""
+    k = edge_keys.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        k = k ^ (k >> np.uint64(29))
+        k = k * np.uint64(0xBF58476D1CE4E5B9)
+        k = k ^ (k >> np.uint64(32))
+    return k & np.uint64(mask)
+
+
+def _build_trie(
+    sorted_keys: Sequence[str],
+) -> tuple[list[str], dict[str, np.ndarray[Any, Any]]]:
+    """The token trie of the keys (module docstring): the sorted token list and the arrays.
+
+    One dict entry per node while building (≈ 100 bytes each: ~1 GB for a full UMLS, within
+    the build's budget), then the edge table placed with numpy.
+    """
+    tokens = sorted({t for k in sorted_keys for t in k.split(" ")})
+    tok_ids = {t: i for i, t in enumerate(tokens)}
+    edges: dict[int, int] = {}  # (parent + 1) << 32 | (token + 1) → child node
+    node_key = array("i", [-1])
+    get = edges.get
+    for kid, key in enumerate(sorted_keys):
+        node = 0
+        for tok in key.split(" "):
+            e = ((node + 1) << 32) | (tok_ids[tok] + 1)
+            child = get(e)
+            if child is None:
+                child = edges[e] = len(node_key)
+                node_key.append(-1)
+            node = child
+        node_key[node] = kid
+    n_edges = len(edges)
+    size = _table_size(n_edges)
+    keys = np.fromiter(edges.keys(), dtype=np.uint64, count=n_edges)
+    children = np.fromiter(edges.values(), dtype=np.uint32, count=n_edges)
+    del edges
+    slots = _place(trie_slot(keys, size - 1), size)
+    edge_keys = np.zeros(size, dtype=np.uint64)
+    edge_child = np.zeros(size, dtype=np.uint32)
+    edge_keys[slots] = keys
+    edge_child[slots] = children
+    return tokens, {
+        "trie_edge_keys": edge_keys,
+        "trie_edge_child": edge_child,
+        "trie_node_key": np.frombuffer(node_key, dtype=np.int32).copy(),
+    }
 
 
 def _write_strtab(
@@ -303,6 +396,10 @@ class _IdMap(Mapping[str, int]):
         """In table order, without a hash lookup per item (whole-index scans use this)."""
         return _Items(self)
 
+    def as_dict(self) -> dict[str, int] | None:
+        """The materialised dict behind this view (small indexes), else None."""
+        return None
+
     def _pairs(self) -> Iterator[tuple[str, int]]:
         if self._values is None:
             return zip(self._tab, range(len(self._tab)), strict=True)
@@ -330,6 +427,9 @@ class _FastIdMap(_IdMap):
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._d.get(key, default)
+
+    def as_dict(self) -> dict[str, int] | None:
+        return self._d
 
     def __getitem__(self, key: str) -> int:
         return self._d[key]
@@ -409,13 +509,22 @@ class ConceptIndex:
         self._firsts = tabs["first_tokens"]
         self._m = {name: _mv(a[name]) for name in _ARRAYS}
         small = materialize if materialize is not None else len(self._keys) <= DICT_THRESHOLD
+        self.materialized = small
+        """Whether the lookups are Python dicts built at load (small indexes only)."""
         if small:
             self._cuis.materialize()
             self._key_ids: _IdMap = _FastIdMap(self._keys)
             self._first_max: _IdMap = _FastIdMap(self._firsts, self._m["first_token_max"])
+            token_ids: _IdMap = _FastIdMap(tabs["tokens"])
         else:
             self._key_ids = _IdMap(self._keys)
             self._first_max = _IdMap(self._firsts, self._m["first_token_max"])
+            token_ids = _IdMap(tabs["tokens"])
+        self.key_trie = KeyTrie(
+            a["trie_edge_keys"], a["trie_edge_child"], a["trie_node_key"], token_ids,
+            token_ids.as_dict(),
+        )
+        """The token trie of the compiled matcher (memory-mapped; see the module docstring)."""
         self.cuis: Sequence[str] = _StringList(self._cuis)
         self.sabs = _read_lines(path / "sabs.txt")
         self.ttys = _read_lines(path / "ttys.txt")
@@ -440,9 +549,13 @@ class ConceptIndex:
                 problems.append(f"{name} has {len(a[name])} entries, expected {n_post}")
         for name, n in (("concept_pref", n_cuis), ("concept_sty_offsets", n_cuis + 1),
                         ("concept_post_offsets", n_cuis + 1),
-                        ("first_token_max", len(tabs["first_tokens"]))):
+                        ("first_token_max", len(tabs["first_tokens"])),
+                        ("trie_edge_child", len(a["trie_edge_keys"]))):
             if len(a[name]) != n:
                 problems.append(f"{name} has {len(a[name])} entries, expected {n}")
+        size = len(a["trie_edge_keys"])
+        if size < 8 or size & (size - 1) or len(a["trie_node_key"]) < 1:
+            problems.append("the token trie's tables have impossible sizes")
         if problems:
             raise ConceptIndexError(
                 f"{self.path}: index is truncated or inconsistent ({'; '.join(problems)}); "
@@ -477,9 +590,13 @@ class ConceptIndex:
             raise ConceptIndexError(f"{mpath}: manifest is not a JSON object; rebuild the index.")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
+            older = isinstance(version, int) and version < FORMAT_VERSION
             raise ConceptIndexError(
                 f"{p}: index format version {version!r} is not supported by this conceptsvc "
-                f"(expects {FORMAT_VERSION}); rebuild the index with this version."
+                f"(expects {FORMAT_VERSION}"
+                + ("; older indexes lack the token trie the matcher reads" if older else "")
+                + "); rebuild the index with this version (`conceptsvc index build ... "
+                "--out DIR`)."
             )
         if manifest.get("normalizer_version") != NORMALIZER_VERSION:
             raise ConceptIndexError(
@@ -881,10 +998,14 @@ class IndexBuilder:
                 [self._first_max[f] for f in firsts], dtype=np.uint16
             ),
         }
+        tokens, trie = _build_trie(sorted_keys)
+        arrays.update(trie)
         for name, arr in arrays.items():
             np.save(d / f"{name}.npy", arr, allow_pickle=False)
+        del trie
         _write_strtab(d, "keys", sorted_keys, n_keys, hashed=True)
         del sorted_keys
+        _write_strtab(d, "tokens", tokens, len(tokens), hashed=True)
         _write_strtab(d, "strings", self._strings, n_str, hashed=False)
         _write_strtab(d, "cuis", sorted_cuis, n_cuis, hashed=True)
         _write_strtab(d, "first_tokens", firsts, len(firsts), hashed=True)

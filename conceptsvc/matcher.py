@@ -34,7 +34,13 @@ import unicodedata
 from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
-from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, ConceptIndex, Posting
+from conceptsvc.index import (
+    FLAG_ABBREVIATION,
+    FLAG_CASE_SENSITIVE,
+    ConceptIndex,
+    KeyTrie,
+    Posting,
+)
 from conceptsvc.normalize import STOPWORDS, tokenize_spans_py
 
 __all__ = [
@@ -47,9 +53,6 @@ __all__ = [
     "crosses_break",
     "same_case",
 ]
-
-PREFIX_TABLE_MAX_KEYS = 2_000_000
-"""Indexes with more keys match through ``first_token_max`` instead of a prefix table."""
 
 MIN_MATCH_CHARS = 3
 """Keys shorter than this (in normalised characters, spaces excluded) need abbreviation
@@ -151,16 +154,14 @@ class ExactMatcher:
     """All dictionary keys in a caption's token sequence; one instance per loaded index.
 
     The compiled engine (``conceptsvc/_speedups.pyx``) runs :meth:`match` itself and reads
-    what it needs through the public accessors below: :attr:`prefixes`, :attr:`entries`,
+    what it needs through the public accessors below: :attr:`key_trie`, :attr:`entries`,
     :meth:`entry_by_id` and :attr:`break_chars`.
     """
 
     break_chars: ClassVar[frozenset[str]] = BREAK_CHARS
     """Punctuation no window spans (:data:`BREAK_CHARS`)."""
 
-    def __init__(
-        self, index: ConceptIndex, *, prefix_table_max_keys: int = PREFIX_TABLE_MAX_KEYS
-    ) -> None:
+    def __init__(self, index: ConceptIndex) -> None:
         self.index = index
         self._key_ids: Mapping[str, int] = index.key_ids
         self._first_max: Mapping[str, int] = index.first_token_max
@@ -170,11 +171,12 @@ class ExactMatcher:
         # Token-prefix table: every token-prefix of every key → its key id, or -1 when the
         # prefix is not itself a key. One probe per token says both "is this a key" and "can a
         # longer key continue here", so extension stops at the first dead end instead of
-        # probing up to first_token_max n-grams. Built once per index (≈ 0.1 s per 100 k keys);
-        # for very large indexes (a full UMLS) its memory is not worth it and the matcher
-        # falls back to first_token_max.
+        # probing up to first_token_max n-grams. A dict built at load (≈ 0.1 s per 100 k
+        # keys), so only for the small indexes whose lookups are dicts anyway
+        # (``index.materialized``); larger ones probe first_token_max and the mapped key table
+        # here, and the compiled engine reads the index's own token trie at any size.
         self._prefixes: dict[str, int] | None = None
-        if len(self._key_ids) <= prefix_table_max_keys:
+        if index.materialized:
             table: dict[str, int] = {}
             for key, kid in self._key_ids.items():
                 table[key] = kid
@@ -191,8 +193,14 @@ class ExactMatcher:
     def prefixes(self) -> Mapping[str, int] | None:
         """The token-prefix table: every key and every token-prefix of one (space-joined
         normalised tokens) → the key's id, or -1 for a prefix that is not itself a key; None
-        for an index of more than ``PREFIX_TABLE_MAX_KEYS`` keys (no table is built)."""
+        for an index too large to build it at load (``index.materialized`` is False)."""
         return self._prefixes
+
+    @property
+    def key_trie(self) -> KeyTrie:
+        """The index's token trie (memory-mapped, built by the index build), which the
+        compiled engine matches over."""
+        return self.index.key_trie
 
     @property
     def entries(self) -> dict[int, KeyEntry]:

@@ -15,8 +15,8 @@ from conceptsvc.normalize import STOPWORDS, tokenize_spans
 @pytest.fixture(scope="module", params=["prefix-table", "first-token-max"])
 def matcher(engine_index_path: Path, request: pytest.FixtureRequest) -> ExactMatcher:
     """Both matching strategies: the prefix table (small indexes) and first_token_max (large)."""
-    limit = 2_000_000 if request.param == "prefix-table" else 0
-    return ExactMatcher(ConceptIndex.load(engine_index_path), prefix_table_max_keys=limit)
+    small = request.param == "prefix-table"
+    return ExactMatcher(ConceptIndex.load(engine_index_path, materialize=small))
 
 
 def windows(m: ExactMatcher, text: str) -> list[tuple[str, set[str]]]:

@@ -22,10 +22,25 @@ and Chlamydia trachomatis; "MS"). QuickUMLS returns whichever comes first; we ne
 When the top candidates still tie on all four, every tied candidate is kept (and the caller can
 see the ambiguity as several concepts on one span) — a silent first-CUI choice is exactly the
 bug this exists to avoid.
+
+**A bound on the candidates ranked** (issue 13): a span is ranked among at most
+:data:`MAX_CANDIDATES` (64) concepts, the best by the context-free part of the rank — type
+preference, then prior, then CUI order (:meth:`AmbiguityResolver.shortlist`). A real UMLS's
+most ambiguous strings are in the tens of concepts (Aronson, "Ambiguity in the UMLS
+Metathesaurus", 2001 and 2005 editions: "Other" in 55), so for them the bound changes nothing;
+a noisy site dictionary can map a word to thousands ("left" → 8,013 concepts in the stress
+synthetic release), and ranking all of them on every mention made one caption cost
+milliseconds, with as many tied mentions out. Beyond the 64th, a concept could only have won on
+context words, and a tie of more than 64 is cut in CUI order. Because the shortlist of a union
+is the shortlist of the union of shortlists, the extractor applies it per key when it filters a
+key's postings (memoised per key and options), so a mention's cost does not grow with its
+key's concepts; no ROCOv2 validation prediction changes (the demo dictionary's most ambiguous
+key has far fewer concepts).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +48,7 @@ from conceptsvc.index import ConceptIndex
 from conceptsvc.normalize import SPEEDUPS, STOPWORDS, tokenize_spans
 
 __all__ = [
+    "MAX_CANDIDATES",
     "MAX_DEFINITIONS",
     "AmbiguityResolver",
     "Definition",
@@ -56,6 +72,9 @@ _WHITESPACE = (
     "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
     "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
+MAX_CANDIDATES = 64
+"""Concepts of one span that are ranked: the best by type preference, prior and CUI (see the
+module docstring)."""
 MAX_DEFINITIONS = 50
 """Definitions read per caption: real captions define a few; applying each one scans the
 caption, so a 100 KB text of nothing but definitions would otherwise take tens of seconds."""
@@ -248,6 +267,20 @@ class AmbiguityResolver:
         worst = len(self._type_rank)
         return min((self._type_rank.get(t, worst) for t in types), default=worst)
 
+    def shortlist(self, cuis: Sequence[str], types: Mapping[str, Sequence[str]]) -> list[str]:
+        """The :data:`MAX_CANDIDATES` best of ``cuis`` by the context-free rank (type
+        preference, prior, CUI), in their given order; all of them when there are no more."""
+        if len(cuis) <= MAX_CANDIDATES:
+            return list(cuis)
+        priors = self._priors
+        best = heapq.nsmallest(
+            MAX_CANDIDATES,
+            cuis,
+            key=lambda c: (self.type_rank(types.get(c, ())), -priors.get(c, 0.0), c),
+        )
+        keep = set(best)
+        return [c for c in cuis if c in keep]
+
     def choose(
         self,
         cuis: Sequence[str],
@@ -264,6 +297,7 @@ class AmbiguityResolver:
         """
         if len(cuis) < 2:
             return list(cuis)
+        cuis = self.shortlist(cuis, types)
         ctx = context - own_tokens
         ranked: list[tuple[tuple[int, int, int, float], str]] = []
         for c in cuis:

@@ -57,7 +57,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
-from conceptsvc.abbreviations import AmbiguityResolver, fast_find_definitions, find_definitions
+from conceptsvc.abbreviations import (
+    MAX_CANDIDATES,
+    AmbiguityResolver,
+    fast_find_definitions,
+    find_definitions,
+)
 from conceptsvc.approximate import ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
@@ -523,7 +528,10 @@ class Extractor:
         self, plan: _Plan, postings: Sequence[Posting]
     ) -> tuple[tuple[str, Posting], ...]:
         """The accepted concepts of a key's postings, each with its best posting (the
-        preferred name if it matched, else the first accepted string)."""
+        preferred name if it matched, else the first accepted string); at most
+        ``MAX_CANDIDATES`` of them, the resolver's shortlist — what disambiguation would keep
+        of them anyway, so that a mention of a key with thousands of concepts costs what one
+        with 64 does (``conceptsvc.abbreviations`` has the rule)."""
         best: dict[str, Posting] = {}
         sabs = plan.sabs
         for p in postings:
@@ -534,6 +542,10 @@ class Extractor:
             prev = best.get(p.cui)
             if prev is None or (p.flags & FLAG_PREFERRED and not prev.flags & FLAG_PREFERRED):
                 best[p.cui] = p
+        if len(best) > MAX_CANDIDATES:
+            cuis = list(best)
+            kept = plan.resolver.shortlist(cuis, {c: self.concept_info(c)[1] for c in cuis})
+            return tuple((c, best[c]) for c in kept)
         return tuple(best.items())
 
     def _apply_definitions(

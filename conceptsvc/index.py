@@ -242,38 +242,58 @@ def _build_trie(
 ) -> tuple[list[str], dict[str, np.ndarray[Any, Any]]]:
     """The token trie of the keys (module docstring): the sorted token list and the arrays.
 
-    One dict entry per node while building (≈ 100 bytes each: ~1 GB for a full UMLS, within
-    the build's budget), then the edge table placed with numpy.
+    Built level by level with numpy: at depth d every key of more than d tokens extends its
+    depth-(d-1) node by its d-th token; the distinct (parent, token) pairs of a level are its
+    new nodes. No per-prefix Python object, so it costs seconds at UMLS scale.
     """
-    tokens = sorted({t for k in sorted_keys for t in k.split(" ")})
+    n_keys = len(sorted_keys)
+    flat = " ".join(sorted_keys).split(" ") if n_keys else []
+    tokens = sorted(set(flat))
     tok_ids = {t: i for i, t in enumerate(tokens)}
-    edges: dict[int, int] = {}  # (parent + 1) << 32 | (token + 1) → child node
-    node_key = array("i", [-1])
-    get = edges.get
-    for kid, key in enumerate(sorted_keys):
-        node = 0
-        for tok in key.split(" "):
-            e = ((node + 1) << 32) | (tok_ids[tok] + 1)
-            child = get(e)
-            if child is None:
-                child = edges[e] = len(node_key)
-                node_key.append(-1)
-            node = child
-        node_key[node] = kid
-    n_edges = len(edges)
-    size = _table_size(n_edges)
-    keys = np.fromiter(edges.keys(), dtype=np.uint64, count=n_edges)
-    children = np.fromiter(edges.values(), dtype=np.uint32, count=n_edges)
-    del edges
+    tids = np.fromiter(map(tok_ids.__getitem__, flat), dtype=np.uint64, count=len(flat))
+    del flat
+    counts = np.fromiter((k.count(" ") + 1 for k in sorted_keys), dtype=np.int64, count=n_keys)
+    tok_off = np.zeros(n_keys, dtype=np.int64)
+    if n_keys:
+        np.cumsum(counts[:-1], out=tok_off[1:])
+    node_of = np.zeros(n_keys, dtype=np.uint64)  # each key's node at the current depth
+    edge_parts: list[np.ndarray[Any, Any]] = []
+    child_parts: list[np.ndarray[Any, Any]] = []
+    key_nodes: list[np.ndarray[Any, Any]] = []
+    key_ids: list[np.ndarray[Any, Any]] = []
+    live = np.arange(n_keys, dtype=np.int64)  # keys with more than ``depth`` tokens
+    n_nodes = 1
+    depth = 0
+    while live.size:
+        edge = ((node_of[live] + np.uint64(1)) << np.uint64(32)) | (
+            tids[tok_off[live] + depth] + np.uint64(1)
+        )
+        uniq, inverse = np.unique(edge, return_inverse=True)
+        children = np.arange(n_nodes, n_nodes + len(uniq), dtype=np.uint64)
+        n_nodes += len(uniq)
+        edge_parts.append(uniq)
+        child_parts.append(children)
+        node_of[live] = children[inverse]
+        depth += 1
+        ends = counts[live] == depth
+        key_ids.append(live[ends])
+        key_nodes.append(node_of[live[ends]])
+        live = live[~ends]
+    node_key = np.full(n_nodes, -1, dtype=np.int32)
+    for kids, nodes in zip(key_ids, key_nodes, strict=True):
+        node_key[nodes.astype(np.int64)] = kids
+    keys = np.concatenate(edge_parts) if edge_parts else np.zeros(0, dtype=np.uint64)
+    children = np.concatenate(child_parts) if child_parts else np.zeros(0, dtype=np.uint64)
+    size = _table_size(len(keys))
     slots = _place(trie_slot(keys, size - 1), size)
     edge_keys = np.zeros(size, dtype=np.uint64)
     edge_child = np.zeros(size, dtype=np.uint32)
     edge_keys[slots] = keys
-    edge_child[slots] = children
+    edge_child[slots] = children.astype(np.uint32)
     return tokens, {
         "trie_edge_keys": edge_keys,
         "trie_edge_child": edge_child,
-        "trie_node_key": np.frombuffer(node_key, dtype=np.int32).copy(),
+        "trie_node_key": node_key,
     }
 
 

@@ -119,6 +119,74 @@ def engine_index_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_engine_index(tmp_path_factory.mktemp("engine") / "index")
 
 
+LARGE_INDEX_KEYS = 2_050_000
+"""Keys of the large test index: just above the 2M keys at which the compiled engine used to
+be switched off (issue 13)."""
+LARGE_AMBIGUOUS = ("left", 300)
+"""A caption word the large index maps to this many extra concepts (beyond the ranking bound,
+``abbreviations.MAX_CANDIDATES``)."""
+
+
+def large_words() -> list[str]:
+    """The 8,000 made-up tokens of the large index's synthetic keys ("bacedi", ...)."""
+    syl = "ba ce di fo gu ha ji ko lu me ni po qu ra se ti vu wa xe zo".split()
+    return [a + b + c for a in syl for b in syl for c in syl]
+
+
+def build_large_index(out: Path) -> Path:
+    """The demo dictionary plus synthetic keys: more than 2M keys in all.
+
+    Every synthetic key is a real posting (one of ~512k concepts, four keys each) of two or
+    three made-up tokens; one in ten starts with a caption word ("lung bacedi"), so captions
+    reach into the synthetic part of the trie. The keys are written already normalised and
+    handed to :meth:`IndexBuilder.prime_keys`, which skips normalising them: the build costs
+    ~20 s and ~1.4 GB, once per session.
+    """
+    import random
+
+    from conceptsvc.embedded import demo_index
+    from conceptsvc.index import IndexBuilder
+
+    demo = demo_index(out.parent / "demo-cache")
+    b = IndexBuilder(source_release="large-test-index")
+    for cui in demo.cuis:
+        name, types = demo.name_and_types(cui) or (cui, ())
+        b.set_concept(cui, preferred_name=name, semantic_types=types)
+    for kid in range(demo.n_keys):
+        for p in demo.postings_of(kid):
+            b.add_term(p.cui, p.string, sab=p.sab, tty=p.tty, flags=p.flags)
+    rng = random.Random(13)
+    words = large_words()
+    anchors = ("left", "right", "lung", "liver", "chest", "ct", "mass", "bone", "artery")
+    keys: dict[str, None] = {}
+    while len(keys) < LARGE_INDEX_KEYS - demo.n_keys:
+        head = anchors[len(keys) % 9] if len(keys) % 10 == 0 else rng.choice(words)
+        tail = " ".join(rng.choices(words, k=rng.choice((1, 2, 2))))
+        keys[f"{head} {tail}"] = None
+    strings = list(keys)
+    del keys
+    b.prime_keys(strings, strings)
+    tuis = ("T047", "T033", "T023", "T060", "T121", "T061", "T029")
+    cui = ""
+    for i, s in enumerate(strings):
+        if i % 4 == 0:
+            cui = f"C8{i // 4:07d}"
+            b.set_concept(cui, preferred_name=s, semantic_types=(tuis[i % 7],))
+        b.add_term(cui, s, sab="SYNTH", tty="PT")
+    word, n = LARGE_AMBIGUOUS
+    for k in range(n):
+        c = f"C7{k:07d}"
+        b.set_concept(c, preferred_name=f"{word} {words[k]}", semantic_types=(tuis[k % 7],))
+        b.add_term(c, word, sab="SYNTH", tty="SY")
+    return b.write(out)
+
+
+@pytest.fixture(scope="session")
+def large_index_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of the large (> 2M keys) index, built once per session."""
+    return build_large_index(tmp_path_factory.mktemp("large") / "index")
+
+
 @pytest.fixture(scope="module")
 def demo_index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded demo dictionary compiled into a fresh directory (its real build path)."""

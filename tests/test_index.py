@@ -20,6 +20,7 @@ from conceptsvc.index import (
     IndexBuilder,
     Posting,
     build_index,
+    trie_slot,
 )
 from conceptsvc.normalize import normalize_term
 
@@ -265,6 +266,58 @@ def test_index_roundtrip_is_identity(
         assert ix.key_id(k) is not None
         toks = k.split(" ")
         assert ix.max_tokens_from(toks[0]) >= len(toks)
+    check_trie(ix)
+
+
+def trie_node(ix: ConceptIndex, phrase: str) -> int:
+    """The token trie's node of a space-joined phrase, or -1: the compiled engine's walk."""
+    trie = ix.key_trie
+    mask = len(trie.edge_keys) - 1
+    node = 0
+    for tok in phrase.split(" "):
+        tid = trie.token_ids.get(tok)
+        if tid is None:
+            return -1
+        edge = ((node + 1) << 32) | (tid + 1)
+        slot = int(trie_slot(np.array([edge], dtype=np.uint64), mask)[0])
+        while int(trie.edge_keys[slot]) not in (0, edge):
+            slot = (slot + 1) & mask
+        if int(trie.edge_keys[slot]) == 0:
+            return -1
+        node = int(trie.edge_child[slot])
+    return node
+
+
+def check_trie(ix: ConceptIndex) -> None:
+    """Every key's path ends on a node naming that key; its proper prefixes name no other key
+    unless they are keys; one node per distinct prefix, no node without a key below it."""
+    trie = ix.key_trie
+    keys = list(ix.keys())
+    prefixes = {" ".join(k.split(" ")[:n]) for k in keys for n in range(1, k.count(" ") + 2)}
+    assert len(trie.node_key) == len(prefixes) + 1  # (+ the root)
+    assert int((trie.node_key >= 0).sum()) == len(keys)
+    assert np.count_nonzero(trie.edge_keys) == len(prefixes)
+    for p in prefixes:
+        node = trie_node(ix, p)
+        assert node > 0
+        kid = ix.key_id(p)
+        assert int(trie.node_key[node]) == (-1 if kid is None else kid)
+    assert trie_node(ix, "no such phrase in any key") == -1
+
+
+def test_index_token_trie(index: ConceptIndex) -> None:
+    check_trie(index)
+    assert trie_node(index, "magnetic resonance") > 0 and index.key_id("magnetic resonance") is None
+    assert trie_node(index, "resonance imaging") == -1
+
+
+def test_index_format_2_is_refused_with_rebuild(built: Path) -> None:
+    # indexes of format 2 have no token trie: loading one says to rebuild it
+    manifest = json.loads((built / "manifest.json").read_text())
+    (built / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ConceptIndexError, match=r"format version 2 is not supported.*token "
+                       r"trie.*rebuild the index.*conceptsvc index build"):
+        ConceptIndex.load(built)
 
 
 def test_index_hash_table_with_many_collisions(tmp_path: Path) -> None:

@@ -35,7 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from conftest import LARGE_AMBIGUOUS, large_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -520,6 +522,93 @@ def test_speedups_engine_fixture_equals_reference(
     items = [(f"e{k}", t) for k, t in enumerate(ENGINE_CAPTIONS)] + sample[::2]
     bad = engine_engines.differences(items, options)
     assert not bad, summary(bad, len(items))
+
+
+# -- 3b. an index above the old 2M-key cap (issue 13) ------------------------------------------
+
+LARGE_OPTIONS: list[ExtractOptions | None] = [
+    None,
+    ExtractOptions(profile="rocov2"),
+    ExtractOptions(overlap="all", include_negated=False),
+    ExtractOptions(semantic_types=("T047", "T033")),
+]
+
+
+@pytest.fixture(scope="module")
+def large_engines(large_index_path: Path) -> Engines:
+    index = ConceptIndex.load(large_index_path, verify=False)
+    assert index.n_keys > 2_000_000 and not index.materialized
+    return Engines(index)
+
+
+def large_captions(index: ConceptIndex, sample: Items) -> Items:
+    """ROCOv2-like captions that hit the large index's synthetic keys: demo captions with a
+    synthetic key, or one cut short or run on, put into them."""
+    rng = random.Random(5)
+    words = large_words()
+    anchors = ("left", "lung", "chest", "ct", "artery")
+    out: Items = []
+    for k, (id_, text) in enumerate(sample[:300]):
+        key = index.key(rng.randrange(index.n_keys))
+        if k % 3 == 0:  # a caption word, then synthetic tokens: known, cut short or run on
+            key = f"{rng.choice(anchors)} {' '.join(rng.choices(words, k=rng.choice((1, 2, 3))))}"
+        cut = text.find(" ", len(text) // 2)
+        out.append((f"L{id_}", f"{text[:cut]} the {key} (arrow),{text[cut:]}"))
+    return out
+
+
+@pytest.mark.parametrize("options", LARGE_OPTIONS, ids=_id)
+def test_speedups_large_index_equals_reference(
+    large_engines: Engines, sample: Items, options: ExtractOptions | None
+) -> None:
+    items = large_captions(large_engines.index, sample) + sample[1::3]
+    bad = large_engines.differences(items, options)
+    assert not bad, summary(bad, len(items))
+    # the synthetic part of the trie is reached: synthetic concepts are found
+    found = {c for a in large_engines.reference(items[:300], None) for c in a.concepts}
+    assert any(c.startswith("C8") for c in found)
+
+
+def test_speedups_large_index_builds_nothing_at_load(large_index_path: Path) -> None:
+    # What the extractor uses is what the index build wrote, mapped: no prefix dict, no key
+    # or token dicts, the token trie read in place; constructing the extractor and a first
+    # request allocate little next to the index (Python allocations, tracemalloc).
+    import tracemalloc
+
+    index = ConceptIndex.load(large_index_path, verify=False)
+    tracemalloc.start()
+    try:
+        ex = Extractor(index)
+        ex.extract("Chest CT of the left lung bacedi shows a mass.")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ex.engine == "compiled"
+    matcher = ex._exact
+    assert matcher.prefixes is None and not index.materialized
+    assert index.key_ids.as_dict() is None and matcher.key_trie.token_dict is None
+    trie = matcher.key_trie
+    for arr in (trie.edge_keys, trie.edge_child, trie.node_key):
+        assert isinstance(arr, np.memmap), type(arr)
+    assert len(trie.node_key) > index.n_keys  # (every key and every token-prefix of one)
+    index_bytes = sum(f.stat().st_size for f in large_index_path.iterdir())
+    assert peak < 30 << 20 < index_bytes // 4, (peak, index_bytes)
+
+
+def test_speedups_large_index_ambiguity_is_bounded(large_engines: Engines) -> None:
+    # "left" has 300 synthetic concepts beyond the demo's: both engines rank the same 64
+    # (abbreviations.MAX_CANDIDATES) — the best by type preference, then CUI — and what the
+    # ranking keeps is among them
+    word, n = LARGE_AMBIGUOUS
+    text = f"Chest radiograph: {word} pleural effusion."
+    plan = large_engines.fast._plan(ExtractOptions())
+    pairs = large_engines.fast._filter_postings(plan, large_engines.index.postings(word))
+    assert len(large_engines.index.postings(word)) >= n
+    assert len(pairs) == abbreviations.MAX_CANDIDATES
+    large_engines.check(text, ExtractOptions(overlap="all"))
+    got = large_engines.fast.extract(text, ExtractOptions(overlap="all"))
+    on_word = {m.cui for m in got.mentions if m.text == word}
+    assert on_word and on_word <= {c for c, _ in pairs}
 
 
 def test_speedups_every_code_point_through_the_pipeline(engine_engines: Engines) -> None:

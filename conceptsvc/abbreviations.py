@@ -52,6 +52,7 @@ __all__ = [
     "MAX_DEFINITIONS",
     "AmbiguityResolver",
     "Definition",
+    "Ranking",
     "fast_find_definitions",
     "find_definitions",
 ]
@@ -281,6 +282,20 @@ class AmbiguityResolver:
         keep = set(best)
         return [c for c in cuis if c in keep]
 
+    def ranking(self, cuis: Sequence[str], types: Mapping[str, Sequence[str]]) -> Ranking:
+        """The ranking of one set of candidates (their :meth:`shortlist`), to be asked for the
+        best of them in any caption (:meth:`Ranking.best`). Building it reads every
+        candidate's dictionary strings; asking it costs what the caption's words do, so the
+        extractor keeps it per candidate set."""
+        cuis = self.shortlist(cuis, types)
+        priors = self._priors
+        static = [(self.type_rank(types.get(c, ())), -priors.get(c, 0.0)) for c in cuis]
+        words: dict[str, list[int]] = {}
+        for i, c in enumerate(cuis):
+            for w in self._concept_vocab(c):
+                words.setdefault(w, []).append(i)
+        return Ranking(tuple(cuis), tuple(static), {w: tuple(v) for w, v in words.items()})
+
     def choose(
         self,
         cuis: Sequence[str],
@@ -297,16 +312,48 @@ class AmbiguityResolver:
         """
         if len(cuis) < 2:
             return list(cuis)
-        cuis = self.shortlist(cuis, types)
-        ctx = context - own_tokens
-        ranked: list[tuple[tuple[int, int, int, float], str]] = []
-        for c in cuis:
-            rank = (
-                0 if c in defined else 1,
-                -len(ctx & self._concept_vocab(c)) if ctx else 0,
-                self.type_rank(types.get(c, ())),
-                -self._priors.get(c, 0.0),
-            )
-            ranked.append((rank, c))
-        best = min(r for r, _ in ranked)
-        return [c for r, c in ranked if r == best]
+        return self.ranking(cuis, types).best(context - own_tokens, defined)
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """The candidates of one ambiguous span, ready to rank in any caption.
+
+    The rank of a candidate is (named by a caption definition, −context words it shares,
+    type rank, −prior): only the second part depends on the caption, and only through the
+    caption words some candidate's strings contain, so ``words`` maps each such word to the
+    candidates (positions in ``cuis``) whose strings hold it, and ``static`` is the rest.
+    """
+
+    cuis: tuple[str, ...]
+    static: tuple[tuple[int, float], ...]
+    words: dict[str, tuple[int, ...]]
+
+    def weight(self) -> int:
+        """Approximate bytes (for a byte-bounded memo): ~100 per candidate and per word."""
+        return 100 * (len(self.cuis) + len(self.words) + sum(map(len, self.words.values())))
+
+    def best(self, context: frozenset[str], defined: frozenset[str] = frozenset()) -> list[str]:
+        """The best-ranked candidates given the caption's words (the span's own excluded),
+        in candidate order; costs what ``context`` holds, not what ``cuis`` does."""
+        shared: dict[int, int] = {}
+        words = self.words
+        for w in context:
+            for i in words.get(w, ()):
+                shared[i] = shared.get(i, 0) + 1
+        static = self.static
+        if defined:
+            ranks = [
+                (0 if c in defined else 1, -shared.get(i, 0), *static[i])
+                for i, c in enumerate(self.cuis)
+            ]
+            top = min(ranks)
+            return [c for c, r in zip(self.cuis, ranks, strict=True) if r == top]
+        pool: Sequence[int]
+        if shared:
+            most = max(shared.values())
+            pool = sorted(i for i, n in shared.items() if n == most)
+        else:
+            pool = range(len(self.cuis))
+        top_static = min(static[i] for i in pool)
+        return [self.cuis[i] for i in pool if static[i] == top_static]

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 from conceptsvc.abbreviations import (
     MAX_CANDIDATES,
     AmbiguityResolver,
+    Ranking,
     fast_find_definitions,
     find_definitions,
 )
@@ -101,6 +102,10 @@ _PLAN_MEMO_MAX = 1 << 16
 """Entries of a plan's Python memos (``accept``, ``filtered``) before each is emptied, as the
 compiled path's ``FAST_MEMO_MAX``: their keys come from caption text, so without a bound one
 plan's memos grow with every new CUI and key a client's captions reach."""
+_RANKING_MEMO_SIZE = 1 << 16
+RANKING_MEMO_BYTES = 32 << 20
+"""Approximate bytes of the ambiguous spans' rankings an :class:`Extractor` keeps
+(:meth:`abbreviations.Ranking.weight`); with ``_RANKING_MEMO_SIZE`` rankings at most."""
 _PLAN_BASE_BYTES = 4096  # a plan's fixed part: dataclass, empty memos, profile/resolver refs
 _OPTION_ITEM_BYTES = 100  # per list item, beyond its characters: see options_weight
 _new = tuple.__new__  # NamedTuple construction without its Python-level __new__
@@ -292,6 +297,11 @@ class Extractor:
         )
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._resolvers: dict[str, AmbiguityResolver] = {}
+        # (profile, an ambiguous span's concepts) → their ranking: a mention then costs what
+        # its caption's words do, not what its concepts' strings do (issue 13, item 4)
+        self._rankings: WeightedMemo[tuple[str, tuple[str, ...]], Ranking] = WeightedMemo(
+            _RANKING_MEMO_SIZE, RANKING_MEMO_BYTES, lambda _k, r: r.weight()
+        )
         # Every shipped profile is parsed now, so no request ever reads a profile file.
         for name in available_profiles():
             load_profile(name)
@@ -613,15 +623,13 @@ class Extractor:
             if len(group) == 1:
                 out.extend(group)
                 continue
-            cuis = [c.cui for c in group]
-            keep = set(
-                plan.resolver.choose(
-                    cuis,
-                    {c: self.concept_info(c)[1] for c in cuis},
-                    context=context,
-                    own_tokens=frozenset(norms[i:j]),
-                )
-            )
+            cuis = tuple([c.cui for c in group])
+            memo_key = (plan.profile.name, cuis)
+            ranking = self._rankings.get(memo_key)
+            if ranking is None:
+                ranking = plan.resolver.ranking(cuis, {c: self.concept_info(c)[1] for c in cuis})
+                self._rankings.put(memo_key, ranking, ranking.weight())
+            keep = set(ranking.best(context.difference(norms[i:j])))
             out.extend(c for c in group if c.cui in keep)
         return out
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conceptsvc.abbreviations import AmbiguityResolver, find_definitions
-from conceptsvc.index import ConceptIndex
+from conceptsvc.abbreviations import MAX_CANDIDATES, AmbiguityResolver, find_definitions
+from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex, IndexBuilder
 
 
 def defs(text: str) -> list[tuple[str, str]]:
@@ -155,3 +155,76 @@ def test_abbreviations_resolver_keeps_ties(index: ConceptIndex) -> None:
     empty: frozenset[str] = frozenset()
     assert sorted(r.choose(["C0026769", "C0026269"], types, context=empty,
                            own_tokens=empty)) == ["C0026269", "C0026769"]
+
+
+# -- the ranking at bounded cost (issue 13, item 4) ---------------------------------------------
+
+_VOCAB = ["mitral", "valve", "stenosis", "sclerosis", "multiple", "lung", "mass", "artery"]
+
+
+@pytest.fixture(scope="module")
+def ranked_index(tmp_path_factory: pytest.TempPathFactory) -> ConceptIndex:
+    """200 concepts sharing the key "ms", each with a second string of two vocabulary words,
+    one of 7 types."""
+    b = IndexBuilder(source_release="ranking-test")
+    for k in range(200):
+        cui = f"C9{k:07d}"
+        words = f"{_VOCAB[k % 8]} {_VOCAB[(k * 3 + 1) % 8]} {k}"
+        b.set_concept(cui, preferred_name=words, semantic_types=(f"T0{40 + k % 7}",))
+        b.add_term(cui, words, sab="X", tty="PT")
+        b.add_term(cui, "ms", sab="X", tty="AB", flags=FLAG_ABBREVIATION)
+    return ConceptIndex.load(b.write(tmp_path_factory.mktemp("ranked") / "ix"))
+
+
+def brute_force_choose(r: AmbiguityResolver, index: ConceptIndex, cuis: list[str],
+                       types: dict[str, tuple[str, ...]], prefs: list[str],
+                       priors: dict[str, float], ctx: frozenset[str]) -> list[str]:
+    """The documented rule, spelled out: the shortlist (64 best by type rank, prior, CUI),
+    then (−shared context words, type rank, −prior), ties kept, in the given order."""
+    rank = {t: i for i, t in enumerate(prefs)}
+
+    def type_rank(c: str) -> int:
+        return min((rank.get(t, len(prefs)) for t in types[c]), default=len(prefs))
+
+    short = sorted(cuis, key=lambda c: (type_rank(c), -priors.get(c, 0.0), c))
+    short = short[:MAX_CANDIDATES]
+    vocab = {c: {w for p in index.concept_postings(c) for w in p.string.split()} for c in short}
+    full = {c: (-len(ctx & vocab[c]), type_rank(c), -priors.get(c, 0.0)) for c in short}
+    best = min(full.values())
+    return [c for c in cuis if c in full and full[c] == best]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_abbreviations_ranking_equals_brute_force(ranked_index: ConceptIndex,
+                                                  data: st.DataObject) -> None:
+    all_cuis = [f"C9{k:07d}" for k in range(200)]
+    cuis = data.draw(st.lists(st.sampled_from(all_cuis), min_size=2, max_size=120, unique=True))
+    prefs = data.draw(st.lists(st.sampled_from([f"T0{40 + k}" for k in range(7)]), unique=True))
+    priors = data.draw(st.dictionaries(st.sampled_from(all_cuis), st.sampled_from([0.1, 0.5])))
+    ctx = frozenset(data.draw(st.lists(st.sampled_from([*_VOCAB, "other"]), max_size=4)))
+    types = {c: ranked_index.name_and_types(c)[1] for c in all_cuis}  # type: ignore[index]
+    r = AmbiguityResolver(ranked_index, type_preference=prefs, priors=priors)
+    got = r.choose(cuis, types, context=ctx | {"ms"}, own_tokens=frozenset({"ms"}))
+    assert got == brute_force_choose(r, ranked_index, cuis, types, prefs, priors, ctx)
+    ranking = r.ranking(cuis, types)
+    assert len(ranking.cuis) == min(len(cuis), MAX_CANDIDATES)
+    assert ranking.best(ctx) == got  # the memoised form answers the same
+
+
+def test_abbreviations_shortlist_is_the_best_64(ranked_index: ConceptIndex) -> None:
+    all_cuis = [f"C9{k:07d}" for k in range(200)][::-1]
+    types = {c: ranked_index.name_and_types(c)[1] for c in all_cuis}  # type: ignore[index]
+    prefs = ["T042", "T045"]
+    r = AmbiguityResolver(ranked_index, type_preference=prefs, priors={"C90000199": 0.5})
+    short = r.shortlist(all_cuis, types)
+    # the 57 of types T042 and T045, then C90000199 (T043, the only prior), then the lowest
+    # CUIs of the others; in the given order
+    want = {c for c in all_cuis if types[c] in (("T042",), ("T045",))}
+    rest = sorted(c for c in all_cuis if c not in want and c != "C90000199")
+    want |= {"C90000199", *rest[: MAX_CANDIDATES - len(want) - 1]}
+    assert len(want) == MAX_CANDIDATES and short == [c for c in all_cuis if c in want]
+    for ctx in (frozenset(), frozenset({"lung"}), frozenset({"mitral", "valve"})):
+        got = r.choose(all_cuis, types, context=ctx, own_tokens=frozenset())
+        assert got == brute_force_choose(r, ranked_index, all_cuis, types, prefs,
+                                         {"C90000199": 0.5}, ctx)

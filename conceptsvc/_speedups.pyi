@@ -4,7 +4,7 @@ Every constructor takes the owning Python module's rules or objects (see the pyx
 nothing here has rules of its own.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from conceptsvc.abbreviations import Definition
@@ -72,8 +72,18 @@ class NegationScanner:
         self, text: str, norms: list[str], starts: list[int], ends: list[int]
     ) -> list[int] | None: ...
 
+class _Vocab:
+    """Token → number for the tries of one extractor (the index's tokens first)."""
+
+    def __init__(
+        self,
+        lookup: Mapping[str, int] | None = ...,
+        base: dict[str, int] | None = ...,
+        n_base: int = ...,
+    ) -> None: ...
+
 class ProfileRunner:
-    def __init__(self, profile: Profile, tok_ids: dict[str, int] | None = ...) -> None: ...
+    def __init__(self, profile: Profile, vocab: _Vocab | None = ...) -> None: ...
     def apply(
         self, mentioned: list[str], text: str, norms: list[str], starts: list[int], ends: list[int]
     ) -> tuple[set[str], tuple[str, ...]]: ...

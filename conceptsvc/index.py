@@ -42,8 +42,10 @@ probe of the edge table (open addressing, linear probing, load factor ≤ 0.5, t
 :func:`trie_slot` of the edge key, which the compiled engine computes the same way), so the
 matcher stops at the first token no key continues with and never builds a string. It is
 exact — no hash of a phrase stands in for the phrase — and built once by the index build
-(≈ 14 bytes per node with the token table: ~140 MB for a full UMLS's ~10 M prefixes), so no
-process builds anything that grows with the index when it loads.
+(per node: a 12-byte edge slot at a load factor of 0.25–0.5 and a 4-byte key id, so 28–52
+bytes; 2.05 M keys gave 3.9 M nodes and 112 MB, and a full UMLS's ~10 M prefixes will take
+~300–500 MB on disk, mapped and touched only where captions probe), so no process builds
+anything that grows with the index when it loads.
 
 Integrity: every file's SHA-256 is in the manifest and ``content_hash`` is the hash of those.
 Loading refuses an unknown format version, a normaliser version other than this code's, a

@@ -105,7 +105,6 @@ class FastPath:
         approximate: Callable[[], ApproximateMatcher],
         concept_info: Callable[[str], tuple[str, tuple[str, ...]]],
         concept_memo: dict[str, tuple[str, tuple[str, ...]]],
-        cand_type: type[Any],
         mention_type: type[Any],
         annotation_type: type[Annotation],
     ) -> None: ...

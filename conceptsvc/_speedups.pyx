@@ -1014,6 +1014,9 @@ cdef list _resolve_overlaps(list cands, bint longest):
 
 # -- the extractor's hot path ------------------------------------------------------------------
 
+cdef enum:
+    _KID_CACHE = 1 << 14   # FastPath's key id objects (a power of two)
+
 FAST_MEMO_MAX = 1 << 16
 """Entries of a plan's memo (key ids, and key ids with a surface) before it is emptied."""
 cdef Py_ssize_t _FAST_MEMO_MAX = FAST_MEMO_MAX
@@ -1047,18 +1050,49 @@ cdef class FastPath:
     cdef object filter_postings, filter_matches, disambiguate, approximate, concept_info
     cdef NegationScanner negation
     cdef dict profiles
-    cdef object Cand
     cdef object Annotation
     cdef object Mention
     cdef tuple mention_slots
     cdef tuple annotation_slots
     cdef object new
+    # key id objects by trie node, direct-mapped (_KID_CACHE slots): the memos are dicts keyed
+    # by key id, and probing them with the object they hold is an identity hit, where a fresh
+    # int would cost an allocation and an equality test per match
+    cdef int32_t *kid_nodes
+    cdef PyObject **kid_objs
+
+    def __cinit__(self):
+        self.kid_nodes = <int32_t *>malloc(_KID_CACHE * sizeof(int32_t))
+        self.kid_objs = <PyObject **>calloc(_KID_CACHE, sizeof(PyObject *))
+        if self.kid_nodes is NULL or self.kid_objs is NULL:
+            raise MemoryError()
+        memset(self.kid_nodes, 0xff, _KID_CACHE * sizeof(int32_t))  # -1: empty
+
+    def __dealloc__(self):
+        cdef Py_ssize_t k
+        if self.kid_objs is not NULL:
+            for k in range(_KID_CACHE):
+                Py_XDECREF(self.kid_objs[k])
+        free(self.kid_objs)
+        free(self.kid_nodes)
+
+    cdef inline object _kid(self, int32_t node, int32_t kid):
+        """The key id object of ``node`` (whose key is ``kid``), cached."""
+        cdef Py_ssize_t k = node & (_KID_CACHE - 1)
+        if self.kid_nodes[k] == node:
+            return <object>self.kid_objs[k]
+        cdef object obj = kid
+        Py_XDECREF(self.kid_objs[k])  # (an int: freeing it runs no Python code)
+        Py_XINCREF(<PyObject *>obj)
+        self.kid_objs[k] = <PyObject *>obj
+        self.kid_nodes[k] = node
+        return obj
 
     def __init__(self, matcher, *, SpanTokenizer tokenizer not None,
                  NegationScanner negation not None, DefinitionFinder definitions not None,
                  profiles, check_surface, filter_postings, filter_matches, disambiguate,
-                 approximate, concept_info, dict concept_memo not None, cand_type,
-                 mention_type, annotation_type):
+                 approximate, concept_info, dict concept_memo not None, mention_type,
+                 annotation_type):
         key_trie = matcher.key_trie
         cdef _Vocab vocab = _Vocab(key_trie.token_ids, key_trie.token_dict,
                                    len(key_trie.token_ids))
@@ -1081,7 +1115,6 @@ cdef class FastPath:
         # every profile a request may name, now: their phrases' tokens join the vocabulary
         # before the token table caches any token id
         self.profiles = {p: ProfileRunner(p, vocab) for p in profiles}
-        self.Cand = cand_type
         self.Mention = mention_type
         self.Annotation = annotation_type
         self.mention_slots = tuple(mention_type.__dict__[f] for f in mention_type.__slots__)
@@ -1152,7 +1185,7 @@ cdef class FastPath:
             while True:
                 kid = None
                 if node_keys[node] >= 0:
-                    kid = node_keys[node]
+                    kid = self._kid(node, node_keys[node])
                 if kid is not None and crossed:
                     # the window spans break punctuation: only strings punctuated alike
                     # (matcher.crossed_postings; rare, so no memo here)
@@ -1250,9 +1283,7 @@ cdef class FastPath:
                 c = <tuple>PyList_GET_ITEM(cands, k)
                 r = <tuple>PyList_GET_ITEM(cands, k - 1)
                 if c[0] == r[0] and c[1] == r[1]:
-                    cands = [tuple(x) for x in self.disambiguate(
-                        plan, norms, [self.Cand._make(x) for x in cands]
-                    )]
+                    cands = self.disambiguate(plan, norms, cands)  # (plain tuples kept)
                     break
             if o.overlap != u"all" and len(cands) > 1:
                 cands = _resolve_overlaps(cands, o.overlap == u"longest")

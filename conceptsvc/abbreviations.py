@@ -294,7 +294,13 @@ class AmbiguityResolver:
         for i, c in enumerate(cuis):
             for w in self._concept_vocab(c):
                 words.setdefault(w, []).append(i)
-        return Ranking(tuple(cuis), tuple(static), {w: tuple(v) for w, v in words.items()})
+        top = min(static, default=None)
+        return Ranking(
+            tuple(cuis),
+            tuple(static),
+            {w: tuple(v) for w, v in words.items()},
+            tuple([c for c, r in zip(cuis, static, strict=True) if r == top]),
+        )
 
     def choose(
         self,
@@ -328,6 +334,7 @@ class Ranking:
     cuis: tuple[str, ...]
     static: tuple[tuple[int, float], ...]
     words: dict[str, tuple[int, ...]]
+    without_context: tuple[str, ...]  # the best when no caption word is shared
 
     def weight(self) -> int:
         """Approximate bytes (for a byte-bounded memo): ~100 per candidate and per word."""
@@ -349,11 +356,9 @@ class Ranking:
             ]
             top = min(ranks)
             return [c for c, r in zip(self.cuis, ranks, strict=True) if r == top]
-        pool: Sequence[int]
-        if shared:
-            most = max(shared.values())
-            pool = sorted(i for i, n in shared.items() if n == most)
-        else:
-            pool = range(len(self.cuis))
+        if not shared:
+            return list(self.without_context)
+        most = max(shared.values())
+        pool = sorted(i for i, n in shared.items() if n == most)
         top_static = min(static[i] for i in pool)
         return [self.cuis[i] for i in pool if static[i] == top_static]

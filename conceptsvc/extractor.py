@@ -328,7 +328,6 @@ class Extractor:
                 approximate=self._approximate,
                 concept_info=self.concept_info,
                 concept_memo=self._info,
-                cand_type=_Cand,
                 mention_type=Mention,
                 annotation_type=Annotation,
             )
@@ -604,33 +603,41 @@ class Extractor:
         return cands
 
     def _disambiguate(self, plan: _Plan, norms: list[str], cands: list[_Cand]) -> list[_Cand]:
-        """Resolve spans that carry several concepts (see conceptsvc.abbreviations)."""
+        """Resolve spans that carry several concepts (see conceptsvc.abbreviations).
+
+        Reads candidates by position (start, end, cui), so the compiled engine hands over its
+        plain tuples of the same fields and gets the kept ones back, unconverted."""
         if len(cands) < 2:
             return cands
         prev = cands[0]
         for c in cands[1:]:
-            if c.start_tok == prev.start_tok and c.end_tok == prev.end_tok:
+            if c[0] == prev[0] and c[1] == prev[1]:
                 break  # candidates are in span order: a repeat is adjacent
             prev = c
         else:
             return cands
         by_span: dict[tuple[int, int], list[_Cand]] = {}
         for c in cands:
-            by_span.setdefault((c.start_tok, c.end_tok), []).append(c)
+            by_span.setdefault((c[0], c[1]), []).append(c)
         context = frozenset(norms) - STOPWORDS
         out: list[_Cand] = []
         for (i, j), group in by_span.items():
             if len(group) == 1:
                 out.extend(group)
                 continue
-            cuis = tuple([c.cui for c in group])
+            cuis = tuple([c[2] for c in group])
             memo_key = (plan.profile.name, cuis)
             ranking = self._rankings.get(memo_key)
             if ranking is None:
                 ranking = plan.resolver.ranking(cuis, {c: self.concept_info(c)[1] for c in cuis})
                 self._rankings.put(memo_key, ranking, ranking.weight())
-            keep = set(ranking.best(context.difference(norms[i:j])))
-            out.extend(c for c in group if c.cui in keep)
+            keep = ranking.best(context.difference(norms[i:j]))
+            if len(keep) == 1:
+                only = keep[0]
+                out.extend([c for c in group if c[2] == only])
+            else:
+                kept = set(keep)
+                out.extend([c for c in group if c[2] in kept])
         return out
 
     # -- search ----------------------------------------------------------------------------------

@@ -346,6 +346,9 @@ cdef class _KeyTrie:
         cdef uint64_t k = _edge_slot(key) & self.mask
         while self.keys[k]:
             if self.keys[k] == key:
+                # (a child past the last node is a damaged index loaded unverified: no edge)
+                if self.children[k] >= <uint32_t>self.n_nodes:
+                    return -1
                 return <int32_t>self.children[k]
             k = (k + 1) & self.mask
         return -1

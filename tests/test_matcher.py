@@ -130,9 +130,9 @@ def punctuated(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
                         ("C9000005", "Fracture, femur (shaft)")):
         b.set_concept(cui, preferred_name=string, semantic_types=["T033"])
         b.add_term(cui, string, sab="TEST", tty="PT", flags=term_flags(string, "PT"))
-    limit = 2_000_000 if request.param == "prefix-table" else 0
+    small = request.param == "prefix-table"
     path = b.write(tmp_path_factory.mktemp("punctuated") / "index")
-    return ExactMatcher(ConceptIndex.load(path), prefix_table_max_keys=limit)
+    return ExactMatcher(ConceptIndex.load(path, materialize=small))
 
 
 def test_issue_17_windows_cross_the_punctuation_of_their_dictionary_string(

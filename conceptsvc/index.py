@@ -25,6 +25,8 @@ An index is a directory (format 3)::
     trie_edge_child.npy      uint32[2^k]: the child node of the edge in the same slot
     trie_node_key.npy        int32 per trie node: the key the path to it spells, or -1
     sabs.txt ttys.txt tuis.txt
+    trigram_*.npy, key_trigram_counts.npy   approximate matching's trigram lists
+                                            (:mod:`conceptsvc.trigram_index`)
 
 Why this shape: a full UMLS has ~10 M keys, and building a Python ``dict`` of them costs ~10 s
 and ~1.5 GB at every start. Instead every lookup structure is a file that is memory-mapped:
@@ -72,6 +74,7 @@ from typing import Any, NamedTuple, overload
 
 import numpy as np
 
+from conceptsvc import trigram_index
 from conceptsvc.errors import ConceptIndexError
 from conceptsvc.normalize import NORMALIZER_VERSION, normalize_term
 
@@ -218,7 +221,7 @@ def _place(home: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
     return slot_of
 
 
-def _build_hash_table(crcs: np.ndarray[Any, np.dtype[np.uint32]]) -> np.ndarray[Any, Any]:
+def build_hash_table(crcs: np.ndarray[Any, np.dtype[np.uint32]]) -> np.ndarray[Any, Any]:
     """Table of entries ``(crc << 32) | (i + 1)`` over entries 0..n-1 with the given CRCs."""
     n = len(crcs)
     size = _table_size(n)
@@ -322,7 +325,7 @@ def _write_strtab(
         np.cumsum(np.frombuffer(lens, dtype=np.uint64), out=off[1:])
     np.save(d / f"{name}_offsets.npy", off, allow_pickle=False)
     if hashed:
-        table = _build_hash_table(np.frombuffer(crcs, dtype=np.uint32) if n else np.zeros(
+        table = build_hash_table(np.frombuffer(crcs, dtype=np.uint32) if n else np.zeros(
             0, dtype=np.uint32))
         np.save(d / f"{name}_table.npy", table, allow_pickle=False)
 
@@ -553,6 +556,8 @@ class ConceptIndex:
         self.tuis = _read_lines(path / "tuis.txt")
         ftm = a["first_token_max"]
         self.max_key_tokens = int(ftm.max()) if len(ftm) else 0
+        # approximate matching's trigram lists: mapped, never built at load or at request time
+        self.trigrams = trigram_index.load(path, manifest["files"], len(self._keys))
 
     def _check_shapes(self, tabs: Mapping[str, _StringTable]) -> None:
         """Cheap structural checks, so a truncated index fails at load even unverified."""
@@ -1026,6 +1031,7 @@ class IndexBuilder:
             np.save(d / f"{name}.npy", arr, allow_pickle=False)
         del trie
         _write_strtab(d, "keys", sorted_keys, n_keys, hashed=True)
+        trigram_index.write(d, trigram_index.build_arrays(sorted_keys, build_hash_table))
         del sorted_keys
         _write_strtab(d, "tokens", tokens, len(tokens), hashed=True)
         _write_strtab(d, "strings", self._strings, n_str, hashed=False)

@@ -9,6 +9,8 @@ EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config
 SPEEDUPS := conceptsvc/_speedups$(EXT_SUFFIX)
 # The annotation wire writer (conceptsvc/_wire.pyx), a second, small extension.
 WIRE_EXT := conceptsvc/_wire$(EXT_SUFFIX)
+# Approximate matching's compiled search (conceptsvc/_approx.pyx, C++), a third extension.
+APPROX := conceptsvc/_approx$(EXT_SUFFIX)
 
 .PHONY: install test lint demo bench bench-index bench-umls bench-peers bench-context peers context-peer scispacy-reference soak proto audit lock clean system-deps
 
@@ -16,9 +18,9 @@ WIRE_EXT := conceptsvc/_wire$(EXT_SUFFIX)
 # extension, conceptsvc/_speedups.pyx, and QuickUMLS; redis-server for the real Redis tier;
 # chromium, in which tests/test_html_page.py opens the HTML pages). Installed only if missing.
 system-deps:
-	@command -v gcc >/dev/null 2>&1 || { \
-	  echo "gcc not found: installing Debian's gcc (conceptsvc/_speedups.pyx is compiled)"; \
-	  (apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null) || \
+	@command -v gcc >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
+	  echo "gcc/g++ not found: installing Debian's gcc and g++ (conceptsvc/_speedups.pyx and _approx.pyx are compiled)"; \
+	  (apt-get update -qq && apt-get install -y -qq gcc g++ libc6-dev >/dev/null) || \
 	  { echo "ERROR: could not install gcc; building conceptsvc needs a C compiler" >&2; exit 1; }; }
 	@! command -v $(PYTHON) >/dev/null 2>&1 || \
 	  $(PYTHON) -c 'import pathlib, sys, sysconfig; sys.exit(not (pathlib.Path(sysconfig.get_path("include")) / "Python.h").is_file())' || { \
@@ -62,7 +64,11 @@ $(WIRE_EXT): conceptsvc/_wire.pyx setup.py | $(STAMP)
 	rm -f $@ conceptsvc/_wire.c
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
-install: system-deps $(STAMP) $(SPEEDUPS) $(WIRE_EXT)
+$(APPROX): conceptsvc/_approx.pyx setup.py | $(STAMP)
+	rm -f $@ conceptsvc/_approx.cpp
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+install: system-deps $(STAMP) $(SPEEDUPS) $(WIRE_EXT) $(APPROX)
 
 proto: $(STAMP)
 	$(PY) -m tools.gen_proto
@@ -178,4 +184,4 @@ lock: install
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(CONTEXT_VENV) $(SCISPACY_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
-	rm -f conceptsvc/_speedups.c conceptsvc/_wire.c conceptsvc/_speedups.html conceptsvc/_wire.html conceptsvc/*.so
+	rm -f conceptsvc/_speedups.c conceptsvc/_wire.c conceptsvc/_approx.cpp conceptsvc/_speedups.html conceptsvc/_wire.html conceptsvc/_approx.html conceptsvc/*.so

@@ -27,26 +27,40 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 from conceptsvc.errors import ExtractionError
-from conceptsvc.index import Posting
+from conceptsvc.index import Posting, build_hash_table
 from conceptsvc.matcher import (
     MIN_MATCH_CHARS,
     ExactMatcher,
+    KeyEntry,
     Match,
     check_surface,
     crosses_break,
 )
 from conceptsvc.model import SIMILARITIES
-from conceptsvc.normalize import STOPWORDS
+from conceptsvc.normalize import SPEEDUPS, STOPWORDS
+from conceptsvc.trigram_index import TrigramArrays, build_arrays
+
+APPROX: Any = None
+"""The compiled approximate search (``conceptsvc/_approx.pyx``), or None: it is switched off
+with the rest of the compiled engine (``CONCEPTSVC_PURE_PYTHON=1``) or was not built."""
+if SPEEDUPS is not None:
+    try:
+        from conceptsvc import _approx as APPROX
+    except ImportError:  # pragma: no cover - the project's install always builds it
+        APPROX = None
 
 __all__ = [
+    "APPROX",
     "DEFAULT_WINDOW",
     "SIZE_CAP",
     "ApproximateMatcher",
     "TrigramIndex",
+    "search_bounds",
     "similarity",
     "size_bounds",
     "trigrams",
@@ -123,40 +137,54 @@ def _min_overlap(measure: str, alpha: float) -> Callable[[int, int], int]:
     return lambda x, y: math.ceil(alpha * min(x, y) - 1e-9)
 
 
-class TrigramIndex:
-    """Inverted trigram lists over a fixed list of strings (the index's keys).
+def search_bounds(measure: str, alpha: float, x: int) -> tuple[int, int, int]:
+    """(lo, hi, τ_min) for a query of ``x`` trigrams: the key sizes that can reach ``alpha``
+    (:func:`size_bounds`) and the fewest shared trigrams any of them needs. Both engines take
+    their bounds from here (the compiled one caches them per measure, threshold and size)."""
+    lo, hi = size_bounds(measure, x, alpha)
+    if measure == "overlap":
+        return lo, hi, 1
+    tau = _min_overlap(measure, alpha)
+    return lo, hi, max(min(tau(x, max(lo, 1)), tau(x, x)), 1)
 
-    Each string's gram set is kept (verification is one C-level set intersection per
-    candidate); memory is a few hundred bytes per key, acceptable for the indexes approximate
-    matching is meant for (the demo dictionary, a filtered UMLS subset).
+
+class TrigramIndex:
+    """The reference search over an index's trigram lists (:mod:`conceptsvc.trigram_index`).
+
+    The lists are the index's memory-mapped arrays, so this engine builds nothing either; it
+    reads each list's size directory and postings through Python and checks candidates with
+    set intersections — slow, and meant to be: it is the definition the compiled search
+    (``conceptsvc/_approx.pyx``) is held to.
     """
 
-    def __init__(self, strings: Iterable[str]) -> None:
-        self._strings: list[str] = list(strings)
-        self._grams: list[frozenset[str]] = [_grams_of(s) for s in self._strings]
-        self._sizes: list[int] = [len(g) for g in self._grams]
-        lists: dict[str, list[int]] = {}
-        for i, grams in enumerate(self._grams):
-            for g in grams:
-                lst = lists.get(g)
-                if lst is None:
-                    lists[g] = [i]
-                else:
-                    lst.append(i)
-        # Each gram's list is ordered by key size, with the sizes alongside, so that a query
-        # takes only the slice of keys whose size can reach the threshold (two bisections)
-        # instead of visiting every key that shares a gram.
-        sizes = self._sizes
-        self._lists: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        for g, v in lists.items():
-            v.sort(key=lambda i: (sizes[i], i))
-            self._lists[g] = (tuple(v), tuple(sizes[i] for i in v))
+    def __init__(self, arrays: TrigramArrays, string: Callable[[int], str]) -> None:
+        self.arrays = arrays
+        self._string = string
+        self._sizes = memoryview(arrays.key_counts)  # type: ignore[arg-type]
+        self._keys = memoryview(arrays.keys)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_strings(cls, strings: Sequence[str]) -> TrigramIndex:
+        """Lists built in memory over ``strings`` (tests and ad-hoc use; an index has them)."""
+        strings = list(strings)
+        return cls(build_arrays(strings, build_hash_table), strings.__getitem__)
 
     def __len__(self) -> int:
-        return len(self._strings)
+        return len(self._sizes)
 
     def string(self, i: int) -> str:
-        return self._strings[i]
+        return self._string(i)
+
+    def _slice(self, g: str, lo: int, hi: int) -> list[int]:
+        t = self.arrays.gram_id(g)
+        if t < 0:
+            return []
+        sizes, starts, end = self.arrays.size_runs(t)
+        a = bisect_left(sizes, lo)
+        b = bisect_right(sizes, hi, a)
+        s0 = starts[a] if a < len(starts) else end
+        s1 = starts[b] if b < len(starts) else end
+        return self._keys[s0:s1].tolist()
 
     def search(self, query: str, measure: str, alpha: float) -> list[tuple[int, float]]:
         """Every string whose similarity with ``query`` is ≥ ``alpha``, best first."""
@@ -164,24 +192,11 @@ class TrigramIndex:
         x = len(x_grams)
         if x == 0:
             return []
-        lo, hi = size_bounds(measure, x, alpha)
-        tau = _min_overlap(measure, alpha)
-        tau_min = max(min(tau(x, max(lo, 1)), tau(x, x)), 1) if measure != "overlap" else 1
+        lo, hi, tau_min = search_bounds(measure, alpha, x)
         n_sig = x - tau_min + 1
         if n_sig <= 0:
             return []
-        lists = self._lists
-        slices: list[tuple[int, ...]] = []
-        for g in x_grams:
-            entry = lists.get(g)
-            if entry is None:
-                slices.append(())
-                continue
-            ids, ys = entry
-            a = bisect_left(ys, lo)
-            b = bisect_right(ys, hi, a)
-            slices.append(ids[a:b] if b - a < len(ids) else ids)
-        slices.sort(key=len)
+        slices = sorted((self._slice(g, lo, hi) for g in x_grams), key=len)
         # Generalised pigeonhole: a key sharing ≥ τ_min grams with the query appears in at
         # least m − (x − τ_min) of any m of the query's lists. Counting over a few lists more
         # than the n_sig minimum (C-level Counter) discards most candidates before the exact
@@ -193,7 +208,6 @@ class TrigramIndex:
             if lst:
                 counts.update(lst)
         sizes = self._sizes
-        grams = self._grams
         floor = alpha - 1e-12
         exact_counts = m == x
         out: list[tuple[int, float]] = []
@@ -201,7 +215,7 @@ class TrigramIndex:
             if c < need:
                 continue
             y = sizes[i]
-            shared = c if exact_counts else len(x_grams & grams[i])
+            shared = c if exact_counts else len(x_grams & _grams_of(self._string(i)))
             if measure == "jaccard":
                 sim = shared / (x + y - shared)
             else:
@@ -225,21 +239,55 @@ class ApproximateMatcher:
     phrase-ending punctuation — and, here, never touching a token an exact match already covers.
     Each window keeps its best-scoring key(s); overlaps between windows are resolved later, by
     the request's overlap strategy.
+
+    ``compiled`` runs the windows and the search in ``conceptsvc/_approx.pyx``
+    (:data:`APPROX`) over the same mapped lists; False runs this module's reference. Both find
+    the same keys with the same scores (``tests/test_speedups.py``).
     """
 
     def __init__(
-        self, exact: ExactMatcher, *, window: int = DEFAULT_WINDOW, memo_size: int = 1 << 16
+        self,
+        exact: ExactMatcher,
+        *,
+        window: int = DEFAULT_WINDOW,
+        memo_size: int = 1 << 16,
+        compiled: bool = False,
     ) -> None:
         self._exact = exact
-        # key ids are positions in the sorted key list, which is the mapping's order
-        self._tri = TrigramIndex(exact.index.key_ids)
+        index = exact.index
+        # key numbers are positions in the sorted key list, which is the mapping's order
+        self._tri = TrigramIndex(index.trigrams, index.key)
         self._window = window
         self._memo: dict[tuple[str, str, float], tuple[tuple[str, float], ...]] = {}
         self._memo_size = memo_size
+        self._fast: Any = None
+        if compiled:
+            if APPROX is None:
+                raise ExtractionError(
+                    "the compiled approximate matcher cannot run: conceptsvc._approx is not "
+                    "built (run `make install` or `pip install .`)"
+                )
+            self._fast = APPROX.TrigramSearcher(
+                index.trigrams,
+                index.key,
+                search_bounds,
+                stopwords=frozenset(STOPWORDS),
+                break_chars=frozenset(ExactMatcher.break_chars),
+                min_chars=MIN_MATCH_CHARS,
+                window=window,
+                memo_size=memo_size,
+            )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled search runs."""
+        return self._fast is not None
 
     def search(self, query: str, measure: str, alpha: float) -> list[tuple[str, float]]:
         """Every key at similarity ≥ ``alpha`` with ``query``, best first (not memoised)."""
-        return [(self._tri.string(i), sim) for i, sim in self._tri.search(query, measure, alpha)]
+        found = (self._fast or self._tri).search(query, measure, alpha)
+        key = self._exact.index.key
+        return [(key(i), sim) for i, sim in found]
 
     def best(self, query: str, measure: str, alpha: float) -> tuple[tuple[str, float], ...]:
         """The key(s) most similar to ``query`` at ≥ ``alpha`` (ties all kept), memoised."""
@@ -268,9 +316,15 @@ class ApproximateMatcher:
         alpha: float,
     ) -> list[Match]:
         out: list[Match] = []
+        exact = self._exact
+        if self._fast is not None:
+            for i, j, kid, k, sim in self._fast.scan(
+                text, norms, starts, ends, covered, measure, alpha
+            ):
+                self._add(out, text, starts, ends, i, j, k, exact.entry_by_id(kid), sim)
+            return out
         n = len(norms)
         window = self._window
-        exact = self._exact
         for i in range(n):
             if covered[i] or norms[i] in STOPWORDS:
                 continue
@@ -284,13 +338,26 @@ class ApproximateMatcher:
                     continue
                 for k, sim in self.best(key, measure, alpha):
                     entry = exact.entry(k)
-                    if entry is None:
-                        continue
-                    posts: tuple[Posting, ...] = entry.free
-                    if entry.checked:
-                        posts += check_surface(entry.checked, text[starts[i] : ends[j - 1]])
-                        if posts:
-                            out.append(Match(i, j, k, posts, sim))
-                    elif posts:
-                        out.append(Match(i, j, k, posts, sim, True))
+                    if entry is not None:
+                        self._add(out, text, starts, ends, i, j, k, entry, sim)
         return out
+
+    @staticmethod
+    def _add(
+        out: list[Match],
+        text: str,
+        starts: list[int],
+        ends: list[int],
+        i: int,
+        j: int,
+        k: str,
+        entry: KeyEntry,
+        sim: float,
+    ) -> None:
+        posts: tuple[Posting, ...] = entry.free
+        if entry.checked:
+            posts += check_surface(entry.checked, text[starts[i] : ends[j - 1]])
+            if posts:
+                out.append(Match(i, j, k, posts, sim))
+        elif posts:
+            out.append(Match(i, j, k, posts, sim, True))

@@ -64,7 +64,7 @@ from conceptsvc.abbreviations import (
     fast_find_definitions,
     find_definitions,
 )
-from conceptsvc.approximate import ApproximateMatcher
+from conceptsvc.approximate import APPROX, ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
 from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
 from conceptsvc.matcher import ExactMatcher, Match, check_surface
@@ -248,8 +248,8 @@ def _plan_weight(options: ExtractOptions, plan: _Plan) -> int:
 class Extractor:
     """Extracts concepts from captions with one loaded :class:`ConceptIndex`.
 
-    Construction is cheap; per-index structures (approximate matching's trigram lists) are
-    built lazily on first use and then shared by every request. Thread-safe: a lost race on a
+    Construction is cheap, and so is the first approximate request: its trigram lists are part
+    of the index (memory-mapped), only the matcher object over them is made on first use. Thread-safe: a lost race on a
     memo table recomputes the same value, and the bounded ones (the plan cache, by bytes and
     count; a plan's memos, emptied when full) drop entries, never change them.
 
@@ -283,6 +283,7 @@ class Extractor:
                 "'reference'"
             )
         self.engine = "compiled" if compiled else "reference"
+        self._engine = engine
         # the tokeniser of the Python pipeline (and of the ambiguity resolvers): the reference
         # engine runs no compiled code, "auto" keeps the compiled tokeniser when it has one
         self._tokenize = tokenize_spans_py if engine == "reference" else tokenize_spans
@@ -430,7 +431,13 @@ class Extractor:
         if self._approx is None:
             with self._lock:
                 if self._approx is None:
-                    self._approx = ApproximateMatcher(self._exact)
+                    # the compiled search whenever any compiled code may run: it reads the
+                    # index's mapped trigram lists, whatever the index's size
+                    self._approx = ApproximateMatcher(
+                        self._exact,
+                        compiled=self._engine == "compiled"
+                        or (self._engine == "auto" and APPROX is not None),
+                    )
         return self._approx
 
     # -- extraction ----------------------------------------------------------------------------

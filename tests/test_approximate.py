@@ -1,23 +1,29 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conceptsvc import trigram_index
 from conceptsvc.approximate import (
+    APPROX,
     ApproximateMatcher,
     TrigramIndex,
+    search_bounds,
     similarity,
     size_bounds,
     trigrams,
 )
-from conceptsvc.errors import ExtractionError
-from conceptsvc.index import ConceptIndex
-from conceptsvc.matcher import ExactMatcher
-from conceptsvc.model import SIMILARITIES
-from conceptsvc.normalize import tokenize_spans
+from conceptsvc.errors import ConceptIndexError, ExtractionError
+from conceptsvc.extractor import Extractor
+from conceptsvc.index import ConceptIndex, build_index
+from conceptsvc.matcher import MIN_MATCH_CHARS, ExactMatcher
+from conceptsvc.model import SIMILARITIES, ExtractOptions
+from conceptsvc.normalize import STOPWORDS, tokenize_spans
 
 
 def test_approximate_trigrams_without_padding() -> None:
@@ -54,29 +60,53 @@ def test_approximate_size_bounds_never_exclude_a_match(
 
 
 WORDS = st.text(alphabet="abcdeflmnortu ", min_size=1, max_size=14)
+# beyond ASCII as well: trigrams pack code points, astral ones included
+UNICODE_WORDS = st.text(alphabet="aeé ñ\u4e2d\U0001f600lt", min_size=1, max_size=10)
 
 
-@settings(max_examples=60, deadline=None)
+def compiled_searcher(tri: TrigramIndex) -> object:
+    """The compiled search over the same lists as ``tri`` (the engines' shared structure)."""
+    assert APPROX is not None, "conceptsvc._approx is not built: run `make install`"
+    return APPROX.TrigramSearcher(
+        tri.arrays, tri.string, search_bounds, stopwords=frozenset(STOPWORDS),
+        break_chars=frozenset(ExactMatcher.break_chars), min_chars=MIN_MATCH_CHARS, window=5,
+        memo_size=64,
+    )
+
+
+def brute_force(strings: list[str], query: str, measure: str,
+                alpha: float) -> set[tuple[str, float]]:
+    """The definition: every string whose trigram similarity with ``query`` is ≥ ``alpha``."""
+    q = trigrams(query)
+    out = set()
+    for s in strings:
+        y = trigrams(s)
+        sim = similarity(measure, len(q & y), len(q), len(y)) if q and y else 0.0
+        # sim > 0: ≥ alpha > 0 implies it; the 1e-12 (the search's own rounding allowance)
+        # would otherwise admit every string at thresholds below 1e-12
+        if sim > 0 and sim >= alpha - 1e-12:
+            out.add((s, round(sim, 9)))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    st.lists(WORDS, min_size=1, max_size=25, unique=True),
-    WORDS,
+    st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=25, unique=True),
+    st.one_of(WORDS, UNICODE_WORDS),
     st.sampled_from(SIMILARITIES),
-    st.sampled_from([0.5, 0.7, 0.9, 1.0]),
+    st.sampled_from([0.05, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0]),
 )
 def test_approximate_search_equals_brute_force(
     strings: list[str], query: str, measure: str, alpha: float
 ) -> None:
-    tri = TrigramIndex(strings)
+    tri = TrigramIndex.from_strings(strings)
+    expected = brute_force(strings, query, measure, alpha)
     got = {(tri.string(i), round(sim, 9)) for i, sim in tri.search(query, measure, alpha)}
-    q = trigrams(query)
-    expected = set()
-    for s in strings:
-        y = trigrams(s)
-        if q and y:
-            sim = similarity(measure, len(q & y), len(q), len(y))
-            if sim >= alpha - 1e-12:
-                expected.add((s, round(sim, 9)))
     assert got == expected
+    fast = compiled_searcher(tri).search(query, measure, alpha)  # type: ignore[attr-defined]
+    assert {(tri.string(i), round(sim, 9)) for i, sim in fast} == expected
+    # and the same ranking, to the bit
+    assert fast == tri.search(query, measure, alpha)
 
 
 @pytest.fixture(scope="module")
@@ -143,20 +173,6 @@ def keys(engine_index_path: Path) -> list[str]:
     return sorted(ConceptIndex.load(engine_index_path).keys())
 
 
-def _brute_force(keys: list[str], query: str, measure: str, alpha: float) -> set[tuple[str, float]]:
-    """The definition: every key whose trigram similarity with ``query`` is ≥ ``alpha``."""
-    q = trigrams(query)
-    out = set()
-    for k in keys:
-        y = trigrams(k)
-        sim = similarity(measure, len(q & y), len(q), len(y)) if q and y else 0.0
-        # sim > 0: ≥ alpha > 0 implies it; the 1e-12 (the search's own rounding allowance)
-        # would otherwise admit every key at thresholds below 1e-12
-        if sim > 0 and sim >= alpha - 1e-12:
-            out.add((k, round(sim, 9)))
-    return out
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     st.data(),
@@ -175,4 +191,84 @@ def test_issue_18_search_at_any_threshold_equals_brute_force(
         p = pos % (len(query) + 1)
         query = query[:p] + c + query[p + 1 :] if pos % 2 else query[:p] + c + query[p:]
     got = {(k, round(sim, 9)) for k, sim in approx.search(query, measure, alpha)}
-    assert got == _brute_force(keys, query, measure, alpha)
+    assert got == brute_force(keys, query, measure, alpha)
+
+
+# -- the structure lives in the index ----------------------------------------------------------
+
+
+def test_approximate_loading_builds_no_trigram_lists(
+    engine_index_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the trigram lists were built at load or request time")
+
+    monkeypatch.setattr(trigram_index, "build_arrays", no_build)
+    monkeypatch.setattr("conceptsvc.approximate.build_arrays", no_build)
+    index = ConceptIndex.load(engine_index_path)
+    for name, arr in index.trigrams.as_files().items():
+        assert isinstance(arr, np.memmap), f"{name} is not memory-mapped"
+        assert Path(arr.filename).name == f"{name}.npy"  # type: ignore[arg-type]
+    for engine in ("compiled", "reference"):
+        ex = Extractor(index, engine=engine)
+        ann = ex.extract("Right pleural efusion.", ExtractOptions(mode="approximate"))
+        assert [m.text for m in ann.mentions] == ["pleural efusion"]
+        assert ex.search("pleural efusion")[0].matched_string.lower() == "pleural effusion"
+        am = ex._approximate()
+        assert am.compiled == (engine == "compiled")
+        # the matcher reads the index's own mapped arrays, no copy
+        assert am._tri.arrays is index.trigrams
+
+
+def test_approximate_index_without_trigram_lists_is_refused(tmp_path: Path) -> None:
+    from conceptsvc.index import _content_hash
+
+    ix = build_index(tmp_path / "ix", [("C0000001", "Pleural effusion", ("T047",))],
+                     [("C0000001", "Pleural effusion", "MSH", "PT", 0)])
+    manifest = json.loads((ix / "manifest.json").read_text())
+    files = {k: v for k, v in manifest["files"].items()
+             if not k.startswith(("trigram_", "key_trigram"))}
+    for name in set(manifest["files"]) - set(files):
+        (ix / name).unlink()
+    manifest.update(files=files, content_hash=_content_hash(files))
+    (ix / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConceptIndexError, match=r"no approximate-matching structure.*rebuild"):
+        ConceptIndex.load(ix)
+
+
+def test_approximate_truncated_trigram_lists_are_refused(tmp_path: Path) -> None:
+    ix = build_index(tmp_path / "ix", [("C0000001", "Pleural effusion", ("T047",))],
+                     [("C0000001", "Pleural effusion", "MSH", "PT", 0),
+                      ("C0000001", "Effusion", "MSH", "SY", 0)])
+    keys = np.load(ix / "trigram_keys.npy")
+    np.save(ix / "trigram_keys.npy", keys[:-1], allow_pickle=False)
+    with pytest.raises(ConceptIndexError, match="trigram_offsets does not match"):
+        ConceptIndex.load(ix, verify=False)
+
+
+def test_approximate_scan_memo_stays_bounded(engine_index_path: Path) -> None:
+    am = ApproximateMatcher(ExactMatcher(ConceptIndex.load(engine_index_path)), memo_size=8,
+                            compiled=True)
+    text = " ".join(f"word{i}x lung{i}" for i in range(40))
+    norms, starts, ends = tokenize_spans(text)
+    am.match(text, norms, starts, ends, [False] * len(norms), "jaccard", 0.7)
+    assert 0 < am._fast.memo_entries <= 8
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=60, unique=True),
+       st.integers(1, 7), st.integers(1, 40))
+def test_approximate_trigram_lists_do_not_depend_on_chunks_or_buckets(
+    strings: list[str], chunk: int, bucket: int
+) -> None:
+    # the build works per chunk of keys and per bucket of trigrams to bound its memory; the
+    # arrays must come out the same whatever the cut
+    from conceptsvc.index import build_hash_table
+
+    whole = trigram_index.build_arrays(strings, build_hash_table).as_files()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trigram_index, "_CHUNK_KEYS", chunk)
+        mp.setattr(trigram_index, "_BUCKET_PAIRS", bucket)
+        cut = trigram_index.build_arrays(strings, build_hash_table).as_files()
+    for name, arr in whole.items():
+        assert arr.dtype == cut[name].dtype and np.array_equal(arr, cut[name]), name

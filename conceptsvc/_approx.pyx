@@ -1,0 +1,476 @@
+# cython: language_level=3, initializedcheck=False, boundscheck=False, wraparound=False
+# cython: cdivision=True, infer_types=False
+# distutils: language = c++
+"""Compiled approximate matching: CPMerge over the index's mapped trigram lists (Cython).
+
+``conceptsvc/approximate.py`` is the reference: it defines which keys a window finds (every key
+whose trigram similarity with it is ≥ the threshold) and how they are ranked. This module finds
+the same keys over the same memory-mapped arrays (:mod:`conceptsvc.trigram_index`) without the
+interpreter in the loop, the way simstring's CPMerge does:
+
+* the query's trigram lists are cut to the keys whose size can reach the threshold (a bisection
+  of each list's size directory, so no key size is read from elsewhere);
+* candidates come from the (x − τ_min + 1) shortest cut lists only (pigeonhole: a key with
+  τ_min shared trigrams is in at least one of them), counted by sorting their postings;
+* each remaining list is probed per candidate by bisection in its run of keys of the
+  candidate's size, and a candidate is dropped as soon as even all remaining lists could not
+  lift its overlap to the least that reaches the threshold at its size.
+
+Which lists are "shortest", and the pruning, change only the work done: a key is kept exactly
+when its exact overlap gives a similarity ≥ threshold − 1e-12, as in the reference, computed by
+the same float expressions, and ranked by (−similarity, −size, key number) as there.
+
+Windows of one caption share their work: the caption's normalised tokens are joined once, every
+position's trigram code is computed once and its trigram number looked up at most once, so a
+window's trigram set is a deduplicated range of positions. Each window's best keys are memoised
+across captions (bounded: emptied when it reaches ``memo_size`` entries). The size bounds and
+τ_min come from ``approximate.search_bounds`` (one source of the rules), cached per
+(measure, threshold, query size); window rules (stopwords, punctuation that ends a phrase,
+minimum characters, window length) are handed over by the Python matcher.
+"""
+
+cimport cython
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libcpp.pair cimport pair
+from libcpp.vector cimport vector
+
+
+cdef extern from *:
+    """
+    #include <algorithm>
+    #include <vector>
+    #include <cstdint>
+    struct ApproxSlice {
+        int64_t length, start, end;   /* the cut list: postings [start, end) */
+        int64_t da, db, dend;         /* its directory runs [da, db); dend: the list's last */
+        int64_t base, lend;           /* where the whole list starts and ends */
+    };
+    struct ApproxHit { double sim; uint32_t size; uint32_t kid; };
+    static inline bool approx_slice_shorter(const ApproxSlice& a, const ApproxSlice& b) {
+        return a.length < b.length;
+    }
+    static inline bool approx_hit_before(const ApproxHit& a, const ApproxHit& b) {
+        if (a.sim != b.sim) return a.sim > b.sim;
+        if (a.size != b.size) return a.size > b.size;
+        return a.kid < b.kid;
+    }
+    static inline void approx_sort_slices(std::vector<ApproxSlice>& v) {
+        std::stable_sort(v.begin(), v.end(), approx_slice_shorter);
+    }
+    static inline void approx_sort_hits(std::vector<ApproxHit>& v) {
+        std::sort(v.begin(), v.end(), approx_hit_before);
+    }
+    static inline void approx_sort_u64(std::vector<uint64_t>& v) {
+        std::sort(v.begin(), v.end());
+    }
+    static inline void approx_sort_pairs(std::vector<std::pair<uint64_t, int64_t> >& v) {
+        std::sort(v.begin(), v.end());
+    }
+    """
+    struct ApproxSlice:
+        int64_t length, start, end
+        int64_t da, db, dend
+        int64_t base, lend
+    struct ApproxHit:
+        double sim
+        uint32_t size
+        uint32_t kid
+    void approx_sort_slices(vector[ApproxSlice]& v)
+    void approx_sort_hits(vector[ApproxHit]& v)
+    void approx_sort_u64(vector[uint64_t]& v)
+    void approx_sort_pairs(vector[pair[uint64_t, int64_t]]& v)
+
+
+cdef struct Cand:
+    uint64_t packed  # (key size << 32) | key number: sorts as the lists do
+    int count
+    int need
+
+
+cdef uint64_t SHORT = (<uint64_t>1) << 63
+cdef uint64_t HASH_MUL = 0x9E3779B97F4A7C15ULL
+cdef int MAX_SIZE = 0xFFFF
+
+cdef dict MEASURES = {u"jaccard": 0, u"cosine": 1, u"dice": 2, u"overlap": 3}
+
+
+cdef inline double sim_of(int measure, int s, int x, int y) noexcept:
+    # the reference's expressions (approximate.similarity), in the same float operations
+    if measure == 0:
+        return s / <double>(x + y - s)
+    if measure == 1:
+        return s / sqrt(<double>(<int64_t>x * y))
+    if measure == 2:
+        return (2.0 * s) / <double>(x + y)
+    return s / <double>(x if x < y else y)
+
+
+cdef inline uint64_t code3(Py_UCS4 a, Py_UCS4 b, Py_UCS4 c) noexcept:
+    return ((<uint64_t>a) << 42) | ((<uint64_t>b) << 21) | <uint64_t>c
+
+
+cdef class TrigramSearcher:
+    """Approximate search and window scanning over one index's mapped trigram lists."""
+
+    cdef const uint64_t[::1] codes
+    cdef const uint64_t[::1] table
+    cdef const uint64_t[::1] offsets
+    cdef const uint32_t[::1] keys
+    cdef const uint64_t[::1] dir_offsets
+    cdef const uint16_t[::1] dir_size
+    cdef const uint32_t[::1] dir_start
+    cdef uint64_t mask
+    cdef object key_string, bounds
+    cdef frozenset stopwords, break_chars
+    cdef int min_chars, window
+    cdef Py_ssize_t memo_size, memo_n
+    cdef dict memos, bounds_cache
+
+    def __init__(self, arrays, key_string, bounds, *, frozenset stopwords not None,
+                 frozenset break_chars not None, int min_chars, int window,
+                 Py_ssize_t memo_size):
+        self.codes = arrays.codes
+        self.table = arrays.table
+        self.offsets = arrays.offsets
+        self.keys = arrays.keys
+        self.dir_offsets = arrays.dir_offsets
+        self.dir_size = arrays.dir_size
+        self.dir_start = arrays.dir_start
+        if self.table.shape[0] == 0 or self.table.shape[0] & (self.table.shape[0] - 1):
+            raise ValueError("trigram table size must be a power of two")
+        self.mask = self.table.shape[0] - 1
+        self.key_string = key_string
+        self.bounds = bounds
+        self.stopwords = stopwords
+        self.break_chars = break_chars
+        self.min_chars = min_chars
+        self.window = window
+        self.memo_size = memo_size
+        self.memo_n = 0
+        self.memos = {}
+        self.bounds_cache = {}
+
+    @property
+    def memo_entries(self):
+        """Windows memoised now (≤ memo_size)."""
+        return self.memo_n
+
+    cdef int64_t gram_id(self, uint64_t code) noexcept:
+        cdef uint64_t h = (code * HASH_MUL) >> 32
+        cdef uint64_t slot = h & self.mask
+        cdef uint64_t entry
+        cdef int64_t t
+        while True:
+            entry = self.table[slot]
+            if entry == 0:
+                return -1
+            if (entry >> 32) == h:
+                t = <int64_t>(entry & 0xFFFFFFFFULL) - 1
+                if self.codes[t] == code:
+                    return t
+            slot = (slot + 1) & self.mask
+
+    cdef tuple _bounds(self, int measure_code, str measure, double alpha, int x):
+        cdef tuple k = (measure_code, alpha, x)
+        cdef object b = self.bounds_cache.get(k)
+        if b is None:
+            if len(self.bounds_cache) >= 4096:
+                self.bounds_cache.clear()
+            b = self.bounds(measure, alpha, x)
+            self.bounds_cache[k] = b
+        return <tuple>b
+
+    cdef int64_t run_end(self, int64_t e, const ApproxSlice& sl) noexcept:
+        # absolute end of directory run e of the slice's list
+        if e + 1 < sl.dend:
+            return sl.base + self.dir_start[e + 1]
+        return sl.lend
+
+    cdef int _search(self, vector[int64_t]& gids, int measure, double alpha, int lo, int hi,
+                     int tau_min, vector[ApproxHit]& out) except -1:
+        """Every key at similarity ≥ alpha − 1e-12 with the query whose trigram numbers are
+        ``gids`` (-1: a trigram no key has), ranked, into ``out``."""
+        cdef int x = <int>gids.size()
+        cdef double floor = alpha - 1e-12
+        cdef int n_sig = x - tau_min + 1
+        cdef vector[ApproxSlice] slices
+        cdef ApproxSlice sl
+        cdef int64_t g, a, b, mid, e, p, s0, s1, l, r
+        cdef int k, remaining, y, s, slo, shi
+        cdef vector[uint64_t] packed
+        cdef vector[Cand] cands
+        cdef Cand c
+        cdef Py_ssize_t i, w, npk
+        cdef uint64_t kid
+        cdef ApproxHit hit
+        out.clear()
+        if x == 0 or n_sig <= 0:
+            return 0
+        if hi > MAX_SIZE:
+            hi = MAX_SIZE
+        if lo < 1:
+            lo = 1
+        if lo > hi:
+            return 0
+        slices.resize(x)
+        for k in range(x):
+            g = gids[k]
+            if g < 0:
+                slices[k].length = 0
+                slices[k].start = slices[k].end = 0
+                slices[k].da = slices[k].db = slices[k].dend = 0
+                slices[k].base = slices[k].lend = 0
+                continue
+            sl.base = <int64_t>self.offsets[g]
+            sl.lend = <int64_t>self.offsets[g + 1]
+            a = <int64_t>self.dir_offsets[g]
+            sl.dend = <int64_t>self.dir_offsets[g + 1]
+            b = sl.dend
+            while a < b:  # first run of size ≥ lo
+                mid = (a + b) >> 1
+                if self.dir_size[mid] < lo:
+                    a = mid + 1
+                else:
+                    b = mid
+            sl.da = a
+            b = sl.dend
+            while a < b:  # first run of size > hi
+                mid = (a + b) >> 1
+                if self.dir_size[mid] <= hi:
+                    a = mid + 1
+                else:
+                    b = mid
+            sl.db = a
+            sl.start = sl.base + self.dir_start[sl.da] if sl.da < sl.dend else sl.lend
+            sl.end = sl.base + self.dir_start[sl.db] if sl.db < sl.dend else sl.lend
+            sl.length = sl.end - sl.start
+            slices[k] = sl
+        approx_sort_slices(slices)
+        # candidates: the postings of the n_sig shortest lists, as (size << 32 | key)
+        for k in range(n_sig):
+            sl = slices[k]
+            for e in range(sl.da, sl.db):
+                y = self.dir_size[e]
+                s0 = sl.base + self.dir_start[e]
+                s1 = self.run_end(e, sl)
+                for p in range(s0, s1):
+                    packed.push_back(((<uint64_t>y) << 32) | self.keys[p])
+        npk = <Py_ssize_t>packed.size()
+        if npk == 0:
+            return 0
+        approx_sort_u64(packed)
+        i = 0
+        while i < npk:
+            c.packed = packed[i]
+            c.count = 0
+            while i < npk and packed[i] == c.packed:
+                c.count += 1
+                i += 1
+            y = <int>(c.packed >> 32)
+            # the least overlap reaching the threshold at this size (similarity grows with it)
+            slo = 1
+            shi = x + 1
+            while slo < shi:
+                s = (slo + shi) >> 1
+                if sim_of(measure, s, x, y) >= floor:
+                    shi = s
+                else:
+                    slo = s + 1
+            c.need = slo
+            cands.push_back(c)
+        packed.clear()
+        # the other lists: probe each surviving candidate by bisection in its size run
+        for k in range(n_sig, x):
+            sl = slices[k]
+            remaining = x - k
+            w = 0
+            e = sl.da
+            for i in range(<Py_ssize_t>cands.size()):
+                c = cands[i]
+                if c.count + remaining < c.need:
+                    continue
+                if sl.length:
+                    y = <int>(c.packed >> 32)
+                    kid = c.packed & 0xFFFFFFFFULL
+                    while e < sl.db and self.dir_size[e] < y:
+                        e += 1
+                    if e < sl.db and self.dir_size[e] == y:
+                        l = sl.base + self.dir_start[e]
+                        r = self.run_end(e, sl)
+                        while l < r:
+                            mid = (l + r) >> 1
+                            if self.keys[mid] < kid:
+                                l = mid + 1
+                            else:
+                                r = mid
+                        if l < self.run_end(e, sl) and self.keys[l] == kid:
+                            c.count += 1
+                cands[w] = c
+                w += 1
+            cands.resize(w)
+            if w == 0:
+                return 0
+        for i in range(<Py_ssize_t>cands.size()):
+            c = cands[i]
+            if c.count < c.need:
+                continue
+            y = <int>(c.packed >> 32)
+            hit.sim = sim_of(measure, c.count, x, y)
+            if hit.sim >= floor:
+                hit.size = <uint32_t>y
+                hit.kid = <uint32_t>(c.packed & 0xFFFFFFFFULL)
+                out.push_back(hit)
+        if out.size() > 1:
+            approx_sort_hits(out)
+        return 0
+
+    cdef int _query(self, str query, vector[int64_t]& gids) except -1:
+        """Trigram numbers of ``query``'s distinct grams (no padding; a short string is its
+        own gram), into ``gids``."""
+        cdef Py_ssize_t n = len(query), p
+        cdef vector[uint64_t] codes
+        cdef uint64_t prev = 0
+        gids.clear()
+        if n == 0:
+            return 0
+        if n < 3:
+            if n == 2:
+                codes.push_back(SHORT | ((<uint64_t>2) << 42)
+                                | ((<uint64_t>query[0]) << 21) | <uint64_t>query[1])
+            else:
+                codes.push_back(SHORT | ((<uint64_t>1) << 42) | ((<uint64_t>query[0]) << 21))
+        else:
+            for p in range(n - 2):
+                codes.push_back(code3(query[p], query[p + 1], query[p + 2]))
+            approx_sort_u64(codes)
+        for p in range(<Py_ssize_t>codes.size()):
+            if p and codes[p] == prev:
+                continue
+            prev = codes[p]
+            gids.push_back(self.gram_id(prev))
+        return 0
+
+    def search(self, str query not None, str measure not None, double alpha):
+        """Every key at similarity ≥ ``alpha`` with ``query``: (key number, similarity),
+        best first (the reference's ``TrigramIndex.search``)."""
+        cdef vector[int64_t] gids
+        cdef vector[ApproxHit] hits
+        cdef int mcode
+        cdef tuple bd
+        self._query(query, gids)
+        bd = self.bounds(measure, alpha, <int>gids.size()) if gids.size() else None
+        if bd is None:
+            return []
+        mcode = MEASURES[measure]
+        self._search(gids, mcode, alpha, bd[0], bd[1], bd[2], hits)
+        return [(hits[i].kid, hits[i].sim) for i in range(<Py_ssize_t>hits.size())]
+
+    cdef tuple _best(self, vector[int64_t]& gids, int mcode, str measure, double alpha):
+        cdef vector[ApproxHit] hits
+        cdef tuple bd = self._bounds(mcode, measure, alpha, <int>gids.size())
+        cdef double top
+        cdef Py_ssize_t i
+        cdef list res
+        self._search(gids, mcode, alpha, bd[0], bd[1], bd[2], hits)
+        if hits.size() == 0:
+            return ()
+        top = hits[0].sim
+        res = []
+        for i in range(<Py_ssize_t>hits.size()):
+            if hits[i].sim < top - 1e-12:
+                break
+            res.append((hits[i].kid, self.key_string(hits[i].kid), hits[i].sim))
+        return tuple(res)
+
+    def scan(self, str text not None, list norms not None, list starts not None,
+             list ends not None, list covered not None, str measure not None, double alpha):
+        """The best key(s) of every window of a caption: (start token, end token, key number,
+        key, similarity), in window order — the windows of ``ApproximateMatcher.match``."""
+        cdef Py_ssize_t n = len(norms), i, j, lim, t, p, q, ws, we, chars
+        cdef int mcode
+        cdef str joined, key, tok
+        cdef vector[Py_ssize_t] tok_off
+        cdef vector[uint64_t] pos_code
+        cdef vector[int64_t] pos_gid
+        cdef vector[pair[uint64_t, int64_t]] grams
+        cdef vector[int64_t] gids
+        cdef uint64_t prev
+        cdef dict memo
+        cdef object res
+        cdef frozenset stop = self.stopwords
+        cdef list out = []
+        cdef Py_ssize_t left, right
+        if n == 0:
+            return out
+        # validates the measure as the reference does (ExtractionError for an unknown one)
+        self._bounds(MEASURES.get(measure, -1), measure, alpha, 1)
+        mcode = MEASURES[measure]
+        memo = self.memos.get((mcode, alpha))
+        if memo is None:
+            memo = self.memos[(mcode, alpha)] = {}
+        joined = u" ".join(norms)
+        tok_off.resize(n + 1)
+        t = 0
+        for i in range(n):
+            tok_off[i] = t
+            t += len(<str>norms[i]) + 1
+        tok_off[n] = t
+        ws = len(joined)
+        pos_code.resize(ws if ws > 2 else 1)
+        pos_gid.assign(ws if ws > 2 else 1, -2)
+        for p in range(ws - 2):
+            pos_code[p] = code3(joined[p], joined[p + 1], joined[p + 2])
+        for i in range(n):
+            tok = <str>norms[i]
+            if covered[i] or tok in stop:
+                continue
+            chars = len(tok)
+            lim = i + self.window
+            if lim > n:
+                lim = n
+            for j in range(i + 1, lim + 1):
+                if j > i + 1:
+                    if covered[j - 1]:
+                        break
+                    left = ends[j - 2]
+                    right = starts[j - 1]
+                    if (right - left != 1 or text[left] != u" ") and not \
+                            self.break_chars.isdisjoint(text[left:right]):
+                        break
+                    tok = <str>norms[j - 1]
+                    chars += len(tok)
+                else:
+                    tok = <str>norms[i]
+                if tok in stop or chars < self.min_chars:
+                    continue
+                ws = tok_off[i]
+                we = tok_off[j - 1] + len(tok)
+                key = joined[ws:we]
+                res = memo.get(key)
+                if res is None:
+                    if we - ws < 3:
+                        self._query(key, gids)
+                    else:
+                        grams.clear()
+                        for p in range(ws, we - 2):
+                            if pos_gid[p] == -2:
+                                pos_gid[p] = self.gram_id(pos_code[p])
+                            grams.push_back(pair[uint64_t, int64_t](pos_code[p], pos_gid[p]))
+                        approx_sort_pairs(grams)
+                        gids.clear()
+                        for q in range(<Py_ssize_t>grams.size()):
+                            if q and grams[q].first == prev:
+                                continue
+                            prev = grams[q].first
+                            gids.push_back(grams[q].second)
+                    res = self._best(gids, mcode, measure, alpha)
+                    if self.memo_n >= self.memo_size:
+                        for m in self.memos.values():
+                            (<dict>m).clear()
+                        self.memo_n = 0
+                    memo[key] = res
+                    self.memo_n += 1
+                for hit in <tuple>res:
+                    out.append((i, j, hit[0], hit[1], hit[2]))
+        return out

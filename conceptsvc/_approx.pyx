@@ -11,7 +11,8 @@ interpreter in the loop, the way simstring's CPMerge does:
 * the query's trigram lists are cut to the keys whose size can reach the threshold (a bisection
   of each list's size directory, so no key size is read from elsewhere);
 * candidates come from the (x − τ_min + 1) shortest cut lists only (pigeonhole: a key with
-  τ_min shared trigrams is in at least one of them), counted by sorting their postings;
+  τ_min shared trigrams is in at least one of them), counted by merging them (each list is in
+  (size, key) order already, so nothing is sorted);
 * each remaining list is probed per candidate by bisection in its run of keys of the
   candidate's size, and a candidate is dropped as soon as even all remaining lists could not
   lift its overlap to the least that reaches the threshold at its size.
@@ -125,7 +126,14 @@ cdef class TrigramSearcher:
     cdef frozenset stopwords, break_chars
     cdef int min_chars, window
     cdef Py_ssize_t memo_size, memo_n
-    cdef dict memos, bounds_cache
+    cdef dict memos
+    # bounds of the current (measure, threshold) by query size; -2: not asked yet
+    cdef int cur_mcode
+    cdef double cur_alpha
+    cdef vector[int] b_lo, b_hi, b_tau
+    # _search's scratch (it calls no Python, so no other thread can enter it meanwhile)
+    cdef vector[ApproxSlice] slices
+    cdef vector[Cand] cands, merged
 
     def __init__(self, arrays, key_string, bounds, *, frozenset stopwords not None,
                  frozenset break_chars not None, int min_chars, int window,
@@ -149,7 +157,8 @@ cdef class TrigramSearcher:
         self.memo_size = memo_size
         self.memo_n = 0
         self.memos = {}
-        self.bounds_cache = {}
+        self.cur_mcode = -1
+        self.cur_alpha = -1.0
 
     @property
     def memo_entries(self):
@@ -171,15 +180,31 @@ cdef class TrigramSearcher:
                     return t
             slot = (slot + 1) & self.mask
 
-    cdef tuple _bounds(self, int measure_code, str measure, double alpha, int x):
-        cdef tuple k = (measure_code, alpha, x)
-        cdef object b = self.bounds_cache.get(k)
-        if b is None:
-            if len(self.bounds_cache) >= 4096:
-                self.bounds_cache.clear()
+    cdef int _bounds(self, int mcode, str measure, double alpha, int x, int* lo, int* hi,
+                     int* tau) except -1:
+        """(lo, hi, τ_min) of ``approximate.search_bounds``, asked once per query size."""
+        cdef tuple b
+        cdef Py_ssize_t k
+        if mcode != self.cur_mcode or alpha != self.cur_alpha:
+            self.b_lo.clear()
+            self.b_hi.clear()
+            self.b_tau.clear()
+            self.cur_mcode = mcode
+            self.cur_alpha = alpha
+        if <Py_ssize_t>self.b_lo.size() <= x:
+            k = x + 16
+            self.b_lo.resize(k, -2)
+            self.b_hi.resize(k, -2)
+            self.b_tau.resize(k, -2)
+        if self.b_lo[x] == -2:
             b = self.bounds(measure, alpha, x)
-            self.bounds_cache[k] = b
-        return <tuple>b
+            self.b_hi[x] = b[1] if b[1] < MAX_SIZE else MAX_SIZE
+            self.b_tau[x] = b[2]
+            self.b_lo[x] = b[0]
+        lo[0] = self.b_lo[x]
+        hi[0] = self.b_hi[x]
+        tau[0] = self.b_tau[x]
+        return 0
 
     cdef int64_t run_end(self, int64_t e, const ApproxSlice& sl) noexcept:
         # absolute end of directory run e of the slice's list
@@ -194,17 +219,23 @@ cdef class TrigramSearcher:
         cdef int x = <int>gids.size()
         cdef double floor = alpha - 1e-12
         cdef int n_sig = x - tau_min + 1
-        cdef vector[ApproxSlice] slices
+        cdef vector[ApproxSlice]* slices = &self.slices
+        cdef vector[Cand]* merged = &self.merged
+        cdef uint64_t v
+        cdef Py_ssize_t ci, nc
+        cdef Cand* src
+        cdef Cand* dst
+        cdef int prev_y
+        cdef vector[Cand]* cands = &self.cands
         cdef ApproxSlice sl
         cdef int64_t g, a, b, mid, e, p, s0, s1, l, r
         cdef int k, remaining, y, s, slo, shi
-        cdef vector[uint64_t] packed
-        cdef vector[Cand] cands
         cdef Cand c
-        cdef Py_ssize_t i, w, npk
+        cdef Py_ssize_t i, w
         cdef uint64_t kid
         cdef ApproxHit hit
         out.clear()
+        cands.clear()
         if x == 0 or n_sig <= 0:
             return 0
         if hi > MAX_SIZE:
@@ -217,10 +248,10 @@ cdef class TrigramSearcher:
         for k in range(x):
             g = gids[k]
             if g < 0:
-                slices[k].length = 0
-                slices[k].start = slices[k].end = 0
-                slices[k].da = slices[k].db = slices[k].dend = 0
-                slices[k].base = slices[k].lend = 0
+                slices[0][k].length = 0
+                slices[0][k].start = slices[0][k].end = 0
+                slices[0][k].da = slices[0][k].db = slices[0][k].dend = 0
+                slices[0][k].base = slices[0][k].lend = 0
                 continue
             sl.base = <int64_t>self.offsets[g]
             sl.lend = <int64_t>self.offsets[g + 1]
@@ -245,49 +276,71 @@ cdef class TrigramSearcher:
             sl.start = sl.base + self.dir_start[sl.da] if sl.da < sl.dend else sl.lend
             sl.end = sl.base + self.dir_start[sl.db] if sl.db < sl.dend else sl.lend
             sl.length = sl.end - sl.start
-            slices[k] = sl
-        approx_sort_slices(slices)
-        # candidates: the postings of the n_sig shortest lists, as (size << 32 | key)
+            slices[0][k] = sl
+        approx_sort_slices(slices[0])
+        # candidates: the postings of the n_sig shortest lists, as (size << 32 | key), counted
+        # by merging (each list is already in that order, so nothing is sorted)
         for k in range(n_sig):
-            sl = slices[k]
+            sl = slices[0][k]
+            if sl.length == 0:
+                continue
+            ci = 0
+            nc = <Py_ssize_t>cands.size()
+            if <Py_ssize_t>merged.size() < nc + sl.length:
+                merged.resize(nc + sl.length)
+            src = cands.data()
+            dst = merged.data()
+            w = 0
             for e in range(sl.da, sl.db):
                 y = self.dir_size[e]
                 s0 = sl.base + self.dir_start[e]
                 s1 = self.run_end(e, sl)
                 for p in range(s0, s1):
-                    packed.push_back(((<uint64_t>y) << 32) | self.keys[p])
-        npk = <Py_ssize_t>packed.size()
-        if npk == 0:
+                    v = ((<uint64_t>y) << 32) | self.keys[p]
+                    while ci < nc and src[ci].packed < v:
+                        dst[w] = src[ci]
+                        w += 1
+                        ci += 1
+                    if ci < nc and src[ci].packed == v:
+                        dst[w] = src[ci]
+                        dst[w].count += 1
+                        ci += 1
+                    else:
+                        dst[w].packed = v
+                        dst[w].count = 1
+                    w += 1
+            while ci < nc:
+                dst[w] = src[ci]
+                w += 1
+                ci += 1
+            merged.resize(w)
+            cands.swap(merged[0])
+        if cands.size() == 0:
             return 0
-        approx_sort_u64(packed)
-        i = 0
-        while i < npk:
-            c.packed = packed[i]
-            c.count = 0
-            while i < npk and packed[i] == c.packed:
-                c.count += 1
-                i += 1
-            y = <int>(c.packed >> 32)
-            # the least overlap reaching the threshold at this size (similarity grows with it)
-            slo = 1
-            shi = x + 1
-            while slo < shi:
-                s = (slo + shi) >> 1
-                if sim_of(measure, s, x, y) >= floor:
-                    shi = s
-                else:
-                    slo = s + 1
-            c.need = slo
-            cands.push_back(c)
-        packed.clear()
+        prev_y = -1
+        for i in range(<Py_ssize_t>cands.size()):
+            y = <int>(cands[0][i].packed >> 32)
+            if y != prev_y:  # candidates come by size: one bisection per size
+                prev_y = y
+                # the least overlap reaching the threshold at this size (similarity grows
+                # with it)
+                slo = 1
+                shi = x + 1
+                while slo < shi:
+                    s = (slo + shi) >> 1
+                    if sim_of(measure, s, x, y) >= floor:
+                        shi = s
+                    else:
+                        slo = s + 1
+            cands[0][i].need = slo
         # the other lists: probe each surviving candidate by bisection in its size run
         for k in range(n_sig, x):
-            sl = slices[k]
+            sl = slices[0][k]
             remaining = x - k
             w = 0
             e = sl.da
             for i in range(<Py_ssize_t>cands.size()):
-                c = cands[i]
+                c = cands[0][i]
                 if c.count + remaining < c.need:
                     continue
                 if sl.length:
@@ -306,13 +359,13 @@ cdef class TrigramSearcher:
                                 r = mid
                         if l < self.run_end(e, sl) and self.keys[l] == kid:
                             c.count += 1
-                cands[w] = c
+                cands[0][w] = c
                 w += 1
             cands.resize(w)
             if w == 0:
                 return 0
         for i in range(<Py_ssize_t>cands.size()):
-            c = cands[i]
+            c = cands[0][i]
             if c.count < c.need:
                 continue
             y = <int>(c.packed >> 32)
@@ -356,23 +409,23 @@ cdef class TrigramSearcher:
         best first (the reference's ``TrigramIndex.search``)."""
         cdef vector[int64_t] gids
         cdef vector[ApproxHit] hits
-        cdef int mcode
-        cdef tuple bd
+        cdef int mcode, lo, hi, tau
         self._query(query, gids)
-        bd = self.bounds(measure, alpha, <int>gids.size()) if gids.size() else None
-        if bd is None:
+        if gids.size() == 0:
             return []
-        mcode = MEASURES[measure]
-        self._search(gids, mcode, alpha, bd[0], bd[1], bd[2], hits)
+        mcode = MEASURES.get(measure, -1)
+        self._bounds(mcode, measure, alpha, <int>gids.size(), &lo, &hi, &tau)
+        self._search(gids, mcode, alpha, lo, hi, tau, hits)
         return [(hits[i].kid, hits[i].sim) for i in range(<Py_ssize_t>hits.size())]
 
     cdef tuple _best(self, vector[int64_t]& gids, int mcode, str measure, double alpha):
         cdef vector[ApproxHit] hits
-        cdef tuple bd = self._bounds(mcode, measure, alpha, <int>gids.size())
+        cdef int lo, hi, tau
         cdef double top
         cdef Py_ssize_t i
         cdef list res
-        self._search(gids, mcode, alpha, bd[0], bd[1], bd[2], hits)
+        self._bounds(mcode, measure, alpha, <int>gids.size(), &lo, &hi, &tau)
+        self._search(gids, mcode, alpha, lo, hi, tau, hits)
         if hits.size() == 0:
             return ()
         top = hits[0].sim
@@ -388,7 +441,7 @@ cdef class TrigramSearcher:
         """The best key(s) of every window of a caption: (start token, end token, key number,
         key, similarity), in window order — the windows of ``ApproximateMatcher.match``."""
         cdef Py_ssize_t n = len(norms), i, j, lim, t, p, q, ws, we, chars
-        cdef int mcode
+        cdef int mcode, d_lo, d_hi, d_tau
         cdef str joined, key, tok
         cdef vector[Py_ssize_t] tok_off
         cdef vector[uint64_t] pos_code
@@ -404,8 +457,8 @@ cdef class TrigramSearcher:
         if n == 0:
             return out
         # validates the measure as the reference does (ExtractionError for an unknown one)
-        self._bounds(MEASURES.get(measure, -1), measure, alpha, 1)
-        mcode = MEASURES[measure]
+        mcode = MEASURES.get(measure, -1)
+        self._bounds(mcode, measure, alpha, 1, &d_lo, &d_hi, &d_tau)
         memo = self.memos.get((mcode, alpha))
         if memo is None:
             memo = self.memos[(mcode, alpha)] = {}

@@ -14,9 +14,15 @@ The candidate search is simstring's: for a query with trigram set X and threshol
 with trigram set Y can only reach α if |Y| lies in a measure-specific size range and
 |X ∩ Y| ≥ τ(|X|, |Y|). Any key with at least τ_min shared trigrams must appear in one of the
 (|X| − τ_min + 1) *rarest* trigram lists of X (pigeonhole), so only those lists are scanned and
-each candidate is then verified exactly. The inverted lists are built once per loaded index
-(lazily, on the first approximate request — never per request) and window results are memoised,
-because short windows ("showing", "mass") recur in almost every caption.
+each candidate is then verified exactly. The inverted lists are part of the index
+(:mod:`conceptsvc.trigram_index`, written by ``conceptsvc index build`` and memory-mapped), so no
+request — not even the first — builds anything that grows with the dictionary; window results
+are memoised, because short windows ("showing", "mass") recur in almost every caption.
+
+This module is the reference. Every engine but ``"reference"`` runs the same windows and search
+compiled (``conceptsvc/_approx.pyx``, :data:`APPROX`) over the same arrays; bounds come from
+:func:`search_bounds` here in both, and ``tests/test_speedups.py`` holds them to the same keys,
+scores and order.
 
 Trigrams are taken without begin/end padding, as QuickUMLS configures simstring; a string shorter
 than three characters is its own single gram.

@@ -36,9 +36,12 @@ pipeline per caption with the interpreter out of the loop — a token table keye
 caption's code points, the index's memory-mapped token trie (built by the index build, at
 any index size), negation, profiles and
 caption definitions in C — and calls back into these modules for whatever is rare (a token or
-key seen for the first time, ambiguous spans, approximate matching). Its rules are these
-modules': each stage hands over its constants and tables, or exposes them through public
-accessors (``ExactMatcher.key_trie``, ``NegationDetector.phrase_table``, ``Profile.slots``, ...).
+key seen for the first time, ambiguous spans). Approximate matching's windows and trigram
+search run in a second extension, ``conceptsvc/_approx.pyx``, over the index's mapped trigram
+lists (reference: :mod:`conceptsvc.approximate`), in every engine but ``"reference"``. Its
+rules are these modules': each stage hands over its constants and tables, or exposes them
+through public accessors (``ExactMatcher.key_trie``, ``NegationDetector.phrase_table``,
+``Profile.slots``, ...).
 ``Extractor(index, engine=...)`` chooses: ``"compiled"``, ``"reference"`` (no compiled code at
 all), or ``"auto"`` — the compiled engine whenever the extension is built (and not switched off
 with ``CONCEPTSVC_PURE_PYTHON=1``).
@@ -249,9 +252,10 @@ class Extractor:
     """Extracts concepts from captions with one loaded :class:`ConceptIndex`.
 
     Construction is cheap, and so is the first approximate request: its trigram lists are part
-    of the index (memory-mapped), only the matcher object over them is made on first use. Thread-safe: a lost race on a
-    memo table recomputes the same value, and the bounded ones (the plan cache, by bytes and
-    count; a plan's memos, emptied when full) drop entries, never change them.
+    of the index (memory-mapped), only the matcher object over them is made on first use.
+    Thread-safe: a lost race on a memo table recomputes the same value, and the bounded ones
+    (the plan cache, by bytes and count; a plan's memos, emptied when full) drop entries, never
+    change them.
 
     ``engine`` chooses the implementation (the module docstring has both): ``"compiled"``
     runs ``conceptsvc/_speedups.pyx`` and raises :class:`ExtractionError` when it cannot (the

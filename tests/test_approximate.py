@@ -89,16 +89,28 @@ def brute_force(strings: list[str], query: str, measure: str,
     return out
 
 
-@settings(max_examples=150, deadline=None)
+def near(strings: list[str], data: st.DataObject) -> str:
+    """A query near the dictionary: one of its strings, with up to two characters edited."""
+    query = data.draw(st.sampled_from(strings), label="base")
+    for pos, c in data.draw(st.lists(st.tuples(st.integers(0, 30), st.sampled_from("aeln ")),
+                                     max_size=2), label="edits"):
+        p = pos % (len(query) + 1)
+        query = query[:p] + c + query[p + 1 :] if pos % 2 else query[:p] + c + query[p:]
+    return query
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=25, unique=True),
-    st.one_of(WORDS, UNICODE_WORDS),
+    st.data(),
     st.sampled_from(SIMILARITIES),
     st.sampled_from([0.05, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0]),
 )
 def test_approximate_search_equals_brute_force(
-    strings: list[str], query: str, measure: str, alpha: float
+    strings: list[str], data: st.DataObject, measure: str, alpha: float
 ) -> None:
+    query = data.draw(st.one_of(WORDS, UNICODE_WORDS) if data.draw(st.booleans())
+                      else st.just(near(strings, data)), label="query")
     tri = TrigramIndex.from_strings(strings)
     expected = brute_force(strings, query, measure, alpha)
     got = {(tri.string(i), round(sim, 9)) for i, sim in tri.search(query, measure, alpha)}

@@ -41,14 +41,18 @@ from conftest import LARGE_AMBIGUOUS, large_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.synth_umls import generate
 from conceptsvc import _speedups, abbreviations, normalize
+from conceptsvc.approximate import ApproximateMatcher
 from conceptsvc.demo import CAPTIONS
-from conceptsvc.embedded import demo_index
+from conceptsvc.dictionary import UmlsSource, build_dictionary_index
+from conceptsvc.embedded import DEMO_META, demo_index
 from conceptsvc.errors import ExtractionError
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex, IndexBuilder
-from conceptsvc.model import Annotation, ExtractOptions
+from conceptsvc.matcher import ExactMatcher
+from conceptsvc.model import SIMILARITIES, Annotation, ExtractOptions
 from conceptsvc.negation import (
     CONTEXT_RULES,
     Category,
@@ -479,6 +483,92 @@ def test_speedups_demo_sample_approximate_equals_reference(
     subset = sample[::3]
     bad = demo_engines.differences(subset, options)
     assert not bad, summary(bad, len(subset))
+
+
+# -- approximate search on its own, and on an index of a few hundred thousand keys ------------
+
+GENERATED_ROWS = 600_000
+"""Rows of the generated release merged with the demo dictionary: about 180k keys, enough for
+trigram lists of tens of thousands of keys (the demo's longest has a few hundred)."""
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> ConceptIndex:
+    """A synthetic UMLS-like release merged with the demo dictionary, built once per session."""
+    d = tmp_path_factory.mktemp("generated")
+    generate(d / "META", GENERATED_ROWS, seed=14)
+    build_dictionary_index([UmlsSource(d / "META"), UmlsSource(DEMO_META)], d / "ix")
+    return ConceptIndex.load(d / "ix")
+
+
+def approximate_queries(index: ConceptIndex, sample: Items, n: int, seed: int) -> list[str]:
+    """Keys with letters dropped, doubled or swapped, caption windows, and short strings."""
+    rng = random.Random(seed)
+    keys = [index.key(rng.randrange(index.n_keys)) for _ in range(n)]
+    out = []
+    for k in keys:
+        p = rng.randrange(len(k))
+        out += [k, k[:p] + k[p + 1 :], k[:p] + k[p] + k[p:], k[:p] + "e" + k[p + 1 :]]
+    for _, text in rng.sample(sample, n):
+        words = text.lower().split()
+        i = rng.randrange(len(words))
+        out.append(" ".join(words[i : i + rng.randint(1, 4)]))
+    return [*out, "ct", "x", "pleural efusion", "lung canser", "éñ中", ""]
+
+
+def assert_search_parity(index: ConceptIndex, queries: list[str],
+                         thresholds: Sequence[float]) -> None:
+    exact = ExactMatcher(index)
+    fast = ApproximateMatcher(exact, compiled=True)
+    ref = ApproximateMatcher(exact, compiled=False)
+    assert fast.compiled and not ref.compiled
+    found = 0
+    for measure in SIMILARITIES:
+        # overlap has no size bound: every key sharing a trigram is a candidate, which the
+        # reference counts in Python (about a second a query at 200k keys), so fewer queries
+        for q in queries[::4] if measure == "overlap" else queries:
+            for alpha in thresholds:
+                got = fast.search(q, measure, alpha)
+                assert got == ref.search(q, measure, alpha), (q, measure, alpha)
+                found += len(got)
+    assert found > len(queries)  # the queries do find keys
+
+
+def test_speedups_approximate_search_equals_reference_demo(demo: ConceptIndex,
+                                                           sample: Items) -> None:
+    queries = approximate_queries(demo, sample, 60, seed=1)
+    assert_search_parity(demo, queries, (0.3, 0.5, 0.7, 0.85, 1.0))
+
+
+def test_speedups_approximate_search_equals_reference_generated(generated: ConceptIndex,
+                                                                sample: Items) -> None:
+    assert generated.n_keys > 150_000
+    assert_search_parity(generated, approximate_queries(generated, sample, 6, seed=2),
+                         (0.6, 0.8, 1.0))
+
+
+GENERATED_OPTIONS = [
+    ExtractOptions(mode="approximate"),
+    ExtractOptions(mode="approximate", similarity="cosine", threshold=0.8, overlap="all"),
+    ExtractOptions(mode="approximate", similarity="dice", threshold=0.6, profile="rocov2"),
+    ExtractOptions(mode="approximate", similarity="overlap", threshold=0.9),
+]
+
+
+@pytest.mark.parametrize("options", GENERATED_OPTIONS, ids=_id)
+def test_speedups_generated_index_approximate_equals_reference(
+    generated: ConceptIndex, sample: Items, options: ExtractOptions
+) -> None:
+    engines = Engines(generated)
+    rng = random.Random(3)
+    keys = [generated.key(rng.randrange(generated.n_keys)) for _ in range(30)]
+    typos = [(f"g{i}", f"Known {k[:-2]}{k[-1]}, {k}e and the {k} (arrows).")
+             for i, k in enumerate(keys)]
+    items = typos + sample[::10]
+    if options.similarity == "overlap":
+        items = typos[:8] + sample[::50]  # see assert_search_parity
+    bad = engines.differences(items, options)
+    assert not bad, summary(bad, len(items))
 
 
 ENGINE_CAPTIONS = [

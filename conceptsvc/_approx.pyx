@@ -244,6 +244,14 @@ cdef class TrigramSearcher:
             lo = 1
         if lo > hi:
             return 0
+        # a key shares only trigrams some key has: too few of those, and nothing can match
+        # (most caption windows stop here, before any list is read)
+        w = 0
+        for k in range(x):
+            if gids[k] >= 0:
+                w += 1
+        if w < tau_min:
+            return 0
         slices.resize(x)
         for k in range(x):
             g = gids[k]

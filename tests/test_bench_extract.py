@@ -100,8 +100,11 @@ def test_bench_extract_stage_shares_py_spy_ignores_other_lines() -> None:
 
 def test_bench_extract_reports_rates_and_stages(tmp_path: Path, engine_index_path: Path) -> None:
     caps = tmp_path / "c.csv"
+    # misspellings, so that approximate matching finds mentions (its compiled search alone is
+    # too quick, warm, for half a second of sampling to be sure to land in it)
     rows = ["ID,Caption"] + [
-        f'c{i},"Axial CT of the chest: lung cancer and no pleural effusion ({i})."'
+        f'c{i},"Axial CT of the chest: lung cancer and no pleural effusion ({i}); lung canser, '
+        + "pleural efusion, pleurel effusion, lunng cancer, " * 4 + '."'
         for i in range(30)
     ]
     caps.write_text("\n".join(rows) + "\n", encoding="utf-8")

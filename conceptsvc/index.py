@@ -1,6 +1,6 @@
 """The compiled concept index: built once offline, loaded fast, never written at request time.
 
-An index is a directory (format 3)::
+An index is a directory (format 4)::
 
     manifest.json            format/normaliser versions, source release, filters, counts, hashes
     keys.bin                 normalised term keys, sorted, UTF-8, each followed by "\\n"
@@ -93,7 +93,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+"""3 added the token trie (issue 13), 4 approximate matching's trigram lists (issue 14): a
+format-3 index lacks the lists, and the demo index cache is keyed on this number."""
 
 FLAG_PREFERRED = 1  # this string is the concept's preferred name
 FLAG_ABBREVIATION = 2  # an abbreviation/acronym (TTY AB/ACR/…, or a short all-caps string)
@@ -621,7 +623,9 @@ class ConceptIndex:
             raise ConceptIndexError(
                 f"{p}: index format version {version!r} is not supported by this conceptsvc "
                 f"(expects {FORMAT_VERSION}"
-                + ("; older indexes lack the token trie the matcher reads" if older else "")
+                + ("; older indexes lack the token trie the matcher reads"
+                   + (" or approximate matching's trigram lists" if version == 3 else "")
+                   if older else "")
                 + "); rebuild the index with this version (`conceptsvc index build ... "
                 "--out DIR`)."
             )

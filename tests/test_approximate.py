@@ -284,3 +284,14 @@ def test_approximate_trigram_lists_do_not_depend_on_chunks_or_buckets(
         cut = trigram_index.build_arrays(strings, build_hash_table).as_files()
     for name, arr in whole.items():
         assert arr.dtype == cut[name].dtype and np.array_equal(arr, cut[name]), name
+
+
+def test_approximate_format_3_index_is_refused_with_rebuild(tmp_path: Path) -> None:
+    # format 3 (issue 13's token trie) had no trigram lists
+    ix = build_index(tmp_path / "ix", [("C0000001", "Pleural effusion", ("T047",))],
+                     [("C0000001", "Pleural effusion", "MSH", "PT", 0)])
+    manifest = json.loads((ix / "manifest.json").read_text())
+    (ix / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(ConceptIndexError, match=r"format version 3 is not supported.*trigram "
+                       r"lists.*rebuild the index"):
+        ConceptIndex.load(ix)

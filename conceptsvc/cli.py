@@ -517,7 +517,7 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--batch-size", type=int, default=512,
                    help="captions per AnnotateBatch message (default 512)")
     p.add_argument("--deadline", type=float, default=60.0,
-                   help="seconds one batch's stream may take (default 60)")
+                   help="seconds one batch's AnnotateBatch call may take (default 60)")
     p.add_argument("--retries", type=int, default=8,
                    help="retries of a caption whose stream failed (UNAVAILABLE, "
                         "DEADLINE_EXCEEDED, ...) before it goes to the errors file (default 8)")

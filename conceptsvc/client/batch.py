@@ -166,7 +166,7 @@ _ANNOTATE_BATCH_PATH = "/{}/{}".format(
     .full_name.rsplit(".", 1)
 )
 # Deadline of the run's small control calls (GetInfo, the options probe, GetConcept); the
-# --deadline setting is for the annotation streams.
+# --deadline setting is for the AnnotateBatch calls.
 _CONTROL_TIMEOUT = 10.0
 
 

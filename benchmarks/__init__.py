@@ -7,9 +7,15 @@ around them. Their default paths are computed here, once; every one is an argume
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["BENCH_OUT", "CHECKOUT", "ROCOV2", "venv_python"]
+__all__ = ["BENCH_OUT", "CHECKOUT", "ROCOV2", "run_in_venv", "venv_python"]
+
+log = logging.getLogger(__name__)
 
 #: The checkout root (this package is never installed, so its parent is always the checkout).
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -30,3 +36,26 @@ def venv_python(python: str | Path | None, venv: str, why: str) -> Path:
     if not path.exists():
         raise ConfigError(f"{path} not found: {why}")
     return path
+
+
+def run_in_venv(
+    python: Path, module: str, args: Sequence[str], *, timeout: float, what: str
+) -> str:
+    """Run ``python -m module args`` (a fixed module of this checkout, in a peer tool's venv)
+    from the checkout, and return its standard output; a ConfigError naming ``what``, with the
+    tail of its standard error, when it fails."""
+    from conceptsvc.errors import ConfigError  # see venv_python
+
+    env = dict(os.environ)
+    # This checkout's code, whichever checkout the peer's venv was installed from.
+    env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [str(python), "-m", module, *args]
+    log.info("running %s", " ".join(cmd))
+    # The module is fixed by the caller; the arguments are built there, not taken from a client.
+    proc = subprocess.run(
+        cmd, cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise ConfigError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout

@@ -49,7 +49,6 @@ import logging
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import CHECKOUT, venv_python
+from benchmarks import CHECKOUT, run_in_venv, venv_python
 from benchmarks.context_peer.annotations import AnnotatedRow, read_annotations
 from benchmarks.soak import write_section
 from conceptsvc.errors import ConfigError
@@ -230,17 +229,8 @@ def run_medspacy(
     tsv: Path, rows: Sequence[AnnotatedRow], python: Path, out: Path, *, timeout: float = 1800
 ) -> tuple[list[Prediction], dict[str, str]]:
     """medspaCy's prediction for every row (from its driver's JSON), and its versions."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [str(python), "-m", "benchmarks.context_peer.run", "--tsv", str(tsv), "--out", str(out)]
-    log.info("running %s", " ".join(cmd))
-    # A fixed module of this checkout; the arguments are built here.
-    proc = subprocess.run(
-        cmd, cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise ConfigError(f"medspaCy's run failed (exit {proc.returncode}):\n{tail}")
+    run_in_venv(python, "benchmarks.context_peer.run", ["--tsv", str(tsv), "--out", str(out)],
+                timeout=timeout, what="medspaCy's run")
     result = json.loads(out.read_text(encoding="utf-8"))
     got = result["rows"]
     if [g["line"] for g in got] != [r.line for r in rows]:

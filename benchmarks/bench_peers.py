@@ -26,7 +26,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2, venv_python
+from benchmarks import BENCH_OUT, ROCOV2, run_in_venv, venv_python
 from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
 from conceptsvc.evaluation import read_concepts, score
@@ -70,21 +69,11 @@ def peers_python(python: str | Path | None = None) -> Path:
 
 def _run(python: Path, args: Sequence[str], *, timeout: float) -> dict[str, Any]:
     """Run ``benchmarks.peers.run`` in the peers' venv and parse its JSON line."""
-    env = dict(os.environ)
-    # This checkout's code, whichever checkout the peers' venv was installed from.
-    env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [str(python), "-m", "benchmarks.peers.run", *args]
-    log.info("running %s", " ".join(cmd))
-    # A fixed module of this package; the arguments are built here, not taken from a client.
-    proc = subprocess.run(
-        cmd, cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise ConfigError(f"peer run failed (exit {proc.returncode}): {' '.join(args[:2])}\n{tail}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    stdout = run_in_venv(python, "benchmarks.peers.run", args, timeout=timeout,
+                         what=f"peer run {' '.join(args[:2])}")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise ConfigError(f"peer run printed no JSON summary: {proc.stdout[-500:]!r}")
+        raise ConfigError(f"peer run printed no JSON summary: {stdout[-500:]!r}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 

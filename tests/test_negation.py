@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
+from negation_fixture import negation_rows
 
 from conceptsvc.negation import (
     BACKWARD_SCOPE,
@@ -23,7 +23,6 @@ from conceptsvc.negation import (
 from conceptsvc.normalize import normalize_term, tokenize_spans
 
 DETECTOR = NegationDetector()
-SENTENCES = Path(__file__).parent / "fixtures" / "negation_sentences.tsv"
 
 
 def negated_words(text: str, detector: NegationDetector = DETECTOR) -> list[str]:
@@ -181,16 +180,7 @@ def test_negation_a_trigger_inside_a_mention_does_not_negate_it() -> None:
     assert not mention_negated(None, 0, 1)
 
 
-def _fixture_rows() -> list[tuple[str, str, str]]:
-    rows = []
-    for line in SENTENCES.read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#"):
-            status, condition, _source, sentence = line.split("\t")
-            rows.append((status, condition, sentence))
-    return rows
-
-
-@pytest.mark.parametrize(("status", "condition", "sentence"), _fixture_rows())
+@pytest.mark.parametrize(("status", "condition", "sentence"), negation_rows())
 def test_negation_fixture_sentences(status: str, condition: str, sentence: str) -> None:
     assert is_negated(sentence, condition) == (status == "Negated")
 

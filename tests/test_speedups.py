@@ -40,6 +40,7 @@ import pytest
 from conftest import LARGE_AMBIGUOUS, large_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from negation_fixture import negation_rows
 
 from benchmarks.synth_umls import generate
 from conceptsvc import _speedups, abbreviations, normalize
@@ -949,19 +950,6 @@ def test_speedups_negation_scanner_on_the_sample(sample: Items) -> None:
             assert got == detector.negated_tokens(text, norms, starts, ends), text
 
 
-NEGATION_SENTENCES = Path(__file__).parent / "fixtures" / "negation_sentences.tsv"
-
-
-def _negation_rows() -> list[tuple[str, str, str]]:
-    """(status, condition, sentence) of the negation fixture (NegEx and caption sentences)."""
-    rows = []
-    for line in NEGATION_SENTENCES.read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#"):
-            status, condition, _source, sentence = line.split("\t")
-            rows.append((status, condition, sentence))
-    return rows
-
-
 def _negation_variants(sentence: str) -> list[str]:
     """A sentence and the same with its punctuation moved about (commas, breaks, no breaks)."""
     return [
@@ -973,7 +961,7 @@ def _negation_variants(sentence: str) -> list[str]:
 def test_speedups_negation_scanner_on_the_negation_sentences() -> None:
     for detector in _DETECTORS:
         scanner = normalize.SPEEDUPS.NegationScanner(detector)
-        for _, _, sentence in _negation_rows():
+        for _, _, sentence in negation_rows():
             for text in _negation_variants(sentence):
                 norms, starts, ends = _spans(text)
                 got = scanner.negated_tokens(text, norms, starts, ends)
@@ -1000,7 +988,7 @@ def negation_engines(tmp_path_factory: pytest.TempPathFactory) -> Engines:
     (so windows across punctuation are exercised too)."""
     builder = IndexBuilder(source_release="negation-test-fixture")
     conditions = sorted(
-        {re.sub(r"\s+", " ", c).lower() for _, c, _ in _negation_rows()}
+        {re.sub(r"\s+", " ", c).lower() for _, c, _ in negation_rows()}
         | {c for c, _ in _negex_dev_rows()}
     )
     for k, condition in enumerate(conditions):
@@ -1021,7 +1009,7 @@ _CONTEXT_OPTIONS = [
 
 def test_speedups_engines_agree_on_the_negation_sentences(negation_engines: Engines) -> None:
     for o in _CONTEXT_OPTIONS:
-        for _, _, sentence in _negation_rows():
+        for _, _, sentence in negation_rows():
             for text in _negation_variants(sentence):
                 negation_engines.check(text, o)
 
@@ -1049,7 +1037,7 @@ def test_speedups_engines_agree_on_the_development_sentences(negation_engines: E
     parts=st.lists(
         st.tuples(
             st.sampled_from(sorted({r.phrase for r in CONTEXT_RULES})),
-            st.sampled_from(sorted({c for _, c, _ in _negation_rows()})),
+            st.sampled_from(sorted({c for _, c, _ in negation_rows()})),
             st.sampled_from((" ", ", ", ". ", ": ", " or ", " and ", " in the ")),
         ),
         max_size=6,

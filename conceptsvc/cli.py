@@ -519,7 +519,7 @@ def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--deadline", type=float, default=60.0,
                    help="seconds one batch's AnnotateBatch call may take (default 60)")
     p.add_argument("--retries", type=int, default=8,
-                   help="retries of a caption whose stream failed (UNAVAILABLE, "
+                   help="retries of a caption whose batch failed (UNAVAILABLE, "
                         "DEADLINE_EXCEEDED, ...) before it goes to the errors file (default 8)")
     p.add_argument("--on-bad-input", choices=["fail", "skip"], default="fail",
                    help="malformed input records: stop before sending anything (default) or "

@@ -461,7 +461,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     releases = [f"{v} kept from an earlier run" if isinstance(g, str)
                 else f"{v} generated in {g['wall_s']:,.0f} s" for v, g in gen.items()]
     lines += ["", f"Releases: {'; '.join(releases) or 'none'}. Captions: "
-              f"`{summary['captions']}`.", ""]
+              f"`{os.path.relpath(summary['captions'], CHECKOUT)}` (from the checkout).", ""]
     names = [k for c in cols for k in c]
     order = list(dict.fromkeys(names))
     lines.append("| figure | " + " | ".join(heads) + " | target |")

@@ -76,6 +76,7 @@ import numpy as np
 
 from conceptsvc import trigram_index
 from conceptsvc.errors import ConceptIndexError
+from conceptsvc.mapping import map_array, map_bytes, settle_page_cache
 from conceptsvc.normalize import NORMALIZER_VERSION, normalize_term
 
 __all__ = [
@@ -517,18 +518,13 @@ class ConceptIndex:
         self.path = path
         self.manifest = manifest
         self.content_hash: str = manifest["content_hash"]
-        a = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in (
+        a = {name: map_array(path / f"{name}.npy") for name in (
             *_ARRAYS, *(f"{t}_offsets" for t in _STRTABS), *(f"{t}_table" for t in _HASHED)
         )}
         self._a = a
         tabs: dict[str, _StringTable] = {}
         for t in _STRTABS:
-            bin_path = path / f"{t}.bin"
-            blob = (
-                memoryview(np.memmap(bin_path, dtype=np.uint8, mode="r"))  # type: ignore[arg-type]
-                if bin_path.stat().st_size
-                else memoryview(b"")
-            )
+            blob = map_bytes(path / f"{t}.bin")
             table = _mv(a[f"{t}_table"]) if t in _HASHED else None
             tabs[t] = _StringTable(blob, _mv(a[f"{t}_offsets"]), table)
         self._check_shapes(tabs)
@@ -556,8 +552,14 @@ class ConceptIndex:
         self.sabs = _read_lines(path / "sabs.txt")
         self.ttys = _read_lines(path / "ttys.txt")
         self.tuis = _read_lines(path / "tuis.txt")
-        ftm = a["first_token_max"]
-        self.max_key_tokens = int(ftm.max()) if len(ftm) else 0
+        counts = manifest.get("counts")
+        counted = counts.get("max_key_tokens") if isinstance(counts, dict) else None
+        if not isinstance(counted, int):  # (every index this format writes has it)
+            ftm = a["first_token_max"]
+            counted = int(ftm.max()) if len(ftm) else 0
+        self.max_key_tokens: int = counted
+        """Length in tokens of the longest key (from the manifest: load reads no array
+        whole)."""
         # approximate matching's trigram lists: mapped, never built at load or at request time
         self.trigrams = trigram_index.load(path, manifest["files"], len(self._keys))
 
@@ -645,6 +647,9 @@ class ConceptIndex:
                 )
         if _content_hash(files) != manifest.get("content_hash"):
             raise ConceptIndexError(f"{p}: manifest content_hash does not match its file list.")
+        for name in files:  # before hashing, which then reads the single pages (mapping.py)
+            if name.endswith((".npy", ".bin")):
+                settle_page_cache(p / name)
         if verify:
             actual = _hash_files([p / name for name in files])
             for name, expected in files.items():

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from conceptsvc.errors import ConceptIndexError
+from conceptsvc.mapping import map_array
 
 __all__ = [
     "FILES",
@@ -292,8 +293,7 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
             f"{path}: the index has no approximate-matching structure ({', '.join(missing)}); "
             "rebuild it with this conceptsvc (`conceptsvc index build ...`)."
         )
-    a = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-         for name in FILES}
+    a = {name: map_array(path / f"{name}.npy") for name in FILES}
     arrays = TrigramArrays(
         codes=a["trigram_codes"], table=a["trigram_table"], offsets=a["trigram_offsets"],
         keys=a["trigram_keys"], dir_offsets=a["trigram_dir_offsets"],

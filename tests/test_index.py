@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -332,3 +333,70 @@ def test_index_hash_table_with_many_collisions(tmp_path: Path) -> None:
         assert kid is not None and ix.postings_of(kid)[0].cui == f"C{i:07d}"
         assert ix.key_id(f"term{i} x{(i + 1) % 7}") is None
         assert f"C{i:07d}" in ix
+
+
+# -- how the files are mapped (conceptsvc/mapping.py) ----------------------------------------
+
+_SMAPS = Path("/proc/self/smaps")
+
+
+def _mappings_under(directory: Path) -> dict[str, list[tuple[int, str]]]:
+    """This process's mappings of files in ``directory``: file name → [(Rss kB, VmFlags)]."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    current: list[tuple[int, str]] | None = None
+    rss = 0
+    for line in _SMAPS.read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) == 6 and "-" in head[0] and head[5].startswith("/"):
+            path = Path(head[5])
+            current = out.setdefault(path.name, []) if path.parent == directory else None
+        elif len(head) == 5 and "-" in head[0] and ":" not in head[0]:
+            current = None  # an anonymous mapping
+        elif current is not None and line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif current is not None and line.startswith("VmFlags:"):
+            current.append((rss, line))
+    return out
+
+
+@pytest.mark.skipif(not _SMAPS.is_file(), reason="needs /proc/self/smaps (Linux)")
+def test_index_mapped_files_carry_random_access_advice(built: Path) -> None:
+    index = ConceptIndex.load(built, materialize=False)
+    mapped = _mappings_under(built.resolve())
+    expected = {n for n in index.manifest["files"] if n.endswith((".npy", ".bin"))
+                and (built / n).stat().st_size}
+    assert set(mapped) == expected
+    for name, maps in mapped.items():
+        # "rr": VM_RAND_READ, what MADV_RANDOM sets (no read-around on a fault)
+        assert all(" rr" in flags for _, flags in maps), (name, maps)
+    assert index.max_key_tokens == int(np.asarray(index._a["first_token_max"]).max())
+
+
+@pytest.mark.skipif(not _SMAPS.is_file(), reason="needs /proc/self/smaps (Linux)")
+def test_index_settled_file_maps_single_pages(tmp_path: Path) -> None:
+    from conceptsvc.mapping import map_array, settle_page_cache
+
+    path = tmp_path / "big.npy"
+    np.save(path, np.arange(4 << 20, dtype=np.uint64), allow_pickle=False)  # 32 MB
+    with path.open("rb") as fh:  # written back, as an index is long after its build (the
+        os.fsync(fh.fileno())    # kernel drops no dirty page)
+    with path.open("rb") as fh:  # a sequential read, as hashing or copying an index does
+        while fh.read(1 << 22):
+            pass
+    middle = (2 << 20) + 12_345
+
+    def rss_after_one_read() -> int:
+        arr = map_array(path)
+        assert int(arr[middle]) == middle
+        ((rss, flags),) = _mappings_under(tmp_path)["big.npy"]
+        assert " rr" in flags
+        del arr
+        return rss
+
+    unsettled = rss_after_one_read()
+    if unsettled <= 256:
+        pytest.skip(f"this kernel maps {unsettled} kB on one fault without settling: "
+                    "no large folios to avoid")
+    settle_page_cache(path)
+    # one page and the neighbours of the kernel's fault-around window (64 KB by default)
+    assert rss_after_one_read() <= 256, unsettled

@@ -314,7 +314,7 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
         problems.append(f"key_trigram_counts has {len(arrays.key_counts)} entries, "
                         f"expected {n_keys}")
     table = arrays.table
-    if len(table) & (len(table) - 1) or len(table) < 2 * n_grams:
+    if len(table) & (len(table) - 1) or n_grams >= len(table):  # (≥ 1 empty slot ends a miss)
         problems.append("trigram_table has the wrong size")
     if problems:
         raise ConceptIndexError(

@@ -612,6 +612,11 @@ class ConceptIndex:
         ``verify`` checks every file against the manifest hashes (≈1 s per GB on this
         hardware, two threads). ``materialize`` forces (True) or forbids (False) building
         Python dicts for the lookups; by default only small indexes get them.
+
+        Every mapped file is first re-read into the page cache in single pages
+        (:func:`conceptsvc.mapping.settle_page_cache`): a load reads the index from disk once
+        (in the background; hashing waits for it), and a request then maps the pages it
+        reads, not the large folios a sequential read leaves (RSS).
         """
         p = Path(path)
         mpath = p / "manifest.json"
@@ -951,6 +956,7 @@ class IndexBuilder:
         tmp = Path(tempfile.mkdtemp(prefix=".index-", dir=out_path.parent))
         try:
             self._write_files(tmp)
+            _sync_files(tmp)
             if out_path.exists():
                 old = Path(tempfile.mkdtemp(prefix=".index-old-", dir=out_path.parent))
                 old.rmdir()
@@ -1091,6 +1097,18 @@ class IndexBuilder:
             "content_hash": _content_hash(files),
         }
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _sync_files(d: Path) -> None:
+    """Write the files of ``d`` back to disk before the index is renamed into place: a crash
+    then leaves the old index or the whole new one, and a load right after the build finds
+    no dirty page, which the kernel would not drop (:func:`mapping.settle_page_cache`)."""
+    for f in d.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def build_index(

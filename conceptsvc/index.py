@@ -1,6 +1,6 @@
 """The compiled concept index: built once offline, loaded fast, never written at request time.
 
-An index is a directory (format 4)::
+An index is a directory (format 5)::
 
     manifest.json            format/normaliser versions, source release, filters, counts, hashes
     keys.bin                 normalised term keys, sorted, UTF-8, each followed by "\\n"
@@ -94,9 +94,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """3 added the token trie (issue 13), 4 approximate matching's trigram lists (issue 14): a
-format-3 index lacks the lists, and the demo index cache is keyed on this number."""
+format-3 index lacks the lists, and the demo index cache is keyed on this number. 5 fills
+the hash tables up to :data:`MAX_LOAD` (4: 0.5), which a format-4 reader refuses (it checks
+the trigram table's size); this code reads format 4 too (the same files, larger tables)."""
+
+READABLE_VERSIONS = (4, FORMAT_VERSION)
+"""Index formats this code loads."""
 
 FLAG_PREFERRED = 1  # this string is the concept's preferred name
 FLAG_ABBREVIATION = 2  # an abbreviation/acronym (TTY AB/ACR/…, or a short all-caps string)
@@ -634,11 +639,11 @@ class ConceptIndex:
         if not isinstance(manifest, dict):
             raise ConceptIndexError(f"{mpath}: manifest is not a JSON object; rebuild the index.")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            older = isinstance(version, int) and version < FORMAT_VERSION
+        if version not in READABLE_VERSIONS:
+            older = isinstance(version, int) and version < min(READABLE_VERSIONS)
             raise ConceptIndexError(
                 f"{p}: index format version {version!r} is not supported by this conceptsvc "
-                f"(expects {FORMAT_VERSION}"
+                f"(expects {' or '.join(map(str, READABLE_VERSIONS))}"
                 + ("; older indexes lack the token trie the matcher reads"
                    + (" or approximate matching's trigram lists" if version == 3 else "")
                    if older else "")

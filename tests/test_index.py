@@ -402,3 +402,14 @@ def test_index_settled_file_maps_single_pages(tmp_path: Path) -> None:
     settle_page_cache(path)
     # one page and the neighbours of the kernel's fault-around window (64 KB by default)
     assert rss_after_one_read() <= 256, unsettled
+
+
+def test_index_format_4_still_loads(tmp_path: Path) -> None:
+    # format 4 differs only in its hash tables' load (≤ 0.5): the same files load as they are
+    ix = tmp_path / "ix"
+    build_index(ix, CONCEPTS, TERMS)
+    manifest = json.loads((ix / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION == 5
+    (ix / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))
+    index = ConceptIndex.load(ix)
+    assert [p.cui for p in index.postings("mri")] == ["C0024485"]

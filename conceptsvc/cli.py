@@ -33,6 +33,10 @@ Handler = Callable[[argparse.Namespace], int]
 # gets the same status from us, not a traceback.
 EXIT_BROKEN_PIPE = 141
 
+# CONCEPTSVC_* variables the client commands read (conceptsvc.config knows them too): with no
+# other one set, main need not load the settings model to look for unknown ones.
+_CLIENT_ENV = frozenset({"CONCEPTSVC_TOKEN"})
+
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
 
 
@@ -97,6 +101,47 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join("  " + line for line in lines)
 
 
+def _describe(p: argparse.ArgumentParser, *, description: str, epilog: str) -> None:
+    """What a subcommand's ``--help`` shows above and below its options."""
+    p.description = description
+    p.epilog = epilog
+
+
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsers = argparse._SubParsersAction
+
+
+class _LazySubcommands(_SubParsers):
+    """Subcommands whose options are added only when argparse picks one.
+
+    Some commands' options cost more to build than a small command takes to run (``serve``'s
+    come from the pydantic-settings model, ``evaluate``'s from the scoring module), and
+    ``conceptsvc annotate`` should not pay for them. Each subcommand's parser is made with its
+    name and one-line help — all that ``conceptsvc --help`` and the suggestion for a misspelt
+    command use — and filled in (description, examples, options) when argparse hands it the
+    rest of the command line, before it parses it or prints its ``--help``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unfilled: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_lazy(
+        self, name: str, summary: str, fill: Callable[[argparse.ArgumentParser], None]
+    ) -> None:
+        self.add_parser(name, help=summary)
+        self._unfilled[name] = fill
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        fill = self._unfilled.pop(values[0], None)  # an unknown name: argparse reports it
+        if fill is not None:
+            fill(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _cmd_semtypes(args: argparse.Namespace) -> int:
     from conceptsvc.semantic_network import load_semantic_network
 
@@ -109,10 +154,9 @@ def _cmd_semtypes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_semtypes(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "semtypes",
-        help="list the semantic types and groups",
+def _fill_semtypes(p: argparse.ArgumentParser) -> None:
+    _describe(
+        p,
         description="List the UMLS semantic groups, each with its semantic types (TUI, "
         "abbreviation, name). Any of these names may be given wherever an option takes "
         "semantic types or groups.",
@@ -233,13 +277,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _fill_evaluate(p: argparse.ArgumentParser) -> None:
     from conceptsvc.evaluation import DEFAULT_EDITION, SECONDARY_CUIS_BY_EDITION
     from conceptsvc.model import MODES, SIMILARITIES
 
-    p = sub.add_parser(
-        "evaluate",
-        help="ImageCLEFmedical scoring of predictions (or of an in-process run with --local)",
+    _describe(
+        p,
         description=(
             "Score predicted concepts against gold with the ImageCLEFmedical concept-detection "
             "measures. Either give --pred FILE (ImageCLEF CSV, submission TSV or JSONL), or "
@@ -292,12 +335,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings, on_ready=ready)
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _fill_serve(p: argparse.ArgumentParser) -> None:
     from conceptsvc.config import add_settings_arguments
 
-    p = sub.add_parser(
-        "serve",
-        help="run the gRPC service",
+    _describe(
+        p,
         description=(
             "Run the conceptsvc gRPC service. Every option can also be set by a CONCEPTSVC_* "
             "environment variable or in a TOML/YAML file (--config); flags win over the "
@@ -331,10 +373,9 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "health",
-        help="check a running service (exit 0 only when SERVING)",
+def _fill_health(p: argparse.ArgumentParser) -> None:
+    _describe(
+        p,
         description=(
             "Ask a service's standard gRPC health service for its status and print it. Exit "
             "status: 0 SERVING, 1 NOT_SERVING or unknown service, 2 unreachable."
@@ -465,12 +506,11 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _add_annotate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _fill_annotate(p: argparse.ArgumentParser) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser(
-        "annotate",
-        help="annotate a caption corpus through the service (parallel, resumable)",
+    _describe(
+        p,
         description=(
             "Annotate every caption of INPUT through the service and write the results. "
             "Killed at any point and run again with the same arguments, it continues where it "
@@ -593,12 +633,11 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_lookup(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _fill_lookup(p: argparse.ArgumentParser) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser(
-        "lookup",
-        help="annotate a phrase or caption and show the mentions",
+    _describe(
+        p,
         description="Annotate TEXT through the service (or in this process with --local) and "
         "show its mentions and concepts. With - every line of standard input is a caption of "
         "its own, answered in turn (one JSON object per line with --json).",
@@ -634,12 +673,11 @@ def _cmd_concept(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_concept(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _fill_concept(p: argparse.ArgumentParser) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser(
-        "concept",
-        help="show a concept: name, synonyms, semantic types, sources",
+    _describe(
+        p,
         description="Show one concept of the dictionary the service (or --local index) uses.",
         epilog=_examples("conceptsvc concept C0032227", "conceptsvc concept C0032227 --local "
                          "--no-synonyms --json"),
@@ -671,12 +709,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _fill_search(p: argparse.ArgumentParser) -> None:
     from conceptsvc.client import arguments
 
-    p = sub.add_parser(
-        "search",
-        help="rank candidate concepts for a term",
+    _describe(
+        p,
         description="Rank the concepts whose strings best match TERM (approximately), with "
         "their scores and the string that matched.",
         epilog=_examples('conceptsvc search "pleural efusion" --local',
@@ -846,10 +883,9 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "index",
-        help="build or inspect a compiled concept index",
+def _fill_index(p: argparse.ArgumentParser) -> None:
+    _describe(
+        p,
         description="Build a compiled concept index from dictionaries, or describe one.",
         epilog=_examples("conceptsvc index build --umls META --out indexes/umls",
                          "conceptsvc index info indexes/umls"),
@@ -915,21 +951,28 @@ def _add_index(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     i.set_defaults(handler=_cmd_index_info)
 
 
-# Subcommand registrars; each module-level command adds itself here.
-_REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    _add_semtypes,
-    _add_index,
-    _add_evaluate,
-    _add_serve,
-    _add_health,
-    _add_annotate,
-    _add_lookup,
-    _add_concept,
-    _add_search,
+# The subcommands in the order ``conceptsvc --help`` lists them: name, one-line help, and the
+# function that gives the subcommand's parser its description, examples and options.
+_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
+    ("semtypes", "list the semantic types and groups", _fill_semtypes),
+    ("index", "build or inspect a compiled concept index", _fill_index),
+    ("evaluate", "ImageCLEFmedical scoring of predictions (or of an in-process run with --local)",
+     _fill_evaluate),
+    ("serve", "run the gRPC service", _fill_serve),
+    ("health", "check a running service (exit 0 only when SERVING)", _fill_health),
+    ("annotate", "annotate a caption corpus through the service (parallel, resumable)",
+     _fill_annotate),
+    ("lookup", "annotate a phrase or caption and show the mentions", _fill_lookup),
+    ("concept", "show a concept: name, synonyms, semantic types, sources", _fill_concept),
+    ("search", "rank candidate concepts for a term", _fill_search),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The whole command line. ``lazy``: each subcommand's options are added only when it is
+    the one being parsed (what :func:`main` does, so that a command builds and imports only
+    what its own options need); otherwise every subcommand is complete at once (for
+    walking the tree, as the tests do)."""
     parser: argparse.ArgumentParser = _Parser(
         prog="conceptsvc", description="UMLS concept mapping for radiology captions.",
         epilog=_examples("conceptsvc lookup \"pleural effusion\" --local",
@@ -937,14 +980,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"conceptsvc {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _REGISTRARS:
-        register(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                action=_LazySubcommands)
+    assert isinstance(sub, _LazySubcommands)
+    for name, summary, fill in _COMMANDS:
+        if lazy:
+            sub.add_lazy(name, summary, fill)
+        else:
+            fill(sub.add_parser(name, help=summary))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(lazy=True).parse_args(argv)
     # The service says at INFO which index it serves and every reload (an operator's first
     # question); the other commands print their results and log only what went wrong.
     quiet = logging.INFO if args.command == "serve" else logging.WARNING
@@ -954,10 +1002,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from conceptsvc.config import unknown_environment
+    if {n.upper() for n in os.environ if n.upper().startswith("CONCEPTSVC_")} - _CLIENT_ENV:
+        # Checked against the settings model, which only `serve` needs otherwise (importing
+        # pydantic-settings costs a client command more than its own start).
+        from conceptsvc.config import unknown_environment
 
-    for warning in unknown_environment(os.environ):
-        logging.getLogger("conceptsvc").warning("%s", warning)
+        for warning in unknown_environment(os.environ):
+            logging.getLogger("conceptsvc").warning("%s", warning)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -27,11 +27,10 @@ import logging
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, fields, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc.errors import ExtractionError
-from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED, ConceptInfo, Posting
 from conceptsvc.model import (
     Annotation,
     Candidate,
@@ -48,6 +47,10 @@ from conceptsvc.model import (
     Synonym,
 )
 from conceptsvc.semantic_network import SemanticGroup, SemanticNetwork, SemanticType
+
+if TYPE_CHECKING:
+    # (the index module, and numpy with it, is the server's: clients import this module)
+    from conceptsvc.index import ConceptInfo, Posting
 
 __all__ = [
     "KIND_BOOL",
@@ -586,6 +589,8 @@ def catalog_from_pb(msg: pb.ListSemanticTypesResponse) -> SemanticCatalog:
 def concept_to_pb(
     info: ConceptInfo, sn: SemanticNetwork, synonyms: Iterable[Posting] | None = None
 ) -> pb.Concept:
+    from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED
+
     msg = pb.Concept(
         cui=info.cui,
         preferred_name=info.preferred_name,

@@ -166,8 +166,8 @@ def test_journal_lines_name_their_index_and_retire_redoes_the_others(tmp_path: P
 
 def test_journal_lines_of_json_text_are_the_lines_of_dicts(tmp_path: Path) -> None:
     """append_json (results as their JSON text, what the batch client has) writes the very
-    lines append writes for the dicts, and results_with_text cuts the text back out of them;
-    a line spaced otherwise (another writer) still yields dumps of its result."""
+    lines append writes for the dicts, and texts cuts the text back out of them; a line
+    spaced otherwise (another writer) still yields dumps of its result."""
     from conceptsvc.client.outputs import dumps
 
     results = [
@@ -184,12 +184,10 @@ def test_journal_lines_of_json_text_are_the_lines_of_dicts(tmp_path: Path) -> No
             j.append_json([(3, b'{"id":"again"}')], ix)  # already done: ignored
         assert (one / JOURNAL).read_bytes() == (two / JOURNAL).read_bytes()
         with Journal(two) as j:
-            got = list(j.results_with_text())
-        assert [(s, r) for s, r, _ in got] == results
-        assert [t for _, _, t in got] == [dumps(r).encode("utf-8") for _, r in results]
+            assert list(j.results()) == results
+            assert list(j.texts()) == [(s, dumps(r).encode("utf-8")) for s, r in results]
     spaced = tmp_path / "spaced"
     spaced.mkdir()
     (spaced / JOURNAL).write_text(json.dumps({"seq": 2, "r": results[0][1]}) + "\n")
     with Journal(spaced) as j:
-        ((seq, r, text),) = list(j.results_with_text())
-    assert (seq, r, text) == (2, results[0][1], dumps(results[0][1]).encode("utf-8"))
+        assert list(j.texts()) == [(2, dumps(results[0][1]).encode("utf-8"))]

@@ -73,7 +73,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import grpc
 import grpc.aio
@@ -83,13 +83,13 @@ from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client.channel import ChannelSecurity, effective_options
 from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusScan
-from conceptsvc.client.html_page import AnnotatedCaption
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
     SCORE_DECIMALS,
     OutputFormat,
     OutputSet,
     OutputSpec,
+    ResultText,
     annotation_from_json,
     annotation_to_json,
     atomic_write_text,
@@ -97,13 +97,6 @@ from conceptsvc.client.outputs import (
     same_file,
 )
 from conceptsvc.client.progress import Progress, ProgressMode
-from conceptsvc.client.report import (
-    CorpusReport,
-    ReportBuilder,
-    ReportFiles,
-    report_files,
-    write_report,
-)
 from conceptsvc.errors import (
     BadInputError,
     ClientError,
@@ -122,6 +115,11 @@ from conceptsvc.wire import (
     options_to_pb,
     stream_result_from_pb,
 )
+
+if TYPE_CHECKING:
+    # (the report's modules are imported when a report is asked for)
+    from conceptsvc.client.html_page import AnnotatedCaption
+    from conceptsvc.client.report import CorpusReport, ReportFiles
 
 __all__ = [
     "EXIT_INCOMPLETE",
@@ -297,6 +295,8 @@ def _check_run_files(corpus: Corpus, specs: Sequence[OutputSpec], *, report: boo
         (_sidecar(out0, ".errors.jsonl"), "the errors file"),
     ]
     if report:
+        from conceptsvc.client.report import report_files
+
         files = report_files(out0)
         side += [(files.markdown, "the report"), (files.html, "the HTML report"),
                  (files.histogram, "a report plot"), (files.top_concepts, "a report plot")]
@@ -714,10 +714,10 @@ class _Runner:
             resend_ix: set[str] = set()  # indexes whose answers on this call are resent
             reply_full: set[int] = set()  # seqs the reply had no room for (E503)
             try:
-                msg = pb.AnnotateBatchRequest(
-                    items=[pb.AnnotateRequest(id=c.id, text=c.text) for c in part],
-                    options=options,
-                )
+                msg = pb.AnnotateBatchRequest(options=options)
+                add = msg.items.add  # in place: no item message built and then copied in
+                for c in part:
+                    add(id=c.id, text=c.text)
                 reply = await targets.annotate_batch(i)(
                     msg, timeout=self.s.deadline, metadata=targets.metadata
                 )
@@ -1124,6 +1124,8 @@ class _AlreadyComplete(Exception):
 def _samples(corpus: Corpus, annotations: Mapping[int, Annotation]) -> list[AnnotatedCaption]:
     """The captions' texts (the results hold only offsets) for the report's sample; the corpus
     is read again only as far as the last sampled caption."""
+    from conceptsvc.client.html_page import AnnotatedCaption
+
     out: list[AnnotatedCaption] = []
     if not annotations:
         return out
@@ -1181,21 +1183,26 @@ def _finish(
             + f"); nothing was written. Rerun with `--on-index-change redo` to annotate "
             f"those of other indexes again with {runner.index_hash[:12]}."
         )
-    builder = ReportBuilder()
+    builder = None
+    if settings.report:
+        from conceptsvc.client.report import ReportBuilder
+
+        builder = ReportBuilder()
     with_concepts = concepts = mentions = 0
     sample: dict[int, Annotation] = {}  # the first report_samples captions, by seq
     texts = _caption_texts(corpus) if include_text else None
     with OutputSet(specs, work) as out:
-        # The outputs are rendered from the journal's JSON form; the dataclasses are built only
-        # for the report.
-        for seq, obj, json_text in journal.results_with_text():
-            out.write_json(obj, texts(seq) if texts is not None else None, json_text)
-            cuis = obj["concepts"]
+        # The outputs are rendered from the journal's JSON text (ResultText); the dataclasses
+        # are built only for the report.
+        for seq, text in journal.texts():
+            result = ResultText(text)
+            out.write_result(result, texts(seq) if texts is not None else None)
+            cuis = result.concepts()
             with_concepts += bool(cuis)
             concepts += len(set(cuis))
-            mentions += len(obj["mentions"])
-            if settings.report:
-                a = annotation_from_json(obj)
+            mentions += result.mention_count()
+            if builder is not None:
+                a = annotation_from_json(result.obj())
                 builder.add(a)
                 if len(sample) < settings.report_samples:
                     sample[seq] = a
@@ -1214,7 +1221,9 @@ def _finish(
     errors = _write_errors(errors_path, skipped, runner.failures, corpus.record_unit)
     complete = not runner.failures and annotated == scan.n_good
     report = report_files = None
-    if settings.report:
+    if builder is not None:
+        from conceptsvc.client.report import write_report
+
         missing = builder.missing_names()
         asyncio.run(runner.describe(missing))
         report = builder.build(describe=runner.names.get)

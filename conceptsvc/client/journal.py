@@ -32,6 +32,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import mmap
 import os
 import time
 from array import array
@@ -284,28 +285,32 @@ class Journal:
     # -- reading back in input order ---------------------------------------------------------
     def results(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The result of every done caption once, ordered by ``seq`` (its last line)."""
-        for seq, result, _ in self.results_with_text():
-            yield seq, result
+        for seq, text in self.texts():
+            yield seq, json.loads(text)
 
-    def results_with_text(self) -> Iterator[tuple[int, dict[str, Any], bytes]]:
-        """:meth:`results`, each result also as its JSON text (``dumps`` of it, as UTF-8),
-        cut from its line: a JSONL output is that text, so writing it needs no ``dumps``."""
+    def texts(self) -> Iterator[tuple[int, bytes]]:
+        """:meth:`results`, each as its JSON text (``dumps`` of the result, as UTF-8) cut from
+        its line — what a JSONL output holds, so writing one parses nothing. The file is
+        mapped, not read: the lines are visited in ``seq`` order, which is not the order they
+        were written in."""
         self.sync()
-        where = self._where
-        with self.path.open("rb") as fh:
+        if self._size == 0:
+            return
+        # The end of each line for each index label: a line is ours when it ends so.
+        tails = [(b',"ix":' + dumps(h).encode("utf-8") if h else b"") + b"}\n"
+                 for h in self._hashes]
+        where, ix_of = self._where, self._ix_of
+        with self.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for seq in self.done:
-                fh.seek(where[seq])
-                line = fh.readline()
-                obj = json.loads(line)
-                result = obj["r"]
+                start = where[seq]
+                end = mm.find(b"\n", start) + 1
+                line = mm[start:end]
                 head = b'{"seq":%d,"r":' % seq
-                ix = obj.get("ix")
-                tail = (b',"ix":' + dumps(ix).encode("utf-8") if "ix" in obj else b"") + b"}\n"
+                tail = tails[ix_of[seq]]
                 if line.startswith(head) and line.endswith(tail):
-                    text = line[len(head):len(line) - len(tail)]
+                    yield seq, line[len(head):len(line) - len(tail)]
                 else:  # a line some other writer spaced or ordered otherwise
-                    text = dumps(result).encode("utf-8")
-                yield seq, result, text
+                    yield seq, dumps(json.loads(line)["r"]).encode("utf-8")
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -26,7 +26,9 @@ run's outputs hold every caption is the manifest's ``complete``: see
 
 Rendering is a pure function of the :class:`~conceptsvc.model.Annotation` (fixed key order,
 scores rounded to 6 decimals), which is what makes a resumed run byte-identical to an
-uninterrupted one.
+uninterrupted one. A batch run renders from the journal, which holds each result as its JSON
+text (:class:`ResultText`): a JSONL line is that text, and the other text formats read only the
+id and concepts off it; the whole result is parsed only for Parquet (and the report).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "OutputFormat",
     "OutputSet",
     "OutputSpec",
+    "ResultText",
     "annotation_from_json",
     "annotation_to_json",
     "atomic_write_text",
@@ -335,6 +338,86 @@ def render_json(fmt: OutputFormat, obj: Mapping[str, Any], text: str | None = No
     return f"{rid}\t" + "".join(f"\t{c}" for c in concepts) + "\n"
 
 
+_ID_END = b',"concepts":['
+_CONCEPTS_END = b'],"mentions":['
+_MENTION = b'{"cui":'
+
+
+class ResultText:
+    """A caption's result as its canonical JSON text — ``dumps(annotation_to_json(a))`` as
+    UTF-8, what the journal holds — with the parts the outputs need read off it on demand.
+
+    Writing a run's outputs from the journal needs far less than the whole result: a JSONL line
+    is the text itself (with ``include_text``, the caption spliced in after the id), the other
+    text formats and the run's counts need the id, the concepts and how many mentions there
+    are. Those are cut from the text without parsing the mentions: in JSON text a ``"`` inside
+    a string is always escaped, so ``,"concepts":[`` first occurs where the id ends,
+    ``],"mentions":[`` where the concepts end, and ``{"cui":`` only where a mention begins
+    (``annotation_to_json`` puts ``cui`` first). Text of another shape is parsed whole. The
+    whole dict (:meth:`obj`) is for Parquet and the report.
+    """
+
+    __slots__ = ("_cuts", "_obj", "text")
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self._cuts: tuple[int, int] | None = None
+        self._obj: dict[str, Any] | None = None
+        t = text
+        if t.startswith(b'{"id":"') and t.endswith(b"]}"):
+            i = t.find(_ID_END)
+            j = t.find(_CONCEPTS_END, i)
+            if i > 0 and j > 0:
+                self._cuts = (i, j)
+
+    @classmethod
+    def of(cls, a: Annotation) -> ResultText:
+        return cls(dumps(annotation_to_json(a)).encode("utf-8"))
+
+    def obj(self) -> dict[str, Any]:
+        """The result as :func:`annotation_to_json`'s dict."""
+        if self._obj is None:
+            obj = json.loads(self.text)
+            if not isinstance(obj, dict):
+                raise ClientError(f"a journaled result is not a JSON object: {self.text[:80]!r}")
+            self._obj = obj
+        return self._obj
+
+    def id(self) -> str:
+        if self._cuts is None:
+            return str(self.obj()["id"])
+        rid: str = json.loads(self.text[6:self._cuts[0]])
+        return rid
+
+    def concepts(self) -> list[str]:
+        if self._cuts is None:
+            return list(self.obj()["concepts"])
+        i, j = self._cuts
+        cuis: list[str] = json.loads(self.text[i + len(_ID_END) - 1:j + 1])
+        return cuis
+
+    def mention_count(self) -> int:
+        if self._cuts is None:
+            return len(self.obj()["mentions"])
+        return self.text.count(_MENTION, self._cuts[1])
+
+    def jsonl(self, caption: str | None = None) -> bytes:
+        """The JSONL line (with its newline); ``caption`` goes in after the id, as ``text``."""
+        if caption is None:
+            return self.text + b"\n"
+        if self._cuts is None:
+            return render_json(OutputFormat.JSONL, self.obj(), caption).encode("utf-8")
+        i = self._cuts[0]
+        return b"".join((self.text[:i], b',"text":', dumps(caption).encode("utf-8"),
+                         self.text[i:], b"\n"))
+
+    def render(self, fmt: OutputFormat, caption: str | None = None) -> bytes:
+        """:func:`render_json` of this result as UTF-8 (text formats only)."""
+        if fmt is OutputFormat.JSONL:
+            return self.jsonl(caption)
+        return render_json(fmt, {"id": self.id(), "concepts": self.concepts()}).encode("utf-8")
+
+
 def _header(fmt: OutputFormat) -> str:
     return "ID,CUIs\n" if fmt is OutputFormat.CSV else ""
 
@@ -371,16 +454,11 @@ class _TextPart:
 
     def __init__(self, fmt: OutputFormat, path: Path) -> None:
         self.format = fmt
-        self._fh: IO[str] = path.open("w", encoding="utf-8", newline="")
-        self._fh.write(_header(fmt))
+        self._fh: IO[bytes] = path.open("wb")
+        self._fh.write(_header(fmt).encode("utf-8"))
 
-    def write(
-        self, obj: Mapping[str, Any], text: str | None = None, json_text: bytes | None = None
-    ) -> None:
-        if json_text is not None and text is None and self.format is OutputFormat.JSONL:
-            self._fh.write(json_text.decode("utf-8") + "\n")  # what render_json would write
-            return
-        self._fh.write(render_json(self.format, obj, text))
+    def write(self, result: ResultText, caption: str | None = None) -> None:
+        self._fh.write(result.render(self.format, caption))
 
     def close(self) -> None:
         self._fh.flush()
@@ -400,11 +478,9 @@ class _ParquetPart:
         self._path = path
         self._writer = ParquetAnnotationWriter(path)
 
-    def write(
-        self, obj: Mapping[str, Any], text: str | None = None, json_text: bytes | None = None
-    ) -> None:
+    def write(self, result: ResultText, caption: str | None = None) -> None:
         # No text column: like csv, Parquet rows hold the results only (--include-text is jsonl's).
-        self._writer.write(dict(obj))
+        self._writer.write(dict(result.obj()))
 
     def close(self) -> None:
         self._writer.close()
@@ -445,15 +521,12 @@ class OutputSet:
         self._committed = False
 
     def write(self, a: Annotation, text: str | None = None) -> None:
-        self.write_json(annotation_to_json(a), text)
+        self.write_result(ResultText.of(a), text)
 
-    def write_json(
-        self, obj: Mapping[str, Any], text: str | None = None, json_text: bytes | None = None
-    ) -> None:
-        """:meth:`write` of a result in its canonical JSON form (a journal's ``r``), with its
-        JSON text when known (``dumps(obj)`` as UTF-8: a JSONL line then costs no ``dumps``)."""
+    def write_result(self, result: ResultText, text: str | None = None) -> None:
+        """:meth:`write` of a result as its JSON text (a journal's), ``text`` the caption."""
         for _, _, writer in self._parts:
-            writer.write(obj, text, json_text)
+            writer.write(result, text)
         self.count += 1
 
     def commit(self) -> list[Path]:

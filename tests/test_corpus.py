@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conceptsvc.client import corpus as corpus_module
 from conceptsvc.client.corpus import (
     BadRecord,
     Caption,
@@ -393,3 +394,46 @@ def test_issue_16_streaming_pass_reuses_the_scans_duplicate_check() -> None:
     after_scan = calls
     caps = list(corpus.captions())
     assert len(caps) == scan.n_good == 2000 and calls == after_scan
+
+
+def test_corpus_small_input_is_parsed_once_and_a_large_one_streamed_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan keeps a small corpus's records, so the annotation pass reads nothing again;
+    past KEEP_BYTES they are read again from the file. Either way the same records, bad
+    ones (malformed, duplicate ids) included."""
+    text = CSV_TEXT + 'IMG_4,"bad "quote""\r\nIMG_1,again\r\n,no id\r\nIMG\t5,tab in id\r\n'
+    path = write(tmp_path, "c.csv", text)
+    opened: list[str] = []
+    real_open = Corpus._open
+
+    def counting_open(self: Corpus) -> object:
+        opened.append(self.source)
+        return real_open(self)
+
+    monkeypatch.setattr(Corpus, "_open", counting_open)
+    seen = []
+    for keep in (corpus_module.KEEP_BYTES, 0):
+        monkeypatch.setattr(corpus_module, "KEEP_BYTES", keep)
+        corpus = Corpus(path)
+        scan = corpus.scan()
+        opened.clear()
+        records = list(corpus.records())
+        assert [c.id for c in corpus.captions()] == ["IMG_1", "IMG_2", "IMG_3"]
+        assert (len(opened) == 0) == (keep > 0), keep  # read again only when not kept
+        seen.append((scan, records))
+    assert seen[0] == seen[1]
+    kinds = [(type(r).__name__, r.seq) for r in seen[0][1]]
+    assert kinds == [("Caption", 0), ("Caption", 1), ("Caption", 2), ("BadRecord", 3),
+                     ("BadRecord", 4), ("BadRecord", 5), ("BadRecord", 6)]
+
+
+def test_corpus_repeated_hashes_in_python_and_numpy_alike() -> None:
+    """Few ids are checked for duplicates by sorting in Python, many with numpy (imported
+    only then): the same repeated values."""
+    for values in ([], [5], [1, 2, 3], [3, 1, 3, 2, 1, 3], [2**64 - 1, 0, 2**64 - 1],
+                   [k % 997 for k in range(5000)]):
+        hashes = array("Q", values)
+        python = corpus_module._repeated(hashes, python_below=len(values) + 1)
+        numpy = corpus_module._repeated(hashes, python_below=0)
+        assert python == numpy == {v for v in values if values.count(v) > 1}, values

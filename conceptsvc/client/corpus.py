@@ -1,10 +1,13 @@
 """Caption corpora in the formats dataset builders actually have, read with line numbers.
 
 A batch run must never discover half-way through a million captions that line 412,877 is broken,
-so a corpus is read twice: :meth:`Corpus.scan` reads everything once, hashing the bytes (the
-resume journal is keyed on that hash) and collecting every malformed record with its line
-numbers; :meth:`Corpus.captions` then streams the good records for annotation. Neither pass holds
-the captions in memory (stdin is the exception: it can only be read once, so it is buffered).
+so :meth:`Corpus.scan` reads everything before anything is sent, hashing the bytes (the resume
+journal is keyed on that hash) and collecting every malformed record with its line numbers;
+:meth:`Corpus.captions` then gives the good records for annotation. A small corpus (up to about
+32 MB of records in memory, :data:`KEEP_BYTES`; ROCOv2's 9,904 validation captions take 4 MB)
+is kept from the scan, so it is read and parsed once; a larger one is not held in memory but
+read again, streamed, for every later pass (stdin is always buffered: it can only be read
+once).
 
 Formats (detected from the file name, overridable with ``fmt``):
 
@@ -51,10 +54,9 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
-
-import numpy as np
 
 from conceptsvc.errors import ClientError
 
@@ -73,6 +75,15 @@ __all__ = [
 ]
 
 STDIN = "-"
+
+# Records the scan keeps for the later passes, by an estimate of their memory (bytes of id and
+# text plus the objects around them); a corpus that needs more is read again instead.
+KEEP_BYTES = 32 << 20
+_RECORD_OVERHEAD = 200
+# Below this many ids the duplicate check sorts their hashes in Python: cheaper than importing
+# numpy, which sorts a million in milliseconds where Python takes a good part of a second.
+_SORT_IN_PYTHON = 1 << 16
+_ID_BREAKS = re.compile(r"[\t\r\n\x00]")
 
 # Longest CSV field accepted (characters). Far above any caption the service would take; a field
 # this long is almost always an unterminated quote that swallowed the rest of the file.
@@ -125,6 +136,10 @@ class BadRecord:
         }
 
 
+# What a format's parser yields: (id, text, line) of a good record, or a bad one (seq -1).
+_Parsed = tuple[str, str, int] | BadRecord
+
+
 @dataclass(frozen=True)
 class CorpusScan:
     """What the validation pass found."""
@@ -166,14 +181,9 @@ def find_duplicates(
     ids behind them are compared in a second pass over ``records()`` that keeps only the ids
     whose hash occurs more than once — a dict of every id cost ~130 bytes a caption.
     """
-    keys = np.sort(np.frombuffer(hashes, dtype=np.uint64)) if len(hashes) else None
-    if keys is None or len(keys) < 2:
+    suspects = _repeated(hashes)
+    if not suspects:
         return {}
-    repeated = keys[1:][keys[1:] == keys[:-1]]
-    if not len(repeated):
-        return {}
-    suspects = set(np.unique(repeated).tolist())
-    del keys, repeated
     first: dict[str, int] = {}
     found: dict[int, BadRecord] = {}
     for rec in records():
@@ -186,6 +196,20 @@ def find_duplicates(
                 f"duplicate id {rec.id!r} (first seen at {unit} {line})", rec.id, unit=unit,
             )
     return found
+
+
+def _repeated(hashes: array[int], *, python_below: int = _SORT_IN_PYTHON) -> set[int]:
+    """The values that occur more than once in ``hashes``."""
+    if len(hashes) < 2:
+        return set()
+    if len(hashes) < python_below:
+        keys = sorted(hashes)
+        return {b for a, b in pairwise(keys) if a == b}
+    import numpy as np
+
+    ordered = np.sort(np.frombuffer(hashes, dtype=np.uint64))
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    return set(np.unique(repeated).tolist())
 
 
 def _sniff(first_line: str) -> InputFormat:
@@ -252,7 +276,7 @@ def _strip_eol(line: str) -> str:
 
 def _id_problem(rid: str) -> str | None:
     """Ids end up as fields of TAB- and line-separated output files, so they may not split one."""
-    if any(ch in rid for ch in "\t\r\n\x00"):
+    if _ID_BREAKS.search(rid):
         return f"id {rid!r} contains a TAB, line break or NUL, which the output formats cannot hold"
     return None
 
@@ -328,6 +352,7 @@ class Corpus:
         self._check_columns()
         self.record_unit: Literal["line", "row"] = "line"
         self._duplicates: dict[int, BadRecord] | None = None  # by seq, once scanned
+        self._kept: list[Caption | BadRecord] | None = None  # a small corpus's records
         self.hash_id: Callable[[str], int] = id_hash
         self._table: ParquetCaptions | None = None
         if self.format is InputFormat.PARQUET:
@@ -408,6 +433,7 @@ class Corpus:
     # -- the two passes ----------------------------------------------------------------------
     def scan(self) -> CorpusScan:
         """Read everything once: hash, count, and collect every malformed record."""
+        self._kept = None  # (a rescan reads the input, not what an earlier scan kept)
         if self._table is not None:
             return self._scan_table()
         with self._open() as fh:
@@ -424,6 +450,8 @@ class Corpus:
         :meth:`records` then reuses instead of checking again)."""
         bad: list[BadRecord] = []
         hashes: array[int] = array("Q")
+        kept: list[Caption | BadRecord] | None = []
+        room = KEEP_BYTES
         n = 0
         for rec in records:
             n += 1
@@ -431,7 +459,14 @@ class Corpus:
                 bad.append(rec)
             else:
                 hashes.append(self.hash_id(rec.id))
+            if kept is not None:
+                kept.append(rec)
+                if isinstance(rec, Caption):
+                    room -= _RECORD_OVERHEAD + len(rec.id) + len(rec.text)
+                    if room < 0:
+                        kept = None  # too big to hold: later passes read the input again
         good = len(hashes)
+        self._kept = kept
         dups = find_duplicates(hashes, self._numbered_records, self.record_unit,
                                hash_id=self.hash_id)
         del hashes
@@ -470,6 +505,9 @@ class Corpus:
 
     def _numbered_records(self) -> Iterator[Caption | BadRecord]:
         """Every record, numbered and id-checked, duplicates not yet marked."""
+        if self._kept is not None:
+            yield from self._kept
+            return
         if self._table is not None:
             yield from self._checked(self._table_records(), self.record_unit)
             return
@@ -493,18 +531,24 @@ class Corpus:
 
     @staticmethod
     def _checked(
-        records: Iterator[Caption | BadRecord], unit: Literal["line", "row"]
+        records: Iterator[_Parsed], unit: Literal["line", "row"]
     ) -> Iterator[Caption | BadRecord]:
         """Number the records and apply the id check every format shares (duplicate ids are
         found by :func:`find_duplicates` over a whole pass)."""
         for seq, rec in enumerate(records):
-            rec = _with_seq(rec, seq, unit)
-            if isinstance(rec, Caption) and (problem := _id_problem(rec.id)) is not None:
-                rec = BadRecord(seq, rec.line, rec.line, problem, unit=unit)
-            yield rec
+            if isinstance(rec, BadRecord):
+                yield BadRecord(seq, rec.line, rec.end_line, rec.problem, rec.id, unit)
+                continue
+            rid, text, line = rec
+            problem = _id_problem(rid)
+            if problem is not None:
+                yield BadRecord(seq, line, line, problem, unit=unit)
+            else:
+                yield Caption(seq, rid, text, line)
 
-    # -- per-format parsers; they yield records with seq=-1, numbered by _checked -------------
-    def _table_records(self) -> Iterator[Caption | BadRecord]:
+    # -- per-format parsers: a good record is (id, text, line), a bad one a BadRecord with
+    # seq=-1; _checked numbers them -------------------------------------------------------
+    def _table_records(self) -> Iterator[_Parsed]:
         from conceptsvc.client.parquet import BadValue
 
         assert self._table is not None
@@ -521,9 +565,9 @@ class Corpus:
             elif not isinstance(text, str):
                 yield BadRecord(-1, n, n, f"missing caption (column {text_col!r} is null)", rid)
             else:
-                yield Caption(-1, rid, text, n)
+                yield rid, text, n
 
-    def _csv(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+    def _csv(self, lines: _Lines) -> Iterator[_Parsed]:
         # The csv module refuses fields over 128 KiB by default, a limit a 1 MB caption meets.
         # The limit is process-wide (there is no per-reader setting); it is only ever raised.
         if csv.field_size_limit() < _CSV_FIELD_LIMIT:
@@ -589,9 +633,9 @@ class Corpus:
             if not rid:
                 yield BadRecord(-1, start, end, "missing id (the first field is empty)")
                 continue
-            yield Caption(-1, rid, text, start)
+            yield rid, text, start
 
-    def _roco(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+    def _roco(self, lines: _Lines) -> Iterator[_Parsed]:
         for line in lines:
             n = lines.line_no
             line = _strip_eol(line)
@@ -607,9 +651,9 @@ class Corpus:
             elif not rid:
                 yield BadRecord(-1, n, n, "missing id (the line starts with a TAB)")
             else:
-                yield Caption(-1, rid, text[1:] if text.startswith(" ") else text, n)
+                yield rid, text[1:] if text.startswith(" ") else text, n
 
-    def _jsonl(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+    def _jsonl(self, lines: _Lines) -> Iterator[_Parsed]:
         ik, tk = self.id_column or "id", self.text_column or "text"
         hint = "" if self.columns else " (--id-column/--text-column choose others)"
         for line in lines:
@@ -651,9 +695,9 @@ class Corpus:
             if problem is not None:
                 yield BadRecord(-1, n, n, problem, rid)
                 continue
-            yield Caption(-1, rid, text, n)
+            yield rid, text, n
 
-    def _text(self, lines: _Lines) -> Iterator[Caption | BadRecord]:
+    def _text(self, lines: _Lines) -> Iterator[_Parsed]:
         for line in lines:
             n = lines.line_no
             line = _strip_eol(line)
@@ -663,12 +707,4 @@ class Corpus:
             if problem is not None:
                 yield BadRecord(-1, n, n, problem, str(n))
             else:
-                yield Caption(-1, str(n), line, n)
-
-
-def _with_seq(
-    rec: Caption | BadRecord, seq: int, unit: Literal["line", "row"]
-) -> Caption | BadRecord:
-    if isinstance(rec, Caption):
-        return Caption(seq, rec.id, rec.text, rec.line)
-    return BadRecord(seq, rec.line, rec.end_line, rec.problem, rec.id, unit)
+                yield str(n), line, n

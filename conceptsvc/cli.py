@@ -409,7 +409,6 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     from conceptsvc.client.corpus import Corpus
     from conceptsvc.client.outputs import resolve_outputs
     from conceptsvc.client.progress import ProgressMode
-    from conceptsvc.client.report import render_table
 
     to_stdout = args.out == "-"
     scratch: Path | None = None
@@ -477,6 +476,8 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     if result.report is not None:
+        from conceptsvc.client.report import render_table
+
         print(render_table(result.report), end="")
     if not args.quiet:
         c = result.counts

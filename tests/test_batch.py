@@ -994,6 +994,62 @@ def test_issue_16_out_dash_writes_to_stdout(
     assert proc.returncode == 2 and "--out - writes one format" in proc.stderr
 
 
+# Modules `conceptsvc annotate` must not import: the server's and the engine's (numpy with the
+# index), serve's settings (pydantic), the scoring module, the typed client, the report (only
+# with --report), pyarrow (only for Parquet), spacy and matplotlib.
+NOT_FOR_ANNOTATE = (
+    "numpy", "pydantic", "pydantic_settings", "yaml", "pyarrow", "spacy", "matplotlib",
+    "conceptsvc.index", "conceptsvc.extractor", "conceptsvc.normalize", "conceptsvc.matcher",
+    "conceptsvc.trigram_index", "conceptsvc.config", "conceptsvc.server", "conceptsvc.evaluation",
+    "conceptsvc.client.service", "conceptsvc.client.report", "conceptsvc.client.html_page",
+    "conceptsvc.client.parquet", "grpc_health.v1",
+)
+
+
+def modules_of_annotate(tmp_path: Path, *argv: str, env: dict[str, str]) -> tuple[int, set[str]]:
+    """Run ``conceptsvc annotate ARGV`` in a fresh interpreter; its exit status and the modules
+    it had imported by the end."""
+    listing = tmp_path / "modules.json"
+    code = (
+        "import json, sys\n"
+        "from conceptsvc.cli import main\n"
+        "try:\n"
+        f"    rc = main({['annotate', *argv]!r})\n"
+        "except SystemExit as stop:\n"
+        "    rc = stop.code\n"
+        f"open({str(listing)!r}, 'w').write(json.dumps(sorted(sys.modules)))\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert listing.exists(), proc.stderr
+    return proc.returncode, set(json.loads(listing.read_text()))
+
+
+def test_batch_annotate_imports_only_what_it_needs(tmp_path: Path, demo_server: str) -> None:
+    """`conceptsvc annotate` pays at start-up for what it uses: gRPC and the client modules,
+    not the server, the engine, serve's settings or the formats it does not write. A fresh
+    interpreter runs the whole command (and its --help) and lists what it imported."""
+    src = write_csv(tmp_path / "in.csv", demo_rows()[:30])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTSVC_")}
+    env["CONCEPTSVC_TOKEN"] = "not-checked-by-this-server"  # read by the client: no settings
+    out = tmp_path / "out" / "run.jsonl"
+    for argv in (
+        ("--help",),
+        (str(src), "--out", str(out), "--format", "jsonl", "--format", "csv", "--format",
+         "submission", "--format", "roco", "--include-text", "--target", demo_server,
+         "--profile", "rocov2", "--progress", "log"),
+    ):
+        rc, modules = modules_of_annotate(tmp_path, *argv, env=env)
+        assert rc == 0, argv
+        loaded = {m for m in NOT_FOR_ANNOTATE
+                  if m in modules or any(x.startswith(m + ".") for x in modules)}
+        assert loaded == set(), (argv, sorted(loaded))
+        assert "conceptsvc.client.arguments" in modules  # (the listing is of a real run)
+    assert {"grpc", "conceptsvc.client.batch", "conceptsvc.wire"} <= modules
+    assert len(ids_of_jsonl(out)) == 30
+
+
 def test_issue_16_include_text_lets_offsets_be_read(
     tmp_path: Path, demo_server: str, demo_extractor: Extractor
 ) -> None:

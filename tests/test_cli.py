@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -134,3 +135,45 @@ def test_cli_no_suggestion_for_a_flag_nothing_resembles(
         main(["semtypes", "--xyzzy"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --xyzzy" in err and "did you mean" not in err
+
+
+# -- start-up ----------------------------------------------------------------------------------
+def _parse_output(parser: argparse.ArgumentParser, argv: list[str],
+                  capsys: pytest.CaptureFixture[str]) -> tuple[object, str, str]:
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(argv)
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
+
+
+def test_cli_lazy_parser_says_what_the_whole_parser_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """main builds only the chosen subcommand's options (build_parser(lazy=True)); its help,
+    usage errors and suggestions are those of the parser built whole."""
+    commands = _subcommands()
+    assert len(commands) >= 10
+    argvs = [[]] + [[*c, "--help"] for c in commands] + [[*c, "--no-such-flag"] for c in commands]
+    argvs += [["anotate"], ["index", "infoo"], ["serve", "--wokers", "2"],
+              ["annotate", "in.csv", "--out", "o.jsonl", "--concurency=3"], ["--help"]]
+    for argv in argvs:
+        whole = _parse_output(build_parser(), argv, capsys)
+        lazy = _parse_output(build_parser(lazy=True), argv, capsys)
+        assert lazy == whole, argv
+        assert whole[1] or whole[2], argv  # it printed something to compare
+
+
+def test_cli_lazy_parser_parses_as_the_whole_parser() -> None:
+    argv = ["annotate", "in.csv", "--out", "o.jsonl", "--format", "csv", "--batch-size", "7",
+            "--semantic-groups", "DISO", "--no-include-negated", "--target", "h:1"]
+    assert vars(build_parser(lazy=True).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_cli_client_environment_is_known_to_the_settings() -> None:
+    """main skips the settings model's check of CONCEPTSVC_* variables when only those in
+    _CLIENT_ENV are set; that is only right while the check knows them all."""
+    from conceptsvc.cli import _CLIENT_ENV
+    from conceptsvc.config import unknown_environment
+
+    assert _CLIENT_ENV
+    assert unknown_environment(dict.fromkeys(_CLIENT_ENV, "x")) == []

@@ -6,14 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conceptsvc.client.outputs import (
     OutputFormat,
     OutputSet,
     OutputSpec,
+    ResultText,
     annotation_from_json,
     annotation_to_json,
     atomic_write_text,
+    dumps,
     render,
     resolve_outputs,
 )
@@ -190,3 +194,68 @@ def test_issue_16_two_outputs_through_a_hard_link_are_one_file(tmp_path: Path) -
     assert info.value.code == "E624"
     assert f"{tmp_path / 'r.csv'} (csv, from --out)" in str(info.value)
     assert f"{tmp_path / 'alias.txt'} (roco, from --format roco=PATH)" in str(info.value)
+
+
+# Strings that look like the JSON text's own landmarks, quotes, escapes and non-ASCII: what a
+# reader of the text must not be fooled by.
+_TRICKY = st.sampled_from([
+    ',"concepts":[', '],"mentions":[', '{"cui":', '"', "\\", "\\\"", "{", "]}", "\n", "\t",
+    "\x00", "\x1f", "é", "😀", "\u2028", ",", ";", " ",
+])
+_TEXT = st.lists(st.one_of(_TRICKY, st.text(max_size=4)), max_size=5).map("".join)
+_MENTION = st.builds(
+    Mention, cui=_TEXT, preferred_name=_TEXT, text=_TEXT, start=st.integers(0, 10**6),
+    end=st.integers(0, 10**6),
+    score=st.floats(min_value=0, max_value=1, allow_nan=False),
+    semantic_types=st.lists(_TEXT, max_size=3).map(tuple), source=_TEXT, negated=st.booleans(),
+    hypothetical=st.booleans(), historical=st.booleans(), experiencer=_TEXT,
+)
+_ANNOTATION = st.builds(
+    Annotation, id=_TEXT.filter(bool), mentions=st.lists(_MENTION, max_size=4).map(tuple),
+    concepts=st.lists(_TEXT, max_size=4).map(tuple),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_ANNOTATION, caption=st.none() | _TEXT)
+def test_outputs_result_text_renders_as_the_annotation(a: Annotation, caption: str | None) -> None:
+    """A result written from its JSON text (what the journal holds) is byte for byte what
+    ``render`` makes of the annotation, in every text format; the id, concepts and mention
+    count read off the text are the annotation's."""
+    result = ResultText.of(a)
+    assert result.text == dumps(annotation_to_json(a)).encode("utf-8")
+    for fmt in (OutputFormat.JSONL, OutputFormat.CSV, OutputFormat.SUBMISSION, OutputFormat.ROCO):
+        assert result.render(fmt, caption) == render(fmt, a, caption).encode("utf-8"), fmt
+    assert (result.id(), result.concepts()) == (a.id, list(a.concepts))
+    assert result.mention_count() == len(a.mentions)
+    # text of another shape (keys in another order, one more key) is read whole, to the same
+    # answers
+    obj = annotation_to_json(a)
+    for shape in ({"mentions": obj["mentions"], **obj}, {"n": 1, **obj}, {**obj, "n": [1]}):
+        other = ResultText(dumps(shape).encode("utf-8"))
+        assert (other.id(), other.concepts(), other.mention_count()) == (
+            a.id, list(a.concepts), len(a.mentions)
+        )
+        assert other.obj() == shape
+
+
+def test_outputs_set_writes_a_result_text_as_its_annotation(tmp_path: Path) -> None:
+    specs = resolve_outputs(tmp_path / "run.jsonl", ["jsonl", "csv", "submission", "roco"])
+    both = [tmp_path / "from-annotations", tmp_path / "from-texts"]
+    for k, base in enumerate(both):
+        with OutputSet([OutputSpec(s.format, base / s.path.name) for s in specs],
+                       base / "work") as out:
+            for a, caption in ((CHEST, "Chest X-ray: cardiomegaly"), (EMPTY, None),
+                               (UNICODE, "Sjögren")):
+                if k == 0:
+                    out.write(a, caption)
+                else:
+                    out.write_result(ResultText.of(a), caption)
+            out.commit()
+    for spec in specs:
+        one, two = (base / spec.path.name for base in both)
+        assert one.read_bytes() == two.read_bytes()
+        expected = "".join(render(spec.format, a, c) for a, c in (
+            (CHEST, "Chest X-ray: cardiomegaly"), (EMPTY, None), (UNICODE, "Sjögren")))
+        header = "ID,CUIs\n" if spec.format is OutputFormat.CSV else ""
+        assert one.read_text(encoding="utf-8") == header + expected

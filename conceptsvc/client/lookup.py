@@ -24,7 +24,6 @@ from conceptsvc.errors import (
     ServiceCallError,
     ServiceUnreachableError,
 )
-from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED
 from conceptsvc.model import (
     Annotation,
     Candidate,
@@ -96,6 +95,9 @@ class LocalLookup:
             yield text, self.extractor.extract(text, options, id=str(n))
 
     def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord:
+        # (here, not at the top: the remote commands do without the index module and numpy)
+        from conceptsvc.index import FLAG_ABBREVIATION, FLAG_PREFERRED
+
         ix = self.extractor.index
         info = ix.concept(cui.strip().upper())
         if info is None:

@@ -331,10 +331,13 @@ def test_batch_resume_after_sigkill_is_byte_identical(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
+        # each later child journals something of its own before it is killed (an earlier one
+        # may have passed this one's threshold already: the client starts fast)
+        goal = max(threshold, journal_lines(out) + 1)
         if k == 0:
-            time.sleep(0.3)  # still importing / scanning: before anything was sent
+            time.sleep(0.3)  # importing, scanning, or just begun: early in the run
         else:
-            while journal_lines(out) < threshold and child.poll() is None:
+            while journal_lines(out) < goal and child.poll() is None:
                 assert time.monotonic() < deadline, "the run made no progress"
                 time.sleep(0.005)
         if child.poll() is None:
@@ -1069,6 +1072,35 @@ def test_issue_16_include_text_lets_offsets_be_read(
     assert [json.dumps({k: v for k, v in o.items() if k != "text"}, ensure_ascii=False,
                        separators=(",", ":")) for o in objs] == plain
     assert (tmp_path / "run.csv").read_text().count("\n") == 41
+
+
+def test_batch_outputs_are_the_render_of_each_annotation_kept_or_streamed(
+    tmp_path: Path, demo_server: str, demo_extractor: Extractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every output file is, byte for byte, render() of the engine's annotations in input order
+    (what the outputs were before they were written from the journal's text) — whether the
+    scan kept the corpus or it was too big to keep and was read again."""
+    from conceptsvc.client import corpus as corpus_module
+    from conceptsvc.client.outputs import render
+
+    rows = [*demo_rows()[:60], ('q"uote', 'Chest "X-ray", {"cui": no} \\ Sjögren 😀')]
+    src = write_csv(tmp_path / "in.csv", rows)
+    opts = ExtractOptions(profile="rocov2")
+    expected = [(demo_extractor.extract(text, opts, id=rid), text) for rid, text in rows]
+    formats = ["jsonl", "csv", "submission", "roco"]
+    for keep in (corpus_module.KEEP_BYTES, 0):
+        monkeypatch.setattr(corpus_module, "KEEP_BYTES", keep)
+        specs = resolve_outputs(tmp_path / f"keep{keep}" / "run.jsonl", formats)
+        result = annotate_corpus(Corpus(src), specs, settings(demo_server, batch_size=9),
+                                 overrides=ROCOV2, include_text=True)
+        assert result.complete
+        assert result.counts.mentions == sum(len(a.mentions) for a, _ in expected)
+        assert result.counts.concepts == sum(len(set(a.concepts)) for a, _ in expected)
+        for spec in specs:
+            header = "ID,CUIs\n" if spec.format is OutputFormat.CSV else ""
+            assert spec.path.read_text(encoding="utf-8") == header + "".join(
+                render(spec.format, a, text) for a, text in expected
+            ), (keep, spec.format)
 
 
 def test_issue_16_annotate_other_csv_columns(tmp_path: Path, demo_server: str) -> None:

@@ -212,7 +212,7 @@ _MENTION = st.builds(
 )
 _ANNOTATION = st.builds(
     Annotation, id=_TEXT.filter(bool), mentions=st.lists(_MENTION, max_size=4).map(tuple),
-    concepts=st.lists(_TEXT, max_size=4).map(tuple),
+    concepts=st.lists(_TEXT | st.sampled_from(["C1", "C1", '"', "\\"]), max_size=5).map(tuple),
 )
 
 
@@ -228,13 +228,15 @@ def test_outputs_result_text_renders_as_the_annotation(a: Annotation, caption: s
         assert result.render(fmt, caption) == render(fmt, a, caption).encode("utf-8"), fmt
     assert (result.id(), result.concepts()) == (a.id, list(a.concepts))
     assert result.mention_count() == len(a.mentions)
+    assert result.distinct_concepts() == len(set(a.concepts))
     # text of another shape (keys in another order, one more key) is read whole, to the same
     # answers
     obj = annotation_to_json(a)
     for shape in ({"mentions": obj["mentions"], **obj}, {"n": 1, **obj}, {**obj, "n": [1]}):
         other = ResultText(dumps(shape).encode("utf-8"))
-        assert (other.id(), other.concepts(), other.mention_count()) == (
-            a.id, list(a.concepts), len(a.mentions)
+        assert (other.id(), other.concepts(), other.mention_count(),
+                other.distinct_concepts()) == (
+            a.id, list(a.concepts), len(a.mentions), len(set(a.concepts))
         )
         assert other.obj() == shape
 

@@ -1197,9 +1197,9 @@ def _finish(
         for seq, text in journal.texts():
             result = ResultText(text)
             out.write_result(result, texts(seq) if texts is not None else None)
-            cuis = result.concepts()
-            with_concepts += bool(cuis)
-            concepts += len(set(cuis))
+            distinct = result.distinct_concepts()
+            with_concepts += distinct > 0
+            concepts += distinct
             mentions += result.mention_count()
             if builder is not None:
                 a = annotation_from_json(result.obj())

@@ -68,14 +68,20 @@ class SeqSet(Set[int]):
             self.add(seq)
 
     def add(self, seq: int) -> None:
+        self.add_new(seq)
+
+    def add_new(self, seq: int) -> bool:
+        """Add ``seq``; whether it was not in the set before."""
         if seq < 0:
             raise ValueError(f"a seq is >= 0, got {seq}")
         if seq >= len(self._flags):
             # Grow geometrically: one extend per doubling, not one per caption.
             self._flags.extend(bytes(max(seq + 1, 2 * len(self._flags), 1024) - len(self._flags)))
-        if not self._flags[seq]:
-            self._flags[seq] = 1
-            self._count += 1
+        if self._flags[seq]:
+            return False
+        self._flags[seq] = 1
+        self._count += 1
+        return True
 
     def discard(self, seq: int) -> None:
         if 0 <= seq < len(self._flags) and self._flags[seq]:
@@ -206,17 +212,21 @@ class Journal:
         """:meth:`append` of results already in their JSON text (``dumps`` of the result, as
         UTF-8): each line is ``dumps({"seq": seq, "r": result, "ix": index_hash})`` (no
         ``ix`` when the hash is empty) — written here without parsing the result again."""
-        lines = []
+        if not results:
+            return
         ix = index_hash
         tail = (b',"ix":' + dumps(ix).encode("utf-8") if ix else b"") + b"}\n"
+        k = self._label(ix)
+        self._reserve(max(seq for seq, _ in results))
+        done, ix_of, where = self.done, self._ix_of, self._where
+        lines = []
         offset = self._size
         for seq, text in results:
-            if seq in self.done:
-                continue
-            self.done.add(seq)
-            self._set_index(seq, ix)
+            if not done.add_new(seq):
+                continue  # recorded already
+            ix_of[seq] = k
+            where[seq] = offset
             raw = b'{"seq":%d,"r":%b%b' % (seq, text, tail)
-            self._set_offset(seq, offset)
             offset += len(raw)
             lines.append(raw)
         if not lines:
@@ -232,9 +242,10 @@ class Journal:
             self.sync()
 
     # -- index identity ----------------------------------------------------------------------
-    def _set_index(self, seq: int, ix: str) -> None:
+    def _label(self, ix: str) -> int:
+        """The 1-byte number of the index hash ``ix`` (registered on first use)."""
         try:
-            k = self._hashes.index(ix)
+            return self._hashes.index(ix)
         except ValueError:
             if len(self._hashes) >= 256:
                 raise ClientError(
@@ -242,17 +253,25 @@ class Journal:
                     "this run afresh."
                 ) from None
             self._hashes.append(ix)
-            k = len(self._hashes) - 1
+            return len(self._hashes) - 1
+
+    def _reserve(self, seq: int) -> None:
+        """Room for ``seq`` in the per-seq index labels and line offsets."""
         if seq >= len(self._ix_of):
             self._ix_of.extend(bytes(seq + 1 - len(self._ix_of)))
-        self._ix_of[seq] = k
-
-    def _set_offset(self, seq: int, offset: int) -> None:
         where = self._where
         if seq >= len(where):
             # Grow geometrically: one extend per doubling, not one per caption.
             where.extend(_MISSING * (max(seq + 1, 2 * len(where), 1024) - len(where)))
-        where[seq] = offset
+
+    def _set_index(self, seq: int, ix: str) -> None:
+        k = self._label(ix)
+        self._reserve(seq)
+        self._ix_of[seq] = k
+
+    def _set_offset(self, seq: int, offset: int) -> None:
+        self._reserve(seq)
+        self._where[seq] = offset
 
     def _index_of(self, seq: int, unlabelled: str) -> str:
         k = self._ix_of[seq] if seq < len(self._ix_of) else 0

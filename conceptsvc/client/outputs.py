@@ -396,6 +396,16 @@ class ResultText:
         cuis: list[str] = json.loads(self.text[i + len(_ID_END) - 1:j + 1])
         return cuis
 
+    def distinct_concepts(self) -> int:
+        """How many different concepts, counted on their JSON strings: between two of them the
+        text has ``","``, which no string holds unescaped, and JSON text writes equal strings
+        alike."""
+        if self._cuts is None:
+            return len(set(self.obj()["concepts"]))
+        i, j = self._cuts
+        inner = self.text[i + len(_ID_END):j]
+        return len(set(inner[1:-1].split(b'","'))) if inner else 0
+
     def mention_count(self) -> int:
         if self._cuts is None:
             return len(self.obj()["mentions"])

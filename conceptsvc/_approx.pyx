@@ -42,13 +42,14 @@ cdef extern from *:
     #include <algorithm>
     #include <vector>
     #include <cstdint>
-    struct ApproxSlice {
-        int64_t length, start, end;   /* the cut list: postings [start, end) */
-        int64_t da, db, dend;         /* its directory runs [da, db); dend: the list's last */
+    struct GramCursor {
+        int64_t e, db, dend;          /* next directory run e, up to db (size > hi); dend: the
+                                         list's last */
         int64_t base, lend;           /* where the whole list starts and ends */
     };
+    struct ApproxRun { int64_t length, start, end; };  /* postings [start, end) of one size */
     struct ApproxHit { double sim; uint32_t size; uint32_t kid; };
-    static inline bool approx_slice_shorter(const ApproxSlice& a, const ApproxSlice& b) {
+    static inline bool approx_run_shorter(const ApproxRun& a, const ApproxRun& b) {
         return a.length < b.length;
     }
     static inline bool approx_hit_before(const ApproxHit& a, const ApproxHit& b) {
@@ -56,8 +57,8 @@ cdef extern from *:
         if (a.size != b.size) return a.size > b.size;
         return a.kid < b.kid;
     }
-    static inline void approx_sort_slices(std::vector<ApproxSlice>& v) {
-        std::stable_sort(v.begin(), v.end(), approx_slice_shorter);
+    static inline void approx_sort_runs(std::vector<ApproxRun>& v) {
+        std::sort(v.begin(), v.end(), approx_run_shorter);
     }
     static inline void approx_sort_hits(std::vector<ApproxHit>& v) {
         std::sort(v.begin(), v.end(), approx_hit_before);
@@ -69,24 +70,24 @@ cdef extern from *:
         std::sort(v.begin(), v.end());
     }
     """
-    struct ApproxSlice:
-        int64_t length, start, end
-        int64_t da, db, dend
+    struct GramCursor:
+        int64_t e, db, dend
         int64_t base, lend
+    struct ApproxRun:
+        int64_t length, start, end
     struct ApproxHit:
         double sim
         uint32_t size
         uint32_t kid
-    void approx_sort_slices(vector[ApproxSlice]& v)
+    void approx_sort_runs(vector[ApproxRun]& v)
     void approx_sort_hits(vector[ApproxHit]& v)
     void approx_sort_u64(vector[uint64_t]& v)
     void approx_sort_pairs(vector[pair[uint64_t, int64_t]]& v)
 
 
 cdef struct Cand:
-    uint64_t packed  # (key size << 32) | key number: sorts as the lists do
+    uint32_t kid  # key number (the order of a size's run)
     int count
-    int need
 
 
 cdef uint64_t SHORT = (<uint64_t>1) << 63
@@ -132,7 +133,8 @@ cdef class TrigramSearcher:
     cdef double cur_alpha
     cdef vector[int] b_lo, b_hi, b_tau
     # _search's scratch (it calls no Python, so no other thread can enter it meanwhile)
-    cdef vector[ApproxSlice] slices
+    cdef vector[GramCursor] curs
+    cdef vector[ApproxRun] runs
     cdef vector[Cand] cands, merged
 
     def __init__(self, arrays, key_string, bounds, *, frozenset stopwords not None,
@@ -206,37 +208,28 @@ cdef class TrigramSearcher:
         tau[0] = self.b_tau[x]
         return 0
 
-    cdef int64_t run_end(self, int64_t e, const ApproxSlice& sl) noexcept:
-        # absolute end of directory run e of the slice's list
-        if e + 1 < sl.dend:
-            return sl.base + self.dir_start[e + 1]
-        return sl.lend
-
     cdef int _search(self, vector[int64_t]& gids, int measure, double alpha, int lo, int hi,
                      int tau_min, vector[ApproxHit]& out) except -1:
         """Every key at similarity ≥ alpha − 1e-12 with the query whose trigram numbers are
         ``gids`` (-1: a trigram no key has), ranked, into ``out``."""
         cdef int x = <int>gids.size()
         cdef double floor = alpha - 1e-12
-        cdef int n_sig = x - tau_min + 1
-        cdef vector[ApproxSlice]* slices = &self.slices
+        cdef vector[GramCursor]* curs = &self.curs
+        cdef vector[ApproxRun]* runs = &self.runs
+        cdef vector[Cand]* cands = &self.cands
         cdef vector[Cand]* merged = &self.merged
-        cdef uint64_t v
-        cdef Py_ssize_t ci, nc
+        cdef const uint32_t* keys = &self.keys[0] if self.keys.shape[0] else NULL
+        cdef GramCursor cur
+        cdef ApproxRun run
         cdef Cand* src
         cdef Cand* dst
-        cdef int prev_y
-        cdef vector[Cand]* cands = &self.cands
-        cdef ApproxSlice sl
-        cdef int64_t g, a, b, mid, e, p, s0, s1, l, r
-        cdef int k, remaining, y, s, slo, shi
-        cdef Cand c
-        cdef Py_ssize_t i, w
-        cdef uint64_t kid
+        cdef int64_t g, a, b, mid, p, s1, step
+        cdef int k, m, y, need, s, slo, shi, n_merge, remaining, yi
+        cdef Py_ssize_t i, w, ci, nc
+        cdef uint32_t kid, v
         cdef ApproxHit hit
         out.clear()
-        cands.clear()
-        if x == 0 or n_sig <= 0:
+        if x == 0 or x - tau_min + 1 <= 0:
             return 0
         if hi > MAX_SIZE:
             hi = MAX_SIZE
@@ -252,136 +245,146 @@ cdef class TrigramSearcher:
                 w += 1
         if w < tau_min:
             return 0
-        slices.resize(x)
+        # each present trigram's directory, cut to the sizes [lo, hi]
+        curs.clear()
         for k in range(x):
             g = gids[k]
             if g < 0:
-                slices[0][k].length = 0
-                slices[0][k].start = slices[0][k].end = 0
-                slices[0][k].da = slices[0][k].db = slices[0][k].dend = 0
-                slices[0][k].base = slices[0][k].lend = 0
                 continue
-            sl.base = <int64_t>self.offsets[g]
-            sl.lend = <int64_t>self.offsets[g + 1]
+            cur.base = <int64_t>self.offsets[g]
+            cur.lend = <int64_t>self.offsets[g + 1]
             a = <int64_t>self.dir_offsets[g]
-            sl.dend = <int64_t>self.dir_offsets[g + 1]
-            b = sl.dend
+            cur.dend = <int64_t>self.dir_offsets[g + 1]
+            b = cur.dend
             while a < b:  # first run of size ≥ lo
                 mid = (a + b) >> 1
                 if self.dir_size[mid] < lo:
                     a = mid + 1
                 else:
                     b = mid
-            sl.da = a
-            b = sl.dend
+            cur.e = a
+            b = cur.dend
             while a < b:  # first run of size > hi
                 mid = (a + b) >> 1
                 if self.dir_size[mid] <= hi:
                     a = mid + 1
                 else:
                     b = mid
-            sl.db = a
-            sl.start = sl.base + self.dir_start[sl.da] if sl.da < sl.dend else sl.lend
-            sl.end = sl.base + self.dir_start[sl.db] if sl.db < sl.dend else sl.lend
-            sl.length = sl.end - sl.start
-            slices[0][k] = sl
-        approx_sort_slices(slices[0])
-        # candidates: the postings of the n_sig shortest lists, as (size << 32 | key), counted
-        # by merging (each list is already in that order, so nothing is sorted)
-        for k in range(n_sig):
-            sl = slices[0][k]
-            if sl.length == 0:
+            cur.db = a
+            if cur.e < cur.db:
+                curs.push_back(cur)
+        # CPMerge one key size at a time, ascending: the overlap a key needs depends on its
+        # size, so each size merges only as many of its runs as its own need allows
+        while True:
+            y = MAX_SIZE + 1
+            for k in range(<int>curs.size()):
+                if curs[0][k].e < curs[0][k].db:
+                    yi = self.dir_size[curs[0][k].e]
+                    if yi < y:
+                        y = yi
+            if y > MAX_SIZE:
+                break
+            runs.clear()
+            for k in range(<int>curs.size()):
+                cur = curs[0][k]
+                if cur.e < cur.db and self.dir_size[cur.e] == y:
+                    run.start = cur.base + self.dir_start[cur.e]
+                    run.end = (cur.base + self.dir_start[cur.e + 1] if cur.e + 1 < cur.dend
+                               else cur.lend)
+                    run.length = run.end - run.start
+                    runs.push_back(run)
+                    curs[0][k].e = cur.e + 1
+            m = <int>runs.size()
+            # the least overlap reaching the threshold at this size (similarity grows with
+            # it); never below τ_min, which bounds every size
+            slo = tau_min
+            shi = x + 1
+            while slo < shi:
+                s = (slo + shi) >> 1
+                if sim_of(measure, s, x, y) >= floor:
+                    shi = s
+                else:
+                    slo = s + 1
+            need = slo
+            if need > m:  # fewer of the query's trigrams have keys of this size
                 continue
-            ci = 0
-            nc = <Py_ssize_t>cands.size()
-            if <Py_ssize_t>merged.size() < nc + sl.length:
-                merged.resize(nc + sl.length)
-            src = cands.data()
-            dst = merged.data()
-            w = 0
-            for e in range(sl.da, sl.db):
-                y = self.dir_size[e]
-                s0 = sl.base + self.dir_start[e]
-                s1 = self.run_end(e, sl)
-                for p in range(s0, s1):
-                    v = ((<uint64_t>y) << 32) | self.keys[p]
-                    while ci < nc and src[ci].packed < v:
+            # pigeonhole: a key of this size with `need` of the query's trigrams is in at
+            # least one of any (m − need + 1) of its runs; merge the shortest ones, counting
+            approx_sort_runs(runs[0])
+            n_merge = m - need + 1
+            cands.clear()
+            for k in range(n_merge):
+                run = runs[0][k]
+                nc = <Py_ssize_t>cands.size()
+                if <Py_ssize_t>merged.size() < nc + run.length:
+                    merged.resize(nc + run.length)
+                src = cands.data()
+                dst = merged.data()
+                ci = 0
+                w = 0
+                for p in range(run.start, run.end):
+                    v = keys[p]
+                    while ci < nc and src[ci].kid < v:
                         dst[w] = src[ci]
                         w += 1
                         ci += 1
-                    if ci < nc and src[ci].packed == v:
-                        dst[w] = src[ci]
-                        dst[w].count += 1
+                    if ci < nc and src[ci].kid == v:
+                        dst[w].kid = v
+                        dst[w].count = src[ci].count + 1
                         ci += 1
                     else:
-                        dst[w].packed = v
+                        dst[w].kid = v
                         dst[w].count = 1
                     w += 1
-            while ci < nc:
-                dst[w] = src[ci]
-                w += 1
-                ci += 1
-            merged.resize(w)
-            cands.swap(merged[0])
-        if cands.size() == 0:
-            return 0
-        prev_y = -1
-        for i in range(<Py_ssize_t>cands.size()):
-            y = <int>(cands[0][i].packed >> 32)
-            if y != prev_y:  # candidates come by size: one bisection per size
-                prev_y = y
-                # the least overlap reaching the threshold at this size (similarity grows
-                # with it)
-                slo = 1
-                shi = x + 1
-                while slo < shi:
-                    s = (slo + shi) >> 1
-                    if sim_of(measure, s, x, y) >= floor:
-                        shi = s
-                    else:
-                        slo = s + 1
-            cands[0][i].need = slo
-        # the other lists: probe each surviving candidate by bisection in its size run
-        for k in range(n_sig, x):
-            sl = slices[0][k]
-            remaining = x - k
-            w = 0
-            e = sl.da
-            for i in range(<Py_ssize_t>cands.size()):
-                c = cands[0][i]
-                if c.count + remaining < c.need:
-                    continue
-                if sl.length:
-                    y = <int>(c.packed >> 32)
-                    kid = c.packed & 0xFFFFFFFFULL
-                    while e < sl.db and self.dir_size[e] < y:
-                        e += 1
-                    if e < sl.db and self.dir_size[e] == y:
-                        l = sl.base + self.dir_start[e]
-                        r = self.run_end(e, sl)
-                        while l < r:
-                            mid = (l + r) >> 1
-                            if self.keys[mid] < kid:
-                                l = mid + 1
+                while ci < nc:
+                    dst[w] = src[ci]
+                    w += 1
+                    ci += 1
+                merged.resize(w)
+                cands.swap(merged[0])
+            # the other runs: each candidate that can still reach `need` is looked up by
+            # galloping forward (candidates and runs are both in key order)
+            for k in range(n_merge, m):
+                run = runs[0][k]
+                remaining = m - k
+                p = run.start
+                w = 0
+                src = cands.data()
+                for i in range(<Py_ssize_t>cands.size()):
+                    if src[i].count + remaining < need:
+                        continue
+                    kid = src[i].kid
+                    if p < run.end and keys[p] < kid:
+                        step = 1
+                        while p + step < run.end and keys[p + step] < kid:
+                            p += step
+                            step <<= 1
+                        # keys[p] < kid; the first key ≥ kid is in (p, min(p + step, end)]
+                        a = p + 1
+                        b = p + step if p + step < run.end else run.end
+                        while a < b:
+                            mid = (a + b) >> 1
+                            if keys[mid] < kid:
+                                a = mid + 1
                             else:
-                                r = mid
-                        if l < self.run_end(e, sl) and self.keys[l] == kid:
-                            c.count += 1
-                cands[0][w] = c
-                w += 1
-            cands.resize(w)
-            if w == 0:
-                return 0
-        for i in range(<Py_ssize_t>cands.size()):
-            c = cands[0][i]
-            if c.count < c.need:
-                continue
-            y = <int>(c.packed >> 32)
-            hit.sim = sim_of(measure, c.count, x, y)
-            if hit.sim >= floor:
-                hit.size = <uint32_t>y
-                hit.kid = <uint32_t>(c.packed & 0xFFFFFFFFULL)
-                out.push_back(hit)
+                                b = mid
+                        p = a
+                    src[w] = src[i]
+                    if p < run.end and keys[p] == kid:
+                        src[w].count += 1
+                        p += 1
+                    w += 1
+                cands.resize(w)
+                if w == 0:
+                    break
+            for i in range(<Py_ssize_t>cands.size()):
+                if cands[0][i].count < need:
+                    continue
+                hit.sim = sim_of(measure, cands[0][i].count, x, y)
+                if hit.sim >= floor:
+                    hit.size = <uint32_t>y
+                    hit.kid = cands[0][i].kid
+                    out.push_back(hit)
         if out.size() > 1:
             approx_sort_hits(out)
         return 0

@@ -8,14 +8,19 @@ whose trigram similarity with it is ≥ the threshold) and how they are ranked. 
 the same keys over the same memory-mapped arrays (:mod:`conceptsvc.trigram_index`) without the
 interpreter in the loop, the way simstring's CPMerge does:
 
-* the query's trigram lists are cut to the keys whose size can reach the threshold (a bisection
-  of each list's size directory, so no key size is read from elsewhere);
-* candidates come from the (x − τ_min + 1) shortest cut lists only (pigeonhole: a key with
-  τ_min shared trigrams is in at least one of them), counted by merging them (each list is in
-  (size, key) order already, so nothing is sorted);
-* each remaining list is probed per candidate by bisection in its run of keys of the
-  candidate's size, and a candidate is dropped as soon as even all remaining lists could not
-  lift its overlap to the least that reaches the threshold at its size.
+* each list is cut to the keys whose size can reach the threshold (a bisection of its size
+  directory, so no key size is read from elsewhere), and the cut lists are walked one key size
+  at a time, ascending — a list's keys of one size are one run of its directory;
+* for each size y, the overlap a key of that size needs (``need``, the least that reaches the
+  threshold against the query's size) fixes how many runs are merged: a key with ``need`` of
+  the query's m runs of size y is in at least one of any (m − need + 1) of them (pigeonhole),
+  so the (m − need + 1) shortest are merged, counting; a size with fewer than ``need`` runs is
+  skipped unread. ``need`` is never below the τ_min of ``approximate.search_bounds`` (the
+  least over all sizes, which the reference's pigeonhole uses) and above it at most sizes, so
+  fewer postings are merged than one cut over all sizes would take;
+* each remaining run is searched for the surviving candidates by galloping forward (both are
+  in key order), and a candidate is dropped as soon as even all remaining runs could not lift
+  its overlap to ``need``.
 
 Which lists are "shortest", and the pruning, change only the work done: a key is kept exactly
 when its exact overlap gives a similarity ≥ threshold − 1e-12, as in the reference, computed by
@@ -49,16 +54,14 @@ cdef extern from *:
     };
     struct ApproxRun { int64_t length, start, end; };  /* postings [start, end) of one size */
     struct ApproxHit { double sim; uint32_t size; uint32_t kid; };
-    static inline bool approx_run_shorter(const ApproxRun& a, const ApproxRun& b) {
-        return a.length < b.length;
-    }
     static inline bool approx_hit_before(const ApproxHit& a, const ApproxHit& b) {
         if (a.sim != b.sim) return a.sim > b.sim;
         if (a.size != b.size) return a.size > b.size;
         return a.kid < b.kid;
     }
     static inline void approx_sort_runs(std::vector<ApproxRun>& v) {
-        std::sort(v.begin(), v.end(), approx_run_shorter);
+        std::sort(v.begin(), v.end(),
+                  [](const ApproxRun& a, const ApproxRun& b) { return a.length < b.length; });
     }
     static inline void approx_sort_hits(std::vector<ApproxHit>& v) {
         std::sort(v.begin(), v.end(), approx_hit_before);
@@ -312,10 +315,11 @@ cdef class TrigramSearcher:
             # least one of any (m − need + 1) of its runs; merge the shortest ones, counting
             approx_sort_runs(runs[0])
             n_merge = m - need + 1
-            cands.clear()
+            # cands[:nc] are the candidates; both buffers only grow (a vector that shrank
+            # would zero its tail again on every resize)
+            nc = 0
             for k in range(n_merge):
                 run = runs[0][k]
-                nc = <Py_ssize_t>cands.size()
                 if <Py_ssize_t>merged.size() < nc + run.length:
                     merged.resize(nc + run.length)
                 src = cands.data()
@@ -340,8 +344,8 @@ cdef class TrigramSearcher:
                     dst[w] = src[ci]
                     w += 1
                     ci += 1
-                merged.resize(w)
                 cands.swap(merged[0])
+                nc = w
             # the other runs: each candidate that can still reach `need` is looked up by
             # galloping forward (candidates and runs are both in key order)
             for k in range(n_merge, m):
@@ -350,7 +354,7 @@ cdef class TrigramSearcher:
                 p = run.start
                 w = 0
                 src = cands.data()
-                for i in range(<Py_ssize_t>cands.size()):
+                for i in range(nc):
                     if src[i].count + remaining < need:
                         continue
                     kid = src[i].kid
@@ -374,10 +378,10 @@ cdef class TrigramSearcher:
                         src[w].count += 1
                         p += 1
                     w += 1
-                cands.resize(w)
+                nc = w
                 if w == 0:
                     break
-            for i in range(<Py_ssize_t>cands.size()):
+            for i in range(nc):
                 if cands[0][i].count < need:
                     continue
                 hit.sim = sim_of(measure, cands[0][i].count, x, y)

@@ -227,7 +227,7 @@ cdef class TrigramSearcher:
         cdef Cand* src
         cdef Cand* dst
         cdef int64_t g, a, b, mid, p, s1, step
-        cdef int k, m, y, need, s, slo, shi, n_merge, remaining, yi
+        cdef int k, m, y, need, n_merge, remaining, yi, present
         cdef Py_ssize_t i, w, ci, nc
         cdef uint32_t kid, v
         cdef ApproxHit hit
@@ -242,11 +242,11 @@ cdef class TrigramSearcher:
             return 0
         # a key shares only trigrams some key has: too few of those, and nothing can match
         # (most caption windows stop here, before any list is read)
-        w = 0
+        present = 0
         for k in range(x):
             if gids[k] >= 0:
-                w += 1
-        if w < tau_min:
+                present += 1
+        if present < tau_min:
             return 0
         # each present trigram's directory, cut to the sizes [lo, hi]
         curs.clear()
@@ -278,6 +278,7 @@ cdef class TrigramSearcher:
                 curs.push_back(cur)
         # CPMerge one key size at a time, ascending: the overlap a key needs depends on its
         # size, so each size merges only as many of its runs as its own need allows
+        need = tau_min
         while True:
             y = MAX_SIZE + 1
             for k in range(<int>curs.size()):
@@ -298,17 +299,13 @@ cdef class TrigramSearcher:
                     runs.push_back(run)
                     curs[0][k].e = cur.e + 1
             m = <int>runs.size()
-            # the least overlap reaching the threshold at this size (similarity grows with
-            # it); never below τ_min, which bounds every size
-            slo = tau_min
-            shi = x + 1
-            while slo < shi:
-                s = (slo + shi) >> 1
-                if sim_of(measure, s, x, y) >= floor:
-                    shi = s
-                else:
-                    slo = s + 1
-            need = slo
+            # the least overlap reaching the threshold at this size, never below τ_min
+            # (which bounds every size); it only grows with the size (at a given overlap a
+            # key's similarity falls as the key grows), so it is searched from the last one
+            while need <= x and sim_of(measure, need, x, y) < floor:
+                need += 1
+            if need > present:  # no key of this size or a larger one can match
+                break
             if need > m:  # fewer of the query's trigrams have keys of this size
                 continue
             # pigeonhole: a key of this size with `need` of the query's trigrams is in at

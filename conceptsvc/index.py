@@ -89,6 +89,7 @@ __all__ = [
     "IndexBuilder",
     "KeyTrie",
     "Posting",
+    "PostingArrays",
     "build_index",
 ]
 
@@ -155,6 +156,30 @@ class KeyTrie(NamedTuple):
     node_key: np.ndarray[Any, Any]
     token_ids: Mapping[str, int]
     token_dict: dict[str, int] | None
+
+
+class PostingArrays(NamedTuple):
+    """The index's posting and concept arrays as the compiled engine reads them in place
+    (:attr:`ConceptIndex.posting_arrays`; the files of the module docstring, memory-mapped):
+    a key's postings, their concepts, strings, sources, flags and term types, each concept's
+    preferred name, semantic types and postings, and the concept-id and string tables (UTF-8
+    blob + offsets)."""
+
+    post_offsets: np.ndarray[Any, Any]
+    post_cui: np.ndarray[Any, Any]
+    post_str: np.ndarray[Any, Any]
+    post_sab: np.ndarray[Any, Any]
+    post_flags: np.ndarray[Any, Any]
+    post_tty: np.ndarray[Any, Any]
+    concept_pref: np.ndarray[Any, Any]
+    concept_sty_offsets: np.ndarray[Any, Any]
+    concept_sty: np.ndarray[Any, Any]
+    concept_post_offsets: np.ndarray[Any, Any]
+    concept_post: np.ndarray[Any, Any]
+    cuis_blob: memoryview
+    cuis_offsets: np.ndarray[Any, Any]
+    strings_blob: memoryview
+    strings_offsets: np.ndarray[Any, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,10 +562,11 @@ class ConceptIndex:
         )}
         self._a = a
         tabs: dict[str, _StringTable] = {}
+        blobs: dict[str, memoryview] = {}
         for t in _STRTABS:
-            blob = map_bytes(path / f"{t}.bin")
+            blobs[t] = map_bytes(path / f"{t}.bin")
             table = _mv(a[f"{t}_table"]) if t in _HASHED else None
-            tabs[t] = _StringTable(blob, _mv(a[f"{t}_offsets"]), table)
+            tabs[t] = _StringTable(blobs[t], _mv(a[f"{t}_offsets"]), table)
         self._check_shapes(tabs)
         self._keys, self._strings, self._cuis = tabs["keys"], tabs["strings"], tabs["cuis"]
         self._firsts = tabs["first_tokens"]
@@ -563,6 +589,12 @@ class ConceptIndex:
         )
         """The token trie of the compiled matcher (memory-mapped; see the module docstring)."""
         self.cuis: Sequence[str] = _StringList(self._cuis)
+        self.posting_arrays = PostingArrays._make([
+            *(a[name] for name in PostingArrays._fields[:11]),
+            blobs["cuis"], a["cuis_offsets"], blobs["strings"], a["strings_offsets"],
+        ])
+        """The posting and concept arrays, memory-mapped, that the compiled engine filters a
+        key's postings over without building :class:`Posting` objects."""
         self.sabs = _read_lines(path / "sabs.txt")
         self.ttys = _read_lines(path / "ttys.txt")
         self.tuis = _read_lines(path / "tuis.txt")
@@ -709,9 +741,10 @@ class ConceptIndex:
 
     def postings_of(self, key_id: int) -> tuple[Posting, ...]:
         off = self._m["post_offsets"]
-        return tuple(self._posting(i) for i in range(off[key_id], off[key_id + 1]))
+        return tuple(self.posting(i) for i in range(off[key_id], off[key_id + 1]))
 
-    def _posting(self, i: int) -> Posting:
+    def posting(self, i: int) -> Posting:
+        """Posting number ``i`` (postings are numbered key by key: ``post_offsets``)."""
         m = self._m
         return Posting(
             self._cuis.string(m["post_cui"][i]),
@@ -771,6 +804,11 @@ class ConceptIndex:
             sources=tuple(sorted(sabs)),
         )
 
+    def concept_number(self, cui: str) -> int:
+        """The number of concept ``cui`` (its rank in CUI order, as ``post_cui`` holds it), or
+        -1 when the index does not have it."""
+        return self._cuis.find(cui)
+
     def name_and_types(self, cui: str) -> tuple[str, tuple[str, ...]] | None:
         """(preferred name, semantic types) of a concept: :meth:`concept` without the sources,
         which the extractor does not need (it asks once per concept it meets)."""
@@ -796,7 +834,7 @@ class ConceptIndex:
         m = self._m
         lo, hi = m["concept_post_offsets"][cid], m["concept_post_offsets"][cid + 1]
         post = m["concept_post"]
-        return tuple(self._posting(post[i]) for i in range(lo, hi))
+        return tuple(self.posting(post[i]) for i in range(lo, hi))
 
 
 # -- building -------------------------------------------------------------------------------

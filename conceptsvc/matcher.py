@@ -51,7 +51,9 @@ __all__ = [
     "Match",
     "check_surface",
     "crosses_break",
+    "posting_checks",
     "same_case",
+    "surface_check",
 ]
 
 MIN_MATCH_CHARS = 3
@@ -128,25 +130,58 @@ def same_case(surface: str, string: str) -> bool:
 _new = tuple.__new__
 
 
-def _key_entry(key: str, postings: tuple[Posting, ...]) -> KeyEntry:
+_CHECK_FREE = 0  # matches whatever the caption's case
+_CHECK_REJECT = -1  # never matches (see posting_checks)
+# A posting's kind for posting_checks: its case-sensitive and abbreviation flags, and whether
+# its string is written in capitals.
+_KIND_CASE_SENSITIVE = 1
+_KIND_ABBREVIATION = 2
+_KIND_UPPER = 4
+
+
+def posting_checks(key: str) -> tuple[int, ...]:
+    """How the postings of ``key`` are checked against the caption surface, by posting kind:
+    entry ``kind`` (1 if the posting is case-sensitive, + 2 if it is an abbreviation, + 4 if its
+    string is written in capitals) is 0 (free: any case), -1 (rejected: stopword-only or
+    single-letter keys, short keys without abbreviation evidence) or the check code that
+    :func:`surface_check` applies. The rules of the module docstring, per key; the compiled
+    engine reads a key's postings by their flags against this table."""
     tokens = key.split(" ")
     stop_only = all(t in STOPWORDS for t in tokens)
     n_chars = len(key) - (len(tokens) - 1)
+    out = []
+    for kind in range(8):
+        case_sensitive = bool(kind & _KIND_CASE_SENSITIVE)
+        how = _CHECK_REJECT
+        if stop_only or n_chars < MIN_MATCH_CHARS:
+            if n_chars < 2:
+                pass  # single letters are panel labels, never concepts
+            elif case_sensitive:
+                how = _CHECK_CASE
+            elif not stop_only and kind & (_KIND_ABBREVIATION | _KIND_UPPER):
+                how = _CHECK_UPPER
+        elif case_sensitive:
+            how = _CHECK_CASE
+        else:
+            how = _CHECK_FREE
+        out.append(how)
+    return tuple(out)
+
+
+def _key_entry(key: str, postings: tuple[Posting, ...]) -> KeyEntry:
+    checks = posting_checks(key)
     free: list[Posting] = []
     checked: list[tuple[Posting, int]] = []
     for p in postings:
-        case_sensitive = bool(p.flags & FLAG_CASE_SENSITIVE)
-        if stop_only or n_chars < MIN_MATCH_CHARS:
-            if n_chars < 2:
-                continue  # single letters are panel labels, never concepts
-            if case_sensitive:
-                checked.append((p, _CHECK_CASE))
-            elif not stop_only and (p.flags & FLAG_ABBREVIATION or p.string.isupper()):
-                checked.append((p, _CHECK_UPPER))
-        elif case_sensitive:
-            checked.append((p, _CHECK_CASE))
-        else:
+        kind = (_KIND_CASE_SENSITIVE if p.flags & FLAG_CASE_SENSITIVE else 0) | (
+            _KIND_ABBREVIATION if p.flags & FLAG_ABBREVIATION else 0)
+        if checks[kind] != checks[kind | _KIND_UPPER] and p.string.isupper():
+            kind |= _KIND_UPPER
+        how = checks[kind]
+        if how == _CHECK_FREE:
             free.append(p)
+        elif how != _CHECK_REJECT:
+            checked.append((p, how))
     return KeyEntry(tuple(free), tuple(checked))
 
 
@@ -154,8 +189,10 @@ class ExactMatcher:
     """All dictionary keys in a caption's token sequence; one instance per loaded index.
 
     The compiled engine (``conceptsvc/_speedups.pyx``) runs :meth:`match` itself and reads
-    what it needs through the public accessors below: :attr:`key_trie`, :attr:`entries`,
-    :meth:`entry_by_id` and :attr:`break_chars`.
+    what it needs through the public accessors below (:attr:`key_trie`,
+    :meth:`crossed_postings`, :attr:`break_chars`) and the module's rules
+    (:func:`posting_checks`, :func:`surface_check`): it reads a key's postings from the
+    index's arrays by their flags, without a :class:`KeyEntry`.
     """
 
     break_chars: ClassVar[frozenset[str]] = BREAK_CHARS
@@ -205,8 +242,8 @@ class ExactMatcher:
     @property
     def entries(self) -> dict[int, KeyEntry]:
         """The memo of resolved keys, key id → :class:`KeyEntry`; it only ever gains entries,
-        and a caller that probes it directly (the compiled engine) fills it through
-        :meth:`entry_by_id` on a miss."""
+        and a caller that probes it directly fills it through :meth:`entry_by_id` on a
+        miss."""
         return self._entries
 
     def entry_by_id(self, kid: int) -> KeyEntry:
@@ -376,9 +413,14 @@ def _punctuated_postings(
     return tuple(out)
 
 
+def surface_check(how: int, surface: str, string: str) -> bool:
+    """Whether the caption ``surface`` passes check ``how`` (:func:`posting_checks`) for a
+    posting of dictionary string ``string``."""
+    if how == _CHECK_UPPER:
+        return surface.isupper()
+    return same_case(surface, string)
+
+
 def check_surface(checked: tuple[tuple[Posting, int], ...], surface: str) -> tuple[Posting, ...]:
     """The postings among ``checked`` that the caption surface satisfies."""
-    upper = surface.isupper()
-    return tuple(
-        p for p, how in checked if (upper if how == _CHECK_UPPER else same_case(surface, p.string))
-    )
+    return tuple(p for p, how in checked if surface_check(how, surface, p.string))

@@ -9,7 +9,7 @@ from typing import Any
 
 from conceptsvc.abbreviations import Definition
 from conceptsvc.approximate import ApproximateMatcher
-from conceptsvc.index import Posting
+from conceptsvc.index import ConceptIndex, Posting
 from conceptsvc.matcher import ExactMatcher, Match
 from conceptsvc.model import Annotation
 from conceptsvc.negation import NegationDetector
@@ -88,6 +88,31 @@ class ProfileRunner:
         self, mentioned: list[str], text: str, norms: list[str], starts: list[int], ends: list[int]
     ) -> tuple[set[str], tuple[str, ...]]: ...
 
+class FilterPlan: ...
+
+class PostingFilter:
+    def __init__(
+        self,
+        index: ConceptIndex,
+        *,
+        posting_checks: Callable[[str], tuple[int, ...]],
+        surface_check: Callable[[int, str, str], bool],
+        max_candidates: int,
+        flag_preferred: int,
+        flag_case_sensitive: int,
+        flag_abbreviation: int,
+        posting_type: type[Posting],
+        concept_memo: dict[str, tuple[str, tuple[str, ...]]],
+    ) -> None: ...
+    def plan(
+        self,
+        tuis: frozenset[str] | None,
+        sabs: frozenset[str] | None,
+        excluded: frozenset[str],
+        profile: Profile,
+    ) -> FilterPlan: ...
+    def concept_strings(self, cui: str) -> list[str]: ...
+
 class FastPath:
     def __init__(
         self,
@@ -97,7 +122,7 @@ class FastPath:
         negation: NegationScanner,
         definitions: DefinitionFinder,
         profiles: Sequence[Profile],
-        check_surface: Callable[[tuple[tuple[Posting, int], ...], str], tuple[Posting, ...]],
+        postings: PostingFilter,
         # the extractor's own steps; ``Any`` is its private plan and candidate types
         filter_postings: Callable[[Any, Sequence[Posting]], tuple[tuple[str, Posting], ...]],
         filter_matches: Callable[[Any, list[Match]], list[Any]],

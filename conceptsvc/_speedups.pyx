@@ -8,14 +8,16 @@ runs the same steps for one caption with the interpreter out of the loop — tok
 normalising ASCII tokens, matching over a trie of token ids, caption definitions
 (Schwartz–Hearst), overlap resolution, negation scopes and profiles all in C, candidates as
 plain tuples, mentions built without their dataclass ``__init__`` — and calls back into the
-Python modules only for what is rare (normalising a non-ASCII token, a key or concept seen for
-the first time, surface case checks, ambiguous spans, approximate matching).
+Python modules only for what is rare (normalising a non-ASCII token, a key's check rules on
+first use, surface case checks, ambiguous spans, approximate matching). A key's postings are
+filtered over the index's memory-mapped arrays (:class:`PostingFilter`): no ``Posting`` object
+is built but for the concepts kept.
 
 One source of the rules: this module holds no rule constant of its own. Character sets,
 lengths, windows and tables are handed over at construction by the module that owns them
 (``normalize`` builds :class:`AsciiNormalizer` and :class:`SpanTokenizer`, ``abbreviations``
 builds :class:`DefinitionFinder`) or read through the public accessors of the object mirrored
-(``ExactMatcher.key_trie``/``entries``/``entry_by_id``/``break_chars``,
+(``ExactMatcher.key_trie``/``crossed_postings``/``break_chars``, ``matcher.posting_checks``,
 ``NegationDetector.phrase_table``/``trigger_words``/..., ``Profile.slots``/``phrase_table``);
 what an inner loop tests is copied once into C tables (:c:type:`CharSet`, the mark ranges).
 ``_speedups.pyi`` types what Python calls.
@@ -34,7 +36,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISUPPER
 
 from cpython.ref cimport Py_XDECREF, Py_XINCREF
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 
@@ -899,6 +901,531 @@ cdef list _apply_definitions(list defs, str text, list starts, list ends, list c
     return cands
 
 
+# -- a key's postings, filtered over the index's mapped arrays -----------------------------------
+
+cdef extern from "Python.h":
+    object _decode_utf8 "PyUnicode_DecodeUTF8"(const char *s, Py_ssize_t size, const char *errors)
+
+
+cdef Py_ssize_t _KEY_POSTINGS_MAX = 1 << 18  # PostingFilter.keys is emptied at this size
+
+
+cdef struct Accepted:    # a concept of a key that passes a plan's filters
+    uint32_t cid         # its number (concepts are numbered in CUI order)
+    uint32_t pid         # its best posting
+    int32_t rank         # type-preference rank (shortlist only)
+    double neg_prior     # -prior (shortlist only)
+
+
+cdef inline bint _worse(const Accepted *a, const Accepted *b) noexcept nogil:
+    """``a`` ranks after ``b`` by the shortlist's key (type rank, -prior, CUI)."""
+    if a.rank != b.rank:
+        return a.rank > b.rank
+    if a.neg_prior != b.neg_prior:
+        return a.neg_prior > b.neg_prior
+    return a.cid > b.cid
+
+
+cdef void _sift_down(Accepted **heap, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Max-heap (the worst on top) of pointers, by :func:`_worse`."""
+    cdef Py_ssize_t c
+    cdef Accepted *x = heap[k]
+    while True:
+        c = 2 * k + 1
+        if c >= n:
+            break
+        if c + 1 < n and _worse(heap[c + 1], heap[c]):
+            c += 1
+        if not _worse(heap[c], x):
+            break
+        heap[k] = heap[c]
+        k = c
+    heap[k] = x
+
+
+@cython.auto_pickle(False)
+cdef class _KeyPostings:
+    """One key's postings sorted by how they are checked (``matcher.posting_checks``): all
+    of ``[lo, hi)`` free (``all_free``), or the free ones and the checked ones (with their
+    check codes) listed."""
+    cdef uint64_t lo, hi
+    cdef bint all_free
+    cdef uint32_t *free
+    cdef Py_ssize_t n_free
+    cdef uint32_t *checked
+    cdef int8_t *how
+    cdef Py_ssize_t n_checked
+
+    def __dealloc__(self):
+        free(self.free)
+        free(self.checked)
+        free(self.how)
+
+
+@cython.auto_pickle(False)
+cdef class _Preference:
+    """A profile's type preference and priors over the index's numbers: type number → rank,
+    and the priors' concept numbers sorted, with their priors (made on first need)."""
+    cdef int32_t *rank
+    cdef int32_t worst
+    cdef object priors           # CUI → prior (the profile's)
+    cdef bint priors_ready
+    cdef uint32_t *prior_cids
+    cdef double *prior_vals
+    cdef Py_ssize_t n_priors
+
+    def __dealloc__(self):
+        free(self.rank)
+        free(self.prior_cids)
+        free(self.prior_vals)
+
+    cdef double prior(self, uint32_t cid) noexcept:
+        cdef Py_ssize_t lo = 0, hi = self.n_priors, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.prior_cids[mid] < cid:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.n_priors and self.prior_cids[lo] == cid:
+            return self.prior_vals[lo]
+        return 0.0
+
+
+@cython.auto_pickle(False)
+cdef class FilterPlan:
+    """A plan's filters over the index's numbers (``PostingFilter.plan``): accepted source
+    and semantic-type numbers (NULL: no such filter), the excluded CUIs, the profile's
+    preference."""
+    cdef uint8_t *sab_ok
+    cdef uint8_t *tui_ok
+    cdef frozenset excluded
+    cdef _Preference pref
+
+    def __dealloc__(self):
+        free(self.sab_ok)
+        free(self.tui_ok)
+
+
+@cython.auto_pickle(False)
+cdef class PostingFilter:
+    """The extractor's filtering of a key's postings (``Extractor._filter_postings``: sources,
+    semantic types, excluded CUIs, each concept's best posting, the ``MAX_CANDIDATES``
+    shortlist by type preference, prior and CUI) run in C over the index's memory-mapped
+    arrays (``ConceptIndex.posting_arrays``): no :class:`~conceptsvc.index.Posting` is built
+    but for the concepts kept, so the first use of a key with thousands of concepts costs a
+    scan of integers. ``tests/test_speedups.py`` holds it to the Python filter."""
+    cdef const uint64_t[::1] post_off
+    cdef const uint32_t[::1] post_cui
+    cdef const uint32_t[::1] post_str
+    cdef const uint16_t[::1] post_sab
+    cdef const uint8_t[::1] post_flags
+    cdef const uint16_t[::1] post_tty
+    cdef const uint32_t[::1] concept_pref
+    cdef const uint64_t[::1] cpost_off
+    cdef const uint32_t[::1] cpost
+    cdef const uint32_t[::1] sty_off
+    cdef const uint16_t[::1] sty
+    cdef const uint8_t[::1] cuis_blob
+    cdef const uint64_t[::1] cuis_off
+    cdef const uint8_t[::1] str_blob
+    cdef const uint64_t[::1] str_off
+    cdef object index
+    cdef object posting_checks, surface_check
+    cdef Py_ssize_t max_candidates
+    cdef uint8_t flag_preferred, flag_case_sensitive, flag_abbreviation
+    cdef dict keys               # key id → _KeyPostings
+    cdef dict preferences        # profile → _Preference
+    cdef Py_ssize_t n_sabs, n_tuis
+    cdef list sabs, ttys, tuis
+    cdef object Posting, tuple_new
+    cdef dict info               # the extractor's concept memo (Extractor.concept_info)
+
+    def __init__(self, index, *, posting_checks, surface_check, Py_ssize_t max_candidates,
+                 int flag_preferred, int flag_case_sensitive, int flag_abbreviation,
+                 posting_type, dict concept_memo not None):
+        a = index.posting_arrays
+        self.post_tty = a.post_tty
+        self.concept_pref = a.concept_pref
+        self.cpost_off = a.concept_post_offsets
+        self.cpost = a.concept_post
+        self.sabs = list(index.sabs)
+        self.ttys = list(index.ttys)
+        self.tuis = list(index.tuis)
+        self.Posting = posting_type
+        self.tuple_new = tuple.__new__
+        self.info = concept_memo
+        self.post_off = a.post_offsets
+        self.post_cui = a.post_cui
+        self.post_str = a.post_str
+        self.post_sab = a.post_sab
+        self.post_flags = a.post_flags
+        self.sty_off = a.concept_sty_offsets
+        self.sty = a.concept_sty
+        self.cuis_blob = a.cuis_blob
+        self.cuis_off = a.cuis_offsets
+        self.str_blob = a.strings_blob
+        self.str_off = a.strings_offsets
+        self.index = index
+        self.posting_checks = posting_checks
+        self.surface_check = surface_check
+        self.max_candidates = max_candidates
+        self.flag_preferred = flag_preferred
+        self.flag_case_sensitive = flag_case_sensitive
+        self.flag_abbreviation = flag_abbreviation
+        self.keys = {}
+        self.preferences = {}
+        self.n_sabs = len(index.sabs)
+        self.n_tuis = len(index.tuis)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef str _cui(self, uint32_t cid):
+        cdef uint64_t s = self.cuis_off[cid], e = self.cuis_off[cid + 1] - 1
+        return _decode_utf8(<const char *>&self.cuis_blob[0] + s, <Py_ssize_t>(e - s), NULL)
+
+    cdef str _string(self, uint32_t sid):
+        cdef uint64_t s = self.str_off[sid], e = self.str_off[sid + 1] - 1
+        if e == s:
+            return u""
+        return _decode_utf8(<const char *>&self.str_blob[0] + s, <Py_ssize_t>(e - s), NULL)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef bint _string_upper(self, uint32_t sid) except -1:
+        """``str.isupper()`` of dictionary string ``sid`` (ASCII in C)."""
+        cdef uint64_t k, s = self.str_off[sid], e = self.str_off[sid + 1] - 1
+        cdef uint8_t c
+        cdef bint upper = False
+        for k in range(s, e):
+            c = self.str_blob[k]
+            if c >= 0x80:
+                return self._string(sid).isupper()
+            if 0x61 <= c <= 0x7a:
+                return False
+            if 0x41 <= c <= 0x5a:
+                upper = True
+        return upper
+
+    def plan(self, tuis, sabs, excluded, profile):
+        """The filters of a plan (``extractor._Plan``'s resolved sets) over index numbers."""
+        cdef FilterPlan fp = FilterPlan.__new__(FilterPlan)
+        cdef Py_ssize_t k
+        if sabs is not None:
+            fp.sab_ok = <uint8_t *>calloc(self.n_sabs + 1, 1)
+            if fp.sab_ok is NULL:
+                raise MemoryError()
+            for k, name in enumerate(self.index.sabs):
+                fp.sab_ok[k] = name in sabs
+        if tuis is not None:
+            fp.tui_ok = <uint8_t *>calloc(self.n_tuis + 1, 1)
+            if fp.tui_ok is NULL:
+                raise MemoryError()
+            for k, name in enumerate(self.index.tuis):
+                fp.tui_ok[k] = name in tuis
+        fp.excluded = frozenset(excluded)
+        pref = self.preferences.get(profile)
+        if pref is None:
+            pref = self.preferences[profile] = self._preference(profile)
+        fp.pref = pref
+        return fp
+
+    cdef _Preference _preference(self, profile):
+        cdef _Preference p = _Preference.__new__(_Preference)
+        cdef Py_ssize_t k
+        # abbreviations.AmbiguityResolver.type_rank: a type's rank is its (last) position in
+        # the preference; types not in it, and concepts without types, rank last
+        ranks = {t: i for i, t in enumerate(profile.type_preference)}
+        p.worst = len(ranks)
+        p.rank = <int32_t *>malloc((self.n_tuis + 1) * sizeof(int32_t))
+        if p.rank is NULL:
+            raise MemoryError()
+        for k, name in enumerate(self.index.tuis):
+            p.rank[k] = ranks.get(name, p.worst)
+        p.priors = profile.priors
+        return p
+
+    cdef int _ready_priors(self, _Preference p) except -1:
+        """The priors' concept numbers, sorted (once per profile, when first needed)."""
+        pairs = sorted(
+            (cid, float(v)) for cid, v in
+            ((self.index.concept_number(c), v) for c, v in p.priors.items()) if cid >= 0
+        )
+        cdef Py_ssize_t k, n = len(pairs)
+        if p.priors_ready:  # (another thread's, while the lookups above ran Python code)
+            return 0
+        p.prior_cids = <uint32_t *>malloc((n + 1) * sizeof(uint32_t))
+        p.prior_vals = <double *>malloc((n + 1) * sizeof(double))
+        if p.prior_cids is NULL or p.prior_vals is NULL:
+            raise MemoryError()
+        for k in range(n):
+            p.prior_cids[k] = pairs[k][0]
+            p.prior_vals[k] = pairs[k][1]
+        p.n_priors = n
+        p.priors_ready = True
+        return 0
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef _KeyPostings key_postings(self, object kid, list norms, Py_ssize_t i, Py_ssize_t j):
+        """The memoised postings of key ``kid``, which tokens ``norms[i:j]`` spell."""
+        cdef PyObject *hit = PyDict_GetItem(self.keys, kid)
+        if hit is not NULL:
+            return <_KeyPostings>hit
+        cdef _KeyPostings kp = _KeyPostings.__new__(_KeyPostings)
+        cdef uint32_t k32 = <uint32_t>kid
+        kp.lo = self.post_off[k32]
+        kp.hi = self.post_off[k32 + 1]
+        cdef tuple checks = self.posting_checks(u" ".join(norms[i:j]))
+        cdef int table[8]
+        cdef int kind, h
+        cdef bint uniform = True
+        cdef uint8_t f
+        cdef uint64_t pid
+        cdef Py_ssize_t n = <Py_ssize_t>(kp.hi - kp.lo)
+        for kind in range(8):
+            table[kind] = <int>checks[kind]
+        for kind in range(8):
+            if table[kind] != 0:
+                uniform = False
+        kp.all_free = True
+        if not uniform:
+            for pid in range(kp.lo, kp.hi):
+                f = self.post_flags[pid]
+                kind = (1 if f & self.flag_case_sensitive else 0) | (
+                    2 if f & self.flag_abbreviation else 0)
+                if table[kind] != 0:
+                    kp.all_free = False
+                    break
+        if not kp.all_free:
+            kp.free = <uint32_t *>malloc((n + 1) * sizeof(uint32_t))
+            kp.checked = <uint32_t *>malloc((n + 1) * sizeof(uint32_t))
+            kp.how = <int8_t *>malloc(n + 1)
+            if kp.free is NULL or kp.checked is NULL or kp.how is NULL:
+                raise MemoryError()
+            for pid in range(kp.lo, kp.hi):
+                f = self.post_flags[pid]
+                kind = (1 if f & self.flag_case_sensitive else 0) | (
+                    2 if f & self.flag_abbreviation else 0)
+                if table[kind] != table[kind | 4] and self._string_upper(self.post_str[pid]):
+                    kind |= 4
+                h = table[kind]
+                if h == 0:
+                    kp.free[kp.n_free] = <uint32_t>pid
+                    kp.n_free += 1
+                elif h > 0:
+                    kp.checked[kp.n_checked] = <uint32_t>pid
+                    kp.how[kp.n_checked] = <int8_t>h
+                    kp.n_checked += 1
+        else:
+            kp.n_free = n
+        if len(self.keys) >= _KEY_POSTINGS_MAX:
+            self.keys.clear()
+        self.keys[kid] = kp
+        return kp
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef object surface_pairs(self, FilterPlan fp, _KeyPostings kp, str surface):
+        """The accepted (cui, posting) pairs of a key with checked postings, for a caption
+        surface; None when no posting passes the case checks (no match at all)."""
+        cdef Py_ssize_t n = kp.n_free + kp.n_checked, m = kp.n_free, k
+        cdef uint32_t *pids = <uint32_t *>malloc((n + 1) * sizeof(uint32_t))
+        cdef uint32_t sid
+        cdef dict seen = {}
+        if pids is NULL:
+            raise MemoryError()
+        try:
+            if kp.n_free:
+                memcpy(pids, kp.free, kp.n_free * sizeof(uint32_t))
+            for k in range(kp.n_checked):
+                sid = self.post_str[kp.checked[k]]
+                key = (kp.how[k], sid)
+                ok = seen.get(key)
+                if ok is None:
+                    ok = seen[key] = bool(self.surface_check(kp.how[k], surface,
+                                                             self._string(sid)))
+                if ok:
+                    pids[m] = kp.checked[k]
+                    m += 1
+            if m == 0:
+                return None
+            return self.select(fp, pids, m, 0)
+        finally:
+            free(pids)
+
+    cdef tuple key_pairs(self, FilterPlan fp, _KeyPostings kp):
+        """The accepted (cui, posting) pairs of a key without case checks."""
+        if kp.all_free:
+            return self.select(fp, NULL, <Py_ssize_t>(kp.hi - kp.lo), kp.lo)
+        return self.select(fp, kp.free, kp.n_free, 0)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef bint _accepts(self, FilterPlan fp, uint32_t cid) except -1:
+        cdef uint32_t k
+        cdef bint ok
+        if fp.tui_ok is not NULL:
+            ok = False
+            for k in range(self.sty_off[cid], self.sty_off[cid + 1]):
+                if fp.tui_ok[self.sty[k]]:
+                    ok = True
+                    break
+            if not ok:
+                return False
+        if fp.excluded and self._cui(cid) in fp.excluded:
+            return False
+        return True
+
+    cdef tuple select(self, FilterPlan fp, const uint32_t *pids, Py_ssize_t n, uint64_t lo):
+        """``Extractor._filter_postings`` over postings ``pids[:n]`` (or ``lo .. lo + n``
+        when ``pids`` is NULL), in their order."""
+        cdef Accepted *acc = <Accepted *>malloc((n + 1) * sizeof(Accepted))
+        if acc is NULL:
+            raise MemoryError()
+        try:
+            return self._select(fp, pids, n, lo, acc)
+        finally:
+            free(acc)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef tuple _select(self, FilterPlan fp, const uint32_t *pids, Py_ssize_t n, uint64_t lo,
+                       Accepted *acc):
+        cdef Py_ssize_t k, na = 0, at, m
+        cdef uint32_t pid, cid, last_cid = 0
+        cdef bint have_last = False, last_ok = False, pref
+        cdef dict where = None          # cid → position in acc, once postings come unsorted
+        cdef PyObject *hit
+        cdef uint8_t flag_pref = self.flag_preferred
+        for k in range(n):
+            pid = pids[k] if pids is not NULL else <uint32_t>(lo + k)
+            if fp.sab_ok is not NULL and not fp.sab_ok[self.post_sab[pid]]:
+                continue
+            cid = self.post_cui[pid]
+            if not (have_last and cid == last_cid):
+                have_last = True
+                last_cid = cid
+                last_ok = self._accepts(fp, cid)
+            if not last_ok:
+                continue
+            # the concept's place among those accepted: postings come in concept order (the
+            # index sorts a key's postings so), except free ones followed by checked ones
+            at = -1
+            if where is None:
+                if na and acc[na - 1].cid == cid:
+                    at = na - 1
+                elif na and cid < acc[na - 1].cid:
+                    where = {acc[m].cid: m for m in range(na)}
+            if where is not None:
+                hit = PyDict_GetItem(where, cid)
+                if hit is not NULL:
+                    at = <Py_ssize_t><object>hit
+            if at < 0:
+                acc[na].cid = cid
+                acc[na].pid = pid
+                if where is not None:
+                    where[cid] = na
+                na += 1
+            else:
+                pref = self.post_flags[pid] & flag_pref
+                if pref and not self.post_flags[acc[at].pid] & flag_pref:
+                    acc[at].pid = pid
+        cdef Py_ssize_t keep = na
+        cdef uint8_t *kept = NULL
+        cdef Accepted **heap = NULL
+        cdef _Preference pr = fp.pref
+        cdef int32_t r
+        cdef uint32_t j
+        if na > self.max_candidates:
+            if not pr.priors_ready:
+                self._ready_priors(pr)
+            keep = self.max_candidates
+            heap = <Accepted **>malloc((keep + 1) * sizeof(Accepted *))
+            kept = <uint8_t *>calloc(na + 1, 1)
+            if heap is NULL or kept is NULL:
+                free(heap)
+                free(kept)
+                raise MemoryError()
+            m = 0
+            for k in range(na):
+                cid = acc[k].cid
+                r = pr.worst
+                for j in range(self.sty_off[cid], self.sty_off[cid + 1]):
+                    if pr.rank[self.sty[j]] < r:
+                        r = pr.rank[self.sty[j]]
+                acc[k].rank = r
+                acc[k].neg_prior = -pr.prior(cid) if pr.n_priors else 0.0
+                if m < keep:
+                    heap[m] = &acc[k]
+                    m += 1
+                    if m == keep:
+                        for at in range(keep // 2 - 1, -1, -1):
+                            _sift_down(heap, keep, at)
+                elif _worse(heap[0], &acc[k]):
+                    heap[0] = &acc[k]
+                    _sift_down(heap, keep, 0)
+            for k in range(keep):
+                kept[heap[k] - acc] = 1
+            free(heap)
+        cdef list out = []
+        cdef str cui
+        cdef dict info = self.info
+        try:
+            for k in range(na):
+                if kept is not NULL and not kept[k]:
+                    continue
+                cid = acc[k].cid
+                cui = self._cui(cid)
+                out.append((cui, self._posting(cui, acc[k].pid)))
+                if PyDict_GetItem(info, cui) is NULL:
+                    # what Extractor.concept_info would read: the ranking and the mentions
+                    # ask for the concepts kept here
+                    info[cui] = (self._string(self.concept_pref[cid]), self._types(cid))
+        finally:
+            free(kept)
+        return tuple(out)
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef object _posting(self, str cui, uint32_t pid):
+        """``ConceptIndex.posting(pid)`` (its concept id already decoded)."""
+        return self.tuple_new(self.Posting, (
+            cui, self._string(self.post_str[pid]),
+            <object>PyList_GET_ITEM(self.sabs, self.post_sab[pid]),
+            <object>PyList_GET_ITEM(self.ttys, self.post_tty[pid]),
+            <int>self.post_flags[pid],
+        ))
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef tuple _types(self, uint32_t cid):
+        """``ConceptIndex.semantic_types_of(cid)``."""
+        cdef uint32_t k
+        return tuple([<object>PyList_GET_ITEM(self.tuis, self.sty[k])
+                      for k in range(self.sty_off[cid], self.sty_off[cid + 1])])
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def concept_strings(self, str cui not None):
+        """The distinct dictionary strings of a concept (``ConceptIndex.concept_postings``'
+        strings, without building the postings), in posting order; empty for a concept the
+        index does not have."""
+        cdef Py_ssize_t cid = self.index.concept_number(cui)
+        cdef list out = []
+        cdef set seen = set()
+        cdef uint64_t k
+        cdef uint32_t sid
+        if cid < 0:
+            return out
+        for k in range(self.cpost_off[cid], self.cpost_off[cid + 1]):
+            sid = self.post_str[self.cpost[k]]
+            if sid not in seen:
+                seen.add(sid)
+                out.append(self._string(sid))
+        return out
+
+
 # -- overlap resolution ------------------------------------------------------------------------
 
 cdef struct SpanRef:
@@ -1036,19 +1563,19 @@ cdef class FastPath:
 
     Built by the extractor at any index size: it matches over the index's memory-mapped token
     trie (``ExactMatcher.key_trie``) and builds nothing that grows with the index. Reads the
-    matcher through its public accessors (``key_trie``, ``entries``, ``entry_by_id``,
-    ``crossed_postings``, ``break_chars``), shares the matcher's and the
+    matcher through its public accessors (``key_trie``, ``crossed_postings``,
+    ``break_chars``), filters a key's postings with ``postings`` (:class:`PostingFilter`,
+    over the index's mapped arrays, under the plan's ``fast_filter``), shares the
     extractor's memo tables, takes its tokenisation rules from ``tokenizer`` (``normalize``'s
     :class:`SpanTokenizer`), and calls back the extractor's own steps it is handed.
     """
 
-    cdef dict entries
-    cdef object entry_by_id
     cdef CharSet breaks
     cdef dict info
     cdef _TokenTable table
     cdef _KeyTrie trie
-    cdef object check_surface, crossed_postings
+    cdef object crossed_postings
+    cdef PostingFilter postings
     cdef DefinitionFinder definitions
     cdef object filter_postings, filter_matches, disambiguate, approximate, concept_info
     cdef NegationScanner negation
@@ -1093,21 +1620,20 @@ cdef class FastPath:
 
     def __init__(self, matcher, *, SpanTokenizer tokenizer not None,
                  NegationScanner negation not None, DefinitionFinder definitions not None,
-                 profiles, check_surface, filter_postings, filter_matches, disambiguate,
+                 profiles, PostingFilter postings not None, filter_postings, filter_matches,
+                 disambiguate,
                  approximate, concept_info, dict concept_memo not None, mention_type,
                  annotation_type):
         key_trie = matcher.key_trie
         cdef _Vocab vocab = _Vocab(key_trie.token_ids, key_trie.token_dict,
                                    len(key_trie.token_ids))
-        self.entries = matcher.entries
-        self.entry_by_id = matcher.entry_by_id
         self.crossed_postings = matcher.crossed_postings
         _charset_init(&self.breaks, matcher.break_chars, "break_chars")
         self.info = concept_memo
         self.trie = _mapped_trie(key_trie, vocab)
         self.table = _TokenTable(tokenizer.table.normalize, self.trie)
         self.table.rules = tokenizer.table.rules
-        self.check_surface = check_surface
+        self.postings = postings
         self.definitions = definitions
         self.filter_postings = filter_postings
         self.filter_matches = filter_matches
@@ -1168,14 +1694,16 @@ cdef class FastPath:
         cdef Py_ssize_t n = PyList_GET_SIZE(norms), i, j, t
         cdef _KeyTrie trie = self.trie
         cdef const int32_t *node_keys = trie.node_keys
-        cdef dict entries = self.entries
+        cdef PostingFilter postings = self.postings
+        cdef FilterPlan fp = <FilterPlan?>plan.fast_filter
+        cdef _KeyPostings kp
         cdef dict memo = plan.fast_memo
         cdef list out = []
         cdef PyObject *hit
         cdef int32_t node
         cdef str surface
-        cdef object kid, e, pairs, posts, memo_key, score = 1.0
-        cdef tuple free, checked, pair
+        cdef object kid, pairs, posts, memo_key, score = 1.0
+        cdef tuple pair
         cdef bint crossed
         for i in range(n):
             if (i & 4095) == 4095:
@@ -1200,15 +1728,9 @@ cdef class FastPath:
                         for pair in self.filter_postings(plan, posts):
                             out.append((i, j, pair[0], pair[1], score))
                 elif kid is not None:
-                    hit = PyDict_GetItem(entries, kid)
-                    if hit is NULL:
-                        e = self.entry_by_id(kid)
-                    else:
-                        e = <object>hit
-                    free = <tuple>PyTuple_GET_ITEM(e, 0)
-                    checked = <tuple>PyTuple_GET_ITEM(e, 1)
+                    kp = postings.key_postings(kid, norms, i, j)
                     pairs = None
-                    if PyTuple_GET_SIZE(checked):
+                    if kp.n_checked:
                         # case checks depend on the surface only: memoised per plan under
                         # (key id, surface) (None: no posting passes, so no match at all)
                         surface = text[<Py_ssize_t>starts[i]:<Py_ssize_t>ends[j - 1]]
@@ -1217,16 +1739,16 @@ cdef class FastPath:
                         if hit is NULL:
                             if len(memo) >= _FAST_MEMO_MAX:  # surfaces are caption text:
                                 memo.clear()                 # keep the memo bounded
-                            posts = free + self.check_surface(checked, surface)
-                            if posts:
-                                pairs = self.filter_postings(plan, posts)
+                            pairs = postings.surface_pairs(fp, kp, surface)
                             memo[memo_key] = pairs
                         else:
                             pairs = <object>hit
-                    elif PyTuple_GET_SIZE(free):
+                    elif kp.n_free:
                         hit = PyDict_GetItem(memo, kid)
                         if hit is NULL:
-                            pairs = self.filter_postings(plan, free)
+                            if len(memo) >= _FAST_MEMO_MAX:
+                                memo.clear()
+                            pairs = postings.key_pairs(fp, kp)
                             memo[kid] = pairs
                         else:
                             pairs = <object>hit

@@ -41,7 +41,7 @@ key has far fewer concepts).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conceptsvc.index import ConceptIndex
@@ -238,6 +238,10 @@ class AmbiguityResolver:
 
     ``tokenize`` splits dictionary strings into normalised tokens (default: the compiled
     tokeniser when it is built; the reference engine passes ``normalize.tokenize_spans_py``).
+    ``concept_strings``, when given, returns a concept's distinct dictionary strings (the
+    compiled engine reads them from the index's arrays, ``PostingFilter.concept_strings``,
+    without building its postings); by default they are read from
+    ``index.concept_postings``.
     """
 
     def __init__(
@@ -247,9 +251,11 @@ class AmbiguityResolver:
         type_preference: Sequence[str] = (),
         priors: Mapping[str, float] | None = None,
         tokenize: Callable[[str], tuple[list[str], list[int], list[int]]] = tokenize_spans,
+        concept_strings: Callable[[str], Iterable[str]] | None = None,
     ) -> None:
         self._index = index
         self._tokenize = tokenize
+        self._concept_strings = concept_strings
         self._type_rank = {t: i for i, t in enumerate(type_preference)}
         self._priors = dict(priors or {})
         self._vocab: dict[str, frozenset[str]] = {}
@@ -259,8 +265,13 @@ class AmbiguityResolver:
         v = self._vocab.get(cui)
         if v is None:
             words: set[str] = set()
-            for p in self._index.concept_postings(cui):
-                words.update(self._tokenize(p.string)[0])
+            strings: Iterable[str] = (
+                (p.string for p in self._index.concept_postings(cui))
+                if self._concept_strings is None
+                else self._concept_strings(cui)
+            )
+            for s in strings:
+                words.update(self._tokenize(s)[0])
             v = self._vocab[cui] = frozenset(words - STOPWORDS)
         return v
 

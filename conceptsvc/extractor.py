@@ -69,8 +69,14 @@ from conceptsvc.abbreviations import (
 )
 from conceptsvc.approximate import APPROX, ApproximateMatcher
 from conceptsvc.errors import ExtractionError, SemanticNetworkError
-from conceptsvc.index import FLAG_PREFERRED, ConceptIndex, Posting
-from conceptsvc.matcher import ExactMatcher, Match, check_surface
+from conceptsvc.index import (
+    FLAG_ABBREVIATION,
+    FLAG_CASE_SENSITIVE,
+    FLAG_PREFERRED,
+    ConceptIndex,
+    Posting,
+)
+from conceptsvc.matcher import ExactMatcher, Match, posting_checks, surface_check
 from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention, batch_items
 from conceptsvc.negation import Category, NegationDetector, mention_context
 from conceptsvc.normalize import (
@@ -85,7 +91,7 @@ from conceptsvc.profile import Profile, available_profiles, load_profile
 from conceptsvc.semantic_network import load_semantic_network
 
 if TYPE_CHECKING:
-    from conceptsvc._speedups import FastPath
+    from conceptsvc._speedups import FastPath, PostingFilter
 
 __all__ = [
     "ENGINES",
@@ -239,6 +245,8 @@ class _Plan:
     # the compiled path's memo: key id, or (key id, surface) for keys whose postings need a
     # case check → accepted (cui, posting) pairs, or None when no posting passes the check
     fast_memo: dict[Any, tuple[tuple[str, Posting], ...] | None]
+    # the compiled path's filters over the index's numbers (_speedups.FilterPlan), or None
+    fast_filter: Any
 
 
 def _plan_weight(options: ExtractOptions, plan: _Plan) -> int:
@@ -314,19 +322,32 @@ class Extractor:
         # (options object, its plan) of the previous request: batches reuse one options
         # object, and an identity check is cheaper than hashing an 11-field dataclass.
         self._last: tuple[ExtractOptions | None, _Plan | None] = (None, None)
-        self.check_options(self.default_options)
         # The compiled hot path (conceptsvc/_speedups.pyx) runs the same pipeline; see
         # extract(). It gets the stages' rules from their public accessors, and this class's
         # own steps that it calls back (filtering, ambiguity, approximate matching) here.
         self._fast: FastPath | None = None
+        # the compiled filtering of a key's postings (and the resolver's concept strings) over
+        # the index's mapped arrays; every plan gets its filters when it is made
+        self._postings: PostingFilter | None = None
         if compiled:
+            self._postings = SPEEDUPS.PostingFilter(
+                index,
+                posting_checks=posting_checks,
+                surface_check=surface_check,
+                max_candidates=MAX_CANDIDATES,
+                flag_preferred=FLAG_PREFERRED,
+                flag_case_sensitive=FLAG_CASE_SENSITIVE,
+                flag_abbreviation=FLAG_ABBREVIATION,
+                posting_type=Posting,
+                concept_memo=self._info,
+            )
             self._fast = SPEEDUPS.FastPath(
                 self._exact,
                 tokenizer=tokenize_spans,
                 negation=SPEEDUPS.NegationScanner(self._negation),
                 definitions=fast_find_definitions,
                 profiles=[load_profile(name) for name in available_profiles()],
-                check_surface=check_surface,
+                postings=self._postings,
                 filter_postings=self._filter_postings,
                 filter_matches=self._filter,
                 disambiguate=self._disambiguate,
@@ -336,6 +357,7 @@ class Extractor:
                 mention_type=Mention,
                 annotation_type=Annotation,
             )
+        self.check_options(self.default_options)
 
     # -- options -----------------------------------------------------------------------------
     def profiles(self) -> list[str]:
@@ -384,21 +406,31 @@ class Extractor:
                 type_preference=profile.type_preference,
                 priors=profile.priors,
                 tokenize=self._tokenize,
+                concept_strings=(
+                    None if self._postings is None else self._postings.concept_strings
+                ),
             )
+        tui_set = frozenset(tuis) if (o.semantic_types or o.semantic_groups) else None
+        sab_set = frozenset(o.sources) if o.sources else None
+        excluded = frozenset(o.exclude_cuis)
         plan = _Plan(
             options=o,
             include_hypothetical=(
                 profile.include_hypothetical if o.include_hypothetical is None
                 else o.include_hypothetical
             ),
-            tuis=frozenset(tuis) if (o.semantic_types or o.semantic_groups) else None,
-            sabs=frozenset(o.sources) if o.sources else None,
-            excluded=frozenset(o.exclude_cuis),
+            tuis=tui_set,
+            sabs=sab_set,
+            excluded=excluded,
             profile=profile,
             resolver=resolver,
             accept={},
             filtered={},
             fast_memo={},
+            fast_filter=(
+                None if self._postings is None
+                else self._postings.plan(tui_set, sab_set, excluded, profile)
+            ),
         )
         self._plans.put(options, plan)
         return plan

@@ -51,7 +51,7 @@ from conceptsvc.embedded import DEMO_META, demo_index
 from conceptsvc.errors import ExtractionError
 from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import Extractor
-from conceptsvc.index import FLAG_ABBREVIATION, ConceptIndex, IndexBuilder
+from conceptsvc.index import FLAG_ABBREVIATION, FLAG_CASE_SENSITIVE, ConceptIndex, IndexBuilder
 from conceptsvc.matcher import ExactMatcher
 from conceptsvc.model import SIMILARITIES, Annotation, ExtractOptions
 from conceptsvc.negation import (
@@ -700,6 +700,173 @@ def test_speedups_large_index_ambiguity_is_bounded(large_engines: Engines) -> No
     got = large_engines.fast.extract(text, ExtractOptions(overlap="all"))
     on_word = {m.cui for m in got.mentions if m.text == word}
     assert on_word and on_word <= {c for c, _ in pairs}
+
+
+# -- 3c. keys with hundreds of concepts: the compiled posting filter (issue 13) ----------------
+
+AMBIGUOUS_TUIS = ("T047", "T033", "T023", "T060", "T121", "T061", "T029", "T080")
+PRIOR_CUIS = sorted(load_profile("rocov2").priors)[:12]
+
+
+def _syn(k: int) -> str:
+    """Synthetic concept ``k`` of the ambiguous index: CUIs below every real one's."""
+    return f"C00{k:05d}"
+
+
+def build_ambiguous_index(demo: ConceptIndex, out: Path) -> Path:
+    """The demo dictionary plus keys with hundreds of concepts, built to reach every branch
+    of the compiled filter: "left" (free postings; two sources; a preferred-name posting after
+    another one of the same concept; real concepts with ROCOv2 priors among them), "CT"/"ct"
+    (a short key: abbreviations, capitals, case-sensitive strings and rejected ones),
+    "mass" (free postings, and case-sensitive ones of other concepts before them in CUI
+    order, so a surface's postings come out of concept order) and "of" (a stopword with
+    case-sensitive strings). The synthetic CUIs sort before the real ones, and twelve real
+    concepts with ROCOv2 priors are retyped to the type at which "left"'s shortlist is cut:
+    without priors they lose on CUI order, with ROCOv2's they are kept."""
+    b = IndexBuilder(source_release="ambiguous-test-index")
+    for cui in demo.cuis:
+        name, types = demo.name_and_types(cui) or (cui, ())
+        b.set_concept(cui, preferred_name=name, semantic_types=types)
+    for kid in range(demo.n_keys):
+        for p in demo.postings_of(kid):
+            b.add_term(p.cui, p.string, sab=p.sab, tty=p.tty, flags=p.flags)
+    for k, cui in enumerate(PRIOR_CUIS):
+        b.set_concept(cui, preferred_name=demo.name_and_types(cui)[0],  # type: ignore[index]
+                      semantic_types=("T061",))
+        b.add_term(cui, "left" if k % 2 else "Left", sab="SYNTHA", tty="SY")
+    for k in range(400):
+        cui = _syn(k)
+        assert cui not in demo
+        types = (AMBIGUOUS_TUIS[k % 8],) if k % 5 else (AMBIGUOUS_TUIS[k % 8], "T033")
+        b.set_concept(cui, preferred_name=f"left thing {k}" if k % 3 else "left",
+                      semantic_types=types if k % 17 else ())
+        if k < 300:
+            b.add_term(cui, "LEFT", sab="SYNTHA", tty="SY")
+            if k % 4 == 0:
+                b.add_term(cui, "left", sab="SYNTHB", tty="PT")
+        elif k < 340:
+            b.add_term(cui, "CT", sab="SYNTHA" if k % 2 else "SYNTHB", tty="AB",
+                       flags=FLAG_ABBREVIATION)
+        elif k < 360:
+            b.add_term(cui, "Ct", sab="SYNTHB", tty="SY", flags=FLAG_CASE_SENSITIVE)
+            b.add_term(cui, "ct", sab="SYNTHA", tty="SY")  # no evidence: never matched
+        elif k < 380:
+            b.add_term(cui, "MASS", sab="SYNTHA", tty="SY", flags=FLAG_CASE_SENSITIVE)
+            b.add_term(cui, "OF", sab="SYNTHB", tty="AB", flags=FLAG_CASE_SENSITIVE)
+        else:
+            b.add_term(cui, "Mass", sab="SYNTHB", tty="SY")
+            b.add_term(cui, "Mass", sab="SYNTHA", tty="SY")
+        b.add_term(cui, f"left thing {k}", sab="SYNTHA", tty="PT")
+    for k in range(340, 400, 3):  # concepts with both kinds of "mass" postings
+        b.add_term(_syn(k), "MaSS", sab="SYNTHB", tty="SY", flags=FLAG_CASE_SENSITIVE)
+    return b.write(out)
+
+
+@pytest.fixture(scope="module")
+def ambiguous_engines(demo: ConceptIndex, tmp_path_factory: pytest.TempPathFactory) -> Engines:
+    path = build_ambiguous_index(demo, tmp_path_factory.mktemp("ambiguous") / "index")
+    return Engines(ConceptIndex.load(path))
+
+
+AMBIGUOUS_CAPTIONS = [
+    "Chest CT of the left lung: mass in the LEFT lower lobe (arrow).",
+    "Ct scan OF the Left hip shows a Mass; MASS effect on the left thing 7.",
+    "Axial CT: MaSS near the left kidney, ct of the abdomen, CT again.",
+    "Left thing 12 and left thing 301 (CT) computed tomography, MASS OF LEFT.",
+    "left left LEFT Left: mass, Mass, MASS, MaSS, ct, Ct, CT, of, OF.",
+]
+AMBIGUOUS_OPTIONS: list[ExtractOptions | None] = [
+    None,
+    ExtractOptions(profile="rocov2"),
+    ExtractOptions(overlap="all"),
+    ExtractOptions(overlap="all", profile="rocov2", include_negated=False),
+    ExtractOptions(semantic_types=("T047", "T033"), overlap="all"),
+    ExtractOptions(semantic_types=("T080",), profile="rocov2", overlap="all"),
+    ExtractOptions(semantic_groups=("PROC",), overlap="all"),
+    ExtractOptions(sources=("SYNTHB",), overlap="all"),
+    ExtractOptions(sources=("SYNTHA", "CSVRAD"), semantic_types=("T060", "T061"),
+                   overlap="all"),
+    ExtractOptions(exclude_cuis=tuple(_syn(k) for k in range(0, 400, 2)), overlap="all"),
+    ExtractOptions(exclude_cuis=(_syn(3), _syn(305), _syn(342), PRIOR_CUIS[1], "C0040405"),
+                   profile="rocov2", overlap="all"),
+]
+
+
+@pytest.mark.parametrize("options", AMBIGUOUS_OPTIONS, ids=_id)
+def test_speedups_keys_with_hundreds_of_concepts_equal_reference(
+    ambiguous_engines: Engines, sample: Items, options: ExtractOptions | None
+) -> None:
+    # The compiled filter (sources, types, exclusions, best posting, the 64-concept shortlist
+    # by type preference, prior and CUI) over the index's arrays gives the Python filter's
+    # candidates, whatever the options; fresh extractors, so every key is met for the first
+    # time under these options
+    engines = Engines(ambiguous_engines.index)
+    items = [(f"a{k}", t) for k, t in enumerate(AMBIGUOUS_CAPTIONS)] + sample[::7]
+    bad = engines.differences(items, options)
+    assert not bad, summary(bad, len(items))
+
+
+def test_speedups_keys_with_hundreds_of_concepts_are_shortlisted(
+    ambiguous_engines: Engines,
+) -> None:
+    # "left" is far above the ranking bound; the shortlist (type preference, prior, CUI) is the
+    # Python filter's in both engines, and priors decide it where types tie
+    index = ambiguous_engines.index
+    assert len({p.cui for p in index.postings("left")}) > 3 * abbreviations.MAX_CANDIDATES
+    ex = Extractor(index, engine="compiled")
+    kept = {}
+    for profile in ("none", "rocov2"):
+        options = ExtractOptions(overlap="all", profile=profile)
+        plan = ex._plan(options)
+        pairs = ex._filter_postings(plan, index.postings("left"))
+        assert len(pairs) == abbreviations.MAX_CANDIDATES
+        kept[profile] = {c for c, _ in pairs}
+        got = ex.extract("left", options)
+        assert {m.cui for m in got.mentions} <= kept[profile]
+        ambiguous_engines.check("left", options)
+    assert ex.extract("left", ExtractOptions(overlap="all")).mentions
+    assert set(PRIOR_CUIS) <= kept["rocov2"]
+    assert not set(PRIOR_CUIS) & kept["none"]
+
+
+def test_speedups_compiled_filter_builds_no_posting_per_posting(
+    ambiguous_engines: Engines,
+) -> None:
+    # First use of a key with hundreds of postings reads them in place: the matcher's
+    # per-key entries (a Posting per posting) stay empty, and the postings built are those
+    # of the concepts kept (at most MAX_CANDIDATES per key), not one per posting.
+    index = ambiguous_engines.index
+    ex = Extractor(index, engine="compiled")
+    built = 0
+    real = index.posting
+
+    def counting(i: int) -> Any:
+        nonlocal built
+        built += 1
+        return real(i)
+
+    index.posting = counting  # type: ignore[method-assign]
+    try:
+        got = ex.extract("left and LEFT; mass, MASS and CT", ExtractOptions(overlap="all"))
+    finally:
+        del index.posting
+    assert got.mentions
+    assert not ex._exact.entries
+    n_left = len(index.postings("left"))
+    assert built == 0 and n_left > 300
+    assert ex._rankings  # (the ambiguous spans were ranked)
+
+
+def test_speedups_concept_strings_equal_the_postings_strings(
+    ambiguous_engines: Engines,
+) -> None:
+    index = ambiguous_engines.index
+    postings = ambiguous_engines.fast._postings
+    assert postings is not None
+    for cui in [*list(index.cuis)[::7], _syn(1), _syn(399), *PRIOR_CUIS]:
+        want = list(dict.fromkeys(p.string for p in index.concept_postings(cui)))
+        assert postings.concept_strings(cui) == want, cui
+    assert postings.concept_strings("C9999999") == []
 
 
 def test_speedups_every_code_point_through_the_pipeline(engine_engines: Engines) -> None:

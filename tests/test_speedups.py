@@ -706,6 +706,7 @@ def test_speedups_large_index_ambiguity_is_bounded(large_engines: Engines) -> No
 
 AMBIGUOUS_TUIS = ("T047", "T033", "T023", "T060", "T121", "T061", "T029", "T080")
 PRIOR_CUIS = sorted(load_profile("rocov2").priors)[:12]
+MASS_BOTH = range(340, 400, 3)
 
 
 def _syn(k: int) -> str:
@@ -738,12 +739,16 @@ def build_ambiguous_index(demo: ConceptIndex, out: Path) -> Path:
         cui = _syn(k)
         assert cui not in demo
         types = (AMBIGUOUS_TUIS[k % 8],) if k % 5 else (AMBIGUOUS_TUIS[k % 8], "T033")
-        b.set_concept(cui, preferred_name=f"left thing {k}" if k % 3 else "left",
-                      semantic_types=types if k % 17 else ())
+        if k in MASS_BOTH:
+            types = ("T080",)  # (so that "MaSS" under a T080 filter is a tie of all of them)
+        # (some: a preferred name after another string of the key in posting order)
+        pref = "Left." if k % 40 == 20 else f"left thing {k}" if k % 3 else "left"
+        b.set_concept(cui, preferred_name=pref,
+                      semantic_types=types if k % 17 or k in MASS_BOTH else ())
         if k < 300:
             b.add_term(cui, "LEFT", sab="SYNTHA", tty="SY")
             if k % 4 == 0:
-                b.add_term(cui, "left", sab="SYNTHB", tty="PT")
+                b.add_term(cui, pref if pref == "Left." else "left", sab="SYNTHB", tty="PT")
         elif k < 340:
             b.add_term(cui, "CT", sab="SYNTHA" if k % 2 else "SYNTHB", tty="AB",
                        flags=FLAG_ABBREVIATION)
@@ -757,7 +762,7 @@ def build_ambiguous_index(demo: ConceptIndex, out: Path) -> Path:
             b.add_term(cui, "Mass", sab="SYNTHB", tty="SY")
             b.add_term(cui, "Mass", sab="SYNTHA", tty="SY")
         b.add_term(cui, f"left thing {k}", sab="SYNTHA", tty="PT")
-    for k in range(340, 400, 3):  # concepts with both kinds of "mass" postings
+    for k in MASS_BOTH:  # (those from 380 on have both kinds of "mass" postings)
         b.add_term(_syn(k), "MaSS", sab="SYNTHB", tty="SY", flags=FLAG_CASE_SENSITIVE)
     return b.write(out)
 
@@ -774,6 +779,8 @@ AMBIGUOUS_CAPTIONS = [
     "Axial CT: MaSS near the left kidney, ct of the abdomen, CT again.",
     "Left thing 12 and left thing 301 (CT) computed tomography, MASS OF LEFT.",
     "left left LEFT Left: mass, Mass, MASS, MaSS, ct, Ct, CT, of, OF.",
+    "The left.",
+    "MaSS.",
 ]
 AMBIGUOUS_OPTIONS: list[ExtractOptions | None] = [
     None,
@@ -782,6 +789,8 @@ AMBIGUOUS_OPTIONS: list[ExtractOptions | None] = [
     ExtractOptions(overlap="all", profile="rocov2", include_negated=False),
     ExtractOptions(semantic_types=("T047", "T033"), overlap="all"),
     ExtractOptions(semantic_types=("T080",), profile="rocov2", overlap="all"),
+    ExtractOptions(semantic_types=("T121",), overlap="all"),
+    ExtractOptions(semantic_types=("T080",), overlap="all"),
     ExtractOptions(semantic_groups=("PROC",), overlap="all"),
     ExtractOptions(sources=("SYNTHB",), overlap="all"),
     ExtractOptions(sources=("SYNTHA", "CSVRAD"), semantic_types=("T060", "T061"),

@@ -34,14 +34,16 @@ Two implementations, one behaviour: this module and the stage modules are the re
 plain Python; ``conceptsvc/_speedups.pyx`` (Cython, built by ``make install``) runs the same
 pipeline per caption with the interpreter out of the loop — a token table keyed by the
 caption's code points, the index's memory-mapped token trie (built by the index build, at
-any index size), negation, profiles and
-caption definitions in C — and calls back into these modules for whatever is rare (a token or
-key seen for the first time, ambiguous spans). Approximate matching's windows and trigram
-search run in a second extension, ``conceptsvc/_approx.pyx``, over the index's mapped trigram
-lists (reference: :mod:`conceptsvc.approximate`), in every engine but ``"reference"``. Its
-rules are these modules': each stage hands over its constants and tables, or exposes them
-through public accessors (``ExactMatcher.key_trie``, ``NegationDetector.phrase_table``,
-``Profile.slots``, ...).
+any index size), filtering a key's postings over the index's mapped arrays (sources, types,
+exclusions and the ``MAX_CANDIDATES`` shortlist, under each plan's ``fast_filter``),
+negation, profiles and caption definitions in C — and calls back into these modules for
+whatever is rare (a token seen for the first time, a key's case rules, ambiguous spans).
+Approximate matching's windows and trigram search run in a second extension,
+``conceptsvc/_approx.pyx``, over the index's mapped trigram lists (reference:
+:mod:`conceptsvc.approximate`), in every engine but ``"reference"``. Its rules are these
+modules': each stage hands over its constants and tables, or exposes them through public
+accessors (``ExactMatcher.key_trie``, ``NegationDetector.phrase_table``, ``Profile.slots``,
+``matcher.posting_checks``, ...).
 ``Extractor(index, engine=...)`` chooses: ``"compiled"``, ``"reference"`` (no compiled code at
 all), or ``"auto"`` — the compiled engine whenever the extension is built (and not switched off
 with ``CONCEPTSVC_PURE_PYTHON=1``).

@@ -908,6 +908,7 @@ cdef extern from "Python.h":
 
 
 cdef Py_ssize_t _KEY_POSTINGS_MAX = 1 << 18  # PostingFilter.keys is emptied at this size
+cdef Py_ssize_t _CIDS_MAX = 1 << 20  # and PostingFilter.cids at this one
 
 
 cdef struct Accepted:    # a concept of a key that passes a plan's filters
@@ -1040,6 +1041,7 @@ cdef class PostingFilter:
     cdef list sabs, ttys, tuis
     cdef object Posting, tuple_new
     cdef dict info               # the extractor's concept memo (Extractor.concept_info)
+    cdef dict cids               # CUI → concept number, of the concepts kept (concept_strings)
 
     def __init__(self, index, *, posting_checks, surface_check, Py_ssize_t max_candidates,
                  int flag_preferred, int flag_case_sensitive, int flag_abbreviation,
@@ -1055,6 +1057,7 @@ cdef class PostingFilter:
         self.Posting = posting_type
         self.tuple_new = tuple.__new__
         self.info = concept_memo
+        self.cids = {}
         self.post_off = a.post_offsets
         self.post_cui = a.post_cui
         self.post_str = a.post_str
@@ -1378,6 +1381,10 @@ cdef class PostingFilter:
                 cid = acc[k].cid
                 cui = self._cui(cid)
                 out.append((cui, self._posting(cui, acc[k].pid)))
+                if PyDict_GetItem(self.cids, cui) is NULL:
+                    if len(self.cids) >= _CIDS_MAX:
+                        self.cids.clear()
+                    self.cids[cui] = cid
                 if PyDict_GetItem(info, cui) is NULL:
                     # what Extractor.concept_info would read: the ranking and the mentions
                     # ask for the concepts kept here
@@ -1411,7 +1418,10 @@ cdef class PostingFilter:
         """The distinct dictionary strings of a concept (``ConceptIndex.concept_postings``'
         strings, without building the postings), in posting order; empty for a concept the
         index does not have."""
-        cdef Py_ssize_t cid = self.index.concept_number(cui)
+        # (the concepts ranked are ones a key's filtering kept: their numbers are known)
+        cdef PyObject *hit = PyDict_GetItem(self.cids, cui)
+        cdef Py_ssize_t cid = (<object>hit if hit is not NULL
+                               else self.index.concept_number(cui))
         cdef list out = []
         cdef set seen = set()
         cdef uint64_t k

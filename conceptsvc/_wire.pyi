@@ -1,8 +1,8 @@
-# Types of the compiled annotation wire writer (conceptsvc/_wire.pyx); see its docstring.
-from collections.abc import Sequence
+# Types of the compiled wire writer and readers (conceptsvc/_wire.pyx); see its docstring.
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from conceptsvc.model import Annotation
+from conceptsvc.model import Annotation, StreamResult
 
 class AnnotationWriter:
     def __init__(
@@ -25,3 +25,13 @@ class BatchReader:
     ) -> None: ...
     def read(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...
     def read_json(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...
+
+class ResultReader:
+    def __init__(
+        self, mention_type: type, annotation_type: type, result_type: type,
+        mention_slots: Sequence[tuple[str, int, int, object]], annotation_slots: tuple[str, ...],
+        result_slots: tuple[str, ...], numbers: tuple[int, ...],
+        on_error: Callable[[bytes], StreamResult],
+    ) -> None: ...
+    def read(self, data: bytes) -> list[StreamResult]: ...
+    def read_one(self, data: bytes) -> StreamResult: ...

@@ -18,12 +18,17 @@ purpose: the matcher changes often, this does not.
 The bytes are protobuf's canonical encoding (fields in number order, proto3 defaults left
 out), so they equal ``annotation_to_pb(a).SerializeToString()``. Doubles are written in the
 machine's byte order, which must be little-endian as protobuf's is (checked at import).
+
+The other direction, for the clients: ``BatchReader`` reads AnnotateBatch replies into the
+journal's JSON form (``conceptsvc annotate``), ``ResultReader`` into the domain objects
+``ConceptClient`` returns; parsing them with protobuf and converting each message field by field
+cost the client more CPU a caption than the server spent on it.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -502,6 +507,233 @@ cdef class BatchReader:
         """:meth:`read`, with each answer as its JSON text (UTF-8 bytes) rather than the dict:
         what the journal writes, without the dict or ``json.dumps`` in between."""
         return self._read(data, True)
+
+
+cdef extern from *:
+    """
+    /* Set one __slots__ field through its member descriptor: what object.__setattr__ does for
+       a frozen dataclass, without the attribute lookup (as _speedups does for the engine's). */
+    static int __w_set_slot(PyObject *descr, PyObject *obj, PyObject *value) {
+        return Py_TYPE(descr)->tp_descr_set(descr, obj, value);
+    }
+    """
+    int _set_slot "__w_set_slot"(object descr, object obj, object value) except -1
+
+
+cdef class ResultReader:
+    """Reads AnnotateBatchResponse bytes (or one AnnotateResponse's) straight into the
+    client's domain objects — :class:`~conceptsvc.model.StreamResult` holding an
+    :class:`~conceptsvc.model.Annotation` of :class:`~conceptsvc.model.Mention` s — for
+    ``ConceptClient``; see ``wire.result_reader``, which hands over the layout, and
+    ``wire.ResultReaderPy``, the reference (protobuf, then ``wire.stream_result_from_pb``).
+
+    The frozen dataclasses are filled through their slot descriptors, as the compiled engine
+    fills them. A failed item (a status with a non-zero code) is rare and goes to
+    ``on_error`` with its bytes. The index hash, the same in every item of a reply, is decoded
+    once and shared."""
+
+    cdef object new
+    cdef object Mention, Annotation, StreamResult
+    cdef tuple m_slots  # by slot: Mention's member descriptor
+    cdef int n_slots
+    cdef int slot_of[MAX_NUMBER]
+    cdef int kinds[MAX_NUMBER]  # by slot
+    cdef list defaults  # by slot, for a field absent (or an empty string)
+    cdef tuple a_slots  # Annotation's id, mentions, concepts
+    cdef tuple r_slots  # StreamResult's id, annotation, error, cached, index_hash
+    cdef object on_error
+    cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
+    cdef str last_hash
+
+    def __init__(self, mention_type, annotation_type, result_type, mention_slots,
+                 tuple annotation_slots, tuple result_slots, tuple numbers, on_error):
+        """``mention_slots``: ``(slot name, field number, kind, default)`` for every slot of
+        ``mention_type``; ``annotation_slots``: the names of Annotation's id, mentions and
+        concepts slots; ``result_slots``: StreamResult's id, annotation, error, cached and
+        index_hash; ``numbers``: as ``BatchReader``'s."""
+        cdef int i
+        slots = list(mention_slots)
+        if sorted(name for name, _, _, _ in slots) != sorted(mention_type.__slots__):
+            raise ValueError("mention_slots must name every slot of the mention type once")
+        if len(annotation_slots) != 3 or len(result_slots) != 5:
+            raise ValueError("annotation_slots: 3 names; result_slots: 5 names")
+        for i in range(MAX_NUMBER):
+            self.slot_of[i] = -1
+        self.defaults = []
+        descriptors = []
+        for i, (name, number, kind, default) in enumerate(slots):
+            if not 0 < number < MAX_NUMBER:
+                raise ValueError(f"field number {number} of {name} is out of range")
+            if kind not in (K_STRING, K_VARINT, K_DOUBLE, K_BOOL, K_STRINGS):
+                raise ValueError(f"unknown wire kind {kind!r} for {name}")
+            self.slot_of[number] = i
+            self.kinds[i] = kind
+            self.defaults.append(tuple(default) if kind == K_STRINGS else default)
+            descriptors.append(mention_type.__dict__[name])
+        self.n_slots = len(slots)
+        self.m_slots = tuple(descriptors)
+        self.a_slots = tuple(annotation_type.__dict__[name] for name in annotation_slots)
+        self.r_slots = tuple(result_type.__dict__[name] for name in result_slots)
+        self.Mention = mention_type
+        self.Annotation = annotation_type
+        self.StreamResult = result_type
+        self.new = object.__new__
+        self.on_error = on_error
+        (self.f_items, self.f_id, self.f_mentions, self.f_concepts, self.f_status,
+         self.f_code, self.f_cached, self.f_hash) = numbers
+        self.last_hash = None
+
+    cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        cdef Py_ssize_t pos = start
+        cdef uint64_t key, size, bits
+        cdef int number, wt, slot, kind, i
+        cdef double dv
+        cdef tuple d = self.m_slots
+        values = [None] * self.n_slots
+        while pos < end:
+            key = _read_varint(p, end, &pos)
+            number = <int>(key >> 3)
+            wt = <int>(key & 7)
+            slot = self.slot_of[number] if 0 < number < MAX_NUMBER else -1
+            if slot < 0:
+                pos = _skip(p, end, pos, wt)
+                continue
+            kind = self.kinds[slot]
+            if kind == K_STRING or kind == K_STRINGS:
+                if wt != 2:
+                    raise ValueError("a string field with another wire type")
+                size = _read_varint(p, end, &pos)
+                if pos + <Py_ssize_t>size > end:
+                    raise ValueError("truncated string")
+                s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                pos += <Py_ssize_t>size
+                if kind == K_STRING:
+                    values[slot] = s
+                elif values[slot] is None:
+                    values[slot] = [s]
+                else:
+                    values[slot].append(s)
+            elif kind == K_DOUBLE:
+                if wt != 1 or pos + 8 > end:
+                    raise ValueError("a bad double field")
+                memcpy(&dv, p + pos, 8)
+                pos += 8
+                values[slot] = dv
+            else:
+                if wt != 0:
+                    raise ValueError("a varint field with another wire type")
+                bits = _read_varint(p, end, &pos)
+                if kind == K_BOOL:
+                    values[slot] = bits != 0
+                else:
+                    values[slot] = <int64_t>bits
+        m = self.new(self.Mention)
+        for i in range(self.n_slots):
+            v = values[i]
+            if v is None or (self.kinds[i] == K_STRING and not v):
+                v = self.defaults[i]
+            elif self.kinds[i] == K_STRINGS:
+                v = tuple(v)
+            _set_slot(d[i], m, v)
+        return m
+
+    cdef str _hash(self, const unsigned char* p, Py_ssize_t size):
+        """The index hash at ``p``: the last one read when the bytes are the same."""
+        cdef Py_ssize_t n
+        cdef const char* c
+        last = self.last_hash
+        if last is not None:
+            c = PyUnicode_AsUTF8AndSize(last, &n)
+            if n == size and memcmp(c, p, size) == 0:
+                return last
+        s = PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
+        self.last_hash = s
+        return s
+
+    cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
+                      Py_ssize_t end):
+        cdef Py_ssize_t pos = start, sub_end, spos
+        cdef uint64_t key, size, code = 0
+        cdef int number, wt
+        cdef bint cached = False
+        cdef tuple d
+        rid = ""
+        ix = ""
+        mentions = []
+        concepts = []
+        while pos < end:
+            key = _read_varint(p, end, &pos)
+            number = <int>(key >> 3)
+            wt = <int>(key & 7)
+            if wt == 2 and (number == self.f_id or number == self.f_mentions
+                            or number == self.f_concepts or number == self.f_status
+                            or number == self.f_hash):
+                size = _read_varint(p, end, &pos)
+                sub_end = pos + <Py_ssize_t>size
+                if sub_end > end:
+                    raise ValueError("truncated field")
+                if number == self.f_mentions:
+                    mentions.append(self._mention(p, pos, sub_end))
+                elif number == self.f_status:
+                    spos = pos
+                    while spos < sub_end:
+                        key = _read_varint(p, sub_end, &spos)
+                        if <int>(key >> 3) == self.f_code and (key & 7) == 0:
+                            code = _read_varint(p, sub_end, &spos)
+                        else:
+                            spos = _skip(p, sub_end, spos, <int>(key & 7))
+                elif number == self.f_hash:
+                    ix = self._hash(p + pos, <Py_ssize_t>size)
+                else:
+                    s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                    if number == self.f_id:
+                        rid = s
+                    else:
+                        concepts.append(s)
+                pos = sub_end
+            elif wt == 0 and number == self.f_cached:
+                cached = _read_varint(p, end, &pos) != 0
+            else:
+                pos = _skip(p, end, pos, wt)
+        if code:
+            return self.on_error(data[start:end])
+        d = self.a_slots
+        a = self.new(self.Annotation)
+        _set_slot(d[0], a, rid)
+        _set_slot(d[1], a, tuple(mentions))
+        _set_slot(d[2], a, tuple(concepts))
+        d = self.r_slots
+        r = self.new(self.StreamResult)
+        _set_slot(d[0], r, rid)
+        _set_slot(d[1], r, a)
+        _set_slot(d[2], r, None)
+        _set_slot(d[3], r, cached)
+        _set_slot(d[4], r, ix)
+        return r
+
+    def read(self, bytes data):
+        """One StreamResult per item of an AnnotateBatchResponse, in order."""
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
+        cdef uint64_t key, size
+        out = []
+        while pos < n:
+            key = _read_varint(p, n, &pos)
+            if <int>(key >> 3) == self.f_items and (key & 7) == 2:
+                size = _read_varint(p, n, &pos)
+                sub_end = pos + <Py_ssize_t>size
+                if sub_end > n:
+                    raise ValueError("truncated item")
+                out.append(self._item(data, p, pos, sub_end))
+                pos = sub_end
+            else:
+                pos = _skip(p, n, pos, <int>(key & 7))
+        return out
+
+    def read_one(self, bytes data):
+        """The StreamResult of one AnnotateResponse (what Annotate and AnnotateStream send)."""
+        return self._item(data, <const unsigned char*>PyBytes_AS_STRING(data), 0,
+                          PyBytes_GET_SIZE(data))
 
 
 # -- JSON text as json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes it ------------

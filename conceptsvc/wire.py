@@ -65,6 +65,8 @@ __all__ = [
     "BatchReaderPy",
     "ItemJoiner",
     "ItemJoinerPy",
+    "ResultReader",
+    "ResultReaderPy",
     "WireLayoutError",
     "annotation_from_pb",
     "annotation_layout",
@@ -85,6 +87,7 @@ __all__ = [
     "options_to_pb",
     "reload_from_pb",
     "response_bytes",
+    "result_reader",
     "status_name",
     "stream_result_from_pb",
 ]
@@ -530,6 +533,67 @@ def batch_reader(
         [before(k, key) for k, key in enumerate(keys)],
     )
     return reader  # type: ignore[no-any-return]
+
+
+# -- reading replies into domain objects (ConceptClient) ------------------------------------------
+class ResultReader(Protocol):
+    def read(self, data: bytes) -> list[StreamResult]: ...
+    def read_one(self, data: bytes) -> StreamResult: ...
+
+
+class ResultReaderPy:
+    """The reference reader of annotation replies: protobuf parses them,
+    :func:`stream_result_from_pb` makes each item's :class:`~conceptsvc.model.StreamResult`."""
+
+    def read(self, data: bytes) -> list[StreamResult]:
+        return [stream_result_from_pb(m) for m in pb.AnnotateBatchResponse.FromString(data).items]
+
+    def read_one(self, data: bytes) -> StreamResult:
+        return stream_result_from_pb(pb.AnnotateResponse.FromString(data))
+
+
+def _failed_item(data: bytes) -> StreamResult:
+    return stream_result_from_pb(pb.AnnotateResponse.FromString(data))
+
+
+_ANNOTATION_SLOTS = ("id", "mentions", "concepts")
+_RESULT_SLOTS = ("id", "annotation", "error", "cached", "index_hash")
+
+
+def result_reader(*, compiled: bool = True) -> ResultReader:
+    """A reader of AnnotateBatchResponse (``read``) and AnnotateResponse (``read_one``) bytes
+    into :class:`~conceptsvc.model.StreamResult` s: the compiled one when built, else the
+    reference. Both give what :func:`stream_result_from_pb` gives of the parsed message (an
+    absent or empty string field reads as the dataclass's default where it has one, as there);
+    ``tests/test_wire.py`` holds them to that. A layout the compiled reader cannot map (see
+    :func:`annotation_layout`, or dataclass slots it does not know) leaves the reference."""
+    reference = ResultReaderPy()
+    mod = _compiled_wire() if compiled else None
+    if mod is None:
+        return reference
+    try:
+        layout, mentions_field, concepts_field = annotation_layout()
+    except WireLayoutError:
+        return reference
+    if (set(Annotation.__slots__) != set(_ANNOTATION_SLOTS)
+            or set(StreamResult.__slots__) != set(_RESULT_SLOTS)):
+        return reference
+    own = {f.name: f.default for f in fields(Mention) if f.default is not MISSING}
+    slots = [
+        (name, number, kind, own.get(name, _DEFAULT_OF_KIND[kind]))
+        for name, number, kind in layout
+    ]
+    resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
+    numbers = (
+        pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number,
+        resp["id"].number, mentions_field, concepts_field, resp["status"].number,
+        pb.ItemStatus.DESCRIPTOR.fields_by_name["code"].number, resp["cached"].number,
+        resp["index_hash"].number,
+    )
+    return mod.ResultReader(  # type: ignore[no-any-return]
+        Mention, Annotation, StreamResult, slots, _ANNOTATION_SLOTS, _RESULT_SLOTS, numbers,
+        _failed_item,
+    )
 
 
 def status_name(code: int) -> str:

@@ -172,6 +172,7 @@ def test_wire_compiled_writer_is_built_and_used() -> None:
 
     assert isinstance(wire.annotation_writer(), _wire.AnnotationWriter)
     assert isinstance(wire.item_joiner(), _wire.ItemJoiner)
+    assert isinstance(wire.result_reader(), _wire.ResultReader)
     layout, mentions, concepts = wire.annotation_layout()
     assert [name for name, _, _ in layout] == [f.name for f in fields(Mention)]
     assert (mentions, concepts) == (2, 3)
@@ -313,3 +314,77 @@ def test_wire_batch_readers_read_absent_fields_as_annotation_from_pb_does() -> N
         assert (rid, code, cached, got) == ("x", 0, True, want)
         assert got["mentions"][0]["experiencer"] == "patient"
         assert reader.read_json(data)[0][4] == dumps(want).encode("utf-8")
+
+
+# -- replies into domain objects (ConceptClient) ------------------------------------------------
+def _batch_reply(items: list[tuple[Annotation, str, bool, int]], index_hash: str) -> bytes:
+    """An AnnotateBatchResponse as the server writes it; an item with a code is a failure."""
+    writer = wire.annotation_writer()
+    blobs = []
+    for a, _, _, code in items:
+        if code:
+            status = pb.ItemStatus(code=code, message="why", error_code="E501")
+            blobs.append(pb.AnnotateResponse(status=status).SerializeToString())
+        else:
+            blobs.append(writer.encode(a))
+    tail = pb.AnnotateResponse(index_hash=index_hash).SerializeToString()
+    return wire.item_joiner().join(
+        blobs, [rid for _, rid, _, _ in items], bytearray(hit for _, _, hit, _ in items), tail
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(_annotations, _texts, st.booleans(), st.integers(0, 16)), max_size=6),
+    st.text(alphabet="0123456789abcdef", max_size=64),
+)
+def test_wire_result_reader_reads_what_the_reference_reads(
+    items: list[tuple[Annotation, str, bool, int]], index_hash: str
+) -> None:
+    """The compiled reader of the client gives the StreamResults protobuf and
+    stream_result_from_pb give — answers (all their fields and types) and failed items, ids,
+    cached flags, index hashes — of a whole batch reply and of one item alone."""
+    from conceptsvc._wire import ResultReader
+
+    fast, ref = wire.result_reader(), wire.result_reader(compiled=False)
+    assert isinstance(fast, ResultReader) and isinstance(ref, wire.ResultReaderPy)
+    data = _batch_reply(items, index_hash)
+    got, want = fast.read(data), ref.read(data)
+    assert got == want
+    for g, w, (a, rid, hit, code) in zip(got, want, items, strict=True):
+        assert (g.id, g.cached, g.index_hash, g.ok) == (rid, hit, index_hash, not code)
+        if g.annotation is not None and w.annotation is not None:
+            assert g.annotation == replace(a, id=rid)
+            for gm, wm in zip(g.annotation.mentions, w.annotation.mentions, strict=True):
+                assert [type(getattr(gm, f.name)) for f in fields(Mention)] == [
+                    type(getattr(wm, f.name)) for f in fields(Mention)
+                ]
+    for item in pb.AnnotateBatchResponse.FromString(data).items:
+        one = item.SerializeToString()
+        assert fast.read_one(one) == ref.read_one(one) == wire.stream_result_from_pb(item)
+
+
+def test_wire_result_readers_read_absent_fields_as_stream_result_from_pb_does() -> None:
+    """A mention without the ConText fields and a reply without index hash (servers older
+    than them) read as the dataclass's defaults — experiencer "patient" — in both readers."""
+    old = pb.AnnotateResponse(mentions=[pb.Mention(cui="C1", text="a", start=0, end=1)],
+                              concepts=["C1"]).SerializeToString()
+    data = wire.item_joiner().join([old], ["x"], bytearray([1]), b"")
+    want = wire.stream_result_from_pb(pb.AnnotateBatchResponse.FromString(data).items[0])
+    for compiled in (True, False):
+        reader = wire.result_reader(compiled=compiled)
+        (got,) = reader.read(data)
+        assert got == want and got.cached and got.index_hash == ""
+        assert got.annotation is not None
+        assert got.annotation.mentions[0].experiencer == "patient"
+        assert got.annotation.mentions[0].semantic_types == ()
+
+
+def test_wire_result_reader_refuses_truncated_replies() -> None:
+    a = Annotation("x", (Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S"),), ("C1",))
+    data = wire.item_joiner().join([wire.annotation_writer().encode(a)], ["x"], bytearray(1), b"")
+    reader = wire.result_reader()
+    assert reader.read(data)[0].annotation == a
+    for cut in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(ValueError):
+            reader.read(data[:cut])

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conceptsvc import wire
@@ -85,6 +86,11 @@ def _build_request(
     if options is not None:
         req.options.CopyFrom(options)
     return req
+
+
+def _method_path(name: str) -> str:
+    service = pb.DESCRIPTOR.services_by_name["ConceptService"]
+    return f"/{service.full_name}/{service.methods_by_name[name].name}"
 
 
 class _Attempt:
@@ -143,6 +149,24 @@ class ConceptClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.ConceptServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        # The annotation methods with their replies left as bytes: the compiled reader makes
+        # the StreamResults straight from them (wire.result_reader), never building messages.
+        self._reader = wire.result_reader()
+        self._annotate_call = self._channel.unary_unary(
+            _method_path("Annotate"),
+            request_serializer=pb.AnnotateRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self._batch_call = self._channel.unary_unary(
+            _method_path("AnnotateBatch"),
+            request_serializer=pb.AnnotateBatchRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self._stream_call = self._channel.stream_stream(
+            _method_path("AnnotateStream"),
+            request_serializer=pb.AnnotateRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._admin = pb_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -196,6 +220,15 @@ class ConceptClient:
                     continue
                 raise ServiceCallError(name, code.name, exc.details() or "") from None
 
+    @staticmethod
+    def _read(name: str, read: Callable[[bytes], T], raw: bytes) -> T:
+        """A reply's bytes read by the result reader; bytes it cannot read are the server's
+        fault, reported as a ClientError rather than a parser's exception."""
+        try:
+            return read(raw)
+        except (ValueError, DecodeError) as exc:
+            raise ClientError(f"{name}: the server's reply cannot be read ({exc})") from None
+
     # -- annotation ------------------------------------------------------------------------------
     def annotate(
         self,
@@ -211,8 +244,11 @@ class ConceptClient:
         )
         if isinstance(req, str):
             raise ClientError(req)
-        resp = self._unary("Annotate", self._stub.Annotate, req, timeout=timeout)
-        return wire.annotation_from_pb(resp)
+        raw = self._unary("Annotate", self._annotate_call, req, timeout=timeout)
+        annotation = self._read("Annotate", self._reader.read_one, raw).annotation
+        if annotation is None:  # a status inside a unary reply: not what servers send
+            raise ClientError("Annotate answered an item error instead of a status; a server bug")
+        return annotation
 
     def annotate_stream(
         self,
@@ -299,21 +335,23 @@ class ConceptClient:
         while True:
             attempt = _Attempt()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._stub.AnnotateStream(requests(attempt), timeout=remaining, metadata=md)
+            call = self._stream_call(requests(attempt), timeout=remaining, metadata=md)
+            read_one = self._reader.read_one
             try:
-                for resp in call:
+                for raw in call:
                     yield from local_failures()
+                    result = self._read("AnnotateStream", read_one, raw)
                     with cond:
-                        if not pending or pending[0][0] != resp.id:
+                        if not pending or pending[0][0] != result.id:
                             raise ClientError(
-                                f"AnnotateStream answered id {resp.id!r} out of order "
+                                f"AnnotateStream answered id {result.id!r} out of order "
                                 f"(expected {pending[0][0] if pending else None!r})"
                             )
                         pending.popleft()
                         in_flight[0] -= 1
                         cond.notify_all()
                     failures = 0
-                    yield wire.stream_result_from_pb(resp)
+                    yield result
             except grpc.RpcError as exc:
                 attempt.alive = False
                 with cond:
@@ -391,22 +429,25 @@ class ConceptClient:
             msg = pb.AnnotateBatchRequest(items=[requests[k] for k in part])
             if opts_pb is not None:
                 msg.options.CopyFrom(opts_pb)
-            resp = self._unary("AnnotateBatch", self._stub.AnnotateBatch, msg, timeout=timeout)
-            if len(resp.items) != len(part):
+            raw = self._unary("AnnotateBatch", self._batch_call, msg, timeout=timeout)
+            answers = self._read("AnnotateBatch", self._reader.read, raw)
+            if len(answers) != len(part):
                 raise ClientError(
-                    f"AnnotateBatch answered {len(resp.items)} items for {len(part)}; this is a "
+                    f"AnnotateBatch answered {len(answers)} items for {len(part)}; this is a "
                     "server bug"
                 )
             full: list[int] = []
-            for k, item in zip(part, resp.items, strict=True):
-                if item.id != items[k][0]:
+            for k, result in zip(part, answers, strict=True):
+                if result.id != items[k][0]:
                     raise ClientError(
-                        f"AnnotateBatch answered id {item.id!r} in the place of {items[k][0]!r}"
+                        f"AnnotateBatch answered id {result.id!r} in the place of "
+                        f"{items[k][0]!r}"
                     )
-                if item.status.error_code == ReplyFullError.code and len(part) > 1:
+                error = result.error
+                if error is not None and error.error_code == ReplyFullError.code and len(part) > 1:
                     full.append(k)
                 else:
-                    results[k] = wire.stream_result_from_pb(item)
+                    results[k] = result
             if full:  # the reply was full: the rest again, in halves
                 half = (len(full) + 1) // 2
                 todo.extendleft([full[half:], full[:half]] if half < len(full) else [full])

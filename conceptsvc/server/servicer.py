@@ -333,11 +333,6 @@ def _reply_too_large(size: int, max_bytes: int) -> InputTooLargeError:
     )
 
 
-def _deadline_close(context: grpc.ServicerContext, margin: float) -> bool:
-    remaining = context.time_remaining()
-    return remaining is not None and remaining < margin
-
-
 def _check_deadline(context: grpc.ServicerContext) -> None:
     remaining = context.time_remaining()
     if not context.is_active() or (remaining is not None and remaining <= 0):
@@ -426,26 +421,34 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         *,
         require_id: bool,
         context: grpc.ServicerContext | None = None,
-    ) -> tuple[list[bytes | Exception], bytearray]:
+    ) -> tuple[list[bytes | Exception], bytearray, list[str]]:
         """Answer a batch: per item, its result as wire bytes (AnnotateResponse fields without
         id, cached flag and index hash — what the cache holds) or the exception it failed with,
-        and whether it came from the cache. Cache lookups and writes are one batched call each.
+        whether it came from the cache, and its id. Cache lookups and writes are one batched
+        call each.
 
         ``shared`` are the options of items that set none (AnnotateBatch's); with a
         ``context``, items not yet started when the deadline is closer than a tenth of the
         call's time (at least ``_DEADLINE_MARGIN``) fail with DEADLINE_EXCEEDED, so that the
         answers made so far reach the client.
+
+        Each request field is read once (protobuf makes a new string at every read), the
+        deadline is turned into a point on the monotonic clock once, and cache keys are only
+        made when there is a cache: per caption, this loop is all the servicer adds to the
+        engine and the writer.
         """
-        margin = _DEADLINE_MARGIN
+        stop_at: float | None = None
         if context is not None:
             remaining = context.time_remaining()
             if remaining is not None:
-                margin = max(margin, 0.1 * remaining)
+                stop_at = time.monotonic() + remaining - max(_DEADLINE_MARGIN, 0.1 * remaining)
         n = len(requests)
         out: list[bytes | Exception | None] = [None] * n
         cached = bytearray(n)
+        ids = [req.id for req in requests]
+        texts = [req.text for req in requests]
         limit = self.settings.max_text_chars
-        batch_opts: ExtractOptions | Exception | None = None
+        batch_opts: ExtractOptions | Exception = loaded.defaults
         if shared is not None:
             try:
                 batch_opts = loaded.options(shared)
@@ -456,75 +459,78 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         log_payloads = self.settings.log_payloads
         for i, req in enumerate(requests):
             try:
-                if require_id and not req.id:
+                if require_id and not ids[i]:
                     raise invalid_argument(
                         "every AnnotateStream and AnnotateBatch item needs a non-empty id "
                         "(responses are matched to requests by id)"
                     )
-                text = req.text
-                if len(text) > limit:
+                size = len(texts[i])
+                if size > limit:
                     raise InputTooLargeError(
-                        f"text of {len(text)} characters is over the limit of {limit} "
+                        f"text of {size} characters is over the limit of {limit} "
                         "(max_text_chars); split the text or raise the server's limit"
                     )
-                if req.HasField("options"):
-                    opts = loaded.options(req.options)
-                elif batch_opts is None:
-                    opts = loaded.defaults
-                elif isinstance(batch_opts, Exception):
-                    raise batch_opts
-                else:
-                    opts = batch_opts
+                opts = loaded.options(req.options) if req.HasField("options") else batch_opts
+                if isinstance(opts, Exception):
+                    raise opts
             except Exception as exc:
                 out[i] = exc
                 continue
             if log_payloads:
-                log.debug("annotate id=%r text=%r", req.id, text)
+                log.debug("annotate id=%r text=%r", ids[i], texts[i])
             group = groups.get(id(opts))
             if group is None:
                 groups[id(opts)] = group = (opts, [])
             group[1].append(i)
-        todo: list[tuple[int, ExtractOptions, str]] = []
+        cache = self.cache
+        todo: list[int] = []
+        todo_opts: list[ExtractOptions] = []
+        keys: list[str] = []
         for opts, members in groups.values():
-            keys = result_keys(
-                loaded.content_hash, opts.cache_key(), [requests[i].text for i in members]
-            )
-            todo += zip(members, [opts] * len(members), keys, strict=True)
-        blobs: list[bytes | None] = [None] * len(todo)
-        if todo and self.cache is not None:
-            blobs = self.cache.get_many([t[2] for t in todo])
+            todo += members
+            todo_opts += [opts] * len(members)
+            if cache is not None:
+                keys += result_keys(
+                    loaded.content_hash, opts.cache_key(), [texts[i] for i in members]
+                )
+        blobs: list[bytes | None] = cache.get_many(keys) if keys and cache is not None else []
         puts: list[tuple[str, bytes]] = []
         n_cached = n_fresh = 0
         extract = loaded.extractor.extract
         encode = self._writer.encode
-        for k, ((i, opts, key), blob) in enumerate(zip(todo, blobs, strict=True)):
-            if blob is not None and _readable(blob, key):
-                out[i] = blob
-                cached[i] = 1
-                n_cached += 1
-                continue
-            if context is not None and _deadline_close(context, margin):
+        monotonic = time.monotonic
+        max_bytes = self.settings.max_message_bytes
+        for k, i in enumerate(todo):
+            if blobs:
+                blob = blobs[k]
+                if blob is not None and _readable(blob, keys[k]):
+                    out[i] = blob
+                    cached[i] = 1
+                    n_cached += 1
+                    continue
+            if stop_at is not None and monotonic() > stop_at:
                 late = deadline_exceeded(
                     "the batch's deadline came close before this item was started; the items "
                     "before it are answered — send it again"
                 )
-                for j, _, _ in todo[k:]:
+                for j in todo[k:]:
                     if out[j] is None:
                         out[j] = late
                 break
             try:
-                blob = encode(extract(requests[i].text, opts, id=""))
+                blob = encode(extract(texts[i], todo_opts[k], id=""))
             except Exception as exc:
                 out[i] = exc
                 continue
             n_fresh += 1
             out[i] = blob
-            if self.cache is not None and len(blob) <= self.settings.max_message_bytes:
-                puts.append((key, blob))
-        if puts and self.cache is not None:
-            self.cache.put_many(puts)
+            if keys and len(blob) <= max_bytes:
+                puts.append((keys[k], blob))
+        if puts and cache is not None:
+            cache.put_many(puts)
         self.metrics.captions_annotated(n_fresh, n_cached)
-        return [r if r is not None else RuntimeError("unanswered item") for r in out], cached
+        answers = [r if r is not None else RuntimeError("unanswered item") for r in out]
+        return answers, cached, ids
 
     def _error_blob(
         self, exc: Exception, req_id: str, method: str, *, count: bool = True
@@ -541,17 +547,16 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
     def _replies(
         self,
         loaded: LoadedIndex,
-        requests: Sequence[pb.AnnotateRequest],
+        ids: list[str],
         answers: list[bytes | Exception],
         cached: bytearray,
         method: str,
-    ) -> tuple[list[bytes], list[str], bytearray]:
+    ) -> list[bytes]:
         """Every item's bytes for the reply (failures as statuses); an answer over the message
         limit on its own fails its item (gRPC would fail the whole call: every other item)."""
         max_bytes = self.settings.max_message_bytes
         tail_size = len(loaded.tail) + 16
         blobs: list[bytes] = []
-        ids = [req.id for req in requests]
         for i, answer in enumerate(answers):
             if not isinstance(answer, Exception):
                 size = len(answer) + tail_size + 4 * len(ids[i])
@@ -561,7 +566,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                 answer = _reply_too_large(len(answer), max_bytes)
                 cached[i] = 0
             blobs.append(self._error_blob(answer, ids[i], method))
-        return blobs, ids, cached
+        return blobs
 
     def _fit(
         self,
@@ -604,7 +609,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         def run() -> bytes:
             loaded = self.state.require()
             _check_deadline(context)
-            answers, cached = self._answer(loaded, [request], None, require_id=False)
+            answers, cached, _ = self._answer(loaded, [request], None, require_id=False)
             answer = answers[0]
             if isinstance(answer, Exception):
                 raise answer
@@ -624,10 +629,10 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             _check_deadline(context)
             items = request.items
             shared = request.options if request.HasField("options") else None
-            answers, cached = self._answer(
+            answers, cached, ids = self._answer(
                 loaded, items, shared, require_id=True, context=context
             )
-            blobs, ids, cached = self._replies(loaded, items, answers, cached, "AnnotateBatch")
+            blobs = self._replies(loaded, ids, answers, cached, "AnnotateBatch")
             self._fit(loaded, blobs, ids, cached)
             return self._joiner.join(blobs, ids, cached, loaded.tail)
 
@@ -684,10 +689,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                         raise item
                     batch.append(item)
                 _check_deadline(context)
-                answers, cached = self._answer(loaded, batch, None, require_id=True)
-                blobs, ids, cached = self._replies(
-                    loaded, batch, answers, cached, "AnnotateStream"
-                )
+                answers, cached, ids = self._answer(loaded, batch, None, require_id=True)
+                blobs = self._replies(loaded, ids, answers, cached, "AnnotateStream")
                 for blob, rid, hit in zip(blobs, ids, cached, strict=True):
                     yield wire.response_bytes(blob, rid, hit, loaded.tail)
                 if self.state.draining and not ended:

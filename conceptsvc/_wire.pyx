@@ -258,6 +258,8 @@ cdef extern from "Python.h":
 
 cdef enum:
     MAX_NUMBER = 64  # field numbers a reader maps (Mention's are small)
+    INTERN_SLOTS = 4096  # strings a ResultReader shares between answers (a power of two)
+    INTERN_MAX = 64  # bytes of the longest string it shares
 
 
 cdef inline uint64_t _read_varint(const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos) except? 0:
@@ -544,6 +546,7 @@ cdef class ResultReader:
     cdef object on_error
     cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
     cdef str last_hash
+    cdef list interned  # INTERN_SLOTS strings (or None), direct-mapped by a hash of the bytes
 
     def __init__(self, mention_type, annotation_type, result_type, mention_slots,
                  tuple annotation_slots, tuple result_slots, tuple numbers, on_error):
@@ -582,6 +585,28 @@ cdef class ResultReader:
         (self.f_items, self.f_id, self.f_mentions, self.f_concepts, self.f_status,
          self.f_code, self.f_cached, self.f_hash) = numbers
         self.last_hash = None
+        self.interned = [None] * INTERN_SLOTS
+
+    cdef str _string(self, const unsigned char* p, Py_ssize_t size):
+        """The string at ``p``; a short one is the object read last time for the same bytes
+        when the cache still holds it. CUIs, names, types and sources repeat from caption to
+        caption: sharing them saves the caller memory and this reader an allocation."""
+        cdef uint64_t h = 14695981039346656037ULL
+        cdef Py_ssize_t i, n
+        cdef const char* c
+        if size > INTERN_MAX:
+            return PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
+        for i in range(size):
+            h = (h ^ p[i]) * 1099511628211ULL
+        slot = <Py_ssize_t>((h ^ (h >> 32)) & (INTERN_SLOTS - 1))
+        old = self.interned[slot]
+        if old is not None:
+            c = PyUnicode_AsUTF8AndSize(old, &n)
+            if n == size and memcmp(c, p, size) == 0:
+                return <str>old
+        s = PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
+        self.interned[slot] = s
+        return s
 
     cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
         cdef Py_ssize_t pos = start
@@ -605,7 +630,7 @@ cdef class ResultReader:
                 size = _read_varint(p, end, &pos)
                 if pos + <Py_ssize_t>size > end:
                     raise ValueError("truncated string")
-                s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                s = self._string(p + pos, <Py_ssize_t>size)
                 pos += <Py_ssize_t>size
                 if kind == K_STRING:
                     values[slot] = s
@@ -684,12 +709,10 @@ cdef class ResultReader:
                             spos = _skip(p, sub_end, spos, <int>(key & 7))
                 elif number == self.f_hash:
                     ix = self._hash(p + pos, <Py_ssize_t>size)
+                elif number == self.f_id:
+                    rid = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
                 else:
-                    s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
-                    if number == self.f_id:
-                        rid = s
-                    else:
-                        concepts.append(s)
+                    concepts.append(self._string(p + pos, <Py_ssize_t>size))
                 pos = sub_end
             elif wt == 0 and number == self.f_cached:
                 cached = _read_varint(p, end, &pos) != 0

@@ -388,3 +388,25 @@ def test_wire_result_reader_refuses_truncated_replies() -> None:
     for cut in (1, len(data) // 2, len(data) - 1):
         with pytest.raises(ValueError):
             reader.read(data[:cut])
+
+
+def test_wire_result_reader_shares_strings_only_when_equal() -> None:
+    """The compiled reader shares short strings between answers through a table of 4,096
+    slots: with more distinct strings than slots, every one must still read as itself."""
+    writer = wire.annotation_writer()
+    n = 3 * 4096
+    answers = [
+        Annotation("", (Mention(f"C{i:07d}", f"name {i}", "t", 0, 1, 1.0, (f"T{i % 997:03d}",),
+                                "MSH"),), (f"C{i:07d}",))
+        for i in range(n)
+    ]
+    data = wire.item_joiner().join(
+        [writer.encode(a) for a in answers], [str(i) for i in range(n)], bytearray(n), b""
+    )
+    got = wire.result_reader().read(data)
+    assert got == wire.result_reader(compiled=False).read(data)
+    assert [r.annotation.concepts for r in got if r.annotation] == [a.concepts for a in answers]
+    first, second = got[1].annotation, got[2].annotation
+    assert first is not None and second is not None
+    # the same source in two neighbouring answers is one object
+    assert first.mentions[0].source is second.mentions[0].source

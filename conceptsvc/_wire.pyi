@@ -7,7 +7,7 @@ from conceptsvc.model import Annotation, StreamResult
 class AnnotationWriter:
     def __init__(
         self, mention_layout: Sequence[tuple[str, int, int]], mentions_field: int,
-        concepts_field: int,
+        concepts_field: int, mention_type: type | None = None,
     ) -> None: ...
     def encode(self, annotation: Annotation) -> bytes: ...
 

@@ -44,6 +44,15 @@ cdef enum:
 cdef enum:
     MAX_FIELDS = 64
 
+cdef extern from *:
+    """
+    /* Read one __slots__ field through its member descriptor (no attribute lookup). */
+    static PyObject *__w_get_slot(PyObject *descr, PyObject *obj) {
+        return Py_TYPE(descr)->tp_descr_get(descr, obj, (PyObject *)Py_TYPE(obj));
+    }
+    """
+    object _get_slot "__w_get_slot"(object descr, object obj)
+
 cdef double _probe = 1.0
 cdef unsigned char* _probe_bytes = <unsigned char*>&_probe
 if _probe_bytes[7] != 0x3F:
@@ -114,23 +123,32 @@ cdef class AnnotationWriter:
     """Serialises an Annotation's mentions and concepts as AnnotateResponse bytes (no id)."""
 
     cdef list attrs
+    cdef list getters  # by field: the mention type's slot descriptor
+    cdef object mention_type
     cdef uint64_t tags[MAX_FIELDS]
     cdef int kinds[MAX_FIELDS]
     cdef int n_fields
     cdef uint64_t mentions_tag
     cdef uint64_t concepts_tag
 
-    def __init__(self, mention_layout, int mentions_field, int concepts_field):
+    def __init__(self, mention_layout, int mentions_field, int concepts_field,
+                 mention_type=None):
         """``mention_layout``: ``(attribute, field number, kind)`` per Mention field, in field
-        number order; the two numbers are AnnotateResponse's ``mentions`` and ``concepts``."""
+        number order; the two numbers are AnnotateResponse's ``mentions`` and ``concepts``.
+        With ``mention_type`` (a class with a slot for every attribute), mentions of exactly
+        that type are read through its slot descriptors rather than by attribute lookup."""
         cdef int i
         layout = list(mention_layout)
         if len(layout) > MAX_FIELDS:
             raise ValueError(f"at most {MAX_FIELDS} mention fields")
         self.attrs = []
+        self.getters = []
+        self.mention_type = mention_type
         for i, (attr, number, kind) in enumerate(layout):
             if kind not in (K_STRING, K_VARINT, K_DOUBLE, K_BOOL, K_STRINGS):
                 raise ValueError(f"unknown wire kind {kind!r} for {attr}")
+            if mention_type is not None:
+                self.getters.append(mention_type.__dict__[attr])
             self.attrs.append(attr)
             self.kinds[i] = kind
             self.tags[i] = (<uint64_t>number << 3) | (
@@ -145,9 +163,13 @@ cdef class AnnotationWriter:
         cdef uint64_t tag, bits
         cdef int64_t iv
         cdef double dv
+        cdef bint slots = type(m) is self.mention_type
         b.n = 0
         for i in range(self.n_fields):
-            v = getattr(m, <str>self.attrs[i])
+            if slots:
+                v = _get_slot(self.getters[i], m)
+            else:
+                v = getattr(m, <str>self.attrs[i])
             kind = self.kinds[i]
             tag = self.tags[i]
             if kind == K_STRING:

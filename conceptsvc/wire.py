@@ -422,7 +422,9 @@ def annotation_writer(*, compiled: bool = True) -> AnnotationWriter:
         return _ProtobufWriter()
     mod = _compiled_wire() if compiled else None
     if mod is not None:
-        return mod.AnnotationWriter(layout, mentions_field, concepts_field)  # type: ignore[no-any-return]
+        return mod.AnnotationWriter(  # type: ignore[no-any-return]
+            layout, mentions_field, concepts_field, Mention
+        )
     return AnnotationWriterPy(layout, mentions_field, concepts_field)
 
 

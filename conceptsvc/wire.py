@@ -13,6 +13,9 @@ fields by name, so a field added to ``Mention`` in both places travels without t
 writers; a field the writers cannot map turns them off (the protobuf path is used, and a test
 fails). Batches of such bytes are framed into an ``AnnotateBatchResponse`` by
 :class:`ItemJoiner` — a cached result is copied into the reply, never parsed and rebuilt.
+The clients read replies the same way round: :func:`batch_reader` into the journal's JSON form,
+:func:`result_reader` into the :class:`~conceptsvc.model.StreamResult` s ``ConceptClient``
+returns (compiled, with protobuf and :func:`stream_result_from_pb` as the reference).
 
 Options have presence semantics (see ``AnnotateOptions`` in the .proto): an unset field takes the
 server's default. :func:`options_to_pb` therefore sets *every* field — a client that passes an

@@ -113,6 +113,15 @@ class PostingFilter:
     ) -> FilterPlan: ...
     def concept_strings(self, cui: str) -> list[str]: ...
 
+class Disambiguator:
+    def __init__(
+        self,
+        rankings: Any,
+        concept_info: Callable[[str], tuple[str, tuple[str, ...]]],
+        stopwords: Iterable[str],
+    ) -> None: ...
+    def __call__(self, plan: Any, norms: list[str], cands: list[Any]) -> list[Any]: ...
+
 class FastPath:
     def __init__(
         self,

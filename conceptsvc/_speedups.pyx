@@ -1554,6 +1554,123 @@ cdef list _resolve_overlaps(list cands, bint longest):
 
 # -- the extractor's hot path ------------------------------------------------------------------
 
+cdef class Disambiguator:
+    """The compiled twin of :meth:`conceptsvc.extractor.Extractor._disambiguate` (the
+    reference): spans that carry several concepts keep the best-ranked of them.
+
+    Same steps, same memo: candidates grouped by span in order, each group's
+    :class:`~conceptsvc.abbreviations.Ranking` taken from (or put in) the extractor's
+    ``rankings`` memo under (profile, concepts), built by the plan's resolver from
+    ``concept_info``'s semantic types; then the best of the group given the caption's words
+    (stopwords and the span's own words left out), as ``Ranking.best`` ranks them with no
+    caption definition: the candidates sharing the most words, then the best static rank.
+    Called by :class:`FastPath` with its plain candidate tuples, which it returns unconverted.
+    """
+
+    cdef object rankings
+    cdef object concept_info
+    cdef frozenset stopwords
+
+    def __init__(self, rankings, concept_info, stopwords):
+        self.rankings = rankings
+        self.concept_info = concept_info
+        self.stopwords = frozenset(stopwords)
+
+    def __call__(self, plan, list norms, list cands):
+        cdef Py_ssize_t n = PyList_GET_SIZE(cands), k
+        cdef tuple c, prev
+        if n < 2:
+            return cands
+        prev = <tuple>PyList_GET_ITEM(cands, 0)
+        for k in range(1, n):
+            c = <tuple>PyList_GET_ITEM(cands, k)
+            if c[0] == prev[0] and c[1] == prev[1]:
+                break  # candidates are in span order: a repeat is adjacent
+            prev = c
+        else:
+            return cands
+        cdef dict by_span = {}
+        cdef list group, out = [], keep
+        cdef object span, ranking, memo_key, profile_name = plan.profile.name
+        for k in range(n):
+            c = <tuple>PyList_GET_ITEM(cands, k)
+            span = (c[0], c[1])
+            group = <list>by_span.get(span)
+            if group is None:
+                by_span[span] = [c]
+            else:
+                group.append(c)
+        cdef frozenset context = frozenset(norms) - self.stopwords
+        cdef tuple cuis
+        cdef Py_ssize_t i, j
+        for span, group in by_span.items():
+            if PyList_GET_SIZE(group) == 1:
+                out.append(group[0])
+                continue
+            cuis = tuple([(<tuple>c)[2] for c in group])
+            memo_key = (profile_name, cuis)
+            ranking = self.rankings.get(memo_key)
+            if ranking is None:
+                info = self.concept_info
+                ranking = plan.resolver.ranking(cuis, {cui: info(cui)[1] for cui in cuis})
+                self.rankings.put(memo_key, ranking, ranking.weight())
+            i = (<tuple>span)[0]
+            j = (<tuple>span)[1]
+            keep = _ranking_best(ranking, context.difference(norms[i:j]))
+            if PyList_GET_SIZE(keep) == 1:
+                only = keep[0]
+                out.extend([c for c in group if (<tuple>c)[2] == only])
+            else:
+                kept = set(keep)
+                out.extend([c for c in group if (<tuple>c)[2] in kept])
+        return out
+
+
+cdef list _ranking_best(object ranking, frozenset context):
+    """``Ranking.best(context)`` with no caption definition (the reference), over C counts:
+    the candidates sharing the most caption words, then the best static rank, in candidate
+    order; the ranking's ``without_context`` when no word is shared."""
+    cdef tuple cuis = ranking.cuis, static = ranking.static
+    cdef dict words = ranking.words
+    cdef Py_ssize_t n = PyTuple_GET_SIZE(cuis), i, k, m, most = 0
+    cdef int *shared
+    cdef PyObject *hit
+    cdef tuple ids
+    cdef object top = None, s
+    cdef list out
+    if n == 0:
+        return list(ranking.without_context)
+    shared = <int *>calloc(n, sizeof(int))
+    if shared == NULL:
+        raise MemoryError()
+    try:
+        for w in context:
+            hit = PyDict_GetItem(words, w)
+            if hit == NULL:
+                continue
+            ids = <tuple>hit
+            m = PyTuple_GET_SIZE(ids)
+            for k in range(m):
+                i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(ids, k))
+                shared[i] += 1
+                if shared[i] > most:
+                    most = shared[i]
+        if most == 0:
+            return list(ranking.without_context)
+        for i in range(n):  # the best static rank among those sharing the most words
+            if shared[i] == most:
+                s = <object>PyTuple_GET_ITEM(static, i)
+                if top is None or s < top:
+                    top = s
+        out = []
+        for i in range(n):
+            if shared[i] == most and <object>PyTuple_GET_ITEM(static, i) == top:
+                out.append(<object>PyTuple_GET_ITEM(cuis, i))
+        return out
+    finally:
+        free(shared)
+
+
 cdef enum:
     _KID_CACHE = 1 << 14   # FastPath's key id objects (a power of two)
 

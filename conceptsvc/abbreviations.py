@@ -270,9 +270,11 @@ class AmbiguityResolver:
                 if self._concept_strings is None
                 else self._concept_strings(cui)
             )
+            tokenize = self._tokenize
             for s in strings:
-                words.update(self._tokenize(s)[0])
-            v = self._vocab[cui] = frozenset(words - STOPWORDS)
+                words.update(tokenize(s)[0])
+            words -= STOPWORDS
+            v = self._vocab[cui] = frozenset(words)
         return v
 
     def type_rank(self, types: Sequence[str]) -> int:
@@ -300,11 +302,25 @@ class AmbiguityResolver:
         extractor keeps it per candidate set."""
         cuis = self.shortlist(cuis, types)
         priors = self._priors
-        static = [(self.type_rank(types.get(c, ())), -priors.get(c, 0.0)) for c in cuis]
+        rank_of = self._type_rank
+        worst = len(rank_of)
+        static: list[tuple[int, float]] = []
+        vocab = self._vocab
         words: dict[str, list[int]] = {}
         for i, c in enumerate(cuis):
-            for w in self._concept_vocab(c):
-                words.setdefault(w, []).append(i)
+            rank = worst  # type_rank, inlined: this runs for every candidate of a new span
+            for t in types.get(c, ()):
+                r = rank_of.get(t, worst)
+                if r < rank:
+                    rank = r
+            static.append((rank, -priors.get(c, 0.0)))
+            v = vocab.get(c)
+            for w in self._concept_vocab(c) if v is None else v:
+                held = words.get(w)
+                if held is None:
+                    words[w] = [i]
+                else:
+                    held.append(i)
         top = min(static, default=None)
         return Ranking(
             tuple(cuis),

@@ -352,7 +352,8 @@ class Extractor:
                 postings=self._postings,
                 filter_postings=self._filter_postings,
                 filter_matches=self._filter,
-                disambiguate=self._disambiguate,
+                # the compiled twin of _disambiguate, on the same rankings memo
+                disambiguate=SPEEDUPS.Disambiguator(self._rankings, self.concept_info, STOPWORDS),
                 approximate=self._approximate,
                 concept_info=self.concept_info,
                 concept_memo=self._info,

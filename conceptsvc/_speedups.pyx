@@ -265,16 +265,59 @@ cdef class AsciiNormalizer:
 
 # -- the dictionary's key trie -----------------------------------------------------------------
 
+cdef object _crc32 = __import__("zlib").crc32
+
+
+cdef class _MappedTable:
+    """The number of a string in one of the index's mapped, hashed string tables: the probe of
+    ``index._StringTable.find`` (the reference) in C, on the layout
+    ``_IdMap.hashed_layout`` hands over (slots ``crc32 << 32 | number + 1``, linear probing,
+    0 empty; string ``i`` is ``blob[off[i]:off[i + 1] - 1]``)."""
+
+    cdef const uint8_t[::1] blob
+    cdef const uint64_t[::1] off
+    cdef const uint64_t[::1] tab
+    cdef uint64_t mask
+
+    def __init__(self, blob, off, tab):
+        self.blob = blob
+        self.off = off
+        self.tab = tab
+        self.mask = <uint64_t>len(tab) - 1
+
+    cdef Py_ssize_t find(self, str s) except -2:
+        cdef bytes e = s.encode("utf-8")
+        cdef Py_ssize_t n = len(e)
+        cdef const char *p = e
+        cdef uint64_t h = <uint64_t>_crc32(e)
+        cdef uint64_t slot = h & self.mask, entry, i, a, b
+        while True:
+            entry = self.tab[slot]
+            if entry == 0:
+                return -1
+            if (entry >> 32) == h:
+                i = (entry & 0xFFFFFFFF) - 1
+                a = self.off[i]
+                b = self.off[i + 1] - 1
+                if <Py_ssize_t>(b - a) == n and (
+                    n == 0 or memcmp(&self.blob[a], p, n) == 0
+                ):
+                    return <Py_ssize_t>i
+            slot = (slot + 1) & self.mask
+
+
 @cython.auto_pickle(False)
 cdef class _Vocab:
     """Token → number for a family of tries: the index's tokens first (``lookup``, a Mapping
     over the index's mapped token table, or ``base``, its materialised dict for small
     indexes), then tokens only other tries know (profile phrases), numbered from ``n_base``
     on. A token no trie knows is -1. Looked up once per new surface form (the token table
-    caches the number), so the mapped table's Python lookup is first-use work only."""
+    caches the number), so the lookup is first-use work only; a mapped table that offers its
+    layout (``_IdMap.hashed_layout``) is probed in C (:class:`_MappedTable`)."""
 
     cdef dict base
     cdef object lookup
+    cdef _MappedTable mapped  # the lookup's table probed in C, when it offers its layout
     cdef dict extra
     cdef Py_ssize_t n_base
 
@@ -283,14 +326,25 @@ cdef class _Vocab:
         self.base = base
         self.extra = {}
         self.n_base = n_base
+        self.mapped = None
+        layout = getattr(lookup, "hashed_layout", None) if base is None else None
+        if layout is not None:
+            layout = layout()
+            if layout is not None:
+                self.mapped = _MappedTable(*layout)
 
     cdef int32_t find(self, object tok) except -2:
         cdef PyObject *hit
         cdef object v
+        cdef Py_ssize_t i
         if self.base is not None:
             hit = PyDict_GetItem(self.base, tok)
             if hit is not NULL:
                 return <int32_t><object>hit
+        elif self.mapped is not None and type(tok) is str:
+            i = self.mapped.find(<str>tok)
+            if i >= 0:
+                return <int32_t>i
         elif self.lookup is not None:
             v = self.lookup.get(tok)
             if v is not None:

@@ -467,6 +467,16 @@ class _IdMap(Mapping[str, int]):
         """The materialised dict behind this view (small indexes), else None."""
         return None
 
+    def hashed_layout(self) -> tuple[memoryview, memoryview, memoryview] | None:
+        """(UTF-8 blob, offsets, hash table) of the mapped string table behind this view, for
+        a compiled reader to probe as :meth:`_StringTable.find` does (the table's slots hold
+        ``crc32 << 32 | number + 1``, linear probing, 0 empty); None when the view maps to
+        other values than the strings' numbers or the table has no hash index."""
+        tab = self._tab
+        if self._values is not None or tab._table is None:
+            return None
+        return tab._blob, tab._off, tab._table
+
     def _pairs(self) -> Iterator[tuple[str, int]]:
         if self._values is None:
             return zip(self._tab, range(len(self._tab)), strict=True)

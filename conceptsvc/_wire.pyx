@@ -319,17 +319,76 @@ cdef inline Py_ssize_t _skip(const unsigned char* p, Py_ssize_t n, Py_ssize_t po
     return pos
 
 
-cdef class BatchReader:
+cdef class _MentionFields:
+    """What both readers share: the Mention layout (the slot each field number fills, its wire
+    kind, its default) and the parse of one Mention message into values by slot."""
+
+    cdef int n_slots
+    cdef int slot_of[MAX_NUMBER]
+    cdef int kinds[MAX_NUMBER]  # by slot
+    cdef list defaults  # by slot, for a field absent (or an empty string); BatchReader copies
+    # a list default per mention
+
+    cdef str _string(self, const unsigned char* p, Py_ssize_t size):
+        return PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
+
+    cdef list _fields(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+        """A Mention message's values by slot, as read: None for a field absent, a list for a
+        repeated string."""
+        cdef Py_ssize_t pos = start
+        cdef uint64_t key, size, bits
+        cdef int number, wt, slot, kind
+        cdef double dv
+        values = [None] * self.n_slots
+        while pos < end:
+            key = _read_varint(p, end, &pos)
+            number = <int>(key >> 3)
+            wt = <int>(key & 7)
+            slot = self.slot_of[number] if 0 < number < MAX_NUMBER else -1
+            if slot < 0:
+                pos = _skip(p, end, pos, wt)
+                continue
+            kind = self.kinds[slot]
+            if kind == K_STRING or kind == K_STRINGS:
+                if wt != 2:
+                    raise ValueError("a string field with another wire type")
+                size = _read_varint(p, end, &pos)
+                if pos + <Py_ssize_t>size > end:
+                    raise ValueError("truncated string")
+                s = self._string(p + pos, <Py_ssize_t>size)
+                pos += <Py_ssize_t>size
+                if kind == K_STRING:
+                    values[slot] = s
+                elif values[slot] is None:
+                    values[slot] = [s]
+                else:
+                    values[slot].append(s)
+            elif kind == K_DOUBLE:
+                if wt != 1 or pos + 8 > end:
+                    raise ValueError("a bad double field")
+                memcpy(&dv, p + pos, 8)
+                pos += 8
+                values[slot] = dv
+            elif kind == K_VARINT or kind == K_BOOL:
+                if wt != 0:
+                    raise ValueError("a varint field with another wire type")
+                bits = _read_varint(p, end, &pos)
+                if kind == K_BOOL:
+                    values[slot] = bits != 0
+                else:
+                    values[slot] = <int64_t>bits
+            else:
+                pos = _skip(p, end, pos, wt)
+        return values
+
+
+cdef class BatchReader(_MentionFields):
     """Reads AnnotateBatchResponse bytes straight into the canonical JSON form of each answer
     (``outputs.annotation_to_json``'s dicts, keys in its order), for the batch client; see
     ``wire.batch_reader``, which derives the keys and the layout, and ``wire.BatchReaderPy``,
     the reference."""
 
     cdef list keys  # the JSON key of each mention slot, in output order
-    cdef int n_slots
-    cdef int slot_of[MAX_NUMBER]
-    cdef int kinds[MAX_NUMBER]  # by slot
-    cdef list defaults  # by slot, for a field absent (or an empty string); lists are copied
     cdef int round_slot
     cdef object decimals
     cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
@@ -376,50 +435,8 @@ cdef class BatchReader:
 
     cdef list _values(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
         """A mention's value per slot, defaults filled in, the double rounded."""
-        cdef Py_ssize_t pos = start
-        cdef uint64_t key, size, bits
-        cdef int number, wt, slot, kind, i
-        cdef double dv
-        values = [None] * self.n_slots
-        while pos < end:
-            key = _read_varint(p, end, &pos)
-            number = <int>(key >> 3)
-            wt = <int>(key & 7)
-            slot = self.slot_of[number] if 0 < number < MAX_NUMBER else -1
-            if slot < 0:
-                pos = _skip(p, end, pos, wt)
-                continue
-            kind = self.kinds[slot]
-            if kind == K_STRING or kind == K_STRINGS:
-                if wt != 2:
-                    raise ValueError("a string field with another wire type")
-                size = _read_varint(p, end, &pos)
-                if pos + <Py_ssize_t>size > end:
-                    raise ValueError("truncated string")
-                s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
-                pos += <Py_ssize_t>size
-                if kind == K_STRING:
-                    values[slot] = s
-                elif values[slot] is None:
-                    values[slot] = [s]
-                else:
-                    values[slot].append(s)
-            elif kind == K_DOUBLE:
-                if wt != 1 or pos + 8 > end:
-                    raise ValueError("a bad double field")
-                memcpy(&dv, p + pos, 8)
-                pos += 8
-                values[slot] = dv
-            elif kind == K_VARINT or kind == K_BOOL:
-                if wt != 0:
-                    raise ValueError("a varint field with another wire type")
-                bits = _read_varint(p, end, &pos)
-                if kind == K_BOOL:
-                    values[slot] = bits != 0
-                else:
-                    values[slot] = <int64_t>bits
-            else:
-                pos = _skip(p, end, pos, wt)
+        cdef int i
+        values = self._fields(p, start, end)
         for i in range(self.n_slots):
             v = values[i]
             if v is None or (self.kinds[i] == K_STRING and not v):
@@ -544,7 +561,7 @@ cdef extern from *:
     int _set_slot "__w_set_slot"(object descr, object obj, object value) except -1
 
 
-cdef class ResultReader:
+cdef class ResultReader(_MentionFields):
     """Reads AnnotateBatchResponse bytes (or one AnnotateResponse's) straight into the
     client's domain objects — :class:`~conceptsvc.model.StreamResult` holding an
     :class:`~conceptsvc.model.Annotation` of :class:`~conceptsvc.model.Mention` s — for
@@ -559,10 +576,6 @@ cdef class ResultReader:
     cdef object new
     cdef object Mention, Annotation, StreamResult
     cdef tuple m_slots  # by slot: Mention's member descriptor
-    cdef int n_slots
-    cdef int slot_of[MAX_NUMBER]
-    cdef int kinds[MAX_NUMBER]  # by slot
-    cdef list defaults  # by slot, for a field absent (or an empty string)
     cdef tuple a_slots  # Annotation's id, mentions, concepts
     cdef tuple r_slots  # StreamResult's id, annotation, error, cached, index_hash
     cdef object on_error
@@ -631,49 +644,9 @@ cdef class ResultReader:
         return s
 
     cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
-        cdef Py_ssize_t pos = start
-        cdef uint64_t key, size, bits
-        cdef int number, wt, slot, kind, i
-        cdef double dv
+        cdef int i
         cdef tuple d = self.m_slots
-        values = [None] * self.n_slots
-        while pos < end:
-            key = _read_varint(p, end, &pos)
-            number = <int>(key >> 3)
-            wt = <int>(key & 7)
-            slot = self.slot_of[number] if 0 < number < MAX_NUMBER else -1
-            if slot < 0:
-                pos = _skip(p, end, pos, wt)
-                continue
-            kind = self.kinds[slot]
-            if kind == K_STRING or kind == K_STRINGS:
-                if wt != 2:
-                    raise ValueError("a string field with another wire type")
-                size = _read_varint(p, end, &pos)
-                if pos + <Py_ssize_t>size > end:
-                    raise ValueError("truncated string")
-                s = self._string(p + pos, <Py_ssize_t>size)
-                pos += <Py_ssize_t>size
-                if kind == K_STRING:
-                    values[slot] = s
-                elif values[slot] is None:
-                    values[slot] = [s]
-                else:
-                    values[slot].append(s)
-            elif kind == K_DOUBLE:
-                if wt != 1 or pos + 8 > end:
-                    raise ValueError("a bad double field")
-                memcpy(&dv, p + pos, 8)
-                pos += 8
-                values[slot] = dv
-            else:
-                if wt != 0:
-                    raise ValueError("a varint field with another wire type")
-                bits = _read_varint(p, end, &pos)
-                if kind == K_BOOL:
-                    values[slot] = bits != 0
-                else:
-                    values[slot] = <int64_t>bits
+        values = self._fields(p, start, end)
         m = self.new(self.Mention)
         for i in range(self.n_slots):
             v = values[i]

@@ -15,8 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from conceptsvc.index import ConceptIndex, IndexBuilder
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -133,6 +137,22 @@ def large_words() -> list[str]:
     return [a + b + c for a in syl for b in syl for c in syl]
 
 
+def builder_from(index: ConceptIndex, source_release: str) -> IndexBuilder:
+    """An :class:`IndexBuilder` holding every concept and term of ``index`` (its preferred
+    names, semantic types, and each key's postings with their sources, term types and
+    flags), for a test index that extends a real one."""
+    from conceptsvc.index import IndexBuilder
+
+    b = IndexBuilder(source_release=source_release)
+    for cui in index.cuis:
+        name, types = index.name_and_types(cui) or (cui, ())
+        b.set_concept(cui, preferred_name=name, semantic_types=types)
+    for kid in range(index.n_keys):
+        for p in index.postings_of(kid):
+            b.add_term(p.cui, p.string, sab=p.sab, tty=p.tty, flags=p.flags)
+    return b
+
+
 def build_large_index(out: Path) -> Path:
     """The demo dictionary plus synthetic keys: more than 2M keys in all.
 
@@ -145,16 +165,9 @@ def build_large_index(out: Path) -> Path:
     import random
 
     from conceptsvc.embedded import demo_index
-    from conceptsvc.index import IndexBuilder
 
     demo = demo_index(out.parent / "demo-cache")
-    b = IndexBuilder(source_release="large-test-index")
-    for cui in demo.cuis:
-        name, types = demo.name_and_types(cui) or (cui, ())
-        b.set_concept(cui, preferred_name=name, semantic_types=types)
-    for kid in range(demo.n_keys):
-        for p in demo.postings_of(kid):
-            b.add_term(p.cui, p.string, sab=p.sab, tty=p.tty, flags=p.flags)
+    b = builder_from(demo, "large-test-index")
     rng = random.Random(13)
     words = large_words()
     anchors = ("left", "right", "lung", "liver", "chest", "ct", "mass", "bone", "artery")

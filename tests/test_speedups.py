@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LARGE_AMBIGUOUS, large_words
+from conftest import LARGE_AMBIGUOUS, builder_from, large_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from negation_fixture import negation_rows
@@ -724,13 +724,7 @@ def build_ambiguous_index(demo: ConceptIndex, out: Path) -> Path:
     case-sensitive strings). The synthetic CUIs sort before the real ones, and twelve real
     concepts with ROCOv2 priors are retyped to the type at which "left"'s shortlist is cut:
     without priors they lose on CUI order, with ROCOv2's they are kept."""
-    b = IndexBuilder(source_release="ambiguous-test-index")
-    for cui in demo.cuis:
-        name, types = demo.name_and_types(cui) or (cui, ())
-        b.set_concept(cui, preferred_name=name, semantic_types=types)
-    for kid in range(demo.n_keys):
-        for p in demo.postings_of(kid):
-            b.add_term(p.cui, p.string, sab=p.sab, tty=p.tty, flags=p.flags)
+    b = builder_from(demo, "ambiguous-test-index")
     for k, cui in enumerate(PRIOR_CUIS):
         b.set_concept(cui, preferred_name=demo.name_and_types(cui)[0],  # type: ignore[index]
                       semantic_types=("T061",))

@@ -320,9 +320,13 @@ cdef inline Py_ssize_t _skip(const unsigned char* p, Py_ssize_t n, Py_ssize_t po
 
 
 cdef class _MentionFields:
-    """What both readers share: the Mention layout (the slot each field number fills, its wire
-    kind, its default) and the parse of one Mention message into values by slot."""
+    """What both readers share: the reply layout (the field numbers of an item, and the slot
+    each Mention field number fills, its wire kind, its default), the walk of a reply's items
+    and of one item's fields, and the parse of one Mention message into values by slot. Each
+    reader says what a mention, an item and the index hash become (``_item_mention``,
+    ``_item``, ``_index_hash``) and how a string is made (``_string``)."""
 
+    cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
     cdef int n_slots
     cdef int slot_of[MAX_NUMBER]
     cdef int kinds[MAX_NUMBER]  # by slot
@@ -331,6 +335,82 @@ cdef class _MentionFields:
 
     cdef str _string(self, const unsigned char* p, Py_ssize_t size):
         return PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
+
+    cdef str _index_hash(self, const unsigned char* p, Py_ssize_t size):
+        return PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
+
+    cdef object _item_mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                              bint as_json):
+        raise NotImplementedError
+
+    cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
+                      Py_ssize_t end, bint as_json):
+        raise NotImplementedError
+
+    cdef list _items(self, bytes data, bint as_json):
+        """``_item`` of each item of an AnnotateBatchResponse, in order."""
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
+        cdef uint64_t key, size
+        out = []
+        while pos < n:
+            key = _read_varint(p, n, &pos)
+            if <int>(key >> 3) == self.f_items and (key & 7) == 2:
+                size = _read_varint(p, n, &pos)
+                sub_end = pos + <Py_ssize_t>size
+                if sub_end > n:
+                    raise ValueError("truncated item")
+                out.append(self._item(data, p, pos, sub_end, as_json))
+                pos = sub_end
+            else:
+                pos = _skip(p, n, pos, <int>(key & 7))
+        return out
+
+    cdef tuple _item_fields(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                            bint as_json):
+        """One AnnotateResponse's ``(id, index hash, status code, cached, concepts,
+        mentions)``, the mentions as ``_item_mention`` makes them."""
+        cdef Py_ssize_t pos = start, sub_end, spos
+        cdef uint64_t key, size, code = 0
+        cdef int number, wt
+        cdef bint cached = False
+        rid = ""
+        ix = ""
+        mentions = []
+        concepts = []
+        while pos < end:
+            key = _read_varint(p, end, &pos)
+            number = <int>(key >> 3)
+            wt = <int>(key & 7)
+            if wt == 2 and (number == self.f_id or number == self.f_mentions
+                            or number == self.f_concepts or number == self.f_status
+                            or number == self.f_hash):
+                size = _read_varint(p, end, &pos)
+                sub_end = pos + <Py_ssize_t>size
+                if sub_end > end:
+                    raise ValueError("truncated field")
+                if number == self.f_mentions:
+                    mentions.append(self._item_mention(p, pos, sub_end, as_json))
+                elif number == self.f_status:
+                    spos = pos
+                    while spos < sub_end:
+                        key = _read_varint(p, sub_end, &spos)
+                        if <int>(key >> 3) == self.f_code and (key & 7) == 0:
+                            code = _read_varint(p, sub_end, &spos)
+                        else:
+                            spos = _skip(p, sub_end, spos, <int>(key & 7))
+                elif number == self.f_hash:
+                    ix = self._index_hash(p + pos, <Py_ssize_t>size)
+                elif number == self.f_id:
+                    rid = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                else:
+                    concepts.append(self._string(p + pos, <Py_ssize_t>size))
+                pos = sub_end
+            elif wt == 0 and number == self.f_cached:
+                cached = _read_varint(p, end, &pos) != 0
+            else:
+                pos = _skip(p, end, pos, wt)
+        return rid, ix, <int>code, cached, concepts, mentions
 
     cdef list _fields(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
         """A Mention message's values by slot, as read: None for a field absent, a list for a
@@ -391,7 +471,6 @@ cdef class BatchReader(_MentionFields):
     cdef list keys  # the JSON key of each mention slot, in output order
     cdef int round_slot
     cdef object decimals
-    cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
     cdef tuple top_keys  # JSON text before the id, the concepts and the mentions
     cdef list json_keys  # JSON text before each mention value ('{"cui":', ',"text":', ...)
 
@@ -446,55 +525,15 @@ cdef class BatchReader(_MentionFields):
                 values[i] = round(v, self.decimals)
         return values
 
-    cdef tuple _item(self, bytes data, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
-                     bint as_json):
-        cdef Py_ssize_t pos = start, sub_end, spos
-        cdef uint64_t key, size, code = 0
-        cdef int number, wt
-        cdef bint cached = False
-        rid = ""
-        ix = ""
-        mentions = []
-        concepts = []
-        while pos < end:
-            key = _read_varint(p, end, &pos)
-            number = <int>(key >> 3)
-            wt = <int>(key & 7)
-            if wt == 2 and (number == self.f_id or number == self.f_mentions
-                            or number == self.f_concepts or number == self.f_status
-                            or number == self.f_hash):
-                size = _read_varint(p, end, &pos)
-                sub_end = pos + <Py_ssize_t>size
-                if sub_end > end:
-                    raise ValueError("truncated field")
-                if number == self.f_mentions:
-                    if as_json:
-                        mentions.append(self._values(p, pos, sub_end))
-                    else:
-                        mentions.append(self._mention(p, pos, sub_end))
-                elif number == self.f_status:
-                    spos = pos
-                    while spos < sub_end:
-                        key = _read_varint(p, sub_end, &spos)
-                        if <int>(key >> 3) == self.f_code and (key & 7) == 0:
-                            code = _read_varint(p, sub_end, &spos)
-                        else:
-                            spos = _skip(p, sub_end, spos, <int>(key & 7))
-                else:
-                    s = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
-                    if number == self.f_id:
-                        rid = s
-                    elif number == self.f_hash:
-                        ix = s
-                    else:
-                        concepts.append(s)
-                pos = sub_end
-            elif wt == 0 and number == self.f_cached:
-                cached = _read_varint(p, end, &pos) != 0
-            else:
-                pos = _skip(p, end, pos, wt)
+    cdef object _item_mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                              bint as_json):
+        return self._values(p, start, end) if as_json else self._mention(p, start, end)
+
+    cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
+                      Py_ssize_t end, bint as_json):
+        rid, ix, code, cached, concepts, mentions = self._item_fields(p, start, end, as_json)
         if code:
-            return (rid, ix, <int>code, cached, data[start:end])
+            return (rid, ix, code, cached, data[start:end])
         if as_json:
             return (rid, ix, 0, cached, self._json(rid, concepts, mentions))
         return (rid, ix, 0, cached, {"id": rid, "concepts": concepts, "mentions": mentions})
@@ -524,30 +563,12 @@ cdef class BatchReader(_MentionFields):
     def read(self, bytes data):
         """One ``(id, index_hash, status code, cached, answer)`` per item, in order: the answer
         is the JSON form when the code is 0, else the item's bytes (its status, for protobuf)."""
-        return self._read(data, False)
-
-    cdef list _read(self, bytes data, bint as_json):
-        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
-        cdef uint64_t key, size
-        out = []
-        while pos < n:
-            key = _read_varint(p, n, &pos)
-            if <int>(key >> 3) == self.f_items and (key & 7) == 2:
-                size = _read_varint(p, n, &pos)
-                sub_end = pos + <Py_ssize_t>size
-                if sub_end > n:
-                    raise ValueError("truncated item")
-                out.append(self._item(data, p, pos, sub_end, as_json))
-                pos = sub_end
-            else:
-                pos = _skip(p, n, pos, <int>(key & 7))
-        return out
+        return self._items(data, False)
 
     def read_json(self, bytes data):
         """:meth:`read`, with each answer as its JSON text (UTF-8 bytes) rather than the dict:
         what the journal writes, without the dict or ``json.dumps`` in between."""
-        return self._read(data, True)
+        return self._items(data, True)
 
 
 cdef extern from *:
@@ -579,7 +600,6 @@ cdef class ResultReader(_MentionFields):
     cdef tuple a_slots  # Annotation's id, mentions, concepts
     cdef tuple r_slots  # StreamResult's id, annotation, error, cached, index_hash
     cdef object on_error
-    cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
     cdef str last_hash
     cdef list interned  # INTERN_SLOTS strings (or None), direct-mapped by a hash of the bytes
 
@@ -657,7 +677,7 @@ cdef class ResultReader(_MentionFields):
             _set_slot(d[i], m, v)
         return m
 
-    cdef str _hash(self, const unsigned char* p, Py_ssize_t size):
+    cdef str _index_hash(self, const unsigned char* p, Py_ssize_t size):
         """The index hash at ``p``: the last one read when the bytes are the same."""
         cdef Py_ssize_t n
         cdef const char* c
@@ -670,49 +690,14 @@ cdef class ResultReader(_MentionFields):
         self.last_hash = s
         return s
 
+    cdef object _item_mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                              bint as_json):
+        return self._mention(p, start, end)
+
     cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
-                      Py_ssize_t end):
-        cdef Py_ssize_t pos = start, sub_end, spos
-        cdef uint64_t key, size, code = 0
-        cdef int number, wt
-        cdef bint cached = False
+                      Py_ssize_t end, bint as_json):
         cdef tuple d
-        rid = ""
-        ix = ""
-        mentions = []
-        concepts = []
-        while pos < end:
-            key = _read_varint(p, end, &pos)
-            number = <int>(key >> 3)
-            wt = <int>(key & 7)
-            if wt == 2 and (number == self.f_id or number == self.f_mentions
-                            or number == self.f_concepts or number == self.f_status
-                            or number == self.f_hash):
-                size = _read_varint(p, end, &pos)
-                sub_end = pos + <Py_ssize_t>size
-                if sub_end > end:
-                    raise ValueError("truncated field")
-                if number == self.f_mentions:
-                    mentions.append(self._mention(p, pos, sub_end))
-                elif number == self.f_status:
-                    spos = pos
-                    while spos < sub_end:
-                        key = _read_varint(p, sub_end, &spos)
-                        if <int>(key >> 3) == self.f_code and (key & 7) == 0:
-                            code = _read_varint(p, sub_end, &spos)
-                        else:
-                            spos = _skip(p, sub_end, spos, <int>(key & 7))
-                elif number == self.f_hash:
-                    ix = self._hash(p + pos, <Py_ssize_t>size)
-                elif number == self.f_id:
-                    rid = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
-                else:
-                    concepts.append(self._string(p + pos, <Py_ssize_t>size))
-                pos = sub_end
-            elif wt == 0 and number == self.f_cached:
-                cached = _read_varint(p, end, &pos) != 0
-            else:
-                pos = _skip(p, end, pos, wt)
+        rid, ix, code, cached, concepts, mentions = self._item_fields(p, start, end, False)
         if code:
             return self.on_error(data[start:end])
         d = self.a_slots
@@ -731,27 +716,12 @@ cdef class ResultReader(_MentionFields):
 
     def read(self, bytes data):
         """One StreamResult per item of an AnnotateBatchResponse, in order."""
-        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
-        cdef uint64_t key, size
-        out = []
-        while pos < n:
-            key = _read_varint(p, n, &pos)
-            if <int>(key >> 3) == self.f_items and (key & 7) == 2:
-                size = _read_varint(p, n, &pos)
-                sub_end = pos + <Py_ssize_t>size
-                if sub_end > n:
-                    raise ValueError("truncated item")
-                out.append(self._item(data, p, pos, sub_end))
-                pos = sub_end
-            else:
-                pos = _skip(p, n, pos, <int>(key & 7))
-        return out
+        return self._items(data, False)
 
     def read_one(self, bytes data):
         """The StreamResult of one AnnotateResponse (what Annotate and AnnotateStream send)."""
         return self._item(data, <const unsigned char*>PyBytes_AS_STRING(data), 0,
-                          PyBytes_GET_SIZE(data))
+                          PyBytes_GET_SIZE(data), False)
 
 
 # -- JSON text as json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes it ------------

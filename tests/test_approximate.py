@@ -267,6 +267,29 @@ def test_approximate_scan_memo_stays_bounded(engine_index_path: Path) -> None:
     assert 0 < am._fast.memo_entries <= 8
 
 
+def test_approximate_scan_memo_keeps_the_last_generation(engine_index_path: Path) -> None:
+    """The memo holds two generations of memo_size / 2 windows: a window of the generation
+    before the current one is not searched again (emptying the whole memo when full would
+    search it again), and the bound holds."""
+    am = ApproximateMatcher(ExactMatcher(ConceptIndex.load(engine_index_path)), memo_size=4,
+                            compiled=True)
+    words = ["pleuralx", "effusionx", "pneumothoraxx", "consolidationx", "atelectasisx"]
+
+    def scan(word: str) -> None:
+        norms, starts, ends = tokenize_spans(word)
+        am.match(word, norms, starts, ends, [False] * len(norms), "jaccard", 0.7)
+
+    for w in words:  # one window each; the 3rd and the 5th start a new generation
+        scan(w)
+    assert am._fast.searches == 5
+    scan(words[3])  # in the old generation: moved to the young one, not searched
+    scan(words[4])  # in the young generation
+    assert am._fast.searches == 5
+    assert am._fast.memo_entries <= 4
+    scan(words[0])  # dropped with its generation: searched again
+    assert am._fast.searches == 6
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=60, unique=True),
        st.integers(1, 7), st.integers(1, 40))

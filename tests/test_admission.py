@@ -24,6 +24,7 @@ from service_helpers import build_index_a, running_server, settings_for
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client import ConceptClient
+from conceptsvc.errors import ServiceCallError
 
 # Long enough for any answer on a loaded machine; a call queued behind held threads never gets
 # one, so it reaches this deadline instead.
@@ -188,3 +189,25 @@ def test_admission_stream_idle_zero_keeps_idle_streams(index_a: Path) -> None:
         assert not s.done.wait(1.5)
         s.finish()
         assert s.outcome == "OK"
+
+
+def test_admission_counts_calls_after_a_refused_one(index_a: Path) -> None:
+    """The counting wrapper of a method is built once and kept; a call the auth interceptor
+    refuses gets a wrapper of its own, and the calls after it are counted and answered with
+    the method's real handler again."""
+    token = "user-token-0123456789abcdef"
+    with running_server(settings_for(index_a, auth_token=token)) as (server, port):
+        target = f"127.0.0.1:{port}"
+        with ConceptClient(target, token=token) as good, ConceptClient(target) as bad:
+            for _ in range(3):
+                with pytest.raises(ServiceCallError) as err:
+                    bad.annotate("lung")
+                assert err.value.status == "UNAUTHENTICATED"
+                assert good.annotate("lung").concepts == ("C0024109",)
+                assert len(list(good.annotate_stream([("1", "lung")]))) == 1
+        assert server.admission.in_progress == 0
+        m = server.metrics
+        assert m.value("conceptsvc_requests_total", {"method": "Annotate", "code": "OK"}) == 3
+        assert m.value(
+            "conceptsvc_requests_total", {"method": "Annotate", "code": "UNAUTHENTICATED"}
+        ) == 3

@@ -38,6 +38,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._on_refuse = on_refuse
         self._lock = threading.Lock()
         self._in_progress = 0
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     @property
     def in_progress(self) -> int:
@@ -68,6 +69,16 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if handler is None or method.startswith(_EXEMPT_PREFIX):
             return handler
+        # A method's handler is the same object on every call (unless the auth interceptor
+        # refuses the call): its counting wrapper is built once and kept, not per call.
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

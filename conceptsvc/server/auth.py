@@ -68,8 +68,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _check(self, method: str, metadata: Any) -> RpcFailure | None:
         if method.startswith(_HEALTH_PREFIX):
             return None
+        admin = method.startswith(self._admin_prefix)
+        if not admin and self._token is None:
+            return None  # nothing to check: the metadata is not even read
         presented = bearer_token(metadata)
-        if method.startswith(self._admin_prefix):
+        if admin:
             if self._admin is None:
                 return permission_denied(
                     "admin RPCs are disabled on this server; configure an admin token "
@@ -79,8 +82,6 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return unauthenticated("admin RPCs need `authorization: Bearer <admin token>`")
             if not _matches(presented, self._admin):
                 return permission_denied("this token is not the admin token")
-            return None
-        if self._token is None:
             return None
         if presented is None:
             return unauthenticated(

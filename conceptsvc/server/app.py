@@ -32,7 +32,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -52,6 +51,7 @@ from conceptsvc.metrics import (
 )
 from conceptsvc.server.admission import AdmissionInterceptor
 from conceptsvc.server.auth import AuthInterceptor
+from conceptsvc.server.pool import RpcThreadPool
 from conceptsvc.server.servicer import (
     ADMIN_SERVICE_NAME,
     SERVICE_NAME,
@@ -140,8 +140,11 @@ class ConceptServer:
                 method.rsplit("/", 1)[-1], code.name, 0.0
             ),
         )
+        # Not futures.ThreadPoolExecutor: its idle threads wake each other on every call
+        # (see conceptsvc.server.pool).
+        self.pool = RpcThreadPool(settings.threads, thread_name_prefix="rpc")
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
+            self.pool,
             interceptors=[self.admission, interceptor],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -217,6 +220,8 @@ class ConceptServer:
         self._stopped.set()
         self.state.draining = True
         self.grpc_server.stop(grace).wait()
+        # Idle threads end now; a handler that outlived the grace ends with its call.
+        self.pool.shutdown(wait=False)
         self.cache.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

@@ -325,6 +325,34 @@ def _readable(blob: bytes, key: str) -> bool:
     return True
 
 
+def _item_options(
+    loaded: LoadedIndex,
+    req: pb.AnnotateRequest,
+    req_id: str,
+    text: str,
+    fallback: ExtractOptions | Exception,
+    max_chars: int,
+    require_id: bool,
+) -> ExtractOptions:
+    """The options one item is annotated with (its own, or ``fallback``: the call's shared
+    options or the defaults), after the checks every item passes; raises what it fails."""
+    if require_id and not req_id:
+        raise invalid_argument(
+            "every AnnotateStream and AnnotateBatch item needs a non-empty id "
+            "(responses are matched to requests by id)"
+        )
+    size = len(text)
+    if size > max_chars:
+        raise InputTooLargeError(
+            f"text of {size} characters is over the limit of {max_chars} "
+            "(max_text_chars); split the text or raise the server's limit"
+        )
+    opts = loaded.options(req.options) if req.HasField("options") else fallback
+    if isinstance(opts, Exception):
+        raise opts
+    return opts
+
+
 def _reply_too_large(size: int, max_bytes: int) -> InputTooLargeError:
     return InputTooLargeError(
         f"the annotation of this caption is {size} bytes, over the server's message limit of "
@@ -459,20 +487,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         log_payloads = self.settings.log_payloads
         for i, req in enumerate(requests):
             try:
-                if require_id and not ids[i]:
-                    raise invalid_argument(
-                        "every AnnotateStream and AnnotateBatch item needs a non-empty id "
-                        "(responses are matched to requests by id)"
-                    )
-                size = len(texts[i])
-                if size > limit:
-                    raise InputTooLargeError(
-                        f"text of {size} characters is over the limit of {limit} "
-                        "(max_text_chars); split the text or raise the server's limit"
-                    )
-                opts = loaded.options(req.options) if req.HasField("options") else batch_opts
-                if isinstance(opts, Exception):
-                    raise opts
+                opts = _item_options(loaded, req, ids[i], texts[i], batch_opts, limit, require_id)
             except Exception as exc:
                 out[i] = exc
                 continue
@@ -531,6 +546,32 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         self.metrics.captions_annotated(n_fresh, n_cached)
         answers = [r if r is not None else RuntimeError("unanswered item") for r in out]
         return answers, cached, ids
+
+    def _answer_one(self, loaded: LoadedIndex, request: pb.AnnotateRequest) -> tuple[bytes, bool]:
+        """:meth:`_answer` for the one caption of a unary ``Annotate``: its answer's bytes and
+        whether they came from the cache; raises what the item failed with. The same checks,
+        cache entries and metrics, without the batch's lists, groups and deadline bookkeeping,
+        which a unary call would pay for in full (it is on every call's critical path)."""
+        req_id, text = request.id, request.text
+        settings = self.settings
+        opts = _item_options(
+            loaded, request, req_id, text, loaded.defaults, settings.max_text_chars, False
+        )
+        if settings.log_payloads:
+            log.debug("annotate id=%r text=%r", req_id, text)
+        cache = self.cache
+        key = None
+        if cache is not None:
+            key = result_keys(loaded.content_hash, opts.cache_key(), [text])[0]
+            blob = cache.get_many([key])[0]
+            if blob is not None and _readable(blob, key):
+                self.metrics.captions_annotated(0, 1)
+                return blob, True
+        blob = self._writer.encode(loaded.extractor.extract(text, opts, id=""))
+        if cache is not None and key is not None and len(blob) <= settings.max_message_bytes:
+            cache.put_many([(key, blob)])
+        self.metrics.captions_annotated(1, 0)
+        return blob, False
 
     def _error_blob(
         self, exc: Exception, req_id: str, method: str, *, count: bool = True
@@ -609,15 +650,12 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         def run() -> bytes:
             loaded = self.state.require()
             _check_deadline(context)
-            answers, cached, _ = self._answer(loaded, [request], None, require_id=False)
-            answer = answers[0]
-            if isinstance(answer, Exception):
-                raise answer
+            answer, cached = self._answer_one(loaded, request)
             if len(answer) + len(loaded.tail) + 16 + 4 * len(request.id) > (
                 self.settings.max_message_bytes
             ):
                 raise _reply_too_large(len(answer), self.settings.max_message_bytes)
-            return wire.response_bytes(answer, request.id, cached[0], loaded.tail)
+            return wire.response_bytes(answer, request.id, cached, loaded.tail)
 
         return self._observed["Annotate"].unary(context, run)
 

@@ -38,6 +38,7 @@ from service_helpers import (
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.cache import result_keys
 from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ServiceCallError
 from conceptsvc.extractor import Extractor
@@ -657,6 +658,37 @@ def test_server_memory_cache_answers_repeats(index_a: Path) -> None:
         m = server.metrics
         assert m.value("conceptsvc_cache_lookups_total", {"tier": "memory", "result": "hit"}) == 1
         assert m.value("conceptsvc_captions_annotated_total", {"source": "cache"}) == 1
+
+
+def test_server_damaged_cache_entry_is_a_miss_and_replaced(
+    index_a: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry that does not parse as an answer is ignored (answered by the engine, not
+    cached) and overwritten, on the unary path (``_answer_one``) as on the batched one."""
+    with running_server(settings_for(index_a)) as (server, port):
+        loaded = server.state.current
+        assert loaded is not None and server.cache.enabled
+        stub = pb_grpc.ConceptServiceStub(_channel(port))
+
+        def damage(text: str) -> str:
+            [key] = result_keys(loaded.content_hash, loaded.defaults.cache_key(), [text])
+            server.cache.put_many([(key, b"\xff\xff\xff")])
+            return key
+
+        key = damage("Chest CT")
+        with caplog.at_level(logging.WARNING, logger="conceptsvc.server.servicer"):
+            fresh = stub.Annotate(pb.AnnotateRequest(id="1", text="Chest CT"), timeout=5)
+        assert not fresh.cached and fresh.mentions
+        assert any(key in r.getMessage() for r in caplog.records)
+        again = stub.Annotate(pb.AnnotateRequest(id="2", text="Chest CT"), timeout=5)
+        assert again.cached and list(again.mentions) == list(fresh.mentions)
+
+        damage("lung")
+        items = [pb.AnnotateRequest(id="a", text="lung"), pb.AnnotateRequest(id="b", text="lung")]
+        reply = stub.AnnotateBatch(pb.AnnotateBatchRequest(items=items), timeout=5)
+        assert [r.cached for r in reply.items] == [False, False]
+        second = stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=5)
+        assert second.cached and second.mentions[0].cui == "C0024109"
 
 
 # -- TLS and tokens ----------------------------------------------------------------------------

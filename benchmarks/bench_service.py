@@ -404,9 +404,10 @@ _CLIENT_STAGES = {
 }
 _STARTUP = "start-up (imports, arguments)"
 # Innermost functions of threads and processes that wait in a call py-spy samples as running
-# (the worker's main thread, idle pool threads, the supervisor): not CPU, left out.
+# (the worker's main thread, idle pool threads, the supervisor): not CPU, left out. An idle
+# RPC thread waits in RpcThreadPool._run itself (its lock's acquire is not a Python frame).
 _WAITING = frozenset({"run_worker", "_worker", "wait", "select", "_read_events", "_wait_ready",
-                      "_loop", "acquire", "get"})
+                      "_loop", "acquire", "get", "RpcThreadPool._run"})
 
 
 def _stage_shares(raw: Path, stages: dict[str, str]) -> dict[str, float]:

@@ -106,7 +106,9 @@ cdef extern from *:
             int64_t total = 0;
             for (int i = 0; i < n; ++i) total += runs[i].length;
             int bits = 6;
-            while (bits < 31 && (int64_t(1) << bits) < 4 * total) ++bits;
+            /* load ≤ 1/4 while the table fits the CPU's caches, ≤ 1/2 beyond */
+            const int64_t want = total > (int64_t(1) << 18) ? 2 * total : 4 * total;
+            while (bits < 31 && (int64_t(1) << bits) < want) ++bits;
             const size_t cap = size_t(1) << bits;
             if (slots.size() < cap) { slots.assign(cap, 0); stamp = 0; }
             stamp = (stamp + 1) & 0xFFFF;
@@ -183,6 +185,17 @@ cdef extern from *:
                 out[i].kid = uint32_t(v);
                 out[i].count = int((v >> 32) & 0xFFFF);
             }
+            release();
+        }
+        /* A query whose runs are huge (a low threshold, the overlap measure) must not leave
+           its scratch behind in a long-lived worker: above RELEASE slots it is freed. */
+        static constexpr size_t RELEASE = size_t(1) << 20;
+        void release() {
+            if (slots.size() > RELEASE) { std::vector<uint64_t>().swap(slots); stamp = 0; }
+            if (live.capacity() > RELEASE) std::vector<uint32_t>().swap(live);
+        }
+        size_t scratch_bytes() const {
+            return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t);
         }
     };
     """
@@ -205,6 +218,7 @@ cdef extern from *:
     cppclass ApproxCounter:
         void search(const uint32_t* keys, const ApproxRun* runs, int m, int need,
                     vector[ApproxCand]& out)
+        size_t scratch_bytes()
 
 
 cdef uint64_t SHORT = (<uint64_t>1) << 63
@@ -282,6 +296,12 @@ cdef class TrigramSearcher:
         self.memos = {}
         self.cur_mcode = -1
         self.cur_alpha = -1.0
+
+    @property
+    def scratch_bytes(self):
+        """Bytes the search keeps between queries (its hash table and candidate buffers); a
+        query that needed more than a few MB gives them back when it ends."""
+        return self.counter.scratch_bytes() + self.cands.capacity() * sizeof(ApproxCand)
 
     @property
     def memo_entries(self):
@@ -458,6 +478,8 @@ cdef class TrigramSearcher:
                     hit.size = <uint32_t>y
                     hit.kid = cands[0][i].kid
                     out.push_back(hit)
+        if cands.capacity() > (1 << 20):  # as ApproxCounter.release: a huge query's scratch
+            self.cands = vector[ApproxCand]()
         if out.size() > 1:
             approx_sort_hits(out)
         return 0

@@ -267,6 +267,23 @@ def test_approximate_scan_memo_stays_bounded(engine_index_path: Path) -> None:
     assert 0 < am._fast.memo_entries <= 8
 
 
+def test_approximate_huge_query_leaves_no_scratch_behind() -> None:
+    """A query whose runs hold hundreds of thousands of keys (the overlap measure at a low
+    threshold counts every run) needs a hash table of several MB: it is freed when the query
+    ends, so a long-lived worker does not keep the largest query's memory; smaller queries
+    keep theirs (reused, never cleared). Dropping the release fails the first assertion."""
+    strings = [f"abcdef{i:06d}" for i in range(300_000)]
+    tri = TrigramIndex.from_strings(strings)
+    fast = compiled_searcher(tri)
+    found = fast.search("abcdef", "overlap", 0.05)  # type: ignore[attr-defined]
+    assert len(found) == len(strings)
+    # its 2^22-slot table (32 MB) is gone; the survivor buffers (≈ 3.6 MB here) stay
+    assert fast.scratch_bytes < 1 << 23  # type: ignore[attr-defined]
+    kept = fast.scratch_bytes  # type: ignore[attr-defined]
+    fast.search("abcdef000123", "jaccard", 0.9)  # runs of ≈ 30,000 keys: its table is kept
+    assert kept < fast.scratch_bytes < 1 << 24  # type: ignore[attr-defined]
+
+
 def test_approximate_scan_memo_keeps_the_last_generation(engine_index_path: Path) -> None:
     """The memo holds two generations of memo_size / 2 windows: a window of the generation
     before the current one is not searched again (emptying the whole memo when full would

@@ -82,6 +82,22 @@ cdef extern from *:
         std::sort(v.begin(), v.end());
     }
     struct ApproxCand { uint32_t kid; int count; };
+    /* A search's scratch above this many entries is freed when it ends (ApproxCounter and
+       TrigramSearcher._search's candidates): a query whose runs are huge (a low threshold,
+       the overlap measure) must not leave it behind in a long-lived worker. */
+    static const size_t APPROX_RELEASE = size_t(1) << 20;
+    static inline uint32_t approx_key_hash(uint32_t kid) { return kid * 0x9E3779B1u; }
+    /* The slot of `kid` in a counting table `t` of stamp `sk`: where it is, or the empty
+       slot (of another stamp) where it would go; `hk` is approx_key_hash(kid). */
+    static inline uint32_t approx_probe(const uint64_t* t, uint32_t kid, uint32_t hk,
+                                        uint64_t sk, uint32_t shift, uint32_t mask) {
+        uint32_t h = hk >> shift;
+        for (;;) {
+            const uint64_t v = t[h];
+            if ((v >> 48) != sk || uint32_t(v) == kid) return h;
+            h = (h + 1) & mask;
+        }
+    }
     /* The keys of one key size with at least `need` of the query's m runs (runs[0:m], sorted
        by length), with their exact counts, into `out`.
 
@@ -123,21 +139,15 @@ cdef extern from *:
                 const uint32_t* const e = keys + runs[i].end;
                 for (; p < e; ++p) {
                     const uint32_t kid = *p;
-                    uint32_t h = (kid * 0x9E3779B1u) >> shift;
-                    for (;;) {
-                        const uint64_t v = t[h];
-                        if ((v >> 48) != sk) {
-                            t[h] = st | one | kid;
-                            if (cmin == 1) live.push_back(h);
-                            break;
-                        }
-                        if (uint32_t(v) == kid) {
-                            const uint64_t w = v + one;
-                            t[h] = w;
-                            if (uint32_t(w >> 32) == reach) live.push_back(h);
-                            break;
-                        }
-                        h = (h + 1) & mask;
+                    const uint32_t h = approx_probe(t, kid, approx_key_hash(kid), sk, shift, mask);
+                    const uint64_t v = t[h];
+                    if ((v >> 48) != sk) {
+                        t[h] = st | one | kid;
+                        if (cmin == 1) live.push_back(h);
+                    } else {
+                        const uint64_t w = v + one;
+                        t[h] = w;
+                        if (uint32_t(w >> 32) == reach) live.push_back(h);
                     }
                 }
             }
@@ -150,21 +160,16 @@ cdef extern from *:
                     uint64_t filt[64];
                     std::fill(filt, filt + 64, 0);
                     for (size_t i = 0; i < live.size(); ++i) {
-                        const uint32_t f = (uint32_t(t[live[i]]) * 0x9E3779B1u) >> 20;
+                        const uint32_t f = approx_key_hash(uint32_t(t[live[i]])) >> 20;
                         filt[f >> 6] |= uint64_t(1) << (f & 63);
                     }
                     for (const uint32_t* p = b; p < e; ++p) {
                         const uint32_t kid = *p;
-                        const uint32_t hk = kid * 0x9E3779B1u;
+                        const uint32_t hk = approx_key_hash(kid);
                         const uint32_t f = hk >> 20;
                         if (!((filt[f >> 6] >> (f & 63)) & 1)) continue;
-                        uint32_t h = hk >> shift;
-                        for (;;) {
-                            const uint64_t v = t[h];
-                            if ((v >> 48) != sk) break;
-                            if (uint32_t(v) == kid) { t[h] = v + one; break; }
-                            h = (h + 1) & mask;
-                        }
+                        const uint32_t h = approx_probe(t, kid, hk, sk, shift, mask);
+                        if ((t[h] >> 48) == sk) t[h] += one;  /* a key of the table */
                     }
                 } else {
                     for (size_t i = 0; i < live.size(); ++i) {
@@ -187,12 +192,12 @@ cdef extern from *:
             }
             release();
         }
-        /* A query whose runs are huge (a low threshold, the overlap measure) must not leave
-           its scratch behind in a long-lived worker: above RELEASE slots it is freed. */
-        static constexpr size_t RELEASE = size_t(1) << 20;
-        void release() {
-            if (slots.size() > RELEASE) { std::vector<uint64_t>().swap(slots); stamp = 0; }
-            if (live.capacity() > RELEASE) std::vector<uint32_t>().swap(live);
+        void release() {  /* see APPROX_RELEASE */
+            if (slots.size() > APPROX_RELEASE) {
+                std::vector<uint64_t>().swap(slots);
+                stamp = 0;
+            }
+            if (live.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(live);
         }
         size_t scratch_bytes() const {
             return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t);
@@ -212,6 +217,7 @@ cdef extern from *:
     void approx_sort_hits(vector[ApproxHit]& v)
     void approx_sort_u64(vector[uint64_t]& v)
     void approx_sort_pairs(vector[pair[uint64_t, int64_t]]& v)
+    const size_t APPROX_RELEASE
     struct ApproxCand:
         uint32_t kid
         int count
@@ -470,15 +476,13 @@ cdef class TrigramSearcher:
             approx_sort_runs(runs[0])
             self.counter.search(keys, runs.data(), m, need, cands[0])
             nc = <Py_ssize_t>cands.size()
-            for i in range(nc):
-                if cands[0][i].count < need:
-                    continue
+            for i in range(nc):  # each has at least `need` of the runs
                 hit.sim = sim_of(measure, cands[0][i].count, x, y)
                 if hit.sim >= floor:
                     hit.size = <uint32_t>y
                     hit.kid = cands[0][i].kid
                     out.push_back(hit)
-        if cands.capacity() > (1 << 20):  # as ApproxCounter.release: a huge query's scratch
+        if cands.capacity() > APPROX_RELEASE:  # a huge query's scratch is not kept
             self.cands = vector[ApproxCand]()
         if out.size() > 1:
             approx_sort_hits(out)

@@ -127,6 +127,37 @@ def test_server_batch_per_item_errors_do_not_fail_the_batch(port: int) -> None:
     assert [i.status.error_code for i in out.items] == ["E300", ""]
 
 
+@pytest.mark.parametrize(
+    ("odd", "code", "error_code"),
+    [
+        (pb.AnnotateRequest(id="", text="lung"), grpc.StatusCode.INVALID_ARGUMENT.value[0], ""),
+        (pb.AnnotateRequest(id="odd", text="x" * 100_001), RESOURCE_EXHAUSTED, "E501"),
+        (
+            pb.AnnotateRequest(id="odd", text="Chest CT shows a pneumothorax",
+                               options=pb.AnnotateOptions()),
+            0, "",
+        ),
+    ],
+    ids=["empty-id", "long-text", "own-options"],
+)
+def test_server_batch_one_odd_item_among_plain_ones_is_checked_alone(
+    port: int, odd: pb.AnnotateRequest, code: int, error_code: str
+) -> None:
+    """A batch whose items all pass the per-item checks is checked in one go
+    (``servicer._uniform``); one item that would not must still get its own answer."""
+    msg = _batch([("a", "Chest CT shows a pneumothorax")],
+                 semantic_groups=pb.NameList(values=["DISO"]))
+    msg.items.append(odd)
+    msg.items.add(id="z", text="lung")
+    out = _stub(port).AnnotateBatch(msg, timeout=10)
+    assert [(i.status.code, i.status.error_code) for i in out.items] == [
+        (0, ""), (code, error_code), (0, "")
+    ]
+    assert list(out.items[0].concepts) == ["C0032326"]  # the batch's options (DISO)
+    if odd.HasField("options"):  # its own (none: every group), not the batch's
+        assert list(out.items[1].concepts) == ["C0817096", "C0040405", "C0032326"]
+
+
 def test_server_batch_request_over_the_message_limit_is_refused_whole(index_a: Path) -> None:
     s = settings_for(index_a, max_message_bytes=64 * 1024)
     with running_server(s) as (server, port):

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,7 @@ _END = object()
 _DEADLINE_MARGIN = 0.05
 # The methods whose replies the servicer writes as bytes (see add_concept_service).
 _BYTES_REPLIES = frozenset({"Annotate", "AnnotateStream", "AnnotateBatch"})
+_HAS_FIELD = pb.AnnotateRequest.HasField
 
 
 @dataclass
@@ -353,6 +355,23 @@ def _item_options(
     return opts
 
 
+def _uniform(
+    requests: Sequence[pb.AnnotateRequest],
+    ids: list[str],
+    texts: list[str],
+    max_chars: int,
+    require_id: bool,
+) -> bool:
+    """Whether every item passes :func:`_item_options` with the call's options: no item sets
+    options of its own, every id is there (if required) and every text is within
+    ``max_chars`` — the usual batch, whose items then need no check one by one."""
+    return (
+        (not require_id or all(ids))
+        and (not texts or max(map(len, texts)) <= max_chars)
+        and not any(map(_HAS_FIELD, requests, repeat("options", len(requests))))
+    )
+
+
 def _reply_too_large(size: int, max_bytes: int) -> InputTooLargeError:
     return InputTooLargeError(
         f"the annotation of this caption is {size} bytes, over the server's message limit of "
@@ -488,7 +507,17 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         # Items grouped by their options, so that the key prefix is hashed once per group.
         groups: dict[int, tuple[ExtractOptions, list[int]]] = {}
         log_payloads = self.settings.log_payloads
-        for i, req in enumerate(requests):
+        checked: Sequence[pb.AnnotateRequest] = requests
+        if (
+            not log_payloads
+            and not isinstance(batch_opts, Exception)
+            and _uniform(requests, ids, texts, limit, require_id)
+        ):
+            # What the loop below would find for every item, checked in C loops (the loop's
+            # call and checks cost ≈ 1 µs a caption).
+            groups[id(batch_opts)] = (batch_opts, list(range(n)))
+            checked = ()
+        for i, req in enumerate(checked):
             try:
                 opts = _item_options(loaded, req, ids[i], texts[i], batch_opts, limit, require_id)
             except Exception as exc:

@@ -495,6 +495,9 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         n = len(requests)
         out: list[bytes | Exception | None] = [None] * n
         cached = bytearray(n)
+        # One Python object per item, kept: protobuf makes a new one at each read of a
+        # repeated field's element (and every pass below would make one per item again).
+        requests = list(requests)
         ids = [req.id for req in requests]
         texts = [req.text for req in requests]
         limit = self.settings.max_text_chars

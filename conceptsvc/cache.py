@@ -143,13 +143,14 @@ class LruCache:
         return self._bytes
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        out: list[bytes | None] = []
+        data = self._data
         with self._lock:
-            for k in keys:
-                v = self._data.get(k)
-                if v is not None:
-                    self._data.move_to_end(k)
-                out.append(v)
+            out = list(map(data.get, keys))
+            if out.count(None) < len(out):  # a cold batch has no hit to move
+                move = data.move_to_end
+                for k, v in zip(keys, out, strict=True):
+                    if v is not None:
+                        move(k)
         return out
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
@@ -259,6 +260,8 @@ class RedisCache:
             self._failed("MGET", exc)
             return [None] * len(keys)
         self._succeeded()
+        if values.count(None) == len(values):  # all missed: nothing to check one by one
+            return values
         return [v if isinstance(v, bytes) else None for v in values]
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
@@ -268,10 +271,9 @@ class RedisCache:
         try:
             if self._scripts:
                 try:
-                    self._set_all(
-                        keys=[prefix + k for k, _ in items],
-                        args=[*(v for _, v in items), self.ttl_seconds],
-                    )
+                    args: list[bytes | int] = [v for _, v in items]
+                    args.append(self.ttl_seconds)
+                    self._set_all(keys=[prefix + k for k, _ in items], args=args)
                 except redis.ResponseError as exc:  # scripts refused: the pipeline for good
                     self._scripts = False
                     log.warning(
@@ -310,22 +312,32 @@ class TieredCache:
         return self.memory is not None or self.redis is not None
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        results: list[bytes | None] = [None] * len(keys)
+        # Counted with list.count and skipped when there is nothing to copy: on a cold batch
+        # every key misses both tiers, and a Python step per key here is paid by every caption.
+        n = len(keys)
+        results: list[bytes | None] = [None] * n
+        misses = n
         if self.memory is not None and keys:
             results = self.memory.get_many(keys)
-            hits = sum(r is not None for r in results)
-            self._observer.cache_lookups("memory", hits, len(keys) - hits)
-        if self.redis is not None:
-            missing = [i for i, r in enumerate(results) if r is None]
-            if missing:
-                found = self.redis.get_many([keys[i] for i in missing])
+            misses = results.count(None)
+            self._observer.cache_lookups("memory", n - misses, misses)
+        if self.redis is not None and misses:
+            if misses == n:
+                missing: Sequence[int] = range(n)
+                asked: Sequence[str] = keys
+            else:
+                missing = [i for i, r in enumerate(results) if r is None]
+                asked = [keys[i] for i in missing]
+            found = self.redis.get_many(asked)
+            absent = found.count(None)
+            self._observer.cache_lookups("redis", misses - absent, absent)
+            if absent < misses:
                 fill: list[tuple[str, bytes]] = []
                 for i, v in zip(missing, found, strict=True):
                     if v is not None:
                         results[i] = v
                         fill.append((keys[i], v))
-                self._observer.cache_lookups("redis", len(fill), len(missing) - len(fill))
-                if fill and self.memory is not None:
+                if self.memory is not None:
                     self.memory.put_many(fill)
         return results
 

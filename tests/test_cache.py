@@ -195,6 +195,32 @@ def test_cache_tiered_fills_memory_from_redis_and_counts_per_tier(
     cache.close()
 
 
+def test_cache_tiered_mixed_batch_keeps_order_counts_and_fills_only_redis_hits(
+    shared_redis: RedisServer,
+) -> None:
+    """One batch with a memory hit, a Redis-only hit and misses (the path that picks the
+    missing keys out), then one that misses everything (the path that skips that work)."""
+    obs = RecordingObserver()
+    remote = RedisCache(shared_redis.url, prefix="t-mixed:", observer=obs)
+    _redis(shared_redis.url).delete("t-mixed:m", "t-mixed:r", "t-mixed:x", "t-mixed:y")
+    remote.put_many([("r", b"R")])
+    memory = LruCache(10, 1000)
+    memory.put_many([("m", b"M")])
+    cache = TieredCache(memory, remote, obs)
+    assert cache.get_many(["x", "m", "r", "y"]) == [None, b"M", b"R", None]
+    assert obs.lookups == {
+        ("memory", "hit"): 1, ("memory", "miss"): 3, ("redis", "hit"): 1, ("redis", "miss"): 2,
+    }
+    assert memory.get_many(["r", "x", "y"]) == [b"R", None, None]  # only the Redis hit copied
+    obs.lookups.clear()
+    assert cache.get_many(["x", "y"]) == [None, None]
+    assert obs.lookups == {
+        ("memory", "hit"): 0, ("memory", "miss"): 2, ("redis", "hit"): 0, ("redis", "miss"): 2,
+    }
+    assert len(memory) == 2
+    cache.close()
+
+
 def test_cache_build_from_settings_switches_tiers(shared_redis: RedisServer) -> None:
     none = build_cache(load_settings(cache_size=0))
     assert not none.enabled and none.get_many(["x"]) == [None]

@@ -209,6 +209,25 @@ def test_server_batch_reply_over_the_message_limit_fails_only_what_does_not_fit(
         ) >= 4
 
 
+def test_server_batch_reply_counts_the_ids_and_framing_not_only_the_answers(
+    index_a: Path,
+) -> None:
+    """Answers that fit the limit together, beside long ids (4-byte characters) that make
+    the reply too big: the items that do not fit are refused (E503), the reply stays under
+    the limit — the size check counts each item's id, index hash and framing too."""
+    limit = 32 * 1024
+    s = settings_for(index_a, max_message_bytes=limit, cache_size=0)
+    items = [(f"{k:02d}" + "\N{GRINNING FACE}" * 58, "lung " * 6) for k in range(60)]
+    with running_server(s) as (_, port):
+        reply = _stub(port).AnnotateBatch(_batch(items), timeout=30)
+    assert reply.ByteSize() <= limit
+    answers = sum(len(i.SerializeToString()) for i in reply.items if not i.status.error_code)
+    codes = [i.status.error_code for i in reply.items]
+    assert [i.id for i in reply.items] == [i for i, _ in items]
+    assert "" in codes and codes[-1] == "E503", codes
+    assert answers * len(items) / codes.count("") > limit  # all answers would not have fit
+
+
 def test_server_batch_whose_refusals_cannot_fit_fails_cleanly(index_a: Path) -> None:
     s = settings_for(index_a, max_message_bytes=16 * 1024)
     with running_server(s) as (_, port):

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -544,6 +544,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     loaded.content_hash, opts.cache_key(), [texts[i] for i in members]
                 )
         blobs: list[bytes | None] = cache.get_many(keys) if keys and cache is not None else []
+        if blobs.count(None) == len(blobs):
+            blobs = []  # all missed (a cold batch): no item needs the hit check below
         puts: list[tuple[str, bytes]] = []
         n_cached = n_fresh = 0
         extract = loaded.extractor.extract
@@ -632,6 +634,12 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         limit on its own fails its item (gRPC would fail the whole call: every other item)."""
         max_bytes = self.settings.max_message_bytes
         tail_size = len(loaded.tail) + 16
+        if answers and not any(map(isinstance, answers, repeat(Exception, len(answers)))):
+            plain = cast(list[bytes], answers)
+            if max(map(len, plain)) + tail_size + 4 * max(map(len, ids)) <= max_bytes:
+                # The usual batch: no failure, and even its largest answer beside its longest
+                # id is under the limit (so is every item): the loop below would keep them all.
+                return list(plain)
         blobs: list[bytes] = []
         for i, answer in enumerate(answers):
             if not isinstance(answer, Exception):
@@ -657,7 +665,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         not even the refusals fit, the whole call fails with RESOURCE_EXHAUSTED."""
         max_bytes = self.settings.max_message_bytes
         per_item = len(loaded.tail) + 24  # framing, id tag and length, cached flag
-        total = sum(len(b) + len(r) * 4 + per_item for b, r in zip(blobs, ids, strict=True))
+        total = sum(map(len, blobs)) + 4 * sum(map(len, ids)) + per_item * len(blobs)
         if total <= max_bytes:
             return
         full = self._full_blob

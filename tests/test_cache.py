@@ -71,6 +71,25 @@ def test_cache_lru_bounds_entries_and_bytes() -> None:
         LruCache(0, 10)
 
 
+def test_cache_lru_batch_put_counts_bytes_like_one_by_one() -> None:
+    """A batch of new keys is added in one go; a key twice in it, a key already there or a
+    value too big takes the entry-by-entry path — the byte count must not tell them apart."""
+    lru = LruCache(max_entries=10, max_bytes=20)
+    lru.put_many([("a", b"11"), ("b", b"22")])
+    assert lru.size_bytes == 4
+    lru.put_many([("c", b"3"), ("c", b"333")])  # twice in one batch: the last one stays
+    assert lru.get_many(["c"]) == [b"333"] and lru.size_bytes == 7
+    lru.put_many([("d", b"4"), ("a", b"1")])  # one key already there
+    assert lru.get_many(["a", "d"]) == [b"1", b"4"] and lru.size_bytes == 7
+    lru.put_many([("e", b"5"), ("f", b"x" * 21)])  # one value over the whole cache
+    assert lru.get_many(["e", "f"]) == [b"5", None] and lru.size_bytes == 8
+    lru.put_many([("g", b"y" * 14), ("h", b"z")])  # new keys, over the byte bound: b, c go
+    assert lru.get_many(["b", "c", "g", "h"]) == [None, None, b"y" * 14, b"z"]
+    assert lru.size_bytes == 1 + 1 + 1 + 14 + 1  # d, a, e, g, h
+    lru.put_many([])
+    assert len(lru) == 5
+
+
 def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer) -> None:
     r = _redis(shared_redis.url)
     r.config_resetstat()

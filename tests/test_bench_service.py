@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from benchmarks.bench_service import _SERVER_STAGES, _stage_shares
 
@@ -25,3 +28,36 @@ def test_bench_service_stage_shares_leave_idle_rpc_threads_out(tmp_path: Path) -
     assert _stage_shares(raw, _SERVER_STAGES) == {
         "servicer (batching, limits)": 0.75, "metrics": 0.25,
     }
+
+
+def test_bench_service_ratio_is_the_medians_of_alternated_rounds() -> None:
+    from benchmarks.bench_service import ratio_of_medians
+
+    r = ratio_of_medians([16.0, 20.0, 17.0], [33.0, 44.0, 35.0])
+    # medians 17.0 and 35.0: one slow round on either side moves neither
+    assert (r["engine_median"], r["server_median"], r["ratio"], r["rounds"]) == (
+        17.0, 35.0, 2.06, 3
+    )
+    with pytest.raises(ValueError):
+        ratio_of_medians([16.0], [33.0, 35.0])
+
+
+def test_bench_service_target_row_reads_the_rounds_not_the_single_pass() -> None:
+    from benchmarks.bench_service import _cpu_ratios, ratio_of_medians, to_markdown
+
+    s: dict[str, Any] = {
+        "date": "2026-12-06T08:00:00+00:00", "captions": 10, "workers": 2,
+        "machine": "vm", "python": "3.11", "index": "idx/demo", "streams": 4,
+        "batch_size": 512, "load_average_at_start": [0.1, 0.1, 0.1],
+        "engine_in_process": {"captions_per_s": 1.0, "cpu_us_per_caption": 10.0},
+        "batch_cold": {"captions_per_s": 1.0, "seconds": 10.0, "captions": 10,
+                       "server_cpu_us_per_caption": 23.0, "client_cpu_us_per_caption": 5.0},
+    }
+    _cpu_ratios(s)  # no rounds: the single passes' ratio
+    assert s["server_cpu_vs_engine_cold"] == s["server_cpu_vs_engine_single_pass"] == 2.3
+    s["ratio_rounds"] = ratio_of_medians([10.0, 10.0, 11.0], [19.0, 19.5, 30.0])
+    _cpu_ratios(s)
+    assert (s["server_cpu_vs_engine_cold"], s["server_cpu_vs_engine_single_pass"]) == (1.95, 2.3)
+    md = to_markdown(s, "python -m benchmarks.bench service")
+    assert "| server CPU per caption, cold, vs the engine's | ≤ 2.0 | 1.95 | met |" in md
+    assert "medians of 3 alternated rounds" in md and "give 2.3×" in md

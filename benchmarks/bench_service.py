@@ -271,12 +271,18 @@ def _flush(redis: _Redis | None) -> None:
             r.flushall()
 
 
+def _cache_args(base: list[str], redis: _Redis | None) -> list[str]:
+    """The server's arguments for the cache passes: Redis behind the in-process LRU when there
+    is a Redis, else no cache at all (every pass then runs the engine)."""
+    return [*base, "--redis-url", redis.url] if redis is not None else [*base, "--cache-size", "0"]
+
+
 def _paths(
     summary: dict[str, Any], base: list[str], redis: _Redis | None,
     captions: Sequence[tuple[str, str]], streams: int, batch_size: int,
 ) -> None:
     """Cold, warm (memory + Redis) and warm (Redis only) passes of both data paths."""
-    args = [*base, "--redis-url", redis.url] if redis is not None else [*base, "--cache-size", "0"]
+    args = _cache_args(base, redis)
     for name, size in (("batch", batch_size), ("stream", 0)):
         _flush(redis)
         server = Server(args)
@@ -330,7 +336,7 @@ def _ratio_rounds(
     streams: int, batch_size: int, rounds: int,
 ) -> dict[str, Any]:
     """Alternate a fresh engine's pass and a fresh server's cold batched pass, ``rounds`` times."""
-    args = [*base, "--redis-url", redis.url] if redis is not None else [*base, "--cache-size", "0"]
+    args = _cache_args(base, redis)
     engine_us: list[float] = []
     server_us: list[float] = []
     for _ in range(rounds):

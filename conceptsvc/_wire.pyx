@@ -801,3 +801,109 @@ cdef int _json_value(_Buf b, object v, int kind) except -1:
     else:
         _raw(b, int.__repr__(v).encode("ascii"))
     return 0
+
+
+# -- Redis commands (the cache's Redis tier) ------------------------------------------------------
+cdef inline Py_ssize_t _dec_len(Py_ssize_t v) noexcept:
+    cdef Py_ssize_t n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+cdef inline Py_ssize_t _put_dec(char* p, Py_ssize_t v) noexcept:
+    """Write v ≥ 0 in decimal at p; return how many bytes were written."""
+    cdef Py_ssize_t n = _dec_len(v), i = n
+    while i > 0:
+        i -= 1
+        p[i] = <char>(48 + v % 10)
+        v //= 10
+    return n
+
+
+cdef class RespPacker:
+    """redis-py's ``command_packer``: a command as one RESP array in one ``bytes``.
+
+    redis-py packs through hiredis, which grows its buffer argument by argument (``sprintf``
+    for every length and a ``realloc`` as it fills). The cache's Redis tier sends commands of
+    a thousand arguments and more (MGET of a batch's keys, the write script's keys and values):
+    here the sizes are read first and the command is written once into a ``bytes`` of exactly
+    its size. Arguments of exact type ``bytes`` and ``str`` (UTF-8, strict, as redis-py's
+    default encoder) and ``int`` (not ``bool``) are packed here; a command with any other
+    argument goes whole to ``fallback`` (redis-py's own rules, and its errors). The split of a
+    first argument that holds spaces ("CONFIG GET") is redis-py's too. Tests hold the output
+    to redis-py's pure-Python packer's, joined.
+    """
+
+    cdef object fallback
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def pack(self, *args):
+        cdef list items
+        cdef Py_ssize_t n, i, total, size, k
+        cdef Py_ssize_t* sizes = NULL
+        cdef const char** ptrs = NULL
+        cdef list keep = []
+        cdef object a
+        cdef char* out
+        cdef bytes result
+        if not args:
+            return self.fallback.pack(*args)
+        first = args[0]
+        if type(first) is str:
+            items = (<str>first).encode().split()
+        elif type(first) is bytes:
+            items = (<bytes>first).split() if b" " in <bytes>first else [first]
+        else:
+            return self.fallback.pack(*args)
+        items.extend(args[1:])
+        n = len(items)
+        sizes = <Py_ssize_t*>PyMem_Malloc(n * sizeof(Py_ssize_t))
+        ptrs = <const char**>PyMem_Malloc(n * sizeof(const char*))
+        if sizes == NULL or ptrs == NULL:
+            PyMem_Free(sizes)
+            PyMem_Free(ptrs)
+            raise MemoryError()
+        try:
+            total = 1 + _dec_len(n) + 2
+            for i in range(n):
+                a = items[i]
+                if type(a) is bytes:
+                    ptrs[i] = PyBytes_AS_STRING(a)
+                    sizes[i] = PyBytes_GET_SIZE(a)
+                elif type(a) is str:
+                    ptrs[i] = PyUnicode_AsUTF8AndSize(a, &size)
+                    sizes[i] = size
+                elif type(a) is int:
+                    a = repr(a).encode()
+                    keep.append(a)
+                    ptrs[i] = PyBytes_AS_STRING(a)
+                    sizes[i] = PyBytes_GET_SIZE(a)
+                else:
+                    return self.fallback.pack(*args)
+                total += 1 + _dec_len(sizes[i]) + 2 + sizes[i] + 2
+            result = PyBytes_FromStringAndSize(NULL, total)
+            out = PyBytes_AS_STRING(result)
+            out[0] = 42  # *
+            k = 1 + _put_dec(out + 1, n)
+            out[k] = 13
+            out[k + 1] = 10
+            k += 2
+            for i in range(n):
+                out[k] = 36  # $
+                k += 1 + _put_dec(out + k + 1, sizes[i])
+                out[k] = 13
+                out[k + 1] = 10
+                k += 2
+                memcpy(out + k, ptrs[i], sizes[i])
+                k += sizes[i]
+                out[k] = 13
+                out[k + 1] = 10
+                k += 2
+            return [result]
+        finally:
+            PyMem_Free(sizes)
+            PyMem_Free(ptrs)

@@ -11,8 +11,20 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis._parsers.encoders import Encoder
+from redis.connection import PythonRespSerializer
+from redis.exceptions import DataError
 
-from conceptsvc.cache import LruCache, RedisCache, TieredCache, build_cache, result_key
+from conceptsvc.cache import (
+    LruCache,
+    RedisCache,
+    TieredCache,
+    build_cache,
+    command_packer,
+    result_key,
+)
 from conceptsvc.config import load_settings
 
 if TYPE_CHECKING:
@@ -88,6 +100,72 @@ def test_cache_lru_batch_put_counts_bytes_like_one_by_one() -> None:
     assert lru.size_bytes == 1 + 1 + 1 + 14 + 1  # d, a, e, g, h
     lru.put_many([])
     assert len(lru) == 5
+
+
+# redis-py's own pure-Python packer with its default encoder: the reference the compiled one
+# is held to (joined: it splits large arguments into chunks of its own).
+_REFERENCE_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+_ARGS = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=40),  # any code point but lone surrogates: UTF-8 as redis-py encodes it
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+
+
+def _packed(packer: object, *args: object) -> bytes:
+    return b"".join(packer.pack(*args))  # type: ignore[attr-defined]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    head=st.sampled_from(["GET", "CONFIG GET", b"MGET", b"SCRIPT LOAD", "EVALSHA", 7, b"X"]),
+    args=st.lists(_ARGS, max_size=40),
+)
+def test_cache_compiled_packer_writes_what_redis_py_writes(
+    head: object, args: list[object]
+) -> None:
+    """The same bytes, or the same error (a command name that is not text: redis-py's
+    TypeError)."""
+    packer = command_packer()
+    assert packer is not None and type(packer).__module__ == "conceptsvc._wire"
+    try:
+        expected = _packed(_REFERENCE_PACKER, head, *args)
+    except TypeError:
+        with pytest.raises(TypeError):
+            packer.pack(head, *args)
+        return
+    assert _packed(packer, head, *args) == expected
+
+
+def test_cache_compiled_packer_hands_other_arguments_to_redis_py() -> None:
+    """Floats and memoryviews are packed by redis-py's rules; a bool is its DataError; a
+    string that is not UTF-8 (a lone surrogate) fails as redis-py's encoder fails."""
+    packer = command_packer()
+    assert packer is not None
+    for args in (("SET", "k", 1.5), ("SET", "k", memoryview(b"xy")), ("SET", b"k", 2.0, "v")):
+        assert _packed(packer, *args) == _packed(_REFERENCE_PACKER, *args)
+    with pytest.raises(DataError):
+        packer.pack("SET", "k", True)
+    with pytest.raises(UnicodeEncodeError):
+        packer.pack("SET", "k\ud800", b"v")
+    with pytest.raises(UnicodeEncodeError):
+        _REFERENCE_PACKER.pack("SET", "k\ud800", b"v")
+
+
+def test_cache_redis_tier_packs_with_the_compiled_packer(shared_redis: RedisServer) -> None:
+    """The tier's connections use the compiled packer, and what it sends round-trips through
+    a real Redis: keys with non-ASCII text, empty and large values, the TTL as an int."""
+    cache = RedisCache(shared_redis.url, prefix="t-packer:", ttl_seconds=90)
+    conn = cache._client.connection_pool.get_connection()
+    try:
+        assert type(conn._command_packer).__name__ == "RespPacker"
+    finally:
+        cache._client.connection_pool.release(conn)
+    items = [("é-key", b""), ("k\x00z", b"\r\n$3\r\n"), ("big", bytes(range(256)) * 400)]
+    cache.put_many(items)
+    assert cache.get_many([k for k, _ in items] + ["none"]) == [v for _, v in items] + [None]
+    assert 0 < _redis(shared_redis.url).ttl("t-packer:é-key") <= 90
+    cache.close()
 
 
 def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer) -> None:

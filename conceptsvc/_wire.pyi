@@ -2,7 +2,7 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from conceptsvc.model import Annotation, StreamResult
+from conceptsvc.model import Annotation, MentionRows, StreamResult
 
 class AnnotationWriter:
     def __init__(
@@ -10,6 +10,7 @@ class AnnotationWriter:
         concepts_field: int, mention_type: type | None = None,
     ) -> None: ...
     def encode(self, annotation: Annotation) -> bytes: ...
+    def encode_rows(self, parts: MentionRows) -> bytes: ...
 
 class ItemJoiner:
     def __init__(self, items_field: int, id_field: int, cached_field: bytes) -> None: ...

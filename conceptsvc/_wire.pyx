@@ -26,6 +26,7 @@ cost the client more CPU a caption than the server spent on it.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp, memcpy
@@ -130,6 +131,8 @@ cdef class AnnotationWriter:
     cdef int n_fields
     cdef uint64_t mentions_tag
     cdef uint64_t concepts_tag
+    cdef int row_index[MAX_FIELDS]  # by field: its position in a mention row (encode_rows)
+    cdef Py_ssize_t row_len  # the mention type's slot count; -1: no rows
 
     def __init__(self, mention_layout, int mentions_field, int concepts_field,
                  mention_type=None):
@@ -144,11 +147,15 @@ cdef class AnnotationWriter:
         self.attrs = []
         self.getters = []
         self.mention_type = mention_type
+        slots = tuple(getattr(mention_type, "__slots__", ())) if mention_type is not None else ()
+        self.row_len = len(slots) if slots else -1
         for i, (attr, number, kind) in enumerate(layout):
             if kind not in (K_STRING, K_VARINT, K_DOUBLE, K_BOOL, K_STRINGS):
                 raise ValueError(f"unknown wire kind {kind!r} for {attr}")
             if mention_type is not None:
                 self.getters.append(mention_type.__dict__[attr])
+            if slots:
+                self.row_index[i] = slots.index(attr)
             self.attrs.append(attr)
             self.kinds[i] = kind
             self.tags[i] = (<uint64_t>number << 3) | (
@@ -158,11 +165,42 @@ cdef class AnnotationWriter:
         self.mentions_tag = (<uint64_t>mentions_field << 3) | 2
         self.concepts_tag = (<uint64_t>concepts_field << 3) | 2
 
-    cdef int _mention(self, _Buf out, _Buf b, object m) except -1:
-        cdef int i, kind
-        cdef uint64_t tag, bits
+    cdef int _field(self, _Buf b, int i, object v) except -1:
+        """Field ``i`` of the layout, value ``v`` (left out when it is proto3's default)."""
+        cdef int kind = self.kinds[i]
+        cdef uint64_t tag = self.tags[i], bits
         cdef int64_t iv
         cdef double dv
+        if kind == K_STRING:
+            if len(<str>v):
+                b.string(tag, v)
+        elif kind == K_VARINT:
+            iv = v
+            if iv:
+                b.reserve(20)
+                b.put_varint(tag)
+                b.put_varint(<uint64_t>iv)
+        elif kind == K_DOUBLE:
+            dv = v
+            memcpy(&bits, &dv, 8)
+            if bits:
+                b.reserve(18)
+                b.put_varint(tag)
+                memcpy(b.p + b.n, &dv, 8)
+                b.n += 8
+        elif kind == K_BOOL:
+            if v:
+                b.reserve(11)
+                b.put_varint(tag)
+                b.p[b.n] = 1
+                b.n += 1
+        else:
+            for s in v:
+                b.string(tag, s)
+        return 0
+
+    cdef int _mention(self, _Buf out, _Buf b, object m) except -1:
+        cdef int i
         cdef bint slots = type(m) is self.mention_type
         b.n = 0
         for i in range(self.n_fields):
@@ -170,34 +208,17 @@ cdef class AnnotationWriter:
                 v = _get_slot(self.getters[i], m)
             else:
                 v = getattr(m, <str>self.attrs[i])
-            kind = self.kinds[i]
-            tag = self.tags[i]
-            if kind == K_STRING:
-                if len(<str>v):
-                    b.string(tag, v)
-            elif kind == K_VARINT:
-                iv = v
-                if iv:
-                    b.reserve(20)
-                    b.put_varint(tag)
-                    b.put_varint(<uint64_t>iv)
-            elif kind == K_DOUBLE:
-                dv = v
-                memcpy(&bits, &dv, 8)
-                if bits:
-                    b.reserve(18)
-                    b.put_varint(tag)
-                    memcpy(b.p + b.n, &dv, 8)
-                    b.n += 8
-            elif kind == K_BOOL:
-                if v:
-                    b.reserve(11)
-                    b.put_varint(tag)
-                    b.p[b.n] = 1
-                    b.n += 1
-            else:
-                for s in v:
-                    b.string(tag, s)
+            self._field(b, i, v)
+        out.delimited(self.mentions_tag, b.p, b.n)
+        return 0
+
+    cdef int _row(self, _Buf out, _Buf b, tuple row) except -1:
+        cdef int i
+        if len(row) != self.row_len:
+            raise ValueError(f"a mention row has {len(row)} values, not {self.row_len}")
+        b.n = 0
+        for i in range(self.n_fields):
+            self._field(b, i, <object>PyTuple_GET_ITEM(row, self.row_index[i]))
         out.delimited(self.mentions_tag, b.p, b.n)
         return 0
 
@@ -212,6 +233,23 @@ cdef class AnnotationWriter:
             for m in mentions:
                 self._mention(out, scratch, m)
         for c in annotation.concepts:
+            out.string(self.concepts_tag, c)
+        return out.take()
+
+    def encode_rows(self, tuple parts not None):
+        """:meth:`encode` of ``(mentions, concepts)`` whose mentions are tuples of the mention
+        type's fields in its ``__slots__`` order (``Extractor.extract_rows``): the same bytes
+        as the Annotation those values make."""
+        if self.row_len < 0:
+            raise TypeError("this writer was built without a mention type with __slots__")
+        mentions, concepts = parts
+        cdef _Buf out = _Buf()
+        cdef _Buf scratch
+        if mentions:
+            scratch = _Buf()
+            for m in mentions:
+                self._row(out, scratch, m)
+        for c in concepts:
             out.string(self.concepts_tag, c)
         return out.take()
 

@@ -79,7 +79,14 @@ from conceptsvc.index import (
     Posting,
 )
 from conceptsvc.matcher import ExactMatcher, Match, posting_checks, surface_check
-from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention, batch_items
+from conceptsvc.model import (
+    Annotation,
+    Candidate,
+    ExtractOptions,
+    Mention,
+    MentionRows,
+    batch_items,
+)
 from conceptsvc.negation import Category, NegationDetector, mention_context
 from conceptsvc.normalize import (
     SPEEDUPS,
@@ -480,15 +487,21 @@ class Extractor:
         return self._approx
 
     # -- extraction ----------------------------------------------------------------------------
-    def extract(
-        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
-    ) -> Annotation:
-        """Concepts of one caption. Offsets are code-point offsets into ``text``."""
+    def _plan_of(self, options: ExtractOptions | None) -> _Plan:
+        """The plan of ``options`` (the defaults when None); the last one used is kept at hand,
+        since a worker's calls mostly repeat the same options."""
         last = self._last
         if options is None:
             options = self.default_options
         plan = last[1] if last[0] is options and last[1] is not None else self._plan(options)
         self._last = (options, plan)
+        return plan
+
+    def extract(
+        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
+    ) -> Annotation:
+        """Concepts of one caption. Offsets are code-point offsets into ``text``."""
+        plan = self._plan_of(options)
         if self._fast is not None:
             return self._fast.extract(text, plan, id)
         o = plan.options
@@ -549,6 +562,15 @@ class Extractor:
                 ))
             mentions = tuple(out)
         return Annotation(id=id, mentions=mentions, concepts=(*mentioned, *inferred))
+
+    def extract_rows(self, text: str, options: ExtractOptions | None = None) -> MentionRows:
+        """:meth:`extract` for a writer of wire bytes (the service's): the mentions as tuples of
+        their fields (:meth:`Mention.row`) and the concepts. The compiled path builds no
+        Mention or Annotation object for them."""
+        if self._fast is not None:
+            return self._fast.extract_rows(text, self._plan_of(options))
+        a = self.extract(text, options)
+        return tuple(m.row() for m in a.mentions), a.concepts
 
     def extract_batch(
         self,

@@ -38,6 +38,7 @@ __all__ = [
     "IndexSummary",
     "ItemError",
     "Mention",
+    "MentionRows",
     "Mode",
     "Overlap",
     "ReloadResult",
@@ -199,6 +200,10 @@ class Mention:
     historical: bool = False
     experiencer: str = "patient"
 
+    def row(self) -> tuple[Any, ...]:
+        """The fields as a tuple, in their order (one mention of :data:`MentionRows`)."""
+        return tuple(getattr(self, name) for name in self.__slots__)
+
     @property
     def context(self) -> tuple[str, ...]:
         """The ConText properties that are set, as words for people: ("negated",
@@ -216,6 +221,11 @@ class Annotation:
     id: str
     mentions: tuple[Mention, ...]
     concepts: tuple[str, ...]  # deduplicated CUIs, in order of first evidence
+
+
+# An annotation for a writer of wire bytes (``Extractor.extract_rows``): its mentions, each as
+# the tuple of the Mention's fields in their order (:meth:`Mention.row`), and its concepts.
+MentionRows = tuple[tuple[tuple[Any, ...], ...], tuple[str, ...]]
 
 
 _BATCH_SHAPES = (

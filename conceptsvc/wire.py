@@ -42,6 +42,7 @@ from conceptsvc.model import (
     IndexSummary,
     ItemError,
     Mention,
+    MentionRows,
     ReloadResult,
     SemanticCatalog,
     ServiceInfo,
@@ -303,6 +304,12 @@ def _delimited(tag: bytes, data: bytes) -> bytes:
 
 class AnnotationWriter(Protocol):
     def encode(self, annotation: Annotation) -> bytes: ...
+    def encode_rows(self, parts: MentionRows) -> bytes: ...
+
+
+def _annotation_of_rows(parts: MentionRows) -> Annotation:
+    mentions, concepts = parts
+    return Annotation(id="", mentions=tuple(Mention(*row) for row in mentions), concepts=concepts)
 
 
 class AnnotationWriterPy:
@@ -346,6 +353,10 @@ class AnnotationWriterPy:
         parts += [_delimited(self._concepts_tag, c.encode("utf-8")) for c in annotation.concepts]
         return b"".join(parts)
 
+    def encode_rows(self, parts: MentionRows) -> bytes:
+        """:meth:`encode` of what ``Extractor.extract_rows`` returns."""
+        return self.encode(_annotation_of_rows(parts))
+
 
 class _ProtobufWriter:
     """The writer of last resort: protobuf's own serialisation (when the layout is unmappable)."""
@@ -354,6 +365,9 @@ class _ProtobufWriter:
         msg = annotation_to_pb(annotation)
         msg.id = ""
         return bytes(msg.SerializeToString())
+
+    def encode_rows(self, parts: MentionRows) -> bytes:
+        return self.encode(_annotation_of_rows(parts))
 
 
 class ItemJoiner(Protocol):

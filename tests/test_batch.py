@@ -44,7 +44,7 @@ from conceptsvc.errors import (
 from conceptsvc.evaluation import read_concepts
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex, IndexBuilder
-from conceptsvc.model import Annotation, ExtractOptions
+from conceptsvc.model import ExtractOptions, MentionRows
 from conceptsvc.server.app import ConceptServer, create_server
 
 DEMO_CAPTIONS = Path(__file__).parent.parent / "conceptsvc" / "data" / "demo" / "captions.csv"
@@ -590,11 +590,11 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
 class SlowExtractor(Extractor):
     """The real engine, 2 ms a caption slower."""
 
-    def extract(
-        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
-    ) -> Annotation:
+    def extract_rows(
+        self, text: str, options: ExtractOptions | None = None
+    ) -> MentionRows:
         time.sleep(0.002)
-        return super().extract(text, options, id=id)
+        return super().extract_rows(text, options)
 
 
 class GatedExtractor(Extractor):
@@ -609,14 +609,14 @@ class GatedExtractor(Extractor):
         self.held = 0
         self._held_lock = threading.Lock()
 
-    def extract(
-        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
-    ) -> Annotation:
+    def extract_rows(
+        self, text: str, options: ExtractOptions | None = None
+    ) -> MentionRows:
         if self.marker in text:
             with self._held_lock:
                 self.held += 1
             self.gate.wait(120)  # bounded, so a broken test cannot hang the server forever
-        return super().extract(text, options, id=id)
+        return super().extract_rows(text, options)
 
 
 def test_batch_a_caption_that_always_times_out_does_not_sink_its_batch(
@@ -1182,9 +1182,9 @@ class ReloadingExtractor(Extractor):
         self.held = threading.Event()
         self.gate = threading.Event()
 
-    def extract(
-        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
-    ) -> Annotation:
+    def extract_rows(
+        self, text: str, options: ExtractOptions | None = None
+    ) -> MentionRows:
         if self.hold is not None and self.hold in text:
             self.held.set()
             self.gate.wait(60)  # bounded, so a broken test cannot hang the server
@@ -1193,7 +1193,7 @@ class ReloadingExtractor(Extractor):
             if self.hold is not None:
                 self.held.wait(60)
             self.swap()
-        return super().extract(text, options, id=id)
+        return super().extract_rows(text, options)
 
 
 MARKER = "DEPLOY-HERE"

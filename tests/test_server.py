@@ -44,7 +44,7 @@ from conceptsvc.errors import ServiceCallError
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.metrics import start_metrics_http_server
-from conceptsvc.model import Annotation, ExtractOptions
+from conceptsvc.model import ExtractOptions, MentionRows
 from conceptsvc.server import create_server
 
 if TYPE_CHECKING:
@@ -430,20 +430,21 @@ def test_server_drain_refuses_new_rpcs_and_finishes_in_flight(index_a: Path) -> 
 
 
 class _GatedExtractor(Extractor):
-    """The real engine, held at the start of ``extract`` until the test opens the gate: a call
-    is then known to be in flight (not merely slow) for as long as the test needs."""
+    """The real engine, held at the start of ``extract_rows`` (what the server calls) until the
+    test opens the gate: a call is then known to be in flight (not merely slow) for as long as
+    the test needs."""
 
     def __init__(self, index: ConceptIndex) -> None:
         super().__init__(index)
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def extract(
-        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
-    ) -> Annotation:
+    def extract_rows(
+        self, text: str, options: ExtractOptions | None = None
+    ) -> MentionRows:
         self.entered.set()
         self.gate.wait(20)
-        return super().extract(text, options, id=id)
+        return super().extract_rows(text, options)
 
 
 def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:

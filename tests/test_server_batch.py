@@ -26,7 +26,7 @@ from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ServiceCallError
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
-from conceptsvc.model import Annotation, ExtractOptions
+from conceptsvc.model import ExtractOptions, MentionRows
 from conceptsvc.server import create_server
 
 if TYPE_CHECKING:
@@ -66,11 +66,11 @@ class _SlowExtractor(Extractor):
         super().__init__(index)
         self.delay = delay
 
-    def extract(
-        self, text: str, options: ExtractOptions | None = None, *, id: str = ""
-    ) -> Annotation:
+    def extract_rows(
+        self, text: str, options: ExtractOptions | None = None
+    ) -> MentionRows:
         time.sleep(self.delay)
-        return super().extract(text, options, id=id)
+        return super().extract_rows(text, options)
 
 
 def test_server_batch_answers_in_request_order_like_the_stream_and_unary(port: int) -> None:

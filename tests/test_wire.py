@@ -186,6 +186,17 @@ def test_wire_writers_give_protobufs_own_bytes(a: Annotation) -> None:
     assert wire.annotation_writer(compiled=False).encode(a) == expected
     back = wire.annotation_from_pb(pb.AnnotateResponse.FromString(expected))
     assert (back.mentions, back.concepts) == (a.mentions, a.concepts)
+    # the same values as rows (what the server hands the writer): the same bytes
+    rows = (tuple(m.row() for m in a.mentions), a.concepts)
+    assert wire.annotation_writer().encode_rows(rows) == expected
+    assert wire.annotation_writer(compiled=False).encode_rows(rows) == expected
+    assert wire._ProtobufWriter().encode_rows(rows) == expected
+
+
+def test_wire_compiled_writer_refuses_rows_of_another_length() -> None:
+    m = Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S")
+    with pytest.raises(ValueError, match="11 values, not 12"):
+        wire.annotation_writer().encode_rows(((m.row()[:-1],), ()))
 
 
 def test_wire_writers_on_the_demo_captions(tmp_path: Path) -> None:
@@ -201,12 +212,35 @@ def test_wire_writers_on_the_demo_captions(tmp_path: Path) -> None:
         texts = [r[1] for r in list(csv.reader(fh))[1:]]
     n_mentions = 0
     for opts in (ExtractOptions(), ExtractOptions(include_mentions=False),
-                 ExtractOptions(profile="rocov2", overlap="all")):
+                 ExtractOptions(profile="rocov2", overlap="all"),
+                 ExtractOptions(mode="approximate", include_hypothetical=True)):
         for text in texts:
             a = ex.extract(text, opts)
             n_mentions += len(a.mentions)
             assert fast.encode(a) == ref.encode(a) == _protobuf_bytes(a), text
+            # the server's path: the engine's rows (no Mention objects), written as rows
+            rows = ex.extract_rows(text, opts)
+            assert rows == (tuple(m.row() for m in a.mentions), a.concepts), text
+            assert fast.encode_rows(rows) == ref.encode_rows(rows) == fast.encode(a), text
     assert n_mentions > 100
+
+
+def test_wire_extract_rows_of_the_reference_engine_match_the_compiled_one(
+    tmp_path: Path,
+) -> None:
+    """``Extractor.extract_rows`` on the reference engine (Mention objects turned into rows)
+    gives what the compiled one builds without them."""
+    from conceptsvc.embedded import demo_index
+    from conceptsvc.extractor import Extractor
+
+    index = demo_index(tmp_path)
+    fast, ref = Extractor(index, engine="compiled"), Extractor(index, engine="reference")
+    texts = ["No pleural effusion. History of stroke; mother had breast cancer.",
+             "CT of the chest (computed tomography) shows a lung nodule", "", "xyz"]
+    for opts in (None, ExtractOptions(mode="approximate"), ExtractOptions(include_mentions=False)):
+        for text in texts:
+            assert fast.extract_rows(text, opts) == ref.extract_rows(text, opts), text
+    assert fast.extract_rows(texts[0])[0], "the first text has mentions"
 
 
 @settings(max_examples=100, deadline=None)

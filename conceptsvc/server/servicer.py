@@ -548,8 +548,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             blobs = []  # all missed (a cold batch): no item needs the hit check below
         puts: list[tuple[str, bytes]] = []
         n_cached = n_fresh = 0
-        extract = loaded.extractor.extract
-        encode = self._writer.encode
+        extract = loaded.extractor.extract_rows
+        encode = self._writer.encode_rows
         monotonic = time.monotonic
         max_bytes = self.settings.max_message_bytes
         for k, i in enumerate(todo):
@@ -570,7 +570,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                         out[j] = late
                 break
             try:
-                blob = encode(extract(texts[i], todo_opts[k], id=""))
+                blob = encode(extract(texts[i], todo_opts[k]))
             except Exception as exc:
                 out[i] = exc
                 continue
@@ -604,7 +604,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             if blob is not None and _readable(blob, key):
                 self.metrics.captions_annotated(0, 1)
                 return blob, True
-        blob = self._writer.encode(loaded.extractor.extract(text, opts, id=""))
+        blob = self._writer.encode_rows(loaded.extractor.extract_rows(text, opts))
         if cache is not None and key is not None and len(blob) <= settings.max_message_bytes:
             cache.put_many([(key, blob)])
         self.metrics.captions_annotated(1, 0)

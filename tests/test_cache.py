@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING
 
 import pytest
@@ -81,6 +81,36 @@ def test_cache_lru_bounds_entries_and_bytes() -> None:
     assert lru.size_bytes == 2
     with pytest.raises(ValueError):
         LruCache(0, 10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.sampled_from("abcdefgh"), st.binary(max_size=12)), max_size=6),
+        max_size=8,
+    ),
+    st.integers(1, 6),
+    st.integers(1, 30),
+)
+def test_cache_lru_batch_puts_leave_what_the_entry_by_entry_loop_leaves(
+    batches: list[list[tuple[str, bytes]]], max_entries: int, max_bytes: int
+) -> None:
+    """Batches with repeated keys, replaced keys and values over the byte bound: the same
+    entries, in the same recency order, and the same byte count as the reference below (each
+    pair in turn — a value over the bound skipped, a replaced entry moved to the end — then
+    the least recent entries evicted until both bounds hold)."""
+    lru = LruCache(max_entries, max_bytes)
+    ref: OrderedDict[str, bytes] = OrderedDict()
+    for batch in batches:
+        lru.put_many(batch)
+        for k, v in batch:
+            if len(v) <= max_bytes:
+                ref.pop(k, None)
+                ref[k] = v
+        while len(ref) > max_entries or sum(map(len, ref.values())) > max_bytes:
+            ref.popitem(last=False)
+        assert list(lru._data.items()) == list(ref.items())
+        assert lru.size_bytes == sum(map(len, ref.values()))
 
 
 def test_cache_lru_batch_put_counts_bytes_like_one_by_one() -> None:

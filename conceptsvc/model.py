@@ -202,7 +202,9 @@ class Mention:
 
     def row(self) -> tuple[Any, ...]:
         """The fields as a tuple, in their order (one mention of :data:`MentionRows`)."""
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return (self.cui, self.preferred_name, self.text, self.start, self.end, self.score,
+                self.semantic_types, self.source, self.negated, self.hypothetical,
+                self.historical, self.experiencer)
 
     @property
     def context(self) -> tuple[str, ...]:

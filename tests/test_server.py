@@ -383,9 +383,10 @@ def test_server_health_not_serving_until_loaded(index_a: Path) -> None:
     with running_server(settings_for(index_a), load=False) as (server, port):
         assert _health(port) == "NOT_SERVING"
         assert _health(port, "conceptsvc.v1.ConceptService") == "NOT_SERVING"
-        with ConceptClient(f"127.0.0.1:{port}") as c:
-            assert _status(c.annotate, "lung") == "FAILED_PRECONDITION"
-            assert _status(c.get_info) == "FAILED_PRECONDITION"
+        with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+            # UNAVAILABLE (transient, retried by clients), not FAILED_PRECONDITION
+            assert _status(c.annotate, "lung") == "UNAVAILABLE"
+            assert _status(c.get_info) == "UNAVAILABLE"
             outcome = server.reload()
             assert outcome.changed and outcome.previous_content_hash == ""
             assert _health(port) == "SERVING"
@@ -566,6 +567,30 @@ def test_server_reload_under_load_without_failed_requests(
                 w.join(30)
     assert errors == []
     assert counts["unary"] > 20 and counts["stream"] > 50
+
+
+def test_server_calls_before_the_index_is_loaded_are_retried_until_it_is(index_a: Path) -> None:
+    """A server that is still loading answers UNAVAILABLE, which clients retry with backoff: a
+    call made before the load is answered once the index is in (a replacement server coming up
+    on the port while a drained batch is resent takes this path)."""
+    with running_server(settings_for(index_a), load=False) as (server, port):
+        results: list[Any] = []
+        with ConceptClient(f"127.0.0.1:{port}", retries=20, backoff=0.05, backoff_max=0.2) as c:
+            caller = threading.Thread(
+                target=lambda: results.append(c.annotate_batch([("1", "lung")]))
+            )
+            caller.start()
+            deadline = time.monotonic() + 10
+            while server.metrics.value(
+                "conceptsvc_requests_total", {"method": "AnnotateBatch", "code": "UNAVAILABLE"}
+            ) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the call has been refused at least once
+            server.reload()
+            caller.join(20)
+        assert results and [r.annotation.concepts for r in results[0]] == [("C0024109",)]
+        assert server.metrics.value(
+            "conceptsvc_requests_total", {"method": "AnnotateBatch", "code": "UNAVAILABLE"}
+        ) >= 1
 
 
 def test_server_failed_reload_keeps_serving_the_old_index(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ text, an option list, a request or a reply over the   RESOURCE_EXHAUSTED
 configured limits (``InputTooLargeError``)
 every RPC thread a call may take is busy              RESOURCE_EXHAUSTED
 (``max_concurrent_rpcs``), refused at once
-index not loaded yet; a reload that failed            FAILED_PRECONDITION
-(``ConceptIndexError``)
+a reload that failed (``ConceptIndexError``)          FAILED_PRECONDITION
+index not loaded yet (the server is starting)         UNAVAILABLE
 server draining (shutting down)                       UNAVAILABLE
 a stream idle longer than ``stream_idle_seconds``     UNAVAILABLE
 unknown CUI                                           NOT_FOUND
@@ -84,9 +84,13 @@ def not_found(message: str) -> RpcFailure:
 
 
 def not_ready() -> RpcFailure:
+    # UNAVAILABLE, not FAILED_PRECONDITION: a server loading its index is a transient state
+    # that ends by itself, and clients retry UNAVAILABLE with backoff — a replacement server
+    # that comes up on the port while a batch is resent after a drain must not fail the batch.
     return RpcFailure(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "the index is not loaded yet; wait until the health check reports SERVING",
+        grpc.StatusCode.UNAVAILABLE,
+        "the index is not loaded yet (the server is starting); retry — the health check "
+        "reports SERVING once it is",
     )
 
 

@@ -19,6 +19,13 @@ The bytes are protobuf's canonical encoding (fields in number order, proto3 defa
 out), so they equal ``annotation_to_pb(a).SerializeToString()``. Doubles are written in the
 machine's byte order, which must be little-endian as protobuf's is (checked at import).
 
+The server hands the writer the engine's rows (``encode_rows``: each mention a tuple of the
+Mention's fields, ``Extractor.extract_rows``) rather than Annotation objects, so that no
+object is built only to be read back; ``encode`` keeps taking Annotations.
+
+One more wire format, Redis's: ``RespPacker`` packs the cache tier's commands (see
+:mod:`conceptsvc.cache`).
+
 The other direction, for the clients: ``BatchReader`` reads AnnotateBatch replies into the
 journal's JSON form (``conceptsvc annotate``), ``ResultReader`` into the domain objects
 ``ConceptClient`` returns; parsing them with protobuf and converting each message field by field

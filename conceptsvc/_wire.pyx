@@ -179,7 +179,7 @@ cdef class AnnotationWriter:
         cdef int64_t iv
         cdef double dv
         if kind == K_STRING:
-            if len(<str>v):
+            if len(<str?>v):  # checked: a row's values are not typed slots
                 b.string(tag, v)
         elif kind == K_VARINT:
             iv = v

@@ -164,7 +164,10 @@ class ServiceCallError(ClientError):
         self.status = status
         self.details = details
         hint = {
-            "UNAVAILABLE": " Is the service running and reachable (check --target)?",
+            "UNAVAILABLE": (
+                " Is the service running and reachable (check --target), or still loading its "
+                "index?"
+            ),
             "UNAUTHENTICATED": " Pass the service's token (--token / CONCEPTSVC_TOKEN).",
             "DEADLINE_EXCEEDED": " Raise the deadline (--timeout) or send smaller batches.",
         }.get(status, "")

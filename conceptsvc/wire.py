@@ -309,6 +309,10 @@ class AnnotationWriter(Protocol):
 
 def _annotation_of_rows(parts: MentionRows) -> Annotation:
     mentions, concepts = parts
+    size = len(Mention.__slots__)
+    for row in mentions:
+        if len(row) != size:  # (Mention's defaults would fill a short row in silently)
+            raise ValueError(f"a mention row has {len(row)} values, not {size}")
     return Annotation(id="", mentions=tuple(Mention(*row) for row in mentions), concepts=concepts)
 
 

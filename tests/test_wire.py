@@ -193,10 +193,18 @@ def test_wire_writers_give_protobufs_own_bytes(a: Annotation) -> None:
     assert wire._ProtobufWriter().encode_rows(rows) == expected
 
 
-def test_wire_compiled_writer_refuses_rows_of_another_length() -> None:
+def test_wire_writers_refuse_rows_of_another_length_or_type() -> None:
+    """A row is checked, not trusted: a short one is refused by every writer (Mention's
+    defaults would otherwise fill it in), and a value of the wrong type in a string field is a
+    TypeError in the compiled writer, never a read of another object's memory."""
     m = Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S")
-    with pytest.raises(ValueError, match="11 values, not 12"):
-        wire.annotation_writer().encode_rows(((m.row()[:-1],), ()))
+    for writer in (wire.annotation_writer(), wire.annotation_writer(compiled=False),
+                   wire._ProtobufWriter()):
+        with pytest.raises(ValueError, match="11 values, not 12"):
+            writer.encode_rows(((m.row()[:-1],), ()))
+    for bad in (0, b"C1", ()):
+        with pytest.raises(TypeError):
+            wire.annotation_writer().encode_rows((((bad, *m.row()[1:]),), ()))
 
 
 def test_wire_writers_on_the_demo_captions(tmp_path: Path) -> None:

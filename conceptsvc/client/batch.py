@@ -535,10 +535,12 @@ class _Runner:
                     targets.rest(i, self._backoff(attempt + 1))
                     await asyncio.sleep(self._backoff(attempt + 1))
                     continue
-                raise ClientError(
-                    f"the service rejected the run's options: {exc.code().name}: "
-                    f"{exc.details()}"
-                ) from None
+                what = (
+                    f"the service did not answer after {attempt + 1} tries"
+                    if exc.code() in _RETRYABLE
+                    else "the service rejected the run's options"
+                )
+                raise ClientError(f"{what}: {exc.code().name}: {exc.details()}") from None
 
     # -- main ----------------------------------------------------------------------------------
     async def run(self) -> None:

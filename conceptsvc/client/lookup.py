@@ -148,9 +148,9 @@ class RemoteLookup:
             if exc.status == "UNAVAILABLE":
                 raise ServiceUnreachableError(
                     f"no conceptsvc service answers at {self.target} (UNAVAILABLE: "
-                    f"{exc.details}); start one "
-                    "with `conceptsvc serve`, point --target at one, or run the engine in this "
-                    "process with --local"
+                    f"{exc.details}); if one is starting, wait until it has loaded its index; "
+                    "else start one with `conceptsvc serve`, point --target at one, or run the "
+                    "engine in this process with --local"
                 ) from None
             raise
 

@@ -1958,6 +1958,16 @@ cdef class FastPath:
 
     def extract(self, str text not None, object plan not None, object id=u""):
         """The annotation of one caption under a compiled plan (``extractor._Plan``)."""
+        return self._run(text, plan, id, False)
+
+    def extract_rows(self, str text not None, object plan not None):
+        """What :meth:`extract` finds, for a writer of wire bytes: ``(mentions, concepts)``,
+        each mention a tuple of the Mention's fields in their order. No Mention or Annotation
+        object is built (building one and reading it back cost the server ≈ 4k instructions a
+        mention)."""
+        return self._run(text, plan, u"", True)
+
+    cdef object _run(self, str text, object plan, object id, bint row):
         if self.table is None:
             raise TypeError("FastPath was not initialised")
         _uready(text)  # before len(text) sizes the arrays
@@ -1966,23 +1976,7 @@ cdef class FastPath:
         if tids is NULL:
             raise MemoryError()
         try:
-            return self._extract(text, plan, id, tids, tids + len(text) + 1, False)
-        finally:
-            free(tids)
-
-    def extract_rows(self, str text not None, object plan not None):
-        """What :meth:`extract` finds, for a writer of wire bytes: ``(mentions, concepts)``,
-        each mention a tuple of the Mention's fields in their order. No Mention or Annotation
-        object is built (building one and reading it back cost the server ≈ 4k instructions a
-        mention)."""
-        if self.table is None:
-            raise TypeError("FastPath was not initialised")
-        _uready(text)
-        cdef int32_t *tids = <int32_t *>malloc(2 * (len(text) + 1) * sizeof(int32_t))
-        if tids is NULL:
-            raise MemoryError()
-        try:
-            return self._extract(text, plan, u"", tids, tids + len(text) + 1, True)
+            return self._extract(text, plan, id, tids, tids + len(text) + 1, row)
         finally:
             free(tids)
 

@@ -231,17 +231,7 @@ cdef class AnnotationWriter:
 
     def encode(self, annotation):
         """The caption's result as AnnotateResponse fields ``mentions`` and ``concepts``."""
-        # Buffers per call, not per writer: one writer serves every RPC thread of a worker.
-        cdef _Buf out = _Buf()
-        cdef _Buf scratch
-        mentions = annotation.mentions
-        if mentions:
-            scratch = _Buf()
-            for m in mentions:
-                self._mention(out, scratch, m)
-        for c in annotation.concepts:
-            out.string(self.concepts_tag, c)
-        return out.take()
+        return self._encode(annotation.mentions, annotation.concepts, False)
 
     def encode_rows(self, tuple parts not None):
         """:meth:`encode` of ``(mentions, concepts)`` whose mentions are tuples of the mention
@@ -250,12 +240,19 @@ cdef class AnnotationWriter:
         if self.row_len < 0:
             raise TypeError("this writer was built without a mention type with __slots__")
         mentions, concepts = parts
+        return self._encode(mentions, concepts, True)
+
+    cdef bytes _encode(self, object mentions, object concepts, bint rows):
+        # Buffers per call, not per writer: one writer serves every RPC thread of a worker.
         cdef _Buf out = _Buf()
         cdef _Buf scratch
         if mentions:
             scratch = _Buf()
             for m in mentions:
-                self._row(out, scratch, m)
+                if rows:
+                    self._row(out, scratch, m)
+                else:
+                    self._mention(out, scratch, m)
         for c in concepts:
             out.string(self.concepts_tag, c)
         return out.take()

@@ -9,8 +9,11 @@ of ``make test``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+from conceptsvc.grpc_io import prefer_poller_io
 
 __all__ = ["BENCHMARKS", "NOT_IN_ALL", "main"]
 
@@ -35,6 +38,9 @@ def _run(name: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The benchmarks' own clients and the services they start on the socket layer the
+    # `conceptsvc` command picks (conceptsvc.grpc_io), unless GRPC_EXPERIMENTS is set.
+    prefer_poller_io(os.environ, sys.modules)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or (args[0] not in BENCHMARKS and args[0] != "all"):
         print(f"usage: python -m benchmarks.bench {{{','.join([*BENCHMARKS, 'all'])}}} "

@@ -1,7 +1,8 @@
 """Service benchmark: captions through the real gRPC service, against QuickUMLS in-process.
 
-``python -m benchmarks.bench service --captions PATH`` (or ``python -m
-benchmarks.bench_service ...``). Part of ``make bench``, never of ``make test``.
+``python -m benchmarks.bench service --captions PATH``. Part of ``make bench``, never of
+``make test``. (``python -m benchmarks.bench_service ...`` runs it too, but its own clients then
+start gRPC on its default socket layer: the dispatcher picks the layer before gRPC starts.)
 
 What it measures, on the captions CSV given by path (``ID,Caption``; the ROCOv2 validation
 captions are ``../shared/data/rocov2/valid_captions.csv``), all in one run so that every figure
@@ -35,7 +36,10 @@ shares the machine's state:
    over a fraction of a second and follows the VM's drift, so one pair is not a figure.
 
 2. **Unary latency** — p50/p99 of ``Annotate`` with 1 and 16 concurrent clients, each a
-   thread with its own connection, caches off (every call runs the engine).
+   thread with its own connection, caches off (every call runs the engine), in a client process
+   of its own (:mod:`benchmarks.latency_client`): one client on gRPC's poller layer (as the
+   ``conceptsvc`` command runs its clients, :mod:`conceptsvc.grpc_io`) and on gRPC's default
+   layer, alternated over 4 rounds, then 16 clients on the poller layer.
 3. **Server RSS** — resident memory of the server's processes (supervisor + workers), current
    and peak, after the runs.
 4. **QuickUMLS in-process** on the same dictionary (the demo META by default) and captions,
@@ -76,6 +80,7 @@ from benchmarks.processes import process_tree, tree_memory_kb
 from conceptsvc.client import ConceptClient
 from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
+from conceptsvc.grpc_io import POLLER_IO
 from conceptsvc.server.launcher import spawn_server
 
 __all__ = ["Server", "main", "run", "service_pass"]
@@ -214,44 +219,52 @@ def service_pass(
     }
 
 
-def _latency(target: str, texts: Sequence[str], clients: int, per_client: int) -> dict[str, Any]:
-    """Unary Annotate latency with ``clients`` concurrent callers."""
-    samples: list[list[float]] = [[] for _ in range(clients)]
-    failures: list[BaseException] = []
-    start = threading.Barrier(clients)
+# The measuring client's gRPC socket layer (conceptsvc.grpc_io): the poller layer, as the
+# `conceptsvc` command runs its clients, and gRPC's default, as a program that left
+# GRPC_EXPERIMENTS unset gets it (an empty value is gRPC's defaults).
+CLIENT_LAYERS = {"poller": POLLER_IO, "default": ""}
 
-    def run(k: int) -> None:
-        try:
-            with ConceptClient(target, timeout=30) as c:
-                c.annotate(texts[k % len(texts)])  # connect outside the measurement
-                start.wait()
-                for i in range(per_client):
-                    text = texts[(k * per_client + i) % len(texts)]
-                    t0 = time.perf_counter()
-                    c.annotate(text)
-                    samples[k].append(time.perf_counter() - t0)
-        except BaseException as exc:
-            failures.append(exc)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if failures:
-        raise failures[0]
-    flat = sorted(x for s in samples for x in s)
-    q = statistics.quantiles(flat, n=100, method="inclusive")
-    return {
-        "clients": clients,
-        "requests": len(flat),
-        "p50_ms": round(q[49] * 1000, 2),
-        "p99_ms": round(q[98] * 1000, 2),
-        "mean_ms": round(statistics.fmean(flat) * 1000, 2),
-        "requests_per_s": round(len(flat) / wall, 1),
-    }
+def _latency(
+    target: str, texts_file: Path, clients: int, per_client: int, layers: Sequence[str],
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Unary Annotate latency with ``clients`` concurrent callers in a client process of its
+    own, for each of ``layers`` (keys of :data:`CLIENT_LAYERS`), the layers alternated over
+    ``rounds`` rounds of ``per_client`` calls a client; percentiles over all rounds' calls."""
+    calls: dict[str, list[float]] = {name: [] for name in layers}
+    walls: dict[str, float] = {name: 0.0 for name in layers}
+    round_p50: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name in layers:
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.latency_client", target,
+                 "--clients", str(clients), "--requests", str(per_client),
+                 "--texts", str(texts_file)],
+                env={**os.environ, "GRPC_EXPERIMENTS": CLIENT_LAYERS[name]},
+                cwd=CHECKOUT, capture_output=True, text=True, check=False,
+            )
+            if proc.returncode:
+                raise RuntimeError(f"the latency client failed: {proc.stderr.strip()[-2000:]}")
+            data = json.loads(proc.stdout)
+            flat = [x for per in data["samples"] for x in per]
+            calls[name] += flat
+            walls[name] += data["wall_s"]
+            round_p50[name].append(round(statistics.median(flat) * 1000, 3))
+    out = {}
+    for name in layers:
+        q = statistics.quantiles(sorted(calls[name]), n=100, method="inclusive")
+        out[name] = {
+            "clients": clients,
+            "client_layer": name,
+            "requests": len(calls[name]),
+            "p50_ms": round(q[49] * 1000, 2),
+            "p99_ms": round(q[98] * 1000, 2),
+            "mean_ms": round(statistics.fmean(calls[name]) * 1000, 2),
+            "requests_per_s": round(len(calls[name]) / walls[name], 1),
+            "round_p50_ms": round_p50[name],
+        }
+    return out
 
 
 def _read_captions(path: Path, limit: int | None) -> list[tuple[str, str]]:
@@ -589,9 +602,17 @@ def run(
                 summary["stage_shares"] = _profile(base, captions_file, work)
         server = Server([*base, "--cache-size", "0"])
         try:
-            per = max(1, latency_requests // 16)
-            summary["unary_1_client"] = _latency(server.target, texts, 1, latency_requests)
-            summary["unary_16_clients"] = _latency(server.target, texts, 16, per)
+            with tempfile.TemporaryDirectory(prefix="bench-latency-", dir=BENCH_OUT) as tmp:
+                texts_file = Path(tmp) / "texts.json"
+                texts_file.write_text(json.dumps(texts), encoding="utf-8")
+                rounds = 4
+                one = _latency(server.target, texts_file, 1, max(1, latency_requests // rounds),
+                               ("poller", "default"), rounds)
+                summary["unary_1_client"] = one["poller"]
+                summary["unary_1_client_default_layer"] = one["default"]
+                summary["unary_16_clients"] = _latency(
+                    server.target, texts_file, 16, max(1, latency_requests // 16), ("poller",), 1
+                )["poller"]
             summary["rss_after_latency"] = server.rss_mb()
         finally:
             server.stop()
@@ -710,14 +731,22 @@ def to_markdown(s: dict[str, Any], command: str) -> str:
         f"Server CPU per caption on the cold batched path is **{s['server_cpu_vs_engine_cold']}×** "
         "the in-process engine's" + _ratio_note(s),
         "",
-        "| unary Annotate, caches off (clients: threads of the benchmark process, one "
-        "connection each) | p50 ms | p99 ms | requests/s |",
-        "| --- | ---: | ---: | ---: |",
+        "| unary Annotate, caches off (clients: threads of a client process of their own, one "
+        "connection each) | p50 ms | p99 ms | requests/s | p50 of each round, ms |",
+        "| --- | ---: | ---: | ---: | --- |",
     ]
-    for key, label in (("unary_1_client", "1 client"), ("unary_16_clients", "16 clients")):
+    for key, label in (
+        ("unary_1_client", "1 client, gRPC's poller layer (as `conceptsvc` runs its clients)"),
+        ("unary_1_client_default_layer",
+         "1 client, gRPC's default layer (a program that left `GRPC_EXPERIMENTS` unset)"),
+        ("unary_16_clients", "16 clients, poller layer"),
+    ):
         r = s.get(key)
         if r:
-            lines.append(f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['requests_per_s']:,} |")
+            lines.append(
+                f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['requests_per_s']:,} | "
+                f"{', '.join(str(x) for x in r.get('round_p50_ms', []))} |"
+            )
     shares = s.get("stage_shares")
     if shares:
         lines += ["", "Stage shares of the cold `annotate` run (py-spy samples):"]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from conceptsvc import __version__
 from conceptsvc.errors import ConceptsvcError, UsageError
+from conceptsvc.grpc_io import prefer_poller_io
 
 if TYPE_CHECKING:
     from conceptsvc.index import ConceptIndex
@@ -993,6 +994,9 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before any command imports grpc: the service and its clients on gRPC's poller layer
+    # (conceptsvc.grpc_io says why), unless GRPC_EXPERIMENTS is the user's own.
+    prefer_poller_io(os.environ, sys.modules)
     args = build_parser(lazy=True).parse_args(argv)
     # The service says at INFO which index it serves and every reload (an operator's first
     # question); the other commands print their results and log only what went wrong.

@@ -61,3 +61,23 @@ def test_bench_service_target_row_reads_the_rounds_not_the_single_pass() -> None
     md = to_markdown(s, "python -m benchmarks.bench service")
     assert "| server CPU per caption, cold, vs the engine's | ≤ 2.0 | 1.95 | met |" in md
     assert "medians of 3 alternated rounds" in md and "give 2.3×" in md
+
+
+def test_bench_service_latency_measures_each_client_layer_in_a_process_of_its_own(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from service_helpers import build_index_a, running_server, settings_for
+
+    from benchmarks.bench_service import _latency
+
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(["chest CT", "lung", "no pneumothorax"]), encoding="utf-8")
+    with running_server(settings_for(build_index_a(tmp_path / "idx"))) as (_server, port):
+        out = _latency(f"127.0.0.1:{port}", texts, 2, 5, ("poller", "default"), 2)
+    assert set(out) == {"poller", "default"}
+    for layer, r in out.items():
+        assert r["client_layer"] == layer and r["clients"] == 2
+        assert r["requests"] == 2 * 2 * 5  # clients × rounds × calls
+        assert len(r["round_p50_ms"]) == 2 and 0 < r["p50_ms"] <= r["p99_ms"]

@@ -38,9 +38,6 @@ def _run(name: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The benchmarks' own clients and the services they start on the socket layer the
-    # `conceptsvc` command picks (conceptsvc.grpc_io), unless GRPC_EXPERIMENTS is set.
-    prefer_poller_io(os.environ, sys.modules)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or (args[0] not in BENCHMARKS and args[0] != "all"):
         print(f"usage: python -m benchmarks.bench {{{','.join([*BENCHMARKS, 'all'])}}} "
@@ -65,4 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The benchmarks' own clients, and the services they start, on the socket layer the
+    # `conceptsvc` command picks (conceptsvc.grpc_io), unless GRPC_EXPERIMENTS is set.
+    prefer_poller_io(os.environ, sys.modules)
     sys.exit(main())

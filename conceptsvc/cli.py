@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from conceptsvc.index import ConceptIndex
     from conceptsvc.model import Annotation
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -993,10 +993,17 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # Before any command imports grpc: the service and its clients on gRPC's poller layer
-    # (conceptsvc.grpc_io says why), unless GRPC_EXPERIMENTS is the user's own.
+def run() -> int:
+    """The ``conceptsvc`` command (console script and ``python -m conceptsvc.cli``): picks
+    gRPC's poller layer for this process and its ``serve`` workers before any command imports
+    grpc (:mod:`conceptsvc.grpc_io` says why; a ``GRPC_EXPERIMENTS`` of the user's own wins),
+    then :func:`main`. ``main`` itself leaves the layer alone: called in a process that runs
+    gRPC already (tests, a notebook) it must not change what that process's children get."""
     prefer_poller_io(os.environ, sys.modules)
+    return main()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(lazy=True).parse_args(argv)
     # The service says at INFO which index it serves and every reload (an operator's first
     # question); the other commands print their results and log only what went wrong.
@@ -1033,4 +1040,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,11 +51,25 @@ def test_grpc_io_does_nothing_once_grpc_is_loaded() -> None:
     assert environ == {}
 
 
-def _echo(experiments: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GRPC_EXPERIMENTS": experiments, "GRPC_VERBOSITY": "ERROR"}
+def _echo(experiments: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GRPC_EXPERIMENTS": experiments, "GRPC_VERBOSITY": "ERROR", **extra}
     return subprocess.run(
         [sys.executable, "-c", _ECHO], env=env, capture_output=True, text=True, timeout=60
     )
+
+
+def test_grpc_io_names_switch_gRPC_to_its_poller_sockets() -> None:
+    # gRPC's `tcp` trace names the source file of each socket event: the poller layer's
+    # tcp_client_posix.cc / tcp_server_posix.cc, or the EventEngine's endpoint code.
+    def files(experiments: str) -> set[str]:
+        done = _echo(experiments, GRPC_TRACE="tcp", GRPC_VERBOSITY="DEBUG")
+        assert done.returncode == 0, done.stderr
+        return set(re.findall(r"\b([a-z_]+\.cc):\d+\]", done.stderr))
+
+    poller = files(POLLER_IO)
+    assert {"tcp_client_posix.cc", "tcp_server_posix.cc", "tcp_posix.cc"} <= poller
+    default = files("")  # gRPC's own choice: the EventEngine, which the test must tell apart
+    assert not {"tcp_client_posix.cc", "tcp_server_posix.cc", "tcp_posix.cc"} & default
 
 
 def test_grpc_io_names_are_experiments_this_grpc_knows() -> None:
@@ -68,12 +83,20 @@ def test_grpc_io_names_are_experiments_this_grpc_knows() -> None:
     assert "Unknown experiment: no_such_switch" in unknown.stderr
 
 
-def _children_environ(pid: int) -> list[dict[str, str]]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+def _workers_environ(pid: int) -> list[dict[str, str]]:
+    """The start-up environment of each ``serve`` worker of supervisor ``pid`` (its children
+    started by multiprocessing's spawn; the resource tracker is left out)."""
     out = []
-    for child in children:
-        raw = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        out.append(dict(e.decode().split("=", 1) for e in raw if b"=" in e))
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            raw = (stat.parent / "environ").read_bytes()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) != pid or b"spawn_main" not in cmdline:
+            continue
+        out.append(dict(e.decode().split("=", 1) for e in raw.split(b"\0") if b"=" in e))
     return out
 
 
@@ -83,26 +106,44 @@ def _children_environ(pid: int) -> list[dict[str, str]]:
     ("given", "expected"), [(None, POLLER_IO), ("", ""), ("-event_engine_client",) * 2]
 )
 def test_grpc_io_serve_workers_start_on_the_chosen_layer(
-    tmp_path: Path, given: str | None, expected: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None, expected: str
 ) -> None:
     # The workers are started by `conceptsvc serve` after the command chose; a process's
     # /proc environ is what it started with, so the workers show what their gRPC read.
-    env = dict(os.environ)
-    env.pop("GRPC_EXPERIMENTS", None)
-    if given is not None:
-        env["GRPC_EXPERIMENTS"] = given
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    env = {} if given is None else {"GRPC_EXPERIMENTS": given}
     path = build_index_a(tmp_path / "idx")
-    saved = os.environ.pop("GRPC_EXPERIMENTS", None)
+    proc, _port = serve_subprocess("--workers", "2", "--index", str(path), env=env)
     try:
-        proc, _port = serve_subprocess("--workers", "2", "--index", str(path), env=env)
-    finally:
-        if saved is not None:
-            os.environ["GRPC_EXPERIMENTS"] = saved
-    try:
-        children = _children_environ(proc.pid)
-        assert children
-        assert all(c.get("GRPC_EXPERIMENTS") == expected for c in children)
+        workers = _workers_environ(proc.pid)
+        assert len(workers) == 2
+        assert [w.get("GRPC_EXPERIMENTS") for w in workers] == [expected, expected]
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_grpc_io_run_picks_the_layer_and_main_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conceptsvc import cli
+
+    calls: list[tuple[object, object]] = []
+    monkeypatch.setattr(cli, "prefer_poller_io", lambda env, mods: calls.append((env, mods)))
+    monkeypatch.setattr(cli, "main", lambda argv=None: 7)
+    assert cli.run() == 7
+    assert calls == [(os.environ, sys.modules)]
+
+
+def test_grpc_io_main_leaves_the_layer_alone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Called in a process of the caller's (as here, where gRPC may not have started yet),
+    # main must not set what that process and its later children start gRPC with.
+    from conceptsvc import cli
+
+    def refuse(env: object, mods: object) -> bool:
+        raise AssertionError("main chose gRPC's socket layer")
+
+    monkeypatch.setattr(cli, "prefer_poller_io", refuse)
+    assert cli.main(["semtypes"]) == 0
+    assert "T047" in capsys.readouterr().out

@@ -39,7 +39,8 @@ shares the machine's state:
    thread with its own connection, caches off (every call runs the engine), in a client process
    of its own (:mod:`benchmarks.latency_client`): one client on gRPC's poller layer (as the
    ``conceptsvc`` command runs its clients, :mod:`conceptsvc.grpc_io`) and on gRPC's default
-   layer, alternated over 4 rounds, then 16 clients on the poller layer.
+   layer, alternated over 4 rounds (ABBA), then 16 clients on the poller layer. The p50 is
+   of all the rounds' calls; each round's p50 is given beside it.
 3. **Server RSS** — resident memory of the server's processes (supervisor + workers), current
    and peak, after the runs.
 4. **QuickUMLS in-process** on the same dictionary (the demo META by default) and captions,
@@ -230,23 +231,31 @@ def _latency(
     rounds: int,
 ) -> dict[str, dict[str, Any]]:
     """Unary Annotate latency with ``clients`` concurrent callers in a client process of its
-    own, for each of ``layers`` (keys of :data:`CLIENT_LAYERS`), the layers alternated over
-    ``rounds`` rounds of ``per_client`` calls a client; percentiles over all rounds' calls."""
+    own, for each of ``layers`` (keys of :data:`CLIENT_LAYERS`) over ``rounds`` rounds of
+    ``per_client`` calls a client, the layers' order reversed every other round (ABBA): the
+    percentiles of all rounds' calls, and each round's p50 and their median."""
     calls: dict[str, list[float]] = {name: [] for name in layers}
     walls: dict[str, float] = {name: 0.0 for name in layers}
     round_p50: dict[str, list[float]] = {name: [] for name in layers}
-    for _ in range(rounds):
-        for name in layers:
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.latency_client", target,
-                 "--clients", str(clients), "--requests", str(per_client),
-                 "--texts", str(texts_file)],
-                env={**os.environ, "GRPC_EXPERIMENTS": CLIENT_LAYERS[name]},
-                cwd=CHECKOUT, capture_output=True, text=True, check=False,
-            )
+    for r in range(rounds):
+        for name in (layers if r % 2 == 0 else tuple(reversed(layers))):
+            want = CLIENT_LAYERS[name]
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.latency_client", target,
+                     "--clients", str(clients), "--requests", str(per_client),
+                     "--texts", str(texts_file)],
+                    env={**os.environ, "GRPC_EXPERIMENTS": want},
+                    cwd=CHECKOUT, capture_output=True, text=True, check=False, timeout=600,
+                )
+            except subprocess.TimeoutExpired:
+                raise RuntimeError("the latency client did not finish in 600 s") from None
             if proc.returncode:
                 raise RuntimeError(f"the latency client failed: {proc.stderr.strip()[-2000:]}")
             data = json.loads(proc.stdout)
+            if data["grpc_experiments"] != want:
+                raise RuntimeError(f"the latency client ran with GRPC_EXPERIMENTS="
+                                   f"{data['grpc_experiments']!r}, not {want!r}")
             flat = [x for per in data["samples"] for x in per]
             calls[name] += flat
             walls[name] += data["wall_s"]
@@ -263,6 +272,7 @@ def _latency(
             "mean_ms": round(statistics.fmean(calls[name]) * 1000, 2),
             "requests_per_s": round(len(calls[name]) / walls[name], 1),
             "round_p50_ms": round_p50[name],
+            "round_p50_median_ms": round(statistics.median(round_p50[name]), 2),
         }
     return out
 
@@ -732,7 +742,7 @@ def to_markdown(s: dict[str, Any], command: str) -> str:
         "the in-process engine's" + _ratio_note(s),
         "",
         "| unary Annotate, caches off (clients: threads of a client process of their own, one "
-        "connection each) | p50 ms | p99 ms | requests/s | p50 of each round, ms |",
+        "connection each) | p50 ms | p99 ms | requests/s | p50 of each round, ms (median) |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for key, label in (
@@ -745,7 +755,9 @@ def to_markdown(s: dict[str, Any], command: str) -> str:
         if r:
             lines.append(
                 f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['requests_per_s']:,} | "
-                f"{', '.join(str(x) for x in r.get('round_p50_ms', []))} |"
+                f"{', '.join(str(x) for x in r.get('round_p50_ms', []))}"
+                + (f" ({r['round_p50_median_ms']})" if "round_p50_median_ms" in r else "")
+                + " |"
             )
     shares = s.get("stage_shares")
     if shares:

@@ -5,19 +5,21 @@ written by EventEngine threads and handed to the thread that polls the call's co
 The older poller layer (``iomgr``; gRPC keeps it behind the ``event_engine_*`` experiments)
 lets the polling thread do that I/O itself, one thread hand-over less at each end of a call.
 For a unary call on a 2-core machine that is most of a round trip: measured on 2026-12-06
-(quiet VM, ``conceptsvc serve --workers 2``, one client, back to back, interleaved), the p50 of
-an ``Annotate`` of a ROCOv2 caption fell from 0.52–0.57 ms to 0.36–0.39 ms and a
-``Health.Check`` from 0.41–0.43 to 0.21–0.22, with the client's CPU a call halved
-(≈ 210 → ≈ 110 µs); the client's side gives most of it. The batched data path did not move
+(quiet VM, ``conceptsvc serve --workers 2``, one client, back to back, interleaved rounds), the
+p50 of an ``Annotate`` of a ROCOv2 caption fell from 0.52–0.65 ms to 0.36–0.39 ms and a
+``Health.Check`` from 0.41–0.52 to 0.21–0.22, the client's CPU a call from 205–264 to
+137–154 µs; the client's side gives most of it. The batched data path did not move
 (``AnnotateBatch`` and the ``conceptsvc annotate`` runs within their noise), because it makes
 few calls. BENCHMARKS.md has the runs.
 
 gRPC reads ``GRPC_EXPERIMENTS`` once, when it starts, so the choice can only be made before a
-process imports ``grpc``. The ``conceptsvc`` command makes it in :func:`conceptsvc.cli.main`
-(its ``serve`` workers inherit it); a program that uses :class:`conceptsvc.client.ConceptClient`
-in its own process chooses for itself, by putting ``GRPC_EXPERIMENTS=`` + :data:`POLLER_IO` in
-its environment. Whoever has set ``GRPC_EXPERIMENTS`` (an empty value included, which means
-gRPC's own defaults) is left alone: importing a library never changes a process's gRPC.
+process imports ``grpc`` — which is why it is an environment variable and not one of the
+service's settings (those are read later, by a command that may already need gRPC). The
+``conceptsvc`` command makes it in :func:`conceptsvc.cli.run` (its ``serve`` workers inherit
+it); a program that uses :class:`conceptsvc.client.ConceptClient` in its own process chooses
+for itself, by putting ``GRPC_EXPERIMENTS=`` + :data:`POLLER_IO` in its environment. Whoever
+has set ``GRPC_EXPERIMENTS`` (an empty value included, which means gRPC's own defaults) is
+left alone: importing a library never changes a process's gRPC.
 """
 
 from __future__ import annotations

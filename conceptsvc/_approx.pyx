@@ -15,17 +15,20 @@ interpreter in the loop, the way simstring's CPMerge does:
   threshold against the query's size) fixes how many runs are read: a key with ``need`` of
   the query's m runs of size y misses at most m − need of them, so it is in at least two of
   any (m − need + 2) of them (pigeonhole; in one of all m when need is 1); the (m − need + 2)
-  shortest are counted in a small hash table (``ApproxCounter``), and only the keys found
-  twice survive. At UMLS scale almost every key of those runs is in one of them only: it is
-  counted and never searched for (simstring's CPMerge merges the (m − need + 1) shortest and
-  looks every key up in the next; counting one more run costs less than those lookups). A
-  size with fewer than ``need`` runs is skipped unread. ``need`` is never below the τ_min of
+  shortest are read against a bitmap of the size's keys (``ApproxCounter``: postings are
+  size-local key numbers, so a size's keys are a dense range and its bitmap a few KB), and
+  only the keys found twice survive. At UMLS scale almost every key of those runs is in one
+  of them only: it costs a bit test and is never searched for (simstring's CPMerge merges the
+  (m − need + 1) shortest and looks every key up in the next; reading one more run costs less
+  than those lookups). Until 2026-12-06 the runs were counted in a hash table of key numbers
+  (≈ 4 ns a posting); the bitmaps made a cold ROCOv2 pass on a 16M-row index ≈ 1.15–1.2×
+  faster (BENCHMARKS.md). A size with fewer than ``need`` runs is skipped unread. ``need`` is never below the τ_min of
   ``approximate.search_bounds`` (the least over all sizes, which the reference's pigeonhole
   uses) and above it at most sizes, so fewer postings are read than one cut over all sizes
   would take;
-* each remaining run, shortest first, is read through a bit filter of the survivors' hashes
-  (or, when it is long and the survivors few, searched for each survivor), and a survivor is
-  dropped as soon as even all remaining runs could not lift its overlap to ``need``.
+* each remaining run, shortest first, is read through the survivors' bitmap (or, when it is
+  long and the survivors few, searched for each survivor), and a survivor is dropped as soon
+  as even all remaining runs could not lift its overlap to ``need``.
 
 Which lists are "shortest", and the pruning, change only the work done: a key is kept exactly
 when its exact overlap gives a similarity ≥ threshold − 1e-12, as in the reference, computed by
@@ -98,25 +101,109 @@ cdef extern from *:
             h = (h + 1) & mask;
         }
     }
-    /* The keys of one key size with at least `need` of the query's m runs (runs[0:m], sorted
-       by length), with their exact counts, into `out`.
-
-       A key with `need` of m runs misses at most m − need of them, so it is in at least two of
-       the P = m − need + 2 shortest (in one, when need is 1 and P = m): those runs are counted
-       in an open-addressing table (a slot: stamp 16 bits, count 16 bits, key 32 bits; a slot
-       of another stamp is empty, so the table is never cleared between uses), and the keys
-       that reach that count are the survivors. Each later run p is then either read through
-       a 4,096-bit filter of the survivors' hashes (a key that passes is probed in the table
-       and its count raised) or, when it is long and the survivors few, searched for each
-       survivor by bisection; after it a survivor needs
-       need − (m − 1 − p), and the others are dropped. A key's count rises by at most one a
-       run and the bar by exactly one, so a key once dropped never comes back. */
+    /* ApproxCounter.search_hashed, the count of ApproxCounter.search in a hash table (what
+       every search used before the bitmaps, and still those whose bar is one): the P
+       shortest runs are counted in an open-addressing table (a slot: stamp 16 bits, count
+       16 bits, key 32 bits; a slot of another stamp is empty, so the table is never cleared
+       between uses), and the keys that reach the bar are the survivors. Each later run p is
+       then either read through a 4,096-bit filter of the survivors' hashes (a key that passes
+       is probed in the table and its count raised) or, when it is long and the survivors
+       few, searched for each survivor by bisection; after it a survivor needs
+       need − (m − 1 − p), and the others are dropped. */
     struct ApproxCounter {
         std::vector<uint64_t> slots;
         uint64_t stamp = 0;
         std::vector<uint32_t> live;  /* slots of the survivors */
-        void search(const uint32_t* keys, const ApproxRun* runs, int m, int need,
+        std::vector<uint64_t> once, twice;  /* bitmaps over a size's local key numbers ("seen",
+                                               "a survivor"), all zero between searches */
+        std::vector<uint16_t> reps;  /* per local key number: sightings after the first (zero
+                                        between searches) */
+        std::vector<uint32_t> surv;  /* the survivors' local numbers */
+        /* The keys of one key size (`ny` of them; postings are their size-local numbers,
+           ascending in each run) with at least `need` of the query's m runs (runs[0:m],
+           sorted by length), with their exact counts, into `out` (local numbers).
+
+           A key with `need` of m runs misses at most m − need of them, so it is in at least
+           two of the P = m − need + 2 shortest (in one, when need is 1 and P = m). When that
+           bar is two, the P runs are read against a bitmap of ny bits ("seen": a few KB, in
+           the first-level cache, so a posting costs a bit test and a store, no hashing or
+           probing); a key seen again is a survivor, marked in a second bitmap, and its further
+           sightings are counted in a per-key array that only survivors touch. Each later run
+           p is then read through the survivors' bitmap (or, when it is long and they are few,
+           bisected for each), and after it a survivor needs need − (m − 1 − p): the others
+           are dropped. A key's count rises by at most one a run and the bar by exactly one, so
+           a key once dropped never comes back. When the bar is one (need is 1), every key of
+           every run is an answer: they are counted in the hash table (search_hashed). */
+        void search(const uint32_t* keys, const ApproxRun* runs, int m, int need, uint32_t ny,
                     std::vector<ApproxCand>& out) {
+            const int n = m - need + 2 < m ? m - need + 2 : m;
+            if (need - (m - n) < 2) { search_hashed(keys, runs, m, need, out); return; }
+            const size_t words = (size_t(ny) + 63) >> 6;
+            if (once.size() < words) { once.assign(words, 0); twice.assign(words, 0); }
+            if (reps.size() < ny) reps.assign(ny, 0);
+            uint64_t* const o = once.data();
+            uint64_t* const t2 = twice.data();
+            uint16_t* const rp = reps.data();
+            surv.clear();
+            for (int i = 0; i < n; ++i) {
+                const uint32_t* p = keys + runs[i].start;
+                const uint32_t* const e = keys + runs[i].end;
+                for (; p < e; ++p) {
+                    const uint32_t k = *p;
+                    const uint64_t bit = uint64_t(1) << (k & 63);
+                    const uint64_t w = o[k >> 6];
+                    if (w & bit) {
+                        const uint16_t c = rp[k];
+                        if (c == 0) { surv.push_back(k); t2[k >> 6] |= bit; }
+                        rp[k] = uint16_t(c + 1);
+                    } else {
+                        o[k >> 6] = w | bit;
+                    }
+                }
+            }
+            for (int i = 0; i < n; ++i) {  /* "seen" back to all zero: only the words written */
+                const uint32_t* p = keys + runs[i].start;
+                const uint32_t* const e = keys + runs[i].end;
+                for (; p < e; ++p) o[*p >> 6] = 0;
+            }
+            for (int r = n; r < m && !surv.empty(); ++r) {
+                const uint32_t* const b = keys + runs[r].start;
+                const uint32_t* const e = keys + runs[r].end;
+                if (runs[r].length > 64 * int64_t(surv.size())) {
+                    for (size_t i = 0; i < surv.size(); ++i)
+                        if (std::binary_search(b, e, surv[i])) ++rp[surv[i]];
+                } else {
+                    for (const uint32_t* p = b; p < e; ++p) {
+                        const uint32_t k = *p;
+                        if ((t2[k >> 6] >> (k & 63)) & 1) ++rp[k];
+                    }
+                }
+                const int bar = need - (m - 1 - r);  /* a count is 1 + rp */
+                size_t w = 0;
+                for (size_t i = 0; i < surv.size(); ++i) {
+                    const uint32_t k = surv[i];
+                    if (int(rp[k]) + 1 >= bar) {
+                        surv[w++] = k;
+                    } else {
+                        t2[k >> 6] &= ~(uint64_t(1) << (k & 63));
+                        rp[k] = 0;
+                    }
+                }
+                surv.resize(w);
+            }
+            out.resize(surv.size());
+            for (size_t i = 0; i < surv.size(); ++i) {
+                const uint32_t k = surv[i];
+                out[i].kid = k;
+                out[i].count = int(rp[k]) + 1;
+                rp[k] = 0;
+                t2[k >> 6] = 0;
+            }
+            release();
+        }
+        /* need 1: the hash-table count (see search) */
+        void search_hashed(const uint32_t* keys, const ApproxRun* runs, int m, int need,
+                           std::vector<ApproxCand>& out) {
             const int n = m - need + 2 < m ? m - need + 2 : m;
             const uint32_t cmin = uint32_t(need - (m - n));
             int64_t total = 0;
@@ -198,9 +285,17 @@ cdef extern from *:
                 stamp = 0;
             }
             if (live.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(live);
+            if (surv.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(surv);
+            if (reps.size() > APPROX_RELEASE) {  /* a size of over a million keys */
+                std::vector<uint16_t>().swap(reps);
+                std::vector<uint64_t>().swap(once);
+                std::vector<uint64_t>().swap(twice);
+            }
         }
-        size_t scratch_bytes() const {
-            return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t);
+        size_t scratch_bytes() const {  /* per key of the largest size: 2 bits and 2 bytes */
+            return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t)
+                + (once.capacity() + twice.capacity()) * sizeof(uint64_t)
+                + reps.capacity() * sizeof(uint16_t) + surv.capacity() * sizeof(uint32_t);
         }
     };
     """
@@ -222,7 +317,7 @@ cdef extern from *:
         uint32_t kid
         int count
     cppclass ApproxCounter:
-        void search(const uint32_t* keys, const ApproxRun* runs, int m, int need,
+        void search(const uint32_t* keys, const ApproxRun* runs, int m, int need, uint32_t ny,
                     vector[ApproxCand]& out)
         size_t scratch_bytes()
 
@@ -259,6 +354,8 @@ cdef class TrigramSearcher:
     cdef const uint64_t[::1] dir_offsets
     cdef const uint16_t[::1] dir_size
     cdef const uint32_t[::1] dir_start
+    cdef const uint64_t[::1] size_offsets
+    cdef const uint32_t[::1] size_keys
     cdef uint64_t mask
     cdef object key_string, bounds
     cdef frozenset stopwords, break_chars
@@ -286,6 +383,8 @@ cdef class TrigramSearcher:
         self.dir_offsets = arrays.dir_offsets
         self.dir_size = arrays.dir_size
         self.dir_start = arrays.dir_start
+        self.size_offsets = arrays.size_offsets
+        self.size_keys = arrays.size_keys
         if self.table.shape[0] == 0 or self.table.shape[0] & (self.table.shape[0] - 1):
             raise ValueError("trigram table size must be a power of two")
         self.mask = self.table.shape[0] - 1
@@ -305,8 +404,8 @@ cdef class TrigramSearcher:
 
     @property
     def scratch_bytes(self):
-        """Bytes the search keeps between queries (its hash table and candidate buffers); a
-        query that needed more than a few MB gives them back when it ends."""
+        """Bytes the search keeps between queries (its bitmaps, hash table and candidate
+        buffers); a query that needed more than a few MB gives them back when it ends."""
         return self.counter.scratch_bytes() + self.cands.capacity() * sizeof(ApproxCand)
 
     @property
@@ -393,6 +492,8 @@ cdef class TrigramSearcher:
         cdef int64_t g, a, b, mid
         cdef int k, m, y, need, yi, present
         cdef Py_ssize_t i, nc
+        cdef int64_t sbase
+        cdef uint32_t ny
         cdef ApproxHit hit
         out.clear()
         if x == 0 or x - tau_min + 1 <= 0:
@@ -472,15 +573,24 @@ cdef class TrigramSearcher:
             if need > m:  # fewer of the query's trigrams have keys of this size
                 continue
             # the keys of this size with `need` of the m runs, counted exactly
-            # (ApproxCounter.search: the pigeonhole over the shortest runs, then the others)
+            # (ApproxCounter.search: the pigeonhole over the shortest runs, then the others);
+            # postings are the size's local numbers, [0, ny)
+            if y + 1 >= <int>self.size_offsets.shape[0]:
+                raise ValueError(f"trigram lists hold keys of size {y}, which "
+                                 "trigram_size_offsets does not cover; rebuild the index")
+            sbase = <int64_t>self.size_offsets[y]
+            ny = <uint32_t>(<int64_t>self.size_offsets[y + 1] - sbase)
             approx_sort_runs(runs[0])
-            self.counter.search(keys, runs.data(), m, need, cands[0])
+            self.counter.search(keys, runs.data(), m, need, ny, cands[0])
             nc = <Py_ssize_t>cands.size()
             for i in range(nc):  # each has at least `need` of the runs
                 hit.sim = sim_of(measure, cands[0][i].count, x, y)
                 if hit.sim >= floor:
+                    if cands[0][i].kid >= ny:
+                        raise ValueError("a trigram list holds a key number its size does not "
+                                         "have; rebuild the index")
                     hit.size = <uint32_t>y
-                    hit.kid = cands[0][i].kid
+                    hit.kid = self.size_keys[sbase + cands[0][i].kid]
                     out.push_back(hit)
         if cands.capacity() > APPROX_RELEASE:  # a huge query's scratch is not kept
             self.cands = vector[ApproxCand]()

@@ -167,7 +167,6 @@ class TrigramIndex:
         self.arrays = arrays
         self._string = string
         self._sizes = memoryview(arrays.key_counts)  # type: ignore[arg-type]
-        self._keys = memoryview(arrays.keys)  # type: ignore[arg-type]
 
     @classmethod
     def from_strings(cls, strings: Sequence[str]) -> TrigramIndex:
@@ -188,9 +187,11 @@ class TrigramIndex:
         sizes, starts, end = self.arrays.size_runs(t)
         a = bisect_left(sizes, lo)
         b = bisect_right(sizes, hi, a)
-        s0 = starts[a] if a < len(starts) else end
-        s1 = starts[b] if b < len(starts) else end
-        return self._keys[s0:s1].tolist()
+        out: list[int] = []
+        for r in range(a, b):  # each run holds its size's local key numbers
+            out += self.arrays.run_keys(sizes[r], starts[r],
+                                        starts[r + 1] if r + 1 < len(starts) else end)
+        return out
 
     def search(self, query: str, measure: str, alpha: float) -> list[tuple[int, float]]:
         """Every string whose similarity with ``query`` is ≥ ``alpha``, best first."""

@@ -95,13 +95,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """3 added the token trie (issue 13), 4 approximate matching's trigram lists (issue 14): a
 format-3 index lacks the lists, and the demo index cache is keyed on this number. 5 fills
 the hash tables up to :data:`MAX_LOAD` (4: 0.5), which a format-4 reader refuses (it checks
-the trigram table's size); this code reads format 4 too (the same files, larger tables)."""
+the trigram table's size). 6 stores the trigram lists' postings as size-local key numbers
+(:mod:`conceptsvc.trigram_index`), which formats 4 and 5 hold as key numbers: read as the
+other, either would find wrong keys, so neither is read by the other's code."""
 
-READABLE_VERSIONS = (4, FORMAT_VERSION)
+READABLE_VERSIONS = (FORMAT_VERSION,)
 """Index formats this code loads."""
 
 FLAG_PREFERRED = 1  # this string is the concept's preferred name
@@ -688,7 +690,9 @@ class ConceptIndex:
                 f"(expects {' or '.join(map(str, READABLE_VERSIONS))}"
                 + ("; older indexes lack the token trie the matcher reads"
                    + (" or approximate matching's trigram lists" if version == 3 else "")
-                   if older else "")
+                   if older and version < 4 else "")
+                + ("; formats 4 and 5 number the keys of approximate matching's trigram lists "
+                   "differently" if version in (4, 5) else "")
                 + "); rebuild the index with this version (`conceptsvc index build ... "
                 "--out DIR`)."
             )

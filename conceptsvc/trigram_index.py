@@ -10,11 +10,22 @@ once as flat arrays, and a worker maps them (the page cache shares them between 
     trigram_table.npy        uint64[2^k]: open-addressing table over the codes, as the index's
                              string tables: (hash32(code) << 32) | (trigram number + 1)
     trigram_offsets.npy      uint64[n_trigrams+1]: trigram t owns trigram_keys[off[t]:off[t+1]]
-    trigram_keys.npy         uint32 key numbers, per trigram sorted by (key trigram count, key)
+    trigram_keys.npy         uint32 size-local key numbers (below), per trigram sorted by
+                             (key trigram count, key)
     trigram_dir_offsets.npy  uint64[n_trigrams+1]: trigram t's size directory entries
     trigram_dir_size.npy     uint16 per entry: a key trigram count present in t's list ...
     trigram_dir_start.npy    uint32 per entry: ... and where its run starts, relative to off[t]
     key_trigram_counts.npy   uint16 per key: the size of its trigram set
+    trigram_size_offsets.npy uint64[max size + 2]: the keys of size y are ...
+    trigram_size_keys.npy    uint32[n_keys]: ... size_keys[size_offsets[y]:size_offsets[y+1]],
+                             ascending
+
+A posting holds the key's number among the keys of its own size (its *size-local* number:
+key = size_keys[size_offsets[y] + local]), not the key number itself. Every run is of one size,
+so the two say the same, in the same order (local numbers rank a size's keys by key number);
+but a size's keys are then the dense range [0, n_y), and the compiled search counts a size's
+runs in two bitmaps of n_y bits (a few KB, in the CPU's first-level cache) instead of a hash
+table of key numbers.
 
 The directory is what makes size filtering cheap without storing a size per posting: a list's
 run of keys of size y is found by a bisection over at most a few dozen directory entries, so a
@@ -58,6 +69,8 @@ FILES = (
     "trigram_dir_size",
     "trigram_dir_start",
     "key_trigram_counts",
+    "trigram_size_offsets",
+    "trigram_size_keys",
 )
 """The ``.npy`` files of the structure (each listed and hashed in the index manifest)."""
 
@@ -96,11 +109,14 @@ class TrigramArrays:
     dir_size: np.ndarray[Any, np.dtype[np.uint16]]
     dir_start: np.ndarray[Any, np.dtype[np.uint32]]
     key_counts: np.ndarray[Any, np.dtype[np.uint16]]
+    size_offsets: np.ndarray[Any, np.dtype[np.uint64]]
+    size_keys: np.ndarray[Any, np.dtype[np.uint32]]
 
     def as_files(self) -> dict[str, np.ndarray[Any, Any]]:
         return dict(zip(FILES, (self.codes, self.table, self.offsets, self.keys,
                                 self.dir_offsets, self.dir_size, self.dir_start,
-                                self.key_counts), strict=True))
+                                self.key_counts, self.size_offsets, self.size_keys),
+                        strict=True))
 
     def gram_id(self, gram: str) -> int:
         """Number of ``gram`` in :attr:`codes`, or -1 when no key contains it."""
@@ -118,6 +134,11 @@ class TrigramArrays:
                 if int(self.codes[t]) == code:
                     return t
             slot = (slot + 1) & mask
+
+    def run_keys(self, size: int, start: int, end: int) -> list[int]:
+        """Key numbers of the postings ``[start, end)`` of one run of keys of ``size``."""
+        base = int(self.size_offsets[size])
+        return [int(k) for k in self.size_keys[base + self.keys[start:end].astype(np.int64)]]
 
     def size_runs(self, t: int) -> tuple[list[int], list[int], int]:
         """Trigram ``t``'s directory: run sizes, their absolute starts, and the list's end."""
@@ -212,6 +233,13 @@ def build_arrays(
         )
     sizes = key_counts.astype(np.uint16)
     del key_counts
+    # the keys of each size, ascending, and each key's number among them (see the module)
+    size_keys = np.argsort(sizes, kind="stable").astype(np.uint32)
+    size_offsets = np.zeros(int(sizes.max()) + 2 if n else 1, dtype=np.uint64)
+    np.cumsum(np.bincount(sizes, minlength=len(size_offsets) - 1), out=size_offsets[1:])
+    local = np.empty(n, dtype=np.uint32)
+    local[size_keys] = (np.arange(n, dtype=np.int64)
+                        - size_offsets[sizes[size_keys]].astype(np.int64)).astype(np.uint32)
     offsets = np.zeros(n_grams + 1, dtype=np.uint64)
     np.cumsum(per_gram, out=offsets[1:])
     out_keys = np.empty(int(offsets[-1]), dtype=np.uint32)
@@ -230,7 +258,7 @@ def build_arrays(
         del pieces
         packed.sort()
         lo, hi = int(offsets[a]), int(offsets[b])
-        out_keys[lo:hi] = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        out_keys[lo:hi] = local[(packed & np.uint64(0xFFFFFFFF)).astype(np.int64)]
         head = packed >> np.uint64(32)
         del packed
         run = np.ones(len(head), dtype=bool)
@@ -239,7 +267,7 @@ def build_arrays(
         dir_gram.append((head[starts] >> np.uint64(16)).astype(np.int64) + a)
         dir_size.append((head[starts] & np.uint64(0xFFFF)).astype(np.uint16))
         dir_pos.append(starts + lo)
-    del parts
+    del parts, local
     runs_gram = np.concatenate(dir_gram) if dir_gram else np.zeros(0, np.int64)
     runs_size = np.concatenate(dir_size) if dir_size else np.zeros(0, np.uint16)
     runs_pos = np.concatenate(dir_pos) if dir_pos else np.zeros(0, np.int64)
@@ -257,6 +285,8 @@ def build_arrays(
         dir_size=runs_size,
         dir_start=dir_start,
         key_counts=sizes,
+        size_offsets=size_offsets,
+        size_keys=size_keys,
     )
 
 
@@ -298,7 +328,8 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
         codes=a["trigram_codes"], table=a["trigram_table"], offsets=a["trigram_offsets"],
         keys=a["trigram_keys"], dir_offsets=a["trigram_dir_offsets"],
         dir_size=a["trigram_dir_size"], dir_start=a["trigram_dir_start"],
-        key_counts=a["key_trigram_counts"],
+        key_counts=a["key_trigram_counts"], size_offsets=a["trigram_size_offsets"],
+        size_keys=a["trigram_size_keys"],
     )
     n_grams = len(arrays.codes)
     problems = []
@@ -313,6 +344,11 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
     if len(arrays.key_counts) != n_keys:
         problems.append(f"key_trigram_counts has {len(arrays.key_counts)} entries, "
                         f"expected {n_keys}")
+    if len(arrays.size_keys) != n_keys:
+        problems.append(f"trigram_size_keys has {len(arrays.size_keys)} entries, "
+                        f"expected {n_keys}")
+    elif len(arrays.size_offsets) < 1 or int(arrays.size_offsets[-1]) != n_keys:
+        problems.append("trigram_size_offsets does not match trigram_size_keys")
     table = arrays.table
     if len(table) & (len(table) - 1) or n_grams >= len(table):  # (≥ 1 empty slot ends a miss)
         problems.append("trigram_table has the wrong size")

@@ -258,6 +258,42 @@ def test_approximate_truncated_trigram_lists_are_refused(tmp_path: Path) -> None
         ConceptIndex.load(ix, verify=False)
 
 
+def test_approximate_truncated_size_keys_are_refused(tmp_path: Path) -> None:
+    ix = build_index(tmp_path / "ix", [("C0000001", "Pleural effusion", ("T047",))],
+                     [("C0000001", "Pleural effusion", "MSH", "PT", 0),
+                      ("C0000001", "Effusion", "MSH", "SY", 0)])
+    size_keys = np.load(ix / "trigram_size_keys.npy")
+    np.save(ix / "trigram_size_keys.npy", size_keys[:-1], allow_pickle=False)
+    with pytest.raises(ConceptIndexError, match=r"trigram_size_keys has .* entries"):
+        ConceptIndex.load(ix, verify=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=40, unique=True))
+def test_approximate_postings_are_size_local_key_numbers(strings: list[str]) -> None:
+    # every run of a trigram's list, its postings read back through the size's key list, is
+    # exactly the keys of that size holding the trigram, ascending (so the compiled search
+    # may count a size's keys in a bitmap of that size's range)
+    from conceptsvc.approximate import _grams_of
+    from conceptsvc.index import build_hash_table
+
+    a = trigram_index.build_arrays(strings, build_hash_table)
+    grams = [_grams_of(k) for k in strings]
+    sizes = [len(g) for g in grams]
+    ids = [{a.gram_id(g) for g in gs} for gs in grams]
+    assert a.key_counts.tolist() == sizes
+    for y in set(sizes):
+        lo, hi = int(a.size_offsets[y]), int(a.size_offsets[y + 1])
+        assert a.size_keys[lo:hi].tolist() == [k for k, n in enumerate(sizes) if n == y]
+    for t in range(len(a.codes)):
+        run_sizes, starts, end = a.size_runs(t)
+        for r, y in enumerate(run_sizes):
+            stop = starts[r + 1] if r + 1 < len(starts) else end
+            assert a.keys[starts[r]:stop].tolist() == sorted(a.keys[starts[r]:stop].tolist())
+            holders = [k for k in range(len(strings)) if sizes[k] == y and t in ids[k]]
+            assert a.run_keys(y, starts[r], stop) == holders
+
+
 def test_approximate_scan_memo_stays_bounded(engine_index_path: Path) -> None:
     am = ApproximateMatcher(ExactMatcher(ConceptIndex.load(engine_index_path)), memo_size=8,
                             compiled=True)

@@ -404,12 +404,16 @@ def test_index_settled_file_maps_single_pages(tmp_path: Path) -> None:
     assert rss_after_one_read() <= 256, unsettled
 
 
-def test_index_format_4_still_loads(tmp_path: Path) -> None:
-    # format 4 differs only in its hash tables' load (≤ 0.5): the same files load as they are
+@pytest.mark.parametrize("version", [4, 5])
+def test_index_formats_4_and_5_are_refused_with_rebuild(tmp_path: Path, version: int) -> None:
+    # their trigram lists hold key numbers where format 6's hold size-local ones: read as the
+    # other, they would find wrong keys, so they are refused, not misread
     ix = tmp_path / "ix"
     build_index(ix, CONCEPTS, TERMS)
     manifest = json.loads((ix / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 5
-    (ix / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))
-    index = ConceptIndex.load(ix)
-    assert [p.cui for p in index.postings("mri")] == ["C0024485"]
+    assert manifest["format_version"] == FORMAT_VERSION == 6
+    (ix / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+    with pytest.raises(ConceptIndexError, match=rf"format version {version} is not supported.*"
+                       r"number the keys of approximate matching's trigram lists differently"
+                       r".*rebuild the index"):
+        ConceptIndex.load(ix)

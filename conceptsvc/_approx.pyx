@@ -16,7 +16,8 @@ interpreter in the loop, the way simstring's CPMerge does:
   the query's m runs of size y misses at most m − need of them, so it is in at least two of
   any (m − need + 2) of them (pigeonhole; in one of all m when need is 1); the (m − need + 2)
   shortest are read against a bitmap of the size's keys (``ApproxCounter``: postings are
-  size-local key numbers, so a size's keys are a dense range and its bitmap a few KB), and
+  size-local key numbers, so a size's keys are a dense range; at 16M rows its bitmap is at most
+  24 KB, and survivors' counts go to 2 bytes a key that only they touch), and
   only the keys found twice survive. At UMLS scale almost every key of those runs is in one
   of them only: it costs a bit test and is never searched for (simstring's CPMerge merges the
   (m − need + 1) shortest and looks every key up in the next; reading one more run costs less
@@ -138,9 +139,17 @@ cdef extern from *:
                     std::vector<ApproxCand>& out) {
             const int n = m - need + 2 < m ? m - need + 2 : m;
             if (need - (m - n) < 2) { search_hashed(keys, runs, m, need, out); return; }
-            const size_t words = (size_t(ny) + 63) >> 6;
-            if (once.size() < words) { once.assign(words, 0); twice.assign(words, 0); }
-            if (reps.size() < ny) reps.assign(ny, 0);
+            /* the structures cover a power of two ≥ ny, and every posting is masked to it: a
+               damaged index (loaded unverified) can give wrong keys, which _search refuses
+               when they reach it, but never an access outside them */
+            uint64_t span = 64;
+            while (span < ny) span <<= 1;
+            const uint32_t kmask = uint32_t(span - 1);
+            if (reps.size() < span) {
+                once.assign(span >> 6, 0);
+                twice.assign(span >> 6, 0);
+                reps.assign(span, 0);
+            }
             uint64_t* const o = once.data();
             uint64_t* const t2 = twice.data();
             uint16_t* const rp = reps.data();
@@ -149,7 +158,7 @@ cdef extern from *:
                 const uint32_t* p = keys + runs[i].start;
                 const uint32_t* const e = keys + runs[i].end;
                 for (; p < e; ++p) {
-                    const uint32_t k = *p;
+                    const uint32_t k = *p & kmask;
                     const uint64_t bit = uint64_t(1) << (k & 63);
                     const uint64_t w = o[k >> 6];
                     if (w & bit) {
@@ -164,17 +173,17 @@ cdef extern from *:
             for (int i = 0; i < n; ++i) {  /* "seen" back to all zero: only the words written */
                 const uint32_t* p = keys + runs[i].start;
                 const uint32_t* const e = keys + runs[i].end;
-                for (; p < e; ++p) o[*p >> 6] = 0;
+                for (; p < e; ++p) o[(*p & kmask) >> 6] = 0;
             }
             for (int r = n; r < m && !surv.empty(); ++r) {
                 const uint32_t* const b = keys + runs[r].start;
                 const uint32_t* const e = keys + runs[r].end;
                 if (runs[r].length > 64 * int64_t(surv.size())) {
-                    for (size_t i = 0; i < surv.size(); ++i)
+                    for (size_t i = 0; i < surv.size(); ++i)  /* a survivor k is < span */
                         if (std::binary_search(b, e, surv[i])) ++rp[surv[i]];
                 } else {
                     for (const uint32_t* p = b; p < e; ++p) {
-                        const uint32_t k = *p;
+                        const uint32_t k = *p & kmask;
                         if ((t2[k >> 6] >> (k & 63)) & 1) ++rp[k];
                     }
                 }
@@ -575,20 +584,22 @@ cdef class TrigramSearcher:
             # the keys of this size with `need` of the m runs, counted exactly
             # (ApproxCounter.search: the pigeonhole over the shortest runs, then the others);
             # postings are the size's local numbers, [0, ny)
-            if y + 1 >= <int>self.size_offsets.shape[0]:
-                raise ValueError(f"trigram lists hold keys of size {y}, which "
-                                 "trigram_size_offsets does not cover; rebuild the index")
+            if (y + 1 >= <int>self.size_offsets.shape[0]
+                    or self.size_offsets[y] > self.size_offsets[y + 1]
+                    or self.size_offsets[y + 1] > <uint64_t>self.size_keys.shape[0]):
+                raise ValueError(f"trigram_size_offsets does not cover the keys of size {y} "
+                                 "that the trigram lists hold; rebuild the index")
             sbase = <int64_t>self.size_offsets[y]
             ny = <uint32_t>(<int64_t>self.size_offsets[y + 1] - sbase)
             approx_sort_runs(runs[0])
             self.counter.search(keys, runs.data(), m, need, ny, cands[0])
             nc = <Py_ssize_t>cands.size()
             for i in range(nc):  # each has at least `need` of the runs
+                if cands[0][i].kid >= ny:
+                    raise ValueError(f"a trigram list holds a key number that keys of "
+                                     f"size {y} do not have; rebuild the index")
                 hit.sim = sim_of(measure, cands[0][i].count, x, y)
                 if hit.sim >= floor:
-                    if cands[0][i].kid >= ny:
-                        raise ValueError("a trigram list holds a key number its size does not "
-                                         "have; rebuild the index")
                     hit.size = <uint32_t>y
                     hit.kid = self.size_keys[sbase + cands[0][i].kid]
                     out.push_back(hit)

@@ -684,13 +684,13 @@ class ConceptIndex:
             raise ConceptIndexError(f"{mpath}: manifest is not a JSON object; rebuild the index.")
         version = manifest.get("format_version")
         if version not in READABLE_VERSIONS:
-            older = isinstance(version, int) and version < min(READABLE_VERSIONS)
+            older = isinstance(version, int) and version < 4  # before the trigram lists
             raise ConceptIndexError(
                 f"{p}: index format version {version!r} is not supported by this conceptsvc "
                 f"(expects {' or '.join(map(str, READABLE_VERSIONS))}"
                 + ("; older indexes lack the token trie the matcher reads"
                    + (" or approximate matching's trigram lists" if version == 3 else "")
-                   if older and version < 4 else "")
+                   if older else "")
                 + ("; formats 4 and 5 number the keys of approximate matching's trigram lists "
                    "differently" if version in (4, 5) else "")
                 + "); rebuild the index with this version (`conceptsvc index build ... "

@@ -16,16 +16,16 @@ once as flat arrays, and a worker maps them (the page cache shares them between 
     trigram_dir_size.npy     uint16 per entry: a key trigram count present in t's list ...
     trigram_dir_start.npy    uint32 per entry: ... and where its run starts, relative to off[t]
     key_trigram_counts.npy   uint16 per key: the size of its trigram set
-    trigram_size_offsets.npy uint64[max size + 2]: the keys of size y are ...
+    trigram_size_offsets.npy uint64[max size + 2] (one 0 for no keys): the keys of size y are ...
     trigram_size_keys.npy    uint32[n_keys]: ... size_keys[size_offsets[y]:size_offsets[y+1]],
                              ascending
 
 A posting holds the key's number among the keys of its own size (its *size-local* number:
 key = size_keys[size_offsets[y] + local]), not the key number itself. Every run is of one size,
 so the two say the same, in the same order (local numbers rank a size's keys by key number);
-but a size's keys are then the dense range [0, n_y), and the compiled search counts a size's
-runs in two bitmaps of n_y bits (a few KB, in the CPU's first-level cache) instead of a hash
-table of key numbers.
+but a size's keys are then the dense range [0, n_y), and the compiled search reads a size's
+runs against a bitmap of n_y bits (24 KB for the largest size of a 16M-row release, most far
+smaller) instead of a hash table of key numbers.
 
 The directory is what makes size filtering cheap without storing a size per posting: a list's
 run of keys of size y is found by a bisection over at most a few dozen directory entries, so a
@@ -347,7 +347,8 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
     if len(arrays.size_keys) != n_keys:
         problems.append(f"trigram_size_keys has {len(arrays.size_keys)} entries, "
                         f"expected {n_keys}")
-    elif len(arrays.size_offsets) < 1 or int(arrays.size_offsets[-1]) != n_keys:
+    elif (len(arrays.size_offsets) < 1 or int(arrays.size_offsets[0]) != 0
+          or int(arrays.size_offsets[-1]) != n_keys):
         problems.append("trigram_size_offsets does not match trigram_size_keys")
     table = arrays.table
     if len(table) & (len(table) - 1) or n_grams >= len(table):  # (≥ 1 empty slot ends a miss)

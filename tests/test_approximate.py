@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -307,7 +308,8 @@ def test_approximate_huge_query_leaves_no_scratch_behind() -> None:
     """A query whose runs hold hundreds of thousands of keys (the overlap measure at a low
     threshold counts every run) needs a hash table of several MB: it is freed when the query
     ends, so a long-lived worker does not keep the largest query's memory; smaller queries
-    keep theirs (reused, never cleared). Dropping the release fails the first assertion."""
+    keep theirs (the bitmaps and survivor buffers, reused, zero between queries). Dropping the
+    release fails the first assertion."""
     strings = [f"abcdef{i:06d}" for i in range(300_000)]
     tri = TrigramIndex.from_strings(strings)
     fast = compiled_searcher(tri)
@@ -316,8 +318,44 @@ def test_approximate_huge_query_leaves_no_scratch_behind() -> None:
     # its 2^22-slot table (32 MB) is gone; the survivor buffers (≈ 3.6 MB here) stay
     assert fast.scratch_bytes < 1 << 23  # type: ignore[attr-defined]
     kept = fast.scratch_bytes  # type: ignore[attr-defined]
-    fast.search("abcdef000123", "jaccard", 0.9)  # runs of ≈ 30,000 keys: its table is kept
+    # runs of ≈ 30,000 keys, read against the bitmaps and bisected for the few survivors
+    hits = fast.search("abcdef000123", "jaccard", 0.9)  # type: ignore[attr-defined]
+    assert hits == tri.search("abcdef000123", "jaccard", 0.9) and hits
     assert kept < fast.scratch_bytes < 1 << 24  # type: ignore[attr-defined]
+    # and the same searcher again, after those: nothing left over from them changes a result
+    search = fast.search  # type: ignore[attr-defined]
+    for q, measure, alpha in (("abcdef00012", "dice", 0.8), ("bcdef12345", "jaccard", 0.6),
+                              ("abcdef000123", "jaccard", 0.9)):
+        assert search(q, measure, alpha) == tri.search(q, measure, alpha)
+
+
+def _damaged(tri: TrigramIndex, **changes: object) -> Any:
+    """The compiled searcher's ``search`` over ``tri``'s arrays with some of them replaced."""
+    from dataclasses import replace
+
+    searcher = compiled_searcher(TrigramIndex(replace(tri.arrays, **changes), tri.string))
+    return searcher.search  # type: ignore[attr-defined]
+
+
+def test_approximate_damaged_size_local_postings_raise_not_crash() -> None:
+    # a posting beyond its size's keys (an index damaged after its hash was checked, or loaded
+    # unverified) is masked to the counting structures, so it never reads or writes outside
+    # them, and a key it makes a candidate is refused, not answered
+    strings = [f"pleural effusion {i}" for i in range(40)] + ["pleural effusions"]
+    tri = TrigramIndex.from_strings(strings)
+    assert int(np.diff(tri.arrays.size_offsets).max()) < 63  # each size has fewer keys
+    keys = tri.arrays.keys.copy()
+    keys[:] = np.uint32(63)  # within the smallest structures (64 keys), beyond every size
+    bad_key = r"key number that keys of size .* do not have"
+    with pytest.raises(ValueError, match=bad_key):
+        _damaged(tri, keys=keys)("pleural efusion 7", "jaccard", 0.7)
+    offsets = tri.arrays.size_offsets.copy()
+    offsets[1:] = np.uint64(1 << 40)  # past the keys: not a range of them
+    with pytest.raises(ValueError, match="trigram_size_offsets does not cover"):
+        _damaged(tri, size_offsets=offsets)("pleural efusion 7", "jaccard", 0.7)
+    for measure, alpha in (("overlap", 0.05), ("cosine", 0.9)):  # the hash-table count too
+        with pytest.raises(ValueError, match=bad_key):
+            _damaged(tri, keys=keys)("pleural efusion 7", measure, alpha)
 
 
 def test_approximate_scan_memo_keeps_the_last_generation(engine_index_path: Path) -> None:

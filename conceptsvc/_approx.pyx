@@ -17,7 +17,7 @@ interpreter in the loop, the way simstring's CPMerge does:
   any (m − need + 2) of them (pigeonhole; in one of all m when need is 1); the (m − need + 2)
   shortest are read against a bitmap of the size's keys (``ApproxCounter``: postings are
   size-local key numbers, so a size's keys are a dense range; at 16M rows its bitmap is at most
-  24 KB, and survivors' counts go to 2 bytes a key that only they touch), and
+  32 KB, and survivors' counts go to 2 bytes a key that only they touch), and
   only the keys found twice survive. At UMLS scale almost every key of those runs is in one
   of them only: it costs a bit test and is never searched for (simstring's CPMerge merges the
   (m − need + 1) shortest and looks every key up in the next; reading one more run costs less

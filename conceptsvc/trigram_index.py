@@ -24,8 +24,8 @@ A posting holds the key's number among the keys of its own size (its *size-local
 key = size_keys[size_offsets[y] + local]), not the key number itself. Every run is of one size,
 so the two say the same, in the same order (local numbers rank a size's keys by key number);
 but a size's keys are then the dense range [0, n_y), and the compiled search reads a size's
-runs against a bitmap of n_y bits (24 KB for the largest size of a 16M-row release, most far
-smaller) instead of a hash table of key numbers.
+runs against a bitmap of n_y bits, rounded up to a power of two (32 KB for the largest size of
+a 16M-row release, most far smaller), instead of a hash table of key numbers.
 
 The directory is what makes size filtering cheap without storing a size per posting: a list's
 run of keys of size y is found by a bisection over at most a few dozen directory entries, so a

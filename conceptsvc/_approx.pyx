@@ -23,10 +23,10 @@ interpreter in the loop, the way simstring's CPMerge does:
   (m − need + 1) shortest and looks every key up in the next; reading one more run costs less
   than those lookups). Until 2026-12-06 the runs were counted in a hash table of key numbers
   (≈ 4 ns a posting); the bitmaps made a cold ROCOv2 pass on a 16M-row index ≈ 1.15–1.2×
-  faster (BENCHMARKS.md). A size with fewer than ``need`` runs is skipped unread. ``need`` is never below the τ_min of
-  ``approximate.search_bounds`` (the least over all sizes, which the reference's pigeonhole
-  uses) and above it at most sizes, so fewer postings are read than one cut over all sizes
-  would take;
+  faster (BENCHMARKS.md). A size with fewer than ``need`` runs is skipped unread. ``need`` is
+  never below the τ_min of ``approximate.search_bounds`` (the least over all sizes, which the
+  reference's pigeonhole uses) and above it at most sizes, so fewer postings are read than one
+  cut over all sizes would take;
 * each remaining run, shortest first, is read through the survivors' bitmap (or, when it is
   long and the survivors few, searched for each survivor), and a survivor is dropped as soon
   as even all remaining runs could not lift its overlap to ``need``.
@@ -126,10 +126,11 @@ cdef extern from *:
 
            A key with `need` of m runs misses at most m − need of them, so it is in at least
            two of the P = m − need + 2 shortest (in one, when need is 1 and P = m). When that
-           bar is two, the P runs are read against a bitmap of ny bits ("seen": a few KB, in
-           the first-level cache, so a posting costs a bit test and a store, no hashing or
-           probing); a key seen again is a survivor, marked in a second bitmap, and its further
-           sightings are counted in a per-key array that only survivors touch. Each later run
+           bar is two, the P runs are read against a bitmap of ny bits ("seen": at most
+           32 KB at 16M rows, in the first-level cache, so a posting costs a bit test and a
+           store, no hashing or probing); a key seen again is a survivor, marked in a second
+           bitmap, and its further sightings are counted in a per-key array that only
+           survivors touch. Each later run
            p is then read through the survivors' bitmap (or, when it is long and they are few,
            bisected for each), and after it a survivor needs need − (m − 1 − p): the others
            are dropped. A key's count rises by at most one a run and the bar by exactly one, so

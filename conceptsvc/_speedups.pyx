@@ -1843,10 +1843,13 @@ cdef class FastPath:
                          object score, object types, object sab, int ctx, bint row):
         """A Mention; ``ctx`` holds its categories (``negation.mention_context``'s bits). With
         ``row``, the same values as a tuple in the Mention's field order (``extract_rows``)."""
+        cdef bint negated = (ctx & _CTX_NEGATED) != 0
+        cdef bint hypothetical = (ctx & _CTX_HYPOTHETICAL) != 0
+        cdef bint historical = (ctx & _CTX_HISTORICAL) != 0
+        cdef str experiencer = u"other" if ctx & _CTX_OTHER else u"patient"
         if row:
-            return (cui, name, surface, s, e, score, types, sab, (ctx & _CTX_NEGATED) != 0,
-                    (ctx & _CTX_HYPOTHETICAL) != 0, (ctx & _CTX_HISTORICAL) != 0,
-                    u"other" if ctx & _CTX_OTHER else u"patient")
+            return (cui, name, surface, s, e, score, types, sab, negated, hypothetical,
+                    historical, experiencer)
         cdef object m = self.new(self.Mention)
         cdef tuple d = self.mention_slots
         _set_slot(d[0], m, cui)
@@ -1857,10 +1860,10 @@ cdef class FastPath:
         _set_slot(d[5], m, score)
         _set_slot(d[6], m, types)
         _set_slot(d[7], m, sab)
-        _set_slot(d[8], m, (ctx & _CTX_NEGATED) != 0)
-        _set_slot(d[9], m, (ctx & _CTX_HYPOTHETICAL) != 0)
-        _set_slot(d[10], m, (ctx & _CTX_HISTORICAL) != 0)
-        _set_slot(d[11], m, u"other" if ctx & _CTX_OTHER else u"patient")
+        _set_slot(d[8], m, negated)
+        _set_slot(d[9], m, hypothetical)
+        _set_slot(d[10], m, historical)
+        _set_slot(d[11], m, experiencer)
         return m
 
     cdef object _annotation(self, object id, tuple mentions, tuple concepts, bint row):

@@ -155,9 +155,21 @@ cdef extern from *:
             uint64_t* const t2 = twice.data();
             uint16_t* const rp = reps.data();
             surv.clear();
-            for (int i = 0; i < n; ++i) {
+            /* the first run only marks its keys (they are distinct and nothing is seen yet),
+               the last only tests them (a key first seen there is seen once); the runs
+               between do both */
+            int64_t marked = 0;
+            for (int i = 0; i < n - 1; ++i) {
                 const uint32_t* p = keys + runs[i].start;
                 const uint32_t* const e = keys + runs[i].end;
+                marked += runs[i].length;
+                if (i == 0) {
+                    for (; p < e; ++p) {
+                        const uint32_t k = *p & kmask;
+                        o[k >> 6] |= uint64_t(1) << (k & 63);
+                    }
+                    continue;
+                }
                 for (; p < e; ++p) {
                     const uint32_t k = *p & kmask;
                     const uint64_t bit = uint64_t(1) << (k & 63);
@@ -171,10 +183,29 @@ cdef extern from *:
                     }
                 }
             }
-            for (int i = 0; i < n; ++i) {  /* "seen" back to all zero: only the words written */
-                const uint32_t* p = keys + runs[i].start;
-                const uint32_t* const e = keys + runs[i].end;
-                for (; p < e; ++p) o[(*p & kmask) >> 6] = 0;
+            {
+                const uint32_t* p = keys + runs[n - 1].start;
+                const uint32_t* const e = keys + runs[n - 1].end;
+                for (; p < e; ++p) {
+                    const uint32_t k = *p & kmask;
+                    if ((o[k >> 6] >> (k & 63)) & 1) {
+                        const uint16_t c = rp[k];
+                        if (c == 0) { surv.push_back(k); t2[k >> 6] |= uint64_t(1) << (k & 63); }
+                        rp[k] = uint16_t(c + 1);
+                    }
+                }
+            }
+            /* "seen" back to all zero: the whole span at once when it is small beside the
+               postings marked (a store of 64 bytes costs about what one posting's clear
+               does), else only the words written */
+            if ((span >> 6) <= uint64_t(16 * marked)) {
+                std::fill(o, o + (span >> 6), uint64_t(0));
+            } else {
+                for (int i = 0; i < n - 1; ++i) {
+                    const uint32_t* p = keys + runs[i].start;
+                    const uint32_t* const e = keys + runs[i].end;
+                    for (; p < e; ++p) o[(*p & kmask) >> 6] = 0;
+                }
             }
             for (int r = n; r < m && !surv.empty(); ++r) {
                 const uint32_t* const b = keys + runs[r].start;

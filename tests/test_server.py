@@ -484,6 +484,51 @@ def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:
         assert server.metrics.value("conceptsvc_inflight_requests") == 0
 
 
+def test_server_drain_answers_new_calls_until_in_flight_ones_end(index_a: Path) -> None:
+    """While a call is in flight, a draining server still takes new calls and answers each,
+    on a connection already up or a new one, with UNAVAILABLE "shutting down" — what clients
+    retry elsewhere — including when every admitted slot is held (not RESOURCE_EXHAUSTED);
+    stopping gRPC at once instead could end such a call CANCELLED. The drain ends as soon as
+    the in-flight call does, well inside the grace."""
+    extractor = _GatedExtractor(ConceptIndex.load(index_a))
+    s = settings_for(index_a, grace_seconds=30, max_concurrent_rpcs=1)
+    with running_server(s, extractor=extractor) as (server, port):
+        results: list[Any] = []
+
+        def call() -> None:
+            with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+                results.append(c.annotate("lung").concepts)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert extractor.entered.wait(10)
+        up = ConceptClient(f"127.0.0.1:{port}", retries=0, timeout=5)
+        with up:
+            assert _status(up.annotate, "heart") == "RESOURCE_EXHAUSTED"  # the one slot held
+            drainer = threading.Thread(target=server.drain)
+            drainer.start()
+            deadline = time.monotonic() + 5
+            while not server.state.draining:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            for _ in range(3):
+                with ConceptClient(f"127.0.0.1:{port}", retries=0, timeout=5) as new:
+                    for c in (up, new):
+                        with pytest.raises(ServiceCallError) as err:
+                            c.annotate("heart")
+                        assert err.value.status == "UNAVAILABLE"
+                        assert "shutting down" in str(err.value)
+                time.sleep(0.1)
+            assert drainer.is_alive()  # still waiting for the call in the engine
+            t0 = time.monotonic()
+            extractor.gate.set()
+            caller.join(10)
+            drainer.join(10)
+            assert not drainer.is_alive()
+            assert time.monotonic() - t0 < 5  # not the 30 s grace
+        assert results == [("C0024109",)]
+
+
 def test_server_reload_under_load_without_failed_requests(
     tmp_path: Path, index_a: Path
 ) -> None:

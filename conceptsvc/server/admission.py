@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from conceptsvc.server.status import overloaded, status_for
+from conceptsvc.server.status import draining, overloaded, status_for
 
 __all__ = ["AdmissionInterceptor"]
 
@@ -33,9 +33,15 @@ _EXEMPT_PREFIX = "/grpc.health.v1.Health/"
 class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuses calls beyond ``limit`` in progress with RESOURCE_EXHAUSTED (health exempt)."""
 
-    def __init__(self, limit: int, on_refuse: Callable[[str, grpc.StatusCode], None]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_refuse: Callable[[str, grpc.StatusCode], None],
+        is_draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.limit = limit
         self._on_refuse = on_refuse
+        self._is_draining = is_draining
         self._lock = threading.Lock()
         self._in_progress = 0
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -56,7 +62,9 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self._in_progress -= 1
 
     def _refuse(self, method: str, context: grpc.ServicerContext) -> None:
-        code, message, _ = status_for(overloaded(self.limit))
+        # a draining server's refusal says so (UNAVAILABLE: go elsewhere), not "busy"
+        exc = draining() if self._is_draining() else overloaded(self.limit)
+        code, message, _ = status_for(exc)
         self._on_refuse(method, code)
         context.abort(code, message)
 

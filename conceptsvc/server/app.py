@@ -70,6 +70,9 @@ __all__ = ["ConceptServer", "PortClaim", "Supervisor", "create_server", "run_wor
 
 log = logging.getLogger(__name__)
 
+#: A draining server stops gRPC once no call has entered a handler for this long (see drain).
+DRAIN_QUIET_SECONDS = 0.25
+
 ReadyCallback = Callable[[int], None]
 
 
@@ -139,6 +142,7 @@ class ConceptServer:
             on_refuse=lambda method, code: self.metrics.observe_rpc(
                 method.rsplit("/", 1)[-1], code.name, 0.0
             ),
+            is_draining=lambda: self.state.draining,
         )
         # Not futures.ThreadPoolExecutor: its idle threads wake each other on every call
         # (see conceptsvc.server.pool).
@@ -204,7 +208,15 @@ class ConceptServer:
         return outcome
 
     def drain(self, grace: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish.
+
+        The gRPC server keeps accepting calls until the in-flight ones have finished and no
+        new one has come for :data:`DRAIN_QUIET_SECONDS` (or the grace is over): a new call
+        meanwhile is answered by its handler, UNAVAILABLE "shutting down", which clients retry
+        elsewhere. gRPC's own shutdown cancels a call that has arrived but has no handler
+        yet (the client sees CANCELLED, which it does not retry), so the server is stopped
+        when calls have stopped coming, not at the signal (where clients and load balancers
+        that have not seen NOT_SERVING yet still send)."""
         if self._stopped.is_set():
             return
         grace = self.settings.grace_seconds if grace is None else grace
@@ -212,7 +224,10 @@ class ConceptServer:
         self.state.start_draining()
         if self.settings.drain_delay_seconds:
             time.sleep(self.settings.drain_delay_seconds)
-        self.stop(grace)
+        deadline = time.monotonic() + grace
+        if not self.state.wait_idle(grace, quiet=DRAIN_QUIET_SECONDS):
+            log.warning("draining: RPCs still running or arriving after the %.1fs grace", grace)
+        self.stop(max(0.0, deadline - time.monotonic()))
 
     def stop(self, grace: float | None = 0) -> None:
         if self._stopped.is_set():

@@ -448,6 +448,17 @@ class _GatedExtractor(Extractor):
         return super().extract_rows(text, options)
 
 
+def _start_drain(server: Any) -> threading.Thread:
+    """``server.drain()`` in a thread of its own, returned once the drain has begun."""
+    drainer = threading.Thread(target=server.drain)
+    drainer.start()
+    deadline = time.monotonic() + 5
+    while not server.state.draining:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return drainer
+
+
 def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:
     extractor = _GatedExtractor(ConceptIndex.load(index_a))
     s = settings_for(index_a, grace_seconds=5)
@@ -465,12 +476,7 @@ def test_server_drain_lets_in_flight_unary_finish(index_a: Path) -> None:
         caller = threading.Thread(target=call)
         caller.start()
         assert extractor.entered.wait(10)
-        drainer = threading.Thread(target=server.drain)
-        drainer.start()
-        deadline = time.monotonic() + 5
-        while not server.state.draining:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        drainer = _start_drain(server)
         # The drain has begun while the call is inside the engine, and waits for it.
         assert server.metrics.value("conceptsvc_inflight_requests") == 1
         drainer.join(0.5)
@@ -505,12 +511,7 @@ def test_server_drain_answers_new_calls_until_in_flight_ones_end(index_a: Path) 
         up = ConceptClient(f"127.0.0.1:{port}", retries=0, timeout=5)
         with up:
             assert _status(up.annotate, "heart") == "RESOURCE_EXHAUSTED"  # the one slot held
-            drainer = threading.Thread(target=server.drain)
-            drainer.start()
-            deadline = time.monotonic() + 5
-            while not server.state.draining:
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
+            drainer = _start_drain(server)
             for _ in range(3):
                 with ConceptClient(f"127.0.0.1:{port}", retries=0, timeout=5) as new:
                     for c in (up, new):

@@ -40,6 +40,7 @@ import os
 import pstats
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -198,11 +199,61 @@ def _py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-def _last_words(proc: subprocess.CompletedProcess[str]) -> str:
+def _last_words(output: str) -> str:
     """The last line py-spy's child printed, else py-spy's own last line."""
-    said = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    said = [ln.strip() for ln in output.splitlines() if ln.strip()]
     child = [ln for ln in said if not ln.startswith("py-spy>")]
     return (child or said or ["no output"])[-1]
+
+
+def _run_py_spy(
+    cmd: Sequence[str], env: dict[str, str], done: Path, tmp: Path, *, timeout: float
+) -> tuple[str | None, str]:
+    """Run ``py-spy record`` on its child and stop it while the child is still alive.
+
+    py-spy 0.4.3 with ``--native`` can hang for good when the child it samples exits under it
+    (seen here: the child a zombie, py-spy's threads waiting on each other, no output file;
+    about 1 run in 10 of the stage test). So the child, when its loop is over, writes ``done``
+    (its pid) and waits; py-spy is then stopped with SIGINT, as Ctrl-C would, which makes it
+    write its samples and end the child. Returns (an error or None, what both printed)."""
+    log_path = tmp / "py-spy.log"
+    with log_path.open("w+", encoding="utf-8", errors="replace") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and not done.is_file():
+                if time.monotonic() > deadline:
+                    return f"py-spy did not finish in {timeout:.0f} s", ""
+                time.sleep(0.05)
+            if proc.poll() is None:  # the loop is over: stop sampling while the child lives
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            return "py-spy did not stop within 60 s of SIGINT", ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _end_child(done)
+        log_file.seek(0)
+        said = log_file.read()
+    if proc.returncode != 0 or not (tmp / "samples.txt").is_file():
+        return f"py-spy exited with status {proc.returncode}: {_last_words(said)}", said
+    return None, said
+
+
+def _end_child(done: Path) -> None:
+    """Kill the stage child named in ``done`` if py-spy left it running."""
+    try:
+        pid = int(done.read_text(encoding="ascii"))
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return  # no marker (the child ended before its loop was over), or the child is gone
+    if b"--stage-done" in cmdline:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[str, Any]:
@@ -222,12 +273,12 @@ def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[
         )
         return result
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
-        out = Path(tmp) / "samples.txt"
+        out, done = Path(tmp) / "samples.txt", Path(tmp) / "loop-done"
         cmd = [
             py_spy, "record", "--native", "--rate", str(_PY_SPY_RATE), "--format", "raw",
             "--output", str(out), "--",
             sys.executable, "-m", "benchmarks.bench_extract", *child_args,
-            "--stage-loop", str(seconds),
+            "--stage-loop", str(seconds), "--stage-done", str(done),
         ]
         # The child imports this module from the checkout (it is not installed), whatever the
         # working directory; its paths are passed as given, so the cwd stays.
@@ -235,24 +286,16 @@ def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
         )
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=seconds + 600, check=False, env=env
-            )
-        except subprocess.TimeoutExpired:
-            result["stage_profile_error"] = f"py-spy did not finish in {seconds + 600:.0f} s"
-            return result
-        if proc.returncode != 0 or not out.is_file():
-            result["stage_profile_error"] = (
-                f"py-spy exited with status {proc.returncode}: {_last_words(proc)}"
-            )
+        error, said = _run_py_spy(cmd, env, done, Path(tmp), timeout=seconds + 600)
+        if error is not None:
+            result["stage_profile_error"] = error
             return result
         with out.open(encoding="utf-8", errors="replace") as f:
             shares, samples = stage_shares_py_spy(f)
     if not samples:
         # py-spy exits 0 when its child fails: the child's last words say why
         result["stage_profile_error"] = (
-            f"py-spy recorded no sample inside the extraction loop: {_last_words(proc)}"
+            f"py-spy recorded no sample inside the extraction loop: {_last_words(said)}"
         )
         return result
     result["stage_shares"] = shares
@@ -426,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "engine's stage shares (default: 5)")
     # internal: the child that py-spy samples (see profile_stages_py_spy)
     ap.add_argument("--stage-loop", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
+    ap.add_argument("--stage-done", type=Path, metavar="PATH", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizers", action="store_true",
                     help="also compare tokenisers (ours vs spaCy's blank English tokenizer)")
     ap.add_argument("--reference", action="store_true",
@@ -498,6 +542,11 @@ def _stage_child(
     log.info("stage loop: %d passes over %d captions", passes, len(captions))
     logging.shutdown()
     sys.stdout.flush()
+    if args.stage_done is not None:
+        # say the loop is over and wait to be ended by py-spy (see _run_py_spy); sleeping,
+        # so that no sample lands in the loop
+        args.stage_done.write_text(str(os.getpid()), encoding="ascii")
+        time.sleep(600)
     # Skip the interpreter's teardown: freeing the index under ptrace costs seconds of
     # sampling that are thrown away.
     os._exit(0)

@@ -308,11 +308,14 @@ class ServiceState:
         self.health.enter_graceful_shutdown()
 
     def call_started(self) -> None:
+        """An RPC entered its handler (counted here for the drain, and in the metrics)."""
         with self._idle:
             self._calls += 1
             self._last_call = time.monotonic()
+        self.metrics.inflight.inc()
 
     def call_ended(self) -> None:
+        self.metrics.inflight.dec()
         with self._idle:
             self._calls -= 1
             if self._calls == 0:
@@ -432,7 +435,6 @@ class _Observed:
         code_name = "OK"
         state = self.state
         state.call_started()
-        metrics.inflight.inc()
         try:
             return fn()
         except Exception as exc:
@@ -440,7 +442,6 @@ class _Observed:
             code_name = code.name
             context.abort(code, message)
         finally:
-            metrics.inflight.dec()
             state.call_ended()
             metrics.observe_rpc(self.method, code_name, time.perf_counter() - t0)
 
@@ -450,7 +451,6 @@ class _Observed:
         code = grpc.StatusCode.OK
         state = self.state
         state.call_started()
-        metrics.inflight.inc()
         try:
             yield from gen
         except GeneratorExit:
@@ -463,7 +463,6 @@ class _Observed:
             gen_close = getattr(gen, "close", None)
             if gen_close is not None:
                 gen_close()
-            metrics.inflight.dec()
             state.call_ended()
             metrics.observe_rpc(self.method, code.name, time.perf_counter() - t0)
 

@@ -158,42 +158,31 @@ cdef extern from *:
             /* the first run only marks its keys (they are distinct and nothing is seen yet),
                the last only tests them (a key first seen there is seen once); the runs
                between do both */
-            int64_t marked = 0;
-            for (int i = 0; i < n - 1; ++i) {
-                const uint32_t* p = keys + runs[i].start;
-                const uint32_t* const e = keys + runs[i].end;
+            const auto again = [&](uint32_t k, uint64_t bit) {  /* k seen before */
+                const uint16_t c = rp[k];
+                if (c == 0) { surv.push_back(k); t2[k >> 6] |= bit; }
+                rp[k] = uint16_t(c + 1);
+            };
+            int64_t marked = runs[0].length;
+            for (const uint32_t* p = keys + runs[0].start; p < keys + runs[0].end; ++p) {
+                const uint32_t k = *p & kmask;
+                o[k >> 6] |= uint64_t(1) << (k & 63);
+            }
+            for (int i = 1; i < n - 1; ++i) {
                 marked += runs[i].length;
-                if (i == 0) {
-                    for (; p < e; ++p) {
-                        const uint32_t k = *p & kmask;
-                        o[k >> 6] |= uint64_t(1) << (k & 63);
-                    }
-                    continue;
-                }
-                for (; p < e; ++p) {
+                const uint32_t* const e = keys + runs[i].end;
+                for (const uint32_t* p = keys + runs[i].start; p < e; ++p) {
                     const uint32_t k = *p & kmask;
                     const uint64_t bit = uint64_t(1) << (k & 63);
                     const uint64_t w = o[k >> 6];
-                    if (w & bit) {
-                        const uint16_t c = rp[k];
-                        if (c == 0) { surv.push_back(k); t2[k >> 6] |= bit; }
-                        rp[k] = uint16_t(c + 1);
-                    } else {
-                        o[k >> 6] = w | bit;
-                    }
+                    if (w & bit) again(k, bit);
+                    else o[k >> 6] = w | bit;
                 }
             }
-            {
-                const uint32_t* p = keys + runs[n - 1].start;
-                const uint32_t* const e = keys + runs[n - 1].end;
-                for (; p < e; ++p) {
-                    const uint32_t k = *p & kmask;
-                    if ((o[k >> 6] >> (k & 63)) & 1) {
-                        const uint16_t c = rp[k];
-                        if (c == 0) { surv.push_back(k); t2[k >> 6] |= uint64_t(1) << (k & 63); }
-                        rp[k] = uint16_t(c + 1);
-                    }
-                }
+            for (const uint32_t* p = keys + runs[n - 1].start; p < keys + runs[n - 1].end; ++p) {
+                const uint32_t k = *p & kmask;
+                const uint64_t bit = uint64_t(1) << (k & 63);
+                if (o[k >> 6] & bit) again(k, bit);
             }
             /* "seen" back to all zero: the whole span at once when it is small beside the
                postings marked (a store of 64 bytes costs about what one posting's clear

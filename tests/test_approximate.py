@@ -249,10 +249,15 @@ def test_approximate_index_without_trigram_lists_is_refused(tmp_path: Path) -> N
         ConceptIndex.load(ix)
 
 
+def _effusion_index(path: Path) -> Path:
+    """A one-concept index with two strings (for the damaged-file tests)."""
+    return build_index(path, [("C0000001", "Pleural effusion", ("T047",))],
+                       [("C0000001", "Pleural effusion", "MSH", "PT", 0),
+                        ("C0000001", "Effusion", "MSH", "SY", 0)])
+
+
 def test_approximate_truncated_trigram_lists_are_refused(tmp_path: Path) -> None:
-    ix = build_index(tmp_path / "ix", [("C0000001", "Pleural effusion", ("T047",))],
-                     [("C0000001", "Pleural effusion", "MSH", "PT", 0),
-                      ("C0000001", "Effusion", "MSH", "SY", 0)])
+    ix = _effusion_index(tmp_path / "ix")
     keys = np.load(ix / "trigram_keys.npy")
     np.save(ix / "trigram_keys.npy", keys[:-1], allow_pickle=False)
     with pytest.raises(ConceptIndexError, match="trigram_offsets does not match"):
@@ -260,9 +265,7 @@ def test_approximate_truncated_trigram_lists_are_refused(tmp_path: Path) -> None
 
 
 def test_approximate_truncated_size_keys_are_refused(tmp_path: Path) -> None:
-    ix = build_index(tmp_path / "ix", [("C0000001", "Pleural effusion", ("T047",))],
-                     [("C0000001", "Pleural effusion", "MSH", "PT", 0),
-                      ("C0000001", "Effusion", "MSH", "SY", 0)])
+    ix = _effusion_index(tmp_path / "ix")
     size_keys = np.load(ix / "trigram_size_keys.npy")
     np.save(ix / "trigram_size_keys.npy", size_keys[:-1], allow_pickle=False)
     with pytest.raises(ConceptIndexError, match=r"trigram_size_keys has .* entries"):

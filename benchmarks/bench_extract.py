@@ -207,7 +207,7 @@ def _last_words(output: str) -> str:
 
 
 def _run_py_spy(
-    cmd: Sequence[str], env: dict[str, str], done: Path, tmp: Path, *, timeout: float
+    cmd: Sequence[str], env: dict[str, str], out: Path, done: Path, *, timeout: float
 ) -> tuple[str | None, str]:
     """Run ``py-spy record`` on its child and stop it while the child is still alive.
 
@@ -215,8 +215,9 @@ def _run_py_spy(
     (seen here: the child a zombie, py-spy's threads waiting on each other, no output file;
     about 1 run in 10 of the stage test). So the child, when its loop is over, writes ``done``
     (its pid) and waits; py-spy is then stopped with SIGINT, as Ctrl-C would, which makes it
-    write its samples and end the child. Returns (an error or None, what both printed)."""
-    log_path = tmp / "py-spy.log"
+    write its samples (to ``out``, which ``cmd`` names) and end the child. Returns (an error
+    or None, what both printed)."""
+    log_path = out.with_name("py-spy.log")
     with log_path.open("w+", encoding="utf-8", errors="replace") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
@@ -237,7 +238,7 @@ def _run_py_spy(
             _end_child(done)
         log_file.seek(0)
         said = log_file.read()
-    if proc.returncode != 0 or not (tmp / "samples.txt").is_file():
+    if proc.returncode != 0 or not out.is_file():
         return f"py-spy exited with status {proc.returncode}: {_last_words(said)}", said
     return None, said
 
@@ -286,7 +287,7 @@ def profile_stages_py_spy(child_args: Sequence[str], *, seconds: float) -> dict[
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
         )
-        error, said = _run_py_spy(cmd, env, done, Path(tmp), timeout=seconds + 600)
+        error, said = _run_py_spy(cmd, env, out, done, timeout=seconds + 600)
         if error is not None:
             result["stage_profile_error"] = error
             return result

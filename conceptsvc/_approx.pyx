@@ -64,6 +64,7 @@ cdef extern from *:
         int64_t e, db, dend;          /* next directory run e, up to db (size > hi); dend: the
                                          list's last */
         int64_t base, lend;           /* where the whole list starts and ends */
+        int64_t span;                 /* postings of the sizes searched (the cut list) */
     };
     struct ApproxRun { int64_t length, start, end; };  /* postings [start, end) of one size */
     struct ApproxHit { double sim; uint32_t size; uint32_t kid; };
@@ -72,9 +73,23 @@ cdef extern from *:
         if (a.size != b.size) return a.size > b.size;
         return a.kid < b.kid;
     }
+    /* Runs by length, ascending. They come in the order of their trigrams' postings over
+       the whole size range, which is nearly their order at each size, so an insertion sort
+       moves few of them. */
     static inline void approx_sort_runs(std::vector<ApproxRun>& v) {
+        ApproxRun* const a = v.data();
+        const size_t n = v.size();
+        for (size_t i = 1; i < n; ++i) {
+            if (a[i - 1].length <= a[i].length) continue;
+            const ApproxRun r = a[i];
+            size_t j = i;
+            do { a[j] = a[j - 1]; --j; } while (j > 0 && a[j - 1].length > r.length);
+            a[j] = r;
+        }
+    }
+    static inline void approx_sort_cursors(std::vector<GramCursor>& v) {
         std::sort(v.begin(), v.end(),
-                  [](const ApproxRun& a, const ApproxRun& b) { return a.length < b.length; });
+                  [](const GramCursor& a, const GramCursor& b) { return a.span < b.span; });
     }
     static inline void approx_sort_hits(std::vector<ApproxHit>& v) {
         std::sort(v.begin(), v.end(), approx_hit_before);
@@ -331,7 +346,7 @@ cdef extern from *:
     """
     struct GramCursor:
         int64_t e, db, dend
-        int64_t base, lend
+        int64_t base, lend, span
     struct ApproxRun:
         int64_t length, start, end
     struct ApproxHit:
@@ -339,6 +354,7 @@ cdef extern from *:
         uint32_t size
         uint32_t kid
     void approx_sort_runs(vector[ApproxRun]& v)
+    void approx_sort_cursors(vector[GramCursor]& v)
     void approx_sort_hits(vector[ApproxHit]& v)
     void approx_sort_u64(vector[uint64_t]& v)
     void approx_sort_pairs(vector[pair[uint64_t, int64_t]]& v)
@@ -569,7 +585,12 @@ cdef class TrigramSearcher:
                     b = mid
             cur.db = a
             if cur.e < cur.db:
+                cur.span = ((<int64_t>self.dir_start[cur.db] if cur.db < cur.dend
+                             else cur.lend - cur.base) - <int64_t>self.dir_start[cur.e])
                 curs.push_back(cur)
+        # the trigrams by their postings over the sizes searched: at each size their runs
+        # then come nearly shortest first (see approx_sort_runs)
+        approx_sort_cursors(curs[0])
         # one key size at a time, ascending: the overlap a key needs depends on its size, so
         # each size reads only as many of its runs as its own need allows
         need = tau_min

@@ -135,6 +135,7 @@ cdef extern from *:
         std::vector<uint16_t> reps;  /* per local key number: sightings after the first (zero
                                         between searches) */
         std::vector<uint32_t> surv;  /* the survivors' local numbers */
+        std::vector<uint32_t> dup;   /* keys found seen again while the P runs are read */
         /* The keys of one key size (`ny` of them; postings are their size-local numbers,
            ascending in each run) with at least `need` of the query's m runs (runs[0:m],
            sorted by length), with their exact counts, into `out` (local numbers).
@@ -172,13 +173,14 @@ cdef extern from *:
             surv.clear();
             /* the first run only marks its keys (they are distinct and nothing is seen yet),
                the last only tests them (a key first seen there is seen once); the runs
-               between do both */
-            const auto again = [&](uint32_t k, uint64_t bit) {  /* k seen before */
-                const uint16_t c = rp[k];
-                if (c == 0) { surv.push_back(k); t2[k >> 6] |= bit; }
-                rp[k] = uint16_t(c + 1);
-            };
-            int64_t marked = runs[0].length;
+               between do both. Every key read from the second run on is written to `dup`,
+               and the write is kept (its end moved on) only when the key was seen: no branch
+               on the bit. The keys kept, seen again, are counted after the P runs */
+            int64_t marked = runs[0].length, rest = 0;
+            for (int i = 1; i < n; ++i) rest += runs[i].length;
+            if (dup.size() < size_t(rest) + 1) dup.resize(size_t(rest) + 1);
+            uint32_t* const d = dup.data();
+            size_t nd = 0;
             for (const uint32_t* p = keys + runs[0].start; p < keys + runs[0].end; ++p) {
                 const uint32_t k = *p & kmask;
                 o[k >> 6] |= uint64_t(1) << (k & 63);
@@ -188,16 +190,21 @@ cdef extern from *:
                 const uint32_t* const e = keys + runs[i].end;
                 for (const uint32_t* p = keys + runs[i].start; p < e; ++p) {
                     const uint32_t k = *p & kmask;
-                    const uint64_t bit = uint64_t(1) << (k & 63);
                     const uint64_t w = o[k >> 6];
-                    if (w & bit) again(k, bit);
-                    else o[k >> 6] = w | bit;
+                    d[nd] = k;
+                    nd += (w >> (k & 63)) & 1;
+                    o[k >> 6] = w | (uint64_t(1) << (k & 63));
                 }
             }
             for (const uint32_t* p = keys + runs[n - 1].start; p < keys + runs[n - 1].end; ++p) {
                 const uint32_t k = *p & kmask;
-                const uint64_t bit = uint64_t(1) << (k & 63);
-                if (o[k >> 6] & bit) again(k, bit);
+                d[nd] = k;
+                nd += (o[k >> 6] >> (k & 63)) & 1;
+            }
+            for (size_t i = 0; i < nd; ++i) {  /* a key seen again: a survivor */
+                const uint32_t k = d[i];
+                if (rp[k] == 0) { surv.push_back(k); t2[k >> 6] |= uint64_t(1) << (k & 63); }
+                ++rp[k];
             }
             /* "seen" back to all zero: the whole span at once when it is small beside the
                postings marked (a store of 64 bytes costs about what one posting's clear
@@ -331,6 +338,7 @@ cdef extern from *:
             }
             if (live.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(live);
             if (surv.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(surv);
+            if (dup.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(dup);
             if (reps.size() > APPROX_RELEASE) {  /* a size of over a million keys */
                 std::vector<uint16_t>().swap(reps);
                 std::vector<uint64_t>().swap(once);
@@ -340,7 +348,8 @@ cdef extern from *:
         size_t scratch_bytes() const {  /* per key of the largest size: 2 bits and 2 bytes */
             return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t)
                 + (once.capacity() + twice.capacity()) * sizeof(uint64_t)
-                + reps.capacity() * sizeof(uint16_t) + surv.capacity() * sizeof(uint32_t);
+                + reps.capacity() * sizeof(uint16_t)
+                + (surv.capacity() + dup.capacity()) * sizeof(uint32_t);
         }
     };
     """

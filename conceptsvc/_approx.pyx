@@ -29,7 +29,12 @@ interpreter in the loop, the way simstring's CPMerge does:
   cut over all sizes would take;
 * each remaining run, shortest first, is read through the survivors' bitmap (or, when it is
   long and the survivors few, searched for each survivor), and a survivor is dropped as soon
-  as even all remaining runs could not lift its overlap to ``need``.
+  as even all remaining runs could not lift its overlap to ``need``;
+* the runs that are only tested against a bitmap (the last of the counted ones, and the
+  remaining ones read whole) are well over half the postings read: on a CPU with AVX-512 they
+  are tested 16 postings at a time (a gather of the bitmap words, a compress of the keys
+  found), chosen when the module loads; ``set_simd(False)`` switches to the scalar loop, which
+  gives the same keys in the same order (the tests run both).
 
 Which lists are "shortest", and the pruning, change only the work done: a key is kept exactly
 when its exact overlap gives a similarity ≥ threshold − 1e-12, as in the reference, computed by
@@ -109,6 +114,64 @@ cdef extern from *:
     static inline void approx_sort_pairs(std::vector<std::pair<uint64_t, int64_t> >& v) {
         std::sort(v.begin(), v.end());
     }
+    /* The keys of postings [p, e), masked by `kmask`, whose bit is set in the bitmap `bm`,
+       appended in order to `out`; returns how many. This is the loop of the runs that are
+       only tested against a bitmap (the last of the P runs, and the later runs against the
+       survivors'), well over half the postings a search reads. On a CPU with AVX-512 it
+       tests 16 postings at a time (a gather of their bitmap words, a compress of the keys
+       whose bit is set); elsewhere, or when switched off (approx_set_simd), one at a time.
+       Both give the same keys in the same order. */
+    static inline size_t approx_select_scalar(const uint32_t* p, const uint32_t* e,
+                                              uint32_t kmask, const uint64_t* bm,
+                                              uint32_t* out) {
+        size_t n = 0;
+        for (; p < e; ++p) {
+            const uint32_t k = *p & kmask;
+            out[n] = k;
+            n += (bm[k >> 6] >> (k & 63)) & 1;
+        }
+        return n;
+    }
+    #if defined(__x86_64__) && defined(__GNUC__)
+    #include <immintrin.h>
+    __attribute__((target("avx512f")))
+    static size_t approx_select_avx512(const uint32_t* p, const uint32_t* e, uint32_t kmask,
+                                       const uint64_t* bm, uint32_t* out) {
+        size_t n = 0;
+        const __m512i km = _mm512_set1_epi32(int(kmask));
+        const __m512i low5 = _mm512_set1_epi32(31);
+        const __m512i one = _mm512_set1_epi32(1);
+        const int* const words = reinterpret_cast<const int*>(bm);  /* 32-bit words */
+        for (; p + 16 <= e; p += 16) {
+            const __m512i k = _mm512_and_si512(_mm512_loadu_si512(p), km);
+            const __m512i w = _mm512_i32gather_epi32(_mm512_srli_epi32(k, 5), words, 4);
+            const __mmask16 hit = _mm512_test_epi32_mask(
+                _mm512_srlv_epi32(w, _mm512_and_si512(k, low5)), one);
+            if (hit) {
+                _mm512_mask_compressstoreu_epi32(out + n, hit, k);
+                n += size_t(__builtin_popcount(hit));
+            }
+        }
+        return n + approx_select_scalar(p, e, kmask, bm, out + n);
+    }
+    static int approx_simd_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    static inline size_t approx_select(const uint32_t* p, const uint32_t* e, uint32_t kmask,
+                                       const uint64_t* bm, uint32_t* out) {
+        if (approx_simd_on) return approx_select_avx512(p, e, kmask, bm, out);
+        return approx_select_scalar(p, e, kmask, bm, out);
+    }
+    /* switch the AVX-512 loop on or off (the tests run both); returns whether it is on */
+    static int approx_set_simd(int on) {
+        approx_simd_on = on && __builtin_cpu_supports("avx512f") ? 1 : 0;
+        return approx_simd_on;
+    }
+    #else
+    static inline size_t approx_select(const uint32_t* p, const uint32_t* e, uint32_t kmask,
+                                       const uint64_t* bm, uint32_t* out) {
+        return approx_select_scalar(p, e, kmask, bm, out);
+    }
+    static int approx_set_simd(int on) { (void)on; return 0; }
+    #endif
     struct ApproxCand { uint32_t kid; int count; };
     /* A search's scratch above this many entries is freed when it ends (ApproxCounter and
        TrigramSearcher._search's candidates): a query whose runs are huge (a low threshold,
@@ -145,6 +208,7 @@ cdef extern from *:
                                         between searches) */
         std::vector<uint32_t> surv;  /* the survivors' local numbers */
         std::vector<uint32_t> dup;   /* keys found seen again while the P runs are read */
+        std::vector<uint32_t> hits;  /* survivors found in a later run */
         /* The keys of one key size (`ny` of them; postings are their size-local numbers,
            ascending in each run) with at least `need` of the query's m runs (runs[0:m],
            sorted by length), with their exact counts, into `out` (local numbers).
@@ -205,11 +269,8 @@ cdef extern from *:
                     o[k >> 6] = w | (uint64_t(1) << (k & 63));
                 }
             }
-            for (const uint32_t* p = keys + runs[n - 1].start; p < keys + runs[n - 1].end; ++p) {
-                const uint32_t k = *p & kmask;
-                d[nd] = k;
-                nd += (o[k >> 6] >> (k & 63)) & 1;
-            }
+            nd += approx_select(keys + runs[n - 1].start, keys + runs[n - 1].end, kmask, o,
+                                d + nd);
             for (size_t i = 0; i < nd; ++i) {  /* a key seen again: a survivor */
                 const uint32_t k = d[i];
                 if (rp[k] == 0) { surv.push_back(k); t2[k >> 6] |= uint64_t(1) << (k & 63); }
@@ -234,10 +295,10 @@ cdef extern from *:
                     for (size_t i = 0; i < surv.size(); ++i)  /* a survivor k is < span */
                         if (std::binary_search(b, e, surv[i])) ++rp[surv[i]];
                 } else {
-                    for (const uint32_t* p = b; p < e; ++p) {
-                        const uint32_t k = *p & kmask;
-                        if ((t2[k >> 6] >> (k & 63)) & 1) ++rp[k];
-                    }
+                    if (hits.size() < size_t(runs[r].length) + 1)
+                        hits.resize(size_t(runs[r].length) + 1);
+                    const size_t nh = approx_select(b, e, kmask, t2, hits.data());
+                    for (size_t i = 0; i < nh; ++i) ++rp[hits[i]];
                 }
                 const int bar = need - (m - 1 - r);  /* a count is 1 + rp */
                 size_t w = 0;
@@ -348,6 +409,7 @@ cdef extern from *:
             if (live.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(live);
             if (surv.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(surv);
             if (dup.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(dup);
+            if (hits.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(hits);
             if (reps.size() > APPROX_RELEASE) {  /* a size of over a million keys */
                 std::vector<uint16_t>().swap(reps);
                 std::vector<uint64_t>().swap(once);
@@ -358,7 +420,7 @@ cdef extern from *:
             return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t)
                 + (once.capacity() + twice.capacity()) * sizeof(uint64_t)
                 + reps.capacity() * sizeof(uint16_t)
-                + (surv.capacity() + dup.capacity()) * sizeof(uint32_t);
+                + (surv.capacity() + dup.capacity() + hits.capacity()) * sizeof(uint32_t);
         }
     };
     """
@@ -375,6 +437,7 @@ cdef extern from *:
     void approx_sort_cursors(vector[GramCursor]& v)
     void approx_sort_hits(vector[ApproxHit]& v)
     void approx_push_run(vector[ApproxRun]& v, int64_t start, int64_t end)
+    int approx_set_simd(int on)
     void approx_sort_u64(vector[uint64_t]& v)
     void approx_sort_pairs(vector[pair[uint64_t, int64_t]]& v)
     const size_t APPROX_RELEASE
@@ -385,6 +448,13 @@ cdef extern from *:
         void search(const uint32_t* keys, const ApproxRun* runs, int m, int need, uint32_t ny,
                     vector[ApproxCand]& out)
         size_t scratch_bytes()
+
+
+def set_simd(bint on):
+    """Switch the AVX-512 loop of the runs only tested against a bitmap on (the default
+    where the CPU has it) or off; returns whether it is on. Results do not depend on it: the
+    tests run the parity suites both ways."""
+    return bool(approx_set_simd(on))
 
 
 cdef uint64_t SHORT = (<uint64_t>1) << 63

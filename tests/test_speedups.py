@@ -44,7 +44,7 @@ from negation_fixture import negation_rows
 
 from benchmarks.synth_umls import generate
 from conceptsvc import _speedups, abbreviations, normalize
-from conceptsvc.approximate import ApproximateMatcher
+from conceptsvc.approximate import APPROX, ApproximateMatcher
 from conceptsvc.demo import CAPTIONS
 from conceptsvc.dictionary import UmlsSource, build_dictionary_index
 from conceptsvc.embedded import DEMO_META, demo_index
@@ -546,6 +546,22 @@ def test_speedups_approximate_search_equals_reference_generated(generated: Conce
     assert generated.n_keys > 150_000
     assert_search_parity(generated, approximate_queries(generated, sample, 6, seed=2),
                          (0.6, 0.8, 1.0))
+
+
+def test_speedups_approximate_search_without_simd_equals_reference(generated: ConceptIndex,
+                                                                  demo: ConceptIndex,
+                                                                  sample: Items) -> None:
+    """The runs a search only tests against a bitmap are read 16 postings at a time with
+    AVX-512 where the CPU has it (the searches above), else one at a time; switched to the
+    scalar loop, the compiled search still answers as the reference does."""
+    assert APPROX is not None
+    try:
+        assert not APPROX.set_simd(False)
+        assert_search_parity(demo, approximate_queries(demo, sample, 30, seed=3), (0.5, 0.7))
+        assert_search_parity(generated, approximate_queries(generated, sample, 4, seed=4),
+                             (0.7, 0.9))
+    finally:
+        APPROX.set_simd(True)  # the default: on where the CPU has it
 
 
 GENERATED_OPTIONS = [

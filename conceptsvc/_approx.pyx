@@ -14,8 +14,8 @@ interpreter in the loop, the way simstring's CPMerge does:
 * for each size y, the overlap a key of that size needs (``need``, the least that reaches the
   threshold against the query's size) fixes how many runs are read: a key with ``need`` of
   the query's m runs of size y misses at most m − need of them, so it is in at least two of
-  any (m − need + 2) of them (pigeonhole; in one of all m when need is 1); the (m − need + 2)
-  shortest are read against a bitmap of the size's keys (``ApproxCounter``: postings are
+  any (m − need + 2) of them (pigeonhole; in one of all m when need is 1); the first
+  (m − need + 2) are read against a bitmap of the size's keys (``ApproxCounter``: postings are
   size-local key numbers, so a size's keys are a dense range; at 16M rows its bitmap is at most
   32 KB, and survivors' counts go to 2 bytes a key that only they touch), and
   only the keys found twice survive. At UMLS scale almost every key of those runs is in one
@@ -23,11 +23,14 @@ interpreter in the loop, the way simstring's CPMerge does:
   (m − need + 1) shortest and looks every key up in the next; reading one more run costs less
   than those lookups). Until 2026-12-06 the runs were counted in a hash table of key numbers
   (≈ 4 ns a posting); the bitmaps made a cold ROCOv2 pass on a 16M-row index ≈ 1.15–1.2×
-  faster (BENCHMARKS.md). A size with fewer than ``need`` runs is skipped unread. ``need`` is
+  faster (BENCHMARKS.md). Runs come in the order of their trigrams' postings over all the
+  sizes searched, fewest first, which is nearly their order by length at each size (sorting
+  each size's runs cost more than the postings it saved). A size with fewer than ``need``
+  runs is skipped unread. ``need`` is
   never below the τ_min of ``approximate.search_bounds`` (the least over all sizes, which the
   reference's pigeonhole uses) and above it at most sizes, so fewer postings are read than one
   cut over all sizes would take;
-* each remaining run, shortest first, is read through the survivors' bitmap (or, when it is
+* each remaining run, in that order, is read through the survivors' bitmap (or, when it is
   long and the survivors few, searched for each survivor), and a survivor is dropped as soon
   as even all remaining runs could not lift its overlap to ``need``;
 * the runs that are only tested against a bitmap (the last of the counted ones, and the
@@ -36,7 +39,7 @@ interpreter in the loop, the way simstring's CPMerge does:
   found), chosen when the module loads; ``set_simd(False)`` switches to the scalar loop, which
   gives the same keys in the same order (the tests run both).
 
-Which lists are "shortest", and the pruning, change only the work done: a key is kept exactly
+Which runs are read first, and the pruning, change only the work done: a key is kept exactly
 when its exact overlap gives a similarity ≥ threshold − 1e-12, as in the reference, computed by
 the same float expressions, and ranked by (−similarity, −size, key number) as there.
 
@@ -77,20 +80,6 @@ cdef extern from *:
         if (a.sim != b.sim) return a.sim > b.sim;
         if (a.size != b.size) return a.size > b.size;
         return a.kid < b.kid;
-    }
-    /* Runs by length, ascending. They come in the order of their trigrams' postings over
-       the whole size range, which is nearly their order at each size, so an insertion sort
-       moves few of them. */
-    static inline void approx_sort_runs(std::vector<ApproxRun>& v) {
-        ApproxRun* const a = v.data();
-        const size_t n = v.size();
-        for (size_t i = 1; i < n; ++i) {
-            if (a[i - 1].length <= a[i].length) continue;
-            const ApproxRun r = a[i];
-            size_t j = i;
-            do { a[j] = a[j - 1]; --j; } while (j > 0 && a[j - 1].length > r.length);
-            a[j] = r;
-        }
     }
     static inline void approx_sort_cursors(std::vector<GramCursor>& v) {
         std::sort(v.begin(), v.end(),
@@ -190,8 +179,8 @@ cdef extern from *:
         }
     }
     /* ApproxCounter.search_hashed, the count of ApproxCounter.search in a hash table (what
-       every search used before the bitmaps, and still those whose bar is one): the P
-       shortest runs are counted in an open-addressing table (a slot: stamp 16 bits, count
+       every search used before the bitmaps, and still those whose bar is one): the first
+       P runs are counted in an open-addressing table (a slot: stamp 16 bits, count
        16 bits, key 32 bits; a slot of another stamp is empty, so the table is never cleared
        between uses), and the keys that reach the bar are the survivors. Each later run p is
        then either read through a 4,096-bit filter of the survivors' hashes (a key that passes
@@ -211,10 +200,10 @@ cdef extern from *:
         std::vector<uint32_t> hits;  /* survivors found in a later run */
         /* The keys of one key size (`ny` of them; postings are their size-local numbers,
            ascending in each run) with at least `need` of the query's m runs (runs[0:m],
-           sorted by length), with their exact counts, into `out` (local numbers).
+           the shortest nearly first), with their exact counts, into `out` (local numbers).
 
            A key with `need` of m runs misses at most m − need of them, so it is in at least
-           two of the P = m − need + 2 shortest (in one, when need is 1 and P = m). When that
+           two of the first P = m − need + 2 (in one, when need is 1 and P = m). When that
            bar is two, the P runs are read against a bitmap of ny bits ("seen": at most
            32 KB at 16M rows, in the first-level cache, so a posting costs a bit test and a
            store, no hashing or probing); a key seen again is a survivor, marked in a second
@@ -433,7 +422,6 @@ cdef extern from *:
         double sim
         uint32_t size
         uint32_t kid
-    void approx_sort_runs(vector[ApproxRun]& v)
     void approx_sort_cursors(vector[GramCursor]& v)
     void approx_sort_hits(vector[ApproxHit]& v)
     void approx_push_run(vector[ApproxRun]& v, int64_t start, int64_t end)
@@ -678,7 +666,7 @@ cdef class TrigramSearcher:
                              else cur.lend - cur.base) - <int64_t>self.dir_start[cur.e])
                 curs.push_back(cur)
         # the trigrams by their postings over the sizes searched: at each size their runs
-        # then come nearly shortest first (see approx_sort_runs)
+        # then come nearly shortest first, and are read in that order
         approx_sort_cursors(curs[0])
         # one key size at a time, ascending: the overlap a key needs depends on its size, so
         # each size reads only as many of its runs as its own need allows
@@ -711,7 +699,7 @@ cdef class TrigramSearcher:
             if need > m:  # fewer of the query's trigrams have keys of this size
                 continue
             # the keys of this size with `need` of the m runs, counted exactly
-            # (ApproxCounter.search: the pigeonhole over the shortest runs, then the others);
+            # (ApproxCounter.search: the pigeonhole over the first runs, then the others);
             # postings are the size's local numbers, [0, ny)
             if (y + 1 >= <int>self.size_offsets.shape[0]
                     or self.size_offsets[y] > self.size_offsets[y + 1]
@@ -720,7 +708,6 @@ cdef class TrigramSearcher:
                                  "that the trigram lists hold; rebuild the index")
             sbase = <int64_t>self.size_offsets[y]
             ny = <uint32_t>(<int64_t>self.size_offsets[y + 1] - sbase)
-            approx_sort_runs(runs[0])
             self.counter.search(keys, runs.data(), m, need, ny, cands[0])
             nc = <Py_ssize_t>cands.size()
             for i in range(nc):  # each has at least `need` of the runs

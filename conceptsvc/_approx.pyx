@@ -198,6 +198,7 @@ cdef extern from *:
         std::vector<uint32_t> surv;  /* the survivors' local numbers */
         std::vector<uint32_t> dup;   /* keys found seen again while the P runs are read */
         std::vector<uint32_t> hits;  /* survivors found in a later run */
+        std::vector<ApproxRun> pruns;  /* the P runs, in the order they are read */
         /* The keys of one key size (`ny` of them; postings are their size-local numbers,
            ascending in each run) with at least `need` of the query's m runs (runs[0:m],
            the shortest nearly first), with their exact counts, into `out` (local numbers).
@@ -235,22 +236,34 @@ cdef extern from *:
             surv.clear();
             /* the first run only marks its keys (they are distinct and nothing is seen yet),
                the last only tests them (a key first seen there is seen once); the runs
-               between do both. Every key read from the second run on is written to `dup`,
-               and the write is kept (its end moved on) only when the key was seen: no branch
-               on the bit. The keys kept, seen again, are counted after the P runs */
-            int64_t marked = runs[0].length, rest = 0;
-            for (int i = 1; i < n; ++i) rest += runs[i].length;
+               between do both, which costs the most a posting. So of the P runs the longest
+               is read last and the next longest first. Every key read from the second run on
+               is written to `dup`, and the write is kept (its end moved on) only when the key
+               was seen: no branch on the bit. The keys kept, seen again, are counted after
+               the P runs */
+            pruns.assign(runs, runs + n);
+            {
+                int l = 0;
+                for (int i = 1; i < n; ++i) if (pruns[i].length > pruns[l].length) l = i;
+                std::swap(pruns[l], pruns[n - 1]);
+                int f = 0;
+                for (int i = 1; i < n - 1; ++i) if (pruns[i].length > pruns[f].length) f = i;
+                std::swap(pruns[f], pruns[0]);
+            }
+            const ApproxRun* const cr = pruns.data();
+            int64_t marked = cr[0].length, rest = 0;
+            for (int i = 1; i < n; ++i) rest += cr[i].length;
             if (dup.size() < size_t(rest) + 1) dup.resize(size_t(rest) + 1);
             uint32_t* const d = dup.data();
             size_t nd = 0;
-            for (const uint32_t* p = keys + runs[0].start; p < keys + runs[0].end; ++p) {
+            for (const uint32_t* p = keys + cr[0].start; p < keys + cr[0].end; ++p) {
                 const uint32_t k = *p & kmask;
                 o[k >> 6] |= uint64_t(1) << (k & 63);
             }
             for (int i = 1; i < n - 1; ++i) {
-                marked += runs[i].length;
-                const uint32_t* const e = keys + runs[i].end;
-                for (const uint32_t* p = keys + runs[i].start; p < e; ++p) {
+                marked += cr[i].length;
+                const uint32_t* const e = keys + cr[i].end;
+                for (const uint32_t* p = keys + cr[i].start; p < e; ++p) {
                     const uint32_t k = *p & kmask;
                     const uint64_t w = o[k >> 6];
                     d[nd] = k;
@@ -258,7 +271,7 @@ cdef extern from *:
                     o[k >> 6] = w | (uint64_t(1) << (k & 63));
                 }
             }
-            nd += approx_select(keys + runs[n - 1].start, keys + runs[n - 1].end, kmask, o,
+            nd += approx_select(keys + cr[n - 1].start, keys + cr[n - 1].end, kmask, o,
                                 d + nd);
             for (size_t i = 0; i < nd; ++i) {  /* a key seen again: a survivor */
                 const uint32_t k = d[i];
@@ -272,8 +285,8 @@ cdef extern from *:
                 std::fill(o, o + (span >> 6), uint64_t(0));
             } else {
                 for (int i = 0; i < n - 1; ++i) {
-                    const uint32_t* p = keys + runs[i].start;
-                    const uint32_t* const e = keys + runs[i].end;
+                    const uint32_t* p = keys + cr[i].start;
+                    const uint32_t* const e = keys + cr[i].end;
                     for (; p < e; ++p) o[(*p & kmask) >> 6] = 0;
                 }
             }
@@ -409,7 +422,8 @@ cdef extern from *:
             return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t)
                 + (once.capacity() + twice.capacity()) * sizeof(uint64_t)
                 + reps.capacity() * sizeof(uint16_t)
-                + (surv.capacity() + dup.capacity() + hits.capacity()) * sizeof(uint32_t);
+                + (surv.capacity() + dup.capacity() + hits.capacity()) * sizeof(uint32_t)
+                + pruns.capacity() * sizeof(ApproxRun);
         }
     };
     """

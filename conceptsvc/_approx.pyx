@@ -160,6 +160,7 @@ cdef extern from *:
         return approx_select_scalar(p, e, kmask, bm, out);
     }
     static int approx_set_simd(int on) { (void)on; return 0; }
+    static const int approx_simd_on = 0;
     #endif
     struct ApproxCand { uint32_t kid; int count; };
     /* A search's scratch above this many entries is freed when it ends (ApproxCounter and
@@ -296,11 +297,16 @@ cdef extern from *:
                 if (runs[r].length > 64 * int64_t(surv.size())) {
                     for (size_t i = 0; i < surv.size(); ++i)  /* a survivor k is < span */
                         if (std::binary_search(b, e, surv[i])) ++rp[surv[i]];
-                } else {
+                } else if (approx_simd_on) {
                     if (hits.size() < size_t(runs[r].length) + 1)
                         hits.resize(size_t(runs[r].length) + 1);
                     const size_t nh = approx_select(b, e, kmask, t2, hits.data());
                     for (size_t i = 0; i < nh; ++i) ++rp[hits[i]];
+                } else {  /* one at a time: a branch on the rare survivor beats a buffer */
+                    for (const uint32_t* p = b; p < e; ++p) {
+                        const uint32_t k = *p & kmask;
+                        if ((t2[k >> 6] >> (k & 63)) & 1) ++rp[k];
+                    }
                 }
                 const int bar = need - (m - 1 - r);  /* a count is 1 + rp */
                 size_t w = 0;

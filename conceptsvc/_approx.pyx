@@ -143,7 +143,11 @@ cdef extern from *:
         }
         return n + approx_select_scalar(p, e, kmask, bm, out + n);
     }
-    static int approx_simd_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    static int approx_has_avx512() {
+        __builtin_cpu_init();  /* this initialiser may run before libgcc's own */
+        return __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    static int approx_simd_on = approx_has_avx512();
     static inline size_t approx_select(const uint32_t* p, const uint32_t* e, uint32_t kmask,
                                        const uint64_t* bm, uint32_t* out) {
         if (approx_simd_on) return approx_select_avx512(p, e, kmask, bm, out);
@@ -151,7 +155,7 @@ cdef extern from *:
     }
     /* switch the AVX-512 loop on or off (the tests run both); returns whether it is on */
     static int approx_set_simd(int on) {
-        approx_simd_on = on && __builtin_cpu_supports("avx512f") ? 1 : 0;
+        approx_simd_on = on && approx_has_avx512() ? 1 : 0;
         return approx_simd_on;
     }
     #else

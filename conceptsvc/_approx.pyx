@@ -89,7 +89,8 @@ cdef extern from *:
        Cython struct, or a braced temporary) made the copy's 16-byte load wait on the two
        8-byte stores before it (store forwarding fails): a third of _search's samples. */
     static inline void approx_push_run(std::vector<ApproxRun>& v, int64_t start, int64_t end) {
-        ApproxRun& r = v.emplace_back();
+        v.emplace_back();
+        ApproxRun& r = v.back();
         r.length = end - start;
         r.start = start;
         r.end = end;
@@ -464,8 +465,8 @@ cdef extern from *:
 
 def set_simd(bint on):
     """Switch the AVX-512 loop of the runs only tested against a bitmap on (the default
-    where the CPU has it) or off; returns whether it is on. Results do not depend on it: the
-    tests run the parity suites both ways."""
+    where the CPU has it) or off, for every searcher of the process; returns whether it is
+    on. Results do not depend on it: the tests run the parity suites both ways."""
     return bool(approx_set_simd(on))
 
 

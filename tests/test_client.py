@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from service_helpers import CAPTIONS, build_index_a, running_server, settings_for
 
@@ -87,6 +89,80 @@ def test_client_does_not_retry_other_statuses(index_a: Path) -> None:
         assert server.metrics.value(
             "conceptsvc_requests_total", {"method": "GetConcept", "code": "NOT_FOUND"}
         ) == 1
+
+
+class _CancelFirst(grpc.GenericRpcHandler):
+    """A proxy to a real server that ends the first ``n`` calls of each method with
+    CANCELLED, as a replica stopping while calls are on their way to it does (a stream after
+    reading one item and answering none); later calls are forwarded, bytes as they are."""
+
+    def __init__(self, target: str, n: int) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._n = n
+        self._lock = threading.Lock()
+        self.seen: dict[str, int] = {}
+
+    def _cancels(self, method: str) -> bool:
+        with self._lock:
+            self.seen[method] = self.seen.get(method, 0) + 1
+            return self.seen[method] <= self._n
+
+    def service(self, details: Any) -> Any:
+        method = details.method
+        if method.endswith("/AnnotateStream"):
+            forward_stream = self._channel.stream_stream(method)
+
+            def stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+                if self._cancels(method):
+                    next(requests, None)
+                    context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
+                yield from forward_stream(requests)
+
+            return grpc.stream_stream_rpc_method_handler(stream)
+        forward = self._channel.unary_unary(method)
+
+        def unary(request: bytes, context: Any) -> bytes:
+            if self._cancels(method):
+                context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
+            return forward(request, metadata=context.invocation_metadata())
+
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def test_client_resends_calls_a_stopping_server_cancelled(index_a: Path) -> None:
+    """A CANCELLED the client did not cause comes from a replica that stopped under the call
+    (the end of a drain's grace): reads are resent, like UNAVAILABLE, on every path;
+    ReloadIndex, which may have been done, is not; nor is anything past ``retries``."""
+    with running_server(settings_for(index_a)) as (_, port):
+        handler = _CancelFirst(f"127.0.0.1:{port}", 2)
+        proxy = grpc.server(ThreadPoolExecutor(4))
+        proxy.add_generic_rpc_handlers((handler,))
+        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
+        proxy.start()
+        try:
+            with ConceptClient(target, retries=3, backoff=0.01) as c:
+                assert c.annotate("lung").concepts == ("C0024109",)
+                batch = c.annotate_batch([("a", "lung"), ("b", "pleural effusion")])
+                assert [(r.id, r.error) for r in batch] == [("a", None), ("b", None)]
+                streamed = list(c.annotate_stream(iter([("s1", "lung"), ("s2", "lung")])))
+                assert [(r.id, r.error) for r in streamed] == [("s1", None), ("s2", None)]
+                assert c.get_info().service_version
+                with pytest.raises(ServiceCallError) as err:
+                    c.reload_index()
+                assert err.value.status == "CANCELLED"
+            calls = {m.rsplit("/", 1)[1]: n for m, n in handler.seen.items()}
+            assert calls == {"Annotate": 3, "AnnotateBatch": 3, "AnnotateStream": 3,
+                             "GetInfo": 3, "ReloadIndex": 1}
+            with ConceptClient(target, retries=1, backoff=0.01) as c:
+                with pytest.raises(ServiceCallError) as err:
+                    c.get_concept("C0024109")
+                assert err.value.status == "CANCELLED"
+        finally:
+            proxy.stop(0)
+            handler.close()
 
 
 def test_client_stream_resumes_on_another_server_without_loss_or_duplicates(

@@ -6,7 +6,10 @@ What it adds over a raw stub:
 - deadlines on every unary call (``timeout``, default 30 s), and an optional overall deadline
   for streams;
 - retries of UNAVAILABLE with exponential backoff and jitter (the server restarting, draining
-  or a replica going away); other statuses are raised at once as
+  or a replica going away), and of CANCELLED that this client did not cause (a replica that
+  stopped while the call was on its way to it, at the end of a drain's grace): every call but
+  ``ReloadIndex`` only reads, so sending it again is safe, and ``ReloadIndex`` is not resent
+  after a CANCELLED. Other statuses are raised at once as
   :class:`~conceptsvc.errors.ServiceCallError`;
 - :meth:`ConceptClient.annotate_batch` sends many captions in one ``AnnotateBatch`` message
   and gets their answers in one (the path for corpora: a message per caption costs more than
@@ -144,6 +147,7 @@ class ConceptClient:
             options.append(("grpc.lb_policy_name", "round_robin"))
         options += security.channel_options()
         creds = security.credentials()
+        self._closed = False
         if creds is not None:
             self._channel = grpc.secure_channel(target, creds, options=options)
         else:
@@ -172,7 +176,16 @@ class ConceptClient:
 
     # -- plumbing ------------------------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    def _resend(self, code: grpc.StatusCode, *, cancelled: bool = True) -> bool:
+        """Whether a call that failed with ``code`` may be sent again: UNAVAILABLE always,
+        CANCELLED when ``cancelled`` allows it and the client was not closed (closing cancels
+        the calls in flight; any other CANCELLED comes from the server)."""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return True
+        return cancelled and code is grpc.StatusCode.CANCELLED and not self._closed
 
     def __enter__(self) -> ConceptClient:
         return self
@@ -196,6 +209,7 @@ class ConceptClient:
         *,
         timeout: float | None,
         token: str | None = None,
+        resend_cancelled: bool = True,
     ) -> T:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -212,7 +226,7 @@ class ConceptClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if (
-                    code is grpc.StatusCode.UNAVAILABLE
+                    self._resend(code, cancelled=resend_cancelled)
                     and attempt < self.retries
                     and self._sleep_backoff(attempt, deadline)
                 ):
@@ -263,11 +277,11 @@ class ConceptClient:
         A bad item yields a :class:`StreamResult` with ``error`` set and the stream goes on;
         that includes items that cannot even be sent (text that is not valid Unicode), which
         are answered here with INVALID_ARGUMENT without reaching the server.
-        ``timeout`` bounds the whole stream (None = no deadline). On UNAVAILABLE the
-        unanswered items are resent on a new stream (up to ``retries`` times in a row); a
-        stream the server ends with nothing unanswered (idle longer than its
-        ``stream_idle_seconds``) is replaced once ``items`` yields again, without counting as a
-        failure.
+        ``timeout`` bounds the whole stream (None = no deadline). On UNAVAILABLE (or a
+        CANCELLED this client did not cause) the unanswered items are resent on a new stream
+        (up to ``retries`` times in a row); a stream the server ends with nothing unanswered
+        (idle longer than its ``stream_idle_seconds``) is replaced once ``items`` yields again,
+        without counting as a failure.
         Closing the returned iterator early cancels the stream.
         """
         if window < 1:
@@ -358,10 +372,11 @@ class ConceptClient:
                     cond.notify_all()
                 code = exc.code()
                 yield from local_failures()
-                if code is grpc.StatusCode.UNAVAILABLE and not pending:
+                if self._resend(code) and not pending:
                     # Nothing was lost: the server closed a stream with every item answered
-                    # (idle for its stream_idle_seconds, or draining). Not a failure: the next
-                    # stream opens once the caller has another item, however long that takes.
+                    # (idle for its stream_idle_seconds, draining or stopping). Not a failure:
+                    # the next stream opens once the caller has another item, however long that
+                    # takes.
                     while True:
                         with source_lock:  # after a request generator still waiting on it
                             if not pending:
@@ -373,7 +388,7 @@ class ConceptClient:
                             return
                     continue
                 if (
-                    code is grpc.StatusCode.UNAVAILABLE
+                    self._resend(code)
                     and failures < self.retries
                     and self._sleep_backoff(failures, deadline)
                 ):
@@ -406,7 +421,8 @@ class ConceptClient:
         a stream, and the others their annotations; items that cannot be sent (text that is
         not valid Unicode) are answered here with INVALID_ARGUMENT. Items the server's reply
         had no room for (E503) are sent again in halves. UNAVAILABLE is retried (``retries``,
-        with backoff: a draining server), other call failures raise
+        with backoff: a draining server), and a CANCELLED the client did not cause (a stopping
+        one); other call failures raise
         :class:`~conceptsvc.errors.ServiceCallError`. ``timeout`` is each call's deadline
         (None = the client's).
         """
@@ -518,6 +534,6 @@ class ConceptClient:
         """Ask the server to reload its configured index (needs the admin token)."""
         resp = self._unary(
             "ReloadIndex", self._admin.ReloadIndex, pb.ReloadIndexRequest(), timeout=timeout,
-            token=self._admin_token,
+            token=self._admin_token, resend_cancelled=False,  # it may have been done
         )
         return wire.reload_from_pb(resp)

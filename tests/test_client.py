@@ -96,9 +96,10 @@ class _CancelFirst(grpc.GenericRpcHandler):
     CANCELLED, as a replica stopping while calls are on their way to it does (a stream after
     reading one item and answering none); later calls are forwarded, bytes as they are."""
 
-    def __init__(self, target: str, n: int) -> None:
+    def __init__(self, target: str, n: int, delay: float = 0.0) -> None:
         self._channel = grpc.insecure_channel(target)
         self._n = n
+        self._delay = delay  # before a unary call is forwarded
         self._lock = threading.Lock()
         self.seen: dict[str, int] = {}
 
@@ -124,6 +125,7 @@ class _CancelFirst(grpc.GenericRpcHandler):
         def unary(request: bytes, context: Any) -> bytes:
             if self._cancels(method):
                 context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
+            time.sleep(self._delay)
             return forward(request, metadata=context.invocation_metadata())
 
         return grpc.unary_unary_rpc_method_handler(unary)
@@ -160,6 +162,29 @@ def test_client_resends_calls_a_stopping_server_cancelled(index_a: Path) -> None
                 with pytest.raises(ServiceCallError) as err:
                     c.get_concept("C0024109")
                 assert err.value.status == "CANCELLED"
+        finally:
+            proxy.stop(0)
+            handler.close()
+
+
+def test_client_closed_during_a_call_does_not_resend_it(index_a: Path) -> None:
+    """Closing the client cancels its calls in flight: that CANCELLED is the client's own and
+    is raised, not resent on the closed channel."""
+    with running_server(settings_for(index_a)) as (_, port):
+        handler = _CancelFirst(f"127.0.0.1:{port}", 0, delay=1.0)
+        proxy = grpc.server(ThreadPoolExecutor(4))
+        proxy.add_generic_rpc_handlers((handler,))
+        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
+        proxy.start()
+        try:
+            c = ConceptClient(target, retries=5, backoff=0.01)
+            closer = threading.Timer(0.3, c.close)
+            closer.start()
+            with pytest.raises(ServiceCallError) as err:
+                c.annotate("lung")
+            closer.join()
+            assert err.value.status == "CANCELLED"
+            assert handler.seen == {"/conceptsvc.v1.ConceptService/Annotate": 1}
         finally:
             proxy.stop(0)
             handler.close()

@@ -214,9 +214,10 @@ class ConceptServer:
         new one has come for :data:`DRAIN_QUIET_SECONDS` (or the grace is over): a new call
         meanwhile is answered by its handler, UNAVAILABLE "shutting down", which clients retry
         elsewhere. gRPC's own shutdown cancels a call that has arrived but has no handler
-        yet (the client sees CANCELLED, which it does not retry), so the server is stopped
-        when calls have stopped coming, not at the signal (where clients and load balancers
-        that have not seen NOT_SERVING yet still send)."""
+        yet (the client sees CANCELLED, which only a client that knows it did not cancel can
+        resend: ``ConceptClient`` and ``conceptsvc annotate`` do, a generic gRPC client does
+        not), so the server is stopped when calls have stopped coming, not at the signal
+        (where clients and load balancers that have not seen NOT_SERVING yet still send)."""
         if self._stopped.is_set():
             return
         grace = self.settings.grace_seconds if grace is None else grace

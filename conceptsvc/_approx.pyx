@@ -202,8 +202,8 @@ cdef extern from *:
         std::vector<uint16_t> reps;  /* per local key number: sightings after the first (zero
                                         between searches) */
         std::vector<uint32_t> surv;  /* the survivors' local numbers */
-        std::vector<uint32_t> dup;   /* keys found seen again while the P runs are read */
-        std::vector<uint32_t> hits;  /* survivors found in a later run */
+        std::vector<uint32_t> dup;   /* keys found seen again while the P runs are read, then
+                                        the survivors found in each later run */
         std::vector<ApproxRun> pruns;  /* the P runs, in the order they are read */
         /* The keys of one key size (`ny` of them; postings are their size-local numbers,
            ascending in each run) with at least `need` of the query's m runs (runs[0:m],
@@ -303,10 +303,10 @@ cdef extern from *:
                     for (size_t i = 0; i < surv.size(); ++i)  /* a survivor k is < span */
                         if (std::binary_search(b, e, surv[i])) ++rp[surv[i]];
                 } else if (approx_simd_on) {
-                    if (hits.size() < size_t(runs[r].length) + 1)
-                        hits.resize(size_t(runs[r].length) + 1);
-                    const size_t nh = approx_select(b, e, kmask, t2, hits.data());
-                    for (size_t i = 0; i < nh; ++i) ++rp[hits[i]];
+                    if (dup.size() < size_t(runs[r].length) + 1)
+                        dup.resize(size_t(runs[r].length) + 1);
+                    const size_t nh = approx_select(b, e, kmask, t2, dup.data());
+                    for (size_t i = 0; i < nh; ++i) ++rp[dup[i]];
                 } else {  /* one at a time: a branch on the rare survivor beats a buffer */
                     for (const uint32_t* p = b; p < e; ++p) {
                         const uint32_t k = *p & kmask;
@@ -422,7 +422,6 @@ cdef extern from *:
             if (live.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(live);
             if (surv.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(surv);
             if (dup.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(dup);
-            if (hits.capacity() > APPROX_RELEASE) std::vector<uint32_t>().swap(hits);
             if (reps.size() > APPROX_RELEASE) {  /* a size of over a million keys */
                 std::vector<uint16_t>().swap(reps);
                 std::vector<uint64_t>().swap(once);
@@ -433,7 +432,7 @@ cdef extern from *:
             return slots.capacity() * sizeof(uint64_t) + live.capacity() * sizeof(uint32_t)
                 + (once.capacity() + twice.capacity()) * sizeof(uint64_t)
                 + reps.capacity() * sizeof(uint16_t)
-                + (surv.capacity() + dup.capacity() + hits.capacity()) * sizeof(uint32_t)
+                + (surv.capacity() + dup.capacity()) * sizeof(uint32_t)
                 + pruns.capacity() * sizeof(ApproxRun);
         }
     };

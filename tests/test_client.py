@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,60 +135,61 @@ class _CancelFirst(grpc.GenericRpcHandler):
         self._channel.close()
 
 
-def test_client_resends_calls_a_stopping_server_cancelled(index_a: Path) -> None:
-    """A CANCELLED the client did not cause comes from a replica that stopped under the call
-    (the end of a drain's grace): reads are resent, like UNAVAILABLE, on every path;
-    ReloadIndex, which may have been done, is not; nor is anything past ``retries``."""
-    with running_server(settings_for(index_a)) as (_, port):
-        handler = _CancelFirst(f"127.0.0.1:{port}", 2)
+@contextmanager
+def _cancelling_proxy(
+    index: Path, n: int, delay: float = 0.0
+) -> Iterator[tuple[_CancelFirst, str]]:
+    """A real server over ``index`` behind a :class:`_CancelFirst` proxy: (its handler, the
+    proxy's target)."""
+    with running_server(settings_for(index)) as (_, port):
+        handler = _CancelFirst(f"127.0.0.1:{port}", n, delay)
         proxy = grpc.server(ThreadPoolExecutor(4))
         proxy.add_generic_rpc_handlers((handler,))
         target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
         proxy.start()
         try:
-            with ConceptClient(target, retries=3, backoff=0.01) as c:
-                assert c.annotate("lung").concepts == ("C0024109",)
-                batch = c.annotate_batch([("a", "lung"), ("b", "pleural effusion")])
-                assert [(r.id, r.error) for r in batch] == [("a", None), ("b", None)]
-                streamed = list(c.annotate_stream(iter([("s1", "lung"), ("s2", "lung")])))
-                assert [(r.id, r.error) for r in streamed] == [("s1", None), ("s2", None)]
-                assert c.get_info().service_version
-                with pytest.raises(ServiceCallError) as err:
-                    c.reload_index()
-                assert err.value.status == "CANCELLED"
-            calls = {m.rsplit("/", 1)[1]: n for m, n in handler.seen.items()}
-            assert calls == {"Annotate": 3, "AnnotateBatch": 3, "AnnotateStream": 3,
-                             "GetInfo": 3, "ReloadIndex": 1}
-            with ConceptClient(target, retries=1, backoff=0.01) as c:
-                with pytest.raises(ServiceCallError) as err:
-                    c.get_concept("C0024109")
-                assert err.value.status == "CANCELLED"
+            yield handler, target
         finally:
             proxy.stop(0)
             handler.close()
+
+
+def test_client_resends_calls_a_stopping_server_cancelled(index_a: Path) -> None:
+    """A CANCELLED the client did not cause comes from a replica that stopped under the call
+    (the end of a drain's grace): reads are resent, like UNAVAILABLE, on every path;
+    ReloadIndex, which may have been done, is not; nor is anything past ``retries``."""
+    with _cancelling_proxy(index_a, 2) as (handler, target):
+        with ConceptClient(target, retries=3, backoff=0.01) as c:
+            assert c.annotate("lung").concepts == ("C0024109",)
+            batch = c.annotate_batch([("a", "lung"), ("b", "pleural effusion")])
+            assert [(r.id, r.error) for r in batch] == [("a", None), ("b", None)]
+            streamed = list(c.annotate_stream(iter([("s1", "lung"), ("s2", "lung")])))
+            assert [(r.id, r.error) for r in streamed] == [("s1", None), ("s2", None)]
+            assert c.get_info().service_version
+            with pytest.raises(ServiceCallError) as err:
+                c.reload_index()
+            assert err.value.status == "CANCELLED"
+        calls = {m.rsplit("/", 1)[1]: n for m, n in handler.seen.items()}
+        assert calls == {"Annotate": 3, "AnnotateBatch": 3, "AnnotateStream": 3,
+                         "GetInfo": 3, "ReloadIndex": 1}
+        with ConceptClient(target, retries=1, backoff=0.01) as c:
+            with pytest.raises(ServiceCallError) as err:
+                c.get_concept("C0024109")
+            assert err.value.status == "CANCELLED"
 
 
 def test_client_closed_during_a_call_does_not_resend_it(index_a: Path) -> None:
     """Closing the client cancels its calls in flight: that CANCELLED is the client's own and
     is raised, not resent on the closed channel."""
-    with running_server(settings_for(index_a)) as (_, port):
-        handler = _CancelFirst(f"127.0.0.1:{port}", 0, delay=1.0)
-        proxy = grpc.server(ThreadPoolExecutor(4))
-        proxy.add_generic_rpc_handlers((handler,))
-        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
-        proxy.start()
-        try:
-            c = ConceptClient(target, retries=5, backoff=0.01)
-            closer = threading.Timer(0.3, c.close)
-            closer.start()
-            with pytest.raises(ServiceCallError) as err:
-                c.annotate("lung")
-            closer.join()
-            assert err.value.status == "CANCELLED"
-            assert handler.seen == {"/conceptsvc.v1.ConceptService/Annotate": 1}
-        finally:
-            proxy.stop(0)
-            handler.close()
+    with _cancelling_proxy(index_a, 0, delay=1.0) as (handler, target):
+        c = ConceptClient(target, retries=5, backoff=0.01)
+        closer = threading.Timer(0.3, c.close)
+        closer.start()
+        with pytest.raises(ServiceCallError) as err:
+            c.annotate("lung")
+        closer.join()
+        assert err.value.status == "CANCELLED"
+        assert handler.seen == {"/conceptsvc.v1.ConceptService/Annotate": 1}
 
 
 def test_client_stream_resumes_on_another_server_without_loss_or_duplicates(

@@ -167,6 +167,15 @@ cdef extern from *:
     static int approx_set_simd(int on) { (void)on; return 0; }
     static const int approx_simd_on = 0;
     #endif
+    /* the bits of the keys of postings [p, e), masked by kmask, set in `o` (the loop's end
+       is a local: read from a run in memory, it was loaded again after every store) */
+    static inline void approx_mark(const uint32_t* p, const uint32_t* const e, uint32_t kmask,
+                                   uint64_t* o) {
+        for (; p < e; ++p) {
+            const uint32_t k = *p & kmask;
+            o[k >> 6] |= uint64_t(1) << (k & 63);
+        }
+    }
     struct ApproxCand { uint32_t kid; int count; };
     /* A search's scratch above this many entries is freed when it ends (ApproxCounter and
        TrigramSearcher._search's candidates): a query whose runs are huge (a low threshold,
@@ -262,20 +271,18 @@ cdef extern from *:
             if (dup.size() < size_t(rest) + 1) dup.resize(size_t(rest) + 1);
             uint32_t* const d = dup.data();
             size_t nd = 0;
-            for (const uint32_t* p = keys + cr[0].start; p < keys + cr[0].end; ++p) {
-                const uint32_t k = *p & kmask;
-                o[k >> 6] |= uint64_t(1) << (k & 63);
-            }
+            approx_mark(keys + cr[0].start, keys + cr[0].end, kmask, o);
             for (int i = 1; i < n - 1; ++i) {
                 marked += cr[i].length;
                 const uint32_t* const e = keys + cr[i].end;
+                /* a run's keys are distinct: test them all against the runs before it,
+                   then mark them (no load waits on a store of the same run) */
                 for (const uint32_t* p = keys + cr[i].start; p < e; ++p) {
                     const uint32_t k = *p & kmask;
-                    const uint64_t w = o[k >> 6];
                     d[nd] = k;
-                    nd += (w >> (k & 63)) & 1;
-                    o[k >> 6] = w | (uint64_t(1) << (k & 63));
+                    nd += (o[k >> 6] >> (k & 63)) & 1;
                 }
+                approx_mark(keys + cr[i].start, e, kmask, o);
             }
             nd += approx_select(keys + cr[n - 1].start, keys + cr[n - 1].end, kmask, o,
                                 d + nd);

@@ -276,7 +276,9 @@ cdef extern from *:
                 marked += cr[i].length;
                 const uint32_t* const e = keys + cr[i].end;
                 /* a run's keys are distinct: test them all against the runs before it,
-                   then mark them (no load waits on a store of the same run) */
+                   then mark them (no load waits on a store of the same run). The test is
+                   approx_select_scalar's loop written out: called here, that function
+                   measured 1.03× slower (in-process A/B on a Zen 2 VM, 2026-12-06) */
                 for (const uint32_t* p = keys + cr[i].start; p < e; ++p) {
                     const uint32_t k = *p & kmask;
                     d[nd] = k;

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import CHECKOUT, ROCOV2
+from benchmarks.processes import free_port
 from conceptsvc.client import ConceptClient
 from conceptsvc.embedded import demo_index_path
 from conceptsvc.errors import ConfigError
@@ -51,12 +51,6 @@ __all__ = ["annotate_pass", "bench_engine", "main", "run", "tree_cpu_seconds"]
 DEFAULT_CAPTIONS = ROCOV2 / "valid_captions.csv"
 SECTION = "## Capacity per worker process (scale-out planning)"
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _read_captions(path: Path) -> list[tuple[str, str]]:
@@ -104,7 +98,7 @@ def bench_engine(index: Path, captions: Sequence[tuple[str, str]]) -> dict[str, 
 def _serve(
     index: Path, workers: int, redis_url: str | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     extra = ["--redis-url", redis_url] if redis_url else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "conceptsvc.cli", "serve", "--index", str(index), "--host",
@@ -163,7 +157,7 @@ def bench_redis(index: Path, captions_csv: Path, n: int) -> tuple[dict[str, Any]
     """A cold pass that fills Redis, then a warm pass answered from Redis alone."""
     import redis
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
         redis_proc = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -77,7 +77,7 @@ from typing import Any
 from benchmarks import BENCH_OUT, CHECKOUT, ROCOV2
 from benchmarks.bench_capacity import annotate_pass, bench_engine, tree_cpu_seconds
 from benchmarks.bench_extract import _py_spy as py_spy_path
-from benchmarks.processes import process_tree, tree_memory_kb
+from benchmarks.processes import free_port, process_tree, tree_memory_kb
 from conceptsvc.client import ConceptClient
 from conceptsvc.embedded import DEMO_META
 from conceptsvc.errors import ConfigError
@@ -92,12 +92,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPTIONS = ROCOV2 / "valid_captions.csv"
 DEFAULT_META = DEMO_META
 SECTION = "## Service throughput and latency"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -117,7 +111,7 @@ def _start_redis() -> _Redis | None:
     if binary is None:
         log.warning("redis-server not found: the Redis measurements are skipped")
         return None
-    port = _free_port()
+    port = free_port()
     workdir = tempfile.TemporaryDirectory(prefix="bench-redis-")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -10,9 +10,11 @@ them out, and is what "RSS in all" of a multi-process server should be read as).
 from __future__ import annotations
 
 import os
+import random
 import re
 import resource
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,9 +23,48 @@ from typing import Any
 
 from benchmarks import CHECKOUT
 
-__all__ = ["process_tree", "run_measured", "tree_memory_kb"]
+__all__ = ["free_port", "process_tree", "run_measured", "tree_memory_kb"]
 
 _KB = re.compile(r"^(VmRSS|VmHWM|Pss):\s+(\d+) kB", re.M)
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+_port_rng = random.Random()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux's default if unreadable)."""
+    try:
+        lo, hi = (int(v) for v in _EPHEMERAL.read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+def free_port() -> int:
+    """A port nothing listens on, for a server started on a given number (Redis, or a service
+    whose port is chosen before it starts; the tests use it too).
+
+    Not one from ``bind(port 0)``: those come from the kernel's ephemeral range, where every
+    outgoing connection (a client's, a replica's to Redis) also takes its source port, so
+    between the pick and the server's own bind a connection could take it. That happened once
+    (a replica of tests/test_scale_out.py: "Address already in use" on its metrics port, in a
+    fresh-clone CI run). A port outside that range is only ever taken by an explicit bind:
+    each one is handed out once a process, and checked free by binding it.
+    """
+    lo, hi = ephemeral_range()
+    start, stop = (10_000, lo) if lo > 11_000 else (hi + 1, 65_536)
+    for _ in range(1000):
+        port = _port_rng.randrange(start, stop)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{start}, {stop}) after 1,000 tries")
 
 
 def process_tree(root: int) -> list[int]:

@@ -9,7 +9,6 @@ the fixture fails loudly — it never skips: ``make install`` installs Debian's 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from benchmarks.processes import free_port
 
 # gRPC's fork handlers stop and restart its pollers around every fork() of a process that has
 # used gRPC. PySpark starts its JVM with Popen(preexec_fn=...), a fork, in this process after
@@ -35,45 +36,6 @@ if TYPE_CHECKING:
     from conceptsvc.index import ConceptIndex, IndexBuilder
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
-_handed_out: set[int] = set()
-_port_rng = random.Random()
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        lo, hi = (int(v) for v in _EPHEMERAL.read_text().split())
-    except (OSError, ValueError):
-        lo, hi = 32768, 60999  # Linux's default
-    return lo, hi
-
-
-def free_port() -> int:
-    """A port nothing listens on, for a server that a test starts on a given number.
-
-    Not one from ``bind(port 0)``: those come from the kernel's ephemeral range, where every
-    outgoing connection (a client's, a replica's to Redis) also takes its source port, so
-    between the pick and the server's own bind a connection could take it. That happened once
-    (a replica of tests/test_scale_out.py: "Address already in use" on its metrics port, in a
-    fresh-clone CI run). A port below that range is only ever taken by an explicit bind: each
-    one is handed out once a session, and checked free by binding it.
-    """
-    lo, hi = _ephemeral_range()
-    start, stop = (10_000, lo) if lo > 11_000 else (hi + 1, 65_536)
-    for _ in range(1000):
-        port = _port_rng.randrange(start, stop)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port in [{start}, {stop}) after 1,000 tries")
 
 
 @dataclass

@@ -103,6 +103,7 @@ class PostingFilter:
         flag_abbreviation: int,
         posting_type: type[Posting],
         concept_memo: dict[str, tuple[str, tuple[str, ...]]],
+        concept_memo_size: int,
     ) -> None: ...
     def plan(
         self,

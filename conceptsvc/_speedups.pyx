@@ -1095,11 +1095,13 @@ cdef class PostingFilter:
     cdef list sabs, ttys, tuis
     cdef object Posting, tuple_new
     cdef dict info               # the extractor's concept memo (Extractor.concept_info)
+    cdef Py_ssize_t info_max     # its bound (extractor.CONCEPT_MEMO_SIZE): emptied when full
     cdef dict cids               # CUI → concept number, of the concepts kept (concept_strings)
 
     def __init__(self, index, *, posting_checks, surface_check, Py_ssize_t max_candidates,
                  int flag_preferred, int flag_case_sensitive, int flag_abbreviation,
-                 posting_type, dict concept_memo not None):
+                 posting_type, dict concept_memo not None,
+                 Py_ssize_t concept_memo_size):
         a = index.posting_arrays
         self.post_tty = a.post_tty
         self.concept_pref = a.concept_pref
@@ -1111,6 +1113,7 @@ cdef class PostingFilter:
         self.Posting = posting_type
         self.tuple_new = tuple.__new__
         self.info = concept_memo
+        self.info_max = concept_memo_size if concept_memo_size > 0 else 1
         self.cids = {}
         self.post_off = a.post_offsets
         self.post_cui = a.post_cui
@@ -1441,7 +1444,9 @@ cdef class PostingFilter:
                     self.cids[cui] = cid
                 if PyDict_GetItem(info, cui) is NULL:
                     # what Extractor.concept_info would read: the ranking and the mentions
-                    # ask for the concepts kept here
+                    # ask for the concepts kept here (and fall back to it when emptied)
+                    if len(info) >= self.info_max:
+                        info.clear()
                     info[cui] = (self._string(self.concept_pref[cid]), self._types(cid))
         finally:
             free(kept)

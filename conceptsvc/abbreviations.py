@@ -76,6 +76,10 @@ _WHITESPACE = (
 MAX_CANDIDATES = 64
 """Concepts of one span that are ranked: the best by type preference, prior and CUI (see the
 module docstring)."""
+VOCAB_MEMO_SIZE = 1 << 16
+"""Concepts whose content words an :class:`AmbiguityResolver` keeps before its memo is emptied
+(read when the resolver is made): the memo otherwise grows with every ambiguous concept a
+long-lived worker meets."""
 MAX_DEFINITIONS = 50
 """Definitions read per caption: real captions define a few; applying each one scans the
 caption, so a 100 KB text of nothing but definitions would otherwise take tens of seconds."""
@@ -259,6 +263,7 @@ class AmbiguityResolver:
         self._type_rank = {t: i for i, t in enumerate(type_preference)}
         self._priors = dict(priors or {})
         self._vocab: dict[str, frozenset[str]] = {}
+        self._vocab_max = max(1, VOCAB_MEMO_SIZE)
 
     def _concept_vocab(self, cui: str) -> frozenset[str]:
         """Content words of all of a concept's dictionary strings (memoised per concept)."""
@@ -274,6 +279,8 @@ class AmbiguityResolver:
             for s in strings:
                 words.update(tokenize(s)[0])
             words -= STOPWORDS
+            if len(self._vocab) >= self._vocab_max:  # readers fall back to this method
+                self._vocab.clear()
             v = self._vocab[cui] = frozenset(words)
         return v
 

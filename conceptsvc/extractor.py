@@ -124,6 +124,11 @@ _RANKING_MEMO_SIZE = 1 << 16
 RANKING_MEMO_BYTES = 32 << 20
 """Approximate bytes of the ambiguous spans' rankings an :class:`Extractor` keeps
 (:meth:`abbreviations.Ranking.weight`); with ``_RANKING_MEMO_SIZE`` rankings at most."""
+CONCEPT_MEMO_SIZE = 1 << 18
+"""Concepts whose (preferred name, semantic types) an :class:`Extractor` keeps
+(:meth:`Extractor.concept_info`, filled by both engines) before the memo is emptied: one entry
+is a few hundred bytes, so a long-lived worker over a full UMLS (≈ 3M concepts) would
+otherwise keep every concept its captions ever reached."""
 _PLAN_BASE_BYTES = 4096  # a plan's fixed part: dataclass, empty memos, profile/resolver refs
 _OPTION_ITEM_BYTES = 100  # per list item, beyond its characters: see options_weight
 _new = tuple.__new__  # NamedTuple construction without its Python-level __new__
@@ -318,6 +323,7 @@ class Extractor:
             _PLAN_CACHE_SIZE, PLAN_CACHE_BYTES, _plan_weight
         )
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._info_max = max(1, CONCEPT_MEMO_SIZE)  # read when the extractor is made
         self._resolvers: dict[str, AmbiguityResolver] = {}
         # (profile, an ambiguous span's concepts) → their ranking: a mention then costs what
         # its caption's words do, not what its concepts' strings do (issue 13, item 4)
@@ -349,6 +355,7 @@ class Extractor:
                 flag_abbreviation=FLAG_ABBREVIATION,
                 posting_type=Posting,
                 concept_memo=self._info,
+                concept_memo_size=self._info_max,
             )
             self._fast = SPEEDUPS.FastPath(
                 self._exact,
@@ -456,6 +463,8 @@ class Extractor:
         info = self._info.get(cui)
         if info is None:
             info = self.index.name_and_types(cui) or (cui, ())
+            if len(self._info) >= self._info_max:  # every reader falls back to this method
+                self._info.clear()
             self._info[cui] = info
         return info
 

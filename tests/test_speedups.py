@@ -1561,6 +1561,38 @@ def test_speedups_case_check_memo_stays_bounded(demo_engines: Engines) -> None:
     demo_engines.check("C\u0301T scan of the chest", options)
 
 
+@pytest.mark.parametrize("engine", ["compiled", "reference"])
+def test_speedups_concept_memos_stay_bounded_and_change_nothing(
+    demo: ConceptIndex, sample: Items, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """The extractor's concept memo (name and types, filled by both engines) and the ambiguity
+    resolvers' word memos are emptied at their caps (``extractor.CONCEPT_MEMO_SIZE``,
+    ``abbreviations.VOCAB_MEMO_SIZE``) instead of keeping every concept a long-lived worker's
+    captions reach. With caps far below what 200 captions reach, after every caption the
+    memos are within them, and every annotation is what an extractor with the shipped caps
+    gives."""
+    from conceptsvc import extractor as extractor_module
+
+    items = sample[:200]
+    options = [ExtractOptions(), ExtractOptions(profile="rocov2"),
+               ExtractOptions(mode="approximate", overlap="all")]
+    free = Extractor(demo, engine=engine)
+    want = [[free.extract(text, o, id=id_) for id_, text in items] for o in options]
+    # the shipped caps hold all of it, and it is more than the caps below
+    assert len(free._info) > 100
+    assert max(len(r._vocab) for r in free._resolvers.values()) > 2
+    monkeypatch.setattr(extractor_module, "CONCEPT_MEMO_SIZE", 8)
+    monkeypatch.setattr(abbreviations, "VOCAB_MEMO_SIZE", 2)
+    capped = Extractor(demo, engine=engine)
+    assert capped.engine == engine
+    for o, expected in zip(options, want, strict=True):
+        for (id_, text), ann in zip(items, expected, strict=True):
+            assert capped.extract(text, o, id=id_) == ann, text
+            assert len(capped._info) <= 8
+            assert all(len(r._vocab) <= 2 for r in capped._resolvers.values())
+    assert any(r._vocab for r in capped._resolvers.values())
+
+
 def test_speedups_public_entry_points_reject_none_and_half_built_objects() -> None:
     with pytest.raises(TypeError):
         _speedups.FastPath.__new__(_speedups.FastPath).extract("CT scan", object())

@@ -127,7 +127,7 @@ RANKING_MEMO_BYTES = 32 << 20
 CONCEPT_MEMO_SIZE = 1 << 18
 """Concepts whose (preferred name, semantic types) an :class:`Extractor` keeps
 (:meth:`Extractor.concept_info`, filled by both engines) before the memo is emptied: one entry
-is a few hundred bytes, so a long-lived worker over a full UMLS (≈ 3M concepts) would
+is ≈ 200–250 bytes, so a long-lived worker over a full UMLS (≈ 3M concepts) would
 otherwise keep every concept its captions ever reached."""
 _PLAN_BASE_BYTES = 4096  # a plan's fixed part: dataclass, empty memos, profile/resolver refs
 _OPTION_ITEM_BYTES = 100  # per list item, beyond its characters: see options_weight

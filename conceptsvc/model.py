@@ -368,6 +368,8 @@ class ServiceLimits:
     max_message_bytes: int
     max_search_limit: int
     max_concurrent_rpcs: int
+    max_option_items: int = 0
+    """Most names in one option list (0: a server that does not report it)."""
 
 
 @dataclass(frozen=True, slots=True)

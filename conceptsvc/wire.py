@@ -768,6 +768,7 @@ def info_from_pb(msg: pb.GetInfoResponse) -> ServiceInfo:
             max_message_bytes=msg.limits.max_message_bytes,
             max_search_limit=msg.limits.max_search_limit,
             max_concurrent_rpcs=msg.limits.max_concurrent_rpcs,
+            max_option_items=msg.limits.max_option_items,
         ),
         profiles=tuple(msg.profiles),
     )

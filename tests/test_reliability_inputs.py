@@ -428,6 +428,8 @@ def test_issue_18_option_lists_over_max_option_items_are_refused(
 
     with running_server(settings_for(index_a, max_option_items=3)) as (_srv, port):
         stub = pb_grpc.ConceptServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        # the cap a client can read before it sends anything
+        assert stub.GetInfo(pb.GetInfoRequest()).limits.max_option_items == 3
         too_many = {
             "semantic_types": ["T023", "T029", "T060", "T047"],
             "semantic_groups": ["ANAT", "PROC", "DISO", "ANAT"],

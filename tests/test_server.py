@@ -171,6 +171,7 @@ def test_server_list_semantic_types_and_info(client: ConceptClient, index_a: Pat
     assert info.index.manifest["content_hash"] == idx.content_hash
     assert info.default_options == ExtractOptions()
     assert info.limits.max_text_chars == 100_000
+    assert info.limits.max_option_items == 10_000
     assert "none" in info.profiles and info.api_version == "v1"
 
 

@@ -884,6 +884,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     max_message_bytes=s.max_message_bytes,
                     max_search_limit=s.max_search_limit,
                     max_concurrent_rpcs=s.rpc_limit,
+                    max_option_items=s.max_option_items,
                 ),
                 profiles=loaded.profiles,
             )

@@ -219,6 +219,21 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM, report NOT_SERVING this long before refusing RPCs",
     )
+    max_connection_age_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=7 * 86400,
+        description="close each client connection after about this long (gRPC's maximum "
+        "connection age, give or take a tenth), so that running clients resolve the service name "
+        "again and reach replicas added since they connected (0 = never)",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=7 * 86400,
+        description="once a connection is past its maximum age, how long its calls in "
+        "progress may take to finish before it is closed",
+    )
     reflection: bool = Field(default=True, description="serve gRPC server reflection")
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset = off)"

@@ -175,6 +175,50 @@ def test_server_list_semantic_types_and_info(client: ConceptClient, index_a: Pat
     assert "none" in info.profiles and info.api_version == "v1"
 
 
+def test_server_max_connection_age_makes_clients_reconnect_and_lets_calls_finish(
+    index_a: Path,
+) -> None:
+    """``max_connection_age_seconds``: the server closes a client's connection (GOAWAY) after
+    about that long, so the client's next call opens a new one (after resolving the name
+    again: how a long run reaches replicas added since it started), and a call in progress
+    at the age finishes within the grace. Off (0, the default): one connection throughout."""
+
+    def watch(port: int) -> tuple[grpc.Channel, list[str]]:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        states: list[str] = []
+        channel.subscribe(lambda s: states.append(s.name), try_to_connect=True)
+        return channel, states
+
+    def slow_items() -> Iterator[pb.AnnotateRequest]:
+        for i in range(3):  # 1.2 s: past the 0.5 s age (± a tenth), within the 5 s grace
+            yield pb.AnnotateRequest(id=str(i), text="Chest CT")
+            time.sleep(0.4)
+
+    s = settings_for(index_a, max_connection_age_seconds=0.5, max_connection_age_grace_seconds=5)
+    with running_server(s) as (_, port):
+        channel, states = watch(port)
+        stub = pb_grpc.ConceptServiceStub(channel)
+        out = list(stub.AnnotateStream(slow_items(), timeout=30))
+        assert [(r.id, r.status.code) for r in out] == [(str(i), 0) for i in range(3)]
+        assert len(out[0].concepts) == 2 and all(r.concepts == out[0].concepts for r in out)
+        deadline = time.monotonic() + 10
+        while "IDLE" not in states[states.index("READY"):] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "IDLE" in states[states.index("READY"):], states  # the server closed it
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).api_version == "v1"
+        assert states.count("READY") == 2, states  # a second connection
+        channel.close()
+
+    with running_server(settings_for(index_a)) as (_, port):
+        channel, states = watch(port)
+        stub = pb_grpc.ConceptServiceStub(channel)
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).api_version == "v1"
+        time.sleep(1.5)
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).api_version == "v1"
+        assert states.count("READY") == 1 and "IDLE" not in states[states.index("READY"):], states
+        channel.close()
+
+
 def test_server_defaults_come_from_settings(index_a: Path) -> None:
     s = settings_for(index_a, defaults={"semantic_groups": "DISO", "include_negated": False})
     with running_server(s) as (_, port), ConceptClient(f"127.0.0.1:{port}") as c:

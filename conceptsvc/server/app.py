@@ -147,14 +147,24 @@ class ConceptServer:
         # Not futures.ThreadPoolExecutor: its idle threads wake each other on every call
         # (see conceptsvc.server.pool).
         self.pool = RpcThreadPool(settings.threads, thread_name_prefix="rpc")
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+        if settings.max_connection_age_seconds > 0:
+            # gRPC sends GOAWAY at the age (±10 %); the client's next call opens a connection
+            # after resolving the name again, and calls in progress get the grace to finish
+            options += [
+                ("grpc.max_connection_age_ms",
+                 max(1, round(settings.max_connection_age_seconds * 1000))),
+                ("grpc.max_connection_age_grace_ms",
+                 round(settings.max_connection_age_grace_seconds * 1000)),
+            ]
         self.grpc_server = grpc.server(
             self.pool,
             interceptors=[self.admission, interceptor],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
+            options=options,
             # gRPC's own limit, checked before a call is queued for a thread: with no more calls
             # than threads nothing ever waits in the pool's queue. Admission refuses earlier;
             # this only sheds a flood of health checks and refusals beyond the reserve.

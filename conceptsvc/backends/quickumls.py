@@ -36,7 +36,12 @@ semantic_groups      best span (a concept passes if any of its types is accepted
 sources              honoured when the index has the sidecar file (a candidate passes if the
                      matched string comes from an accepted source); refused otherwise
 exclude_cuis         honoured, before overlap resolution
-mode                 ``approximate``: QuickUMLS as is (trigram similarity ≥ ``threshold``).
+mode                 ``approximate``: QuickUMLS as is: simstring keeps the candidates whose
+                     own trigram features reach ``threshold``, and QuickUMLS then reports
+                     another similarity, so a mention can score below it ("Sjögren Sjögren"
+                     → Sjögren syndrome at 0.47 with threshold 0.7); thresholds below about
+                     1e-9 (cosine: 1e-5) find nothing, silently (the conceptsvc engine
+                     serves every threshold in (0, 1]).
                      ``exact``: similarity 1.0 and the normalised window must equal the
                      dictionary string (QuickUMLS's normalisation: lower case, unidecode)
 similarity,          honoured (QuickUMLS's simstring measure and threshold). For ``overlap``

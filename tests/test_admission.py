@@ -19,12 +19,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_helpers import build_index_a, running_server, settings_for
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ServiceCallError
+from conceptsvc.server.admission import REFLECTION_STREAMS
 
 # Long enough for any answer on a loaded machine; a call queued behind held threads never gets
 # one, so it reaches this deadline instead.
@@ -77,13 +79,40 @@ class _IdleStream:
         self.channel.close()
 
 
+class _IdleReflection(_IdleStream):
+    """A server-reflection stream (what grpcurl opens) that asks for the service list once,
+    then sends nothing until :meth:`finish`."""
+
+    def _run(self) -> None:
+        stub = reflection_pb2_grpc.ServerReflectionStub(self.channel)
+
+        def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            self.gate.wait(60)
+
+        try:
+            for resp in stub.ServerReflectionInfo(requests()):
+                if resp.list_services_response.service:
+                    self.outcome = "answered"
+                    self.first.set()
+            self.outcome = "OK"
+        except grpc.RpcError as exc:
+            self.outcome = exc.code().name
+            self.details = exc.details() or ""
+        finally:
+            self.first.set()
+            self.done.set()
+
+
 @contextmanager
-def _idle_streams(port: int, n: int) -> Iterator[list[_IdleStream]]:
+def _idle_streams(
+    port: int, n: int, kind: type[_IdleStream] = _IdleStream
+) -> Iterator[list[_IdleStream]]:
     """``n`` idle streams, each answered or refused before this yields."""
     with ExitStack() as stack:
         streams = []
         for k in range(n):
-            s = _IdleStream(port, f"idle-{k}")
+            s = kind(port, f"idle-{k}")
             stack.callback(s.finish)
             streams.append(s)
             assert s.first.wait(_DEADLINE), f"stream {k} neither answered nor ended"
@@ -143,6 +172,29 @@ def test_admission_stream_beyond_the_limit_is_refused_and_a_freed_slot_is_reused
             assert [r.id for r in c.annotate_stream([("after", "Chest")])] == ["after"]
         # The stream of the client has ended: its slot is free again for a unary call.
         assert _unary(port) == "OK"
+
+
+def test_admission_reflection_streams_are_capped_and_leave_annotate_answerable(
+    index_a: Path,
+) -> None:
+    """Server-reflection streams have no idle timeout, so open ones beyond
+    ``REFLECTION_STREAMS`` (4) are refused with RESOURCE_EXHAUSTED saying why; Annotate and
+    health still answer (threads=8: a limit of 6 calls, 4 held), and once one reflection
+    stream ends a new one is admitted. Without the cap the fifth and sixth took the last two
+    calls, and Annotate was refused."""
+    assert REFLECTION_STREAMS == 4
+    with running_server(settings_for(index_a, threads=8)) as (_srv, port):
+        with _idle_streams(port, 4, _IdleReflection) as held:
+            assert [s.outcome for s in held] == ["answered"] * 4
+            with _idle_streams(port, 2, _IdleReflection) as extra:
+                assert [s.outcome for s in extra] == ["RESOURCE_EXHAUSTED"] * 2
+                assert "server-reflection streams open" in extra[0].details
+                assert _unary(port) == "OK"
+                assert _health(port) == "SERVING"
+            held[0].finish()
+            assert held[0].outcome == "OK"
+            with _idle_streams(port, 1, _IdleReflection) as (again,):
+                assert again.outcome == "answered"
 
 
 def test_admission_idle_stream_is_ended_with_unavailable_and_frees_its_thread(

@@ -23,11 +23,17 @@ from typing import Any
 
 import grpc
 
-from conceptsvc.server.status import draining, overloaded, status_for
+from conceptsvc.server.status import draining, overloaded, reflection_busy, status_for
 
-__all__ = ["AdmissionInterceptor"]
+__all__ = ["REFLECTION_STREAMS", "AdmissionInterceptor"]
 
 _EXEMPT_PREFIX = "/grpc.health.v1.Health/"
+_REFLECTION_PREFIX = "/grpc.reflection."  # v1alpha and v1
+REFLECTION_STREAMS = 4
+"""Server-reflection streams in progress at once (per worker). A tool such as grpcurl opens one
+per command and closes it; but no idle timeout ends one a client leaves open, and each holds an
+RPC thread and one of the ``limit`` calls, so beyond this many they are refused
+(RESOURCE_EXHAUSTED) instead of taking the calls that annotate."""
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -44,6 +50,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._is_draining = is_draining
         self._lock = threading.Lock()
         self._in_progress = 0
+        self._reflecting = 0
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     @property
@@ -61,9 +68,27 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         with self._lock:
             self._in_progress -= 1
 
+    def _admit_reflection(self) -> bool:
+        with self._lock:
+            if self._reflecting >= REFLECTION_STREAMS or self._in_progress >= self.limit:
+                return False
+            self._reflecting += 1
+            self._in_progress += 1
+            return True
+
+    def _release_reflection(self) -> None:
+        with self._lock:
+            self._reflecting -= 1
+            self._in_progress -= 1
+
     def _refuse(self, method: str, context: grpc.ServicerContext) -> None:
         # a draining server's refusal says so (UNAVAILABLE: go elsewhere), not "busy"
-        exc = draining() if self._is_draining() else overloaded(self.limit)
+        if self._is_draining():
+            exc = draining()
+        elif method.startswith(_REFLECTION_PREFIX) and self._reflecting >= REFLECTION_STREAMS:
+            exc = reflection_busy(REFLECTION_STREAMS)
+        else:
+            exc = overloaded(self.limit)
         code, message, _ = status_for(exc)
         self._on_refuse(method, code)
         context.abort(code, message)
@@ -117,12 +142,17 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _streaming(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         # A generator, so that the count is taken when the pool thread first runs it and given
         # back by its ``finally`` (which a started generator always reaches, closed or not).
+        if method.startswith(_REFLECTION_PREFIX):
+            admit, release = self._admit_reflection, self._release_reflection
+        else:
+            admit, release = self._admit, self._release
+
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            if not self._admit():
+            if not admit():
                 self._refuse(method, context)
             try:
                 yield from inner(request, context)
             finally:
-                self._release()
+                release()
 
         return run

@@ -13,6 +13,8 @@ text, an option list, a request or a reply over the   RESOURCE_EXHAUSTED
 configured limits (``InputTooLargeError``)
 every RPC thread a call may take is busy              RESOURCE_EXHAUSTED
 (``max_concurrent_rpcs``), refused at once
+a server-reflection stream beyond                     RESOURCE_EXHAUSTED
+``admission.REFLECTION_STREAMS`` open ones
 a reload that failed (``ConceptIndexError``)          FAILED_PRECONDITION
 index not loaded yet (the server is starting)         UNAVAILABLE
 server draining (shutting down)                       UNAVAILABLE
@@ -52,6 +54,7 @@ __all__ = [
     "not_ready",
     "overloaded",
     "permission_denied",
+    "reflection_busy",
     "refusing_handler",
     "status_for",
     "stream_idle",
@@ -107,6 +110,14 @@ def overloaded(limit: int) -> RpcFailure:
         f"this server is at its limit of {limit} RPCs in progress (max_concurrent_rpcs; an "
         "open stream counts until it ends); retry after a backoff, on another replica, or close "
         "idle streams",
+    )
+
+
+def reflection_busy(limit: int) -> RpcFailure:
+    return RpcFailure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"this server already has {limit} server-reflection streams open (each holds an RPC "
+        "thread until its client closes it); close one, or retry after a backoff",
     )
 
 

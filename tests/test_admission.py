@@ -58,11 +58,15 @@ class _IdleStream:
         yield pb.AnnotateRequest(id=self.name, text="Chest CT")
         self.gate.wait(60)
 
-    def _run(self) -> None:
+    def _call(self) -> Iterator[bool]:
+        """The stream's responses, each as whether it answers the first request."""
         stub = pb_grpc.ConceptServiceStub(self.channel)
+        return (resp.id == self.name for resp in stub.AnnotateStream(self._requests()))
+
+    def _run(self) -> None:
         try:
-            for resp in stub.AnnotateStream(self._requests()):
-                if resp.id == self.name:
+            for answered in self._call():
+                if answered:
                     self.outcome = "answered"
                     self.first.set()
             self.outcome = "OK"
@@ -83,25 +87,17 @@ class _IdleReflection(_IdleStream):
     """A server-reflection stream (what grpcurl opens) that asks for the service list once,
     then sends nothing until :meth:`finish`."""
 
-    def _run(self) -> None:
+    def _call(self) -> Iterator[bool]:
         stub = reflection_pb2_grpc.ServerReflectionStub(self.channel)
 
         def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(list_services="")
             self.gate.wait(60)
 
-        try:
-            for resp in stub.ServerReflectionInfo(requests()):
-                if resp.list_services_response.service:
-                    self.outcome = "answered"
-                    self.first.set()
-            self.outcome = "OK"
-        except grpc.RpcError as exc:
-            self.outcome = exc.code().name
-            self.details = exc.details() or ""
-        finally:
-            self.first.set()
-            self.done.set()
+        return (
+            bool(resp.list_services_response.service)
+            for resp in stub.ServerReflectionInfo(requests())
+        )
 
 
 @contextmanager

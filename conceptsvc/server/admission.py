@@ -57,29 +57,22 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def in_progress(self) -> int:
         return self._in_progress
 
-    def _admit(self) -> bool:
+    def _admit(self, reflection: bool = False) -> bool:
+        """Count a call in, unless ``limit`` calls (or, for a server-reflection stream,
+        REFLECTION_STREAMS of those) are in progress."""
         with self._lock:
-            if self._in_progress >= self.limit:
+            if self._in_progress >= self.limit or (
+                reflection and self._reflecting >= REFLECTION_STREAMS
+            ):
                 return False
             self._in_progress += 1
+            self._reflecting += reflection
             return True
 
-    def _release(self) -> None:
+    def _release(self, reflection: bool = False) -> None:
         with self._lock:
             self._in_progress -= 1
-
-    def _admit_reflection(self) -> bool:
-        with self._lock:
-            if self._reflecting >= REFLECTION_STREAMS or self._in_progress >= self.limit:
-                return False
-            self._reflecting += 1
-            self._in_progress += 1
-            return True
-
-    def _release_reflection(self) -> None:
-        with self._lock:
-            self._reflecting -= 1
-            self._in_progress -= 1
+            self._reflecting -= reflection
 
     def _refuse(self, method: str, context: grpc.ServicerContext) -> None:
         # a draining server's refusal says so (UNAVAILABLE: go elsewhere), not "busy"
@@ -142,17 +135,14 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _streaming(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         # A generator, so that the count is taken when the pool thread first runs it and given
         # back by its ``finally`` (which a started generator always reaches, closed or not).
-        if method.startswith(_REFLECTION_PREFIX):
-            admit, release = self._admit_reflection, self._release_reflection
-        else:
-            admit, release = self._admit, self._release
+        reflection = method.startswith(_REFLECTION_PREFIX)
 
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            if not admit():
+            if not self._admit(reflection):
                 self._refuse(method, context)
             try:
                 yield from inner(request, context)
             finally:
-                release()
+                self._release(reflection)
 
         return run

@@ -235,6 +235,15 @@ class Settings(BaseSettings):
         "progress may take to finish before it is closed",
     )
     reflection: bool = Field(default=True, description="serve gRPC server reflection")
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="a second port, on the same address, that answers only the standard gRPC "
+        "health check (grpc.health.v1.Health/Check), in plaintext and without a token: for "
+        "probes that cannot speak TLS (Kubernetes' gRPC probes) when the service port uses "
+        "it (unset = off, 0 = pick a free one)",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus /metrics HTTP port (unset = off)"
     )
@@ -324,6 +333,11 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: {path} does not exist or is not a file")
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise ValueError(
+                f"health_port ({self.health_port}) must differ from port and metrics_port: it "
+                "is a listener of its own, serving only the health service in plaintext"
+            )
         if self.redis_backoff_max_seconds < self.redis_backoff_seconds:
             raise ValueError("redis_backoff_max_seconds must be >= redis_backoff_seconds")
         if self.reserved_threads >= self.threads:

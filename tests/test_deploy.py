@@ -312,7 +312,7 @@ def test_deploy_dockerfile_env_names_real_settings(
     settings = validate_settings_env(env, monkeypatch, tiny_index)
     assert settings.host == "0.0.0.0"  # reachable from outside the container
     exposed = {int(p) for i in ins if i.keyword == "EXPOSE" for p in i.args.split()}
-    assert {settings.port, settings.metrics_port} <= exposed
+    assert {settings.port, settings.metrics_port, settings.health_port} <= exposed
 
 
 def test_deploy_dockerfile_entrypoint_and_healthcheck_are_conceptsvc_commands() -> None:
@@ -325,7 +325,7 @@ def test_deploy_dockerfile_entrypoint_and_healthcheck_are_conceptsvc_commands() 
     assert cmd[0] == "serve"
     (health,) = [exec_form(i) for i in ins if i.keyword == "HEALTHCHECK"]
     assert health[:2] == ["/bin/sh", "-c"]
-    words = shlex.split(health[2].replace("${CONCEPTSVC_PORT}", "50051"))
+    words = shlex.split(health[2].replace("${CONCEPTSVC_HEALTH_PORT:-$CONCEPTSVC_PORT}", "50052"))
     words = words[: words.index("||")] if "||" in words else words
     assert words[:2] == ["conceptsvc", "health"]
     parses_as_cli(words[1:])
@@ -584,7 +584,14 @@ def test_deploy_image_installs_the_project_with_its_data(image_replay: ImageRepl
 
 
 @pytest.mark.slow
-def test_deploy_image_command_serves_and_passes_its_healthcheck(image_replay: ImageReplay) -> None:
+def test_deploy_image_command_serves_and_passes_its_healthcheck(
+    image_replay: ImageReplay, tmp_path: Path
+) -> None:
+    """The image's command serves, and its HEALTHCHECK passes, with mutual TLS on the
+    service port (the check asks the plaintext health port)."""
+    from service_helpers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
     ins = parse_dockerfile(DOCKERFILE)
     last = final_stage(ins)
     (entrypoint,) = [exec_form(i) for i in ins if i.keyword == "ENTRYPOINT" and i.stage == last]
@@ -597,6 +604,10 @@ def test_deploy_image_command_serves_and_passes_its_healthcheck(image_replay: Im
         CONCEPTSVC_METRICS_HOST="127.0.0.1",
         CONCEPTSVC_METRICS_PORT=str(free_port()),
         CONCEPTSVC_WORKERS="1",
+        CONCEPTSVC_HEALTH_PORT=str(free_port()),
+        CONCEPTSVC_TLS_CERT=str(pki.server_cert),
+        CONCEPTSVC_TLS_KEY=str(pki.server_key),
+        CONCEPTSVC_TLS_CLIENT_CA=str(pki.ca),
     )
 
     def healthcheck() -> int:
@@ -679,10 +690,12 @@ def test_deploy_k8s_probes_ask_grpc_health_on_the_served_port(
     assert ports["grpc"] == settings.port
     assert ports["metrics"] == settings.metrics_port
     assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
+    # the probes ask the plaintext health port, so that TLS on the service port needs no change
+    assert settings.health_port is not None and ports["health"] == settings.health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
         assert set(spec) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
-        assert spec["grpc"]["port"] == settings.port, probe
+        assert spec["grpc"]["port"] == settings.health_port, probe
 
 
 def test_deploy_k8s_termination_grace_covers_drain_and_grace(

@@ -95,6 +95,71 @@ def test_security_mutual_tls_requires_a_client_certificate(
             assert _status(c.annotate, "lung", id="o") == "UNAVAILABLE"
 
 
+def test_security_health_port_answers_check_alone_in_plaintext_beside_a_tls_port(
+    index_a: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``health_port``: probes that speak plaintext only (Kubernetes' gRPC probes) reach the
+    health status of a server whose service port needs mutual TLS, and reach nothing else."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conceptsvc.cli import main
+
+    s = settings_for(
+        index_a, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
+        health_port=0, auth_token=TOKEN,
+    )
+    with running_server(s) as (srv, port):
+        hport = srv.health_port
+        assert hport and hport != port
+        with grpc.insecure_channel(f"127.0.0.1:{hport}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for name in ("", "conceptsvc.v1.ConceptService"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+            with pytest.raises(grpc.RpcError) as unknown:
+                stub.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=5)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+            # a stream would hold one of the port's few threads: Watch is not served there
+            with pytest.raises(grpc.RpcError) as watch:
+                next(iter(stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)))
+            assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # nothing but the check: not the service, not reflection, token or no token
+            annotate = ch.unary_unary(
+                "/conceptsvc.v1.ConceptService/Annotate",
+                request_serializer=pb.AnnotateRequest.SerializeToString,
+                response_deserializer=pb.AnnotateResponse.FromString,
+            )
+            for metadata in ((), (("authorization", f"Bearer {TOKEN}"),)):
+                with pytest.raises(grpc.RpcError) as other:
+                    annotate(pb.AnnotateRequest(id="x", text="lung"), timeout=5,
+                             metadata=metadata)
+                assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert _reflection_services(hport) == grpc.StatusCode.UNIMPLEMENTED
+        # the command the image's HEALTHCHECK runs
+        assert main(["health", "--target", f"127.0.0.1:{hport}"]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+        # the service port still refuses a plaintext client
+        with ConceptClient(f"localhost:{port}", token=TOKEN, retries=0, timeout=5) as c:
+            assert _status(c.annotate, "lung", id="p") == "UNAVAILABLE"
+        # the same status as the service port's: NOT_SERVING while draining
+        srv.state.start_draining()
+        assert main(["health", "--target", f"127.0.0.1:{hport}"]) == 1
+        assert capsys.readouterr().out.strip() == "NOT_SERVING"
+
+
+def test_security_health_port_must_be_a_port_of_its_own(index_a: Path) -> None:
+    from conceptsvc.errors import ConfigError
+    from conceptsvc.server.app import create_server
+
+    with pytest.raises(ConfigError, match=r"health_port .* must differ from port"):
+        settings_for(index_a, port=50999, health_port=50999)
+    with pytest.raises(ConfigError, match=r"health_port .* must differ"):
+        settings_for(index_a, metrics_port=50998, health_port=50998)
+    with running_server(settings_for(index_a)) as (_srv, port):  # a port another service holds
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} \\(health_port\\)"):
+            create_server(settings_for(index_a, health_port=port))
+
+
 # -- authentication -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def authed(index_a: Path) -> Iterator[int]:

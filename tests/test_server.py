@@ -940,15 +940,24 @@ def _index_loads(port: int) -> float:
 def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Path) -> None:
     from conftest import free_port
 
-    mport = free_port()
+    from conceptsvc.cli import main
+    from conceptsvc.errors import ConfigError
+    from conceptsvc.server.app import PortClaim
+
+    mport, hport = free_port(), free_port()
     path = build_index_a(tmp_path / "idx")
     proc, port = serve_subprocess(
         "--workers", "2", "--index", str(path), "--metrics-port", str(mport),
-        "--admin-token", ADMIN,
+        "--admin-token", ADMIN, "--health-port", str(hport),
     )
     try:
         pids = _metrics_worker_pids(mport)
         assert len(pids) == 2 and str(proc.pid) not in pids
+        # the workers share the health port as they share the service port; while it is
+        # theirs, another service cannot take it
+        assert main(["health", "--target", f"127.0.0.1:{hport}"]) == 0
+        with pytest.raises(ConfigError, match=f"port {hport} is already in use"):
+            PortClaim("127.0.0.1", hport, setting="health_port")
         # The kernel, not the test, picks the worker of each connection (all of them on one
         # is possible), so what each worker did is read from the metrics: index loads are
         # counted per worker and summed, and a worker loads a changed index exactly once.
@@ -1000,6 +1009,9 @@ def test_issue_18_a_claimed_port_is_shared_only_by_its_own_workers(index_a: Path
         for host in ("127.0.0.1", "0.0.0.0"):  # the same address, and one that overlaps it
             with pytest.raises(ConfigError, match=f"E100.*port {claim.port} is already in use"):
                 PortClaim(host, claim.port)
+        # the health port is claimed the same way, and the message names its own flag
+        with pytest.raises(ConfigError, match="choose another --health-port"):
+            PortClaim("127.0.0.1", claim.port, setting="health_port")
         # a worker joins the claim; a server that does not share (--workers 1) cannot
         with running_server(settings_for(index_a, port=claim.port), reuse_port=True) as (_, p):
             assert p == claim.port

@@ -13,6 +13,10 @@
   The supervisor claims the port first, so that only its own workers can share it: a second
   service on a taken port fails at start-up (:class:`PortClaim`).
   Workers are spawned (not forked) because gRPC must not be forked once initialised.
+- With ``health_port`` set, each server also listens there, in plaintext, for the health
+  service's ``Check`` alone (:func:`_health_only_server`): probes that cannot speak TLS
+  (Kubernetes' gRPC probes) then ask the same health status as the service port's, which
+  may require TLS or mutual TLS. The supervisor claims that port too.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
@@ -75,6 +79,12 @@ DRAIN_QUIET_SECONDS = 0.25
 
 ReadyCallback = Callable[[int], None]
 
+#: Threads of the health port's server, and the calls it takes at once (more are refused
+#: with RESOURCE_EXHAUSTED): probes are a few unary calls a second, and a flood on that
+#: plaintext port must not hold more than this.
+HEALTH_PORT_THREADS = 2
+HEALTH_PORT_MAX_CALLS = 16
+
 
 def resolve_index_path(settings: Settings) -> Path:
     """The configured index, or the embedded demo dictionary (built on first use)."""
@@ -83,6 +93,31 @@ def resolve_index_path(settings: Settings) -> Path:
     from conceptsvc.embedded import demo_index_path
 
     return demo_index_path()
+
+
+def _health_only_server(
+    servicer: health.HealthServicer, reuse_port: bool
+) -> tuple[grpc.Server, RpcThreadPool]:
+    """A gRPC server that answers ``grpc.health.v1.Health/Check`` from ``servicer`` (the
+    service port's, so both report the same status) and nothing else: every other method,
+    ``Watch`` included (a stream would hold one of its few threads), is UNIMPLEMENTED, which
+    the health protocol allows. No interceptor: like the service port's health service it
+    needs no token."""
+    pool = RpcThreadPool(HEALTH_PORT_THREADS, thread_name_prefix="health")
+    server = grpc.server(
+        pool,
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+        maximum_concurrent_rpcs=HEALTH_PORT_MAX_CALLS,
+    )
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(health.SERVICE_NAME, {"Check": check}),)
+    )
+    return server, pool
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -197,6 +232,25 @@ class ConceptServer:
             ) from None
         if self.port == 0:
             raise ConfigError(f"cannot listen on {address}; is the port in use?")
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
+        self._health_pool: RpcThreadPool | None = None
+        if settings.health_port is not None:
+            self._health_server, self._health_pool = _health_only_server(self.health, reuse_port)
+            address = f"{settings.host}:{settings.health_port}"
+            try:
+                self.health_port = self._health_server.add_insecure_port(address)
+            except RuntimeError as exc:
+                self.health_port = 0
+                detail = f" ({exc})"
+            else:
+                detail = ""
+            if not self.health_port:
+                self._health_pool.shutdown(wait=False)
+                raise ConfigError(
+                    f"cannot listen on {address} (health_port){detail}; is the port in use "
+                    "or the host wrong?"
+                )
         if extractor is not None:
             self.state.install(extractor)
 
@@ -204,6 +258,8 @@ class ConceptServer:
     def start(self, *, load: bool = True) -> None:
         """Start accepting RPCs; with ``load``, load the index now (blocking) if none is."""
         self.grpc_server.start()
+        if self._health_server is not None:
+            self._health_server.start()
         if load and self.state.current is None:
             self.reload()
 
@@ -248,6 +304,10 @@ class ConceptServer:
         self.grpc_server.stop(grace).wait()
         # Idle threads end now; a handler that outlived the grace ends with its call.
         self.pool.shutdown(wait=False)
+        # The health port answered NOT_SERVING throughout the drain; it goes last.
+        if self._health_server is not None and self._health_pool is not None:
+            self._health_server.stop(0).wait()
+            self._health_pool.shutdown(wait=False)
         self.cache.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -322,6 +382,9 @@ def run_worker(
             SERVICE_NAME, settings.host, port, server.state.index_path(),
             outcome.content_hash, outcome.concepts,
         )
+        if server.health_port is not None:
+            log.info("health checks (plaintext, Check only) on %s:%d",
+                     settings.host, server.health_port)
         if report is not None:
             report({"event": "ready", "port": port})
         if on_ready is not None:
@@ -423,32 +486,34 @@ class PortClaim:
     Port 0 is resolved once, first (a free port, by the kernel), and the workers get the result.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, setting: str = "port") -> None:
         bare = host.strip("[]")
         family = socket.AF_INET6 if ":" in bare else socket.AF_INET
         self._held: list[socket.socket] = []
         if port == 0:
-            port = self._probe(family, bare, host, 0)
+            port = self._probe(family, bare, host, 0, setting)
         self.port = port
         try:
             if sys.platform == "linux":
                 lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._held.append(lock)
-                _bind(lock, f"\0conceptsvc-port:{bare}:{port}", host, port)
-            self._probe(family, bare, host, port)
+                _bind(lock, f"\0conceptsvc-port:{bare}:{port}", host, port, setting)
+            self._probe(family, bare, host, port, setting)
             guard = socket.socket(family, socket.SOCK_STREAM)
             self._held.append(guard)
             guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            _bind(guard, (bare, port), host, port)
+            _bind(guard, (bare, port), host, port, setting)
         except BaseException:
             self.close()
             raise
 
     @staticmethod
-    def _probe(family: socket.AddressFamily, bare: str, host: str, port: int) -> int:
+    def _probe(
+        family: socket.AddressFamily, bare: str, host: str, port: int, setting: str
+    ) -> int:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _bind(probe, (bare, port), host, port)
+            _bind(probe, (bare, port), host, port, setting)
             return int(probe.getsockname()[1])
 
     def close(self) -> None:
@@ -457,7 +522,7 @@ class PortClaim:
         self._held.clear()
 
 
-def _bind(sock: socket.socket, address: Any, host: str, port: int) -> None:
+def _bind(sock: socket.socket, address: Any, host: str, port: int, setting: str) -> None:
     try:
         sock.bind(address)
     except OSError as exc:
@@ -465,7 +530,7 @@ def _bind(sock: socket.socket, address: Any, host: str, port: int) -> None:
             raise ConfigError(
                 f"cannot listen on {host}:{port}: port {port} is already in use by another "
                 "service (workers share a port only with their own supervisor); stop that "
-                "service or choose another --port"
+                f"service or choose another --{setting.replace('_', '-')}"
             ) from None
         raise ConfigError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
@@ -534,6 +599,14 @@ class Supervisor:
             s = s.model_copy(update={"index": resolve_index_path(s)})
         claim = PortClaim(s.host, s.port)
         port = claim.port
+        health_claim: PortClaim | None = None
+        if s.health_port is not None:
+            try:
+                health_claim = PortClaim(s.host, s.health_port, setting="health_port")
+            except BaseException:
+                claim.close()
+                raise
+            s = s.model_copy(update={"health_port": health_claim.port})
         metrics_dir: tempfile.TemporaryDirectory[str] | None = None
         if s.metrics_port is not None:
             metrics_dir = tempfile.TemporaryDirectory(prefix="conceptsvc-metrics-")
@@ -558,6 +631,8 @@ class Supervisor:
         finally:
             _restore_signals(previous)
             claim.close()
+            if health_claim is not None:
+                health_claim.close()
             if metrics_dir is not None:
                 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 metrics_dir.cleanup()

@@ -587,6 +587,35 @@ def test_batch_items_that_keep_failing_make_the_run_incomplete(
     assert not (tmp_path / "run.jsonl.errors.jsonl").exists()
 
 
+def test_batch_a_busy_service_slows_the_run_down_without_failing_captions(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """More concurrent calls than the service admits: its RESOURCE_EXHAUSTED refusals (the
+    call was turned away before any caption was looked at) are backpressure, not the
+    captions' failures. They are retried after a backoff without costing an attempt, so a run
+    with few retries still completes, with every caption annotated."""
+    rows = [(f"cap{i:04d}", demo_rows()[i % 30][1]) for i in range(240)]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "run.jsonl"
+    # one call at a time, 2 ms a caption: 8 workers' batches of 4 mostly find it busy
+    busy = start_server(SlowExtractor(demo_extractor.index), cache_size=0,
+                        max_concurrent_rpcs=1)
+    try:
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{busy.port}", concurrency=8, batch_size=4, retries=1,
+                     backoff_base=0.01, backoff_max=0.05),
+        )
+    finally:
+        busy.stop(0)
+    assert result.counts.busy_refusals > 0  # the service did refuse calls
+    assert result.complete and result.counts.failed == 0, result.counts
+    manifest = json.loads((tmp_path / "run.jsonl.manifest.json").read_text())
+    assert manifest["timing"]["invocations"][-1]["busy_refusals"] == result.counts.busy_refusals
+    assert "busy_refusals" not in manifest["counts"]  # how this run went, not what it made
+    assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
+
+
 class SlowExtractor(Extractor):
     """The real engine, 2 ms a caption slower."""
 

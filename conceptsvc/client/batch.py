@@ -27,8 +27,12 @@
    split in halves, charging nobody, until that caption is alone, so it cannot hold its
    batch-mates hostage. Items the service rejects one by one (INVALID_ARGUMENT, oversize…)
    are not retried; items a full reply had no room for (E503) are sent again at once in
-   smaller batches, uncharged. After ``retries`` failed attempts an item is given up and
-   written to the errors file; the run then reports itself incomplete;
+   smaller batches, uncharged. A call the service turns away as busy (RESOURCE_EXHAUSTED: more
+   calls at once than it admits) read no caption: it is sent again after the backoff without
+   charging anybody (up to ``_BUSY_TRIES`` times in a row), counted in the manifest's
+   ``busy_refusals`` and warned about once, since a lower ``concurrency`` avoids it. After
+   ``retries`` failed attempts an item is given up and written to the errors file; the run
+   then reports itself incomplete;
 5a. **checks the index of every answer**: each response names the index that produced it. A
    reload (or a deployment) in the middle of a run would otherwise leave a corpus whose rows
    come from two dictionaries, with a manifest naming one of them. By default
@@ -163,6 +167,21 @@ _ANNOTATE_BATCH_PATH = "/{}/{}".format(
     *pb.DESCRIPTOR.services_by_name["ConceptService"].methods_by_name["AnnotateBatch"]
     .full_name.rsplit(".", 1)
 )
+# A call the service turns away as busy (RESOURCE_EXHAUSTED: every RPC it admits at once is in
+# progress) was refused before any caption was read: it is backpressure, retried after a
+# backoff without costing its captions an attempt. Only after this many refusals of the same
+# batch in a row (minutes, with the backoff at its maximum) are they charged, so that a
+# service that refuses everything still ends the run.
+_BUSY_TRIES = 32
+
+
+def _turned_away(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed AnnotateBatch call was the service refusing it as busy: its own limit
+    of calls in progress, or gRPC's. Not a message over gRPC's size limit (RESOURCE_EXHAUSTED
+    too, "... message larger than max ..."), which sending again would not cure."""
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" not in details
+
+
 # Deadline of the run's small control calls (GetInfo, the options probe, GetConcept); the
 # --deadline setting is for the AnnotateBatch calls.
 _CONTROL_TIMEOUT = 10.0
@@ -216,7 +235,7 @@ class BatchSettings:
 
 
 # RunCounts fields that describe this invocation rather than the result (manifest "timing").
-_HISTORY_COUNTS = ("resumed", "retried_batches")
+_HISTORY_COUNTS = ("resumed", "retried_batches", "busy_refusals")
 
 
 @dataclass(frozen=True)
@@ -231,6 +250,7 @@ class RunCounts:
     concepts: int = 0  # caption-concept pairs
     mentions: int = 0
     retried_batches: int = 0
+    busy_refusals: int = 0  # calls the service turned away as busy (retried, uncharged)
 
 
 @dataclass(frozen=True)
@@ -458,6 +478,7 @@ class _Runner:
         self.progress_stream = progress_stream
         self.failures: list[_Failure] = []
         self.retried_batches = 0
+        self.busy_refusals = 0
         self.names: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.journal: Journal | None = None
         self.info: ServiceInfo | None = None
@@ -708,6 +729,7 @@ class _Runner:
         attempts: dict[int, int] = {c.seq: 0 for c in batch}
         last_error: dict[int, tuple[str, str]] = {}
         todo: deque[list[Caption]] = deque([batch])
+        busy_in_row = 0  # refusals as busy of this batch's calls since one was served
         while todo:
             part = todo.popleft()
             pending: dict[str, Caption] = {c.id: c for c in part}
@@ -783,6 +805,15 @@ class _Runner:
                 )
             if ok:
                 self._journal(ok, progress)
+            if (stream_error is not None and _turned_away(*stream_error[:2])
+                    and busy_in_row < _BUSY_TRIES):
+                # turned away as busy, before any caption was read (_BUSY_TRIES)
+                busy_in_row += 1
+                self._busy(targets.names[i], stream_error[1])
+                await asyncio.sleep(self._backoff(busy_in_row))
+                todo.appendleft([c for c in part if c.id in pending])
+                continue
+            busy_in_row = 0
             if not pending:
                 continue
             # Something was not answered: charge one attempt to every unanswered item.
@@ -840,6 +871,19 @@ class _Runner:
                 todo.extend(p for p in (again[:half], again[half:]) if p)
             else:
                 todo.append(again)
+
+    def _busy(self, target: str, reason: str) -> None:
+        """Count a call refused as busy; say so once a run, with what to do about it."""
+        self.busy_refusals += 1
+        if self.busy_refusals == 1:
+            limit = self.info.limits.max_concurrent_rpcs if self.info is not None else 0
+            log.warning(
+                "%s refuses calls as busy (%s); they are sent again after a backoff and cost "
+                "no caption an attempt, but the run goes slower than it could: --concurrency "
+                "%d is more than the service admits at once%s",
+                target, reason, self.s.concurrency,
+                f" ({limit} calls per server process)" if limit else "",
+            )
 
     async def describe(self, cuis: Sequence[str]) -> None:
         """Names for report concepts that no mention named (GetConcept, best effort)."""
@@ -1235,7 +1279,7 @@ def _finish(
         records=scan.n_records, captions=scan.n_good, annotated=annotated,
         failed=len(runner.failures), skipped_bad_input=len(skipped), resumed=runner.resumed,
         with_concepts=with_concepts, concepts=concepts, mentions=mentions,
-        retried_batches=runner.retried_batches,
+        retried_batches=runner.retried_batches, busy_refusals=runner.busy_refusals,
     )
     finished = _now()
     manifest = {
@@ -1281,6 +1325,7 @@ def _finish(
                 *state["runs"][:-1],
                 {**state["runs"][-1], "finished_at": finished,
                  "retried_batches": runner.retried_batches,
+                 **({"busy_refusals": runner.busy_refusals} if runner.busy_refusals else {}),
                  **({"index_changes": runner.index_changes} if runner.index_changes else {})},
             ],
         },

@@ -155,9 +155,15 @@ def test_security_health_port_must_be_a_port_of_its_own(index_a: Path) -> None:
         settings_for(index_a, port=50999, health_port=50999)
     with pytest.raises(ConfigError, match=r"health_port .* must differ"):
         settings_for(index_a, metrics_port=50998, health_port=50998)
+    from conftest import free_port
+
     with running_server(settings_for(index_a)) as (_srv, port):  # a port another service holds
+        mine = free_port()
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port} \\(health_port\\)"):
-            create_server(settings_for(index_a, health_port=port))
+            create_server(settings_for(index_a, port=mine, health_port=port))
+        # the service port the failed server had bound is free again
+        with running_server(settings_for(index_a, port=mine)) as (_again, bound):
+            assert bound == mine
 
 
 # -- authentication -------------------------------------------------------------------------------

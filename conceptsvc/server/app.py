@@ -247,6 +247,9 @@ class ConceptServer:
                 detail = ""
             if not self.health_port:
                 self._health_pool.shutdown(wait=False)
+                self.grpc_server.start()  # (an unstarted server keeps its port bound)
+                self.grpc_server.stop(None).wait()  # frees the service port it has bound
+                self.pool.shutdown(wait=False)
                 raise ConfigError(
                     f"cannot listen on {address} (health_port){detail}; is the port in use "
                     "or the host wrong?"

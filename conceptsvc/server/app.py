@@ -120,6 +120,20 @@ def _health_only_server(
     return server, pool
 
 
+def _listen(add_port: Callable[[str], int], address: str, what: str = "") -> int:
+    """Bind ``address`` with ``add_port`` (a server's add_*_port); the bound port, or
+    ConfigError naming the address (and ``what`` it is for)."""
+    try:
+        port = add_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"cannot listen on {address}{what} ({exc}); is the port in use or the host wrong?"
+        ) from None
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}{what}; is the port in use?")
+    return port
+
+
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     if settings.tls_cert is None or settings.tls_key is None:
         raise ConfigError("TLS needs both tls_cert and tls_key")
@@ -219,41 +233,30 @@ class ConceptServer:
                 self.grpc_server,
             )
         address = f"{settings.host}:{settings.port}"
-        try:
-            if settings.tls:
-                self.port = self.grpc_server.add_secure_port(
-                    address, _server_credentials(settings)
-                )
-            else:
-                self.port = self.grpc_server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"cannot listen on {address} ({exc}); is the port in use or the host wrong?"
-            ) from None
-        if self.port == 0:
-            raise ConfigError(f"cannot listen on {address}; is the port in use?")
+        if settings.tls:
+            credentials = _server_credentials(settings)
+            self.port = _listen(
+                lambda a: self.grpc_server.add_secure_port(a, credentials), address
+            )
+        else:
+            self.port = _listen(self.grpc_server.add_insecure_port, address)
         self.health_port: int | None = None
         self._health_server: grpc.Server | None = None
         self._health_pool: RpcThreadPool | None = None
         if settings.health_port is not None:
             self._health_server, self._health_pool = _health_only_server(self.health, reuse_port)
-            address = f"{settings.host}:{settings.health_port}"
             try:
-                self.health_port = self._health_server.add_insecure_port(address)
-            except RuntimeError as exc:
-                self.health_port = 0
-                detail = f" ({exc})"
-            else:
-                detail = ""
-            if not self.health_port:
+                self.health_port = _listen(
+                    self._health_server.add_insecure_port,
+                    f"{settings.host}:{settings.health_port}",
+                    " (health_port)",
+                )
+            except ConfigError:
                 self._health_pool.shutdown(wait=False)
                 self.grpc_server.start()  # (an unstarted server keeps its port bound)
                 self.grpc_server.stop(None).wait()  # frees the service port it has bound
                 self.pool.shutdown(wait=False)
-                raise ConfigError(
-                    f"cannot listen on {address} (health_port){detail}; is the port in use "
-                    "or the host wrong?"
-                )
+                raise
         if extractor is not None:
             self.state.install(extractor)
 

@@ -9,16 +9,16 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+EXTENSIONS = [
+    Extension("conceptsvc._speedups", ["conceptsvc/_speedups.pyx"]),
+    Extension("conceptsvc._wire", ["conceptsvc/_wire.pyx"]),
+    Extension("conceptsvc._approx", ["conceptsvc/_approx.pyx"], language="c++"),
+]
+
 setup(
-    # The three extensions compile side by side (1.8x faster on 2 cores: 57 s -> 32 s).
-    options={"build_ext": {"parallel": min(3, os.cpu_count() or 1)}},
+    # The extensions compile side by side (1.8x faster on 2 cores: 57 s -> 32 s).
+    options={"build_ext": {"parallel": min(len(EXTENSIONS), os.cpu_count() or 1)}},
     ext_modules=cythonize(
-        [
-            Extension("conceptsvc._speedups", ["conceptsvc/_speedups.pyx"]),
-            Extension("conceptsvc._wire", ["conceptsvc/_wire.pyx"]),
-            Extension("conceptsvc._approx", ["conceptsvc/_approx.pyx"], language="c++"),
-        ],
-        compiler_directives={"language_level": "3"},
-        quiet=True,
-    )
+        EXTENSIONS, compiler_directives={"language_level": "3"}, quiet=True
+    ),
 )

@@ -570,6 +570,14 @@ def test_deploy_image_installs_the_project_with_its_data(image_replay: ImageRepl
     site = _site_packages(image_replay.venv)
     assert (site / "conceptsvc" / "__init__.py").is_file()
     assert not list(site.glob("__editable__*")), "the image must not use an editable install"
+    # The installed distribution carries the project's licence and each shipped data set's.
+    (dist_info,) = site.glob("conceptsvc-*.dist-info")
+    licenses = dist_info / "licenses"
+    assert (licenses / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
+    data = REPO / "conceptsvc" / "data"
+    shipped = {p.relative_to(REPO) for p in data.glob("*/ATTRIBUTION.md")}
+    carried = {p.relative_to(licenses) for p in licenses.rglob("ATTRIBUTION.md")}
+    assert shipped and carried == shipped
     probe = subprocess.run(
         ["python", "-c", "import conceptsvc, sys; sys.stdout.write(conceptsvc.__file__)"],
         cwd=image_replay.root,

@@ -767,7 +767,10 @@ class BuildProgress:
         if frac is not None:
             text += f", {100 * frac:.0f}%"
             if 0 < frac < 1:
-                text += f", ETA {_duration(elapsed * (1 - frac) / frac)}"
+                # progress.py imports no gRPC (the client package loads its client lazily)
+                from conceptsvc.client.progress import format_duration
+
+                text += f", ETA {format_duration(elapsed * (1 - frac) / frac)}"
         if frac is None and stage == "writing index":
             text = f"writing index ({count:,} concepts)"
         if self.tty:
@@ -785,13 +788,6 @@ class BuildProgress:
     def close(self) -> None:
         self._end_line()
         self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    # conceptsvc.client.progress.format_duration, without importing the gRPC client here.
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:

@@ -97,3 +97,27 @@ def test_cli_index_build_progress_lines(tmp_path: Path) -> None:
     progress = BuildProgress(stream, interval=0.0)
     progress("MRCONSO.RRF", 1000, 0.25)
     assert "25%" in stream.getvalue() and "ETA" in stream.getvalue()
+
+
+def test_cli_index_build_with_its_progress_imports_no_grpc(tmp_path: Path) -> None:
+    """`index build` (its ETA formatted by the client's progress module included) runs in a
+    process that never imports gRPC or protobuf: an index host needs neither."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import io, json, sys\n"
+        "from conceptsvc.cli import BuildProgress, main\n"
+        "stream = io.StringIO()\n"
+        "BuildProgress(stream, interval=0.0)('MRCONSO.RRF', 1000, 0.25)\n"
+        f"rc = main(['index', 'build', '--umls', {str(FIXTURES / 'rrf_small')!r}, "
+        f"'--out', {str(tmp_path / 'ix')!r}])\n"
+        "print(json.dumps([rc, stream.getvalue(), "
+        "[m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, timeout=120)
+    rc, line, loaded = json.loads(done.stdout.splitlines()[-1])
+    assert rc == 0 and "ETA 0:00:" in line
+    assert loaded == []

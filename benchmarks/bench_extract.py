@@ -56,7 +56,7 @@ from conceptsvc.evaluation import read_captions
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import ExtractOptions
-from conceptsvc.normalize import normalize_token
+from conceptsvc.normalize import clear_token_memo
 
 __all__ = [
     "bench",
@@ -343,7 +343,7 @@ def bench(
     cold_extractor.check_options(options)  # the profile file is parsed outside the timing
     # Cold means cold: the process-wide normalisation caches are emptied too (a fresh
     # extractor has its own empty token table and memo tables).
-    normalize_token.cache_clear()
+    clear_token_memo()
     w0, c0 = time.perf_counter(), time.process_time()
     first_ms = None
     for id_, text in captions:

@@ -516,7 +516,7 @@ cdef class TrigramSearcher:
     cdef object key_string, bounds
     cdef frozenset stopwords, break_chars
     cdef int min_chars, window
-    cdef Py_ssize_t memo_size, memo_n, old_n
+    cdef Py_ssize_t memo_size, memo_n, old_n, memo_chars, young_chars, old_chars
     cdef readonly Py_ssize_t searches  # windows searched by scan (not found in the memo)
     cdef dict memos  # (measure, threshold) → [young, old]: window → its best keys
     # bounds of the current (measure, threshold) by query size; -2: not asked yet
@@ -531,7 +531,7 @@ cdef class TrigramSearcher:
 
     def __init__(self, arrays, key_string, bounds, *, frozenset stopwords not None,
                  frozenset break_chars not None, int min_chars, int window,
-                 Py_ssize_t memo_size):
+                 Py_ssize_t memo_size, Py_ssize_t memo_chars=1 << 22):
         self.codes = arrays.codes
         self.table = arrays.table
         self.offsets = arrays.offsets
@@ -551,8 +551,11 @@ cdef class TrigramSearcher:
         self.min_chars = min_chars
         self.window = window
         self.memo_size = memo_size
+        self.memo_chars = memo_chars
         self.memo_n = 0
         self.old_n = 0
+        self.young_chars = 0
+        self.old_chars = 0
         self.searches = 0
         self.memos = {}
         self.cur_mcode = -1
@@ -569,17 +572,30 @@ cdef class TrigramSearcher:
         """Windows memoised now, in both generations (≤ memo_size)."""
         return self.memo_n + self.old_n
 
+    @property
+    def memo_key_chars(self):
+        """Characters of the windows memoised now, in both generations (≤ memo_chars)."""
+        return self.young_chars + self.old_chars
+
     cdef int _remember(self, list gens, str key, object res) except -1:
-        """Memoise ``res`` for window ``key`` in the young generation of ``gens``."""
+        """Memoise ``res`` for window ``key`` in the young generation of ``gens``.
+
+        A generation holds at most memo_size / 2 windows and memo_chars / 2 characters of
+        them: windows of long tokens (a base64 blob in a caption) fill it by characters long
+        before the count, so the memo stays a few MB whatever the captions hold."""
         cdef Py_ssize_t half = self.memo_size >> 1
+        cdef Py_ssize_t kc = len(key)
         cdef list g
         cdef dict young, old
         if half == 0:  # no room for two generations: emptied when full
-            if self.memo_n >= self.memo_size:
+            if self.memo_n >= self.memo_size or (
+                    self.memo_n and self.young_chars + kc > self.memo_chars):
                 for g in self.memos.values():
                     (<dict>g[0]).clear()
                 self.memo_n = 0
-        elif self.memo_n >= half:
+                self.young_chars = 0
+        elif self.memo_n >= half or (
+                self.memo_n and self.young_chars + kc > (self.memo_chars >> 1)):
             for g in self.memos.values():
                 young = g[0]
                 old = g[1]
@@ -587,9 +603,12 @@ cdef class TrigramSearcher:
                 g[0] = old
                 g[1] = young
             self.old_n = self.memo_n
+            self.old_chars = self.young_chars
             self.memo_n = 0
+            self.young_chars = 0
         (<dict>gens[0])[key] = res
         self.memo_n += 1
+        self.young_chars += kc
         return 0
 
     cdef int64_t gram_id(self, uint64_t code) noexcept:

@@ -497,21 +497,26 @@ cdef class _TokenTable:
     """Surface form → (normalised form, key-trie token), probed by the code points of the
     caption itself: a token seen before costs one probe, no string object and no dict lookup.
 
-    Open addressing; cleared when it holds ``max_entries`` forms (a bounded cache). Every
+    Open addressing; cleared when it holds ``max_entries`` forms or its forms (surface and
+    normalised) would pass ``max_chars`` characters (a bounded cache: distinct long tokens,
+    a base64 blob in a caption, cannot grow it by kilobytes an entry up to the count). Every
     Python call (normalising a new form) happens before the table is touched, so a thread
     switch in the middle of it never sees a half-updated table.
     """
 
     cdef TokEntry *slots
-    cdef Py_ssize_t mask, used, max_entries
+    cdef Py_ssize_t mask, used, max_entries, chars, max_chars
     cdef object normalize
     cdef _KeyTrie trie
     cdef TokenRules rules    # set by the owner (SpanTokenizer, FastPath) before any scan
 
-    def __cinit__(self, normalize, _KeyTrie trie, Py_ssize_t max_entries=1 << 17):
+    def __cinit__(self, normalize, _KeyTrie trie, Py_ssize_t max_entries=1 << 17,
+                  Py_ssize_t max_chars=1 << 22):
         self.normalize = normalize
         self.trie = trie
         self.max_entries = max_entries
+        self.max_chars = max_chars
+        self.chars = 0
         self.mask = (1 << 12) - 1
         self.used = 0
         self.slots = <TokEntry *>calloc(self.mask + 1, sizeof(TokEntry))
@@ -571,10 +576,12 @@ cdef class _TokenTable:
         cdef TokEntry *t = self.find(text, s, e, h)  # so probe again
         if t is not NULL:
             return t
-        if self.used >= self.max_entries:
+        cdef Py_ssize_t cost = (e - s) + (len(<str>norm) if norm else 0)
+        if self.used >= self.max_entries or (self.used and self.chars + cost > self.max_chars):
             self._release(self.slots, self.mask + 1)
             memset(self.slots, 0, (self.mask + 1) * sizeof(TokEntry))
             self.used = 0
+            self.chars = 0
         elif 2 * (self.used + 1) > self.mask + 1:
             self._grow()
         cdef Py_ssize_t k = <Py_ssize_t>(h & <uint64_t>self.mask)
@@ -594,6 +601,7 @@ cdef class _TokenTable:
         t.tid = tid
         t.node = self.trie.child(0, tid) if tid >= 0 else -1
         self.used += 1
+        self.chars += cost
         return t
 
     cdef int _grow(self) except -1:

@@ -63,6 +63,7 @@ if SPEEDUPS is not None:
 __all__ = [
     "APPROX",
     "DEFAULT_WINDOW",
+    "MEMO_CHARS",
     "SIZE_CAP",
     "ApproximateMatcher",
     "TrigramIndex",
@@ -78,14 +79,27 @@ DEFAULT_WINDOW = 5
 SIZE_CAP = 1 << 30
 """Upper size bound meaning "no bound": far more trigrams than any dictionary string has."""
 _EXTRA_LISTS = 5  # lists counted beyond the pigeonhole minimum (see TrigramIndex.search)
+MEMO_CHARS = 1 << 22
+"""Characters of the windows an :class:`ApproximateMatcher` memoises, at most (besides its
+``memo_size`` windows): windows of long tokens fill a memo by characters, not by count."""
+_MEMO_GRAM_CHARS = 128  # longest string whose trigram set trigrams() memoises
 
 
-@lru_cache(maxsize=1 << 17)
 def trigrams(s: str) -> frozenset[str]:
-    """Character trigrams of ``s`` (no padding); short strings are a single gram."""
+    """Character trigrams of ``s`` (no padding); short strings are a single gram. Memoised for
+    strings of up to 128 characters: a longer one's set is kilobytes, and rare."""
+    if len(s) > _MEMO_GRAM_CHARS:
+        return _trigrams(s)
+    return _trigrams_memo(s)
+
+
+def _trigrams(s: str) -> frozenset[str]:
     if len(s) < 3:
         return frozenset((s,)) if s else frozenset()
     return frozenset(s[i : i + 3] for i in range(len(s) - 2))
+
+
+_trigrams_memo = lru_cache(maxsize=1 << 17)(_trigrams)
 
 
 def similarity(measure: str, overlap: int, x: int, y: int) -> float:
@@ -258,6 +272,7 @@ class ApproximateMatcher:
         *,
         window: int = DEFAULT_WINDOW,
         memo_size: int = 1 << 16,
+        memo_chars: int = MEMO_CHARS,
         compiled: bool = False,
     ) -> None:
         self._exact = exact
@@ -267,6 +282,8 @@ class ApproximateMatcher:
         self._window = window
         self._memo: dict[tuple[str, str, float], tuple[tuple[str, float], ...]] = {}
         self._memo_size = memo_size
+        self._memo_chars = memo_chars
+        self._memo_key_chars = 0
         self._fast: Any = None
         if compiled:
             if APPROX is None:
@@ -283,6 +300,7 @@ class ApproximateMatcher:
                 min_chars=MIN_MATCH_CHARS,
                 window=window,
                 memo_size=memo_size,
+                memo_chars=memo_chars,
             )
 
     @property
@@ -307,9 +325,13 @@ class ApproximateMatcher:
         if found:
             top = found[0][1]
             res = tuple((self._tri.string(i), sim) for i, sim in found if sim >= top - 1e-12)
-        if len(self._memo) >= self._memo_size:
+        if len(self._memo) >= self._memo_size or (
+            self._memo and self._memo_key_chars + len(query) > self._memo_chars
+        ):
             self._memo.clear()  # a crude bound; the working set refills in a few captions
+            self._memo_key_chars = 0
         self._memo[mk] = res
+        self._memo_key_chars += len(query)
         return res
 
     def match(

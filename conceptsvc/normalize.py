@@ -41,11 +41,13 @@ from itertools import accumulate
 from typing import Any
 
 __all__ = [
+    "MEMO_TOKEN_CHARS",
     "NORMALIZER_VERSION",
     "SPEEDUPS",
     "SPEEDUPS_ABSENT",
     "STOPWORDS",
     "Token",
+    "clear_token_memo",
     "fast_normalize_token",
     "normalize_term",
     "normalize_token",
@@ -299,12 +301,31 @@ def _american(word: str) -> str:
     return word
 
 
-@lru_cache(maxsize=1 << 18)
+MEMO_TOKEN_CHARS = 64
+"""Longest token whose normal form is memoised (by :func:`normalize_token` and by the compiled
+token tables, which also bound their characters). The memos are bounded by entry count, so
+without this a stream of distinct long tokens (a base64 blob, a sequence, a long URL in a
+caption) would grow a worker by kilobytes a caption up to that count; tokens this long are
+rare in real text and are normalised again each time they are seen, in linear time."""
+
+
 def normalize_token(raw: str) -> str:
     """Normalise one token's surface form (see the module docstring for the steps).
 
-    Returns ``""`` when nothing alphanumeric survives; callers drop such tokens.
+    Returns ``""`` when nothing alphanumeric survives; callers drop such tokens. Memoised for
+    tokens of up to :data:`MEMO_TOKEN_CHARS` characters (:func:`clear_token_memo` empties it).
     """
+    if len(raw) > MEMO_TOKEN_CHARS:
+        return _normalize_token(raw)
+    return _normalize_token_memo(raw)
+
+
+def clear_token_memo() -> None:
+    """Empty :func:`normalize_token`'s memo (benchmarks of a cold process call this)."""
+    _normalize_token_memo.cache_clear()
+
+
+def _normalize_token(raw: str) -> str:
     if raw[-1:] == "s" and len(raw) > _ACRONYM_MIN_LETTERS and raw[:-1].isupper() and sum(
         c.isalpha() for c in raw[:-1]
     ) >= _ACRONYM_MIN_LETTERS:
@@ -323,6 +344,9 @@ def normalize_token(raw: str) -> str:
         # NFKC can turn one symbol into several ("½" → "1⁄2"); keep the alphanumerics.
         text = "".join(c for c in text if c.isalnum())
     return _singular(_american(text))
+
+
+_normalize_token_memo = lru_cache(maxsize=1 << 18)(_normalize_token)
 
 
 def tokenize(text: str) -> list[Token]:

@@ -170,6 +170,69 @@ def test_reliability_inputs_very_long_tokens_do_not_hang(ex: Extractor) -> None:
     assert ex.extract(cases[3]).concepts == (LUNG,)
 
 
+def _long_token_captions(n: int, chars: int, seed: int) -> list[str]:
+    """Captions of two distinct random ``chars``-letter tokens each (a base64 blob, a sequence),
+    between words the dictionary knows."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for _ in range(n):
+        a = "".join(rng.choices(letters, k=chars))
+        b = "".join(rng.choices(letters, k=chars))
+        out.append(f"Chest CT {a} {b} lung")
+    return out
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_reliability_inputs_distinct_long_tokens_do_not_grow_the_memos(
+    engine_index_path: Path, engine: str
+) -> None:
+    """The token memos (the compiled token table, ``normalize_token``'s) are bounded by
+    characters, not only by entries: 1,500 captions of two distinct 4,000-letter tokens grew a
+    process by 23.4 MB before (16 KB a caption, on up to 2^17–2^18 entries); now by ≈ 3 MB
+    (compiled) or nothing (reference)."""
+    import tracemalloc
+
+    from conceptsvc.normalize import clear_token_memo
+
+    ex = Extractor(ConceptIndex.load(engine_index_path), engine=engine)
+    captions = _long_token_captions(1_500, 4_000, seed=3)
+    ex.extract(captions[0])
+    clear_token_memo()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for text in captions:
+            a = ex.extract(text)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert found(a) == [("Chest", CHEST), ("CT", CT), ("lung", LUNG)]
+    assert grown < 12 * 1024 * 1024, f"{grown / 2**20:.1f} MB held after the captions"
+
+
+def test_reliability_inputs_approximate_memo_is_bounded_by_characters(
+    engine_index_path: Path,
+) -> None:
+    """Approximate mode memoises each window's best keys; windows of long tokens fill the memo
+    by characters (``approximate.MEMO_CHARS``), long before its window count."""
+    from conceptsvc.approximate import MEMO_CHARS
+
+    ex = Extractor(ConceptIndex.load(engine_index_path))
+    approximate = ExtractOptions(mode="approximate")
+    captions = _long_token_captions(800, 4_000, seed=5)
+    for text in captions:
+        ex.extract(text, approximate)
+    fast = ex._approximate()._fast
+    assert fast is not None
+    # the windows memoised were well over MEMO_CHARS in all (three or more of 4,000+ a caption)
+    assert fast.searches * 4_000 > 2 * MEMO_CHARS
+    assert 0 < fast.memo_key_chars <= MEMO_CHARS
+    assert fast.memo_entries < len(captions)
+    fresh = Extractor(ex.index)
+    assert ex.extract(captions[-1], approximate) == fresh.extract(captions[-1], approximate)
+
+
 _PROSE = (
     "the patient was seen in clinic and underwent imaging of the region with contrast agent "
     "demonstrating findings without change. "

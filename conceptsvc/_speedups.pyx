@@ -2064,6 +2064,8 @@ cdef class FastPath:
             if runner is None:  # not a profile known at construction: no token ids
                 runner = self.profiles[profile] = ProfileRunner(profile)
             kept, inferred = runner.apply_ids(mentioned, text, norms, starts, ends, tids)
+            if inferred and plan.infer_ok is not None:  # the request's filters hold for them
+                inferred = tuple([x for x in inferred if plan.infer_ok(x)])
             if len(kept) != len(mentioned) or not kept.issuperset(mentioned):
                 records = [r for r in records if r[2] in kept]
                 mentioned = [x for x in mentioned if x in kept]

@@ -28,7 +28,9 @@ its types; a type stands for itself only, not its descendants). A concept passes
 its semantic types is accepted — "Pleural effusion disorder" typed Disease or Syndrome *and*
 Finding passes a Finding filter. ``sources`` applies to the matched string: a concept passes if
 one of the dictionary strings matched at that span comes from an accepted source.
-``exclude_cuis`` always wins.
+``exclude_cuis`` always wins. Concepts a profile infers without a mention pass the same
+filters (a sources filter passes none of them: no string of theirs was matched); the profile
+decides on the filtered mentions first, so a filtered-out inference is dropped, not replaced.
 
 Two implementations, one behaviour: this module and the stage modules are the reference, in
 plain Python; ``conceptsvc/_speedups.pyx`` (Cython, built by ``make install``) runs the same
@@ -261,6 +263,9 @@ class _Plan:
     fast_memo: dict[Any, tuple[tuple[str, Posting], ...] | None]
     # the compiled path's filters over the index's numbers (_speedups.FilterPlan), or None
     fast_filter: Any
+    # which of the concepts the profile infers (without a mention) the request's filters let
+    # through; None when no filter is set
+    infer_ok: Callable[[str], bool] | None = None
 
 
 def _plan_weight(options: ExtractOptions, plan: _Plan) -> int:
@@ -449,8 +454,20 @@ class Extractor:
                 else self._postings.plan(tui_set, sab_set, excluded, profile)
             ),
         )
+        if tui_set is not None or sab_set is not None or excluded:
+            object.__setattr__(plan, "infer_ok", self._infer_check(plan))
         self._plans.put(options, plan)
         return plan
+
+    def _infer_check(self, plan: _Plan) -> Callable[[str], bool]:
+        """Whether a concept the profile inferred passes ``plan``'s filters: the exclusions and
+        the semantic types as a mentioned concept does; a sources filter passes none, since
+        none of its strings was matched. The profile decides first, unfiltered (its slot's
+        evidence still says what the image is: with MRI excluded, "T2-weighted" infers no
+        other modality in its place)."""
+        if plan.sabs is not None:
+            return lambda cui: False
+        return lambda cui: self._accepts(plan, cui)
 
     @property
     def plan_cache(self) -> WeightedMemo[ExtractOptions, Any]:
@@ -557,6 +574,8 @@ class Extractor:
                 records = [r for r in records if r[2] in kept]
                 mentioned = [c for c in mentioned if c in kept]
             inferred = res.inferred
+            if inferred and plan.infer_ok is not None:  # the request's filters hold for them
+                inferred = tuple(c for c in inferred if plan.infer_ok(c))
         mentions: tuple[Mention, ...] = ()
         if o.include_mentions and records:
             out = []

@@ -190,6 +190,35 @@ def test_extractor_rocov2_profile_infers_modality(ex: Extractor) -> None:
         check_annotation(ex.index, text, annotation, rocov2)
 
 
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_extractor_profile_inferred_concepts_pass_the_request_filters(
+    engine_index_path: Path, engine: str
+) -> None:
+    """A concept the profile infers without a mention (MRI from "T2-weighted") is reported
+    only if the request's filters let it through: ``exclude_cuis`` always wins, the semantic
+    types and groups apply as to a mentioned concept, and a sources filter passes no inferred
+    concept (no string of it was matched). Nothing is inferred in its place."""
+    ex = Extractor(ConceptIndex.load(engine_index_path), engine=engine)
+    mri = "C0024485"
+    text = "Axial T2-weighted image shows a pleural effusion."
+    base = ex.extract(text, ExtractOptions(profile="rocov2"))
+    assert base.concepts == ("C0032227", mri) and not any(m.cui == mri for m in base.mentions)
+    sab = base.mentions[0].source
+    for filters in (
+        {"exclude_cuis": (mri,)},
+        {"semantic_groups": ("DISO", "ANAT")},
+        {"semantic_types": ("T191",)},
+        {"sources": (sab,)},
+    ):
+        opts = ExtractOptions(profile="rocov2", **filters)  # type: ignore[arg-type]
+        a = ex.extract(text, opts)
+        assert mri not in a.concepts, filters
+        assert set(a.concepts) == {m.cui for m in a.mentions}, filters  # none inferred
+        check_annotation(ex.index, text, a, opts)
+    kept = ex.extract(text, ExtractOptions(profile="rocov2", semantic_groups=("DISO", "PROC")))
+    assert mri in kept.concepts  # MRI is a procedure (T060): that group passes it
+
+
 def test_extractor_offsets_check_rejects_what_the_engine_must_not_do(ex: Extractor) -> None:
     """The shared offsets check (tests/offsets.py) fails on each way a mention can be wrong."""
     text = "Right pleural effusion (PE). PE persists; left pleural efusion."

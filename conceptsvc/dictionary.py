@@ -641,6 +641,14 @@ def build_dictionary_index(
     report.concepts_without_semantic_type = without
     if without:
         log.info("%d concepts have no MRSTY row; typed %s", without, UNKNOWN_TUI)
+    if not report.concepts:
+        facts = [x for x in report.lines()
+                 if x.startswith(("read ", "kept ", "dropped ", "skipped ", "  e.g. "))]
+        raise DictionaryError(
+            f"the inputs and filters kept no concept, so no index was written to {out} "
+            f"({'; '.join(facts)}); check the filters (sources, languages, semantic types) "
+            "against the inputs, and the inputs' format"
+        )
     if progress is not None:
         progress("writing index", report.concepts, None)
     builder.source_release = report.source_release
@@ -654,5 +662,13 @@ def build_dictionary_index(
     counts = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["counts"]
     report.keys, report.postings = int(counts["keys"]), int(counts["postings"])
     report.seconds = round(time.monotonic() - t0, 3)
+    kept_sabs = counts.get("per_sab", {})
+    unused = [sab for sab in f.sabs if not kept_sabs.get(sab)]
+    if unused:
+        log.warning(
+            "source filter %s kept no strings (not in the inputs, or every string of it was "
+            "filtered out); the index has: %s",
+            ", ".join(unused), ", ".join(sorted(kept_sabs)),
+        )
     log.info("built %s: %s", path, "; ".join(report.lines()))
     return report

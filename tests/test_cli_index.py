@@ -121,3 +121,24 @@ def test_cli_index_build_with_its_progress_imports_no_grpc(tmp_path: Path) -> No
     rc, line, loaded = json.loads(done.stdout.splitlines()[-1])
     assert rc == 0 and "ETA 0:00:" in line
     assert loaded == []
+
+
+def test_cli_index_build_refuses_an_empty_index_and_warns_of_unused_sources(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build whose filters keep nothing fails (E200, exit 2) and writes nothing, naming what
+    was dropped and why; a source filter value that kept no string is warned about."""
+    out = tmp_path / "empty"
+    rc = main(["index", "build", "--umls", str(FIXTURES / "rrf_small"), "--sab", "SNOMEDCT",
+               "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "[E200] the inputs and filters kept no concept" in err
+    assert "dropped 24 strings: source not included" in err
+    with caplog.at_level("WARNING", logger="conceptsvc.dictionary"):
+        rc = main(["index", "build", "--umls", str(FIXTURES / "rrf_small"), "--sab",
+                   "SNOMEDCT_US,NOSUCH", "--out", str(tmp_path / "some"), "-q"])
+    assert rc == 0 and len(ConceptIndex.load(tmp_path / "some")) == 5
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("source filter NOSUCH kept no strings")
+    assert warning.endswith("the index has: SNOMEDCT_US")

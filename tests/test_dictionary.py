@@ -170,10 +170,9 @@ def test_dictionary_filter_semantic_exclude_keeps_unknown(tmp_path: Path) -> Non
 
 def test_dictionary_filter_semantic_descendants(tmp_path: Path) -> None:
     out = tmp_path / "empty"
-    report = build_dictionary_index(
-        [SMALL], out, filters=DictionaryFilters(semantic_types=("T046",))
-    )
-    assert report.concepts == 0 and len(ConceptIndex.load(out)) == 0
+    with pytest.raises(DictionaryError, match="kept no concept, so no index was written"):
+        build_dictionary_index([SMALL], out, filters=DictionaryFilters(semantic_types=("T046",)))
+    assert not out.exists()
     ix = _build(tmp_path, semantic_types=("T046",), include_descendants=True)
     assert set(ix.cuis) == {"C1527336", "C0005283", "C0001175"}
 

@@ -780,13 +780,21 @@ def test_batch_refuses_to_mix_indexes(tmp_path: Path, demo_server: str) -> None:
         other_server.stop(0)
 
 
-def test_batch_unreachable_service_is_a_clear_error(tmp_path: Path) -> None:
+def test_batch_unreachable_service_is_a_clear_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody listens: the run says at once that it is waiting (the retries' backoff can take
+    many seconds), then fails with a clear error."""
     src = write_csv(tmp_path / "in.csv", demo_rows()[:3])
-    with pytest.raises(ServiceUnreachableError, match="no target answered GetInfo"):
-        annotate_corpus(
-            Corpus(src), resolve_outputs(tmp_path / "o.jsonl"),
-            settings(f"127.0.0.1:{free_port()}", retries=1),
-        )
+    target = f"127.0.0.1:{free_port()}"
+    with caplog.at_level("WARNING", logger="conceptsvc"):
+        with pytest.raises(ServiceUnreachableError, match="no target answered GetInfo"):
+            annotate_corpus(
+                Corpus(src), resolve_outputs(tmp_path / "o.jsonl"), settings(target, retries=2)
+            )
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
+    assert len(waits) == 1 and f"waiting for {target} to answer (UNAVAILABLE" in waits[0]
+    assert "trying 2 more time(s)" in waits[0]
 
 
 def test_batch_token_is_sent_and_required(tmp_path: Path, demo_extractor: Extractor) -> None:

@@ -521,13 +521,20 @@ class _Runner:
             if infos and (len(infos) == len(targets.names) or attempt >= 1):
                 break
             if attempt < self.s.retries:
+                if attempt == 0 and not infos:  # said once: the wait can take many seconds
+                    log.warning(
+                        "waiting for %s to answer (%s); trying %d more time(s) with backoff "
+                        "(--retries)", ", ".join(targets.names), "; ".join(last.values()),
+                        self.s.retries,
+                    )
                 await asyncio.sleep(self._backoff(attempt + 1))
         if not infos:
             detail = "; ".join(f"{t}: {m}" for t, m in last.items())
-            raise ServiceUnreachableError(
-                f"no target answered GetInfo ({detail}). Is the service running (check "
-                "`conceptsvc health --target ...`)?"
+            hint = next(
+                (h for m in last.values() if (h := tls_mismatch_hint(m, self.s.security.uses_tls))),
+                " Is the service running (check `conceptsvc health --target ...`)?",
             )
+            raise ServiceUnreachableError(f"no target answered GetInfo ({detail}).{hint}")
         for name, why in last.items():
             if name not in infos:
                 log.warning("target %s is not answering yet (%s); using the others", name, why)

@@ -95,14 +95,16 @@ class MalformedRowError(DictionaryError):
 
     code = "E201"
 
-    def __init__(self, path: Path | str, line: int, problem: str) -> None:
+    BUILD_ADVICE = ("Fix the row, or rebuild with `--on-error skip` to skip malformed rows and "
+                    "count them in the build report.")
+
+    def __init__(
+        self, path: Path | str, line: int, problem: str, advice: str | None = None
+    ) -> None:
         self.path = str(path)
         self.line = line
         self.problem = problem
-        super().__init__(
-            f"{path}:{line}: {problem}. Fix the row, or rebuild with `--on-error skip` "
-            "to skip malformed rows and count them in the build report."
-        )
+        super().__init__(f"{path}:{line}: {problem}. {advice or self.BUILD_ADVICE}")
 
 
 class SemanticNetworkError(ConceptsvcError):

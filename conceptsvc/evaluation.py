@@ -29,6 +29,7 @@ used when ``concepts`` is absent).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 from collections import Counter
@@ -205,17 +206,50 @@ def score(
     )
 
 
-def _split_cuis(value: str) -> list[str]:
-    return [c.strip() for c in value.replace(",", ";").split(";") if c.strip()]
+_CONCEPTS_ADVICE = (
+    "A concepts file (predictions or gold) is an ImageCLEF CSV (ID,CUI;CUI), tab-separated "
+    "(ID<TAB>CUI;CUI), or JSONL with 'concepts' or 'mentions' (conceptsvc annotate writes all "
+    "three), optionally gzipped."
+)
+
+
+def _split_cuis(value: str, p: Path | None = None, lineno: int = 0) -> list[str]:
+    out = [c.strip() for c in value.replace(",", ";").split(";") if c.strip()]
+    if p is not None:
+        for c in out:
+            if any(ch.isspace() for ch in c):
+                raise MalformedRowError(
+                    p, lineno, f"{c[:40]!r} is not a concept id (ids have no spaces; is this a "
+                    "captions file?)", _CONCEPTS_ADVICE,
+                )
+    return out
 
 
 def read_concepts(path: str | Path) -> dict[str, list[str]]:
-    """Read a concepts file (ImageCLEF CSV, tab-separated, or JSONL) into id → CUIs."""
+    """Read a concepts file (ImageCLEF CSV, tab-separated, or JSONL; gzipped or not) into
+    id → CUIs. A file of another kind (Parquet, a captions file, an annotate input) is refused
+    with :class:`DictionaryError` rather than scored as if it held no concepts."""
     p = Path(path)
     try:
-        data = p.read_text(encoding="utf-8-sig")
+        raw = p.read_bytes()
     except OSError as exc:
         raise DictionaryError(f"cannot read concepts file {p}: {exc}") from exc
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DictionaryError(f"concepts file {p}: a broken gzip stream ({exc})") from exc
+    if raw[:4] == b"PAR1":
+        raise DictionaryError(
+            f"concepts file {p} is Parquet, which evaluate does not read. {_CONCEPTS_ADVICE}"
+        )
+    try:
+        data = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DictionaryError(
+            f"concepts file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+            f"{_CONCEPTS_ADVICE}"
+        ) from None
     first = next((ln for ln in data.splitlines() if ln.strip()), "")
     out: dict[str, list[str]] = {}
     if first.lstrip().startswith("{"):
@@ -225,16 +259,25 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
             try:
                 obj = json.loads(line)
             except ValueError as exc:
-                raise MalformedRowError(p, lineno, f"not JSON ({exc})") from exc
+                raise MalformedRowError(p, lineno, f"not JSON ({exc})", _CONCEPTS_ADVICE) from exc
             if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-                raise MalformedRowError(p, lineno, "a JSON object with a string 'id' is expected")
+                raise MalformedRowError(
+                    p, lineno, "a JSON object with a string 'id' is expected", _CONCEPTS_ADVICE
+                )
+            if "concepts" not in obj and "mentions" not in obj:
+                raise MalformedRowError(
+                    p, lineno, "neither 'concepts' nor 'mentions' (is this an annotate input, "
+                    "not its output?)", _CONCEPTS_ADVICE,
+                )
             concepts = obj.get("concepts")
             if concepts is None:
                 concepts = [m.get("cui") for m in obj.get("mentions", []) if isinstance(m, dict)]
             if isinstance(concepts, str):
-                concepts = _split_cuis(concepts)
+                concepts = _split_cuis(concepts, p, lineno)
             if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
-                raise MalformedRowError(p, lineno, "'concepts' must be a list of CUI strings")
+                raise MalformedRowError(
+                    p, lineno, "'concepts' must be a list of CUI strings", _CONCEPTS_ADVICE
+                )
             out[obj["id"]] = list(dict.fromkeys(concepts))
         return out
     if "\t" in first and "," not in first.split("\t")[0]:
@@ -245,7 +288,7 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
             if lineno == 1 and parts[0].strip().upper() == "ID":
                 continue
             # submission form ID<TAB>CUI;CUI, or ROCO's ID<TAB><TAB>CUI<TAB>CUI...
-            out[parts[0].strip()] = [c for f in parts[1:] for c in _split_cuis(f)]
+            out[parts[0].strip()] = [c for f in parts[1:] for c in _split_cuis(f, p, lineno)]
         return out
     reader = csv.reader(io.StringIO(data))
     for lineno, row in enumerate(reader, 1):
@@ -254,8 +297,10 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
         if lineno == 1 and row[0].strip().upper() == "ID":
             continue
         if len(row) > 2:
-            raise MalformedRowError(p, lineno, f"expected 'ID,CUIs', got {len(row)} fields")
-        out[row[0].strip()] = _split_cuis(row[1] if len(row) > 1 else "")
+            raise MalformedRowError(
+                p, lineno, f"expected 'ID,CUIs', got {len(row)} fields", _CONCEPTS_ADVICE
+            )
+        out[row[0].strip()] = _split_cuis(row[1] if len(row) > 1 else "", p, lineno)
     return out
 
 

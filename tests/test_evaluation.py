@@ -7,7 +7,7 @@ import pytest
 
 from conceptsvc.cli import main
 from conceptsvc.demo import GOLD_MANUAL
-from conceptsvc.errors import EvaluationError, MalformedRowError
+from conceptsvc.errors import DictionaryError, EvaluationError, MalformedRowError
 from conceptsvc.evaluation import (
     DEFAULT_EDITION,
     SECONDARY_CUIS_BY_EDITION,
@@ -182,6 +182,40 @@ def test_evaluation_reader_reports_malformed_rows(tmp_path: Path) -> None:
     with pytest.raises(MalformedRowError) as exc2:
         read_concepts(bad_json)
     assert exc2.value.line == 2
+
+
+def test_evaluation_reader_refuses_what_is_not_a_concepts_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files of another kind are refused with a coded error, never scored as empty
+    predictions (F1 0) and never a traceback; a gzipped concepts file is read."""
+    import gzip
+
+    good = tmp_path / "p.csv"
+    good.write_text("ID,CUIs\ni1,C0040405;C0817096\n", encoding="utf-8")
+    gz = tmp_path / "p.csv.gz"
+    gz.write_bytes(gzip.compress(good.read_bytes()))
+    assert read_concepts(gz) == read_concepts(good) == {"i1": [CT, CHEST]}
+    captions = tmp_path / "captions.csv"
+    captions.write_text('ID,Caption\ni1,"Chest CT shows a mass."\n', encoding="utf-8")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"id": "i1", "caption": "Chest CT"}) + "\n", encoding="utf-8")
+    parquet = tmp_path / "p.parquet"
+    parquet.write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")
+    binary = tmp_path / "p.bin"
+    binary.write_bytes(b"i1,\xf8\xff\n")
+    for path, why in [
+        (captions, "'Chest CT shows a mass.' is not a concept id"),
+        (inputs, "neither 'concepts' nor 'mentions'"),
+        (parquet, "is Parquet, which evaluate does not read"),
+        (binary, "is not UTF-8 text"),
+    ]:
+        with pytest.raises(DictionaryError, match=why):
+            read_concepts(path)
+        assert main(["evaluate", "--pred", str(path), "--gold", str(good)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
+        assert "--on-error skip" not in err  # build advice belongs to index builds
 
 
 def test_evaluation_captions_and_prediction_round_trip(tmp_path: Path) -> None:

@@ -552,8 +552,8 @@ def _fill_annotate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", action="append", metavar="FORMAT[=PATH]",
                    help="jsonl (default; with mentions), csv (ImageCLEF ID,CUIs), submission "
                         "(ID<TAB>CUI;CUI), roco (ID<TAB><TAB>CUI<TAB>...), parquet (the jsonl "
-                        "fields as columns; default for an --out ending in .parquet); "
-                        "repeatable")
+                        "fields as columns); repeatable. Without it, --out's extension "
+                        "chooses: .csv, .parquet, .roco.tsv, .submission.tsv, else jsonl")
     p.add_argument("--concurrency", type=int, default=4,
                    help="batches in flight at once (default 4)")
     p.add_argument("--batch-size", type=int, default=512,

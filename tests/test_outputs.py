@@ -181,6 +181,16 @@ def test_issue_16_an_out_extension_must_fit_its_format(tmp_path: Path) -> None:
         resolve_outputs(tmp_path / "r.tsv")
     for fmt in ("roco", "submission"):
         assert resolve_outputs(tmp_path / "r.tsv", [fmt])[0].format == fmt
+    # an ending that names one format is that format without --format, as .csv is
+    assert resolve_outputs(tmp_path / "r.roco.tsv") == [
+        OutputSpec(OutputFormat.ROCO, tmp_path / "r.roco.tsv")]
+    assert resolve_outputs(tmp_path / "r.submission.tsv", [f"csv={tmp_path / 'x.csv'}"]) == [
+        OutputSpec(OutputFormat.SUBMISSION, tmp_path / "r.submission.tsv"),
+        OutputSpec(OutputFormat.CSV, tmp_path / "x.csv"),
+    ]
+    # the format --out gets is the first one without =PATH, and the message says so
+    with pytest.raises(OutputFormatError, match="the first --format without =PATH is submission"):
+        resolve_outputs(tmp_path / "p.roco.tsv", [f"roco={tmp_path / 'q.roco.tsv'}", "submission"])
     # endings that name no format take any
     assert resolve_outputs(tmp_path / "r.out", ["csv"])[0].format == "csv"
     assert resolve_outputs(tmp_path / "r.json", ["jsonl"])[0].format == "jsonl"

@@ -149,6 +149,17 @@ def _named_formats(path: Path) -> tuple[str, frozenset[OutputFormat]] | None:
     return None
 
 
+def _format_by_ending(path: Path) -> OutputFormat:
+    """The format ``--out`` gets without a --format for it: the one its ending names
+    (``.csv``, ``.parquet``, ``.roco.tsv``, ``.submission.tsv``, ``.jsonl``), else jsonl (a
+    plain ``.tsv`` names two formats: it is then refused, with the choice to make)."""
+    named = _named_formats(path)
+    if named is not None and len(named[1]) == 1:
+        (fmt,) = named[1]
+        return fmt
+    return OutputFormat.JSONL
+
+
 def same_file(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` are one file: the same inode where both exist (hard links,
     symlinks, a case-insensitive file system), else the same resolved path."""
@@ -191,8 +202,8 @@ def _check_format(spec: OutputSpec, out: Path, given: Sequence[str]) -> None:
     if any(i.partition("=")[0].strip().lower() in formats for i in given):
         fixes.append(f"name {names} first in --format")
     raise OutputFormatError(
-        f"--out {out} ends in {ending}, the extension of {names}, but the first --format is "
-        f"{fmt}, so {fmt} would be written to it. Use " + ", or ".join(fixes) + "."
+        f"--out {out} ends in {ending}, the extension of {names}, but the first --format "
+        f"without =PATH is {fmt}, so {fmt} would be written to it. Use " + ", or ".join(fixes) + "."
     )
 
 
@@ -203,8 +214,8 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
     The first format without an explicit path is written to ``out`` itself; further ones to
     ``out``'s stem plus the format's suffix (``.csv``, ``.submission.tsv``, ``.roco.tsv``,
     ``.jsonl``, ``.parquet``). Without ``--format`` — or with only ``FORMAT=PATH`` items —
-    ``out`` gets the format its suffix names (``.csv`` → csv, ``.parquet`` → parquet, otherwise
-    jsonl).
+    ``out`` gets the format its ending names (``.csv`` → csv, ``.parquet`` → parquet,
+    ``.roco.tsv`` → roco, ``.submission.tsv`` → submission, otherwise jsonl).
 
     Refused (before anything is written): a file whose ending names another format than the
     one it would get (:class:`~conceptsvc.errors.OutputFormatError`; ``.jsonl``/``.ndjson``,
@@ -217,7 +228,7 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
     given = [item for f in formats for item in f.split(",") if item.strip()]
     items = given
     if not items:
-        items = [_BY_SUFFIX.get(out_path.suffix.lower(), OutputFormat.JSONL).value]
+        items = [_format_by_ending(out_path).value]
     specs: list[OutputSpec] = []
     primary_taken = False
     for item in items:
@@ -235,8 +246,7 @@ def resolve_outputs(out: str | os.PathLike[str], formats: Sequence[str] = ()) ->
             specs.append(OutputSpec(fmt, path, "stem"))
     if not primary_taken:
         # Only FORMAT=PATH items: ``out`` still gets its own file (never silently unused).
-        specs.insert(0, OutputSpec(_BY_SUFFIX.get(out_path.suffix.lower(), OutputFormat.JSONL),
-                                   out_path, "out"))
+        specs.insert(0, OutputSpec(_format_by_ending(out_path), out_path, "out"))
     # --out's own format first: a later format derived from --out's stem lands on --out itself
     # exactly when --out's ending names that format, and the format message says what to do.
     primary = next(spec for spec in specs if spec.origin == "out")

@@ -41,6 +41,7 @@ _OUTPUTS = (
     "demo.csv.manifest.json",
     "demo.csv.errors.jsonl",
     "demo.csv.report.md",
+    "demo.csv.report.html",
     "demo.csv.report-concepts-per-caption.png",
     "demo.csv.report-top-concepts.png",
 )
@@ -166,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _done(t0)
     print(f"\nDemo finished in {time.monotonic() - started:.1f} s. Outputs in {out_dir}/: "
           "demo.csv (ImageCLEF), demo.jsonl (mentions), demo.csv.manifest.json, "
-          "demo.csv.report.md and its two PNG plots.")
+          "demo.csv.report.md, demo.csv.report.html (open it in a browser) and the report's "
+          "two PNG plots.")
     return 0 if rc_service == 0 else 1
 
 

@@ -48,5 +48,11 @@ def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
     manifest = json.loads((out_dir / "demo.csv.manifest.json").read_text())
     assert manifest["complete"] and manifest["options"]["profile"] == "rocov2"
     assert manifest["input"]["path"] == str(CAPTIONS.resolve())
-    for name in ("demo.jsonl", "demo.csv.report.md", "demo.csv.report-top-concepts.png"):
+    for name in ("demo.jsonl", "demo.csv.report.md", "demo.csv.report-top-concepts.png",
+                 "demo.csv.report.html"):
         assert (out_dir / name).stat().st_size > 0
+    # every file the demo writes is removed before its next run, and the report page is named
+    from conceptsvc.demo import _OUTPUTS
+
+    assert {p.name for p in out_dir.iterdir()} <= set(_OUTPUTS)
+    assert "demo.csv.report.html" in log.rsplit("Demo finished", 1)[1]

@@ -118,7 +118,7 @@ class ParquetCaptions:
             asked = [c for c in (id_column, text_column) if c is not None and c not in names]
             wanted = (
                 f"column(s) {', '.join(map(repr, asked))}" if asked
-                else "an id and a caption column (tried "
+                else "id and caption columns (tried "
                 + ", ".join(f"{i}/{t}" for i, t in dict.fromkeys(pairs)) + ")"
             )
             raise ClientError(

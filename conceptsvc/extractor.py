@@ -58,6 +58,7 @@ concepts a profile inferred without a mention (e.g. ROCOv2's imaging modality).
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -409,7 +410,9 @@ class Extractor:
                     None,
                 )
             if group is None:
-                raise SemanticNetworkError(name, [g.code for g in self._sn.groups.values()][:15])
+                codes = [g.code for g in self._sn.groups.values()]
+                close = difflib.get_close_matches(key.upper(), codes, n=3, cutoff=0.6)
+                raise SemanticNetworkError(name, close or codes)
             tuis |= set(self._sn.groups[group].tuis)
         known_sabs = set(self.index.sabs)
         unknown = [s for s in o.sources if s not in known_sabs]

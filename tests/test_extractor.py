@@ -149,6 +149,15 @@ def test_extractor_check_options_rejects(
         ex.extract("lung", options)
 
 
+def test_extractor_unknown_group_suggests_the_close_ones(ex: Extractor) -> None:
+    with pytest.raises(SemanticNetworkError) as info:
+        ex.check_options(ExtractOptions(semantic_groups=("DISOX",)))
+    assert info.value.suggestions == ("DISO",)
+    with pytest.raises(SemanticNetworkError) as info:  # nothing close: all the codes
+        ex.check_options(ExtractOptions(semantic_groups=("zzzz",)))
+    assert len(info.value.suggestions) == 15 and "ANAT" in info.value.suggestions
+
+
 def test_extractor_cache_key_is_order_insensitive() -> None:
     a = ExtractOptions(semantic_types=("T047", "T033"), sources=("HPO", "ROCO"))
     b = ExtractOptions(semantic_types=("T033", "T047", "T033"), sources=("ROCO", "HPO"))

@@ -77,6 +77,9 @@ def test_lookup_cli_options(
         # a type name with commas in it is one name, not three
         assert cuis("--semantic-types", "Body Part, Organ, or Organ Component",
                     text="MRI of the brain") == ["C0006104"]
+        # ... also inside a list with other names
+        assert cuis("--semantic-types", "T060,Body Part, Organ, or Organ Component,T047",
+                    text="MRI of the brain") == ["C0024485", "C0006104"]
         assert cuis("--no-include-negated") == ["C0817096", "C1306645", "C0032227"]
         # issue 17: hypothetical mentions are kept by default and dropped on request, over
         # the wire and in process alike

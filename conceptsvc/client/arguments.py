@@ -43,15 +43,30 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
     from conceptsvc.semantic_network import load_semantic_network
 
     sn = load_semantic_network()
+
+    def is_name(text: str) -> bool:
+        try:
+            sn.resolve(text)
+        except SemanticNetworkError:
+            return False
+        return True
+
     out: list[str] = []
     for value in values:
-        try:
-            if "," not in value:
-                raise SemanticNetworkError(value)
-            sn.resolve(value)
-            out.append(value.strip())
-        except SemanticNetworkError:
-            out.extend(v.strip() for v in value.split(",") if v.strip())
+        pieces = [v.strip() for v in value.split(",")]
+        i = 0
+        while i < len(pieces):
+            # the longest run of pieces from here that is one name with commas, else one piece
+            for j in range(len(pieces), i + 1, -1):
+                joined = ", ".join(pieces[i:j])
+                if is_name(joined):
+                    out.append(joined)
+                    i = j
+                    break
+            else:
+                if pieces[i]:
+                    out.append(pieces[i])
+                i += 1
     return tuple(out)
 
 

@@ -253,3 +253,44 @@ def test_issue_16_lookup_without_a_server_suggests_local(
         assert code == 2
         assert f"no conceptsvc service answers at {address}" in err, err
         assert "--local" in err and "GetInfo failed" not in err
+
+
+def test_lookup_cli_tls_mismatch_is_named(
+    capsys: pytest.CaptureFixture[str], target: str, demo_index_dir: Path, tmp_path: Path
+) -> None:
+    """A client and a service that disagree about TLS fail with what to change, not with
+    "no service answers": gRPC reports both ways as UNAVAILABLE."""
+    from service_helpers import make_pki
+
+    from conceptsvc.config import load_settings
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.index import ConceptIndex
+    from conceptsvc.server.app import create_server
+
+    pki = make_pki(tmp_path / "pki")
+    # a TLS client, a plaintext service
+    code, _, err = run(capsys, "lookup", "CT", "--target", target, "--ca-cert", str(pki.ca))
+    assert code == 2 and "The service does not answer in TLS" in err, err
+    assert "no conceptsvc service answers" not in err
+    server, port = create_server(
+        load_settings(port=0, workers=1, host="127.0.0.1", tls_cert=pki.server_cert,
+                      tls_key=pki.server_key),
+        extractor=Extractor(ConceptIndex.load(demo_index_dir)),
+    )
+    server.start()
+    try:
+        # a plaintext client, a TLS service: lookup and annotate both say to add --tls
+        code, _, err = run(capsys, "lookup", "CT", "--target", f"localhost:{port}")
+        assert code == 2 and "if it uses TLS, add --tls" in err, err
+        src = tmp_path / "in.csv"
+        src.write_text("ID,Caption\n1,Chest CT\n", encoding="utf-8")
+        code, _, err = run(capsys, "annotate", str(src), "--out", str(tmp_path / "o.jsonl"),
+                           "--target", f"localhost:{port}", "--retries", "0", "--quiet")
+        assert code == 2 and "no target answered GetInfo" in err, err
+        assert "if it uses TLS, add --tls" in err
+        # and with TLS on both sides, it answers
+        code, out, err = run(capsys, "lookup", "CT", "--target", f"localhost:{port}",
+                             "--ca-cert", str(pki.ca))
+        assert code == 0 and "C0040405" in out, err
+    finally:
+        server.stop(0)

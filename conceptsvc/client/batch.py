@@ -85,7 +85,7 @@ import grpc.aio
 from conceptsvc import __version__
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client.channel import ChannelSecurity, effective_options
+from conceptsvc.client.channel import ChannelSecurity, effective_options, tls_mismatch_hint
 from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusScan
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (

@@ -19,7 +19,7 @@ import grpc
 from conceptsvc.errors import ClientError
 from conceptsvc.model import ExtractOptions
 
-__all__ = ["ChannelSecurity", "bearer_metadata", "effective_options"]
+__all__ = ["ChannelSecurity", "bearer_metadata", "effective_options", "tls_mismatch_hint"]
 
 # A TLS file given as a path, or its PEM bytes.
 Pem = Path | str | bytes
@@ -28,6 +28,30 @@ Pem = Path | str | bytes
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata that authenticates with ``token`` (none without one)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def tls_mismatch_hint(details: str, uses_tls: bool) -> str:
+    """What to change when an UNAVAILABLE call's ``details`` show the client and the service
+    disagree about TLS (" " and a sentence), else "". gRPC reports both ways as a failure to
+    connect: a TLS client meets a plaintext service as a failed handshake (the reply is not
+    TLS: WRONG_VERSION_NUMBER), a plaintext client meets a TLS service as a socket closed at
+    once."""
+    d = details.lower()
+    if uses_tls and "handshake failed" in d:
+        if "wrong_version_number" in d:
+            return (" The service does not answer in TLS: if it is plaintext, drop --tls, "
+                    "--ca-cert and the client certificate.")
+        if "certificate" in d:
+            return (" The TLS handshake failed on a certificate: check that --ca-cert signs the "
+                    "service's certificate and that --server-name (or the target's host) is a "
+                    "name in it, and, for mutual TLS, --client-cert and --client-key.")
+        return (" The TLS handshake failed: check that the service uses TLS and that --ca-cert "
+                "signs its certificate.")
+    if not uses_tls and "socket closed" in d:
+        return (" The connection was closed as soon as it opened, which is what a service that "
+                "requires TLS does to a plaintext client: if it uses TLS, add --tls (and "
+                "--ca-cert for a private CA).")
+    return ""
 
 
 def _read(value: Pem | None) -> bytes | None:

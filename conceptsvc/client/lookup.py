@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from conceptsvc.client.channel import ChannelSecurity, effective_options
+from conceptsvc.client.channel import ChannelSecurity, effective_options, tls_mismatch_hint
 from conceptsvc.client.outputs import annotation_to_json
 from conceptsvc.errors import (
     ClientError,
@@ -137,6 +137,7 @@ class RemoteLookup:
 
         security = security or ChannelSecurity()
         self.target = target
+        self._uses_tls = security.uses_tls
         self.client = ConceptClient(target, timeout=timeout, **security.client_kwargs())
         self._info: ServiceInfo | None = None
 
@@ -146,6 +147,11 @@ class RemoteLookup:
             return fn()
         except ServiceCallError as exc:
             if exc.status == "UNAVAILABLE":
+                hint = tls_mismatch_hint(exc.details, self._uses_tls)
+                if hint:
+                    raise ServiceUnreachableError(
+                        f"cannot connect to {self.target} (UNAVAILABLE: {exc.details}).{hint}"
+                    ) from None
                 raise ServiceUnreachableError(
                     f"no conceptsvc service answers at {self.target} (UNAVAILABLE: "
                     f"{exc.details}); if one is starting, wait until it has loaded its index; "

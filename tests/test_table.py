@@ -38,8 +38,16 @@ def test_table_header_in_any_order_and_type_names(tmp_path: Path) -> None:
 def test_table_unknown_header_column_fails(tmp_path: Path) -> None:
     tsv = tmp_path / "site.tsv"
     tsv.write_text("cui\tterm\tcolour\nC1\tLung\tred\n", encoding="utf-8")
-    with pytest.raises(MalformedRowError, match="colour"):
-        list(iter_rows(tsv, load_semantic_network()))
+    with pytest.raises(MalformedRowError, match="colour") as err:
+        list(iter_rows(tsv, load_semantic_network(), on_error="skip"))
+    # skipping rows cannot help a header: the advice says what a header must be instead
+    assert "--on-error skip skips bad rows, not a bad header" in str(err.value)
+    assert "rebuild with `--on-error skip`" not in str(err.value)
+    # a header that does not start with an id column reads as a row of too many fields
+    other = tmp_path / "other.tsv"
+    other.write_text("hpo_id\tcuis\tname\tsyn\tmore\n", encoding="utf-8")
+    with pytest.raises(MalformedRowError, match="its first column must be cui, concept_id or id"):
+        list(iter_rows(other, load_semantic_network()))
 
 
 def test_table_csv_with_quotes_and_positional_tsv(tmp_path: Path) -> None:

@@ -32,6 +32,12 @@ _HEADER_NAMES = {
     "tty": "tty",
 }
 _TUI_SPLIT = re.compile(r"[;,|]\s*")
+_HEADER_ADVICE = (
+    "A header row starts with cui, concept_id or id and names each column (cui, term, tui, sab, "
+    "tty, or their synonyms: concept_id, string, name, alias, type, semantic_type, source); "
+    "fix it, or remove it to use the order cui, term, tui[, sab]. (--on-error skip skips bad "
+    "rows, not a bad header.)"
+)
 
 
 class TableRow(NamedTuple):
@@ -83,14 +89,18 @@ def iter_rows(
                         path, lineno,
                         f"header has unknown column(s) {unknown} or no term column; "
                         "use cui, term, tui, sab, tty",
+                        _HEADER_ADVICE,
                     )
                 positions = {n: i for i, n in enumerate(names) if n is not None}
                 continue
             try:
                 if len(row) < 2 or len(row) > max(len(positions), 4):
+                    first = count == 0 and not st.skipped.get(table)
                     raise MalformedRowError(
                         path, lineno,
-                        f"{len(row)} fields; expected cui, term, tui[, sab]",
+                        f"{len(row)} fields; expected cui, term, tui[, sab]"
+                        + (" (if this row is a header, its first column must be cui, "
+                           "concept_id or id)" if first else ""),
                     )
                 cui = _column(row, positions, "cui")
                 term = row[positions["term"]] if positions["term"] < len(row) else ""

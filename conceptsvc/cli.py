@@ -719,12 +719,13 @@ def _fill_search(p: argparse.ArgumentParser) -> None:
         description="Rank the concepts whose strings best match TERM (approximately), with "
         "their scores and the string that matched.",
         epilog=_examples('conceptsvc search "pleural efusion" --local',
-                         'conceptsvc search "mass" --semantic-groups DISO --limit 5'),
+                         'conceptsvc search "pneumothora" --semantic-groups DISO '
+                         '--threshold 0.6 --limit 5 --local'),
     )
     p.add_argument("text", help="the term")
     p.add_argument("--limit", type=int, default=10, help="candidates to show (default 10)")
     arguments.add_lookup_common(p)
-    arguments.add_extract_options(p)
+    arguments.add_extract_options(p, search=True)
     p.set_defaults(handler=_cmd_search)
 
 

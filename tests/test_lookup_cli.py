@@ -154,6 +154,12 @@ def test_lookup_cli_search(
         code, table, _ = run(capsys, "search", "pleural effusion", *conn)
         first = table.splitlines()[2].split()
         assert first[:3] == ["1", "1.000", "C0032227"]
+    # a search has no matching mode, overlaps, profile or context options: refused, not ignored
+    for opts in (["--mode", "exact"], ["--profile", "rocov2"], ["--overlap", "all"],
+                 ["--no-include-negated"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["search", "pleural efusion", "--local", *opts])
+        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
     assert results[0] == results[1]
     cands = results[0]
     assert 1 <= len(cands) <= 3 and cands[0]["cui"] == "C0032227"
@@ -280,17 +286,20 @@ def test_lookup_cli_tls_mismatch_is_named(
     server.start()
     try:
         # a plaintext client, a TLS service: lookup and annotate both say to add --tls
-        code, _, err = run(capsys, "lookup", "CT", "--target", f"localhost:{port}")
+        # (127.0.0.1: "localhost" may be tried on ::1 last, where nothing listens, and gRPC
+        # reports only the last address's error)
+        addr = f"127.0.0.1:{port}"
+        code, _, err = run(capsys, "lookup", "CT", "--target", addr)
         assert code == 2 and "if it uses TLS, add --tls" in err, err
         src = tmp_path / "in.csv"
         src.write_text("ID,Caption\n1,Chest CT\n", encoding="utf-8")
         code, _, err = run(capsys, "annotate", str(src), "--out", str(tmp_path / "o.jsonl"),
-                           "--target", f"localhost:{port}", "--retries", "0", "--quiet")
+                           "--target", addr, "--retries", "0", "--quiet")
         assert code == 2 and "no target answered GetInfo" in err, err
         assert "if it uses TLS, add --tls" in err
         # and with TLS on both sides, it answers
-        code, out, err = run(capsys, "lookup", "CT", "--target", f"localhost:{port}",
-                             "--ca-cert", str(pki.ca))
+        code, out, err = run(capsys, "lookup", "CT", "--target", addr, "--ca-cert", str(pki.ca),
+                             "--server-name", "localhost")
         assert code == 0 and "C0040405" in out, err
     finally:
         server.stop(0)

@@ -70,8 +70,12 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def add_extract_options(p: argparse.ArgumentParser, *, local: bool = True) -> None:
-    """``local``: the command has ``--local`` (annotate does not: it always uses a service)."""
+def add_extract_options(
+    p: argparse.ArgumentParser, *, local: bool = True, search: bool = False
+) -> None:
+    """``local``: the command has ``--local`` (annotate does not: it always uses a service).
+    ``search``: only the options a concept search uses (filters, similarity, threshold): the
+    matching mode, overlaps, profile and context options would be accepted and ignored."""
     g = p.add_argument_group(
         "extraction options",
         "options left unset take the service's defaults"
@@ -86,12 +90,18 @@ def add_extract_options(p: argparse.ArgumentParser, *, local: bool = True) -> No
                    help="accept only strings from these source vocabularies")
     g.add_argument("--exclude-cuis", action="append", metavar="CUIS",
                    help="never report these concepts")
-    g.add_argument("--mode", choices=MODES, help="matching mode")
-    g.add_argument("--approximate", dest="mode", action="store_const", const="approximate",
-                   help="shorthand for --mode approximate")
+    if not search:
+        g.add_argument("--mode", choices=MODES, help="matching mode")
+        g.add_argument("--approximate", dest="mode", action="store_const",
+                       const="approximate", help="shorthand for --mode approximate")
+    else:  # a search is always approximate; the flag is lookup's, so a habit does not fail
+        g.add_argument("--approximate", action="store_true",
+                       help="(always on: a search ranks exact matches, then approximate ones)")
     g.add_argument("--similarity", choices=SIMILARITIES,
                    help="similarity measure for approximate matching")
     g.add_argument("--threshold", type=float, help="approximate matching threshold, in (0, 1]")
+    if search:
+        return
     g.add_argument("--overlap", choices=OVERLAPS,
                    help="which of overlapping mentions to keep")
     g.add_argument("--profile", help="concept profile (none, rocov2, ...)")
@@ -111,13 +121,13 @@ def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "semantic_groups": _names(args.semantic_groups),
         "sources": _names(args.sources),
         "exclude_cuis": _names(args.exclude_cuis),
-        "mode": args.mode,
+        "mode": getattr(args, "mode", None),  # (a search has no mode, overlap, profile...)
         "similarity": args.similarity,
         "threshold": args.threshold,
-        "overlap": args.overlap,
-        "profile": args.profile,
-        "include_negated": args.include_negated,
-        "include_hypothetical": args.include_hypothetical,
+        "overlap": getattr(args, "overlap", None),
+        "profile": getattr(args, "profile", None),
+        "include_negated": getattr(args, "include_negated", None),
+        "include_hypothetical": getattr(args, "include_hypothetical", None),
     }
     return {k: v for k, v in found.items() if v is not None}
 

@@ -60,6 +60,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import zlib
@@ -1010,7 +1011,16 @@ class IndexBuilder:
                 f"{out_path} exists and is not an index; choose an empty --out path."
             )
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".index-", dir=out_path.parent))
+        # Not tempfile.mkdtemp: its directory is 0700 whatever the umask, and this one becomes
+        # the index, which other users read (an image built as root, served as a service
+        # user; a dictionary mounted read-only). mkdir gives the umask's mode, as cp and tar do.
+        while True:
+            tmp = out_path.parent / f".index-{secrets.token_hex(8)}"
+            try:
+                tmp.mkdir()
+                break
+            except FileExistsError:
+                continue
         try:
             self._write_files(tmp)
             _sync_files(tmp)

@@ -589,6 +589,9 @@ def test_deploy_image_installs_the_project_with_its_data(image_replay: ImageRepl
     assert Path(probe.stdout).is_relative_to(site)
     index = ConceptIndex.load(image_replay.index, verify=True)
     assert len(index) > 0
+    # the image builds its index as root and serves it as another user: others may read it
+    assert image_replay.index.stat().st_mode & 0o005 == 0o005
+    assert all(f.stat().st_mode & 0o004 for f in image_replay.index.iterdir())
 
 
 @pytest.mark.slow

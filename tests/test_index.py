@@ -127,6 +127,23 @@ def test_index_overwrite_keeps_path(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_index_directory_takes_the_umask_mode(tmp_path: Path, umask: int, mode: int) -> None:
+    """An index is read by other users (an image builds it as root and serves it as a service
+    user): its directory gets the umask's mode, as mkdir gives, not a temporary directory's
+    0700; its files are readable as the umask allows."""
+    old = os.umask(umask)
+    try:
+        out = build_index(tmp_path / "ix", CONCEPTS, TERMS)
+        build_index(out, CONCEPTS[:1], TERMS[:1])  # a rebuild in place, too
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == mode
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
+
+
 def test_index_refuses_to_overwrite_non_index(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("x")

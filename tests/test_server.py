@@ -453,9 +453,18 @@ def test_server_drain_refuses_new_rpcs_and_finishes_in_flight(index_a: Path) -> 
     in_flight = stub.AnnotateStream(items(), timeout=10)
     assert next(in_flight).id == "before"
     drainer = threading.Thread(target=server.drain)
+    t0 = time.monotonic()
     drainer.start()
-    time.sleep(0.2)  # inside the drain delay: health says NOT_SERVING, RPCs are refused
+    time.sleep(0.2)
+    # inside the drain delay: health says NOT_SERVING, RPCs are still answered (load balancers
+    # and clients are still noticing that this endpoint goes away)
     assert _health(port) == "NOT_SERVING"
+    assert stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=5).concepts
+    assert not server.state.draining and time.monotonic() - t0 < 0.6
+    while not server.state.draining:  # after it: refused
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.01)
+    assert time.monotonic() - t0 >= 0.6
     with pytest.raises(grpc.RpcError) as err:
         stub.Annotate(pb.AnnotateRequest(text="lung"), timeout=5)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE

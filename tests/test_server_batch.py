@@ -275,7 +275,12 @@ def test_server_batch_drain_finishes_in_flight_and_refuses_new(index_a: Path) ->
         time.sleep(0.005)
     drainer = threading.Thread(target=server.drain)
     drainer.start()
-    time.sleep(0.2)
+    time.sleep(0.2)  # the drain delay: still answered
+    assert stub.AnnotateBatch(_batch(items[:1]), timeout=5).items[0].status.code == 0
+    deadline = time.monotonic() + 5
+    while not server.state.draining:  # then refused
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     with pytest.raises(grpc.RpcError) as err:
         stub.AnnotateBatch(_batch(items[:1]), timeout=5)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE  # the client resends elsewhere

@@ -280,7 +280,9 @@ class ConceptServer:
         return outcome
 
     def drain(self, grace: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish.
+        """Graceful shutdown: NOT_SERVING, then (after the drain delay, during which RPCs are
+        still answered as usual while load balancers and clients notice the NOT_SERVING and
+        the endpoint's removal) refuse new RPCs and let in-flight ones finish.
 
         The gRPC server keeps accepting calls until the in-flight ones have finished and no
         new one has come for :data:`DRAIN_QUIET_SECONDS` (or the grace is over): a new call
@@ -293,14 +295,19 @@ class ConceptServer:
         if self._stopped.is_set():
             return
         grace = self.settings.grace_seconds if grace is None else grace
-        log.info("draining: NOT_SERVING now, in-flight RPCs have %.1fs to finish", grace)
+        delay = self.settings.drain_delay_seconds
+        if delay:
+            log.info("draining: NOT_SERVING now; RPCs answered for %.1fs more (drain delay)",
+                     delay)
+            self.state.start_draining(refuse=False)
+            time.sleep(delay)
+        log.info("draining: new RPCs refused now, in-flight ones have %.1fs to finish", grace)
         self.state.start_draining()
-        if self.settings.drain_delay_seconds:
-            time.sleep(self.settings.drain_delay_seconds)
         deadline = time.monotonic() + grace
         if not self.state.wait_idle(grace, quiet=DRAIN_QUIET_SECONDS):
             log.warning("draining: RPCs still running or arriving after the %.1fs grace", grace)
         self.stop(max(0.0, deadline - time.monotonic()))
+        log.info("stopped")
 
     def stop(self, grace: float | None = 0) -> None:
         if self._stopped.is_set():

@@ -303,9 +303,14 @@ class ServiceState:
                 outcome.concepts, seconds,
             )
 
-    def start_draining(self) -> None:
-        self.draining = True
+    def start_draining(self, refuse: bool = True) -> None:
+        """Health NOT_SERVING (for good); with ``refuse``, new RPCs are refused from now on
+        (without: they are still answered, during the drain delay)."""
         self.health.enter_graceful_shutdown()
+        if refuse:
+            self.draining = True
+            with self._idle:  # the drain's quiet period counts from the first refusal
+                self._last_call = max(self._last_call, time.monotonic())
 
     def call_started(self) -> None:
         """An RPC entered its handler (counted here for the drain, and in the metrics)."""

@@ -654,21 +654,16 @@ class ConceptIndex:
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, verify: bool = True, materialize: bool | None = None
-    ) -> ConceptIndex:
-        """Open an index directory.
+    def check_files(cls, path: str | os.PathLike[str]) -> None:
+        """Raise :class:`ConceptIndexError` unless the index at ``path`` is whole and every file
+        matches its manifest hash: what :meth:`load` checks, without opening it (a reload that
+        finds the served index's manifest still in place checks its files this way)."""
+        cls._checked_manifest(Path(path), True)
 
-        ``verify`` checks every file against the manifest hashes (≈1 s per GB on this
-        hardware, two threads). ``materialize`` forces (True) or forbids (False) building
-        Python dicts for the lookups; by default only small indexes get them.
-
-        Every mapped file is first re-read into the page cache in single pages
-        (:func:`conceptsvc.mapping.settle_page_cache`): a load reads the index from disk once
-        (in the background; hashing waits for it), and a request then maps the pages it
-        reads, not the large folios a sequential read leaves (RSS).
-        """
-        p = Path(path)
+    @staticmethod
+    def _checked_manifest(p: Path, verify: bool) -> dict[str, Any]:
+        """The manifest of the index at ``p``, its format, normaliser and files checked (and,
+        with ``verify``, every file's hash)."""
         mpath = p / "manifest.json"
         if not mpath.is_file():
             raise ConceptIndexError(
@@ -724,6 +719,25 @@ class ConceptIndex:
                         f"{p}/{name}: content hash mismatch — the index is corrupt or was "
                         "modified after it was built. Rebuild it."
                     )
+        return manifest
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, verify: bool = True, materialize: bool | None = None
+    ) -> ConceptIndex:
+        """Open an index directory.
+
+        ``verify`` checks every file against the manifest hashes (≈1 s per GB on this
+        hardware, two threads). ``materialize`` forces (True) or forbids (False) building
+        Python dicts for the lookups; by default only small indexes get them.
+
+        Every mapped file is first re-read into the page cache in single pages
+        (:func:`conceptsvc.mapping.settle_page_cache`): a load reads the index from disk once
+        (in the background; hashing waits for it), and a request then maps the pages it
+        reads, not the large folios a sequential read leaves (RSS).
+        """
+        p = Path(path)
+        manifest = cls._checked_manifest(p, verify)
         try:
             return cls(p, manifest, materialize=materialize)
         except ConceptIndexError:

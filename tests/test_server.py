@@ -708,6 +708,27 @@ def test_server_failed_reload_keeps_serving_the_old_index(tmp_path: Path) -> Non
             assert c.health() == "SERVING"
 
 
+def test_server_reload_of_the_same_manifest_checks_the_files(tmp_path: Path) -> None:
+    """A reload that finds the served index's manifest still in place does not load it again,
+    but checks its files: one changed in place fails the reload (it said "nothing to do" and
+    changed=False, and only a restart found the corruption)."""
+    path = build_index_a(tmp_path / "idx")
+    with running_server(settings_for(path, admin_token=ADMIN)) as (_, port):
+        with ConceptClient(f"127.0.0.1:{port}", admin_token=ADMIN) as c:
+            assert c.reload_index().changed is False  # whole: nothing to do
+            # one byte changed in place, the size kept (the server maps the file: a truncated
+            # mapping would fault on its next read)
+            victim = path / "cuis.bin"
+            data = bytearray(victim.read_bytes())
+            data[-1] ^= 0xFF
+            with victim.open("r+b") as fh:
+                fh.write(data)
+            with pytest.raises(ServiceCallError) as err:
+                c.reload_index()
+            assert err.value.status == "FAILED_PRECONDITION"
+            assert "content hash mismatch" in (err.value.details or ""), err.value.details
+
+
 # -- reflection --------------------------------------------------------------------------------
 def _reflected_services(port: int) -> list[str]:
     stub = reflection_pb2_grpc.ServerReflectionStub(_channel(port))

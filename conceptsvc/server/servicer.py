@@ -260,7 +260,9 @@ class ServiceState:
         """Load the configured index and swap it in; the old one keeps serving on failure.
 
         Reloads are serialised. When the manifest on disk names the index already being
-        served, nothing is loaded (``changed`` is False).
+        served, nothing is loaded (``changed`` is False), but its files are checked against
+        their hashes: a reload is how an operator checks a deployment, and files changed in
+        place (the served index maps them) must not pass for "nothing to do".
         """
         from conceptsvc.extractor import Extractor
         from conceptsvc.index import ConceptIndex
@@ -271,6 +273,7 @@ class ServiceState:
             current = self._current
             try:
                 if current is not None and _manifest_hash(path) == current.content_hash:
+                    ConceptIndex.check_files(path)
                     log.info(
                         "reload: %s still holds the loaded index (content hash %s); nothing "
                         "to do", path, current.content_hash,

@@ -1012,17 +1012,23 @@ def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Pat
             time.sleep(0.2)
         assert _index_loads(mport) == 6
         assert all(c.annotate("edema").concepts == () for c in clients)
-        # A killed worker is replaced.
+        # A killed worker is replaced. The index on disk changed meanwhile, without a reload:
+        # the new worker loads it, and the supervisor has the other reload too, so that the
+        # port never serves two dictionaries (before, it served both until the next SIGHUP).
+        build_index_b(path)
         victim = int(sorted(pids)[0])
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             now = _metrics_worker_pids(mport)
-            if len(now) == 2 and str(victim) not in now:
+            if len(now) == 2 and str(victim) not in now and _index_loads(mport) >= 8:
                 break
             time.sleep(0.2)
         assert len(_metrics_worker_pids(mport)) == 2
-        for c in clients:
+        assert _index_loads(mport) == 8  # the new worker's load and the other's reload
+        fresh = [ConceptClient(f"127.0.0.1:{port}") for _ in range(8)]
+        assert all(c.annotate("edema").concepts == ("C0013604",) for c in clients + fresh)
+        for c in clients + fresh:
             c.close()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -399,7 +399,7 @@ def run_worker(
             log.info("health checks (plaintext, Check only) on %s:%d",
                      settings.host, server.health_port)
         if report is not None:
-            report({"event": "ready", "port": port})
+            report({"event": "ready", "port": port, "content_hash": outcome.content_hash})
         if on_ready is not None:
             on_ready(port)
         while True:
@@ -413,7 +413,10 @@ def run_worker(
                     continue
             if command == "reload":
                 try:
-                    server.reload()
+                    reloaded = server.reload()
+                    if report is not None:  # what this worker serves now (not "reloaded":
+                        # that one asks the supervisor to reload the others)
+                        report({"event": "serving", "content_hash": reloaded.content_hash})
                 except ConceptsvcError as exc:
                     log.error("reload failed, still serving the previous index: %s", exc)
                 except Exception:  # a bug must not take a serving process down
@@ -566,6 +569,7 @@ class Supervisor:
         self._procs: dict[int, Any] = {}
         self._conns: dict[int, Any] = {}
         self._restarts: list[float] = []
+        self._hashes: dict[int, str] = {}  # the index each worker last said it serves
         self._log_level = logging.getLogger().getEffectiveLevel()
 
     def _spawn(self, i: int, payload: str, port: int) -> None:
@@ -657,6 +661,7 @@ class Supervisor:
             for i, event in self._read_events(0.5):
                 if event.get("event") == "ready":
                     ready.add(i)
+                    self._hashes[i] = str(event.get("content_hash", ""))
                 elif event.get("event") == "failed":
                     log.error("worker %d could not start: %s", i, event.get("error"))
                     return False
@@ -677,9 +682,22 @@ class Supervisor:
                     self._shutdown(grace=self.settings.grace_seconds)
                     return 0
             for i, event in self._read_events(0.2):
-                if event.get("event") == "reloaded":
+                kind = event.get("event")
+                if kind in ("reloaded", "serving", "ready"):
+                    self._hashes[i] = str(event.get("content_hash", ""))
+                if kind == "reloaded":
                     log.info("worker %d reloaded through the admin RPC; reloading the others", i)
                     self._signal_all(signal.SIGHUP, except_worker=i)
+                elif kind == "ready":  # a restarted worker: it loaded the index on disk now
+                    others = {h for j, h in self._hashes.items() if j != i}
+                    if others and others != {self._hashes[i]}:
+                        log.warning(
+                            "worker %d restarted on index %s while the others serve %s (the "
+                            "index changed on disk without a reload); reloading the others so "
+                            "that every worker serves one index", i, self._hashes[i],
+                            ", ".join(sorted(others)),
+                        )
+                        self._signal_all(signal.SIGHUP, except_worker=i)
             for i, proc in list(self._procs.items()):
                 if proc.exitcode is None:
                     continue

@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
+        # CONCEPTSVC_X= (empty) means unset: the only way to switch off, with `docker run -e`
+        # or a pod's env, a setting the image sets (its health, metrics ports and index)
+        env_ignore_empty=True,
         extra="forbid",
         frozen=True,
         validate_default=True,
@@ -304,6 +307,15 @@ class Settings(BaseSettings):
     @field_validator("auth_token", "admin_token")
     @classmethod
     def _strong_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            # A token read from a file (a Kubernetes secret made with --from-file) ends in a
+            # newline that no client can send (metadata values cannot hold one): it is cut off
+            # here, as the client cuts it off its own. Whitespace inside is refused.
+            value = token.get_secret_value()
+            if value != value.strip():
+                token = SecretStr(value.strip())
+            if any(c.isspace() for c in token.get_secret_value()):
+                raise ValueError("tokens cannot contain whitespace")
         if token is not None and len(token.get_secret_value()) < _MIN_TOKEN_CHARS:
             raise ValueError(
                 f"tokens must be at least {_MIN_TOKEN_CHARS} characters; generate one with "
@@ -316,11 +328,22 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if url is not None:
+            from redis.connection import parse_url
+
+            try:  # what the cache will parse at first use, in every worker: refused now
+                parse_url(url)  # type: ignore[no-untyped-call]
+            except ValueError as exc:  # (the URL is not echoed: it may hold a password)
+                raise ValueError(f"is not a valid Redis URL: {exc}") from None
         return url
 
     @model_validator(mode="after")
     def _paths_and_pairs(self) -> Settings:
-        if self.index is not None and not (self.index / "manifest.json").is_file():
+        try:
+            index_ok = self.index is None or (self.index / "manifest.json").is_file()
+        except OSError as exc:  # a directory this user may not read (0700, another owner)
+            raise ValueError(f"index: cannot read {self.index} ({exc.strerror})") from None
+        if not index_ok:
             raise ValueError(
                 f"index: {self.index} is not an index directory (no manifest.json); build one "
                 "with `conceptsvc index build` or leave it unset to serve the demo dictionary"

@@ -34,6 +34,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+from conceptsvc.errors import ConfigError
+
 __all__ = [
     "ServiceMetrics",
     "mark_process_dead",
@@ -181,6 +183,13 @@ def mark_process_dead(pid: int) -> None:
 def start_metrics_http_server(
     port: int, host: str, registry: CollectorRegistry
 ) -> tuple[WSGIServer, threading.Thread, int]:
-    """Serve ``/metrics`` in a daemon thread; returns the server, its thread and the bound port."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    """Serve ``/metrics`` in a daemon thread; returns the server, its thread and the bound port.
+    A port that cannot be bound is a ConfigError naming the address (as the gRPC port's)."""
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); is the port in "
+            "use or the host wrong? (--metrics-port, --metrics-host)"
+        ) from None
     return server, thread, int(server.server_address[1])

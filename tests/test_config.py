@@ -69,6 +69,19 @@ def test_config_precedence_override_env_file(
     )
 
 
+def test_config_empty_environment_value_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker run -e CONCEPTSVC_HEALTH_PORT=` switches off what the image sets: an empty value
+    is not given (it was "Input should be a valid integer", and an empty index path '.')."""
+    for name in ("HEALTH_PORT", "METRICS_PORT", "INDEX", "REDIS_URL", "AUTH_TOKEN"):
+        monkeypatch.setenv(f"CONCEPTSVC_{name}", "")
+    s = load_settings()
+    assert (s.health_port, s.metrics_port, s.index, s.redis_url, s.auth_token) == (
+        None, None, None, None, None
+    )
+    monkeypatch.setenv("CONCEPTSVC_METRICS_PORT", "9100")
+    assert load_settings().metrics_port == 9100
+
+
 def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "svc.yaml"
     f.write_text("workers: 3\nredis_url: redis://127.0.0.1:1/0\n")
@@ -183,11 +196,16 @@ def test_config_bad_values(tmp_path: Path) -> None:
         ({"tls_client_ca": cert}, "needs tls_cert"),
         ({"tls_cert": cert, "tls_key": tmp_path / "missing.pem"}, "does not exist"),
         ({"redis_url": "http://x"}, "redis://"),
+        ({"redis_url": "redis://127.0.0.1:notaport/0"}, "not a valid Redis URL: Port could"),
         ({"defaults": {"mode": "fuzzy"}}, "defaults.mode"),
         ({"redis_backoff_seconds": 5, "redis_backoff_max_seconds": 1}, "backoff_max"),
     ]:
         with pytest.raises(ConfigError, match=expected):
             load_settings(**kwargs)
+    # a bad Redis URL is refused without echoing it: it may hold a password
+    with pytest.raises(ConfigError) as info:
+        load_settings(redis_url="redis://:s3cret-pw@127.0.0.1:bad/0")
+    assert "s3cret-pw" not in str(info.value) and "not a valid Redis URL" in str(info.value)
 
 
 def test_config_rpc_limits_fit_the_thread_pool(

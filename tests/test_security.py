@@ -71,6 +71,33 @@ def test_security_tls_accepts_trusting_clients_only(index_a: Path, pki: Pki) -> 
             assert _status(c.annotate, "Chest", id="w") == "UNAVAILABLE"
 
 
+@pytest.mark.parametrize("case", ["other key", "swapped", "key is not PEM", "bad client CA"])
+def test_security_bad_tls_files_are_named_not_blamed_on_the_port(
+    index_a: Path, pki: Pki, tmp_path: Path, case: str
+) -> None:
+    """A certificate with another key, a swapped pair, a key that is not PEM, or a client CA
+    that is not a certificate: the error names the TLS files (gRPC alone only fails to bind
+    the port, and the message said "is the port in use?")."""
+    from conceptsvc.errors import ConfigError
+    from conceptsvc.server.app import create_server
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    files = {
+        "other key": {"tls_cert": pki.server_cert, "tls_key": pki.client_key},
+        "swapped": {"tls_cert": pki.server_key, "tls_key": pki.server_cert},
+        "key is not PEM": {"tls_cert": pki.server_cert, "tls_key": garbage},
+        "bad client CA": {"tls_cert": pki.server_cert, "tls_key": pki.server_key,
+                          "tls_client_ca": garbage},
+    }[case]
+    with pytest.raises(ConfigError) as info:
+        create_server(settings_for(index_a, **files))
+    text = str(info.value)
+    assert "port" not in text, text
+    named = "tls_client_ca" if case == "bad client CA" else "tls_cert"
+    assert named in text and str(files.get("tls_client_ca", files["tls_key"])) in text, text
+
+
 def test_security_mutual_tls_requires_a_client_certificate(
     index_a: Path, pki: Pki, tmp_path: Path
 ) -> None:
@@ -213,6 +240,25 @@ def test_security_right_token_and_schemes(authed: int) -> None:
             assert ok == md[0][1].startswith("Bearer"), md
     finally:
         channel.close()
+
+
+def test_security_a_token_read_from_a_file_works_with_its_newline(index_a: Path) -> None:
+    """A token from a secret file ends in a newline no client can send: the service and the
+    client cut it off (it worked for no client before: every call UNAUTHENTICATED); a token
+    with whitespace inside is refused at startup."""
+    from conceptsvc.errors import ConfigError
+
+    with running_server(settings_for(index_a, auth_token=TOKEN + "\n")) as (_s, port):
+        with ConceptClient(f"127.0.0.1:{port}", token=TOKEN, retries=0) as c:
+            assert c.annotate("Chest", id="x").concepts == ("C0817096",)
+        code = subprocess.run(
+            [sys.executable, "-m", "conceptsvc.cli", "lookup", "Chest", "--target",
+             f"127.0.0.1:{port}", "--token", TOKEN + "\n", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert code.returncode == 0 and "C0817096" in code.stdout, code.stderr
+    with pytest.raises(ConfigError, match="tokens cannot contain whitespace"):
+        settings_for(index_a, auth_token=TOKEN[:20] + " " + TOKEN[20:])
 
 
 def test_security_admin_rpc_requires_the_admin_token(authed: int, index_a: Path) -> None:

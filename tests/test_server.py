@@ -1233,3 +1233,25 @@ def test_server_cli_serve_rejects_bad_settings(capsys: pytest.CaptureFixture[str
     assert main(["serve", "--workers", "0", "--default-mode", "fuzzy"]) == 2
     err = capsys.readouterr().err
     assert "workers" in err and "defaults.mode" in err and "E100" in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_server_metrics_port_in_use_is_a_config_error(tmp_path: Path, workers: str) -> None:
+    """A metrics port that cannot be bound stops `serve` with E100 naming the address and the
+    flag (exit 2), as the service port does, not with a traceback."""
+    import socket
+
+    a = build_index_a(tmp_path / "a")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        mport = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "conceptsvc.cli", "serve", "--port", "0", "--host",
+             "127.0.0.1", "--workers", workers, "--index", str(a), "--metrics-host",
+             "127.0.0.1", "--metrics-port", str(mport)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"[E100] cannot serve metrics on 127.0.0.1:{mport}" in done.stderr, done.stderr
+    assert "--metrics-port" in done.stderr and "Traceback" not in done.stderr

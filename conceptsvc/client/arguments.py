@@ -157,7 +157,8 @@ def security(args: argparse.Namespace) -> ChannelSecurity:
         client_cert=Path(args.client_cert) if args.client_cert else None,
         client_key=Path(args.client_key) if args.client_key else None,
         server_name=args.server_name,
-        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        # (stripped: a token file's newline is not part of the token; the service strips too)
+        token=(args.token or os.environ.get(TOKEN_ENV) or "").strip() or None,
     )
 
 

@@ -31,6 +31,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -143,9 +144,35 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
         ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     except OSError as exc:
         raise ConfigError(f"cannot read TLS files: {exc}") from None
+    _check_tls_files(settings)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+def _check_tls_files(settings: Settings) -> None:
+    """ConfigError naming the file when the certificate and key are not a PEM pair, or the
+    client CA is not PEM certificates: gRPC would only fail to bind the port, and the message
+    would blame the port."""
+    assert settings.tls_cert is not None and settings.tls_key is not None  # (the caller's check)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # an encrypted key gets an empty password and fails here: gRPC cannot use one either
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls_cert {settings.tls_cert} and tls_key {settings.tls_key} are not a PEM "
+            f"certificate (chain) and its unencrypted private key ({exc.reason or exc}); "
+            "check that the key is the certificate's and that neither is swapped"
+        ) from None
+    if settings.tls_client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=settings.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"tls_client_ca {settings.tls_client_ca} is not a PEM CA certificate "
+                f"({exc.reason or exc})"
+            ) from None
 
 
 class ConceptServer:
@@ -628,9 +655,16 @@ class Supervisor:
         if s.metrics_port is not None:
             metrics_dir = tempfile.TemporaryDirectory(prefix="conceptsvc-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-            _, _, mport = start_metrics_http_server(
-                s.metrics_port, s.metrics_host, multiprocess_registry()
-            )
+            try:
+                _, _, mport = start_metrics_http_server(
+                    s.metrics_port, s.metrics_host, multiprocess_registry()
+                )
+            except BaseException:
+                claim.close()
+                if health_claim is not None:
+                    health_claim.close()
+                metrics_dir.cleanup()
+                raise
             log.info("metrics of all workers on http://%s:%d/metrics", s.metrics_host, mport)
         payload = _settings_payload(s)
         control: queue.SimpleQueue[str] = queue.SimpleQueue()

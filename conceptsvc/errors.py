@@ -161,11 +161,13 @@ class ServiceCallError(ClientError):
 
     code = "E610"
 
-    def __init__(self, method: str, status: str, details: str) -> None:
+    def __init__(self, method: str, status: str, details: str, hint: str = "") -> None:
+        """``hint`` (" " and a sentence) replaces the status's general advice when the caller
+        knows better (a TLS mismatch, a draining server)."""
         self.method = method
         self.status = status
         self.details = details
-        hint = {
+        hint = hint or {
             "UNAVAILABLE": (
                 " Is the service running and reachable (check --target), or still loading its "
                 "index?"

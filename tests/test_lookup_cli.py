@@ -303,3 +303,49 @@ def test_lookup_cli_tls_mismatch_is_named(
         assert code == 0 and "C0040405" in out, err
     finally:
         server.stop(0)
+
+
+def test_lookup_cli_mutual_tls_health_and_draining_say_what_happened(
+    capsys: pytest.CaptureFixture[str], demo_index_dir: Path, tmp_path: Path
+) -> None:
+    """A client without the certificate mutual TLS asks for, `conceptsvc health` in plaintext
+    against a TLS port, and a lookup sent to a draining service each say so, not "no service
+    answers" / "is the service running"."""
+    from service_helpers import make_pki
+
+    from conceptsvc.config import load_settings
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.index import ConceptIndex
+    from conceptsvc.server.app import create_server
+
+    pki = make_pki(tmp_path / "pki")
+    extractor = Extractor(ConceptIndex.load(demo_index_dir))
+    server, port = create_server(
+        load_settings(port=0, workers=1, host="127.0.0.1", tls_cert=pki.server_cert,
+                      tls_key=pki.server_key, tls_client_ca=pki.ca),
+        extractor=extractor,
+    )
+    server.start()
+    addr = f"127.0.0.1:{port}"
+    try:
+        code, _, err = run(capsys, "lookup", "CT", "--target", addr, "--ca-cert", str(pki.ca),
+                           "--server-name", "localhost")
+        assert code == 2 and "needs a client certificate it trusts" in err, err
+        code, _, err = run(capsys, "health", "--target", addr)
+        assert code == 2 and "if it uses TLS, add --tls" in err, err
+        code, out, err = run(capsys, "lookup", "CT", "--target", addr, "--ca-cert", str(pki.ca),
+                             "--server-name", "localhost", "--client-cert",
+                             str(pki.client_cert), "--client-key", str(pki.client_key))
+        assert code == 0 and "C0040405" in out, err
+    finally:
+        server.stop(0)
+    server, port = create_server(load_settings(port=0, workers=1, host="127.0.0.1"),
+                                 extractor=extractor)
+    server.start()
+    try:
+        server.state.start_draining()  # refusing, not stopped yet
+        code, _, err = run(capsys, "lookup", "CT", "--target", f"127.0.0.1:{port}")
+        assert code == 2 and "is shutting down (draining)" in err, err
+        assert "no conceptsvc service answers" not in err
+    finally:
+        server.stop(0)

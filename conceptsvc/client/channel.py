@@ -19,7 +19,10 @@ import grpc
 from conceptsvc.errors import ClientError
 from conceptsvc.model import ExtractOptions
 
-__all__ = ["ChannelSecurity", "bearer_metadata", "effective_options", "tls_mismatch_hint"]
+__all__ = [
+    "ChannelSecurity", "bearer_metadata", "effective_options", "tls_mismatch_hint",
+    "unavailable_hint",
+]
 
 # A TLS file given as a path, or its PEM bytes.
 Pem = Path | str | bytes
@@ -47,11 +50,23 @@ def tls_mismatch_hint(details: str, uses_tls: bool) -> str:
                     "name in it, and, for mutual TLS, --client-cert and --client-key.")
         return (" The TLS handshake failed: check that the service uses TLS and that --ca-cert "
                 "signs its certificate.")
-    if not uses_tls and "socket closed" in d:
+    if "socket closed" in d:
+        if uses_tls:
+            return (" The service closed the connection at the TLS handshake: with mutual TLS "
+                    "it needs a client certificate it trusts (--client-cert and --client-key).")
         return (" The connection was closed as soon as it opened, which is what a service that "
                 "requires TLS does to a plaintext client: if it uses TLS, add --tls (and "
                 "--ca-cert for a private CA).")
     return ""
+
+
+def unavailable_hint(details: str, uses_tls: bool) -> str:
+    """Advice for an UNAVAILABLE call (" " and a sentence, or ""): a draining server, or a TLS
+    mismatch (:func:`tls_mismatch_hint`)."""
+    if "shutting down" in details:
+        return (" The service is shutting down (draining): send to another replica, or again "
+                "once it has restarted.")
+    return tls_mismatch_hint(details, uses_tls)
 
 
 def _read(value: Pem | None) -> bytes | None:

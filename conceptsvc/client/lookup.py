@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from conceptsvc.client.channel import ChannelSecurity, effective_options, tls_mismatch_hint
+from conceptsvc.client.channel import ChannelSecurity, effective_options, unavailable_hint
 from conceptsvc.client.outputs import annotation_to_json
 from conceptsvc.errors import (
     ClientError,
@@ -147,7 +147,7 @@ class RemoteLookup:
             return fn()
         except ServiceCallError as exc:
             if exc.status == "UNAVAILABLE":
-                hint = tls_mismatch_hint(exc.details, self._uses_tls)
+                hint = unavailable_hint(exc.details, self._uses_tls)
                 if hint:
                     raise ServiceUnreachableError(
                         f"cannot connect to {self.target} (UNAVAILABLE: {exc.details}).{hint}"

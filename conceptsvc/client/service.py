@@ -48,7 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conceptsvc import wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client.channel import ChannelSecurity, bearer_metadata
+from conceptsvc.client.channel import ChannelSecurity, bearer_metadata, unavailable_hint
 from conceptsvc.errors import ClientError, ReplyFullError, ServiceCallError
 from conceptsvc.model import (
     Annotation,
@@ -130,6 +130,7 @@ class ConceptClient:
             server_name=server_name, token=token,
         )
         security.check()
+        self._uses_tls = security.uses_tls
         self.target = target
         self.timeout = timeout
         self.retries = retries
@@ -232,7 +233,14 @@ class ConceptClient:
                 ):
                     attempt += 1
                     continue
-                raise ServiceCallError(name, code.name, exc.details() or "") from None
+                raise self._call_error(name, code, exc.details() or "") from None
+
+    def _call_error(self, name: str, code: grpc.StatusCode, details: str) -> ServiceCallError:
+        """The error of a failed call, with what to change when UNAVAILABLE says why (a TLS
+        mismatch, a draining server)."""
+        unavailable = code is grpc.StatusCode.UNAVAILABLE
+        hint = unavailable_hint(details, self._uses_tls) if unavailable else ""
+        return ServiceCallError(name, code.name, details, hint)
 
     @staticmethod
     def _read(name: str, read: Callable[[bytes], T], raw: bytes) -> T:
@@ -394,7 +402,7 @@ class ConceptClient:
                 ):
                     failures += 1
                     continue
-                raise ServiceCallError("AnnotateStream", code.name, exc.details() or "") from None
+                raise self._call_error("AnnotateStream", code, exc.details() or "") from None
             except BaseException:  # the consumer closed us, or a protocol error
                 attempt.alive = False
                 call.cancel()
@@ -513,7 +521,7 @@ class ConceptClient:
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
-            raise ServiceCallError("Health.Check", exc.code().name, exc.details() or "") from None
+            raise self._call_error("Health.Check", exc.code(), exc.details() or "") from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:

@@ -133,6 +133,20 @@ class DefaultOptions(BaseModel):
             raise ValueError(exc.message) from None
         return names
 
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, name: str) -> str:
+        from conceptsvc.profile import available_profiles
+
+        known = available_profiles()
+        if name not in known:  # (refused here, not by each worker when it loads the index)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            raise ValueError(
+                f"unknown profile {name!r}; the shipped ones are {', '.join(known)}"
+                + (f" (did you mean {close[0]}?)" if close else "")
+            )
+        return name
+
     def to_extract_options(self) -> ExtractOptions:
         return ExtractOptions(**self.model_dump())
 
@@ -524,6 +538,17 @@ def _file_has(data: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
     return True
 
 
+def _from_file(
+    loc: tuple[int | str, ...], overrides: Mapping[str, Any], file_data: Mapping[str, Any]
+) -> bool:
+    """Whether the value at ``loc`` came from the config file: the file has it and neither
+    a flag (``overrides``) nor the environment, which come first, gave it."""
+    if not _file_has(file_data, loc) or _file_has(overrides, loc):
+        return False
+    env = os.environ.get(ENV_PREFIX + "__".join(str(p) for p in loc).upper())
+    return not env  # (an empty variable is no value: env_ignore_empty)
+
+
 def _describe(loc: tuple[int | str, ...]) -> str:
     """Where a setting can be set: its dotted name, env variable and CLI flag."""
     parts = [str(p) for p in loc]
@@ -550,7 +575,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         file = kwargs.get("config_file") or os.environ.get(ENV_PREFIX + "CONFIG_FILE")
         file_path = Path(file) if file else None
         file_data: Mapping[str, Any] = {}
-        if file_path is not None and any(e["type"] == "extra_forbidden" for e in exc.errors()):
+        if file_path is not None:
             try:
                 file_data = read_config_file(file_path)
             except ConfigError:
@@ -560,6 +585,11 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 lines.append("  " + _unknown_key(loc, file_path, _file_has(file_data, loc)))
+                continue
+            if loc and file_path is not None and _from_file(loc, kwargs, file_data):
+                line = _key_line(file_path, loc)
+                name = ".".join(str(p) for p in loc)
+                lines.append(f"  {file_path}{f':{line}' if line else ''}: {name}: {msg}")
                 continue
             where = _describe(loc) if loc else "settings"
             lines.append(f"  {where}: {msg}")

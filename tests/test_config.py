@@ -130,6 +130,28 @@ def test_issue_16_unknown_key_in_yaml_names_file_line_and_suggestion(tmp_path: P
     assert f"{f}:4: defaults.treshold: unknown setting; did you mean threshold?" in text
 
 
+def test_config_bad_value_in_a_file_names_the_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad value written in the config file is reported at its FILE:LINE, not as the env
+    variable and flag that could also set it (nobody set those); a value the environment or a
+    flag gives instead is reported with them."""
+    f = tmp_path / "svc.yaml"
+    f.write_text("port: 50052\nmetrics_port: abc\ndefaults:\n  mode: fuzzy\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(f)
+    text = str(err.value)
+    assert f"{f}:2: metrics_port: Input should be a valid integer" in text, text
+    assert f"{f}:4: defaults.mode: Input should be" in text, text
+    assert "CONCEPTSVC_METRICS_PORT" not in text and "--metrics-port" not in text
+    monkeypatch.setenv("CONCEPTSVC_METRICS_PORT", "xyz")  # the environment's value wins
+    with pytest.raises(ConfigError) as err:
+        load_settings(f, defaults={"mode": "fuzzier"})
+    text = str(err.value)
+    assert "metrics_port (env CONCEPTSVC_METRICS_PORT, flag --metrics-port)" in text, text
+    assert "defaults.mode (env CONCEPTSVC_DEFAULTS__MODE, flag --default-mode)" in text, text
+
+
 def test_issue_16_unknown_nested_env_key_names_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -198,6 +220,7 @@ def test_config_bad_values(tmp_path: Path) -> None:
         ({"redis_url": "http://x"}, "redis://"),
         ({"redis_url": "redis://127.0.0.1:notaport/0"}, "not a valid Redis URL: Port could"),
         ({"defaults": {"mode": "fuzzy"}}, "defaults.mode"),
+        ({"defaults": {"profile": "rocov3"}}, "unknown profile 'rocov3'.*did you mean rocov2"),
         ({"redis_backoff_seconds": 5, "redis_backoff_max_seconds": 1}, "backoff_max"),
     ]:
         with pytest.raises(ConfigError, match=expected):

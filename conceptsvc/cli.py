@@ -329,6 +329,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from conceptsvc.server.launcher import ready_line
 
     settings = settings_from_args(args)
+    if settings.log_level is not None:  # (before the workers start: they take this level)
+        logging.getLogger().setLevel(settings.log_level.upper())
 
     def ready(port: int) -> None:
         print(ready_line(settings.host, port, settings.workers), flush=True)

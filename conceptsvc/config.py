@@ -23,7 +23,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -300,6 +300,10 @@ class Settings(BaseSettings):
     log_payloads: bool = Field(
         default=False,
         description="log caption text at DEBUG level (off: captions never reach logs)",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] | None = Field(
+        default=None,
+        description="serve's log level (unset: info, or debug with -vv)",
     )
     defaults: DefaultOptions = Field(
         default=DefaultOptions(),

@@ -1255,3 +1255,43 @@ def test_server_metrics_port_in_use_is_a_config_error(tmp_path: Path, workers: s
     assert done.returncode == 2, done.stderr
     assert f"[E100] cannot serve metrics on 127.0.0.1:{mport}" in done.stderr, done.stderr
     assert "--metrics-port" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_server_log_level_setting_and_the_start_up_posture_line(tmp_path: Path) -> None:
+    """`serve` says at start which security and cache it runs with (no secret: the Redis
+    URL's password stays out), and CONCEPTSVC_LOG_LEVEL=warning silences its INFO lines
+    (there was no log-level setting: only `conceptsvc -vv serve`, which an image's CMD fixes)."""
+    a = build_index_a(tmp_path / "a")
+    env = {"CONCEPTSVC_AUTH_TOKEN": "t" * 32, "CONCEPTSVC_REDIS_URL":
+           "redis://:pa55word-x@127.0.0.1:1/0"}
+    proc, _ = serve_subprocess("--index", str(a), env=env)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert ("security and cache: token auth on, admin RPC off, TLS off; in-process cache "
+            in err), err
+    assert "Redis 127.0.0.1:1" in err and "pa55word" not in err
+    proc, _ = serve_subprocess("--index", str(a), env={"CONCEPTSVC_LOG_LEVEL": "warning"})
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert " INFO " not in err and "security and cache" not in err, err
+
+
+def test_server_refused_calls_are_logged_without_flooding(
+    index_a: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong token is logged (method and why, never the token), at most once per
+    REFUSAL_LOG_SECONDS, with the count of refusals since the last line."""
+    token = "right-token-" + "r" * 24
+    wrong = "wrong-token-" + "w" * 24
+    with caplog.at_level("WARNING", logger="conceptsvc.server.auth"):
+        with running_server(settings_for(index_a, auth_token=token)) as (_, port):
+            with ConceptClient(f"127.0.0.1:{port}", token=wrong, retries=0) as c:
+                for _ in range(5):
+                    with pytest.raises(ServiceCallError):
+                        c.get_info()
+    lines = [r.getMessage() for r in caplog.records if r.name == "conceptsvc.server.auth"]
+    assert lines == ["refused /conceptsvc.v1.ConceptService/GetInfo: UNAUTHENTICATED: "
+                     "invalid token"], lines
+    assert all(wrong not in r.getMessage() for r in caplog.records)

@@ -425,6 +425,7 @@ def run_worker(
         if server.health_port is not None:
             log.info("health checks (plaintext, Check only) on %s:%d",
                      settings.host, server.health_port)
+        log.info("security and cache: %s", _posture(settings))
         if report is not None:
             report({"event": "ready", "port": port, "content_hash": outcome.content_hash})
         if on_ready is not None:
@@ -454,6 +455,26 @@ def run_worker(
     finally:
         _restore_signals(previous)
         server.stop(0)
+
+
+def _posture(settings: Settings) -> str:
+    """What an operator checks first, in one line and without secrets: token auth, the admin
+    RPC, TLS and the cache tiers (the Redis URL's host and port only: it may hold a
+    password)."""
+    tls = "off"
+    if settings.tls_cert is not None:
+        tls = "mutual" if settings.tls_client_ca is not None else "on"
+    redis = "off"
+    if settings.redis_url:
+        from redis.connection import parse_url
+
+        where = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+        redis = where.get("path") or f"{where.get('host', '?')}:{where.get('port', 6379)}"
+    return (
+        f"token auth {'on' if settings.auth_token else 'off'}, admin RPC "
+        f"{'on' if settings.admin_token else 'off'}, TLS {tls}; in-process cache "
+        f"{settings.cache_size:,} entries, Redis {redis}"
+    )
 
 
 def _install_signals(control: queue.SimpleQueue[str]) -> dict[int, Any]:

@@ -11,6 +11,9 @@ when no admin token is configured.
 from __future__ import annotations
 
 import hmac
+import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +25,12 @@ from conceptsvc.server.status import (
     refusing_handler,
     unauthenticated,
 )
+
+log = logging.getLogger(__name__)
+
+#: Refused calls are logged at most once per this many seconds (with how many were refused
+#: meanwhile): a client with a wrong token retrying in a loop must not flood the log.
+REFUSAL_LOG_SECONDS = 10.0
 
 __all__ = ["AuthInterceptor", "bearer_token"]
 
@@ -64,6 +73,23 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._admin = admin_token.encode("utf-8") if admin_token else None
         self._admin_prefix = admin_prefix
         self._on_reject = on_reject
+        self._log_lock = threading.Lock()
+        self._logged_at = -REFUSAL_LOG_SECONDS
+        self._unlogged = 0
+
+    def _log_refusal(self, method: str, failure: RpcFailure) -> None:
+        """A WARNING for a refused call, at most one per REFUSAL_LOG_SECONDS (the token is
+        never logged: only the method and why)."""
+        now = time.monotonic()
+        with self._log_lock:
+            if now - self._logged_at < REFUSAL_LOG_SECONDS:
+                self._unlogged += 1
+                return
+            before, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning(
+            "refused %s: %s: %s%s", method, failure.code.name, failure.message,
+            f" ({before} more refused since the last such line)" if before else "",
+        )
 
     def _check(self, method: str, metadata: Any) -> RpcFailure | None:
         if method.startswith(_HEALTH_PREFIX):
@@ -103,6 +129,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(handler_call_details)
         if failure is None or handler is None:
             return handler
+        self._log_refusal(method, failure)
         return self._reject(handler, method, failure)
 
     def _reject(

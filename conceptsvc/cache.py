@@ -274,6 +274,17 @@ class RedisCache:
                 self._down_since = None
                 self._backoff = self._backoff_initial
 
+    def probe(self) -> bool:
+        """PING Redis once (at start-up): whether it answers. A failure is an outage like any
+        other (logged once, retried with backoff), so it shows before the first request."""
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError) as exc:
+            self._failed("PING", exc)
+            return False
+        self._succeeded()
+        return True
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys or not self.available:
             return [None] * len(keys)

@@ -236,6 +236,23 @@ def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer)
     cache.close()
 
 
+def test_cache_redis_probe_answers_or_starts_an_outage(
+    shared_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`probe` (a PING at start-up) is True against a real Redis; against a port where nothing
+    listens it is False and starts an outage: logged once, retried with backoff."""
+    from conftest import free_port
+
+    up = RedisCache(shared_redis.url, prefix="t-probe:")
+    assert up.probe() and up.available and up.outages == 0
+    up.close()
+    with caplog.at_level("WARNING", logger="conceptsvc.cache"):
+        down = RedisCache(f"redis://127.0.0.1:{free_port()}/0", prefix="t-probe:")
+        assert not down.probe() and not down.available and down.outages == 1
+    assert any("PING failed" in r.getMessage() for r in caplog.records)
+    down.close()
+
+
 def test_cache_redis_without_scripts_writes_with_a_pipeline(
     shared_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

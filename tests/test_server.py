@@ -1270,7 +1270,9 @@ def test_server_log_level_setting_and_the_start_up_posture_line(tmp_path: Path) 
     assert proc.returncode == 0, err
     assert ("security and cache: token auth on, admin RPC off, TLS off; in-process cache "
             in err), err
-    assert "Redis 127.0.0.1:1" in err and "pa55word" not in err
+    assert "Redis 127.0.0.1:1 (not answering" in err and "pa55word" not in err
+    # (said at start-up, before any request: a PING)
+    assert "Redis cache tier unavailable (PING failed" in err, err
     proc, _ = serve_subprocess("--index", str(a), env={"CONCEPTSVC_LOG_LEVEL": "warning"})
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)

@@ -425,7 +425,8 @@ def run_worker(
         if server.health_port is not None:
             log.info("health checks (plaintext, Check only) on %s:%d",
                      settings.host, server.health_port)
-        log.info("security and cache: %s", _posture(settings))
+        redis_ok = server.cache.redis.probe() if server.cache.redis is not None else None
+        log.info("security and cache: %s", _posture(settings, redis_ok))
         if report is not None:
             report({"event": "ready", "port": port, "content_hash": outcome.content_hash})
         if on_ready is not None:
@@ -457,10 +458,10 @@ def run_worker(
         server.stop(0)
 
 
-def _posture(settings: Settings) -> str:
+def _posture(settings: Settings, redis_ok: bool | None = None) -> str:
     """What an operator checks first, in one line and without secrets: token auth, the admin
     RPC, TLS and the cache tiers (the Redis URL's host and port only: it may hold a
-    password)."""
+    password; ``redis_ok``: whether it answered a PING at start-up)."""
     tls = "off"
     if settings.tls_cert is not None:
         tls = "mutual" if settings.tls_client_ca is not None else "on"
@@ -470,6 +471,9 @@ def _posture(settings: Settings) -> str:
 
         where = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
         redis = where.get("path") or f"{where.get('host', '?')}:{where.get('port', 6379)}"
+        if redis_ok is not None:
+            redis += " (answering)" if redis_ok else (
+                " (not answering: served without it, retried with backoff)")
     return (
         f"token auth {'on' if settings.auth_token else 'off'}, admin RPC "
         f"{'on' if settings.admin_token else 'off'}, TLS {tls}; in-process cache "

@@ -331,6 +331,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.log_level is not None:  # (before the workers start: they take this level)
         logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.log_format != "text":
+        from conceptsvc.server.app import use_log_format
+
+        use_log_format(settings.log_format)
 
     def ready(port: int) -> None:
         print(ready_line(settings.host, port, settings.workers), flush=True)

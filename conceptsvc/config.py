@@ -305,6 +305,11 @@ class Settings(BaseSettings):
         default=None,
         description="serve's log level (unset: info, or debug with -vv)",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="serve's log lines: text, or one JSON object a line (time, level, logger, "
+        "worker, message) for a log collector",
+    )
     defaults: DefaultOptions = Field(
         default=DefaultOptions(),
         description="default extraction options",  # frozen: safe to share

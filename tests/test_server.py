@@ -7,6 +7,7 @@ TLS / mutual TLS, token auth, metrics and logging hygiene.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -1297,3 +1298,27 @@ def test_server_refused_calls_are_logged_without_flooding(
     assert lines == ["refused /conceptsvc.v1.ConceptService/GetInfo: UNAUTHENTICATED: "
                      "invalid token"], lines
     assert all(wrong not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_server_json_log_lines_for_a_collector(tmp_path: Path, workers: str) -> None:
+    """CONCEPTSVC_LOG_FORMAT=json: every line `serve` logs (supervisor and workers) is one JSON
+    object with time, level, logger and message, and a worker's number when there are workers
+    (gRPC's own C-core lines, which bypass logging, are the only text lines left)."""
+    a = build_index_a(tmp_path / "a")
+    proc, _ = serve_subprocess("--index", str(a), "--workers", workers,
+                               env={"CONCEPTSVC_LOG_FORMAT": "json"})
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert not [line for line in err.splitlines()
+                if line.strip() and not line.startswith(("{", "I1", "W1", "E1"))], err
+    serving = [r for r in records if r["message"].startswith("serving conceptsvc.v1")]
+    assert len(serving) == int(workers), err
+    for r in records:
+        assert set(r) >= {"time", "level", "logger", "message"} and r["time"].endswith("Z")
+    if workers == "2":
+        assert {r["worker"] for r in serving} == {0, 1}
+    else:
+        assert all("worker" not in r for r in records)

@@ -512,6 +512,37 @@ def _settings_payload(settings: Settings) -> str:
     return json.dumps(data)
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, worker (a supervisor's
+    worker number; absent in a single process), message, and the traceback if any. gRPC's
+    own C-core lines go to stderr beside them, as text: they do not pass through logging."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        if self.worker is not None:
+            out["worker"] = self.worker
+        out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def use_log_format(fmt: str, worker: int | None = None) -> None:
+    """Switch the root logger's handlers to ``fmt`` ("json"; "text" leaves them)."""
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter(worker))
+
+
 def _worker_main(payload: str, port: int, conn: Any, index: int, log_level: int) -> None:
     """Entry point of a spawned worker process."""
     logging.basicConfig(
@@ -521,6 +552,7 @@ def _worker_main(payload: str, port: int, conn: Any, index: int, log_level: int)
     from conceptsvc.config import Settings
 
     settings = Settings(**{**json.loads(payload), "port": port})
+    use_log_format(settings.log_format, index)
 
     def report(event: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):

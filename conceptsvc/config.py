@@ -534,7 +534,7 @@ def _unknown_key(loc: tuple[int | str, ...], file: Path | None, in_file: bool) -
     if in_file and file is not None:
         line = _key_line(file, loc)
         return f"{file}{f':{line}' if line else ''}: {name}: unknown setting{hint}"
-    env = ENV_PREFIX + "__".join(parts).upper()
+    env = _env_name(loc)
     return f"{name} (env {env}): unknown setting{hint}"
 
 
@@ -547,6 +547,11 @@ def _file_has(data: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
     return True
 
 
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable of the setting at ``loc`` (nested: ``__`` between parts)."""
+    return ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+
+
 def _from_file(
     loc: tuple[int | str, ...], overrides: Mapping[str, Any], file_data: Mapping[str, Any]
 ) -> bool:
@@ -554,7 +559,7 @@ def _from_file(
     a flag (``overrides``) nor the environment, which come first, gave it."""
     if not _file_has(file_data, loc) or _file_has(overrides, loc):
         return False
-    env = os.environ.get(ENV_PREFIX + "__".join(str(p) for p in loc).upper())
+    env = os.environ.get(_env_name(loc))
     return not env  # (an empty variable is no value: env_ignore_empty)
 
 
@@ -562,7 +567,7 @@ def _describe(loc: tuple[int | str, ...]) -> str:
     """Where a setting can be set: its dotted name, env variable and CLI flag."""
     parts = [str(p) for p in loc]
     name = ".".join(parts)
-    env = ENV_PREFIX + "__".join(parts).upper()
+    env = _env_name(loc)
     flag = "--" + "-".join(parts).replace("_", "-").replace("defaults-", "default-")
     return f"{name} (env {env}, flag {flag})"
 

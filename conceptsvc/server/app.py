@@ -698,35 +698,30 @@ class Supervisor:
         if s.index is None:
             # Build the demo index once here, not concurrently in every worker.
             s = s.model_copy(update={"index": resolve_index_path(s)})
-        claim = PortClaim(s.host, s.port)
-        port = claim.port
-        health_claim: PortClaim | None = None
-        if s.health_port is not None:
-            try:
+        # Everything run holds is released in reverse order however it ends, a start that
+        # fails half-way included (the metrics port taken after the service port was claimed).
+        with contextlib.ExitStack() as held:
+            claim = PortClaim(s.host, s.port)
+            held.callback(claim.close)
+            port = claim.port
+            if s.health_port is not None:
                 health_claim = PortClaim(s.host, s.health_port, setting="health_port")
-            except BaseException:
-                claim.close()
-                raise
-            s = s.model_copy(update={"health_port": health_claim.port})
-        metrics_dir: tempfile.TemporaryDirectory[str] | None = None
-        if s.metrics_port is not None:
-            metrics_dir = tempfile.TemporaryDirectory(prefix="conceptsvc-metrics-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-            try:
+                held.callback(health_claim.close)
+                s = s.model_copy(update={"health_port": health_claim.port})
+            if s.metrics_port is not None:
+                metrics_dir = held.enter_context(
+                    tempfile.TemporaryDirectory(prefix="conceptsvc-metrics-")
+                )
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+                held.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
                 _, _, mport = start_metrics_http_server(
                     s.metrics_port, s.metrics_host, multiprocess_registry()
                 )
-            except BaseException:
-                claim.close()
-                if health_claim is not None:
-                    health_claim.close()
-                metrics_dir.cleanup()
-                raise
-            log.info("metrics of all workers on http://%s:%d/metrics", s.metrics_host, mport)
-        payload = _settings_payload(s)
-        control: queue.SimpleQueue[str] = queue.SimpleQueue()
-        previous = _install_signals(control)
-        try:
+                log.info("metrics of all workers on http://%s:%d/metrics", s.metrics_host,
+                         mport)
+            payload = _settings_payload(s)
+            control: queue.SimpleQueue[str] = queue.SimpleQueue()
+            held.callback(_restore_signals, _install_signals(control))
             for i in range(s.workers):
                 self._spawn(i, payload, port)
             if not self._wait_ready(s.workers):
@@ -736,14 +731,6 @@ class Supervisor:
             if self.on_ready is not None:
                 self.on_ready(port)
             return self._loop(control, payload, port)
-        finally:
-            _restore_signals(previous)
-            claim.close()
-            if health_claim is not None:
-                health_claim.close()
-            if metrics_dir is not None:
-                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-                metrics_dir.cleanup()
 
     def _wait_ready(self, n: int) -> bool:
         ready: set[int] = set()

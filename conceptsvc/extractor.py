@@ -59,6 +59,7 @@ concepts a profile inferred without a mention (e.g. ROCOv2's imaging modality).
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -265,8 +266,16 @@ class _Plan:
     # the compiled path's filters over the index's numbers (_speedups.FilterPlan), or None
     fast_filter: Any
     # which of the concepts the profile infers (without a mention) the request's filters let
-    # through; None when no filter is set
+    # through (None when no filter is set): the exclusions and the semantic types as for a
+    # mentioned concept; a sources filter passes none, since none of their strings was
+    # matched. The profile decides first, unfiltered (its slot's evidence still says what the
+    # image is: with MRI excluded, "T2-weighted" infers no other modality in its place).
     infer_ok: Callable[[str], bool] | None = None
+
+
+def _passes_none(cui: str) -> bool:
+    """A plan's ``infer_ok`` under a sources filter: no inferred concept passes it."""
+    return False
 
 
 def _plan_weight(options: ExtractOptions, plan: _Plan) -> int:
@@ -438,6 +447,12 @@ class Extractor:
         tui_set = frozenset(tuis) if (o.semantic_types or o.semantic_groups) else None
         sab_set = frozenset(o.sources) if o.sources else None
         excluded = frozenset(o.exclude_cuis)
+        accept: dict[str, bool] = {}
+        infer_ok: Callable[[str], bool] | None = None
+        if sab_set is not None:
+            infer_ok = _passes_none
+        elif tui_set is not None or excluded:
+            infer_ok = functools.partial(self._accepts_in, accept, excluded, tui_set)
         plan = _Plan(
             options=o,
             include_hypothetical=(
@@ -449,28 +464,17 @@ class Extractor:
             excluded=excluded,
             profile=profile,
             resolver=resolver,
-            accept={},
+            accept=accept,
             filtered={},
             fast_memo={},
             fast_filter=(
                 None if self._postings is None
                 else self._postings.plan(tui_set, sab_set, excluded, profile)
             ),
+            infer_ok=infer_ok,
         )
-        if tui_set is not None or sab_set is not None or excluded:
-            object.__setattr__(plan, "infer_ok", self._infer_check(plan))
         self._plans.put(options, plan)
         return plan
-
-    def _infer_check(self, plan: _Plan) -> Callable[[str], bool]:
-        """Whether a concept the profile inferred passes ``plan``'s filters: the exclusions and
-        the semantic types as a mentioned concept does; a sources filter passes none, since
-        none of its strings was matched. The profile decides first, unfiltered (its slot's
-        evidence still says what the image is: with MRI excluded, "T2-weighted" infers no
-        other modality in its place)."""
-        if plan.sabs is not None:
-            return lambda cui: False
-        return lambda cui: self._accepts(plan, cui)
 
     @property
     def plan_cache(self) -> WeightedMemo[ExtractOptions, Any]:
@@ -489,17 +493,28 @@ class Extractor:
         return info
 
     def _accepts(self, plan: _Plan, cui: str) -> bool:
-        ok = plan.accept.get(cui)
+        return self._accepts_in(plan.accept, plan.excluded, plan.tuis, cui)
+
+    def _accepts_in(
+        self,
+        accept: dict[str, bool],
+        excluded: frozenset[str],
+        tuis: frozenset[str] | None,
+        cui: str,
+    ) -> bool:
+        """Whether ``cui`` passes the exclusions and the semantic types (memoised in a plan's
+        ``accept``; its plan's :attr:`_Plan.infer_ok` is this, bound to them)."""
+        ok = accept.get(cui)
         if ok is None:
-            if cui in plan.excluded:
+            if cui in excluded:
                 ok = False
-            elif plan.tuis is None:
+            elif tuis is None:
                 ok = True
             else:
-                ok = not plan.tuis.isdisjoint(self.concept_info(cui)[1])
-            if len(plan.accept) >= _PLAN_MEMO_MAX:
-                plan.accept.clear()
-            plan.accept[cui] = ok
+                ok = not tuis.isdisjoint(self.concept_info(cui)[1])
+            if len(accept) >= _PLAN_MEMO_MAX:
+                accept.clear()
+            accept[cui] = ok
         return ok
 
     def _approximate(self) -> ApproximateMatcher:

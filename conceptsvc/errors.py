@@ -156,7 +156,8 @@ class ServiceCallError(ClientError):
     """An RPC failed with a gRPC status (after the client's retries, if it was retryable).
 
     ``status`` is the gRPC status name (``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"`` …) and
-    ``details`` the server's message.
+    ``details`` the server's message; ``hint`` the caller's own advice ("" when it had none,
+    and then the message carries the status's general advice).
     """
 
     code = "E610"
@@ -167,6 +168,7 @@ class ServiceCallError(ClientError):
         self.method = method
         self.status = status
         self.details = details
+        self.hint = hint
         hint = hint or {
             "UNAVAILABLE": (
                 " Is the service running and reachable (check --target), or still loading its "

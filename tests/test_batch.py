@@ -797,6 +797,24 @@ def test_batch_unreachable_service_is_a_clear_error(
     assert "trying 2 more time(s)" in waits[0]
 
 
+def test_batch_draining_service_is_named_as_such(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """A service that is shutting down answers GetInfo UNAVAILABLE "shutting down": the run
+    says it is draining (as `lookup` and the client do), not "is the service running"."""
+    server = start_server(demo_extractor)
+    try:
+        server.state.start_draining()  # refusing, not stopped yet
+        src = write_csv(tmp_path / "in.csv", demo_rows()[:3])
+        with pytest.raises(ServiceUnreachableError) as err:
+            annotate_corpus(Corpus(src), resolve_outputs(tmp_path / "o.jsonl"),
+                            settings(f"127.0.0.1:{server.port}", retries=0))
+        assert "is shutting down (draining)" in str(err.value), err.value
+        assert "Is the service running" not in str(err.value)
+    finally:
+        server.stop(0)
+
+
 def test_batch_token_is_sent_and_required(tmp_path: Path, demo_extractor: Extractor) -> None:
     token = "s3cret-token-for-the-batch-test"
     server = start_server(demo_extractor, auth_token=token)

@@ -85,7 +85,7 @@ import grpc.aio
 from conceptsvc import __version__
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client.channel import ChannelSecurity, effective_options, tls_mismatch_hint
+from conceptsvc.client.channel import ChannelSecurity, effective_options, unavailable_hint
 from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusScan
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
@@ -504,6 +504,7 @@ class _Runner:
         """GetInfo from every target (waiting for them to come up); all must agree."""
         infos: dict[str, ServiceInfo] = {}
         last: dict[str, str] = {}
+        hints: dict[str, str] = {}  # what to change, when an UNAVAILABLE says (unavailable_hint)
         for attempt in range(self.s.retries + 1):
             for i, name in enumerate(targets.names):
                 if name in infos:
@@ -518,6 +519,10 @@ class _Runner:
                     if exc.code() in _FATAL:
                         raise ClientError(f"{name}: {exc.code().name}: {exc.details()}") from None
                     last[name] = f"{exc.code().name}: {exc.details()}"
+                    hints[name] = (
+                        unavailable_hint(exc.details() or "", self.s.security.uses_tls)
+                        if exc.code() is grpc.StatusCode.UNAVAILABLE else ""
+                    )
             if infos and (len(infos) == len(targets.names) or attempt >= 1):
                 break
             if attempt < self.s.retries:
@@ -531,7 +536,7 @@ class _Runner:
         if not infos:
             detail = "; ".join(f"{t}: {m}" for t, m in last.items())
             hint = next(
-                (h for m in last.values() if (h := tls_mismatch_hint(m, self.s.security.uses_tls))),
+                (hints[t] for t in last if hints.get(t)),
                 " Is the service running (check `conceptsvc health --target ...`)?",
             )
             raise ServiceUnreachableError(f"no target answered GetInfo ({detail}).{hint}")

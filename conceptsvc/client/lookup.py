@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from conceptsvc.client.channel import ChannelSecurity, effective_options, unavailable_hint
+from conceptsvc.client.channel import ChannelSecurity, effective_options
 from conceptsvc.client.outputs import annotation_to_json
 from conceptsvc.errors import (
     ClientError,
@@ -137,7 +137,6 @@ class RemoteLookup:
 
         security = security or ChannelSecurity()
         self.target = target
-        self._uses_tls = security.uses_tls
         self.client = ConceptClient(target, timeout=timeout, **security.client_kwargs())
         self._info: ServiceInfo | None = None
 
@@ -147,7 +146,7 @@ class RemoteLookup:
             return fn()
         except ServiceCallError as exc:
             if exc.status == "UNAVAILABLE":
-                hint = unavailable_hint(exc.details, self._uses_tls)
+                hint = exc.hint  # the client's unavailable_hint: a TLS mismatch, a draining server
                 if hint:
                     raise ServiceUnreachableError(
                         f"cannot connect to {self.target} (UNAVAILABLE: {exc.details}).{hint}"

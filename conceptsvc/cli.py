@@ -612,9 +612,12 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
             if args.html:
                 raise UsageError("--html writes one caption's page; give the caption, not -")
             # One caption per line, answered as they come (a pipe may never end) on one
-            # stream; blank lines have no caption to answer.
+            # stream; blank lines have no caption to answer. A caption's id is its line
+            # number, as `annotate` numbers a text file's captions.
             lines = (line.rstrip("\r\n") for line in sys.stdin)
-            answers = backend.annotate_many((t for t in lines if t.strip()), overrides)
+            answers = backend.annotate_many(
+                ((str(n), t) for n, t in enumerate(lines, 1) if t.strip()), overrides
+            )
         else:
             answers = iter([(args.text, backend.annotate(args.text, overrides))])
         for n, (text, a) in enumerate(answers):

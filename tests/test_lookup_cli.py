@@ -236,6 +236,7 @@ def test_issue_16_lookup_stdin_answers_every_line(
         assert code == 0
         rows = [json.loads(line) for line in out.splitlines()]  # one JSON object per line
         assert [r["text"] for r in rows] == captions  # the blank line is not a caption
+        assert [r["id"] for r in rows] == ["1", "2", "4"]  # line numbers, as `annotate`'s
         assert "C0032227" in rows[0]["concepts"] and rows[1]["mentions"]
         answers.append(rows)
     assert answers[0] == answers[1]

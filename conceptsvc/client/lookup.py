@@ -56,7 +56,7 @@ T = TypeVar("T")
 class Lookup(Protocol):
     def annotate(self, text: str, overrides: Mapping[str, Any]) -> Annotation: ...
     def annotate_many(
-        self, texts: Iterable[str], overrides: Mapping[str, Any]
+        self, items: Iterable[tuple[str, str]], overrides: Mapping[str, Any]
     ) -> Iterator[tuple[str, Annotation]]: ...
     def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord: ...
     def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]: ...
@@ -88,11 +88,12 @@ class LocalLookup:
         return self.extractor.extract(text, self._options(overrides), id="lookup")
 
     def annotate_many(
-        self, texts: Iterable[str], overrides: Mapping[str, Any]
+        self, items: Iterable[tuple[str, str]], overrides: Mapping[str, Any]
     ) -> Iterator[tuple[str, Annotation]]:
+        """Every (id, text) of ``items`` annotated, in order."""
         options = self._options(overrides)
-        for n, text in enumerate(texts, 1):  # ids as RemoteLookup's: the ordinal
-            yield text, self.extractor.extract(text, options, id=str(n))
+        for id_, text in items:
+            yield text, self.extractor.extract(text, options, id=id_)
 
     def concept(self, cui: str, *, synonyms: bool = True) -> ConceptRecord:
         # (here, not at the top: the remote commands do without the index module and numpy)
@@ -172,18 +173,19 @@ class RemoteLookup:
         return self._call(lambda: self.client.annotate(text, id="lookup", options=options))
 
     def annotate_many(
-        self, texts: Iterable[str], overrides: Mapping[str, Any]
+        self, items: Iterable[tuple[str, str]], overrides: Mapping[str, Any]
     ) -> Iterator[tuple[str, Annotation]]:
-        """Every text on one stream, answered in order as the answers come."""
+        """Every (id, text) of ``items`` on one stream, answered in order as the answers come
+        (ids must be distinct)."""
         options = self._options(overrides)
         sent: dict[str, str] = {}
 
-        def items() -> Iterator[tuple[str, str]]:
-            for n, text in enumerate(texts, 1):
-                sent[str(n)] = text
-                yield str(n), text
+        def send() -> Iterator[tuple[str, str]]:
+            for id_, text in items:
+                sent[id_] = text
+                yield id_, text
 
-        results = self._call(lambda: self.client.annotate_stream(items(), options=options))
+        results = self._call(lambda: self.client.annotate_stream(send(), options=options))
         while True:
             res = self._call(lambda: next(results, None))
             if res is None:

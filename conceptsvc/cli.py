@@ -160,7 +160,8 @@ def _fill_semtypes(p: argparse.ArgumentParser) -> None:
         p,
         description="List the UMLS semantic groups, each with its semantic types (TUI, "
         "abbreviation, name). Any of these names may be given wherever an option takes "
-        "semantic types or groups.",
+        "semantic types or groups; group codes in capitals (CHEM, ORGA name the groups, chem "
+        "and orga the types T103 and T032).",
         epilog=_examples(
             "conceptsvc semtypes",
             "conceptsvc semtypes | grep -i neoplastic",

@@ -98,6 +98,10 @@ class SemanticNetwork:
 
         A group resolves to all its types (descendants are already in the group). A type
         resolves to itself, plus its descendants when ``include_descendants`` is set.
+
+        Two group codes are also type abbreviations: ``CHEM`` (Chemicals & Drugs; ``chem`` is
+        T103, Chemical) and ``ORGA`` (Organizations; ``orga`` is T032, Organism Attribute).
+        Written in capitals, as group codes are, they name the group; in lower case, the type.
         """
         key = name.strip()
         if not key:
@@ -105,6 +109,8 @@ class SemanticNetwork:
         folded = key.casefold()
         if key.upper() == UNKNOWN_TUI or folded == "unknown":
             return frozenset({UNKNOWN_TUI})
+        if key in self.groups:  # a group code as written (capitals): the group
+            return frozenset(self.groups[key].tuis)
         tui: str | None = None
         if key.upper() in self.types:
             tui = key.upper()

@@ -25,6 +25,19 @@ def test_semantic_network_resolve_group() -> None:
     assert sn.resolve("Anatomy") == anat
 
 
+def test_semantic_network_group_codes_that_are_also_type_abbreviations() -> None:
+    """CHEM and ORGA are group codes (Chemicals & Drugs, Organizations) and, in lower case,
+    the abbreviations of T103 (Chemical) and T032 (Organism Attribute):
+    in capitals they name the group (every group code does), in lower case the type."""
+    sn = load_semantic_network()
+    for code in sn.groups:
+        assert sn.resolve(code) == frozenset(sn.groups[code].tuis), code
+    assert len(sn.resolve("CHEM")) > 1 and "T116" in sn.resolve("CHEM")
+    assert sn.resolve("ORGA") == {"T092", "T093", "T094", "T095"}  # Organizations
+    assert sn.resolve("chem") == {"T103"} and sn.resolve("orga") == {"T032"}
+    assert sn.resolve("Chemicals & Drugs") == sn.resolve("CHEM")
+
+
 def test_semantic_network_descendants() -> None:
     sn = load_semantic_network()
     below = sn.resolve("T046", include_descendants=True)  # Pathologic Function

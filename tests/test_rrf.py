@@ -134,7 +134,7 @@ def test_rrf_progress_reports_fraction(tmp_path: Path) -> None:
 
 def test_rrf_split_row_spanning_parts_reported_at_start(tmp_path: Path) -> None:
     # A malformed row that starts in part aa and ends in ab is reported at aa's line.
-    (tmp_path / "MRCONSO.RRF.aa").write_bytes(b"C1|ENG|P|L|PF|S|Y|A|||D|MSH|MH|1|Bad")
+    (tmp_path / "MRCONSO.RRF.aa").write_bytes(b"C0024109|ENG|P|L|PF|S|Y|A|||D|MSH|MH|1|Bad")
     (tmp_path / "MRCONSO.RRF.ab").write_bytes(b" row|0|N|\n")
     with pytest.raises(MalformedRowError) as err:
         list(iter_mrconso(MetaDir(tmp_path)))
@@ -157,10 +157,50 @@ def test_rrf_tiny_read_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch, ch
 
 def test_rrf_blank_lines_and_crlf_only_file(tmp_path: Path) -> None:
     (tmp_path / "MRCONSO.RRF").write_bytes(
-        b"\r\n\nC1|ENG|P|L|PF|S|Y|A|||D|MSH|MH|1|Lung|0|N||\r\n\r\n"
+        b"\r\n\nC0024109|ENG|P|L|PF|S|Y|A|||D|MSH|MH|1|Lung|0|N||\r\n\r\n"
     )
     rows = list(iter_mrconso(MetaDir(tmp_path)))
     assert [r.string for r in rows] == ["Lung"]
+
+
+def test_rrf_byte_order_mark_and_damaged_cuis(tmp_path: Path) -> None:
+    """A byte-order mark before the first row is not part of its CUI; a CUI that is not C and
+    seven digits (lower case, a space, empty) is a malformed row at its line, which
+    --on-error skip skips and counts, not a concept of its own."""
+    row = "|ENG|P|L|PF|S|Y|A|||D|MSH|MH|1|{}|0|N||\n"
+    (tmp_path / "MRCONSO.RRF").write_bytes(
+        b"\xef\xbb\xbf" + ("C0024109" + row.format("Lung")).encode()
+        + ("c0024109 " + row.format("Lungs")).encode()
+        + row.format("Nothing").encode()
+        + ("C0032227" + row.format("Pleural effusion")).encode()
+    )
+    with pytest.raises(MalformedRowError) as err:
+        list(iter_mrconso(MetaDir(tmp_path)))
+    assert "MRCONSO.RRF:2:" in str(err.value) and "'c0024109 ' is not a UMLS CUI" in str(err.value)
+    stats = ReadStats()
+    rows = list(iter_mrconso(MetaDir(tmp_path), on_error="skip", stats=stats))
+    assert [(r.cui, r.string) for r in rows] == [("C0024109", "Lung"),
+                                                 ("C0032227", "Pleural effusion")]
+    assert stats.skipped == {"MRCONSO.RRF": 2}
+    (tmp_path / "MRSTY.RRF").write_text("C0024109|T023|A1.2.3.1|Body Part, Organ, or Organ "
+                                        "Component|AT1||\nC024109|T023|A1|x|AT2||\n")
+    with pytest.raises(MalformedRowError, match=r"MRSTY\.RRF:2:.*'C024109'"):
+        list(iter_mrsty(MetaDir(tmp_path)))
+
+
+def test_rrf_row_length_against_mrfiles_names_mrfiles(tmp_path: Path) -> None:
+    """A row whose length differs from the column list MRFILES gives says MRFILES is where
+    the list came from (one copied from another release is the usual cause)."""
+    for f in (FIXTURES / "rrf_mrfiles").iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    mrfiles = (tmp_path / "MRFILES.RRF").read_text(encoding="utf-8").splitlines()
+    mrfiles = [line.replace(",CODE|", ",CODE,MORE|").replace("|14|", "|15|")
+               if line.startswith("MRCONSO.RRF|") else line for line in mrfiles]
+    (tmp_path / "MRFILES.RRF").write_text("\n".join(mrfiles) + "\n", encoding="utf-8")
+    assert len(MetaDir(tmp_path).columns("MRCONSO.RRF")) == 15
+    with pytest.raises(MalformedRowError) as err:
+        list(iter_mrconso(MetaDir(tmp_path)))
+    assert "expected 15 (the 15 columns MRFILES.RRF gives it" in str(err.value)
 
 
 def test_rrf_read_release_from_release_dat_then_mrsab(tmp_path: Path) -> None:

@@ -184,6 +184,15 @@ class MetaDir:
             "table conceptsvc knows."
         )
 
+    def columns_origin(self, table: str) -> str:
+        """Where :meth:`columns` took ``table``'s column list from, for a message about a row
+        of another length ("" when it is the standard list)."""
+        meta = self._files_meta.get(table)
+        if meta is None:
+            return ""
+        return (f" (the {len(meta[0])} columns MRFILES.RRF gives it: {','.join(meta[0])}; if "
+                "MRFILES.RRF comes from another release or subset, fix or remove it)")
+
     def expected_rows(self, table: str) -> int | None:
         """Row count MRFILES gives for the table, if any (it describes the release, which a
         subset directory may not match)."""
@@ -195,7 +204,7 @@ class MetaDir:
         return sum(f.stat().st_size for f in self.parts(table))
 
     def signature(self) -> list[dict[str, object]]:
-        """Name, size and mtime of every table file: enough to notice a changed input."""
+        """Name and size of every table file (what the index manifest records of its input)."""
         out: list[dict[str, object]] = []
         for f in sorted(self.path.iterdir()):
             if f.is_file() and ".RRF" in f.name:
@@ -323,9 +332,12 @@ def _rows(
     progress: Progress | None,
     progress_every: int,
     getter: Callable[[list[str]], Any] | None,
+    cui_at: int | None = None,
 ) -> Iterator[Any]:
     """The reading loop; ``getter`` picks columns in the same generator (one layer less per
-    row matters at 16 M rows)."""
+    row matters at 16 M rows). ``cui_at``: the column of a CUI, checked to be one (C and seven
+    digits) so that a damaged value (a byte-order mark, a lower-case c, a space, nothing) is a
+    malformed row at its line, not a concept of its own."""
     if on_error not in ("fail", "skip"):
         raise DictionaryError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     parts = meta.parts(table)
@@ -336,6 +348,8 @@ def _rows(
     next_report = count + progress_every
     cursor = _Cursor()
     for path, first, block in _raw_blocks(parts, n, cursor):
+        if first == 1 and block.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+            block = block[3:]
         bad: dict[int, str] = {}
         try:
             lines = block.decode("utf-8").split("\n")
@@ -366,7 +380,15 @@ def _rows(
                 if len(fields) != n:
                     raise MalformedRowError(
                         path, lineno, f"{table} row has {len(fields)} fields, expected {n}"
+                        + meta.columns_origin(table)
                     )
+                if cui_at is not None:
+                    cui = fields[cui_at]
+                    if len(cui) != 8 or cui[0] != "C" or not cui[1:].isdigit():
+                        raise MalformedRowError(
+                            path, lineno, f"{table} row's CUI {cui!r} is not a UMLS CUI (C "
+                            "and seven digits)"
+                        )
             except MalformedRowError as err:
                 if on_error == "fail":
                     raise
@@ -397,7 +419,8 @@ def _typed(
             "check MRFILES.RRF or the file."
         )
     getter = operator.itemgetter(*(cols.index(c) for c in _WANTED[table]))
-    rows = _rows(meta, table, on_error, stats, progress, 200_000, getter)
+    cui_at = cols.index("CUI") if "CUI" in _WANTED[table] else None
+    rows = _rows(meta, table, on_error, stats, progress, 200_000, getter, cui_at)
     # partial(tuple.__new__, T) builds the named tuple in C, without a Python-level call.
     return map(functools.partial(tuple.__new__, row_type), rows)
 

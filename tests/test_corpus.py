@@ -66,6 +66,19 @@ def test_corpus_csv_reads_quoting_crlf_and_header(tmp_path: Path) -> None:
     assert scan.sha256 == hashlib.sha256(CSV_TEXT.encode()).hexdigest()
 
 
+@pytest.mark.parametrize("header", ["image_id,caption", "name,Caption", "ID,text",
+                                    "figure,description", "\ufeffImage ID,Captions"])
+def test_corpus_csv_two_column_headers_other_than_id_caption(tmp_path: Path,
+                                                              header: str) -> None:
+    """A two-column header names an id or a caption column in other words than ROCOv2's
+    ID,Caption: it is a header, not a caption (it was annotated as one, id "image_id")."""
+    corpus = Corpus(write(tmp_path, "c.csv", f"{header}\nA,CT of the chest\nB,MRI brain\n"))
+    assert goods(corpus) == [(0, "A", "CT of the chest", 2), (1, "B", "MRI brain", 3)]
+    # a first row that names neither stays a caption (headerless ID,Caption input)
+    corpus = Corpus(write(tmp_path, "d.csv", "ROCO_1,Axial CT\nROCO_2,MRI brain\n"))
+    assert [c.id for c in corpus.captions()] == ["ROCO_1", "ROCO_2"]
+
+
 def test_corpus_csv_with_bom_and_multiline_quoted_caption(tmp_path: Path) -> None:
     data = '\ufeffID,Caption\nA,"first line\nsecond line"\nB,next\n'
     corpus = Corpus(write(tmp_path, "c.csv", data))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from conceptsvc import __version__
-from conceptsvc.errors import ConceptsvcError, UsageError
+from conceptsvc.errors import ConceptsvcError, EvaluationError, UsageError
 from conceptsvc.grpc_io import prefer_poller_io
 
 if TYPE_CHECKING:
@@ -186,11 +186,28 @@ def _load_index_arg(path: str | None) -> ConceptIndex:
     return demo_index()
 
 
+def _evaluation_captions(path: str) -> list[tuple[str, str]]:
+    """``evaluate --local``'s captions, read as ``annotate`` reads its input (CSV, ROCO TSV,
+    JSONL, text, Parquet; gzipped or not); a malformed record or a repeated id is refused with
+    its line, since a caption scored twice or not at all changes the F1."""
+    from conceptsvc.client.corpus import Corpus
+
+    corpus = Corpus(path)
+    scan = corpus.scan()
+    if scan.bad:
+        shown = "; ".join(f"{b.location(path)}: {b.problem}" for b in scan.bad[:3])
+        more = f" (and {len(scan.bad) - 3:,} more)" if len(scan.bad) > 3 else ""
+        raise EvaluationError(
+            f"{len(scan.bad):,} caption record(s) of {path} cannot be scored: {shown}{more}. "
+            "Fix them (`conceptsvc annotate` reads the same formats and lists them all)."
+        )
+    return [(c.id, c.text) for c in corpus.captions()]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from conceptsvc.evaluation import (
-        read_captions,
         read_concepts,
         score,
         secondary_cuis,
@@ -198,7 +215,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
     if args.local and not args.captions:
-        raise UsageError("--local needs --captions FILE (an ID,Caption CSV)")
+        raise UsageError(
+            "--local needs --captions FILE (an ID,Caption CSV, or any input annotate reads)"
+        )
     if not args.local and (args.captions or args.write_predictions):
         raise UsageError("--captions and --write-predictions only apply with --local")
     if args.top < 0:
@@ -235,7 +254,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             include_mentions=False,
         )
         extractor = Extractor(index, default_options=options)
-        captions = read_captions(args.captions)
+        captions = _evaluation_captions(args.captions)
         annotations = extractor.extract_batch(captions)
         pred: dict[str, list[str]] = {a.id: list(a.concepts) for a in annotations}
         if args.write_predictions:
@@ -243,6 +262,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         pred = read_concepts(args.pred)
     result = score(pred, gold, manual, edition=args.edition)
+    if pred and result.n_images and result.missing_predictions == result.n_images:
+        raise EvaluationError(
+            f"none of the {len(pred):,} predicted image ids is a gold image id (predicted: "
+            f"{', '.join(list(pred)[:3])}; gold: {', '.join(list(gold)[:3])}): are the "
+            "predictions and the gold of the same split, with the same ids?"
+        )
     if args.json:
         print(json.dumps(result.as_dict(top=args.top), indent=2))
         return 0
@@ -262,6 +287,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"no prediction for  {result.missing_predictions} gold images "
             "(scored as empty predictions)"
         )
+    if result.unscored_predictions:
+        print(f"not in the gold    {result.unscored_predictions} predicted images (not scored)")
     if args.top:
         if index is None:
             try:  # names only; scoring never needs the dictionary
@@ -307,7 +334,8 @@ def _fill_evaluate(p: argparse.ArgumentParser) -> None:
         f"{', '.join(map(str, sorted(SECONDARY_CUIS_BY_EDITION)))}; default {DEFAULT_EDITION}, "
         "ROCOv2's)",
     )
-    p.add_argument("--captions", help="captions CSV (ID,Caption); with --local")
+    p.add_argument("--captions", help="captions to extract from, with --local: any input "
+                   "`annotate` reads (ID,Caption CSV, ROCO TSV, JSONL, text, Parquet; gzipped)")
     p.add_argument("--index", help="index directory for --local, and for concept names in "
                    "the false-negative/positive lists (default: the embedded demo dictionary)")
     p.add_argument("--profile", default="rocov2", help="concept profile (default: rocov2)")

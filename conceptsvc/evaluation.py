@@ -116,6 +116,7 @@ class EvaluationResult:
     true_positives: Counter[str] = field(default_factory=Counter)
     missing_predictions: int = 0  # gold images with no prediction row at all
     edition: int = DEFAULT_EDITION  # whose secondary-concept list was used
+    unscored_predictions: int = 0  # predicted images the gold does not have (not scored)
 
     def as_dict(self, top: int = 10) -> dict[str, object]:
         return {
@@ -128,6 +129,7 @@ class EvaluationResult:
             "micro_recall": round(self.micro_recall, 6),
             "micro_f1": round(self.micro_f1, 6),
             "missing_predictions": self.missing_predictions,
+            "unscored_predictions": self.unscored_predictions,
             "top_false_negatives": self.false_negatives.most_common(top),
             "top_false_positives": self.false_positives.most_common(top),
         }
@@ -203,6 +205,7 @@ def score(
         true_positives=tps,
         missing_predictions=missing,
         edition=edition,
+        unscored_predictions=sum(1 for image in pred if image not in gold),
     )
 
 
@@ -252,6 +255,17 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
         ) from None
     first = next((ln for ln in data.splitlines() if ln.strip()), "")
     out: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}  # id → the line it was first given on
+
+    def put(image: str, concepts: list[str], lineno: int) -> None:
+        at = seen.setdefault(image, lineno)
+        if at != lineno:
+            raise MalformedRowError(
+                p, lineno, f"image id {image!r} again (first on line {at}); an image's "
+                "concepts are one row", _CONCEPTS_ADVICE,
+            )
+        out[image] = concepts
+
     if first.lstrip().startswith("{"):
         for lineno, line in enumerate(data.splitlines(), 1):
             if not line.strip():
@@ -278,30 +292,50 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
                 raise MalformedRowError(
                     p, lineno, "'concepts' must be a list of CUI strings", _CONCEPTS_ADVICE
                 )
-            out[obj["id"]] = list(dict.fromkeys(concepts))
+            put(obj["id"], list(dict.fromkeys(concepts)), lineno)
         return out
     if "\t" in first and "," not in first.split("\t")[0]:
+        header_done = False
         for lineno, line in enumerate(data.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.rstrip("\r\n").split("\t")
-            if lineno == 1 and parts[0].strip().upper() == "ID":
-                continue
+            if not header_done:
+                header_done = True
+                if _is_concepts_header(parts):
+                    continue
             # submission form ID<TAB>CUI;CUI, or ROCO's ID<TAB><TAB>CUI<TAB>CUI...
-            out[parts[0].strip()] = [c for f in parts[1:] for c in _split_cuis(f, p, lineno)]
+            put(parts[0].strip(), [c for f in parts[1:] for c in _split_cuis(f, p, lineno)],
+                lineno)
         return out
     reader = csv.reader(io.StringIO(data))
+    header_done = False
     for lineno, row in enumerate(reader, 1):
         if not row or not any(f.strip() for f in row):
             continue
-        if lineno == 1 and row[0].strip().upper() == "ID":
-            continue
+        if not header_done:
+            header_done = True
+            if _is_concepts_header(row):
+                continue
         if len(row) > 2:
             raise MalformedRowError(
                 p, lineno, f"expected 'ID,CUIs', got {len(row)} fields", _CONCEPTS_ADVICE
             )
-        out[row[0].strip()] = _split_cuis(row[1] if len(row) > 1 else "", p, lineno)
+        put(row[0].strip(), _split_cuis(row[1] if len(row) > 1 else "", p, lineno), lineno)
     return out
+
+
+# A concepts file's first row is a header when it names the id column or the concepts column
+# (ROCOv2 writes "ID,CUIs"; others "image_id,cuis", "id,concepts", ...), in any case.
+_ID_HEADERS = frozenset({"id", "ids", "image", "image_id", "imageid", "image id", "image_name",
+                         "figure", "figure_id", "file", "filename", "file_name"})
+_CONCEPTS_HEADERS = frozenset({"cui", "cuis", "concept", "concepts", "concept_ids", "label",
+                               "labels"})
+
+
+def _is_concepts_header(fields: list[str]) -> bool:
+    return (fields[0].strip().lstrip("\ufeff").casefold() in _ID_HEADERS
+            or (len(fields) > 1 and fields[1].strip().casefold() in _CONCEPTS_HEADERS))
 
 
 def read_captions(path: str | Path) -> list[tuple[str, str]]:

@@ -252,6 +252,78 @@ def test_evaluation_cli_pred_and_local(
     assert main(["evaluate", "--local", "--gold", str(gold)]) == 2
 
 
+def test_evaluation_headers_other_than_id_cuis_and_repeated_ids(tmp_path: Path) -> None:
+    """A first row naming the id or concepts column in other words than ID,CUIs is a header
+    (it was scored as an image "image_id" with concept "CUIS"); an image id given twice is a
+    malformed row at its line, as the ImageCLEF evaluator refuses it."""
+    for header in ("image_id,cuis", "Image,Concepts", "\ufeffid,labels"):
+        f = tmp_path / "h.csv"
+        f.write_text(f"{header}\nA,{CT};{CHEST}\nB,{XR}\n", encoding="utf-8")
+        assert read_concepts(f) == {"A": [CT, CHEST], "B": [XR]}, header
+    f = tmp_path / "h.tsv"
+    f.write_text(f"\nimage_id\tcuis\nA\t{CT}\n", encoding="utf-8")
+    assert read_concepts(f) == {"A": [CT]}
+    f = tmp_path / "noheader.csv"
+    f.write_text(f"A,{CT}\nB,{XR}\n", encoding="utf-8")
+    assert read_concepts(f) == {"A": [CT], "B": [XR]}
+    for name, text in (("d.csv", f"ID,CUIs\nA,{CT}\nB,{XR}\nA,{CHEST}\n"),
+                       ("d.tsv", f"A\t{CT}\nA\t{XR}\n"),
+                       ("d.jsonl", '{"id": "A", "concepts": []}\n{"id": "A", "concepts": []}\n')):
+        f = tmp_path / name
+        f.write_text(text, encoding="utf-8")
+        with pytest.raises(MalformedRowError, match="image id 'A' again"):
+            read_concepts(f)
+
+
+def test_evaluation_cli_reports_ids_the_gold_does_not_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Predicted ids that are not gold ids are counted; when none is, the run fails instead of
+    reporting an F1 of 0 (ids of another split, or rewritten ids)."""
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{CT}\ni2,{XR}\n", encoding="utf-8")
+    pred = tmp_path / "p.csv"
+    pred.write_text(f"ID,CUIs\ni1,{CT}\nx9,{XR}\n", encoding="utf-8")
+    assert main(["evaluate", "--pred", str(pred), "--gold", str(gold)]) == 0
+    out = capsys.readouterr().out
+    assert "not in the gold    1 predicted images" in out and "no prediction for  1" in out
+    assert main(["evaluate", "--pred", str(pred), "--gold", str(gold), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unscored_predictions"] == 1
+    pred.write_text(f"ID,CUIs\nx1,{CT}\nx2,{XR}\n", encoding="utf-8")
+    assert main(["evaluate", "--pred", str(pred), "--gold", str(gold)]) == 2
+    err = capsys.readouterr().err
+    assert "E700" in err and "none of the 2 predicted image ids is a gold image id" in err
+
+
+def test_evaluation_cli_local_reads_what_annotate_reads(
+    tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--local --captions takes annotate's inputs (gzipped CSV, ROCO TSV, JSONL) and refuses
+    a repeated id with its line, instead of a traceback or index-build advice."""
+    import gzip
+
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{XR};{CHEST};{AP}\ni2,{CT};C0032227\n", encoding="utf-8")
+    base = ["evaluate", "--local", "--index", str(engine_index_path), "--gold", str(gold),
+            "--json"]
+    inputs = {
+        "c.csv.gz": gzip.compress(b'ID,Caption\ni1,"Chest X-ray, AP view."\n'
+                                  b'i2,"Axial CT: pleural effusion."\n'),
+        "c.tsv": b"i1\t Chest X-ray, AP view.\ni2\t Axial CT: pleural effusion.\n",
+        "c.jsonl": b'{"id": "i1", "text": "Chest X-ray, AP view."}\n'
+                   b'{"id": "i2", "text": "Axial CT: pleural effusion."}\n',
+    }
+    for name, data in inputs.items():
+        (tmp_path / name).write_bytes(data)
+        assert main([*base, "--captions", str(tmp_path / name)]) == 0, name
+        assert json.loads(capsys.readouterr().out)["primary_f1"] == 1.0, name
+    dup = tmp_path / "dup.csv"
+    dup.write_text("ID,Caption\ni1,CT chest\ni1,MRI brain\n", encoding="utf-8")
+    assert main([*base, "--captions", str(dup)]) == 2
+    err = capsys.readouterr().err
+    assert "E700" in err and f"{dup}:3" in err and "--on-error skip" not in err
+
+
 def test_issue_16_evaluate_never_writes_predictions_over_its_inputs(
     tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -832,6 +832,7 @@ class BuildProgress:
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from conceptsvc.client.arguments import name_list
     from conceptsvc.dictionary import (
         DictionaryFilters,
         DictionarySource,
@@ -856,8 +857,8 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         exclude_sabs=_csv_list(args.exclude_sab),
         drop_suppress=() if [x.lower() for x in suppress] == ["none"] else suppress,
         exclude_ttys=_csv_list(args.exclude_tty),
-        semantic_types=_csv_list(args.semantic_type),
-        exclude_semantic_types=_csv_list(args.exclude_semantic_type),
+        semantic_types=name_list(args.semantic_type) or (),
+        exclude_semantic_types=name_list(args.exclude_semantic_type) or (),
         include_descendants=args.descendants,
         min_length=args.min_length,
     )

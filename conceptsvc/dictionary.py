@@ -110,6 +110,10 @@ class DictionaryFilters:
     ``exclude_semantic_types`` take TUIs, abbreviations, type names or group codes/names;
     ``unknown`` names concepts without semantic types. ``min_length`` counts characters of
     the string; the default 2 drops one-letter strings ("A", "T"), which are noise in captions.
+    Languages, term types and SUPPRESS values are UMLS codes, written in capitals (``ENG``,
+    ``PT``, ``O``): they are compared in capitals whatever case they are given in. Sources are
+    compared as given (a site's own source name may be in lower case); a source or term type
+    filter that drops nothing is warned about when the build ends.
     """
 
     languages: tuple[str, ...] = ("ENG",)
@@ -123,6 +127,8 @@ class DictionaryFilters:
     min_length: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("languages", "exclude_ttys", "drop_suppress"):
+            object.__setattr__(self, name, tuple(v.strip().upper() for v in getattr(self, name)))
         bad = [s for s in self.drop_suppress if s not in SUPPRESS_VALUES]
         if bad:
             raise DictionaryError(
@@ -670,5 +676,13 @@ def build_dictionary_index(
             "filtered out); the index has: %s",
             ", ".join(unused), ", ".join(sorted(kept_sabs)),
         )
+    for given, reason, what in ((f.exclude_sabs, "source excluded", "--exclude-sab"),
+                                (f.exclude_ttys, "term type excluded", "--exclude-tty")):
+        if given and not report.dropped.get(reason):
+            log.warning(
+                "%s %s dropped no string: no input string has %s (the index has the sources "
+                "%s)", what, ", ".join(given), "it" if len(given) == 1 else "them",
+                ", ".join(sorted(kept_sabs)),
+            )
     log.info("built %s: %s", path, "; ".join(report.lines()))
     return report

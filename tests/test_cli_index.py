@@ -142,3 +142,32 @@ def test_cli_index_build_refuses_an_empty_index_and_warns_of_unused_sources(
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith("source filter NOSUCH kept no strings")
     assert warning.endswith("the index has: SNOMEDCT_US")
+
+
+def test_cli_index_build_filter_codes_in_any_case_and_exclusions_that_drop_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Languages and term types are UMLS codes: `--lang eng --exclude-tty ab` means ENG and
+    AB (they were compared as given and silently matched nothing); an exclusion that drops
+    nothing is warned about; a type name with commas is one name in --semantic-type."""
+    upper = tmp_path / "upper"
+    lower = tmp_path / "lower"
+    assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_small"), "--lang", "ENG",
+                 "--exclude-tty", "AB", "--out", str(upper)]) == 0
+    assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_small"), "--lang", "eng",
+                 "--exclude-tty", "ab", "--out", str(lower)]) == 0
+    a, b = ConceptIndex.load(upper), ConceptIndex.load(lower)
+    assert a.content_hash == b.content_hash and "us" not in a.keys()
+    with caplog.at_level("WARNING", logger="conceptsvc.dictionary"):
+        assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_small"),
+                     "--exclude-sab", "msh", "--exclude-tty", "XX", "--out",
+                     str(tmp_path / "w")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("--exclude-sab msh dropped no string") for w in warnings), warnings
+    assert any(w.startswith("--exclude-tty XX dropped no string") for w in warnings), warnings
+    body = tmp_path / "body"
+    assert main(["index", "build", "-q", "--umls", str(FIXTURES / "rrf_small"),
+                 "--semantic-type", "Body Part, Organ, or Organ Component,Body Location or Region",
+                 "--out", str(body)]) == 0
+    kept = ConceptIndex.load(body)
+    assert kept.concept("C0817096") is not None and kept.concept("C0024485") is None

@@ -27,6 +27,7 @@ __all__ = [
     "add_lookup_common",
     "extract_overrides",
     "lookup_backend",
+    "name_list",
     "security",
 ]
 
@@ -34,7 +35,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "CONCEPTSVC_TOKEN"
 
 
-def _names(values: list[str] | None) -> tuple[str, ...] | None:
+def name_list(values: list[str] | None) -> tuple[str, ...] | None:
     """Repeatable, comma-separated name lists; a semantic type *name* that contains commas
     ("Body Part, Organ, or Organ Component") is kept whole."""
     if values is None:
@@ -117,10 +118,10 @@ def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise ClientError(f"--threshold must be in (0, 1], got {args.threshold}.")
     found: dict[str, Any] = {
-        "semantic_types": _names(args.semantic_types),
-        "semantic_groups": _names(args.semantic_groups),
-        "sources": _names(args.sources),
-        "exclude_cuis": _names(args.exclude_cuis),
+        "semantic_types": name_list(args.semantic_types),
+        "semantic_groups": name_list(args.semantic_groups),
+        "sources": name_list(args.sources),
+        "exclude_cuis": name_list(args.exclude_cuis),
         "mode": getattr(args, "mode", None),  # (a search has no mode, overlap, profile...)
         "similarity": args.similarity,
         "threshold": args.threshold,

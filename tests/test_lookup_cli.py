@@ -350,3 +350,29 @@ def test_lookup_cli_mutual_tls_health_and_draining_say_what_happened(
         assert "no conceptsvc service answers" not in err
     finally:
         server.stop(0)
+
+
+def test_lookup_cli_timeout_bounds_a_call_to_a_silent_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--timeout bounds each call (the deadline error's advice names it; the lookup commands
+    had no such option); with --local, which calls nothing, it is refused."""
+    import socket
+    import time
+
+    silent = socket.socket()  # accepts connections and never answers: a frozen service
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        code, _, err = run(capsys, "lookup", "CT", "--target", target, "--timeout", "0.5")
+        took = time.monotonic() - t0
+        assert code == 2 and "DEADLINE_EXCEEDED" in err and "--timeout" in err, err
+        assert took < 5, took  # the default is 10 s a call
+    finally:
+        silent.close()
+    code, _, err = run(capsys, "lookup", "CT", "--local", "--timeout", "3")
+    assert code == 2 and "--local makes none" in err
+    code, _, err = run(capsys, "concept", "C0024485", "--target", target, "--timeout", "0")
+    assert code == 2 and "--timeout must be > 0" in err

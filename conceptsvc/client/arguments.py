@@ -168,6 +168,8 @@ def add_lookup_common(p: argparse.ArgumentParser) -> None:
                    help="run the engine in this process instead of calling a service")
     p.add_argument("--index", help="with --local: index directory (default: the demo dictionary)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="seconds each call to the service may take (default 10)")
     add_connection(p, several=False)
 
 
@@ -177,7 +179,12 @@ def lookup_backend(args: argparse.Namespace) -> Lookup:
     if args.local:
         if args.target:
             raise ClientError("--local and --target exclude each other.")
+        if args.timeout is not None:
+            raise ClientError("--timeout bounds calls to a service; --local makes none.")
         return LocalLookup(args.index)
     if args.index:
         raise ClientError("--index only applies with --local (a service uses its own index).")
-    return RemoteLookup(args.target or DEFAULT_TARGET, security=security(args))
+    if args.timeout is not None and not args.timeout > 0:
+        raise ClientError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    return RemoteLookup(args.target or DEFAULT_TARGET, security=security(args),
+                        timeout=10.0 if args.timeout is None else args.timeout)

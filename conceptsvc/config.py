@@ -303,12 +303,13 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] | None = Field(
         default=None,
-        description="serve's log level (unset: info, or debug with -vv)",
+        description="serve's log level: debug, info, warning or error, in any case (unset: "
+        "info, or debug with -vv)",
     )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="serve's log lines: text, or one JSON object a line (time, level, logger, "
-        "worker, message) for a log collector",
+        "message; worker with several workers) for a log collector",
     )
     defaults: DefaultOptions = Field(
         default=DefaultOptions(),
@@ -326,6 +327,12 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # No .env or secrets-dir sources: configuration has exactly three places to come from.
         return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        # INFO, as logging spells levels and the README writes them, is info
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("auth_token", "admin_token")
     @classmethod

@@ -44,8 +44,9 @@ _DEMO_FILTERS = DictionaryFilters()
 def default_cache_dir() -> Path:
     """``$CONCEPTSVC_CACHE_DIR``, else ``$XDG_CACHE_HOME/conceptsvc``, else ``~/.cache/conceptsvc``.
 
-    This is the one place outside ``config.py`` that reads the environment: the contract lets
-    a library user call :func:`demo_index_path` without building Settings first.
+    It reads the environment itself, outside ``config.py`` (as the CLI's token and
+    ``CONCEPTSVC_PURE_PYTHON`` do): the contract lets a library user call
+    :func:`demo_index_path` without building Settings first.
     """
     explicit = os.environ.get("CONCEPTSVC_CACHE_DIR")
     if explicit:

@@ -231,6 +231,15 @@ def test_config_bad_values(tmp_path: Path) -> None:
     assert "s3cret-pw" not in str(info.value) and "not a valid Redis URL" in str(info.value)
 
 
+def test_config_log_level_and_format_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--log-level INFO` (as logging spells levels, and the README wrote it) was refused."""
+    assert load_settings(log_level="INFO", log_format="JSON").log_level == "info"
+    monkeypatch.setenv("CONCEPTSVC_LOG_LEVEL", " Warning ")
+    assert load_settings().log_level == "warning"
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(log_level="verbose")
+
+
 def test_config_rpc_limits_fit_the_thread_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

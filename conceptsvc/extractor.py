@@ -265,11 +265,13 @@ class _Plan:
     fast_memo: dict[Any, tuple[tuple[str, Posting], ...] | None]
     # the compiled path's filters over the index's numbers (_speedups.FilterPlan), or None
     fast_filter: Any
-    # which of the concepts the profile infers (without a mention) the request's filters let
-    # through (None when no filter is set): the exclusions and the semantic types as for a
-    # mentioned concept; a sources filter passes none, since none of their strings was
-    # matched. The profile decides first, unfiltered (its slot's evidence still says what the
-    # image is: with MRI excluded, "T2-weighted" infers no other modality in its place).
+    # which of the concepts the profile infers (without a mention) are reported: those the
+    # index has (an index built without them, by a semantic-type filter say, must not report
+    # concepts it cannot describe), and that the request's filters let through: the
+    # exclusions and the semantic types as for a mentioned concept; a sources filter passes
+    # none, since none of their strings was matched. The profile decides first, unfiltered
+    # (its slot's evidence still says what the image is: with MRI excluded, "T2-weighted"
+    # infers no other modality in its place).
     infer_ok: Callable[[str], bool] | None = None
 
 
@@ -339,6 +341,7 @@ class Extractor:
         )
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._info_max = max(1, CONCEPT_MEMO_SIZE)  # read when the extractor is made
+        self._known: dict[str, bool] = {}  # cui → whether the index has it (_in_index)
         self._resolvers: dict[str, AmbiguityResolver] = {}
         # (profile, an ambiguous span's concepts) → their ranking: a mention then costs what
         # its caption's words do, not what its concepts' strings do (issue 13, item 4)
@@ -452,7 +455,9 @@ class Extractor:
         if sab_set is not None:
             infer_ok = _passes_none
         elif tui_set is not None or excluded:
-            infer_ok = functools.partial(self._accepts_in, accept, excluded, tui_set)
+            infer_ok = functools.partial(self._infers_in, accept, excluded, tui_set)
+        else:
+            infer_ok = self._in_index
         plan = _Plan(
             options=o,
             include_hypothetical=(
@@ -491,6 +496,26 @@ class Extractor:
                 self._info.clear()
             self._info[cui] = info
         return info
+
+    def _in_index(self, cui: str) -> bool:
+        """Whether the index has ``cui`` (memoised; asked only of inferred concepts)."""
+        known = self._known.get(cui)
+        if known is None:
+            if len(self._known) >= self._info_max:
+                self._known.clear()
+            known = self._known[cui] = self.index.name_and_types(cui) is not None
+        return known
+
+    def _infers_in(
+        self,
+        accept: dict[str, bool],
+        excluded: frozenset[str],
+        tuis: frozenset[str] | None,
+        cui: str,
+    ) -> bool:
+        """A filtered plan's :attr:`_Plan.infer_ok`: the index has ``cui`` and it passes the
+        exclusions and the semantic types (:meth:`_accepts_in`)."""
+        return self._in_index(cui) and self._accepts_in(accept, excluded, tuis, cui)
 
     def _accepts(self, plan: _Plan, cui: str) -> bool:
         return self._accepts_in(plan.accept, plan.excluded, plan.tuis, cui)

@@ -228,6 +228,30 @@ def test_extractor_profile_inferred_concepts_pass_the_request_filters(
     assert mri in kept.concepts  # MRI is a procedure (T060): that group passes it
 
 
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_extractor_profile_infers_only_concepts_the_index_has(
+    tmp_path_factory: pytest.TempPathFactory, engine: str
+) -> None:
+    """An index built with disorders only (--semantic-type DISO) has no modality concepts: the
+    rocov2 profile's inferred MRI is not reported (it was, and `concept` then could not
+    describe it), while the disorder mentioned still is."""
+    from conceptsvc.dictionary import DictionaryFilters, UmlsSource, build_dictionary_index
+    from conceptsvc.embedded import DEMO_META
+
+    out = tmp_path_factory.mktemp("diso") / "index"
+    build_dictionary_index([UmlsSource(DEMO_META)], out,
+                           filters=DictionaryFilters(semantic_types=("DISO",)))
+    index = ConceptIndex.load(out)
+    mri = "C0024485"
+    assert index.name_and_types(mri) is None and index.name_and_types("C0032227") is not None
+    ex = Extractor(index, engine=engine)
+    text = "Axial T2-weighted image shows a pleural effusion."
+    for opts in (ExtractOptions(profile="rocov2"),
+                 ExtractOptions(profile="rocov2", exclude_cuis=("C0000000",))):
+        a = ex.extract(text, opts)
+        assert a.concepts == ("C0032227",), (opts, a.concepts)
+
+
 def test_extractor_offsets_check_rejects_what_the_engine_must_not_do(ex: Extractor) -> None:
     """The shared offsets check (tests/offsets.py) fails on each way a mention can be wrong."""
     text = "Right pleural effusion (PE). PE persists; left pleural efusion."

@@ -434,6 +434,13 @@ def _umls_source_info(meta: MetaDir, b: _Build) -> tuple[dict[str, Any], str | N
 def _read_umls(src: UmlsSource, b: _Build, phase: int) -> str | None:
     meta = MetaDir(src.path)
     if phase == 1:
+        if not meta.has("MRSTY.RRF"):
+            raise DictionaryError(
+                f"{meta.path}: no MRSTY.RRF (nor .gz, nor split parts) beside MRCONSO.RRF. "
+                "Every UMLS release and MetamorphoSys subset has it: copy it in from the same "
+                "release. (Concepts that have no row in it are kept as T000; the table itself "
+                "is needed for the semantic types and their filters.)"
+            )
         # MRSTY has ~7 M rows in a full release: the common case (a CUI's first type) is one
         # dict probe and one store; merging with earlier types goes through add_types.
         types, interned = b.types, b._tuples

@@ -171,3 +171,14 @@ def test_cli_index_build_filter_codes_in_any_case_and_exclusions_that_drop_nothi
                  "--out", str(body)]) == 0
     kept = ConceptIndex.load(body)
     assert kept.concept("C0817096") is not None and kept.concept("C0024485") is None
+
+
+def test_cli_index_build_without_mrsty_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meta = tmp_path / "META"
+    meta.mkdir()
+    (meta / "MRCONSO.RRF").write_bytes((FIXTURES / "rrf_small" / "MRCONSO.RRF").read_bytes())
+    rc = main(["index", "build", "-q", "--umls", str(meta), "--out", str(tmp_path / "ix")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no MRSTY.RRF" in err and "copy it in from the same release" in err

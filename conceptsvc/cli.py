@@ -240,6 +240,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     manual = read_concepts(args.manual) if args.manual else None
     index = None
     if args.local:
+        from conceptsvc.client import arguments
         from conceptsvc.extractor import Extractor
         from conceptsvc.model import ExtractOptions
 
@@ -248,7 +249,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             mode=args.mode,
             threshold=args.threshold,
             similarity=args.similarity,
-            profile=args.profile,
+            profile=arguments.profile_arg(args.profile, True),
             include_negated=not args.drop_negated,
             include_hypothetical=False if args.drop_hypothetical else None,
             include_mentions=False,
@@ -338,7 +339,8 @@ def _fill_evaluate(p: argparse.ArgumentParser) -> None:
                    "`annotate` reads (ID,Caption CSV, ROCO TSV, JSONL, text, Parquet; gzipped)")
     p.add_argument("--index", help="index directory for --local, and for concept names in "
                    "the false-negative/positive lists (default: the embedded demo dictionary)")
-    p.add_argument("--profile", default="rocov2", help="concept profile (default: rocov2)")
+    p.add_argument("--profile", default="rocov2", help="concept profile (default: rocov2), or "
+                   "a profile file of your own (FILE.yaml)")
     p.add_argument("--mode", default="exact", choices=MODES)
     p.add_argument("--similarity", default="jaccard", choices=SIMILARITIES)
     p.add_argument("--threshold", type=float, default=0.7)

@@ -79,6 +79,7 @@ def _split_names(value: Any) -> Any:
 
 
 NameTuple = Annotated[tuple[str, ...], NoDecode]
+PathTuple = Annotated[tuple[Path, ...], NoDecode]
 
 
 class DefaultOptions(BaseModel):
@@ -142,7 +143,8 @@ class DefaultOptions(BaseModel):
         if name not in known:  # (refused here, not by each worker when it loads the index)
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             raise ValueError(
-                f"unknown profile {name!r}; the shipped ones are {', '.join(known)}"
+                f"unknown profile {name!r}; the profiles are {', '.join(known)} (a file of "
+                "your own: profile_files)"
                 + (f" (did you mean {close[0]}?)" if close else "")
             )
         return name
@@ -311,6 +313,13 @@ class Settings(BaseSettings):
         description="serve's log lines: text, or one JSON object a line (time, level, logger, "
         "message; worker with several workers) for a log collector",
     )
+    # (before `defaults`: fields are validated in order, and a default profile may be one
+    # of these files')
+    profile_files: PathTuple = Field(
+        default=(),
+        description="profile files of your own (YAML, as conceptsvc/profiles/*.yaml; a file's "
+        "name is its profile's name), served beside the shipped profiles",
+    )
     defaults: DefaultOptions = Field(
         default=DefaultOptions(),
         description="default extraction options",  # frozen: safe to share
@@ -327,6 +336,23 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # No .env or secrets-dir sources: configuration has exactly three places to come from.
         return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+    _split_paths = field_validator("profile_files", mode="before")(_split_names)
+
+    @field_validator("profile_files")
+    @classmethod
+    def _register_profiles(cls, paths: tuple[Path, ...]) -> tuple[Path, ...]:
+        # Registered now, in every process that reads the settings (the workers too), so that
+        # `defaults.profile` and requests may name them; a bad file is refused at start-up.
+        from conceptsvc.errors import ExtractionError
+        from conceptsvc.profile import register_profile_file
+
+        for path in paths:
+            try:
+                register_profile_file(path)
+            except ExtractionError as exc:
+                raise ValueError(exc.message) from None
+        return paths
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
@@ -466,6 +492,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
+    files = data.get("profile_files")
+    if isinstance(files, str):
+        files = [f.strip() for f in files.split(",") if f.strip()]
+    if isinstance(files, list):
+        data["profile_files"] = [
+            str(path.parent / f) if isinstance(f, str) and not Path(f).is_absolute() else f
+            for f in files
+        ]
     return data
 
 
@@ -639,6 +673,7 @@ _METAVARS = {
     "semantic_groups": "A,B,...",
     "sources": "A,B,...",
     "exclude_cuis": "A,B,...",
+    "profile_files": "FILE,...",
 }
 
 
@@ -674,7 +709,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         if info.default_factory is not None:
             shown = "computed"
         elif isinstance(default, tuple):
-            shown = ",".join(default) or "none"
+            shown = ",".join(map(str, default)) or "none"
         else:
             shown = "unset" if default is None else str(default)
         helptext = f"{info.description} (env {env}; default: {shown})"

@@ -348,8 +348,11 @@ class Extractor:
         self._rankings: WeightedMemo[tuple[str, tuple[str, ...]], Ranking] = WeightedMemo(
             _RANKING_MEMO_SIZE, RANKING_MEMO_BYTES, lambda _k, r: r.weight()
         )
-        # Every shipped profile is parsed now, so no request ever reads a profile file.
-        for name in available_profiles():
+        # Every profile (shipped, and registered from the user's files) is parsed now, so no
+        # request ever reads a profile file; a profile registered later is not this
+        # extractor's (its compiled path was handed these).
+        self._profile_names = tuple(available_profiles())
+        for name in self._profile_names:
             load_profile(name)
         self.default_options = default_options or ExtractOptions()
         # (options object, its plan) of the previous request: batches reuse one options
@@ -380,7 +383,7 @@ class Extractor:
                 tokenizer=tokenize_spans,
                 negation=SPEEDUPS.NegationScanner(self._negation),
                 definitions=fast_find_definitions,
-                profiles=[load_profile(name) for name in available_profiles()],
+                profiles=[load_profile(name) for name in self._profile_names],
                 postings=self._postings,
                 filter_postings=self._filter_postings,
                 filter_matches=self._filter,
@@ -396,7 +399,9 @@ class Extractor:
 
     # -- options -----------------------------------------------------------------------------
     def profiles(self) -> list[str]:
-        return available_profiles()
+        """The profiles this extractor serves: the shipped ones and those registered (from
+        files) before it was made."""
+        return list(self._profile_names)
 
     def check_options(self, options: ExtractOptions) -> None:
         """Raise ExtractionError / SemanticNetworkError if ``options`` cannot be served."""
@@ -408,6 +413,12 @@ class Extractor:
             return plan
         o = options
         o.validate()
+        if o.profile not in self._profile_names:
+            load_profile(o.profile)  # an unknown name: its error, with the names there are
+            raise ExtractionError(
+                f"profile {o.profile!r} was registered after this Extractor was made; make a "
+                "new Extractor to use it"
+            )
         profile = load_profile(o.profile)
         tuis: set[str] = set()
         for name in o.semantic_types:

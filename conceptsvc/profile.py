@@ -55,6 +55,8 @@ __all__ = [
     "available_profiles",
     "load_profile",
     "load_profile_file",
+    "register_profile_file",
+    "shipped_profiles",
 ]
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -396,16 +398,56 @@ def load_profile_file(path: str | Path) -> Profile:
     return Profile(model)
 
 
-def available_profiles() -> list[str]:
+# Profiles of the user's own files, by name, with the file each came from. A process registers
+# them before it makes its extractors (`serve --profile-files`, a CLI `--profile FILE.yaml`),
+# as shipped profiles are parsed once per process; an Extractor knows the profiles there were
+# when it was made.
+_REGISTERED: dict[str, tuple[Path, Profile]] = {}
+
+
+def shipped_profiles() -> list[str]:
     """Names of the profiles shipped with the package."""
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-@cache
-def load_profile(name: str) -> Profile:
-    """A shipped profile by name (parsed once per process)."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name not in available_profiles():
+def available_profiles() -> list[str]:
+    """Names of the profiles this process can use: the shipped ones and those registered from
+    the user's files (:func:`register_profile_file`)."""
+    return sorted({*shipped_profiles(), *_REGISTERED})
+
+
+def register_profile_file(path: str | Path) -> Profile:
+    """Read, validate and register a profile file of one's own (its ``name`` is its file name
+    without ``.yaml``), so that requests can name it as they name a shipped profile. The same
+    file again is a no-op; another file of the same name, or a shipped profile's name, is an
+    :class:`ExtractionError`."""
+    p = Path(path).resolve()
+    profile = load_profile_file(p)
+    if profile.name in shipped_profiles():
         raise ExtractionError(
-            f"unknown profile {name!r}; shipped profiles: {', '.join(available_profiles())}"
+            f"profile file {p} is named {profile.name!r}, as a shipped profile is; give it "
+            "another name (its file name and its name: field)"
+        )
+    held = _REGISTERED.get(profile.name)
+    if held is not None and held[0] != p:
+        raise ExtractionError(
+            f"two profile files are named {profile.name!r}: {held[0]} and {p}; rename one"
+        )
+    _REGISTERED[profile.name] = (p, profile)
+    return profile
+
+
+def load_profile(name: str) -> Profile:
+    """A profile by name: a registered one, else a shipped one (parsed once per process)."""
+    held = _REGISTERED.get(name)
+    return held[1] if held is not None else _shipped_profile(name)
+
+
+@cache
+def _shipped_profile(name: str) -> Profile:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name not in shipped_profiles():
+        raise ExtractionError(
+            f"unknown profile {name!r}; profiles: {', '.join(available_profiles())} (a profile "
+            "file of your own: --profile FILE.yaml with --local, `serve --profile-files`)"
         )
     return load_profile_file(PROFILES_DIR / f"{name}.yaml")

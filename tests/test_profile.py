@@ -143,3 +143,104 @@ ROCOV2_CASES = [
 def test_profile_rocov2_conventions(text: str, mentioned: list[str], expected: set[str]) -> None:
     kept, _ = apply(load_profile("rocov2"), text, mentioned)
     assert kept == expected
+
+
+def _own_profile(directory: Path, name: str, modality_term: str = "zorbography") -> Path:
+    """A profile file of one's own: the rocov2 profile renamed, with one more evidence term
+    for MRI (so that its effect shows)."""
+    text = (Path(__file__).parent.parent / "conceptsvc" / "profiles" / "rocov2.yaml").read_text(
+        encoding="utf-8"
+    )
+    assert text.count("\nname: rocov2\n") == 1
+    path = directory / f"{name}.yaml"
+    path.write_text(text.replace("\nname: rocov2\n", f"\nname: {name}\n"), encoding="utf-8")
+    return path
+
+
+def test_profile_files_of_ones_own_are_registered_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A profile file is registered under its name (the file name), beside the shipped ones;
+    the same file again is a no-op, a shipped profile's name or a second file of the same name
+    is refused; an Extractor serves the profiles there were when it was made."""
+    import conceptsvc.profile as profile_module
+    from conceptsvc.embedded import demo_index
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.model import ExtractOptions
+    from conceptsvc.profile import register_profile_file
+
+    monkeypatch.setattr(profile_module, "_REGISTERED", {})  # this test's registrations only
+    index = demo_index()
+    before = Extractor(index)
+    own = register_profile_file(_own_profile(tmp_path, "myprof"))
+    assert own.name == "myprof" and load_profile("myprof") is own
+    assert available_profiles() == ["myprof", "none", "rocov2"]
+    assert register_profile_file(tmp_path / "myprof.yaml") is not None  # again: a no-op
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ExtractionError, match="two profile files are named 'myprof'"):
+        register_profile_file(_own_profile(tmp_path / "other", "myprof"))
+    with pytest.raises(ExtractionError, match="as a shipped profile is"):
+        register_profile_file(_own_profile(tmp_path / "other", "rocov2"))
+    text = "Axial T2-weighted image shows a pleural effusion."
+    after = Extractor(index)
+    assert "myprof" in after.profiles() and "myprof" not in before.profiles()
+    assert (after.extract(text, ExtractOptions(profile="myprof")).concepts
+            == after.extract(text, ExtractOptions(profile="rocov2")).concepts)
+    with pytest.raises(ExtractionError, match="registered after this Extractor was made"):
+        before.extract(text, ExtractOptions(profile="myprof"))
+    with pytest.raises(ExtractionError, match="unknown profile 'nosuch'"):
+        after.extract(text, ExtractOptions(profile="nosuch"))
+
+
+def test_profile_files_in_the_cli_and_the_service_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--profile FILE.yaml` with --local (lookup, evaluate) uses one's own profile, and is
+    refused for a service, which serves the `profile_files` it was started with, by name (a
+    default profile may be one of them; a bad file is refused at start-up)."""
+    import json
+
+    import conceptsvc.profile as profile_module
+    from conceptsvc.cli import main
+    from conceptsvc.config import load_settings
+    from conceptsvc.errors import ConfigError
+
+    monkeypatch.setattr(profile_module, "_REGISTERED", {})
+    path = _own_profile(tmp_path, "myprof")
+    text = "Axial T2-weighted image shows a pleural effusion."
+    assert main(["lookup", text, "--local", "--profile", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["concepts"] == ["C0032227", "C0024485"]
+    assert main(["lookup", text, "--target", "127.0.0.1:1", "--profile", str(path)]) == 2
+    assert "a service serves the profiles it was started with" in capsys.readouterr().err
+    settings = load_settings(profile_files=str(path), defaults={"profile": "myprof"})
+    assert settings.defaults.profile == "myprof" and settings.profile_files == (path,)
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: broken\nslots: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"profile_files.*broken\.yaml is invalid"):
+        load_settings(profile_files=str(bad))
+
+
+def test_profile_files_served_by_name_through_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service started with `profile_files` lists them in GetInfo and answers requests that
+    name them, as it does the shipped ones."""
+    import conceptsvc.profile as profile_module
+    from conceptsvc.client.service import ConceptClient
+    from conceptsvc.config import load_settings
+    from conceptsvc.model import ExtractOptions
+    from conceptsvc.server.app import create_server
+
+    monkeypatch.setattr(profile_module, "_REGISTERED", {})
+    settings = load_settings(port=0, workers=1, host="127.0.0.1",
+                             profile_files=str(_own_profile(tmp_path, "myprof")))
+    server, port = create_server(settings)
+    server.start()
+    try:
+        with ConceptClient(f"127.0.0.1:{port}") as client:
+            assert "myprof" in client.get_info().profiles
+            a = client.annotate("Axial T2-weighted image shows a pleural effusion.",
+                                options=ExtractOptions(profile="myprof"))
+            assert a.concepts == ("C0032227", "C0024485")
+    finally:
+        server.stop(0)

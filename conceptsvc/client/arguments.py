@@ -28,6 +28,7 @@ __all__ = [
     "extract_overrides",
     "lookup_backend",
     "name_list",
+    "profile_arg",
     "security",
 ]
 
@@ -105,7 +106,8 @@ def add_extract_options(
         return
     g.add_argument("--overlap", choices=OVERLAPS,
                    help="which of overlapping mentions to keep")
-    g.add_argument("--profile", help="concept profile (none, rocov2, ...)")
+    g.add_argument("--profile", help="concept profile (none, rocov2, ...)"
+                   + (", or a profile file of your own (FILE.yaml)" if local else ""))
     g.add_argument("--include-negated", action=argparse.BooleanOptionalAction, default=None,
                    help="report negated mentions (flagged) or drop them")
     g.add_argument("--include-hypothetical", action=argparse.BooleanOptionalAction, default=None,
@@ -126,11 +128,27 @@ def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "similarity": args.similarity,
         "threshold": args.threshold,
         "overlap": getattr(args, "overlap", None),
-        "profile": getattr(args, "profile", None),
+        "profile": profile_arg(getattr(args, "profile", None), getattr(args, "local", False)),
         "include_negated": getattr(args, "include_negated", None),
         "include_hypothetical": getattr(args, "include_hypothetical", None),
     }
     return {k: v for k, v in found.items() if v is not None}
+
+
+def profile_arg(value: str | None, local: bool) -> str | None:
+    """A ``--profile`` value: a profile's name, or, in this process only (``local``), a
+    profile file of one's own, registered here and named by its profile's name."""
+    if value is None or (not value.lower().endswith((".yaml", ".yml")) and "/" not in value):
+        return value
+    if not local:
+        raise ClientError(
+            f"--profile {value}: a profile file is read by the engine in this process "
+            "(--local); a service serves the profiles it was started with (`conceptsvc serve "
+            "--profile-files FILE`), by name"
+        )
+    from conceptsvc.profile import register_profile_file
+
+    return register_profile_file(value).name
 
 
 def add_connection(p: argparse.ArgumentParser, *, several: bool) -> None:

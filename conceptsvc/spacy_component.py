@@ -14,14 +14,25 @@ without importing this module first. The component runs the same
 :class:`~conceptsvc.extractor.Extractor` as the service on ``doc.text`` and maps the mentions'
 character offsets onto the doc's tokens (``alignment_mode="expand"``: a mention that ends inside
 a spaCy token covers the whole token). Every mention goes to ``doc.spans[spans_key]`` (label and
-``kb_id`` = CUI, so two concepts on one span keep separate extension values); ``doc.ents`` gets
-the non-overlapping ones (longest first, as :func:`spacy.util.filter_spans` picks) when
-``set_ents`` is true, replacing entities set earlier in the pipeline on the same tokens.
+``kb_id`` = CUI); two mentions of one concept that expand onto the same tokens (``"CT.CT"`` is
+one spaCy token) are one span, the first mention's. ``doc.ents`` gets the non-overlapping spans
+(longest first, as :func:`spacy.util.filter_spans` picks) when ``set_ents`` is true, replacing
+entities set earlier in the pipeline on the same tokens.
 
 Extension attributes on ``Span``: ``cui``, ``preferred_name``, ``score``, ``semantic_types``,
 ``source``, ``negated``, ``hypothetical``, ``historical``, ``experiencer`` (ConText's
 properties, :class:`~conceptsvc.model.Mention`). The ``Doc`` gets ``conceptsvc_concepts``: the
-caption's concept set, including concepts a profile inferred without a mention.
+caption's concept set (a tuple), including concepts a profile inferred without a mention.
+
+spaCy keys a span's own extension values by its characters alone (``Underscore._get_key``), so
+two spans on the same characters — two concepts on one phrase with ``overlap="all"``, or two
+mentions widened onto one token — would share them. These attributes are therefore getters
+over the mentions' values kept in ``doc.user_data`` per character range *and label* (the CUI):
+each span reads its own concept's values, and a span this component did not make (another
+component's entity on the same characters) reads the defaults. They are stored as spaCy stores
+extension values (a ``"._."`` key with character offsets), so ``Doc.to_bytes`` / ``DocBin``
+(with user data), ``Doc.from_docs``, ``Span.as_doc(copy_user_data=True)`` and
+``nlp.pipe(n_process=...)`` carry them.
 
 Configuration (all optional): ``index_path`` (default: the embedded demo dictionary) and the
 :class:`~conceptsvc.model.ExtractOptions` fields. Invalid options fail when the pipeline is
@@ -35,7 +46,8 @@ says how to install it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from conceptsvc.errors import ConfigError
 
@@ -66,14 +78,62 @@ _SPAN_EXTENSIONS: dict[str, Any] = {
     "historical": False,
     "experiencer": "patient",
 }
+# Fields that are tuples in Python: msgpack (Doc.to_bytes, nlp.pipe's worker processes) gives
+# them back as lists.
+_TUPLE_FIELDS = frozenset({"semantic_types"})
+# The name under which a character range's mentions live in ``doc.user_data``:
+# ``("._.", _MENTIONS, start_char, end_char) -> {label: {field: value}}``, the shape of spaCy's
+# own extension keys, so that spaCy shifts the offsets where it shifts its own (Doc.from_docs,
+# Span.as_doc). Not a registered extension.
+_MENTIONS = "conceptsvc_mentions"
+_CONCEPTS_KEY = ("._.", "conceptsvc_concepts", None, None)
+
+
+def _user_data(doc: Doc) -> dict[Any, Any]:
+    # spaCy's stubs say dict[str, Any]; its own extension keys are tuples, as ours are
+    return cast("dict[Any, Any]", doc.user_data)
+
+
+def _mentions_at(span: Span) -> dict[str, dict[str, Any]] | None:
+    found: dict[str, dict[str, Any]] | None = _user_data(span.doc).get(
+        ("._.", _MENTIONS, span.start_char, span.end_char)
+    )
+    return found
+
+
+def _get_span_value(name: str, span: Span) -> Any:
+    record = (_mentions_at(span) or {}).get(span.label_)
+    if record is None or name not in record:
+        return _SPAN_EXTENSIONS[name]
+    value = record[name]
+    return tuple(value) if name in _TUPLE_FIELDS and value is not None else value
+
+
+def _set_span_value(name: str, span: Span, value: Any) -> None:
+    at = _user_data(span.doc).setdefault(("._.", _MENTIONS, span.start_char, span.end_char), {})
+    at.setdefault(span.label_, {})[name] = value
+
+
+def _get_concepts(doc: Doc) -> tuple[str, ...]:
+    return tuple(_user_data(doc).get(_CONCEPTS_KEY, ()))
+
+
+def _set_concepts(doc: Doc, value: Iterable[str]) -> None:
+    _user_data(doc)[_CONCEPTS_KEY] = tuple(value)
 
 
 def _register_extensions() -> None:
-    for name, default in _SPAN_EXTENSIONS.items():
+    # partials of module functions, not closures: nlp.pipe(n_process=...) pickles the
+    # extensions for its worker processes
+    for name in _SPAN_EXTENSIONS:
         if not Span.has_extension(name):
-            Span.set_extension(name, default=default)
+            Span.set_extension(
+                name,
+                getter=partial(_get_span_value, name),
+                setter=partial(_set_span_value, name),
+            )
     if not Doc.has_extension("conceptsvc_concepts"):
-        Doc.set_extension("conceptsvc_concepts", default=())
+        Doc.set_extension("conceptsvc_concepts", getter=_get_concepts, setter=_set_concepts)
 
 
 class ConceptsvcComponent:
@@ -97,20 +157,27 @@ class ConceptsvcComponent:
     def __call__(self, doc: Doc) -> Doc:
         ann = self.extractor.extract(doc.text, self.options)
         spans: list[Span] = []
+        seen: set[tuple[int, int, str]] = set()
         for m in ann.mentions:
             span = doc.char_span(m.start, m.end, label=m.cui, kb_id=m.cui, alignment_mode="expand")
             if span is None:  # pragma: no cover - "expand" always finds tokens for a mention
                 continue
-            ext = span._
-            ext.cui = m.cui
-            ext.preferred_name = m.preferred_name
-            ext.score = m.score
-            ext.semantic_types = m.semantic_types
-            ext.source = m.source
-            ext.negated = m.negated
-            ext.hypothetical = m.hypothetical
-            ext.historical = m.historical
-            ext.experiencer = m.experiencer
+            key = (span.start_char, span.end_char, m.cui)
+            if key in seen:  # the same concept already on these tokens: one span, the first
+                continue
+            seen.add(key)
+            at = _user_data(doc).setdefault(("._.", _MENTIONS, key[0], key[1]), {})
+            at[m.cui] = {
+                "cui": m.cui,
+                "preferred_name": m.preferred_name,
+                "score": m.score,
+                "semantic_types": tuple(m.semantic_types),
+                "source": m.source,
+                "negated": m.negated,
+                "hypothetical": m.hypothetical,
+                "historical": m.historical,
+                "experiencer": m.experiencer,
+            }
             spans.append(span)
         doc.spans[self.spans_key] = spans
         doc._.conceptsvc_concepts = ann.concepts

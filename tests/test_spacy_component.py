@@ -109,3 +109,57 @@ def test_issue_17_spacy_component_context_extensions(engine_index_path: Path) ->
     strict.add_pipe("conceptsvc", config={"index_path": str(engine_index_path),
                                           "include_hypothetical": False})
     assert [s.text for s in strict("Rule out pleural effusion.").spans["conceptsvc"]] == []
+
+
+def test_spacy_component_spans_on_the_same_characters_keep_their_own_values() -> None:
+    """spaCy keys span extensions by characters alone: two concepts on one phrase
+    (``overlap="all"``), or two mentions widened onto one token ("uterus)MRI"), must still
+    read each its own values."""
+    nlp = spacy.blank("en")
+    nlp.add_pipe("conceptsvc", config={"overlap": "all"})
+    doc = nlp("Left eye.")
+    eye = [s for s in doc.spans["conceptsvc"] if s.text == "eye"]
+    assert {s.label_ for s in eye} == {"C0015392", "C1280202"}
+    for span in doc.spans["conceptsvc"]:
+        assert span._.cui == span.label_
+    assert {s.label_: s._.preferred_name for s in eye} == {
+        "C0015392": "Eye", "C1280202": "Entire eye",
+    }
+    widened = spacy.blank("en")
+    widened.add_pipe("conceptsvc")
+    doc = widened("T2 of the uterus)MRI.")
+    spans = [s for s in doc.spans["conceptsvc"] if s.text == "uterus)MRI"]
+    assert len(spans) == 2
+    assert [s._.cui for s in spans] == [s.label_ for s in spans]
+    # a span made elsewhere on the same characters reads the defaults, not our values
+    other = doc.char_span(spans[0].start_char, spans[0].end_char, label="OTHER")
+    assert other is not None and other._.cui is None and other._.semantic_types == ()
+    # the same concept twice in one token ("CT.CT") is one span
+    doc = widened("CT.CT")
+    assert [(s.text, s._.cui) for s in doc.spans["conceptsvc"]] == [("CT.CT", "C0040405")]
+
+
+def test_spacy_component_values_survive_serialisation(tmp_path: Path) -> None:
+    from spacy.tokens import Doc, DocBin
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("conceptsvc", config={"overlap": "all"})
+    doc = nlp("Left eye: no pleural effusion.")
+    expected = [(s.label_, s._.cui, s._.preferred_name, s._.semantic_types, s._.negated)
+                for s in doc.spans["conceptsvc"]]
+    assert isinstance(doc._.conceptsvc_concepts, tuple)
+    copies = [
+        Doc(nlp.vocab).from_bytes(doc.to_bytes()),
+        next(iter(DocBin(store_user_data=True, docs=[doc]).get_docs(nlp.vocab))),
+    ]
+    for copy in copies:
+        got = [(s.label_, s._.cui, s._.preferred_name, s._.semantic_types, s._.negated)
+               for s in copy.spans["conceptsvc"]]
+        assert got == expected
+        assert copy._.conceptsvc_concepts == doc._.conceptsvc_concepts
+    # the pipeline itself: saved and loaded again, the same spans and values
+    nlp.to_disk(tmp_path / "pipeline")
+    loaded = spacy.load(tmp_path / "pipeline")
+    again = loaded("Left eye: no pleural effusion.")
+    assert [(s.label_, s._.cui, s._.preferred_name, s._.semantic_types, s._.negated)
+            for s in again.spans["conceptsvc"]] == expected

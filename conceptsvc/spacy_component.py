@@ -38,6 +38,12 @@ Configuration (all optional): ``index_path`` (default: the embedded demo diction
 :class:`~conceptsvc.model.ExtractOptions` fields. Invalid options fail when the pipeline is
 built, not on the first document.
 
+``nlp.pipe(texts, n_process=N)`` works under either start method: the component pickles as
+its configuration (the index's path and content hash, the options), and each worker process
+loads the index from that path — so the index must stay in place while it runs (one rebuilt
+in place is refused with a :class:`~conceptsvc.errors.ConceptIndexError`). Docs come back
+with the same values as in-process (``conceptsvc_concepts`` and ``semantic_types`` tuples).
+
 spaCy is an extra (``conceptsvc[spacy]``): the service, the client and the index build do not
 need it. Importing this module without it is a :class:`~conceptsvc.errors.ConfigError` that
 says how to install it.
@@ -49,7 +55,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any, cast
 
-from conceptsvc.errors import ConfigError
+from conceptsvc.errors import ConceptIndexError, ConfigError
 
 try:
     from spacy.language import Language
@@ -191,6 +197,43 @@ class ConceptsvcComponent:
     def pipe(self, docs: Iterable[Doc], batch_size: int = 128) -> Iterable[Doc]:
         for doc in docs:
             yield self(doc)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its configuration: the index's path (and content hash), options, spans
+        key and engine. The memory-mapped index does not pickle, and copying it would be the
+        wrong cost anyway; ``nlp.pipe(n_process=...)`` under the spawn start method pickles the
+        pipeline, and each worker process loads the index from its path once."""
+        index = self.extractor.index
+        return (
+            _restore_component,
+            (str(index.path), index.content_hash, self.options, self.spans_key, self.set_ents,
+             self.extractor.engine),
+        )
+
+
+def _restore_component(
+    index_path: str,
+    content_hash: str,
+    options: ExtractOptions,
+    spans_key: str,
+    set_ents: bool,
+    engine: str,
+) -> ConceptsvcComponent:
+    """The component :meth:`ConceptsvcComponent.__reduce__` describes, in another process."""
+    index = ConceptIndex.load(index_path)
+    if index.content_hash != content_hash:
+        raise ConceptIndexError(
+            f"{index_path}: the index changed after the spaCy pipeline was built (content hash "
+            f"{content_hash[:12]}, now {index.content_hash[:12]}), so a worker process would "
+            "annotate with another index; build the pipeline again, or keep the index in "
+            "place while nlp.pipe(n_process=...) runs"
+        )
+    return ConceptsvcComponent(
+        Extractor(index, default_options=options, engine=engine),
+        options,
+        spans_key=spans_key,
+        set_ents=set_ents,
+    )
 
 
 @Language.factory(

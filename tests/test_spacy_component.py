@@ -163,3 +163,44 @@ def test_spacy_component_values_survive_serialisation(tmp_path: Path) -> None:
     again = loaded("Left eye: no pleural effusion.")
     assert [(s.label_, s._.cui, s._.preferred_name, s._.semantic_types, s._.negated)
             for s in again.spans["conceptsvc"]] == expected
+
+
+def test_spacy_component_pickles_as_its_configuration(engine_index_path: Path) -> None:
+    import pickle
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("conceptsvc", config={"index_path": str(engine_index_path), "overlap": "all"})
+    copy = pickle.loads(pickle.dumps(nlp))  # noqa: S301  (our own bytes, this process)
+    text = "Known lung cancer; no pleural effusion."
+    got, want = copy(text), nlp(text)
+    assert [(s.label_, s._.cui, s._.negated) for s in got.spans["conceptsvc"]] == [
+        (s.label_, s._.cui, s._.negated) for s in want.spans["conceptsvc"]
+    ]
+    component = copy.get_pipe("conceptsvc")
+    assert component.options == nlp.get_pipe("conceptsvc").options
+    assert component.extractor.index.path == engine_index_path
+
+
+def test_spacy_component_pipe_in_worker_processes(engine_index_path: Path) -> None:
+    """nlp.pipe(n_process=2) under spawn (the pipeline is pickled) and fork gives the docs
+    in-process annotation gives, with the same types (tuples, not msgpack's lists)."""
+    code = (
+        "import multiprocessing as mp, spacy\n"
+        "nlp = spacy.blank('en')\n"
+        f"nlp.add_pipe('conceptsvc', config={{'index_path': {str(engine_index_path)!r}}})\n"
+        "texts = ['Known lung cancer; no pleural effusion.', 'CT of the thorax.'] * 2\n"
+        "def seen(docs):\n"
+        "    return [(type(d._.conceptsvc_concepts).__name__, d._.conceptsvc_concepts,\n"
+        "             [(s.label_, s._.cui, s._.semantic_types, s._.negated)\n"
+        "              for s in d.spans['conceptsvc']]) for d in docs]\n"
+        "want = seen(nlp.pipe(texts))\n"
+        "for method in ('spawn', 'fork'):\n"
+        "    mp.set_start_method(method, force=True)\n"
+        "    assert seen(nlp.pipe(texts, n_process=2, batch_size=1)) == want, method\n"
+        "print(want[0][0], len(want))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["tuple", "4"]

@@ -377,3 +377,47 @@ def test_client_every_answer_names_its_index(tmp_path: Path) -> None:
         assert b_hash != a_hash and after.index_hash == b_hash and not after.cached
         assert after.annotation is not None
         assert after.annotation.concepts == ("C0024109", "C0013604")
+
+
+def test_client_batch_splits_a_request_over_its_message_limit(index_a: Path) -> None:
+    """A batch is not one message whatever its size: it goes in requests that fit the client's
+    max_message_bytes, in order; a caption whose request alone is over it fails by itself,
+    with the limit named, and nothing of it is sent."""
+    limit = 64 * 1024
+    plain = "Nothing to see here. " * 500  # 10.5 KB asked, nothing answered
+    items = [(f"p{i}", plain) for i in range(12)]  # 126 KB of request
+    items.insert(5, ("lung", "lung"))
+    items.insert(9, ("huge", "x" * (limit + 1)))
+    with running_server(settings_for(index_a)) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}", max_message_bytes=limit, retries=0) as c:
+            results = c.annotate_batch(items)
+    assert [r.id for r in results] == [i for i, _ in items]
+    assert [r.id for r in results if not r.ok] == ["huge"]
+    error = results[9].error
+    assert error is not None and error.status == "RESOURCE_EXHAUSTED"
+    assert error.error_code == "E501" and f"message limit of {limit} bytes" in error.message
+    assert results[5].annotation is not None and results[5].annotation.concepts == ("C0024109",)
+    m = server.metrics
+    assert m.value("conceptsvc_captions_annotated_total", {"source": "engine"}) + m.value(
+        "conceptsvc_captions_annotated_total", {"source": "cache"}
+    ) == len(items) - 1
+
+
+def test_client_batch_reply_over_its_receive_limit_is_sent_again_in_halves(
+    index_a: Path,
+) -> None:
+    """A client whose message limit is below the server's gets replies the server filled up to
+    its own limit: such a batch is sent again in halves, as an E503 rest is, and an item whose
+    answer alone is over the client's limit fails by itself, naming the limit."""
+    limit = 64 * 1024
+    items = [(f"m{i}", "lung " * 150) for i in range(8)]  # ~12 KB answered each, ~100 KB all
+    items.insert(3, ("big", "lung " * 2000))  # ~150 KB answered
+    with running_server(settings_for(index_a)) as (_, port):
+        with ConceptClient(f"127.0.0.1:{port}", max_message_bytes=limit, retries=0) as c:
+            results = c.annotate_batch(items)
+    assert [r.id for r in results] == [i for i, _ in items]
+    assert [r.id for r in results if not r.ok] == ["big"]
+    error = results[3].error
+    assert error is not None and error.status == "RESOURCE_EXHAUSTED"
+    assert f"message limit of {limit} bytes" in error.message
+    assert all(len(r.annotation.mentions) == 150 for r in results if r.ok)  # type: ignore[union-attr]

@@ -13,8 +13,9 @@ What it adds over a raw stub:
   :class:`~conceptsvc.errors.ServiceCallError`;
 - :meth:`ConceptClient.annotate_batch` sends many captions in one ``AnnotateBatch`` message
   and gets their answers in one (the path for corpora: a message per caption costs more than
-  annotating it); it resends a batch refused with UNAVAILABLE (a draining server) and the
-  items a full reply could not hold, in smaller batches;
+  annotating it), split into as many messages as the client's ``max_message_bytes`` needs; it
+  resends a batch refused with UNAVAILABLE (a draining server), and the items a full reply
+  could not hold or a reply over the client's receive limit carried, in smaller batches;
 - :meth:`ConceptClient.annotate_stream` keeps the items that were sent but not yet answered;
   when the stream fails with UNAVAILABLE it reopens the stream and resends exactly those, so a
   drained worker or a reload never loses or duplicates an item. It also bounds how many items
@@ -49,7 +50,12 @@ from conceptsvc import wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client.channel import ChannelSecurity, bearer_metadata, unavailable_hint
-from conceptsvc.errors import ClientError, ReplyFullError, ServiceCallError
+from conceptsvc.errors import (
+    ClientError,
+    InputTooLargeError,
+    ReplyFullError,
+    ServiceCallError,
+)
 from conceptsvc.model import (
     Annotation,
     Candidate,
@@ -89,6 +95,17 @@ def _build_request(
     if options is not None:
         req.options.CopyFrom(options)
     return req
+
+
+def _framed(size: int) -> int:
+    """Bytes a message of ``size`` bytes takes as a field (numbers below 16) of another: its
+    tag, its length as a varint, itself."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+# How gRPC core words a reply over this client's receive limit (its own side says CLIENT; the
+# server's refusal of a request over its limit says SERVER).
+_CLIENT_RECEIVE_LIMIT = "CLIENT: Received message larger than max"
 
 
 def _method_path(name: str) -> str:
@@ -138,6 +155,7 @@ class ConceptClient:
         self.backoff_max = backoff_max
         self._token = token
         self._admin_token = admin_token
+        self.max_message_bytes = max_message_bytes
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -424,36 +442,80 @@ class ConceptClient:
     ) -> list[StreamResult]:
         """Annotate ``(id, text)`` pairs with ``AnnotateBatch`` calls; results in input order.
 
-        One call carries the whole batch (split by the caller: a batch over the message limit
-        is refused with RESOURCE_EXHAUSTED, never cut). A bad item gets its ``error``, as on
-        a stream, and the others their annotations; items that cannot be sent (text that is
-        not valid Unicode) are answered here with INVALID_ARGUMENT. Items the server's reply
-        had no room for (E503) are sent again in halves. UNAVAILABLE is retried (``retries``,
-        with backoff: a draining server), and a CANCELLED the client did not cause (a stopping
-        one); other call failures raise
-        :class:`~conceptsvc.errors.ServiceCallError`. ``timeout`` is each call's deadline
-        (None = the client's).
+        The items go in as few calls as this client's ``max_message_bytes`` allows: a batch
+        whose request would be larger is split, in order, into requests that fit (so a caller
+        may pass any number of items; the sizes are the exact protobuf sizes). A bad item gets
+        its ``error``, as on a stream, and the others their annotations; items that cannot be
+        sent are answered here: text that is not valid Unicode with INVALID_ARGUMENT, an item
+        whose request alone is over the message limit with RESOURCE_EXHAUSTED (E501, naming
+        the limit). Items the server's reply had no room for (E503) are sent again in halves;
+        so are the items of a reply over this client's receive limit (a client whose
+        ``max_message_bytes`` is below the server's: the server fills replies up to its own),
+        down to single items, and one whose answer alone is over it fails with
+        RESOURCE_EXHAUSTED (E501) — each halving costs the server the annotation again, so
+        give the client the server's limit. UNAVAILABLE is retried (``retries``, with
+        backoff: a draining server), and a CANCELLED the client did not cause (a stopping
+        one); other call failures, the server's refusal of a request over *its* smaller
+        limit included, raise :class:`~conceptsvc.errors.ServiceCallError`. ``timeout`` is
+        each call's deadline (None = the client's).
         """
         opts_pb = wire.options_to_pb(options) if options is not None else None
+        limit = self.max_message_bytes
+        room = limit - (_framed(opts_pb.ByteSize()) if opts_pb is not None else 0)
         results: list[StreamResult | None] = [None] * len(items)
         todo: deque[list[int]] = deque()
-        sendable: list[int] = []
         requests: dict[int, pb.AnnotateRequest] = {}
+        part: list[int] = []
+        used = 0
         for k, (id_, text) in enumerate(items):
             req = _build_request(id_, text, None)
             if isinstance(req, str):
                 results[k] = StreamResult(id_, None, ItemError("INVALID_ARGUMENT", req))
-            else:
-                requests[k] = req
-                sendable.append(k)
-        if sendable:
-            todo.append(sendable)
+                continue
+            size = _framed(req.ByteSize())
+            if size > room:
+                results[k] = StreamResult(id_, None, ItemError(
+                    "RESOURCE_EXHAUSTED",
+                    f"item {id_!r}: its request would be {limit - room + size} bytes, over "
+                    f"this client's message limit of {limit} bytes (max_message_bytes); not "
+                    "sent — split the caption, or raise max_message_bytes (the service's too)",
+                    InputTooLargeError.code,
+                ))
+                continue
+            if part and used + size > room:
+                todo.append(part)
+                part, used = [], 0
+            requests[k] = req
+            part.append(k)
+            used += size
+        if part:
+            todo.append(part)
+
+        def halve(rest: list[int]) -> None:
+            half = (len(rest) + 1) // 2
+            todo.extendleft([rest[half:], rest[:half]] if half < len(rest) else [rest])
+
         while todo:
             part = todo.popleft()
             msg = pb.AnnotateBatchRequest(items=[requests[k] for k in part])
             if opts_pb is not None:
                 msg.options.CopyFrom(opts_pb)
-            raw = self._unary("AnnotateBatch", self._batch_call, msg, timeout=timeout)
+            try:
+                raw = self._unary("AnnotateBatch", self._batch_call, msg, timeout=timeout)
+            except ServiceCallError as exc:
+                if exc.status != "RESOURCE_EXHAUSTED" or _CLIENT_RECEIVE_LIMIT not in exc.details:
+                    raise
+                if len(part) > 1:  # the reply was over what this client receives: in halves
+                    halve(part)
+                    continue
+                k = part[0]
+                results[k] = StreamResult(items[k][0], None, ItemError(
+                    "RESOURCE_EXHAUSTED",
+                    f"item {items[k][0]!r}: its answer is over this client's message limit of "
+                    f"{limit} bytes (max_message_bytes); raise it to the service's",
+                    InputTooLargeError.code,
+                ))
+                continue
             answers = self._read("AnnotateBatch", self._reader.read, raw)
             if len(answers) != len(part):
                 raise ClientError(
@@ -473,8 +535,7 @@ class ConceptClient:
                 else:
                     results[k] = result
             if full:  # the reply was full: the rest again, in halves
-                half = (len(full) + 1) // 2
-                todo.extendleft([full[half:], full[:half]] if half < len(full) else [full])
+                halve(full)
         return [r for r in results if r is not None]
 
     # -- lookups --------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ Executors get the engine one of two ways:
   executor can see (``ship_index=False``: NFS, a cloud volume, a Databricks volume — the right
   choice for a full UMLS index). No service to run; throughput scales with executor cores.
 * **Service** (``target="dns:///conceptsvc-headless.ns.svc.cluster.local:50051"``): executors
-  send their batches, one ``AnnotateBatch`` message each, to conceptsvc replicas with
+  send their batches, one ``AnnotateBatch`` message each (more where one would pass the
+  client's message limit: :meth:`~conceptsvc.client.ConceptClient.annotate_batch` splits it),
+  to conceptsvc replicas with
   client-side round-robin, sharing the service's Redis cache. Use it when a service already
   runs next to the cluster, or to keep index memory off the executors.
 
@@ -158,7 +160,8 @@ def _service_annotator(plan: _Plan) -> Callable[[Sequence[str]], list[Annotation
         # Positional ids: the DataFrame's own id column need not be unique or a string.
         results: list[Annotation | None] = [None] * len(texts)
         items = [(str(i), t) for i, t in enumerate(texts)]
-        # One AnnotateBatch message per chunk (batch_size captions), not one per caption.
+        # One AnnotateBatch message per chunk (batch_size captions), not one per caption; the
+        # client splits a chunk whose request would pass its message limit.
         for result in client.annotate_batch(
             items, options=plan.options, timeout=plan.timeout_seconds
         ):

@@ -197,3 +197,38 @@ def test_spark_rejects_bad_arguments_before_running(spark: Any, index_dir: Path)
         annotate_dataframe(
             df, index=index_dir, options=ExtractOptions(semantic_types=("NotAType",))
         )
+
+
+def test_spark_two_indexes_of_one_name_in_one_session(
+    spark: Any, index_dir: Path, engine_index_path: Path, tmp_path: Path
+) -> None:
+    """addFile names a shipped directory by its base name: a second index called ``idx``, or
+    the same one rebuilt in place, must not clash with the first in one session."""
+    from conceptsvc.extractor import Extractor
+    from conceptsvc.index import ConceptIndex
+
+    shutil.copytree(index_dir, tmp_path / "a" / "idx")
+    shutil.copytree(engine_index_path, tmp_path / "b" / "idx")
+    df = spark.createDataFrame(
+        [("1", "Known lung cancer; no pleural effusion."), ("2", "CT of the thorax.")],
+        "ID string, Caption string",
+    )
+
+    def concepts(index: Path) -> list[list[str]]:
+        rows = annotate_dataframe(df, index=index, mentions_col=None).orderBy("ID").collect()
+        return [list(r["concepts"]) for r in rows]
+
+    def expected(index: Path) -> list[list[str]]:
+        engine = Extractor(ConceptIndex.load(index))
+        return [list(engine.extract(t).concepts) for t in
+                ("Known lung cancer; no pleural effusion.", "CT of the thorax.")]
+
+    want_a, want_b = expected(tmp_path / "a" / "idx"), expected(tmp_path / "b" / "idx")
+    assert want_a != want_b  # two indexes that answer differently
+    assert concepts(tmp_path / "a" / "idx") == want_a
+    assert concepts(tmp_path / "b" / "idx") == want_b
+    assert concepts(tmp_path / "a" / "idx") == want_a  # again: nothing shipped twice
+    # a/idx rebuilt in place (here: replaced by b's files)
+    shutil.rmtree(tmp_path / "a" / "idx")
+    shutil.copytree(engine_index_path, tmp_path / "a" / "idx")
+    assert concepts(tmp_path / "a" / "idx") == want_b

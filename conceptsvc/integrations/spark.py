@@ -13,7 +13,9 @@ Executors get the engine one of two ways:
 * **In-process** (the default): every executor's Python worker loads the compiled index once
   and runs :class:`~conceptsvc.extractor.Extractor` itself. The index is either *shipped* by
   Spark (``SparkContext.addFile(dir, recursive=True)``, resolved on the executor with
-  ``SparkFiles.get``; fine for indexes up to a few hundred MB) or read from a path every
+  ``SparkFiles.get``; fine for indexes up to a few hundred MB; it goes out as a directory
+  named by its content hash, hard-linked into a driver temp directory, so several indexes, or
+  one rebuilt in place, can be used in one session) or read from a path every
   executor can see (``ship_index=False``: NFS, a cloud volume, a Databricks volume — the right
   choice for a full UMLS index). No service to run; throughput scales with executor cores.
 * **Service** (``target="dns:///conceptsvc-headless.ns.svc.cluster.local:50051"``): executors
@@ -36,7 +38,11 @@ plain, frozen :class:`_Plan` below travels in it, never client input.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -44,7 +50,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conceptsvc.errors import ClientError, ConfigError
+from conceptsvc.errors import ClientError, ConceptIndexError, ConfigError
 from conceptsvc.extractor import Extractor
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import Annotation, ExtractOptions
@@ -94,9 +100,11 @@ class _Plan:
     concepts_col: str
     mentions_col: str | None
     options: ExtractOptions | None  # None: the service's defaults (service mode only)
-    # In-process engine: a SparkFiles name (shipped) or a path every executor can read.
+    # In-process engine: a SparkFiles name (shipped) or a path every executor can read, and
+    # the content hash of the index the driver checked.
     shipped_name: str | None = None
     index_path: str | None = None
+    index_hash: str | None = None
     # Service: a gRPC target (``host:port`` or ``dns:///name:port``) and how to call it.
     target: str | None = None
     token: str | None = None
@@ -104,10 +112,40 @@ class _Plan:
     batch_size: int = 256
 
 
-# One Extractor per executor Python worker and index: Spark reuses workers across tasks, and
-# loading (and hash-verifying) an index per batch would dominate the run time.
-_EXTRACTORS: dict[str, Extractor] = {}
+# One Extractor per executor Python worker and index (path and content hash: an index rebuilt
+# in place is another index): Spark reuses workers across tasks, and loading (and
+# hash-verifying) an index per batch would dominate the run time.
+_EXTRACTORS: dict[tuple[str, str | None], Extractor] = {}
 _EXTRACTORS_LOCK = threading.Lock()
+
+# Driver side: the directories shipped with addFile, by index content hash. SparkFiles names a
+# shipped directory by its base name, and a session refuses a second, different directory of
+# the same name ("exists and does not match contents"): each index goes out as a directory
+# named by its content hash, linked (or copied) into a staging directory once per driver
+# process, so two indexes — or one rebuilt in place — can be used in one session.
+_STAGED: dict[str, Path] = {}
+_STAGE_PREFIX = "conceptsvc-index-"
+
+
+def _staged_index(path: Path, content_hash: str) -> Path:
+    """A directory named for ``content_hash`` holding the index at ``path``'s files."""
+    with _EXTRACTORS_LOCK:
+        staged = _STAGED.get(content_hash)
+        if staged is not None and staged.is_dir():
+            return staged
+        root = Path(tempfile.mkdtemp(prefix="conceptsvc-spark-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)  # our own directory
+        staged = root / f"{_STAGE_PREFIX}{content_hash[:32]}"
+        staged.mkdir()
+        for item in path.iterdir():
+            if not item.is_file():
+                continue
+            try:
+                os.link(item, staged / item.name)  # no copy on the same file system
+            except OSError:
+                shutil.copy2(item, staged / item.name)
+        _STAGED[content_hash] = staged
+        return staged
 
 
 def _local_extractor(plan: _Plan) -> Extractor:
@@ -120,13 +158,24 @@ def _local_extractor(plan: _Plan) -> Extractor:
     else:
         raise ConfigError("internal: an in-process plan names no index")
     with _EXTRACTORS_LOCK:
-        extractor = _EXTRACTORS.get(path)
+        extractor = _EXTRACTORS.get((path, plan.index_hash))
         if extractor is None:
             index = ConceptIndex.load(path, verify=True)
+            if plan.index_hash is not None and index.content_hash != plan.index_hash:
+                raise ConceptIndexError(
+                    f"{path}: the executor found index {index.content_hash[:12]}, not the "
+                    f"{plan.index_hash[:12]} the driver planned the job with (rebuilt while the "
+                    "job ran?); run the job again"
+                )
             extractor = Extractor(index)
-            _EXTRACTORS[path] = extractor
+            _EXTRACTORS[(path, plan.index_hash)] = extractor
             log.info("executor loaded index %s (%s)", path, index.content_hash[:12])
     return extractor
+
+
+def _shipped_names(context: Any) -> set[str]:
+    """The base names of what ``context`` has shipped with addFile (its ``listFiles``)."""
+    return {uri.rstrip("/").rsplit("/", 1)[-1] for uri in getattr(context, "listFiles", ())}
 
 
 def _annotator(plan: _Plan) -> Callable[[Sequence[str]], list[Annotation]]:
@@ -309,12 +358,15 @@ def annotate_dataframe(
             index = demo_index_path()
         path = Path(index).resolve()
         # Fail on the driver, before a job starts, for a bad index or options.
-        Extractor(ConceptIndex.load(path, verify=False)).check_options(
-            options or ExtractOptions()
-        )
+        loaded = ConceptIndex.load(path, verify=False)
+        Extractor(loaded).check_options(options or ExtractOptions())
+        plan = replace(plan, index_hash=loaded.content_hash)
         if ship_index:
-            df.sparkSession.sparkContext.addFile(str(path), recursive=True)
-            plan = replace(plan, shipped_name=path.name)
+            staged = _staged_index(path, loaded.content_hash)
+            context = df.sparkSession.sparkContext
+            if staged.name not in _shipped_names(context):
+                context.addFile(str(staged), recursive=True)
+            plan = replace(plan, shipped_name=staged.name)
         else:
             plan = replace(plan, index_path=str(path))
 

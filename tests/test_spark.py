@@ -232,3 +232,13 @@ def test_spark_two_indexes_of_one_name_in_one_session(
     shutil.rmtree(tmp_path / "a" / "idx")
     shutil.copytree(engine_index_path, tmp_path / "a" / "idx")
     assert concepts(tmp_path / "a" / "idx") == want_b
+
+
+def test_spark_rejects_a_caption_column_that_is_not_text(spark: Any, index_dir: Path) -> None:
+    """Numbers are not captions: refused on the driver, as a missing column is, instead of a
+    job that gives every row null concepts."""
+    numbers = spark.createDataFrame([(1, 123)], "ID int, Caption int")
+    with pytest.raises(ConfigError, match="column 'Caption' is int, not string"):
+        annotate_dataframe(numbers, index=index_dir)
+    with pytest.raises(ConfigError, match="column 'ID' is int, not string"):
+        annotate_dataframe(numbers, "ID", target="127.0.0.1:1")

@@ -329,7 +329,9 @@ def annotate_dataframe(
     ``options`` are the extraction options; unset, the in-process engine uses
     :class:`~conceptsvc.model.ExtractOptions`'s defaults and the service its configured
     defaults (exactly what ``conceptsvc annotate`` does). ``mentions_col=None``
-    adds only the concept sets. Null captions get null columns. Lazy, like any transformation:
+    adds only the concept sets. ``text_col`` must be a string column (another type is a
+    :class:`~conceptsvc.errors.ConfigError`, as a missing one is); null captions get null
+    columns. Lazy, like any transformation:
     nothing runs until an action.
     """
     _require_pyspark()
@@ -340,6 +342,13 @@ def annotate_dataframe(
         )
     if text_col not in df.columns:
         raise ConfigError(f"no column {text_col!r} in the DataFrame (it has {df.columns})")
+    kind = df.schema[text_col].dataType
+    if kind.typeName() != "string":
+        raise ConfigError(
+            f"column {text_col!r} is {kind.simpleString()}, not string: captions must be "
+            f"text (its values would all get null concepts); cast it first, e.g. "
+            f"df.withColumn({text_col!r}, df[{text_col!r}].cast('string'))"
+        )
     new_cols = [c for c in (concepts_col, mentions_col) if c is not None]
     if clash := [c for c in new_cols if c in df.columns]:
         raise ConfigError(

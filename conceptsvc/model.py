@@ -19,7 +19,7 @@ code-point offsets into the ORIGINAL text the caller passed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -49,6 +49,7 @@ __all__ = [
     "StreamResult",
     "Synonym",
     "batch_items",
+    "stream_items",
 ]
 
 # -- requests --------------------------------------------------------------------------------
@@ -230,54 +231,89 @@ class Annotation:
 MentionRows = tuple[tuple[tuple[Any, ...], ...], tuple[str, ...]]
 
 
-_BATCH_SHAPES = (
-    'extract_batch(["CT of the chest", "MRI of the brain"]) (ids "0", "1", ...) or '
-    'extract_batch([("cap1", "CT of the chest"), ("cap2", "MRI of the brain")])'
-)
+def _shapes(call: str) -> str:
+    """Both call shapes of a batch method, for its error messages."""
+    return (
+        f'{call}(["CT of the chest", "MRI of the brain"]) (ids "0", "1", ...) or '
+        f'{call}([("cap1", "CT of the chest"), ("cap2", "MRI of the brain")])'
+    )
+
+
+def _item_source(items: object, call: str, one: str) -> Iterable[object]:
+    """What a batch method iterates: the items, or a mapping's ``(id, text)`` pairs. A single
+    string or a value that is not iterable raises ExtractArgumentError."""
+    if isinstance(items, str | bytes | bytearray):
+        raise ExtractArgumentError(
+            f"{call} takes many texts, not one string ({_clip(items)}); use {one} for one text, "
+            f"or {_shapes(call)}."
+        )
+    if isinstance(items, Mapping):
+        return items.items()
+    if isinstance(items, Iterable):
+        return items
+    raise ExtractArgumentError(
+        f"{call} takes a list of texts or of (id, text) pairs, got {type(items).__name__}; "
+        f"call {_shapes(call)}."
+    )
+
+
+def _pair(i: int, item: object, call: str, texts: bool) -> tuple[str, str]:
+    """Item ``i`` as an ``(id, text)`` pair: a text when ``texts`` (its position is its id), else
+    a pair whose integer id becomes its string; anything else raises ExtractArgumentError."""
+    if texts and isinstance(item, str):
+        return str(i), item
+    if not texts and isinstance(item, tuple | list) and len(item) == 2:
+        rid, text = item
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            rid = str(rid)
+        if isinstance(rid, str) and isinstance(text, str):
+            return rid, text
+    if texts:
+        what = f"{_clip(item)} but the items before it are texts"
+    elif isinstance(item, str):
+        what = f"a text ({_clip(item)}) but others are (id, text) pairs"
+    else:
+        what = _clip(item)
+    raise ExtractArgumentError(
+        f"{call}: item {i} is {what}; give either only texts or only (id, text) "
+        f"pairs of strings: {_shapes(call)}."
+    )
 
 
 def batch_items(
     items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
+    *,
+    call: str = "extract_batch",
+    one: str = "extract(text)",
 ) -> list[tuple[str, str]]:
     """What an engine's ``extract_batch`` was given, as ``(id, text)`` pairs.
 
     ``items`` is either plain texts — each gets its position as its id, as a string
     (``"0"``, ``"1"``, ...) — or ``(id, text)`` pairs (an integer id becomes its string), or a
     mapping of id to text. A single string, a mix of the two shapes, or any other item raises
-    :class:`~conceptsvc.errors.ExtractArgumentError` showing both call shapes.
+    :class:`~conceptsvc.errors.ExtractArgumentError` showing both call shapes (of ``call``;
+    ``one`` is the method for a single text).
     """
-    if isinstance(items, str | bytes | bytearray):
-        raise ExtractArgumentError(
-            f"extract_batch takes many texts, not one string ({_clip(items)}); use extract(text) "
-            f"for one text, or {_BATCH_SHAPES}."
-        )
-    if isinstance(items, Mapping):
-        pairs: list[object] = list(items.items())
-    elif isinstance(items, Iterable):
-        pairs = list(items)
-    else:
-        raise ExtractArgumentError(
-            f"extract_batch takes a list of texts or of (id, text) pairs, got "
-            f"{type(items).__name__}; call {_BATCH_SHAPES}."
-        )
-    if all(isinstance(item, str) for item in pairs):
-        return [(str(i), str(text)) for i, text in enumerate(pairs)]
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(pairs):
-        if isinstance(item, tuple | list) and len(item) == 2:
-            rid, text = item
-            if isinstance(rid, int) and not isinstance(rid, bool):
-                rid = str(rid)
-            if isinstance(rid, str) and isinstance(text, str):
-                out.append((rid, text))
-                continue
-        what = (f"a text ({_clip(item)}) but others are (id, text) pairs"
-                if isinstance(item, str) else _clip(item))
-        raise ExtractArgumentError(
-            f"extract_batch: item {i} is {what}; give either only texts or only (id, text) "
-            f"pairs of strings: {_BATCH_SHAPES}."
-        )
-    return out
+    pairs = list(_item_source(items, call, one))
+    texts = all(isinstance(item, str) for item in pairs)
+    return [_pair(i, item, call, texts) for i, item in enumerate(pairs)]
+
+
+def stream_items(
+    items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
+    *,
+    call: str,
+    one: str,
+) -> Iterator[tuple[str, str]]:
+    """:func:`batch_items` item by item, for a stream that must not read ahead: the first
+    item says which shape all of them have (texts, or ``(id, text)`` pairs), and an item of
+    another shape raises :class:`~conceptsvc.errors.ExtractArgumentError` when it is reached.
+    Exceptions of ``items`` itself pass through as they are."""
+    texts: bool | None = None
+    for i, item in enumerate(_item_source(items, call, one)):
+        if texts is None:
+            texts = isinstance(item, str)
+        yield _pair(i, item, call, texts)
 
 
 def _clip(value: object, limit: int = 60) -> str:

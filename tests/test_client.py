@@ -15,7 +15,7 @@ import pytest
 from service_helpers import CAPTIONS, build_index_a, running_server, settings_for
 
 from conceptsvc.client import ConceptClient
-from conceptsvc.errors import ClientError, ServiceCallError
+from conceptsvc.errors import ClientError, ExtractArgumentError, ServiceCallError
 from conceptsvc.server import create_server
 
 
@@ -421,3 +421,54 @@ def test_client_batch_reply_over_its_receive_limit_is_sent_again_in_halves(
     assert error is not None and error.status == "RESOURCE_EXHAUSTED"
     assert f"message limit of {limit} bytes" in error.message
     assert all(len(r.annotation.mentions) == 150 for r in results if r.ok)  # type: ignore[union-attr]
+
+
+# -- what the caller passes ----------------------------------------------------------------------
+def test_client_items_take_what_extract_batch_takes(index_a: Path) -> None:
+    """Plain texts (ids by position), pairs with integer ids and mappings, on a stream and in a
+    batch, as Extractor.extract_batch; a wrong shape is refused showing the right call."""
+    with running_server(settings_for(index_a)) as (_, port), \
+            ConceptClient(f"127.0.0.1:{port}") as c:
+        for annotate in (c.annotate_batch, lambda i: list(c.annotate_stream(i))):
+            plain = annotate(["Chest CT", "lung"])
+            assert [(r.id, r.annotation.concepts if r.annotation else None) for r in plain] == [
+                ("0", ("C0817096", "C0040405")), ("1", ("C0024109",))
+            ]
+            assert [r.id for r in annotate([(7, "lung")])] == ["7"]
+            assert [r.id for r in annotate({"a": "lung", "b": "heart"})] == ["a", "b"]
+        with pytest.raises(ExtractArgumentError) as err:
+            c.annotate_batch("Chest CT")
+        assert "use annotate(text) for one text" in str(err.value)
+        with pytest.raises(ExtractArgumentError) as err:
+            c.annotate_batch([("a", "lung"), "heart"])
+        assert "item 1 is a text ('heart')" in str(err.value)
+        assert 'annotate_batch([("cap1", "CT of the chest")' in str(err.value)
+        stream = c.annotate_stream(iter([("a", "lung"), ("b", "heart", "x")]))
+        assert next(stream).id == "a"  # the items before the bad one are answered
+        with pytest.raises(ExtractArgumentError) as err:
+            next(stream)
+        assert "annotate_stream: item 1 is ('b', 'heart', 'x')" in str(err.value)
+        assert 'annotate_stream(["CT of the chest", "MRI of the brain"])' in str(err.value)
+
+
+def test_client_stream_raises_the_exception_of_the_callers_items(index_a: Path) -> None:
+    """An exception of the caller's iterator is raised as itself after the items read before it
+    are answered, not as the UNKNOWN status gRPC makes of it; nothing after it is read."""
+    problem = ValueError("my input reader broke")
+    read: list[str] = []
+
+    def items() -> Iterator[tuple[str, str]]:
+        for id_ in ("a", "b"):
+            read.append(id_)
+            yield id_, "lung"
+        raise problem
+
+    with running_server(settings_for(index_a)) as (_, port), \
+            ConceptClient(f"127.0.0.1:{port}") as c:
+        got: list[str] = []
+        with pytest.raises(ValueError) as err:
+            for r in c.annotate_stream(items()):
+                got.append(r.id)
+        assert err.value is problem
+        assert got == ["a", "b"] and read == ["a", "b"]
+        assert [r.id for r in c.annotate_stream([("c", "lung")])] == ["c"]  # the client is fine

@@ -3,7 +3,10 @@
 ``ConceptClient`` (``service``) talks to the gRPC service and returns the domain types of
 :mod:`conceptsvc.model`; :mod:`conceptsvc.wire` maps protobuf messages to and from them, and
 ``channel`` holds what every client needs to reach a service (TLS, token, effective options).
-Its errors are :class:`~conceptsvc.errors.ClientError` and its subclasses.
+Its errors are :class:`~conceptsvc.errors.ClientError` and its subclasses, but for arguments
+the engine would refuse in-process too, which raise what the engine raises before anything is
+sent: items of the wrong shape :class:`~conceptsvc.errors.ExtractArgumentError`, as
+``Extractor.extract_batch`` does.
 
 ``ConceptClient`` is imported on first use: the commands built on the client modules
 (``conceptsvc annotate`` uses ``batch``, ``lookup`` uses ``arguments``) should not pay for the

@@ -38,7 +38,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +66,8 @@ from conceptsvc.model import (
     SemanticCatalog,
     ServiceInfo,
     StreamResult,
+    batch_items,
+    stream_items,
 )
 
 __all__ = ["ConceptClient"]
@@ -292,7 +294,7 @@ class ConceptClient:
 
     def annotate_stream(
         self,
-        items: Iterable[tuple[str, str]],
+        items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
         *,
         options: ExtractOptions | None = None,
         timeout: float | None = None,
@@ -300,6 +302,14 @@ class ConceptClient:
     ) -> Iterator[StreamResult]:
         """Annotate ``(id, text)`` pairs on one stream; results come in input order.
 
+        ``items`` takes what :meth:`Extractor.extract_batch
+        <conceptsvc.extractor.Extractor.extract_batch>` takes: ``(id, text)`` pairs (an
+        integer id becomes its string), plain texts (each id is then its position: ``"0"``,
+        ``"1"``, ...) or a mapping of id to text; it is read lazily, and its first item says
+        which shape all have. An item of another shape raises
+        :class:`~conceptsvc.errors.ExtractArgumentError` showing the right call, and an
+        exception ``items`` raises is raised as it is; either comes once the items read before
+        it have been answered (and yielded), and nothing after it is read.
         A bad item yields a :class:`StreamResult` with ``error`` set and the stream goes on;
         that includes items that cannot even be sent (text that is not valid Unicode), which
         are answered here with INVALID_ARGUMENT without reaching the server.
@@ -315,7 +325,10 @@ class ConceptClient:
         opts_pb = wire.options_to_pb(options) if options is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         md = bearer_metadata(self._token)
-        source = iter(items)
+        source = stream_items(items, call="annotate_stream", one="annotate(text)")
+        # What reading ``source`` raised, in the request generator's thread (where gRPC would
+        # turn it into an UNKNOWN status); raised to the caller once the stream is done.
+        source_error: list[Exception] = []
         source_lock = threading.Lock()  # one request generator pulls from ``source`` at a time
         cond = threading.Condition()  # guards ``pending``
         # Items pulled and not yet yielded, in input order: a request that was sent (and awaits
@@ -352,6 +365,10 @@ class ConceptClient:
             try:
                 id_, text = next(source)
             except StopIteration:
+                exhausted[0] = True
+                return None
+            except Exception as exc:  # the caller's iterator, or an item of the wrong shape
+                source_error.append(exc)
                 exhausted[0] = True
                 return None
             req = _build_request(id_, text, opts_pb)
@@ -411,6 +428,8 @@ class ConceptClient:
                         if pending:
                             break
                         if exhausted[0]:
+                            if source_error:
+                                raise source_error[0] from None  # (not the idle stream's end)
                             return
                     continue
                 if (
@@ -431,17 +450,23 @@ class ConceptClient:
                     f"AnnotateStream ended with {len(pending)} items unanswered; "
                     "this is a server bug"
                 )
+            if source_error:
+                raise source_error[0]
             return
 
     def annotate_batch(
         self,
-        items: Sequence[tuple[str, str]],
+        items: Iterable[str] | Iterable[tuple[str, str]] | Mapping[str, str],
         *,
         options: ExtractOptions | None = None,
         timeout: float | None = None,
     ) -> list[StreamResult]:
         """Annotate ``(id, text)`` pairs with ``AnnotateBatch`` calls; results in input order.
 
+        ``items`` takes what :meth:`Extractor.extract_batch
+        <conceptsvc.extractor.Extractor.extract_batch>` takes (pairs, plain texts whose ids are
+        their positions, or a mapping of id to text) and refuses the same, with
+        :class:`~conceptsvc.errors.ExtractArgumentError`, before anything is sent.
         The items go in as few calls as this client's ``max_message_bytes`` allows: a batch
         whose request would be larger is split, in order, into requests that fit (so a caller
         may pass any number of items; the sizes are the exact protobuf sizes). A bad item gets
@@ -459,15 +484,16 @@ class ConceptClient:
         limit included, raise :class:`~conceptsvc.errors.ServiceCallError`. ``timeout`` is
         each call's deadline (None = the client's).
         """
+        pairs = batch_items(items, call="annotate_batch", one="annotate(text)")
         opts_pb = wire.options_to_pb(options) if options is not None else None
         limit = self.max_message_bytes
         room = limit - (_framed(opts_pb.ByteSize()) if opts_pb is not None else 0)
-        results: list[StreamResult | None] = [None] * len(items)
+        results: list[StreamResult | None] = [None] * len(pairs)
         todo: deque[list[int]] = deque()
         requests: dict[int, pb.AnnotateRequest] = {}
         part: list[int] = []
         used = 0
-        for k, (id_, text) in enumerate(items):
+        for k, (id_, text) in enumerate(pairs):
             req = _build_request(id_, text, None)
             if isinstance(req, str):
                 results[k] = StreamResult(id_, None, ItemError("INVALID_ARGUMENT", req))
@@ -509,9 +535,9 @@ class ConceptClient:
                     halve(part)
                     continue
                 k = part[0]
-                results[k] = StreamResult(items[k][0], None, ItemError(
+                results[k] = StreamResult(pairs[k][0], None, ItemError(
                     "RESOURCE_EXHAUSTED",
-                    f"item {items[k][0]!r}: its answer is over this client's message limit of "
+                    f"item {pairs[k][0]!r}: its answer is over this client's message limit of "
                     f"{limit} bytes (max_message_bytes); raise it to the service's",
                     InputTooLargeError.code,
                 ))
@@ -524,10 +550,10 @@ class ConceptClient:
                 )
             full: list[int] = []
             for k, result in zip(part, answers, strict=True):
-                if result.id != items[k][0]:
+                if result.id != pairs[k][0]:
                     raise ClientError(
                         f"AnnotateBatch answered id {result.id!r} in the place of "
-                        f"{items[k][0]!r}"
+                        f"{pairs[k][0]!r}"
                     )
                 error = result.error
                 if error is not None and error.error_code == ReplyFullError.code and len(part) > 1:

@@ -96,6 +96,13 @@ def _names(name: str, value: object) -> tuple[str, ...]:
     return tuple(str(v) for v in items)
 
 
+def _wrong_type(name: str, value: object, takes: str, example: str) -> ExtractArgumentError:
+    return ExtractArgumentError(
+        f"ExtractOptions({name}=...) takes {takes}; got {_clip(value)} (a "
+        f"{type(value).__name__}). For example: ExtractOptions({name}={example})."
+    )
+
+
 @dataclass(frozen=True)
 class ExtractOptions:
     """Per-request options (see :mod:`conceptsvc.extractor` for the filter semantics).
@@ -131,30 +138,57 @@ class ExtractOptions:
             if names is not value:
                 object.__setattr__(self, name, names)  # frozen: set once, before anyone sees it
 
+    def check_types(self) -> None:
+        """Raise :class:`~conceptsvc.errors.ExtractArgumentError` for a field whose value is not
+        of its type (``include_negated="no"``, ``threshold="0.7"``), showing the right call.
+
+        Run by :meth:`validate` and, before anything is sent, by the client's conversion to the
+        wire (:func:`conceptsvc.wire.options_to_pb`), so every door refuses the same values
+        with the same error rather than reading ``"no"`` as true or failing in protobuf.
+        """
+        for name in _NAME_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not tuple or not all(isinstance(v, str) for v in value):
+                _names(name, value)  # raises, showing the right call
+        for name, example in (("mode", '"exact"'), ("similarity", '"jaccard"'),
+                              ("overlap", '"longest"'), ("profile", '"rocov2"')):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise _wrong_type(name, value, "a name (a string)", example)
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            raise _wrong_type("threshold", t, "a number in (0, 1]", "0.7")
+        for name in ("include_negated", "include_mentions"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise _wrong_type(name, value, "True or False", "False")
+        if self.include_hypothetical is not None and not isinstance(
+            self.include_hypothetical, bool
+        ):
+            raise _wrong_type(
+                "include_hypothetical", self.include_hypothetical,
+                "True, False or None (the profile's choice)", "False",
+            )
+
     def validate(self) -> None:
-        """Raise ExtractionError for a choice or threshold no engine can serve.
+        """Raise ExtractionError for a value of the wrong type (:meth:`check_types`), or a
+        choice or threshold no engine can serve.
 
         What depends on an index (semantic names, sources, profiles) is checked by the
         engine's ``check_options``.
         """
+        self.check_types()
         if self.mode not in MODES:
             raise ExtractionError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.similarity not in SIMILARITIES:
             raise ExtractionError(
                 f"similarity {self.similarity!r} is not one of {', '.join(SIMILARITIES)}"
             )
-        if not isinstance(self.threshold, int | float) or not (
-            math.isfinite(self.threshold) and 0 < self.threshold <= 1
-        ):
+        if not (math.isfinite(self.threshold) and 0 < self.threshold <= 1):
             raise ExtractionError(f"threshold {self.threshold!r} must be in (0, 1], e.g. 0.7")
         if self.overlap not in OVERLAPS:
             raise ExtractionError(
                 f"overlap {self.overlap!r} is not one of {', '.join(OVERLAPS)}"
-            )
-        if self.include_hypothetical not in (None, True, False):
-            raise ExtractionError(
-                f"include_hypothetical {self.include_hypothetical!r} must be true, false or "
-                "None (the profile's choice)"
             )
 
     def cache_key(self) -> str:

@@ -139,7 +139,13 @@ def _enum_name(table: Mapping[str, int], value: int, what: str) -> str:
 # -- options -------------------------------------------------------------------------------------
 def options_to_pb(options: ExtractOptions) -> pb.AnnotateOptions:
     """Every field set, so the receiver applies none of its own defaults — but
-    ``include_hypothetical`` when the options leave it to the profile (None)."""
+    ``include_hypothetical`` when the options leave it to the profile (None).
+
+    A field of the wrong type raises :class:`~conceptsvc.errors.ExtractArgumentError`
+    (:meth:`ExtractOptions.check_types <conceptsvc.model.ExtractOptions.check_types>`, what the
+    engine raises in-process) before a message is built; values of the right type are left to
+    the receiver to judge (a threshold of 1.5 is the server's INVALID_ARGUMENT)."""
+    options.check_types()
     msg = pb.AnnotateOptions(
         mode=_enum_value(_MODES, options.mode, "mode"),
         similarity=_enum_value(_SIMILARITIES, options.similarity, "similarity"),

@@ -472,3 +472,28 @@ def test_client_stream_raises_the_exception_of_the_callers_items(index_a: Path) 
         assert err.value is problem
         assert got == ["a", "b"] and read == ["a", "b"]
         assert [r.id for r in c.annotate_stream([("c", "lung")])] == ["c"]  # the client is fine
+
+
+def test_client_options_of_the_wrong_type_are_refused_before_sending(index_a: Path) -> None:
+    """The error the engine raises in-process (E502), not protobuf's TypeError, from every
+    method that takes options; no call reaches the server."""
+    from conceptsvc.model import ExtractOptions
+
+    bad = ExtractOptions(include_negated="no")  # type: ignore[arg-type]
+    with running_server(settings_for(index_a)) as (server, port), \
+            ConceptClient(f"127.0.0.1:{port}") as c:
+        calls = [
+            lambda: c.annotate("lung", options=bad),
+            lambda: list(c.annotate_stream([("a", "lung")], options=bad)),
+            lambda: c.annotate_batch([("a", "lung")], options=bad),
+            lambda: c.search("lung", options=bad),
+        ]
+        for call in calls:
+            with pytest.raises(ExtractArgumentError, match=r"include_negated=\.\.\.\) takes True"):
+                call()
+        c.annotate("lung")  # the one call that reached the server
+        m = server.metrics
+        assert m.value("conceptsvc_captions_annotated_total", {"source": "engine"}) + m.value(
+            "conceptsvc_captions_annotated_total", {"source": "cache"}
+        ) == 1
+        assert m.value("conceptsvc_requests_total", {"method": "SearchConcepts", "code": "OK"}) == 0

@@ -12,7 +12,7 @@ from service_helpers import build_index_a
 
 from conceptsvc import wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
-from conceptsvc.errors import ExtractionError
+from conceptsvc.errors import ExtractArgumentError, ExtractionError
 from conceptsvc.index import ConceptIndex
 from conceptsvc.model import Annotation, Candidate, ExtractOptions, Mention
 from conceptsvc.semantic_network import load_semantic_network
@@ -452,3 +452,19 @@ def test_wire_result_reader_shares_strings_only_when_equal() -> None:
     assert first is not None and second is not None
     # the same source in two neighbouring answers is one object
     assert first.mentions[0].source is second.mentions[0].source
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"include_negated": "no"}, {"threshold": "0.7"}, {"include_hypothetical": 1}]
+)
+def test_wire_options_of_the_wrong_type_are_refused_as_in_process(
+    kwargs: dict[str, object],
+) -> None:
+    """options_to_pb raises what ExtractOptions.validate raises (E502), not protobuf's
+    TypeError, and does not read a string as true."""
+    options = ExtractOptions(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ExtractArgumentError) as in_process:
+        options.validate()
+    with pytest.raises(ExtractArgumentError) as on_the_wire:
+        wire.options_to_pb(options)
+    assert str(on_the_wire.value) == str(in_process.value)

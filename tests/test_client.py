@@ -497,3 +497,28 @@ def test_client_options_of_the_wrong_type_are_refused_before_sending(index_a: Pa
             "conceptsvc_captions_annotated_total", {"source": "cache"}
         ) == 1
         assert m.value("conceptsvc_requests_total", {"method": "SearchConcepts", "code": "OK"}) == 0
+
+
+def test_client_closed_says_so_as_a_client_error(index_a: Path) -> None:
+    """Every call of a closed client raises ClientError saying it was closed, not gRPC's bare
+    ValueError ("Cannot invoke RPC on closed channel!", "Channel closed!")."""
+    with running_server(settings_for(index_a)) as (_, port):
+        c = ConceptClient(f"127.0.0.1:{port}")
+        assert c.annotate("lung").concepts == ("C0024109",)
+        c.close()
+        calls = {
+            "Annotate": lambda: c.annotate("lung"),
+            "AnnotateStream": lambda: list(c.annotate_stream([("a", "lung")])),
+            "AnnotateBatch": lambda: c.annotate_batch([("a", "lung")]),
+            "GetConcept": lambda: c.get_concept("C0024109"),
+            "SearchConcepts": lambda: c.search("lung"),
+            "GetInfo": c.get_info,
+            "Health.Check": c.health,
+            "ReloadIndex": c.reload_index,
+        }
+        for name, call in calls.items():
+            with pytest.raises(ClientError) as err:
+                call()
+            assert type(err.value) is ClientError
+            assert f"{name}: this ConceptClient (127.0.0.1:{port}) was closed" in str(err.value)
+            assert "make a new ConceptClient" in str(err.value)

@@ -197,8 +197,21 @@ class ConceptClient:
 
     # -- plumbing ------------------------------------------------------------------------------
     def close(self) -> None:
+        """Close the connection; calls in progress are cancelled, and every later call raises
+        :class:`~conceptsvc.errors.ClientError` saying the client was closed."""
         self._closed = True
         self._channel.close()
+
+    def _closed_error(self, name: str) -> ClientError:
+        return ClientError(
+            f"{name}: this ConceptClient ({self.target}) was closed (by close() or at the end "
+            "of its `with` block); make a new ConceptClient to call the service again"
+        )
+
+    def _check_open(self, name: str) -> None:
+        """Raise the closed-client error before a call (gRPC's own is a bare ValueError)."""
+        if self._closed:
+            raise self._closed_error(name)
 
     def _resend(self, code: grpc.StatusCode, *, cancelled: bool = True) -> bool:
         """Whether a call that failed with ``code`` may be sent again: UNAVAILABLE always,
@@ -242,8 +255,13 @@ class ConceptClient:
                 # gRPC rounds deadlines to the millisecond: an expired one could still be sent
                 # and served, so it is not sent at all
                 raise ServiceCallError(name, "DEADLINE_EXCEEDED", "the deadline has passed")
+            self._check_open(name)  # (before each try: close() may come between two)
             try:
                 return method(request, timeout=remaining, metadata=md)
+            except ValueError:  # gRPC's word for a channel closed just now
+                if self._closed:
+                    raise self._closed_error(name) from None
+                raise
             except grpc.RpcError as exc:
                 code = exc.code()
                 if (
@@ -392,7 +410,13 @@ class ConceptClient:
         while True:
             attempt = _Attempt()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._stream_call(requests(attempt), timeout=remaining, metadata=md)
+            self._check_open("AnnotateStream")
+            try:
+                call = self._stream_call(requests(attempt), timeout=remaining, metadata=md)
+            except ValueError:  # gRPC's word for a channel closed just now
+                if self._closed:
+                    raise self._closed_error("AnnotateStream") from None
+                raise
             read_one = self._reader.read_one
             try:
                 for raw in call:
@@ -601,6 +625,7 @@ class ConceptClient:
     # -- operations ------------------------------------------------------------------------------
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """``SERVING``, ``NOT_SERVING`` or ``SERVICE_UNKNOWN``; raises if unreachable."""
+        self._check_open("Health.Check")
         try:
             resp = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

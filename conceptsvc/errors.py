@@ -17,11 +17,12 @@ The whole tree, so callers can catch at the level they care about::
     │                               take (E502); also a ``TypeError``
     ├── ClientError                 batch/lookup client failures (E6xx)
     │   ├── ServiceCallError        an RPC failed with a gRPC status (E610); ``status``, ``details``
+    │   │   └── ConceptNotFoundError a CUI the dictionary does not have (E623): GetConcept's
+    │   │                           NOT_FOUND, or an in-process lookup's miss; carries ``cui``
     │   ├── BadInputError           malformed input records, nothing sent (E620); carries ``bad``
     │   ├── RunIncompatibleError    results of one run would mix indexes (E621)
     │   │   └── IndexChangedError   the service's index changed during a run (E627)
     │   ├── ServiceUnreachableError no service answers at the target(s) (E622)
-    │   ├── ConceptNotFoundError    a CUI the dictionary does not have (E623)
     │   ├── OutputClashError        an output would overwrite the input, another output or a
     │   │                           run's side file (E624); nothing was started
     │   ├── OutputFormatError       an output's extension names another format (E625)
@@ -246,13 +247,28 @@ class ServiceUnreachableError(ClientError):
     code = "E622"
 
 
-class ConceptNotFoundError(ClientError):
+class ConceptNotFoundError(ServiceCallError):
+    """A CUI the dictionary does not have. ``ConceptClient.get_concept`` raises it for the
+    service's NOT_FOUND, and the lookup commands for a miss in-process too. It is a
+    ServiceCallError (``status`` NOT_FOUND, ``details`` the service's message) because that is
+    what the client raised for an unknown CUI before: code catching it still does."""
+
     code = "E623"
 
-    def __init__(self, cui: str) -> None:
-        super().__init__(
-            f"{cui} is not in the dictionary; `conceptsvc search TEXT` finds concepts by name."
-        )
+    def __init__(
+        self,
+        cui: str,
+        details: str = "",
+        hint: str = "`conceptsvc search TEXT` finds concepts by name",
+    ) -> None:
+        """``hint`` says how to find a concept: by default the command, for command-line
+        users; the client names its own method."""
+        self.cui = cui
+        self.method = "GetConcept"
+        self.status = "NOT_FOUND"
+        self.details = details or f"concept {cui} is not in the dictionary"
+        self.hint = hint
+        ClientError.__init__(self, f"{cui} is not in the dictionary; {hint}.")
 
 
 # The three below are raised by the client library (``resolve_outputs``, ``annotate_corpus``),

@@ -522,3 +522,20 @@ def test_client_closed_says_so_as_a_client_error(index_a: Path) -> None:
             assert type(err.value) is ClientError
             assert f"{name}: this ConceptClient (127.0.0.1:{port}) was closed" in str(err.value)
             assert "make a new ConceptClient" in str(err.value)
+
+
+def test_client_unknown_concept_is_concept_not_found(index_a: Path) -> None:
+    """GetConcept's NOT_FOUND is ConceptNotFoundError (E623), which is still the
+    ServiceCallError with status NOT_FOUND that the client raised before."""
+    from conceptsvc.errors import ConceptNotFoundError
+
+    with running_server(settings_for(index_a)) as (_, port), \
+            ConceptClient(f"127.0.0.1:{port}") as c:
+        with pytest.raises(ConceptNotFoundError) as err:
+            c.get_concept("C9999999")
+        assert isinstance(err.value, ServiceCallError) and err.value.status == "NOT_FOUND"
+        assert err.value.cui == "C9999999" and "C9999999" in err.value.details
+        assert str(err.value) == (
+            "[E623] C9999999 is not in the dictionary; ConceptClient.search(text) finds concepts "
+            "by name."
+        )

@@ -204,10 +204,8 @@ class RemoteLookup:
             return self._call(
                 lambda: self.client.get_concept(cui.strip().upper(), synonyms=synonyms)
             )
-        except ServiceCallError as exc:
-            if exc.status == "NOT_FOUND":
-                raise ConceptNotFoundError(cui) from None
-            raise
+        except ConceptNotFoundError:  # said as the commands say it (the client names itself)
+            raise ConceptNotFoundError(cui) from None
 
     def search(self, query: str, overrides: Mapping[str, Any], limit: int) -> list[Candidate]:
         options = self._options(overrides)

@@ -52,6 +52,7 @@ from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.client.channel import ChannelSecurity, bearer_metadata, unavailable_hint
 from conceptsvc.errors import (
     ClientError,
+    ConceptNotFoundError,
     InputTooLargeError,
     ReplyFullError,
     ServiceCallError,
@@ -592,10 +593,21 @@ class ConceptClient:
     def get_concept(
         self, cui: str, *, synonyms: bool = False, timeout: float | None = None
     ) -> ConceptRecord:
+        """The concept ``cui`` with its types and sources (and its synonyms if asked).
+
+        A CUI the service's index does not have raises
+        :class:`~conceptsvc.errors.ConceptNotFoundError` (E623), a ServiceCallError with status
+        NOT_FOUND."""
         req = pb.GetConceptRequest(cui=cui, include_synonyms=synonyms)
-        return wire.concept_from_pb(
-            self._unary("GetConcept", self._stub.GetConcept, req, timeout=timeout)
-        )
+        try:
+            resp = self._unary("GetConcept", self._stub.GetConcept, req, timeout=timeout)
+        except ServiceCallError as exc:
+            if exc.status == "NOT_FOUND":  # the one thing GetConcept answers NOT_FOUND for
+                raise ConceptNotFoundError(
+                    cui, exc.details, "ConceptClient.search(text) finds concepts by name"
+                ) from None
+            raise
+        return wire.concept_from_pb(resp)
 
     def search(
         self,

@@ -539,3 +539,25 @@ def test_client_unknown_concept_is_concept_not_found(index_a: Path) -> None:
             "[E623] C9999999 is not in the dictionary; ConceptClient.search(text) finds concepts "
             "by name."
         )
+
+
+def test_client_refused_token_hint_names_the_right_token(index_a: Path) -> None:
+    """ReloadIndex refused for its token says it needs admin_token=..., not the service's
+    token or a command-line flag; other calls name both the client's token= and --token."""
+    user, admin = "user-token-" + "u" * 24, "admin-token-" + "a" * 24
+    settings = settings_for(index_a, auth_token=user, admin_token=admin)
+    with running_server(settings) as (_, port):
+        target = f"127.0.0.1:{port}"
+        for kwargs in ({}, {"token": user}):  # no token; the user token, which it falls back to
+            with ConceptClient(target, retries=0, **kwargs) as c:
+                with pytest.raises(ServiceCallError) as err:
+                    c.reload_index()
+                assert err.value.status in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+                assert "ConceptClient(target, admin_token=...)" in str(err.value)
+                assert "--token" not in str(err.value)
+        with ConceptClient(target, retries=0) as c:
+            with pytest.raises(ServiceCallError) as err:
+                c.get_info()
+            assert "ConceptClient(target, token=...), or --token" in str(err.value)
+        with ConceptClient(target, token=user, admin_token=admin, retries=0) as c:
+            assert c.reload_index().content_hash

@@ -74,6 +74,8 @@ from conceptsvc.model import (
 __all__ = ["ConceptClient"]
 
 T = TypeVar("T")
+# The statuses of a call the service refused for its token.
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 _DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 
 
@@ -279,6 +281,18 @@ class ConceptClient:
         mismatch, a draining server)."""
         unavailable = code is grpc.StatusCode.UNAVAILABLE
         hint = unavailable_hint(details, self._uses_tls) if unavailable else ""
+        if name == "ReloadIndex" and code in _REFUSED:
+            hint = (
+                " ReloadIndex needs the service's admin token (its CONCEPTSVC_ADMIN_TOKEN), not "
+                "the client token: ConceptClient(target, admin_token=...). Without a client, "
+                "send the service SIGHUP."
+            )
+        elif code is grpc.StatusCode.UNAUTHENTICATED:
+            hint = (
+                " Pass the service's token (its CONCEPTSVC_AUTH_TOKEN): "
+                "ConceptClient(target, token=...), or --token / CONCEPTSVC_TOKEN on the command "
+                "line."
+            )
         return ServiceCallError(name, code.name, details, hint)
 
     @staticmethod

@@ -113,7 +113,8 @@ class ExtractOptions:
     The name-list fields (``semantic_types``, ``semantic_groups``, ``sources``,
     ``exclude_cuis``) take a tuple, list or set of names, or a single name
     (``semantic_groups="DISO"`` is ``("DISO",)``), and hold a tuple; anything else raises
-    :class:`~conceptsvc.errors.ExtractArgumentError` showing the right call.
+    :class:`~conceptsvc.errors.ExtractArgumentError` showing the right call. ``exclude_cuis``
+    holds its CUIs stripped and in upper case (``"c0032227"`` is ``"C0032227"``).
     """
 
     semantic_types: tuple[str, ...] = ()  # filter names (TUI, abbrev, name); empty = all
@@ -135,6 +136,10 @@ class ExtractOptions:
         for name in _NAME_FIELDS:
             value = getattr(self, name)
             names = _names(name, value)
+            if name == "exclude_cuis" and any(c != c.strip().upper() for c in names):
+                # CUIs are upper case in every index: " c0032227" excludes C0032227 (semantic
+                # names are matched in any case too), whichever door the options came through
+                names = tuple(c.strip().upper() for c in names)
             if names is not value:
                 object.__setattr__(self, name, names)  # frozen: set once, before anyone sees it
 

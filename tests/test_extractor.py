@@ -666,3 +666,9 @@ def test_issue_17_offsets_are_untouched_by_context(context_ex: Extractor, text: 
     ]
     assert any(_props(got)[m.text] != _props(base)[m.text] for m in got.mentions)
     check_annotation(context_ex.index, text, got, ExtractOptions())
+
+
+def test_extractor_exclude_cuis_in_any_case(ex: Extractor) -> None:
+    caption = "Pleural effusion."
+    assert "C0032227" in ex.extract(caption).concepts
+    assert "C0032227" not in ex.extract(caption, ExtractOptions(exclude_cuis="c0032227")).concepts

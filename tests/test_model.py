@@ -38,3 +38,14 @@ def test_model_options_of_the_right_types_pass() -> None:
     ExtractOptions(threshold=0.5, include_hypothetical=False, include_negated=False).validate()
     with pytest.raises(ExtractionError, match=r"threshold 1\.5 must be in"):
         ExtractOptions(threshold=1.5).validate()
+
+
+def test_model_options_exclude_cuis_are_stripped_and_upper_cased() -> None:
+    """Every door builds ExtractOptions (in-process, spaCy, the wire's replace over defaults),
+    so " c0032227" excludes C0032227 wherever it came from."""
+    from dataclasses import replace
+
+    options = ExtractOptions(exclude_cuis=[" c0032227", "C0024109"])
+    assert options.exclude_cuis == ("C0032227", "C0024109")
+    assert replace(ExtractOptions(), exclude_cuis=("c1 ",)).exclude_cuis == ("C1",)
+    assert options == ExtractOptions(exclude_cuis=("C0032227", "C0024109"))

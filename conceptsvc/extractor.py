@@ -74,7 +74,7 @@ from conceptsvc.abbreviations import (
     find_definitions,
 )
 from conceptsvc.approximate import APPROX, ApproximateMatcher
-from conceptsvc.errors import ExtractionError, SemanticNetworkError
+from conceptsvc.errors import ExtractArgumentError, ExtractionError, SemanticNetworkError
 from conceptsvc.index import (
     FLAG_ABBREVIATION,
     FLAG_CASE_SENSITIVE,
@@ -580,7 +580,12 @@ class Extractor:
     def extract(
         self, text: str, options: ExtractOptions | None = None, *, id: str = ""
     ) -> Annotation:
-        """Concepts of one caption. Offsets are code-point offsets into ``text``."""
+        """Concepts of one caption. Offsets are code-point offsets into ``text``.
+
+        An integer ``id`` becomes its string, as in :meth:`extract_batch`; any other non-string
+        id raises :class:`~conceptsvc.errors.ExtractArgumentError`."""
+        if id.__class__ is not str:
+            id = _id_string(id)
         plan = self._plan_of(options)
         if self._fast is not None:
             return self._fast.extract(text, plan, id)
@@ -830,6 +835,19 @@ class Extractor:
             name, types = self.concept_info(cui)
             out.append(Candidate(cui, name, p.string, round(score, 6), types, tuple(sorted(sabs))))
         return out
+
+
+def _id_string(id_: object) -> str:
+    """An annotation id given as something else than a string: an integer's string (as
+    :func:`~conceptsvc.model.batch_items` makes it), or ExtractArgumentError."""
+    if isinstance(id_, str):
+        return str(id_)
+    if isinstance(id_, int) and not isinstance(id_, bool):
+        return str(id_)
+    raise ExtractArgumentError(
+        f"extract(text, id=...) takes a string (an integer becomes its string), got "
+        f"{id_!r} ({type(id_).__name__}); for example: extract(text, id=\"cap1\")."
+    )
 
 
 def _resolve_overlaps(cands: list[_Cand], how: str) -> list[_Cand]:

@@ -672,3 +672,11 @@ def test_extractor_exclude_cuis_in_any_case(ex: Extractor) -> None:
     caption = "Pleural effusion."
     assert "C0032227" in ex.extract(caption).concepts
     assert "C0032227" not in ex.extract(caption, ExtractOptions(exclude_cuis="c0032227")).concepts
+
+
+def test_extractor_extract_id_is_a_string_as_in_extract_batch(ex: Extractor) -> None:
+    a = ex.extract("CT chest", id=5)  # type: ignore[arg-type]
+    assert a.id == "5" and a == ex.extract_batch([(5, "CT chest")])[0]  # type: ignore[list-item]
+    for bad in (None, 1.5, True):
+        with pytest.raises(ExtractArgumentError, match="takes a string"):
+            ex.extract("CT chest", id=bad)  # type: ignore[arg-type]

@@ -562,7 +562,19 @@ def _mv(a: np.ndarray[Any, Any]) -> memoryview:
 
 
 class ConceptIndex:
-    """A loaded index. Immutable; safe to share between threads."""
+    """A loaded index. Immutable; safe to share between threads.
+
+    It has no ``close()``: its files' mappings go when the last object viewing them does. The
+    arrays it maps are handed out — to the compiled engine (:attr:`key_trie`,
+    :attr:`posting_arrays`, the trigram lists), which keeps its own buffer views of them, and
+    to any caller — and a mapping with views still open cannot be unmapped (``mmap.close``
+    raises ``BufferError``); unmapping it under them anyway would turn their next read into a
+    segmentation fault. A close that is safe would need every holder, the compiled code
+    included, to check the index before each read. To replace an index directory, drop the
+    index and the Extractors made from it first; on Linux a directory may also be replaced
+    while mapped (renamed or deleted files live on until they are unmapped), as the server's
+    reload relies on.
+    """
 
     def __init__(
         self, path: Path, manifest: dict[str, Any], *, materialize: bool | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from conceptsvc.errors import ClientError
 from conceptsvc.model import MODES, OVERLAPS, SIMILARITIES
@@ -135,6 +135,10 @@ def extract_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in found.items() if v is not None}
 
 
+@overload
+def profile_arg(value: str, local: bool) -> str: ...
+@overload
+def profile_arg(value: None, local: bool) -> None: ...
 def profile_arg(value: str | None, local: bool) -> str | None:
     """A ``--profile`` value: a profile's name, or, in this process only (``local``), a
     profile file of one's own, registered here and named by its profile's name."""

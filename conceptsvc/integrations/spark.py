@@ -4,7 +4,8 @@ When a corpus outgrows one machine it usually already lives in Spark, so the sca
 a DataFrame transformation rather than a new scheduler: :func:`annotate_dataframe` adds a
 ``concepts`` column (``array<string>``, the caption's deduplicated CUIs) and, unless asked not
 to, a ``mentions`` column (``array<struct<cui, preferred_name, text, start, end, score,
-semantic_types, source, negated>>``; offsets are code-point offsets into the caption) to any
+semantic_types, source, negated, hypothetical, historical, experiencer>>``, :data:`MENTION_FIELDS`;
+offsets are code-point offsets into the caption) to any
 DataFrame with a caption column. The work runs in ``mapInPandas``: Arrow batches of rows, one
 Python call per batch.
 

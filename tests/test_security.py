@@ -389,6 +389,9 @@ _DISPATCH = {"getattr", "setattr", "delattr", "hasattr"}
 _REVIEWED_DISPATCH = {
     ("conceptsvc/model.py", "cache_key", "f.name"): "dataclass fields of ExtractOptions",
     ("conceptsvc/model.py", "__post_init__", "name"): "keys of the literal _NAME_FIELDS",
+    ("conceptsvc/model.py", "check_types", "name"):
+        "keys of the literal _NAME_FIELDS and literal tuples of field names",
+    ("conceptsvc/dictionary.py", "__post_init__", "name"): "loop over a literal tuple",
     ("conceptsvc/config.py", "_paths_and_pairs", "name"): "loop over a literal tuple",
     ("conceptsvc/config.py", "settings_from_args", "f'_{group}__{name}'"):
         "argparse dests generated from the Settings model",

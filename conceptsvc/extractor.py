@@ -467,8 +467,8 @@ class Extractor:
             infer_ok = _passes_none
         elif tui_set is not None or excluded:
             infer_ok = functools.partial(self._infers_in, accept, excluded, tui_set)
-        else:
-            infer_ok = self._in_index
+        elif not profile.inferable.issubset(self._inferable_in_index(profile)):
+            infer_ok = self._in_index  # (else every concept it can infer is in the index)
         plan = _Plan(
             options=o,
             include_hypothetical=(
@@ -516,6 +516,10 @@ class Extractor:
                 self._known.clear()
             known = self._known[cui] = self.index.name_and_types(cui) is not None
         return known
+
+    def _inferable_in_index(self, profile: Profile) -> frozenset[str]:
+        """The concepts ``profile`` can infer that the index has (asked once per plan)."""
+        return frozenset(c for c in profile.inferable if self._in_index(c))
 
     def _infers_in(
         self,

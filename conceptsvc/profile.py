@@ -271,6 +271,12 @@ class Profile:
         self.is_identity: bool = not self._slots and self.vocabulary is None and not self.drop
 
     @property
+    def inferable(self) -> frozenset[str]:
+        """Every concept :meth:`apply` can infer: the slots' members and defaults."""
+        return frozenset(c for s in self._slots
+                         for c in (*s.members, *(d for d, _ in s.defaults)))
+
+    @property
     def slots(self) -> tuple[Slot, ...]:
         """The slots, in the file's order (the order :meth:`apply` decides them in)."""
         return self._slots

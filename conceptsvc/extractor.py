@@ -466,7 +466,9 @@ class Extractor:
         if sab_set is not None:
             infer_ok = _passes_none
         elif tui_set is not None or excluded:
-            infer_ok = functools.partial(self._infers_in, accept, excluded, tui_set)
+            infer_ok = functools.partial(
+                self._infers, functools.partial(self._accepts_in, accept, excluded, tui_set)
+            )
         elif not profile.inferable.issubset(self._inferable_in_index(profile)):
             infer_ok = self._in_index  # (else every concept it can infer is in the index)
         plan = _Plan(
@@ -521,16 +523,10 @@ class Extractor:
         """The concepts ``profile`` can infer that the index has (asked once per plan)."""
         return frozenset(c for c in profile.inferable if self._in_index(c))
 
-    def _infers_in(
-        self,
-        accept: dict[str, bool],
-        excluded: frozenset[str],
-        tuis: frozenset[str] | None,
-        cui: str,
-    ) -> bool:
-        """A filtered plan's :attr:`_Plan.infer_ok`: the index has ``cui`` and it passes the
-        exclusions and the semantic types (:meth:`_accepts_in`)."""
-        return self._in_index(cui) and self._accepts_in(accept, excluded, tuis, cui)
+    def _infers(self, accepts: Callable[[str], bool], cui: str) -> bool:
+        """A filtered plan's :attr:`_Plan.infer_ok`: the index has ``cui`` and ``accepts`` it
+        (:meth:`_accepts_in` bound to the plan's exclusions and semantic types)."""
+        return self._in_index(cui) and accepts(cui)
 
     def _accepts(self, plan: _Plan, cui: str) -> bool:
         return self._accepts_in(plan.accept, plan.excluded, plan.tuis, cui)

@@ -16,7 +16,9 @@ from service_helpers import CAPTIONS, build_index_a, running_server, settings_fo
 
 from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ClientError, ExtractArgumentError, ServiceCallError
+from conceptsvc.model import StreamResult
 from conceptsvc.server import create_server
+from conceptsvc.server.app import ConceptServer
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +381,22 @@ def test_client_every_answer_names_its_index(tmp_path: Path) -> None:
         assert after.annotation.concepts == ("C0024109", "C0013604")
 
 
+def _batch_with_limit(
+    index: Path, items: list[tuple[str, str]], limit: int, *, failing: str
+) -> tuple[ConceptServer, list[StreamResult]]:
+    """``items`` through annotate_batch of a client whose message limit is ``limit``; the one
+    item ``failing`` fails alone with RESOURCE_EXHAUSTED naming the limit, in input order."""
+    with running_server(settings_for(index)) as (server, port):
+        with ConceptClient(f"127.0.0.1:{port}", max_message_bytes=limit, retries=0) as c:
+            results = c.annotate_batch(items)
+    assert [r.id for r in results] == [i for i, _ in items]
+    assert [r.id for r in results if not r.ok] == [failing]
+    (error,) = [r.error for r in results if r.id == failing]
+    assert error is not None and error.status == "RESOURCE_EXHAUSTED"
+    assert f"message limit of {limit} bytes" in error.message
+    return server, results
+
+
 def test_client_batch_splits_a_request_over_its_message_limit(index_a: Path) -> None:
     """A batch is not one message whatever its size: it goes in requests that fit the client's
     max_message_bytes, in order; a caption whose request alone is over it fails by itself,
@@ -388,14 +406,8 @@ def test_client_batch_splits_a_request_over_its_message_limit(index_a: Path) -> 
     items = [(f"p{i}", plain) for i in range(12)]  # 126 KB of request
     items.insert(5, ("lung", "lung"))
     items.insert(9, ("huge", "x" * (limit + 1)))
-    with running_server(settings_for(index_a)) as (server, port):
-        with ConceptClient(f"127.0.0.1:{port}", max_message_bytes=limit, retries=0) as c:
-            results = c.annotate_batch(items)
-    assert [r.id for r in results] == [i for i, _ in items]
-    assert [r.id for r in results if not r.ok] == ["huge"]
-    error = results[9].error
-    assert error is not None and error.status == "RESOURCE_EXHAUSTED"
-    assert error.error_code == "E501" and f"message limit of {limit} bytes" in error.message
+    server, results = _batch_with_limit(index_a, items, limit, failing="huge")
+    assert results[9].error is not None and results[9].error.error_code == "E501"
     assert results[5].annotation is not None and results[5].annotation.concepts == ("C0024109",)
     m = server.metrics
     assert m.value("conceptsvc_captions_annotated_total", {"source": "engine"}) + m.value(
@@ -412,14 +424,7 @@ def test_client_batch_reply_over_its_receive_limit_is_sent_again_in_halves(
     limit = 64 * 1024
     items = [(f"m{i}", "lung " * 150) for i in range(8)]  # ~12 KB answered each, ~100 KB all
     items.insert(3, ("big", "lung " * 2000))  # ~150 KB answered
-    with running_server(settings_for(index_a)) as (_, port):
-        with ConceptClient(f"127.0.0.1:{port}", max_message_bytes=limit, retries=0) as c:
-            results = c.annotate_batch(items)
-    assert [r.id for r in results] == [i for i, _ in items]
-    assert [r.id for r in results if not r.ok] == ["big"]
-    error = results[3].error
-    assert error is not None and error.status == "RESOURCE_EXHAUSTED"
-    assert f"message limit of {limit} bytes" in error.message
+    _, results = _batch_with_limit(index_a, items, limit, failing="big")
     assert all(len(r.annotation.mentions) == 150 for r in results if r.ok)  # type: ignore[union-attr]
 
 

@@ -235,6 +235,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                     f"--write-predictions {out} is the --{flag} file {given}; writing the "
                     "predictions would overwrite it. Give --write-predictions another path."
                 )
+    given = [f for f, v in (("--pred", args.pred), ("--gold", args.gold),
+                            ("--manual", args.manual), ("--captions", args.captions)) if v == "-"]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} are both '-': only one input can be stdin")
     secondary_cuis(args.edition)  # an unknown edition fails before any file is read
     gold = read_concepts(args.gold)
     manual = read_concepts(args.manual) if args.manual else None
@@ -325,7 +329,7 @@ def _fill_evaluate(p: argparse.ArgumentParser) -> None:
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pred", help="predictions file (CSV ID,CUIs / TSV / JSONL)")
+    src.add_argument("--pred", help="predictions file (CSV ID,CUIs / TSV / JSONL; - for stdin)")
     src.add_argument("--local", action="store_true", help="extract in-process from --captions")
     p.add_argument("--gold", required=True, help="gold concepts (ImageCLEF CSV ID,CUIs)")
     p.add_argument("--manual", help="manual gold concepts, for the secondary F1")

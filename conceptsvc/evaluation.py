@@ -32,6 +32,7 @@ import csv
 import gzip
 import io
 import json
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -229,12 +230,14 @@ def _split_cuis(value: str, p: Path | None = None, lineno: int = 0) -> list[str]
 
 
 def read_concepts(path: str | Path) -> dict[str, list[str]]:
-    """Read a concepts file (ImageCLEF CSV, tab-separated, or JSONL; gzipped or not) into
-    id → CUIs. A file of another kind (Parquet, a captions file, an annotate input) is refused
-    with :class:`DictionaryError` rather than scored as if it held no concepts."""
+    """Read a concepts file (ImageCLEF CSV, tab-separated, or JSONL; gzipped or not; ``-`` for
+    standard input) into id → CUIs. A file of another kind (Parquet, a captions file, an
+    annotate input) is refused with :class:`DictionaryError` rather than scored as if it held no
+    concepts."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        # "-": standard input (`conceptsvc annotate ... --out - | conceptsvc evaluate --pred -`)
+        raw = sys.stdin.buffer.read() if str(path) == "-" else p.read_bytes()
     except OSError as exc:
         raise DictionaryError(f"cannot read concepts file {p}: {exc}") from exc
     if raw[:2] == b"\x1f\x8b":

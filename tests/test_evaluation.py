@@ -382,3 +382,28 @@ def test_evaluation_cli_edition(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert captured.out == ""
     assert "conceptsvc: [E700] unknown ImageCLEFmedical edition 2025" in captured.err
     assert "--edition 2023 or --edition 2024" in captured.err
+
+
+def test_evaluation_cli_reads_predictions_or_captions_from_stdin(
+    tmp_path: Path, engine_index_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`annotate ... --out - | evaluate --pred -`: predictions (or --local captions) from
+    standard input; two inputs cannot both be it."""
+    import io
+
+    gold = tmp_path / "g.csv"
+    gold.write_text(f"ID,CUIs\ni1,{CT}\ni2,{XR}\n", encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(
+        f'{{"id": "i1", "concepts": ["{CT}"]}}\n{{"id": "i2", "concepts": ["{XR}"]}}\n'.encode()
+    )))
+    assert main(["evaluate", "--pred", "-", "--gold", str(gold), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["primary_f1"] == 1.0
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(
+        b'ID,Caption\ni1,"Axial CT: pleural effusion."\ni2,"Chest X-ray, AP view."\n'
+    )))
+    assert main(["evaluate", "--local", "--index", str(engine_index_path), "--captions", "-",
+                 "--gold", str(gold), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["micro_recall"] == 1.0
+    assert main(["evaluate", "--pred", "-", "--gold", "-"]) == 2
+    assert "--pred and --gold are both '-'" in capsys.readouterr().err

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from conceptsvc.errors import ClientError
+from conceptsvc.evaluation import ID_HEADERS
 
 if TYPE_CHECKING:
     from conceptsvc.client.parquet import ParquetCaptions
@@ -88,11 +89,10 @@ _ID_BREAKS = re.compile(r"[\t\r\n\x00]")
 # Longest CSV field accepted (characters). Far above any caption the service would take; a field
 # this long is almost always an unterminated quote that swallowed the rest of the file.
 _CSV_FIELD_LIMIT = 256 * 1024 * 1024
-# A two-column CSV's first row is a header when its first field names an id column or its
-# second a caption column (case-insensitive): ROCOv2 writes "ID,Caption", others "image_id,
-# caption" or "id,text". A caption id or a caption spelt like one of these is not plausible.
-_ID_HEADERS = frozenset({"id", "ids", "image", "image_id", "imageid", "image id", "image_name",
-                         "figure", "figure_id", "file", "filename", "file_name"})
+# A two-column CSV's first row is a header when its first field names an id column
+# (evaluation.ID_HEADERS, as a concepts file's) or its second a caption column
+# (case-insensitive): ROCOv2 writes "ID,Caption", others "image_id,caption" or "id,text". A
+# caption spelt like one of these is not plausible.
 _CAPTION_HEADERS = frozenset({"caption", "captions", "text", "caption_text", "description"})
 
 
@@ -606,7 +606,7 @@ class Corpus:
                 header_done = True
                 names = [c.strip().lstrip("\ufeff") for c in row]
                 folded = [n.casefold() for n in names]
-                header = (folded[0] in _ID_HEADERS or (len(names) > 2 and "id" in folded)
+                header = (folded[0] in ID_HEADERS or (len(names) > 2 and "id" in folded)
                           or (len(names) == 2 and folded[1] in _CAPTION_HEADERS))
                 if self.columns is not None or (header and problem is None):
                     id_at, text_at = self._csv_columns(names)

@@ -492,10 +492,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
-    files = data.get("profile_files")
-    if isinstance(files, str):
-        files = [f.strip() for f in files.split(",") if f.strip()]
-    if isinstance(files, list):
+    files = _split_names(data.get("profile_files"))  # "A,B" as the field reads it
+    if isinstance(files, tuple | list) and files:
         data["profile_files"] = [
             str(path.parent / f) if isinstance(f, str) and not Path(f).is_absolute() else f
             for f in files

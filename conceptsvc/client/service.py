@@ -34,6 +34,7 @@ so several clients (or streams on several clients) use several workers.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -211,10 +212,18 @@ class ConceptClient:
             "of its `with` block); make a new ConceptClient to call the service again"
         )
 
-    def _check_open(self, name: str) -> None:
-        """Raise the closed-client error before a call (gRPC's own is a bare ValueError)."""
+    @contextlib.contextmanager
+    def _open(self, name: str) -> Iterator[None]:
+        """Around the start of a call: the closed-client error before it, or for the bare
+        ValueError with which gRPC refuses a call on a channel closed just now."""
         if self._closed:
             raise self._closed_error(name)
+        try:
+            yield
+        except ValueError:
+            if self._closed:
+                raise self._closed_error(name) from None
+            raise
 
     def _resend(self, code: grpc.StatusCode, *, cancelled: bool = True) -> bool:
         """Whether a call that failed with ``code`` may be sent again: UNAVAILABLE always,
@@ -258,13 +267,9 @@ class ConceptClient:
                 # gRPC rounds deadlines to the millisecond: an expired one could still be sent
                 # and served, so it is not sent at all
                 raise ServiceCallError(name, "DEADLINE_EXCEEDED", "the deadline has passed")
-            self._check_open(name)  # (before each try: close() may come between two)
             try:
-                return method(request, timeout=remaining, metadata=md)
-            except ValueError:  # gRPC's word for a channel closed just now
-                if self._closed:
-                    raise self._closed_error(name) from None
-                raise
+                with self._open(name):  # (each try: close() may come between two)
+                    return method(request, timeout=remaining, metadata=md)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if (
@@ -425,13 +430,8 @@ class ConceptClient:
         while True:
             attempt = _Attempt()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._check_open("AnnotateStream")
-            try:
+            with self._open("AnnotateStream"):
                 call = self._stream_call(requests(attempt), timeout=remaining, metadata=md)
-            except ValueError:  # gRPC's word for a channel closed just now
-                if self._closed:
-                    raise self._closed_error("AnnotateStream") from None
-                raise
             read_one = self._reader.read_one
             try:
                 for raw in call:
@@ -651,11 +651,11 @@ class ConceptClient:
     # -- operations ------------------------------------------------------------------------------
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """``SERVING``, ``NOT_SERVING`` or ``SERVICE_UNKNOWN``; raises if unreachable."""
-        self._check_open("Health.Check")
         try:
-            resp = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
+            with self._open("Health.Check"):
+                resp = self._health.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=timeout
+                )
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"

@@ -90,6 +90,7 @@ from conceptsvc.model import (
     Mention,
     MentionRows,
     batch_items,
+    id_string,
 )
 from conceptsvc.negation import Category, NegationDetector, mention_context
 from conceptsvc.normalize import (
@@ -469,7 +470,7 @@ class Extractor:
             infer_ok = functools.partial(
                 self._infers, functools.partial(self._accepts_in, accept, excluded, tui_set)
             )
-        elif not profile.inferable.issubset(self._inferable_in_index(profile)):
+        elif not all(self._in_index(c) for c in profile.inferable):
             infer_ok = self._in_index  # (else every concept it can infer is in the index)
         plan = _Plan(
             options=o,
@@ -511,17 +512,14 @@ class Extractor:
         return info
 
     def _in_index(self, cui: str) -> bool:
-        """Whether the index has ``cui`` (memoised; asked only of inferred concepts)."""
+        """Whether the index has ``cui`` (memoised; asked only of concepts a profile can
+        infer)."""
         known = self._known.get(cui)
         if known is None:
             if len(self._known) >= self._info_max:
                 self._known.clear()
             known = self._known[cui] = self.index.name_and_types(cui) is not None
         return known
-
-    def _inferable_in_index(self, profile: Profile) -> frozenset[str]:
-        """The concepts ``profile`` can infer that the index has (asked once per plan)."""
-        return frozenset(c for c in profile.inferable if self._in_index(c))
 
     def _infers(self, accepts: Callable[[str], bool], cui: str) -> bool:
         """A filtered plan's :attr:`_Plan.infer_ok`: the index has ``cui`` and ``accepts`` it
@@ -539,7 +537,7 @@ class Extractor:
         cui: str,
     ) -> bool:
         """Whether ``cui`` passes the exclusions and the semantic types (memoised in a plan's
-        ``accept``; its plan's :attr:`_Plan.infer_ok` is this, bound to them)."""
+        ``accept``; a filtered plan's :attr:`_Plan.infer_ok` asks it too, :meth:`_infers`)."""
         ok = accept.get(cui)
         if ok is None:
             if cui in excluded:
@@ -839,11 +837,11 @@ class Extractor:
 
 def _id_string(id_: object) -> str:
     """An annotation id given as something else than a string: an integer's string (as
-    :func:`~conceptsvc.model.batch_items` makes it), or ExtractArgumentError."""
-    if isinstance(id_, str):
-        return str(id_)
-    if isinstance(id_, int) and not isinstance(id_, bool):
-        return str(id_)
+    :func:`~conceptsvc.model.batch_items` makes it, :func:`~conceptsvc.model.id_string`), or
+    ExtractArgumentError."""
+    rid = id_string(id_)
+    if rid is not None:
+        return str(rid)  # (a str subclass too becomes a str)
     raise ExtractArgumentError(
         f"extract(text, id=...) takes a string (an integer becomes its string), got "
         f"{id_!r} ({type(id_).__name__}); for example: extract(text, id=\"cap1\")."

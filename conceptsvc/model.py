@@ -49,6 +49,7 @@ __all__ = [
     "StreamResult",
     "Synonym",
     "batch_items",
+    "id_string",
     "stream_items",
 ]
 
@@ -296,16 +297,24 @@ def _item_source(items: object, call: str, one: str) -> Iterable[object]:
     )
 
 
+def id_string(rid: object) -> str | None:
+    """An annotation id as the engines take it: a string as it is, an integer as its string
+    (not a bool); None for anything else."""
+    if isinstance(rid, str):
+        return rid
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return str(rid)
+    return None
+
+
 def _pair(i: int, item: object, call: str, texts: bool) -> tuple[str, str]:
     """Item ``i`` as an ``(id, text)`` pair: a text when ``texts`` (its position is its id), else
     a pair whose integer id becomes its string; anything else raises ExtractArgumentError."""
     if texts and isinstance(item, str):
         return str(i), item
     if not texts and isinstance(item, tuple | list) and len(item) == 2:
-        rid, text = item
-        if isinstance(rid, int) and not isinstance(rid, bool):
-            rid = str(rid)
-        if isinstance(rid, str) and isinstance(text, str):
+        rid, text = id_string(item[0]), item[1]
+        if rid is not None and isinstance(text, str):
             return rid, text
     if texts:
         what = f"{_clip(item)} but the items before it are texts"

@@ -40,10 +40,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from conceptsvc.errors import DictionaryError, EvaluationError, MalformedRowError
+from conceptsvc.model import ID_HEADERS
 
 __all__ = [
     "DEFAULT_EDITION",
-    "ID_HEADERS",
     "MODALITY_CUIS",
     "REGION_CUIS",
     "SECONDARY_CUIS_BY_EDITION",
@@ -329,11 +329,6 @@ def read_concepts(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-ID_HEADERS = frozenset({"id", "ids", "image", "image_id", "imageid", "image id", "image_name",
-                        "figure", "figure_id", "file", "filename", "file_name"})
-"""Column names (case-folded) that name an image id in a header row, of a concepts file here and
-of a caption corpus (:mod:`conceptsvc.client.corpus`): ROCOv2 writes ``ID``, others
-``image_id``, ``filename``, ... An id spelt like one of these is not plausible."""
 # A concepts file's first row is a header when it names the id column or the concepts column
 # (ROCOv2 writes "ID,CUIs"; others "image_id,cuis", "id,concepts", ...), in any case.
 _CONCEPTS_HEADERS = frozenset({"cui", "cuis", "concept", "concepts", "concept_ids", "label",

@@ -28,6 +28,7 @@ from conceptsvc.semantic_network import SemanticGroup, SemanticType
 
 __all__ = [
     "EXPERIENCERS",
+    "ID_HEADERS",
     "MODES",
     "OVERLAPS",
     "SIMILARITIES",
@@ -295,6 +296,14 @@ def _item_source(items: object, call: str, one: str) -> Iterable[object]:
         f"{call} takes a list of texts or of (id, text) pairs, got {type(items).__name__}; "
         f"call {_shapes(call)}."
     )
+
+
+ID_HEADERS = frozenset({"id", "ids", "image", "image_id", "imageid", "image id", "image_name",
+                        "figure", "figure_id", "file", "filename", "file_name"})
+"""Column names (case-folded) that name an annotation's id in a header row, of a caption corpus
+(:mod:`conceptsvc.client.corpus`) or a concepts file (:mod:`conceptsvc.evaluation`): ROCOv2
+writes ``ID``, others ``image_id``, ``filename``, ... An id spelt like one of these is not
+plausible."""
 
 
 def id_string(rid: object) -> str | None:

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from conceptsvc.errors import ClientError
-from conceptsvc.evaluation import ID_HEADERS
+from conceptsvc.model import ID_HEADERS
 
 if TYPE_CHECKING:
     from conceptsvc.client.parquet import ParquetCaptions
@@ -90,7 +90,7 @@ _ID_BREAKS = re.compile(r"[\t\r\n\x00]")
 # this long is almost always an unterminated quote that swallowed the rest of the file.
 _CSV_FIELD_LIMIT = 256 * 1024 * 1024
 # A two-column CSV's first row is a header when its first field names an id column
-# (evaluation.ID_HEADERS, as a concepts file's) or its second a caption column
+# (model.ID_HEADERS, as a concepts file's) or its second a caption column
 # (case-insensitive): ROCOv2 writes "ID,Caption", others "image_id,caption" or "id,text". A
 # caption spelt like one of these is not plausible.
 _CAPTION_HEADERS = frozenset({"caption", "captions", "text", "caption_text", "description"})

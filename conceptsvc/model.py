@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from conceptsvc.errors import ExtractArgumentError, ExtractionError
 from conceptsvc.semantic_network import SemanticGroup, SemanticType
@@ -133,6 +133,28 @@ class ExtractOptions:
     # Report hypothetical mentions ("rule out pneumonia"); None: as the profile says
     # (``Profile.include_hypothetical``), so a dataset's convention travels with its profile.
     include_hypothetical: bool | None = None
+
+    if TYPE_CHECKING:
+        # What a caller may pass, for type checkers: a name-list field takes one name or any
+        # iterable of names and holds a tuple (``__post_init__``), which the dataclass's own
+        # signature, typed by the fields, would refuse under ``mypy --strict``. At run time
+        # the dataclass's generated ``__init__`` is the one (same names, order and defaults;
+        # tests/test_model.py holds the two together).
+        def __init__(
+            self,
+            semantic_types: str | Iterable[str] = (),
+            semantic_groups: str | Iterable[str] = (),
+            sources: str | Iterable[str] = (),
+            exclude_cuis: str | Iterable[str] = (),
+            mode: str = "exact",
+            similarity: str = "jaccard",
+            threshold: float = 0.7,
+            overlap: str = "longest",
+            profile: str = "none",
+            include_negated: bool = True,
+            include_mentions: bool = True,
+            include_hypothetical: bool | None = None,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         for name in _NAME_FIELDS:

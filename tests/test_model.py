@@ -3,8 +3,16 @@ an index, are in tests/test_extractor.py)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
+from conceptsvc import model
 from conceptsvc.errors import ExtractArgumentError, ExtractionError
 from conceptsvc.model import ExtractOptions
 
@@ -49,3 +57,50 @@ def test_model_options_exclude_cuis_are_stripped_and_upper_cased() -> None:
     assert options.exclude_cuis == ("C0032227", "C0024109")
     assert replace(ExtractOptions(), exclude_cuis=("c1 ",)).exclude_cuis == ("C1",)
     assert options == ExtractOptions(exclude_cuis=("C0032227", "C0024109"))
+
+
+def _typed_init() -> ast.FunctionDef:
+    """ExtractOptions' ``__init__`` written for type checkers (under ``if TYPE_CHECKING``)."""
+    tree = ast.parse(Path(model.__file__).read_text(encoding="utf-8"))
+    (cls,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ExtractOptions")
+    (init,) = (f for n in cls.body if isinstance(n, ast.If)
+               for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    return init
+
+
+def test_model_options_typed_init_matches_the_dataclass() -> None:
+    """The signature type checkers see and the dataclass's run-time ``__init__`` take the same
+    parameters, in the same order, with the same defaults; the name lists take one name or an
+    iterable of them."""
+    init = _typed_init()
+    params = init.args.args[1:]
+    assert [p.arg for p in params] == [f.name for f in fields(ExtractOptions)]
+    assert not init.args.kwonlyargs and not init.args.vararg and not init.args.kwarg
+    assert [ast.literal_eval(d) for d in init.args.defaults] == [
+        f.default for f in fields(ExtractOptions)]
+    run_time = inspect.signature(ExtractOptions)
+    assert list(run_time.parameters) == [p.arg for p in params]
+    for p in params:
+        if p.arg in ("semantic_types", "semantic_groups", "sources", "exclude_cuis"):
+            assert ast.unparse(p.annotation) == "str | Iterable[str]"
+
+
+def test_model_options_name_lists_type_check_under_mypy_strict(tmp_path: Path) -> None:
+    """``mypy --strict`` accepts the calls the options take at run time (one name, a list, a
+    set) and still refuses a value of the wrong type."""
+    snippet = tmp_path / "uses_options.py"
+    snippet.write_text(
+        "from conceptsvc.model import ExtractOptions\n"
+        'ok = ExtractOptions(semantic_groups="DISO", sources=["HPO"], exclude_cuis={"C0000001"},\n'
+        '                    semantic_types=("T047", "dsyn"))\n'
+        'bad = ExtractOptions(include_negated="no")\n',
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent",
+         "--cache-dir", str(tmp_path / "cache"), str(snippet)],
+        capture_output=True, text=True, timeout=300, cwd=Path(model.__file__).parents[1],
+    )
+    errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, proc.stdout + proc.stderr
+    assert "uses_options.py:4:" in errors[0] and '"include_negated"' in errors[0]

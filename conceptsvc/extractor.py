@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import re
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -103,6 +104,8 @@ from conceptsvc.normalize import (
 )
 from conceptsvc.profile import Profile, available_profiles, load_profile
 from conceptsvc.semantic_network import load_semantic_network
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from conceptsvc._speedups import FastPath, PostingFilter
@@ -450,6 +453,7 @@ class Extractor:
             raise ExtractionError("exclude_cuis must be non-empty CUI strings")
         resolver = self._resolvers.get(profile.name)
         if resolver is None:
+            self._warn_profile_gaps(profile)  # once per profile: resolvers are kept by name
             resolver = self._resolvers[profile.name] = AmbiguityResolver(
                 self.index,
                 type_preference=profile.type_preference,
@@ -520,6 +524,36 @@ class Extractor:
                 self._known.clear()
             known = self._known[cui] = self.index.name_and_types(cui) is not None
         return known
+
+    def profile_gaps(self, profile: Profile) -> dict[str, tuple[str, ...]]:
+        """Per slot of ``profile``, the concepts it can label (members and defaults) that this
+        index lacks, in the profile's order; slots that lack none are left out. The profile
+        never reports those: an index built with a semantic-type or source filter can drop,
+        say, every X-ray projection (T082) that ``rocov2`` labels."""
+        gaps: dict[str, tuple[str, ...]] = {}
+        for slot in profile.slots:
+            wanted = dict.fromkeys((*slot.members, *(d for d, _ in slot.defaults)))
+            missing = tuple(c for c in wanted if not self._in_index(c))
+            if missing:
+                gaps[slot.name] = missing
+        return gaps
+
+    def _warn_profile_gaps(self, profile: Profile) -> None:
+        gaps = self.profile_gaps(profile)
+        if not gaps:
+            return
+        said = "; ".join(
+            f"slot {name!r}: {', '.join(cuis[:6])}{', ...' if len(cuis) > 6 else ''}"
+            f" ({len(cuis)} of {len(next(s for s in profile.slots if s.name == name).members)}"
+            " members)"
+            for name, cuis in gaps.items()
+        )
+        log.warning(
+            "profile %s: this index lacks concepts the profile labels, so it never reports "
+            "them (%s); an index build's semantic-type, source or language filter dropped "
+            "them: rebuild with their types and sources kept to get those labels",
+            profile.name, said,
+        )
 
     def _infers(self, accepts: Callable[[str], bool], cui: str) -> bool:
         """A filtered plan's :attr:`_Plan.infer_ok`: the index has ``cui`` and ``accepts`` it

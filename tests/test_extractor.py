@@ -252,6 +252,40 @@ def test_extractor_profile_infers_only_concepts_the_index_has(
         assert a.concepts == ("C0032227",), (opts, a.concepts)
 
 
+def test_extractor_warns_once_of_profile_labels_the_index_lacks(
+    tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README's radiology build (--semantic-type DISO,ANAT,PROC) drops the X-ray
+    projections (T082), so rocov2 can never report one: the first plan of that profile says so,
+    naming the slot and the concepts, once; the demo index, which has them all, says nothing."""
+    import logging
+
+    from conceptsvc.dictionary import DictionaryFilters, UmlsSource, build_dictionary_index
+    from conceptsvc.embedded import DEMO_META, demo_index
+
+    out = tmp_path_factory.mktemp("rad") / "index"
+    build_dictionary_index([UmlsSource(DEMO_META)], out,
+                           filters=DictionaryFilters(semantic_types=("DISO", "ANAT", "PROC")))
+    ex = Extractor(ConceptIndex.load(out))
+    projections = ("C1999039", "C1996865", "C0205129", "C0205106")
+    assert ex.profile_gaps(load_profile("rocov2")) == {"projection": projections}
+    text = "Chest X-ray (PA view) showing pleural effusion."
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.extractor"):
+        ex.extract(text, ExtractOptions(profile="rocov2"))
+        ex.extract(text, ExtractOptions(profile="rocov2", exclude_cuis=("C0000001",)))
+        ex.extract(text, ExtractOptions(profile="none"))
+    said = [r.getMessage() for r in caplog.records if "lacks concepts" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "profile rocov2" in said[0] and "slot 'projection'" in said[0]
+    assert all(c in said[0] for c in projections) and "(4 of 4 members)" in said[0]
+    caplog.clear()
+    full = Extractor(demo_index())
+    assert full.profile_gaps(load_profile("rocov2")) == {}
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.extractor"):
+        full.extract(text, ExtractOptions(profile="rocov2"))
+    assert not [r for r in caplog.records if "lacks concepts" in r.getMessage()]
+
+
 def test_extractor_offsets_check_rejects_what_the_engine_must_not_do(ex: Extractor) -> None:
     """The shared offsets check (tests/offsets.py) fails on each way a mention can be wrong."""
     text = "Right pleural effusion (PE). PE persists; left pleural efusion."

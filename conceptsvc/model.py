@@ -27,6 +27,7 @@ from conceptsvc.errors import ExtractArgumentError, ExtractionError
 from conceptsvc.semantic_network import SemanticGroup, SemanticType
 
 __all__ = [
+    "CAPTION_HEADERS",
     "EXPERIENCERS",
     "ID_HEADERS",
     "MODES",
@@ -326,6 +327,12 @@ ID_HEADERS = frozenset({"id", "ids", "image", "image_id", "imageid", "image id",
 (:mod:`conceptsvc.client.corpus`) or a concepts file (:mod:`conceptsvc.evaluation`): ROCOv2
 writes ``ID``, others ``image_id``, ``filename``, ... An id spelt like one of these is not
 plausible."""
+
+
+CAPTION_HEADERS = frozenset({"caption", "captions", "text", "caption_text", "description"})
+"""Column names (case-folded) that name a caption column in a corpus's header or a Parquet
+file's schema (:mod:`conceptsvc.client.corpus`, :mod:`conceptsvc.client.parquet`): ROCOv2
+writes ``Caption``, others ``caption`` or ``text``."""
 
 
 def id_string(rid: object) -> str | None:

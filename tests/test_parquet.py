@@ -165,6 +165,30 @@ def test_parquet_default_columns(tmp_path: Path, pair: tuple[str, str]) -> None:
                                                                    ("b", "CT", 2)]
 
 
+@pytest.mark.parametrize(("columns", "chosen"), [
+    ({"image_id": ["a", "b"], "caption": ["x-ray", "CT"]}, ("image_id", "caption")),
+    ({"Filename": ["a", "b"], "width": [1, 2], "Description": ["x-ray", "CT"]},
+     ("Filename", "Description")),
+])
+def test_parquet_columns_named_as_a_csv_header_is_read(
+    tmp_path: Path, columns: dict[str, list[object]], chosen: tuple[str, str]
+) -> None:
+    """A file with none of the default pairs, whose id and caption columns are named as a CSV
+    corpus's header may name them (image_id/caption), is read as the CSV would be (it was
+    refused: E600 "the Parquet file has no id and caption columns")."""
+    corpus = Corpus(write_parquet(tmp_path / "in.parquet", columns))
+    assert corpus.identity() == {"id_column": chosen[0], "text_column": chosen[1]}
+    assert [(c.id, c.text) for c in corpus.captions()] == [("a", "x-ray"), ("b", "CT")]
+
+
+def test_parquet_columns_ambiguous_by_name_are_refused(tmp_path: Path) -> None:
+    """Two columns named like captions: no guess, the refusal lists the columns."""
+    src = write_parquet(tmp_path / "in.parquet",
+                        {"image_id": ["a"], "caption": ["x"], "text_en": ["y"], "Text": ["z"]})
+    with pytest.raises(ClientError, match="Name them with --id-column and --text-column"):
+        Corpus(src).identity()
+
+
 def test_parquet_column_options(tmp_path: Path) -> None:
     src = write_parquet(tmp_path / "in.parquet", {
         "image": ["i1", "i2"], "id": [10, 11], "text": ["t1", "t2"], "summary": ["s1", None],

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from conceptsvc.errors import ClientError
-from conceptsvc.model import ID_HEADERS
+from conceptsvc.model import CAPTION_HEADERS, ID_HEADERS
 
 if TYPE_CHECKING:
     from conceptsvc.client.parquet import ParquetCaptions
@@ -91,9 +91,8 @@ _ID_BREAKS = re.compile(r"[\t\r\n\x00]")
 _CSV_FIELD_LIMIT = 256 * 1024 * 1024
 # A two-column CSV's first row is a header when its first field names an id column
 # (model.ID_HEADERS, as a concepts file's) or its second a caption column
-# (case-insensitive): ROCOv2 writes "ID,Caption", others "image_id,caption" or "id,text". A
-# caption spelt like one of these is not plausible.
-_CAPTION_HEADERS = frozenset({"caption", "captions", "text", "caption_text", "description"})
+# (model.CAPTION_HEADERS; case-insensitive): ROCOv2 writes "ID,Caption", others
+# "image_id,caption" or "id,text". A caption spelt like one of these is not plausible.
 
 
 class InputFormat(StrEnum):
@@ -607,7 +606,7 @@ class Corpus:
                 names = [c.strip().lstrip("\ufeff") for c in row]
                 folded = [n.casefold() for n in names]
                 header = (folded[0] in ID_HEADERS or (len(names) > 2 and "id" in folded)
-                          or (len(names) == 2 and folded[1] in _CAPTION_HEADERS))
+                          or (len(names) == 2 and folded[1] in CAPTION_HEADERS))
                 if self.columns is not None or (header and problem is None):
                     id_at, text_at = self._csv_columns(names)
                     width, named = len(names), len(names) != 2

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptsvc.errors import ClientError, MissingExtraError
+from conceptsvc.model import CAPTION_HEADERS, ID_HEADERS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -87,11 +88,31 @@ def _is_integer(t: pa.DataType) -> bool:
     return bool(pa_.types.is_integer(t))
 
 
+def _named_columns(
+    names: Sequence[str], id_column: str | None, text_column: str | None
+) -> tuple[str, str] | None:
+    """The id and caption columns by the header names a CSV corpus's header is recognised by
+    (:data:`~conceptsvc.model.ID_HEADERS`, :data:`~conceptsvc.model.CAPTION_HEADERS`, in any
+    case: ``image_id``/``caption``, ``filename``/``description``), each column given by name
+    taken as it is; None unless each is one column of the file, and two different ones."""
+
+    def pick(given: str | None, known: frozenset[str]) -> str | None:
+        if given is not None:
+            return given if given in names else None
+        hits = [n for n in names if n.casefold() in known]
+        return hits[0] if len(hits) == 1 else None
+
+    i, t = pick(id_column, ID_HEADERS), pick(text_column, CAPTION_HEADERS)
+    return (i, t) if i is not None and t is not None and i != t else None
+
+
 class ParquetCaptions:
     """The (row number, id, caption) values of a Parquet file's id and caption columns.
 
     ``id_column`` / ``text_column`` name the columns; a name left ``None`` is taken from the
-    first pair of :data:`DEFAULT_COLUMNS` whose columns the file has. Ids may be strings or
+    first pair of :data:`DEFAULT_COLUMNS` whose columns the file has, else from the one column
+    named like an id (a caption) the way a CSV header is recognised (:func:`_named_columns`:
+    ``image_id``/``caption``, ...). Ids may be strings or
     integers (written as decimal strings); captions must be strings. Nulls are passed on as
     ``None`` for the corpus to report with their row number.
     """
@@ -110,10 +131,15 @@ class ParquetCaptions:
         names = list(pf.schema_arrow.names)
         self.num_rows = int(pf.metadata.num_rows)
         pairs = [(id_column or i, text_column or t) for i, t in DEFAULT_COLUMNS]
+        found: tuple[str, str] | None = None
         for i, t in dict.fromkeys(pairs):
             if i in names and t in names:
-                self.id_column, self.text_column = i, t
+                found = i, t
                 break
+        else:
+            found = _named_columns(names, id_column, text_column)
+        if found is not None:
+            self.id_column, self.text_column = found
         else:
             asked = [c for c in (id_column, text_column) if c is not None and c not in names]
             wanted = (

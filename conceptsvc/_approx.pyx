@@ -58,7 +58,7 @@ minimum characters, window length) are handed over by the Python matcher.
 
 cimport cython
 from libc.math cimport sqrt
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libcpp.pair cimport pair
 from libcpp.vector cimport vector
 
@@ -73,6 +73,7 @@ cdef extern from *:
                                          list's last */
         int64_t base, lend;           /* where the whole list starts and ends */
         int64_t span;                 /* postings of the sizes searched (the cut list) */
+        int64_t cls;                  /* 1: the trigram is in the class C (trigram_index) */
     };
     struct ApproxRun { int64_t length, start, end; };  /* postings [start, end) of one size */
     struct ApproxHit { double sim; uint32_t size; uint32_t kid; };
@@ -94,6 +95,28 @@ cdef extern from *:
         r.length = end - start;
         r.start = start;
         r.end = end;
+    }
+    /* The first n runs cut to the keys of local numbers [lo, hi) (postings are ascending in
+       a run): the second filter's range of z (trigram_index), found by two bisections of a
+       run only where its first or last key is outside it. */
+    static const int64_t APPROX_CUT_MIN = 48;
+    static inline void approx_cut_runs(const uint32_t* keys, ApproxRun* runs, int n,
+                                       uint32_t lo, uint32_t hi) {
+        for (int i = 0; i < n; ++i) {
+            if (runs[i].length >= APPROX_CUT_MIN) {
+                __builtin_prefetch(keys + runs[i].start);
+                __builtin_prefetch(keys + runs[i].end - 1);
+            }
+        }
+        for (int i = 0; i < n; ++i) {
+            ApproxRun& r = runs[i];
+            if (r.length < APPROX_CUT_MIN) continue;
+            if (keys[r.start] < lo)
+                r.start = std::lower_bound(keys + r.start, keys + r.end, lo) - keys;
+            if (r.start < r.end && keys[r.end - 1] >= hi)
+                r.end = std::lower_bound(keys + r.start, keys + r.end, hi) - keys;
+            r.length = r.end - r.start;
+        }
     }
     static inline void approx_sort_hits(std::vector<ApproxHit>& v) {
         std::sort(v.begin(), v.end(), approx_hit_before);
@@ -448,7 +471,7 @@ cdef extern from *:
     """
     struct GramCursor:
         int64_t e, db, dend
-        int64_t base, lend, span
+        int64_t base, lend, span, cls
     struct ApproxRun:
         int64_t length, start, end
     struct ApproxHit:
@@ -457,6 +480,7 @@ cdef extern from *:
         uint32_t kid
     void approx_sort_cursors(vector[GramCursor]& v)
     void approx_sort_hits(vector[ApproxHit]& v)
+    void approx_cut_runs(const uint32_t* keys, ApproxRun* runs, int n, uint32_t lo, uint32_t hi)
     void approx_push_run(vector[ApproxRun]& v, int64_t start, int64_t end)
     int approx_set_simd(int on)
     void approx_sort_u64(vector[uint64_t]& v)
@@ -512,6 +536,9 @@ cdef class TrigramSearcher:
     cdef const uint32_t[::1] dir_start
     cdef const uint64_t[::1] size_offsets
     cdef const uint32_t[::1] size_keys
+    cdef const uint8_t[::1] classes
+    cdef const uint64_t[::1] zc_offsets
+    cdef const uint32_t[::1] zc_starts
     cdef uint64_t mask
     cdef object key_string, bounds
     cdef frozenset stopwords, break_chars
@@ -541,6 +568,11 @@ cdef class TrigramSearcher:
         self.dir_start = arrays.dir_start
         self.size_offsets = arrays.size_offsets
         self.size_keys = arrays.size_keys
+        self.classes = arrays.classes
+        self.zc_offsets = arrays.zc_offsets
+        self.zc_starts = arrays.zc_starts
+        if self.classes.shape[0] != self.codes.shape[0]:
+            raise ValueError("trigram classes do not match the trigrams")
         if self.table.shape[0] == 0 or self.table.shape[0] & (self.table.shape[0] - 1):
             raise ValueError("trigram table size must be a power of two")
         self.mask = self.table.shape[0] - 1
@@ -665,10 +697,11 @@ cdef class TrigramSearcher:
         cdef GramCursor cur
         cdef GramCursor* cp
         cdef int64_t g, a, b, mid
-        cdef int k, m, y, need, yi, present
+        cdef int k, m, y, need, yi, present, mc, zlo, zhi, zn
         cdef Py_ssize_t i, nc
         cdef int64_t sbase
-        cdef uint32_t ny
+        cdef uint64_t zo
+        cdef uint32_t ny, zl, zh
         cdef ApproxHit hit
         out.clear()
         if x == 0 or x - tau_min + 1 <= 0:
@@ -705,6 +738,7 @@ cdef class TrigramSearcher:
                 else:
                     b = mid
             cur.e = a
+            cur.cls = self.classes[g]
             b = cur.dend
             while a < b:  # first run of size > hi
                 mid = (a + b) >> 1
@@ -733,12 +767,14 @@ cdef class TrigramSearcher:
             if y > MAX_SIZE:
                 break
             runs.clear()
+            mc = 0
             for k in range(<int>curs.size()):
                 cp = &curs[0][k]
                 if cp.e < cp.db and self.dir_size[cp.e] == y:
                     a = cp.base + self.dir_start[cp.e]
                     b = cp.base + self.dir_start[cp.e + 1] if cp.e + 1 < cp.dend else cp.lend
                     approx_push_run(runs[0], a, b)
+                    mc += <int>cp.cls
                     cp.e += 1
             m = <int>runs.size()
             # the least overlap reaching the threshold at this size, never below τ_min
@@ -760,6 +796,35 @@ cdef class TrigramSearcher:
                                  "that the trigram lists hold; rebuild the index")
             sbase = <int64_t>self.size_offsets[y]
             ny = <uint32_t>(<int64_t>self.size_offsets[y + 1] - sbase)
+            # the second filter (trigram_index): a key of this size with z of its trigrams in
+            # the class C shares at most min(z, mc) + min(y - z, m - mc) with the query, so
+            # only need - (m - mc) <= z <= y + mc - need can reach `need`: one range of local
+            # numbers, to which the counted runs are cut (the later runs are read against the
+            # survivors, all in it)
+            if (y + 1 >= <int>self.zc_offsets.shape[0]
+                    or self.zc_offsets[y] >= self.zc_offsets[y + 1]
+                    or self.zc_offsets[y + 1] > <uint64_t>self.zc_starts.shape[0]):
+                raise ValueError(f"trigram_zc_offsets does not cover the keys of size {y}; "
+                                 "rebuild the index")
+            zo = self.zc_offsets[y]
+            zn = <int>(self.zc_offsets[y + 1] - zo)  # z = 0 .. zn - 2, and the size's end
+            zlo = need - (m - mc)
+            zhi = y + mc - need
+            if zlo < 0:
+                zlo = 0
+            if zhi > zn - 2:
+                zhi = zn - 2
+            if zlo > zhi:
+                continue
+            zl = self.zc_starts[zo + zlo]
+            zh = self.zc_starts[zo + zhi + 1]
+            if zh > ny:
+                zh = ny
+            if zl >= zh:
+                continue
+            if zl > 0 or zh < ny:
+                approx_cut_runs(keys, runs.data(), m - need + 2 if m - need + 2 < m else m,
+                                zl, zh)
             self.counter.search(keys, runs.data(), m, need, ny, cands[0])
             nc = <Py_ssize_t>cands.size()
             for i in range(nc):  # each has at least `need` of the runs

@@ -49,7 +49,7 @@ from conceptsvc.matcher import (
 )
 from conceptsvc.model import SIMILARITIES
 from conceptsvc.normalize import SPEEDUPS, STOPWORDS
-from conceptsvc.trigram_index import TrigramArrays, build_arrays
+from conceptsvc.trigram_index import CLASS_SIZE, TrigramArrays, build_arrays
 
 APPROX: Any = None
 """The compiled approximate search (``conceptsvc/_approx.pyx``), or None: it is switched off
@@ -183,10 +183,14 @@ class TrigramIndex:
         self._sizes = memoryview(arrays.key_counts)  # type: ignore[arg-type]
 
     @classmethod
-    def from_strings(cls, strings: Sequence[str]) -> TrigramIndex:
-        """Lists built in memory over ``strings`` (tests and ad-hoc use; an index has them)."""
+    def from_strings(
+        cls, strings: Sequence[str], *, class_size: int = CLASS_SIZE
+    ) -> TrigramIndex:
+        """Lists built in memory over ``strings`` (tests and ad-hoc use; an index has them);
+        ``class_size``: :func:`~conceptsvc.trigram_index.build_arrays`'s."""
         strings = list(strings)
-        return cls(build_arrays(strings, build_hash_table), strings.__getitem__)
+        return cls(build_arrays(strings, build_hash_table, class_size=class_size),
+                   strings.__getitem__)
 
     def __len__(self) -> int:
         return len(self._sizes)

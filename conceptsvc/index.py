@@ -96,13 +96,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """3 added the token trie (issue 13), 4 approximate matching's trigram lists (issue 14): a
 format-3 index lacks the lists, and the demo index cache is keyed on this number. 5 fills
 the hash tables up to :data:`MAX_LOAD` (4: 0.5), which a format-4 reader refuses (it checks
 the trigram table's size). 6 stores the trigram lists' postings as size-local key numbers
 (:mod:`conceptsvc.trigram_index`), which formats 4 and 5 hold as key numbers: read as the
-other, either would find wrong keys, so neither is read by the other's code."""
+other, either would find wrong keys, so neither is read by the other's code. 7 orders each
+size's keys by their trigrams in a class of common ones, with the table of where each count
+starts (the trigram lists' second filter): format 6 lacks the table, and its local numbers
+are in another order."""
 
 READABLE_VERSIONS = (FORMAT_VERSION,)
 """Index formats this code loads."""
@@ -699,8 +702,8 @@ class ConceptIndex:
                 + ("; older indexes lack the token trie the matcher reads"
                    + (" or approximate matching's trigram lists" if version == 3 else "")
                    if older else "")
-                + ("; formats 4 and 5 number the keys of approximate matching's trigram lists "
-                   "differently" if version in (4, 5) else "")
+                + ("; formats 4 to 6 number the keys of approximate matching's trigram lists "
+                   "differently" if version in (4, 5, 6) else "")
                 + "); rebuild the index with this version (`conceptsvc index build ... "
                 "--out DIR`)."
             )

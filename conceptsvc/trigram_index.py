@@ -18,14 +18,29 @@ once as flat arrays, and a worker maps them (the page cache shares them between 
     key_trigram_counts.npy   uint16 per key: the size of its trigram set
     trigram_size_offsets.npy uint64[max size + 2] (one 0 for no keys): the keys of size y are ...
     trigram_size_keys.npy    uint32[n_keys]: ... size_keys[size_offsets[y]:size_offsets[y+1]],
-                             ascending
+                             ordered by (z, key number), z below
+    trigram_classes.npy      uint8 per trigram: 1 for the trigrams of the class C (below)
+    trigram_zc_offsets.npy   uint64[max size + 2]: size y's entries of zc_starts are ...
+    trigram_zc_starts.npy    uint32: ... zc_starts[zc_offsets[y]:zc_offsets[y+1]]: entry z is the
+                             first local number (below) of a key of size y with z ≥ z, the
+                             last entry is the size's key count
 
 A posting holds the key's number among the keys of its own size (its *size-local* number:
 key = size_keys[size_offsets[y] + local]), not the key number itself. Every run is of one size,
-so the two say the same, in the same order (local numbers rank a size's keys by key number);
-but a size's keys are then the dense range [0, n_y), and the compiled search reads a size's
-runs against a bitmap of n_y bits, rounded up to a power of two (32 KB for the largest size of
-a 16M-row release, most far smaller), instead of a hash table of key numbers.
+so the two say the same; but a size's keys are then the dense range [0, n_y), and the compiled
+search reads a size's runs against a bitmap of n_y bits, rounded up to a power of two (32 KB
+for the largest size of a 16M-row release, most far smaller), instead of a hash table of key
+numbers.
+
+Local numbers rank a size's keys by (z, key number), where z is how many of the key's trigrams
+are in the class C: the ``class_size`` trigrams with the most postings that hold no space
+(:func:`build_arrays`; 800 by default). That order is a second filter, exact like the size
+filter: a key of size y shares at most min(z, m_C) + min(y − z, m_N) trigrams with a query
+whose m_C trigrams of the class and m_N others have keys of size y, so it can reach an overlap
+``need`` only when need − m_N ≤ z ≤ y + m_C − need — one range of z, hence one range of local
+numbers (``zc_starts``), to which the compiled search cuts the runs it counts. On a 16M-row
+release a window of four or five common words, which matches nothing, read ≈ 3–4× fewer
+postings so (the common words' trigrams are in C, a key's rare words' are not).
 
 The directory is what makes size filtering cheap without storing a size per posting: a list's
 run of keys of size y is found by a bisection over at most a few dozen directory entries, so a
@@ -71,12 +86,20 @@ FILES = (
     "key_trigram_counts",
     "trigram_size_offsets",
     "trigram_size_keys",
+    "trigram_classes",
+    "trigram_zc_offsets",
+    "trigram_zc_starts",
 )
 """The ``.npy`` files of the structure (each listed and hashed in the index manifest)."""
 
 _SHORT = 1 << 63  # marks a string of one or two characters, its own single gram
 _HASH_MUL = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads packed codes over 32 bits
 _MASK64 = (1 << 64) - 1
+CLASS_SIZE = 800
+"""Trigrams in the class C of the second filter (module docstring): the ones with the most
+postings, space-free. 600–1,000 cut the postings of a 16M-row release's long windows about as
+much; a few hundred, or thousands, less."""
+_SPACE = 32
 _CHUNK_KEYS = 100_000  # keys per vectorised chunk (bounds the build's temporary arrays)
 _BUCKET_PAIRS = 8_000_000  # key–trigram pairs sorted at once (~0.25 GB of temporaries)
 MAX_KEY_TRIGRAMS = 0xFFFF
@@ -111,11 +134,15 @@ class TrigramArrays:
     key_counts: np.ndarray[Any, np.dtype[np.uint16]]
     size_offsets: np.ndarray[Any, np.dtype[np.uint64]]
     size_keys: np.ndarray[Any, np.dtype[np.uint32]]
+    classes: np.ndarray[Any, np.dtype[np.uint8]]
+    zc_offsets: np.ndarray[Any, np.dtype[np.uint64]]
+    zc_starts: np.ndarray[Any, np.dtype[np.uint32]]
 
     def as_files(self) -> dict[str, np.ndarray[Any, Any]]:
         return dict(zip(FILES, (self.codes, self.table, self.offsets, self.keys,
                                 self.dir_offsets, self.dir_size, self.dir_start,
-                                self.key_counts, self.size_offsets, self.size_keys),
+                                self.key_counts, self.size_offsets, self.size_keys,
+                                self.classes, self.zc_offsets, self.zc_starts),
                         strict=True))
 
     def gram_id(self, gram: str) -> int:
@@ -197,10 +224,14 @@ def _distinct(ordered: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def build_arrays(
-    keys: Sequence[str], hash_table: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
+    keys: Sequence[str],
+    hash_table: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]],
+    *,
+    class_size: int = CLASS_SIZE,
 ) -> TrigramArrays:
     """The structure over ``keys`` (key number = position); ``hash_table`` builds the
-    open-addressing table from the codes' 32-bit hashes (the index's own table builder).
+    open-addressing table from the codes' 32-bit hashes (the index's own table builder);
+    ``class_size`` trigrams form the class C (module docstring).
 
     Memory is what a full UMLS (~190 M key–trigram pairs) dictates: the pairs are held per
     chunk of keys as two uint32 columns (trigram number, key number) plus the uint32 output,
@@ -233,13 +264,29 @@ def build_arrays(
         )
     sizes = key_counts.astype(np.uint16)
     del key_counts
-    # the keys of each size, ascending, and each key's number among them (see the module)
-    size_keys = np.argsort(sizes, kind="stable").astype(np.uint32)
+    # the class C: the space-free trigrams with the most postings (ties: the lower code)
+    spaced = (((gram_codes >> np.uint64(42)) & np.uint64(0x1FFFFF)) == _SPACE) | (
+        ((gram_codes >> np.uint64(21)) & np.uint64(0x1FFFFF)) == _SPACE) | (
+        (gram_codes & np.uint64(0x1FFFFF)) == _SPACE) | (gram_codes >= np.uint64(_SHORT))
+    eligible = np.flatnonzero(~spaced)
+    best = eligible[np.argsort(-per_gram[eligible], kind="stable")[: max(class_size, 0)]]
+    classes = np.zeros(n_grams, dtype=np.uint8)
+    classes[best] = 1
+    del spaced, eligible, best
+    zc = np.zeros(n, dtype=np.int64)  # per key: its trigrams in C
+    for i, (gid, ckid) in enumerate(parts):
+        first = i * _CHUNK_KEYS
+        zc[first : first + _CHUNK_KEYS] = np.bincount(
+            ckid[classes[gid] == 1], minlength=min(_CHUNK_KEYS, n - first))
+    # the keys of each size by (z, key number), and each key's number among them (the module)
+    size_keys = np.lexsort((np.arange(n), zc, sizes)).astype(np.uint32)
     size_offsets = np.zeros(int(sizes.max()) + 2 if n else 1, dtype=np.uint64)
     np.cumsum(np.bincount(sizes, minlength=len(size_offsets) - 1), out=size_offsets[1:])
     local = np.empty(n, dtype=np.uint32)
     local[size_keys] = (np.arange(n, dtype=np.int64)
                         - size_offsets[sizes[size_keys]].astype(np.int64)).astype(np.uint32)
+    zc_offsets, zc_starts = _zc_table(sizes, zc, size_offsets)
+    del zc
     offsets = np.zeros(n_grams + 1, dtype=np.uint64)
     np.cumsum(per_gram, out=offsets[1:])
     out_keys = np.empty(int(offsets[-1]), dtype=np.uint32)
@@ -253,12 +300,13 @@ def build_arrays(
             sel = (gid >= a) & (gid < b)
             bkid = ckid[sel].astype(np.uint64) + np.uint64(i * _CHUNK_KEYS)
             pieces.append(((gid[sel] - np.uint32(a)).astype(np.uint64) << np.uint64(48))
-                          | (sizes[bkid].astype(np.uint64) << np.uint64(32)) | bkid)
+                          | (sizes[bkid].astype(np.uint64) << np.uint64(32))
+                          | local[bkid].astype(np.uint64))
         packed = np.concatenate(pieces)
         del pieces
         packed.sort()
         lo, hi = int(offsets[a]), int(offsets[b])
-        out_keys[lo:hi] = local[(packed & np.uint64(0xFFFFFFFF)).astype(np.int64)]
+        out_keys[lo:hi] = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         head = packed >> np.uint64(32)
         del packed
         run = np.ones(len(head), dtype=bool)
@@ -287,7 +335,32 @@ def build_arrays(
         key_counts=sizes,
         size_offsets=size_offsets,
         size_keys=size_keys,
+        classes=classes,
+        zc_offsets=zc_offsets,
+        zc_starts=zc_starts,
     )
+
+
+def _zc_table(
+    sizes: np.ndarray[Any, Any], zc: np.ndarray[Any, Any], size_offsets: np.ndarray[Any, Any]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """``zc_offsets`` and ``zc_starts`` (module docstring): for each size y, entries z = 0 ..
+    zmax_y + 1 (zmax_y the largest z of a key of size y; a size without keys has one entry,
+    0), entry z the first local number of a key with z ≥ z."""
+    n_sizes = len(size_offsets) - 1
+    zmax = np.full(n_sizes, -1, dtype=np.int64)
+    if len(sizes):
+        np.maximum.at(zmax, sizes.astype(np.int64), zc)
+    counts = zmax + 2
+    zc_offsets = np.zeros(n_sizes + 1, dtype=np.uint64)
+    np.cumsum(counts, out=zc_offsets[1:])
+    # keys per (size, z), then per size the running sums from 0
+    flat = zc_offsets[sizes.astype(np.int64)].astype(np.int64) + zc + 1
+    per = np.bincount(flat, minlength=int(zc_offsets[-1])) if len(sizes) else np.zeros(
+        int(zc_offsets[-1]), dtype=np.int64)
+    starts = np.cumsum(per)
+    starts -= np.repeat(starts[zc_offsets[:-1].astype(np.int64)], counts)
+    return zc_offsets, starts.astype(np.uint32)
 
 
 def _buckets(offsets: np.ndarray[Any, Any]) -> list[tuple[int, int]]:
@@ -329,7 +402,8 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
         keys=a["trigram_keys"], dir_offsets=a["trigram_dir_offsets"],
         dir_size=a["trigram_dir_size"], dir_start=a["trigram_dir_start"],
         key_counts=a["key_trigram_counts"], size_offsets=a["trigram_size_offsets"],
-        size_keys=a["trigram_size_keys"],
+        size_keys=a["trigram_size_keys"], classes=a["trigram_classes"],
+        zc_offsets=a["trigram_zc_offsets"], zc_starts=a["trigram_zc_starts"],
     )
     n_grams = len(arrays.codes)
     problems = []
@@ -350,6 +424,11 @@ def load(path: Path, files: Mapping[str, str], n_keys: int) -> TrigramArrays:
     elif (len(arrays.size_offsets) < 1 or int(arrays.size_offsets[0]) != 0
           or int(arrays.size_offsets[-1]) != n_keys):
         problems.append("trigram_size_offsets does not match trigram_size_keys")
+    if len(arrays.classes) != n_grams:
+        problems.append("trigram_classes does not match the trigram count")
+    if (len(arrays.zc_offsets) != len(arrays.size_offsets) or int(arrays.zc_offsets[0]) != 0
+            or int(arrays.zc_offsets[-1]) != len(arrays.zc_starts)):
+        problems.append("trigram_zc_offsets does not match the sizes or trigram_zc_starts")
     table = arrays.table
     if len(table) & (len(table) - 1) or n_grams >= len(table):  # (≥ 1 empty slot ends a miss)
         problems.append("trigram_table has the wrong size")

@@ -106,13 +106,16 @@ def near(strings: list[str], data: st.DataObject) -> str:
     st.data(),
     st.sampled_from(SIMILARITIES),
     st.sampled_from([0.05, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0]),
+    st.sampled_from([0, 1, 2, 4, 8, trigram_index.CLASS_SIZE]),
 )
 def test_approximate_search_equals_brute_force(
-    strings: list[str], data: st.DataObject, measure: str, alpha: float
+    strings: list[str], data: st.DataObject, measure: str, alpha: float, class_size: int
 ) -> None:
+    # (small classes make the compiled search cut its runs to a range of z often: the class
+    # of a small dictionary's index would otherwise hold nearly every trigram)
     query = data.draw(st.one_of(WORDS, UNICODE_WORDS) if data.draw(st.booleans())
                       else st.just(near(strings, data)), label="query")
-    tri = TrigramIndex.from_strings(strings)
+    tri = TrigramIndex.from_strings(strings, class_size=class_size)
     expected = brute_force(strings, query, measure, alpha)
     got = {(tri.string(i), round(sim, 9)) for i, sim in tri.search(query, measure, alpha)}
     assert got == expected
@@ -273,29 +276,45 @@ def test_approximate_truncated_size_keys_are_refused(tmp_path: Path) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=40, unique=True))
-def test_approximate_postings_are_size_local_key_numbers(strings: list[str]) -> None:
+@given(st.lists(st.one_of(WORDS, UNICODE_WORDS), min_size=1, max_size=40, unique=True),
+       st.integers(0, 12))
+def test_approximate_postings_are_size_local_key_numbers(
+    strings: list[str], class_size: int
+) -> None:
     # every run of a trigram's list, its postings read back through the size's key list, is
-    # exactly the keys of that size holding the trigram, ascending (so the compiled search
-    # may count a size's keys in a bitmap of that size's range)
+    # exactly the keys of that size holding the trigram, ascending in local number (so the
+    # compiled search may count a size's keys in a bitmap of that size's range); a size's
+    # keys are ordered by (z, key), z their trigrams in the class C — the class_size
+    # space-free trigrams with the most postings — and zc_starts says where each z starts
     from conceptsvc.approximate import _grams_of
     from conceptsvc.index import build_hash_table
 
-    a = trigram_index.build_arrays(strings, build_hash_table)
+    a = trigram_index.build_arrays(strings, build_hash_table, class_size=class_size)
     grams = [_grams_of(k) for k in strings]
     sizes = [len(g) for g in grams]
     ids = [{a.gram_id(g) for g in gs} for gs in grams]
     assert a.key_counts.tolist() == sizes
+    postings = [sum(t in i for i in ids) for t in range(len(a.codes))]
+    free = [t for t in range(len(a.codes))
+            if a.codes[t] < 1 << 63 and all((int(a.codes[t]) >> s) & 0x1FFFFF != 32
+                                             for s in (0, 21, 42))]
+    chosen = sorted(free, key=lambda t: (-postings[t], t))[:class_size]
+    assert sorted(np.flatnonzero(a.classes).tolist()) == sorted(chosen)
+    z = [sum(a.classes[t] for t in i) for i in ids]
     for y in set(sizes):
         lo, hi = int(a.size_offsets[y]), int(a.size_offsets[y + 1])
-        assert a.size_keys[lo:hi].tolist() == [k for k, n in enumerate(sizes) if n == y]
+        ordered = sorted((k for k, n in enumerate(sizes) if n == y), key=lambda k: (z[k], k))
+        assert a.size_keys[lo:hi].tolist() == ordered
+        zs = a.zc_starts[int(a.zc_offsets[y]):int(a.zc_offsets[y + 1])].tolist()
+        assert len(zs) == max(z[k] for k in ordered) + 2
+        assert zs == [sum(z[k] < v for k in ordered) for v in range(len(zs))]
     for t in range(len(a.codes)):
         run_sizes, starts, end = a.size_runs(t)
         for r, y in enumerate(run_sizes):
             stop = starts[r + 1] if r + 1 < len(starts) else end
             assert a.keys[starts[r]:stop].tolist() == sorted(a.keys[starts[r]:stop].tolist())
-            holders = [k for k in range(len(strings)) if sizes[k] == y and t in ids[k]]
-            assert a.run_keys(y, starts[r], stop) == holders
+            holders = {k for k in range(len(strings)) if sizes[k] == y and t in ids[k]}
+            assert set(a.run_keys(y, starts[r], stop)) == holders
 
 
 def test_approximate_scan_memo_stays_bounded(engine_index_path: Path) -> None:

@@ -421,16 +421,18 @@ def test_index_settled_file_maps_single_pages(tmp_path: Path) -> None:
     assert rss_after_one_read() <= 256, unsettled
 
 
-@pytest.mark.parametrize("version", [4, 5])
-def test_index_formats_4_and_5_are_refused_with_rebuild(tmp_path: Path, version: int) -> None:
-    # their trigram lists hold key numbers where format 6's hold size-local ones: read as the
-    # other, they would find wrong keys, so they are refused, not misread
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_index_formats_4_to_6_are_refused_with_rebuild(tmp_path: Path, version: int) -> None:
+    # their trigram lists hold key numbers (4, 5), or size-local ones in key order (6), where
+    # format 7's are size-local in the order of the second filter: read as the other, they
+    # would find wrong keys, so they are refused, not misread
     ix = tmp_path / "ix"
     build_index(ix, CONCEPTS, TERMS)
     manifest = json.loads((ix / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 6
+    assert manifest["format_version"] == FORMAT_VERSION == 7
     (ix / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
     with pytest.raises(ConceptIndexError, match=rf"format version {version} is not supported.*"
-                       r"number the keys of approximate matching's trigram lists differently"
+                       r"formats 4 to 6 number the keys of approximate matching's trigram "
+                       r"lists differently"
                        r".*rebuild the index"):
         ConceptIndex.load(ix)

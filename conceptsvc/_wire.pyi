@@ -22,7 +22,8 @@ class BatchReader:
     def __init__(
         self, mention_slots: Sequence[tuple[str, int, int, object]],
         numbers: tuple[int, ...], round_slot: int, decimals: int, top_keys: tuple[bytes, ...],
-        json_keys: list[bytes],
+        json_keys: list[bytes], status_strings: tuple[int, ...], max_depth: int,
+        decode_error: Callable[[bool, bool], Exception],
     ) -> None: ...
     def read(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...
     def read_json(self, data: bytes) -> list[tuple[str, str, int, bool, Any]]: ...
@@ -32,7 +33,8 @@ class ResultReader:
         self, mention_type: type, annotation_type: type, result_type: type,
         mention_slots: Sequence[tuple[str, int, int, object]], annotation_slots: tuple[str, ...],
         result_slots: tuple[str, ...], numbers: tuple[int, ...],
-        on_error: Callable[[bytes], StreamResult],
+        on_error: Callable[[bytes], StreamResult], status_strings: tuple[int, ...],
+        max_depth: int, decode_error: Callable[[bool, bool], Exception],
     ) -> None: ...
     def read(self, data: bytes) -> list[StreamResult]: ...
     def read_one(self, data: bytes) -> StreamResult: ...

@@ -29,25 +29,44 @@ One more wire format, Redis's: ``RespPacker`` packs the cache tier's commands (s
 The other direction, for the clients: ``BatchReader`` reads AnnotateBatch replies into the
 journal's JSON form (``conceptsvc annotate``), ``ResultReader`` into the domain objects
 ``ConceptClient`` returns; parsing them with protobuf and converting each message field by field
-cost the client more CPU a caption than the server spent on it.
+cost the client more CPU a caption than the server spent on it. A reply is a server's bytes,
+not trusted: the readers accept and refuse what protobuf does, with its error (see "reading").
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-# Wire kinds of a field (the numbers are wire.KIND_*; wire.py hands them over).
+# Wire kinds of a field (the numbers are wire.KIND_*; wire.py hands them over). The integer
+# kinds are written alike; a reader keeps of a varint what protobuf keeps for the field's type.
 cdef enum:
     K_STRING = 0
-    K_VARINT = 1
+    K_VARINT = 1  # int64
     K_DOUBLE = 2
     K_BOOL = 3
     K_STRINGS = 4
+    K_INT32 = 5
+    K_UINT32 = 6
+    K_UINT64 = 7
+    N_KINDS = 8
+
+
+cdef inline bint _is_int(int kind) noexcept:
+    return kind == K_VARINT or kind == K_INT32 or kind == K_UINT32 or kind == K_UINT64
+
+
+cdef inline int _wire_type(int kind) noexcept:
+    """The protobuf wire type of a field of this kind."""
+    if kind == K_DOUBLE:
+        return 1
+    if kind == K_STRING or kind == K_STRINGS:
+        return 2
+    return 0
 
 cdef enum:
     MAX_FIELDS = 64
@@ -157,7 +176,7 @@ cdef class AnnotationWriter:
         slots = tuple(getattr(mention_type, "__slots__", ())) if mention_type is not None else ()
         self.row_len = len(slots) if slots else -1
         for i, (attr, number, kind) in enumerate(layout):
-            if kind not in (K_STRING, K_VARINT, K_DOUBLE, K_BOOL, K_STRINGS):
+            if not 0 <= kind < N_KINDS:
                 raise ValueError(f"unknown wire kind {kind!r} for {attr}")
             if mention_type is not None:
                 self.getters.append(mention_type.__dict__[attr])
@@ -165,9 +184,7 @@ cdef class AnnotationWriter:
                 self.row_index[i] = slots.index(attr)
             self.attrs.append(attr)
             self.kinds[i] = kind
-            self.tags[i] = (<uint64_t>number << 3) | (
-                1 if kind == K_DOUBLE else (0 if kind in (K_VARINT, K_BOOL) else 2)
-            )
+            self.tags[i] = (<uint64_t>number << 3) | _wire_type(kind)
         self.n_fields = len(layout)
         self.mentions_tag = (<uint64_t>mentions_field << 3) | 2
         self.concepts_tag = (<uint64_t>concepts_field << 3) | 2
@@ -181,7 +198,7 @@ cdef class AnnotationWriter:
         if kind == K_STRING:
             if len(<str?>v):  # checked: a row's values are not typed slots
                 b.string(tag, v)
-        elif kind == K_VARINT:
+        elif _is_int(kind):
             iv = v
             if iv:
                 b.reserve(20)
@@ -317,6 +334,13 @@ cdef inline int _varint_len(uint64_t v) noexcept:
 
 
 # -- reading ---------------------------------------------------------------------------------
+# The readers take their bytes from a server, so a reply is not trusted: every length and
+# fixed-width field is checked against the bytes left before a position moves, in unsigned
+# arithmetic (a length of 2**63 or more cast to Py_ssize_t would be negative, pass a "past the
+# end" test and move the position before the buffer). What protobuf accepts, they accept, and
+# read as protobuf reads it (a field of an unexpected wire type is an unknown field; unknown
+# groups are skipped, nested at most as deep as protobuf allows); what protobuf refuses, they
+# refuse with protobuf's error (``decode_error``, handed over by ``wire``).
 cdef extern from "Python.h":
     object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
 
@@ -326,13 +350,19 @@ cdef enum:
     INTERN_MAX = 64  # bytes of the longest string it shares
 
 
+class _Corrupt(Exception):
+    """The bytes are not a well-formed message (raised inside; a reader's ``read`` turns it
+    into protobuf's error)."""
+
+
 cdef inline uint64_t _read_varint(const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos) except? 0:
+    """A varint of at most 10 bytes, as protobuf reads one (bits past the 64th are dropped)."""
     cdef uint64_t v = 0
     cdef int shift = 0
     cdef unsigned char b
     while True:
         if pos[0] >= n:
-            raise ValueError("truncated varint")
+            raise _Corrupt("truncated varint")
         b = p[pos[0]]
         pos[0] += 1
         v |= (<uint64_t>(b & 0x7F)) << shift
@@ -340,24 +370,69 @@ cdef inline uint64_t _read_varint(const unsigned char* p, Py_ssize_t n, Py_ssize
             return v
         shift += 7
         if shift >= 64:
-            raise ValueError("varint too long")
+            raise _Corrupt("varint too long")
 
 
-cdef inline Py_ssize_t _skip(const unsigned char* p, Py_ssize_t n, Py_ssize_t pos, int wt) except -1:
-    cdef uint64_t size
+cdef inline uint64_t _read_key(const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos) except 0:
+    """A field's key, as protobuf takes one: at most 5 bytes and 32 bits, field number not 0."""
+    cdef Py_ssize_t at = pos[0]
+    cdef uint64_t key
+    if at < n and 8 <= p[at] < 0x80:  # one byte (field numbers 1 to 15): nearly every key
+        pos[0] = at + 1
+        return p[at]
+    key = _read_varint(p, n, pos)
+    if pos[0] - at > 5 or key > 0xFFFFFFFFULL or key < 8:
+        raise _Corrupt("bad key")
+    return key
+
+
+cdef inline Py_ssize_t _read_size(const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos) except -1:
+    """A length prefix, refused unless that many bytes are left: compared as unsigned numbers
+    before anything is added to a position."""
+    cdef uint64_t size = _read_varint(p, n, pos)
+    if size > <uint64_t>(n - pos[0]):
+        raise _Corrupt("truncated field")
+    return <Py_ssize_t>size
+
+
+cdef inline int _need(Py_ssize_t n, Py_ssize_t pos, Py_ssize_t width) except -1:
+    """A fixed-width field of ``width`` bytes at ``pos`` must end by ``n``."""
+    if width > n - pos:
+        raise _Corrupt("truncated field")
+    return 0
+
+
+cdef Py_ssize_t _skip(const unsigned char* p, Py_ssize_t n, Py_ssize_t pos, uint64_t key,
+                      int depth) except -1:
+    """The position after the value of the field whose ``key`` was read last (at ``pos``):
+    an unknown field, or a known one of another wire type. ``depth``: how many more levels
+    of groups may open here."""
+    cdef int wt = <int>(key & 7)
+    cdef uint64_t inner
+    cdef Py_ssize_t size
     if wt == 0:
         _read_varint(p, n, &pos)
     elif wt == 1:
+        _need(n, pos, 8)
         pos += 8
     elif wt == 2:
-        size = _read_varint(p, n, &pos)
-        pos += <Py_ssize_t>size
+        size = _read_size(p, n, &pos)
+        pos += size
     elif wt == 5:
+        _need(n, pos, 4)
         pos += 4
-    else:
-        raise ValueError(f"unsupported wire type {wt}")
-    if pos > n:
-        raise ValueError("truncated field")
+    elif wt == 3:  # a group: fields up to the end-group key of the same number
+        if depth < 1:
+            raise _Corrupt("nested too deep")
+        while True:
+            inner = _read_key(p, n, &pos)  # (the end of the bytes first: not terminated)
+            if (inner & 7) == 4:
+                if (inner >> 3) != (key >> 3):
+                    raise _Corrupt("mismatched end of group")
+                return pos
+            pos = _skip(p, n, pos, inner, depth - 1)
+    else:  # 4, an end of group with none open; 6 and 7 are no wire type
+        raise _Corrupt("bad wire type")
     return pos
 
 
@@ -366,7 +441,10 @@ cdef class _MentionFields:
     each Mention field number fills, its wire kind, its default), the walk of a reply's items
     and of one item's fields, and the parse of one Mention message into values by slot. Each
     reader says what a mention, an item and the index hash become (``_item_mention``,
-    ``_item``, ``_index_hash``) and how a string is made (``_string``)."""
+    ``_item``, ``_index_hash``) and how a string is made (``_string``).
+
+    A ``depth`` argument is how many more levels of messages and groups protobuf would let
+    open below the message being read (``max_depth`` for the reply itself)."""
 
     cdef int f_items, f_id, f_mentions, f_concepts, f_status, f_code, f_cached, f_hash
     cdef int n_slots
@@ -374,6 +452,25 @@ cdef class _MentionFields:
     cdef int kinds[MAX_NUMBER]  # by slot
     cdef list defaults  # by slot, for a field absent (or an empty string); BatchReader copies
     # a list default per mention
+    cdef bint status_string[MAX_NUMBER]  # by ItemStatus field number: a string (UTF-8 checked)
+    cdef int max_depth
+    cdef object decode_error  # (batch, bad UTF-8) -> the exception protobuf would raise
+
+    cdef int _rules(self, tuple status_strings, int max_depth, object decode_error) except -1:
+        """What protobuf checks that the layout does not say: ItemStatus's string fields,
+        how deep it lets messages nest, the error it raises."""
+        cdef int i
+        for i in range(MAX_NUMBER):
+            self.status_string[i] = False
+        for number in status_strings:
+            if not 0 < number < MAX_NUMBER:
+                raise ValueError(f"ItemStatus field number {number} is out of range")
+            self.status_string[number] = True
+        if max_depth < 2:
+            raise ValueError("max_depth: a reply's mentions are two levels deep")
+        self.max_depth = max_depth
+        self.decode_error = decode_error
+        return 0
 
     cdef str _string(self, const unsigned char* p, Py_ssize_t size):
         return PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
@@ -382,103 +479,117 @@ cdef class _MentionFields:
         return PyUnicode_DecodeUTF8(<const char*>p, size, NULL)
 
     cdef object _item_mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
-                              bint as_json):
+                              bint as_json, int depth):
         raise NotImplementedError
 
     cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
-                      Py_ssize_t end, bint as_json):
+                      Py_ssize_t end, bint as_json, int depth):
         raise NotImplementedError
+
+    cdef object _reply(self, bytes data, bint batch, bint as_json):
+        """The items of an AnnotateBatchResponse (``batch``) or the one item of an
+        AnnotateResponse. Bytes protobuf would refuse raise the error it raises."""
+        try:
+            if batch:
+                return self._items(data, as_json)
+            return self._item(data, <const unsigned char*>PyBytes_AS_STRING(data), 0,
+                              PyBytes_GET_SIZE(data), as_json, self.max_depth)
+        except _Corrupt:
+            raise self.decode_error(batch, False) from None
+        except UnicodeDecodeError:
+            raise self.decode_error(batch, True) from None
 
     cdef list _items(self, bytes data, bint as_json):
         """``_item`` of each item of an AnnotateBatchResponse, in order."""
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, sub_end
-        cdef uint64_t key, size
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, size
+        cdef uint64_t key
         out = []
         while pos < n:
-            key = _read_varint(p, n, &pos)
+            key = _read_key(p, n, &pos)
             if <int>(key >> 3) == self.f_items and (key & 7) == 2:
-                size = _read_varint(p, n, &pos)
-                sub_end = pos + <Py_ssize_t>size
-                if sub_end > n:
-                    raise ValueError("truncated item")
-                out.append(self._item(data, p, pos, sub_end, as_json))
-                pos = sub_end
+                size = _read_size(p, n, &pos)
+                out.append(self._item(data, p, pos, pos + size, as_json, self.max_depth - 1))
+                pos += size
             else:
-                pos = _skip(p, n, pos, <int>(key & 7))
+                pos = _skip(p, n, pos, key, self.max_depth)
         return out
 
     cdef tuple _item_fields(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
-                            bint as_json):
+                            bint as_json, int depth):
         """One AnnotateResponse's ``(id, index hash, status code, cached, concepts,
         mentions)``, the mentions as ``_item_mention`` makes them."""
-        cdef Py_ssize_t pos = start, sub_end, spos
-        cdef uint64_t key, size, code = 0
-        cdef int number, wt
+        cdef Py_ssize_t pos = start, size, sub_end, spos, ssize
+        cdef uint64_t key
+        cdef int32_t code = 0  # (ItemStatus.code is an int32)
+        cdef int number, wt, snumber, swt
         cdef bint cached = False
         rid = ""
         ix = ""
         mentions = []
         concepts = []
         while pos < end:
-            key = _read_varint(p, end, &pos)
+            key = _read_key(p, end, &pos)
             number = <int>(key >> 3)
             wt = <int>(key & 7)
             if wt == 2 and (number == self.f_id or number == self.f_mentions
                             or number == self.f_concepts or number == self.f_status
                             or number == self.f_hash):
-                size = _read_varint(p, end, &pos)
-                sub_end = pos + <Py_ssize_t>size
-                if sub_end > end:
-                    raise ValueError("truncated field")
+                size = _read_size(p, end, &pos)
+                sub_end = pos + size
                 if number == self.f_mentions:
-                    mentions.append(self._item_mention(p, pos, sub_end, as_json))
+                    mentions.append(self._item_mention(p, pos, sub_end, as_json, depth - 1))
                 elif number == self.f_status:
                     spos = pos
                     while spos < sub_end:
-                        key = _read_varint(p, sub_end, &spos)
-                        if <int>(key >> 3) == self.f_code and (key & 7) == 0:
-                            code = _read_varint(p, sub_end, &spos)
+                        key = _read_key(p, sub_end, &spos)
+                        snumber = <int>(key >> 3)
+                        swt = <int>(key & 7)
+                        if snumber == self.f_code and swt == 0:
+                            code = <int32_t>_read_varint(p, sub_end, &spos)
+                        elif swt == 2 and snumber < MAX_NUMBER and self.status_string[snumber]:
+                            ssize = _read_size(p, sub_end, &spos)
+                            # (not kept: the failed item's bytes are; but protobuf refuses
+                            # a reply with a string of bad UTF-8)
+                            PyUnicode_DecodeUTF8(<const char*>p + spos, ssize, NULL)
+                            spos += ssize
                         else:
-                            spos = _skip(p, sub_end, spos, <int>(key & 7))
+                            spos = _skip(p, sub_end, spos, key, depth - 1)
                 elif number == self.f_hash:
-                    ix = self._index_hash(p + pos, <Py_ssize_t>size)
+                    ix = self._index_hash(p + pos, size)
                 elif number == self.f_id:
-                    rid = PyUnicode_DecodeUTF8(<const char*>p + pos, <Py_ssize_t>size, NULL)
+                    rid = PyUnicode_DecodeUTF8(<const char*>p + pos, size, NULL)
                 else:
-                    concepts.append(self._string(p + pos, <Py_ssize_t>size))
+                    concepts.append(self._string(p + pos, size))
                 pos = sub_end
             elif wt == 0 and number == self.f_cached:
                 cached = _read_varint(p, end, &pos) != 0
             else:
-                pos = _skip(p, end, pos, wt)
-        return rid, ix, <int>code, cached, concepts, mentions
+                pos = _skip(p, end, pos, key, depth)
+        return rid, ix, code, cached, concepts, mentions
 
-    cdef list _fields(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    cdef list _fields(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                      int depth):
         """A Mention message's values by slot, as read: None for a field absent, a list for a
         repeated string."""
-        cdef Py_ssize_t pos = start
-        cdef uint64_t key, size, bits
-        cdef int number, wt, slot, kind
+        cdef Py_ssize_t pos = start, size
+        cdef uint64_t key, bits
+        cdef int number, slot, kind
         cdef double dv
         values = [None] * self.n_slots
         while pos < end:
-            key = _read_varint(p, end, &pos)
+            key = _read_key(p, end, &pos)
             number = <int>(key >> 3)
-            wt = <int>(key & 7)
-            slot = self.slot_of[number] if 0 < number < MAX_NUMBER else -1
-            if slot < 0:
-                pos = _skip(p, end, pos, wt)
+            slot = self.slot_of[number] if number < MAX_NUMBER else -1
+            # (a field of another wire type than its own is an unknown field to protobuf)
+            if slot < 0 or <int>(key & 7) != _wire_type(self.kinds[slot]):
+                pos = _skip(p, end, pos, key, depth)
                 continue
             kind = self.kinds[slot]
             if kind == K_STRING or kind == K_STRINGS:
-                if wt != 2:
-                    raise ValueError("a string field with another wire type")
-                size = _read_varint(p, end, &pos)
-                if pos + <Py_ssize_t>size > end:
-                    raise ValueError("truncated string")
-                s = self._string(p + pos, <Py_ssize_t>size)
-                pos += <Py_ssize_t>size
+                size = _read_size(p, end, &pos)
+                s = self._string(p + pos, size)
+                pos += size
                 if kind == K_STRING:
                     values[slot] = s
                 elif values[slot] is None:
@@ -486,21 +597,22 @@ cdef class _MentionFields:
                 else:
                     values[slot].append(s)
             elif kind == K_DOUBLE:
-                if wt != 1 or pos + 8 > end:
-                    raise ValueError("a bad double field")
+                _need(end, pos, 8)
                 memcpy(&dv, p + pos, 8)
                 pos += 8
                 values[slot] = dv
-            elif kind == K_VARINT or kind == K_BOOL:
-                if wt != 0:
-                    raise ValueError("a varint field with another wire type")
+            else:
                 bits = _read_varint(p, end, &pos)
                 if kind == K_BOOL:
                     values[slot] = bits != 0
+                elif kind == K_INT32:
+                    values[slot] = <int32_t>bits
+                elif kind == K_UINT32:
+                    values[slot] = <uint32_t>bits
+                elif kind == K_UINT64:
+                    values[slot] = bits
                 else:
                     values[slot] = <int64_t>bits
-            else:
-                pos = _skip(p, end, pos, wt)
         return values
 
 
@@ -517,14 +629,20 @@ cdef class BatchReader(_MentionFields):
     cdef list json_keys  # JSON text before each mention value ('{"cui":', ',"text":', ...)
 
     def __init__(self, mention_slots, tuple numbers, int round_slot, int decimals,
-                 tuple top_keys, list json_keys):
+                 tuple top_keys, list json_keys, tuple status_strings, int max_depth,
+                 decode_error):
         """``mention_slots``: ``(json key, field number, kind, default)`` in output order;
         ``numbers``: the field numbers of AnnotateBatchResponse.items, AnnotateResponse id,
         mentions, concepts, status, cached, index_hash and ItemStatus.code; ``top_keys`` and
         ``json_keys``: the JSON text that goes before each value (``wire.batch_reader``
-        makes them with ``json.dumps``)."""
+        makes them with ``json.dumps``); ``status_strings``: the numbers of ItemStatus's
+        string fields; ``max_depth``: how deep protobuf lets messages and groups nest;
+        ``decode_error(batch, bad_utf8)``: the exception protobuf raises for bytes it
+        refuses."""
         cdef int i
         slots = list(mention_slots)
+        if len(slots) >= MAX_NUMBER:
+            raise ValueError(f"at most {MAX_NUMBER - 1} mention fields")
         for i in range(MAX_NUMBER):
             self.slot_of[i] = -1
         self.keys = []
@@ -532,6 +650,8 @@ cdef class BatchReader(_MentionFields):
         for i, (key, number, kind, default) in enumerate(slots):
             if not 0 < number < MAX_NUMBER:
                 raise ValueError(f"field number {number} of {key} is out of range")
+            if not 0 <= kind < N_KINDS:
+                raise ValueError(f"unknown wire kind {kind!r} for {key}")
             self.slot_of[number] = i
             self.kinds[i] = kind
             self.keys.append(key)
@@ -545,19 +665,22 @@ cdef class BatchReader(_MentionFields):
             raise ValueError("top_keys: 3 pieces of JSON; json_keys: one per mention slot")
         self.top_keys = top_keys
         self.json_keys = json_keys
+        self._rules(status_strings, max_depth, decode_error)
 
-    cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                         int depth):
         cdef int i
-        values = self._values(p, start, end)
+        values = self._values(p, start, end, depth)
         d = {}
         for i in range(self.n_slots):
             d[self.keys[i]] = values[i]
         return d
 
-    cdef list _values(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    cdef list _values(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                      int depth):
         """A mention's value per slot, defaults filled in, the double rounded."""
         cdef int i
-        values = self._fields(p, start, end)
+        values = self._fields(p, start, end, depth)
         for i in range(self.n_slots):
             v = values[i]
             if v is None or (self.kinds[i] == K_STRING and not v):
@@ -568,12 +691,16 @@ cdef class BatchReader(_MentionFields):
         return values
 
     cdef object _item_mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
-                              bint as_json):
-        return self._values(p, start, end) if as_json else self._mention(p, start, end)
+                              bint as_json, int depth):
+        if as_json:
+            return self._values(p, start, end, depth)
+        return self._mention(p, start, end, depth)
 
     cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
-                      Py_ssize_t end, bint as_json):
-        rid, ix, code, cached, concepts, mentions = self._item_fields(p, start, end, as_json)
+                      Py_ssize_t end, bint as_json, int depth):
+        rid, ix, code, cached, concepts, mentions = self._item_fields(
+            p, start, end, as_json, depth
+        )
         if code:
             return (rid, ix, code, cached, data[start:end])
         if as_json:
@@ -605,12 +732,12 @@ cdef class BatchReader(_MentionFields):
     def read(self, bytes data):
         """One ``(id, index_hash, status code, cached, answer)`` per item, in order: the answer
         is the JSON form when the code is 0, else the item's bytes (its status, for protobuf)."""
-        return self._items(data, False)
+        return self._reply(data, True, False)
 
     def read_json(self, bytes data):
         """:meth:`read`, with each answer as its JSON text (UTF-8 bytes) rather than the dict:
         what the journal writes, without the dict or ``json.dumps`` in between."""
-        return self._items(data, True)
+        return self._reply(data, True, True)
 
 
 cdef extern from *:
@@ -646,15 +773,19 @@ cdef class ResultReader(_MentionFields):
     cdef list interned  # INTERN_SLOTS strings (or None), direct-mapped by a hash of the bytes
 
     def __init__(self, mention_type, annotation_type, result_type, mention_slots,
-                 tuple annotation_slots, tuple result_slots, tuple numbers, on_error):
+                 tuple annotation_slots, tuple result_slots, tuple numbers, on_error,
+                 tuple status_strings, int max_depth, decode_error):
         """``mention_slots``: ``(slot name, field number, kind, default)`` for every slot of
         ``mention_type``; ``annotation_slots``: the names of Annotation's id, mentions and
         concepts slots; ``result_slots``: StreamResult's id, annotation, error, cached and
-        index_hash; ``numbers``: as ``BatchReader``'s."""
+        index_hash; ``numbers``, ``status_strings``, ``max_depth`` and ``decode_error``: as
+        ``BatchReader``'s."""
         cdef int i
         slots = list(mention_slots)
         if sorted(name for name, _, _, _ in slots) != sorted(mention_type.__slots__):
             raise ValueError("mention_slots must name every slot of the mention type once")
+        if len(slots) >= MAX_NUMBER:
+            raise ValueError(f"at most {MAX_NUMBER - 1} mention fields")
         if len(annotation_slots) != 3 or len(result_slots) != 5:
             raise ValueError("annotation_slots: 3 names; result_slots: 5 names")
         for i in range(MAX_NUMBER):
@@ -664,7 +795,7 @@ cdef class ResultReader(_MentionFields):
         for i, (name, number, kind, default) in enumerate(slots):
             if not 0 < number < MAX_NUMBER:
                 raise ValueError(f"field number {number} of {name} is out of range")
-            if kind not in (K_STRING, K_VARINT, K_DOUBLE, K_BOOL, K_STRINGS):
+            if not 0 <= kind < N_KINDS:
                 raise ValueError(f"unknown wire kind {kind!r} for {name}")
             self.slot_of[number] = i
             self.kinds[i] = kind
@@ -683,6 +814,7 @@ cdef class ResultReader(_MentionFields):
          self.f_code, self.f_cached, self.f_hash) = numbers
         self.last_hash = None
         self.interned = [None] * INTERN_SLOTS
+        self._rules(status_strings, max_depth, decode_error)
 
     cdef str _string(self, const unsigned char* p, Py_ssize_t size):
         """The string at ``p``; a short one is the object read last time for the same bytes
@@ -705,10 +837,11 @@ cdef class ResultReader(_MentionFields):
         self.interned[slot] = s
         return s
 
-    cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    cdef object _mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
+                         int depth):
         cdef int i
         cdef tuple d = self.m_slots
-        values = self._fields(p, start, end)
+        values = self._fields(p, start, end, depth)
         m = self.new(self.Mention)
         for i in range(self.n_slots):
             v = values[i]
@@ -733,13 +866,15 @@ cdef class ResultReader(_MentionFields):
         return s
 
     cdef object _item_mention(self, const unsigned char* p, Py_ssize_t start, Py_ssize_t end,
-                              bint as_json):
-        return self._mention(p, start, end)
+                              bint as_json, int depth):
+        return self._mention(p, start, end, depth)
 
     cdef object _item(self, bytes data, const unsigned char* p, Py_ssize_t start,
-                      Py_ssize_t end, bint as_json):
+                      Py_ssize_t end, bint as_json, int depth):
         cdef tuple d
-        rid, ix, code, cached, concepts, mentions = self._item_fields(p, start, end, False)
+        rid, ix, code, cached, concepts, mentions = self._item_fields(
+            p, start, end, False, depth
+        )
         if code:
             return self.on_error(data[start:end])
         d = self.a_slots
@@ -758,12 +893,11 @@ cdef class ResultReader(_MentionFields):
 
     def read(self, bytes data):
         """One StreamResult per item of an AnnotateBatchResponse, in order."""
-        return self._items(data, False)
+        return self._reply(data, True, False)
 
     def read_one(self, bytes data):
         """The StreamResult of one AnnotateResponse (what Annotate and AnnotateStream send)."""
-        return self._item(data, <const unsigned char*>PyBytes_AS_STRING(data), 0,
-                          PyBytes_GET_SIZE(data), False)
+        return self._reply(data, False, False)
 
 
 # -- JSON text as json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes it ------------

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, fields, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc.errors import ExtractionError
 from conceptsvc.model import (
@@ -59,8 +61,11 @@ if TYPE_CHECKING:
 __all__ = [
     "KIND_BOOL",
     "KIND_DOUBLE",
+    "KIND_INT32",
     "KIND_STRING",
     "KIND_STRINGS",
+    "KIND_UINT32",
+    "KIND_UINT64",
     "KIND_VARINT",
     "AnnotationWriter",
     "AnnotationWriterPy",
@@ -239,10 +244,20 @@ def annotation_from_pb(msg: pb.AnnotateResponse) -> Annotation:
 
 # -- annotations as wire bytes ------------------------------------------------------------------
 # Wire kinds of a Mention field, as the writers know them (``_wire.pyx`` has the same numbers).
-KIND_STRING, KIND_VARINT, KIND_DOUBLE, KIND_BOOL, KIND_STRINGS = range(5)
+# The integer kinds (KIND_VARINT is int64) are written alike; a reader keeps of a varint what
+# protobuf keeps for the field's type (the low 32 bits of a uint32, ...).
+(KIND_STRING, KIND_VARINT, KIND_DOUBLE, KIND_BOOL, KIND_STRINGS, KIND_INT32, KIND_UINT32,
+ KIND_UINT64) = range(8)
 _FD = pb.Mention.DESCRIPTOR.fields[0].__class__  # FieldDescriptor: its TYPE_* / LABEL_*
-_VARINT_TYPES = frozenset({_FD.TYPE_UINT32, _FD.TYPE_UINT64, _FD.TYPE_INT32, _FD.TYPE_INT64})
-_WIRE_TYPE = {KIND_STRING: 2, KIND_STRINGS: 2, KIND_VARINT: 0, KIND_BOOL: 0, KIND_DOUBLE: 1}
+_INT_KIND_OF_TYPE = {
+    _FD.TYPE_INT64: KIND_VARINT, _FD.TYPE_INT32: KIND_INT32, _FD.TYPE_UINT32: KIND_UINT32,
+    _FD.TYPE_UINT64: KIND_UINT64,
+}
+_INT_KINDS = frozenset(_INT_KIND_OF_TYPE.values())
+_WIRE_TYPE = {
+    KIND_STRING: 2, KIND_STRINGS: 2, KIND_DOUBLE: 1, KIND_BOOL: 0,
+    **{kind: 0 for kind in _INT_KINDS},
+}
 
 
 class WireLayoutError(Exception):
@@ -258,8 +273,8 @@ def _kind(fd: Any) -> int:
         )
     if fd.type == _FD.TYPE_STRING:
         return KIND_STRINGS if repeated else KIND_STRING
-    if not repeated and fd.type in _VARINT_TYPES:
-        return KIND_VARINT
+    if not repeated and fd.type in _INT_KIND_OF_TYPE:
+        return _INT_KIND_OF_TYPE[fd.type]
     if not repeated and fd.type == _FD.TYPE_DOUBLE:
         return KIND_DOUBLE
     if not repeated and fd.type == _FD.TYPE_BOOL:
@@ -344,7 +359,7 @@ class AnnotationWriterPy:
             if kind == KIND_STRING:
                 if v:
                     parts.append(_delimited(tag, v.encode("utf-8")))
-            elif kind == KIND_VARINT:
+            elif kind in _INT_KINDS:
                 if v:
                     parts.append(tag + _varint(int(v)))
             elif kind == KIND_DOUBLE:
@@ -465,12 +480,68 @@ def item_joiner(*, compiled: bool = True) -> ItemJoiner:
     return ItemJoinerPy(items, id_field, _CACHED_FIELD)
 
 
+# -- reading replies: what both compiled readers are handed --------------------------------------
+# The compiled readers take a server's bytes as protobuf does: what it accepts they read as it
+# reads it, what it refuses they refuse with its DecodeError, word for word but in one case
+# (a string running past the end of its message with bad UTF-8 in it: protobuf finds the UTF-8,
+# they the overrun, first); tests/test_wire.py holds them to protobuf on crafted and mutated
+# replies (tests/malformed_replies.py). What that takes beside the layout:
+# ItemStatus's string fields (whose UTF-8 protobuf checks; the readers keep only the code), how
+# deep protobuf lets messages and unknown groups nest (its default recursion limit), and its
+# error. upb's reasons, as it words them:
+_CORRUPT = "Wire format was corrupt"
+_BAD_UTF8 = "String field had bad UTF-8"
+_MAX_DEPTH = 100
+_REPLY_FIELDS = {
+    "conceptsvc.v1.AnnotateBatchResponse": {"items"},
+    "conceptsvc.v1.AnnotateResponse": {
+        "id", "mentions", "concepts", "status", "cached", "index_hash",
+    },
+}
+
+
+def _decode_error(batch: bool, bad_utf8: bool) -> DecodeError:
+    """What protobuf raises for a reply (an AnnotateBatchResponse when ``batch``) it cannot
+    parse."""
+    message = pb.AnnotateBatchResponse if batch else pb.AnnotateResponse
+    return DecodeError(
+        f"Error parsing message with type '{message.DESCRIPTOR.full_name}': "
+        f"{_BAD_UTF8 if bad_utf8 else _CORRUPT}"
+    )
+
+
+_PROTOBUF_RULES = (
+    tuple(fd.number for fd in pb.ItemStatus.DESCRIPTOR.fields if fd.type == _FD.TYPE_STRING),
+    _MAX_DEPTH,
+    _decode_error,
+)
+
+
+def _reply_numbers() -> tuple[int, ...] | None:
+    """The field numbers the compiled readers walk a reply by: AnnotateBatchResponse.items,
+    AnnotateResponse's id, mentions, concepts, status, cached and index_hash, ItemStatus.code.
+    None when the replies have a field more: the readers would skip it unread (and unchecked)
+    where protobuf reads it."""
+    for message in (pb.AnnotateBatchResponse, pb.AnnotateResponse):
+        d = message.DESCRIPTOR
+        if {fd.name for fd in d.fields} != _REPLY_FIELDS[d.full_name]:
+            return None
+    resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
+    return (
+        pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number,
+        *(resp[name].number for name in ("id", "mentions", "concepts", "status")),
+        pb.ItemStatus.DESCRIPTOR.fields_by_name["code"].number,
+        resp["cached"].number, resp["index_hash"].number,
+    )
+
+
 # -- reading batch replies (the batch client) -----------------------------------------------------
 # One answer of a batch reply: (id, index hash, status code, cached, answer) — the answer in its
 # canonical JSON form when the code is 0, else the item's bytes (its status, for protobuf).
 BatchItem = tuple[str, str, int, bool, Any]
 _DEFAULT_OF_KIND: dict[int, Any] = {
-    KIND_STRING: "", KIND_VARINT: 0, KIND_DOUBLE: 0.0, KIND_BOOL: False, KIND_STRINGS: [],
+    KIND_STRING: "", KIND_DOUBLE: 0.0, KIND_BOOL: False, KIND_STRINGS: [],
+    **{kind: 0 for kind in _INT_KINDS},
 }
 
 
@@ -518,15 +589,16 @@ def batch_reader(
     ``to_json``: its keys and their order from the JSON form of a sample answer, each
     mention key matched to its Mention field (and so to the .proto's layout) by name, and the
     one double (the score) rounded to ``decimals`` places. Anything it could not reproduce —
-    a key that is no field, another shape, a second double — leaves the reference reader in
-    charge (``tests/test_wire.py`` holds the two to the same output).
+    a key that is no field, another shape, a second double, a reply field it does not know
+    (:func:`_reply_numbers`) — leaves the reference reader in charge (``tests/test_wire.py``
+    holds the two to the same output, and to the same errors).
     """
     reference = BatchReaderPy(to_json, dumps)
     mod = _compiled_wire() if compiled else None
     if mod is None:
         return reference
     try:
-        layout, mentions_field, concepts_field = annotation_layout()
+        layout, _, _ = annotation_layout()
     except WireLayoutError:
         return reference
     by_name = {name: (number, kind) for name, number, kind in layout}
@@ -544,13 +616,10 @@ def batch_reader(
     slots = [
         (key, *by_name[key], own.get(key, _DEFAULT_OF_KIND[by_name[key][1]])) for key in keys
     ]
-    resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
-    numbers = (
-        pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number,
-        resp["id"].number, mentions_field, concepts_field, resp["status"].number,
-        pb.ItemStatus.DESCRIPTOR.fields_by_name["code"].number, resp["cached"].number,
-        resp["index_hash"].number,
-    )
+    numbers = _reply_numbers()
+    if numbers is None:
+        return reference
+
     def before(k: int, key: str) -> bytes:
         """The JSON text before the value of ``key``, ``k``-th in its object, as ``dumps``
         writes it (``dumps({key: 0})`` is ``{"key":0}`` with its separator)."""
@@ -560,6 +629,7 @@ def batch_reader(
         slots, numbers, doubles[0] if doubles else -1, decimals,
         tuple(before(k, key) for k, key in enumerate(shape)),
         [before(k, key) for k, key in enumerate(keys)],
+        *_PROTOBUF_RULES,
     )
     return reader  # type: ignore[no-any-return]
 
@@ -594,14 +664,15 @@ def result_reader(*, compiled: bool = True) -> ResultReader:
     into :class:`~conceptsvc.model.StreamResult` s: the compiled one when built, else the
     reference. Both give what :func:`stream_result_from_pb` gives of the parsed message (an
     absent or empty string field reads as the dataclass's default where it has one, as there);
-    ``tests/test_wire.py`` holds them to that. A layout the compiled reader cannot map (see
-    :func:`annotation_layout`, or dataclass slots it does not know) leaves the reference."""
+    ``tests/test_wire.py`` holds them to that, and to protobuf's errors. A layout the compiled
+    reader cannot map (see :func:`annotation_layout`, dataclass slots or reply fields it does
+    not know) leaves the reference."""
     reference = ResultReaderPy()
     mod = _compiled_wire() if compiled else None
     if mod is None:
         return reference
     try:
-        layout, mentions_field, concepts_field = annotation_layout()
+        layout, _, _ = annotation_layout()
     except WireLayoutError:
         return reference
     if (set(Annotation.__slots__) != set(_ANNOTATION_SLOTS)
@@ -612,16 +683,12 @@ def result_reader(*, compiled: bool = True) -> ResultReader:
         (name, number, kind, own.get(name, _DEFAULT_OF_KIND[kind]))
         for name, number, kind in layout
     ]
-    resp = pb.AnnotateResponse.DESCRIPTOR.fields_by_name
-    numbers = (
-        pb.AnnotateBatchResponse.DESCRIPTOR.fields_by_name["items"].number,
-        resp["id"].number, mentions_field, concepts_field, resp["status"].number,
-        pb.ItemStatus.DESCRIPTOR.fields_by_name["code"].number, resp["cached"].number,
-        resp["index_hash"].number,
-    )
+    numbers = _reply_numbers()
+    if numbers is None:
+        return reference
     return mod.ResultReader(  # type: ignore[no-any-return]
         Mention, Annotation, StreamResult, slots, _ANNOTATION_SLOTS, _RESULT_SLOTS, numbers,
-        _failed_item,
+        _failed_item, *_PROTOBUF_RULES,
     )
 
 

@@ -10,11 +10,13 @@ import datetime as dt
 import ipaddress
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from conceptsvc.config import Settings, load_settings
@@ -82,6 +84,67 @@ def running_server(
         yield server, port
     finally:
         server.stop(0)
+
+
+ANNOTATION_CALLS = ("Annotate", "AnnotateStream", "AnnotateBatch")
+
+
+class _Garbling:
+    """A gRPC handler in front of a real server that answers the calls named in ``methods``
+    (of Annotate, AnnotateStream, AnnotateBatch) with ``reply``, bytes as they are, and
+    forwards every other call: a server whose replies are not what conceptsvc writes."""
+
+    def __init__(self, target: str, reply: bytes, methods: tuple[str, ...]) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._reply = reply
+        self._methods = methods
+
+    def service(self, details: Any) -> Any:
+        method = details.method
+        name = method.rsplit("/", 1)[-1]
+        if name == "AnnotateStream" and name in self._methods:
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, _: (self._reply for _ in requests)
+            )
+        if name in self._methods:
+            return grpc.unary_unary_rpc_method_handler(lambda _, __: self._reply)
+        forward = self._channel.unary_unary(method)
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, context: forward(request, metadata=context.invocation_metadata())
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@contextmanager
+def garbling_server(
+    index: Path, reply: bytes, methods: tuple[str, ...] = ANNOTATION_CALLS
+) -> Iterator[str]:
+    """A real server over ``index`` whose calls ``methods`` are answered with ``reply``
+    (see :class:`_Garbling`): its target."""
+    with running_server(settings_for(index)) as (_, port):
+        handler = _Garbling(f"127.0.0.1:{port}", reply, methods)
+        proxy = grpc.server(ThreadPoolExecutor(4))
+        proxy.add_generic_rpc_handlers((handler,))
+        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
+        proxy.start()
+        try:
+            yield target
+        finally:
+            proxy.stop(0)
+            handler.close()
+
+
+def unreadable_reply() -> bytes:
+    """The review's reply: an unknown field whose length, 2**64 - 2**40 (a 10-byte varint),
+    was negative once cast, so the compiled reader went on reading before its buffer
+    (SIGSEGV)."""
+    size, length = 2**64 - (1 << 40), bytearray()
+    while size >= 0x80:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    return bytes([15 << 3 | 2, *length, size]) + b"x" * 8
 
 
 # -- certificates -------------------------------------------------------------------------------

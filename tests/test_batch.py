@@ -26,6 +26,7 @@ from conftest import free_port
 from hypothesis import HealthCheck, given
 from hypothesis import settings as settings_h
 from hypothesis import strategies as st
+from service_helpers import build_index_a, garbling_server, unreadable_reply
 
 from conceptsvc.cli import main
 from conceptsvc.client.batch import EXIT_INCOMPLETE, BatchSettings, annotate_corpus
@@ -795,6 +796,30 @@ def test_batch_unreachable_service_is_a_clear_error(
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
     assert len(waits) == 1 and f"waiting for {target} to answer (UNAVAILABLE" in waits[0]
     assert "trying 2 more time(s)" in waits[0]
+
+
+def test_batch_an_unreadable_reply_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    """A service whose AnnotateBatch replies are the review's bytes (a length of 2**64 - 2**40,
+    which killed the client with SIGSEGV): `conceptsvc annotate` stops with E600 naming the
+    target and protobuf's error, exit 2 and no traceback, and writes no output. In a process
+    of its own, so that a crash fails this test rather than the test run."""
+    src = write_csv(tmp_path / "in.csv", demo_rows()[:3])
+    out = tmp_path / "out" / "run.jsonl"
+    index = build_index_a(tmp_path / "index-a")
+    with garbling_server(index, unreadable_reply(), ("AnnotateBatch",)) as target:
+        done = subprocess.run(
+            [sys.executable, "-m", "conceptsvc.cli", "annotate", str(src), "--out", str(out),
+             "--target", target, "--retries", "0", "--quiet"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert done.returncode == 2, f"exit {done.returncode} (-11: SIGSEGV): {done.stderr[-2000:]}"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"conceptsvc: [E600] {target}: AnnotateBatch: the server's reply cannot be read (Error "
+        "parsing message with type 'conceptsvc.v1.AnnotateBatchResponse': Wire format was "
+        "corrupt)"
+    )
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
 
 
 def test_batch_draining_service_is_named_as_such(

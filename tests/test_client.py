@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +15,14 @@ from typing import Any
 
 import grpc
 import pytest
-from service_helpers import CAPTIONS, build_index_a, running_server, settings_for
+from service_helpers import (
+    CAPTIONS,
+    build_index_a,
+    garbling_server,
+    running_server,
+    settings_for,
+    unreadable_reply,
+)
 
 from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ClientError, ExtractArgumentError, ServiceCallError
@@ -527,6 +537,44 @@ def test_client_closed_says_so_as_a_client_error(index_a: Path) -> None:
             assert type(err.value) is ClientError
             assert f"{name}: this ConceptClient (127.0.0.1:{port}) was closed" in str(err.value)
             assert "make a new ConceptClient" in str(err.value)
+
+
+def test_client_an_unreadable_reply_is_a_client_error_not_a_crash(index_a: Path) -> None:
+    """A server whose annotation replies are the review's bytes (a length of 2**64 - 2**40,
+    which once killed the client with SIGSEGV): each annotation call raises ClientError (E600)
+    with protobuf's DecodeError, and the process goes on. The client runs in a process of its
+    own, so that a crash fails this test rather than the test run."""
+    code = (
+        "import json, sys\n"
+        "from conceptsvc.client import ConceptClient\n"
+        "from conceptsvc.errors import ClientError\n"
+        "c = ConceptClient(sys.argv[1], retries=0)\n"
+        "calls = {'Annotate': lambda: c.annotate('pleural effusion'),\n"
+        "         'AnnotateStream': lambda: list(c.annotate_stream([('a', 'lung')])),\n"
+        "         'AnnotateBatch': lambda: c.annotate_batch([('a', 'lung')])}\n"
+        "out = {}\n"
+        "for name, call in calls.items():\n"
+        "    try:\n"
+        "        out[name] = ['answered', repr(call())]\n"
+        "    except ClientError as exc:\n"
+        "        out[name] = [type(exc).__name__, str(exc)]\n"
+        "out['GetInfo'] = c.get_info().index.source_release\n"
+        "print(json.dumps(out))\n"
+    )
+    with garbling_server(index_a, unreadable_reply()) as target:
+        done = subprocess.run([sys.executable, "-c", code, target], capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode} (-11: SIGSEGV): {done.stderr[-2000:]}"
+    got = json.loads(done.stdout)
+    assert got.pop("GetInfo") == "test-A"  # the rest of the service is read as ever
+    corrupt = "Error parsing message with type 'conceptsvc.v1.{}': Wire format was corrupt"
+    assert got == {
+        name: ["ClientError", f"[E600] {name}: the server's reply cannot be read "
+                              f"({corrupt.format(message)})"]
+        for name, message in (("Annotate", "AnnotateResponse"),
+                              ("AnnotateStream", "AnnotateResponse"),
+                              ("AnnotateBatch", "AnnotateBatchResponse"))
+    }
 
 
 def test_client_unknown_concept_is_concept_not_found(index_a: Path) -> None:

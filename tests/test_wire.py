@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from service_helpers import build_index_a
@@ -328,16 +334,26 @@ def test_wire_batch_reader_reads_what_the_reference_reads(
             assert g[4] == w[4]
 
 
+# What protobuf raises for a reply cut short, and so the compiled readers too.
+_CORRUPT_BATCH = (
+    r"^Error parsing message with type 'conceptsvc\.v1\.AnnotateBatchResponse': "
+    r"Wire format was corrupt$"
+)
+
+
 def test_wire_batch_reader_refuses_truncated_replies() -> None:
+    """A cut reply raises protobuf's DecodeError, the same from both readers."""
     from conceptsvc.client.outputs import SCORE_DECIMALS, annotation_to_json, dumps
 
     a = Annotation("x", (Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S"),), ("C1",))
     data = wire.item_joiner().join([wire.annotation_writer().encode(a)], ["x"], bytearray(1), b"")
     reader = wire.batch_reader(annotation_to_json, dumps, SCORE_DECIMALS)
+    ref = wire.batch_reader(annotation_to_json, dumps, SCORE_DECIMALS, compiled=False)
     assert reader.read(data)[0][4]["mentions"][0]["cui"] == "C1"
     for cut in (1, len(data) // 2, len(data) - 1):
-        with pytest.raises(ValueError):
-            reader.read(data[:cut])
+        for read in (reader.read, reader.read_json, ref.read, ref.read_json):
+            with pytest.raises(DecodeError, match=_CORRUPT_BATCH):
+                read(data[:cut])
 
 
 def test_wire_batch_readers_read_absent_fields_as_annotation_from_pb_does() -> None:
@@ -425,11 +441,12 @@ def test_wire_result_readers_read_absent_fields_as_stream_result_from_pb_does() 
 def test_wire_result_reader_refuses_truncated_replies() -> None:
     a = Annotation("x", (Mention("C1", "n", "t", 0, 1, 1.0, ("T1",), "S"),), ("C1",))
     data = wire.item_joiner().join([wire.annotation_writer().encode(a)], ["x"], bytearray(1), b"")
-    reader = wire.result_reader()
+    reader, ref = wire.result_reader(), wire.result_reader(compiled=False)
     assert reader.read(data)[0].annotation == a
     for cut in (1, len(data) // 2, len(data) - 1):
-        with pytest.raises(ValueError):
-            reader.read(data[:cut])
+        for read in (reader.read, ref.read):
+            with pytest.raises(DecodeError, match=_CORRUPT_BATCH):
+                read(data[:cut])
 
 
 def test_wire_result_reader_shares_strings_only_when_equal() -> None:
@@ -452,6 +469,74 @@ def test_wire_result_reader_shares_strings_only_when_equal() -> None:
     assert first is not None and second is not None
     # the same source in two neighbouring answers is one object
     assert first.mentions[0].source is second.mentions[0].source
+
+
+# -- replies that are not what our servers write --------------------------------------------------
+def _readers_in_a_child(*args: str) -> Any:
+    """``tests/malformed_replies.py ARGS`` in a process of its own (a reader that reads outside
+    its bytes may kill it), on the conceptsvc this process imported: its JSON."""
+    import conceptsvc
+
+    path = os.pathsep.join(
+        p for p in (str(Path(conceptsvc.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p
+    )
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("malformed_replies.py")), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": path},
+    )
+    assert done.returncode == 0, (
+        f"the readers' process ended with {done.returncode} (a negative number: killed by that "
+        f"signal, -11 SIGSEGV):\n{done.stderr[-3000:]}"
+    )
+    return json.loads(done.stdout)
+
+
+def test_wire_readers_refuse_crafted_replies_with_protobufs_error() -> None:
+    """Lengths of 2**63 and more (the review's: an id, then an unknown field, each with a
+    length that was negative once cast, which crashed the compiled reader), and every other
+    length, key, fixed-width field, group and string a reply can get wrong: each reader of
+    the client does what protobuf does — refuses with its DecodeError, word for word, or
+    reads what protobuf reads — alone and as the one item of a batch."""
+    outcomes = _readers_in_a_child("crafted")
+    wrong = {
+        f"{case} / {reader}": pair
+        for case, by_reader in outcomes.items()
+        for reader, pair in by_reader.items()
+        if pair[0] != pair[1]
+    }
+    assert not wrong
+    corrupt = "Error parsing message with type 'conceptsvc.v1.{}': Wire format was corrupt"
+    for case in ("id length 2**64-64", "unknown field length 2**64-2**40"):
+        assert outcomes[case]["ResultReader.read_one"][0] == [
+            "DecodeError", corrupt.format("AnnotateResponse"),
+        ]
+        for reader in ("ResultReader.read", "BatchReader.read", "BatchReader.read_json"):
+            assert outcomes[f"item: {case}"][reader][0] == [
+                "DecodeError", corrupt.format("AnnotateBatchResponse"),
+            ]
+    # a length of 2**63 or more is refused wherever it stands
+    assert all(
+        pair[0][0] == "DecodeError"
+        for case, by_reader in outcomes.items() if "length 2**6" in case
+        for pair in by_reader.values()
+    )
+    # and what protobuf reads is read, not refused
+    assert outcomes["start of 2**40+7 (uint32)"]["ResultReader.read_one"][0][0] == "ok"
+    assert "start=7," in outcomes["start of 2**40+7 (uint32)"]["ResultReader.read_one"][0][1]
+
+
+def test_wire_readers_agree_with_protobuf_on_mutated_replies() -> None:
+    """3,000 valid batch replies and 3,000 single answers, each mutated once (bits flipped,
+    cut, a length prefix set to 2**63 and past or just past the end, group keys and
+    continuation bytes put in), through the four ways a client reads a reply: the compiled
+    reader and protobuf give the same result or both raise DecodeError (see
+    malformed_replies.agree for the one difference of wording allowed)."""
+    result = _readers_in_a_child("fuzz", "20240607", "3000")
+    assert result["disagreements"] == []
+    # the mutations reach every outcome, reads as well as refusals of both kinds
+    assert all(result["tally"].get(k, 0) > 500 for k in (
+        "read", "Wire format was corrupt", "String field had bad UTF-8",
+    )), result["tally"]
 
 
 @pytest.mark.parametrize(

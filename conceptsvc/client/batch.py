@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from conceptsvc import __version__
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
@@ -757,7 +758,14 @@ class _Runner:
                 reply = await targets.annotate_batch(i)(
                     msg, timeout=self.s.deadline, metadata=targets.metadata
                 )
-                for rid, seen, code, _, answer in self._reader.read_json(reply):
+                try:
+                    answers = self._reader.read_json(reply)
+                except DecodeError as exc:  # the server's fault, not the captions': the run stops
+                    raise ClientError(
+                        f"{targets.names[i]}: AnnotateBatch: the server's reply cannot be read "
+                        f"({exc})"
+                    ) from None
+                for rid, seen, code, _, answer in answers:
                     cap = pending.pop(rid, None)
                     if cap is None:
                         log.warning("%s answered an id it was not asked", targets.names[i])

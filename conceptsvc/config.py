@@ -54,6 +54,7 @@ __all__ = [
     "load_settings",
     "settings_from_args",
     "unknown_environment",
+    "worker_settings",
 ]
 
 ENV_PREFIX = "CONCEPTSVC_"
@@ -389,8 +390,10 @@ class Settings(BaseSettings):
 
             try:  # what the cache will parse at first use, in every worker: refused now
                 parse_url(url)  # type: ignore[no-untyped-call]
-            except ValueError as exc:  # (the URL is not echoed: it may hold a password)
-                raise ValueError(f"is not a valid Redis URL: {exc}") from None
+            except ValueError as exc:  # (the URL is not echoed: it may hold a password, and
+                # what the parser quotes of it may be the password: redis://:PASSWORD/0 has
+                # PASSWORD as its port)
+                raise ValueError(f"is not a valid Redis URL: {_unquoted(str(exc))}") from None
         return url
 
     @model_validator(mode="after")
@@ -471,17 +474,27 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(
+            f"config file {path}: unknown format {suffix!r}; use .toml, .yaml or .yml"
+        )
+    # A parse error says where and what, never the file's text: the parsers quote the line
+    # (PyYAML) or a piece of it, and the file holds the tokens and the Redis URL's password.
     try:
-        if suffix == ".toml":
-            data: Any = tomllib.loads(raw.decode("utf-8"))
-        elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(raw.decode("utf-8"))
-        else:
-            raise ConfigError(
-                f"config file {path}: unknown format {suffix!r}; use .toml, .yaml or .yml"
-            )
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = raw[: exc.start].decode("utf-8")
+        raise ConfigError(
+            f"config file {path} is not valid UTF-8 (at {_line_column(before, len(before))})"
+        ) from None
+    try:
+        data: Any = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:  # "problem (at line L, column C)"
+        problem = _unquoted(str(exc))
+        raise ConfigError(f"config file {path} is not valid TOML: {problem}") from None
+    except yaml.YAMLError as exc:
+        problem = _yaml_problem(exc, text)
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -499,6 +512,39 @@ def read_config_file(path: Path) -> dict[str, Any]:
             for f in files
         ]
     return data
+
+
+def _line_column(text: str, pos: int) -> str:
+    """``line L, column C`` (from 1) of character ``pos`` of ``text``."""
+    line = text.count("\n", 0, pos) + 1
+    column = pos - text.rfind("\n", 0, pos)  # (rfind: -1 on the first line)
+    return f"line {line}, column {column}"
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's description of what is wrong and where (``problem (at line L, column C)``),
+    without the snippet of the file its message shows or what the description quotes of it."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        return f"{exc.reason} (at {_line_column(text, exc.position)})"
+    problem = getattr(exc, "problem", None) or "cannot be parsed"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return _unquoted(problem) + where
+
+
+# What a parser's message quotes: a Python repr of a string.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" r'|"(?:[^"\\]|\\.)*"')
+_GRAMMAR = re.compile(r"<[a-z ]+>|[^\w\s]|\\[a-z]|\\x[0-9a-f]{2}")
+
+
+def _unquoted(message: str) -> str:
+    """A parser's message with what it quotes of the file left out ('…'): a YAML tag or
+    alias (``!s3cr3t``, ``*s3cr3t``: a token written where YAML does not expect it), a key, a
+    letter. Its own words stay: token names (``'<scalar>'``) and single punctuation or control
+    characters (``'@'``, ``'\\t'``), which say what it stumbled on."""
+    return _QUOTED.sub(
+        lambda m: m[0] if _GRAMMAR.fullmatch(m[0][1:-1]) else "'…'", message
+    )
 
 
 # CONCEPTSVC_* variables read outside the settings object (the client's token, the engine's
@@ -609,6 +655,22 @@ def _describe(loc: tuple[int | str, ...]) -> str:
     env = _env_name(loc)
     flag = "--" + "-".join(parts).replace("_", "-").replace("defaults-", "default-")
     return f"{name} (env {env}, flag {flag})"
+
+
+def worker_settings(values: Mapping[str, Any]) -> Settings:
+    """The settings a supervisor hands its workers (validated by it already), validated again
+    in the worker's own process, which registers the profile files for itself. What fails now
+    (a file gone since) raises ConfigError naming each setting, as :func:`load_settings` does,
+    never pydantic's own error, whose text quotes the values it was given: the tokens too."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = [
+            f"  {'.'.join(map(str, err['loc'])) or 'settings'}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid settings in a worker:\n" + "\n".join(problems)) from None
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:

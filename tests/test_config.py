@@ -15,6 +15,7 @@ from conceptsvc.config import (
     load_settings,
     read_config_file,
     unknown_environment,
+    worker_settings,
 )
 from conceptsvc.errors import ConfigError
 from conceptsvc.index import build_index
@@ -283,6 +284,95 @@ def test_config_file_errors_are_clear(tmp_path: Path) -> None:
     loop.write_text("config_file: other.yaml\n")
     with pytest.raises(ConfigError, match="cannot be set from a config file"):
         load_settings(loop)
+
+
+SECRET = "s3cr3t-admin-token-value-XYZ"
+
+
+def test_config_parse_errors_name_the_file_line_and_column_never_its_text(
+    tmp_path: Path,
+) -> None:
+    """The review's file: a YAML line `admin_token: SECRET: oops` made `serve --config` print
+    the line, token and all, to stderr (the container's logs). The error names the file, the
+    line and column and the parser's problem, and nothing of the file's text: not the line,
+    nor what a parser quotes of it (a tag or an alias is the value itself)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"port: 50699\nadmin_token: {SECRET}: oops\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTSVC_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "conceptsvc.cli", "serve", "--config", str(bad)],
+        capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"conceptsvc: [E100] config file {bad} is not valid YAML: mapping values are not "
+        "allowed here (at line 2, column 42)\n"
+    )
+    cases = {
+        "tag.yaml": (f"port: 1\nadmin_token: !{SECRET}\n", "YAML: could not determine a "
+                     "constructor for the tag '…' (at line 2, column 14)"),
+        "alias.yaml": (f"port: 1\nadmin_token: *{SECRET}\n",
+                       "YAML: found undefined alias '…' (at line 2, column 14)"),
+        "escape.yaml": (f'admin_token: "{SECRET}\\q"\n',
+                        "YAML: found unknown escape character '…' (at line 1, column 44)"),
+        "flow.yaml": (f"admin_token: [{SECRET}\n",
+                      "YAML: expected ',' or ']', but got '<stream end>' (at line 2, column 1)"),
+        "control.yaml": (f"admin_token: {SECRET}\x01\n",
+                         "YAML: special characters are not allowed (at line 1, column 42)"),
+        "colon.toml": (f"port = 1\nadmin_token: {SECRET}\n", "TOML: Expected '=' after a key "
+                       "in a key/value pair (at line 2, column 12)"),
+        "open.toml": (f'admin_token = "{SECRET}\n', "TOML: Illegal character '\\n' (at line 1, "
+                      "column 44)"),
+    }
+    for name, (text, problem) in cases.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as err:
+            load_settings(path)
+        assert str(err.value) == f"[E100] config file {path} is not valid {problem}"
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(f'port = 1\nadmin_token = "{SECRET}\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_settings(latin)
+    assert str(err.value) == (
+        f"[E100] config file {latin} is not valid UTF-8 (at line 2, column 44)"
+    )
+
+
+def test_config_no_error_shows_a_secret_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens and the Redis URL's password appear in no error: a token of the wrong type or
+    too short in a file, a Redis URL whose password the URL parser took for a port, and
+    settings a worker finds invalid once started (pydantic's own message quotes them all)."""
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(f"admin_token: [{SECRET}]\nauth_token: {SECRET[:10]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(wrong)
+    assert str(err.value).splitlines()[1:] == [
+        f"  {wrong}:2: auth_token: tokens must be at least 16 characters; generate one with "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+        f"  {wrong}:1: admin_token: Input should be a valid string",
+    ]
+    monkeypatch.setenv("CONCEPTSVC_REDIS_URL", f"redis://:{SECRET}/0")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value).splitlines()[1] == (
+        "  redis_url (env CONCEPTSVC_REDIS_URL, flag --redis-url): is not a valid Redis URL: "
+        "Port could not be cast to integer value as '…'"
+    )
+    monkeypatch.delenv("CONCEPTSVC_REDIS_URL")
+    values = {
+        "index": str(tmp_path / "gone"), "admin_token": SECRET, "auth_token": SECRET[::-1],
+        "redis_url": f"redis://:{SECRET}@127.0.0.1:6379/0",
+    }
+    with pytest.raises(ConfigError) as err:
+        worker_settings(values)
+    assert str(err.value) == (
+        f"[E100] invalid settings in a worker:\n  settings: index: {tmp_path / 'gone'} is not an "
+        "index directory (no manifest.json); build one with `conceptsvc index build` or leave it "
+        "unset to serve the demo dictionary"
+    )
 
 
 def test_config_none_overrides_do_not_mask_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -549,9 +549,9 @@ def _worker_main(payload: str, port: int, conn: Any, index: int, log_level: int)
         level=log_level,
         format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
     )
-    from conceptsvc.config import Settings
+    from conceptsvc.config import worker_settings
 
-    settings = Settings(**{**json.loads(payload), "port": port})
+    settings = worker_settings({**json.loads(payload), "port": port})
     use_log_format(settings.log_format, index)
 
     def report(event: dict[str, Any]) -> None:

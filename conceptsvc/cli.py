@@ -598,7 +598,8 @@ def _fill_annotate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4,
                    help="batches in flight at once (default 4)")
     p.add_argument("--batch-size", type=int, default=512,
-                   help="captions per AnnotateBatch message (default 512)")
+                   help="captions per AnnotateBatch message (default 512; at most the "
+                        "service's max_batch_items)")
     p.add_argument("--deadline", type=float, default=60.0,
                    help="seconds one batch's AnnotateBatch call may take (default 60)")
     p.add_argument("--retries", type=int, default=8,

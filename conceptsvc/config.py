@@ -44,7 +44,7 @@ from pydantic_settings import (
 )
 
 from conceptsvc.errors import ConfigError, SemanticNetworkError
-from conceptsvc.model import ExtractOptions, Mode, Overlap, Similarity
+from conceptsvc.model import MAX_BATCH_ITEMS, ExtractOptions, Mode, Overlap, Similarity
 
 __all__ = [
     "ENV_PREFIX",
@@ -227,6 +227,18 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="most names in one request option list (exclude_cuis, semantic_types, "
         "semantic_groups, sources); more is refused with RESOURCE_EXHAUSTED",
+    )
+    max_batch_items: int = Field(
+        default=MAX_BATCH_ITEMS,
+        ge=1,
+        le=1_000_000,
+        description="most captions in one AnnotateBatch request; more is refused whole with "
+        "RESOURCE_EXHAUSTED before any caption is read (clients split their batches to it). "
+        "10,000 because that is about what one 4 MiB reply of realistic captions holds "
+        "(≈ 350 bytes an answer with its id and index hash), while the request could carry "
+        "≈ 35,000 of them (≈ 120 bytes each) and 340,000 one-letter ones: without it the item "
+        "count was bounded by the message size alone, and a worker held ≈ 1.1 KiB an item; "
+        "annotate sends 512",
     )
     stream_batch_size: int = Field(
         default=64, ge=1, le=10_000, description="stream items looked up in the cache together"

@@ -30,6 +30,7 @@ __all__ = [
     "CAPTION_HEADERS",
     "EXPERIENCERS",
     "ID_HEADERS",
+    "MAX_BATCH_ITEMS",
     "MODES",
     "OVERLAPS",
     "SIMILARITIES",
@@ -484,6 +485,11 @@ class IndexSummary:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+MAX_BATCH_ITEMS = 10_000
+"""The service's default ``max_batch_items`` (the setting's description says why this number),
+and so the most items ``ConceptClient.annotate_batch`` puts in one AnnotateBatch request."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceLimits:
     max_text_chars: int
@@ -492,6 +498,8 @@ class ServiceLimits:
     max_concurrent_rpcs: int
     max_option_items: int = 0
     """Most names in one option list (0: a server that does not report it)."""
+    max_batch_items: int = 0
+    """Most items in one AnnotateBatch request (0: a server that does not report it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from conceptsvc.index import ConceptInfo, Posting
 
 __all__ = [
+    "BATCH_SPLIT_HINT",
     "KIND_BOOL",
     "KIND_DOUBLE",
     "KIND_INT32",
@@ -102,6 +103,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+BATCH_SPLIT_HINT = "send smaller batches"
+"""How the service ends its refusal of a whole AnnotateBatch that it turned away before
+annotating any item of it (more items than ``max_batch_items``, or a reply that could not hold
+even a refusal of each): a client that reads it sends the batch again in halves, which costs the
+service nothing."""
 
 _MODES = {"exact": pb.MATCH_MODE_EXACT, "approximate": pb.MATCH_MODE_APPROXIMATE}
 _SIMILARITIES = {
@@ -842,6 +849,7 @@ def info_from_pb(msg: pb.GetInfoResponse) -> ServiceInfo:
             max_search_limit=msg.limits.max_search_limit,
             max_concurrent_rpcs=msg.limits.max_concurrent_rpcs,
             max_option_items=msg.limits.max_option_items,
+            max_batch_items=msg.limits.max_batch_items,
         ),
         profiles=tuple(msg.profiles),
     )

@@ -617,6 +617,36 @@ def test_batch_a_busy_service_slows_the_run_down_without_failing_captions(
     assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
 
 
+def test_batch_batches_hold_at_most_the_services_max_batch_items(
+    tmp_path: Path, demo_extractor: Extractor
+) -> None:
+    """A service whose ``max_batch_items`` is below ``--batch-size``: the run's batches are
+    closed at the service's limit (GetInfo reports it), so none is refused; before, every
+    batch was refused whole, taken for a busy service and retried until its captions were
+    given up."""
+    rows = [(f"cap{i:04d}", demo_rows()[i % 30][1]) for i in range(60)]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "run.jsonl"
+    small = start_server(demo_extractor, max_batch_items=7)
+    try:
+        result = annotate_corpus(
+            Corpus(src), resolve_outputs(out),
+            settings(f"127.0.0.1:{small.port}", batch_size=512, retries=1,
+                     backoff_base=0.01, backoff_max=0.05),
+        )
+        refused = small.metrics.value(
+            "conceptsvc_requests_total", {"method": "AnnotateBatch", "code": "RESOURCE_EXHAUSTED"}
+        )
+        served = small.metrics.value(
+            "conceptsvc_requests_total", {"method": "AnnotateBatch", "code": "OK"}
+        )
+    finally:
+        small.stop(0)
+    assert result.complete and result.counts.failed == 0, result.counts
+    assert (refused, served) == (0, 9)  # 60 captions in batches of at most 7
+    assert out.read_text(encoding="utf-8").splitlines() == expected_lines(demo_extractor, rows)
+
+
 class SlowExtractor(Extractor):
     """The real engine, 2 ms a caption slower."""
 

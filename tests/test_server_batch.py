@@ -229,13 +229,62 @@ def test_server_batch_reply_counts_the_ids_and_framing_not_only_the_answers(
 
 
 def test_server_batch_whose_refusals_cannot_fit_fails_cleanly(index_a: Path) -> None:
-    s = settings_for(index_a, max_message_bytes=16 * 1024)
-    with running_server(s) as (_, port):
+    """A batch whose reply could not hold even a refusal of each item is refused whole, and
+    before any caption is annotated: the ids tell, so no work is done and thrown away (it
+    was, before: every caption was annotated and cached first). The client sends it again in
+    halves and gets every answer."""
+    s = settings_for(index_a, max_message_bytes=16 * 1024, cache_size=0)
+    with running_server(s) as (server, port):
         items = [(f"{i:04d}", "lung " * 25) for i in range(100)]  # 14 KB asked, 130 KB answered
         with pytest.raises(grpc.RpcError) as err:
             _stub(port).AnnotateBatch(_batch(items), timeout=10)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "send smaller batches" in (err.value.details() or "")
+        assert server.metrics.value(
+            "conceptsvc_captions_annotated_total", {"source": "engine"}
+        ) == 0
+        with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+            results = c.annotate_batch(items)
+        assert [r.id for r in results] == [i for i, _ in items]
+        assert all(r.ok and len(r.annotation.mentions) == 25 for r in results)  # type: ignore[union-attr]
+
+
+def test_server_batch_over_max_batch_items_is_refused_before_any_work(index_a: Path) -> None:
+    """More items than ``max_batch_items`` are refused whole (RESOURCE_EXHAUSTED, naming the
+    setting) before any caption is read: before the limit, only the message size bounded the
+    item count, and 340,000 one-letter captions cost a worker 380 MiB. GetInfo reports the
+    limit; ConceptClient splits its batches to its own ``max_batch_items`` and halves a batch
+    a server with a lower limit refuses, so a caller never sees the refusal."""
+    with running_server(settings_for(index_a, max_batch_items=5, cache_size=0)) as (srv, port):
+        stub = _stub(port)
+        assert stub.GetInfo(pb.GetInfoRequest()).limits.max_batch_items == 5
+        items = [(str(i), "lung") for i in range(6)]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AnnotateBatch(_batch(items), timeout=10)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "6 items, over this server's limit of 5 (max_batch_items)" in (
+            err.value.details() or ""
+        )
+        assert srv.metrics.value(
+            "conceptsvc_captions_annotated_total", {"source": "engine"}
+        ) == 0
+        assert len(stub.AnnotateBatch(_batch(items[:5]), timeout=10).items) == 5  # at the cap
+        many = [(str(i), "lung") for i in range(23)]
+        with ConceptClient(f"127.0.0.1:{port}", retries=0) as c:
+            assert c.get_info().limits.max_batch_items == 5
+            assert [r.id for r in c.annotate_batch(many)] == [i for i, _ in many]
+        refused = srv.metrics.value(
+            "conceptsvc_requests_total", {"method": "AnnotateBatch", "code": "RESOURCE_EXHAUSTED"}
+        )
+        with ConceptClient(f"127.0.0.1:{port}", retries=0, max_batch_items=5) as c:
+            results = c.annotate_batch(many)
+        assert all(r.ok for r in results) and len(results) == 23
+        assert srv.metrics.value(  # split to 5 before sending: none refused
+            "conceptsvc_requests_total", {"method": "AnnotateBatch", "code": "RESOURCE_EXHAUSTED"}
+        ) == refused
+        assert srv.metrics.value(
+            "conceptsvc_captions_annotated_total", {"source": "engine"}
+        ) == 5 + 23 + 23
 
 
 def test_server_batch_answers_what_it_has_when_the_deadline_comes_close(index_a: Path) -> None:

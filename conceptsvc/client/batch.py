@@ -13,7 +13,8 @@
    journal already holds are not sent again; a journal written against another index is refused
    (E621) unless ``on_index_change="redo"``, which annotates its captions again;
 4. **sends** the remaining captions: ``concurrency`` workers each take a batch of up to
-   ``batch_size`` captions (closed earlier when it would pass the service's message limit) and
+   ``batch_size`` captions (closed earlier when it would pass the service's message limit or
+   its ``max_batch_items``) and
    send it as one ``AnnotateBatch`` message with a deadline of ``deadline`` seconds; the reply
    holds every caption's answer in one message. Workers rotate over the targets (one channel
    per ``--target``; a ``dns:///`` target is one channel whose addresses grpc balances
@@ -26,8 +27,9 @@
    always exceeds the deadline, say) and a batch's failure does not say which: the batch is
    split in halves, charging nobody, until that caption is alone, so it cannot hold its
    batch-mates hostage. Items the service rejects one by one (INVALID_ARGUMENT, oversize…)
-   are not retried; items a full reply had no room for (E503) are sent again at once in
-   smaller batches, uncharged. A call the service turns away as busy (RESOURCE_EXHAUSTED: more
+   are not retried; items a full reply had no room for (E503), and a batch the service refused
+   whole as too big for it (before reading any caption), are sent again at once in smaller
+   batches, uncharged. A call the service turns away as busy (RESOURCE_EXHAUSTED: more
    calls at once than it admits) read no caption: it is sent again after the backoff without
    charging anybody (up to ``_BUSY_TRIES`` times in a row), counted in the manifest's
    ``busy_refusals`` and warned about once, since a lower ``concurrency`` avoids it. After
@@ -114,6 +116,7 @@ from conceptsvc.errors import (
 )
 from conceptsvc.model import Annotation, ExtractOptions, ServiceInfo
 from conceptsvc.wire import (
+    BATCH_SPLIT_HINT,
     batch_reader,
     concept_from_pb,
     info_from_pb,
@@ -179,8 +182,20 @@ _BUSY_TRIES = 32
 def _turned_away(code: grpc.StatusCode, details: str) -> bool:
     """Whether a failed AnnotateBatch call was the service refusing it as busy: its own limit
     of calls in progress, or gRPC's. Not a message over gRPC's size limit (RESOURCE_EXHAUSTED
-    too, "... message larger than max ..."), which sending again would not cure."""
-    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" not in details
+    too, "... message larger than max ..."), which sending again would not cure, nor a batch
+    too big for the service (:func:`_too_big`), which is sent again in halves instead."""
+    return (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "larger than max" not in details
+        and BATCH_SPLIT_HINT not in details
+    )
+
+
+def _too_big(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed AnnotateBatch call was refused whole as too big for the service (more
+    items than its ``max_batch_items``, a reply too small for their refusals), before any
+    caption was read: it is sent again in halves at once, charging nobody."""
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and BATCH_SPLIT_HINT in details
 
 
 # Deadline of the run's small control calls (GetInfo, the options probe, GetConcept); the
@@ -636,6 +651,8 @@ class _Runner:
         # A batch goes in one message: it is closed before it could pass the service's message
         # limit (4 bytes per code point bound the UTF-8 size; 16 bytes the framing of an item).
         room = (limits.max_message_bytes or 4 << 20) - options_pb.ByteSize() - 1024
+        # (0: a service older than max_batch_items)
+        batch_size = min(self.s.batch_size, limits.max_batch_items or self.s.batch_size)
 
         async def produce() -> None:
             batch: list[Caption] = []
@@ -664,7 +681,7 @@ class _Runner:
                     batch, size = [], 0
                 batch.append(cap)
                 size += item
-                if len(batch) >= self.s.batch_size:
+                if len(batch) >= batch_size:
                     await queue.put(batch)
                     batch, size = [], 0
             if batch:
@@ -825,6 +842,10 @@ class _Runner:
                 )
             if ok:
                 self._journal(ok, progress)
+            if stream_error is not None and _too_big(*stream_error[:2]) and len(part) > 1:
+                half = (len(part) + 1) // 2
+                todo.extendleft([part[half:], part[:half]])
+                continue
             if (stream_error is not None and _turned_away(*stream_error[:2])
                     and busy_in_row < _BUSY_TRIES):
                 # turned away as busy, before any caption was read (_BUSY_TRIES)

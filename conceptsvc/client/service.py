@@ -13,9 +13,11 @@ What it adds over a raw stub:
   :class:`~conceptsvc.errors.ServiceCallError`;
 - :meth:`ConceptClient.annotate_batch` sends many captions in one ``AnnotateBatch`` message
   and gets their answers in one (the path for corpora: a message per caption costs more than
-  annotating it), split into as many messages as the client's ``max_message_bytes`` needs; it
-  resends a batch refused with UNAVAILABLE (a draining server), and the items a full reply
-  could not hold or a reply over the client's receive limit carried, in smaller batches;
+  annotating it), split into as many messages as the client's ``max_message_bytes`` and
+  ``max_batch_items`` need; it resends a batch refused with UNAVAILABLE (a draining server), and
+  in smaller batches the items a full reply could not hold, those of a reply over the client's
+  receive limit, and a batch the service turned away whole as too big for it (more items than
+  its ``max_batch_items``, a reply too small for their refusals);
 - :meth:`ConceptClient.annotate_stream` keeps the items that were sent but not yet answered;
   when the stream fails with UNAVAILABLE it reopens the stream and resends exactly those, so a
   drained worker or a reload never loses or duplicates an item. It also bounds how many items
@@ -59,6 +61,7 @@ from conceptsvc.errors import (
     ServiceCallError,
 )
 from conceptsvc.model import (
+    MAX_BATCH_ITEMS,
     Annotation,
     Candidate,
     ConceptRecord,
@@ -145,6 +148,7 @@ class ConceptClient:
         backoff: float = 0.1,
         backoff_max: float = 5.0,
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE,
+        max_batch_items: int = MAX_BATCH_ITEMS,
         round_robin: bool = False,
         own_connection: bool = True,
     ) -> None:
@@ -162,6 +166,7 @@ class ConceptClient:
         self._token = token
         self._admin_token = admin_token
         self.max_message_bytes = max_message_bytes
+        self.max_batch_items = max(1, max_batch_items)
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -506,9 +511,12 @@ class ConceptClient:
         <conceptsvc.extractor.Extractor.extract_batch>` takes (pairs, plain texts whose ids are
         their positions, or a mapping of id to text) and refuses the same, with
         :class:`~conceptsvc.errors.ExtractArgumentError`, before anything is sent.
-        The items go in as few calls as this client's ``max_message_bytes`` allows: a batch
-        whose request would be larger is split, in order, into requests that fit (so a caller
-        may pass any number of items; the sizes are the exact protobuf sizes). A bad item gets
+        The items go in as few calls as this client's ``max_message_bytes`` and
+        ``max_batch_items`` allow: a batch whose request would be larger, or hold more items,
+        is split, in order, into requests that fit (so a caller may pass any number of items;
+        the sizes are the exact protobuf sizes). A request the service refuses whole before
+        annotating any of it (more items than its own ``max_batch_items``, or a reply too small
+        for even their refusals) is sent again in halves. A bad item gets
         its ``error``, as on a stream, and the others their annotations; items that cannot be
         sent are answered here: text that is not valid Unicode with INVALID_ARGUMENT, an item
         whose request alone is over the message limit with RESOURCE_EXHAUSTED (E501, naming
@@ -547,7 +555,7 @@ class ConceptClient:
                     InputTooLargeError.code,
                 ))
                 continue
-            if part and used + size > room:
+            if part and (used + size > room or len(part) >= self.max_batch_items):
                 todo.append(part)
                 part, used = [], 0
             requests[k] = req
@@ -568,7 +576,12 @@ class ConceptClient:
             try:
                 raw = self._unary("AnnotateBatch", self._batch_call, msg, timeout=timeout)
             except ServiceCallError as exc:
-                if exc.status != "RESOURCE_EXHAUSTED" or _CLIENT_RECEIVE_LIMIT not in exc.details:
+                if exc.status != "RESOURCE_EXHAUSTED":
+                    raise
+                if wire.BATCH_SPLIT_HINT in exc.details and len(part) > 1:
+                    halve(part)  # refused whole, before any work: too big for this service
+                    continue
+                if _CLIENT_RECEIVE_LIMIT not in exc.details:
                     raise
                 if len(part) > 1:  # the reply was over what this client receives: in halves
                     halve(part)

@@ -18,8 +18,9 @@ annotation methods without a response serialiser for that.
 AnnotateBatch: one message of many captions, answered by one message in request order; cache
 lookups and writes are one batched call each, items fail one by one (their ``status``), the
 reply is kept under the message limit (E501 for an answer over it alone, E503 for the items
-that do not fit beside the earlier ones, and a whole-call RESOURCE_EXHAUSTED only when not even
-refusals would fit), and a batch whose deadline comes close answers what it has.
+that do not fit beside the earlier ones), and a batch whose deadline comes close answers what it
+has. A batch of more than ``max_batch_items`` items, or whose reply could not hold even a
+refusal of each item, is refused whole with RESOURCE_EXHAUSTED before any item is annotated.
 
 Streams: a reader thread moves incoming items into a bounded queue; the handler takes whatever
 has arrived (up to ``stream_batch_size``), looks the batch up in the cache with one batched call,
@@ -98,6 +99,9 @@ _END = object()
 # An AnnotateBatch stops starting new items this close to its deadline and answers the ones it
 # has: an answer that arrives after the deadline is lost, with the work of every item in it.
 _DEADLINE_MARGIN = 0.05
+# Bytes of an AnnotateBatch reply item beyond its answer, id and index hash: the item's tag and
+# length, the id's tag and length, the cached flag (at most 11 under a 2 GiB message limit).
+_ITEM_FRAMING = 24
 # The methods whose replies the servicer writes as bytes (see add_concept_service).
 _BYTES_REPLIES = frozenset({"Annotate", "AnnotateStream", "AnnotateBatch"})
 _HAS_FIELD = pb.AnnotateRequest.HasField
@@ -515,6 +519,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         *,
         require_id: bool,
         context: grpc.ServicerContext | None = None,
+        whole_reply: bool = False,
     ) -> tuple[list[bytes | Exception], bytearray, list[str]]:
         """Answer a batch: per item, its result as wire bytes (AnnotateResponse fields without
         id, cached flag and index hash — what the cache holds) or the exception it failed with,
@@ -524,7 +529,9 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         ``shared`` are the options of items that set none (AnnotateBatch's); with a
         ``context``, items not yet started when the deadline is closer than a tenth of the
         call's time (at least ``_DEADLINE_MARGIN``) fail with DEADLINE_EXCEEDED, so that the
-        answers made so far reach the client.
+        answers made so far reach the client. With ``whole_reply`` (AnnotateBatch's: one reply
+        for all), the batch is refused by :meth:`_check_room` as soon as its ids are read when
+        its reply could not hold a refusal of every item.
 
         Each request field is read once (protobuf makes a new string at every read), the
         deadline is turned into a point on the monotonic clock once, and cache keys are only
@@ -543,6 +550,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         # repeated field's element (and every pass below would make one per item again).
         requests = list(requests)
         ids = [req.id for req in requests]
+        if whole_reply:
+            self._check_room(loaded, ids)
         texts = [req.text for req in requests]
         limit = self.settings.max_text_chars
         batch_opts: ExtractOptions | Exception = loaded.defaults
@@ -696,6 +705,24 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             blobs.append(self._error_blob(answer, ids[i], method))
         return blobs
 
+    def _check_room(self, loaded: LoadedIndex, ids: list[str]) -> None:
+        """Refuse an AnnotateBatch whose reply could not hold a refusal (E503) of every item:
+        the least reply :meth:`_fit` may have to send. It depends on the ids alone, so it is
+        checked before any item is annotated — found after all of them were, the work was
+        thrown away (a 4 MB batch of one-letter captions held 380 MiB for 2.6 s, then failed)."""
+        max_bytes = self.settings.max_message_bytes
+        per_item = len(self._full_blob) + len(loaded.tail) + _ITEM_FRAMING
+        least = per_item * len(ids)
+        if least + 4 * sum(map(len, ids)) <= max_bytes:  # 4 bytes a code point bound UTF-8
+            return
+        if least + len("".join(ids).encode()) <= max_bytes:
+            return
+        raise too_large(
+            f"the answers of this batch of {len(ids)} items cannot fit one reply of at most "
+            f"{max_bytes} bytes (max_message_bytes), not even as refusals; "
+            f"{wire.BATCH_SPLIT_HINT}"
+        )
+
     def _fit(
         self,
         loaded: LoadedIndex,
@@ -705,27 +732,23 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
     ) -> None:
         """Keep an AnnotateBatch reply under the message limit: from the first item that does
         not fit beside the ones before it (with room for the refusals after it), every item
-        fails with E503 — the client sends those again in a smaller batch. Never truncated: if
-        not even the refusals fit, the whole call fails with RESOURCE_EXHAUSTED."""
+        fails with E503 — the client sends those again in a smaller batch. Never truncated:
+        the refusals of every item fit, :meth:`_check_room` refused the batch otherwise (so
+        the first item that does not fit always has room for its refusal and the rest)."""
         max_bytes = self.settings.max_message_bytes
-        per_item = len(loaded.tail) + 24  # framing, id tag and length, cached flag
+        per_item = len(loaded.tail) + _ITEM_FRAMING
         total = sum(map(len, blobs)) + 4 * sum(map(len, ids)) + per_item * len(blobs)
         if total <= max_bytes:
             return
         full = self._full_blob
-        refusals = [len(full) + len(r) * 4 + per_item for r in ids]
+        id_bytes = [len(r.encode()) for r in ids]  # as _check_room counts them
+        refusals = [len(full) + b + per_item for b in id_bytes]
         rest = sum(refusals)
         used = 0
         for i, blob in enumerate(blobs):
             rest -= refusals[i]
-            size = len(blob) + len(ids[i]) * 4 + per_item
+            size = len(blob) + id_bytes[i] + per_item
             if used + size + rest > max_bytes:
-                if used + refusals[i] + rest > max_bytes:
-                    raise too_large(
-                        f"the answers of this batch of {len(blobs)} items cannot fit one reply "
-                        f"of at most {max_bytes} bytes (max_message_bytes), not even as "
-                        "refusals; send smaller batches"
-                    )
                 for j in range(i, len(blobs)):
                     blobs[j] = full
                     cached[j] = 0
@@ -753,9 +776,15 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
             loaded = self.state.require()
             _check_deadline(context)
             items = request.items
+            n, limit = len(items), self.settings.max_batch_items
+            if n > limit:
+                raise too_large(
+                    f"this batch has {n} items, over this server's limit of {limit} "
+                    f"(max_batch_items); {wire.BATCH_SPLIT_HINT}"
+                )
             shared = request.options if request.HasField("options") else None
             answers, cached, ids = self._answer(
-                loaded, items, shared, require_id=True, context=context
+                loaded, items, shared, require_id=True, context=context, whole_reply=True
             )
             blobs = self._replies(loaded, ids, answers, cached, "AnnotateBatch")
             self._fit(loaded, blobs, ids, cached)
@@ -893,6 +922,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     max_search_limit=s.max_search_limit,
                     max_concurrent_rpcs=s.rpc_limit,
                     max_option_items=s.max_option_items,
+                    max_batch_items=s.max_batch_items,
                 ),
                 profiles=loaded.profiles,
             )

@@ -262,18 +262,20 @@ class ListSemanticTypesResponse(_message.Message):
     def __init__(self, types: _Optional[_Iterable[_Union[SemanticType, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[SemanticGroup, _Mapping]]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_text_chars", "max_message_bytes", "max_search_limit", "max_concurrent_rpcs", "max_option_items")
+    __slots__ = ("max_text_chars", "max_message_bytes", "max_search_limit", "max_concurrent_rpcs", "max_option_items", "max_batch_items")
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEARCH_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
     MAX_OPTION_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
     max_text_chars: int
     max_message_bytes: int
     max_search_limit: int
     max_concurrent_rpcs: int
     max_option_items: int
-    def __init__(self, max_text_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_search_limit: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_option_items: _Optional[int] = ...) -> None: ...
+    max_batch_items: int
+    def __init__(self, max_text_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_search_limit: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_option_items: _Optional[int] = ..., max_batch_items: _Optional[int] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("content_hash", "source_release", "format_version", "normalizer_version", "created_at", "concepts", "keys", "manifest_json")

@@ -21,16 +21,22 @@ reply is kept under the message limit (E501 for an answer over it alone, E503 fo
 that do not fit beside the earlier ones), and a batch whose deadline comes close answers what it
 has. A batch of more than ``max_batch_items`` items, or whose reply could not hold even a
 refusal of each item, is refused whole with RESOURCE_EXHAUSTED before any item is annotated.
+A batch whose client has gone (cancelled, or its deadline passed) starts no more items: what
+it annotated is cached, and the call is recorded with the status that ended it, not OK.
 
 Streams: a reader thread moves incoming items into a bounded queue; the handler takes whatever
 has arrived (up to ``stream_batch_size``), looks the batch up in the cache with one batched call,
 extracts the misses, writes them back with one batched call, and answers in request order. A bad
 item — one whose answer would be over the message limit too — gets an error ``status`` in its
-own response; the stream goes on. Between batches the handler stops when the client's deadline
-has passed or the call was cancelled, and ends with UNAVAILABLE once the server is draining (the
-client resends the unanswered items elsewhere) or once the stream has sent nothing for
-``stream_idle_seconds`` with every item answered (an open stream holds a pool thread; see
-:mod:`conceptsvc.server.admission`).
+own response; the stream goes on. Between items the handler stops when the client's deadline
+has passed or the call was cancelled (recorded as such in the metrics), and ends with
+UNAVAILABLE once the server is draining (the client resends the unanswered items elsewhere) or
+once the stream has sent nothing for ``stream_idle_seconds`` with every item answered (an open
+stream holds a pool thread; see :mod:`conceptsvc.server.admission`).
+
+A unary Annotate is one caption: the engine has no check inside it, so a huge caption is
+annotated to its end after its client has gone; the call is then recorded with the status that
+ended it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from conceptsvc.extractor import WeightedMemo, options_weight
 from conceptsvc.model import ExtractOptions
 from conceptsvc.semantic_network import load_semantic_network
 from conceptsvc.server.status import (
+    RpcFailure,
+    client_gone,
     deadline_exceeded,
     draining,
     invalid_argument,
@@ -96,6 +104,7 @@ OPTIONS_MEMO_BYTES = 32 << 20
 _OPTION_LISTS = ("semantic_types", "semantic_groups", "sources", "exclude_cuis")
 _ERROR_WEIGHT = 1024  # a remembered refusal: the exception and its message
 _END = object()
+_NEVER = threading.Event()  # the end of a call that has none to watch: never set
 # An AnnotateBatch stops starting new items this close to its deadline and answers the ones it
 # has: an answer that arrives after the deadline is lost, with the work of every item in it.
 _DEADLINE_MARGIN = 0.05
@@ -426,9 +435,21 @@ def _reply_too_large(size: int, max_bytes: int) -> InputTooLargeError:
     )
 
 
-def _check_deadline(context: grpc.ServicerContext) -> None:
+def _gone(context: grpc.ServicerContext) -> RpcFailure | None:
+    """Why the call ended under its handler — the client cancelled it (CANCELLED) or its
+    deadline passed (DEADLINE_EXCEEDED) — or None while it is active."""
+    if context.is_active():
+        return None
     remaining = context.time_remaining()
-    if not context.is_active() or (remaining is not None and remaining <= 0):
+    return client_gone(remaining is not None and remaining <= 0)
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    gone = _gone(context)
+    if gone is not None:
+        raise gone
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
         raise deadline_exceeded()
 
 
@@ -448,7 +469,11 @@ class _Observed:
         state = self.state
         state.call_started()
         try:
-            return fn()
+            reply = fn()
+            gone = _gone(context)  # answered for nobody: recorded as what ended the call
+            if gone is not None:
+                code_name = gone.code.name
+            return reply
         except Exception as exc:
             code, message = self._failure(exc)
             code_name = code.name
@@ -465,6 +490,9 @@ class _Observed:
         state.call_started()
         try:
             yield from gen
+            gone = _gone(context)  # the handler stopped because its client went away
+            if gone is not None:
+                code = gone.code
         except GeneratorExit:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -519,6 +547,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         *,
         require_id: bool,
         context: grpc.ServicerContext | None = None,
+        ended: threading.Event | None = None,
         whole_reply: bool = False,
     ) -> tuple[list[bytes | Exception], bytearray, list[str]]:
         """Answer a batch: per item, its result as wire bytes (AnnotateResponse fields without
@@ -526,12 +555,16 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         whether it came from the cache, and its id. Cache lookups and writes are one batched
         call each.
 
-        ``shared`` are the options of items that set none (AnnotateBatch's); with a
-        ``context``, items not yet started when the deadline is closer than a tenth of the
-        call's time (at least ``_DEADLINE_MARGIN``) fail with DEADLINE_EXCEEDED, so that the
-        answers made so far reach the client. With ``whole_reply`` (AnnotateBatch's: one reply
-        for all), the batch is refused by :meth:`_check_room` as soon as its ids are read when
-        its reply could not hold a refusal of every item.
+        ``shared`` are the options of items that set none (AnnotateBatch's). ``ended`` is set
+        when the call ends under the handler (``context.add_callback``): the client cancelled
+        it or its deadline passed. It is looked at before each item is annotated, and once it
+        is set no item is started: the answers made so far are cached and the call fails with
+        the status that ended it (from ``context``), so the metrics record that, not OK.
+        With ``whole_reply`` (AnnotateBatch's: one reply for all) and a ``context``, the batch
+        is refused by :meth:`_check_room` as soon as its ids are read when its reply could not
+        hold a refusal of every item, and items not yet started when the deadline is closer
+        than a tenth of the call's time (at least ``_DEADLINE_MARGIN``) fail with
+        DEADLINE_EXCEEDED, so that the answers made so far reach the client.
 
         Each request field is read once (protobuf makes a new string at every read), the
         deadline is turned into a point on the monotonic clock once, and cache keys are only
@@ -539,7 +572,7 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         engine and the writer.
         """
         stop_at: float | None = None
-        if context is not None:
+        if context is not None and whole_reply:
             remaining = context.time_remaining()
             if remaining is not None:
                 stop_at = time.monotonic() + remaining - max(_DEADLINE_MARGIN, 0.1 * remaining)
@@ -605,6 +638,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         encode = self._writer.encode_rows
         monotonic = time.monotonic
         max_bytes = self.settings.max_message_bytes
+        is_ended = (ended or _NEVER).is_set
+        gone = False
         for k, i in enumerate(todo):
             if blobs:
                 blob = blobs[k]
@@ -613,6 +648,9 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     cached[i] = 1
                     n_cached += 1
                     continue
+            if is_ended():
+                gone = True  # nobody to answer: the items left are not started
+                break
             if stop_at is not None and monotonic() > stop_at:
                 late = deadline_exceeded(
                     "the batch's deadline came close before this item was started; the items "
@@ -634,6 +672,8 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
         if puts and cache is not None:
             cache.put_many(puts)
         self.metrics.captions_annotated(n_fresh, n_cached)
+        if gone:
+            raise (_gone(context) if context is not None else None) or client_gone(False)
         answers = [r if r is not None else RuntimeError("unanswered item") for r in out]
         return answers, cached, ids
 
@@ -783,8 +823,12 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                     f"(max_batch_items); {wire.BATCH_SPLIT_HINT}"
                 )
             shared = request.options if request.HasField("options") else None
+            ended = threading.Event()
+            if not context.add_callback(ended.set):
+                ended.set()  # already over
             answers, cached, ids = self._answer(
-                loaded, items, shared, require_id=True, context=context, whole_reply=True
+                loaded, items, shared, require_id=True, context=context, ended=ended,
+                whole_reply=True,
             )
             blobs = self._replies(loaded, ids, answers, cached, "AnnotateBatch")
             self._fit(loaded, blobs, ids, cached)
@@ -843,7 +887,9 @@ class ConceptServicer(pb_grpc.ConceptServiceServicer):
                         raise item
                     batch.append(item)
                 _check_deadline(context)
-                answers, cached, ids = self._answer(loaded, batch, None, require_id=True)
+                answers, cached, ids = self._answer(
+                    loaded, batch, None, require_id=True, context=context, ended=stop
+                )
                 blobs = self._replies(loaded, ids, answers, cached, "AnnotateStream")
                 for blob, rid, hit in zip(blobs, ids, cached, strict=True):
                     yield wire.response_bytes(blob, rid, hit, loaded.tail)

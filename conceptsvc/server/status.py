@@ -23,6 +23,9 @@ unknown CUI                                           NOT_FOUND
 missing / wrong token                                 UNAUTHENTICATED
 admin RPC without the admin token                     PERMISSION_DENIED
 client deadline passed while waiting                  DEADLINE_EXCEEDED
+the client went away while its call was being         CANCELLED, or
+answered (work stops between captions; the status     DEADLINE_EXCEEDED when
+reaches only the metrics)                             its deadline passed
 anything else (a bug)                                 INTERNAL, logged
 ====================================================  ===================
 
@@ -47,6 +50,7 @@ from conceptsvc.errors import (
 __all__ = [
     "RpcFailure",
     "Status",
+    "client_gone",
     "deadline_exceeded",
     "draining",
     "invalid_argument",
@@ -135,6 +139,14 @@ def stream_idle(seconds: float) -> RpcFailure:
 
 def deadline_exceeded(message: str = "the client's deadline has passed") -> RpcFailure:
     return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def client_gone(deadline_passed: bool) -> RpcFailure:
+    """The client cancelled the call, or its deadline passed, while it was being answered: no
+    one will read the status, but the metrics record it (not OK) and the work stops."""
+    if deadline_passed:
+        return deadline_exceeded("the client's deadline passed while the call was answered")
+    return RpcFailure(grpc.StatusCode.CANCELLED, "the client cancelled the call")
 
 
 def unauthenticated(message: str) -> RpcFailure:

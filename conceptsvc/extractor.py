@@ -64,7 +64,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from conceptsvc.abbreviations import (
@@ -122,8 +122,14 @@ ENGINES = ("auto", "compiled", "reference")
 
 _PLAN_CACHE_SIZE = 256
 PLAN_CACHE_BYTES = 64 << 20
-"""Approximate bytes of the option sets an :class:`Extractor`'s plan cache holds (see
-:func:`options_weight`); with ``_PLAN_CACHE_SIZE`` plans at most."""
+"""Approximate bytes an :class:`Extractor`'s plan cache holds: the option sets (see
+:func:`options_weight`) and the plans' memos (``_MEMO_ENTRY_BYTES`` an entry, counted when the
+extractor moves from a plan to another); with ``_PLAN_CACHE_SIZE`` plans at most."""
+_MEMO_ENTRY_BYTES = 400
+"""Approximate bytes of one entry of a plan's memos (``fast_memo``, ``filtered``, ``accept``):
+a key's accepted (cui, posting) pairs with their ``Posting`` objects, 370 bytes an entry
+measured by tracemalloc over the demo dictionary (mostly one concept a key); keys with many
+concepts weigh more."""
 _PLAN_MEMO_MAX = 1 << 16
 """Entries of a plan's Python memos (``accept``, ``filtered``) before each is emptied, as the
 compiled path's ``FAST_MEMO_MAX``: their keys come from caption text, so without a bound one
@@ -277,6 +283,8 @@ class _Plan:
     # (its slot's evidence still says what the image is: with MRI excluded, "T2-weighted"
     # infers no other modality in its place).
     infer_ok: Callable[[str], bool] | None = None
+    # the memos' entries when the plan was last weighed in the plan cache (Extractor._reweigh)
+    weighed: list[int] = field(default_factory=lambda: [0])
 
 
 def _passes_none(cui: str) -> bool:
@@ -284,11 +292,18 @@ def _passes_none(cui: str) -> bool:
     return False
 
 
+def _memo_entries(plan: _Plan) -> int:
+    return len(plan.fast_memo) + len(plan.filtered) + len(plan.accept)
+
+
 def _plan_weight(options: ExtractOptions, plan: _Plan) -> int:
     """A plan's weight in the plan cache: its option sets (the options and the frozensets
-    resolved from them, :func:`options_weight`) plus a fixed part. Its memos are bounded by
-    entry count instead (``_PLAN_MEMO_MAX``, the compiled path's ``FAST_MEMO_MAX``)."""
-    return _PLAN_BASE_BYTES + options_weight(options)
+    resolved from them, :func:`options_weight`), a fixed part, and its memos as they are now
+    (``_MEMO_ENTRY_BYTES`` an entry). The memos grow as captions reach new keys, so a plan is
+    weighed again when the extractor moves from it to another (:meth:`Extractor._reweigh`);
+    each memo is also emptied at ``_PLAN_MEMO_MAX`` (the compiled path's ``FAST_MEMO_MAX``)
+    entries. Without the memos, 256 plans of the demo dictionary held 560 MiB."""
+    return _PLAN_BASE_BYTES + options_weight(options) + _MEMO_ENTRY_BYTES * _memo_entries(plan)
 
 
 class Extractor:
@@ -411,12 +426,45 @@ class Extractor:
         """Raise ExtractionError / SemanticNetworkError if ``options`` cannot be served."""
         self._plan(options)
 
+    def plan_options(self, options: ExtractOptions) -> ExtractOptions:
+        """``options`` without the excluded CUIs this index does not have (they exclude
+        nothing): the options a plan is made and cached for, so that option sets differing
+        only in such CUIs share one plan — each made a plan of its own, with its own memos,
+        before. ``options`` itself when every excluded CUI is in the index."""
+        excluded = options.exclude_cuis
+        if not excluded:
+            return options
+        index = self.index
+        known = tuple(c for c in excluded if c in index)
+        return options if len(known) == len(excluded) else replace(options, exclude_cuis=known)
+
+    def _reweigh(self, plan: _Plan) -> None:
+        """Weigh ``plan`` again in the plan cache by its memos now (they grow with the keys its
+        captions reach); one heavier than the cache keeps has its memos emptied instead."""
+        entries = _memo_entries(plan)
+        if entries == plan.weighed[0]:
+            return
+        plan.weighed[0] = entries
+        if not self._plans.put(plan.options, plan):
+            plan.fast_memo.clear()
+            plan.filtered.clear()
+            plan.accept.clear()
+            plan.weighed[0] = 0
+            self._plans.put(plan.options, plan)
+
     def _plan(self, options: ExtractOptions) -> _Plan:
         plan = self._plans.get(options)
         if plan is not None:
             return plan
-        o = options
-        o.validate()
+        options.validate()
+        if any(not isinstance(c, str) or not c.strip() for c in options.exclude_cuis):
+            raise ExtractionError("exclude_cuis must be non-empty CUI strings")
+        planned = self.plan_options(options)
+        if planned is not options:
+            plan = self._plans.get(planned)
+            if plan is not None:
+                return plan
+        o = options = planned
         if o.profile not in self._profile_names:
             load_profile(o.profile)  # an unknown name: its error, with the names there are
             raise ExtractionError(
@@ -448,9 +496,6 @@ class Extractor:
                 f"unknown source(s) {', '.join(unknown)}; this index has: "
                 f"{', '.join(sorted(known_sabs))}"
             )
-        bad = [c for c in o.exclude_cuis if not isinstance(c, str) or not c.strip()]
-        if bad:
-            raise ExtractionError("exclude_cuis must be non-empty CUI strings")
         resolver = self._resolvers.get(profile.name)
         if resolver is None:
             self._warn_profile_gaps(profile)  # once per profile: resolvers are kept by name
@@ -605,7 +650,11 @@ class Extractor:
         last = self._last
         if options is None:
             options = self.default_options
-        plan = last[1] if last[0] is options and last[1] is not None else self._plan(options)
+        plan = last[1]
+        if last[0] is not options or plan is None:
+            if plan is not None:  # leaving it: its memos' growth counts in the cache now
+                self._reweigh(plan)
+            plan = self._plan(options)
         self._last = (options, plan)
         return plan
 

@@ -489,7 +489,9 @@ def test_issue_18_plan_cache_holds_at_most_its_byte_bound(ex: Extractor) -> None
     cache was bounded by count only (256 plans), so it kept all of them (≈ 143 MB held, by
     the tracemalloc measure below); now it keeps at most PLAN_CACHE_BYTES (64 MiB) of option
     sets. Held memory is measured with tracemalloc, independently of the cache's own
-    accounting, which must agree with it."""
+    accounting, which must agree with it. (Since the thirteenth session the 9,999 CUIs the
+    index lacks are dropped from the plans, so the 120 sets share two; plans of known CUIs
+    are held to the bound by test_extractor_plan_memos_count_in_the_plan_cache_bound.)"""
     base = ex.extract("lung and heart").concepts
     assert len(base) == 2
     gc.collect()
@@ -512,6 +514,68 @@ def test_issue_18_plan_cache_holds_at_most_its_byte_bound(ex: Extractor) -> None
     # the accounting (the weights are measured estimates)
     assert held < 1.25 * (plans.size_bytes + options_weight(ex._last[0] or ExtractOptions()))
     assert held > 0.75 * plans.size_bytes
+
+
+def test_extractor_excluded_cuis_the_index_lacks_make_no_plan_of_their_own(ex: Extractor) -> None:
+    """An excluded CUI that is not in the index excludes nothing, so it does not change the
+    plan: option sets that differ only in such CUIs share one (each made a plan with memos of
+    its own before: 256 of them held 560 MiB of a worker). Known exclusions still apply, and
+    a bad one is still refused."""
+    base = ex.extract("lung and heart")
+    heart = base.concepts[1]
+    plans = len(ex.plan_cache)
+    for k in range(40):
+        o = ExtractOptions(exclude_cuis=(f"C91{k:05d}",))
+        assert ex.extract("lung and heart", o) == base
+        o = ExtractOptions(exclude_cuis=(f"C91{k:05d}", heart))
+        assert ex.extract("lung and heart", o).concepts == base.concepts[:1]
+    assert len(ex.plan_cache) <= plans + 1  # the plan excluding `heart`, if it is new
+    o = ExtractOptions(exclude_cuis=("C9100000", heart))
+    assert ex.plan_options(o) == ExtractOptions(exclude_cuis=(heart,))
+    assert ex.plan_options(ExtractOptions(exclude_cuis=("C9100000",))) == ExtractOptions()
+    with pytest.raises(ExtractionError, match="non-empty"):
+        ex.extract("lung", ExtractOptions(exclude_cuis=("C9100000", " ")))
+
+
+def test_extractor_plan_memos_count_in_the_plan_cache_bound(
+    demo_index_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan's memos (keys → accepted concepts) grow with the keys its captions reach, and
+    they count in the plan cache's byte bound now: before, a plan weighed its option sets
+    only, so plans of distinct exclusions, each with memos full of the dictionary's keys,
+    were all kept (≈ 2 MB each on the demo dictionary). The bound is lowered to 16 MiB so that
+    a dozen plans pass it; held memory is measured by tracemalloc."""
+    bound = 16 << 20
+    monkeypatch.setattr("conceptsvc.extractor.PLAN_CACHE_BYTES", bound)
+    index = ConceptIndex.load(demo_index_dir)
+    demo = Extractor(index)
+    captions: list[str] = []
+    part: list[str] = []
+    for key in index.keys():
+        part.append(key)
+        if len(part) == 500:
+            captions.append(" ; ".join(part))
+            part = []
+    captions.append(" ; ".join(part))
+    for caption in captions:  # the extractor's shared memos, filled before measuring
+        demo.extract(caption)
+    cuis = [c for c in index.cuis[:12]]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for cui in cuis:
+            options = ExtractOptions(exclude_cuis=(cui,))
+            for caption in captions:
+                demo.extract(caption, options)
+        demo.extract("lung")  # (the last plan is weighed when the extractor leaves it)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    plans = demo.plan_cache
+    assert plans.size_bytes <= bound and len(plans) < len(cuis)
+    assert held < 1.25 * bound, held
 
 
 # -- issue 16: the Python API takes what a user passes, or says what the right call is -----------

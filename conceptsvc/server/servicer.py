@@ -182,6 +182,8 @@ class LoadedIndex:
             try:
                 hit = wire.options_from_pb(msg, self.defaults)
                 self.extractor.check_options(hit)
+                # (excluded CUIs the index lacks exclude nothing: one plan, one cache key)
+                hit = self.extractor.plan_options(hit)
             except Exception as exc:  # remembered, so a bad option costs one check
                 hit = exc
             self.options_memo.put(raw, hit)

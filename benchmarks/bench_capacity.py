@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,8 @@ def _serve(
          "127.0.0.1", "--port", str(port), "--workers", str(workers), "--cache-size", "0",
          *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # (the Redis tier needs a secret; a throwaway one: the run's Redis is its own)
+        env={**os.environ, "CONCEPTSVC_CACHE_SECRET": secrets.token_urlsafe(32)},
     )
     target = f"127.0.0.1:{port}"
     with ConceptClient(target) as client:

@@ -59,6 +59,7 @@ import logging
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -131,11 +132,18 @@ def _start_redis() -> _Redis | None:
     raise ConfigError(f"redis-server did not start on port {port}")
 
 
+CACHE_SECRET = secrets.token_urlsafe(32)
+
+
 class Server:
     """``conceptsvc serve`` in a subprocess."""
 
     def __init__(self, args: Sequence[str], prefix: Sequence[str] = ()) -> None:
-        self.proc, port = spawn_server(args, cwd=CHECKOUT, prefix=prefix)
+        # The Redis tier needs a cache secret, the same for every server of the run: the
+        # warm passes read what an earlier server wrote.
+        self.proc, port = spawn_server(
+            args, cwd=CHECKOUT, prefix=prefix, env={"CONCEPTSVC_CACHE_SECRET": CACHE_SECRET}
+        )
         self.target = f"127.0.0.1:{port}"
         self.profiled = bool(prefix)
 

@@ -48,6 +48,7 @@ from conceptsvc.model import MAX_BATCH_ITEMS, ExtractOptions, Mode, Overlap, Sim
 
 __all__ = [
     "ENV_PREFIX",
+    "PLACEHOLDER",
     "DefaultOptions",
     "Settings",
     "add_settings_arguments",
@@ -60,6 +61,13 @@ __all__ = [
 ENV_PREFIX = "CONCEPTSVC_"
 _PATH_FIELDS = ("index", "tls_cert", "tls_key", "tls_client_ca")
 _MIN_TOKEN_CHARS = 16
+#: What every secret in the shipped deployment files (deploy/k8s/secret.yaml,
+#: deploy/env.example) starts with: a deployment that kept one is refused at start-up, since
+#: a secret anyone can read in this repository protects nothing.
+PLACEHOLDER = "REPLACE-ME"
+# Longer than a token: whoever can read the Redis can test guesses of the cache secret
+# offline (an entry's name is a keyed digest of values a client knows), not one call at a time.
+_MIN_SECRET_CHARS = 32
 
 
 def _default_workers() -> int:
@@ -68,6 +76,15 @@ def _default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _refuse_placeholder(value: str) -> None:
+    if value.startswith(PLACEHOLDER):
+        raise ValueError(
+            f"is the {PLACEHOLDER} placeholder of the shipped deployment files; put a value "
+            "of your own in the Secret (deploy/k8s/secret.yaml) or in deploy/.env, made with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
 
 
 def _split_names(value: Any) -> Any:
@@ -286,7 +303,16 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(
         default=128 * 1024 * 1024, ge=0, description="in-process cache size bound per worker, bytes"
     )
-    redis_url: str | None = Field(default=None, description="Redis cache tier URL (unset = off)")
+    redis_url: str | None = Field(
+        default=None, description="Redis cache tier URL (unset = off; needs cache_secret)"
+    )
+    cache_secret: SecretStr | None = Field(
+        default=None,
+        description="secret (at least 32 characters) that keys the Redis tier's entry names "
+        "and signs their values; an entry without a valid signature is a miss, never an "
+        "answer. Required with redis_url, the same on every replica sharing the Redis "
+        "(another secret: separate entries)",
+    )
     redis_prefix: str = Field(default="conceptsvc:", description="Redis key prefix")
     redis_ttl_seconds: int = Field(default=7 * 86400, ge=1, description="Redis entry lifetime")
     redis_timeout_seconds: float = Field(
@@ -392,6 +418,22 @@ class Settings(BaseSettings):
             )
         return token
 
+    @field_validator("cache_secret")
+    @classmethod
+    def _strong_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        # Cut like the tokens (a secret file's newline), so that replicas reading it from a
+        # file and from the environment sign alike.
+        value = secret.get_secret_value().strip()
+        _refuse_placeholder(value)
+        if len(value) < _MIN_SECRET_CHARS:
+            raise ValueError(
+                f"must be at least {_MIN_SECRET_CHARS} characters; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return SecretStr(value)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str | None) -> str | None:
@@ -431,6 +473,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"health_port ({self.health_port}) must differ from port and metrics_port: it "
                 "is a listener of its own, serving only the health service in plaintext"
+            )
+        if self.redis_url is not None and self.cache_secret is None:
+            # Entry names and values derived from public values alone let anyone who can
+            # write to the Redis choose the answers (the index hash is in every reply).
+            raise ValueError(
+                "redis_url needs cache_secret (env CONCEPTSVC_CACHE_SECRET): the Redis tier "
+                "signs its entries with it, so that whoever can write to the Redis cannot "
+                "change the answers; give every replica sharing the Redis the same secret, "
+                "made with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
             )
         if self.redis_backoff_max_seconds < self.redis_backoff_seconds:
             raise ValueError("redis_backoff_max_seconds must be >= redis_backoff_seconds")
@@ -741,6 +792,7 @@ _METAVARS = {
     "redis_url": "URL",
     "auth_token": "TOKEN",
     "admin_token": "TOKEN",
+    "cache_secret": "SECRET",
     "semantic_types": "A,B,...",
     "semantic_groups": "A,B,...",
     "sources": "A,B,...",
@@ -797,7 +849,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             metavar = _METAVARS.get(name, name.upper())
-            if name in ("auth_token", "admin_token"):
+            if name in ("auth_token", "admin_token", "cache_secret"):
                 helptext += "; prefer the environment: flags show up in `ps`"
             groups[group].add_argument(
                 flag, dest=dest, metavar=metavar, default=None, help=helptext

@@ -14,6 +14,8 @@ What is exported (all names prefixed ``conceptsvc_``):
 - ``stream_item_errors_total{code}``: stream and batch items answered with an error status;
 - ``cache_lookups_total{tier,result}``: hits and misses of the ``memory`` and ``redis`` tiers;
 - ``redis_errors_total``: Redis commands that failed or timed out (each is a cache miss);
+- ``redis_rejected_total``: Redis entries whose signature did not check (forged or damaged;
+  each is a cache miss, and overwritten);
 - ``index_concepts`` / ``index_keys``: size of the loaded index; ``index_reloads_total{result}``;
 - ``inflight_requests``: RPCs being handled now; ``worker_up``: one per live worker process.
 """
@@ -100,6 +102,11 @@ class ServiceMetrics:
         self.redis_errors = Counter(
             "conceptsvc_redis_errors", "Redis commands that failed or timed out", registry=r
         )
+        self.redis_rejected_entries = Counter(
+            "conceptsvc_redis_rejected",
+            "Redis entries whose signature did not check (forged or damaged): cache misses",
+            registry=r,
+        )
         self.index_concepts = Gauge(
             "conceptsvc_index_concepts", "Concepts in the loaded index",
             multiprocess_mode="livemax", registry=r,
@@ -149,6 +156,9 @@ class ServiceMetrics:
 
     def redis_error(self) -> None:
         self.redis_errors.inc()
+
+    def redis_rejected(self, entries: int) -> None:
+        self.redis_rejected_entries.inc(entries)
 
     # -- index -----------------------------------------------------------------------------------
     def index_loaded(self, concepts: int, keys: int) -> None:

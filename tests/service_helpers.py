@@ -67,9 +67,16 @@ def build_index_b(path: Path) -> Path:
     return build_index(path, CONCEPTS_B, TERMS_B, source_release="test-B")
 
 
+CACHE_SECRET = "test-cache-secret-" + "s" * 24
+"""The cache secret of test servers with a Redis tier (one for all: they share entries)."""
+
+
 def settings_for(index: Path, **overrides: Any) -> Settings:
-    """Settings for an in-process test server: port 0, one worker, small thread pool."""
+    """Settings for an in-process test server: port 0, one worker, small thread pool; with a
+    Redis tier, :data:`CACHE_SECRET` unless the test gives its own."""
     base: dict[str, Any] = {"index": index, "port": 0, "workers": 1, "threads": 8}
+    if overrides.get("redis_url"):
+        base["cache_secret"] = CACHE_SECRET
     base.update(overrides)
     return load_settings(**base)
 

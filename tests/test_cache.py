@@ -18,6 +18,7 @@ from redis.connection import PythonRespSerializer
 from redis.exceptions import DataError
 
 from conceptsvc.cache import (
+    REJECTED_LOG_SECONDS,
     LruCache,
     RedisCache,
     TieredCache,
@@ -37,6 +38,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.lookups: Counter[tuple[str, str]] = Counter()
         self.redis_errors = 0
+        self.rejected = 0
 
     def cache_lookups(self, tier: str, hits: int, misses: int) -> None:
         self.lookups[tier, "hit"] += hits
@@ -44,6 +46,12 @@ class RecordingObserver:
 
     def redis_error(self) -> None:
         self.redis_errors += 1
+
+    def redis_rejected(self, entries: int) -> None:
+        self.rejected += entries
+
+
+SECRET = "cache-test-secret-" + "c" * 24
 
 
 def _redis(url: str) -> redis.Redis:
@@ -53,7 +61,7 @@ def _redis(url: str) -> redis.Redis:
 def test_cache_result_key_depends_on_index_options_and_text() -> None:
     base = result_key("a" * 64, "mode=exact", "chest x-ray")
     assert base == result_key("a" * 64, "mode=exact", "chest x-ray")
-    assert base.startswith("v1:" + "a" * 16 + ":")
+    assert base.startswith("v2:" + "a" * 16 + ":")
     others = {
         result_key("b" * 64, "mode=exact", "chest x-ray"),
         result_key("a" * 63 + "b", "mode=exact", "chest x-ray"),  # same short prefix
@@ -200,7 +208,7 @@ def test_cache_compiled_packer_hands_other_arguments_to_redis_py() -> None:
 def test_cache_redis_tier_packs_with_the_compiled_packer(shared_redis: RedisServer) -> None:
     """The tier's connections use the compiled packer, and what it sends round-trips through
     a real Redis: keys with non-ASCII text, empty and large values, the TTL as an int."""
-    cache = RedisCache(shared_redis.url, prefix="t-packer:", ttl_seconds=90)
+    cache = RedisCache(shared_redis.url, secret=SECRET, prefix="t-packer:", ttl_seconds=90)
     conn = cache._client.connection_pool.get_connection()
     try:
         assert type(conn._command_packer).__name__ == "RespPacker"
@@ -209,22 +217,23 @@ def test_cache_redis_tier_packs_with_the_compiled_packer(shared_redis: RedisServ
     items = [("é-key", b""), ("k\x00z", b"\r\n$3\r\n"), ("big", bytes(range(256)) * 400)]
     cache.put_many(items)
     assert cache.get_many([k for k, _ in items] + ["none"]) == [v for _, v in items] + [None]
-    assert 0 < _redis(shared_redis.url).ttl("t-packer:é-key") <= 90
+    assert 0 < _redis(shared_redis.url).ttl(cache.name("é-key")) <= 90
     cache.close()
 
 
 def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer) -> None:
     r = _redis(shared_redis.url)
     r.config_resetstat()
-    cache = RedisCache(shared_redis.url, prefix="t-roundtrip:", ttl_seconds=120)
+    cache = RedisCache(shared_redis.url, secret=SECRET, prefix="t-roundtrip:", ttl_seconds=120)
     items = [(f"k{i}", f"value {i}".encode()) for i in range(50)]
     cache.put_many(items)
     got = cache.get_many([k for k, _ in items] + ["absent"])
     assert got == [v for _, v in items] + [None]
     stats = r.info("commandstats")
     assert stats["cmdstat_mget"]["calls"] == 1
-    assert 0 < r.ttl("t-roundtrip:k0") <= 120
-    assert r.get("t-roundtrip:k7") == b"value 7"
+    assert 0 < r.ttl(cache.name("k0")) <= 120
+    stored = r.get(cache.name("k7"))  # the value after its 32-byte signature
+    assert stored is not None and len(stored) == 32 + 7 and stored.endswith(b"value 7")
     # the 50 writes were one script call, not 50 commands (EVALSHA twice: the first finds the
     # script not loaded yet, redis-py loads it and calls again)
     assert stats["cmdstat_set"]["calls"] == 50  # inside the script
@@ -236,6 +245,85 @@ def test_cache_redis_round_trip_uses_one_mget_and_ttl(shared_redis: RedisServer)
     cache.close()
 
 
+def test_cache_redis_names_entries_by_the_secret_and_refuses_unsigned_values(
+    shared_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can write to the Redis knows every key (the index hash is in every reply):
+    an entry's name is a keyed digest, and a value without its signature is a miss (counted,
+    logged once per REJECTED_LOG_SECONDS, overwritten by the next write), never an answer.
+    Under the name the key alone gives (where entries used to be) nothing is read."""
+    obs = RecordingObserver()
+    clock = [0.0]
+    cache = RedisCache(
+        shared_redis.url, secret=SECRET, prefix="t-signed:", observer=obs, clock=lambda: clock[0]
+    )
+    other = RedisCache(shared_redis.url, secret=SECRET + "2", prefix="t-signed:")
+    r = _redis(shared_redis.url)
+    keys = [result_key("f" * 64, "mode=exact", f"caption {i}") for i in range(6)]
+    name = cache.name(keys[0])
+    # readable head (prefix, format, index hash) kept; the digest is keyed by the secret
+    head = "t-signed:v2:" + "f" * 16 + ":"
+    assert name.startswith(head) and len(name) == len(head) + 40
+    assert name != "t-signed:" + keys[0] and name != other.name(keys[0])
+    r.set("t-signed:" + keys[0], b"planted where the key alone points")
+    assert cache.get_many(keys[:1]) == [None] and obs.rejected == 0  # not even read
+
+    cache.put_many([(k, f"answer {i}".encode()) for i, k in enumerate(keys)])
+    assert cache.get_many(keys) == [f"answer {i}".encode() for i in range(6)]
+    stored = [r.get(cache.name(k)) for k in keys]
+    # forged: unsigned bytes, an empty value, a signature cut short, one bit flipped in the
+    # answer, another key's entry moved here, this key's answer signed with another secret
+    other.put_many([(keys[5], b"answer 5")])
+    forged = [
+        b"attacker's answer",
+        b"",
+        stored[2][:20],
+        stored[3][:-1] + bytes([stored[3][-1] ^ 1]),
+        stored[0],
+        r.get(other.name(keys[5])),
+    ]
+    for k, value in zip(keys, forged, strict=True):
+        r.set(cache.name(k), value)
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.cache"):
+        assert cache.get_many(keys) == [None] * 6
+        assert cache.get_many(keys[:2]) == [None, None]  # within the interval: not logged
+    assert obs.rejected == 8
+    lines = [r.getMessage() for r in caplog.records if "signature" in r.getMessage()]
+    assert len(lines) == 1 and "ignoring 6 Redis cache entries" in lines[0]
+    assert "caption" not in lines[0]  # names only: no key material, no caption
+    clock[0] = REJECTED_LOG_SECONDS
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.cache"):
+        assert cache.get_many(keys[:1]) == [None]
+    assert "1 more since the last such line" not in caplog.text
+    assert "2 more since the last such line" in caplog.text
+    # the fresh answer overwrites a refused entry
+    cache.put_many([(keys[0], b"answer 0")])
+    assert cache.get_many(keys[:1]) == [b"answer 0"] and r.get(cache.name(keys[0])) == stored[0]
+    # another secret shares nothing: other names, so a miss, not a refusal
+    assert other.get_many(keys[:5]) == [None] * 5
+    r.delete(*[cache.name(k) for k in keys], *[other.name(k) for k in keys],
+             "t-signed:" + keys[0])
+    cache.close()
+    other.close()
+
+
+def test_cache_tiered_never_copies_a_refused_redis_entry_into_memory(
+    shared_redis: RedisServer,
+) -> None:
+    """A refused Redis entry is a Redis miss, and the in-process tier stays without it (it
+    used to copy whatever Redis returned, so every worker kept serving a forged answer)."""
+    obs = RecordingObserver()
+    remote = RedisCache(shared_redis.url, secret=SECRET, prefix="t-tier-forged:", observer=obs)
+    memory = LruCache(10, 1000)
+    cache = TieredCache(memory, remote, obs)
+    _redis(shared_redis.url).set(remote.name("k"), b"forged")
+    assert cache.get_many(["k"]) == [None]
+    assert memory.get_many(["k"]) == [None] and obs.rejected == 1
+    assert obs.lookups["redis", "miss"] == 1 and obs.lookups["redis", "hit"] == 0
+    _redis(shared_redis.url).delete(remote.name("k"))
+    cache.close()
+
+
 def test_cache_redis_probe_answers_or_starts_an_outage(
     shared_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -243,11 +331,13 @@ def test_cache_redis_probe_answers_or_starts_an_outage(
     listens it is False and starts an outage: logged once, retried with backoff."""
     from conftest import free_port
 
-    up = RedisCache(shared_redis.url, prefix="t-probe:")
+    up = RedisCache(shared_redis.url, secret=SECRET, prefix="t-probe:")
     assert up.probe() and up.available and up.outages == 0
     up.close()
     with caplog.at_level("WARNING", logger="conceptsvc.cache"):
-        down = RedisCache(f"redis://127.0.0.1:{free_port()}/0", prefix="t-probe:")
+        down = RedisCache(
+            f"redis://127.0.0.1:{free_port()}/0", secret=SECRET, prefix="t-probe:"
+        )
         assert not down.probe() and not down.available and down.outages == 1
     assert any("PING failed" in r.getMessage() for r in caplog.records)
     down.close()
@@ -258,7 +348,7 @@ def test_cache_redis_without_scripts_writes_with_a_pipeline(
 ) -> None:
     """A Redis that refuses scripts (renamed or disabled EVAL, as some managed services do)
     still gets the entries, through pipelined SETs, after one warning."""
-    cache = RedisCache(shared_redis.url, prefix="t-noscript:", ttl_seconds=60)
+    cache = RedisCache(shared_redis.url, secret=SECRET, prefix="t-noscript:", ttl_seconds=60)
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise redis.ResponseError("ERR unknown command 'EVALSHA'")
@@ -268,7 +358,7 @@ def test_cache_redis_without_scripts_writes_with_a_pipeline(
         cache.put_many([("a", b"1"), ("b", b"2")])
         cache.put_many([("c", b"3")])
     assert cache.get_many(["a", "b", "c"]) == [b"1", b"2", b"3"]
-    assert 0 < _redis(shared_redis.url).ttl("t-noscript:a") <= 60
+    assert 0 < _redis(shared_redis.url).ttl(cache.name("a")) <= 60
     assert sum("refused the cache's write script" in r.getMessage() for r in caplog.records) == 1
     assert cache.available
     cache.close()
@@ -280,7 +370,8 @@ def test_cache_redis_down_is_a_miss_with_one_warning_then_recovers(
     obs = RecordingObserver()
     clock = [0.0]
     cache = RedisCache(
-        redis_server.url, backoff_seconds=1.0, backoff_max_seconds=4.0, observer=obs,
+        redis_server.url, secret=SECRET, backoff_seconds=1.0, backoff_max_seconds=4.0,
+        observer=obs,
         clock=lambda: clock[0],
     )
     cache.put_many([("k", b"v")])
@@ -313,7 +404,7 @@ def test_cache_redis_slow_times_out_as_a_miss(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     obs = RecordingObserver()
-    cache = RedisCache(redis_server.url, timeout_seconds=0.1, observer=obs)
+    cache = RedisCache(redis_server.url, secret=SECRET, timeout_seconds=0.1, observer=obs)
     cache.put_many([("k", b"v")])
     assert cache.get_many(["k"]) == [b"v"]
     # Redis freezes (SIGSTOP): connected, but nothing answers — as slow as a Redis gets. A
@@ -339,18 +430,19 @@ def test_cache_tiered_fills_memory_from_redis_and_counts_per_tier(
     shared_redis: RedisServer,
 ) -> None:
     obs = RecordingObserver()
-    remote = RedisCache(shared_redis.url, prefix="t-tiered:", observer=obs)
+    remote = RedisCache(shared_redis.url, secret=SECRET, prefix="t-tiered:", observer=obs)
     remote.put_many([("a", b"A")])
     cache = TieredCache(LruCache(10, 1000), remote, obs)
     assert cache.get_many(["a", "b"]) == [b"A", None]
     assert obs.lookups == {
         ("memory", "hit"): 0, ("memory", "miss"): 2, ("redis", "hit"): 1, ("redis", "miss"): 1,
     }
-    _redis(shared_redis.url).delete("t-tiered:a")
+    _redis(shared_redis.url).delete(remote.name("a"))
     assert cache.get_many(["a"]) == [b"A"]  # now from memory
     assert obs.lookups["memory", "hit"] == 1
     cache.put_many([("b", b"B")])
-    assert _redis(shared_redis.url).get("t-tiered:b") == b"B"
+    assert remote.get_many(["b"]) == [b"B"]
+    assert (_redis(shared_redis.url).get(remote.name("b")) or b"").endswith(b"B")
     cache.close()
 
 
@@ -360,8 +452,8 @@ def test_cache_tiered_mixed_batch_keeps_order_counts_and_fills_only_redis_hits(
     """One batch with a memory hit, a Redis-only hit and misses (the path that picks the
     missing keys out), then one that misses everything (the path that skips that work)."""
     obs = RecordingObserver()
-    remote = RedisCache(shared_redis.url, prefix="t-mixed:", observer=obs)
-    _redis(shared_redis.url).delete("t-mixed:m", "t-mixed:r", "t-mixed:x", "t-mixed:y")
+    remote = RedisCache(shared_redis.url, secret=SECRET, prefix="t-mixed:", observer=obs)
+    _redis(shared_redis.url).delete(*map(remote.name, "mrxy"))
     remote.put_many([("r", b"R")])
     memory = LruCache(10, 1000)
     memory.put_many([("m", b"M")])
@@ -386,8 +478,11 @@ def test_cache_build_from_settings_switches_tiers(shared_redis: RedisServer) -> 
     none.put_many([("x", b"1")])
     mem = build_cache(load_settings())
     assert mem.memory is not None and mem.redis is None
-    both = build_cache(load_settings(redis_url=shared_redis.url, redis_prefix="t-build:"))
+    both = build_cache(
+        load_settings(redis_url=shared_redis.url, redis_prefix="t-build:", cache_secret=SECRET)
+    )
     assert both.redis is not None and both.redis.prefix == "t-build:"
     both.put_many([("x", b"1")])
-    assert _redis(shared_redis.url).get("t-build:x") == b"1"
+    assert both.redis.name("x").startswith("t-build:")
+    assert (_redis(shared_redis.url).get(both.redis.name("x")) or b"").endswith(b"1")
     both.close()

@@ -19,6 +19,7 @@ import fnmatch
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -35,7 +36,8 @@ import yaml
 from conftest import free_port
 
 from conceptsvc.cli import build_parser
-from conceptsvc.config import ENV_PREFIX, Settings, load_settings
+from conceptsvc.config import ENV_PREFIX, PLACEHOLDER, Settings, load_settings
+from conceptsvc.errors import ConfigError
 from conceptsvc.index import ConceptIndex, build_index
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +45,14 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_ENV_EXAMPLE = DEPLOY / "env.example"
+# The settings that are secrets (SecretStr), as environment variables: they may come only from
+# a Secret (Kubernetes) or the uncommitted deploy/.env (compose), never from a ConfigMap.
+SECRET_ENV = frozenset(
+    ENV_PREFIX + name.upper()
+    for name, field in Settings.model_fields.items()
+    if "SecretStr" in str(field.annotation)
+)
 # Oldest Kubernetes the manifests support (gRPC probes are GA from 1.27) and the newest
 # whose schemas kubernetes-validate bundles.
 K8S_MIN_VERSION = "1.27.0"
@@ -179,15 +189,47 @@ def configmap_env() -> dict[str, str]:
     return {k: str(v) for k, v in manifest("ConfigMap", "conceptsvc")["data"].items()}
 
 
-def server_env() -> dict[str, str]:
-    """The server container's environment: its ConfigMap, then its own ``env`` entries."""
+def filled(value: str) -> str:
+    """``value`` with every placeholder in it replaced by a generated secret (as a deploy
+    must do): placeholders run to the end of the value or to the next ``@`` (a URL's)."""
+    return re.sub(
+        re.escape(PLACEHOLDER) + r"[^@]*", lambda _: "generated-" + secrets.token_urlsafe(32),
+        value,
+    )
+
+
+def secret_data(fill: bool = True) -> dict[str, str]:
+    """The shipped Secret's values; with ``fill``, as a deploy replaces its placeholders."""
+    data = {k: str(v) for k, v in manifest("Secret", "conceptsvc")["stringData"].items()}
+    return {k: filled(v) for k, v in data.items()} if fill else data
+
+
+def _expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion of a container's env value."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def server_env(fill: bool = True) -> dict[str, str]:
+    """The server container's environment as the kubelet makes it: its ConfigMap and Secret
+    (``envFrom``), then its own ``env`` entries (values, Secret keys, ``$(VAR)`` expanded);
+    with ``fill``, the Secret's placeholders replaced as a deploy must."""
     container = server_container()
+    data = secret_data(fill)
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        assert source["configMapRef"]["name"] == "conceptsvc"
-        env.update(configmap_env())
+        if "configMapRef" in source:
+            assert source["configMapRef"]["name"] == "conceptsvc"
+            env.update(configmap_env())
+        else:
+            assert source["secretRef"]["name"] == "conceptsvc"
+            env.update(data)
     for item in container.get("env", []):
-        env[item["name"]] = str(item["value"])
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "conceptsvc", item
+            env[item["name"]] = data[ref["key"]]
+        else:
+            env[item["name"]] = _expand(str(item["value"]), env)
     return env
 
 
@@ -195,6 +237,40 @@ def compose() -> dict[str, Any]:
     data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     assert isinstance(data, dict)
     return data
+
+
+def compose_env_example() -> dict[str, str]:
+    """The variables of deploy/env.example (the template of the uncommitted deploy/.env)."""
+    values = {}
+    for line in COMPOSE_ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep and name == name.strip(), f"env.example: {line!r} is not NAME=value"
+            values[name] = value
+    return values
+
+
+def interpolate(value: str, variables: Mapping[str, str]) -> str:
+    """Compose's interpolation of ``${NAME}``, ``${NAME:-default}`` and ``${NAME:?error}``;
+    a required variable without a value fails, as `docker compose` does."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
+        if variables.get(name):
+            return variables[name]
+        assert op != ":?", f"compose needs {name}: {arg}"
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+def compose_service_env(name: str, fill: bool = True) -> dict[str, str]:
+    """A compose service's environment, interpolated from deploy/env.example's variables
+    (with ``fill``, its placeholders replaced as a deploy's deploy/.env must)."""
+    example = compose_env_example()
+    variables = {k: filled(v) for k, v in example.items()} if fill else example
+    env = compose()["services"][name].get("environment", {})
+    return {k: interpolate(str(v), variables) for k, v in env.items()}
 
 
 def compose_seconds(value: str) -> float:
@@ -767,6 +843,58 @@ def test_deploy_k8s_services_hpa_and_pdb_select_the_server_pods(
     )
 
 
+def test_deploy_k8s_secrets_come_from_the_secret_never_the_configmap() -> None:
+    """Every secret setting the server gets comes from the conceptsvc Secret (a key it has);
+    no ConfigMap holds one, nor a URL with a password in it."""
+    for _, doc in load_manifests():
+        if doc["kind"] != "ConfigMap":
+            continue
+        data = {k: str(v) for k, v in doc.get("data", {}).items()}
+        assert not set(data) & SECRET_ENV, f"ConfigMap {doc['metadata']['name']}: a secret"
+        for key, value in data.items():
+            assert not re.search(r"://[^/@]*:[^/@]*@", value), f"{key}: a password in a URL"
+            assert PLACEHOLDER not in value, key
+    container = server_container()
+    from_secret = {
+        item["name"] for item in container.get("env", [])
+        if item.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "conceptsvc"
+    }
+    from_secret |= {
+        key for source in container.get("envFrom", []) if "secretRef" in source
+        for key in secret_data()
+    }
+    # the cache secret at least: the configured Redis is shared by every replica
+    assert "CONCEPTSVC_CACHE_SECRET" in from_secret
+    assert set(server_env()) & SECRET_ENV <= from_secret
+    for item in container.get("env", []):  # and no secret written into the Deployment
+        assert item["name"] not in SECRET_ENV or "valueFrom" in item, item["name"]
+    assert manifest("Secret", "conceptsvc")["type"] == "Opaque"
+
+
+def test_deploy_shipped_secrets_are_placeholders_the_service_refuses(
+    tiny_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped Secret and deploy/env.example hold placeholders only (no usable secret is
+    published with the code), and a deployment that kept one does not start: the settings
+    refuse each, naming it."""
+    shipped = secret_data(fill=False) | compose_env_example()
+    assert shipped and all(v.startswith(PLACEHOLDER) for v in shipped.values()), shipped
+    for env in (server_env(fill=False), compose_service_env("conceptsvc", fill=False)):
+        secrets_set = sorted(set(env) & SECRET_ENV)
+        assert secrets_set
+        with pytest.raises(ConfigError) as info:
+            validate_settings_env(env, monkeypatch, tiny_index)
+        for name in secrets_set:
+            setting = name.removeprefix(ENV_PREFIX).lower()
+            assert f"{setting} (env {name}" in str(info.value), (name, str(info.value))
+        assert f"the {PLACEHOLDER} placeholder" in str(info.value)
+    # deploy/.env, where a deploy puts the real values, is never committed
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/.env"], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0, "deploy/.env must be in .gitignore"
+
+
 def test_deploy_k8s_containers_run_conceptsvc_commands() -> None:
     container = server_container()
     parses_as_cli(container["args"])
@@ -857,7 +985,7 @@ def test_deploy_compose_settings_exist_and_validate(
 ) -> None:
     services = compose()["services"]
     server = services["conceptsvc"]
-    settings = validate_settings_env(server["environment"], monkeypatch, tiny_index)
+    settings = validate_settings_env(compose_service_env("conceptsvc"), monkeypatch, tiny_index)
     assert settings.host == "0.0.0.0"
     assert settings.redis_url is not None
     redis_host = settings.redis_url.split("//", 1)[1].split(":", 1)[0]

@@ -25,6 +25,7 @@ import pytest
 import redis
 from conftest import RedisServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
+from service_helpers import CACHE_SECRET
 
 from conceptsvc.client import ConceptClient
 from conceptsvc.embedded import demo_index_path
@@ -72,6 +73,7 @@ def start_replica(index: Path, redis_url: str, workdir: Path, n: int) -> Replica
     port, metrics_port = free_port(), free_port()
     log = workdir / f"replica-{n}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTSVC_")}
+    env["CONCEPTSVC_CACHE_SECRET"] = CACHE_SECRET  # one for all replicas: they share entries
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "conceptsvc.cli", "serve", "--index", str(index),

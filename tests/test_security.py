@@ -23,16 +23,30 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from service_helpers import Pki, build_index_a, make_pki, running_server, settings_for
+from service_helpers import (
+    CAPTIONS,
+    Pki,
+    build_index_a,
+    make_pki,
+    running_server,
+    settings_for,
+)
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
+from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
+from conceptsvc.cache import result_key
 from conceptsvc.client import ConceptClient
 from conceptsvc.errors import ServiceCallError
 from conceptsvc.model import ExtractOptions
+
+if TYPE_CHECKING:
+    from conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "conceptsvc"
@@ -395,7 +409,6 @@ _REVIEWED_DISPATCH = {
     ("conceptsvc/config.py", "_paths_and_pairs", "name"): "loop over a literal tuple",
     ("conceptsvc/config.py", "settings_from_args", "f'_{group}__{name}'"):
         "argparse dests generated from the Settings model",
-    ("conceptsvc/server/app.py", "_settings_payload", "name"): "loop over a literal tuple",
     ("conceptsvc/wire.py", "options_to_pb", "name"): "_LIST_FIELDS constant",
     ("conceptsvc/wire.py", "options_from_pb", "name"): "_LIST_FIELDS constant",
     ("conceptsvc/wire.py", "_mention", "attr"):
@@ -623,6 +636,90 @@ def free_redis_url() -> str:
     from conftest import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+# -- the shared Redis tier ------------------------------------------------------------------------
+_FORGED = pb.AnnotateResponse(
+    concepts=["C0000000"],
+    mentions=[pb.Mention(cui="C0000000", preferred_name="attacker-chosen", text="Chest",
+                         start=0, end=5, score=1.0)],
+).SerializeToString()
+
+
+def _annotate_raw(port: int, text: str) -> pb.AnnotateResponse:
+    """Annotate as the review's script does (the reply's ``cached`` flag included)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ConceptServiceStub(channel)  # type: ignore[no-untyped-call]
+        return stub.Annotate(  # type: ignore[no-any-return]
+            pb.AnnotateRequest(id="img1", text=text),
+            metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10,
+        )
+
+
+def test_security_forged_redis_entries_are_never_served(
+    index_a: Path, shared_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The security review's poison.py: whoever can write to the Redis tier stores an answer
+    under the key any client can compute (the index hash from GetInfo, the default options,
+    the caption), and Annotate returned the attacker's concept with ``cached: True``. Now
+    nothing is read there, and an attacker who reads the Redis and overwrites the entry the
+    service left (with a forged answer, or blanked) gets a miss: the engine's answer, counted,
+    logged, and the entry written again."""
+    prefix = "sec-poison:"
+    caption = "Chest CT shows a collapsed lung."
+    r = redis.Redis.from_url(shared_redis.url)
+    s = settings_for(index_a, redis_url=shared_redis.url, redis_prefix=prefix, cache_size=0,
+                     auth_token=TOKEN)
+    try:
+        with running_server(s) as (server, port):
+            with ConceptClient(f"127.0.0.1:{port}", token=TOKEN) as c:
+                content_hash = c.get_info().index.content_hash
+            planted = prefix + result_key(content_hash, ExtractOptions().cache_key(), caption)
+            r.set(planted, _FORGED, ex=600)
+            first = _annotate_raw(port, caption)
+            assert list(first.concepts) == ["C0817096", "C0040405", "C0032326"]
+            assert not first.cached
+            # the one entry the answer left, as an attacker who can read the Redis finds it
+            (entry,) = set(r.keys(prefix + "*")) - {planted.encode()}
+            signed = r.get(entry)
+            with caplog.at_level(logging.WARNING, logger="conceptsvc.cache"):
+                for forged in (_FORGED, b""):
+                    r.set(entry, forged)
+                    again = _annotate_raw(port, caption)
+                    assert (list(again.concepts), again.cached) == (list(first.concepts), False)
+                    assert r.get(entry) == signed  # the fresh answer, written over it
+            assert _annotate_raw(port, caption).cached  # and served from Redis again
+            assert server.metrics.value("conceptsvc_redis_rejected_total") == 2
+            assert "without a valid signature" in caplog.text
+    finally:
+        r.delete(*r.keys(prefix + "*"))
+
+
+def test_security_replicas_share_redis_entries_only_with_the_same_secret(
+    index_a: Path, shared_redis: RedisServer
+) -> None:
+    """Signing must not cost the sharing: two servers with one secret (two replicas) answer
+    each other's captions from Redis; a server with another secret misses them (and its own
+    entries, under other names, leave the first ones alone)."""
+    prefix = "sec-replicas:"
+    captions = [text for _, text in CAPTIONS]
+    secret = "replica-secret-" + "r" * 24
+
+    def run(cache_secret: str) -> list[bool]:
+        s = settings_for(index_a, redis_url=shared_redis.url, redis_prefix=prefix,
+                         cache_size=0, cache_secret=cache_secret)
+        with running_server(s) as (_srv, port), ConceptClient(f"127.0.0.1:{port}") as c:
+            return [x.cached for x in c.annotate_batch(captions)]
+
+    r = redis.Redis.from_url(shared_redis.url)
+    try:
+        assert run(secret) == [False] * 5  # the first replica fills Redis
+        assert run(secret) == [True] * 5  # another one, with the same secret, reads it
+        assert run(secret[::-1]) == [False] * 5  # another secret: other names, misses
+        assert run(secret) == [True] * 5
+        assert len(r.keys(prefix + "*")) == 10
+    finally:
+        r.delete(*r.keys(prefix + "*"))
 
 
 # -- the locked dependency set ---------------------------------------------------------------------

@@ -1031,6 +1031,23 @@ def _index_loads(port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def test_server_workers_get_every_secret_of_the_settings(index_a: Path) -> None:
+    """A worker's settings are its supervisor's, secrets included. The settings' JSON dump
+    writes a secret as '**********': a secret the payload did not name (the cache secret,
+    when it came) would have reached every worker as those ten stars, the same on every
+    deployment."""
+    from conceptsvc.config import Settings
+    from conceptsvc.server.app import _settings_payload
+
+    s = settings_for(
+        index_a, redis_url="redis://127.0.0.1:1/0", auth_token="u" * 32, admin_token="a" * 32,
+        cache_secret="c" * 40,
+    )
+    worker = Settings(**json.loads(_settings_payload(s)))
+    assert worker.cache_secret is not None and worker.cache_secret.get_secret_value() == "c" * 40
+    assert worker == s
+
+
 @pytest.mark.slow
 def test_server_multiprocess_workers_share_one_port(tmp_path: Path, index_a: Path) -> None:
     from conftest import free_port
@@ -1328,7 +1345,7 @@ def test_server_log_level_setting_and_the_start_up_posture_line(tmp_path: Path) 
     (there was no log-level setting: only `conceptsvc -vv serve`, which an image's CMD fixes)."""
     a = build_index_a(tmp_path / "a")
     env = {"CONCEPTSVC_AUTH_TOKEN": "t" * 32, "CONCEPTSVC_REDIS_URL":
-           "redis://:pa55word-x@127.0.0.1:1/0"}
+           "redis://:pa55word-x@127.0.0.1:1/0", "CONCEPTSVC_CACHE_SECRET": "k" * 40}
     proc, _ = serve_subprocess("--index", str(a), env=env)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -1336,6 +1353,7 @@ def test_server_log_level_setting_and_the_start_up_posture_line(tmp_path: Path) 
     assert ("security and cache: token auth on, admin RPC off, TLS off; in-process cache "
             in err), err
     assert "Redis 127.0.0.1:1 (not answering" in err and "pa55word" not in err
+    assert "k" * 40 not in err
     # (said at start-up, before any request: a PING)
     assert "Redis cache tier unavailable (PING failed" in err, err
     proc, _ = serve_subprocess("--index", str(a), env={"CONCEPTSVC_LOG_LEVEL": "warning"})

@@ -418,23 +418,28 @@ def test_server_batch_answers_from_redis_equal_the_engine_and_skip_bad_entries(
     an answer is a miss (and logged), never a broken reply."""
     cfg = {"redis_url": shared_redis.url, "redis_prefix": "batch-redis:", "cache_size": 0}
     items = [(f"{i}", f"Chest CT {i}: pneumothorax, no pneumonia") for i in range(50)]
-    with running_server(settings_for(index_a, **cfg)) as (_, port):
+    with running_server(settings_for(index_a, **cfg)) as (first, port):
         with ConceptClient(f"127.0.0.1:{port}") as c:
             fresh = c.annotate_batch(items)
             content_hash = c.get_info().index.content_hash
+        assert first.cache.redis is not None
+        name = first.cache.redis.name(
+            result_key(content_hash, ExtractOptions().cache_key(), items[7][1])
+        )
     assert not any(r.cached for r in fresh)
-    key = result_key(content_hash, ExtractOptions().cache_key(), items[7][1])
     r = redis.Redis.from_url(shared_redis.url)
-    stored = r.get("batch-redis:" + key)
+    stored = r.get(name)
     assert stored
-    r.set("batch-redis:" + key, b"\xff\xfe not protobuf")
+    r.set(name, b"\xff\xfe not protobuf")
     with running_server(settings_for(index_a, **cfg)) as (server, port):
         with ConceptClient(f"127.0.0.1:{port}") as c:
             warm = c.annotate_batch(items)
     assert [x.annotation for x in warm] == [x.annotation for x in fresh]
     assert [x.cached for x in warm] == [i != 7 for i in range(50)]
     # the one item answered by the engine was stored again, over the bad entry
-    assert r.get("batch-redis:" + key) == stored
+    assert r.get(name) == stored
+    # the bad entry was found, refused for its signature, and counted as a miss
     assert server.metrics.value(
         "conceptsvc_cache_lookups_total", {"tier": "redis", "result": "hit"}
-    ) == 50  # the bad entry was found, then not used
+    ) == 49
+    assert server.metrics.value("conceptsvc_redis_rejected_total") == 1

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import SecretStr
 
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
 from conceptsvc.cache import build_cache
@@ -503,11 +504,12 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 # -- several processes ------------------------------------------------------------------
 def _settings_payload(settings: Settings) -> str:
-    """Settings as JSON for a worker (secrets included: the worker needs them)."""
+    """Settings as JSON for a worker (secrets included: the worker needs them; every secret
+    field, so that a new one cannot reach the workers as the dump's '**********')."""
     data = settings.model_dump(mode="json")
-    for name in ("auth_token", "admin_token"):
-        secret = getattr(settings, name)
-        data[name] = secret.get_secret_value() if secret is not None else None
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
     data["config_file"] = None  # already merged in
     return json.dumps(data)
 

@@ -374,8 +374,13 @@ def _manifest_hash(path: Path) -> str | None:
 
 def _readable(blob: bytes, key: str) -> bool:
     """Whether a cache entry parses as an answer. Entries go into the reply as they are, so a
-    foreign or damaged one would break every item of it; checking is a parse in C, far cheaper
-    than the engine — and such an entry is then a miss, as the cache's rules say."""
+    damaged one would break every item of it; checking is a parse in C, far cheaper than the
+    engine — and such an entry is then a miss, as the cache's rules say.
+
+    A parse says nothing of where an entry came from (any bytes of the right shape parse, an
+    empty value too): what Redis returns has already passed the Redis tier's signature check
+    (``cache_secret``, see :mod:`conceptsvc.cache`), so a forged entry never reaches here, nor
+    the in-process tier."""
     try:
         pb.AnnotateResponse.FromString(blob)
     except DecodeError:

@@ -78,10 +78,12 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _refuse_placeholder(value: str) -> None:
+def _refuse_placeholder(value: str, what: str = "is") -> None:
+    """Refuse a secret (a token, the cache secret, a Redis URL's password) that is still the
+    shipped deployment files' placeholder; the message never echoes the value."""
     if value.startswith(PLACEHOLDER):
         raise ValueError(
-            f"is the {PLACEHOLDER} placeholder of the shipped deployment files; put a value "
+            f"{what} the {PLACEHOLDER} placeholder of the shipped deployment files; put a value "
             "of your own in the Secret (deploy/k8s/secret.yaml) or in deploy/.env, made with "
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
         )
@@ -304,7 +306,9 @@ class Settings(BaseSettings):
         default=128 * 1024 * 1024, ge=0, description="in-process cache size bound per worker, bytes"
     )
     redis_url: str | None = Field(
-        default=None, description="Redis cache tier URL (unset = off; needs cache_secret)"
+        default=None,
+        description="Redis cache tier URL (unset = off; needs cache_secret); a password goes "
+        "in it: redis://:PASSWORD@host:6379/0",
     )
     cache_secret: SecretStr | None = Field(
         default=None,
@@ -407,6 +411,7 @@ class Settings(BaseSettings):
             # newline that no client can send (metadata values cannot hold one): it is cut off
             # here, as the client cuts it off its own. Whitespace inside is refused.
             value = token.get_secret_value()
+            _refuse_placeholder(value.strip())
             if value != value.strip():
                 token = SecretStr(value.strip())
             if any(c.isspace() for c in token.get_secret_value()):
@@ -443,11 +448,12 @@ class Settings(BaseSettings):
             from redis.connection import parse_url
 
             try:  # what the cache will parse at first use, in every worker: refused now
-                parse_url(url)  # type: ignore[no-untyped-call]
+                parts = parse_url(url)  # type: ignore[no-untyped-call]
             except ValueError as exc:  # (the URL is not echoed: it may hold a password, and
                 # what the parser quotes of it may be the password: redis://:PASSWORD/0 has
                 # PASSWORD as its port)
                 raise ValueError(f"is not a valid Redis URL: {_unquoted(str(exc))}") from None
+            _refuse_placeholder(str(parts.get("password") or ""), "has as its password")
         return url
 
     @model_validator(mode="after")
@@ -849,7 +855,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             metavar = _METAVARS.get(name, name.upper())
-            if name in ("auth_token", "admin_token", "cache_secret"):
+            if name in ("auth_token", "admin_token", "cache_secret", "redis_url"):
                 helptext += "; prefer the environment: flags show up in `ps`"
             groups[group].add_argument(
                 flag, dest=dest, metavar=metavar, default=None, help=helptext

@@ -228,6 +228,12 @@ def test_config_bad_values(tmp_path: Path) -> None:
         ({"redis_url": "redis://127.0.0.1:1/0"},
          "redis_url needs cache_secret \\(env CONCEPTSVC_CACHE_SECRET\\)"),
         ({"cache_secret": "k" * 31}, "cache_secret .*at least 32 characters"),
+        # the shipped deployment files' placeholders, as any secret or the Redis password
+        ({"cache_secret": "REPLACE-ME-" + "k" * 40}, "cache_secret .*is the REPLACE-ME placeh"),
+        ({"auth_token": "REPLACE-ME-" + "t" * 20}, "auth_token .*is the REPLACE-ME placeholder"),
+        ({"admin_token": "REPLACE-ME-x\n"}, "admin_token .*is the REPLACE-ME placeholder"),
+        ({"redis_url": "redis://:REPLACE-ME-pw@r:6379/0", "cache_secret": "k" * 40},
+         "redis_url .*has as its password the REPLACE-ME placeholder"),
     ]:
         with pytest.raises(ConfigError, match=expected):
             load_settings(**kwargs)

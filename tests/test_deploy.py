@@ -23,6 +23,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -838,8 +840,9 @@ def test_deploy_k8s_services_hpa_and_pdb_select_the_server_pods(
     settings = validate_settings_env(server_env(), monkeypatch, tiny_index)
     redis = manifest("Service", "conceptsvc-redis")
     assert settings.redis_url is not None
-    assert f"//{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/" in (
-        settings.redis_url
+    url = urlsplit(settings.redis_url)
+    assert (url.hostname, url.port) == (
+        redis["metadata"]["name"], redis["spec"]["ports"][0]["port"]
     )
 
 
@@ -863,8 +866,8 @@ def test_deploy_k8s_secrets_come_from_the_secret_never_the_configmap() -> None:
         key for source in container.get("envFrom", []) if "secretRef" in source
         for key in secret_data()
     }
-    # the cache secret at least: the configured Redis is shared by every replica
-    assert "CONCEPTSVC_CACHE_SECRET" in from_secret
+    # token auth, the admin RPC, and the cache secret of the Redis every replica shares
+    assert SECRET_ENV <= from_secret
     assert set(server_env()) & SECRET_ENV <= from_secret
     for item in container.get("env", []):  # and no secret written into the Deployment
         assert item["name"] not in SECRET_ENV or "valueFrom" in item, item["name"]
@@ -893,6 +896,174 @@ def test_deploy_shipped_secrets_are_placeholders_the_service_refuses(
         ["git", "check-ignore", "-q", "deploy/.env"], cwd=REPO, check=False
     )
     assert ignored.returncode == 0, "deploy/.env must be in .gitignore"
+
+
+def _policies() -> list[dict[str, Any]]:
+    return [doc for _, doc in load_manifests() if doc["kind"] == "NetworkPolicy"]
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (matchLabels only: the manifests use nothing else) selects
+    ``labels``; an empty one selects everything."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _pod_labels(deployment: str) -> dict[str, str]:
+    labels = manifest("Deployment", deployment)["spec"]["template"]["metadata"]["labels"]
+    return {k: str(v) for k, v in labels.items()}
+
+
+def _ingress_to(labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every ingress rule of every NetworkPolicy that selects pods with ``labels``."""
+    rules = []
+    for policy in _policies():
+        spec = policy["spec"]
+        if _selects(spec["podSelector"], labels):
+            assert spec["policyTypes"] == ["Ingress"], policy["metadata"]["name"]
+            for rule in spec.get("ingress", []):
+                # a rule without `from` or without `ports` would open the pods to all
+                assert rule.get("from") and rule.get("ports"), policy["metadata"]["name"]
+                rules.append(rule)
+    return rules
+
+
+def test_deploy_k8s_network_policies_fence_redis_grpc_and_metrics() -> None:
+    """Only conceptsvc's server pods reach Redis; only pods or namespaces labelled
+    ``conceptsvc-client: "true"`` (the label docs/SCALE_OUT.md tells the pipeline to set)
+    reach the gRPC port; only the monitoring namespace reaches the metrics port; the health
+    port is open to nobody (the kubelet's probes pass whatever the policies say)."""
+    server, cache = _pod_labels("conceptsvc"), _pod_labels("conceptsvc-redis")
+    # Redis: one policy selects its pods; every rule lets in server pods alone, on its port
+    (redis_port,) = [
+        p["containerPort"]
+        for c in manifest("Deployment", "conceptsvc-redis")["spec"]["template"]["spec"][
+            "containers"]
+        for p in c["ports"]
+    ]
+    rules = _ingress_to(cache)
+    assert rules, "no NetworkPolicy selects the Redis pods: every pod may connect"
+    for rule in rules:
+        assert [p["port"] for p in rule["ports"]] == [redis_port]
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, peer  # this namespace only
+            selector = peer["podSelector"]
+            assert selector.get("matchLabels") and _selects(selector, server), peer
+            assert not _selects(selector, cache), peer
+    # the server: gRPC from labelled clients, metrics from monitoring, nothing else
+    ports = {p["name"]: p["containerPort"] for p in server_container()["ports"]}
+    rules = _ingress_to(server)
+    opened = {p["port"] for rule in rules for p in rule["ports"]}
+    assert opened == {ports["grpc"], ports["metrics"]}, opened
+    client = {"conceptsvc-client": "true"}
+    for rule in rules:
+        (port,) = [p["port"] for p in rule["ports"]]
+        for peer in rule["from"]:
+            (kind,) = peer
+            assert peer[kind].get("matchLabels"), peer  # an empty selector selects all
+            if port == ports["grpc"]:
+                assert kind in ("podSelector", "namespaceSelector")
+                assert peer[kind]["matchLabels"] == client, peer
+            else:
+                assert peer == {"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": "monitoring"}}}, peer
+    scale_out = (REPO / "docs" / "SCALE_OUT.md").read_text(encoding="utf-8")
+    assert "conceptsvc-client=true" in scale_out and "monitoring" in scale_out
+
+
+def _replay_redis(script: str, env: Mapping[str, str], port: int, workdir: Path) -> Any:
+    """A Redis container's shell script, run here with the local redis-server on ``port``."""
+    local = script.replace(
+        "exec redis-server -",
+        f"exec redis-server - --port {port} --bind 127.0.0.1 --dir {workdir}",
+    )
+    assert local != script, "the Redis script no longer runs `redis-server -`"
+    return subprocess.Popen(
+        ["/bin/sh", "-ec", local], env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_port(port: int, proc: Any) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"the replayed Redis did not listen on {port}")
+
+
+def _redis_cases() -> list[tuple[str, str, dict[str, str], str, str]]:
+    """(where, the Redis container's script, its env, the service's Redis URL, the readiness
+    check) for Kubernetes and compose, with the placeholders filled as a deploy must."""
+    pod = manifest("Deployment", "conceptsvc-redis")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["/bin/sh", "-ec"]
+    data = secret_data()
+    env = {}
+    for item in container["env"]:
+        ref = item["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "conceptsvc"
+        env[item["name"]] = data[ref["key"]]
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["/bin/sh", "-c"]
+    (url,) = [e["value"] for e in server_container()["env"] if e["name"] == "CONCEPTSVC_REDIS_URL"]
+    k8s = ("k8s", container["args"][0], env, url, probe[2])
+    redis = compose()["services"]["redis"]
+    assert redis["entrypoint"] == ["/bin/sh", "-ec"]
+    example = {k: filled(v) for k, v in compose_env_example().items()}
+    redis_env = {k: interpolate(str(v), example) for k, v in redis["environment"].items()}
+    compose_url = interpolate(
+        str(compose()["services"]["conceptsvc"]["environment"]["CONCEPTSVC_REDIS_URL"]), example
+    )
+    test = redis["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    # ($$ is compose's escape of a $ it leaves to the shell)
+    return [k8s, ("compose", redis["command"][0].replace("$$", "$"), redis_env, compose_url,
+                  test[1].replace("$$", "$"))]
+
+
+@pytest.mark.parametrize("where", ["k8s", "compose"])
+def test_deploy_redis_requires_the_password_the_service_sends(
+    where: str, tmp_path: Path
+) -> None:
+    """Every Redis of the deployment files, replayed with the local redis-server: it refuses to
+    start with the placeholder password (or none); with a password it refuses commands
+    without it; its readiness check passes; and the service's Redis URL carries that password
+    (Kubernetes: made in the Deployment from the Secret's key, not written in any file)."""
+    import redis
+
+    (case,) = [c for c in _redis_cases() if c[0] == where]
+    _, script, env, url, ready = case
+    assert "requirepass" in script and "protected-mode" not in script
+    for bad in ("", secret_data(fill=False)["REDIS_PASSWORD"]):
+        proc = _replay_redis(script, {**env, "REDIS_PASSWORD": bad}, free_port(), tmp_path)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0 and "REDIS_PASSWORD" in err, err
+        assert bad == "" or bad not in err
+    port = free_port()
+    proc = _replay_redis(script, env, port, tmp_path)
+    try:
+        _wait_for_port(port, proc)
+        with redis.Redis(port=port) as anyone, pytest.raises(redis.AuthenticationError):
+            anyone.ping()
+        check = ready.replace("redis-cli ping", f"redis-cli -p {port} ping")
+        assert subprocess.run(["/bin/sh", "-c", check], env={**os.environ, **env},
+                              timeout=10).returncode == 0
+        assert subprocess.run(["/bin/sh", "-c", check], timeout=10,
+                              env={**os.environ, **env, "REDIS_PASSWORD": "wrong"}
+                              ).returncode != 0
+        # the service's URL: its password is the Redis's (the host is this machine's here)
+        service = urlsplit(url if where == "compose" else _expand(url, env))
+        assert service.password == env["REDIS_PASSWORD"]
+        with redis.Redis(port=port, password=service.password) as client:
+            assert client.ping()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_deploy_k8s_containers_run_conceptsvc_commands() -> None:
@@ -971,13 +1142,41 @@ def test_deploy_compose_runs_replicas_with_redis_from_this_dockerfile() -> None:
     assert context == REPO
     assert (context / build["dockerfile"]).resolve() == DOCKERFILE
     assert server["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    assert redis["healthcheck"]["test"][0] == "CMD-SHELL"
+    assert "redis-cli ping" in redis["healthcheck"]["test"][1]
     # Enough host ports for the replicas: one per replica from the published range.
     (ports,) = server["ports"]
     published, _, target = ports.rpartition(":")
-    low, _, high = published.partition("-")
+    low, _, high = published.removeprefix("127.0.0.1:").partition("-")
     assert int(high) - int(low) + 1 >= server["deploy"]["replicas"]
     assert int(target) == int(server["environment"]["CONCEPTSVC_PORT"])
+
+
+def test_deploy_compose_publishes_on_loopback_and_takes_secrets_from_the_env_file() -> None:
+    """Published ports are bound to 127.0.0.1 (never all of the host's addresses); every
+    secret is a required variable of the uncommitted deploy/.env, whose template defines
+    it; the compose file itself holds none."""
+    services = compose()["services"]
+    for name, service in services.items():
+        for ports in service.get("ports", []):
+            assert str(ports).startswith("127.0.0.1:"), f"{name}: {ports}"
+    example = compose_env_example()
+    required = r"\$\{(\w+):\?[^}]*\}"
+    server = {k: str(v) for k, v in services["conceptsvc"]["environment"].items()}
+    for name in SECRET_ENV:
+        assert re.fullmatch(required, server[name]), (name, server[name])
+    # the Redis URL's password, and nothing else of it, is a variable of deploy/.env
+    (password,) = re.findall(required, server["CONCEPTSVC_REDIS_URL"])
+    assert password == "REDIS_PASSWORD"
+    assert re.fullmatch(r"redis://:" + required + r"@redis:6379/0", server["CONCEPTSVC_REDIS_URL"])
+    assert re.fullmatch(required, str(services["redis"]["environment"]["REDIS_PASSWORD"]))
+    token = re.fullmatch(required, str(services["annotate"]["environment"]["CONCEPTSVC_TOKEN"]))
+    assert token is not None and token.group(1) == "CONCEPTSVC_AUTH_TOKEN"
+    used = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text(encoding="utf-8")))
+    assert used == set(example), "deploy/env.example must define exactly the required variables"
+    for name, service in services.items():
+        for key, value in service.get("environment", {}).items():
+            assert PLACEHOLDER not in str(value), f"{name}: {key}"
 
 
 def test_deploy_compose_settings_exist_and_validate(
@@ -988,7 +1187,7 @@ def test_deploy_compose_settings_exist_and_validate(
     settings = validate_settings_env(compose_service_env("conceptsvc"), monkeypatch, tiny_index)
     assert settings.host == "0.0.0.0"
     assert settings.redis_url is not None
-    redis_host = settings.redis_url.split("//", 1)[1].split(":", 1)[0]
+    redis_host = urlsplit(settings.redis_url).hostname
     assert redis_host in services, "CONCEPTSVC_REDIS_URL must name the compose Redis service"
     # Docker's stop timeout must outlast the server's drain delay plus grace period.
     needed = settings.drain_delay_seconds + settings.grace_seconds

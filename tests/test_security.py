@@ -85,6 +85,80 @@ def test_security_tls_accepts_trusting_clients_only(index_a: Path, pki: Pki) -> 
             assert _status(c.annotate, "Chest", id="w") == "UNAVAILABLE"
 
 
+@pytest.mark.parametrize(
+    ("host", "tls", "tokens", "warned"),
+    [
+        ("0.0.0.0", False, {"auth_token": TOKEN}, True),
+        ("[::]", False, {"auth_token": TOKEN}, True),
+        ("10.1.2.3", False, {"admin_token": ADMIN}, True),
+        ("conceptsvc.internal", False, {"auth_token": TOKEN}, True),  # a name may be anywhere
+        ("127.0.0.1", False, {"auth_token": TOKEN}, False),
+        ("127.0.0.2", False, {"auth_token": TOKEN}, False),
+        ("[::1]", False, {"auth_token": TOKEN}, False),
+        ("localhost", False, {"auth_token": TOKEN, "admin_token": ADMIN}, False),
+        ("0.0.0.0", True, {"auth_token": TOKEN}, False),
+        ("0.0.0.0", False, {}, False),  # nothing to leak (and nothing asked)
+    ],
+)
+def test_security_server_warns_of_tokens_in_plaintext_on_a_network(
+    index_a: Path, pki: Pki, host: str, tls: bool, tokens: dict[str, str], warned: bool
+) -> None:
+    """The start-up warning of a server whose tokens would cross a network in plaintext: a
+    token (or the admin token), no TLS, and an address other than loopback."""
+    from conceptsvc.config import load_settings
+    from conceptsvc.server.app import _plaintext_token_warning
+
+    files = {"tls_cert": pki.server_cert, "tls_key": pki.server_key} if tls else {}
+    settings = load_settings(index=index_a, host=host, **tokens, **files)
+    warning = _plaintext_token_warning(settings)
+    assert (warning is not None) == warned, warning
+    if warning is not None:
+        assert f"{host}:50051" in warning and "CONCEPTSVC_TLS_CERT" in warning
+        assert TOKEN not in warning and ADMIN not in warning
+
+
+def test_security_client_warns_once_of_a_token_sent_in_plaintext_off_this_machine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client warns, once per target in a process, when it would send a token over a
+    plaintext channel to a host other than this machine (no call is made: channels connect
+    lazily), for ConceptClient and for the batch runner's channels alike."""
+    import asyncio
+
+    from conceptsvc.client.batch import _Targets
+    from conceptsvc.client.channel import ChannelSecurity
+
+    remote = "192.0.2.10:50951"  # (TEST-NET-1: nothing there)
+    with caplog.at_level(logging.WARNING, logger="conceptsvc.client.channel"):
+        for _ in range(2):
+            ConceptClient(remote, token=TOKEN).close()
+        ConceptClient("dns:///conceptsvc-headless.pipeline.svc:50951", admin_token=ADMIN).close()
+        quiet = [
+            ConceptClient("192.0.2.11:50951"),  # no token
+            ConceptClient("192.0.2.12:50951", token=TOKEN, tls=True),
+            ConceptClient("127.0.0.1:50951", token=TOKEN),
+            ConceptClient("localhost:50951", token=TOKEN),
+            ConceptClient("[::1]:50951", token=TOKEN),
+            ConceptClient("ipv4:127.0.0.1:50951,127.0.0.2:50951", token=TOKEN),
+            ConceptClient("unix:/tmp/conceptsvc-nowhere.sock", token=TOKEN),
+        ]
+        for client in quiet:
+            client.close()
+
+        async def batch_channels() -> None:  # (as the batch runner makes them: in its loop)
+            targets = _Targets(["192.0.2.13:50951", "127.0.0.1:1"], ChannelSecurity(token=TOKEN))
+            await targets.close()
+
+        asyncio.run(batch_channels())
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" over ")[0] for line in lines] == [
+        f"sending a bearer token to {remote}",
+        "sending a bearer token to dns:///conceptsvc-headless.pipeline.svc:50951",
+        "sending a bearer token to 192.0.2.13:50951",
+    ], lines
+    assert all(TOKEN not in line and ADMIN not in line for line in lines)
+
+
 @pytest.mark.parametrize("case", ["other key", "swapped", "key is not PEM", "bad client CA"])
 def test_security_bad_tls_files_are_named_not_blamed_on_the_port(
     index_a: Path, pki: Pki, tmp_path: Path, case: str

@@ -1354,6 +1354,8 @@ def test_server_log_level_setting_and_the_start_up_posture_line(tmp_path: Path) 
             in err), err
     assert "Redis 127.0.0.1:1 (not answering" in err and "pa55word" not in err
     assert "k" * 40 not in err
+    # a token without TLS, but on loopback: nothing crosses a network, nothing to warn of
+    assert "without TLS" not in err, err
     # (said at start-up, before any request: a PING)
     assert "Redis cache tier unavailable (PING failed" in err, err
     proc, _ = serve_subprocess("--index", str(a), env={"CONCEPTSVC_LOG_LEVEL": "warning"})

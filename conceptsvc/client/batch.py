@@ -88,7 +88,12 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from conceptsvc import __version__
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client.channel import ChannelSecurity, effective_options, unavailable_hint
+from conceptsvc.client.channel import (
+    ChannelSecurity,
+    effective_options,
+    unavailable_hint,
+    warn_token_in_plaintext,
+)
 from conceptsvc.client.corpus import STDIN, BadRecord, Caption, Corpus, CorpusScan
 from conceptsvc.client.journal import Journal
 from conceptsvc.client.outputs import (
@@ -396,6 +401,8 @@ class _Targets:
             *security.channel_options(),
         ]
         self.names = list(targets)
+        for t in targets:
+            warn_token_in_plaintext(t, security.uses_tls, bool(security.token))
         self.channels = [
             [
                 grpc.aio.secure_channel(t, creds, options=options)

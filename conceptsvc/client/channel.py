@@ -4,11 +4,15 @@ Every client of the service — :class:`~conceptsvc.client.ConceptClient` (its u
 streams), the corpus runner (:mod:`conceptsvc.client.batch`, on ``grpc.aio`` channels) and the
 lookups (:mod:`conceptsvc.client.lookup`) — takes its credentials, its call metadata and its
 effective options from here, so that TLS files are read, a client certificate is paired with its
-key and a token is sent the same way whichever way the service is called.
+key and a token is sent the same way whichever way the service is called — and a token about to
+leave this machine in plaintext is warned of (:func:`warn_token_in_plaintext`) by each of them.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,12 +24,75 @@ from conceptsvc.errors import ClientError
 from conceptsvc.model import ExtractOptions
 
 __all__ = [
-    "ChannelSecurity", "bearer_metadata", "effective_options", "tls_mismatch_hint",
-    "unavailable_hint",
+    "ChannelSecurity", "bearer_metadata", "effective_options", "target_hosts",
+    "tls_mismatch_hint", "unavailable_hint", "warn_token_in_plaintext",
 ]
+
+log = logging.getLogger(__name__)
 
 # A TLS file given as a path, or its PEM bytes.
 Pem = Path | str | bytes
+
+# Targets already warned about (a process warns once per target, not once per client or call).
+_warned_targets: set[str] = set()
+_warned_lock = threading.Lock()
+_LOCAL_SCHEMES = ("unix:", "unix-abstract:", "vsock:")
+
+
+def target_hosts(target: str) -> list[str]:
+    """The hosts a gRPC target names: ``host:port``, ``[v6]:port``, ``dns:[//auth/]host:port``,
+    ``ipv4:a:p,b:p``, ``ipv6:[a]:p,...``; none for a local socket (``unix:``, ...)."""
+    if target.startswith(_LOCAL_SCHEMES):
+        return []
+    scheme, sep, rest = target.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        addresses = rest.split(",")
+    elif sep and scheme == "dns":
+        addresses = [rest.removeprefix("//").split("/", 1)[-1] if rest.startswith("//") else rest]
+    else:
+        addresses = [target]
+    hosts = []
+    for address in addresses:
+        if address.startswith("["):
+            hosts.append(address[1:].partition("]")[0])
+        elif address.count(":") == 1:
+            hosts.append(address.partition(":")[0])
+        else:  # a bare name, or a bare IPv6 address
+            hosts.append(address)
+    return hosts
+
+
+def _loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return address.is_loopback
+
+
+def warn_token_in_plaintext(target: str, uses_tls: bool, sends_token: bool) -> None:
+    """Warn, once per target in a process, when a bearer token is to go to ``target`` over a
+    plaintext channel and the target is not this machine: anyone on the network path can read
+    the token (and the captions) and call the service with it."""
+    if uses_tls or not sends_token:
+        return
+    hosts = target_hosts(target)
+    if all(map(_loopback, hosts)):
+        return
+    with _warned_lock:
+        if target in _warned_targets:
+            return
+        _warned_targets.add(target)
+    log.warning(
+        "sending a bearer token to %s over a plaintext channel (no TLS): anyone on the "
+        "network path can read it, and the captions, and call the service with it; use TLS "
+        "(--tls / --ca-cert, ConceptClient(tls=True or ca_cert=...)) when the service is not "
+        "on this machine", target,
+    )
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

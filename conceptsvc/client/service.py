@@ -52,7 +52,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conceptsvc import wire
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2 as pb
 from conceptsvc._proto.conceptsvc.v1 import conceptsvc_pb2_grpc as pb_grpc
-from conceptsvc.client.channel import ChannelSecurity, bearer_metadata, unavailable_hint
+from conceptsvc.client.channel import (
+    ChannelSecurity,
+    bearer_metadata,
+    unavailable_hint,
+    warn_token_in_plaintext,
+)
 from conceptsvc.errors import (
     ClientError,
     ConceptNotFoundError,
@@ -177,6 +182,7 @@ class ConceptClient:
             options.append(("grpc.lb_policy_name", "round_robin"))
         options += security.channel_options()
         creds = security.credentials()
+        warn_token_in_plaintext(target, security.uses_tls, bool(token or admin_token))
         self._closed = False
         if creds is not None:
             self._channel = grpc.secure_channel(target, creds, options=options)

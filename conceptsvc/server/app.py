@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import multiprocessing
@@ -428,6 +429,9 @@ def run_worker(
                      settings.host, server.health_port)
         redis_ok = server.cache.redis.probe() if server.cache.redis is not None else None
         log.info("security and cache: %s", _posture(settings, redis_ok))
+        plaintext = _plaintext_token_warning(settings)
+        if plaintext is not None:
+            log.warning("%s", plaintext)
         if report is not None:
             report({"event": "ready", "port": port, "content_hash": outcome.content_hash})
         if on_ready is not None:
@@ -479,6 +483,30 @@ def _posture(settings: Settings, redis_ok: bool | None = None) -> str:
         f"token auth {'on' if settings.auth_token else 'off'}, admin RPC "
         f"{'on' if settings.admin_token else 'off'}, TLS {tls}; in-process cache "
         f"{settings.cache_size:,} entries, Redis {redis}"
+    )
+
+
+def _plaintext_token_warning(settings: Settings) -> str | None:
+    """What to say at start-up when tokens would cross a network in plaintext: token auth (or
+    the admin token) on, no TLS, and an address other than loopback (a name counts as other:
+    it may resolve anywhere). None when that is not so."""
+    if settings.tls or not (settings.auth_token or settings.admin_token):
+        return None
+    host = settings.host.strip("[]")
+    if host.lower() == "localhost":
+        return None
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(host)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+        if address.is_loopback:
+            return None
+    return (
+        f"token auth is on without TLS on {settings.host}:{settings.port}: bearer tokens and "
+        "captions cross the network in plaintext, where anyone on the path can read the "
+        "tokens and call the service with them. Set tls_cert and tls_key "
+        "(CONCEPTSVC_TLS_CERT, CONCEPTSVC_TLS_KEY), or listen on 127.0.0.1 behind a proxy "
+        "that speaks TLS"
     )
 
 

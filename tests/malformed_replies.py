@@ -29,12 +29,8 @@ BAD_UTF8 = "String field had bad UTF-8"
 
 
 def varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
+    """``v`` as a protobuf varint (the writer's own encoder; only the readers are tested)."""
+    return wire._varint(v)
 
 
 def key(number: int, wire_type: int) -> bytes:

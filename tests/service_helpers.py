@@ -9,12 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import pytest
@@ -124,23 +124,42 @@ class _Garbling:
         self._channel.close()
 
 
+class ProxyHandler(Protocol):
+    """A generic gRPC handler in front of a real server (:func:`proxied_server`)."""
+
+    def service(self, details: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+H = TypeVar("H", bound=ProxyHandler)
+
+
+@contextmanager
+def proxied_server(index: Path, make_handler: Callable[[str], H]) -> Iterator[tuple[H, str]]:
+    """A real server over ``index`` behind a proxy whose handler ``make_handler`` makes from
+    the server's target: (the handler, the proxy's target)."""
+    with running_server(settings_for(index)) as (_, port):
+        handler = make_handler(f"127.0.0.1:{port}")
+        proxy = grpc.server(ThreadPoolExecutor(4))
+        proxy.add_generic_rpc_handlers((handler,))
+        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
+        proxy.start()
+        try:
+            yield handler, target
+        finally:
+            proxy.stop(0)
+            handler.close()
+
+
 @contextmanager
 def garbling_server(
     index: Path, reply: bytes, methods: tuple[str, ...] = ANNOTATION_CALLS
 ) -> Iterator[str]:
     """A real server over ``index`` whose calls ``methods`` are answered with ``reply``
     (see :class:`_Garbling`): its target."""
-    with running_server(settings_for(index)) as (_, port):
-        handler = _Garbling(f"127.0.0.1:{port}", reply, methods)
-        proxy = grpc.server(ThreadPoolExecutor(4))
-        proxy.add_generic_rpc_handlers((handler,))
-        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
-        proxy.start()
-        try:
-            yield target
-        finally:
-            proxy.stop(0)
-            handler.close()
+    with proxied_server(index, lambda target: _Garbling(target, reply, methods)) as (_, t):
+        yield t
 
 
 def unreadable_reply() -> bytes:

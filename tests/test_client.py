@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from service_helpers import (
     CAPTIONS,
     build_index_a,
     garbling_server,
+    proxied_server,
     running_server,
     settings_for,
     unreadable_reply,
@@ -153,17 +153,8 @@ def _cancelling_proxy(
 ) -> Iterator[tuple[_CancelFirst, str]]:
     """A real server over ``index`` behind a :class:`_CancelFirst` proxy: (its handler, the
     proxy's target)."""
-    with running_server(settings_for(index)) as (_, port):
-        handler = _CancelFirst(f"127.0.0.1:{port}", n, delay)
-        proxy = grpc.server(ThreadPoolExecutor(4))
-        proxy.add_generic_rpc_handlers((handler,))
-        target = f"127.0.0.1:{proxy.add_insecure_port('127.0.0.1:0')}"
-        proxy.start()
-        try:
-            yield handler, target
-        finally:
-            proxy.stop(0)
-            handler.close()
+    with proxied_server(index, lambda target: _CancelFirst(target, n, delay)) as pair:
+        yield pair
 
 
 def test_client_resends_calls_a_stopping_server_cancelled(index_a: Path) -> None:

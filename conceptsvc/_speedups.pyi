@@ -142,6 +142,7 @@ class FastPath:
         concept_memo: dict[str, tuple[str, tuple[str, ...]]],
         mention_type: type[Any],
         annotation_type: type[Annotation],
+        context_exempt: Callable[[str], bool],
     ) -> None: ...
     def extract(self, text: str, plan: Any, id: Any = ...) -> Annotation: ...
     def extract_rows(

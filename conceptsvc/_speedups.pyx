@@ -1772,6 +1772,7 @@ cdef class FastPath:
     cdef PostingFilter postings
     cdef DefinitionFinder definitions
     cdef object filter_postings, filter_matches, disambiguate, approximate, concept_info
+    cdef object context_exempt  # Extractor._context_exempt: anatomy takes no context
     cdef NegationScanner negation
     cdef dict profiles
     cdef object Annotation
@@ -1817,13 +1818,14 @@ cdef class FastPath:
                  profiles, PostingFilter postings not None, filter_postings, filter_matches,
                  disambiguate,
                  approximate, concept_info, dict concept_memo not None, mention_type,
-                 annotation_type):
+                 annotation_type, context_exempt):
         key_trie = matcher.key_trie
         cdef _Vocab vocab = _Vocab(key_trie.token_ids, key_trie.token_dict,
                                    len(key_trie.token_ids))
         self.crossed_postings = matcher.crossed_postings
         _charset_init(&self.breaks, matcher.break_chars, "break_chars")
         self.info = concept_memo
+        self.context_exempt = context_exempt
         self.trie = _mapped_trie(key_trie, vocab)
         self.table = _TokenTable(tokenizer.table.normalize, self.trie)
         self.table.rules = tokenizer.table.rules
@@ -2049,6 +2051,8 @@ cdef class FastPath:
                     if ((first >> (2 * cat)) & self.negation.forward_bit
                             or (last >> (2 * cat)) & self.negation.backward_bit):
                         ctx |= 1 << cat
+                if ctx and self.context_exempt(c[2]):  # (Extractor._context_exempt)
+                    ctx = 0
                 if ctx & _CTX_NEGATED and not include_negated:
                     continue
                 if ctx & _CTX_HYPOTHETICAL and not include_hypothetical:

@@ -286,6 +286,24 @@ def test_extractor_warns_once_of_profile_labels_the_index_lacks(
     assert not [r for r in caplog.records if "lacks concepts" in r.getMessage()]
 
 
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_extractor_anatomy_takes_no_context(engine: str) -> None:
+    """A body part in a negated phrase is where the finding is not, not what is absent: "no
+    fracture of the femur" negated the femur (T023), and --drop-negated dropped it. The
+    finding itself is still negated, and the femur stays with negated mentions dropped."""
+    from conceptsvc.embedded import demo_index
+
+    ex = Extractor(demo_index(), engine=engine)
+    text = "No fracture of the femur. No intracranial hemorrhage."
+    a = ex.extract(text, ExtractOptions())
+    by_text = {m.text: m for m in a.mentions}
+    assert by_text["femur"].semantic_types == ("T023",) and not by_text["femur"].negated
+    assert by_text["intracranial hemorrhage"].negated
+    dropped = ex.extract(text, ExtractOptions(include_negated=False))
+    assert [m.text for m in dropped.mentions] == ["femur"]
+    assert dropped.concepts == ("C0015811",)
+
+
 def test_extractor_offsets_check_rejects_what_the_engine_must_not_do(ex: Extractor) -> None:
     """The shared offsets check (tests/offsets.py) fails on each way a mention can be wrong."""
     text = "Right pleural effusion (PE). PE persists; left pleural efusion."
@@ -376,12 +394,13 @@ def test_extractor_engines_keep_the_phrase_and_negation_rules(
         assert not lung_cancer(f"lung{c} cancer"), c
     for c in "-/":  # word-internal
         assert lung_cancer(f"lung{c}cancer"), c
-    # a negation scope ends at sentence punctuation, not at a comma
+    # a negation scope ends at sentence punctuation, not at a comma (the lung, a place in
+    # the body, takes no context either way)
     def negated(text: str) -> list[tuple[str, bool]]:
         return [(m.text, m.negated) for m in ex.extract(text, options).mentions]
 
     assert negated("No pleural effusion, lung cancer") == [
-        ("pleural effusion", True), ("lung", True), ("lung cancer", True)
+        ("pleural effusion", True), ("lung", False), ("lung cancer", True)
     ]
     for c in ".;:!?":
         assert negated(f"No pleural effusion{c} lung cancer") == [

@@ -21,9 +21,9 @@ once as flat arrays, and a worker maps them (the page cache shares them between 
                              ordered by (z, key number), z below
     trigram_classes.npy      uint8 per trigram: 1 for the trigrams of the class C (below)
     trigram_zc_offsets.npy   uint64[max size + 2]: size y's entries of zc_starts are ...
-    trigram_zc_starts.npy    uint32: ... zc_starts[zc_offsets[y]:zc_offsets[y+1]]: entry z is the
-                             first local number (below) of a key of size y with z ≥ z, the
-                             last entry is the size's key count
+    trigram_zc_starts.npy    uint32: ... zc_starts[zc_offsets[y]:zc_offsets[y+1]]: entry k is the
+                             first local number (below) of a key of size y whose z is k or
+                             more; the last entry is the size's key count
 
 A posting holds the key's number among the keys of its own size (its *size-local* number:
 key = size_keys[size_offsets[y] + local]), not the key number itself. Every run is of one size,
@@ -346,7 +346,7 @@ def _zc_table(
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """``zc_offsets`` and ``zc_starts`` (module docstring): for each size y, entries z = 0 ..
     zmax_y + 1 (zmax_y the largest z of a key of size y; a size without keys has one entry,
-    0), entry z the first local number of a key with z ≥ z."""
+    0), entry k the first local number of a key whose z is k or more."""
     n_sizes = len(size_offsets) - 1
     zmax = np.full(n_sizes, -1, dtype=np.int64)
     if len(sizes):

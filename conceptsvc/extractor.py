@@ -361,8 +361,6 @@ class Extractor:
         self._info: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._info_max = max(1, CONCEPT_MEMO_SIZE)  # read when the extractor is made
         self._known: dict[str, bool] = {}  # cui → whether the index has it (_in_index)
-        # cui → whether it is a place in the body, which takes no context (_context_exempt)
-        self._exempt: dict[str, bool] = {}
         self._anatomy = frozenset(self._sn.groups["ANAT"].tuis)
         self._resolvers: dict[str, AmbiguityResolver] = {}
         # (profile, an ambiguous span's concepts) → their ranking: a mention then costs what
@@ -581,8 +579,7 @@ class Extractor:
         say, every X-ray projection (T082) that ``rocov2`` labels."""
         gaps: dict[str, tuple[str, ...]] = {}
         for slot in profile.slots:
-            wanted = dict.fromkeys((*slot.members, *(d for d, _ in slot.defaults)))
-            missing = tuple(c for c in wanted if not self._in_index(c))
+            missing = tuple(c for c in slot.labels if not self._in_index(c))
             if missing:
                 gaps[slot.name] = missing
         return gaps
@@ -609,16 +606,10 @@ class Extractor:
         or space is where a finding is, so it takes no context of its own — in "no fracture of
         the femur" or "no intracranial bleeding" the femur and "intracranial" are not negated
         (they were, and ``--drop-negated`` dropped them: 176 anatomy concepts of the ROCOv2
-        validation captions, 131 of them in the gold). Memoised; asked only of mentions that
-        some context would mark."""
-        exempt = self._exempt.get(cui)
-        if exempt is None:
-            tuis = self.concept_info(cui)[1]
-            exempt = bool(tuis) and all(t in self._anatomy for t in tuis)
-            if len(self._exempt) >= self._info_max:
-                self._exempt.clear()
-            self._exempt[cui] = exempt
-        return exempt
+        validation captions, 131 of them in the gold). Asked only of mentions that some context
+        would mark; the types come from the concept memo (:meth:`concept_info`)."""
+        tuis = self.concept_info(cui)[1]
+        return bool(tuis) and all(t in self._anatomy for t in tuis)
 
     def _infers(self, accepts: Callable[[str], bool], cui: str) -> bool:
         """A filtered plan's :attr:`_Plan.infer_ok`: the index has ``cui`` and ``accepts`` it

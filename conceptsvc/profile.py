@@ -199,6 +199,12 @@ class Slot:
     defaults: tuple[tuple[str, frozenset[str]], ...]
     cui_evidence: tuple[tuple[str, str, float], ...]  # (evidence cui, member, weight)
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every concept the slot can report: its members, then its defaults not among them,
+        in the file's order."""
+        return tuple(dict.fromkeys((*self.members, *(d for d, _ in self.defaults))))
+
 
 class Profile:
     """A validated, compiled profile; immutable and safe to share between threads.
@@ -273,8 +279,7 @@ class Profile:
     @property
     def inferable(self) -> frozenset[str]:
         """Every concept :meth:`apply` can infer: the slots' members and defaults."""
-        return frozenset(c for s in self._slots
-                         for c in (*s.members, *(d for d, _ in s.defaults)))
+        return frozenset(c for s in self._slots for c in s.labels)
 
     @property
     def slots(self) -> tuple[Slot, ...]:

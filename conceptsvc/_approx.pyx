@@ -206,6 +206,12 @@ cdef extern from *:
             o[k >> 6] |= uint64_t(1) << (k & 63);
         }
     }
+    /* How many of a size's m runs are counted for an overlap of `need` (the pigeonhole of
+       ApproxCounter.search: a key with `need` of the m runs is in two of the first
+       m − need + 2, or in one of all m) — the runs _search cuts to the second filter's range */
+    static inline int approx_counted_runs(int m, int need) {
+        return m - need + 2 < m ? m - need + 2 : m;
+    }
     struct ApproxCand { uint32_t kid; int count; };
     /* A search's scratch above this many entries is freed when it ends (ApproxCounter and
        TrigramSearcher._search's candidates): a query whose runs are huge (a low threshold,
@@ -262,7 +268,7 @@ cdef extern from *:
            every run is an answer: they are counted in the hash table (search_hashed). */
         void search(const uint32_t* keys, const ApproxRun* runs, int m, int need, uint32_t ny,
                     std::vector<ApproxCand>& out) {
-            const int n = m - need + 2 < m ? m - need + 2 : m;
+            const int n = approx_counted_runs(m, need);
             if (need - (m - n) < 2) { search_hashed(keys, runs, m, need, out); return; }
             /* the structures cover a power of two ≥ ny, and every posting is masked to it: a
                damaged index (loaded unverified) can give wrong keys, which _search refuses
@@ -378,7 +384,7 @@ cdef extern from *:
         /* need 1: the hash-table count (see search) */
         void search_hashed(const uint32_t* keys, const ApproxRun* runs, int m, int need,
                            std::vector<ApproxCand>& out) {
-            const int n = m - need + 2 < m ? m - need + 2 : m;
+            const int n = approx_counted_runs(m, need);
             const uint32_t cmin = uint32_t(need - (m - n));
             int64_t total = 0;
             for (int i = 0; i < n; ++i) total += runs[i].length;
@@ -488,6 +494,7 @@ cdef extern from *:
     void approx_sort_cursors(vector[GramCursor]& v)
     void approx_sort_hits(vector[ApproxHit]& v)
     void approx_cut_runs(const uint32_t* keys, ApproxRun* runs, int n, uint32_t lo, uint32_t hi)
+    int approx_counted_runs(int m, int need)
     void approx_push_run(vector[ApproxRun]& v, int64_t start, int64_t end)
     int approx_set_simd(int on)
     void approx_sort_u64(vector[uint64_t]& v)
@@ -830,8 +837,7 @@ cdef class TrigramSearcher:
             if zl >= zh:
                 continue
             if zl > 0 or zh < ny:
-                approx_cut_runs(keys, runs.data(), m - need + 2 if m - need + 2 < m else m,
-                                zl, zh)
+                approx_cut_runs(keys, runs.data(), approx_counted_runs(m, need), zl, zh)
             self.counter.search(keys, runs.data(), m, need, ny, cands[0])
             nc = <Py_ssize_t>cands.size()
             for i in range(nc):  # each has at least `need` of the runs

@@ -310,23 +310,24 @@ class RedisCache:
         """The Redis name the entry of ``key`` is stored under (for operators and tests)."""
         return self._named([key])[0][0]
 
+    def _tag(self, digest: bytes, value: bytes) -> bytes:
+        """The signature of ``value`` stored under the name of ``digest``."""
+        h = self._signer.copy()
+        h.update(digest)
+        h.update(value)
+        return h.digest()
+
     def _signed(self, digests: Sequence[bytes], values: Sequence[bytes]) -> list[bytes]:
-        """Each value with its signature (over its name's digest and itself) in front."""
-        copy = self._signer.copy
-        out: list[bytes] = []
-        for digest, value in zip(digests, values, strict=True):
-            h = copy()
-            h.update(digest)
-            h.update(value)
-            out.append(h.digest() + value)
-        return out
+        """Each value with its signature (:meth:`_tag`) in front."""
+        tag = self._tag
+        return [tag(d, v) + v for d, v in zip(digests, values, strict=True)]
 
     def _opened(
         self, names: Sequence[str], digests: Sequence[bytes], stored: Sequence[Any]
     ) -> list[bytes | None]:
         """The values stored entries carry; None for a missing entry and for one whose
         signature does not check (those are counted and logged)."""
-        copy = self._signer.copy
+        tag = self._tag
         equal = hmac.compare_digest
         out: list[bytes | None] = []
         rejected = 0
@@ -337,10 +338,7 @@ class RedisCache:
                 continue
             if isinstance(entry, bytes) and len(entry) >= _TAG_BYTES:
                 value = entry[_TAG_BYTES:]
-                h = copy()
-                h.update(digest)
-                h.update(value)
-                if equal(h.digest(), entry[:_TAG_BYTES]):
+                if equal(tag(digest, value), entry[:_TAG_BYTES]):
                     out.append(value)
                     continue
             out.append(None)

@@ -310,24 +310,25 @@ class RedisCache:
         """The Redis name the entry of ``key`` is stored under (for operators and tests)."""
         return self._named([key])[0][0]
 
-    def _tag(self, digest: bytes, value: bytes) -> bytes:
-        """The signature of ``value`` stored under the name of ``digest``."""
-        h = self._signer.copy()
-        h.update(digest)
-        h.update(value)
-        return h.digest()
-
     def _signed(self, digests: Sequence[bytes], values: Sequence[bytes]) -> list[bytes]:
-        """Each value with its signature (:meth:`_tag`) in front."""
-        tag = self._tag
-        return [tag(d, v) + v for d, v in zip(digests, values, strict=True)]
+        """Each value with its signature (over its name's digest and itself) in front. The
+        signature is written out here and in :meth:`_opened` rather than called: a method call
+        a key cost 5–10 % of signing (0.88 → 0.92–0.97 µs a key, 512-key batches)."""
+        copy = self._signer.copy
+        out: list[bytes] = []
+        for digest, value in zip(digests, values, strict=True):
+            h = copy()
+            h.update(digest)
+            h.update(value)
+            out.append(h.digest() + value)
+        return out
 
     def _opened(
         self, names: Sequence[str], digests: Sequence[bytes], stored: Sequence[Any]
     ) -> list[bytes | None]:
         """The values stored entries carry; None for a missing entry and for one whose
         signature does not check (those are counted and logged)."""
-        tag = self._tag
+        copy = self._signer.copy
         equal = hmac.compare_digest
         out: list[bytes | None] = []
         rejected = 0
@@ -338,7 +339,10 @@ class RedisCache:
                 continue
             if isinstance(entry, bytes) and len(entry) >= _TAG_BYTES:
                 value = entry[_TAG_BYTES:]
-                if equal(tag(digest, value), entry[:_TAG_BYTES]):
+                h = copy()
+                h.update(digest)
+                h.update(value)
+                if equal(h.digest(), entry[:_TAG_BYTES]):
                     out.append(value)
                     continue
             out.append(None)
